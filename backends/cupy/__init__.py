@@ -1,0 +1,3 @@
+"""cupy backend (work in progress)."""
+
+IMPLEMENTATIONS: list = []

@@ -1,0 +1,177 @@
+"""torch.nn.functional.scaled_dot_product_attention, plain and with one kernel pinned.
+
+`sdpa` is the call users already make (torch picks its kernel: cuDNN on H100); `sdpa:flash`,
+`sdpa:cudnn`, `sdpa:efficient` and `sdpa:math` pin one kernel through `sdpa_kernel`. This backend
+exists everywhere torch runs and is the fallback that always serves.
+
+The contract's bottom-right causal mask maps onto SDPA like this:
+- Sq == Sk: is_causal=True.
+- Sq > Sk: the first Sq - Sk query rows see nothing (zeros); the last Sk rows form a top-left
+  causal square, so is_causal=True on q[:, :, Sq-Sk:] - no mask tensor.
+- Sq < Sk: torch's CausalBias (lower right), which runs the efficient kernel's own causal mode or
+  a materialised mask; flash and cuDNN take no mask, so they decline this case.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+
+from flashdispatch.backend import Capabilities, Implementation
+from flashdispatch.device import DeviceInfo
+from flashdispatch.problem import Problem
+
+ALL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
+EVERYWHERE = frozenset({"cuda", "rocm", "cpu"})
+GPUS = frozenset({"cuda", "rocm"})
+
+
+def _causal_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, kwargs: dict[str, Any]
+) -> torch.Tensor:
+    sq, sk = p.seqlen_q, p.seqlen_k
+    if not p.effective_causal:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    if sq == sk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
+    if sq > sk:
+        blind = sq - sk
+        tail = F.scaled_dot_product_attention(q[:, :, blind:], k, v, is_causal=True, **kwargs)
+        head = tail.new_zeros(p.batch, p.heads_q, blind, p.head_dim_v)
+        return torch.cat([head, tail], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(sq, sk), **kwargs)
+
+
+def math_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit attention in fp32 (fp64 for fp64 inputs) that also yields the log-sum-exp."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    g = p.gqa_ratio
+    kk = k.repeat_interleave(g, dim=1) if g > 1 else k
+    vv = v.repeat_interleave(g, dim=1) if g > 1 else v
+    s = torch.matmul(q.to(acc), kk.to(acc).transpose(-1, -2)) * p.scale
+    if p.effective_causal:
+        i = torch.arange(p.seqlen_q, device=q.device).unsqueeze(1)
+        j = torch.arange(p.seqlen_k, device=q.device).unsqueeze(0)
+        s = s.masked_fill(j > i + p.causal_offset, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(s - safe.unsqueeze(-1))
+    out = torch.matmul(probs, vv.to(acc)).to(q.dtype)
+    return out, lse.detach().float()
+
+
+class _Sdpa(Implementation):
+    backend: ClassVar[str] = "sdpa"
+    kernel: ClassVar[SDPBackend | None] = None
+    gqa_native: ClassVar[bool] = True
+    takes_lower_right_mask: ClassVar[bool] = True
+
+    def extra_reasons(self, p: Problem, dev: DeviceInfo) -> list[str]:
+        if p.effective_causal and 1 < p.seqlen_q < p.seqlen_k and not self.takes_lower_right_mask:
+            return [
+                f"causal with Sq={p.seqlen_q} < Sk={p.seqlen_k} needs a bottom-right mask, "
+                "which this kernel does not take"
+            ]
+        return []
+
+    def plan_notes(self, p: Problem, dev: DeviceInfo, config: dict[str, Any]) -> list[str]:
+        notes = []
+        if p.heads_q != p.heads_kv and not self.gqa_native:
+            notes.append(f"K/V repeated {p.gqa_ratio}x in memory (this kernel has no GQA)")
+        if p.effective_causal and p.seqlen_q > p.seqlen_k:
+            notes.append(f"first {p.seqlen_q - p.seqlen_k} query rows see no key: zeros")
+        if p.effective_causal and p.seqlen_q < p.seqlen_k:
+            notes.append("bottom-right causal through torch CausalBias (lower right)")
+        return notes
+
+    def _call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"scale": p.scale}
+        if p.heads_q != p.heads_kv:
+            if self.gqa_native:
+                kwargs["enable_gqa"] = True
+            else:
+                k = k.repeat_interleave(p.gqa_ratio, dim=1)
+                v = v.repeat_interleave(p.gqa_ratio, dim=1)
+        if self.kernel is None:
+            return _causal_sdpa(q, k, v, p, kwargs)
+        with sdpa_kernel(self.kernel):
+            return _causal_sdpa(q, k, v, p, kwargs)
+
+    def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
+        return self._call(q, k, v, p), None
+
+
+class SdpaPlain(_Sdpa):
+    """What users get today: torch chooses the kernel."""
+
+    name: ClassVar[str] = "sdpa"
+
+    def capabilities(self, dev: DeviceInfo) -> Capabilities:
+        return Capabilities(device_kinds=EVERYWHERE, dtypes=ALL_DTYPES, max_head_dim=1 << 16, lse=False,
+                            deterministic=False, notes="torch picks flash/cuDNN/efficient/math")
+
+
+class SdpaFlash(_Sdpa):
+    name: ClassVar[str] = "sdpa:flash"
+    kernel = SDPBackend.FLASH_ATTENTION
+    takes_lower_right_mask = False
+
+    def capabilities(self, dev: DeviceInfo) -> Capabilities:
+        if dev.kind == "cpu":  # torch's CPU flash kernel
+            return Capabilities(device_kinds=EVERYWHERE, dtypes=ALL_DTYPES, max_head_dim=1 << 16,
+                                different_v_head_dim=False, lse=False)
+        return Capabilities(device_kinds=GPUS, dtypes=HALF_DTYPES, min_cuda_capability=80,
+                            rocm_archs=frozenset({"gfx90a", "gfx942"}), max_head_dim=256,
+                            head_dim_multiple=8, different_v_head_dim=False, lse=False)
+
+
+class SdpaCudnn(_Sdpa):
+    name: ClassVar[str] = "sdpa:cudnn"
+    kernel = SDPBackend.CUDNN_ATTENTION
+    takes_lower_right_mask = False
+
+    def capabilities(self, dev: DeviceInfo) -> Capabilities:
+        return Capabilities(device_kinds=frozenset({"cuda"}), dtypes=HALF_DTYPES, min_cuda_capability=80,
+                            max_head_dim=128, head_dim_multiple=8, different_v_head_dim=False,
+                            lse=False, deterministic=False)
+
+
+class SdpaEfficient(_Sdpa):
+    name: ClassVar[str] = "sdpa:efficient"
+    kernel = SDPBackend.EFFICIENT_ATTENTION
+    gqa_native = False
+
+    def capabilities(self, dev: DeviceInfo) -> Capabilities:
+        return Capabilities(device_kinds=GPUS, dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                            min_cuda_capability=50, max_head_dim=256, head_dim_multiple=8, lse=False,
+                            deterministic=False)
+
+
+class SdpaMath(_Sdpa):
+    name: ClassVar[str] = "sdpa:math"
+    kernel = SDPBackend.MATH
+
+    def capabilities(self, dev: DeviceInfo) -> Capabilities:
+        return Capabilities(device_kinds=EVERYWHERE, dtypes=ALL_DTYPES, max_head_dim=1 << 16,
+                            notes="O(S^2) memory; lse through explicit math")
+
+    def plan_notes(self, p: Problem, dev: DeviceInfo, config: dict[str, Any]) -> list[str]:
+        notes = super().plan_notes(p, dev, config)
+        if p.return_lse:
+            notes.append("return_lse: explicit fp32 math in torch ops (K/V repeated for GQA)")
+        return notes
+
+    def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
+        if p.return_lse:
+            return math_with_lse(q, k, v, p)
+        return self._call(q, k, v, p), None
+
+
+IMPLEMENTATIONS: list[Implementation] = [SdpaPlain(), SdpaFlash(), SdpaCudnn(), SdpaEfficient(), SdpaMath()]

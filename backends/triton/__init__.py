@@ -1,0 +1,3 @@
+"""triton backend (work in progress)."""
+
+IMPLEMENTATIONS: list = []

@@ -1,0 +1,31 @@
+"""flashdispatch: one attention() call, the fastest correct backend for the device at hand."""
+
+from __future__ import annotations
+
+from . import backends  # the package, callable: flashdispatch.backends()
+from .api import attention, explain
+from .backend import Capabilities, Implementation
+from .device import DeviceInfo
+from .errors import NoBackendError
+from .problem import Problem
+from .registry import REGISTRY, BackendStatus
+from .selection import Decision, refresh, use_backend
+
+__version__ = "0.1.0"
+
+
+__all__ = [
+    "attention",
+    "explain",
+    "use_backend",
+    "backends",
+    "refresh",
+    "NoBackendError",
+    "Decision",
+    "Problem",
+    "DeviceInfo",
+    "Capabilities",
+    "Implementation",
+    "BackendStatus",
+    "__version__",
+]

@@ -1,0 +1,136 @@
+"""The public calls: attention() and explain()."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .device import DEVICE_KEYS
+from .problem import Problem, problem_from_shape, problem_from_tensors
+from .registry import REGISTRY
+from .selection import Decision, select, simulated_or_none
+
+
+def _empty_result(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeros (and lse = -inf) without launching an attention kernel."""
+    if p.layout == "bhsd":
+        shape = (p.batch, p.heads_q, p.seqlen_q, p.head_dim_v)
+    else:
+        shape = (p.batch, p.seqlen_q, p.heads_q, p.head_dim_v)
+    out = q.new_zeros(shape)
+    if p.needs_grad:
+        # keep the graph connected so that backward() gives zero gradients instead of an error
+        out = out + 0.0 * (q.sum() + k.sum() + v.sum()).to(out.dtype)
+    lse = torch.full((p.batch, p.heads_q, p.seqlen_q), float("-inf"), device=q.device, dtype=torch.float32)
+    return out, lse
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    layout: str = "bhsd",
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention through the fastest backend that can serve the problem.
+
+    Arguments:
+        q: (B, Hq, Sq, D) for layout="bhsd", or (B, Sq, Hq, D) for layout="bshd".
+        k: (B, Hkv, Sk, D) / (B, Sk, Hkv, D). Hq must be a multiple of Hkv (GQA/MQA): query head h
+            reads kv head h // (Hq // Hkv).
+        v: (B, Hkv, Sk, Dv) / (B, Sk, Hkv, Dv).
+            q, k, v share dtype (fp16, bf16; fp32/fp64 through sdpa) and device; any strides with a
+            unit last dimension.
+        causal: bottom-right aligned mask (flash_attn's convention, right for KV caches): query i
+            sees key j iff j <= i + Sk - Sq. For Sq == Sk this is SDPA's is_causal. With Sq=2, Sk=5
+            (1 = visible)::
+
+                1 1 1 1 0
+                1 1 1 1 1
+
+            and with Sq=5, Sk=2 the first three rows see nothing, giving zeros and lse = -inf::
+
+                0 0
+                0 0
+                0 0
+                1 0
+                1 1
+        scale: multiplier of q @ k^T; defaults to 1 / sqrt(D).
+        layout: "bhsd" (torch SDPA's) or "bshd" (flash_attn's).
+        return_lse: also return the log-sum-exp of the scaled scores (natural log), float32
+            (B, Hq, Sq). It carries no gradient.
+        backend: force a backend ("sdpa", "sdpa:cudnn", "triton", "cupy", ...). A forced backend
+            that cannot serve the problem raises NoBackendError; it never falls back.
+
+    Returns:
+        out: q's layout and dtype, (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv); with return_lse, (out, lse).
+    """
+    p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
+    if p.is_empty:
+        out, lse = _empty_result(q, k, v, p)
+        return (out, lse) if return_lse else out
+    d = select(p, backend)
+    impl = REGISTRY.get(d.variant)
+    if layout == "bshd":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out, lse = impl.run(q, k, v, p, d.config)
+    if layout == "bshd":
+        out = out.transpose(1, 2)
+    if return_lse:
+        assert lse is not None, f"{d.variant} declared lse support but returned none"
+        return out, lse
+    return out
+
+
+def explain(
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    *,
+    shape: Sequence[int] | None = None,
+    dtype: torch.dtype | str = torch.bfloat16,
+    device: str | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    layout: str = "bhsd",
+    return_lse: bool = False,
+    needs_grad: bool | None = None,
+    head_dim_v: int | None = None,
+    backend: str | None = None,
+) -> Decision:
+    """Which backend `attention` would run for these inputs, with what config, and why.
+
+    Give tensors (q, k, v as for `attention`), or `shape=(B, Hq, Hkv, Sq, Sk, D)` with `dtype` to
+    plan without tensors. `device` names a device key ("h100", "mi300x", ...) to answer for a
+    device that is not present; FLASHDISPATCH_DEVICE does the same. `str(decision)` is a report.
+    Raises NoBackendError (with every backend's reasons) when nothing can serve the problem.
+    """
+    if device is not None and device not in DEVICE_KEYS:
+        raise ValueError(f"device: expected one of {DEVICE_KEYS}, got {device!r}")
+    sim = simulated_or_none(device)
+    if shape is not None:
+        if q is not None or k is not None or v is not None:
+            raise TypeError("explain: give either tensors (q, k, v) or shape=, not both")
+        kind = sim.kind if sim else ("cuda" if torch.cuda.is_available() else "cpu")
+        p = problem_from_shape(
+            shape, dtype=dtype, device_kind=kind, causal=causal, scale=scale, layout=layout,
+            return_lse=return_lse, needs_grad=bool(needs_grad), head_dim_v=head_dim_v,
+        )
+        if sim is None and kind == "cpu":
+            p = p._replace(device_kind="cpu")
+    else:
+        if q is None or k is None or v is None:
+            raise TypeError("explain: expected tensors q, k and v, or shape=(B, Hq, Hkv, Sq, Sk, D)")
+        p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
+        if needs_grad is not None:
+            p = p._replace(needs_grad=needs_grad)
+    if sim is not None:
+        p = p._replace(device_kind=sim.kind)
+    return select(p, backend, device=sim)

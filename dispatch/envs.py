@@ -1,0 +1,133 @@
+"""Every environment variable flashdispatch reads, in one place.
+
+Nothing else in the package touches ``os.environ`` (a test greps for it). Values are read lazily,
+validated against their choices, and snapshotted by the dispatcher on the first call so that the
+hot path never reads the environment; :func:`flashdispatch.refresh` takes a new snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+# Names accepted by FLASHDISPATCH_BACKEND. "auto" means: let the dispatcher choose.
+# Family names ("sdpa") pick the best variant of that family; full names pin one variant.
+BACKEND_CHOICES: tuple[str, ...] = (
+    "auto",
+    "sdpa",
+    "sdpa:flash",
+    "sdpa:cudnn",
+    "sdpa:efficient",
+    "sdpa:math",
+    "triton",
+    "cupy",
+)
+
+# Simulated device keys; they equal the profile keys of dispatch/device.py.
+DEVICE_CHOICES: tuple[str, ...] = ("auto", "a100", "h100", "h200", "mi250x", "mi300x", "cpu")
+
+LOG_CHOICES: tuple[str, ...] = ("off", "decisions")
+
+
+class EnvError(ValueError):
+    """An environment variable holds a value flashdispatch does not accept."""
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    default: str
+    help: str
+    choices: tuple[str, ...] | None = None
+    # Lower-case before validating: backend and device names are case-insensitive.
+    normalize: Callable[[str], str] = str.strip
+
+    def read(self) -> str:
+        raw = os.environ.get(self.name)
+        if raw is None or raw.strip() == "":
+            return self.default
+        value = self.normalize(raw)
+        if self.choices is not None and value not in self.choices:
+            raise EnvError(
+                f"{self.name}={raw!r} is not valid; expected one of: {', '.join(self.choices)}"
+            )
+        return value
+
+
+def _lower(s: str) -> str:
+    return s.strip().lower()
+
+
+FLASHDISPATCH_BACKEND = EnvVar(
+    "FLASHDISPATCH_BACKEND",
+    "auto",
+    "Force one backend (family or variant) for every call; a forced backend that cannot serve a "
+    "problem raises NoBackendError instead of falling back.",
+    BACKEND_CHOICES,
+    _lower,
+)
+FLASHDISPATCH_DEVICE = EnvVar(
+    "FLASHDISPATCH_DEVICE",
+    "auto",
+    "Simulate a device for explain() and the CLI (planning for hardware that is not present).",
+    DEVICE_CHOICES,
+    _lower,
+)
+FLASHDISPATCH_PROFILE_DIR = EnvVar(
+    "FLASHDISPATCH_PROFILE_DIR",
+    "",
+    "Directory of <device>.yaml profiles that win over the shipped ones.",
+)
+FLASHDISPATCH_LOG = EnvVar(
+    "FLASHDISPATCH_LOG",
+    "off",
+    "'decisions' logs every new dispatch decision once (logger 'flashdispatch', level INFO).",
+    LOG_CHOICES,
+    _lower,
+)
+FLASHDISPATCH_CACHE_DIR = EnvVar(
+    "FLASHDISPATCH_CACHE_DIR",
+    "",
+    "Where compiled CUDA modules of the cupy backend are cached on disk "
+    "(default: ~/.cache/flashdispatch).",
+)
+# Triton's own switch; read here so that the triton backend can offer CPU execution under it.
+TRITON_INTERPRET = EnvVar(
+    "TRITON_INTERPRET", "0", "Triton's interpreter mode (runs Triton kernels on the CPU).", None
+)
+
+ALL: tuple[EnvVar, ...] = (
+    FLASHDISPATCH_BACKEND,
+    FLASHDISPATCH_DEVICE,
+    FLASHDISPATCH_PROFILE_DIR,
+    FLASHDISPATCH_LOG,
+    FLASHDISPATCH_CACHE_DIR,
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One validated snapshot of the environment."""
+
+    backend: str
+    device: str
+    profile_dir: str
+    log: str
+    cache_dir: str
+    triton_interpret: bool
+
+
+def read_settings() -> Settings:
+    return Settings(
+        backend=FLASHDISPATCH_BACKEND.read(),
+        device=FLASHDISPATCH_DEVICE.read(),
+        profile_dir=FLASHDISPATCH_PROFILE_DIR.read(),
+        log=FLASHDISPATCH_LOG.read(),
+        cache_dir=FLASHDISPATCH_CACHE_DIR.read(),
+        triton_interpret=TRITON_INTERPRET.read() not in ("", "0", "false", "False"),
+    )
+
+
+def home_cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "flashdispatch")

@@ -1,0 +1,204 @@
+"""The validated, hashable description of one attention call.
+
+`Problem` is the cache key of selection, so it holds only what can change the choice of backend or
+its result: never a tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+
+LAYOUTS: tuple[str, ...] = ("bhsd", "bshd")
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+}
+DTYPES_BY_NAME: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
+# Sq at or under this is "decode": a few new tokens against a long KV cache.
+DECODE_MAX_SEQLEN_Q = 16
+
+
+class Problem(NamedTuple):
+    device_kind: str  # "cuda" | "rocm" | "cpu"
+    device_index: int
+    dtype: torch.dtype
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    head_dim_v: int
+    causal: bool
+    scale: float
+    layout: str
+    contiguous: bool  # every input has a unit last stride and dense rows in its own layout
+    needs_grad: bool
+    return_lse: bool
+
+    @property
+    def gqa_ratio(self) -> int:
+        return self.heads_q // self.heads_kv if self.heads_kv else 1
+
+    @property
+    def is_decode(self) -> bool:
+        return self.seqlen_q <= DECODE_MAX_SEQLEN_Q and self.seqlen_k > self.seqlen_q
+
+    @property
+    def causal_offset(self) -> int:
+        """Bottom-right alignment: query i sees key j iff j <= i + causal_offset."""
+        return self.seqlen_k - self.seqlen_q
+
+    @property
+    def effective_causal(self) -> bool:
+        """False when the causal mask hides nothing (every query sees every key)."""
+        return self.causal and self.seqlen_q > 1
+
+    @property
+    def is_empty(self) -> bool:
+        return 0 in (self.batch, self.heads_q, self.seqlen_q, self.head_dim_v) or self.seqlen_k == 0
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES.get(self.dtype, str(self.dtype))
+
+    def flops(self, backward: bool = False) -> float:
+        """FlashAttention-paper count: 4*B*H*Sq*Sk*D (visible fraction under causal); bwd = 2.5x."""
+        visible = self.seqlen_q * self.seqlen_k
+        if self.effective_causal:
+            visible = causal_visible_pairs(self.seqlen_q, self.seqlen_k)
+        f = 2.0 * self.batch * self.heads_q * visible * (self.head_dim + self.head_dim_v)
+        return f * 2.5 if backward else f
+
+    def describe(self) -> str:
+        return (
+            f"{self.device_kind}:{self.device_index} {self.dtype_name} layout={self.layout} "
+            f"B={self.batch} Hq={self.heads_q} Hkv={self.heads_kv} Sq={self.seqlen_q} "
+            f"Sk={self.seqlen_k} D={self.head_dim} Dv={self.head_dim_v} causal={self.causal} "
+            f"scale={self.scale:.6g} contiguous={self.contiguous} grad={self.needs_grad} "
+            f"lse={self.return_lse}"
+        )
+
+
+def causal_visible_pairs(sq: int, sk: int) -> int:
+    """(query, key) pairs left by the bottom-right causal mask: row i sees min(sk, i + sk - sq + 1)."""
+    first = max(0, sq - sk)  # rows before this see no key
+    # row i sees i + sk - sq + 1 keys, rising by one per row up to sk on the last row
+    a, b = first + sk - sq + 1, sk
+    return 0 if b < a else (a + b) * (b - a + 1) // 2
+
+
+def _fail(kind: type[Exception], arg: str, expected: str, got: object) -> Exception:
+    return kind(f"{arg}: expected {expected}, got {got}")
+
+
+def _dense_rows(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1
+
+
+def device_kind_of(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "rocm" if torch.version.hip else "cuda"
+    return device.type
+
+
+def problem_from_tensors(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None,
+    layout: str,
+    return_lse: bool,
+) -> Problem:
+    """Validate the inputs against the attention contract and describe them."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise _fail(TypeError, name, "a torch.Tensor", type(t).__name__)
+        if t.dim() != 4:
+            raise _fail(
+                ValueError, name, f"a 4-d tensor in layout {layout!r}", f"{t.dim()}-d shape {tuple(t.shape)}"
+            )
+    if layout == "bhsd":
+        b, hq, sq, d = q.shape
+        bk, hkv, sk, dk = k.shape
+        bv, hv, sv, dv = v.shape
+    elif layout == "bshd":
+        b, sq, hq, d = q.shape
+        bk, sk, hkv, dk = k.shape
+        bv, sv, hv, dv = v.shape
+    else:
+        raise _fail(ValueError, "layout", f"one of {LAYOUTS}", repr(layout))
+    dtype = q.dtype
+    if dtype not in DTYPE_NAMES:
+        raise _fail(TypeError, "q.dtype", "float16, bfloat16, float32 or float64", dtype)
+    if k.dtype != dtype or v.dtype != dtype:
+        raise _fail(TypeError, "k.dtype/v.dtype", f"q's dtype {dtype}", f"{k.dtype}/{v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise _fail(ValueError, "k.device/v.device", f"q's device {q.device}", f"{k.device}/{v.device}")
+    if bk != b or bv != b:
+        raise _fail(ValueError, "batch size of k/v", f"q's batch {b}", f"{bk}/{bv}")
+    if dk != d:
+        raise _fail(ValueError, "k head dim", f"q's head dim {d}", dk)
+    if hv != hkv or sv != sk:
+        raise _fail(ValueError, "v heads/seqlen", f"k's ({hkv}, {sk})", f"({hv}, {sv})")
+    if hkv == 0 and hq != 0 or hkv and hq % hkv:
+        raise _fail(ValueError, "heads", "q heads divisible by kv heads (GQA/MQA)", f"Hq={hq}, Hkv={hkv}")
+    if d == 0:
+        raise _fail(ValueError, "head dim", "at least 1", 0)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    else:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise _fail(TypeError, "scale", "a float or None", type(scale).__name__)
+        scale = float(scale)
+        if not math.isfinite(scale) or scale <= 0:
+            raise _fail(ValueError, "scale", "a finite positive float or None", scale)
+    if not isinstance(causal, bool):
+        raise _fail(TypeError, "causal", "a bool", type(causal).__name__)
+    contiguous = _dense_rows(q) and _dense_rows(k) and _dense_rows(v)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    idx = q.device.index if q.device.index is not None else 0
+    return Problem(
+        device_kind_of(q.device), idx, dtype, b, hq, hkv, sq, sk, d, dv, causal, scale, layout,
+        contiguous, needs_grad, bool(return_lse),
+    )
+
+
+def problem_from_shape(
+    shape: Sequence[int],
+    *,
+    dtype: torch.dtype | str = torch.bfloat16,
+    device_kind: str = "cuda",
+    causal: bool = False,
+    scale: float | None = None,
+    layout: str = "bhsd",
+    return_lse: bool = False,
+    needs_grad: bool = False,
+    head_dim_v: int | None = None,
+) -> Problem:
+    """A Problem for planning without tensors: shape = (B, Hq, Hkv, Sq, Sk, D)."""
+    if len(shape) != 6:
+        raise _fail(ValueError, "shape", "(B, Hq, Hkv, Sq, Sk, D)", tuple(shape))
+    b, hq, hkv, sq, sk, d = (int(x) for x in shape)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES_BY_NAME:
+            raise _fail(ValueError, "dtype", f"one of {sorted(DTYPES_BY_NAME)}", repr(dtype))
+        dtype = DTYPES_BY_NAME[dtype]
+    meta = torch.device("meta")
+    if layout == "bhsd":
+        q = torch.empty(b, hq, sq, d, device=meta, dtype=dtype)
+        k = torch.empty(b, hkv, sk, d, device=meta, dtype=dtype)
+        v = torch.empty(b, hkv, sk, head_dim_v or d, device=meta, dtype=dtype)
+    else:
+        q = torch.empty(b, sq, hq, d, device=meta, dtype=dtype)
+        k = torch.empty(b, sk, hkv, d, device=meta, dtype=dtype)
+        v = torch.empty(b, sk, hkv, head_dim_v or d, device=meta, dtype=dtype)
+    p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
+    return p._replace(device_kind=device_kind, device_index=0, needs_grad=needs_grad)

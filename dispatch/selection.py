@@ -1,0 +1,274 @@
+"""Selection: from a Problem to a Decision (which implementation, which config, and why).
+
+Decisions are cached on (Problem, forced name, source); after the first call for a key, selection is
+one dict lookup. Environment, profiles and device properties are read once into a `_State` snapshot,
+which `refresh()` rebuilds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from . import envs
+from .device import DeviceInfo, current_device, real_device
+from .errors import NoBackendError
+from .profile_store import Entry, Profile, load_profile
+from .problem import Problem
+from .registry import REGISTRY
+
+log = logging.getLogger("flashdispatch")
+
+# Built-in order per device kind when no profile entry matches. Plain "sdpa" lets torch pick its
+# fastest kernel (cuDNN on H100), so with no measurement we are never slower than the user's
+# baseline; our kernels serve what SDPA cannot (lse, bottom-right causal fast path, ...).
+DEFAULT_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("sdpa", "triton", "cupy", "sdpa:cudnn", "sdpa:flash", "sdpa:efficient", "sdpa:math"),
+    "rocm": ("sdpa", "triton", "sdpa:flash", "sdpa:efficient", "sdpa:math"),
+    "cpu": ("sdpa", "sdpa:flash", "sdpa:math", "triton"),
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    backend: str  # family: "sdpa", "triton", "cupy"
+    variant: str  # implementation name: "sdpa:cudnn", "triton"
+    config: dict[str, Any]
+    source: str  # "argument" | "context" | "env" | "profile:<file>#<entry>" | "default"
+    rejected: dict[str, list[str]]
+    problem: Problem
+    device: DeviceInfo
+    candidates: tuple[str, ...] = ()  # eligible implementations, best first
+    notes: tuple[str, ...] = ()
+    profile: str | None = None  # provenance line of the profile in use
+    ms: dict[str, float] = field(default_factory=dict)  # measured times of the matched entry
+
+    def __str__(self) -> str:
+        lines = [
+            f"flashdispatch decision: {self.variant}  (source: {self.source})",
+            f"  problem:  {self.problem.describe()}",
+            f"  device:   {self.device.describe()}",
+        ]
+        if self.profile:
+            lines.append(f"  profile:  {self.profile}")
+        if self.config:
+            lines.append(f"  config:   {self.config}")
+        if self.ms:
+            lines.append("  measured: " + ", ".join(f"{k}={v:.4g} ms" for k, v in self.ms.items()))
+        lines.append(f"  eligible: {', '.join(self.candidates) if self.candidates else '(none)'}")
+        for n in self.notes:
+            lines.append(f"  note:     {n}")
+        if self.rejected:
+            lines.append("  rejected:")
+            for name, reasons in self.rejected.items():
+                lines.append(f"    {name}: " + "; ".join(reasons))
+        return "\n".join(lines)
+
+
+# --- forcing: argument > thread-local context > environment --------------------------------------
+
+_local = threading.local()
+
+
+def _context_stack() -> list[str]:
+    st = getattr(_local, "stack", None)
+    if st is None:
+        st = _local.stack = []
+    return st
+
+
+def validate_backend_name(name: str, arg: str = "backend") -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{arg}: expected a backend name (str), got {type(name).__name__}")
+    n = name.strip().lower()
+    valid = set(envs.BACKEND_CHOICES) | set(REGISTRY.all()) | set(REGISTRY.families())
+    if n not in valid:
+        raise ValueError(f"{arg}: unknown backend {name!r}; expected one of: {', '.join(sorted(valid))}")
+    return n
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend for calls in this thread inside the block (nestable; innermost wins).
+
+    `use_backend("auto")` inside an outer block restores automatic selection for the inner block.
+    """
+    n = validate_backend_name(name)
+    st = _context_stack()
+    st.append(n)
+    try:
+        yield
+    finally:
+        st.pop()
+
+
+def current_forced(arg: str | None, settings: envs.Settings) -> tuple[str | None, str]:
+    if arg is not None:
+        n = validate_backend_name(arg)
+        if n != "auto":
+            return n, "argument"
+        return None, "default"
+    st = getattr(_local, "stack", None)
+    if st:
+        n = st[-1]
+        return (None, "default") if n == "auto" else (n, "context")
+    if settings.backend != "auto":
+        return settings.backend, "env"
+    return None, "default"
+
+
+# --- the snapshot -----------------------------------------------------------------------------
+
+
+class _State:
+    def __init__(self) -> None:
+        self.settings = envs.read_settings()
+        self.profiles: dict[str | None, tuple[Profile | None, list[str]]] = {}
+        self.cache: dict[tuple[Any, ...], Decision] = {}
+        self.logged: set[tuple[Any, ...]] = set()
+        self.lock = threading.Lock()
+
+    def profile(self, key: str | None) -> tuple[Profile | None, list[str]]:
+        if key not in self.profiles:
+            self.profiles[key] = load_profile(key, self.settings.profile_dir)
+        return self.profiles[key]
+
+
+_state: _State | None = None
+
+
+def state() -> _State:
+    global _state
+    if _state is None:
+        _state = _State()
+    return _state
+
+
+def refresh() -> None:
+    """Re-read environment variables and profiles and forget cached decisions."""
+    global _state
+    _state = None
+
+
+def device_for(p: Problem) -> DeviceInfo:
+    """The real device that holds the problem's tensors."""
+    if p.device_kind == "cpu":
+        return real_device("cpu", 0)
+    if p.device_kind in ("cuda", "rocm"):
+        import torch
+
+        if torch.cuda.is_available():
+            return real_device("cuda", p.device_index)
+    return current_device()
+
+
+def simulated_or_none(key: str | None) -> DeviceInfo | None:
+    """explain()'s device: an explicit key, else FLASHDISPATCH_DEVICE, else None (real device)."""
+    if key is None:
+        key = state().settings.device
+    return None if key in (None, "auto") else current_device(key)
+
+
+def _eligible(p: Problem, dev: DeviceInfo, names: list[str], rejected: dict[str, list[str]]) -> list[str]:
+    ok = []
+    for name in names:
+        why = REGISTRY.availability(name)
+        if why is not None:
+            rejected[name] = [f"unavailable: {why}"]
+            continue
+        try:
+            reasons = REGISTRY.get(name).not_supported_reasons(p, dev)
+        except Exception as e:  # a buggy capability check must not hide the other backends
+            reasons = [f"capability check failed: {type(e).__name__}: {e}"]
+        if reasons:
+            rejected[name] = reasons
+        else:
+            ok.append(name)
+    return ok
+
+
+def _order(p: Problem, dev: DeviceInfo, eligible: list[str], profile: Profile | None) -> tuple[list[str], Entry | None]:
+    entry = profile.lookup(p) if profile else None
+    default = DEFAULT_ORDER.get(dev.kind, DEFAULT_ORDER["cpu"])
+    rank: dict[str, int] = {}
+    if entry:
+        for i, n in enumerate(entry.ranking):
+            rank.setdefault(n, i)
+    base = len(rank)
+    for i, n in enumerate(default):
+        rank.setdefault(n, base + i)
+    ordered = sorted(eligible, key=lambda n: (rank.get(n, 10_000), n))
+    if entry and (not ordered or ordered[0] not in entry.ranking):
+        entry = None  # the profile ranked nothing that can serve: the default order decided
+    return ordered, entry
+
+
+def select(p: Problem, backend: str | None = None, *, device: DeviceInfo | None = None) -> Decision:
+    """Choose the implementation for `p`; raises NoBackendError if nothing (or the forced one) can.
+
+    `device` answers for another (simulated) device; None means the device holding the tensors.
+    """
+    st = state()
+    forced, source = current_forced(backend, st.settings)
+    key = (p, forced, source, device)
+    d = st.cache.get(key)
+    if d is not None:
+        return d
+    with st.lock:
+        d = _select_uncached(p, forced, source, device)
+        st.cache[key] = d
+    if st.settings.log == "decisions" and key not in st.logged:
+        st.logged.add(key)
+        log.info("%s", d)
+    return d
+
+
+def _select_uncached(p: Problem, forced: str | None, source: str, device: DeviceInfo | None) -> Decision:
+    st = state()
+    dev = device if device is not None else device_for(p)
+    profile, problems = st.profile(dev.profile_key)
+    rejected: dict[str, list[str]] = {}
+    names = list(REGISTRY.all())
+    fams = REGISTRY.families()
+    if forced is not None:
+        pool = fams.get(forced, [forced] if forced in names else [])
+        for n in names:
+            if n not in pool:
+                rejected[n] = [f"not the forced backend {forced!r} (set by {source})"]
+    else:
+        pool = names
+    eligible = _eligible(p, dev, pool, rejected)
+    if not eligible:
+        raise NoBackendError(p, dev, {n: rejected[n] for n in pool if n in rejected} if forced else rejected,
+                             forced=forced, source=source)
+    ordered, entry = _order(p, dev, eligible, profile)
+    chosen = ordered[0]
+    impl = REGISTRY.get(chosen)
+    config = dict(impl.default_config(p, dev))
+    if entry and chosen in entry.config:
+        config.update(entry.config[chosen])
+    if forced is None:
+        src = f"profile:{profile.path}#{entry.label()}" if entry and profile else "default"
+    else:
+        src = source
+    notes = list(problems)
+    try:
+        notes += impl.plan_notes(p, dev, config)
+    except Exception as e:
+        notes.append(f"plan notes failed: {e}")
+    return Decision(
+        backend=impl.backend,
+        variant=chosen,
+        config=config,
+        source=src,
+        rejected={n: r for n, r in rejected.items() if not r[0].startswith("not the forced")} if forced is None else rejected,
+        problem=p,
+        device=dev,
+        candidates=tuple(ordered),
+        notes=tuple(notes),
+        profile=profile.provenance() if profile else None,
+        ms=dict(entry.ms) if entry else {},
+    )

@@ -1,0 +1,1 @@
+"""Shipped tuning profiles: <device key>.yaml (data only)."""

@@ -1,0 +1,1 @@
+"""Tools: the profiler (tune), the benchmark, ahead-of-time compile checks."""
