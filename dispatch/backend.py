@@ -121,6 +121,13 @@ class Implementation(ABC):
         """Config used when the profile has none for this problem."""
         return {}
 
+    def config_space(self, p: Problem, dev: DeviceInfo) -> list[dict[str, Any]]:
+        """Configs the tuner may try for `p` on `dev`, already pruned to what fits the device.
+
+        [] or [{}] means the implementation has nothing to tune.
+        """
+        return [self.default_config(p, dev)]
+
     def plan_notes(self, p: Problem, dev: DeviceInfo, config: dict[str, Any]) -> list[str]:
         """Human notes for explain(): copies, expansions, which kernel path runs."""
         return []
