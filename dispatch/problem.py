@@ -37,7 +37,7 @@ class Problem(NamedTuple):
     causal: bool
     scale: float
     layout: str
-    contiguous: bool  # every input has a unit last stride and dense rows in its own layout
+    contiguous: bool  # every input has a unit last stride (else attention() copies the odd one)
     needs_grad: bool
     return_lse: bool
 

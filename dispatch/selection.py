@@ -128,6 +128,8 @@ class _State:
         self.settings = envs.read_settings()
         self.profiles: dict[str | None, tuple[Profile | None, list[str]]] = {}
         self.cache: dict[tuple[Any, ...], Decision] = {}
+        # attention()'s hot-path cache: call signature -> (Problem, Implementation | None, config)
+        self.fast: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
         self.logged: set[tuple[Any, ...]] = set()
         self.lock = threading.Lock()
 
@@ -255,6 +257,8 @@ def _select_uncached(p: Problem, forced: str | None, source: str, device: Device
     else:
         src = source
     notes = list(problems)
+    if not p.contiguous:
+        notes.append("an input has a non-unit last stride: attention() copies it to contiguous memory first")
     try:
         notes += impl.plan_notes(p, dev, config)
     except Exception as e:
