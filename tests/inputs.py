@@ -1,0 +1,66 @@
+"""Input factories and the reference check used across the test files (one place)."""
+
+from __future__ import annotations
+
+import torch
+
+from flashdispatch.reference import attention_math
+from flashdispatch.tolerances import within_budget
+
+
+def make_qkv(
+    b: int, hq: int, hkv: int, sq: int, sk: int, d: int, *, dv: int | None = None,
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", layout: str = "bhsd",
+    noncontiguous: bool = False, requires_grad: bool = False, seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fresh random q, k, v. noncontiguous=True gives views into larger NaN-filled buffers (odd
+    strides): a kernel that reads outside the view picks up NaN and fails the check."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,))))
+    dv = dv or d
+
+    def one(h: int, s: int, dd: int) -> torch.Tensor:
+        shape = (b, h, s, dd) if layout == "bhsd" else (b, s, h, dd)
+        t = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+        if noncontiguous:
+            big = torch.full((shape[0], shape[1] + 1, shape[2], dd + 8), float("nan"), device=device, dtype=dtype)
+            big[:, 1:, :, 3:3 + dd] = t
+            t = big[:, 1:, :, 3:3 + dd]
+        return t.requires_grad_(requires_grad)
+
+    return one(hq, sq, d), one(hkv, sk, d), one(hkv, sk, dv)
+
+
+def check_forward(out, q, k, v, *, causal, layout="bhsd", scale=None, lse=None):
+    """Assert out (and lse) are within the flash-attention budget of plain torch vs float64."""
+    ref, ref_lse = attention_math(q, k, v, causal=causal, layout=layout, scale=scale, upcast=True)
+    base, _ = attention_math(q, k, v, causal=causal, layout=layout, scale=scale, upcast=False)
+    ok, err, allowed = within_budget(out, base, ref, q.dtype)
+    assert ok, f"forward error {err:.3g} > allowed {allowed:.3g}"
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    if lse is not None:
+        assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly where no key is visible"
+        assert not torch.isnan(lse).any()
+        if finite.any():
+            lerr = float((lse.double()[finite] - ref_lse[finite]).abs().max())
+            assert lerr < (1e-4 if q.dtype in (torch.float32, torch.float64) else 2e-2), f"lse error {lerr}"
+
+
+def check_grads(fn, q, k, v, *, causal, layout="bhsd", scale=None):
+    """fn(q, k, v) -> out; compare dq, dk, dv to float64 autograd of the reference (3x budget)."""
+    do = torch.randn_like(attention_math(q, k, v, causal=causal, layout=layout, upcast=False)[0])
+    grads = []
+    for upcast in (True, False):
+        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out, _ = attention_math(qq, kk, vv, causal=causal, layout=layout, scale=scale, upcast=upcast)
+        out.backward(do.to(out.dtype))
+        grads.append((qq.grad, kk.grad, vv.grad))
+    qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = fn(qq, kk, vv)
+    out.backward(do)
+    for name, g, g_ref, g_base in zip("qkv", (qq.grad, kk.grad, vv.grad), grads[0], grads[1]):
+        assert g is not None, f"no gradient reached {name}"
+        ok, err, allowed = within_budget(g, g_base, g_ref, q.dtype, grad=True)
+        assert ok, f"d{name} error {err:.3g} > allowed {allowed:.3g}"
