@@ -1,0 +1,57 @@
+"""The command line: info, explain (simulated devices), demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from flashdispatch.cli import main
+
+
+def test_explain_for_a_device_that_is_not_present(capsys):
+    assert main(["explain", "--device", "mi300x", "--shape", "1,32,8,1,8192,128", "--dtype", "bf16", "--causal"]) == 0
+    out = capsys.readouterr().out
+    assert "flashdispatch decision:" in out and "AMD Instinct MI300X" in out and "(simulated)" in out
+    assert "sdpa:cudnn: device=rocm" in out
+
+
+def test_explain_forced_backend_that_cannot_serve(capsys):
+    assert main(["explain", "--device", "cpu", "--shape", "1,2,2,8,8,64", "--backend", "sdpa:cudnn"]) == 1
+    assert "forced backend 'sdpa:cudnn'" in capsys.readouterr().out
+
+
+def test_explain_bad_shape(capsys):
+    with pytest.raises(SystemExit):
+        main(["explain", "--shape", "1,2,3"])
+    assert "B,Hq,Hkv,Sq,Sk,D" in capsys.readouterr().err
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for part in ("device:", "profile:", "backends:", "sdpa:math", "versions:", "torch", "FLASHDISPATCH_BACKEND"):
+        assert part in out, part
+
+
+def test_info_simulated(capsys):
+    assert main(["info", "--device", "h100"]) == 0
+    assert "H100" in capsys.readouterr().out
+
+
+def test_bad_env_is_an_error_not_a_traceback(monkeypatch, capsys):
+    monkeypatch.setenv("FLASHDISPATCH_DEVICE", "v100")
+    import flashdispatch
+
+    flashdispatch.refresh()
+    assert main(["info"]) == 2
+    assert "expected one of" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_as_a_command():
+    r = subprocess.run([sys.executable, "-m", "flashdispatch.cli", "demo", "--seqlen", "64", "--steps", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "flashdispatch decision:" in r.stdout and "accuracy: OK" in r.stdout
