@@ -1,0 +1,128 @@
+"""Gradients of one ring block, computed against the GLOBAL softmax statistics.
+
+The forward pass merges blocks through their lse, so the probabilities of a block inside the whole
+row are P = exp(S * scale - lse_global), and FlashAttention-2's backward applies block by block:
+
+    dV = P^T dO        dP = dO V^T        dS = P * (dP - delta),  delta = rowsum(dO * O_global)
+    dQ = scale * dS K  dK = scale * dS^T Q
+
+On a GPU the triton backend's functional `attention_backward` (which takes the global out and lse)
+does this in one kernel; elsewhere `block_backward_math` does it in torch ops, in chunks of query rows
+so that the (rows x keys) score matrix stays bounded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("flashdispatch.distributed")
+
+# Elements of one (B, Hq, rows, Sk) score chunk in the torch-ops backward: 2^24 float32 = 64 MiB per
+# temporary, a handful of which are live at once.
+MATH_CHUNK_ELEMENTS = 1 << 24
+
+Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def softmax_delta(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """rowsum(dO * O) over the head dimension, (B, H, S), in the accumulation dtype."""
+    acc = accumulation_dtype(out.dtype)
+    return (do.to(acc) * out.to(acc)).sum(-1)
+
+
+def block_backward_math(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+) -> Grads:
+    """dq (B, Hq, Sq, D), dk (B, Hkv, Sk, D), dv (B, Hkv, Sk, Dv) in the accumulation dtype.
+
+    bhsd-indexed inputs (any strides); lse and delta (B, Hq, Sq) are the whole row's. GQA is
+    handled by viewing the Hq query heads as (Hkv, group) so that K/V are never repeated.
+    """
+    acc = accumulation_dtype(q.dtype)
+    b, hq, sq, d = q.shape
+    hkv, sk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    g = hq // hkv
+    kf = k.to(acc).unsqueeze(2)  # (B, Hkv, 1, Sk, D): broadcasts over the group
+    vf = v.to(acc).unsqueeze(2)
+    dq = torch.empty(b, hq, sq, d, dtype=acc, device=q.device)
+    dk = torch.zeros(b, hkv, sk, d, dtype=acc, device=q.device)
+    dv = torch.zeros(b, hkv, sk, dv_dim, dtype=acc, device=q.device)
+    rows = max(1, MATH_CHUNK_ELEMENTS // max(1, b * hq * sk))
+    for r0 in range(0, sq, rows):
+        r1 = min(sq, r0 + rows)
+        n = r1 - r0
+
+        def grouped(t: torch.Tensor) -> torch.Tensor:
+            return t[:, :, r0:r1].to(acc).reshape(b, hkv, g, n, *t.shape[3:])
+
+        qc, doc = grouped(q), grouped(do)
+        s = torch.matmul(qc, kf.transpose(-1, -2)) * scale  # (B, Hkv, g, n, Sk)
+        if causal:
+            i = torch.arange(r0, r1, device=q.device).unsqueeze(1)
+            j = torch.arange(sk, device=q.device).unsqueeze(0)
+            s = s.masked_fill(j > i + (sk - sq), float("-inf"))
+        row_lse = grouped(lse).unsqueeze(-1)
+        # a row with lse = -inf saw no key anywhere: +inf makes every probability exp(-inf) = 0
+        row_lse = torch.where(torch.isneginf(row_lse), torch.full_like(row_lse, float("inf")), row_lse)
+        p = torch.exp(s - row_lse)
+        dv += torch.matmul(p.transpose(-1, -2), doc).sum(2)
+        dp = torch.matmul(doc, vf.transpose(-1, -2))
+        ds = p * (dp - grouped(delta).unsqueeze(-1))
+        dq[:, :, r0:r1] = (torch.matmul(ds, kf) * scale).reshape(b, hq, n, d)
+        dk += torch.matmul(ds.transpose(-1, -2), qc).sum(2) * scale
+    return dq, dk, dv
+
+
+def _triton_backward() -> Callable[..., Grads] | None:
+    """The triton backend's functional backward, or None where it is absent or not importable."""
+    try:
+        mod = importlib.import_module("flashdispatch.backends.triton.backward")
+    except Exception as e:  # triton missing, or the module not written yet: the math path serves
+        log.debug("triton attention_backward unavailable: %s", e)
+        return None
+    return getattr(mod, "attention_backward", None)
+
+
+def choose_block_backward(device: torch.device, dtype: torch.dtype) -> str:
+    """'triton' when the tensors are on a GPU and the triton backward is importable, else 'math'."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _triton_backward() is not None:
+        return "triton"
+    return "math"
+
+
+def block_backward(
+    path: str,
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+) -> Grads:
+    """One block's (dq, dk, dv) through `path` ('triton' or 'math'); out/lse/delta are global."""
+    if path == "triton":
+        fn = _triton_backward()
+        if fn is None:
+            raise RuntimeError("block backward path 'triton' chosen but attention_backward is not importable")
+        return fn(do, q, k, v, out, lse, causal=causal, scale=scale, config=None)
+    return block_backward_math(do, q, k, v, lse, delta, causal=causal, scale=scale)
