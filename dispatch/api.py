@@ -9,7 +9,7 @@ import torch
 from .device import DEVICE_KEYS
 from .problem import Problem, problem_from_shape, problem_from_tensors
 from .registry import REGISTRY
-from . import selection
+from . import ops, selection
 from .selection import Decision, select, simulated_or_none
 
 
@@ -73,6 +73,15 @@ def attention(
     Returns:
         out: q's layout and dtype, (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv); with return_lse, (out, lse).
     """
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace the thread-local fast path or the backends' launches: the call
+        # becomes the flashdispatch::attention_fwd/_bwd custom ops (dispatch/ops.py).
+        p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
+        if p.is_empty:
+            out, lse = _empty_result(q, k, v, p)
+        else:
+            out, lse = ops.traced_attention(q, k, v, p, backend)
+        return (out, lse) if return_lse else out
     # Hot path: one tuple and one dict lookup once this exact call signature has been seen. The key
     # holds everything the Problem is derived from, plus the thread's forced backend.
     stack = getattr(selection._local, "stack", None)
