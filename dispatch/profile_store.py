@@ -24,7 +24,9 @@ log = logging.getLogger("flashdispatch")
 SCHEMA_VERSION = 1
 PASSES: tuple[str, ...] = ("fwd", "fwd_bwd", "decode")
 MATCH_KEYS_REQUIRED: tuple[str, ...] = ("dtype", "head_dim", "causal", "gqa", "pass", "seqlen")
-MATCH_KEYS_OPTIONAL: tuple[str, ...] = ("seqlen_q",)
+# batch: decode entries only, where split-KV pays off or not depending on how many sequences
+# fill the GPU (tools/tune.py writes it for the decode pass).
+MATCH_KEYS_OPTIONAL: tuple[str, ...] = ("seqlen_q", "batch")
 
 
 class ProfileError(ValueError):
@@ -73,6 +75,7 @@ class Entry:
     def label(self) -> str:
         m = self.match
         q = f" seqlen_q={m['seqlen_q']}" if "seqlen_q" in m else ""
+        q += f" batch={m['batch']}" if "batch" in m else ""
         return (
             f"entries[{self.index}] ({m['pass']} {m['dtype']} D={m['head_dim']} "
             f"causal={m['causal']} gqa={m['gqa']} seqlen={m['seqlen']}{q})"
@@ -111,6 +114,8 @@ class Profile:
             g = abs(math.log2(e.match["gqa"]) - math.log2(max(1, p.gqa_ratio)))
             sk = abs(math.log2(e.match["seqlen"]) - math.log2(max(1, p.seqlen_k)))
             sq = abs(math.log2(e.match.get("seqlen_q", e.match["seqlen"])) - math.log2(max(1, p.seqlen_q)))
+            if "batch" in e.match:
+                sq += abs(math.log2(e.match["batch"]) - math.log2(max(1, p.batch)))
             return (g, sk + sq)
 
         return min(cands, key=distance)
@@ -155,7 +160,7 @@ def parse_profile(text: str, path: str) -> Profile:
               f"entries[{i}].match.dtype must be one of {sorted(DTYPES_BY_NAME)}, got {m['dtype']!r}")
         _need(m["pass"] in PASSES, path, m.get("__line__", line),
               f"entries[{i}].match.pass must be one of {PASSES}, got {m['pass']!r}")
-        for k in ("head_dim", "gqa", "seqlen", "seqlen_q"):
+        for k in ("head_dim", "gqa", "seqlen", "seqlen_q", "batch"):
             if k in m:
                 _need(isinstance(m[k], int) and m[k] > 0, path, m.get("__line__", line),
                       f"entries[{i}].match.{k} must be a positive int, got {m[k]!r}")
