@@ -1,0 +1,352 @@
+"""Ring attention on CPU: gloo, 2 and 4 processes, against single-process float64 attention.
+
+The schedule, the lse merge and the per-block backward are checked in this process; the ring itself
+runs in spawned workers (one spawn per world size, every case inside it) that send their error
+measurements back, so that each case still gets its own readable test id.
+"""
+
+from __future__ import annotations
+
+import datetime
+import traceback
+from typing import Any, NamedTuple
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import flashdispatch.distributed as fdd
+from flashdispatch.distributed.block_backward import block_backward_math, softmax_delta
+from flashdispatch.distributed.layout import check_divisible, ring_blocks
+from flashdispatch.distributed.merge import merge_into
+from flashdispatch.reference import attention_math, causal_mask
+from flashdispatch.tolerances import within_budget
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+WORKER_TIMEOUT_S = 150
+
+
+class Case(NamedTuple):
+    dtype: str
+    layout: str
+    causal: bool
+    hq: int
+    hkv: int
+    seq: int  # full sequence length
+    d: int
+    balanced: bool = True
+    batch: int = 2
+
+    @property
+    def id(self) -> str:
+        mode = "causal" if self.causal else "full"
+        split = "" if self.balanced else "-contiguous"
+        return f"{self.dtype}-{self.layout}-{mode}-h{self.hq}/{self.hkv}-S{self.seq}-D{self.d}{split}"
+
+
+# Odd chunk lengths and head dims on purpose; every case crosses the ring in both directions.
+CASES: dict[int, list[Case]] = {
+    2: [
+        Case("fp32", "bhsd", True, 2, 2, 4 * 17, 40),
+        Case("fp32", "bshd", True, 4, 2, 4 * 13, 24),
+        Case("fp32", "bhsd", False, 3, 1, 2 * 23, 16, balanced=False),
+        Case("fp32", "bshd", False, 2, 2, 4 * 9, 72),
+        Case("bf16", "bshd", True, 4, 1, 4 * 19, 32),
+        Case("fp16", "bhsd", False, 2, 2, 4 * 11, 40),
+        Case("fp16", "bhsd", True, 6, 3, 4 * 15, 24),
+        Case("fp64", "bhsd", True, 2, 1, 4 * 9, 16),
+    ],
+    4: [
+        Case("fp32", "bhsd", True, 4, 2, 8 * 7, 24),
+        Case("bf16", "bshd", True, 2, 2, 8 * 9, 32),
+        Case("fp32", "bshd", False, 2, 1, 4 * 11, 40, balanced=False),
+        Case("fp16", "bhsd", True, 3, 3, 8 * 5, 16, batch=1),
+    ],
+}
+# Cases run on sub-groups: world 1 (each rank alone) within 2 processes, two rings of 2 within 4.
+SUBGROUP_CASES: dict[int, list[Case]] = {
+    2: [Case("fp32", "bhsd", True, 2, 1, 2 * 11, 24)],
+    4: [Case("fp32", "bshd", True, 4, 2, 4 * 13, 24)],
+}
+ERROR_CHECKS = ("shard-uneven", "unshard-out-shape", "causal-odd-local", "ranks-disagree", "kv-length")
+
+
+def _budget_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The contract's lse is float32, so float64 inputs merge through float32 weights: they are held
+    # to float32's budget, not float64's (documented in docs/distributed.md).
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
+def _seq_dim(layout: str) -> int:
+    return 2 if layout == "bhsd" else 1
+
+
+def _inputs(case: Case, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    dt = DTYPES[case.dtype]
+
+    def make(h: int) -> torch.Tensor:
+        shape = (case.batch, h, case.seq, case.d) if case.layout == "bhsd" else (case.batch, case.seq, h, case.d)
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dt)
+
+    return [make(case.hq), make(case.hkv), make(case.hkv), make(case.hq)]  # q, k, v, dout
+
+
+def _run_case(case: Case, seed: int, group: Any) -> list[tuple[str, bool, float, float]]:
+    dt = DTYPES[case.dtype]
+    q, k, v, do = _inputs(case, seed)
+    sd = _seq_dim(case.layout)
+    kw = dict(causal=case.causal, layout=case.layout)
+
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out_ref, lse_ref = attention_math(*ref_in, **kw)
+    out_ref.backward(do.double())
+    base_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out_t, lse_t = attention_math(*base_in, upcast=False, **kw)
+    out_t.backward(do)
+
+    local = [fdd.shard(t, sd, group, balanced=case.balanced).requires_grad_() for t in (q, k, v)]
+    do_local = fdd.shard(do, sd, group, balanced=case.balanced)
+    out_l, lse_l = fdd.attention(*local, group=group, return_lse=True, **kw)
+    out_l.backward(do_local)
+
+    def gather(x: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
+        poisoned = torch.full(like.shape, float("nan"), dtype=x.dtype)
+        return fdd.unshard(x.detach(), dim, group, balanced=case.balanced, out=poisoned)
+
+    bd = _budget_dtype(dt)
+    out_ref, lse_ref, out_t, lse_t = (t.detach() for t in (out_ref, lse_ref, out_t, lse_t))
+    results = [
+        ("out", *within_budget(gather(out_l, sd, out_ref), out_t, out_ref, bd)),
+        ("lse", *within_budget(gather(lse_l, 2, lse_ref), lse_t, lse_ref, bd)),
+    ]
+    for name, loc, ref, base in zip(("dq", "dk", "dv"), local, ref_in, base_in):
+        results.append((name, *within_budget(gather(loc.grad, sd, ref), base.grad, ref.grad, bd, grad=True)))
+    out_dtype_ok = out_l.dtype == dt and tuple(out_l.shape) == tuple(local[0].shape)
+    results.append(("out dtype/shape", out_dtype_ok, 0.0, 0.0))
+    return results
+
+
+def _expect_value_error(fn: Any, *fragments: str) -> tuple[bool, str]:
+    try:
+        fn()
+    except ValueError as e:
+        msg = str(e)
+        return all(f in msg for f in fragments), msg
+    return False, "no ValueError"
+
+
+def _error_checks(rank: int, world: int) -> dict[str, tuple[bool, str]]:
+    x = torch.randn(1, 2, 4 * world + 2, 8)
+    local_len = 7 if rank == 0 else 9
+    odd = torch.randn(1, 2, 7, 8)
+    return {
+        "shard-uneven": _expect_value_error(
+            lambda: fdd.shard(x, 2), f"x.size(2): expected a multiple of 2 * world = {2 * world}",
+            f"got {4 * world + 2}"),
+        "unshard-out-shape": _expect_value_error(
+            lambda: fdd.unshard(odd[:, :, :6], 2, out=torch.empty(1)), "out: expected shape"),
+        "causal-odd-local": _expect_value_error(
+            lambda: fdd.attention(odd, odd, odd, causal=True), "expected an even number", "got 7"),
+        "ranks-disagree": _expect_value_error(
+            lambda: fdd.attention(*(torch.randn(1, 2, local_len, 8) for _ in range(3))),
+            "expected the same local shapes", "rank 1: q(1, 2, 9, 8)"),
+        "kv-length": _expect_value_error(
+            lambda: fdd.attention(odd, odd[:, :, :6], odd[:, :, :6]), "k sequence length (local)", "got 6"),
+    }
+
+
+def _worker(rank: int, world: int, store_path: str, queue: Any) -> None:
+    torch.set_num_threads(1)
+    try:
+        store = dist.FileStore(store_path, world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=WORKER_TIMEOUT_S))
+        report: dict[str, Any] = {}
+        for i, case in enumerate(CASES[world]):
+            report[case.id] = _run_case(case, 1000 + i, None)
+        # sub-groups: new_group must be called by every rank, in the same order
+        size = 1 if world == 2 else 2
+        groups = [dist.new_group(list(range(s, s + size))) for s in range(0, world, size)]
+        mine = groups[rank // size]
+        for i, case in enumerate(SUBGROUP_CASES[world]):
+            report["group-of-" + str(size) + "-" + case.id] = _run_case(case, 2000 + i, mine)
+        report["errors"] = _error_checks(rank, world)
+        dist.barrier()
+        dist.destroy_process_group()
+        queue.put((rank, "ok", report))
+    except Exception:
+        queue.put((rank, "error", traceback.format_exc()))
+
+
+@pytest.fixture(scope="module")
+def ring_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
+    ctx = mp.get_context("spawn")
+    reports: dict[int, list[dict[str, Any]]] = {}
+    for world in CASES:
+        queue = ctx.Queue()
+        store = str(tmp_path_factory.mktemp(f"store{world}") / "store")
+        procs = [ctx.Process(target=_worker, args=(r, world, store, queue)) for r in range(world)]
+        for p in procs:
+            p.start()
+        got: dict[int, Any] = {}
+        try:
+            for _ in range(world):
+                rank, status, payload = queue.get(timeout=WORKER_TIMEOUT_S)
+                if status != "ok":
+                    pytest.fail(f"world={world} rank {rank} raised:\n{payload}")
+                got[rank] = payload
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.terminate()
+        reports[world] = [got[r] for r in range(world)]
+    return reports
+
+
+def _all_ids() -> list[tuple[int, str]]:
+    ids = [(w, c.id) for w, cs in CASES.items() for c in cs]
+    for w, cs in SUBGROUP_CASES.items():
+        size = 1 if w == 2 else 2
+        ids += [(w, f"group-of-{size}-{c.id}") for c in cs]
+    return ids
+
+
+@pytest.mark.parametrize("world,case_id", _all_ids(), ids=[f"world{w}-{c}" for w, c in _all_ids()])
+def test_ring_matches_single_process(ring_reports: dict[int, list[dict[str, Any]]], world: int, case_id: str) -> None:
+    failures = []
+    for rank, report in enumerate(ring_reports[world]):
+        for name, ok, err, allowed in report[case_id]:
+            if not ok:
+                failures.append(f"rank {rank} {name}: error {err:.3g} > allowed {allowed:.3g}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+@pytest.mark.parametrize("check", ERROR_CHECKS)
+def test_bad_inputs_rejected(ring_reports: dict[int, list[dict[str, Any]]], world: int, check: str) -> None:
+    for rank, report in enumerate(ring_reports[world]):
+        ok, msg = report["errors"][check]
+        assert ok, f"rank {rank}: {msg}"
+
+
+# --- in-process checks: schedule, merge, per-block backward --------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("causal", [True, False])
+def test_schedule_covers_the_mask_exactly_once_with_equal_work(world: int, causal: bool) -> None:
+    chunk = 3
+    seq = 2 * world * chunk
+    pos = [fdd.layout.global_positions(seq, r, world) for r in range(world)]
+    hits = torch.zeros(seq, seq, dtype=torch.int64)
+    work = []
+    for r in range(world):
+        pairs = 0
+        for blk in ring_blocks(r, world, 2 * chunk, causal):
+            qi = pos[r][blk.q_rows]
+            kj = pos[blk.src][blk.kv_rows]
+            m = causal_mask(len(qi), len(kj)) if blk.causal else torch.ones(len(qi), len(kj), dtype=torch.bool)
+            hits[qi.unsqueeze(1), kj.unsqueeze(0)] += m.long()
+            pairs += int(m.sum())
+        work.append(pairs)
+    want = causal_mask(seq, seq).long() if causal else torch.ones(seq, seq, dtype=torch.int64)
+    assert torch.equal(hits, want)
+    assert len(set(work)) == 1, f"unequal work per rank: {work}"
+
+
+def test_positions_invert_the_layout() -> None:
+    for world in (1, 2, 4):
+        allpos = torch.cat([fdd.layout.global_positions(40, r, world) for r in range(world)])
+        assert torch.equal(allpos.sort().values, torch.arange(40))
+    assert fdd.layout.global_positions(8, 1, 2).tolist() == [2, 3, 4, 5]
+
+
+def test_check_divisible_names_argument_expected_and_got() -> None:
+    with pytest.raises(ValueError, match=r"x.size\(1\): expected a multiple of 2 \* world = 8 .*got 12"):
+        check_divisible(12, 4, True, "x.size(1)")
+    with pytest.raises(ValueError, match=r"n: expected a multiple of world = 4, got 10"):
+        check_divisible(10, 4, False, "n")
+
+
+def test_merge_is_exact_and_stable_with_rows_that_see_nothing() -> None:
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 2, 9, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 2, 5, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 2, 5, 16, generator=g, dtype=torch.float64)
+    # Sq=9 > Sk=5 under bottom-right causal: rows 0..3 see nothing at all, others see part of block 1
+    out_ref, lse_ref = attention_math(q, k, v, causal=True)
+    full_mask = causal_mask(9, 5)
+    parts = []
+    for cols in (slice(0, 2), slice(2, 5)):
+        s = (q @ k[:, :, cols].transpose(-1, -2)) / 4.0
+        s = s.masked_fill(~full_mask[:, cols], float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
+        parts.append((p @ v[:, :, cols], lse))
+    out = torch.full_like(out_ref, float("nan"))
+    lse = torch.full_like(lse_ref, float("nan"))
+    out.copy_(parts[0][0])
+    lse.copy_(parts[0][1])
+    merge_into(out, lse, *parts[1])
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.isneginf(lse[:, :, :4]).all() and (out[:, :, :4] == 0).all()
+    assert torch.allclose(out, out_ref, atol=1e-12) and torch.allclose(lse, lse_ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (6, 2)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_backward_math_sums_to_full_gradients(hq: int, hkv: int, causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split the keys into two blocks: block gradients with the global out/lse add up to the full ones."""
+    import flashdispatch.distributed.block_backward as bb
+
+    monkeypatch.setattr(bb, "MATH_CHUNK_ELEMENTS", 64)  # force several row chunks
+    g = torch.Generator().manual_seed(11)
+    sq, d = 13, 24
+    q, k, v, do = (torch.randn(2, h, sq, d, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = attention_math(*leaves, causal=causal)
+    out.backward(do)
+    delta = softmax_delta(do, out.detach())
+    split = 6
+    dq = torch.zeros_like(q)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    # keys [0:6) are fully visible to rows >= 5 only under causal: use the diagonal block for [6:13)
+    # by treating rows [6:13) x keys [6:13) as a causal square and rows x keys [0:6) through a mask
+    # that the math path gets from its own bottom-right rule when Sq == Sk.
+    if causal:
+        blocks = [(slice(0, split), slice(0, split), True), (slice(split, sq), slice(split, sq), True),
+                  (slice(split, sq), slice(0, split), False)]
+    else:
+        blocks = [(slice(0, sq), slice(0, split), False), (slice(0, sq), slice(split, sq), False)]
+    for rows, cols, blk_causal in blocks:
+        a, b, c = block_backward_math(do[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols],
+                                      lse[:, :, rows].detach(), delta[:, :, rows], causal=blk_causal, scale=d ** -0.5)
+        dq[:, :, rows] += a
+        dk[:, :, cols] += b
+        dv[:, :, cols] += c
+    for got, leaf in zip((dq, dk, dv), leaves):
+        assert torch.allclose(got, leaf.grad, atol=1e-10), float((got - leaf.grad).abs().max())
+
+
+def test_explain_plans_without_a_process_group() -> None:
+    q = torch.randn(1, 4, 10, 16)
+    k = v = torch.randn(1, 2, 10, 16)
+    plan = fdd.explain(q, k, v, causal=True, world_size=4, rank=1)
+    assert [s.block.src for s in plan.steps] == [1, 0, 3, 2]
+    assert plan.steps[0].block.causal and not any(s.block.causal for s in plan.steps[1:])
+    assert all(s.decision.variant == "sdpa:math" for s in plan.steps)  # the CPU backend with lse
+    text = str(plan)
+    assert "q[5:10] x kv[0:10] full" in text and "backward per block: torch ops" in text
+    with pytest.raises(ValueError, match="expected an even number"):
+        fdd.explain(q[:, :, :9], k[:, :, :9], v[:, :, :9], causal=True, world_size=2, rank=0)
+
+
+def test_attention_without_process_group_names_group() -> None:
+    if dist.is_initialized():
+        pytest.skip("a process group exists in this process")
+    t = torch.randn(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="group: expected an initialized torch.distributed process group"):
+        fdd.attention(t, t, t)
