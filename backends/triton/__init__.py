@@ -1,3 +1,122 @@
-"""triton backend (work in progress)."""
+"""The Triton backend: own FlashAttention-2 forward, split-KV decode, backward (backward.py).
 
-IMPLEMENTATIONS: list = []
+Triton itself is imported lazily (forward.py and decode.py import it; this module does not), so a
+missing or broken Triton makes the backend "unavailable" with the reason instead of breaking
+`import flashdispatch`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from flashdispatch import envs
+from flashdispatch.backend import Capabilities, Implementation
+from flashdispatch.device import DeviceInfo
+from flashdispatch.problem import Problem
+
+from . import configs
+
+_GPU_KINDS = frozenset({"cuda", "rocm"})
+_ROCM_ARCHS = frozenset({"gfx90a", "gfx942"})
+_GPU_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+# bf16 tl.dot returns garbage in the interpreter of Triton 3.6: CPU runs are fp16/fp32 only.
+_INTERPRETER_DTYPES = frozenset({torch.float16, torch.float32})
+
+
+def _interpreter_on() -> bool:
+    return envs.TRITON_INTERPRET.read().strip().lower() not in ("", "0", "false", "off", "no")
+
+
+def _wants_decode_kernel(p: Problem, config: dict[str, Any]) -> bool:
+    return p.is_decode and not p.needs_grad and config.get("PATH", "split_kv") == "split_kv"
+
+
+class TritonAttention(Implementation):
+    """FlashAttention-2 forward (pointer or TMA kernel) and split-KV decode, written in Triton."""
+
+    name: ClassVar[str] = "triton"
+    backend: ClassVar[str] = "triton"
+
+    def availability(self) -> str | None:
+        try:
+            import triton  # noqa: F401
+
+            from . import decode, forward  # noqa: F401  (compiles nothing; checks the kernels parse)
+        except Exception as e:  # ImportError, or a Triton too old for the language features used
+            return f"triton import failed: {type(e).__name__}: {e}"
+        return None
+
+    def capabilities(self, dev: DeviceInfo) -> Capabilities:
+        from .forward import backward_available
+
+        kinds = _GPU_KINDS | ({"cpu"} if _interpreter_on() else set())
+        return Capabilities(
+            device_kinds=frozenset(kinds),
+            dtypes=_INTERPRETER_DTYPES if dev.kind == "cpu" else _GPU_DTYPES,
+            min_cuda_capability=80,
+            rocm_archs=_ROCM_ARCHS,
+            max_head_dim=configs.MAX_HEAD_DIM,
+            backward=backward_available(),
+            lse=True,
+            notes="FlashAttention-2 forward, split-KV decode; cpu only under TRITON_INTERPRET=1",
+        )
+
+    def _arch(self, dev: DeviceInfo) -> str:
+        return configs.arch_family(dev.kind, dev.arch)
+
+    def default_config(self, p: Problem, dev: DeviceInfo) -> dict[str, Any]:
+        arch = self._arch(dev)
+        if p.is_decode and not p.needs_grad:
+            return configs.decode_defaults(arch, p.head_dim)
+        return configs.forward_defaults(arch, max(p.head_dim, p.head_dim_v), p.effective_causal)
+
+    def config_space(self, p: Problem, dev: DeviceInfo) -> list[dict[str, Any]]:
+        arch = self._arch(dev)
+        elt = 4 if p.dtype == torch.float32 else 2
+        forward = configs.forward_config_space(arch, p.head_dim, p.head_dim_v, elt)
+        if p.is_decode and not p.needs_grad:
+            return configs.decode_config_space(arch, max(p.head_dim, p.head_dim_v)) + [
+                {**c, "PATH": "forward"} for c in forward
+            ]
+        return forward
+
+    def plan_notes(self, p: Problem, dev: DeviceInfo, config: dict[str, Any]) -> list[str]:
+        arch = self._arch(dev)
+        if _wants_decode_kernel(p, config):
+            from .decode import decode_plan
+
+            cfg = configs.resolve_decode(config, arch, p.head_dim)
+            sms = dev.sm_count or configs.SM_COUNT_FALLBACK
+            block_m, m_blocks, splits = decode_plan(cfg, p.batch, p.heads_q, p.heads_kv, p.seqlen_q,
+                                                    p.seqlen_k, sms)
+            merge = "then an lse merge kernel" if splits > 1 else "no merge (one split)"
+            return [f"split-KV decode: {p.gqa_ratio} q heads x {p.seqlen_q} queries per program "
+                    f"(BLOCK_M={block_m}), Sk over {splits} splits, {merge}"]
+        cfg = configs.resolve_forward(config, arch, max(p.head_dim, p.head_dim_v), p.effective_causal)
+        kernel = "TMA tensor-descriptor kernel" if cfg.get("TMA") else "pointer kernel"
+        notes = [f"forward {kernel} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']}"]
+        if cfg.get("WS"):
+            notes.append("warp-specialised key loop")
+        if p.is_decode and p.needs_grad:
+            notes.append("decode shape with requires_grad: forward kernel (the split-KV path has no backward)")
+        if p.effective_causal and p.seqlen_q > p.seqlen_k:
+            notes.append(f"first {p.seqlen_q - p.seqlen_k} query rows see no key: zeros, lse=-inf")
+        return notes
+
+    def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
+        from .forward import TritonAttentionFunction, attention_forward
+
+        if p.needs_grad:
+            out, lse = TritonAttentionFunction.apply(q, k, v, p.causal, p.scale, config)
+        elif _wants_decode_kernel(p, config):
+            from .decode import decode_forward
+
+            out, lse = decode_forward(q, k, v, causal=p.causal, scale=p.scale, config=config)
+        else:
+            out, lse = attention_forward(q, k, v, causal=p.causal, scale=p.scale, config=config)
+        return out, (lse if p.return_lse else None)
+
+
+IMPLEMENTATIONS: list[Implementation] = [TritonAttention()]

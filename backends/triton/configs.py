@@ -1,0 +1,318 @@
+"""Kernel configs of the Triton backend: the one place for defaults, config spaces and limits.
+
+The kernels (forward.py, decode.py), the Implementation (default_config / config_space) and the
+tuner all read this module. A config is a flat dict:
+
+- forward: BLOCK_M, BLOCK_N, num_warps, num_stages; on Hopper TMA (tensor descriptors) and WS
+  (warp specialisation of the unmasked loop); on AMD waves_per_eu and matrix_instr_nonkdim.
+- decode (split-KV): BLOCK_N, num_warps, num_stages, NUM_SPLITS (0: chosen from the SM count),
+  and PATH ("split_kv" or "forward": lets a profile send a decode-shaped problem to the
+  prefill kernel).
+
+Defaults are keyed by architecture family and head-dim bucket (next power of two of D, at least
+16). Where they come from is noted beside each table (measured numbers are in docs/triton.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any
+
+import torch
+
+DTYPES: frozenset[torch.dtype] = frozenset({torch.float16, torch.bfloat16, torch.float32})
+MAX_HEAD_DIM = 256
+# Compiler options a config may carry (passed to the launch); everything else is a tile size.
+LAUNCH_KEYS: tuple[str, ...] = ("num_warps", "num_stages", "waves_per_eu", "matrix_instr_nonkdim")
+FORWARD_KEYS: frozenset[str] = frozenset(
+    {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "TMA", "WS", "waves_per_eu", "matrix_instr_nonkdim"}
+)
+DECODE_KEYS: frozenset[str] = frozenset(
+    {"BLOCK_N", "num_warps", "num_stages", "NUM_SPLITS", "PATH", "waves_per_eu", "matrix_instr_nonkdim"}
+)
+PATHS: tuple[str, ...] = ("split_kv", "forward")
+# Keys of the backward kernels (backward.py) share the config dict; the forward ignores them.
+BACKWARD_KEY_PREFIX = "BWD_"
+
+ARCHS: tuple[str, ...] = ("sm_80", "sm_90", "gfx90a", "gfx942", "interpreter")
+# Shared memory (NVIDIA) / LDS (AMD) one program may use, bytes.
+SHARED_MEMORY_BYTES: dict[str, int] = {
+    "sm_80": 163 * 1024,
+    "sm_90": 227 * 1024,
+    "gfx90a": 64 * 1024,
+    "gfx942": 64 * 1024,
+    "interpreter": 1 << 30,
+}
+# Registers of one SM/CU's register file a program's fp32 accumulators may use, per thread:
+# above this the compiler spills (seen as the usual ceiling for FA-style kernels).
+MAX_ACC_REGS_PER_THREAD = 128
+WARP_SIZE: dict[str, int] = {"sm_80": 32, "sm_90": 32, "gfx90a": 64, "gfx942": 64, "interpreter": 32}
+HEAD_DIM_BUCKETS: tuple[int, ...] = (64, 128, 256)
+
+# --- forward defaults -----------------------------------------------------------------------------
+# (arch, head-dim bucket, causal) -> config.
+# sm_90: measured on H100 80GB HBM3 (bf16, tools/bench_triton.py --tune); see docs/triton.md.
+# sm_80: FlashAttention-2-style tiles for 163 KiB (not measured here; AOT-checked to fit).
+# gfx90a/gfx942: 64 KiB LDS tiles following AMD's published Triton FA settings (waves_per_eu=2,
+# 16x16 MFMA); not measured here, AOT-checked to fit.
+_F = dict
+FORWARD_DEFAULTS: dict[str, dict[tuple[int, bool], dict[str, Any]]] = {
+    "sm_90": {
+        (64, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+        (64, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+        (128, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        (128, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        (256, False): _F(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+        (256, True): _F(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    },
+    "sm_80": {
+        (64, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+        (64, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+        (128, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        (128, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        (256, False): _F(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+        (256, True): _F(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    },
+    "gfx942": {
+        (64, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2,
+                        matrix_instr_nonkdim=16),
+        (64, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2,
+                       matrix_instr_nonkdim=16),
+        (128, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2,
+                         matrix_instr_nonkdim=16),
+        (128, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2,
+                        matrix_instr_nonkdim=16),
+        (256, False): _F(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, waves_per_eu=2,
+                         matrix_instr_nonkdim=16),
+        (256, True): _F(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, waves_per_eu=2,
+                        matrix_instr_nonkdim=16),
+    },
+    "gfx90a": {
+        (64, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2,
+                        matrix_instr_nonkdim=16),
+        (64, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2,
+                       matrix_instr_nonkdim=16),
+        (128, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2,
+                         matrix_instr_nonkdim=16),
+        (128, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2,
+                        matrix_instr_nonkdim=16),
+        (256, False): _F(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, waves_per_eu=2,
+                         matrix_instr_nonkdim=16),
+        (256, True): _F(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, waves_per_eu=2,
+                        matrix_instr_nonkdim=16),
+    },
+    # The interpreter runs tiles as numpy arrays: few large ops beat many small ones.
+    "interpreter": {
+        (b, c): _F(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        for b in HEAD_DIM_BUCKETS for c in (False, True)
+    },
+}
+
+# --- decode (split-KV) defaults -------------------------------------------------------------------
+# (arch, head-dim bucket) -> config. Memory-bound: enough loads in flight matters most.
+DECODE_DEFAULTS: dict[str, dict[int, dict[str, Any]]] = {
+    "sm_90": {b: _F(PATH="split_kv", BLOCK_N=64 if b <= 128 else 32, num_warps=4, num_stages=3,
+                    NUM_SPLITS=0) for b in HEAD_DIM_BUCKETS},
+    "sm_80": {b: _F(PATH="split_kv", BLOCK_N=64 if b <= 128 else 32, num_warps=4, num_stages=3,
+                    NUM_SPLITS=0) for b in HEAD_DIM_BUCKETS},
+    "gfx942": {b: _F(PATH="split_kv", BLOCK_N=64, num_warps=4, num_stages=1, NUM_SPLITS=0,
+                     waves_per_eu=2) for b in HEAD_DIM_BUCKETS},
+    "gfx90a": {b: _F(PATH="split_kv", BLOCK_N=64, num_warps=4, num_stages=1, NUM_SPLITS=0,
+                     waves_per_eu=2) for b in HEAD_DIM_BUCKETS},
+    "interpreter": {b: _F(PATH="split_kv", BLOCK_N=32, num_warps=4, num_stages=1, NUM_SPLITS=0)
+                    for b in HEAD_DIM_BUCKETS},
+}
+# Split-KV sizing: aim for this many programs per SM/CU, and never fewer keys per split than
+# DECODE_MIN_BLOCKS_PER_SPLIT key blocks (below that the merge costs more than it spreads).
+DECODE_PROGRAMS_PER_SM = 2
+DECODE_MIN_BLOCKS_PER_SPLIT = 2
+DECODE_MAX_SPLITS = 128
+# Rows of one decode program: (Hq/Hkv) x Sq padded to at least the smallest tl.dot M.
+DECODE_MIN_BLOCK_M = 16
+DECODE_MAX_BLOCK_M = 64
+SM_COUNT_FALLBACK = 132
+
+
+def head_dim_bucket(d: int) -> int:
+    """64, 128 or 256: the smallest bucket holding D."""
+    for b in HEAD_DIM_BUCKETS:
+        if d <= b:
+            return b
+    raise ValueError(f"head dim: expected at most {MAX_HEAD_DIM}, got {d}")
+
+
+def block_dim(d: int) -> int:
+    """Tile width for a head dim: next power of two, at least 16 (tl.dot's minimum K)."""
+    return max(16, 1 << (max(d, 1) - 1).bit_length())
+
+
+def arch_family(kind: str, arch: str) -> str:
+    """Map a device (DeviceInfo.kind, .arch) onto a key of the default tables."""
+    if kind == "cpu":
+        return "interpreter"
+    if kind == "rocm":
+        if arch.startswith("gfx94") or arch.startswith("gfx95"):
+            return "gfx942"
+        return "gfx90a"
+    digits = "".join(ch for ch in arch[3:] if ch.isdigit()) if arch.startswith("sm_") else ""
+    cc = int(digits) if digits else 80
+    return "sm_90" if cc >= 90 else "sm_80"
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch(device_type: str, index: int) -> str:
+    if device_type != "cuda":
+        return "interpreter"
+    props = torch.cuda.get_device_properties(index)
+    if torch.version.hip:
+        return arch_family("rocm", getattr(props, "gcnArchName", "gfx90a").split(":")[0])
+    return arch_family("cuda", f"sm_{props.major}{props.minor}")
+
+
+def arch_of_tensor(t: torch.Tensor) -> str:
+    """Arch family of the device holding `t` (cached after the first query per device)."""
+    return _device_arch(t.device.type, t.device.index or 0)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count_of(device_type: str, index: int) -> int:
+    if device_type != "cuda":
+        return 4  # the interpreter: a few splits exercise the merge without slowing the tests
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def _check_keys(config: dict[str, Any], allowed: frozenset[str], what: str) -> None:
+    if not isinstance(config, dict):
+        raise TypeError(f"config: expected a dict, got {type(config).__name__}")
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise ValueError(f"config: unknown {what} key(s) {unknown}; expected keys among {sorted(allowed)}")
+    for key in ("BLOCK_M", "BLOCK_N"):
+        if key in config:
+            val = config[key]
+            if not isinstance(val, int) or val < 16 or val & (val - 1):
+                raise ValueError(f"config[{key!r}]: expected a power of two >= 16, got {val!r}")
+    for key in ("num_warps",):
+        if key in config and config[key] not in (1, 2, 4, 8, 16):
+            raise ValueError(f"config[{key!r}]: expected 1, 2, 4, 8 or 16, got {config[key]!r}")
+    if "num_stages" in config and not (isinstance(config["num_stages"], int) and config["num_stages"] >= 1):
+        raise ValueError(f"config['num_stages']: expected an int >= 1, got {config['num_stages']!r}")
+
+
+def forward_defaults(arch: str, head_dim: int, causal: bool) -> dict[str, Any]:
+    table = FORWARD_DEFAULTS.get(arch, FORWARD_DEFAULTS["sm_80"])
+    return dict(table[(head_dim_bucket(head_dim), bool(causal))])
+
+
+def decode_defaults(arch: str, head_dim: int) -> dict[str, Any]:
+    table = DECODE_DEFAULTS.get(arch, DECODE_DEFAULTS["sm_80"])
+    return dict(table[head_dim_bucket(head_dim)])
+
+
+def resolve_forward(config: dict[str, Any] | None, arch: str, head_dim: int, causal: bool) -> dict[str, Any]:
+    """Defaults for (arch, D, causal) overlaid with the given config's forward keys."""
+    cfg = forward_defaults(arch, head_dim, causal)
+    given = {k: v for k, v in (config or {}).items()
+             if k not in ("PATH", "NUM_SPLITS") and not k.startswith(BACKWARD_KEY_PREFIX)}
+    _check_keys(given, FORWARD_KEYS, "forward")
+    cfg.update(given)
+    if arch not in ("gfx90a", "gfx942"):
+        cfg.pop("waves_per_eu", None)
+        cfg.pop("matrix_instr_nonkdim", None)
+    if arch not in ("sm_90", "interpreter"):
+        # tensor descriptors and warp specialisation are Hopper-only (the interpreter emulates them)
+        cfg.pop("TMA", None)
+        cfg.pop("WS", None)
+    return cfg
+
+
+def resolve_decode(config: dict[str, Any] | None, arch: str, head_dim: int) -> dict[str, Any]:
+    cfg = decode_defaults(arch, head_dim)
+    given = {k: v for k, v in (config or {}).items() if not k.startswith(BACKWARD_KEY_PREFIX)}
+    _check_keys(given, DECODE_KEYS, "decode")
+    cfg.update(given)
+    if cfg["PATH"] not in PATHS:
+        raise ValueError(f"config['PATH']: expected one of {PATHS}, got {cfg['PATH']!r}")
+    if arch not in ("gfx90a", "gfx942"):
+        cfg.pop("waves_per_eu", None)
+        cfg.pop("matrix_instr_nonkdim", None)
+    return cfg
+
+
+# --- fit predicates and config spaces -------------------------------------------------------------
+
+
+def forward_shared_bytes(cfg: dict[str, Any], head_dim: int, head_dim_v: int, elt_bytes: int) -> int:
+    """Estimate of the forward kernel's shared memory: the Q tile plus num_stages K and V tiles.
+
+    An estimate that the AOT check (tools/aot_triton.py) confirms against the compiler's figure.
+    """
+    bd, bdv = block_dim(head_dim), block_dim(head_dim_v)
+    stages = max(1, int(cfg.get("num_stages", 1)))
+    return elt_bytes * (cfg["BLOCK_M"] * bd + stages * cfg["BLOCK_N"] * (bd + bdv))
+
+
+def fits_shared_memory(cfg: dict[str, Any], arch: str, head_dim: int, head_dim_v: int,
+                       elt_bytes: int = 2) -> bool:
+    return forward_shared_bytes(cfg, head_dim, head_dim_v, elt_bytes) <= SHARED_MEMORY_BYTES[arch]
+
+
+def fits_registers(cfg: dict[str, Any], arch: str, head_dim_v: int) -> bool:
+    """The fp32 accumulator (BLOCK_M x BLOCK_DV) spread over the program's threads."""
+    threads = cfg["num_warps"] * WARP_SIZE[arch]
+    return cfg["BLOCK_M"] * block_dim(head_dim_v) // threads <= MAX_ACC_REGS_PER_THREAD
+
+
+def forward_config_space(arch: str, head_dim: int, head_dim_v: int | None = None,
+                         elt_bytes: int = 2) -> list[dict[str, Any]]:
+    """Every forward config the tuner may try on `arch`, pruned by shared-memory and register fit."""
+    dv = head_dim if head_dim_v is None else head_dim_v
+    amd = arch in ("gfx90a", "gfx942")
+    space: list[dict[str, Any]] = []
+    stages = (1, 2) if amd else (2, 3, 4)
+    for bm, bn, warps, st in itertools.product((64, 128), (32, 64, 128), (4, 8), stages):
+        cfg: dict[str, Any] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": st}
+        if amd:
+            for wpe in (1, 2):
+                space.append({**cfg, "waves_per_eu": wpe, "matrix_instr_nonkdim": 16})
+        elif arch == "sm_90":
+            space.append(cfg)
+            space.append({**cfg, "TMA": True})
+            space.append({**cfg, "TMA": True, "WS": True})
+        else:
+            space.append(cfg)
+    return [c for c in space
+            if fits_shared_memory(c, arch, head_dim, dv, elt_bytes) and fits_registers(c, arch, dv)]
+
+
+def decode_config_space(arch: str, head_dim: int) -> list[dict[str, Any]]:
+    amd = arch in ("gfx90a", "gfx942")
+    stages = (1, 2) if amd else (2, 3, 4)
+    space = []
+    for bn, warps, st, splits in itertools.product((32, 64, 128), (2, 4, 8), stages, (0,)):
+        cfg: dict[str, Any] = {"PATH": "split_kv", "BLOCK_N": bn, "num_warps": warps, "num_stages": st,
+                               "NUM_SPLITS": splits}
+        if amd:
+            cfg["waves_per_eu"] = 2
+        space.append(cfg)
+    return [c for c in space
+            if fits_shared_memory({**c, "BLOCK_M": DECODE_MAX_BLOCK_M}, arch, head_dim, head_dim)]
+
+
+def decode_block_m(rows: int) -> int:
+    """Rows of one decode program for (Hq/Hkv) x Sq query rows."""
+    bm = DECODE_MIN_BLOCK_M
+    while bm < rows and bm < DECODE_MAX_BLOCK_M:
+        bm *= 2
+    return bm
+
+
+def decode_num_splits(cfg: dict[str, Any], programs: int, seq_k: int, sm_count: int) -> int:
+    """How many key ranges to spread one decode problem over (1: no merge kernel)."""
+    if cfg.get("NUM_SPLITS"):
+        wanted = int(cfg["NUM_SPLITS"])
+    else:
+        wanted = -(-DECODE_PROGRAMS_PER_SM * sm_count // max(programs, 1))
+    most = max(1, seq_k // (cfg["BLOCK_N"] * DECODE_MIN_BLOCKS_PER_SPLIT))
+    return max(1, min(wanted, most, DECODE_MAX_SPLITS))

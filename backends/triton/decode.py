@@ -1,0 +1,226 @@
+"""Split-KV decode: a few new queries (Sq <= 16) against a long KV cache.
+
+Why a second kernel: with Sq this small, the prefill grid (Sq / BLOCK_M x B x Hq programs) leaves
+most SMs idle and reads every kv head Hq / Hkv times. Here one program owns one kv head and one key
+range ("split"): its M dimension holds the whole query group, (Hq / Hkv) heads x Sq queries, so
+each K/V byte is read once per group; the key sequence is spread over enough splits to fill the
+device. Each split writes a partial output (normalised) and its log-sum-exp (base 2); a small merge
+kernel combines the splits by their lse. With a single split the first kernel writes the result
+directly and the merge is skipped.
+
+Bottom-right causal for decode: query i of Sq sees key j iff j <= i + Sk - Sq, so only the last
+Sq - 1 keys are ever masked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .forward import (
+    LN2,
+    _check_inputs,
+    _finish,
+    _needs_offs64,
+    attention_forward,
+    empty_like_layout,
+    launch_options,
+    online_softmax_step,
+    dot,
+)
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, PO, PL, O, LSE,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, som, sod,
+    heads_q, heads_kv, group, seq_q, seq_k, qk_scale, head_dim, head_dim_v,
+    keys_per_split, num_splits,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, IEEE: tl.constexpr,
+    DIRECT: tl.constexpr, OFFS64: tl.constexpr,
+):
+    split = tl.program_id(0)
+    pid_bkv = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = pid_bkv // heads_kv
+    hk = pid_bkv % heads_kv
+    b64 = b.to(tl.int64)
+
+    # -- rows of this program: (head in group, query) pairs of one kv head
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = rows < group * seq_q
+    qi = rows % seq_q
+    h = hk * group + rows // seq_q
+    h64 = h.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    cols_n = offs_n0.to(tl.int64) if OFFS64 else offs_n0
+
+    q_mask = in_rows[:, None]
+    if PAD_D:
+        q_mask = q_mask & (offs_d[None, :] < head_dim)
+    q_ptrs = Q + b64 * sqb + h64[:, None] * sqh + qi.to(tl.int64)[:, None] * sqm + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+
+    K_base = K + b64 * skb + hk.to(tl.int64) * skh
+    V_base = V + b64 * svb + hk.to(tl.int64) * svh
+    kt_off = cols_n[None, :] * skn + offs_d[:, None] * skd
+    v_off = cols_n[:, None] * svn + offs_dv[None, :] * svd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    n_lo = split * keys_per_split
+    n_hi = tl.minimum(seq_k, n_lo + keys_per_split)
+    causal_offset = seq_k - seq_q
+    lo64 = tl.cast(n_lo, tl.int64)
+    kt_ptrs = K_base + lo64 * skn + kt_off
+    v_ptrs = V_base + lo64 * svn + v_off
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        in_k = offs_n < n_hi
+        kt_mask = in_k[None, :]
+        v_mask = in_k[:, None]
+        if PAD_D:
+            kt_mask = kt_mask & (offs_d[:, None] < head_dim)
+        if PAD_DV:
+            v_mask = v_mask & (offs_dv[None, :] < head_dim_v)
+        kt = tl.load(kt_ptrs, mask=kt_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+        kt_ptrs += BLOCK_N * skn
+        v_ptrs += BLOCK_N * svn
+        qk = dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        visible = in_k[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= qi[:, None] + causal_offset)
+        qk = tl.where(visible, qk, float("-inf"))
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, True, IEEE)
+
+    out, lse = _finish(acc, l_i, m_i)
+    if DIRECT:
+        o_mask = in_rows[:, None]
+        if PAD_DV:
+            o_mask = o_mask & (offs_dv[None, :] < head_dim_v)
+        o_ptrs = (O + b64 * sob + h64[:, None] * soh + qi.to(tl.int64)[:, None] * som
+                  + offs_dv[None, :] * sod)
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
+        lse_row = (b64 * heads_q + h64) * seq_q + qi
+        tl.store(LSE + lse_row, lse, mask=in_rows)
+    else:
+        # partials: (B*Hq*Sq, splits, BLOCK_DV) outputs and (B*Hq*Sq, splits) lse in base 2
+        row = ((b64 * heads_q + h64) * seq_q + qi) * num_splits + split
+        tl.store(PO + row[:, None] * BLOCK_DV + offs_dv[None, :], out, mask=in_rows[:, None])
+        tl.store(PL + row, lse * (1.0 / LN2), mask=in_rows)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    PO, PL, O, LSE,
+    sob, soh, som, sod,
+    heads_q, seq_q, num_splits, head_dim_v,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_DV: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Sq + i
+    qi = row % seq_q
+    bh = row // seq_q
+    h = bh % heads_q
+    b = bh // heads_q
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_s = offs_s < num_splits
+    lse_s = tl.load(PL + row * num_splits + offs_s, mask=in_s, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    # every split empty (row sees no key): weights 0, out 0, lse -inf
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse_s - m_use)
+    o_s = tl.load(PO + (row * num_splits + offs_s)[:, None] * BLOCK_DV + offs_dv[None, :],
+                  mask=in_s[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    safe = tl.where(total == 0.0, 1.0, total)
+    out = tl.sum(w[:, None] * o_s, 0) / safe
+    lse = tl.where(total == 0.0, float("-inf"), (m_use + tl.math.log2(safe)) * LN2)
+    o_mask = offs_dv < head_dim_v
+    tl.store(O + b * sob + h * soh + qi * som + offs_dv * sod, out.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(LSE + row, lse)
+
+
+def decode_plan(cfg: dict[str, Any], batch: int, heads_q: int, heads_kv: int, seq_q: int, seq_k: int,
+                sm_count: int) -> tuple[int, int, int]:
+    """(BLOCK_M, number of M blocks, number of splits) of one decode launch."""
+    rows = (heads_q // heads_kv) * seq_q
+    block_m = configs.decode_block_m(rows)
+    m_blocks = triton.cdiv(rows, block_m)
+    splits = configs.decode_num_splits(cfg, batch * heads_kv * m_blocks, seq_k, sm_count)
+    return block_m, m_blocks, splits
+
+
+def decode_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    config: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV attention for short queries; same contract as forward.attention_forward.
+
+    q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), bhsd-indexed views of any strides.
+    Returns out (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32 (natural log).
+    """
+    _check_inputs(q, k, v)
+    arch = configs.arch_of_tensor(q)
+    cfg = configs.resolve_decode(config, arch, q.shape[3])
+    if cfg["PATH"] == "forward":
+        fwd = {key: val for key, val in config.items() if key not in configs.DECODE_KEYS - configs.FORWARD_KEYS}
+        return attention_forward(q, k, v, causal=causal, scale=scale, config=fwd)
+    bsz, hq, sq, d = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+    out = empty_like_layout(q, dv)
+    lse = torch.empty((bsz, hq, sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or lse.numel() == 0:
+        return out, lse
+    if sk == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
+    sm_count = configs.sm_count_of(q.device.type, q.device.index or 0)
+    block_m, m_blocks, splits = decode_plan(cfg, bsz, hq, hkv, sq, sk, sm_count)
+    keys_per_split = triton.cdiv(triton.cdiv(sk, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    splits = triton.cdiv(sk, keys_per_split)
+    direct = splits == 1
+    if direct:
+        po = pl = lse  # unused by the kernel when DIRECT
+    else:
+        po = torch.empty((bsz * hq * sq, splits, block_dv), dtype=torch.float32, device=q.device)
+        pl = torch.empty((bsz * hq * sq, splits), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(splits, bsz * hkv, m_blocks)](
+        q, k, v, po, pl, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        hq, hkv, hq // hkv, sq, sk, float(scale) * 1.4426950408889634, d, dv,
+        keys_per_split, splits,
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
+        CAUSAL=bool(causal) and sq > 1, PAD_D=block_d != d, PAD_DV=block_dv != dv,
+        IEEE=q.dtype == torch.float32, DIRECT=direct, OFFS64=_needs_offs64(q, k, v, out),
+        **launch_options(cfg),
+    )
+    if not direct:
+        _decode_merge_kernel[(bsz * hq * sq,)](
+            po, pl, out, lse,
+            *out.stride(),
+            hq, sq, splits, dv,
+            BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=block_dv, PAD_DV=block_dv != dv,
+            num_warps=1 if block_dv <= 64 else 2,
+        )
+    return out, lse

@@ -1,0 +1,458 @@
+"""FlashAttention-2 forward in Triton: the kernels, their launcher and the autograd Function.
+
+Algorithm (FlashAttention-2): one program owns BLOCK_M query rows of one (batch, query head) and
+streams the key/value blocks of its kv head through an online softmax kept in base 2 (scores are
+multiplied by scale * log2(e) once, so every exponential is an exp2). Bottom-right causal
+(query i sees key j iff j <= i + Sk - Sq) splits the key range of a program in two loops:
+
+- blocks every row of the program sees in full: no mask at all;
+- the diagonal blocks (and the ragged tail of Sk): masked.
+Blocks no row sees are never visited. Rows that see no key keep l = 0 and leave with out = 0 and
+lse = -inf.
+
+GQA maps query head h to kv head h // (Hq // Hkv) in the address arithmetic: K/V are never
+expanded. Head dims that are not powers of two run in a BLOCK_D = next_power_of_2(D) tile whose
+padding columns are masked (pointer path) or zero-filled by the tensor-memory engine (TMA path).
+
+Two kernels share the softmax step:
+- `_fwd_kernel`: pointer arithmetic over all four strides of q, k, v and o; portable (NVIDIA and
+  AMD), the one the AOT check compiles for every target.
+- `_fwd_kernel_tma`: Hopper only (sm_90+): device-side tensor descriptors over each (b, h) plane,
+  optionally warp-specialised. Needs 16-byte aligned bases and strides; the launcher falls back to
+  the pointer kernel when they are not.
+
+Shared jit helpers for the backward kernel (names are stable): `online_softmax_step`, `dot`,
+`kv_block_range`, `LOG2E`, `LN2`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+
+log = logging.getLogger("flashdispatch")
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+# A tile offset (block size x stride) must fit int32; above this stride the kernels use int64 tiles.
+_INT32_TILE_STRIDE_LIMIT = (2**31 - 1) // 256
+
+
+# --- device helpers ------------------------------------------------------------------------------
+
+
+@triton.jit
+def dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b; IEEE for fp32 inputs (tf32 would miss the fp32 error budget)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def kv_block_range(start_m, seq_q, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr):
+    """(n_full, n_end) for the query rows [start_m, start_m + BLOCK_M).
+
+    Keys [0, n_full) are visible to every row and lie in whole BLOCK_N blocks inside Sk: no mask.
+    Keys [n_full, n_end) need the causal and/or Sk mask. Keys from n_end on are seen by no row.
+    """
+    if CAUSAL:
+        offset = seq_k - seq_q
+        n_end = tl.minimum(seq_k, start_m + BLOCK_M + offset)
+        n_end = tl.maximum(n_end, 0)
+        n_full = tl.minimum(seq_k, start_m + offset + 1)
+        n_full = tl.maximum(n_full, 0)
+        n_full = (n_full // BLOCK_N) * BLOCK_N
+    else:
+        n_end = seq_k
+        n_full = (seq_k // BLOCK_N) * BLOCK_N
+    return n_full, n_end
+
+
+@triton.jit
+def online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """Fold one key block into (acc, l, m). qk: raw scores, -inf where masked; m in log2 units."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if MASKED:
+        # a row that has seen only masked keys keeps m = -inf; subtracting 0 keeps exp2 at 0
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = dot(p.to(v.dtype), v, acc, IEEE)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _finish(acc, l_i, m_i):
+    """Normalised output and natural-log lse; rows with no visible key give 0 and -inf."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    return out, lse
+
+
+# --- portable pointer kernel -----------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m, n_lo, n_hi,
+              seq_k, causal_offset, qk_scale, offs_d, offs_dv, head_dim, head_dim_v,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              PAD_D: tl.constexpr, PAD_DV: tl.constexpr, IEEE: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    lo64 = tl.cast(n_lo, tl.int64)
+    kt_ptrs = K_base + lo64 * skn + kt_off
+    v_ptrs = V_base + lo64 * svn + v_off
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        # -- load K^T (BLOCK_D, BLOCK_N) and V (BLOCK_N, BLOCK_DV)
+        if MASKED:
+            in_k = offs_n < seq_k
+            kt_mask = in_k[None, :]
+            v_mask = in_k[:, None]
+            if PAD_D:
+                kt_mask = kt_mask & (offs_d[:, None] < head_dim)
+            if PAD_DV:
+                v_mask = v_mask & (offs_dv[None, :] < head_dim_v)
+            kt = tl.load(kt_ptrs, mask=kt_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+        else:
+            if PAD_D:
+                kt = tl.load(kt_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
+            else:
+                kt = tl.load(kt_ptrs)
+            if PAD_DV:
+                v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
+            else:
+                v = tl.load(v_ptrs)
+        # -- compute qk
+        qk = dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
+        if MASKED:
+            visible = offs_n[None, :] < seq_k
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            qk = tl.where(visible, qk, float("-inf"))
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, MASKED, IEEE)
+        kt_ptrs += BLOCK_N * skn
+        v_ptrs += BLOCK_N * svn
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, som, sod,
+    heads_q, group, seq_q, seq_k, qk_scale, head_dim, head_dim_v,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, IEEE: tl.constexpr,
+    OFFS64: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        # the heaviest query blocks (bottom rows see the most keys) start first: shorter tail
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // heads_q
+    h = pid_bh % heads_q
+    hk = h // group
+    b64 = b.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    if OFFS64:
+        rows = offs_m.to(tl.int64)
+        cols_n = offs_n0.to(tl.int64)
+    else:
+        rows = offs_m
+        cols_n = offs_n0
+
+    Q_base = Q + b64 * sqb + h.to(tl.int64) * sqh
+    K_base = K + b64 * skb + hk.to(tl.int64) * skh
+    V_base = V + b64 * svb + hk.to(tl.int64) * svh
+    kt_off = cols_n[None, :] * skn + offs_d[:, None] * skd
+    v_off = cols_n[:, None] * svn + offs_dv[None, :] * svd
+
+    # -- load the query tile once
+    in_q = offs_m < seq_q
+    q_mask = in_q[:, None]
+    if PAD_D:
+        q_mask = q_mask & (offs_d[None, :] < head_dim)
+    q = tl.load(Q_base + rows[:, None] * sqm + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    n_full, n_end = kv_block_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+    causal_offset = seq_k - seq_q
+    # -- blocks every row sees: no mask
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
+                              0, n_full, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
+                              head_dim, head_dim_v, BLOCK_N, False, CAUSAL, PAD_D, PAD_DV, IEEE)
+    # -- diagonal blocks and the Sk tail: masked
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
+                              n_full, n_end, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
+                              head_dim, head_dim_v, BLOCK_N, True, CAUSAL, PAD_D, PAD_DV, IEEE)
+
+    # epilogue
+    out, lse = _finish(acc, l_i, m_i)
+    O_base = O + b64 * sob + h.to(tl.int64) * soh
+    o_mask = in_q[:, None]
+    if PAD_DV:
+        o_mask = o_mask & (offs_dv[None, :] < head_dim_v)
+    tl.store(O_base + rows[:, None] * som + offs_dv[None, :] * sod, out.to(O.dtype.element_ty),
+             mask=o_mask)
+    tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=in_q)
+
+
+# --- Hopper kernel: tensor descriptors (TMA), optional warp specialisation -----------------------
+
+
+@triton.jit
+def _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, n_lo, n_hi, seq_k, causal_offset,
+                  qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  IEEE: tl.constexpr, WS: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(n_lo, n_hi, BLOCK_N, warp_specialize=WS):
+        # rows past Sk and columns past D arrive as zeros from the copy engine
+        k = k_desc.load([start_n, 0])
+        v = v_desc.load([start_n, 0])
+        qk = dot(q, k.T, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
+        if MASKED:
+            offs_n = start_n + offs_n0
+            visible = offs_n[None, :] < seq_k
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            qk = tl.where(visible, qk, float("-inf"))
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, MASKED, IEEE)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel_tma(
+    Q, K, V, O, LSE,
+    sqb, sqh, sqm,
+    skb, skh, skn,
+    svb, svh, svn,
+    sob, soh, som,
+    heads_q, group, seq_q, seq_k, qk_scale, head_dim, head_dim_v,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, WS: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // heads_q
+    h = pid_bh % heads_q
+    hk = h // group
+    b64 = b.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+
+    # one 2-d plane (S, D) per (batch, head): any batch/head strides, OOB reads are zeros
+    q_desc = tl.make_tensor_descriptor(Q + b64 * sqb + h.to(tl.int64) * sqh, shape=[seq_q, head_dim],
+                                       strides=[sqm, 1], block_shape=[BLOCK_M, BLOCK_D])
+    k_desc = tl.make_tensor_descriptor(K + b64 * skb + hk.to(tl.int64) * skh, shape=[seq_k, head_dim],
+                                       strides=[skn, 1], block_shape=[BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(V + b64 * svb + hk.to(tl.int64) * svh,
+                                       shape=[seq_k, head_dim_v], strides=[svn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_DV])
+    o_desc = tl.make_tensor_descriptor(O + b64 * sob + h.to(tl.int64) * soh,
+                                       shape=[seq_q, head_dim_v], strides=[som, 1],
+                                       block_shape=[BLOCK_M, BLOCK_DV])
+    q = q_desc.load([start_m, 0])
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    n_full, n_end = kv_block_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+    causal_offset = seq_k - seq_q
+    acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, 0, n_full, seq_k,
+                                  causal_offset, qk_scale, BLOCK_N, False, CAUSAL, IEEE, WS)
+    acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, n_full, n_end, seq_k,
+                                  causal_offset, qk_scale, BLOCK_N, True, CAUSAL, IEEE, False)
+    out, lse = _finish(acc, l_i, m_i)
+    # the copy engine clips the store to (Sq, Dv)
+    o_desc.store([start_m, 0], out.to(O.dtype.element_ty))
+    tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
+
+
+# --- launcher ------------------------------------------------------------------------------------
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-d bhsd-indexed tensor, got shape {tuple(t.shape)}")
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q/k/v: expected (B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, Dv), got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"heads: expected Hq divisible by Hkv, got Hq={q.shape[1]}, Hkv={k.shape[1]}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in configs.DTYPES:
+        raise TypeError(
+            f"q/k/v dtype: expected one of {sorted(str(d) for d in configs.DTYPES)} for all three, got "
+            f"{q.dtype}/{k.dtype}/{v.dtype}"
+        )
+    if max(q.shape[3], v.shape[3]) > configs.MAX_HEAD_DIM:
+        raise ValueError(f"head dim: expected at most {configs.MAX_HEAD_DIM}, got D={q.shape[3]}, "
+                         f"Dv={v.shape[3]}")
+
+
+def empty_like_layout(q: torch.Tensor, dv: int) -> torch.Tensor:
+    """Output (B, Hq, Sq, Dv) in q's physical layout: a bshd input gets a bshd-contiguous result."""
+    b, h, s, _ = q.shape
+    # heads inside sequence: bshd storage (dims of extent 1 have arbitrary strides: ignore them)
+    if h > 1 and s > 1 and q.stride(1) < q.stride(2):
+        return torch.empty((b, s, h, dv), dtype=q.dtype, device=q.device).transpose(1, 2)
+    return torch.empty((b, h, s, dv), dtype=q.dtype, device=q.device)
+
+
+def _needs_offs64(*tensors: torch.Tensor) -> bool:
+    return any(st > _INT32_TILE_STRIDE_LIMIT for t in tensors for st in t.stride())
+
+
+def _tma_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and row strides and a unit last stride."""
+    for t in (q, k, v, o):
+        es = t.element_size()
+        if t.stride(3) != 1 or t.data_ptr() % 16:
+            return False
+        if any((st * es) % 16 for st in t.stride()[:3]):
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _set_tma_allocator() -> None:
+    """Device-side descriptors live in a scratch buffer that Triton asks the host to allocate."""
+
+    def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        return torch.empty(size, device="cuda", dtype=torch.int8)
+
+    triton.set_allocator(alloc)
+
+
+def launch_options(config: dict[str, Any]) -> dict[str, Any]:
+    """Compiler options of a config (num_warps, num_stages, AMD knobs), without the tile sizes."""
+    return {k: config[k] for k in configs.LAUNCH_KEYS if k in config}
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    config: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward attention on bhsd-indexed views of any strides (no autograd).
+
+    q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv); causal is bottom-right aligned.
+    Returns out (B, Hq, Sq, Dv) in q's dtype (stored in q's physical layout) and lse (B, Hq, Sq)
+    float32, natural log, -inf for rows that see no key. `config` holds BLOCK_M, BLOCK_N,
+    num_warps, num_stages (and TMA/WS on Hopper, waves_per_eu/matrix_instr_nonkdim on AMD);
+    missing keys come from configs.forward_defaults for q's device.
+    """
+    _check_inputs(q, k, v)
+    bsz, hq, sq, d = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+    out = empty_like_layout(q, dv)
+    lse = torch.empty((bsz, hq, sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or lse.numel() == 0:
+        return out, lse
+    if sk == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    cfg = configs.resolve_forward(config, configs.arch_of_tensor(q), d, causal)
+    block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
+    grid = (triton.cdiv(sq, cfg["BLOCK_M"]), bsz * hq)
+    qk_scale = float(scale) * 1.4426950408889634
+    ieee = q.dtype == torch.float32
+    effective_causal = bool(causal) and sq > 1
+    if cfg.get("TMA") and _tma_ok(q, k, v, out):
+        _set_tma_allocator()
+        _fwd_kernel_tma[grid](
+            q, k, v, out, lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            hq, hq // hkv, sq, sk, qk_scale, d, dv,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
+            CAUSAL=effective_causal, IEEE=ieee, WS=bool(cfg.get("WS", False)),
+            **launch_options(cfg),
+        )
+        return out, lse
+    _fwd_kernel[grid](
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        hq, hq // hkv, sq, sk, qk_scale, d, dv,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
+        CAUSAL=effective_causal, PAD_D=block_d != d, PAD_DV=block_dv != dv, IEEE=ieee,
+        OFFS64=_needs_offs64(q, k, v, out),
+        **launch_options(cfg),
+    )
+    return out, lse
+
+
+# --- autograd ------------------------------------------------------------------------------------
+
+
+def backward_available() -> bool:
+    """True once backends/triton/backward.py provides attention_backward."""
+    try:
+        from . import backward  # noqa: F401  (written by the backward engineer)
+    except ImportError:
+        return False
+    return hasattr(backward, "attention_backward")
+
+
+class TritonAttentionFunction(torch.autograd.Function):
+    """Forward through `attention_forward`; backward through backward.attention_backward.
+
+    Saves q, k, v, out, lse. lse is returned for callers but carries no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                scale: float, config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = attention_forward(q, k, v, causal=causal, scale=scale, config=config)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.config = causal, scale, config
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None):  # type: ignore[override]
+        from .backward import attention_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale,
+                                        config=ctx.config)
+        return dq, dk, dv, None, None, None

@@ -1,0 +1,266 @@
+"""Ahead-of-time compile checks of the Triton kernels, for GPUs this machine does not have.
+
+`triton.compile(ASTSource(...), target=GPUTarget(...))` runs the whole compiler (down to cubin or
+hsaco) on a CPU-only machine. That proves every kernel with every config the defaults (and the
+shipped profiles) can choose compiles for A100, H100, MI250X and MI300X, and that its shared memory
+(the compiler's own figure, metadata.shared) fits the target.
+
+    python -m flashdispatch.tools.aot_triton            # every default and profile config
+    python -m flashdispatch.tools.aot_triton --target hip:gfx942 --head-dim 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+log = logging.getLogger("flashdispatch")
+
+# name -> (backend, arch, warp size, configs.py arch family)
+TARGETS: dict[str, tuple[str, int | str, int, str]] = {
+    "cuda:sm_80": ("cuda", 80, 32, "sm_80"),
+    "cuda:sm_90": ("cuda", 90, 32, "sm_90"),
+    "hip:gfx90a": ("hip", "gfx90a", 64, "gfx90a"),
+    "hip:gfx942": ("hip", "gfx942", 64, "gfx942"),
+}
+KERNELS: tuple[str, ...] = ("forward", "forward_tma", "decode", "decode_merge")
+_TRITON_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """One kernel specialisation: which kernel, its tile config and the problem traits it bakes in."""
+
+    kernel: str  # one of KERNELS
+    config: tuple[tuple[str, Any], ...]  # sorted items of the config dict (hashable)
+    dtype: str = "fp16"
+    head_dim: int = 128
+    head_dim_v: int = 128
+    causal: bool = False
+    origin: str = "default"  # where the config comes from: "default" or a profile path
+
+    @property
+    def cfg(self) -> dict[str, Any]:
+        return dict(self.config)
+
+    def describe(self) -> str:
+        c = " ".join(f"{k}={v}" for k, v in self.config)
+        return (f"{self.kernel} {self.dtype} D={self.head_dim}"
+                f"{'' if self.head_dim_v == self.head_dim else f'/{self.head_dim_v}'}"
+                f" causal={self.causal} [{c}]")
+
+
+@dataclass
+class CompileResult:
+    target: str
+    case: KernelCase
+    ok: bool  # compiled and fits
+    compiled: bool
+    shared: int | None  # bytes, the compiler's figure
+    limit: int  # bytes available on the target
+    seconds: float
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        status = "ok  " if self.ok else ("FAIL" if not self.compiled else "OVER")
+        shared = f"{self.shared / 1024:6.1f} KiB" if self.shared is not None else "     -    "
+        err = f"  ({self.error})" if self.error else ""
+        return (f"{status} {self.target:11s} {shared} / {self.limit // 1024} KiB  {self.seconds:5.1f}s  "
+                f"{self.case.describe()}{err}")
+
+
+def make_case(kernel: str, config: dict[str, Any], *, dtype: str = "fp16", head_dim: int = 128,
+              head_dim_v: int | None = None, causal: bool = False, origin: str = "default") -> KernelCase:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    if dtype not in _TRITON_DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(_TRITON_DTYPES)}, got {dtype!r}")
+    return KernelCase(kernel, tuple(sorted(config.items())), dtype, head_dim,
+                      head_dim if head_dim_v is None else head_dim_v, causal, origin)
+
+
+def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
+    """(ASTSource, compile options) of a case, specialised the way a real launch would be:
+    unit last strides as constants, pointers and the other strides 16-divisible."""
+    import triton
+
+    from flashdispatch.backends.triton import configs, decode, forward
+
+    cfg = dict(case.config)
+    dt = _TRITON_DTYPES[case.dtype]
+    bd, bdv = configs.block_dim(case.head_dim), configs.block_dim(case.head_dim_v)
+    pad_d, pad_dv = bd != case.head_dim, bdv != case.head_dim_v
+    ieee = case.dtype == "fp32"
+    consts: dict[str, Any]
+    if case.kernel in ("forward", "forward_tma"):
+        fcfg = configs.resolve_forward(cfg, arch, case.head_dim, case.causal)
+        if case.kernel == "forward":
+            fn = forward._fwd_kernel
+            consts = dict(BLOCK_M=fcfg["BLOCK_M"], BLOCK_N=fcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
+                          CAUSAL=case.causal, PAD_D=pad_d, PAD_DV=pad_dv, IEEE=ieee, OFFS64=False,
+                          sqd=1, skd=1, svd=1, sod=1)
+        else:
+            fn = forward._fwd_kernel_tma
+            consts = dict(BLOCK_M=fcfg["BLOCK_M"], BLOCK_N=fcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
+                          CAUSAL=case.causal, IEEE=ieee, WS=bool(fcfg.get("WS", False)))
+        opts = forward.launch_options(fcfg)
+    elif case.kernel == "decode":
+        # BLOCK_M of decode follows the query group size, not the config: check the largest
+        block_m = int(cfg.pop("BLOCK_M", configs.DECODE_MAX_BLOCK_M))
+        dcfg = configs.resolve_decode(cfg, arch, case.head_dim)
+        fn = decode._decode_split_kernel
+        consts = dict(BLOCK_M=block_m, BLOCK_N=dcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
+                      CAUSAL=case.causal, PAD_D=pad_d, PAD_DV=pad_dv, IEEE=ieee, DIRECT=False,
+                      OFFS64=False, sqd=1, skd=1, svd=1, sod=1)
+        opts = forward.launch_options(dcfg)
+    else:
+        fn = decode._decode_merge_kernel
+        consts = dict(BLOCK_S=int(cfg.get("BLOCK_S", configs.DECODE_MAX_SPLITS)), BLOCK_DV=bdv,
+                      PAD_DV=pad_dv, sod=1)
+        opts = {"num_warps": int(cfg.get("num_warps", 2))}
+    pointers = {"Q": dt, "K": dt, "V": dt, "O": dt, "LSE": "fp32", "PO": "fp32", "PL": "fp32"}
+    signature: dict[str, str] = {}
+    attrs: dict[tuple[int, ...], list[list[Any]]] = {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "qk_scale":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("s") and len(name) == 3:  # strides: multiples of 16 elements
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs), opts
+
+
+def check_one(target: str, case: KernelCase) -> CompileResult:
+    """Compile one case for one target and compare its shared memory with the target's."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from flashdispatch.backends.triton import configs
+
+    if target not in TARGETS:
+        raise ValueError(f"target: expected one of {sorted(TARGETS)}, got {target!r}")
+    backend, arch_id, warp, arch = TARGETS[target]
+    limit = configs.SHARED_MEMORY_BYTES[arch]
+    t0 = time.perf_counter()
+    try:
+        src, opts = _source(case, arch)
+        compiled = triton.compile(src, target=GPUTarget(backend, arch_id, warp), options=opts)
+    except Exception as e:  # a compile failure is a result to report, not a crash of the check
+        msg = str(e).strip().splitlines()
+        return CompileResult(target, case, False, False, None, limit, time.perf_counter() - t0,
+                             f"{type(e).__name__}: {msg[-1] if msg else ''}"[:300])
+    shared = int(compiled.metadata.shared)
+    extra = {"num_warps": compiled.metadata.num_warps}
+    for key in ("n_regs", "n_spills"):
+        if hasattr(compiled, key):
+            extra[key] = getattr(compiled, key)
+    fits = shared <= limit
+    return CompileResult(target, case, fits, True, shared, limit, time.perf_counter() - t0,
+                         None if fits else f"shared {shared} B > {limit} B", extra)
+
+
+def check_configs(targets: Iterable[str], configs: Iterable[KernelCase]) -> list[CompileResult]:
+    """Compile every case for every target; one CompileResult each (ok = compiled and fits)."""
+    cases = list(configs)
+    results = []
+    for target in targets:
+        for case in cases:
+            r = check_one(target, case)
+            log.info("%s", r)
+            results.append(r)
+    return results
+
+
+def _profile_cases(arch: str) -> list[KernelCase]:
+    """Triton configs of the shipped profiles (profiles/*.yaml) whose device has this arch family."""
+    from importlib import resources
+
+    from flashdispatch.backends.triton import configs
+    from flashdispatch.profile_store import ProfileError, parse_profile
+
+    cases: list[KernelCase] = []
+    try:
+        files = [f for f in resources.files("flashdispatch.profiles").iterdir() if f.name.endswith(".yaml")]
+    except (ModuleNotFoundError, FileNotFoundError):
+        return cases
+    for f in files:
+        try:
+            prof = parse_profile(f.read_text(encoding="utf-8"), str(f))
+        except ProfileError as e:
+            log.warning("%s", e)
+            continue
+        dev_arch = str(prof.device.get("arch", ""))
+        kind = "rocm" if dev_arch.startswith("gfx") else "cuda"
+        if not dev_arch or configs.arch_family(kind, dev_arch) != arch:
+            continue
+        for e in prof.entries:
+            cfg = e.config.get("triton")
+            if not cfg:
+                continue
+            m = e.match
+            common = dict(dtype=m["dtype"], head_dim=m["head_dim"], causal=bool(m["causal"]), origin=str(f))
+            if m["pass"] == "decode" and cfg.get("PATH", "split_kv") == "split_kv":
+                cases.append(make_case("decode", cfg, **common))
+            elif m["pass"] in ("fwd", "fwd_bwd", "decode"):
+                fwd = {k: v for k, v in cfg.items() if k in configs.FORWARD_KEYS}
+                kernel = "forward_tma" if fwd.get("TMA") and arch == "sm_90" else "forward"
+                cases.append(make_case(kernel, fwd, **common))
+    return cases
+
+
+def default_cases(target: str, head_dims: Sequence[int] = (64, 128, 256)) -> list[KernelCase]:
+    """Every kernel/config the defaults (and shipped profiles) can choose on `target`'s arch."""
+    from flashdispatch.backends.triton import configs
+
+    arch = TARGETS[target][3]
+    cases: list[KernelCase] = []
+    for d in head_dims:
+        for causal in (False, True):
+            cfg = configs.forward_defaults(arch, d, causal)
+            kernel = "forward_tma" if cfg.get("TMA") and arch == "sm_90" else "forward"
+            cases.append(make_case(kernel, cfg, head_dim=d, causal=causal))
+        dec = configs.decode_defaults(arch, d)
+        cases.append(make_case("decode", {**dec, "BLOCK_M": configs.DECODE_MAX_BLOCK_M}, head_dim=d,
+                               causal=True))
+        cases.append(make_case("decode_merge", {}, head_dim=d))
+    cases.extend(_profile_cases(arch))
+    seen: set[KernelCase] = set()
+    return [c for c in cases if not (c in seen or seen.add(c))]  # type: ignore[func-returns-value]
+
+
+def check_defaults(targets: Sequence[str] = tuple(TARGETS),
+                   head_dims: Sequence[int] = (64, 128, 256)) -> list[CompileResult]:
+    results: list[CompileResult] = []
+    for t in targets:
+        results.extend(check_configs([t], default_cases(t, head_dims)))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flashdispatch.tools.aot_triton", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", action="append", choices=sorted(TARGETS),
+                    help="target to compile for (repeatable; default: all)")
+    ap.add_argument("--head-dim", type=int, action="append", help="head-dim bucket (repeatable)")
+    args = ap.parse_args(argv)
+    results = check_defaults(args.target or tuple(TARGETS), tuple(args.head_dim or (64, 128, 256)))
+    for r in results:
+        sys.stdout.write(f"{r}\n")
+    bad = [r for r in results if not r.ok]
+    sys.stdout.write(f"{len(results) - len(bad)}/{len(results)} ok\n")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
