@@ -191,8 +191,8 @@ def attention_fwd(
     return_lse: bool,
     needs_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, Hq, Sq, Dv) in q's storage order and lse (B, Hq, Sq) float32 (undefined values when
-    the implementation gives none and return_lse is False)."""
+    """out (B, Hq, Sq, Dv) in q's storage order and lse (B, Hq, Sq) float32 (zeros when the
+    implementation gives none: return_lse was False, and the caller drops it)."""
     p = _problem(q, k, v, causal, scale, layout, return_lse, needs_grad)
     impl, cfg = _resolve(p, variant, config, forced)
     pair = functional_pair(impl.name)
@@ -201,7 +201,7 @@ def attention_fwd(
     else:
         out, lse = impl.run(q, k, v, p, cfg)
     if lse is None:
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
     return _as_out(out, q), lse
 
 
