@@ -67,6 +67,19 @@ def math_with_lse(
     return out, lse.detach().float()
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy when the base pointer or a row stride is not 16-byte aligned.
+
+    torch's fused CUDA kernels load 16-byte vectors; on a misaligned view (e.g. a slice starting at an
+    odd column) the efficient kernel faults with "misaligned address" instead of declining (seen on
+    H100, torch 2.11), which poisons the CUDA context. A copy costs far less than that.
+    """
+    size = t.element_size()
+    if t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
+        return t.contiguous()
+    return t
+
+
 class _Sdpa(Implementation):
     backend: ClassVar[str] = "sdpa"
     kernel: ClassVar[SDPBackend | None] = None
@@ -105,6 +118,8 @@ class _Sdpa(Implementation):
             return _causal_sdpa(q, k, v, p, kwargs)
 
     def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
+        if q.is_cuda:
+            q, k, v = _aligned(q), _aligned(k), _aligned(v)
         return self._call(q, k, v, p), None
 
 
@@ -171,7 +186,7 @@ class SdpaMath(_Sdpa):
     def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
         if p.return_lse:
             return math_with_lse(q, k, v, p)
-        return self._call(q, k, v, p), None
+        return super().run(q, k, v, p, config)
 
 
 IMPLEMENTATIONS: list[Implementation] = [SdpaPlain(), SdpaFlash(), SdpaCudnn(), SdpaEfficient(), SdpaMath()]

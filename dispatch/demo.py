@@ -81,18 +81,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device, reps: int = 10) -> float:
+def _median_ms_pair(a: Callable[[], object], b: Callable[[], object], device: torch.device,
+                    reps: int = 15) -> tuple[float, float]:
+    """Median wall time of a and b, interleaved so that clock ramps and noise hit both alike."""
     for _ in range(3):
-        fn()
-    times = []
+        a()
+        b()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+        for fn, acc in ((a, times[0]), (b, times[1])):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            acc.append((time.perf_counter() - t0) * 1e3)
+    return tuple(sorted(t)[len(t) // 2] for t in times)  # type: ignore[return-value]
 
 
 def _train_step(model: TinyModel, x: torch.Tensor, attn: AttnFn) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -150,9 +153,9 @@ def run_demo(device: str | None = None, steps: int = 3, seqlen: int | None = Non
     e_dec = float((dec_fd.double() - dec_pt.double()).abs().max())
 
     # -- time: the whole training step and the decode loop, flashdispatch vs plain SDPA
-    t_train = (_median_ms(lambda: _train_step(model, x.to(dtype), fd_attn), dev),
-               _median_ms(lambda: _train_step(model, x.to(dtype), sdpa_attn), dev))
-    t_dec = (_median_ms(lambda: decode(fd_attn), dev), _median_ms(lambda: decode(sdpa_attn), dev))
+    t_train = _median_ms_pair(lambda: _train_step(model, x.to(dtype), fd_attn),
+                              lambda: _train_step(model, x.to(dtype), sdpa_attn), dev)
+    t_dec = _median_ms_pair(lambda: decode(fd_attn), lambda: decode(sdpa_attn), dev)
 
     print("                         flashdispatch   plain SDPA")
     print(f"max rel err, output      {e_out[0]:13.2e}   {e_out[1]:10.2e}   (vs float64 reference)")
