@@ -1,0 +1,695 @@
+"""FlashAttention-2 backward in Triton: dq, dk, dv from the forward's saved out and lse.
+
+Three launches, no float atomics, so the result is bitwise deterministic:
+
+1. ``_bwd_preprocess_kernel``  delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d]  (fp32)
+2. ``_bwd_dkdv_kernel``        one program per (kv block, batch, kv head): recomputes P from the
+                               saved lse block by block over the query blocks that can see the kv
+                               block, for every query head of the GQA group, and accumulates
+                               dV = P^T dO and dK = dS^T Q in registers (the group sum is a loop
+                               in the kernel, never a K/V expansion in memory).
+3. ``_bwd_dq_kernel``          one program per (query block, batch, query head): recomputes P and
+                               dP over the visible kv blocks and accumulates dQ = dS K.
+
+The price of determinism is recomputing QK^T and dO V^T in the dq pass (7 block matmuls instead of
+FlashAttention-2's 5 with atomics on dq).
+
+Masking follows the contract's bottom-right causal rule: query i sees key j iff j <= i + Sk - Sq.
+Whole blocks that no query of a block can see are skipped; blocks that every query sees run
+without the mask; only the diagonal band pays for the elementwise mask. Rows that see no key carry
+lse = -inf from the forward; the kernels treat them as lse = +inf so that their probabilities are
+exactly 0 (never inf * 0 = NaN).
+
+Exponentials are computed in base 2: P = exp2(qk * scale * log2(e) - lse * log2(e)).
+Head dims that are not powers of two are padded to BLOCK_D = next power of two with masked loads.
+Offsets of whole heads and blocks are 64-bit; offsets inside one tile stay 32-bit.
+Nothing here is CUDA-only: the same source compiles for sm_80/sm_90 and gfx90a/gfx942.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------
+# Configs: the one place that says which block shapes the backward uses and may try.
+#
+# BWD_BLOCK_M / BWD_BLOCK_N are the query / key tile of the dk-dv kernel. The dq kernel uses the
+# transposed pair (query tile BWD_BLOCK_N, key tile BWD_BLOCK_M): the operand that stays resident
+# in registers is the large one in both kernels, the one that streams is small.
+# ---------------------------------------------------------------------------------------------
+
+CONFIG_KEYS: tuple[str, ...] = (
+    "BWD_BLOCK_M", "BWD_BLOCK_N", "BWD_num_warps", "BWD_num_stages", "BWD_DQ_ATOMIC",
+)
+# BWD_DQ_ATOMIC=True accumulates dq inside the dk-dv kernel with fp32 atomics (FlashAttention-2's
+# way: 5 block matmuls instead of 7, but run-to-run rounding differences). Off by default: the
+# backend promises deterministic gradients unless a config opts out.
+
+# Defaults by the padded head dim (BLOCK_D); larger head dims need smaller tiles to keep the fp32
+# dk/dv accumulators (2 * BLOCK_N * BLOCK_D floats) in registers.
+DEFAULT_CONFIGS: dict[int, dict[str, Any]] = {
+    16: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 3},
+    32: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 3},
+    64: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 3},
+    128: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 8, "BWD_num_stages": 2},
+    256: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 8, "BWD_num_stages": 1},
+}
+
+# What the tuner may try, per padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages); each is
+# offered deterministic and, separately, with BWD_DQ_ATOMIC.
+_SPACE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    64: ((32, 128, 4, 3), (64, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3)),
+    128: ((32, 128, 8, 2), (16, 128, 8, 2), (64, 128, 8, 2), (32, 64, 8, 2)),
+    256: ((32, 64, 8, 1), (16, 64, 4, 2), (16, 64, 8, 1), (32, 32, 4, 2)),
+}
+
+# Rows per program of the delta = rowsum(dO * O) preprocess: memory-bound, one tile of rows.
+PREPROCESS_BLOCK_M = 64
+
+LOG2E = math.log2(math.e)
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def padded_head_dim(head_dim: int, head_dim_v: int | None = None) -> int:
+    """The BLOCK_D a head dim runs with (the larger of D and Dv decides the config bucket)."""
+    return _pow2_at_least_16(max(head_dim, head_dim_v or head_dim))
+
+
+def default_backward_config(head_dim: int, head_dim_v: int | None = None) -> dict[str, Any]:
+    """The backward keys to use when the forward's config carries none."""
+    return {**DEFAULT_CONFIGS[padded_head_dim(head_dim, head_dim_v)], "BWD_DQ_ATOMIC": False}
+
+
+def backward_config_space(
+    head_dim: int, head_dim_v: int | None = None, *, deterministic: bool = False
+) -> list[dict[str, Any]]:
+    """Backward configs the tuner may try for this head dim (the default first); deterministic=True
+    leaves out the atomic-dq ones."""
+    block_d = padded_head_dim(head_dim, head_dim_v)
+    space = [default_backward_config(head_dim, head_dim_v)]
+    for atomic in (False,) if deterministic else (False, True):
+        for bm, bn, w, s in _SPACE.get(block_d, ()):
+            cfg = {"BWD_BLOCK_M": bm, "BWD_BLOCK_N": bn, "BWD_num_warps": w, "BWD_num_stages": s,
+                   "BWD_DQ_ATOMIC": atomic}
+            if cfg not in space:
+                space.append(cfg)
+    return space
+
+
+def resolve_backward_config(config: dict[str, Any] | None, head_dim: int, head_dim_v: int) -> dict[str, Any]:
+    """The forward's config (which may hold BWD_* keys) completed with this head dim's defaults."""
+    cfg: dict[str, Any] = default_backward_config(head_dim, head_dim_v)
+    for key in CONFIG_KEYS:
+        if config and key in config:
+            cfg[key] = config[key]
+    cfg.setdefault("BWD_DQ_ATOMIC", False)
+    if not isinstance(cfg["BWD_DQ_ATOMIC"], bool):
+        raise TypeError(f"config['BWD_DQ_ATOMIC']: expected a bool, got {cfg['BWD_DQ_ATOMIC']!r}")
+    for key in ("BWD_BLOCK_M", "BWD_BLOCK_N"):
+        val = cfg[key]
+        if not isinstance(val, int) or val < 16 or val & (val - 1):
+            raise ValueError(f"config[{key!r}]: expected a power of two >= 16, got {val!r}")
+    for key, allowed in (("BWD_num_warps", (1, 2, 4, 8, 16)), ("BWD_num_stages", (1, 2, 3, 4, 5, 6))):
+        if cfg[key] not in allowed:
+            raise ValueError(f"config[{key!r}]: expected one of {allowed}, got {cfg[key]!r}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr):
+    # fp32 inputs need true fp32 products: tf32 would miss the fp32 error budget
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    # Out-of-range rows and padded head-dim columns read as 0: they then add 0 to every product.
+    if EVEN_ROWS:
+        if EVEN_COLS:
+            t = tl.load(ptrs)
+        else:
+            t = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+    else:
+        if EVEN_COLS:
+            t = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            t = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+    return t
+
+
+@triton.jit
+def _store_tile(ptrs, val, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    if EVEN_ROWS:
+        if EVEN_COLS:
+            tl.store(ptrs, val)
+        else:
+            tl.store(ptrs, val, mask=cols[None, :] < n_cols)
+    else:
+        if EVEN_COLS:
+            tl.store(ptrs, val, mask=rows[:, None] < n_rows)
+        else:
+            tl.store(ptrs, val, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+@triton.jit
+def _load_row_stats(lse_ptrs, delta_ptrs, rows, n_rows, EVEN_ROWS: tl.constexpr):
+    # lse -> base 2; a row that sees no key (lse = -inf) and a row past the end both become +inf,
+    # so exp2(s - lse2) is exactly 0 there.
+    if EVEN_ROWS:
+        lse = tl.load(lse_ptrs)
+        delta = tl.load(delta_ptrs)
+    else:
+        lse = tl.load(lse_ptrs, mask=rows < n_rows, other=float("inf"))
+        delta = tl.load(delta_ptrs, mask=rows < n_rows, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return lse2, delta
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. delta = rowsum(dO * O)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, SEQ_Q, HEAD_DV,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_DV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(SEQ_Q, BLOCK_M)
+    pid_m = pid % n_blocks
+    pid_bh = pid // n_blocks
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    m0 = (pid_m * BLOCK_M).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_ptrs = O + b * stride_ob + h * stride_oh + m0 * stride_om
+    o_ptrs += offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    do_ptrs = DO + b * stride_dob + h * stride_doh + m0 * stride_dom
+    do_ptrs += offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+    o = _load_tile(o_ptrs, rows, SEQ_Q, offs_dv, HEAD_DV, EVEN_M, EVEN_DV).to(tl.float32)
+    do = _load_tile(do_ptrs, rows, SEQ_Q, offs_dv, HEAD_DV, EVEN_M, EVEN_DV).to(tl.float32)
+    delta = tl.sum(o * do, axis=1)
+    delta_ptrs = DELTA + pid_bh.to(tl.int64) * SEQ_Q + rows
+    if EVEN_M:
+        tl.store(delta_ptrs, delta)
+    else:
+        tl.store(delta_ptrs, delta, mask=rows < SEQ_Q)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. dk, dv: one kv block, loop over the GQA group's query heads and their visible query blocks
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v,
+    q_head, do_head, lse_head, delta_head, dqa_head,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
+    m_lo, n_steps, cols_n,
+    SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset,
+    MASK: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    # tile-local offsets (32-bit, loop invariant); the block's start is added as a 64-bit scalar
+    q_tile = offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_tile = offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+    dqa_tile = offs_m[:, None] * stride_dqam + offs_d[None, :]
+    m0 = m_lo
+    for _ in range(n_steps):
+        m64 = m0.to(tl.int64)
+        rows = m0 + offs_m
+        q = _load_tile(q_head + m64 * stride_qm + q_tile, rows, SEQ_Q, offs_d, HEAD_D, EVEN_M, EVEN_D)
+        do = _load_tile(do_head + m64 * stride_dom + do_tile, rows, SEQ_Q, offs_dv, HEAD_DV, EVEN_M, EVEN_DV)
+        lse2, delta = _load_row_stats(lse_head + m64 * stride_lm + offs_m * stride_lm,
+                                      delta_head + m64 + offs_m, rows, SEQ_Q, EVEN_M)
+        # -- P^T = exp2(K Q^T * scale*log2e - lse2), (BLOCK_N, BLOCK_M)
+        qk_t = _mm(k, tl.trans(q), IEEE)
+        p_t = tl.exp2(qk_t * qk_scale2 - lse2[None, :])
+        if MASK:
+            p_t = tl.where(cols_n[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
+        # -- dV += P^T dO
+        dv += _mm(p_t.to(do.dtype), do, IEEE)
+        # -- dS^T = P^T * (V dO^T - delta);  dK += dS^T Q  (scale applied once at the end)
+        dp_t = _mm(v, tl.trans(do), IEEE)
+        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = ds_t.to(q.dtype)
+        dk += _mm(ds_t, q, IEEE)
+        if DQ_ATOMIC:
+            # FlashAttention-2's variant: dQ += dS K straight from here, summed across kv blocks
+            # by fp32 atomics (order-dependent rounding: not deterministic)
+            dq = _mm(tl.trans(ds_t), k, IEEE) * sm_scale
+            keep = (rows[:, None] < SEQ_Q) & (offs_d[None, :] < HEAD_D)
+            tl.atomic_add(dqa_head + m64 * stride_dqam + dqa_tile, dq, mask=keep, sem="relaxed")
+        m0 += BLOCK_M
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQA,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_dqab, stride_dqah, stride_dqam,
+    H_KV, GROUP, SEQ_Q, SEQ_K, HEAD_D, HEAD_DV,
+    sm_scale, qk_scale2,
+    CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # kv blocks vary fastest: programs running together share one head's Q/dO in L2, and under
+    # causal the first kv blocks (the most query blocks to visit) start first.
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(SEQ_K, BLOCK_N)
+    pid_n = pid % n_blocks
+    pid_bh = pid // n_blocks
+    b = (pid_bh // H_KV).to(tl.int64)
+    hk = pid_bh % H_KV
+    n0 = pid_n * BLOCK_N
+    cols_n = n0 + tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n64 = n0.to(tl.int64)
+
+    k_ptrs = K + b * stride_kb + hk.to(tl.int64) * stride_kh + n64 * stride_kn
+    k_ptrs += offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + hk.to(tl.int64) * stride_vh + n64 * stride_vn
+    v_ptrs += offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    k = _load_tile(k_ptrs, cols_n, SEQ_K, offs_d, HEAD_D, EVEN_N, EVEN_D)
+    v = _load_tile(v_ptrs, cols_n, SEQ_K, offs_dv, HEAD_DV, EVEN_N, EVEN_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    causal_offset = SEQ_K - SEQ_Q
+    n_m_blocks = tl.cdiv(SEQ_Q, BLOCK_M)
+    if CAUSAL:
+        # rows before n0 - offset see none of this block; from `full` on, rows see all of it
+        first = tl.maximum(n0 - causal_offset, 0) // BLOCK_M
+        full = tl.maximum(n0 + BLOCK_N - 1 - causal_offset + BLOCK_M - 1, 0) // BLOCK_M
+        first = tl.minimum(first, n_m_blocks)
+        full = tl.minimum(tl.maximum(full, first), n_m_blocks)
+    else:
+        first = pid_n * 0
+        full = pid_n * 0
+
+    for g in range(GROUP):
+        h = (hk * GROUP + g).to(tl.int64)
+        q_head = Q + b * stride_qb + h * stride_qh
+        do_head = DO + b * stride_dob + h * stride_doh
+        lse_head = LSE + b * stride_lb + h * stride_lh
+        delta_head = DELTA + (b * H_KV * GROUP + h) * SEQ_Q
+        dqa_head = DQA + b * stride_dqab + h * stride_dqah
+        if CAUSAL:
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
+                first * BLOCK_M, full - first, cols_n,
+                SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset,
+                True, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE,
+            )
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
+            full * BLOCK_M, n_m_blocks - full, cols_n,
+            SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset,
+            False, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE,
+        )
+
+    # epilogue: dS was taken w.r.t. the scaled scores
+    dk *= sm_scale
+    dk_ptrs = DK + b * stride_dkb + hk.to(tl.int64) * stride_dkh + n64 * stride_dkn
+    dk_ptrs += offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + hk.to(tl.int64) * stride_dvh + n64 * stride_dvn
+    dv_ptrs += offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
+    _store_tile(dk_ptrs, dk.to(DK.dtype.element_ty), cols_n, SEQ_K, offs_d, HEAD_D, EVEN_N, EVEN_D)
+    _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), cols_n, SEQ_K, offs_dv, HEAD_DV, EVEN_N, EVEN_DV)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. dq: one query block, loop over its visible kv blocks
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse2, delta,
+    k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    n_lo, n_steps, rows,
+    SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IEEE: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_tile = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_tile = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    n0 = n_lo
+    for _ in range(n_steps):
+        n64 = n0.to(tl.int64)
+        cols = n0 + offs_n
+        # unmasked steps only visit whole blocks, so their loads need no row mask
+        k = _load_tile(k_head + n64 * stride_kn + k_tile, cols, SEQ_K, offs_d, HEAD_D, not MASK, EVEN_D)
+        v = _load_tile(v_head + n64 * stride_vn + v_tile, cols, SEQ_K, offs_dv, HEAD_DV, not MASK, EVEN_DV)
+        qk = _mm(q, tl.trans(k), IEEE)
+        p = tl.exp2(qk * qk_scale2 - lse2[:, None])
+        if MASK:
+            keep = cols[None, :] < SEQ_K
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None] + causal_offset)
+            p = tl.where(keep, p, 0.0)
+        dp = _mm(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, IEEE)
+        n0 += BLOCK_N
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H_Q, GROUP, SEQ_Q, SEQ_K, HEAD_D, HEAD_DV,
+    sm_scale, qk_scale2,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(SEQ_Q, BLOCK_M)
+    # under causal the last query blocks see the most keys: start them first
+    pid_m = n_blocks - 1 - pid % n_blocks
+    pid_bh = pid // n_blocks
+    b = (pid_bh // H_Q).to(tl.int64)
+    h = pid_bh % H_Q
+    hk = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    m64 = m0.to(tl.int64)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + m64 * stride_qm
+    q_ptrs += offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_ptrs = DO + b * stride_dob + h * stride_doh + m64 * stride_dom
+    do_ptrs += offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+    q = _load_tile(q_ptrs, rows, SEQ_Q, offs_d, HEAD_D, EVEN_M, EVEN_D)
+    do = _load_tile(do_ptrs, rows, SEQ_Q, offs_dv, HEAD_DV, EVEN_M, EVEN_DV)
+    lse2, delta = _load_row_stats(LSE + b * stride_lb + h * stride_lh + m64 * stride_lm + offs_m * stride_lm,
+                                  DELTA + pid_bh.to(tl.int64) * SEQ_Q + m64 + offs_m, rows, SEQ_Q, EVEN_M)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    k_head = K + b * stride_kb + hk * stride_kh
+    v_head = V + b * stride_vb + hk * stride_vh
+    causal_offset = SEQ_K - SEQ_Q
+    if CAUSAL:
+        # keys past the block's last row's horizon are invisible; keys up to the first row's
+        # horizon are visible to every row of the block
+        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), SEQ_K)
+        full = tl.minimum(tl.maximum(m0 + causal_offset + 1, 0), hi) // BLOCK_N
+    else:
+        hi = SEQ_K + pid * 0
+        full = SEQ_K // BLOCK_N + pid * 0
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+        pid * 0, full, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+        False, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE,
+    )
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+        full * BLOCK_N, tl.cdiv(hi, BLOCK_N) - full, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+        True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE,
+    )
+
+    dq *= sm_scale
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + m64 * stride_dqm
+    dq_ptrs += offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    _store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), rows, SEQ_Q, offs_d, HEAD_D, EVEN_M, EVEN_D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+
+
+def _check(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    # autograd may hand in an expanded gradient (stride 0): the kernels need unit last strides
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+class _Geometry(NamedTuple):
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    head_dim_v: int
+
+
+def _geometry(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              out: torch.Tensor, lse: torch.Tensor) -> _Geometry:
+    for name, t in (("q", q), ("k", k), ("v", v), ("do", do), ("out", out)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = f"{t.dim()}-d" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected a 4-d bhsd tensor, got {got}")
+    b, hq, sq, d = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+    _check("k", k, (b, hkv, sk, d), q.dtype)
+    _check("v", v, (b, hkv, sk, dv), q.dtype)
+    _check("out", out, (b, hq, sq, dv), q.dtype)
+    _check("do", do, (b, hq, sq, dv))
+    _check("lse", lse, (b, hq, sq), torch.float32)
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"heads: expected Hq divisible by Hkv, got Hq={hq}, Hkv={hkv}")
+    if max(d, dv) > 256:
+        raise ValueError(f"head_dim: expected at most 256, got D={d}, Dv={dv}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected a unit last stride, got strides {t.stride()}")
+    return _Geometry(b, hq, hkv, sq, sk, d, dv)
+
+
+def attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    config: dict[str, Any] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of attention w.r.t. q, k, v, from the forward's saved out and lse.
+
+    do, out (B, Hq, Sq, Dv); q (B, Hq, Sq, D); k (B, Hkv, Sk, D); v (B, Hkv, Sk, Dv): bhsd-indexed
+    views of any strides with a unit last stride (bshd tensors transposed); lse float32
+    (B, Hq, Sq), natural log, -inf on rows that see no key. causal is bottom-right aligned
+    (query i sees key j iff j <= i + Sk - Sq); scale multiplies q.k.
+
+    Returns (dq, dk, dv) with the shapes, dtypes and (for dense inputs) strides of q, k, v; dk, dv
+    hold the sum over each kv head's query group. Deterministic: no atomics.
+    """
+    g = _geometry(do, q, k, v, out, lse)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if 0 in (g.batch, g.heads_q, g.seqlen_q, g.seqlen_k):
+        # nothing is attended: every gradient is 0 (and there is nothing to launch)
+        return dq.zero_(), dk.zero_(), dv.zero_()
+
+    cfg = resolve_backward_config(config, g.head_dim, g.head_dim_v)
+    do = _unit_last(do)
+    block_d = _pow2_at_least_16(g.head_dim)
+    block_dv = _pow2_at_least_16(g.head_dim_v)
+    bm, bn = cfg["BWD_BLOCK_M"], cfg["BWD_BLOCK_N"]
+    warps, stages = cfg["BWD_num_warps"], cfg["BWD_num_stages"]
+    # a causal mask over a single query row hides nothing
+    causal = bool(causal) and g.seqlen_q > 1
+    qk_scale2 = float(scale) * LOG2E
+    group = g.heads_q // g.heads_kv
+    even_d, even_dv = g.head_dim == block_d, g.head_dim_v == block_dv
+    ieee = q.dtype == torch.float32
+
+    atomic = cfg["BWD_DQ_ATOMIC"]
+    delta = torch.empty((g.batch, g.heads_q, g.seqlen_q), device=q.device, dtype=torch.float32)
+    # the atomic variant sums dq in fp32 (zeroed: every kv block adds into it)
+    dq_acc = (torch.zeros((g.batch, g.heads_q, g.seqlen_q, g.head_dim), device=q.device, dtype=torch.float32)
+              if atomic else delta.unsqueeze(-1))
+    with _device_guard(q):
+        grid = (triton.cdiv(g.seqlen_q, PREPROCESS_BLOCK_M) * g.batch * g.heads_q,)
+        _bwd_preprocess_kernel[grid](
+            out, do, delta, *out.stride(), *do.stride(), g.heads_q, g.seqlen_q, g.head_dim_v,
+            BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=block_dv,
+            EVEN_M=g.seqlen_q % PREPROCESS_BLOCK_M == 0, EVEN_DV=even_dv,
+        )
+        grid = (triton.cdiv(g.seqlen_k, bn) * g.batch * g.heads_kv,)
+        _bwd_dkdv_kernel[grid](
+            q, k, v, do, lse, delta, dk, dv, dq_acc,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dk.stride(), *dv.stride(),
+            *dq_acc.stride()[:3],
+            g.heads_kv, group, g.seqlen_q, g.seqlen_k, g.head_dim, g.head_dim_v,
+            float(scale), qk_scale2,
+            CAUSAL=causal, DQ_ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            EVEN_M=g.seqlen_q % bm == 0, EVEN_N=g.seqlen_k % bn == 0, EVEN_D=even_d, EVEN_DV=even_dv,
+            IEEE=ieee, num_warps=warps, num_stages=stages,
+        )
+        if atomic:
+            dq.copy_(dq_acc)
+            return dq, dk, dv
+        # the dq pass swaps the tiles: a large resident query block, small streamed kv blocks
+        grid = (triton.cdiv(g.seqlen_q, bn) * g.batch * g.heads_q,)
+        _bwd_dq_kernel[grid](
+            q, k, v, do, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dq.stride(),
+            g.heads_q, group, g.seqlen_q, g.seqlen_k, g.head_dim, g.head_dim_v,
+            float(scale), qk_scale2,
+            CAUSAL=causal, BLOCK_M=bn, BLOCK_N=bm, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            EVEN_M=g.seqlen_q % bn == 0, EVEN_D=even_d, EVEN_DV=even_dv, IEEE=ieee,
+            num_warps=warps, num_stages=stages,
+        )
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile description (tools/aot_triton.py compiles these for sm_80, sm_90, gfx90a,
+# gfx942 through triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget(...)))
+# ---------------------------------------------------------------------------------------------
+
+
+class AotSpec(NamedTuple):
+    signature: dict[str, str]  # every argument: "*fp16", "*fp32", "i32", "fp32" or "constexpr"
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+
+
+class AotKernel(NamedTuple):
+    name: str
+    fn: Any  # the triton JITFunction
+    # spec(config, dtype "fp16" | "bf16" | "fp32", head_dim, head_dim_v, causal) -> AotSpec
+    spec: Callable[[dict[str, Any], str, int, int, bool], AotSpec]
+
+
+# tensors whose element type is the input dtype; LSE and DELTA are fp32
+_DATA_POINTERS = frozenset({"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"})
+_FP32_POINTERS = frozenset({"LSE", "DELTA", "DQA"})
+_FLOAT_ARGS = frozenset({"sm_scale", "qk_scale2"})
+
+
+def _signature(fn: Any, dtype: str, constexprs: dict[str, Any]) -> dict[str, str]:
+    sig: dict[str, str] = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _DATA_POINTERS:
+            sig[name] = f"*{dtype}"
+        elif name in _FP32_POINTERS:
+            sig[name] = "*fp32"
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _unit_strides(fn: Any) -> dict[str, int]:
+    # the launcher specialises the unit last strides to the constant 1; AOT builds do the same
+    return {n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")}
+
+
+def _aot_common(head_dim: int, head_dim_v: int) -> dict[str, Any]:
+    block_d, block_dv = _pow2_at_least_16(head_dim), _pow2_at_least_16(head_dim_v)
+    return {"BLOCK_D": block_d, "BLOCK_DV": block_dv, "EVEN_D": head_dim == block_d,
+            "EVEN_DV": head_dim_v == block_dv}
+
+
+def _ieee(dtype: str) -> dict[str, bool]:
+    return {"IEEE": dtype == "fp32"}
+
+
+def _preprocess_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AotSpec:
+    c = _aot_common(head_dim, head_dim_v)
+    ce: dict[str, Any] = {"BLOCK_M": PREPROCESS_BLOCK_M, "BLOCK_DV": c["BLOCK_DV"], "EVEN_M": True,
+                          "EVEN_DV": c["EVEN_DV"], **_unit_strides(_bwd_preprocess_kernel)}
+    return AotSpec(_signature(_bwd_preprocess_kernel, dtype, ce), ce, 4, 1)
+
+
+def _dkdv_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AotSpec:
+    cfg = resolve_backward_config(config, head_dim, head_dim_v)
+    ce: dict[str, Any] = {"CAUSAL": causal, "DQ_ATOMIC": cfg["BWD_DQ_ATOMIC"], "BLOCK_M": cfg["BWD_BLOCK_M"],
+                          "BLOCK_N": cfg["BWD_BLOCK_N"], "EVEN_M": True, "EVEN_N": True, **_aot_common(head_dim, head_dim_v), **_ieee(dtype),
+                          **_unit_strides(_bwd_dkdv_kernel)}
+    return AotSpec(_signature(_bwd_dkdv_kernel, dtype, ce), ce, cfg["BWD_num_warps"], cfg["BWD_num_stages"])
+
+
+def _dq_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AotSpec:
+    cfg = resolve_backward_config(config, head_dim, head_dim_v)
+    ce: dict[str, Any] = {"CAUSAL": causal, "BLOCK_M": cfg["BWD_BLOCK_N"], "BLOCK_N": cfg["BWD_BLOCK_M"],
+                          "EVEN_M": True, **_aot_common(head_dim, head_dim_v), **_ieee(dtype),
+                          **_unit_strides(_bwd_dq_kernel)}
+    return AotSpec(_signature(_bwd_dq_kernel, dtype, ce), ce, cfg["BWD_num_warps"], cfg["BWD_num_stages"])
+
+
+BACKWARD_KERNELS: list[AotKernel] = [
+    AotKernel("bwd_preprocess", _bwd_preprocess_kernel, _preprocess_spec),
+    AotKernel("bwd_dkdv", _bwd_dkdv_kernel, _dkdv_spec),
+    AotKernel("bwd_dq", _bwd_dq_kernel, _dq_spec),
+]
