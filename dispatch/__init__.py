@@ -14,6 +14,16 @@ from .selection import Decision, refresh, use_backend
 __version__ = "0.1.0"
 
 
+def __getattr__(name: str) -> object:
+    # flashdispatch.nn and flashdispatch.hf load on first use (hf reaches for transformers only
+    # when asked to register), so `import flashdispatch` stays light
+    if name in ("nn", "hf"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "attention",
     "explain",

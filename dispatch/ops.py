@@ -25,7 +25,9 @@ Which implementation runs is decided like this:
 
 How a variant runs inside the ops:
 - implementations listed in FUNCTIONAL (triton today) expose a functional forward that returns
-  (out, lse) and a backward that takes them; both run as they are.
+  (out, lse) and a backward that takes them; when a backward will follow, both run as they are
+  (otherwise the forward op calls run(), which may pick a forward-only kernel such as split-KV
+  decode).
 - every other implementation (sdpa and its pinned kernels, anything registered later) runs its own
   `run()` in the forward op; the backward op runs it again with autograd on and differentiates
   that. This costs one extra forward per backward but needs nothing from the backend.
@@ -195,7 +197,9 @@ def attention_fwd(
     implementation gives none: return_lse was False, and the caller drops it)."""
     p = _problem(q, k, v, causal, scale, layout, return_lse, needs_grad)
     impl, cfg = _resolve(p, variant, config, forced)
-    pair = functional_pair(impl.name)
+    # without a backward to come, run() may take a faster forward-only path (triton's split-KV
+    # decode); the functional forward is the one whose out and lse its backward consumes
+    pair = functional_pair(impl.name) if needs_grad else None
     if pair is not None:
         out, lse = pair[0](q, k, v, causal=causal, scale=scale, config=cfg)
     else:

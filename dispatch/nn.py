@@ -1,0 +1,210 @@
+"""flashdispatch.nn: modules built on flashdispatch.attention.
+
+`MultiheadAttention` is a drop-in for torch.nn.MultiheadAttention that runs its attention through
+the dispatcher, with grouped-query attention (num_kv_heads) on top. With num_kv_heads equal to
+num_heads it has the same parameters, under the same names, as torch's module, so state_dicts
+load both ways.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .api import attention
+
+__all__ = ["MultiheadAttention"]
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head (and grouped-query) attention through `flashdispatch.attention`.
+
+    Arguments as torch.nn.MultiheadAttention, plus:
+        num_kv_heads: heads of the key/value projections (GQA/MQA); num_heads must be a multiple.
+            None means num_heads (plain multi-head attention, torch's parameter layout).
+        backend: force a flashdispatch backend for this module ("sdpa", "triton", ...); None
+            lets the dispatcher choose.
+
+    Not supported (they raise ValueError naming the argument): dropout > 0, add_bias_kv,
+    add_zero_attn, key_padding_mask, attention weights (need_weights=True) and an attn_mask that is
+    not the causal hint. Those need the attention matrix or a mask, which the dispatcher's kernels
+    never form; use torch.nn.MultiheadAttention for them.
+
+    Parameters (E = embed_dim, Dh = E // num_heads, Ekv = num_kv_heads * Dh):
+        in_proj_weight (E + 2 * Ekv, E) and in_proj_bias (E + 2 * Ekv) when kdim == vdim == E;
+        otherwise q_proj_weight (E, E), k_proj_weight (Ekv, kdim), v_proj_weight (Ekv, vdim);
+        out_proj: Linear(E, E).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        num_kv_heads: int | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(
+                f"embed_dim and num_heads: expected positive integers, got {embed_dim} and {num_heads}"
+            )
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim: expected a multiple of num_heads={num_heads}, got {embed_dim}")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads: expected a positive divisor of num_heads={num_heads}, got {num_kv_heads}"
+            )
+        if dropout != 0.0:
+            raise ValueError(f"dropout: expected 0.0 (the dispatcher's kernels have no dropout), got {dropout}")
+        if add_bias_kv:
+            raise ValueError("add_bias_kv: expected False (not supported), got True")
+        if add_zero_attn:
+            raise ValueError("add_zero_attn: expected False (not supported), got True")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.kv_embed_dim = num_kv_heads * self.head_dim
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.backend = backend
+        # torch's module has these attributes; code that inspects them keeps working
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
+
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(
+                torch.empty((embed_dim + 2 * self.kv_embed_dim, embed_dim), **factory)
+            )
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty((embed_dim, embed_dim), **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty((self.kv_embed_dim, self.kdim), **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty((self.kv_embed_dim, self.vdim), **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + 2 * self.kv_embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # torch.nn.MultiheadAttention's initialisation, so that both modules start alike
+        if self._qkv_same_embed_dim:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            nn.init.xavier_uniform_(self.q_proj_weight)
+            nn.init.xavier_uniform_(self.k_proj_weight)
+            nn.init.xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.constant_(self.in_proj_bias, 0.0)
+            nn.init.constant_(self.out_proj.bias, 0.0)
+
+    def extra_repr(self) -> str:
+        kv = f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}{kv}, batch_first={self.batch_first}"
+
+    def _project(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, self_attention: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        e, ekv = self.embed_dim, self.kv_embed_dim
+        b = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e:e + ekv], b[e + ekv:])
+        if self._qkv_same_embed_dim:
+            w = self.in_proj_weight
+            if self_attention:
+                # self-attention: one matmul, then views into its output
+                qkv = F.linear(query, w, b)
+                return qkv[..., :e], qkv[..., e:e + ekv], qkv[..., e + ekv:]
+            wq, wk, wv = w[:e], w[e:e + ekv], w[e + ekv:]
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        """Attention of `query` over `key`/`value`; returns (attn_output, None).
+
+        Shapes: (L, N, E) / (S, N, kdim) / (S, N, vdim), or (N, L, E) ... with batch_first, or
+        unbatched (L, E) / (S, kdim) / (S, vdim). attn_output has query's shape.
+        is_causal applies the causal mask; torch's module takes it only as a hint next to an
+        attn_mask, this one needs no mask (one given with is_causal=True is taken to be the causal
+        mask and is not read, as torch does when need_weights=False). For L != S the mask is
+        bottom-right aligned (query i sees key j iff j <= i + S - L), where torch's SDPA aligns
+        top-left. need_weights defaults to False here (torch: True): weights are never formed.
+        """
+        if key_padding_mask is not None:
+            raise ValueError(
+                "key_padding_mask: expected None (padding masks are not supported; use "
+                f"torch.nn.MultiheadAttention), got a tensor of shape {tuple(key_padding_mask.shape)}"
+            )
+        if need_weights:
+            raise ValueError(
+                "need_weights: expected False (attention weights are never formed), got True"
+            )
+        if attn_mask is not None and not is_causal:
+            raise ValueError(
+                "attn_mask: expected None, or the causal mask together with is_causal=True, got a "
+                f"tensor of shape {tuple(attn_mask.shape)} with is_causal=False"
+            )
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query: expected a 2-d (unbatched) or 3-d tensor, got shape {tuple(query.shape)}")
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(
+                f"key/value: expected {query.dim()}-d tensors like query, got shapes "
+                f"{tuple(key.shape)} and {tuple(value.shape)}"
+            )
+        if query.shape[-1] != self.embed_dim:
+            raise ValueError(f"query: expected last dimension embed_dim={self.embed_dim}, got {query.shape[-1]}")
+        self_attention = query is key and key is value
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        elif not self.batch_first:
+            # (L, N, E) -> (N, L, E) views: the projections and the bshd call accept any strides
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        n, l, _ = query.shape
+        q, k, v = self._project(query, key, value, self_attention)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        out = attention(
+            q, k, v, causal=is_causal, scale=1.0 / math.sqrt(self.head_dim), layout="bshd",
+            backend=self.backend,
+        )
+        out = self.out_proj(out.reshape(n, l, self.embed_dim))
+        if unbatched:
+            return out.squeeze(0), None
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
