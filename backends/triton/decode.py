@@ -47,8 +47,8 @@ def _decode_split_kernel(
     CAUSAL: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, IEEE: tl.constexpr,
     DIRECT: tl.constexpr, OFFS64: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    pid_bkv = tl.program_id(1)
+    pid_bkv = tl.program_id(0)  # B * Hkv may pass the 65535 limit of grid dims 1 and 2
+    split = tl.program_id(1)
     pid_m = tl.program_id(2)
     b = pid_bkv // heads_kv
     hk = pid_bkv % heads_kv
@@ -205,7 +205,7 @@ def decode_forward(
     else:
         po = torch.empty((bsz * hq * sq, splits, block_dv), dtype=torch.float32, device=q.device)
         pl = torch.empty((bsz * hq * sq, splits), dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(splits, bsz * hkv, m_blocks)](
+    _decode_split_kernel[(bsz * hkv, splits, m_blocks)](
         q, k, v, po, pl, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         hq, hkv, hq // hkv, sq, sk, float(scale) * 1.4426950408889634, d, dv,

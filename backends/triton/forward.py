@@ -164,11 +164,14 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, IEEE: tl.constexpr,
     OFFS64: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # 1-d grid (y/z grid dims stop at 65535), query blocks of one head adjacent: K/V stay in L2
+    num_m = tl.cdiv(seq_q, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
     if CAUSAL:
         # the heaviest query blocks (bottom rows see the most keys) start first: shorter tail
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+        pid_m = num_m - 1 - pid_m
     b = pid_bh // heads_q
     h = pid_bh % heads_q
     hk = h // group
@@ -259,10 +262,12 @@ def _fwd_kernel_tma(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr, WS: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    num_m = tl.cdiv(seq_q, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
     if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+        pid_m = num_m - 1 - pid_m
     b = pid_bh // heads_q
     h = pid_bh % heads_q
     hk = h // group
@@ -391,7 +396,7 @@ def attention_forward(
         return out, lse
     cfg = configs.resolve_forward(config, configs.arch_of_tensor(q), d, causal)
     block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
-    grid = (triton.cdiv(sq, cfg["BLOCK_M"]), bsz * hq)
+    grid = (triton.cdiv(sq, cfg["BLOCK_M"]) * bsz * hq,)
     qk_scale = float(scale) * 1.4426950408889634
     ieee = q.dtype == torch.float32
     effective_causal = bool(causal) and sq > 1
