@@ -71,7 +71,7 @@ def test_lse_cpu(dtype, shape, causal):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=_id)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("variant", CPU_VARIANTS)
 def test_gradients_cpu(variant, dtype, shape, causal):
     b, hq, hkv, sq, sk, d = shape
