@@ -31,7 +31,7 @@ from .ring import RingAttention, RingSpec, bhsd
 
 log = logging.getLogger("flashdispatch.distributed")
 
-__all__ = ["attention", "explain", "shard", "unshard", "positions", "RingPlan", "StepPlan"]
+__all__ = ["attention", "explain", "shard", "unshard", "positions", "ring_spec", "RingPlan", "StepPlan"]
 
 _DTYPE_CODES = {d: i for i, d in enumerate(DTYPE_NAMES)}
 
@@ -143,15 +143,31 @@ def attention(
 
         out, lse = local_attention(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=True)
         return (out, lse) if return_lse else out
-    spec = RingSpec(
-        blocks=tuple(ring_blocks(comm.rank, comm.world, p.seqlen_q, causal)),
-        scale=p.scale,
-        layout=layout,
-        backend=backend,
-        backward_path=choose_block_backward(q.device, q.dtype),
-    )
+    spec = ring_spec(q, k, v, rank=comm.rank, world=comm.world, causal=causal, scale=p.scale,
+                     layout=layout, backend=backend)
     out, lse = RingAttention.apply(q, k, v, spec, comm)
     return (out, lse) if return_lse else out
+
+
+def ring_spec(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    rank: int,
+    world: int,
+    causal: bool,
+    scale: float,
+    layout: str,
+    backend: str | None = None,
+) -> RingSpec:
+    """The schedule `attention` runs on `rank` (the blocks, the per-block backward and its config)."""
+    s_local = q.shape[_seq_dim(layout)]
+    qb, kb, vb = (bhsd(t, layout) for t in (q, k, v))
+    needs_bwd = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    path, config = (choose_block_backward(qb, kb, vb, causal=causal, scale=scale) if needs_bwd
+                    else ("none", None))
+    return RingSpec(tuple(ring_blocks(rank, world, s_local, causal)), scale, layout, backend, path, config)
 
 
 # --- sharding helpers ------------------------------------------------------------------------------
@@ -294,7 +310,7 @@ def explain(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=True)
+    p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=True)
     _check_local(q, k, v, causal=causal, layout=layout)
     if (world_size is None) != (rank is None):
         raise TypeError("world_size/rank: expected both or neither, got one")
@@ -321,7 +337,7 @@ def explain(
         layout=layout,
         local_len=s_local,
         steps=tuple(steps),
-        backward_path=choose_block_backward(q.device, q.dtype),
+        backward_path=choose_block_backward(qb, kb, vb, causal=causal, scale=p.scale)[0],
         kv_bytes=(k.numel() + v.numel()) * k.element_size(),
         dkv_bytes=(k.numel() + v.numel()) * acc_size,
     )

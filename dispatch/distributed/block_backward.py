@@ -99,15 +99,30 @@ def _triton_backward() -> Callable[..., Grads] | None:
     return getattr(mod, "attention_backward", None)
 
 
-def choose_block_backward(device: torch.device, dtype: torch.dtype) -> str:
-    """'triton' when the tensors are on a GPU and the triton backward is importable, else 'math'."""
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _triton_backward() is not None:
-        return "triton"
-    return "math"
+def choose_block_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
+) -> tuple[str, dict | None]:
+    """('triton', its config) when the tensors are on a GPU and the triton backend could run this
+    rank's backward (the registry's own capability check), else ('math', None).
+
+    q, k, v: the local slices, bhsd-indexed. The config is the profile's for the whole local problem.
+    """
+    if q.device.type != "cuda" or _triton_backward() is None:
+        return "math", None
+    from ..api import explain
+    from ..errors import NoBackendError
+
+    try:
+        d = explain(q, k, v, causal=causal, scale=scale, layout="bhsd", needs_grad=True, backend="triton")
+    except NoBackendError as e:
+        log.debug("ring backward through torch ops: %s", e)
+        return "math", None
+    return "triton", (dict(d.config) or None)
 
 
 def block_backward(
     path: str,
+    config: dict | None,
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -119,10 +134,11 @@ def block_backward(
     causal: bool,
     scale: float,
 ) -> Grads:
-    """One block's (dq, dk, dv) through `path` ('triton' or 'math'); out/lse/delta are global."""
+    """One block's (dq, dk, dv) through `path` ('triton' with `config`, or 'math'); out, lse and
+    delta are the whole row's."""
     if path == "triton":
         fn = _triton_backward()
         if fn is None:
             raise RuntimeError("block backward path 'triton' chosen but attention_backward is not importable")
-        return fn(do, q, k, v, out, lse, causal=causal, scale=scale, config=None)
+        return fn(do, q, k, v, out, lse, causal=causal, scale=scale, config=config)
     return block_backward_math(do, q, k, v, lse, delta, causal=causal, scale=scale)

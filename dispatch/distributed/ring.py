@@ -42,6 +42,7 @@ class RingSpec(NamedTuple):
     layout: str  # of the user's tensors; the ring works on bhsd-indexed views of them
     backend: str | None  # forced forward backend, None lets the dispatcher choose per block
     backward_path: str  # "triton" | "math"
+    backward_config: dict | None = None  # the triton backward's block sizes (None: its defaults)
 
 
 def bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -109,7 +110,7 @@ def ring_backward(
         kb, vb = bhsd(wire[0], L), bhsd(wire[1], L)
         rows, kv_rows = blk.q_rows, blk.kv_rows
         dq_b, dk_b, dv_b = block_backward(
-            spec.backward_path, dob[:, :, rows], qb[:, :, rows], kb[:, :, kv_rows], vb[:, :, kv_rows],
+            spec.backward_path, spec.backward_config, dob[:, :, rows], qb[:, :, rows], kb[:, :, kv_rows], vb[:, :, kv_rows],
             ob[:, :, rows], lse[:, :, rows], delta[:, :, rows], causal=blk.causal, scale=spec.scale,
         )
         dqb[:, :, rows] += dq_b

@@ -1,0 +1,139 @@
+"""Ring attention on 2 GPUs over NCCL, against float64 single-device attention.
+
+Run under torchrun (each process takes the GPU of its rank):
+    torchrun --nproc_per_node 2 -m pytest -m gpu tests/test_distributed_gpu.py
+or plainly (`pytest -m gpu tests/test_distributed_gpu.py`), which spawns the two processes itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import traceback
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import flashdispatch.distributed as fdd
+from flashdispatch.reference import attention_math
+from flashdispatch.tolerances import within_budget
+
+pytestmark = pytest.mark.gpu
+
+WORLD = 2
+TIMEOUT_S = 300
+# (dtype, layout, causal, Hq, Hkv, full S, D): odd chunk lengths (S / 4), GQA, both layouts
+CASES = [
+    (torch.bfloat16, "bhsd", True, 4, 4, 4 * 253, 128),
+    (torch.float16, "bshd", True, 8, 2, 4 * 301, 64),
+    (torch.bfloat16, "bshd", False, 6, 3, 4 * 131, 72),
+]
+
+
+def _case_id(c: tuple) -> str:
+    dt, layout, causal, hq, hkv, s, d = c
+    return f"{str(dt).split('.')[-1]}-{layout}-{'causal' if causal else 'full'}-h{hq}/{hkv}-S{s}-D{d}"
+
+
+def _run_case(case: tuple, seed: int, device: torch.device) -> dict[str, Any]:
+    dt, layout, causal, hq, hkv, s, d = case
+    sd = 2 if layout == "bhsd" else 1
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def make(h: int) -> torch.Tensor:
+        shape = (2, h, s, d) if layout == "bhsd" else (2, s, h, d)
+        return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dt)
+
+    q, k, v, do = make(hq), make(hkv), make(hkv), make(hq)
+    kw = dict(causal=causal, layout=layout)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    out_ref, lse_ref = attention_math(*ref_in, **kw)
+    out_ref.backward(do.double())
+    base_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    out_t, lse_t = attention_math(*base_in, upcast=False, **kw)
+    out_t.backward(do)
+
+    local = [fdd.shard(t, sd).requires_grad_() for t in (q, k, v)]
+    out_l, lse_l = fdd.attention(*local, return_lse=True, **kw)
+    out_l.backward(fdd.shard(do, sd))
+    torch.cuda.synchronize()
+
+    def gather(x: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
+        return fdd.unshard(x.detach(), dim, out=torch.full(like.shape, float("nan"), dtype=x.dtype, device=device))
+
+    res = {
+        "out": within_budget(gather(out_l, sd, out_ref), out_t.detach(), out_ref.detach(), dt),
+        "lse": within_budget(gather(lse_l, 2, lse_ref), lse_t.detach(), lse_ref.detach(), dt),
+    }
+    for name, loc, ref, base in zip(("dq", "dk", "dv"), local, ref_in, base_in):
+        res[name] = within_budget(gather(loc.grad, sd, ref), base.grad, ref.grad, dt, grad=True)
+    plan = fdd.explain(*(t.detach() for t in local), **kw)
+    res["plan"] = str(plan)
+    return res
+
+
+def _all_cases(rank: int) -> dict[str, Any]:
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return {_case_id(c): _run_case(c, 100 + i, device) for i, c in enumerate(CASES)}
+
+
+def _spawned(rank: int, store_path: str, queue: Any) -> None:
+    try:
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD,
+                                timeout=datetime.timedelta(seconds=TIMEOUT_S), device_id=torch.device("cuda", rank))
+        rep = _all_cases(rank)
+        dist.barrier()
+        dist.destroy_process_group()
+        queue.put((rank, "ok", rep))
+    except Exception:
+        queue.put((rank, "error", traceback.format_exc()))
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    if dist.is_torchelastic_launched():
+        # torchrun: this process is one rank; the other runs the same tests in the same order
+        if not dist.is_initialized():
+            dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        if dist.get_world_size() != WORLD:
+            pytest.skip(f"needs {WORLD} ranks, torchrun gave {dist.get_world_size()}")
+        return [_all_cases(dist.get_rank())]
+    if torch.cuda.device_count() < WORLD:
+        pytest.skip(f"needs {WORLD} GPUs, found {torch.cuda.device_count()}")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    store = str(tmp_path_factory.mktemp("nccl") / "store")
+    procs = [ctx.Process(target=_spawned, args=(r, store, queue)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    got: dict[int, Any] = {}
+    try:
+        for _ in range(WORLD):
+            rank, status, payload = queue.get(timeout=TIMEOUT_S)
+            if status != "ok":
+                pytest.fail(f"rank {rank} raised:\n{payload}")
+            got[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    return [got[r] for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_ring_on_two_gpus_matches_single_device(reports: list[dict[str, Any]], case: tuple) -> None:
+    failures = []
+    for rep in reports:
+        r = rep[_case_id(case)]
+        print(r["plan"])
+        for name in ("out", "lse", "dq", "dk", "dv"):
+            ok, err, allowed = r[name]
+            print(f"{_case_id(case)} {name}: error {err:.3g} allowed {allowed:.3g}")
+            if not ok:
+                failures.append(f"{name}: error {err:.3g} > allowed {allowed:.3g}")
+    assert not failures, "\n".join(failures)
