@@ -1,0 +1,387 @@
+"""The tuner and the benchmark on the CPU: sweep logic, checking before timing, config pruning,
+the profile it writes (read back by the dispatcher), interruption and resume.
+
+Times are made deterministic where the test is about ranking: `timing.median_ms` and
+`timing.single_ms` are replaced by the config's declared cost, so no test asserts on a clock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+import flashdispatch
+from flashdispatch.backend import Capabilities, Implementation
+from flashdispatch.device import DeviceInfo
+from flashdispatch.problem import Problem, problem_from_shape
+from flashdispatch.profile_store import parse_profile, problem_pass
+from flashdispatch.reference import attention_math
+from flashdispatch.registry import REGISTRY
+from flashdispatch.tools import bench, shapes, timing, tune, verify
+
+TINY = shapes.tiny_shapes("fp32")
+CPU = torch.device("cpu")
+
+
+class FakeKernel(Implementation):
+    """A tunable backend whose configs declare their cost ("ms") and may be wrong on purpose."""
+
+    backend: ClassVar[str] = "fake"
+
+    def __init__(self, name: str = "fake", configs: list[dict[str, Any]] | None = None) -> None:
+        self._name = name
+        self.configs = configs if configs is not None else [{"BLOCK": 16, "ms": 2.0}]
+        self.runs: list[dict[str, Any]] = []
+
+    @property  # type: ignore[override]
+    def name(self) -> str:  # type: ignore[override]
+        return self._name
+
+    def capabilities(self, dev: DeviceInfo) -> Capabilities:
+        return Capabilities(device_kinds=frozenset({"cpu"}), dtypes=frozenset({torch.float32}))
+
+    def default_config(self, p: Problem, dev: DeviceInfo) -> dict[str, Any]:
+        return dict(self.configs[0])
+
+    def config_space(self, p: Problem, dev: DeviceInfo) -> list[dict[str, Any]]:
+        return [dict(c) for c in self.configs]
+
+    def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
+        self.runs.append(dict(config))
+        if config.get("raise"):
+            raise RuntimeError("out of shared memory (simulated)")
+        out, _ = attention_math(q, k, v, causal=p.causal, scale=p.scale, upcast=False)
+        if config.get("wrong"):
+            out = out + 0.25  # a fast kernel with an indexing bug
+        if config.get("nan_row"):
+            out = out.clone()
+            out[..., -1, :] = float("nan")  # an unwritten tail row
+        return out.to(q.dtype), None
+
+
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch):
+    """Time = the config's declared "ms" (sdpa variants: 5 ms); records what got timed."""
+    timed: list[tuple[str, float]] = []
+    current: dict[str, float] = {"ms": 5.0}
+
+    orig_try = tune._try_config
+
+    def try_config(impl, cfg, *a, **kw):  # type: ignore[no-untyped-def]
+        current["ms"] = float(cfg.get("ms", 5.0))
+        current["name"] = impl.name  # type: ignore[assignment]
+        return orig_try(impl, cfg, *a, **kw)
+
+    def median_ms(fn, device, **kw):  # type: ignore[no-untyped-def]
+        fn()
+        timed.append((str(current.get("name")), current["ms"]))
+        return current["ms"]
+
+    def single_ms(fn, device):  # type: ignore[no-untyped-def]
+        fn()
+        return current["ms"]
+
+    monkeypatch.setattr(tune, "_try_config", try_config)
+    monkeypatch.setattr(timing, "median_ms", median_ms)
+    monkeypatch.setattr(timing, "single_ms", single_ms)
+    return timed
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+# --- shapes and buckets -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["quick", "full", "tiny"])
+def test_bucket_pass_and_causal_agree_with_the_dispatchers_lookup(name: str) -> None:
+    for s in shapes.named(name):
+        p = problem_from_shape(s.dims, dtype=s.dtype, causal=s.causal, needs_grad=s.needs_grad)
+        m = tune.bucket_match(s)
+        assert problem_pass(p) == s.pass_ == m["pass"], s
+        assert m["causal"] == p.effective_causal, s
+        assert m["gqa"] == p.gqa_ratio and m["seqlen"] == p.seqlen_k
+
+
+def test_quick_tune_covers_every_bf16_bench_shape() -> None:
+    assert {tune.bucket_id(s) for s in shapes.bench_shapes(("bf16",))} == {
+        tune.bucket_id(s) for s in shapes.tune_shapes(quick=True)
+    }
+    assert {tune.bucket_id(s) for s in shapes.bench_shapes(("bf16",), quick=True)} <= {
+        tune.bucket_id(s) for s in shapes.tune_shapes(quick=True)
+    }
+
+
+def test_shape_with_the_wrong_pass_is_rejected_with_its_name() -> None:
+    with pytest.raises(ValueError, match="bad.*decode shape"):
+        shapes.check_shape(shapes.Shape("bad", "bf16", 1, 8, 8, 1, 128, 64, False, "fwd"))
+
+
+def test_fa2_sweep_follows_the_paper() -> None:
+    sweep = shapes.fa2_sweep(("fp16",), passes=("fwd",))
+    assert len(sweep) == 2 * 2 * 6
+    for s in sweep:
+        assert s.batch * s.seqlen_k == 16384 and s.heads_q * s.head_dim == 2048
+
+
+# --- checking before timing -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("s", TINY, ids=lambda s: s.label)
+def test_reference_blocks_accept_the_truth_and_reject_a_wrong_answer(s: shapes.Shape) -> None:
+    q, k, v, _, p = tune.make_inputs(s, CPU, _gen())
+    blocks = verify.reference_blocks(q, k, v, p)
+    good, _ = attention_math(q.detach(), k.detach(), v.detach(), causal=s.causal, upcast=False)
+    assert verify.check_output(good, p, blocks).ok
+    bad = good.clone()
+    bad[-1, -1, -1, 0] += 1.0  # one element of the last (batch, head, row)
+    assert not verify.check_output(bad, p, blocks).ok
+    nan = good.clone()
+    nan[0, 0, p.seqlen_q // 2, 0] = float("nan")  # anywhere, even outside the checked rows
+    assert "NaN" in verify.check_output(nan, p, blocks).reason
+
+
+def test_row_blocks_of_a_long_bottom_right_causal_problem_match_the_full_reference() -> None:
+    # Sq > ALL_ROWS_UP_TO so that blocks are used; Sk > Sq exercises the key truncation.
+    s = shapes.Shape("long", "fp64", 2, 4, 2, 300, 333, 8, True, "fwd")
+    q, k, v, _, p = tune.make_inputs(s, CPU, _gen(1))
+    full, _ = attention_math(q, k, v, causal=True, upcast=True)
+    blocks = verify.reference_blocks(q, k, v, p)
+    assert len(blocks) == 6
+    g = p.gqa_ratio
+    for b in blocks:
+        r0, r1 = b.rows
+        want = full[b.batch:b.batch + 1, b.kv_head * g:(b.kv_head + 1) * g, r0:r1]
+        torch.testing.assert_close(b.ref, want)
+
+
+def test_gradient_check_catches_a_wrong_backward() -> None:
+    p = problem_from_shape((1, 4, 2, 29, 29, 16), dtype="fp32", device_kind="cpu", causal=True, needs_grad=True)
+
+    def good(q, k, v, pp):  # type: ignore[no-untyped-def]
+        return attention_math(q, k, v, causal=pp.causal, scale=pp.scale, upcast=False)[0]
+
+    def bad_dv(q, k, v, pp):  # type: ignore[no-untyped-def]
+        return attention_math(q, k, v * 1.01, causal=pp.causal, scale=pp.scale, upcast=False)[0]
+
+    assert verify.check_grads(good, p, CPU, _gen()).ok
+    assert not verify.check_grads(bad_dv, p, CPU, _gen()).ok
+
+
+# --- the sweep ----------------------------------------------------------------------------------
+
+
+def test_fast_wrong_kernel_never_wins_and_the_fastest_correct_config_does(fake_clock) -> None:
+    fake = FakeKernel(configs=[
+        {"BLOCK": 16, "ms": 3.0},
+        {"BLOCK": 32, "ms": 0.1, "wrong": True},
+        {"BLOCK": 64, "ms": 1.0},
+        {"BLOCK": 128, "ms": 0.2, "nan_row": True},
+        {"BLOCK": 256, "ms": 9.0, "raise": True},
+    ])
+    impls = {"sdpa": REGISTRY.get("sdpa"), "fake": fake}
+    r = tune.measure_bucket(TINY[0], impls, CPU, tune.TuneOptions(), _gen())
+    assert r.ranking() == ["fake", "sdpa"]
+    assert r.best()["fake"].config == {"BLOCK": 64, "ms": 1.0}
+    status = {t.config.get("BLOCK"): t.status for t in r.trials if t.name == "fake"}
+    assert status == {16: "ok", 32: "wrong", 64: "ok", 128: "wrong", 256: "error"}
+    assert ("fake", 0.1) not in fake_clock and ("fake", 0.2) not in fake_clock  # never timed
+
+
+def test_every_config_of_the_space_is_tried_once_default_first_and_capped(fake_clock) -> None:
+    space = [{"BLOCK": b, "ms": 1.0 + b / 100} for b in (16, 32, 64, 32)]  # one duplicate
+    fake = FakeKernel(configs=space)
+    r = tune.measure_bucket(TINY[0], {"fake": fake}, CPU, tune.TuneOptions(), _gen())
+    assert [t.config["BLOCK"] for t in r.trials] == [16, 32, 64]
+    capped = tune.measure_bucket(TINY[0], {"fake": fake}, CPU, tune.TuneOptions(max_configs=2), _gen())
+    assert [t.config["BLOCK"] for t in capped.trials] == [16, 32]
+
+
+def test_hopeless_configs_are_abandoned_after_one_call(fake_clock) -> None:
+    fake = FakeKernel(configs=[{"BLOCK": 16, "ms": 1.0}, {"BLOCK": 32, "ms": 50.0}])
+    r = tune.measure_bucket(TINY[0], {"fake": fake}, CPU, tune.TuneOptions(), _gen())
+    assert [t.status for t in r.trials] == ["ok", "abandoned"]
+    assert [ms for n, ms in fake_clock] == [1.0]
+    assert r.ranking() == ["fake"]
+
+
+def test_backends_that_cannot_serve_are_skipped_with_their_reasons(fake_clock) -> None:
+    s = shapes.tiny_shapes("fp64")[0]
+    r = tune.measure_bucket(s, {"fake": FakeKernel(), "sdpa": REGISTRY.get("sdpa")}, CPU, tune.TuneOptions(), _gen())
+    assert "dtype=fp64" in r.skipped["fake"]
+    assert r.ranking() == ["sdpa"]
+
+
+def test_select_implementations_by_family_variant_and_exclusion() -> None:
+    got = tune.select_implementations(["sdpa"], ["sdpa:math"], CPU)
+    assert "sdpa:flash" in got and "sdpa:math" not in got and "triton" not in got
+    assert list(tune.select_implementations(["sdpa:flash"], [], CPU)) == ["sdpa:flash"]
+    with pytest.raises(ValueError, match="--backends: unknown backend 'nope'"):
+        tune.select_implementations(["nope"], [], CPU)
+
+
+# --- the profile it writes --------------------------------------------------------------------
+
+
+def _meta() -> tune.ProfileMeta:
+    return tune.ProfileMeta(key="cpu", name="CPU", arch="cpu", card="test CPU", command="flashdispatch tune --test")
+
+
+def test_written_profile_parses_and_the_dispatcher_picks_the_fastest_measured(
+    fake_clock, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeKernel(configs=[{"BLOCK": 16, "ms": 1.0}, {"BLOCK": 64, "ms": 0.5}])
+    impls = {"sdpa": REGISTRY.get("sdpa"), "sdpa:math": REGISTRY.get("sdpa:math"), "fake": fake}
+    fp32 = [s for s in TINY if s.pass_ != "fwd_bwd"]  # FakeKernel has no backward
+    results = [tune.measure_bucket(s, impls, CPU, tune.TuneOptions(), _gen(i)) for i, s in enumerate(fp32)]
+    text = tune.profile_yaml(results, _meta())
+    prof = parse_profile(text, "cpu.yaml")
+    assert prof.measured and len(prof.entries) == len(fp32)
+    for s, e in zip(fp32, prof.entries):
+        assert e.ranking[0] == "fake" and e.config["fake"] == {"BLOCK": 64, "ms": 0.5}
+        assert e.ms["fake"] == 0.5 and e.ms["sdpa"] == 5.0
+        p = problem_from_shape(s.dims, dtype=s.dtype, device_kind="cpu", causal=s.causal)
+        assert prof.lookup(p) is e  # each shape finds the entry measured at its own size
+
+    (tmp_path / "cpu.yaml").write_text(text)
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
+    REGISTRY.register(fake)
+    try:
+        flashdispatch.refresh()
+        s = fp32[0]
+        d = flashdispatch.explain(shape=s.dims, dtype=s.dtype, causal=s.causal)
+        assert d.variant == "fake" and d.config["BLOCK"] == 64 and d.source.startswith("profile:")
+    finally:
+        REGISTRY.unregister("fake")
+        flashdispatch.refresh()
+
+
+def test_yaml_writer_quotes_what_yaml_would_misread() -> None:
+    import yaml
+
+    obj = {"sdpa:cudnn": 0.5, "on": "yes", "date": "2026-11-25", "n": 3, "x": 1e-7, "ok": True, "none": None}
+    assert yaml.safe_load(tune._flow(obj)) == {**obj, "x": 1e-7}
+
+
+def test_unmeasured_profile_has_no_ms() -> None:
+    r = tune.BucketResult("id", TINY[0], tune.bucket_match(TINY[0]),
+                          [tune.Trial("sdpa", {}, "ok", 1.0)])
+    meta = _meta()
+    meta.measured = False
+    text = tune.profile_yaml([r], meta)
+    assert "ms:" not in text
+    assert parse_profile(text, "x.yaml").entries[0].ranking == ("sdpa",)
+
+
+# --- the command: output, resume, interruption ------------------------------------------------
+
+
+def test_main_writes_a_valid_profile_and_resume_measures_nothing_twice(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "prof.yaml"
+    argv = ["--shapes", "tiny", "--backends", "sdpa,sdpa:math", "--out", str(out), "--warmup-ms", "0",
+            "--rep-ms", "0", "--seed", "3", "--passes", "fwd,decode"]
+    assert tune.main(argv) == 0
+    prof = parse_profile(out.read_text(), str(out))
+    assert len(prof.entries) == 3 and prof.generated["card"] == "CPU"
+    assert prof.generated["command"].startswith("flashdispatch tune --shapes tiny")
+    state = json.loads((tmp_path / "prof.yaml.state.json").read_text())
+    assert len(state["results"]) == 3
+
+    calls: list[str] = []
+    orig = tune.measure_bucket
+    monkeypatch.setattr(tune, "measure_bucket", lambda s, *a, **k: calls.append(s.label) or orig(s, *a, **k))
+    assert tune.main(argv + ["--resume"]) == 0
+    assert calls == []
+    assert parse_profile(out.read_text(), str(out)).entries[0].ranking == prof.entries[0].ranking
+
+
+def test_time_budget_and_interruption_keep_finished_buckets_for_resume(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "p.yaml"
+    argv = ["--shapes", "tiny", "--backends", "sdpa", "--out", str(out), "--warmup-ms", "0", "--rep-ms", "0",
+            "--passes", "fwd,decode"]
+    assert tune.main(argv + ["--time-budget", "0"]) == 0  # one bucket, then the budget is spent
+    prof = parse_profile(out.read_text(), str(out))
+    assert len(prof.entries) == 1 and "partial" in prof.note
+
+    orig = tune.measure_bucket
+    seen: list[str] = []
+
+    def interrupt_second(s, *a, **k):  # type: ignore[no-untyped-def]
+        seen.append(s.label)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return orig(s, *a, **k)
+
+    monkeypatch.setattr(tune, "measure_bucket", interrupt_second)
+    assert tune.main(argv + ["--resume"]) == 130
+    assert len(json.loads((tmp_path / "p.yaml.state.json").read_text())["results"]) == 2
+
+    monkeypatch.setattr(tune, "measure_bucket", orig)
+    assert tune.main(argv + ["--resume"]) == 0
+    assert len(parse_profile(out.read_text(), str(out)).entries) == 3
+
+
+def test_resume_refuses_a_state_from_another_card(tmp_path) -> None:
+    out = tmp_path / "p.yaml"
+    (tmp_path / "p.yaml.state.json").write_text(json.dumps({"schema": 1, "meta": {"card": "Other GPU"}, "results": []}))
+    assert tune.main(["--shapes", "tiny", "--backends", "sdpa", "--out", str(out), "--resume"]) == 2
+
+
+def test_bad_arguments_name_the_option(capsys) -> None:
+    assert tune.main(["--shapes", "tiny", "--dtypes", "fp8"]) == 2
+    assert "--dtypes" in capsys.readouterr().err
+
+
+def test_list_measures_nothing(capsys, monkeypatch) -> None:
+    monkeypatch.setattr(tune, "measure_bucket", lambda *a, **k: pytest.fail("--list must not measure"))
+    assert tune.main(["--quick", "--list", "--backends", "sdpa"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(shapes.tune_shapes(quick=True))
+
+
+# --- the benchmark on the CPU ----------------------------------------------------------------
+
+
+def test_bench_writes_table_json_and_plot(tmp_path, capsys) -> None:
+    rc = bench.main(["--shapes", "tiny", "--dtypes", "fp32", "--backends", "sdpa,sdpa:math", "--out",
+                     str(tmp_path), "--warmup-ms", "0", "--rep-ms", "0", "--seed", "1"])
+    assert rc == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert len(result["rows"]) == len(TINY)
+    for row in result["rows"]:
+        assert {bench.PLAIN, bench.DISPATCH, "sdpa"} <= set(row["providers"])
+        assert all(m["status"] == "ok" for m in row["providers"].values()), row
+        assert row["vs_sdpa"] > 0 and row["oracle"] > 0
+    assert math.isfinite(result["summary"]["geomean_vs_sdpa"])
+    assert (tmp_path / "bench.md").read_text().count("\n| ") >= len(TINY) + 1
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert "oracle ratio" in capsys.readouterr().out
+
+
+def test_bench_flags_a_wrong_backend_and_leaves_it_out_of_the_oracle(tmp_path) -> None:
+    wrong = FakeKernel("fake", [{"wrong": True}])
+    REGISTRY.register(wrong)
+    try:
+        rc = bench.main(["--shapes", "tiny", "--dtypes", "fp32", "--backends", "sdpa,fake", "--passes", "fwd",
+                         "--out", str(tmp_path), "--warmup-ms", "0", "--rep-ms", "0"])
+    finally:
+        REGISTRY.unregister("fake")
+    assert rc == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    for row in result["rows"]:
+        assert row["providers"]["fake"]["status"] == "wrong"
+        assert row["best"] != "fake"
+    assert result["summary"]["wrong"]
+
+
+def test_bench_plain_sdpa_is_bottom_right_for_chunked_prefill() -> None:
+    q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64) for n in (5, 9, 9))
+    ref, _ = attention_math(q, k, v, causal=True)
+    torch.testing.assert_close(bench.plain_sdpa(q, k, v, causal=True), ref)

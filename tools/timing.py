@@ -1,0 +1,161 @@
+"""Timing and work counts shared by the tuner and the benchmark (one place for each formula).
+
+On a GPU, times are `triton.testing.do_bench` medians: a warm-up, then repetitions each preceded
+by an L2 flush (a 256 MB memset), timed with device events. Without triton the same scheme runs
+here with torch events. On the CPU (tests, dry runs) a perf_counter loop gives the median.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from flashdispatch.problem import Problem
+
+log = logging.getLogger("flashdispatch.tools")
+
+# The L2 flush buffer of the fallback timer: larger than any L2 we target (H100 50 MB, MI300X's
+# 256 MB Infinity Cache is not flushed by it, which do_bench shares).
+FLUSH_BYTES = 256 * 2**20
+# Caps the CPU loop so that a slow candidate cannot stall a test.
+CPU_MAX_REPS = 50
+
+
+def pass_flops(p: Problem, pass_: str) -> float:
+    """FLOPs of one call in this pass: FlashAttention-paper count (Problem.flops), bwd = 2.5 x fwd."""
+    if pass_ == "fwd_bwd":
+        return p.flops() + p.flops(backward=True)
+    return p.flops()
+
+
+def min_bytes(p: Problem, pass_: str) -> int:
+    """The fewest bytes a forward call moves: q, k, v read once, out written once.
+
+    fwd_bwd adds one more read of q, k, v, out and dout and the writes of dq, dk, dv.
+    """
+    item = torch.empty((), dtype=p.dtype).element_size()
+    q = p.batch * p.heads_q * p.seqlen_q * p.head_dim
+    kv = p.batch * p.heads_kv * p.seqlen_k * (p.head_dim + p.head_dim_v)
+    o = p.batch * p.heads_q * p.seqlen_q * p.head_dim_v
+    fwd = q + kv + o
+    if pass_ == "fwd_bwd":
+        return item * (fwd + (q + kv + 2 * o) + (q + kv))
+    return item * fwd
+
+
+def tflops(p: Problem, pass_: str, ms: float) -> float:
+    return pass_flops(p, pass_) / (ms * 1e-3) / 1e12 if ms > 0 else float("nan")
+
+
+def gbps(p: Problem, pass_: str, ms: float) -> float:
+    return min_bytes(p, pass_) / (ms * 1e-3) / 1e9 if ms > 0 else float("nan")
+
+
+def rate(p: Problem, pass_: str, ms: float) -> tuple[float, str]:
+    """The figure of merit: GB/s for decode (bandwidth-bound), TFLOP/s otherwise."""
+    if pass_ == "decode":
+        return gbps(p, pass_, ms), "GB/s"
+    return tflops(p, pass_, ms), "TFLOP/s"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_grads(tensors: Sequence[torch.Tensor] | None) -> None:
+    for t in tensors or ():
+        t.grad = None
+
+
+def _cpu_median(fn: Callable[[], object], warmup_ms: float, rep_ms: float,
+                grad_to_none: Sequence[torch.Tensor] | None) -> float:
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    est = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    for _ in range(max(1, min(CPU_MAX_REPS, int(warmup_ms / est)))):
+        fn()
+    times = []
+    for _ in range(max(3, min(CPU_MAX_REPS, int(rep_ms / est)))):
+        _reset_grads(grad_to_none)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _cuda_median_events(fn: Callable[[], object], device: torch.device, warmup_ms: float, rep_ms: float,
+                        grad_to_none: Sequence[torch.Tensor] | None) -> float:
+    """do_bench's scheme with torch events, for machines without triton."""
+    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    fn()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        flush.zero_()
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    est = max(start.elapsed_time(end) / 5, 1e-4)
+    for _ in range(max(1, int(warmup_ms / est))):
+        fn()
+    n = max(1, int(rep_ms / est))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        _reset_grads(grad_to_none)
+        flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def median_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    grad_to_none: Sequence[torch.Tensor] | None = None,
+) -> float:
+    """Median time of fn() in milliseconds after a warm-up, L2 flushed before each repetition."""
+    if device.type != "cuda":
+        return _cpu_median(fn, warmup_ms, rep_ms, grad_to_none)
+    try:
+        from triton.testing import do_bench
+    except Exception:  # triton missing or broken: same scheme through torch events
+        return _cuda_median_events(fn, device, warmup_ms, rep_ms, grad_to_none)
+    with torch.cuda.device(device):
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none or []) or None,
+                              return_mode="median"))
+
+
+def single_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """One call, synchronised: a cheap estimate used to abandon hopeless candidates early."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def host_us_per_call(fn: Callable[[], object], device: torch.device, calls: int = 200) -> float:
+    """Wall time per call of back-to-back calls, synchronised once at the end.
+
+    When this exceeds the GPU time, the shape is launch-bound: the host cost is what users see.
+    """
+    fn()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - t0) * 1e6 / calls
