@@ -20,6 +20,7 @@ from typing import NamedTuple, Protocol, Sequence
 import torch
 
 from ..api import attention as local_attention
+from . import aten_cudnn
 from .block_backward import accumulation_dtype, block_backward, softmax_delta
 from .comm import Pending
 from .layout import Block
@@ -43,6 +44,9 @@ class RingSpec(NamedTuple):
     backend: str | None  # forced forward backend, None lets the dispatcher choose per block
     backward_path: str  # "triton" | "math"
     backward_config: dict | None = None  # the triton backward's block sizes (None: its defaults)
+    # experimental: run every block's forward and backward through torch's cuDNN ops (aten_cudnn)
+    # instead of the dispatcher; only tools/bench_ring.py sets it
+    aten_cudnn: bool = False
 
 
 def bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -65,10 +69,13 @@ def ring_forward(
     for s, blk in enumerate(spec.blocks):
         pending = comm.exchange(wire, KV_TAG) if s + 1 < n else None
         kb, vb = bhsd(wire[0], spec.layout), bhsd(wire[1], spec.layout)
-        o, l = local_attention(
-            qb[:, :, blk.q_rows], kb[:, :, blk.kv_rows], vb[:, :, blk.kv_rows],
-            causal=blk.causal, scale=spec.scale, layout="bhsd", return_lse=True, backend=spec.backend,
-        )
+        qs, ks, vs = qb[:, :, blk.q_rows], kb[:, :, blk.kv_rows], vb[:, :, blk.kv_rows]
+        if spec.aten_cudnn:
+            o, l = aten_cudnn.forward(qs, ks, vs, causal=blk.causal, scale=spec.scale)
+        else:
+            o, l = local_attention(
+                qs, ks, vs, causal=blk.causal, scale=spec.scale, layout="bhsd", return_lse=True, backend=spec.backend
+            )
         if s == 0:
             # step 0 is the rank's own slice, whose block covers every local query row
             shape = list(q.shape)
@@ -109,10 +116,13 @@ def ring_backward(
         pending_kv = comm.exchange(wire, KV_TAG) if s + 1 < n else None
         kb, vb = bhsd(wire[0], L), bhsd(wire[1], L)
         rows, kv_rows = blk.q_rows, blk.kv_rows
-        dq_b, dk_b, dv_b = block_backward(
-            spec.backward_path, spec.backward_config, dob[:, :, rows], qb[:, :, rows], kb[:, :, kv_rows], vb[:, :, kv_rows],
-            ob[:, :, rows], lse[:, :, rows], delta[:, :, rows], causal=blk.causal, scale=spec.scale,
-        )
+        args = (dob[:, :, rows], qb[:, :, rows], kb[:, :, kv_rows], vb[:, :, kv_rows], ob[:, :, rows], lse[:, :, rows])
+        if spec.aten_cudnn:
+            dq_b, dk_b, dv_b = aten_cudnn.backward(*args, causal=blk.causal, scale=spec.scale)
+        else:
+            dq_b, dk_b, dv_b = block_backward(
+                spec.backward_path, spec.backward_config, *args, delta[:, :, rows], causal=blk.causal, scale=spec.scale
+            )
         dqb[:, :, rows] += dq_b
         dk_user, dv_user = _zeros_user(k, acc), _zeros_user(v, acc)
         bhsd(dk_user, L)[:, :, kv_rows] += dk_b

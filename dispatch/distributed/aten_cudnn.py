@@ -1,0 +1,77 @@
+"""Experimental ring blocks through torch's private cuDNN attention ops (forward with lse, and the
+backward that takes a given out and lse), for measuring what the ring gains from cuDNN-class
+kernels. Not chosen by the dispatcher: the sdpa backend exposes no lse for sdpa:cudnn, and these
+aten ops are private (their lse shape and argument list may change between torch releases), so
+every use first passes `self_check` against the torch-ops path. MHA only (Hq == Hkv).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .block_backward import Grads, block_backward_math, softmax_delta
+
+log = logging.getLogger("flashdispatch.distributed")
+
+_rng_words: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse (B, H, Sq) float32) of one block; bhsd-indexed, Hq == Hkv, square when causal."""
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        _dense(q), _dense(k), _dense(v), None, True, 0.0, causal, False, scale=scale
+    )
+    out, lse = res[0], res[1]
+    # dropout is 0: the rng words are never read, but the backward op takes tensors of their kind
+    _rng_words.setdefault(q.device, (res[6], res[7]))
+    return out, lse.reshape(q.shape[0], q.shape[1], q.shape[2]).float()
+
+
+def backward(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    *, causal: bool, scale: float,
+) -> Grads:
+    """One block's (dq, dk, dv) against the given (global) out and lse."""
+    seed, offset = _rng_words[q.device]
+    b, h, sq, _ = q.shape
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        _dense(do), _dense(q), _dense(k), _dense(v), _dense(out),
+        _dense(lse).reshape(b, h, sq, 1), seed, offset, None, None, None, sq, k.shape[2], 0.0, causal,
+        scale=scale,
+    )
+    return dq, dk, dv
+
+
+def self_check(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """None when forward lse and the backward-with-given-lse agree with the torch-ops math on a
+    split block (so the lse is the natural-log whole-row one), else the reason."""
+    try:
+        g = torch.Generator(device=device).manual_seed(3)
+        b, h, s, d = 1, 2, 256, 64
+        q, k, v, do = (torch.randn(b, h, s, d, generator=g, device=device, dtype=dtype) for _ in range(4))
+        scale = d ** -0.5
+        out, lse = forward(q, k, v, causal=True, scale=scale)
+        ref_s = (q.double() @ k.double().transpose(-1, -2)) * scale
+        ref_s = ref_s.masked_fill(torch.ones(s, s, device=device, dtype=torch.bool).triu(1), float("-inf"))
+        lse_err = float((lse.double() - torch.logsumexp(ref_s, -1)).abs().max())
+        if not lse_err < 1e-2:
+            return f"forward lse differs from the natural-log logsumexp by {lse_err:.3g}"
+        # rows [s/2:s) against keys [0:s/2): a full block inside causal rows, global out/lse
+        rows, cols = slice(s // 2, s), slice(0, s // 2)
+        args = (do[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols])
+        got = backward(*args, out[:, :, rows], lse[:, :, rows], causal=False, scale=scale)
+        want = block_backward_math(*args, lse[:, :, rows], softmax_delta(do, out)[:, :, rows], causal=False,
+                                   scale=scale)
+        for name, a, w in zip(("dq", "dk", "dv"), got, want):
+            rel = float((a.float() - w.float()).norm() / w.float().norm())
+            if not rel < 2e-2:
+                return f"backward {name} with a given lse differs from the math by {rel:.3g} (relative)"
+    except Exception as e:  # private ops: any failure means "not usable here"
+        return f"{type(e).__name__}: {e}"
+    return None
