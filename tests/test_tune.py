@@ -202,6 +202,9 @@ def test_every_config_of_the_space_is_tried_once_default_first_and_capped(fake_c
     assert [t.config["BLOCK"] for t in r.trials] == [16, 32, 64]
     capped = tune.measure_bucket(TINY[0], {"fake": fake}, CPU, tune.TuneOptions(max_configs=2), _gen())
     assert [t.config["BLOCK"] for t in capped.trials] == [16, 32]
+    wide = FakeKernel(configs=[{"BLOCK": b, "ms": 1.0} for b in range(16, 16 + 10)])
+    picked = [c["BLOCK"] for c in tune.candidate_configs(wide, None, None, 4)]  # type: ignore[arg-type]
+    assert picked == [16, 17, 20, 23]  # the default, then spread over the rest
 
 
 def test_hopeless_configs_are_abandoned_after_one_call(fake_clock) -> None:

@@ -166,12 +166,17 @@ def candidate_configs(impl: Implementation, p: Problem, dev: DeviceInfo, max_con
         default = impl.default_config(p, dev)
     except Exception:  # a default that fails is reported when its run fails; keep the space
         default = None
-    if default is not None and default in space:
-        space.remove(default)
+    if default is not None:  # what runs without a profile is always a candidate
+        if default in space:
+            space.remove(default)
         space.insert(0, default)
     configs = _dedupe(space)
     if max_configs is not None and len(configs) > max_configs:
-        configs = configs[:max_configs]
+        # the default, then an even spread over the rest: spaces are built as products, so a
+        # prefix would vary only the innermost parameter
+        rest = configs[1:]
+        n = max(0, max_configs - 1)
+        configs = configs[:1] + [rest[(i * len(rest)) // n] for i in range(n)] if n else configs[:1]
     return configs
 
 
