@@ -1,0 +1,152 @@
+"""flashdispatch.hf: flashdispatch as a Hugging Face transformers attention implementation.
+
+    import flashdispatch.hf
+    flashdispatch.hf.register()            # once per process; safe to repeat
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="flashdispatch")
+
+`register()` adds `attention_forward` to transformers' AttentionInterface and gives the name the
+same mask builder as "sdpa", which hands over no mask at all when the mask would be plain causal
+(no padding). Calls that flashdispatch's contract covers (no mask, or causal; any GQA ratio; no
+dropout) run through `flashdispatch.attention`; everything else — a padding or sliding-window mask,
+attention dropout in training, a position bias, attention sinks — goes to transformers' own sdpa
+function, and the reason is logged once per process (logger "flashdispatch", level WARNING).
+
+transformers is imported only inside these functions: `import flashdispatch` never loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .api import attention
+
+log = logging.getLogger("flashdispatch")
+
+NAME = "flashdispatch"
+
+# kwargs of transformers' attention functions that change the math beyond the contract
+_UNSUPPORTED_KWARGS: tuple[tuple[str, str], ...] = (
+    ("position_bias", "a position bias (T5-style) added to the scores"),
+    ("s_aux", "attention sinks (s_aux)"),
+    ("softcap", "logit soft-capping"),
+)
+
+_reported: set[str] = set()
+# names registered through register() that transformers would take for flash-attn kernels
+_own_names: set[str] = set()
+
+
+def register(name: str = NAME) -> str:
+    """Register flashdispatch with transformers under `name`; returns the name.
+
+    Raises ImportError (with the install command) when transformers is missing.
+    """
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as e:
+        raise ImportError(
+            f"flashdispatch.hf.register: transformers is needed (pip install transformers): {e}"
+        ) from e
+    AttentionInterface.register(name, attention_forward)
+    # the sdpa mask builder returns None for a plain causal mask: that is the case we serve
+    AttentionMaskInterface.register(name, sdpa_mask)
+    _skip_flash_kernel_loading(name)
+    return name
+
+
+def _skip_flash_kernel_loading(name: str) -> None:
+    """Stop transformers from looking for a flash-attn kernel called `name`.
+
+    transformers 5 takes every implementation name that contains "flash" for a flash-attention
+    kernel and, when a model is built, loads it through `lazy_import_flash_attention` (from the
+    flash_attn package or the Hub), which fails for "flashdispatch". That loader is wrapped here to
+    return nothing for names registered through this module and to defer to transformers for every
+    other name; the attention function itself comes from AttentionInterface as for any registered
+    name. Older transformers (4.x) have no such check and are left alone.
+    """
+    try:
+        import transformers.modeling_utils as mu
+        from transformers.utils.generic import is_flash_attention_requested
+    except ImportError:
+        return
+    if not is_flash_attention_requested(requested_attention_implementation=name):
+        return
+    _own_names.add(name)
+    loader = getattr(mu, "lazy_import_flash_attention", None)
+    if loader is None or getattr(loader, "_flashdispatch_wrapped", False):
+        return
+
+    def lazy_import_flash_attention(implementation: str | None, *args: Any, **kwargs: Any) -> Any:
+        if implementation in _own_names:
+            return None
+        return loader(implementation, *args, **kwargs)
+
+    lazy_import_flash_attention._flashdispatch_wrapped = True  # type: ignore[attr-defined]
+    mu.lazy_import_flash_attention = lazy_import_flash_attention
+
+
+def fallback_reason(
+    attention_mask: torch.Tensor | None, dropout: float, kwargs: dict[str, Any]
+) -> str | None:
+    """Why this call goes to transformers' sdpa instead (None: flashdispatch serves it)."""
+    if attention_mask is not None:
+        return (
+            "an attention mask was given (padding, sliding window, packed sequences or a cache "
+            "prefix); flashdispatch takes no mask"
+        )
+    if dropout:
+        return f"attention dropout {dropout} (training); flashdispatch has no dropout"
+    for key, what in _UNSUPPORTED_KWARGS:
+        if kwargs.get(key) is not None:
+            return f"{what}; flashdispatch does not support it"
+    return None
+
+
+def _report(reason: str) -> None:
+    if reason not in _reported:
+        _reported.add(reason)
+        log.warning("flashdispatch.hf: falling back to sdpa: %s", reason)
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature (as its sdpa_attention_forward).
+
+    query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D/Dv) — GQA heads are not repeated; returns
+    (attn_output (B, Sq, Hq, Dv) contiguous, None).
+    """
+    reason = fallback_reason(attention_mask, dropout, kwargs)
+    if reason is not None:
+        if not torch.compiler.is_compiling():
+            _report(reason)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            is_causal=is_causal, **kwargs,
+        )
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    sq, sk = query.shape[2], key.shape[2]
+    # an `if` on the shape, so that dynamic shapes under torch.compile give a bool, not a SymBool
+    causal = bool(is_causal) if sq > 1 else False
+    if causal and sk > sq:
+        # transformers drops the mask for causal calls only when the keys beyond the queries are
+        # empty slots (a static cache at prefill): sdpa crops them, and so must we, since our
+        # bottom-right alignment would otherwise attend to them
+        key, value = key[:, :, :sq], value[:, :, :sq]
+    out = attention(query, key, value, causal=causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
