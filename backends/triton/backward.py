@@ -129,6 +129,21 @@ def resolve_backward_config(config: dict[str, Any] | None, head_dim: int, head_d
 # ---------------------------------------------------------------------------------------------
 
 
+# Only builtins and this module's own jit functions are called from the kernels (no tl.cdiv,
+# tl.sum): the library's jit helpers are compiled or interpreted as decided when triton was first
+# imported, and the CPU tests turn the interpreter on later, for this module alone.
+
+
+@triton.jit
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
 @triton.jit
 def _mm(a, b, IEEE: tl.constexpr):
     # fp32 inputs need true fp32 products: tf32 would miss the fp32 error budget
@@ -197,7 +212,7 @@ def _bwd_preprocess_kernel(
     EVEN_M: tl.constexpr, EVEN_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n_blocks = tl.cdiv(SEQ_Q, BLOCK_M)
+    n_blocks = _cdiv(SEQ_Q, BLOCK_M)
     pid_m = pid % n_blocks
     pid_bh = pid // n_blocks
     b = (pid_bh // H).to(tl.int64)
@@ -212,7 +227,7 @@ def _bwd_preprocess_kernel(
     do_ptrs += offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
     o = _load_tile(o_ptrs, rows, SEQ_Q, offs_dv, HEAD_DV, EVEN_M, EVEN_DV).to(tl.float32)
     do = _load_tile(do_ptrs, rows, SEQ_Q, offs_dv, HEAD_DV, EVEN_M, EVEN_DV).to(tl.float32)
-    delta = tl.sum(o * do, axis=1)
+    delta = tl.reduce(o * do, 1, _add)
     delta_ptrs = DELTA + pid_bh.to(tl.int64) * SEQ_Q + rows
     if EVEN_M:
         tl.store(delta_ptrs, delta)
@@ -294,7 +309,7 @@ def _bwd_dkdv_kernel(
     # kv blocks vary fastest: programs running together share one head's Q/dO in L2, and under
     # causal the first kv blocks (the most query blocks to visit) start first.
     pid = tl.program_id(0)
-    n_blocks = tl.cdiv(SEQ_K, BLOCK_N)
+    n_blocks = _cdiv(SEQ_K, BLOCK_N)
     pid_n = pid % n_blocks
     pid_bh = pid // n_blocks
     b = (pid_bh // H_KV).to(tl.int64)
@@ -312,11 +327,11 @@ def _bwd_dkdv_kernel(
     v_ptrs += offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     k = _load_tile(k_ptrs, cols_n, SEQ_K, offs_d, HEAD_D, EVEN_N, EVEN_D)
     v = _load_tile(v_ptrs, cols_n, SEQ_K, offs_dv, HEAD_DV, EVEN_N, EVEN_DV)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
 
     causal_offset = SEQ_K - SEQ_Q
-    n_m_blocks = tl.cdiv(SEQ_Q, BLOCK_M)
+    n_m_blocks = _cdiv(SEQ_Q, BLOCK_M)
     if CAUSAL:
         # rows before n0 - offset see none of this block; from `full` on, rows see all of it
         first = tl.maximum(n0 - causal_offset, 0) // BLOCK_M
@@ -416,7 +431,7 @@ def _bwd_dq_kernel(
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n_blocks = tl.cdiv(SEQ_Q, BLOCK_M)
+    n_blocks = _cdiv(SEQ_Q, BLOCK_M)
     # under causal the last query blocks see the most keys: start them first
     pid_m = n_blocks - 1 - pid % n_blocks
     pid_bh = pid // n_blocks
@@ -439,7 +454,7 @@ def _bwd_dq_kernel(
     do = _load_tile(do_ptrs, rows, SEQ_Q, offs_dv, HEAD_DV, EVEN_M, EVEN_DV)
     lse2, delta = _load_row_stats(LSE + b * stride_lb + h * stride_lh + m64 * stride_lm + offs_m * stride_lm,
                                   DELTA + pid_bh.to(tl.int64) * SEQ_Q + m64 + offs_m, rows, SEQ_Q, EVEN_M)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
 
     k_head = K + b * stride_kb + hk * stride_kh
     v_head = V + b * stride_vb + hk * stride_vh
@@ -459,7 +474,7 @@ def _bwd_dq_kernel(
     )
     dq = _dq_inner(
         dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
-        full * BLOCK_N, tl.cdiv(hi, BLOCK_N) - full, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+        full * BLOCK_N, _cdiv(hi, BLOCK_N) - full, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
         True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE,
     )
 
