@@ -129,7 +129,7 @@ def block_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    delta: torch.Tensor,
+    delta: torch.Tensor | None,
     *,
     causal: bool,
     scale: float,
@@ -141,4 +141,6 @@ def block_backward(
         if fn is None:
             raise RuntimeError("block backward path 'triton' chosen but attention_backward is not importable")
         return fn(do, q, k, v, out, lse, causal=causal, scale=scale, config=config)
+    if delta is None:
+        delta = softmax_delta(do, out)
     return block_backward_math(do, q, k, v, lse, delta, causal=causal, scale=scale)

@@ -106,7 +106,8 @@ def ring_backward(
     acc = accumulation_dtype(q.dtype)
     L = spec.layout
     qb, ob, dob = bhsd(q, L), bhsd(out, L), bhsd(do, L)
-    delta = softmax_delta(dob, ob)
+    # the triton and cuDNN backwards compute rowsum(dO * O) themselves
+    delta = softmax_delta(dob, ob) if spec.backward_path != "triton" and not spec.aten_cudnn else None
     dq_user = _zeros_user(q, acc)
     dqb = bhsd(dq_user, L)
     wire = [k, v]
@@ -121,7 +122,8 @@ def ring_backward(
             dq_b, dk_b, dv_b = aten_cudnn.backward(*args, causal=blk.causal, scale=spec.scale)
         else:
             dq_b, dk_b, dv_b = block_backward(
-                spec.backward_path, spec.backward_config, *args, delta[:, :, rows], causal=blk.causal, scale=spec.scale
+                spec.backward_path, spec.backward_config, *args, None if delta is None else delta[:, :, rows],
+                causal=blk.causal, scale=spec.scale,
             )
         dqb[:, :, rows] += dq_b
         dk_user, dv_user = _zeros_user(k, acc), _zeros_user(v, acc)
