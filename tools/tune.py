@@ -27,14 +27,14 @@ import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from flashdispatch import envs
 from flashdispatch.backend import Implementation
-from flashdispatch.device import DeviceInfo, real_device
-from flashdispatch.problem import DTYPES_BY_NAME, Problem, problem_from_tensors
+from flashdispatch.device import DeviceInfo, real_device, simulated_device
+from flashdispatch.problem import DTYPES_BY_NAME, Problem, problem_from_shape, problem_from_tensors
 from flashdispatch.profile_store import SCHEMA_VERSION, parse_profile, problem_pass
 from flashdispatch.registry import REGISTRY
 
@@ -348,6 +348,7 @@ class ProfileMeta:
     timing: str = ""
     versions: dict[str, str] = field(default_factory=versions)
     header: str = ""  # comment lines for the top of the file (without '# ')
+    tool: str = TOOL
 
 
 _BARE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -394,7 +395,7 @@ def profile_yaml(results: Sequence[BucketResult], meta: ProfileMeta, *, note: st
             "# that passed the float64 check ranked fastest first with its median ms, the best config of",
             "# each tuned backend, and why the others were rejected. Regenerate: flashdispatch tune --help.",
         ]
-    gen = {"date": meta.date, "tool": TOOL, "card": meta.card, "command": meta.command, **meta.versions}
+    gen = {"date": meta.date, "tool": meta.tool, "card": meta.card, "command": meta.command, **meta.versions}
     if meta.timing:
         gen["timing"] = meta.timing
     lines += [
@@ -427,6 +428,31 @@ def profile_yaml(results: Sequence[BucketResult], meta: ProfileMeta, *, note: st
         if rej:
             lines.append("    rejected: " + _flow(rej))
     return "\n".join(lines) + "\n"
+
+
+def unmeasured_profile(key: str, header: str, rank: Callable[[Shape], Sequence[str]], plan: Sequence[Shape],
+                       command: str) -> str:
+    """A profile for a device we cannot measure: rankings from an argued rule, no ms.
+
+    Each entry ranks the implementations `rank(shape)` names that can serve the shape on the
+    (simulated) device, with each one's default config for that device, so that what the file
+    can select is what the compile checks (tools/aot_triton.py, tools/nvcc_check.py) verify.
+    """
+    dev = simulated_device(key)
+    impls = REGISTRY.all()
+    results = []
+    for s in plan:
+        p = problem_from_shape(s.dims, dtype=s.dtype, device_kind=dev.kind, causal=s.causal, needs_grad=s.needs_grad)
+        trials = []
+        for i, name in enumerate(rank(s)):
+            impl = impls.get(name)
+            if impl is None or impl.not_supported_reasons(p, dev):
+                continue
+            trials.append(Trial(name, dict(impl.default_config(p, dev)), "ok", float(i)))  # ms: order only
+        results.append(BucketResult(bucket_id(s), s, bucket_match(s), trials))
+    meta = ProfileMeta(key=key, name=dev.name, arch=dev.arch, card=f"{dev.name} (not measured)", command=command,
+                       measured=False, header=header, versions={}, tool="flashdispatch.tools.figures")
+    return profile_yaml(results, meta)
 
 
 # --- the sweep ---------------------------------------------------------------------------------
