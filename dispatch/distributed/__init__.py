@@ -47,6 +47,8 @@ def _group_of(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
 
 def _comm(group: dist.ProcessGroup | None) -> RingComm | LoopbackComm:
     g = _group_of(group)
+    if dist.get_rank(g) < 0:
+        raise ValueError(f"group: expected a process group that contains this rank ({dist.get_rank()}), got one that does not")
     if dist.get_world_size(g) == 1:
         return LoopbackComm()
     return RingComm(g)
