@@ -191,7 +191,7 @@ def bench_one(seqlen: int, args: argparse.Namespace, device: torch.device) -> di
 def _table(rows: list[dict]) -> str:
     out = [
         "| S | GPUs | 1 GPU fwd+bwd ms (backend) | ring fwd+bwd ms | speedup vs best 1 GPU | ring compute-only ms | "
-        "traffic ms (K/V hop GB/s) | compute/wall | ring TFLOP/s per GPU |",
+        "traffic ms (K/V hop GB/s) | per step: compute / wall ms | ring TFLOP/s per GPU |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -202,14 +202,16 @@ def _table(rows: list[dict]) -> str:
         per_gpu = r["tflop_fwd_bwd"] / (r["ring_ms"] * 1e-3) / r["world"]
         out.append(
             f"| {r['seqlen']} | {r['world']} | {single_txt} | {r['ring_ms']:.1f} | {best / r['ring_ms']:.2f}x | "
-            f"{r['compute_ms']:.1f} | {r['comm_ms']:.1f} ({gbs:.0f}) | {r['compute_ms'] / r['ring_ms']:.2f} | "
+            f"{r['compute_ms']:.1f} | {r['comm_ms']:.1f} ({gbs:.0f}) | "
+            f"{r['compute_ms'] / r['world']:.2f} / {r['ring_ms'] / r['world']:.2f} ({r['compute_ms'] / r['ring_ms']:.2f}) | "
             f"{per_gpu:.0f} |"
         )
         if "ring_cudnn_ms" in r:
             c = r["ring_cudnn_ms"]
             out.append(
                 f"| {r['seqlen']} | {r['world']} | (cuDNN blocks, experimental) | {c:.1f} | {best / c:.2f}x | "
-                f"{r['compute_cudnn_ms']:.1f} | | {r['compute_cudnn_ms'] / c:.2f} | "
+                f"{r['compute_cudnn_ms']:.1f} | | {r['compute_cudnn_ms'] / r['world']:.2f} / {c / r['world']:.2f} "
+                f"({r['compute_cudnn_ms'] / c:.2f}) | "
                 f"{r['tflop_fwd_bwd'] / (c * 1e-3) / r['world']:.0f} |"
             )
         elif "cudnn_blocks" in r:
