@@ -1,0 +1,233 @@
+"""Kernel configurations of the cupy backend: the one place that says which exist.
+
+A config is the dict a profile stores under `cupy:` (and that run() receives):
+``{"BLOCK_M", "BLOCK_N", "WARPS"}`` for the forward kernel (BLOCK_M query rows per CTA, BLOCK_N
+keys per step) and ``{"BWD_BLOCK_M", "BWD_BLOCK_N", "BWD_WARPS"}`` for the two backward kernels,
+which share one shape: each CTA owns BWD_BLOCK_N rows (key rows for dK/dV, query rows for dQ) and
+walks the other sequence BWD_BLOCK_M at a time.
+Defaults, the tuner's space, the nvcc check and `warmup` all read the tables below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, NamedTuple
+
+HEAD_DIMS: tuple[int, ...] = (32, 64, 96, 128, 256)
+# dK and dV accumulators of 16 rows x D each would not fit the register file for D = 256.
+BACKWARD_HEAD_DIMS: tuple[int, ...] = (32, 64, 96, 128)
+DTYPE_NAMES: tuple[str, ...] = ("fp16", "bf16")
+KINDS: tuple[str, ...] = ("fwd", "bwd_prep", "bwd_dq", "bwd_dkdv")
+
+FWD_KEYS: tuple[str, ...] = ("BLOCK_M", "BLOCK_N", "WARPS")
+BWD_KEYS: tuple[str, ...] = ("BWD_BLOCK_M", "BWD_BLOCK_N", "BWD_WARPS")
+CONFIG_KEYS: tuple[str, ...] = FWD_KEYS + BWD_KEYS
+
+# Padding of every shared-memory row, in elements (FD_PAD in flash_attn.cuh).
+SMEM_PAD = 8
+ELEM_BYTES = 2
+# Opt-in shared memory per block by compute capability (CUDA programming guide, table of
+# technical specifications); unknown archs get the portable 48 KiB.
+SMEM_LIMIT_BY_CC: dict[int, int] = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+SMEM_LIMIT_DEFAULT = 49152
+# Accumulator floats per thread above which ptxas starts spilling these kernels (seen in
+# `nvcc -Xptxas -v` for sm_90, nvcc 13.0: fwd D=96 at 160 and D=128 at 192 spill, dK/dV D=128 at
+# 192 spills; tools/nvcc_check.py --verbose reports the spills of every config).
+MAX_ACC_FLOATS: dict[str, int] = {"fwd": 144, "bwd_dq": 160, "bwd_dkdv": 160, "bwd_prep": 0}
+
+# Defaults per head dim: (BLOCK_M, BLOCK_N, WARPS), (BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS).
+DEFAULT_FWD: dict[int, tuple[int, int, int]] = {
+    32: (128, 64, 4),
+    64: (128, 64, 4),
+    96: (128, 64, 8),
+    128: (128, 64, 8),
+    256: (64, 32, 4),
+}
+DEFAULT_BWD: dict[int, tuple[int, int, int]] = {
+    32: (64, 64, 4),
+    64: (64, 64, 4),
+    96: (32, 64, 4),
+    128: (32, 64, 4),
+}
+# What the tuner may try (before pruning by shared memory and registers).
+FWD_CANDIDATES: tuple[tuple[int, int, int], ...] = (
+    (64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 64, 4), (128, 32, 8), (128, 64, 8), (128, 128, 8),
+)
+BWD_CANDIDATES: tuple[tuple[int, int, int], ...] = (
+    (32, 64, 4), (64, 64, 4), (32, 128, 8), (64, 128, 8), (128, 64, 4),
+)
+
+
+class KernelSpec(NamedTuple):
+    """One template instantiation: what a compiled module is keyed on."""
+
+    kind: str  # one of KINDS
+    head_dim: int
+    dtype: str  # "fp16" | "bf16"
+    causal: bool
+    block_m: int
+    block_n: int
+    warps: int
+
+    @property
+    def threads(self) -> int:
+        return 256 if self.kind == "bwd_prep" else 32 * self.warps
+
+    @property
+    def symbol(self) -> str:
+        """The extern "C" name of the kernel (unique per instantiation)."""
+        if self.kind == "bwd_prep":
+            return f"fd_bwd_prep_d{self.head_dim}_{self.dtype}"
+        c = "c" if self.causal else "nc"
+        return (
+            f"fd_{self.kind}_d{self.head_dim}_m{self.block_m}_n{self.block_n}_w{self.warps}_{c}_{self.dtype}"
+        )
+
+    def smem_bytes(self) -> int:
+        row = (self.head_dim + SMEM_PAD) * ELEM_BYTES
+        m, n = self.block_m, self.block_n
+        if self.kind == "fwd":
+            return (m + 4 * n) * row
+        if self.kind == "bwd_dq":
+            return (2 * m + 4 * n) * row
+        if self.kind == "bwd_dkdv":
+            return (2 * n + 4 * m) * row + 4 * m * 4
+        return 0  # bwd_prep: static 1 KiB only
+
+    def acc_floats(self) -> int:
+        """Per-thread fp32 accumulators: the register-pressure estimate behind MAX_ACC_FLOATS."""
+        d8 = self.head_dim // 8
+        if self.kind == "fwd":
+            mt = self.block_m // (16 * self.warps)
+            return mt * d8 * 4 + mt * (self.block_n // 8) * 4
+        if self.kind == "bwd_dq":
+            mt = self.block_m // (16 * self.warps)
+            return mt * d8 * 4 + 2 * mt * (self.block_n // 8) * 4
+        if self.kind == "bwd_dkdv":
+            mt = self.block_n // (16 * self.warps)
+            return 2 * mt * d8 * 4 + 2 * mt * (self.block_m // 8) * 4
+        return 0
+
+    def problems(self) -> list[str]:
+        """Why this instantiation is invalid (empty: valid). Shapes only, not the device."""
+        r: list[str] = []
+        if self.kind not in KINDS:
+            r.append(f"kind={self.kind!r} (expected one of {KINDS})")
+        if self.head_dim not in HEAD_DIMS:
+            r.append(f"head_dim={self.head_dim} (supported: {list(HEAD_DIMS)})")
+        if self.dtype not in DTYPE_NAMES:
+            r.append(f"dtype={self.dtype!r} (supported: {list(DTYPE_NAMES)})")
+        if self.kind == "bwd_prep":
+            return r
+        if self.warps not in (1, 2, 4, 8):
+            r.append(f"WARPS={self.warps} (expected 1, 2, 4 or 8)")
+            return r
+        rows, steps = (self.block_n, self.block_m) if self.kind == "bwd_dkdv" else (self.block_m, self.block_n)
+        if rows <= 0 or rows % (16 * self.warps):
+            r.append(f"{rows} rows per CTA must be a positive multiple of 16 * WARPS = {16 * self.warps}")
+        if steps <= 0 or steps % 16:
+            r.append(f"{steps} per step must be a positive multiple of 16")
+        if self.kind in ("bwd_dq", "bwd_dkdv") and self.head_dim not in BACKWARD_HEAD_DIMS:
+            r.append(f"backward head_dim={self.head_dim} (supported: {list(BACKWARD_HEAD_DIMS)})")
+        limit = MAX_ACC_FLOATS.get(self.kind, 0)
+        if not r and self.acc_floats() > limit:
+            r.append(f"{self.acc_floats()} accumulator floats per thread (max {limit}: would spill)")
+        return r
+
+
+def smem_limit(cuda_capability: int) -> int:
+    return SMEM_LIMIT_BY_CC.get(cuda_capability, SMEM_LIMIT_DEFAULT)
+
+
+def fits(spec: KernelSpec, cuda_capability: int) -> bool:
+    """Valid shapes and enough shared memory on this compute capability."""
+    return not spec.problems() and spec.smem_bytes() <= smem_limit(cuda_capability)
+
+
+def default_config(head_dim: int, cuda_capability: int = 90) -> dict[str, int]:
+    """The built-in config for a head dim; falls back to the largest candidate that fits."""
+    cfg: dict[str, int] = {}
+    fwd = DEFAULT_FWD.get(head_dim)
+    if fwd is not None:
+        if not fits(KernelSpec("fwd", head_dim, "fp16", False, *fwd), cuda_capability):
+            fwd = next(
+                (c for c in sorted(FWD_CANDIDATES, key=lambda c: -c[0] * c[1])
+                 if fits(KernelSpec("fwd", head_dim, "fp16", False, *c), cuda_capability)),
+                None,
+            )
+        if fwd is not None:
+            cfg.update(zip(FWD_KEYS, fwd))
+    bwd = DEFAULT_BWD.get(head_dim)
+    if bwd is not None:
+        if not all(fits(s, cuda_capability) for s in bwd_specs(head_dim, "fp16", False, bwd)):
+            bwd = next(
+                (c for c in sorted(BWD_CANDIDATES, key=lambda c: -c[0] * c[1])
+                 if all(fits(s, cuda_capability) for s in bwd_specs(head_dim, "fp16", False, c))),
+                None,
+            )
+        if bwd is not None:
+            cfg.update(zip(BWD_KEYS, bwd))
+    return cfg
+
+
+def parse_config(config: dict[str, Any], head_dim: int, cuda_capability: int = 90) -> dict[str, int]:
+    """Defaults overlaid with `config`; unknown keys or non-integer values raise ValueError."""
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"cupy config: unknown keys {unknown}; expected a subset of {list(CONFIG_KEYS)}")
+    out = default_config(head_dim, cuda_capability)
+    for key, value in config.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"cupy config {key}: expected an int, got {value!r}")
+        out[key] = value
+    return out
+
+
+def fwd_spec(head_dim: int, dtype: str, causal: bool, cfg: dict[str, int]) -> KernelSpec:
+    return KernelSpec("fwd", head_dim, dtype, causal, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["WARPS"])
+
+
+def bwd_specs(
+    head_dim: int, dtype: str, causal: bool, bwd: tuple[int, int, int] | dict[str, int]
+) -> list[KernelSpec]:
+    m, n, w = (bwd["BWD_BLOCK_M"], bwd["BWD_BLOCK_N"], bwd["BWD_WARPS"]) if isinstance(bwd, dict) else bwd
+    return [
+        KernelSpec("bwd_prep", head_dim, dtype, False, 0, 0, 0),
+        KernelSpec("bwd_dq", head_dim, dtype, causal, n, m, w),  # rows n, step m (see top)
+        KernelSpec("bwd_dkdv", head_dim, dtype, causal, m, n, w),
+    ]
+
+
+def config_space(head_dim: int, cuda_capability: int, backward: bool) -> list[dict[str, int]]:
+    """Configs worth timing for one head dim, pruned to what fits the device (one dtype/causal
+    value suffices: neither changes shared memory or registers)."""
+    base = default_config(head_dim, cuda_capability)
+    space: list[dict[str, int]] = []
+    for c in FWD_CANDIDATES:
+        if fits(KernelSpec("fwd", head_dim, "fp16", False, *c), cuda_capability):
+            space.append({**base, **dict(zip(FWD_KEYS, c))})
+    if backward and head_dim in BACKWARD_HEAD_DIMS:
+        for c in BWD_CANDIDATES:
+            if all(fits(s, cuda_capability) for s in bwd_specs(head_dim, "fp16", False, c)):
+                cfg = {**base, **dict(zip(BWD_KEYS, c))}
+                if cfg not in space:
+                    space.append(cfg)
+    return space
+
+
+def specs_for(
+    configs: Iterable[dict[str, int]], head_dims: Iterable[int], dtypes: Iterable[str] = DTYPE_NAMES,
+    causal: Iterable[bool] = (False, True), backward: bool = True,
+) -> list[KernelSpec]:
+    """Every instantiation the given configs can launch (deduplicated, stable order)."""
+    seen: dict[KernelSpec, None] = {}
+    cfgs = list(configs)
+    for d in head_dims:
+        for dt in dtypes:
+            for c in causal:
+                for cfg in cfgs:
+                    if all(k in cfg for k in FWD_KEYS):
+                        seen.setdefault(fwd_spec(d, dt, c, cfg))
+                    if backward and d in BACKWARD_HEAD_DIMS and all(k in cfg for k in BWD_KEYS):
+                        for s in bwd_specs(d, dt, c, cfg):
+                            seen.setdefault(s)
+    return list(seen)

@@ -1,0 +1,777 @@
+// FlashAttention-2 forward and backward for sm_80+ (fp16 / bf16 in, fp32 accumulate).
+//
+// Compiles under NVRTC (no host headers: fixed-width types are defined below) and under
+// nvcc -c / --cubin. Kernels are templates over (head dim, tile sizes, warps, causal, dtype);
+// backends/cupy/kernels.py emits the extern "C" entry points that instantiate them, one
+// configuration per module.
+//
+// Tensor-core path: mma.sync.aligned.m16n8k16 (row.col, fp32 accumulate) with fragments loaded by
+// ldmatrix; tiles are staged in shared memory by cp.async, K/V (forward, dq) and Q/dO (dk/dv)
+// double-buffered so that the next tile's copy overlaps this tile's math.
+//
+// Contract (see docs/cupy.md): bottom-right causal (query i sees key j iff j <= i + Sk - Sq),
+// query head h reads kv head h / group, rows that see no key give zeros and lse = -inf, lse is the
+// natural log of the row sum of exp(scale * q.k), float32, contiguous (B, Hq, Sq).
+
+typedef unsigned int fd_u32;
+typedef unsigned short fd_u16;
+typedef long long fd_i64;
+
+struct __align__(16) fd_v4 {
+    fd_u32 x, y, z, w;
+};
+
+#define FD_LOG2E 1.4426950408889634f
+#define FD_INF __int_as_float(0x7f800000)
+
+// Shared-memory rows are padded by 8 elements (16 bytes) so that the 8 row addresses of one
+// ldmatrix phase fall into 8 distinct 16-byte bank groups for every head dim (a plain XOR swizzle
+// would need D/8 to be a power of two >= 8; 96 is not).
+#define FD_PAD 8
+
+// ---------------------------------------------------------------------------------------------
+// PTX helpers
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ fd_u32 fd_smem_addr(const void* p) {
+    fd_u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// 16-byte asynchronous global->shared copy; src_bytes = 0 fills the 16 bytes with zeros, which is
+// how rows past the end of a sequence become zero rows without a branch around the copy.
+__device__ __forceinline__ void fd_cp_async16(fd_u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(src_bytes));
+}
+
+__device__ __forceinline__ void fd_cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <int N>
+__device__ __forceinline__ void fd_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void fd_ldsm_x4(fd_u32 addr, fd_u32 (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void fd_ldsm_x4_t(fd_u32 addr, fd_u32 (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// c += a (16x16, row) * b (16x8, col)
+template <bool BF16>
+__device__ __forceinline__ void fd_mma(float (&c)[4], const fd_u32 (&a)[4], fd_u32 b0, fd_u32 b1) {
+    if constexpr (BF16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+// Two floats -> one register of two 16-bit values, `lo` in the low half (the element with the
+// smaller column index in every mma fragment).
+template <bool BF16>
+__device__ __forceinline__ fd_u32 fd_pack(float lo, float hi) {
+    fd_u32 r;
+    if constexpr (BF16) {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    } else {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    }
+    return r;
+}
+
+template <bool BF16>
+__device__ __forceinline__ float fd_to_float(fd_u16 x) {
+    if constexpr (BF16) {
+        return __int_as_float(((fd_u32)x) << 16);
+    } else {
+        float f;
+        asm("cvt.f32.f16 %0, %1;\n" : "=f"(f) : "h"(x));
+        return f;
+    }
+}
+
+__device__ __forceinline__ float fd_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float fd_quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float fd_quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile movement
+// ---------------------------------------------------------------------------------------------
+
+// ROWS x D tile of a (seq, D) matrix with row stride `stride` (elements) into padded shared
+// memory, asynchronously. Rows at or past `valid` are zero-filled.
+template <int ROWS, int D, int THREADS>
+__device__ __forceinline__ void fd_load_tile(fd_u16* s, const fd_u16* g, fd_i64 stride, int row0,
+                                             int valid, int tid) {
+    constexpr int LD = D + FD_PAD;
+    constexpr int CPR = D / 8;  // 16-byte chunks per row
+    constexpr int TOTAL = ROWS * CPR;
+    constexpr int ITERS = (TOTAL + THREADS - 1) / THREADS;
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+        const int c = it * THREADS + tid;
+        if (TOTAL % THREADS == 0 || c < TOTAL) {
+            const int r = c / CPR;
+            const int ch = c - r * CPR;
+            const int grow = row0 + r;
+            const bool ok = grow < valid;
+            const fd_u16* src = g + (fd_i64)(ok ? grow : 0) * stride + ch * 8;
+            fd_cp_async16(fd_smem_addr(s + r * LD + ch * 8), src, ok ? 16 : 0);
+        }
+    }
+}
+
+// A warp's ROWS x D accumulator (already scaled, in registers as mma C fragments) -> shared
+// memory rows of this warp -> global memory with 16-byte stores. `s` points at the warp's first
+// row; rows at or past `valid` (global index) are not written.
+template <int MT, int D, bool BF16>
+__device__ __forceinline__ void fd_store_rows(const float (&acc)[MT][D / 8][4], fd_u16* s,
+                                              fd_u16* g, fd_i64 stride, int row0, int valid,
+                                              int lane) {
+    constexpr int LD = D + FD_PAD;
+    const int gr = lane >> 2, tc = (lane & 3) * 2;
+    __syncwarp();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+            const int col = dt * 8 + tc;
+            *reinterpret_cast<fd_u32*>(s + (mt * 16 + gr) * LD + col) =
+                fd_pack<BF16>(acc[mt][dt][0], acc[mt][dt][1]);
+            *reinterpret_cast<fd_u32*>(s + (mt * 16 + gr + 8) * LD + col) =
+                fd_pack<BF16>(acc[mt][dt][2], acc[mt][dt][3]);
+        }
+    }
+    __syncwarp();
+    constexpr int CPR = D / 8;
+    constexpr int TOTAL = MT * 16 * CPR;
+#pragma unroll
+    for (int it = 0; it < (TOTAL + 31) / 32; ++it) {
+        const int c = it * 32 + lane;
+        if (TOTAL % 32 == 0 || c < TOTAL) {
+            const int r = c / CPR;
+            const int ch = c - r * CPR;
+            if (row0 + r < valid) {
+                *reinterpret_cast<fd_v4*>(g + (fd_i64)(row0 + r) * stride + ch * 8) =
+                    *reinterpret_cast<const fd_v4*>(s + r * LD + ch * 8);
+            }
+        }
+    }
+}
+
+// Zero rows [row0, min(row0 + ROWS, valid)) of a (seq, D) matrix (blocks whose rows see no key).
+template <int ROWS, int D, int THREADS>
+__device__ __forceinline__ void fd_zero_rows(fd_u16* g, fd_i64 stride, int row0, int valid,
+                                             int tid) {
+    constexpr int CPR = D / 8;
+    for (int c = tid; c < ROWS * CPR; c += THREADS) {
+        const int r = c / CPR;
+        const int ch = c - r * CPR;
+        if (row0 + r < valid) {
+            fd_v4 z = {0u, 0u, 0u, 0u};
+            *reinterpret_cast<fd_v4*>(g + (fd_i64)(row0 + r) * stride + ch * 8) = z;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fragment products shared by the kernels. All operate on one warp's 16*MT rows.
+//
+// Notation: "A rows" is a (rows, K) tile read as the mma A operand (ldmatrix, no transpose);
+// "B rows" a (n, K) tile read as the col-major B operand (ldmatrix, no transpose): C = A * B^T;
+// "B cols" a (K, n) tile read through ldmatrix.trans: C = A * B.
+// ---------------------------------------------------------------------------------------------
+
+// acc[MT][N/8] += A(16*MT x K, shared, rows a_row0..) * B(N x K, shared)^T
+template <int MT, int N, int K, bool BF16>
+__device__ __forceinline__ void fd_gemm_abt(float (&acc)[MT][N / 8][4], const fd_u16* sa,
+                                            const fd_u16* sb, int lane) {
+    constexpr int LD = K + FD_PAD;
+    // ldmatrix lane -> row address: A: rows lane%16, column half lane/16;
+    // B (two n-tiles of 8 at once): row (lane%8) + 8*(lane/16), column half (lane/8)%2.
+    const int a_r = lane & 15, a_c = (lane >> 4) * 8;
+    const int b_r = (lane & 7) + ((lane >> 4) << 3), b_c = ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int kc = 0; kc < K / 16; ++kc) {
+        fd_u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+            fd_ldsm_x4(fd_smem_addr(sa + (mt * 16 + a_r) * LD + kc * 16 + a_c), a[mt]);
+#pragma unroll
+        for (int n2 = 0; n2 < N / 16; ++n2) {
+            fd_u32 b[4];
+            fd_ldsm_x4(fd_smem_addr(sb + (n2 * 16 + b_r) * LD + kc * 16 + b_c), b);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                fd_mma<BF16>(acc[mt][2 * n2], a[mt], b[0], b[1]);
+                fd_mma<BF16>(acc[mt][2 * n2 + 1], a[mt], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// acc[MT][N/8] += P(16*MT x K, registers as C fragments of K/8 n-tiles) * B(K x N, shared rows)
+template <int MT, int K, int N, bool BF16>
+__device__ __forceinline__ void fd_gemm_pb(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
+                                           const fd_u16* sb, int lane) {
+    constexpr int LD = N + FD_PAD;
+    const int b_r = lane & 15, b_c = (lane >> 4) * 8;
+#pragma unroll
+    for (int kc = 0; kc < K / 16; ++kc) {
+        // C fragments of n-tiles 2kc and 2kc+1 are exactly the A fragment of k-chunk kc.
+        fd_u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            a[mt][0] = fd_pack<BF16>(p[mt][2 * kc][0], p[mt][2 * kc][1]);
+            a[mt][1] = fd_pack<BF16>(p[mt][2 * kc][2], p[mt][2 * kc][3]);
+            a[mt][2] = fd_pack<BF16>(p[mt][2 * kc + 1][0], p[mt][2 * kc + 1][1]);
+            a[mt][3] = fd_pack<BF16>(p[mt][2 * kc + 1][2], p[mt][2 * kc + 1][3]);
+        }
+#pragma unroll
+        for (int n2 = 0; n2 < N / 16; ++n2) {
+            fd_u32 b[4];
+            fd_ldsm_x4_t(fd_smem_addr(sb + (kc * 16 + b_r) * LD + n2 * 16 + b_c), b);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                fd_mma<BF16>(acc[mt][2 * n2], a[mt], b[0], b[1]);
+                fd_mma<BF16>(acc[mt][2 * n2 + 1], a[mt], b[2], b[3]);
+            }
+        }
+    }
+}
+
+template <int MT, int N>
+__device__ __forceinline__ void fd_zero(float (&acc)[MT][N][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int n = 0; n < N; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][n][e] = 0.f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: grid (ceil(Sq / BM), Hq, B), WARPS * 32 threads, each warp owns BM / WARPS query rows.
+// Shared memory: Q [BM][D+8], then K and V [2 stages][BN][D+8] each.
+// ---------------------------------------------------------------------------------------------
+
+template <int D, int BM, int BN, int WARPS, bool CAUSAL, bool BF16>
+__device__ __forceinline__ void fd_attn_fwd(
+    fd_u16* smem, const fd_u16* __restrict__ Q, const fd_u16* __restrict__ K,
+    const fd_u16* __restrict__ V, fd_u16* __restrict__ O, float* __restrict__ LSE, fd_i64 q_sb,
+    fd_i64 q_sh, fd_i64 q_ss, fd_i64 k_sb, fd_i64 k_sh, fd_i64 k_ss, fd_i64 v_sb, fd_i64 v_sh,
+    fd_i64 v_ss, fd_i64 o_sb, fd_i64 o_sh, fd_i64 o_ss, int Sq, int Sk, int Hq, int group,
+    float scale) {
+    constexpr int THREADS = WARPS * 32;
+    constexpr int MT = BM / (16 * WARPS);
+    constexpr int LD = D + FD_PAD;
+    constexpr int NT = BN / 8;
+    constexpr int DT = D / 8;
+    static_assert(MT >= 1 && BM % (16 * WARPS) == 0, "BLOCK_M must be a multiple of 16 * WARPS");
+    static_assert(BN % 16 == 0 && D % 16 == 0, "BLOCK_N and D must be multiples of 16");
+
+    fd_u16* sQ = smem;
+    fd_u16* sK = sQ + BM * LD;
+    fd_u16* sV = sK + 2 * BN * LD;
+
+    // Heaviest query blocks (causal: the last ones) first, so the tail of the grid is light.
+    const int m_block = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int hk = h / group;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int q0 = m_block * BM;
+    const int off = Sk - Sq;
+    const float scale_log2 = scale * FD_LOG2E;
+
+    const fd_u16* Qp = Q + b * q_sb + h * q_sh;
+    const fd_u16* Kp = K + b * k_sb + hk * k_sh;
+    const fd_u16* Vp = V + b * v_sb + hk * v_sh;
+    fd_u16* Op = O + b * o_sb + h * o_sh;
+    float* Lp = LSE + ((fd_i64)b * Hq + h) * Sq;
+
+    int n_end = (Sk + BN - 1) / BN;
+    if (CAUSAL) {
+        const int last_key = min(q0 + BM, Sq) - 1 + off;  // the last key the block's last row sees
+        n_end = last_key < 0 ? 0 : min(n_end, last_key / BN + 1);
+    }
+    if (n_end == 0) {  // no row of this block sees a key
+        fd_zero_rows<BM, D, THREADS>(Op, o_ss, q0, Sq, tid);
+        for (int r = tid; r < BM; r += THREADS)
+            if (q0 + r < Sq) Lp[q0 + r] = -FD_INF;
+        return;
+    }
+
+    fd_load_tile<BM, D, THREADS>(sQ, Qp, q_ss, q0, Sq, tid);
+    fd_load_tile<BN, D, THREADS>(sK, Kp, k_ss, 0, Sk, tid);
+    fd_load_tile<BN, D, THREADS>(sV, Vp, v_ss, 0, Sk, tid);
+    fd_cp_async_commit();
+
+    float o[MT][DT][4];
+    fd_zero(o);
+    float m_i[MT][2], l_i[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        m_i[mt][0] = m_i[mt][1] = -FD_INF;
+        l_i[mt][0] = l_i[mt][1] = 0.f;
+    }
+    const fd_u16* sQw = sQ + warp * (MT * 16) * LD;
+    const int row_base = q0 + warp * MT * 16 + (lane >> 2);
+
+    for (int j = 0; j < n_end; ++j) {
+        const int st = j & 1;
+        if (j + 1 < n_end) {
+            fd_load_tile<BN, D, THREADS>(sK + (st ^ 1) * BN * LD, Kp, k_ss, (j + 1) * BN, Sk, tid);
+            fd_load_tile<BN, D, THREADS>(sV + (st ^ 1) * BN * LD, Vp, v_ss, (j + 1) * BN, Sk, tid);
+            fd_cp_async_commit();
+            fd_cp_async_wait<1>();
+        } else {
+            fd_cp_async_wait<0>();
+        }
+        __syncthreads();
+
+        // -- S = Q K^T
+        float s[MT][NT][4];
+        fd_zero(s);
+        fd_gemm_abt<MT, BN, D, BF16>(s, sQw, sK + st * BN * LD, lane);
+
+        // -- mask: keys past Sk, and keys right of the causal diagonal
+        const int k0 = j * BN;
+        if (k0 + BN > Sk || (CAUSAL && k0 + BN - 1 > q0 + off)) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int row = row_base + mt * 16 + (e >> 1) * 8;
+                        const int col = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+                        if (col >= Sk || (CAUSAL && col > row + off)) s[mt][nt][e] = -FD_INF;
+                    }
+        }
+
+        // -- online softmax (base 2); a row that has seen only masked keys keeps m = -inf and
+        // subtracts 0 instead, so exp2 gives 0 rather than NaN.
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+                float mx = m_i[mt][hr];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                    mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hr], s[mt][nt][2 * hr + 1]));
+                mx = fd_quad_max(mx);
+                const float m_new = (mx == -FD_INF) ? 0.f : mx * scale_log2;
+                const float m_old = (m_i[mt][hr] == -FD_INF) ? 0.f : m_i[mt][hr] * scale_log2;
+                const float alpha = fd_exp2(m_old - m_new);
+                m_i[mt][hr] = mx;
+                float rs = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const float p0 = fd_exp2(fmaf(s[mt][nt][2 * hr], scale_log2, -m_new));
+                    const float p1 = fd_exp2(fmaf(s[mt][nt][2 * hr + 1], scale_log2, -m_new));
+                    s[mt][nt][2 * hr] = p0;
+                    s[mt][nt][2 * hr + 1] = p1;
+                    rs += p0 + p1;
+                }
+                // l stays a per-thread partial sum (one quad shares alpha); reduced at the end.
+                l_i[mt][hr] = l_i[mt][hr] * alpha + rs;
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt) {
+                    o[mt][dt][2 * hr] *= alpha;
+                    o[mt][dt][2 * hr + 1] *= alpha;
+                }
+            }
+        }
+
+        // -- O += P V
+        fd_gemm_pb<MT, BN, D, BF16>(o, s, sV + st * BN * LD, lane);
+        __syncthreads();  // stage st is refilled by the next iteration's prefetch
+    }
+
+    // -- epilogue: O / l, lse = m * scale + ln(l)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            const float l = fd_quad_sum(l_i[mt][hr]);
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const int row = row_base + mt * 16 + hr * 8;
+            if ((lane & 3) == 0 && row < Sq)
+                Lp[row] = l > 0.f ? m_i[mt][hr] * scale + logf(l) : -FD_INF;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[mt][dt][2 * hr] *= inv;
+                o[mt][dt][2 * hr + 1] *= inv;
+            }
+        }
+    }
+    // Each warp reuses its own Q rows as the staging buffer: no other warp reads them.
+    fd_store_rows<MT, D, BF16>(o, sQ + warp * MT * 16 * LD, Op, o_ss, q0 + warp * MT * 16, Sq,
+                               lane);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward preprocessing: delta = rowsum(dO * O) and lse2 = lse * log2(e) (+inf for rows that saw
+// no key, so that exp2(s * scale * log2e - lse2) is 0 for them). One thread group of D/8 threads
+// per row; rows indexed over (B, Hq, Sq). delta and lse2 are contiguous (B, Hq, Sq).
+// ---------------------------------------------------------------------------------------------
+
+template <int D, bool BF16>
+__device__ __forceinline__ void fd_attn_bwd_prep(const fd_u16* __restrict__ O,
+                                                 const fd_u16* __restrict__ dO,
+                                                 const float* __restrict__ LSE,
+                                                 float* __restrict__ delta, float* __restrict__ lse2,
+                                                 fd_i64 o_sb, fd_i64 o_sh, fd_i64 o_ss, fd_i64 do_sb,
+                                                 fd_i64 do_sh, fd_i64 do_ss, int Hq, int Sq,
+                                                 fd_i64 rows) {
+    constexpr int TPR = D / 8;  // threads per row, each one 16-byte chunk
+    const fd_i64 row = ((fd_i64)blockIdx.x * blockDim.x + threadIdx.x) / TPR;
+    const int ch = threadIdx.x % TPR;
+    float acc = 0.f;
+    int s = 0, h = 0;
+    fd_i64 b = 0;
+    if (row < rows) {
+        s = (int)(row % Sq);
+        const fd_i64 bh = row / Sq;
+        h = (int)(bh % Hq);
+        b = bh / Hq;
+        const fd_v4 ov = *reinterpret_cast<const fd_v4*>(O + b * o_sb + h * o_sh + s * o_ss + ch * 8);
+        const fd_v4 gv = *reinterpret_cast<const fd_v4*>(dO + b * do_sb + h * do_sh + s * do_ss + ch * 8);
+        const fd_u32 ow[4] = {ov.x, ov.y, ov.z, ov.w};
+        const fd_u32 gw[4] = {gv.x, gv.y, gv.z, gv.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc += fd_to_float<BF16>((fd_u16)(ow[i] & 0xffffu)) * fd_to_float<BF16>((fd_u16)(gw[i] & 0xffffu));
+            acc += fd_to_float<BF16>((fd_u16)(ow[i] >> 16)) * fd_to_float<BF16>((fd_u16)(gw[i] >> 16));
+        }
+    }
+    // TPR is a power of two dividing 32 for D in {32, 64, 128, 256}; D = 96 gives 12, handled by
+    // grouping 12 lanes at arbitrary offsets, so reduce through shared memory instead of shuffles.
+    __shared__ float red[256];
+    red[threadIdx.x] = acc;
+    __syncthreads();
+    if (ch == 0 && row < rows) {
+        float t = 0.f;
+#pragma unroll
+        for (int i = 0; i < TPR; ++i) t += red[threadIdx.x + i];
+        delta[row] = t;
+        const float l = LSE[row];
+        lse2[row] = (l == -FD_INF) ? FD_INF : l * FD_LOG2E;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward dQ: grid (ceil(Sq / BM), Hq, B); each warp owns BM / WARPS query rows and walks the key
+// tiles it can see, recomputing P from lse2: dS = P * (dP - delta), dQ = scale * dS K.
+// Shared memory: Q, dO [BM][D+8]; K, V [2 stages][BN][D+8].
+// ---------------------------------------------------------------------------------------------
+
+template <int D, int BM, int BN, int WARPS, bool CAUSAL, bool BF16>
+__device__ __forceinline__ void fd_attn_bwd_dq(
+    fd_u16* smem, const fd_u16* __restrict__ Q, const fd_u16* __restrict__ K,
+    const fd_u16* __restrict__ V, const fd_u16* __restrict__ dO, const float* __restrict__ lse2,
+    const float* __restrict__ delta, fd_u16* __restrict__ dQ, fd_i64 q_sb, fd_i64 q_sh,
+    fd_i64 q_ss, fd_i64 k_sb, fd_i64 k_sh, fd_i64 k_ss, fd_i64 v_sb, fd_i64 v_sh, fd_i64 v_ss,
+    fd_i64 do_sb, fd_i64 do_sh, fd_i64 do_ss, fd_i64 dq_sb, fd_i64 dq_sh, fd_i64 dq_ss, int Sq,
+    int Sk, int Hq, int group, float scale) {
+    constexpr int THREADS = WARPS * 32;
+    constexpr int MT = BM / (16 * WARPS);
+    constexpr int LD = D + FD_PAD;
+    constexpr int NT = BN / 8;
+    constexpr int DT = D / 8;
+    static_assert(MT >= 1 && BM % (16 * WARPS) == 0, "BLOCK_M must be a multiple of 16 * WARPS");
+    static_assert(BN % 16 == 0 && D % 16 == 0, "BLOCK_N and D must be multiples of 16");
+
+    fd_u16* sQ = smem;
+    fd_u16* sdO = sQ + BM * LD;
+    fd_u16* sK = sdO + BM * LD;
+    fd_u16* sV = sK + 2 * BN * LD;
+
+    const int m_block = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int hk = h / group;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int q0 = m_block * BM;
+    const int off = Sk - Sq;
+    const float scale_log2 = scale * FD_LOG2E;
+
+    const fd_u16* Qp = Q + b * q_sb + h * q_sh;
+    const fd_u16* Kp = K + b * k_sb + hk * k_sh;
+    const fd_u16* Vp = V + b * v_sb + hk * v_sh;
+    const fd_u16* dOp = dO + b * do_sb + h * do_sh;
+    fd_u16* dQp = dQ + b * dq_sb + h * dq_sh;
+    const fd_i64 rowoff = ((fd_i64)b * Hq + h) * Sq;
+
+    int n_end = (Sk + BN - 1) / BN;
+    if (CAUSAL) {
+        const int last_key = min(q0 + BM, Sq) - 1 + off;
+        n_end = last_key < 0 ? 0 : min(n_end, last_key / BN + 1);
+    }
+    if (n_end == 0) {
+        fd_zero_rows<BM, D, THREADS>(dQp, dq_ss, q0, Sq, tid);
+        return;
+    }
+
+    fd_load_tile<BM, D, THREADS>(sQ, Qp, q_ss, q0, Sq, tid);
+    fd_load_tile<BM, D, THREADS>(sdO, dOp, do_ss, q0, Sq, tid);
+    fd_load_tile<BN, D, THREADS>(sK, Kp, k_ss, 0, Sk, tid);
+    fd_load_tile<BN, D, THREADS>(sV, Vp, v_ss, 0, Sk, tid);
+    fd_cp_async_commit();
+
+    const int row_base = q0 + warp * MT * 16 + (lane >> 2);
+    float rl[MT][2], rd[MT][2];  // lse2 and delta of this thread's rows
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            const int row = row_base + mt * 16 + hr * 8;
+            rl[mt][hr] = row < Sq ? lse2[rowoff + row] : FD_INF;
+            rd[mt][hr] = row < Sq ? delta[rowoff + row] : 0.f;
+        }
+
+    float dq[MT][DT][4];
+    fd_zero(dq);
+    const fd_u16* sQw = sQ + warp * MT * 16 * LD;
+    const fd_u16* sdOw = sdO + warp * MT * 16 * LD;
+
+    for (int j = 0; j < n_end; ++j) {
+        const int st = j & 1;
+        if (j + 1 < n_end) {
+            fd_load_tile<BN, D, THREADS>(sK + (st ^ 1) * BN * LD, Kp, k_ss, (j + 1) * BN, Sk, tid);
+            fd_load_tile<BN, D, THREADS>(sV + (st ^ 1) * BN * LD, Vp, v_ss, (j + 1) * BN, Sk, tid);
+            fd_cp_async_commit();
+            fd_cp_async_wait<1>();
+        } else {
+            fd_cp_async_wait<0>();
+        }
+        __syncthreads();
+        const fd_u16* sKs = sK + st * BN * LD;
+        const fd_u16* sVs = sV + st * BN * LD;
+
+        // -- S = Q K^T, dP = dO V^T
+        float s[MT][NT][4], dp[MT][NT][4];
+        fd_zero(s);
+        fd_zero(dp);
+        fd_gemm_abt<MT, BN, D, BF16>(s, sQw, sKs, lane);
+        fd_gemm_abt<MT, BN, D, BF16>(dp, sdOw, sVs, lane);
+
+        // -- P = exp2(S * scale * log2e - lse2), masked; dS = P * (dP - delta)
+        const int k0 = j * BN;
+        const bool need_mask = k0 + BN > Sk || (CAUSAL && k0 + BN - 1 > q0 + off);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int hr = e >> 1;
+                    float p = fd_exp2(fmaf(s[mt][nt][e], scale_log2, -rl[mt][hr]));
+                    if (need_mask) {
+                        const int row = row_base + mt * 16 + hr * 8;
+                        const int col = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+                        if (col >= Sk || (CAUSAL && col > row + off)) p = 0.f;
+                    }
+                    s[mt][nt][e] = p * (dp[mt][nt][e] - rd[mt][hr]);
+                }
+
+        // -- dQ += dS K
+        fd_gemm_pb<MT, BN, D, BF16>(dq, s, sKs, lane);
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dq[mt][dt][e] *= scale;
+    fd_store_rows<MT, D, BF16>(dq, sQ + warp * MT * 16 * LD, dQp, dq_ss, q0 + warp * MT * 16, Sq,
+                               lane);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward dK, dV: grid (ceil(Sk / BN), Hkv, B); each warp owns BN / WARPS key rows and walks,
+// for every query head of its GQA group in a fixed order (deterministic sum, no atomics), the
+// query tiles that see its keys:
+//   P^T = exp2(K Q^T * scale * log2e - lse2), dV += P^T dO, dP^T = V dO^T,
+//   dS^T = P^T * (dP^T - delta), dK += scale * dS^T Q.
+// Shared memory: K, V [BN][D+8]; Q, dO [2 stages][BM][D+8]; lse2, delta [2 stages][BM] floats.
+// ---------------------------------------------------------------------------------------------
+
+template <int D, int BM, int BN, int WARPS, bool CAUSAL, bool BF16>
+__device__ __forceinline__ void fd_attn_bwd_dkdv(
+    fd_u16* smem, const fd_u16* __restrict__ Q, const fd_u16* __restrict__ K,
+    const fd_u16* __restrict__ V, const fd_u16* __restrict__ dO, const float* __restrict__ lse2,
+    const float* __restrict__ delta, fd_u16* __restrict__ dK, fd_u16* __restrict__ dV,
+    fd_i64 q_sb, fd_i64 q_sh, fd_i64 q_ss, fd_i64 k_sb, fd_i64 k_sh, fd_i64 k_ss, fd_i64 v_sb,
+    fd_i64 v_sh, fd_i64 v_ss, fd_i64 do_sb, fd_i64 do_sh, fd_i64 do_ss, fd_i64 dk_sb,
+    fd_i64 dk_sh, fd_i64 dk_ss, fd_i64 dv_sb, fd_i64 dv_sh, fd_i64 dv_ss, int Sq, int Sk, int Hq,
+    int group, float scale) {
+    constexpr int THREADS = WARPS * 32;
+    constexpr int MT = BN / (16 * WARPS);  // key m-tiles per warp
+    constexpr int LD = D + FD_PAD;
+    constexpr int NT = BM / 8;             // query n-tiles
+    constexpr int DT = D / 8;
+    static_assert(MT >= 1 && BN % (16 * WARPS) == 0, "BLOCK_N must be a multiple of 16 * WARPS");
+    static_assert(BM % 16 == 0 && D % 16 == 0, "BLOCK_M and D must be multiples of 16");
+
+    fd_u16* sK = smem;
+    fd_u16* sV = sK + BN * LD;
+    fd_u16* sQ = sV + BN * LD;
+    fd_u16* sdO = sQ + 2 * BM * LD;
+    float* sL = reinterpret_cast<float*>(sdO + 2 * BM * LD);
+    float* sD = sL + 2 * BM;
+
+    const int n_block = gridDim.x - 1 - blockIdx.x;
+    const int hk = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int k0 = n_block * BN;
+    const int off = Sk - Sq;
+    const float scale_log2 = scale * FD_LOG2E;
+
+    const fd_u16* Kp = K + b * k_sb + hk * k_sh;
+    const fd_u16* Vp = V + b * v_sb + hk * v_sh;
+    fd_u16* dKp = dK + b * dk_sb + hk * dk_sh;
+    fd_u16* dVp = dV + b * dv_sb + hk * dv_sh;
+
+    // Query i sees key k0 (the block's first) iff i >= k0 - off.
+    const int m_first = CAUSAL ? max(0, k0 - off) / BM : 0;
+    const int n_m = m_first * BM < Sq ? (Sq + BM - 1) / BM - m_first : 0;
+    const int total = n_m * group;
+    if (total == 0) {
+        fd_zero_rows<BN, D, THREADS>(dKp, dk_ss, k0, Sk, tid);
+        fd_zero_rows<BN, D, THREADS>(dVp, dv_ss, k0, Sk, tid);
+        return;
+    }
+
+    fd_load_tile<BN, D, THREADS>(sK, Kp, k_ss, k0, Sk, tid);
+    fd_load_tile<BN, D, THREADS>(sV, Vp, v_ss, k0, Sk, tid);
+
+    // Step t covers query head hk * group + t / n_m, query tile m_first + t % n_m.
+    auto issue = [&](int t, int stage) {
+        const int h = hk * group + t / n_m;
+        const int q0 = (m_first + t % n_m) * BM;
+        const fd_u16* Qp = Q + b * q_sb + h * q_sh;
+        const fd_u16* dOp = dO + b * do_sb + h * do_sh;
+        fd_load_tile<BM, D, THREADS>(sQ + stage * BM * LD, Qp, q_ss, q0, Sq, tid);
+        fd_load_tile<BM, D, THREADS>(sdO + stage * BM * LD, dOp, do_ss, q0, Sq, tid);
+        const fd_i64 rowoff = ((fd_i64)b * Hq + h) * Sq;
+        for (int r = tid; r < BM; r += THREADS) {
+            const int row = q0 + r;
+            // rows past Sq: lse2 = +inf makes P = 0
+            sL[stage * BM + r] = row < Sq ? lse2[rowoff + row] : FD_INF;
+            sD[stage * BM + r] = row < Sq ? delta[rowoff + row] : 0.f;
+        }
+    };
+    issue(0, 0);
+    fd_cp_async_commit();
+
+    float dk[MT][DT][4], dv[MT][DT][4];
+    fd_zero(dk);
+    fd_zero(dv);
+    const fd_u16* sKw = sK + warp * MT * 16 * LD;
+    const fd_u16* sVw = sV + warp * MT * 16 * LD;
+    const int key_base = k0 + warp * MT * 16 + (lane >> 2);
+
+    for (int t = 0; t < total; ++t) {
+        const int st = t & 1;
+        if (t + 1 < total) {
+            issue(t + 1, st ^ 1);
+            fd_cp_async_commit();
+            fd_cp_async_wait<1>();
+        } else {
+            fd_cp_async_wait<0>();
+        }
+        __syncthreads();
+        const int q0 = (m_first + t % n_m) * BM;
+        const fd_u16* sQs = sQ + st * BM * LD;
+        const fd_u16* sdOs = sdO + st * BM * LD;
+        const float* sLs = sL + st * BM;
+        const float* sDs = sD + st * BM;
+
+        // -- S^T = K Q^T (rows: keys, cols: queries)
+        float s[MT][NT][4];
+        fd_zero(s);
+        fd_gemm_abt<MT, BM, D, BF16>(s, sKw, sQs, lane);
+
+        // -- P^T, masked where query row < key - off (causal); rows past Sq have lse2 = +inf
+        const bool need_mask = CAUSAL && k0 + BN - 1 > q0 + off;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qc = nt * 8 + (lane & 3) * 2 + (e & 1);
+                    float p = fd_exp2(fmaf(s[mt][nt][e], scale_log2, -sLs[qc]));
+                    if (need_mask) {
+                        const int key = key_base + mt * 16 + (e >> 1) * 8;
+                        if (key > q0 + qc + off) p = 0.f;
+                    }
+                    s[mt][nt][e] = p;
+                }
+
+        // -- dV += P^T dO
+        fd_gemm_pb<MT, BM, D, BF16>(dv, s, sdOs, lane);
+
+        // -- dP^T = V dO^T; dS^T = P^T * (dP^T - delta)
+        float dp[MT][NT][4];
+        fd_zero(dp);
+        fd_gemm_abt<MT, BM, D, BF16>(dp, sVw, sdOs, lane);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qc = nt * 8 + (lane & 3) * 2 + (e & 1);
+                    s[mt][nt][e] *= dp[mt][nt][e] - sDs[qc];
+                }
+
+        // -- dK += dS^T Q
+        fd_gemm_pb<MT, BM, D, BF16>(dk, s, sQs, lane);
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dk[mt][dt][e] *= scale;
+    fd_store_rows<MT, D, BF16>(dk, sK + warp * MT * 16 * LD, dKp, dk_ss, k0 + warp * MT * 16, Sk,
+                               lane);
+    fd_store_rows<MT, D, BF16>(dv, sV + warp * MT * 16 * LD, dVp, dv_ss, k0 + warp * MT * 16, Sk,
+                               lane);
+}

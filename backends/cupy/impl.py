@@ -1,0 +1,117 @@
+"""`CupyAttention`: the cupy backend as the dispatcher sees it (capabilities, configs, run)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, ClassVar
+
+import torch
+
+from flashdispatch.backend import Capabilities, Implementation
+from flashdispatch.device import DeviceInfo
+from flashdispatch.problem import Problem
+
+from . import configs
+
+MIN_CUDA_CAPABILITY = 80
+
+
+@functools.lru_cache(maxsize=1)
+def _availability() -> str | None:
+    """Why the backend cannot run in this process (None: it can). Imports CuPy: called lazily."""
+    try:
+        import cupy  # noqa: F401
+        from cupy_backends.cuda.libs import nvrtc
+    except Exception as e:  # ImportError, or a CuPy built for another CUDA failing at import
+        return f"CuPy is not importable ({type(e).__name__}: {e}); install the extra: pip install 'flashdispatch[cupy]'"
+    try:
+        nvrtc.getVersion()
+    except Exception as e:
+        return f"NVRTC (CUDA's run-time compiler) is not usable through CuPy ({type(e).__name__}: {e})"
+    if not torch.cuda.is_available() or torch.version.hip:
+        return "no CUDA device visible to torch"
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy sees no CUDA device"
+        drv = cupy.cuda.runtime.driverGetVersion()
+        rt = cupy.cuda.runtime.runtimeGetVersion()
+    except Exception as e:
+        return f"CuPy cannot talk to the CUDA driver ({type(e).__name__}: {e})"
+    if drv < rt:
+        return f"the CUDA driver ({drv}) is older than CuPy's CUDA runtime ({rt})"
+    return None
+
+
+class CupyAttention(Implementation):
+    """Own FlashAttention-2 CUDA kernels (mma.sync, ldmatrix, cp.async) compiled by NVRTC."""
+
+    name: ClassVar[str] = "cupy"
+    backend: ClassVar[str] = "cupy"
+
+    def availability(self) -> str | None:
+        return _availability()
+
+    def capabilities(self, dev: DeviceInfo) -> Capabilities:
+        return Capabilities(
+            device_kinds=frozenset({"cuda"}),
+            dtypes=frozenset({torch.float16, torch.bfloat16}),
+            min_cuda_capability=MIN_CUDA_CAPABILITY,
+            max_head_dim=max(configs.HEAD_DIMS),
+            head_dims=frozenset(configs.HEAD_DIMS),
+            different_v_head_dim=False,
+            gqa=True,
+            causal=True,
+            bottom_right_causal=True,
+            seqlen_q_ne_k=True,
+            backward=True,
+            lse=True,
+            deterministic=True,
+            layouts=frozenset({"bhsd", "bshd"}),
+            notes="FlashAttention-2 in CUDA C++ (mma.sync m16n8k16, ldmatrix, cp.async), NVRTC via CuPy",
+        )
+
+    def extra_reasons(self, p: Problem, dev: DeviceInfo) -> list[str]:
+        r: list[str] = []
+        if p.needs_grad and p.head_dim not in configs.BACKWARD_HEAD_DIMS:
+            r.append(
+                f"requires_grad with head_dim={p.head_dim} (backward supports {list(configs.BACKWARD_HEAD_DIMS)})"
+            )
+        if max(p.seqlen_q, p.seqlen_k) >= 2**31 or p.batch * p.heads_q >= 2**31:
+            r.append("sequence or batch*heads beyond 32-bit kernel indices")
+        return r
+
+    def default_config(self, p: Problem, dev: DeviceInfo) -> dict[str, Any]:
+        return configs.default_config(p.head_dim, dev.cuda_capability or 90)
+
+    def config_space(self, p: Problem, dev: DeviceInfo) -> list[dict[str, Any]]:
+        return list(configs.config_space(p.head_dim, dev.cuda_capability or 90, backward=p.needs_grad))
+
+    def plan_notes(self, p: Problem, dev: DeviceInfo, config: dict[str, Any]) -> list[str]:
+        notes = []
+        if p.heads_q != p.heads_kv:
+            notes.append(f"GQA in the kernel: query head h reads kv head h // {p.gqa_ratio}, no K/V copy")
+        if p.effective_causal:
+            notes.append("bottom-right causal with block skipping")
+        notes.append("first call per config compiles with NVRTC (cached on disk); `flashdispatch warmup` precompiles")
+        return notes
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        p: Problem,
+        config: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from .ops import CupyAttentionFn, cupy_forward
+
+        # api.py transposes a bshd result back: writing bshd memory here hands the user a dense
+        # tensor in the layout they asked for, without a copy.
+        bshd = p.layout == "bshd"
+        if p.needs_grad:
+            out, lse = CupyAttentionFn.apply(q, k, v, p.causal, p.scale, dict(config), bshd)
+        else:
+            out, lse = cupy_forward(q, k, v, causal=p.causal, scale=p.scale, config=config, out_bshd=bshd)
+        return out, (lse if p.return_lse else None)

@@ -1,0 +1,210 @@
+"""Launching the cupy backend's kernels on torch tensors: functional forward/backward and autograd.
+
+Zero-copy interop: kernels receive raw pointers (`tensor.data_ptr()`) and element strides, and run
+on torch's current stream of the tensors' device. Outputs are allocated by torch (so the calls are
+CUDA-graph-capturable once the kernels are compiled: nothing allocates through CuPy), and nothing
+here synchronises the host.
+
+Tensors are bhsd-indexed (B, H, S, D) views with any strides, a unit last stride, 16-byte aligned
+rows; `_aligned` copies the rare view that is not.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import configs
+from .kernels import CompiledKernel, compile_kernel
+
+DTYPE_NAME: dict[torch.dtype, str] = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+PREP_THREADS = 256
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its rows are 16-byte aligned with unit last stride, else a dense copy."""
+    ok = (
+        t.stride(-1) == 1
+        and t.data_ptr() % 16 == 0
+        and all(s % 8 == 0 for s in t.stride()[:-1])
+    )
+    return t if ok else t.contiguous()
+
+
+def _arch(device: torch.device) -> tuple[int, str]:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(idx)
+    return idx, f"sm_{major}{minor}"
+
+
+def _i64(*xs: int) -> list[np.int64]:
+    return [np.int64(x) for x in xs]
+
+
+def _ptr(t: torch.Tensor) -> np.uint64:
+    return np.uint64(t.data_ptr())
+
+
+def _strides3(t: torch.Tensor) -> list[np.int64]:
+    return _i64(t.stride(0), t.stride(1), t.stride(2))
+
+
+def _launch(k: CompiledKernel, grid: tuple[int, int, int], args: list[Any], device_index: int) -> None:
+    import cupy
+
+    stream = torch.cuda.current_stream(device_index).cuda_stream
+    with cupy.cuda.Device(device_index), cupy.cuda.ExternalStream(stream, device_index):
+        k.function(grid, (k.spec.threads, 1, 1), tuple(args), shared_mem=k.spec.smem_bytes())
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    if q.dtype not in DTYPE_NAME:
+        raise TypeError(f"q.dtype: expected float16 or bfloat16, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"k.dtype/v.dtype: expected {q.dtype}, got {k.dtype}/{v.dtype}")
+    if q.device.type != "cuda" or k.device != q.device or v.device != q.device:
+        raise ValueError(f"q/k/v device: expected one CUDA device, got {q.device}/{k.device}/{v.device}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q/k/v: expected 4-d (B, H, S, D) tensors, got {q.dim()}/{k.dim()}/{v.dim()}-d")
+    b, hq, sq, d = q.shape
+    _, hkv, sk, _ = k.shape
+    if tuple(k.shape) != (b, hkv, sk, d) or tuple(v.shape) != (b, hkv, sk, d):
+        raise ValueError(
+            f"k/v shape: expected ({b}, Hkv, Sk, {d}) each (head_dim_v == head_dim), got "
+            f"{tuple(k.shape)}/{tuple(v.shape)}"
+        )
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"heads: expected Hq divisible by Hkv, got Hq={hq}, Hkv={hkv}")
+    if d not in configs.HEAD_DIMS:
+        raise ValueError(f"head_dim: expected one of {list(configs.HEAD_DIMS)}, got {d}")
+    return b, hq, hkv, sq, sk, d
+
+
+def cupy_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None,
+    config: dict[str, Any] | None = None,
+    out_bshd: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention-2 forward. q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), fp16/bf16 on CUDA, any
+    strides with a unit last one. Returns out (B, Hq, Sq, D) in q's dtype (dense; with out_bshd its
+    memory is (B, Sq, Hq, D), written in place by the kernel) and lse (B, Hq, Sq) float32 (natural
+    log; -inf for rows that see no key). causal is bottom-right: query i sees key j iff
+    j <= i + Sk - Sq."""
+    b, hq, hkv, sq, sk, d = _check(q, k, v)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if out_bshd:
+        out = torch.empty((b, sq, hq, d), device=q.device, dtype=q.dtype).transpose(1, 2)
+    else:
+        out = torch.empty((b, hq, sq, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    if sk == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    idx, arch = _arch(q.device)
+    cc = int(arch[3:])
+    cfg = configs.parse_config(config or {}, d, cc)
+    spec = configs.fwd_spec(d, DTYPE_NAME[q.dtype], bool(causal) and sq > 1, cfg)
+    kern = compile_kernel(spec, idx, arch)
+    grid = ((sq + spec.block_m - 1) // spec.block_m, hq, b)
+    args = [_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse)]
+    args += _strides3(q) + _strides3(k) + _strides3(v) + _strides3(out)
+    args += [np.int32(sq), np.int32(sk), np.int32(hq), np.int32(hq // hkv), np.float32(scale)]
+    _launch(kern, grid, args, idx)
+    return out, lse
+
+
+def cupy_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None,
+    config: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of cupy_forward. do and out (B, Hq, Sq, D), lse (B, Hq, Sq) float32 as returned by
+    cupy_forward. Returns dq, dk, dv contiguous, shaped and typed like q, k, v. Deterministic:
+    the GQA sum over a query group runs inside the dK/dV kernel in a fixed order."""
+    b, hq, hkv, sq, sk, d = _check(q, k, v)
+    if d not in configs.BACKWARD_HEAD_DIMS:
+        raise ValueError(f"head_dim: backward supports {list(configs.BACKWARD_HEAD_DIMS)}, got {d}")
+    if tuple(do.shape) != (b, hq, sq, d) or tuple(out.shape) != (b, hq, sq, d):
+        raise ValueError(f"do/out shape: expected {(b, hq, sq, d)}, got {tuple(do.shape)}/{tuple(out.shape)}")
+    if lse.dtype != torch.float32 or tuple(lse.shape) != (b, hq, sq):
+        raise ValueError(f"lse: expected float32 {(b, hq, sq)}, got {lse.dtype} {tuple(lse.shape)}")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    dq = torch.empty((b, hq, sq, d), device=q.device, dtype=q.dtype)
+    dk = torch.empty((b, hkv, sk, d), device=q.device, dtype=q.dtype)
+    dv = torch.empty((b, hkv, sk, d), device=q.device, dtype=q.dtype)
+    if b == 0 or hq == 0 or sk == 0 or sq == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    do = do.to(q.dtype)
+    q, k, v, do, out = (_aligned(t) for t in (q, k, v, do, out))
+    lse = lse.contiguous()
+    idx, arch = _arch(q.device)
+    cc = int(arch[3:])
+    cfg = configs.parse_config(config or {}, d, cc)
+    prep, dq_spec, dkdv_spec = configs.bwd_specs(d, DTYPE_NAME[q.dtype], bool(causal) and sq > 1, cfg)
+    delta = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
+    lse2 = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
+    scal = [np.int32(sq), np.int32(sk), np.int32(hq), np.int32(hq // hkv), np.float32(scale)]
+
+    # delta = rowsum(dO * O), lse2 = lse * log2(e) (+inf where lse = -inf)
+    kern = compile_kernel(prep, idx, arch)
+    tpr = d // 8
+    rows_per_block = PREP_THREADS // tpr
+    rows = b * hq * sq
+    prep_threads = rows_per_block * tpr
+    args = [_ptr(out), _ptr(do), _ptr(lse), _ptr(delta), _ptr(lse2)] + _strides3(out) + _strides3(do)
+    args += [np.int32(hq), np.int32(sq), np.int64(rows)]
+    import cupy
+
+    stream = torch.cuda.current_stream(idx).cuda_stream
+    with cupy.cuda.Device(idx), cupy.cuda.ExternalStream(stream, idx):
+        kern.function(((rows + rows_per_block - 1) // rows_per_block, 1, 1), (prep_threads, 1, 1), tuple(args))
+
+    kern = compile_kernel(dq_spec, idx, arch)
+    args = [_ptr(q), _ptr(k), _ptr(v), _ptr(do), _ptr(lse2), _ptr(delta), _ptr(dq)]
+    args += _strides3(q) + _strides3(k) + _strides3(v) + _strides3(do) + _strides3(dq) + scal
+    _launch(kern, ((sq + dq_spec.block_m - 1) // dq_spec.block_m, hq, b), args, idx)
+
+    kern = compile_kernel(dkdv_spec, idx, arch)
+    args = [_ptr(q), _ptr(k), _ptr(v), _ptr(do), _ptr(lse2), _ptr(delta), _ptr(dk), _ptr(dv)]
+    args += _strides3(q) + _strides3(k) + _strides3(v) + _strides3(do) + _strides3(dk) + _strides3(dv) + scal
+    _launch(kern, ((sk + dkdv_spec.block_n - 1) // dkdv_spec.block_n, hkv, b), args, idx)
+    return dq, dk, dv
+
+
+class CupyAttentionFn(torch.autograd.Function):
+    """Autograd wrapper: saves q, k, v, out, lse; backward runs cupy_backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+        config: dict[str, Any],
+        out_bshd: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = cupy_forward(q, k, v, causal=causal, scale=scale, config=config, out_bshd=out_bshd)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.config = causal, scale, config
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = cupy_backward(dout, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale, config=ctx.config)
+        return dq, dk, dv, None, None, None, None
