@@ -24,7 +24,7 @@ Which implementation runs is decided like this:
   is made where the shapes are concrete.
 
 How a variant runs inside the ops:
-- implementations listed in FUNCTIONAL (triton today) expose a functional forward that returns
+- implementations listed in FUNCTIONAL (triton, cupy) expose a functional forward that returns
   (out, lse) and a backward that takes them; when a backward will follow, both run as they are
   (otherwise the forward op calls run(), which may pick a forward-only kernel such as split-KV
   decode).
@@ -56,6 +56,10 @@ FUNCTIONAL: dict[str, tuple[str, str, str, str]] = {
     "triton": (
         "flashdispatch.backends.triton.forward", "attention_forward",
         "flashdispatch.backends.triton.backward", "attention_backward",
+    ),
+    "cupy": (
+        "flashdispatch.backends.cupy.ops", "cupy_forward",
+        "flashdispatch.backends.cupy.ops", "cupy_backward",
     ),
 }
 
