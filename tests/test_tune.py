@@ -388,3 +388,29 @@ def test_bench_plain_sdpa_is_bottom_right_for_chunked_prefill() -> None:
     q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64) for n in (5, 9, 9))
     ref, _ = attention_math(q, k, v, causal=True)
     torch.testing.assert_close(bench.plain_sdpa(q, k, v, causal=True), ref)
+
+
+def test_a_backend_that_breaks_the_context_is_left_out_on_resume(tmp_path, monkeypatch) -> None:
+    broken = FakeKernel("fake", [{"raise": True}])
+    alive = {"ok": True}
+
+    def run_and_break(q, k, v, p, config):  # type: ignore[no-untyped-def]
+        alive["ok"] = False  # as after an illegal memory access
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(broken, "run", run_and_break)
+    monkeypatch.setattr(timing, "context_alive", lambda device: alive["ok"])
+    out = tmp_path / "p.yaml"
+    argv = ["--shapes", "tiny", "--backends", "sdpa,fake", "--out", str(out), "--warmup-ms", "0", "--rep-ms", "0",
+            "--passes", "fwd"]
+    REGISTRY.register(broken)
+    try:
+        assert tune.main(argv) == tune.EXIT_RESUME
+        state = json.loads((tmp_path / "p.yaml.state.json").read_text())
+        assert state["meta"]["excluded"] == ["fake"] and state["results"] == []
+        alive["ok"] = True  # a fresh process
+        assert tune.main(argv + ["--resume"]) == 0
+    finally:
+        REGISTRY.unregister("fake")
+    prof = parse_profile(out.read_text(), str(out))
+    assert len(prof.entries) == 2 and all("fake" not in e.ranking for e in prof.entries)

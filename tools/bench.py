@@ -142,6 +142,8 @@ def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune
                     m.host_us = timing.host_us_per_call(fn, device, HOST_CALLS)
         except Exception as e:  # a provider that fails is a result of the benchmark
             m.status, m.note = "error", f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            if not timing.context_alive(device):
+                raise tune.ContextLost(name, m.note) from e
             for t in (q, k, v):
                 t.grad = None
             if device.type == "cuda":
@@ -367,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shapes", choices=("bench", "tiny"), default="bench", help="tiny: CPU-sized shapes for tests")
     ap.add_argument("--backends", type=tune._csv, default=None,
                     help="variants or families to run beside SDPA and dispatch (default: all available)")
+    ap.add_argument("--exclude", type=tune._csv, default=[], help="backends to leave out (the dispatcher may still choose them)")
     ap.add_argument("--warmup-ms", type=float, default=None)
     ap.add_argument("--rep-ms", type=float, default=None)
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
@@ -415,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         plan = _shapes(args)
-        impls = tune.select_implementations(args.backends, [], device)
+        impls = tune.select_implementations(args.backends, args.exclude, device)
     except ValueError as e:
         print(f"flashdispatch bench: {e}", file=sys.stderr)
         return 2
@@ -465,12 +468,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted: writing the %d shapes measured so far", len(rows))
         complete = False
+    except tune.ContextLost as e:
+        log.error("%s: writing the %d shapes measured so far; rerun with --exclude %s", e, len(rows), e.backend)
+        complete = False
+        meta["context_lost"] = str(e)
     meta["complete"] = complete
     result = {"meta": meta, "rows": rows, "summary": summarize(rows)}
     write_outputs(result, args.out)
     print_table(result)
     log.info("wrote %s/bench.json, bench.md, bench.png", args.out)
-    return 0
+    return tune.EXIT_RESUME if "context_lost" in meta else 0
 
 
 if __name__ == "__main__":

@@ -138,6 +138,18 @@ def median_ms(
                               return_mode="median"))
 
 
+def context_alive(device: torch.device) -> bool:
+    """False once the device's CUDA context is broken (an illegal address is sticky: every later
+    call in this process fails, so measuring further would only record that)."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        return float(torch.ones(1, device=device).add_(1).item()) == 2.0
+    except Exception:
+        return False
+
+
 def single_ms(fn: Callable[[], object], device: torch.device) -> float:
     """One call, synchronised: a cheap estimate used to abandon hopeless candidates early."""
     synchronize(device)

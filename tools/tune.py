@@ -58,6 +58,19 @@ QUICK_TIMING = {"warmup_ms": 5.0, "rep_ms": 25.0}
 QUICK_MAX_CONFIGS = 6
 
 
+# Exit status asking for a rerun with --resume (sysexits' EX_TEMPFAIL): a backend broke the CUDA
+# context; the rerun leaves it out.
+EXIT_RESUME = 75
+
+
+class ContextLost(RuntimeError):
+    """A candidate left the CUDA context unusable; nothing after it in this process can be measured."""
+
+    def __init__(self, backend: str, cause: str) -> None:
+        super().__init__(f"{backend} broke the CUDA context ({cause})")
+        self.backend = backend
+
+
 # --- results ----------------------------------------------------------------------------------
 
 
@@ -308,11 +321,13 @@ def _try_config(
         timing._reset_grads(grads)
         return Trial(name, cfg, "ok", ms, f"max err {verdict.error:.3g} (allowed {verdict.allowed:.3g})")
     except Exception as e:  # a config that fails to compile or launch is a result, not a crash
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        if not timing.context_alive(device):
+            raise ContextLost(name, f"{type(e).__name__}: {msg}") from e
         if device.type == "cuda":
             torch.cuda.empty_cache()
         for t in (q, k, v):
             t.grad = None
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         return Trial(name, cfg, "error", note=f"{type(e).__name__}: {msg}")
 
 
@@ -571,6 +586,7 @@ def run_tune(
     state: State,
     *,
     time_budget_s: float | None = None,
+    on_bucket: Callable[[list[BucketResult]], None] | None = None,
 ) -> tuple[list[BucketResult], bool]:
     """Measure the buckets of `plan` not yet in `state`; returns (results in plan order, complete)."""
     seed = opts.seed if opts.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -592,10 +608,20 @@ def run_tune(
                 complete = False
                 break
             prog.start(s)
-            r = measure_bucket(s, impls, device, opts, gen, grad_cache)
+            try:
+                r = measure_bucket(s, impls, device, opts, gen, grad_cache)
+            except ContextLost as e:
+                excluded = state.meta.setdefault("excluded", [])
+                if e.backend not in excluded:
+                    excluded.append(e.backend)
+                state.meta.setdefault("excluded_why", {})[e.backend] = f"{s.label}: {e}"
+                state.save()
+                raise
             state.results[r.id] = r
             state.save()
             log.info("%s", prog.finish(r))
+            if on_bucket is not None:
+                on_bucket([state.results[bucket_id(x)] for x in plan if bucket_id(x) in state.results])
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     done = [state.results[bucket_id(s)] for s in plan if bucket_id(s) in state.results]
@@ -751,23 +777,39 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             log.info("--resume: no state file at %s; starting afresh", state_path)
         state = State(state_path, meta)
+    for name in state.meta.get("excluded", []):
+        if impls.pop(name, None) is not None:
+            log.warning("leaving out %s: %s", name, state.meta.get("excluded_why", {}).get(name, "broke the CUDA context"))
     log.info("tuning %d buckets on %s over %s -> %s", len(plan), dev.describe(), ", ".join(impls), out_path)
-    try:
-        with _interrupt_note(state_path):
-            results, complete = run_tune(plan, impls, device, opts, state, time_budget_s=args.time_budget)
-    except KeyboardInterrupt:
-        return 130
     pm = ProfileMeta(
         key=key, name=dev.name if dev.kind != "cpu" else "CPU", arch=dev.arch, card=card, command=command,
         timing=(f"triton.testing.do_bench median, warm-up {opts.warmup_ms:g} ms, repetitions {opts.rep_ms:g} ms, "
                 "L2 flushed before each" if device.type == "cuda" else
                 f"perf_counter median, warm-up {opts.warmup_ms:g} ms, repetitions {opts.rep_ms:g} ms"),
     )
-    note = "" if complete else f"partial: {len(results)} of {len(plan)} buckets measured (continue with --resume)"
-    text = profile_yaml(results, pm, note=note)
-    parse_profile(text, out_path)  # never write a file the dispatcher would reject
-    with open(out_path, "w", encoding="utf-8") as f:
-        f.write(text)
+
+    def write(results: list[BucketResult], complete: bool) -> None:
+        note = "" if complete else f"partial: {len(results)} of {len(plan)} buckets measured (continue with --resume)"
+        text = profile_yaml(results, pm, note=note)
+        parse_profile(text, out_path)  # never write a file the dispatcher would reject
+        tmp = out_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out_path)
+
+    try:
+        with _interrupt_note(state_path):
+            # the profile is rewritten after every bucket: a killed run still leaves a usable file
+            results, complete = run_tune(plan, impls, device, opts, state, time_budget_s=args.time_budget,
+                                         on_bucket=lambda rs: write(rs, len(rs) == len(plan)))
+    except KeyboardInterrupt:
+        return 130
+    except ContextLost as e:
+        done = [state.results[bucket_id(x)] for x in plan if bucket_id(x) in state.results]
+        write(done, False)
+        log.error("%s; %d buckets are saved: rerun with --resume to go on without it", e, len(done))
+        return EXIT_RESUME
+    write(results, complete)
     log.info("wrote %s (%d entries%s)", out_path, sum(1 for r in results if r.ranking()),
              "" if complete else ", partial")
     return 0
