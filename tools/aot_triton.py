@@ -230,6 +230,9 @@ def default_cases(target: str, head_dims: Sequence[int] = (64, 128, 256)) -> lis
             cfg = configs.forward_defaults(arch, d, causal)
             kernel = "forward_tma" if cfg.get("TMA") and arch == "sm_90" else "forward"
             cases.append(make_case(kernel, cfg, head_dim=d, causal=causal))
+        chunk = configs.forward_defaults(arch, d, True, 1, configs.CHUNK_RATIO)
+        kernel = "forward_tma" if chunk.get("TMA") and arch == "sm_90" else "forward"
+        cases.append(make_case(kernel, chunk, head_dim=d, causal=True))
         dec = configs.decode_defaults(arch, d)
         cases.append(make_case("decode", {**dec, "BLOCK_M": configs.DECODE_MAX_BLOCK_M}, head_dim=d,
                                causal=True))

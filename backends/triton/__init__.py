@@ -70,7 +70,8 @@ class TritonAttention(Implementation):
         arch = self._arch(dev)
         if p.is_decode and not p.needs_grad:
             return configs.decode_defaults(arch, p.head_dim)
-        return configs.forward_defaults(arch, max(p.head_dim, p.head_dim_v), p.effective_causal)
+        return configs.forward_defaults(arch, max(p.head_dim, p.head_dim_v), p.effective_causal, p.seqlen_q,
+                                        p.seqlen_k)
 
     def config_space(self, p: Problem, dev: DeviceInfo) -> list[dict[str, Any]]:
         arch = self._arch(dev)
@@ -94,7 +95,8 @@ class TritonAttention(Implementation):
             merge = "then an lse merge kernel" if splits > 1 else "no merge (one split)"
             return [f"split-KV decode: {p.gqa_ratio} q heads x {p.seqlen_q} queries per program "
                     f"(BLOCK_M={block_m}), Sk over {splits} splits, {merge}"]
-        cfg = configs.resolve_forward(config, arch, max(p.head_dim, p.head_dim_v), p.effective_causal)
+        cfg = configs.resolve_forward(config, arch, max(p.head_dim, p.head_dim_v), p.effective_causal,
+                                      p.seqlen_q, p.seqlen_k)
         kernel = "TMA tensor-descriptor kernel" if cfg.get("TMA") else "pointer kernel"
         notes = [f"forward {kernel} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']}"]
         if cfg.get("WS"):

@@ -49,6 +49,8 @@ SHARED_MEMORY_BYTES: dict[str, int] = {
 MAX_ACC_REGS_PER_THREAD = 128
 WARP_SIZE: dict[str, int] = {"sm_80": 32, "sm_90": 32, "gfx90a": 64, "gfx942": 64, "interpreter": 32}
 HEAD_DIM_BUCKETS: tuple[int, ...] = (64, 128, 256)
+# Triton 3.6's warp-specialisation pass fails on this kernel with 4 warps (seen on H100).
+WS_MIN_WARPS = 8
 
 # --- forward defaults -----------------------------------------------------------------------------
 # (arch, head-dim bucket, causal) -> config.
@@ -59,12 +61,17 @@ HEAD_DIM_BUCKETS: tuple[int, ...] = (64, 128, 256)
 _F = dict
 FORWARD_DEFAULTS: dict[str, dict[tuple[int, bool], dict[str, Any]]] = {
     "sm_90": {
-        (64, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-        (64, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-        (128, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-        (128, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        (64, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        (64, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        (128, False): _F(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True),
+        (128, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, TMA=True),
         (256, False): _F(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
         (256, True): _F(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    },
+    # causal where Sk >= CHUNK_RATIO * Sq (chunked prefill against a long cache): nearly every
+    # row sees nearly every key, so the non-causal tiles win; keyed (bucket, "chunk").
+    "sm_90:chunk": {
+        (128, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=True),
     },
     "sm_80": {
         (64, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
@@ -108,6 +115,8 @@ FORWARD_DEFAULTS: dict[str, dict[tuple[int, bool], dict[str, Any]]] = {
         for b in HEAD_DIM_BUCKETS for c in (False, True)
     },
 }
+
+CHUNK_RATIO = 4
 
 # --- decode (split-KV) defaults -------------------------------------------------------------------
 # (arch, head-dim bucket) -> config. Memory-bound: enough loads in flight matters most.
@@ -200,9 +209,15 @@ def _check_keys(config: dict[str, Any], allowed: frozenset[str], what: str) -> N
         raise ValueError(f"config['num_stages']: expected an int >= 1, got {config['num_stages']!r}")
 
 
-def forward_defaults(arch: str, head_dim: int, causal: bool) -> dict[str, Any]:
+def forward_defaults(arch: str, head_dim: int, causal: bool, seqlen_q: int = 0, seqlen_k: int = 0) -> dict[str, Any]:
+    """Default forward config; a chunked-prefill shape (causal, Sk >= CHUNK_RATIO * Sq) may have its own."""
+    key = (head_dim_bucket(head_dim), bool(causal))
+    if causal and seqlen_q and seqlen_k >= CHUNK_RATIO * seqlen_q:
+        chunk = FORWARD_DEFAULTS.get(f"{arch}:chunk", {})
+        if key in chunk:
+            return dict(chunk[key])
     table = FORWARD_DEFAULTS.get(arch, FORWARD_DEFAULTS["sm_80"])
-    return dict(table[(head_dim_bucket(head_dim), bool(causal))])
+    return dict(table[key])
 
 
 def decode_defaults(arch: str, head_dim: int) -> dict[str, Any]:
@@ -210,9 +225,10 @@ def decode_defaults(arch: str, head_dim: int) -> dict[str, Any]:
     return dict(table[head_dim_bucket(head_dim)])
 
 
-def resolve_forward(config: dict[str, Any] | None, arch: str, head_dim: int, causal: bool) -> dict[str, Any]:
-    """Defaults for (arch, D, causal) overlaid with the given config's forward keys."""
-    cfg = forward_defaults(arch, head_dim, causal)
+def resolve_forward(config: dict[str, Any] | None, arch: str, head_dim: int, causal: bool,
+                    seqlen_q: int = 0, seqlen_k: int = 0) -> dict[str, Any]:
+    """Defaults for (arch, D, causal, chunk) overlaid with the given config's forward keys."""
+    cfg = forward_defaults(arch, head_dim, causal, seqlen_q, seqlen_k)
     given = {k: v for k, v in (config or {}).items()
              if k not in ("PATH", "NUM_SPLITS") and not k.startswith(BACKWARD_KEY_PREFIX)}
     _check_keys(given, FORWARD_KEYS, "forward")
@@ -279,7 +295,8 @@ def forward_config_space(arch: str, head_dim: int, head_dim_v: int | None = None
         elif arch == "sm_90":
             space.append(cfg)
             space.append({**cfg, "TMA": True})
-            space.append({**cfg, "TMA": True, "WS": True})
+            if warps >= WS_MIN_WARPS:
+                space.append({**cfg, "TMA": True, "WS": True})
         else:
             space.append(cfg)
     return [c for c in space

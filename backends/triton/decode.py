@@ -14,6 +14,7 @@ Sq - 1 keys are ever masked.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -157,11 +158,24 @@ def _decode_merge_kernel(
 def decode_plan(cfg: dict[str, Any], batch: int, heads_q: int, heads_kv: int, seq_q: int, seq_k: int,
                 sm_count: int) -> tuple[int, int, int]:
     """(BLOCK_M, number of M blocks, number of splits) of one decode launch."""
+    block_m, m_blocks, splits, _ = _plan(int(cfg["BLOCK_N"]), int(cfg.get("NUM_SPLITS") or 0), batch, heads_q,
+                                         heads_kv, seq_q, seq_k, sm_count)
+    return block_m, m_blocks, splits
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(block_n: int, num_splits: int, batch: int, heads_q: int, heads_kv: int, seq_q: int, seq_k: int,
+          sm_count: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, M blocks, splits, keys per split); cached: decode calls are launch-bound."""
     rows = (heads_q // heads_kv) * seq_q
     block_m = configs.decode_block_m(rows)
-    m_blocks = triton.cdiv(rows, block_m)
+    m_blocks = -(-rows // block_m)
+    cfg = {"BLOCK_N": block_n, "NUM_SPLITS": num_splits}
     splits = configs.decode_num_splits(cfg, batch * heads_kv * m_blocks, seq_k, sm_count)
-    return block_m, m_blocks, splits
+    # whole key blocks per split; rounding may leave fewer splits than asked
+    keys_per_split = -(-(-(-seq_k // splits)) // block_n) * block_n
+    splits = -(-seq_k // keys_per_split)
+    return block_m, m_blocks, splits, keys_per_split
 
 
 def decode_forward(
@@ -196,9 +210,8 @@ def decode_forward(
         return out, lse
     block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
     sm_count = configs.sm_count_of(q.device.type, q.device.index or 0)
-    block_m, m_blocks, splits = decode_plan(cfg, bsz, hq, hkv, sq, sk, sm_count)
-    keys_per_split = triton.cdiv(triton.cdiv(sk, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    splits = triton.cdiv(sk, keys_per_split)
+    block_m, m_blocks, splits, keys_per_split = _plan(int(cfg["BLOCK_N"]), int(cfg.get("NUM_SPLITS") or 0), bsz,
+                                                      hq, hkv, sq, sk, sm_count)
     direct = splits == 1
     if direct:
         po = pl = lse  # unused by the kernel when DIRECT

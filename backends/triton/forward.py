@@ -394,12 +394,12 @@ def attention_forward(
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    cfg = configs.resolve_forward(config, configs.arch_of_tensor(q), d, causal)
+    effective_causal = bool(causal) and sq > 1
+    cfg = configs.resolve_forward(config, configs.arch_of_tensor(q), max(d, dv), effective_causal, sq, sk)
     block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
-    grid = (triton.cdiv(sq, cfg["BLOCK_M"]) * bsz * hq,)
+    grid = (-(-sq // cfg["BLOCK_M"]) * bsz * hq,)
     qk_scale = float(scale) * 1.4426950408889634
     ieee = q.dtype == torch.float32
-    effective_causal = bool(causal) and sq > 1
     if cfg.get("TMA") and _tma_ok(q, k, v, out):
         _set_tma_allocator()
         _fwd_kernel_tma[grid](
