@@ -140,23 +140,32 @@ def _as_grad(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # --- resolving the implementation -----------------------------------------------------------------
 
 
-def _problem(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, layout: str,
-    return_lse: bool, needs_grad: bool,
-) -> Problem:
-    # The ops see bhsd views and run beneath autograd: the user's layout and whether a backward
-    # will follow are passed in, not read from the tensors.
-    p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout="bhsd", return_lse=return_lse)
-    return p._replace(layout=layout, needs_grad=needs_grad)
+def _plan(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, config: str, forced: str,
+    causal: bool, scale: float, layout: str, return_lse: bool, needs_grad: bool,
+) -> tuple[Problem, Any, dict[str, Any]]:
+    """(Problem, implementation, config) for one op call; a dict lookup after the first call.
 
-
-def _resolve(
-    p: Problem, variant: str, config: str, forced: str
-) -> tuple[Any, dict[str, Any]]:
-    if variant == SELECT_AT_RUN_TIME:
-        d = select(p, forced)
-        return REGISTRY.get(d.variant), d.config
-    return REGISTRY.get(variant), _config_from_json(config)
+    The ops see bhsd views and run beneath autograd: the user's layout and whether a backward
+    will follow are passed in, not read from the tensors. The cache lives in selection's state,
+    so refresh() empties it with the decisions.
+    """
+    fast = state().fast
+    key = (
+        "ops", q.shape, k.shape, v.shape, q.dtype, q.device, q.stride(), k.stride(), v.stride(),
+        variant, config, forced, causal, scale, layout, return_lse, needs_grad,
+    )
+    hit = fast.get(key)
+    if hit is None:
+        p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout="bhsd", return_lse=return_lse)
+        p = p._replace(layout=layout, needs_grad=needs_grad)
+        if variant == SELECT_AT_RUN_TIME:
+            d = select(p, forced)
+            hit = (p, REGISTRY.get(d.variant), d.config)
+        else:
+            hit = (p, REGISTRY.get(variant), _config_from_json(config))
+        fast[key] = hit
+    return hit
 
 
 @functools.lru_cache(maxsize=1)
@@ -199,8 +208,7 @@ def attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, Dv) in q's storage order and lse (B, Hq, Sq) float32 (zeros when the
     implementation gives none: return_lse was False, and the caller drops it)."""
-    p = _problem(q, k, v, causal, scale, layout, return_lse, needs_grad)
-    impl, cfg = _resolve(p, variant, config, forced)
+    p, impl, cfg = _plan(q, k, v, variant, config, forced, causal, scale, layout, return_lse, needs_grad)
     # without a backward to come, run() may take a faster forward-only path (triton's split-KV
     # decode); the functional forward is the one whose out and lse its backward consumes
     pair = functional_pair(impl.name) if needs_grad else None
@@ -240,8 +248,7 @@ def attention_bwd(
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) with the strides of torch.empty_like(q / k / v)."""
-    p = _problem(q, k, v, causal, scale, layout, return_lse, True)
-    impl, cfg = _resolve(p, variant, config, forced)
+    p, impl, cfg = _plan(q, k, v, variant, config, forced, causal, scale, layout, return_lse, True)
     pair = functional_pair(impl.name)
     if pair is not None:
         dq, dk, dv = pair[1](dout, q, k, v, out, lse, causal=causal, scale=scale, config=cfg)
