@@ -110,8 +110,9 @@ def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune
         m = Measurement()
         try:
             verify.poison_allocator(out_bytes, device)
-            with torch.no_grad():
-                out = f(q, k, v)
+            # grad mode as in the timed call, so that the dispatcher answers for the same pass
+            with torch.set_grad_enabled(p.needs_grad):
+                out = f(q, k, v).detach()
             verdict = verify.check_output(out, p, blocks)
             del out
             if verdict.ok and p.needs_grad:
@@ -299,7 +300,9 @@ def plot(result: dict[str, Any], path: str) -> bool:
     cols = min(4, max(1, n_panels))
     nrows = max(1, math.ceil(n_panels / cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
-    colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
+    # red and black are kept for the dispatcher and plain SDPA
+    palette = [plt.cm.tab10(i) for i in (0, 1, 2, 4, 5, 6, 8, 9)]
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(x for x in names if x not in (PLAIN, DISPATCH))}
     for ax, (key, rs) in zip(axes.flat, groups.items()):
         rs = sorted(rs, key=lambda r: r["shape"]["seqlen_k"])
         xs = [r["shape"]["seqlen_k"] for r in rs]

@@ -55,7 +55,7 @@ GPU_DEFAULT_EXCLUDE: tuple[str, ...] = ("sdpa:math",)
 # Timing settings: the full sweep, and --quick (fits, with the benchmark, a few minutes on an H100).
 FULL_TIMING = {"warmup_ms": 25.0, "rep_ms": 100.0}
 QUICK_TIMING = {"warmup_ms": 5.0, "rep_ms": 25.0}
-QUICK_MAX_CONFIGS = 6
+QUICK_MAX_CONFIGS = 2
 
 
 # Exit status asking for a rerun with --resume (sysexits' EX_TEMPFAIL): a backend broke the CUDA
