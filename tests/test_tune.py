@@ -414,3 +414,16 @@ def test_a_backend_that_breaks_the_context_is_left_out_on_resume(tmp_path, monke
         REGISTRY.unregister("fake")
     prof = parse_profile(out.read_text(), str(out))
     assert len(prof.entries) == 2 and all("fake" not in e.ranking for e in prof.entries)
+
+
+def test_every_quick_bucket_is_its_own_nearest_entry() -> None:
+    """The dispatcher looks up exactly the entry measured for each benchmark shape."""
+    plan = shapes.tune_shapes(quick=True)
+    matches = [json.dumps(tune.bucket_match(s), sort_keys=True) for s in plan]
+    assert len(set(matches)) == len(matches)
+    results = [tune.BucketResult(tune.bucket_id(s), s, tune.bucket_match(s), [tune.Trial("sdpa", {}, "ok", 1.0)])
+               for s in plan]
+    prof = parse_profile(tune.profile_yaml(results, _meta()), "h100.yaml")
+    for s, e in zip(plan, prof.entries):
+        p = problem_from_shape(s.dims, dtype=s.dtype, causal=s.causal, needs_grad=s.needs_grad)
+        assert prof.lookup(p) is e, s.label
