@@ -9,7 +9,7 @@ import torch
 from .device import DEVICE_KEYS
 from .problem import Problem, problem_from_shape, problem_from_tensors
 from .registry import REGISTRY
-from . import ops, selection
+from . import selection
 from .selection import Decision, select, simulated_or_none
 
 
@@ -80,6 +80,8 @@ def attention(
         if p.is_empty:
             out, lse = _empty_result(q, k, v, p)
         else:
+            from . import ops  # here, not at the top: it needs torch._dynamo, a 1 s import
+
             out, lse = ops.traced_attention(q, k, v, p, backend)
         return (out, lse) if return_lse else out
     # Hot path: one tuple and one dict lookup once this exact call signature has been seen. The key
