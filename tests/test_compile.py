@@ -244,3 +244,15 @@ def test_triton_backend_compiles_under_the_interpreter() -> None:
     proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], cwd=tests_dir, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "TRITON-COMPILE-OK" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_import_stays_light() -> None:
+    """`import flashdispatch` loads neither torch._dynamo (the ops load it when tracing starts) nor
+    transformers (flashdispatch.hf loads it in register())."""
+    code = (
+        "import sys, flashdispatch, flashdispatch.nn, flashdispatch.hf\n"
+        "heavy = [m for m in ('torch._dynamo', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
