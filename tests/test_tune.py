@@ -270,7 +270,7 @@ def test_yaml_writer_quotes_what_yaml_would_misread() -> None:
     import yaml
 
     obj = {"sdpa:cudnn": 0.5, "on": "yes", "date": "2026-11-25", "n": 3, "x": 1e-7, "ok": True, "none": None}
-    assert yaml.safe_load(tune._flow(obj)) == {**obj, "x": 1e-7}
+    assert yaml.safe_load(tune.flow(obj)) == {**obj, "x": 1e-7}
 
 
 def test_unmeasured_profile_has_no_ms() -> None:

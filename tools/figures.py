@@ -17,7 +17,9 @@ import os
 import sys
 from typing import Sequence
 
-from . import tune
+from flashdispatch.device import simulated_device
+
+from .profile_writer import unmeasured_profile
 from .shapes import Shape, check_shape
 
 _COMMON = """\
@@ -118,16 +120,17 @@ def entry_shapes() -> list[Shape]:
 
 
 def profile_text(key: str) -> str:
-    header = ARGUMENTS[key].format(key=key, arch=tune.simulated_device(key).arch)
+    header = ARGUMENTS[key].format(key=key, arch=simulated_device(key).arch)
     rules = RANKINGS[key]
-    return tune.unmeasured_profile(key, header, lambda s: rules[kind_of(s)], entry_shapes(),
+    return unmeasured_profile(key, header, lambda s: rules[kind_of(s)], entry_shapes(),
                                    command="python -m flashdispatch.tools.figures")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flashdispatch.tools.figures", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="profiles", help="directory to write <key>.yaml into")
-    ap.add_argument("--keys", type=tune._csv, default=list(ARGUMENTS), help="comma-separated device keys")
+    ap.add_argument("--keys", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=list(ARGUMENTS),
+                    help="comma-separated device keys")
     args = ap.parse_args(argv)
     for key in args.keys:
         if key not in ARGUMENTS:
