@@ -63,18 +63,21 @@ def _skip_flash_kernel_loading(name: str) -> None:
 
     transformers 5 takes every implementation name that contains "flash" for a flash-attention
     kernel and, when a model is built, loads it through `lazy_import_flash_attention` (from the
-    flash_attn package or the Hub), which fails for "flashdispatch". That loader is wrapped here to
-    return nothing for names registered through this module and to defer to transformers for every
-    other name; the attention function itself comes from AttentionInterface as for any registered
-    name. Older transformers (4.x) have no such check and are left alone.
+    flash_attn package or the Hub), which fails for "flashdispatch". That loader (whose result
+    model construction ignores) is wrapped here to return nothing for names registered through
+    this module and to defer to transformers for every other name; the attention function itself
+    comes from AttentionInterface as for any registered name. Versions without the loader are left
+    alone.
     """
+    import transformers.modeling_utils as mu
+
     try:
-        import transformers.modeling_utils as mu
         from transformers.utils.generic import is_flash_attention_requested
-    except ImportError:
-        return
-    if not is_flash_attention_requested(requested_attention_implementation=name):
-        return
+    except ImportError:  # versions without the helper: wrap anyway (a no-op for other names)
+        pass
+    else:
+        if not is_flash_attention_requested(requested_attention_implementation=name):
+            return
     _own_names.add(name)
     loader = getattr(mu, "lazy_import_flash_attention", None)
     if loader is None or getattr(loader, "_flashdispatch_wrapped", False):
