@@ -317,6 +317,51 @@ def summary(rows: list[Row], device_name: str) -> str:
     return "\n".join(lines)
 
 
+def host_us_per_call(fn: Callable[[], Any], calls: int = 300) -> float:
+    """Host time of back-to-back calls (the GPU queue absorbs the kernels)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def diagnose(labels: Sequence[str], dtype: str) -> list[str]:
+    """Host cost per call vs GPU-only time (CUDA graph replay) for launch-bound shapes."""
+    import triton
+    import triton.language as tl
+    from triton.testing import do_bench_cudagraph
+
+    @triton.jit
+    def _noop(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+    x = torch.randn(1024, device="cuda")
+    lines = [f"# diag: trivial triton launch host {host_us_per_call(lambda: _noop[(1,)](x, 1024, BLOCK=1024)):.1f} us/call"]
+    cases = {c.label: c for c in all_cases(["fa2", "chunked", "gqa", "decode"], dtype)}
+    for label in labels:
+        c = cases[label]
+        q, k, v = make_inputs(c, seed=3)
+        for name in ("triton", "sdpa"):
+            fn, why = runner(name, c, q, k, v, None)
+            if fn is None:
+                continue
+            host = host_us_per_call(fn)
+            try:
+                graph = float(do_bench_cudagraph(fn, rep=50, return_mode="median")) * 1000
+            except Exception as e:  # capture can fail for kernels that sync; say so
+                graph = float("nan")
+                lines.append(f"# diag: {label} {name}: graph capture failed: {type(e).__name__}: {e}"[:200])
+            ev = bench_ms(fn) * 1000
+            lines.append(f"# diag: {label:18s} {name:7s} host {host:7.1f} us/call  gpu(graph) {graph:8.1f} us  "
+                         f"do_bench {ev:8.1f} us")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flashdispatch.tools.bench_triton", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -331,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--config", default="", help="JSON config for every triton run (instead of defaults)")
     ap.add_argument("--filter", default="", help="only cases whose label contains this")
     ap.add_argument("--out", default="", help="directory for bench_triton.json")
+    ap.add_argument("--diag", default="", help="comma list of case labels: host us/call vs GPU-only time")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.stderr.write("bench_triton needs a CUDA/ROCm GPU\n")
@@ -351,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"diff_vs_sdpa={r.max_diff_vs_sdpa} ({time.time() - t0:.0f}s) best={r.best_config}", flush=True)
     name = torch.cuda.get_device_name()
     table = summary(rows, name)
+    if args.diag:
+        table += "\n" + "\n".join(diagnose(args.diag.split(","), args.dtype))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_triton.json"), "w") as f:

@@ -30,8 +30,10 @@ from .forward import (
     attention_forward,
     empty_like_layout,
     launch_options,
-    online_softmax_step,
     dot,
+    online_softmax_step,
+    row_max,
+    row_sum,
 )
 
 
@@ -78,8 +80,8 @@ def _decode_split_kernel(
     v_off = cols_n[:, None] * svn + offs_dv[None, :] * svd
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
 
     n_lo = split * keys_per_split
     n_hi = tl.minimum(seq_k, n_lo + keys_per_split)
@@ -100,7 +102,7 @@ def _decode_split_kernel(
         v = tl.load(v_ptrs, mask=v_mask, other=0.0)
         kt_ptrs += BLOCK_N * skn
         v_ptrs += BLOCK_N * svn
-        qk = dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        qk = dot(q, kt, tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32), IEEE)
         visible = in_k[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= qi[:, None] + causal_offset)
@@ -140,15 +142,15 @@ def _decode_merge_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     in_s = offs_s < num_splits
     lse_s = tl.load(PL + row * num_splits + offs_s, mask=in_s, other=float("-inf"))
-    m = tl.max(lse_s, 0)
+    m = row_max(lse_s, 0)
     # every split empty (row sees no key): weights 0, out 0, lse -inf
     m_use = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lse_s - m_use)
     o_s = tl.load(PO + (row * num_splits + offs_s)[:, None] * BLOCK_DV + offs_dv[None, :],
                   mask=in_s[:, None], other=0.0)
-    total = tl.sum(w, 0)
+    total = row_sum(w, 0)
     safe = tl.where(total == 0.0, 1.0, total)
-    out = tl.sum(w[:, None] * o_s, 0) / safe
+    out = row_sum(w[:, None] * o_s, 0) / safe
     lse = tl.where(total == 0.0, float("-inf"), (m_use + tl.math.log2(safe)) * LN2)
     o_mask = offs_dv < head_dim_v
     tl.store(O + b * sob + h * soh + qi * som + offs_dv * sod, out.to(O.dtype.element_ty), mask=o_mask)

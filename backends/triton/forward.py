@@ -48,6 +48,31 @@ _INT32_TILE_STRIDE_LIMIT = (2**31 - 1) // 256
 # --- device helpers ------------------------------------------------------------------------------
 
 
+# Kernels call only builtins and this module's own jit functions (no tl.sum, tl.max, tl.zeros,
+# tl.cdiv): the library's jit helpers are compiled or interpreted as decided when triton was first
+# imported, and the CPU tests turn the interpreter on later, for these modules alone.
+
+
+@triton.jit
+def _max2(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _add2(a, b):
+    return a + b
+
+
+@triton.jit
+def row_max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _max2)
+
+
+@triton.jit
+def row_sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _add2)
+
+
 @triton.jit
 def dot(a, b, acc, IEEE: tl.constexpr):
     """acc + a @ b; IEEE for fp32 inputs (tf32 would miss the fp32 error budget)."""
@@ -81,7 +106,7 @@ def kv_block_range(start_m, seq_q, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 @triton.jit
 def online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr):
     """Fold one key block into (acc, l, m). qk: raw scores, -inf where masked; m in log2 units."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    m_new = tl.maximum(m_i, row_max(qk, 1) * qk_scale)
     if MASKED:
         # a row that has seen only masked keys keeps m = -inf; subtracting 0 keeps exp2 at 0
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -89,7 +114,7 @@ def online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, MASKED: tl.constexpr, IE
         m_use = m_new
     p = tl.math.exp2(qk * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + row_sum(p, 1)
     acc = acc * alpha[:, None]
     acc = dot(p.to(v.dtype), v, acc, IEEE)
     return acc, l_i, m_new
@@ -140,7 +165,7 @@ def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
             else:
                 v = tl.load(v_ptrs)
         # -- compute qk
-        qk = dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
+        qk = dot(q, kt, tl.full([q.shape[0], BLOCK_N], 0.0, dtype=tl.float32), IEEE)
         if MASKED:
             visible = offs_n[None, :] < seq_k
             if CAUSAL:
@@ -165,7 +190,7 @@ def _fwd_kernel(
     OFFS64: tl.constexpr,
 ):
     # 1-d grid (y/z grid dims stop at 65535), query blocks of one head adjacent: K/V stay in L2
-    num_m = tl.cdiv(seq_q, BLOCK_M)
+    num_m = (seq_q + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     pid_m = pid % num_m
     pid_bh = pid // num_m
@@ -203,8 +228,8 @@ def _fwd_kernel(
     q = tl.load(Q_base + rows[:, None] * sqm + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
 
     n_full, n_end = kv_block_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     causal_offset = seq_k - seq_q
@@ -240,7 +265,7 @@ def _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, n_lo, n_hi, seq_k, c
         # rows past Sk and columns past D arrive as zeros from the copy engine
         k = k_desc.load([start_n, 0])
         v = v_desc.load([start_n, 0])
-        qk = dot(q, k.T, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE)
+        qk = dot(q, k.T, tl.full([q.shape[0], BLOCK_N], 0.0, dtype=tl.float32), IEEE)
         if MASKED:
             offs_n = start_n + offs_n0
             visible = offs_n[None, :] < seq_k
@@ -262,7 +287,7 @@ def _fwd_kernel_tma(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr, WS: tl.constexpr,
 ):
-    num_m = tl.cdiv(seq_q, BLOCK_M)
+    num_m = (seq_q + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     pid_m = pid % num_m
     pid_bh = pid // num_m
@@ -289,8 +314,8 @@ def _fwd_kernel_tma(
     q = q_desc.load([start_m, 0])
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
     n_full, n_end = kv_block_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     causal_offset = seq_k - seq_q
     acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, 0, n_full, seq_k,

@@ -1,0 +1,47 @@
+"""Ahead-of-time compile checks (CPU, no GPU): every Triton kernel with every config the defaults
+(and shipped profiles) can choose compiles for cuda sm_80, sm_90, hip gfx90a and gfx942, and its
+shared memory / LDS (the compiler's own figure) fits the target."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("triton")
+
+from flashdispatch.tools.aot_triton import TARGETS, check_configs, default_cases, make_case  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+    reason="kernels defined under the interpreter cannot be compiled ahead of time",
+)
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_defaults_compile_and_fit(target: str) -> None:
+    cases = default_cases(target)
+    kernels = {c.kernel for c in cases}
+    assert {"forward", "decode", "decode_merge"} <= kernels | {"forward"}, kernels
+    results = check_configs([target], cases)
+    bad = [str(r) for r in results if not r.ok]
+    assert not bad, "\n".join(bad)
+    assert all(r.shared is not None and 0 <= r.shared <= r.limit for r in results)
+
+
+def test_oversized_config_is_reported() -> None:
+    """A tile that cannot fit 64 KiB of LDS comes back as a failed result, not an exception."""
+    case = make_case("forward", {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
+                     head_dim=256, causal=False)
+    (r,) = check_configs(["hip:gfx942"], [case])
+    assert not r.ok
+    assert (r.compiled and r.shared is not None and r.shared > r.limit) or not r.compiled
+
+
+def test_odd_head_dim_and_fp32_compile() -> None:
+    cases = [make_case("forward", {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}, head_dim=72,
+                       dtype="bf16", causal=True),
+             make_case("forward", {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}, head_dim=40,
+                       head_dim_v=96, dtype="fp32")]
+    results = check_configs(["cuda:sm_80", "hip:gfx90a"], cases)
+    assert all(r.ok for r in results), "\n".join(str(r) for r in results)

@@ -1,0 +1,221 @@
+"""The Triton backend's forward and split-KV decode under Triton's CPU interpreter.
+
+Checked against the float64 reference with the flash-attention budget (tolerances.within_budget)
+and the lse contract (-inf exactly where a row sees no key). fp32 and fp16 only: bf16 tl.dot
+returns garbage in the interpreter of Triton 3.6 (bf16 runs in tests/test_triton_gpu.py). Outputs
+are poisoned (torch.empty hands out NaN) so that an unwritten element fails. Sizes stay small: the
+interpreter runs every tile op through numpy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from types import ModuleType
+from typing import Iterator
+
+import pytest
+import torch
+
+import flashdispatch
+from flashdispatch.device import simulated_device
+from flashdispatch.errors import NoBackendError
+from flashdispatch.problem import problem_from_shape
+from inputs import check_forward, make_qkv
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
+    pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests; the GPU runs test_triton_gpu.py"),
+]
+MODULES = ("flashdispatch.backends.triton.forward", "flashdispatch.backends.triton.decode")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+fwd: ModuleType
+dec: ModuleType
+
+
+def _load() -> tuple[ModuleType, ModuleType]:
+    mods = []
+    for name in MODULES:  # forward first: decode imports its helpers
+        mods.append(importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name))
+    return mods[0], mods[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted_kernels() -> Iterator[None]:
+    """Kernels (re)defined under TRITON_INTERPRET=1 for this file only (triton.jit decides at
+    definition time); afterwards the variable is restored and the modules reloaded compiled."""
+    global fwd, dec
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        fwd, dec = _load()
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+        _load()
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = torch.empty
+
+    def nan_empty(*args: object, **kwargs: object) -> torch.Tensor:
+        t = real(*args, **kwargs)  # type: ignore[arg-type]
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def _id(c: tuple) -> str:
+    b, hq, hkv, sq, sk, d, causal = c
+    return f"b{b}-h{hq}x{hkv}-sq{sq}-sk{sk}-d{d}{'-causal' if causal else ''}"
+
+
+# (B, Hq, Hkv, Sq, Sk, D, causal): S in {1, 17, 113}, D in {40, 64, 96}, GQA, Sq < Sk and Sq > Sk
+FORWARD_CASES = [
+    (1, 2, 2, 1, 1, 64, True),
+    (2, 4, 2, 17, 17, 64, True),
+    (1, 2, 2, 113, 113, 96, True),
+    (1, 4, 1, 17, 113, 40, True),
+    (1, 2, 2, 113, 17, 64, True),
+    (1, 3, 3, 113, 113, 40, False),
+    (2, 2, 1, 17, 113, 96, False),
+]
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=_id)
+def test_forward(case: tuple, layout: str, dtype: str, poisoned: None) -> None:
+    b, hq, hkv, sq, sk, d, causal = case
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=DTYPES[dtype], layout=layout)
+    out, lse = flashdispatch.attention(q, k, v, causal=causal, layout=layout, return_lse=True, backend="triton")
+    check_forward(out, q, k, v, causal=causal, layout=layout, lse=lse)
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_noncontiguous(dtype: str, poisoned: None) -> None:
+    q, k, v = make_qkv(1, 4, 2, 37, 113, 40, dtype=DTYPES[dtype], noncontiguous=True)
+    assert not q.is_contiguous()
+    out, lse = flashdispatch.attention(q, k, v, causal=True, return_lse=True, backend="triton")
+    check_forward(out, q, k, v, causal=True, lse=lse)
+
+
+def test_head_dim_v_differs(poisoned: None) -> None:
+    q, k, v = make_qkv(1, 2, 1, 33, 65, 64, dv=40, dtype=torch.float16)
+    out, lse = fwd.attention_forward(q, k, v, causal=True, scale=0.3, config={})
+    check_forward(out, q, k, v, causal=True, scale=0.3, lse=lse)
+
+
+@pytest.mark.parametrize("cfg", [{"TMA": True}, {"TMA": True, "WS": True},
+                                 {"BLOCK_M": 16, "BLOCK_N": 64}], ids=["tma", "tma-ws", "m16-n64"])
+def test_forward_configs(cfg: dict, poisoned: None) -> None:
+    """The Hopper descriptor kernel (emulated by the interpreter) and other tile shapes."""
+    q, k, v = make_qkv(2, 4, 2, 50, 113, 96, dtype=torch.float16, layout="bshd")
+    qv, kv, vv = (t.transpose(1, 2) for t in (q, k, v))
+    out, lse = fwd.attention_forward(qv, kv, vv, causal=True, scale=96**-0.5, config=cfg)
+    check_forward(out.transpose(1, 2), q, k, v, causal=True, layout="bshd", lse=lse)
+
+
+DECODE_CASES = [
+    (2, 8, 2, 1, 113, 64, False),
+    (1, 4, 4, 5, 77, 40, True),
+    (1, 6, 2, 16, 200, 96, True),
+]
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("case", DECODE_CASES, ids=_id)
+def test_decode(case: tuple, dtype: str, poisoned: None) -> None:
+    b, hq, hkv, sq, sk, d, causal = case
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=DTYPES[dtype], layout="bshd")
+    decision = flashdispatch.explain(q, k, v, causal=causal, layout="bshd", backend="triton")
+    assert any("split-KV decode" in n for n in decision.notes), decision.notes
+    out, lse = flashdispatch.attention(q, k, v, causal=causal, layout="bshd", return_lse=True, backend="triton")
+    check_forward(out, q, k, v, causal=causal, layout="bshd", lse=lse)
+
+
+@pytest.mark.parametrize("splits", [1, 3, 7])
+def test_decode_splits_merge(splits: int, poisoned: None) -> None:
+    """One split writes directly; several go through the lse merge (7 leaves empty tail splits
+    out: the plan rounds to whole key blocks)."""
+    q, k, v = make_qkv(1, 4, 2, 3, 150, 64, dtype=torch.float32)
+    out, lse = dec.decode_forward(q, k, v, causal=True, scale=0.125, config={"NUM_SPLITS": splits})
+    check_forward(out, q, k, v, causal=True, scale=0.125, lse=lse)
+
+
+def test_decode_forward_path(poisoned: None) -> None:
+    q, k, v = make_qkv(1, 4, 2, 2, 90, 64, dtype=torch.float16)
+    out, lse = dec.decode_forward(q, k, v, causal=True, scale=0.125, config={"PATH": "forward"})
+    check_forward(out, q, k, v, causal=True, scale=0.125, lse=lse)
+
+
+def test_empty_keys_give_zeros_and_minus_inf() -> None:
+    q, k, v = make_qkv(1, 2, 2, 5, 0, 64, dtype=torch.float16)
+    out, lse = fwd.attention_forward(q, k, v, causal=False, scale=0.125, config={})
+    assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
+
+
+# --- the Implementation: capabilities, configs, reasons ------------------------------------------
+
+
+def test_cpu_eligible_only_under_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    impl = flashdispatch.registry.REGISTRY.get("triton")
+    cpu = simulated_device("cpu")
+    p = problem_from_shape((1, 2, 2, 8, 8, 64), dtype="fp16", device_kind="cpu")
+    assert impl.not_supported_reasons(p, cpu) == []
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert any("device=cpu" in r for r in impl.not_supported_reasons(p, cpu))
+
+
+def test_reasons_name_the_limit() -> None:
+    impl = flashdispatch.registry.REGISTRY.get("triton")
+    h100 = simulated_device("h100")
+    p = problem_from_shape((1, 2, 2, 8, 8, 320), dtype="bf16")
+    assert any("head_dim=320 (max 256)" in r for r in impl.not_supported_reasons(p, h100))
+    bf16_cpu = problem_from_shape((1, 2, 2, 8, 8, 64), dtype="bf16", device_kind="cpu")
+    assert any("dtype=bf16" in r for r in impl.not_supported_reasons(bf16_cpu, simulated_device("cpu")))
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(NoBackendError, match="dtype=bf16"):
+        flashdispatch.attention(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize("key", ["h100", "a100", "mi300x", "mi250x"])
+def test_config_space_fits_device(key: str) -> None:
+    from flashdispatch.backends.triton import configs
+
+    impl = flashdispatch.registry.REGISTRY.get("triton")
+    dev = simulated_device(key)
+    arch = configs.arch_family(dev.kind, dev.arch)
+    for shape in [(4, 32, 8, 4096, 4096, 128), (1, 8, 8, 2048, 2048, 256), (1, 32, 8, 1, 8192, 128)]:
+        p = problem_from_shape(shape, dtype="bf16", device_kind=dev.kind, causal=True)
+        space = impl.config_space(p, dev)
+        assert space, f"empty config space for {shape} on {key}"
+        for cfg in space:
+            tiles = {**cfg, "BLOCK_M": cfg.get("BLOCK_M", configs.DECODE_MAX_BLOCK_M)}
+            assert configs.fits_shared_memory(tiles, arch, p.head_dim, p.head_dim_v), cfg
+            assert ("TMA" in cfg) <= (arch == "sm_90"), cfg
+            assert ("waves_per_eu" in cfg) <= arch.startswith("gfx"), cfg
+        assert impl.default_config(p, dev) in [impl.default_config(p, dev)]
+
+
+def test_plan_notes_say_which_path() -> None:
+    impl = flashdispatch.registry.REGISTRY.get("triton")
+    h100 = simulated_device("h100")
+    dec_p = problem_from_shape((1, 32, 8, 1, 8192, 128), dtype="bf16")
+    notes = impl.plan_notes(dec_p, h100, impl.default_config(dec_p, h100))
+    assert "split-KV decode: 4 q heads x 1 queries" in notes[0]
+    fwd_p = problem_from_shape((4, 32, 32, 512, 8192, 128), dtype="bf16", causal=True)
+    assert "forward" in impl.plan_notes(fwd_p, h100, impl.default_config(fwd_p, h100))[0]
+
+
+def test_bad_config_names_the_key() -> None:
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="BLOCK_Q"):
+        fwd.attention_forward(q, k, v, causal=False, scale=0.1, config={"BLOCK_Q": 64})
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        fwd.attention_forward(q, k, v, causal=False, scale=0.1, config={"BLOCK_M": 48})
