@@ -341,13 +341,21 @@ def diagnose(labels: Sequence[str], dtype: str) -> list[str]:
         tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
 
     x = torch.randn(1024, device="cuda")
-    lines = [f"# diag: trivial triton launch host {host_us_per_call(lambda: _noop[(1,)](x, 1024, BLOCK=1024)):.1f} us/call"]
+    compiled = _noop[(1,)](x, 1024, BLOCK=1024)
+    lines = [f"# diag: trivial triton launch host {host_us_per_call(lambda: _noop[(1,)](x, 1024, BLOCK=1024)):.1f} "
+             f"us/call (JIT dispatch), {host_us_per_call(lambda: compiled[(1, 1, 1)](x, 1024, 1024)):.1f} us/call "
+             f"(compiled kernel called directly), torch add {host_us_per_call(lambda: x.add_(0.0)):.1f} us/call"]
     cases = {c.label: c for c in all_cases(["fa2", "chunked", "gqa", "decode"], dtype)}
     for label in labels:
         c = cases[label]
         q, k, v = make_inputs(c, seed=3)
-        for name in ("triton", "sdpa"):
-            fn, why = runner(name, c, q, k, v, None)
+        variants: list[tuple[str, dict[str, Any] | None]] = [("triton", None), ("sdpa", None)]
+        if c.group == "decode":
+            variants.append(("triton", {"NUM_SPLITS": 1}))
+        for name, cfg in variants:
+            fn, why = runner(name, c, q, k, v, cfg)
+            if cfg:
+                name = f"{name}{cfg}"
             if fn is None:
                 continue
             host = host_us_per_call(fn)
@@ -357,7 +365,7 @@ def diagnose(labels: Sequence[str], dtype: str) -> list[str]:
                 graph = float("nan")
                 lines.append(f"# diag: {label} {name}: graph capture failed: {type(e).__name__}: {e}"[:200])
             ev = bench_ms(fn) * 1000
-            lines.append(f"# diag: {label:18s} {name:7s} host {host:7.1f} us/call  gpu(graph) {graph:8.1f} us  "
+            lines.append(f"# diag: {label:18s} {name:24s} host {host:7.1f} us/call  gpu(graph) {graph:8.1f} us  "
                          f"do_bench {ev:8.1f} us")
     return lines
 
