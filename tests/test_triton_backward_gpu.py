@@ -1,0 +1,151 @@
+"""The Triton backward kernels on a real GPU: bf16 and fp16 across the contract's matrix.
+
+Run with `pytest -m gpu tests/test_triton_backward_gpu.py`. Gradients against float64 autograd of
+the reference attention with flash-attention's 3x budget; out and lse come from the float64
+reference (the kernels alone are under test) except in the end-to-end case through
+flashdispatch.attention(backend="triton"), which runs the Triton forward too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import flashdispatch  # noqa: E402
+from flashdispatch.reference import attention_math  # noqa: E402
+from flashdispatch.tolerances import within_budget  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _bwd():  # imported lazily: on a machine without a GPU the module is collected, never run
+    from flashdispatch.backends.triton import backward
+
+    return backward
+
+
+def _tensor(shape: tuple[int, int, int, int], dtype: torch.dtype, layout: str, noncontig: bool,
+            gen: torch.Generator) -> torch.Tensor:
+    b, h, s, d = shape
+    t = torch.randn(b, h, s, d, generator=gen, device="cuda", dtype=torch.float32)
+    if layout == "bshd":
+        t = t.transpose(1, 2).contiguous().transpose(1, 2)
+    t = t.to(dtype)
+    if noncontig:
+        big = torch.full((b, h + 1, s + 3, d + 8), float("nan"), device="cuda", dtype=dtype)
+        big[:, 1:, 2:2 + s, 5:5 + d] = t
+        t = big[:, 1:, 2:2 + s, 5:5 + d]
+    return t
+
+
+def _poison(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = torch.empty_like
+
+    def nan_like(t: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        out = real(t, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty_like", nan_like)
+
+
+def _inputs(b, hq, hkv, sq, sk, d, dv, dtype, layout="bhsd", noncontig=False, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = _tensor((b, hq, sq, d), dtype, layout, noncontig, gen)
+    k = _tensor((b, hkv, sk, d), dtype, layout, noncontig, gen)
+    v = _tensor((b, hkv, sk, dv), dtype, layout, noncontig, gen)
+    do = _tensor((b, hq, sq, dv), dtype, layout, noncontig, gen)
+    return q, k, v, do
+
+
+def _reference_grads(q, k, v, do, causal, scale):
+    """((dq, dk, dv) in float64, the same in the input dtype, out in dtype, lse float32)."""
+    grads = []
+    for upcast in (True, False):
+        qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        out, lse = attention_math(qq, kk, vv, causal=causal, scale=scale, upcast=upcast)
+        out.backward(do.to(out.dtype))
+        grads.append((qq.grad, kk.grad, vv.grad))
+        if upcast:
+            ref_out, ref_lse = out.detach().to(q.dtype), lse.detach().float()
+    return grads[0], grads[1], ref_out, ref_lse
+
+
+def _check(got, want, base, tensors, dtype):
+    for name, g, w, bs, t in zip("qkv", got, want, base, tensors):
+        assert g.shape == t.shape and g.dtype == t.dtype
+        ok, err, allowed = within_budget(g, bs, w, dtype, grad=True)
+        assert ok, f"d{name} error {err:.3g} > allowed {allowed:.3g}"
+
+
+# (B, Hq, Hkv, Sq, Sk, D, Dv)
+SHAPES = [
+    (2, 4, 4, 1000, 1000, 128, 128),
+    (1, 8, 2, 4097, 4097, 64, 64),  # GQA 4:1, ragged last block
+    (1, 2, 2, 4097, 4097, 256, 256),
+    (1, 4, 1, 113, 1000, 96, 96),  # chunked prefill: Sq < Sk
+    (1, 4, 4, 1000, 113, 40, 40),  # Sq > Sk: leading rows see nothing
+    (2, 6, 3, 777, 900, 80, 72),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}:{}-S{}x{}-D{}:{}".format(*s))
+def test_gradients(shape, dtype, causal, monkeypatch):
+    b, hq, hkv, sq, sk, d, dv = shape
+    q, k, v, do = _inputs(*shape, dtype, seed=sum(shape))
+    scale = d ** -0.5
+    want, base, out, lse = _reference_grads(q, k, v, do, causal, scale)
+    _poison(monkeypatch)
+    got = _bwd().attention_backward(do, q, k, v, out, lse, causal=causal, scale=scale, config=None)
+    _check(got, want, base, (q, k, v), dtype)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_layouts_and_strides(layout, dtype, monkeypatch):
+    q, k, v, do = _inputs(2, 8, 2, 513, 700, 64, 64, dtype, layout=layout, noncontig=True, seed=7)
+    want, base, out, lse = _reference_grads(q, k, v, do, True, 0.125)
+    _poison(monkeypatch)
+    got = _bwd().attention_backward(do, q, k, v, out, lse, causal=True, scale=0.125, config=None)
+    _check(got, want, base, (q, k, v), dtype)
+
+
+@pytest.mark.parametrize("head_dim, causal", [(64, False), (128, True), (256, True)])
+def test_every_config_of_the_space(head_dim, causal, monkeypatch):
+    bwd = _bwd()
+    q, k, v, do = _inputs(1, 4, 2, 1030, 1030, head_dim, head_dim, torch.bfloat16, seed=head_dim)
+    want, base, out, lse = _reference_grads(q, k, v, do, causal, head_dim ** -0.5)
+    _poison(monkeypatch)
+    for cfg in bwd.backward_config_space(head_dim, atomic=True):
+        got = bwd.attention_backward(do, q, k, v, out, lse, causal=causal, scale=head_dim ** -0.5, config=cfg)
+        _check(got, want, base, (q, k, v), torch.bfloat16)
+
+
+def test_deterministic_by_default():
+    bwd = _bwd()
+    q, k, v, do = _inputs(2, 8, 2, 2048, 2048, 128, 128, torch.bfloat16, seed=11)
+    out, lse = attention_math(q, k, v, causal=True, upcast=False)
+    runs = [bwd.attention_backward(do, q, k, v, out.to(q.dtype), lse.float(), causal=True, scale=0.1,
+                                   config=None) for _ in range(3)]
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_end_to_end_through_attention(causal):
+    # the Triton forward's out/lse feeding this backward through its autograd Function
+    q, k, v, do = _inputs(2, 8, 2, 1500, 1700, 128, 128, torch.bfloat16, layout="bshd", seed=5)
+    q, k, v, do = (t.transpose(1, 2) for t in (q, k, v, do))  # the user's (B, S, H, D) tensors
+    want, base = [], []
+    for upcast, sink in ((True, want), (False, base)):
+        qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        out, _ = attention_math(qq, kk, vv, causal=causal, layout="bshd", upcast=upcast)
+        out.backward(do.to(out.dtype))
+        sink.extend((qq.grad, kk.grad, vv.grad))
+    qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = flashdispatch.attention(qq, kk, vv, causal=causal, layout="bshd", backend="triton")
+    out.backward(do)
+    _check((qq.grad, kk.grad, vv.grad), want, base, (q, k, v), torch.bfloat16)
