@@ -77,17 +77,41 @@ def run_shape(
     return row
 
 
-def tune_shape(s: int, d: int, causal: bool, dtype: torch.dtype, rep: int) -> tuple[dict[str, int], dict[str, float]]:
-    """Fastest forward config of the space for one shape (and every candidate's time)."""
+def _tag(cfg: dict[str, int], keys: tuple[str, ...]) -> str:
+    return "{}x{}w{}".format(*(cfg[k] for k in keys))
+
+
+def tune_shape(
+    s: int, d: int, causal: bool, dtype: torch.dtype, rep: int, backward: bool
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Fastest config of the space for one shape: forward configs timed on the forward, backward
+    configs on the backward; every candidate's time is returned too."""
     b, h = TOKENS // s, HIDDEN // d
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype) for _ in range(3))
     cc = torch.cuda.get_device_capability()
-    space = configs.config_space(d, cc[0] * 10 + cc[1], backward=False)
+    ccn = cc[0] * 10 + cc[1]
+    base = configs.default_config(d, ccn)
     times: dict[str, float] = {}
-    for cfg in space:
-        tag = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}w{cfg['WARPS']}"
-        times[tag] = _bench(lambda: cupy_forward(q, k, v, causal=causal, scale=None, config=cfg), rep)
-    best = min(space, key=lambda c: times[f"{c['BLOCK_M']}x{c['BLOCK_N']}w{c['WARPS']}"])
+    best = dict(base)
+    fwd_space = [c for c in configs.config_space(d, ccn, backward=False)]
+    fwd_t = {}
+    for cfg in fwd_space:
+        fwd_t[_tag(cfg, configs.FWD_KEYS)] = _bench(lambda: cupy_forward(q, k, v, causal=causal, scale=None, config=cfg), rep)
+    top = min(fwd_space, key=lambda c: fwd_t[_tag(c, configs.FWD_KEYS)])
+    best.update({k_: top[k_] for k_ in configs.FWD_KEYS})
+    times.update({f"fwd:{k_}": t for k_, t in fwd_t.items()})
+    if backward and d in configs.BACKWARD_HEAD_DIMS:
+        out, lse = cupy_forward(q, k, v, causal=causal, scale=None, config=best)
+        do = torch.randn_like(q)
+        bwd_space = {_tag(c, configs.BWD_KEYS): c for c in configs.config_space(d, ccn, backward=True)}
+        bwd_t = {}
+        for tag, cfg in bwd_space.items():
+            bwd_t[tag] = _bench(
+                lambda: cupy_backward(do, q, k, v, out, lse, causal=causal, scale=None, config=cfg), rep
+            )
+        top_tag = min(bwd_t, key=bwd_t.__getitem__)
+        best.update({k_: bwd_space[top_tag][k_] for k_ in configs.BWD_KEYS})
+        times.update({f"bwd:{k_}": t for k_, t in bwd_t.items()})
     return best, times
 
 
@@ -108,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = None
                 tuned: dict[str, float] = {}
                 if args.tune:
-                    cfg, tuned = tune_shape(s, d, causal, dtype, max(20, args.rep // 4))
+                    cfg, tuned = tune_shape(s, d, causal, dtype, max(20, args.rep // 4), not args.no_backward)
                 row = run_shape(s, d, causal, dtype, cfg, args.rep, not args.no_backward)
                 row["config"] = cfg or configs.default_config(d)
                 row["tuned_ms"] = tuned
@@ -137,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{g('cudnn_fwd_tflops'):6.0f} {g('cupy_fwd_tflops') / g('flash_fwd_tflops'):5.2f} | "
             f"{g('cupy_bwd_tflops'):8.0f} {g('flash_bwd_tflops'):6.0f} {g('cudnn_bwd_tflops'):6.0f} "
             f"{g('cupy_bwd_tflops') / g('flash_bwd_tflops'):5.2f} | "
-            f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')}w{c.get('WARPS')}\n"
+            f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')}w{c.get('WARPS')} "
+            f"bwd {c.get('BWD_BLOCK_M')}x{c.get('BWD_BLOCK_N')}w{c.get('BWD_WARPS')}\n"
         )
     return 0
 

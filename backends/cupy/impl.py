@@ -39,8 +39,10 @@ def _availability() -> str | None:
         rt = cupy.cuda.runtime.runtimeGetVersion()
     except Exception as e:
         return f"CuPy cannot talk to the CUDA driver ({type(e).__name__}: {e})"
-    if drv < rt:
-        return f"the CUDA driver ({drv}) is older than CuPy's CUDA runtime ({rt})"
+    # CUDA's minor-version compatibility: a 13.0 driver runs a 13.x runtime; only a major
+    # version ahead of the driver fails.
+    if drv // 1000 < rt // 1000:
+        return f"the CUDA driver ({drv}) is older than CuPy's CUDA runtime major version ({rt})"
     return None
 
 

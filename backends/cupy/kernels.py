@@ -113,6 +113,10 @@ def module_source(specs: list[KernelSpec]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+class CompileError(RuntimeError):
+    """NVRTC rejected the generated source (the message carries NVRTC's log)."""
+
+
 @dataclass
 class CompiledKernel:
     spec: KernelSpec
@@ -149,7 +153,7 @@ def _nvrtc_compile(src: str, name: str, options: tuple[str, ...]) -> tuple[bytes
         try:
             nvrtc.compileProgram(prog, list(options))
         except Exception as e:
-            raise RuntimeError(f"NVRTC failed on {name}: {e}\n{nvrtc.getProgramLog(prog)}") from None
+            raise CompileError(f"NVRTC failed on {name}: {e}\n{nvrtc.getProgramLog(prog)}") from None
         get_cubin = getattr(nvrtc, "getCUBIN", None)
         if get_cubin is not None:
             data = get_cubin(prog)
@@ -210,8 +214,8 @@ def _compile_uncached(spec: KernelSpec, device_index: int, arch: str) -> Compile
                     f.write(binary)
                 os.replace(tmp, path)
                 fn, how = _load(path, spec.symbol), "nvrtc"
-        except RuntimeError:
-            raise  # a compile error in our source: CuPy's path would fail the same way
+        except CompileError:
+            raise  # an error in our source: CuPy's path would fail the same way
         except Exception as e:  # our own cache is an optimisation; CuPy's compiler is the fallback
             log.warning("cupy backend: own module cache failed (%s: %s); using CuPy's", type(e).__name__, e)
             fn = cupy.RawModule(code=src, options=NVRTC_OPTIONS).get_function(spec.symbol)

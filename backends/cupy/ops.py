@@ -12,6 +12,7 @@ rows; `_aligned` copies the rare view that is not.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -52,12 +53,31 @@ def _strides3(t: torch.Tensor) -> list[np.int64]:
     return _i64(t.stride(0), t.stride(1), t.stride(2))
 
 
-def _launch(k: CompiledKernel, grid: tuple[int, int, int], args: list[Any], device_index: int) -> None:
+# CuPy views of torch's streams, by (stream handle, device): made once, not per launch.
+_STREAMS: dict[tuple[int, int], Any] = {}
+
+
+def _cupy_stream(device_index: int) -> Any:
+    """CuPy's handle on torch's current stream of the device (CuPy does not own it)."""
+    handle = torch.cuda.current_stream(device_index).cuda_stream
+    st = _STREAMS.get((handle, device_index))
+    if st is None:
+        import cupy
+
+        with warnings.catch_warnings():
+            # CuPy 14 deprecates ExternalStream in favour of a protocol torch streams may lack
+            warnings.simplefilter("ignore", DeprecationWarning)
+            st = _STREAMS[(handle, device_index)] = cupy.cuda.ExternalStream(handle, device_index)
+    return st
+
+
+def _launch(
+    k: CompiledKernel, grid: tuple[int, int, int], args: list[Any], device_index: int, threads: int = 0
+) -> None:
     import cupy
 
-    stream = torch.cuda.current_stream(device_index).cuda_stream
-    with cupy.cuda.Device(device_index), cupy.cuda.ExternalStream(stream, device_index):
-        k.function(grid, (k.spec.threads, 1, 1), tuple(args), shared_mem=k.spec.smem_bytes())
+    with cupy.cuda.Device(device_index), _cupy_stream(device_index):
+        k.function(grid, (threads or k.spec.threads, 1, 1), tuple(args), shared_mem=k.spec.smem_bytes())
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
@@ -170,11 +190,7 @@ def cupy_backward(
     prep_threads = rows_per_block * tpr
     args = [_ptr(out), _ptr(do), _ptr(lse), _ptr(delta), _ptr(lse2)] + _strides3(out) + _strides3(do)
     args += [np.int32(hq), np.int32(sq), np.int64(rows)]
-    import cupy
-
-    stream = torch.cuda.current_stream(idx).cuda_stream
-    with cupy.cuda.Device(idx), cupy.cuda.ExternalStream(stream, idx):
-        kern.function(((rows + rows_per_block - 1) // rows_per_block, 1, 1), (prep_threads, 1, 1), tuple(args))
+    _launch(kern, ((rows + rows_per_block - 1) // rows_per_block, 1, 1), args, idx, threads=prep_threads)
 
     kern = compile_kernel(dq_spec, idx, arch)
     args = [_ptr(q), _ptr(k), _ptr(v), _ptr(do), _ptr(lse2), _ptr(delta), _ptr(dq)]
