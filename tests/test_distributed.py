@@ -350,3 +350,47 @@ def test_attention_without_process_group_names_group() -> None:
     t = torch.randn(1, 1, 4, 8)
     with pytest.raises(RuntimeError, match="group: expected an initialized torch.distributed process group"):
         fdd.attention(t, t, t)
+
+
+_TRITON_BLOCK_CHECK = r"""
+import json, torch
+from flashdispatch.distributed.block_backward import block_backward, block_backward_math, softmax_delta
+from flashdispatch.reference import attention_math
+from flashdispatch.tolerances import within_budget
+g = torch.Generator().manual_seed(5)
+res = {}
+for causal, hq, hkv in ((False, 2, 2), (True, 4, 2)):
+    s, d = 24, 32
+    q, k, v, do = (torch.randn(1, h, s, d, generator=g) for h in (hq, hkv, hkv, hq))
+    out, lse = attention_math(q, k, v, causal=causal)
+    out, lse = out.float(), lse.float()
+    # a ring block: the last rows against the first keys (unmasked), and the whole causal square
+    for name, rows, cols, blk_causal in (("split", slice(8, s), slice(0, 8), False), ("square", slice(0, s), slice(0, s), causal)):
+        args = [t[:, :, r] for t, r in ((do, rows), (q, rows), (k, cols), (v, cols))]
+        got = block_backward("triton", None, *args, out[:, :, rows], lse[:, :, rows], None, causal=blk_causal, scale=d ** -0.5)
+        ref = block_backward_math(*(a.double() for a in args), lse[:, :, rows].double(),
+                                  softmax_delta(do, out)[:, :, rows].double(), causal=blk_causal, scale=d ** -0.5)
+        base = block_backward_math(*args, lse[:, :, rows], softmax_delta(do, out)[:, :, rows], causal=blk_causal, scale=d ** -0.5)
+        for gname, a, r, b in zip(("dq", "dk", "dv"), got, ref, base):
+            res[f"causal={causal}-h{hq}/{hkv}-{name}-{gname}"] = within_budget(a, b, r, torch.float32, grad=True)
+print(json.dumps(res))
+"""
+
+
+def test_triton_block_backward_takes_global_out_and_lse() -> None:
+    """The triton backend's functional backward, as the ring calls it on a GPU (a block of rows and
+    keys with the whole row's out and lse), against the torch-ops block backward: under Triton's
+    CPU interpreter, in a child process so that no other test sees the interpreter."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _TRITON_BLOCK_CHECK], env=env, capture_output=True, text=True,
+                          timeout=WORKER_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    bad = {k: v for k, v in res.items() if not v[0]}
+    assert len(res) == 12 and not bad, bad
