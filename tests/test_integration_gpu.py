@@ -109,7 +109,7 @@ def test_inductor_with_cuda_graphs(name: str) -> None:
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_cuda_graph_replays_forward_and_backward(name: str, layout: str) -> None:
-    b, hq, hkv, sq, sk, d = 2, 4, 2, 129, 191, 64
+    b, hq, hkv, sq, sk, d = _case_for(name, layout)
     q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=torch.float16, device="cuda", layout=layout,
                        requires_grad=True)
     _serves_or_skip(name, q, k, v, causal=True, layout=layout)
