@@ -186,7 +186,8 @@ def test_inductor_with_cuda_graphs(name: str) -> None:
     want_grads = torch.autograd.grad(want, (q, k, v))
     assert torch.allclose(loss, want, rtol=2e-2, atol=1e-4)
     for g, w in zip(grads, want_grads):
-        assert torch.allclose(g.float(), w.float(), rtol=5e-2, atol=5e-3)
+        g, w = g.float(), w.float()
+        assert not torch.isnan(g).any() and float((g - w).norm() / w.norm()) < 2e-2
 
 
 # --- host cost of the dispatcher (a measurement, not a test) -------------------------------------
