@@ -1,6 +1,6 @@
 """FlashAttention-2 backward in Triton: dq, dk, dv from the forward's saved out and lse.
 
-Three launches, no float atomics, so the result is bitwise deterministic:
+Three launches and, by default, no float atomics, so the result is bitwise deterministic:
 
 1. ``_bwd_preprocess_kernel``  delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d]  (fp32)
 2. ``_bwd_dkdv_kernel``        one program per (kv block, batch, kv head): recomputes P from the
@@ -12,7 +12,8 @@ Three launches, no float atomics, so the result is bitwise deterministic:
                                dP over the visible kv blocks and accumulates dQ = dS K.
 
 The price of determinism is recomputing QK^T and dO V^T in the dq pass (7 block matmuls instead of
-FlashAttention-2's 5 with atomics on dq).
+FlashAttention-2's 5 with atomics on dq). A config may opt into that atomic variant instead
+(BWD_DQ_ATOMIC); on H100 it measured slower, so it is never the default.
 
 Masking follows the contract's bottom-right causal rule: query i sees key j iff j <= i + Sk - Sq.
 Whole blocks that no query of a block can see are skipped; blocks that every query sees run
@@ -64,9 +65,10 @@ DEFAULT_CONFIGS: dict[int, dict[str, Any]] = {
 }
 
 # What the tuner may try beyond the default, per padded head dim: (BLOCK_M, BLOCK_N, num_warps,
-# num_stages). On the H100 sweep the runners-up were 10-30% (64) and 25-55% (128) slower than the
-# default; the rest are untimed neighbours. The atomic-dq variant was 0.55-0.8x of the default
-# at every shape of that sweep, so it is offered only on request (atomic=True).
+# num_stages). On the H100 sweep the runner-up was 9-18% (D=64) and 23-30% (D=128) slower than
+# the default; the rest are untimed neighbours. The atomic-dq variant was 0.5-0.8x of the default
+# at every shape of that sweep, so it is offered only on request (atomic=True). AMD runs the same
+# tables: compile-checked for gfx90a/gfx942, never timed there.
 _SPACE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
     16: ((32, 64, 4, 3),),
     32: ((32, 64, 4, 3),),
