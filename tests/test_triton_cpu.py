@@ -219,3 +219,80 @@ def test_bad_config_names_the_key() -> None:
         fwd.attention_forward(q, k, v, causal=False, scale=0.1, config={"BLOCK_Q": 64})
     with pytest.raises(ValueError, match="BLOCK_M"):
         fwd.attention_forward(q, k, v, causal=False, scale=0.1, config={"BLOCK_M": 48})
+
+
+# --- direct launches (the GPU hot path), with stand-ins for the compiled kernel ------------------
+
+
+class _FakeCompiled:
+    function = "fn-handle"
+    packed_metadata = "meta"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def run(self, *a: object) -> None:
+        self.calls.append(a)
+
+
+class _FakeJit:
+    arg_names = ["X", "n", "scale", "BLOCK", "FLAG"]
+
+    def __init__(self) -> None:
+        self.jit_calls = 0
+        self.compiled = _FakeCompiled()
+
+    def __getitem__(self, grid: tuple) -> object:
+        def launch(*args: object, **kwargs: object) -> _FakeCompiled:
+            self.jit_calls += 1
+            return self.compiled
+        return launch
+
+
+def _launcher(monkeypatch: pytest.MonkeyPatch):
+    from flashdispatch.backends.triton.launch import DirectLauncher
+
+    fake = _FakeJit()
+    la = DirectLauncher(fake)
+    monkeypatch.setattr(DirectLauncher, "_stream", staticmethod(lambda device: 1234))
+    checked: list[tuple] = []
+    monkeypatch.setattr(la, "_verify", lambda key, *rest: (checked.append(key), la.verified.add(key)))
+    return fake, la, checked
+
+
+def test_direct_launch_passes_signature_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake, la, checked = _launcher(monkeypatch)
+    x = torch.empty(64, device="meta")
+    consts = {"FLAG": True, "BLOCK": 32}  # out of signature order on purpose
+    la((4,), (x, 48, 0.5), consts, {"num_warps": 4}, (x,))
+    assert fake.jit_calls == 1 and not fake.compiled.calls  # first launch: the JIT compiles
+    la((5, 2), (x, 96, 0.25), consts, {"num_warps": 4}, (x,))
+    assert fake.jit_calls == 1 and len(checked) == 1
+    (call,) = fake.compiled.calls
+    assert call == (5, 2, 1, 1234, "fn-handle", "meta", None, None, None, x, 96, 0.25, 32, True)
+    la((1,), (x, 1, 0.5), consts, {"num_warps": 4}, (x,))  # n == 1 is another specialisation
+    assert fake.jit_calls == 2
+
+
+def test_direct_launch_turns_itself_off_on_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake, la, _ = _launcher(monkeypatch)
+    x = torch.empty(64, device="meta")
+    la((1,), (x, 48, 0.5), {"BLOCK": 32, "FLAG": False}, {}, (x,))
+
+    def broken(*a: object) -> None:
+        raise TypeError("launcher moved")
+
+    monkeypatch.setattr(fake.compiled, "run", broken)
+    la((1,), (x, 48, 0.5), {"BLOCK": 32, "FLAG": False}, {}, (x,))
+    assert not la.enabled and fake.jit_calls == 2
+
+
+def test_direct_launch_leaves_hooks_to_the_jit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from triton import knobs
+
+    fake, la, _ = _launcher(monkeypatch)
+    x = torch.empty(64, device="meta")
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda metadata: None)
+    for _ in range(3):
+        la((1,), (x, 48, 0.5), {"BLOCK": 32, "FLAG": False}, {}, (x,))
+    assert fake.jit_calls == 3 and not fake.compiled.calls

@@ -151,6 +151,7 @@ def head_dim_bucket(d: int) -> int:
     raise ValueError(f"head dim: expected at most {MAX_HEAD_DIM}, got {d}")
 
 
+@functools.lru_cache(maxsize=None)
 def block_dim(d: int) -> int:
     """Tile width for a head dim: next power of two, at least 16 (tl.dot's minimum K)."""
     return max(16, 1 << (max(d, 1) - 1).bit_length())
@@ -225,10 +226,35 @@ def decode_defaults(arch: str, head_dim: int) -> dict[str, Any]:
     return dict(table[head_dim_bucket(head_dim)])
 
 
+def _frozen(config: dict[str, Any] | None) -> frozenset[tuple[str, Any]] | None:
+    try:
+        return frozenset((config or {}).items())
+    except TypeError:  # an unhashable value: resolve without the cache (and let the checks speak)
+        return None
+
+
 def resolve_forward(config: dict[str, Any] | None, arch: str, head_dim: int, causal: bool,
                     seqlen_q: int = 0, seqlen_k: int = 0) -> dict[str, Any]:
-    """Defaults for (arch, D, causal, chunk) overlaid with the given config's forward keys."""
-    cfg = forward_defaults(arch, head_dim, causal, seqlen_q, seqlen_k)
+    """Defaults for (arch, D, causal, chunk) overlaid with the given config's forward keys.
+
+    Cached per (config, arch, bucket, causal, chunk): it runs on every call of a launch-bound path.
+    """
+    frozen = _frozen(config)
+    chunk = bool(causal and seqlen_q and seqlen_k >= CHUNK_RATIO * seqlen_q)
+    if frozen is None:
+        return _resolve_forward(config, arch, head_dim_bucket(head_dim), causal, chunk)
+    return dict(_resolve_forward_cached(frozen, arch, head_dim_bucket(head_dim), bool(causal), chunk))
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve_forward_cached(frozen: frozenset[tuple[str, Any]], arch: str, bucket: int, causal: bool,
+                            chunk: bool) -> tuple[tuple[str, Any], ...]:
+    return tuple(_resolve_forward(dict(frozen), arch, bucket, causal, chunk).items())
+
+
+def _resolve_forward(config: dict[str, Any] | None, arch: str, bucket: int, causal: bool,
+                     chunk: bool) -> dict[str, Any]:
+    cfg = forward_defaults(arch, bucket, causal, 1 if chunk else 0, CHUNK_RATIO if chunk else 0)
     given = {k: v for k, v in (config or {}).items()
              if k not in ("PATH", "NUM_SPLITS") and not k.startswith(BACKWARD_KEY_PREFIX)}
     _check_keys(given, FORWARD_KEYS, "forward")
@@ -244,6 +270,19 @@ def resolve_forward(config: dict[str, Any] | None, arch: str, head_dim: int, cau
 
 
 def resolve_decode(config: dict[str, Any] | None, arch: str, head_dim: int) -> dict[str, Any]:
+    """Decode defaults for (arch, D) overlaid with the given config (cached like resolve_forward)."""
+    frozen = _frozen(config)
+    if frozen is None:
+        return _resolve_decode(config, arch, head_dim_bucket(head_dim))
+    return dict(_resolve_decode_cached(frozen, arch, head_dim_bucket(head_dim)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve_decode_cached(frozen: frozenset[tuple[str, Any]], arch: str, bucket: int) -> tuple[tuple[str, Any], ...]:
+    return tuple(_resolve_decode(dict(frozen), arch, bucket).items())
+
+
+def _resolve_decode(config: dict[str, Any] | None, arch: str, head_dim: int) -> dict[str, Any]:
     cfg = decode_defaults(arch, head_dim)
     given = {k: v for k, v in (config or {}).items() if not k.startswith(BACKWARD_KEY_PREFIX)}
     _check_keys(given, DECODE_KEYS, "decode")

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .launch import DirectLauncher
 from .forward import (
     LN2,
     _check_inputs,
@@ -220,22 +221,24 @@ def decode_forward(
     else:
         po = torch.empty((bsz * hq * sq, splits, block_dv), dtype=torch.float32, device=q.device)
         pl = torch.empty((bsz * hq * sq, splits), dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(bsz * hkv, splits, m_blocks)](
+    _SPLIT((bsz * hkv, splits, m_blocks), (
         q, k, v, po, pl, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         hq, hkv, hq // hkv, sq, sk, float(scale) * 1.4426950408889634, d, dv,
         keys_per_split, splits,
-        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
-        CAUSAL=bool(causal) and sq > 1, PAD_D=block_d != d, PAD_DV=block_dv != dv,
-        IEEE=q.dtype == torch.float32, DIRECT=direct, OFFS64=_needs_offs64(q, k, v, out),
-        **launch_options(cfg),
-    )
+    ), dict(BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
+            CAUSAL=bool(causal) and sq > 1, PAD_D=block_d != d, PAD_DV=block_dv != dv,
+            IEEE=q.dtype == torch.float32, DIRECT=direct, OFFS64=_needs_offs64(q, k, v, out)),
+        launch_options(cfg), (out, lse) if direct else (po, pl))
     if not direct:
-        _decode_merge_kernel[(bsz * hq * sq,)](
+        _MERGE((bsz * hq * sq,), (
             po, pl, out, lse,
             *out.stride(),
             hq, sq, splits, dv,
-            BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=block_dv, PAD_DV=block_dv != dv,
-            num_warps=1 if block_dv <= 64 else 2,
-        )
+        ), dict(BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=block_dv, PAD_DV=block_dv != dv),
+            {"num_warps": 1 if block_dv <= 64 else 2}, (out, lse))
     return out, lse
+
+
+_SPLIT = DirectLauncher(_decode_split_kernel)
+_MERGE = DirectLauncher(_decode_merge_kernel)

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .launch import DirectLauncher
 
 log = logging.getLogger("flashdispatch")
 
@@ -330,6 +331,9 @@ def _fwd_kernel_tma(
 
 # --- launcher ------------------------------------------------------------------------------------
 
+_FWD = DirectLauncher(_fwd_kernel)
+_FWD_TMA = DirectLauncher(_fwd_kernel_tma)
+
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -425,29 +429,26 @@ def attention_forward(
     grid = (-(-sq // cfg["BLOCK_M"]) * bsz * hq,)
     qk_scale = float(scale) * 1.4426950408889634
     ieee = q.dtype == torch.float32
+    options = launch_options(cfg)
     if cfg.get("TMA") and _tma_ok(q, k, v, out):
         _set_tma_allocator()
-        _fwd_kernel_tma[grid](
+        _FWD_TMA(grid, (
             q, k, v, out, lse,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             hq, hq // hkv, sq, sk, qk_scale, d, dv,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
-            CAUSAL=effective_causal, IEEE=ieee, WS=bool(cfg.get("WS", False)),
-            **launch_options(cfg),
-        )
+        ), dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
+                CAUSAL=effective_causal, IEEE=ieee, WS=bool(cfg.get("WS", False))), options, (out, lse))
         return out, lse
-    _fwd_kernel[grid](
+    _FWD(grid, (
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         hq, hq // hkv, sq, sk, qk_scale, d, dv,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
-        CAUSAL=effective_causal, PAD_D=block_d != d, PAD_DV=block_dv != dv, IEEE=ieee,
-        OFFS64=_needs_offs64(q, k, v, out),
-        **launch_options(cfg),
-    )
+    ), dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
+            CAUSAL=effective_causal, PAD_D=block_d != d, PAD_DV=block_dv != dv, IEEE=ieee,
+            OFFS64=_needs_offs64(q, k, v, out)), options, (out, lse))
     return out, lse
 
 

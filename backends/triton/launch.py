@@ -1,0 +1,137 @@
+"""Kernel launches with less host time than Triton's JIT dispatch.
+
+Why: decode-shaped calls are launch-bound. Measured on H100 (tools/bench_triton.py --diag,
+docs/triton.md): one split-KV decode call cost 162 us of host time per call through
+`kernel[grid](...)` for 12.6 us of GPU time; Triton's JIT dispatch specialises each of the ~40
+arguments on every call. A launch through the compiled kernel's own launcher costs a fraction.
+
+How: the first launch of a specialisation goes through the JIT (which compiles and returns the
+compiled kernel); it is cached under a key that holds everything the JIT specialises on (each int
+argument's "== 1" and "divisible by 16", each pointer's 16-byte alignment, dtypes, constexprs,
+compiler options, device). Later launches with the same key call the compiled kernel's launcher
+with the arguments in the kernel's signature order, as the JIT itself does.
+
+Safety: the first cached launch of every key is checked: the direct launch and a JIT launch run on
+the same inputs and their outputs must agree bit for bit (the kernels are deterministic); any
+disagreement or error turns direct launches off for that kernel, with a warning, and the JIT
+result is what the caller gets. Launch hooks (profilers) and the interpreter always take the JIT
+path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+
+log = logging.getLogger("flashdispatch")
+
+# Entries per kernel; a key is a shape *class* (divisibility), not a shape, so few are needed.
+MAX_CACHED = 512
+_I32_MAX = 2**31 - 1
+
+
+def _int_class(x: int) -> int:
+    # what Triton's specialisation looks at: 1 (becomes a constant), divisible by 16, 64-bit
+    if x == 1:
+        return 1
+    return (2 if x & 15 == 0 else 0) + (4 if x > _I32_MAX or x < -_I32_MAX else 0)
+
+
+def _hooks_installed() -> bool:
+    """A launch hook someone installed (a profiler): only the JIT path calls it."""
+    from triton import knobs
+
+    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        if hook is None:
+            continue
+        calls = getattr(hook, "calls", None)  # Triton 3.6: an (often empty) HookChain
+        if calls is None or calls:
+            return True
+    return False
+
+
+class DirectLauncher:
+    """Launch one @triton.jit kernel, through its compiled launcher once the JIT has built it."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.names: tuple[str, ...] = tuple(getattr(fn, "arg_names", ()))
+        self.cache: dict[tuple[Any, ...], Any] = {}
+        self.verified: set[tuple[Any, ...]] = set()
+        self.enabled = True
+
+    def _key(self, args: Sequence[Any], constexprs: dict[str, Any], options: dict[str, Any],
+             device: int) -> tuple[Any, ...]:
+        parts: list[Any] = []
+        for a in args:
+            kind = type(a)
+            if kind is int:
+                parts.append(_int_class(a))
+            elif kind is float:  # floats are never specialised
+                parts.append(-1)
+            elif isinstance(a, torch.Tensor):
+                parts.append((a.dtype, a.data_ptr() & 15 == 0))
+            else:  # anything else (bool, None, ...) by value
+                parts.append((kind, a))
+        return (device, tuple(parts), tuple(constexprs.items()), tuple(options.items()))
+
+    def _jit(self, grid: tuple[int, ...], args: Sequence[Any], constexprs: dict[str, Any],
+             options: dict[str, Any]) -> Any:
+        return self.fn[grid](*args, **constexprs, **options)
+
+    def __call__(self, grid: tuple[int, ...], args: Sequence[Any], constexprs: dict[str, Any],
+                 options: dict[str, Any], outputs: Sequence[torch.Tensor]) -> None:
+        """Launch fn[grid](*args, **constexprs, **options); `outputs` are the tensors it writes
+        (all of their elements), used by the first-launch check."""
+        t0 = args[0]
+        if (not self.enabled or not isinstance(t0, torch.Tensor) or t0.device.type == "cpu"
+                or _hooks_installed()):
+            self._jit(grid, args, constexprs, options)
+            return
+        device = t0.device.index or 0
+        key = self._key(args, constexprs, options, device)
+        kernel = self.cache.get(key)
+        if kernel is None:
+            kernel = self._jit(grid, args, constexprs, options)
+            if hasattr(kernel, "result"):  # asynchronous compilation hands back a future
+                kernel = kernel.result()
+            if kernel is not None and len(self.cache) < MAX_CACHED:
+                self.cache[key] = kernel
+            return
+        tail = [constexprs[n] for n in self.names[len(args):]]
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        stream = self._stream(device)
+        try:
+            kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
+                       *args, *tail)
+        except Exception as e:  # an internal interface that moved: the JIT path always works
+            self._disable(f"{type(e).__name__}: {e}")
+            self._jit(grid, args, constexprs, options)
+            return
+        if key not in self.verified:
+            self._verify(key, grid, args, constexprs, options, outputs)
+
+    @staticmethod
+    def _stream(device: int) -> int:
+        from triton.runtime import driver
+
+        return driver.active.get_current_stream(device)
+
+    def _verify(self, key: tuple[Any, ...], grid: tuple[int, ...], args: Sequence[Any],
+                constexprs: dict[str, Any], options: dict[str, Any], outputs: Sequence[torch.Tensor]) -> None:
+        direct = [o.clone() for o in outputs]
+        for o in outputs:
+            o.fill_(float("nan"))
+        self._jit(grid, args, constexprs, options)  # the caller gets the JIT's result
+        same = all(torch.equal(d, o) for d, o in zip(direct, outputs))
+        if same:
+            self.verified.add(key)
+        else:
+            self._disable("direct launch disagreed with the JIT launch")
+
+    def _disable(self, why: str) -> None:
+        self.enabled = False
+        log.warning("flashdispatch triton: direct launches of %s turned off (%s); using Triton's JIT dispatch",
+                    getattr(self.fn, "__name__", self.fn), why)
