@@ -18,7 +18,7 @@ from flashdispatch.problem import problem_from_shape
 from flashdispatch.registry import REGISTRY
 from flashdispatch.tools import nvcc_check
 
-MAX_SPILL_BYTES = 64
+MAX_SPILL_BYTES = 128
 needs_nvcc = pytest.mark.skipif(nvcc_check.find_nvcc() is None, reason="nvcc not on PATH")
 
 
@@ -46,8 +46,9 @@ def test_selectable_kernels_compile(nvcc_results: dict[str, nvcc_check.NvccResul
     defaults = {
         s.symbol for d in configs.HEAD_DIMS for s in configs.specs_for([configs.default_config(d, cc)], [d])
     }
-    # ptxas sometimes parks a word or two in local memory at 170 registers (seen: 8 bytes for
-    # dK/dV D=96 on sm_80); what matters is that no default config spills its accumulators.
+    # ptxas sometimes parks a few words in local memory (seen: 8 bytes for dK/dV D=96 on sm_80;
+    # 104 bytes for dK/dV D=64 32x128w4 non-causal on sm_90, which still measured fastest on an
+    # H100, docs/cupy.md); what matters is that no default config spills its accumulators.
     spilling = [k.symbol for k in r.kernels.values() if k.symbol in defaults and k.spill_bytes > MAX_SPILL_BYTES]
     assert not spilling, f"default configs spill registers on {arch}: {spilling}"
 
@@ -106,6 +107,9 @@ def test_spec_problems_name_what_is_wrong() -> None:
         configs.parse_config({"BLOCK_K": 3}, 64)
     with pytest.raises(ValueError, match="BLOCK_M: expected an int"):
         configs.parse_config({"BLOCK_M": "128"}, 64)
+    dq = configs.bwd_specs(64, "fp16", True, {**configs.default_config(64), "DQ_BLOCK_M": 128,
+                                                 "DQ_BLOCK_N": 16, "DQ_WARPS": 4})[1]
+    assert (dq.kind, dq.block_m, dq.block_n, dq.warps) == ("bwd_dq", 128, 16, 4)
     with pytest.raises(ValueError, match="kernel spec"):
         module_source([bad])
 
@@ -124,7 +128,9 @@ def test_capabilities_and_reasons() -> None:
     assert any("device=cpu" in r for r in impl.not_supported_reasons(p, simulated_device("cpu")))
     assert any("rocm" in r for r in impl.not_supported_reasons(p, simulated_device("mi300x")))
     space = impl.config_space(ok, h100)
-    assert space and all(set(c) == set(configs.CONFIG_KEYS) for c in space)
+    required = set(configs.FWD_KEYS + configs.BWD_KEYS)
+    assert space and all(required <= set(c) <= set(configs.CONFIG_KEYS) for c in space)
+    assert any(set(configs.DQ_KEYS) <= set(c) for c in space)
 
 
 @pytest.mark.skipif(_cupy_importable() and torch.cuda.is_available(), reason="CuPy and a GPU are present")

@@ -160,17 +160,18 @@ def test_deterministic(causal: bool) -> None:
         assert torch.equal(a, b_)
 
 
-def test_every_config_of_the_space_is_correct() -> None:
+@pytest.mark.parametrize("d", [64, 128], ids=lambda d: f"D{d}")
+def test_every_config_of_the_space_is_correct(d: int) -> None:
     """Each forward/backward config the tuner may pick computes the same function."""
     cc = torch.cuda.get_device_capability()
-    q, k, v = make((1, 4, 2, 300, 517), 64, torch.float16, seed=3)
+    q, k, v = make((1, 4, 2, 300, 517), d, torch.float16, seed=3)
     do = torch.randn_like(q)
     ref, _ = attention_math(q, k, v, causal=True)
     base, _ = attention_math(q, k, v, causal=True, upcast=False)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     o64, _ = attention_math(*leaves, causal=True)
     gref = torch.autograd.grad(o64, leaves, do.double())
-    for cfg in configs.config_space(64, cc[0] * 10 + cc[1], backward=True):
+    for cfg in configs.config_space(d, cc[0] * 10 + cc[1], backward=True):
         out, lse = cupy_forward(q, k, v, causal=True, scale=None, config=cfg)
         ok, err, allowed = tolerances.within_budget(out, base, ref, torch.float16)
         assert ok, f"{cfg}: out error {err:.3g} > {allowed:.3g}"

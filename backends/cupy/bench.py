@@ -103,15 +103,26 @@ def tune_shape(
     if backward and d in configs.BACKWARD_HEAD_DIMS:
         out, lse = cupy_forward(q, k, v, causal=causal, scale=None, config=best)
         do = torch.randn_like(q)
-        bwd_space = {_tag(c, configs.BWD_KEYS): c for c in configs.config_space(d, ccn, backward=True)}
-        bwd_t = {}
-        for tag, cfg in bwd_space.items():
-            bwd_t[tag] = _bench(
-                lambda: cupy_backward(do, q, k, v, out, lse, causal=causal, scale=None, config=cfg), rep
-            )
+
+        def time_bwd(cfg: dict[str, int]) -> float:
+            return _bench(lambda: cupy_backward(do, q, k, v, out, lse, causal=causal, scale=None, config=cfg), rep)
+
+        space = configs.config_space(d, ccn, backward=True)
+        # first the shared backward shape, then a dQ shape of its own on top of the winner
+        shared = {_tag(c, configs.BWD_KEYS): c for c in space if not any(k_ in c for k_ in configs.DQ_KEYS)}
+        bwd_t = {tag: time_bwd({**best, **{k_: c[k_] for k_ in configs.BWD_KEYS}}) for tag, c in shared.items()}
         top_tag = min(bwd_t, key=bwd_t.__getitem__)
-        best.update({k_: bwd_space[top_tag][k_] for k_ in configs.BWD_KEYS})
+        best.update({k_: shared[top_tag][k_] for k_ in configs.BWD_KEYS})
         times.update({f"bwd:{k_}": t for k_, t in bwd_t.items()})
+        top_t = bwd_t[top_tag]
+        for c in space:
+            if all(k_ in c for k_ in configs.DQ_KEYS):
+                cand = {**best, **{k_: c[k_] for k_ in configs.DQ_KEYS}}
+                t = time_bwd(cand)
+                times[f"dq:{_tag(c, configs.DQ_KEYS)}"] = t
+                if t < top_t:
+                    top_t = t
+                    best = cand
     return best, times
 
 
@@ -162,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{g('cupy_bwd_tflops'):8.0f} {g('flash_bwd_tflops'):6.0f} {g('cudnn_bwd_tflops'):6.0f} "
             f"{g('cupy_bwd_tflops') / g('flash_bwd_tflops'):5.2f} | "
             f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')}w{c.get('WARPS')} "
-            f"bwd {c.get('BWD_BLOCK_M')}x{c.get('BWD_BLOCK_N')}w{c.get('BWD_WARPS')}\n"
+            f"bwd {c.get('BWD_BLOCK_M')}x{c.get('BWD_BLOCK_N')}w{c.get('BWD_WARPS')} "
+            f"dq {c.get('DQ_BLOCK_M', '-')}x{c.get('DQ_BLOCK_N', '-')}w{c.get('DQ_WARPS', '-')}\n"
         )
     return 0
 

@@ -4,7 +4,9 @@ A config is the dict a profile stores under `cupy:` (and that run() receives):
 ``{"BLOCK_M", "BLOCK_N", "WARPS"}`` for the forward kernel (BLOCK_M query rows per CTA, BLOCK_N
 keys per step) and ``{"BWD_BLOCK_M", "BWD_BLOCK_N", "BWD_WARPS"}`` for the two backward kernels,
 which share one shape: each CTA owns BWD_BLOCK_N rows (key rows for dK/dV, query rows for dQ) and
-walks the other sequence BWD_BLOCK_M at a time.
+walks the other sequence BWD_BLOCK_M at a time. Optional ``{"DQ_BLOCK_M", "DQ_BLOCK_N",
+"DQ_WARPS"}`` give the dQ kernel a shape of its own (DQ_BLOCK_M query rows per CTA, DQ_BLOCK_N
+keys per step): its accumulators are half those of dK/dV, so it can own more rows per warp.
 Defaults, the tuner's space, the nvcc check and `warmup` all read the tables below.
 """
 
@@ -20,7 +22,8 @@ KINDS: tuple[str, ...] = ("fwd", "bwd_prep", "bwd_dq", "bwd_dkdv")
 
 FWD_KEYS: tuple[str, ...] = ("BLOCK_M", "BLOCK_N", "WARPS")
 BWD_KEYS: tuple[str, ...] = ("BWD_BLOCK_M", "BWD_BLOCK_N", "BWD_WARPS")
-CONFIG_KEYS: tuple[str, ...] = FWD_KEYS + BWD_KEYS
+DQ_KEYS: tuple[str, ...] = ("DQ_BLOCK_M", "DQ_BLOCK_N", "DQ_WARPS")
+CONFIG_KEYS: tuple[str, ...] = FWD_KEYS + BWD_KEYS + DQ_KEYS
 
 # Padding of every shared-memory row, in elements (FD_PAD in flash_attn.cuh).
 SMEM_PAD = 8
@@ -45,7 +48,7 @@ DEFAULT_FWD: dict[int, tuple[int, int, int]] = {
 }
 DEFAULT_BWD: dict[int, tuple[int, int, int]] = {
     32: (64, 64, 4),
-    64: (64, 64, 4),
+    64: (32, 128, 4),
     96: (32, 64, 4),
     128: (32, 64, 4),
 }
@@ -56,6 +59,10 @@ FWD_CANDIDATES: tuple[tuple[int, int, int], ...] = (
 )
 BWD_CANDIDATES: tuple[tuple[int, int, int], ...] = (
     (32, 64, 4), (64, 64, 4), (32, 128, 8), (64, 128, 8), (128, 64, 4), (32, 128, 4), (16, 128, 4),
+)
+# (DQ_BLOCK_M, DQ_BLOCK_N, DQ_WARPS): query rows per CTA, keys per step, warps.
+DQ_CANDIDATES: tuple[tuple[int, int, int], ...] = (
+    (64, 64, 4), (128, 16, 4), (128, 32, 4), (128, 64, 4), (128, 32, 8), (128, 64, 8),
 )
 
 
@@ -192,9 +199,12 @@ def bwd_specs(
     head_dim: int, dtype: str, causal: bool, bwd: tuple[int, int, int] | dict[str, int]
 ) -> list[KernelSpec]:
     m, n, w = (bwd["BWD_BLOCK_M"], bwd["BWD_BLOCK_N"], bwd["BWD_WARPS"]) if isinstance(bwd, dict) else bwd
+    dq_rows, dq_step, dq_w = n, m, w  # the shared shape: rows n, step m (see top)
+    if isinstance(bwd, dict) and all(k in bwd for k in DQ_KEYS):
+        dq_rows, dq_step, dq_w = (bwd[k] for k in DQ_KEYS)
     return [
         KernelSpec("bwd_prep", head_dim, dtype, False, 0, 0, 0),
-        KernelSpec("bwd_dq", head_dim, dtype, causal, n, m, w),  # rows n, step m (see top)
+        KernelSpec("bwd_dq", head_dim, dtype, causal, dq_rows, dq_step, dq_w),
         KernelSpec("bwd_dkdv", head_dim, dtype, causal, m, n, w),
     ]
 
@@ -213,6 +223,9 @@ def config_space(head_dim: int, cuda_capability: int, backward: bool) -> list[di
                 cfg = {**base, **dict(zip(BWD_KEYS, c))}
                 if cfg not in space:
                     space.append(cfg)
+        for c in DQ_CANDIDATES:
+            if fits(KernelSpec("bwd_dq", head_dim, "fp16", False, *c), cuda_capability):
+                space.append({**base, **dict(zip(DQ_KEYS, c))})
     return space
 
 
