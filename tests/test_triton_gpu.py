@@ -171,3 +171,35 @@ def test_agrees_with_sdpa(case: tuple, dtype: str) -> None:
     ref, _ = attention_math(q, k, v, causal=causal, upcast=True)
     ok, err, allowed = within_budget(ours, theirs, ref, q.dtype)
     assert ok, f"triton error {err:.3g} > 2 x sdpa's + floor = {allowed:.3g}"
+
+
+@pytest.mark.parametrize("case", [(2, 8, 8, 1000, 1000, 128, False), (2, 8, 2, 777, 777, 64, True),
+                                  (1, 32, 8, 1, 8192, 128, False), (64, 32, 8, 1, 2048, 128, False)], ids=_id)
+def test_direct_launch_matches_jit(case: tuple) -> None:
+    """Launches after the first skip Triton's JIT dispatch (launch.py); the first of them is
+    checked against a JIT launch. Results stay bitwise equal and the direct path stays on."""
+    from flashdispatch.backends.triton import decode, forward
+
+    b, hq, hkv, sq, sk, d, causal = case
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=torch.bfloat16, device="cuda")
+    runs = [flashdispatch.attention(q, k, v, causal=causal, return_lse=True, backend="triton") for _ in range(3)]
+    for out, lse in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and torch.equal(lse, runs[0][1])
+    check_forward(runs[-1][0], q, k, v, causal=causal, lse=runs[-1][1])
+    launchers = (forward._FWD, forward._FWD_TMA, decode._SPLIT, decode._MERGE)
+    assert all(la.enabled for la in launchers)
+    assert any(la.verified for la in launchers)
+
+
+def test_direct_launch_in_cuda_graph() -> None:
+    q, k, v = make_qkv(1, 32, 8, 1, 4096, 128, dtype=torch.bfloat16, device="cuda")
+    ref = flashdispatch.attention(q, k, v, backend="triton")
+    flashdispatch.attention(q, k, v, backend="triton")  # first direct launch: checked outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = flashdispatch.attention(q, k, v, backend="triton")
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_forward(out, q, k, v, causal=False)
+    assert not torch.equal(out, ref)

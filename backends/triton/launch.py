@@ -15,7 +15,7 @@ Safety: the first cached launch of every key is checked: the direct launch and a
 the same inputs and their outputs must agree bit for bit (the kernels are deterministic); any
 disagreement or error turns direct launches off for that kernel, with a warning, and the JIT
 result is what the caller gets. Launch hooks (profilers) and the interpreter always take the JIT
-path.
+path, and so does a CUDA graph capture until the key has been checked (the check syncs).
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ def _int_class(x: int) -> int:
     if x == 1:
         return 1
     return (2 if x & 15 == 0 else 0) + (4 if x > _I32_MAX or x < -_I32_MAX else 0)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _hooks_installed() -> bool:
@@ -99,6 +103,10 @@ class DirectLauncher:
                 kernel = kernel.result()
             if kernel is not None and len(self.cache) < MAX_CACHED:
                 self.cache[key] = kernel
+            return
+        if key not in self.verified and _capturing():
+            # the first direct launch is checked with a host sync, which a CUDA graph capture forbids
+            self._jit(grid, args, constexprs, options)
             return
         tail = [constexprs[n] for n in self.names[len(args):]]
         g = tuple(grid) + (1,) * (3 - len(grid))
