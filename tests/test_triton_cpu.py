@@ -22,13 +22,14 @@ import flashdispatch
 from flashdispatch.device import simulated_device
 from flashdispatch.errors import NoBackendError
 from flashdispatch.problem import problem_from_shape
-from inputs import check_forward, make_qkv
+from inputs import check_forward, check_grads, make_qkv
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
     pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests; the GPU runs test_triton_gpu.py"),
 ]
-MODULES = ("flashdispatch.backends.triton.forward", "flashdispatch.backends.triton.decode")
+MODULES = ("flashdispatch.backends.triton.forward", "flashdispatch.backends.triton.decode",
+           "flashdispatch.backends.triton.backward")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 fwd: ModuleType
 dec: ModuleType
@@ -37,8 +38,16 @@ dec: ModuleType
 def _load() -> tuple[ModuleType, ModuleType]:
     mods = []
     for name in MODULES:  # forward first: decode imports its helpers
+        if name.endswith("backward") and not fwd_backward_present():
+            continue
         mods.append(importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name))
-    return mods[0], mods[1]
+    return mods[0], mods[1]  # backward.py is reloaded for the autograd test below
+
+
+def fwd_backward_present() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flashdispatch.backends.triton.backward") is not None
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -152,6 +161,14 @@ def test_decode_forward_path(poisoned: None) -> None:
     q, k, v = make_qkv(1, 4, 2, 2, 90, 64, dtype=torch.float16)
     out, lse = dec.decode_forward(q, k, v, causal=True, scale=0.125, config={"PATH": "forward"})
     check_forward(out, q, k, v, causal=True, scale=0.125, lse=lse)
+
+
+@pytest.mark.skipif(not fwd_backward_present(), reason="backward.py not there yet")
+def test_gradients_through_the_autograd_function() -> None:
+    """attention(backend="triton") with requires_grad runs TritonAttentionFunction: forward here,
+    backward from backward.py; gradients within 3x of plain torch's error."""
+    q, k, v = make_qkv(1, 4, 2, 17, 33, 40, dtype=torch.float32, requires_grad=True)
+    check_grads(lambda a, b, c: flashdispatch.attention(a, b, c, causal=True, backend="triton"), q, k, v, causal=True)
 
 
 def test_empty_keys_give_zeros_and_minus_inf() -> None:
