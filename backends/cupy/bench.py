@@ -132,14 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune", action="store_true", help="time every forward config, keep the best")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    ap.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
+    ap.add_argument("--seqlens", type=int, nargs="+", default=list(SEQLENS))
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     rows = []
     t0 = time.perf_counter()
-    for d in HEAD_DIMS:
+    for d in args.head_dims:
         for causal in (False, True):
-            for s in SEQLENS:
+            for s in args.seqlens:
                 cfg = None
                 tuned: dict[str, float] = {}
                 if args.tune:

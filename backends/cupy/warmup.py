@@ -137,3 +137,7 @@ def warmup_main(argv: list[str]) -> int:
         return 2
     sys.stdout.write(str(report) + "\n")
     return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(warmup_main(sys.argv[1:]))
