@@ -225,14 +225,14 @@ def default_cases(target: str, head_dims: Sequence[int] = (64, 128, 256)) -> lis
 
     arch = TARGETS[target][3]
     cases: list[KernelCase] = []
+    # one problem per shape class (configs.shape_class): base, short, chunked prefill
+    classes = ((4096, 4096), (512, 512), (1024, 1024 * configs.CHUNK_RATIO))
     for d in head_dims:
         for causal in (False, True):
-            cfg = configs.forward_defaults(arch, d, causal)
-            kernel = "forward_tma" if cfg.get("TMA") and arch == "sm_90" else "forward"
-            cases.append(make_case(kernel, cfg, head_dim=d, causal=causal))
-        chunk = configs.forward_defaults(arch, d, True, 1, configs.CHUNK_RATIO)
-        kernel = "forward_tma" if chunk.get("TMA") and arch == "sm_90" else "forward"
-        cases.append(make_case(kernel, chunk, head_dim=d, causal=True))
+            for sq, sk in classes:
+                cfg = configs.forward_defaults(arch, d, causal, sq, sk)
+                kernel = "forward_tma" if cfg.get("TMA") and arch == "sm_90" else "forward"
+                cases.append(make_case(kernel, cfg, head_dim=d, causal=causal))
         dec = configs.decode_defaults(arch, d)
         cases.append(make_case("decode", {**dec, "BLOCK_M": configs.DECODE_MAX_BLOCK_M}, head_dim=d,
                                causal=True))

@@ -61,17 +61,22 @@ WS_MIN_WARPS = 8
 _F = dict
 FORWARD_DEFAULTS: dict[str, dict[tuple[int, bool], dict[str, Any]]] = {
     "sm_90": {
-        (64, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-        (64, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        (64, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=False),
+        (64, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=False),
         (128, False): _F(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True),
         (128, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, TMA=True),
-        (256, False): _F(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-        (256, True): _F(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+        (256, False): _F(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, TMA=False),
+        (256, True): _F(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, TMA=False),
     },
-    # causal where Sk >= CHUNK_RATIO * Sq (chunked prefill against a long cache): nearly every
-    # row sees nearly every key, so the non-causal tiles win; keyed (bucket, "chunk").
+    # Shape classes with their own entries (see shape_class): "chunk" = causal with
+    # Sk >= CHUNK_RATIO * Sq (chunked prefill against a long cache: nearly every row sees nearly every
+    # key); "short" = Sk < SHORT_SEQLEN (few key blocks per program: the descriptor set-up of the TMA
+    # kernel does not pay; measured 252 us TMA vs 220 us pointer at D=128, S=512, B=32, H=16).
     "sm_90:chunk": {
         (128, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=True),
+    },
+    "sm_90:short": {
+        (128, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=False),
     },
     "sm_80": {
         (64, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
@@ -117,6 +122,8 @@ FORWARD_DEFAULTS: dict[str, dict[tuple[int, bool], dict[str, Any]]] = {
 }
 
 CHUNK_RATIO = 4
+SHORT_SEQLEN = 2048
+SHAPE_CLASSES: tuple[str, ...] = ("base", "short", "chunk")
 
 # --- decode (split-KV) defaults -------------------------------------------------------------------
 # (arch, head-dim bucket) -> config. Memory-bound: enough loads in flight matters most.
@@ -210,13 +217,27 @@ def _check_keys(config: dict[str, Any], allowed: frozenset[str], what: str) -> N
         raise ValueError(f"config['num_stages']: expected an int >= 1, got {config['num_stages']!r}")
 
 
-def forward_defaults(arch: str, head_dim: int, causal: bool, seqlen_q: int = 0, seqlen_k: int = 0) -> dict[str, Any]:
-    """Default forward config; a chunked-prefill shape (causal, Sk >= CHUNK_RATIO * Sq) may have its own."""
-    key = (head_dim_bucket(head_dim), bool(causal))
+def shape_class(causal: bool, seqlen_q: int, seqlen_k: int) -> str:
+    """Which default-table variant a problem uses: "chunk", "short" or "base" (0 = unknown length)."""
     if causal and seqlen_q and seqlen_k >= CHUNK_RATIO * seqlen_q:
-        chunk = FORWARD_DEFAULTS.get(f"{arch}:chunk", {})
-        if key in chunk:
-            return dict(chunk[key])
+        return "chunk"
+    if seqlen_k and seqlen_k < SHORT_SEQLEN:
+        return "short"
+    return "base"
+
+
+def forward_defaults(arch: str, head_dim: int, causal: bool, seqlen_q: int = 0, seqlen_k: int = 0) -> dict[str, Any]:
+    """Default forward config for (arch, D bucket, causal) and the problem's shape class."""
+    return _forward_defaults_by_class(arch, head_dim_bucket(head_dim), bool(causal),
+                                      shape_class(causal, seqlen_q, seqlen_k))
+
+
+def _forward_defaults_by_class(arch: str, bucket: int, causal: bool, cls: str) -> dict[str, Any]:
+    key = (bucket, causal)
+    if cls != "base":
+        special = FORWARD_DEFAULTS.get(f"{arch}:{cls}", {})
+        if key in special:
+            return dict(special[key])
     table = FORWARD_DEFAULTS.get(arch, FORWARD_DEFAULTS["sm_80"])
     return dict(table[key])
 
@@ -235,26 +256,26 @@ def _frozen(config: dict[str, Any] | None) -> frozenset[tuple[str, Any]] | None:
 
 def resolve_forward(config: dict[str, Any] | None, arch: str, head_dim: int, causal: bool,
                     seqlen_q: int = 0, seqlen_k: int = 0) -> dict[str, Any]:
-    """Defaults for (arch, D, causal, chunk) overlaid with the given config's forward keys.
+    """Defaults for (arch, D, causal, shape class) overlaid with the given config's forward keys.
 
-    Cached per (config, arch, bucket, causal, chunk): it runs on every call of a launch-bound path.
+    Cached per (config, arch, bucket, causal, class): it runs on every call of a launch-bound path.
     """
     frozen = _frozen(config)
-    chunk = bool(causal and seqlen_q and seqlen_k >= CHUNK_RATIO * seqlen_q)
+    cls = shape_class(causal, seqlen_q, seqlen_k)
     if frozen is None:
-        return _resolve_forward(config, arch, head_dim_bucket(head_dim), causal, chunk)
-    return dict(_resolve_forward_cached(frozen, arch, head_dim_bucket(head_dim), bool(causal), chunk))
+        return _resolve_forward(config, arch, head_dim_bucket(head_dim), causal, cls)
+    return dict(_resolve_forward_cached(frozen, arch, head_dim_bucket(head_dim), bool(causal), cls))
 
 
 @functools.lru_cache(maxsize=1024)
 def _resolve_forward_cached(frozen: frozenset[tuple[str, Any]], arch: str, bucket: int, causal: bool,
-                            chunk: bool) -> tuple[tuple[str, Any], ...]:
-    return tuple(_resolve_forward(dict(frozen), arch, bucket, causal, chunk).items())
+                            cls: str) -> tuple[tuple[str, Any], ...]:
+    return tuple(_resolve_forward(dict(frozen), arch, bucket, causal, cls).items())
 
 
 def _resolve_forward(config: dict[str, Any] | None, arch: str, bucket: int, causal: bool,
-                     chunk: bool) -> dict[str, Any]:
-    cfg = forward_defaults(arch, bucket, causal, 1 if chunk else 0, CHUNK_RATIO if chunk else 0)
+                     cls: str) -> dict[str, Any]:
+    cfg = _forward_defaults_by_class(arch, bucket, bool(causal), cls)
     given = {k: v for k, v in (config or {}).items()
              if k not in ("PATH", "NUM_SPLITS") and not k.startswith(BACKWARD_KEY_PREFIX)}
     _check_keys(given, FORWARD_KEYS, "forward")
@@ -332,7 +353,8 @@ def forward_config_space(arch: str, head_dim: int, head_dim_v: int | None = None
             for wpe in (1, 2):
                 space.append({**cfg, "waves_per_eu": wpe, "matrix_instr_nonkdim": 16})
         elif arch == "sm_90":
-            space.append(cfg)
+            # TMA stated either way: a config overlays the defaults, which may say TMA=True
+            space.append({**cfg, "TMA": False})
             space.append({**cfg, "TMA": True})
             if warps >= WS_MIN_WARPS:
                 space.append({**cfg, "TMA": True, "WS": True})
