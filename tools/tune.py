@@ -32,7 +32,7 @@ from flashdispatch import envs
 from flashdispatch.backend import Implementation
 from flashdispatch.device import DeviceInfo, real_device
 from flashdispatch.problem import DTYPES_BY_NAME, Problem, problem_from_tensors
-from flashdispatch.profile_store import parse_profile, problem_pass
+from flashdispatch.profile_store import ProfileError, parse_profile, problem_pass
 from flashdispatch.registry import REGISTRY
 
 from . import shapes as shape_lists
@@ -571,14 +571,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"perf_counter median, warm-up {opts.warmup_ms:g} ms, repetitions {opts.rep_ms:g} ms"),
     )
 
-    def write(results: list[BucketResult], complete: bool) -> None:
+    def write(results: list[BucketResult], complete: bool) -> bool:
         note = "" if complete else f"partial: {len(results)} of {len(plan)} buckets measured (continue with --resume)"
         text = profile_yaml(results, pm, note=note)
-        parse_profile(text, out_path)  # never write a file the dispatcher would reject
+        try:
+            parse_profile(text, out_path)  # never write a file the dispatcher would reject
+        except ProfileError as e:  # a bug of the writer: keep measuring, the state file has it all
+            log.error("not writing %s: %s", out_path, e)
+            return False
         tmp = out_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, out_path)
+        return True
 
     try:
         with _interrupt_note(state_path):
@@ -592,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         write(done, False)
         log.error("%s; %d buckets are saved: rerun with --resume to go on without it", e, len(done))
         return EXIT_RESUME
-    write(results, complete)
+    if not write(results, complete):
+        return 1
     log.info("wrote %s (%d entries%s)", out_path, sum(1 for r in results if r.ranking()),
              "" if complete else ", partial")
     return 0
