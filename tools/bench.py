@@ -93,7 +93,7 @@ def _providers(causal: bool, names: Sequence[str]) -> dict[str, Provider]:
 
 
 def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune.TuneOptions,
-                gen: torch.Generator, grad_cache: tune._GradCache) -> dict[str, Any]:
+                gen: torch.Generator, grad_cache: tune.GradCache) -> dict[str, Any]:
     q, k, v, do, p = tune.make_inputs(s, device, gen)
     blocks = verify.reference_blocks(q, k, v, p)
     dev = tune.device_info(device)
@@ -135,9 +135,9 @@ def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune
 
                     grads = None
                 fn()
-                timing._reset_grads(grads)
+                timing.reset_grads(grads)
                 m.ms = timing.median_ms(fn, device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, grad_to_none=grads)
-                timing._reset_grads(grads)
+                timing.reset_grads(grads)
                 m.rate = timing.rate(p, s.pass_, m.ms)[0]
                 if s.pass_ == "decode" and name in (PLAIN, DISPATCH):
                     m.host_us = timing.host_us_per_call(fn, device, HOST_CALLS)
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("bench: %d shapes on %s; providers: %s, %s, %s; profile: %s", len(plan), dev.describe(), PLAIN,
              ", ".join(impls), DISPATCH, meta["profile"])
     rows: list[dict[str, Any]] = []
-    grad_cache = tune._GradCache()
+    grad_cache = tune.GradCache()
     t0 = time.perf_counter()
     complete = True
     try:

@@ -67,7 +67,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_grads(tensors: Sequence[torch.Tensor] | None) -> None:
+def reset_grads(tensors: Sequence[torch.Tensor] | None) -> None:
     for t in tensors or ():
         t.grad = None
 
@@ -82,7 +82,7 @@ def _cpu_median(fn: Callable[[], object], warmup_ms: float, rep_ms: float,
         fn()
     times = []
     for _ in range(max(3, min(CPU_MAX_REPS, int(rep_ms / est)))):
-        _reset_grads(grad_to_none)
+        reset_grads(grad_to_none)
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
@@ -109,7 +109,7 @@ def _cuda_median_events(fn: Callable[[], object], device: torch.device, warmup_m
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
-        _reset_grads(grad_to_none)
+        reset_grads(grad_to_none)
         flush.zero_()
         starts[i].record()
         fn()

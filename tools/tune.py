@@ -143,7 +143,7 @@ def device_info(device: torch.device) -> DeviceInfo:
     return real_device("cpu", 0)
 
 
-class _GradCache:
+class GradCache:
     """Gradient verdicts per (implementation, config, proxy problem): one proxy serves many buckets."""
 
     def __init__(self) -> None:
@@ -169,7 +169,7 @@ def measure_bucket(
     device: torch.device,
     opts: TuneOptions,
     gen: torch.Generator,
-    grad_cache: _GradCache | None = None,
+    grad_cache: GradCache | None = None,
 ) -> BucketResult:
     """Check, then time, every (implementation, config) that can serve shape s."""
     t_start = time.perf_counter()
@@ -178,7 +178,7 @@ def measure_bucket(
     res = BucketResult(bucket_id(s), s, bucket_match(s))
     blocks = verify.reference_blocks(q, k, v, p)
     out_bytes = p.batch * p.heads_q * p.seqlen_q * p.head_dim_v * q.element_size()
-    grad_cache = grad_cache or _GradCache()
+    grad_cache = grad_cache or GradCache()
     best_ms = math.inf
     for name, impl in impls.items():
         why = REGISTRY.availability(name) if name in REGISTRY.all() else impl.availability()
@@ -203,7 +203,7 @@ def measure_bucket(
 def _try_config(
     impl: Implementation, cfg: dict[str, Any], p: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     do: torch.Tensor | None, blocks: list[verify.RowBlock], out_bytes: int, device: torch.device,
-    opts: TuneOptions, best_ms: float, grad_cache: _GradCache, gen: torch.Generator,
+    opts: TuneOptions, best_ms: float, grad_cache: GradCache, gen: torch.Generator,
 ) -> Trial:
     name = impl.name
     try:
@@ -233,14 +233,14 @@ def _try_config(
 
             grads = None
         fn()  # compiles what the check did not (backward kernels at this size)
-        timing._reset_grads(grads)
+        timing.reset_grads(grads)
         est = timing.single_ms(fn, device)
-        timing._reset_grads(grads)
+        timing.reset_grads(grads)
         if est > opts.abandon_factor * best_ms:
             return Trial(name, cfg, "abandoned", est,
                          f"one call took {est:.3g} ms > {opts.abandon_factor:g} x best {best_ms:.3g} ms")
         ms = timing.median_ms(fn, device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, grad_to_none=grads)
-        timing._reset_grads(grads)
+        timing.reset_grads(grads)
         return Trial(name, cfg, "ok", ms, f"max err {verdict.error:.3g} (allowed {verdict.allowed:.3g})")
     except Exception as e:  # a config that fails to compile or launch is a result, not a crash
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
@@ -376,7 +376,7 @@ def run_tune(
     log.info("random seed %d (pass --seed %d to repeat)", seed, seed)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    grad_cache = _GradCache()
+    grad_cache = GradCache()
     todo = [s for s in plan if bucket_id(s) not in state.results]
     if len(todo) < len(plan):
         log.info("resuming: %d of %d buckets already measured in %s", len(plan) - len(todo), len(plan), state.path)
