@@ -149,9 +149,11 @@ def test_value_head_dim_differs(poisoned: None) -> None:
     check_backward(1, 2, 1, 33, 47, 40, dv=72, causal=True, dtype=torch.float32)
 
 
-def test_default_tiles(poisoned: None) -> None:
-    # the shipped tiles (32 x 128): several query blocks per kv block, partial blocks at both ends
-    check_backward(1, 2, 2, 150, 140, 64, causal=True, dtype=torch.float16, config={})
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_default_tiles(dtype: torch.dtype, poisoned: None) -> None:
+    # the shipped tiles (fp16: 32 x 128, fp32: 32 x 64): several query blocks per kv block, partial
+    # blocks at both ends
+    check_backward(1, 2, 2, 150, 140, 64, causal=True, dtype=dtype, config={})
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -212,6 +214,9 @@ def test_config_space_is_valid_data(head_dim: int) -> None:
     with_atomic = bwd.backward_config_space(head_dim, atomic=True)
     assert any(c["BWD_DQ_ATOMIC"] for c in with_atomic)
     assert all(bwd.resolve_backward_config(c, head_dim, head_dim) == c for c in with_atomic)
+    fp32 = bwd.default_backward_config(head_dim, fp32=True)
+    assert bwd.backward_config_space(head_dim, fp32=True) == [fp32]
+    assert bwd.resolve_backward_config(None, head_dim, head_dim, fp32=True) == fp32
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -64,6 +64,17 @@ DEFAULT_CONFIGS: dict[int, dict[str, Any]] = {
     256: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 8, "BWD_num_stages": 1},
 }
 
+# fp32 inputs (full-precision dots, a correctness path rather than a fast one) hold twice the bytes
+# per tile: the 16-bit tiles would overflow sm_80's shared memory from D=128 on. Sized to fit
+# sm_80 (163 KiB) and gfx90a/gfx942 (64 KiB LDS); compile-checked, not timed.
+DEFAULT_CONFIGS_FP32: dict[int, dict[str, Any]] = {
+    16: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 2},
+    32: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 2},
+    64: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 2},
+    128: {"BWD_BLOCK_M": 16, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 1},
+    256: {"BWD_BLOCK_M": 16, "BWD_BLOCK_N": 32, "BWD_num_warps": 4, "BWD_num_stages": 1},
+}
+
 # What the tuner may try beyond the default, per padded head dim: (BLOCK_M, BLOCK_N, num_warps,
 # num_stages). On the H100 sweep the runner-up was 9-18% (D=64) and 23-30% (D=128) slower than
 # the default; the rest are untimed neighbours. The atomic-dq variant was 0.5-0.8x of the default
@@ -92,18 +103,23 @@ def padded_head_dim(head_dim: int, head_dim_v: int | None = None) -> int:
     return _pow2_at_least_16(max(head_dim, head_dim_v or head_dim))
 
 
-def default_backward_config(head_dim: int, head_dim_v: int | None = None) -> dict[str, Any]:
-    """The backward keys to use when the forward's config carries none."""
-    return {**DEFAULT_CONFIGS[padded_head_dim(head_dim, head_dim_v)], "BWD_DQ_ATOMIC": False}
+def default_backward_config(
+    head_dim: int, head_dim_v: int | None = None, *, fp32: bool = False
+) -> dict[str, Any]:
+    """The backward keys to use when the forward's config carries none (fp32: fp32 inputs)."""
+    table = DEFAULT_CONFIGS_FP32 if fp32 else DEFAULT_CONFIGS
+    return {**table[padded_head_dim(head_dim, head_dim_v)], "BWD_DQ_ATOMIC": False}
 
 
 def backward_config_space(
-    head_dim: int, head_dim_v: int | None = None, *, atomic: bool = False
+    head_dim: int, head_dim_v: int | None = None, *, atomic: bool = False, fp32: bool = False
 ) -> list[dict[str, Any]]:
     """Backward configs the tuner may try for this head dim (the default first), all deterministic
-    unless atomic=True adds the atomic-dq twin of each."""
+    unless atomic=True adds the atomic-dq twin of each. fp32 inputs get their default only."""
     block_d = padded_head_dim(head_dim, head_dim_v)
-    space = [default_backward_config(head_dim, head_dim_v)]
+    space = [default_backward_config(head_dim, head_dim_v, fp32=fp32)]
+    if fp32:
+        return space
     for atomic_dq in (False, True) if atomic else (False,):
         for bm, bn, w, s in _SPACE.get(block_d, ()):
             cfg = {"BWD_BLOCK_M": bm, "BWD_BLOCK_N": bn, "BWD_num_warps": w, "BWD_num_stages": s,
@@ -113,9 +129,11 @@ def backward_config_space(
     return space
 
 
-def resolve_backward_config(config: dict[str, Any] | None, head_dim: int, head_dim_v: int) -> dict[str, Any]:
+def resolve_backward_config(
+    config: dict[str, Any] | None, head_dim: int, head_dim_v: int, *, fp32: bool = False
+) -> dict[str, Any]:
     """The forward's config (which may hold BWD_* keys) completed with this head dim's defaults."""
-    cfg: dict[str, Any] = default_backward_config(head_dim, head_dim_v)
+    cfg: dict[str, Any] = default_backward_config(head_dim, head_dim_v, fp32=fp32)
     for key in CONFIG_KEYS:
         if config and key in config:
             cfg[key] = config[key]
@@ -578,7 +596,7 @@ def attention_backward(
         # nothing is attended: every gradient is 0 (and there is nothing to launch)
         return dq.zero_(), dk.zero_(), dv.zero_()
 
-    cfg = resolve_backward_config(config, g.head_dim, g.head_dim_v)
+    cfg = resolve_backward_config(config, g.head_dim, g.head_dim_v, fp32=q.dtype == torch.float32)
     do = _unit_last(do)
     block_d = _pow2_at_least_16(g.head_dim)
     block_dv = _pow2_at_least_16(g.head_dim_v)
@@ -696,7 +714,7 @@ def _preprocess_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim
 
 
 def _dkdv_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AotSpec:
-    cfg = resolve_backward_config(config, head_dim, head_dim_v)
+    cfg = resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32")
     ce: dict[str, Any] = {"CAUSAL": causal, "DQ_ATOMIC": cfg["BWD_DQ_ATOMIC"], "BLOCK_M": cfg["BWD_BLOCK_M"],
                           "BLOCK_N": cfg["BWD_BLOCK_N"], "EVEN_M": True, "EVEN_N": True, **_aot_common(head_dim, head_dim_v), **_ieee(dtype),
                           **_unit_strides(_bwd_dkdv_kernel)}
@@ -704,7 +722,7 @@ def _dkdv_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: in
 
 
 def _dq_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AotSpec:
-    cfg = resolve_backward_config(config, head_dim, head_dim_v)
+    cfg = resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32")
     ce: dict[str, Any] = {"CAUSAL": causal, "BLOCK_M": cfg["BWD_BLOCK_N"], "BLOCK_N": cfg["BWD_BLOCK_M"],
                           "EVEN_M": True, **_aot_common(head_dim, head_dim_v), **_ieee(dtype),
                           **_unit_strides(_bwd_dq_kernel)}
