@@ -59,6 +59,7 @@ FWD_CANDIDATES: tuple[tuple[int, int, int], ...] = (
 )
 BWD_CANDIDATES: tuple[tuple[int, int, int], ...] = (
     (32, 64, 4), (64, 64, 4), (32, 128, 8), (64, 128, 8), (128, 64, 4), (32, 128, 4), (16, 128, 4),
+    (16, 64, 4), (16, 128, 8),
 )
 # (DQ_BLOCK_M, DQ_BLOCK_N, DQ_WARPS): query rows per CTA, keys per step, warps.
 DQ_CANDIDATES: tuple[tuple[int, int, int], ...] = (
