@@ -427,3 +427,35 @@ def test_every_quick_bucket_is_its_own_nearest_entry() -> None:
     for s, e in zip(plan, prof.entries):
         p = problem_from_shape(s.dims, dtype=s.dtype, causal=s.causal, needs_grad=s.needs_grad)
         assert prof.lookup(p) is e, s.label
+
+
+def test_flop_and_byte_counts_follow_the_fa_paper() -> None:
+    p = problem_from_shape((4, 16, 16, 4096, 4096, 128), dtype="bf16", causal=False)
+    assert timing.pass_flops(p, "fwd") == 4 * 4 * 16 * 4096 * 4096 * 128
+    assert timing.pass_flops(p, "fwd_bwd") == 3.5 * timing.pass_flops(p, "fwd")
+    causal = p._replace(causal=True)
+    assert timing.pass_flops(causal, "fwd") == pytest.approx(timing.pass_flops(p, "fwd") / 2, rel=1e-3)
+    d = problem_from_shape((1, 32, 8, 1, 8192, 128), dtype="bf16")
+    kv = 2 * 1 * 8 * 8192 * 128 * 2  # K and V, bf16: the 32 MiB of ANCHORS.md's decode row
+    assert timing.min_bytes(d, "decode") == kv + 2 * 32 * 128 * 2
+    assert timing.rate(d, "decode", 0.0272)[1] == "GB/s"
+    assert timing.rate(d, "decode", 0.0272)[0] == pytest.approx(timing.min_bytes(d, "decode") / 27.2e-6 / 1e9)
+
+
+def test_bench_summary_applies_the_bar() -> None:
+    def row(label: str, sdpa: float, best: float, disp: float) -> dict[str, Any]:
+        r = {"label": label, "providers": {bench.PLAIN: {"status": "ok", "ms": sdpa},
+                                           "triton": {"status": "ok", "ms": best},
+                                           "cupy": {"status": "wrong", "ms": best / 10},
+                                           bench.DISPATCH: {"status": "ok", "ms": disp}}}
+        bench._ratios(r)
+        return r
+
+    good = [row("a", 1.0, 0.8, 0.8), row("b", 1.0, 1.0, 1.0)]
+    s = bench.summarize(good)
+    assert all(s["checks"].values()), s
+    assert good[0]["best"] == "triton" and good[0]["vs_sdpa"] == pytest.approx(1.25)
+    assert s["wrong"] == ["cupy on a", "cupy on b"]  # a wrong provider never counts as the best
+    bad = bench.summarize(good + [row("c", 1.0, 0.5, 1.05)])
+    failed = {k for k, ok in bad["checks"].items() if not ok}
+    assert any("every shape" in k for k in failed) and bad["min_oracle"][1] == "c"
