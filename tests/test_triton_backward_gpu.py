@@ -149,3 +149,24 @@ def test_end_to_end_through_attention(causal):
     out = flashdispatch.attention(qq, kk, vv, causal=causal, layout="bshd", backend="triton")
     out.backward(do)
     _check((qq.grad, kk.grad, vv.grad), want, base, (q, k, v), torch.bfloat16)
+
+
+def test_offsets_past_2_31_elements(monkeypatch):
+    # q, do, out and dq hold more than 2**31 elements: the last batch's addresses need 64 bits
+    if torch.cuda.get_device_properties(0).total_memory < 48 * 2**30:
+        pytest.skip("needs about 25 GB of GPU memory")
+    b, hq, hkv, s, d = 8300, 16, 2, 128, 128
+    assert b * hq * s * d > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q, do = (torch.randn(b, hq, s, d, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(b, hkv, s, d, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, s, device="cuda", dtype=torch.float32)
+    for i in range(0, b, 512):  # the float64 forward, a slice of batches at a time
+        o, l = attention_math(q[i:i + 512], k[i:i + 512], v[i:i + 512], causal=True)
+        out[i:i + 512], lse[i:i + 512] = o.to(out.dtype), l.float()
+    _poison(monkeypatch)
+    dq, dk, dv = _bwd().attention_backward(do, q, k, v, out, lse, causal=True, scale=d ** -0.5, config=None)
+    tail = slice(b - 2, b)
+    want, base, _, _ = _reference_grads(q[tail], k[tail], v[tail], do[tail], True, d ** -0.5)
+    _check((dq[tail], dk[tail], dv[tail]), want, base, (q[tail], k[tail], v[tail]), torch.bfloat16)
