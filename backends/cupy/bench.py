@@ -107,22 +107,22 @@ def tune_shape(
         def time_bwd(cfg: dict[str, int]) -> float:
             return _bench(lambda: cupy_backward(do, q, k, v, out, lse, causal=causal, scale=None, config=cfg), rep)
 
-        space = configs.config_space(d, ccn, backward=True)
-        # first the shared backward shape, then a dQ shape of its own on top of the winner
-        shared = {_tag(c, configs.BWD_KEYS): c for c in space if not any(k_ in c for k_ in configs.DQ_KEYS)}
-        bwd_t = {tag: time_bwd({**best, **{k_: c[k_] for k_ in configs.BWD_KEYS}}) for tag, c in shared.items()}
-        top_tag = min(bwd_t, key=bwd_t.__getitem__)
-        best.update({k_: shared[top_tag][k_] for k_ in configs.BWD_KEYS})
-        times.update({f"bwd:{k_}": t for k_, t in bwd_t.items()})
-        top_t = bwd_t[top_tag]
-        for c in space:
-            if all(k_ in c for k_ in configs.DQ_KEYS):
-                cand = {**best, **{k_: c[k_] for k_ in configs.DQ_KEYS}}
-                t = time_bwd(cand)
-                times[f"dq:{_tag(c, configs.DQ_KEYS)}"] = t
-                if t < top_t:
-                    top_t = t
-                    best = cand
+        # first the dK/dV shape (BWD_*), then the dQ shape (DQ_*) on top of the winner
+        no_dq = {k_: v_ for k_, v_ in best.items() if k_ not in configs.DQ_KEYS}
+        bwd_t = {}
+        for c in configs.bwd_candidates(d, ccn):
+            bwd_t[c] = time_bwd({**no_dq, **dict(zip(configs.BWD_KEYS, c))})
+            times["bwd:{}x{}w{}".format(*c)] = bwd_t[c]
+        top = min(bwd_t, key=bwd_t.__getitem__)
+        best = {**no_dq, **dict(zip(configs.BWD_KEYS, top))}
+        top_t = bwd_t[top]
+        for c in configs.dq_candidates(d, ccn):
+            cand = {**best, **dict(zip(configs.DQ_KEYS, c))}
+            t = times["dq:{}x{}w{}".format(*c)] = time_bwd(cand)
+            if t < top_t:
+                top_t, best_dq = t, cand
+        if top_t < bwd_t[top]:
+            best = best_dq
     return best, times
 
 

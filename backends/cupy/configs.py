@@ -52,6 +52,11 @@ DEFAULT_BWD: dict[int, tuple[int, int, int]] = {
     96: (32, 64, 4),
     128: (32, 64, 4),
 }
+# dQ shapes of their own (DQ_BLOCK_M, DQ_BLOCK_N, DQ_WARPS) where one measured faster than the
+# shared backward shape (H100, docs/cupy.md); other head dims derive dQ from BWD_*.
+DEFAULT_DQ: dict[int, tuple[int, int, int]] = {
+    128: (128, 32, 4),
+}
 # What the tuner may try (before pruning by shared memory and registers).
 FWD_CANDIDATES: tuple[tuple[int, int, int], ...] = (
     (64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 64, 4), (128, 32, 8), (128, 64, 8), (128, 128, 8),
@@ -176,6 +181,9 @@ def default_config(head_dim: int, cuda_capability: int = 90) -> dict[str, int]:
             )
         if bwd is not None:
             cfg.update(zip(BWD_KEYS, bwd))
+            dq = DEFAULT_DQ.get(head_dim)
+            if dq is not None and fits(KernelSpec("bwd_dq", head_dim, "fp16", False, *dq), cuda_capability):
+                cfg.update(zip(DQ_KEYS, dq))
     return cfg
 
 
@@ -219,15 +227,30 @@ def config_space(head_dim: int, cuda_capability: int, backward: bool) -> list[di
         if fits(KernelSpec("fwd", head_dim, "fp16", False, *c), cuda_capability):
             space.append({**base, **dict(zip(FWD_KEYS, c))})
     if backward and head_dim in BACKWARD_HEAD_DIMS:
-        for c in BWD_CANDIDATES:
-            if all(fits(s, cuda_capability) for s in bwd_specs(head_dim, "fp16", False, c)):
-                cfg = {**base, **dict(zip(BWD_KEYS, c))}
-                if cfg not in space:
-                    space.append(cfg)
-        for c in DQ_CANDIDATES:
-            if fits(KernelSpec("bwd_dq", head_dim, "fp16", False, *c), cuda_capability):
-                space.append({**base, **dict(zip(DQ_KEYS, c))})
+        for c in bwd_candidates(head_dim, cuda_capability):
+            cfg = {**base, **dict(zip(BWD_KEYS, c))}
+            if cfg not in space:
+                space.append(cfg)
+        for c in dq_candidates(head_dim, cuda_capability):
+            cfg = {**base, **dict(zip(DQ_KEYS, c))}
+            if cfg not in space:
+                space.append(cfg)
     return space
+
+
+def bwd_candidates(head_dim: int, cuda_capability: int) -> list[tuple[int, int, int]]:
+    """Shared backward shapes (BWD_*) that are valid and fit the device."""
+    return [
+        c for c in BWD_CANDIDATES
+        if all(fits(s, cuda_capability) for s in bwd_specs(head_dim, "fp16", False, c))
+    ]
+
+
+def dq_candidates(head_dim: int, cuda_capability: int) -> list[tuple[int, int, int]]:
+    """dQ shapes of their own (DQ_*) that are valid and fit the device."""
+    if head_dim not in BACKWARD_HEAD_DIMS:
+        return []
+    return [c for c in DQ_CANDIDATES if fits(KernelSpec("bwd_dq", head_dim, "fp16", False, *c), cuda_capability)]
 
 
 def specs_for(
