@@ -123,6 +123,8 @@ def test_capabilities_and_reasons() -> None:
     assert any("head_dim=80" in r for r in impl.not_supported_reasons(p, h100))
     p = problem_from_shape((1, 2, 2, 10, 10, 256), dtype="fp16", needs_grad=True)
     assert any("requires_grad with head_dim=256" in r for r in impl.not_supported_reasons(p, h100))
+    p = problem_from_shape((70000, 2, 2, 10, 10, 64), dtype="fp16")
+    assert any("CUDA grid limit" in r for r in impl.not_supported_reasons(p, h100))
     p = problem_from_shape((1, 2, 2, 10, 10, 64), dtype="fp32")
     assert any("dtype=fp32" in r for r in impl.not_supported_reasons(p, h100))
     assert any("device=cpu" in r for r in impl.not_supported_reasons(p, simulated_device("cpu")))

@@ -14,6 +14,7 @@ from flashdispatch.problem import Problem
 from . import configs
 
 MIN_CUDA_CAPABILITY = 80
+MAX_GRID_YZ = 65535
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,8 +81,11 @@ class CupyAttention(Implementation):
             r.append(
                 f"requires_grad with head_dim={p.head_dim} (backward supports {list(configs.BACKWARD_HEAD_DIMS)})"
             )
-        if max(p.seqlen_q, p.seqlen_k) >= 2**31 or p.batch * p.heads_q >= 2**31:
-            r.append("sequence or batch*heads beyond 32-bit kernel indices")
+        if max(p.seqlen_q, p.seqlen_k) >= 2**31:
+            r.append(f"seqlen={max(p.seqlen_q, p.seqlen_k)} (kernel row indices are 32-bit)")
+        # heads and batch are grid dimensions y and z, which CUDA caps at 65535
+        if p.heads_q > MAX_GRID_YZ or p.batch > MAX_GRID_YZ:
+            r.append(f"Hq={p.heads_q}, B={p.batch} (each at most {MAX_GRID_YZ}: CUDA grid limit)")
         return r
 
     def default_config(self, p: Problem, dev: DeviceInfo) -> dict[str, Any]:
