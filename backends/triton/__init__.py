@@ -97,7 +97,8 @@ class TritonAttention(Implementation):
                     f"(BLOCK_M={block_m}), Sk over {splits} splits, {merge}"]
         cfg = configs.resolve_forward(config, arch, max(p.head_dim, p.head_dim_v), p.effective_causal,
                                       p.seqlen_q, p.seqlen_k)
-        kernel = "TMA tensor-descriptor kernel" if cfg.get("TMA") else "pointer kernel"
+        kernel = ("TMA tensor-descriptor kernel (pointer kernel where a base or stride is not 16-byte aligned)"
+                  if cfg.get("TMA") else "pointer kernel")
         notes = [f"forward {kernel} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']}"]
         if cfg.get("WS"):
             notes.append("warp-specialised key loop")
