@@ -39,7 +39,7 @@ import functools
 import importlib
 import json
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -49,17 +49,31 @@ from .selection import current_forced, select, state
 
 log = logging.getLogger("flashdispatch")
 
-# Implementations with a functional forward/backward pair: name -> (module, forward, backward).
-# forward(q, k, v, *, causal, scale, config) -> (out, lse);
-# backward(do, q, k, v, out, lse, *, causal, scale, config) -> (dq, dk, dv); bhsd-indexed views.
-FUNCTIONAL: dict[str, tuple[str, str, str, str]] = {
-    "triton": (
+
+
+class FunctionalSpec(NamedTuple):
+    """Where an implementation's functional forward/backward live.
+
+    forward(q, k, v, *, causal, scale, config) -> (out, lse);
+    backward(do, q, k, v, out, lse, *, causal, scale, config) -> (dq, dk, dv); bhsd-indexed views.
+    """
+
+    forward_module: str
+    forward: str
+    backward_module: str
+    backward: str
+    # keyword of the forward that asks for a bshd-stored output (saves a copy for bshd inputs)
+    bshd_out_kwarg: str | None = None
+
+
+FUNCTIONAL: dict[str, FunctionalSpec] = {
+    "triton": FunctionalSpec(  # writes out in q's storage order by itself
         "flashdispatch.backends.triton.forward", "attention_forward",
         "flashdispatch.backends.triton.backward", "attention_backward",
     ),
-    "cupy": (
+    "cupy": FunctionalSpec(
         "flashdispatch.backends.cupy.ops", "cupy_forward",
-        "flashdispatch.backends.cupy.ops", "cupy_backward",
+        "flashdispatch.backends.cupy.ops", "cupy_backward", bshd_out_kwarg="out_bshd",
     ),
 }
 
@@ -78,14 +92,20 @@ def functional_pair(name: str) -> tuple[ForwardFn, BackwardFn] | None:
     spec = FUNCTIONAL.get(name)
     if spec is None:
         return None
-    fmod, fname, bmod, bname = spec
     try:
-        fwd = getattr(importlib.import_module(fmod), fname)
-        bwd = getattr(importlib.import_module(bmod), bname)
+        fwd = getattr(importlib.import_module(spec.forward_module), spec.forward)
+        bwd = getattr(importlib.import_module(spec.backward_module), spec.backward)
     except (ImportError, AttributeError) as e:
-        log.info("%s has no functional forward/backward yet (%s); running it through run()", name, e)
+        log.info("%s has no functional forward/backward (%s); running it through run()", name, e)
         return None
+    if spec.bshd_out_kwarg is not None:
+        fwd = functools.partial(_with_bshd_out, fwd, spec.bshd_out_kwarg)
     return fwd, bwd
+
+
+def _with_bshd_out(fwd: ForwardFn, kwarg: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return fwd(q, k, v, **kwargs, **{kwarg: _bshd_storage(q)})
 
 
 @functools.lru_cache(maxsize=512)
