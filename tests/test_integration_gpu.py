@@ -125,7 +125,7 @@ def test_cuda_graph_replays_forward_and_backward(name: str, layout: str) -> None
         graph.replay()
         torch.cuda.synchronize()
         qq, kk, vv = (t.detach() for t in (q, k, v))
-        check_forward(static_out, qq, kk, vv, causal=True, layout=layout)
+        check_forward(static_out.detach(), qq, kk, vv, causal=True, layout=layout)
         qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k, v))
         fd.attention(qe, ke, ve, causal=True, layout=layout, backend=name).backward(do)
         for got, want in zip(static_grads, (qe.grad, ke.grad, ve.grad)):
