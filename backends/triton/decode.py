@@ -235,7 +235,7 @@ def decode_forward(
             po, pl, out, lse,
             *out.stride(),
             hq, sq, splits, dv,
-        ), dict(BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=block_dv, PAD_DV=block_dv != dv),
+        ), dict(BLOCK_S=1 << (splits - 1).bit_length(), BLOCK_DV=block_dv, PAD_DV=block_dv != dv),
             {"num_warps": 1 if block_dv <= 64 else 2}, (out, lse))
     return out, lse
 
