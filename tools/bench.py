@@ -399,13 +399,15 @@ def _shapes(args: argparse.Namespace) -> list[Shape]:
                                      seqlens=args.seqlens)
 
 
-def write_outputs(result: dict[str, Any], out_dir: str) -> None:
+def write_outputs(result: dict[str, Any], out_dir: str, *, with_plot: bool = True) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1, default=str)
-    with open(os.path.join(out_dir, "bench.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(result))
-    plot(result, os.path.join(out_dir, "bench.png"))
+    for name, text in (("bench.json", json.dumps(result, indent=1, default=str)), ("bench.md", markdown(result))):
+        tmp = os.path.join(out_dir, name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(out_dir, name))
+    if with_plot:
+        plot(result, os.path.join(out_dir, "bench.png"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
                 break
             row = bench_shape(s, list(impls), device, opts, gen, grad_cache)
             rows.append(row)
+            # table and JSON after every shape: a run cut short still leaves its numbers
+            write_outputs({"meta": {**meta, "complete": False}, "rows": rows, "summary": summarize(rows)}, args.out,
+                          with_plot=False)
             left = (time.perf_counter() - t0) / (i + 1) * (len(plan) - i - 1)
             d = row["providers"].get(DISPATCH, {})
             log.info("[%d/%d] %s: dispatch=%s %s %s, vs SDPA %s, oracle %s (about %.0f s left)", i + 1, len(plan),
