@@ -94,7 +94,7 @@ class Profile:
 
     def provenance(self) -> str:
         g = self.generated
-        how = "measured" if self.measured else "NOT measured (argued from public figures)"
+        how = "measured" if self.measured else "NOT measured (rankings argued in the file's header)"
         card = g.get("card") or self.device.get("name", "?")
         return f"{self.path}: {how} on {card}, {g.get('date', '?')}, by {g.get('tool', '?')}"
 

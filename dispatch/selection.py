@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from . import envs
-from .device import DeviceInfo, current_device, real_device
+from .device import ARCH_FAMILY, DeviceInfo, current_device, real_device
 from .errors import NoBackendError
 from .profile_store import Entry, Profile, load_profile
 from .problem import Problem
@@ -232,6 +232,13 @@ def _select_uncached(p: Problem, forced: str | None, source: str, device: Device
     st = state()
     dev = device if device is not None else device_for(p)
     profile, problems = st.profile(dev.profile_key)
+    family = ARCH_FAMILY.get(dev.arch)
+    if profile is None and family is not None and family != dev.profile_key:
+        # e.g. an H200 with no h200.yaml: the same architecture's profile beats no profile at all
+        profile, more = st.profile(family)
+        problems = problems + more
+        if profile is not None:
+            problems.append(f"no profile for {dev.profile_key!r}: using {family!r} (same architecture {dev.arch})")
     rejected: dict[str, list[str]] = {}
     names = list(REGISTRY.all())
     fams = REGISTRY.families()

@@ -230,3 +230,21 @@ def test_no_backend_error_lists_inputs_and_reasons(monkeypatch):
         fd.explain(shape=(1, 2, 2, 4, 4, 64), dtype="bf16", backend="sdpa:cudnn")
     text = str(ei.value)
     assert "inputs: rocm:0 bf16" in text and "AMD Instinct MI300X" in text and "device=rocm" in text
+
+
+def test_device_without_profile_borrows_its_architecture_family(tmp_path, monkeypatch):
+    """An H200 with no h200.yaml uses h100.yaml (both sm_90) and says so."""
+    (tmp_path / "h100.yaml").write_text(
+        "schema: 1\ndevice: {key: h100}\nmeasured: false\nentries:\n"
+        "  - match: {dtype: bf16, head_dim: 128, causal: true, gqa: 1, pass: fwd, seqlen: 4096}\n"
+        "    ranking: [sdpa:flash, sdpa]\n"
+    )
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
+    fd.refresh()
+    from flashdispatch.profile_store import load_profile
+
+    monkeypatch.setattr("flashdispatch.selection.load_profile",
+                        lambda key, user_dir: load_profile(key, user_dir) if key == "h100" else (None, []))
+    d = fd.explain(shape=(1, 8, 8, 4096, 4096, 128), dtype="bf16", causal=True, device="h200")
+    assert d.variant == "sdpa:flash" and "h100.yaml" in d.source
+    assert any("no profile for 'h200': using 'h100'" in n for n in d.notes)
