@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 def test_defaults_compile_and_fit(target: str) -> None:
     cases = default_cases(target)
     kernels = {c.kernel for c in cases}
-    assert {"forward", "decode", "decode_merge"} <= kernels | {"forward"}, kernels
+    assert {"forward", "decode", "decode_merge", "bwd_preprocess", "bwd_dkdv", "bwd_dq"} <= kernels, kernels
     results = check_configs([target], cases)
     bad = [str(r) for r in results if not r.ok]
     assert not bad, "\n".join(bad)

@@ -27,7 +27,10 @@ TARGETS: dict[str, tuple[str, int | str, int, str]] = {
     "hip:gfx90a": ("hip", "gfx90a", 64, "gfx90a"),
     "hip:gfx942": ("hip", "gfx942", 64, "gfx942"),
 }
-KERNELS: tuple[str, ...] = ("forward", "forward_tma", "decode", "decode_merge")
+FORWARD_KERNELS: tuple[str, ...] = ("forward", "forward_tma", "decode", "decode_merge")
+# backends/triton/backward.py's BACKWARD_KERNELS, by name (each brings its own AOT spec)
+BACKWARD_KERNEL_NAMES: tuple[str, ...] = ("bwd_preprocess", "bwd_dkdv", "bwd_dq")
+KERNELS: tuple[str, ...] = FORWARD_KERNELS + BACKWARD_KERNEL_NAMES
 _TRITON_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 
 
@@ -92,6 +95,13 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
     from flashdispatch.backends.triton import configs, decode, forward
 
     cfg = dict(case.config)
+    if case.kernel in BACKWARD_KERNEL_NAMES:
+        from flashdispatch.backends.triton import backward
+
+        (kern,) = [k for k in backward.BACKWARD_KERNELS if k.name == case.kernel]
+        spec = kern.spec(cfg, case.dtype, case.head_dim, case.head_dim_v, case.causal)
+        src = triton.compiler.ASTSource(fn=kern.fn, signature=spec.signature, constexprs=spec.constexprs)
+        return src, {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     dt = _TRITON_DTYPES[case.dtype]
     bd, bdv = configs.block_dim(case.head_dim), configs.block_dim(case.head_dim_v)
     pad_d, pad_dv = bd != case.head_dim, bdv != case.head_dim_v
@@ -216,6 +226,9 @@ def _profile_cases(arch: str) -> list[KernelCase]:
                 fwd = {k: v for k, v in cfg.items() if k in configs.FORWARD_KEYS}
                 kernel = "forward_tma" if fwd.get("TMA") and arch == "sm_90" else "forward"
                 cases.append(make_case(kernel, fwd, **common))
+            if m["pass"] == "fwd_bwd":
+                bwd = {k: v for k, v in cfg.items() if k.startswith("BWD_")}
+                cases.extend(make_case(name, bwd, **common) for name in BACKWARD_KERNEL_NAMES)
     return cases
 
 
@@ -237,6 +250,11 @@ def default_cases(target: str, head_dims: Sequence[int] = (64, 128, 256)) -> lis
         cases.append(make_case("decode", {**dec, "BLOCK_M": configs.DECODE_MAX_BLOCK_M}, head_dim=d,
                                causal=True))
         cases.append(make_case("decode_merge", {}, head_dim=d))
+        # backward defaults: 16-bit tiles for every head-dim bucket; fp32 has its own smaller tiles
+        for causal in (False, True):
+            for dtype in ("fp16", "fp32") if d == 64 else ("fp16",):
+                cases.extend(make_case(name, {}, dtype=dtype, head_dim=d, causal=causal)
+                             for name in BACKWARD_KERNEL_NAMES)
     cases.extend(_profile_cases(arch))
     seen: set[KernelCase] = set()
     return [c for c in cases if not (c in seen or seen.add(c))]  # type: ignore[func-returns-value]
