@@ -81,6 +81,14 @@ class TritonAttention(Implementation):
             return configs.decode_config_space(arch, max(p.head_dim, p.head_dim_v)) + [
                 {**c, "PATH": "forward"} for c in forward
             ]
+        if p.needs_grad:
+            # training is ranked by forward + backward time: vary the backward's tiles too, on the
+            # default forward (the product of both spaces would multiply the tuning time)
+            from .backward import backward_config_space
+
+            bwd = backward_config_space(p.head_dim, p.head_dim_v, fp32=p.dtype == torch.float32)
+            base = self.default_config(p, dev)
+            return forward + [{**base, **b} for b in bwd[1:]]
         return forward
 
     def plan_notes(self, p: Problem, dev: DeviceInfo, config: dict[str, Any]) -> list[str]:
@@ -102,6 +110,8 @@ class TritonAttention(Implementation):
         notes = [f"forward {kernel} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']}"]
         if cfg.get("WS"):
             notes.append("warp-specialised key loop")
+        if p.needs_grad and config.get("BWD_DQ_ATOMIC"):
+            notes.append("backward accumulates dq with float atomics: not bitwise deterministic")
         if p.is_decode and p.needs_grad:
             notes.append("decode shape with requires_grad: forward kernel (the split-KV path has no backward)")
         if p.effective_causal and p.seqlen_q > p.seqlen_k:
