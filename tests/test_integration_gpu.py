@@ -14,7 +14,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -193,7 +193,7 @@ def test_inductor_with_cuda_graphs(name: str) -> None:
 # --- host cost of the dispatcher (a measurement, not a test) -------------------------------------
 
 
-def _host_us(fn: Callable[[], Any], calls: int = 2000, rounds: int = 7) -> float:
+def _host_us(fn: Callable[[], Any], calls: int = 500, rounds: int = 5) -> float:
     """Median over rounds of the host time per call (the GPU queue absorbs the launches)."""
     per_call = []
     for _ in range(rounds):
@@ -206,16 +206,18 @@ def _host_us(fn: Callable[[], Any], calls: int = 2000, rounds: int = 7) -> float
     return statistics.median(per_call)
 
 
-def measure_host_overhead() -> list[dict[str, Any]]:
-    """attention() vs the chosen implementation's run(), on a problem small enough to be host-bound."""
-    rows = []
+def measure_host_overhead() -> Iterator[dict[str, Any]]:
+    """attention() vs the chosen implementation's run(), on a problem small enough to be host-bound.
+
+    Yields one row per (backend, grad) as soon as it is measured.
+    """
     for name in ("sdpa", "triton", "cupy"):
         for grad in (False, True):
             q, k, v = make_qkv(1, 2, 2, 16, 16, 64, dtype=torch.bfloat16, device="cuda", requires_grad=grad)
             try:
                 d = fd.explain(q, k, v, causal=True, backend=name)
             except fd.NoBackendError as e:
-                rows.append({"backend": name, "grad": grad, "skipped": str(e.reasons.get(name))})
+                yield {"backend": name, "grad": grad, "skipped": str(e.reasons.get(name))}
                 continue
             impl = REGISTRY.get(d.variant)
             p = problem_from_tensors(q, k, v, causal=True, scale=None, layout="bhsd", return_lse=False)
@@ -229,30 +231,29 @@ def measure_host_overhead() -> list[dict[str, Any]]:
                 for f in (via_dispatch, direct):  # warm-up: selection, compilation
                     for _ in range(20):
                         f()
-                samples = {"dispatch": [], "direct": []}
+                samples: dict[str, list[float]] = {"dispatch": [], "direct": []}
                 for _ in range(3):  # interleaved, so that drift hits both alike
                     samples["dispatch"].append(_host_us(via_dispatch))
                     samples["direct"].append(_host_us(direct))
             disp, dire = min(samples["dispatch"]), min(samples["direct"])
-            rows.append({"backend": d.variant, "grad": grad, "dispatch_us": round(disp, 2),
-                         "direct_us": round(dire, 2), "overhead_us": round(disp - dire, 2)})
-    return rows
+            yield {"backend": d.variant, "grad": grad, "dispatch_us": round(disp, 2),
+                   "direct_us": round(dire, 2), "overhead_us": round(disp - dire, 2)}
 
 
 def main(argv: list[str]) -> int:
-    rows = measure_host_overhead()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
-    if argv:
-        with open(argv[0], "w") as f:
-            json.dump(result, f, indent=1)
-    print(f"host time per call on {result['device']} (torch {result['torch']}), median of rounds, us")
-    print(f"{'backend':16s} {'grad':5s} {'attention()':>12s} {'run()':>8s} {'added':>8s}")
-    for r in rows:
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    print(f"host time per call on {result['device']} (torch {result['torch']}), min over 3 medians, us", flush=True)
+    print(f"{'backend':16s} {'grad':5s} {'attention()':>12s} {'run()':>8s} {'added':>8s}", flush=True)
+    for r in measure_host_overhead():
+        result["rows"].append(r)
+        if argv:  # rewritten after every row: a run cut short still leaves what it measured
+            with open(argv[0], "w") as f:
+                json.dump(result, f, indent=1)
         if "skipped" in r:
-            print(f"{r['backend']:16s} {str(r['grad']):5s} skipped: {r['skipped']}")
+            print(f"{r['backend']:16s} {str(r['grad']):5s} skipped: {r['skipped']}", flush=True)
         else:
             print(f"{r['backend']:16s} {str(r['grad']):5s} {r['dispatch_us']:12.2f} {r['direct_us']:8.2f} "
-                  f"{r['overhead_us']:8.2f}")
+                  f"{r['overhead_us']:8.2f}", flush=True)
     return 0
 
 
