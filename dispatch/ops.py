@@ -324,6 +324,8 @@ def traced_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What `attention()` runs while torch.compile traces it: (out in p.layout, lse)."""
     forced = forced_at_trace_time(backend)
+    if not p.contiguous:  # as the eager path: backends take any strides but a unit last one
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if p.layout == "bshd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out, lse = attention_fwd(

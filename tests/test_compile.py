@@ -116,6 +116,15 @@ def test_dynamic_shapes_no_recompile_per_length() -> None:
         assert q.grad is not None and not torch.isnan(q.grad).any()
 
 
+def test_non_unit_last_stride_is_copied_under_compile() -> None:
+    q, k, v = make_qkv(1, 2, 2, 9, 11, 16)
+    qt = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, stride(-1) != 1
+    assert qt.stride(-1) != 1
+    out = torch.compile(lambda q, k, v: fd.attention(q, k, v, causal=True), fullgraph=True,
+                        backend="aot_eager")(qt, k, v)
+    check_forward(out, q, k, v, causal=True)
+
+
 def test_empty_input_compiles() -> None:
     q, k, v = make_qkv(1, 2, 2, 0, 7, 8)
     out = torch.compile(lambda q, k, v: fd.attention(q, k, v), fullgraph=True, backend="aot_eager")(q, k, v)
