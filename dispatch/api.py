@@ -90,7 +90,7 @@ def attention(
     try:
         key = (
             q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-            q.stride(-1), k.stride(-1), v.stride(-1), causal, scale, layout, return_lse, backend,
+            q.stride()[-1], k.stride()[-1], v.stride()[-1], causal, scale, layout, return_lse, backend,
             stack[-1] if stack else None,
             torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
         )
