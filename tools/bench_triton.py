@@ -32,6 +32,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from flashdispatch.tools import shapes as shape_lists  # the one list of shapes
+
 PROVIDERS_BASE: tuple[str, ...] = ("sdpa", "sdpa:flash", "sdpa:cudnn")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,26 +57,30 @@ class Case:
         return f"{self.dtype} B={self.batch} {h} {s} D={self.head_dim}{' causal' if self.causal else ''}"
 
 
-def fa2_cases(dtype: str, head_dims: Sequence[int] = (64, 128),
-              seqlens: Sequence[int] = (512, 1024, 2048, 4096, 8192, 16384)) -> list[Case]:
-    out = []
-    for d in head_dims:
-        for causal in (False, True):
-            for s in seqlens:
-                h = 2048 // d
-                out.append(Case(f"fa2-d{d}{'-c' if causal else ''}-s{s}", "fa2", dtype, 16384 // s, h, h, s, s,
-                                d, causal))
-    return out
+def _case(s: shape_lists.Shape, label: str, group: str) -> Case:
+    return Case(label, group, s.dtype, s.batch, s.heads_q, s.heads_kv, s.seqlen_q, s.seqlen_k, s.head_dim,
+                s.causal)
+
+
+def fa2_cases(dtype: str, head_dims: Sequence[int] = shape_lists.FA2_HEAD_DIMS,
+              seqlens: Sequence[int] = shape_lists.FA2_SEQLENS) -> list[Case]:
+    """tools/shapes.py's FA2 sweep (forward), under this script's short labels."""
+    return [_case(s, f"fa2-d{s.head_dim}{'-c' if s.causal else ''}-s{s.seqlen_k}", "fa2")
+            for s in shape_lists.fa2_sweep((dtype,), head_dims, seqlens, passes=("fwd",))]
 
 
 def special_cases(dtype: str) -> list[Case]:
-    return [
-        Case("chunked-prefill", "chunked", dtype, 4, 32, 32, 512, 8192, 128, True),
-        Case("gqa-32-8", "gqa", dtype, 4, 32, 8, 4096, 4096, 128, True),
-        Case("decode-b1", "decode", dtype, 1, 32, 8, 1, 8192, 128, False),
-        Case("decode-b8", "decode", dtype, 8, 32, 8, 1, 8192, 128, False),
-        Case("decode-b64", "decode", dtype, 64, 32, 8, 1, 2048, 128, False),
-    ]
+    """tools/shapes.py's anchor shapes (chunked prefill, GQA, decode), under short labels."""
+    out = []
+    for s in shape_lists.special_shapes((dtype,)):
+        if s.pass_ == "decode":
+            mha = "-mha" if s.heads_q == s.heads_kv else ""
+            out.append(_case(s, f"decode-b{s.batch}{mha}", "decode"))
+        elif s.seqlen_q != s.seqlen_k:
+            out.append(_case(s, "chunked-prefill", "chunked"))
+        else:
+            out.append(_case(s, f"gqa-{s.heads_q}-{s.heads_kv}", "gqa"))
+    return out
 
 
 def d256_cases(dtype: str) -> list[Case]:
