@@ -29,7 +29,7 @@ from .forward import (
     _finish,
     _needs_offs64,
     attention_forward,
-    empty_like_layout,
+    allocate_outputs,
     launch_options,
     dot,
     online_softmax_step,
@@ -203,13 +203,8 @@ def decode_forward(
         return attention_forward(q, k, v, causal=causal, scale=scale, config=fwd)
     bsz, hq, sq, d = q.shape
     hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
-    out = empty_like_layout(q, dv)
-    lse = torch.empty((bsz, hq, sq), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or lse.numel() == 0:
-        return out, lse
-    if sk == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
+    out, lse, finished = allocate_outputs(q, sk, dv)
+    if finished:
         return out, lse
     block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
     sm_count = configs.sm_count_of(q.device.type, q.device.index or 0)

@@ -365,6 +365,21 @@ def empty_like_layout(q: torch.Tensor, dv: int) -> torch.Tensor:
     return torch.empty((b, h, s, dv), dtype=q.dtype, device=q.device)
 
 
+def allocate_outputs(q: torch.Tensor, sk: int, dv: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(out, lse, finished): finished when there is nothing to launch (empty output, or no key at
+    all, where every row is out 0 and lse -inf by the contract)."""
+    bsz, hq, sq, _ = q.shape
+    out = empty_like_layout(q, dv)
+    lse = torch.empty((bsz, hq, sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or lse.numel() == 0:
+        return out, lse, True
+    if sk == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse, True
+    return out, lse, False
+
+
 def _needs_offs64(*tensors: torch.Tensor) -> bool:
     return any(st > _INT32_TILE_STRIDE_LIMIT for t in tensors for st in t.stride())
 
@@ -415,13 +430,8 @@ def attention_forward(
     _check_inputs(q, k, v)
     bsz, hq, sq, d = q.shape
     hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
-    out = empty_like_layout(q, dv)
-    lse = torch.empty((bsz, hq, sq), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or lse.numel() == 0:
-        return out, lse
-    if sk == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
+    out, lse, finished = allocate_outputs(q, sk, dv)
+    if finished:
         return out, lse
     effective_causal = bool(causal) and sq > 1
     cfg = configs.resolve_forward(config, configs.arch_of_tensor(q), max(d, dv), effective_causal, sq, sk)
