@@ -27,6 +27,15 @@ def fd_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> 
     return attention(q, k, v, causal=causal)  # type: ignore[return-value]
 
 
+def fd_attn_traced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """fd_attn that prints, for every call, what ran and why (one line; explain() is a cached lookup)."""
+    d = explain(q, k, v, causal=causal)
+    p = d.problem
+    print(f"  call: Sq={p.seqlen_q:<5} Sk={p.seqlen_k:<5} grad={str(p.needs_grad):<5} -> {d.variant:<11} "
+          f"source: {d.source.split('#')[0] if d.source.startswith('profile') else d.source}")
+    return fd_attn(q, k, v, causal)
+
+
 def sdpa_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     sq, sk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
@@ -131,7 +140,8 @@ def run_demo(device: str | None = None, steps: int = 3, seqlen: int | None = Non
 
     # -- accuracy: training step vs float64 reference, next to plain torch in the same dtype
     y_ref, g_ref = _train_step(model64, x, ref_attn)
-    y_fd, g_fd = _train_step(model, x.to(dtype), fd_attn)
+    print("every flashdispatch call of one training step and one prefill + decode pass:")
+    y_fd, g_fd = _train_step(model, x.to(dtype), fd_attn_traced)
     y_pt, g_pt = _train_step(model, x.to(dtype), sdpa_attn)
 
     def err(a: torch.Tensor, r: torch.Tensor) -> float:
@@ -149,7 +159,8 @@ def run_demo(device: str | None = None, steps: int = 3, seqlen: int | None = Non
                 h = model(x[:, s - steps + t : s - steps + t + 1].to(dtype), attn, caches)
         return h
 
-    dec_fd, dec_pt = decode(fd_attn), decode(sdpa_attn)
+    dec_fd, dec_pt = decode(fd_attn_traced), decode(sdpa_attn)
+    print()
     e_dec = float((dec_fd.double() - dec_pt.double()).abs().max())
 
     # -- time: the whole training step and the decode loop, flashdispatch vs plain SDPA
