@@ -248,3 +248,22 @@ def test_device_without_profile_borrows_its_architecture_family(tmp_path, monkey
     d = fd.explain(shape=(1, 8, 8, 4096, 4096, 128), dtype="bf16", causal=True, device="h200")
     assert d.variant == "sdpa:flash" and "h100.yaml" in d.source
     assert any("no profile for 'h200': using 'h100'" in n for n in d.notes)
+
+
+def test_hot_path_reads_no_env_file_or_device_after_the_first_call(monkeypatch):
+    q, k, v = make_qkv(1, 4, 2, 9, 9, 16)
+    fd.attention(q, k, v, causal=True)  # first call: snapshot, profile, decision
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("read on the hot path")
+
+    monkeypatch.setattr(envs.EnvVar, "read", forbidden)
+    monkeypatch.setattr("flashdispatch.profile_store.load_profile", forbidden)
+    monkeypatch.setattr("flashdispatch.selection.load_profile", forbidden)
+    monkeypatch.setattr("flashdispatch.device.real_device", forbidden)
+    monkeypatch.setattr("flashdispatch.selection.real_device", forbidden)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", forbidden)
+    monkeypatch.setattr("builtins.open", forbidden)
+    for _ in range(3):
+        out = fd.attention(q, k, v, causal=True)
+    check_forward(out, q, k, v, causal=True)
