@@ -59,6 +59,17 @@ WS_MIN_WARPS = 8
 # gfx90a/gfx942: 64 KiB LDS tiles following AMD's published Triton FA settings (waves_per_eu=2,
 # 16x16 MFMA); not measured here, AOT-checked to fit.
 _F = dict
+
+
+def _amd_forward_defaults() -> dict[tuple[int, bool], dict[str, Any]]:
+    """Both CDNA generations start from the same tiles (64 KiB LDS), causal or not; a fresh dict per
+    arch so that a tuned entry for one never changes the other."""
+    tiles = {64: (128, 64), 128: (128, 64), 256: (64, 32)}
+    return {(b, c): _F(BLOCK_M=tiles[b][0], BLOCK_N=tiles[b][1], num_warps=4, num_stages=1, waves_per_eu=2,
+                       matrix_instr_nonkdim=16)
+            for b in HEAD_DIM_BUCKETS for c in (False, True)}
+
+
 FORWARD_DEFAULTS: dict[str, dict[tuple[int, bool], dict[str, Any]]] = {
     "sm_90": {
         (64, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=False),
@@ -86,34 +97,8 @@ FORWARD_DEFAULTS: dict[str, dict[tuple[int, bool], dict[str, Any]]] = {
         (256, False): _F(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
         (256, True): _F(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     },
-    "gfx942": {
-        (64, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2,
-                        matrix_instr_nonkdim=16),
-        (64, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2,
-                       matrix_instr_nonkdim=16),
-        (128, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2,
-                         matrix_instr_nonkdim=16),
-        (128, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2,
-                        matrix_instr_nonkdim=16),
-        (256, False): _F(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, waves_per_eu=2,
-                         matrix_instr_nonkdim=16),
-        (256, True): _F(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, waves_per_eu=2,
-                        matrix_instr_nonkdim=16),
-    },
-    "gfx90a": {
-        (64, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2,
-                        matrix_instr_nonkdim=16),
-        (64, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2,
-                       matrix_instr_nonkdim=16),
-        (128, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2,
-                         matrix_instr_nonkdim=16),
-        (128, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2,
-                        matrix_instr_nonkdim=16),
-        (256, False): _F(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, waves_per_eu=2,
-                         matrix_instr_nonkdim=16),
-        (256, True): _F(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, waves_per_eu=2,
-                        matrix_instr_nonkdim=16),
-    },
+    "gfx942": _amd_forward_defaults(),
+    "gfx90a": _amd_forward_defaults(),
     # The interpreter runs tiles as numpy arrays: few large ops beat many small ones.
     "interpreter": {
         (b, c): _F(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
