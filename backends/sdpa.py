@@ -24,6 +24,7 @@ from torch.nn.attention.bias import causal_lower_right
 from flashdispatch.backend import Capabilities, Implementation
 from flashdispatch.device import DeviceInfo
 from flashdispatch.problem import Problem
+from flashdispatch.reference import causal_mask
 
 ALL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
@@ -57,9 +58,7 @@ def math_with_lse(
     vv = v.repeat_interleave(g, dim=1) if g > 1 else v
     s = torch.matmul(q.to(acc), kk.to(acc).transpose(-1, -2)) * p.scale
     if p.effective_causal:
-        i = torch.arange(p.seqlen_q, device=q.device).unsqueeze(1)
-        j = torch.arange(p.seqlen_k, device=q.device).unsqueeze(0)
-        s = s.masked_fill(j > i + p.causal_offset, float("-inf"))
+        s = s.masked_fill(~causal_mask(p.seqlen_q, p.seqlen_k, q.device), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     probs = torch.exp(s - safe.unsqueeze(-1))

@@ -106,7 +106,7 @@ def attention(
     if impl is None:
         out, lse = _empty_result(q, k, v, p)
         return (out, lse) if return_lse else out
-    if p.contiguous is False:
+    if not p.contiguous:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if layout == "bshd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -154,14 +154,12 @@ def explain(
             shape, dtype=dtype, device_kind=kind, causal=causal, scale=scale, layout=layout,
             return_lse=return_lse, needs_grad=bool(needs_grad), head_dim_v=head_dim_v,
         )
-        if sim is None and kind == "cpu":
-            p = p._replace(device_kind="cpu")
     else:
         if q is None or k is None or v is None:
             raise TypeError("explain: expected tensors q, k and v, or shape=(B, Hq, Hkv, Sq, Sk, D)")
         p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
         if needs_grad is not None:
             p = p._replace(needs_grad=needs_grad)
-    if sim is not None:
-        p = p._replace(device_kind=sim.kind)
+        if sim is not None:
+            p = p._replace(device_kind=sim.kind)
     return select(p, backend, device=sim)

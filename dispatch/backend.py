@@ -9,7 +9,7 @@ mismatch between those and a `Problem` into the sentences users read in `explain
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -86,13 +86,6 @@ class Capabilities:
         if p.layout not in self.layouts:
             r.append(f"layout={p.layout} (supported: {sorted(self.layouts)})")
         return r
-
-
-@dataclass
-class RunInfo:
-    """What a run did beyond the math (copies made, path taken); shown by explain()."""
-
-    notes: list[str] = field(default_factory=list)
 
 
 class Implementation(ABC):

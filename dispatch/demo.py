@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .api import attention, explain
-from .reference import attention_math
+from .reference import attention_math, causal_mask
 
 AttnFn = Callable[..., torch.Tensor]
 
@@ -40,7 +40,7 @@ def sdpa_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
     sq, sk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if causal and sq > 1 and sq != sk:
-        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+        mask = causal_mask(sq, sk, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal and sq > 1, enable_gqa=gqa)
 

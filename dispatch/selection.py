@@ -130,7 +130,6 @@ class _State:
         self.cache: dict[tuple[Any, ...], Decision] = {}
         # attention()'s hot-path cache: call signature -> (Problem, Implementation | None, config)
         self.fast: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
-        self.logged: set[tuple[Any, ...]] = set()
         self.lock = threading.Lock()
 
     def profile(self, key: str | None) -> tuple[Profile | None, list[str]]:
@@ -220,11 +219,12 @@ def select(p: Problem, backend: str | None = None, *, device: DeviceInfo | None 
     if d is not None:
         return d
     with st.lock:
-        d = _select_uncached(p, forced, source, device)
-        st.cache[key] = d
-    if st.settings.log == "decisions" and key not in st.logged:
-        st.logged.add(key)
-        log.info("%s", d)
+        d = st.cache.get(key)  # another thread may have decided while this one waited
+        if d is None:
+            d = _select_uncached(p, forced, source, device)
+            st.cache[key] = d
+            if st.settings.log == "decisions":  # each decision is made, so logged, once
+                log.info("%s", d)
     return d
 
 
@@ -275,7 +275,7 @@ def _select_uncached(p: Problem, forced: str | None, source: str, device: Device
         variant=chosen,
         config=config,
         source=src,
-        rejected={n: r for n, r in rejected.items() if not r[0].startswith("not the forced")} if forced is None else rejected,
+        rejected=rejected,
         problem=p,
         device=dev,
         candidates=tuple(ordered),
