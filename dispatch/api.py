@@ -86,11 +86,16 @@ def attention(
         return (out, lse) if return_lse else out
     # Hot path: one tuple and one dict lookup once this exact call signature has been seen. The key
     # holds everything the Problem is derived from, plus the thread's forced backend.
-    stack = getattr(selection._local, "stack", None)
+    stack = selection._local.stack
     try:
+        # is_contiguous() is the common case and cheaper than stride(); else the last stride
+        # (whether a copy is needed). Devices as get_device() ints (cheaper than .device; -1 for
+        # cpu and meta alike, which the same backends serve) and q.is_cuda for the kind.
         key = (
-            q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-            q.stride()[-1], k.stride()[-1], v.stride()[-1], causal, scale, layout, return_lse, backend,
+            q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.is_cuda, q.get_device(), k.get_device(),
+            v.get_device(),
+            q.is_contiguous() or q.stride()[-1], k.is_contiguous() or k.stride()[-1],
+            v.is_contiguous() or v.stride()[-1], causal, scale, layout, return_lse, backend,
             stack[-1] if stack else None,
             torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
         )

@@ -70,14 +70,17 @@ class Decision:
 
 # --- forcing: argument > thread-local context > environment --------------------------------------
 
-_local = threading.local()
+class _Local(threading.local):
+    def __init__(self) -> None:
+        # per thread, set on its first access: the hot path reads it without a getattr default
+        self.stack: list[str] = []
+
+
+_local = _Local()
 
 
 def _context_stack() -> list[str]:
-    st = getattr(_local, "stack", None)
-    if st is None:
-        st = _local.stack = []
-    return st
+    return _local.stack
 
 
 def validate_backend_name(name: str, arg: str = "backend") -> str:
@@ -111,7 +114,7 @@ def current_forced(arg: str | None, settings: envs.Settings) -> tuple[str | None
         if n != "auto":
             return n, "argument"
         return None, "default"
-    st = getattr(_local, "stack", None)
+    st = _local.stack
     if st:
         n = st[-1]
         return (None, "default") if n == "auto" else (n, "context")

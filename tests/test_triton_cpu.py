@@ -313,3 +313,40 @@ def test_direct_launch_leaves_hooks_to_the_jit(monkeypatch: pytest.MonkeyPatch) 
     for _ in range(3):
         la((1,), (x, 48, 0.5), {"BLOCK": 32, "FLAG": False}, {}, (x,))
     assert fake.jit_calls == 3 and not fake.compiled.calls
+
+
+def test_bound_launch_takes_the_checked_kernel_then_launches_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flashdispatch.backends.triton import launch
+
+    fake, la, checked = _launcher(monkeypatch)
+    monkeypatch.setattr(launch, "_current_stream", lambda: (lambda device: 1234))
+    bound = launch.BoundLaunch(la, (4,), 1, (48, 0.5), {"FLAG": True, "BLOCK": 32}, {"num_warps": 4}, 0)
+    x = torch.empty(64, device="meta")  # data_ptr() == 0: aligned
+    for _ in range(3):  # compile (JIT), checked direct launch, direct launch that hands over the kernel
+        bound((x,), (x,))
+    assert fake.jit_calls == 1 and len(checked) == 1 and bound.kernel is fake.compiled
+    fake.compiled.calls.clear()
+    bound((x,), (x,))
+    # pointers go as ints, then the plan's scalars, then the constexprs in signature order
+    assert fake.compiled.calls == [(4, 1, 1, 1234, "fn-handle", "meta", None, None, None, 0, 48, 0.5, 32, True)]
+
+
+def test_bound_launch_leaves_misaligned_pointers_to_the_keyed_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flashdispatch.backends.triton import launch
+
+    fake, la, _ = _launcher(monkeypatch)
+    bound = launch.BoundLaunch(la, (1,), 1, (48, 0.5), {"FLAG": False, "BLOCK": 32}, {}, 0)
+    x = torch.empty(64, device="meta")
+    for _ in range(3):
+        bound((x,), (x,))
+    keyed = []
+    monkeypatch.setattr(la, "__call__", None)  # instance attribute: unused by the call syntax
+    monkeypatch.setattr(launch.DirectLauncher, "__call__",
+                        lambda self, *a: keyed.append(a) or None)
+
+    class Misaligned:
+        def data_ptr(self) -> int:
+            return 8
+
+    bound((Misaligned(),), (x,))  # type: ignore[arg-type]
+    assert len(keyed) == 1 and bound.kernel is fake.compiled

@@ -59,7 +59,7 @@ _STREAMS: dict[tuple[int, int], Any] = {}
 
 def _cupy_stream(device_index: int) -> Any:
     """CuPy's handle on torch's current stream of the device (CuPy does not own it)."""
-    handle = torch.cuda.current_stream(device_index).cuda_stream
+    handle = torch._C._cuda_getCurrentRawStream(device_index)
     st = _STREAMS.get((handle, device_index))
     if st is None:
         import cupy
@@ -71,13 +71,33 @@ def _cupy_stream(device_index: int) -> Any:
     return st
 
 
+def _device_function(k: CompiledKernel, device_index: int) -> Any:
+    """The kernel's CUDA function on one device (CuPy's RawKernel resolves it per call otherwise)."""
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        return k.function.kernel
+
+
+def _launch_function(fn: Any, grid: tuple[int, int, int], block: tuple[int, int, int], args: tuple[Any, ...],
+                     smem: int, device_index: int) -> None:
+    """Launch on torch's current stream of the device; pointers go as Python ints (CuPy passes them
+    as 64-bit values)."""
+    stream = _cupy_stream(device_index)
+    if torch.cuda.current_device() == device_index:  # its context is current: no switch needed
+        fn(grid, block, args, smem, stream)
+        return
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        fn(grid, block, args, smem, stream)
+
+
 def _launch(
     k: CompiledKernel, grid: tuple[int, int, int], args: list[Any], device_index: int, threads: int = 0
 ) -> None:
-    import cupy
-
-    with cupy.cuda.Device(device_index), _cupy_stream(device_index):
-        k.function(grid, (threads or k.spec.threads, 1, 1), tuple(args), shared_mem=k.spec.smem_bytes())
+    _launch_function(_device_function(k, device_index), grid, (threads or k.spec.threads, 1, 1), tuple(args),
+                     k.spec.smem_bytes(), device_index)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
@@ -103,6 +123,64 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
     return b, hq, hkv, sq, sk, d
 
 
+class _ForwardPlan:
+    """One forward call signature's launch, made once: the kernel, grid and every scalar argument.
+    A repeated call allocates out and lse and launches (small problems are launch-bound)."""
+
+    __slots__ = ("out_shape", "out_bshd", "lse_shape", "device", "dtype", "index", "finished", "kernel", "grid",
+                 "block", "smem", "scalars", "in_strides")
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None,
+                 config: dict[str, Any], out_bshd: bool) -> None:
+        b, hq, hkv, sq, sk, d = _check(q, k, v)
+        scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        self.out_bshd = out_bshd
+        self.out_shape = (b, sq, hq, d) if out_bshd else (b, hq, sq, d)
+        self.lse_shape = (b, hq, sq)
+        self.device, self.dtype = q.device, q.dtype
+        self.finished = "empty" if b * hq * sq * d == 0 else ("no key" if sk == 0 else None)
+        self.index, arch = _arch(q.device)
+        if self.finished:
+            return
+        cfg = configs.parse_config(config, d, int(arch[3:]))
+        spec = configs.fwd_spec(d, DTYPE_NAME[q.dtype], bool(causal) and sq > 1, cfg)
+        kern = compile_kernel(spec, self.index, arch)
+        self.kernel = _device_function(kern, self.index)
+        self.grid = ((sq + spec.block_m - 1) // spec.block_m, hq, b)
+        self.block = (spec.threads, 1, 1)
+        self.smem = spec.smem_bytes()
+        # the strides of this signature, when every row is 16-byte aligned given an aligned base;
+        # otherwise `_aligned` copies per call and the copies' strides go instead
+        rows_ok = all(t.stride(-1) == 1 and all(st % 8 == 0 for st in t.stride()[:-1]) for t in (q, k, v))
+        self.in_strides = (*_strides3(q), *_strides3(k), *_strides3(v)) if rows_ok else None
+        o_strides = (sq * hq * d, d, hq * d) if out_bshd else (hq * sq * d, sq * d, d)
+        self.scalars = (*_i64(*o_strides), np.int32(sq), np.int32(sk), np.int32(hq), np.int32(hq // hkv),
+                        np.float32(scale))
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.empty(self.out_shape, device=self.device, dtype=self.dtype)
+        if self.out_bshd:
+            out = out.transpose(1, 2)
+        lse = torch.empty(self.lse_shape, device=self.device, dtype=torch.float32)
+        if self.finished == "empty":
+            return out, lse.fill_(float("-inf"))
+        if self.finished == "no key":
+            return out.zero_(), lse.fill_(float("-inf"))
+        ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr())
+        strides = self.in_strides
+        if strides is None or (ptrs[0] | ptrs[1] | ptrs[2]) & 15:
+            q, k, v = _aligned(q), _aligned(k), _aligned(v)
+            ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr())
+            strides = (*_strides3(q), *_strides3(k), *_strides3(v))
+        args = (*ptrs, out.data_ptr(), lse.data_ptr(), *strides, *self.scalars)
+        _launch_function(self.kernel, self.grid, self.block, args, self.smem, self.index)
+        return out, lse
+
+
+_FWD_PLANS: dict[tuple[Any, ...], _ForwardPlan] = {}
+MAX_PLANS = 1024
+
+
 def cupy_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -118,29 +196,20 @@ def cupy_forward(
     memory is (B, Sq, Hq, D), written in place by the kernel) and lse (B, Hq, Sq) float32 (natural
     log; -inf for rows that see no key). causal is bottom-right: query i sees key j iff
     j <= i + Sk - Sq."""
-    b, hq, hkv, sq, sk, d = _check(q, k, v)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if out_bshd:
-        out = torch.empty((b, sq, hq, d), device=q.device, dtype=q.dtype).transpose(1, 2)
-    else:
-        out = torch.empty((b, hq, sq, d), device=q.device, dtype=q.dtype)
-    lse = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
-    if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
-    if sk == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    idx, arch = _arch(q.device)
-    cc = int(arch[3:])
-    cfg = configs.parse_config(config or {}, d, cc)
-    spec = configs.fwd_spec(d, DTYPE_NAME[q.dtype], bool(causal) and sq > 1, cfg)
-    kern = compile_kernel(spec, idx, arch)
-    grid = ((sq + spec.block_m - 1) // spec.block_m, hq, b)
-    args = [_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse)]
-    args += _strides3(q) + _strides3(k) + _strides3(v) + _strides3(out)
-    args += [np.int32(sq), np.int32(sk), np.int32(hq), np.int32(hq // hkv), np.float32(scale)]
-    _launch(kern, grid, args, idx)
-    return out, lse
+    try:
+        key: tuple[Any, ...] | None = (
+            q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+            k.device, v.device, causal, scale, out_bshd, tuple(config.items()) if config else None)
+        plan = _FWD_PLANS.get(key)  # type: ignore[arg-type]
+    except TypeError:  # an unhashable config value: plan every call
+        key, plan = None, None
+    if plan is None:
+        plan = _ForwardPlan(q, k, v, causal, scale, config or {}, out_bshd)
+        if key is not None:
+            if len(_FWD_PLANS) >= MAX_PLANS:
+                _FWD_PLANS.clear()
+            _FWD_PLANS[key] = plan
+    return plan.run(q, k, v)
 
 
 def cupy_backward(

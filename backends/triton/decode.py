@@ -22,15 +22,17 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .launch import DirectLauncher
+from .launch import BoundLaunch, DirectLauncher
 from .forward import (
     LN2,
     _check_inputs,
+    _empty_output,
     _finish,
     _needs_offs64,
     attention_forward,
-    allocate_outputs,
+    cached_plan,
     launch_options,
+    out_is_bshd,
     dot,
     online_softmax_step,
     row_max,
@@ -181,6 +183,81 @@ def _plan(block_n: int, num_splits: int, batch: int, heads_q: int, heads_kv: int
     return block_m, m_blocks, splits, keys_per_split
 
 
+class _DecodePlan:
+    """One decode call signature's launches (split, then merge), made once (decode is launch-bound):
+    a repeated call allocates its outputs and partials and launches."""
+
+    __slots__ = ("forward", "out_shape", "out_bshd", "lse_shape", "part_shapes", "device", "dtype", "finished",
+                 "split", "merge")
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                 config: dict[str, Any]) -> None:
+        _check_inputs(q, k, v)
+        cfg = configs.resolve_decode(config, configs.arch_of_tensor(q), q.shape[3])
+        self.forward: dict[str, Any] | None = None
+        if cfg["PATH"] == "forward":
+            self.forward = {key: val for key, val in config.items()
+                            if key not in configs.DECODE_KEYS - configs.FORWARD_KEYS}
+            return
+        bsz, hq, sq, d = q.shape
+        hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+        self.out_bshd = out_is_bshd(q)
+        out = _empty_output(bsz, hq, sq, dv, self.out_bshd, q.dtype, "meta")  # strides only
+        self.out_shape = (bsz, sq, hq, dv) if self.out_bshd else (bsz, hq, sq, dv)
+        self.lse_shape = (bsz, hq, sq)
+        self.device, self.dtype = q.device, q.dtype
+        self.finished = "empty" if out.numel() == 0 else ("no key" if sk == 0 else None)
+        self.split = self.merge = None
+        self.part_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        if self.finished:
+            return
+        block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
+        index = q.device.index or 0
+        sm_count = configs.sm_count_of(q.device.type, index)
+        block_m, m_blocks, splits, keys_per_split = _plan(int(cfg["BLOCK_N"]), int(cfg.get("NUM_SPLITS") or 0), bsz,
+                                                          hq, hkv, sq, sk, sm_count)
+        direct = splits == 1
+        if not direct:
+            self.part_shapes = ((bsz * hq * sq, splits, block_dv), (bsz * hq * sq, splits))
+        self.split = BoundLaunch(_SPLIT, (bsz * hkv, splits, m_blocks), 7, (
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            hq, hkv, hq // hkv, sq, sk, float(scale) * 1.4426950408889634, d, dv,
+            keys_per_split, splits,
+        ), dict(BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
+                CAUSAL=bool(causal) and sq > 1, PAD_D=block_d != d, PAD_DV=block_dv != dv,
+                IEEE=q.dtype == torch.float32, DIRECT=direct, OFFS64=_needs_offs64(q, k, v, out)),
+            launch_options(cfg), index)
+        if not direct:
+            self.merge = BoundLaunch(_MERGE, (bsz * hq * sq,), 4, (*out.stride(), hq, sq, splits, dv),
+                                     dict(BLOCK_S=1 << (splits - 1).bit_length(), BLOCK_DV=block_dv,
+                                          PAD_DV=block_dv != dv),
+                                     {"num_warps": 1 if block_dv <= 64 else 2}, index)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        if self.out_bshd:
+            out = out.transpose(1, 2)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+        if self.finished == "no key":  # every row sees nothing: out 0, lse -inf by the contract
+            out.zero_()
+            lse.fill_(float("-inf"))
+        if self.finished:
+            return out, lse
+        if self.merge is None:
+            # po/pl are unused by the kernel when DIRECT: lse stands in for both
+            self.split((q, k, v, lse, lse, out, lse), (out, lse))
+            return out, lse
+        shape_o, shape_l = self.part_shapes  # type: ignore[misc]
+        po = torch.empty(shape_o, dtype=torch.float32, device=self.device)
+        pl = torch.empty(shape_l, dtype=torch.float32, device=self.device)
+        self.split((q, k, v, po, pl, out, lse), (po, pl))
+        self.merge((po, pl, out, lse), (out, lse))
+        return out, lse
+
+
+_PLANS: dict[tuple[Any, ...], _DecodePlan] = {}
+
+
 def decode_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -195,44 +272,10 @@ def decode_forward(
     q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), bhsd-indexed views of any strides.
     Returns out (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32 (natural log).
     """
-    _check_inputs(q, k, v)
-    arch = configs.arch_of_tensor(q)
-    cfg = configs.resolve_decode(config, arch, q.shape[3])
-    if cfg["PATH"] == "forward":
-        fwd = {key: val for key, val in config.items() if key not in configs.DECODE_KEYS - configs.FORWARD_KEYS}
-        return attention_forward(q, k, v, causal=causal, scale=scale, config=fwd)
-    bsz, hq, sq, d = q.shape
-    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
-    out, lse, finished = allocate_outputs(q, sk, dv)
-    if finished:
-        return out, lse
-    block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
-    sm_count = configs.sm_count_of(q.device.type, q.device.index or 0)
-    block_m, m_blocks, splits, keys_per_split = _plan(int(cfg["BLOCK_N"]), int(cfg.get("NUM_SPLITS") or 0), bsz,
-                                                      hq, hkv, sq, sk, sm_count)
-    direct = splits == 1
-    if direct:
-        po = pl = lse  # unused by the kernel when DIRECT
-    else:
-        po = torch.empty((bsz * hq * sq, splits, block_dv), dtype=torch.float32, device=q.device)
-        pl = torch.empty((bsz * hq * sq, splits), dtype=torch.float32, device=q.device)
-    _SPLIT((bsz * hkv, splits, m_blocks), (
-        q, k, v, po, pl, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        hq, hkv, hq // hkv, sq, sk, float(scale) * 1.4426950408889634, d, dv,
-        keys_per_split, splits,
-    ), dict(BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
-            CAUSAL=bool(causal) and sq > 1, PAD_D=block_d != d, PAD_DV=block_dv != dv,
-            IEEE=q.dtype == torch.float32, DIRECT=direct, OFFS64=_needs_offs64(q, k, v, out)),
-        launch_options(cfg), (out, lse) if direct else (po, pl))
-    if not direct:
-        _MERGE((bsz * hq * sq,), (
-            po, pl, out, lse,
-            *out.stride(),
-            hq, sq, splits, dv,
-        ), dict(BLOCK_S=1 << (splits - 1).bit_length(), BLOCK_DV=block_dv, PAD_DV=block_dv != dv),
-            {"num_warps": 1 if block_dv <= 64 else 2}, (out, lse))
-    return out, lse
+    plan = cached_plan(_PLANS, _DecodePlan, q, k, v, causal, scale, config)
+    if plan.forward is not None:
+        return attention_forward(q, k, v, causal=causal, scale=scale, config=plan.forward)
+    return plan.run(q, k, v)
 
 
 _SPLIT = DirectLauncher(_decode_split_kernel)

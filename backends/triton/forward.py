@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .launch import DirectLauncher
+from .launch import BoundLaunch, DirectLauncher
 
 log = logging.getLogger("flashdispatch")
 
@@ -356,41 +356,29 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          f"Dv={v.shape[3]}")
 
 
-def empty_like_layout(q: torch.Tensor, dv: int) -> torch.Tensor:
-    """Output (B, Hq, Sq, Dv) in q's physical layout: a bshd input gets a bshd-contiguous result."""
-    b, h, s, _ = q.shape
-    # heads inside sequence: bshd storage (dims of extent 1 have arbitrary strides: ignore them)
-    if h > 1 and s > 1 and q.stride(1) < q.stride(2):
-        return torch.empty((b, s, h, dv), dtype=q.dtype, device=q.device).transpose(1, 2)
-    return torch.empty((b, h, s, dv), dtype=q.dtype, device=q.device)
+def out_is_bshd(q: torch.Tensor) -> bool:
+    """Whether q's heads lie inside its sequence (bshd storage); dims of extent 1 have arbitrary
+    strides, so they say nothing."""
+    return q.shape[1] > 1 and q.shape[2] > 1 and q.stride(1) < q.stride(2)
 
 
-def allocate_outputs(q: torch.Tensor, sk: int, dv: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(out, lse, finished): finished when there is nothing to launch (empty output, or no key at
-    all, where every row is out 0 and lse -inf by the contract)."""
-    bsz, hq, sq, _ = q.shape
-    out = empty_like_layout(q, dv)
-    lse = torch.empty((bsz, hq, sq), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or lse.numel() == 0:
-        return out, lse, True
-    if sk == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
-        return out, lse, True
-    return out, lse, False
+def _empty_output(b: int, h: int, s: int, dv: int, bshd: bool, dtype: torch.dtype,
+                  device: torch.device | str) -> torch.Tensor:
+    if bshd:
+        return torch.empty((b, s, h, dv), dtype=dtype, device=device).transpose(1, 2)
+    return torch.empty((b, h, s, dv), dtype=dtype, device=device)
 
 
 def _needs_offs64(*tensors: torch.Tensor) -> bool:
     return any(st > _INT32_TILE_STRIDE_LIMIT for t in tensors for st in t.stride())
 
 
-def _tma_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> bool:
-    """Tensor descriptors need 16-byte aligned bases and row strides and a unit last stride."""
-    for t in (q, k, v, o):
+def _tma_strides_ok(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Tensor descriptors need 16-byte aligned row strides and a unit last stride (and 16-byte
+    aligned bases, which the plan checks per call)."""
+    for t in tensors:
         es = t.element_size()
-        if t.stride(3) != 1 or t.data_ptr() % 16:
-            return False
-        if any((st * es) % 16 for st in t.stride()[:3]):
+        if t.stride(3) != 1 or any((st * es) % 16 for st in t.stride()[:3]):
             return False
     return True
 
@@ -410,6 +398,100 @@ def launch_options(config: dict[str, Any]) -> dict[str, Any]:
     return {k: config[k] for k in configs.LAUNCH_KEYS if k in config}
 
 
+class _ForwardPlan:
+    """Everything one forward launch needs that depends on shapes, strides, dtypes, device and
+    config only: made once per call signature, so that a repeated call allocates its outputs and
+    launches (attention is launch-bound at decode and small prefill sizes)."""
+
+    __slots__ = ("out_shape", "out_bshd", "lse_shape", "device", "dtype", "finished", "tma", "pointer")
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                 config: dict[str, Any]) -> None:
+        _check_inputs(q, k, v)
+        bsz, hq, sq, d = q.shape
+        hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+        self.out_bshd = out_is_bshd(q)
+        # a meta tensor: the strides of every call's output, without allocating one
+        probe = _empty_output(bsz, hq, sq, dv, self.out_bshd, q.dtype, "meta")
+        self.out_shape = (bsz, sq, hq, dv) if self.out_bshd else (bsz, hq, sq, dv)
+        self.lse_shape = (bsz, hq, sq)
+        self.device, self.dtype = q.device, q.dtype
+        self.finished = "empty" if probe.numel() == 0 else ("no key" if sk == 0 else None)
+        self.tma = self.pointer = None
+        if self.finished:
+            return
+        effective_causal = bool(causal) and sq > 1
+        cfg = configs.resolve_forward(config, configs.arch_of_tensor(q), max(d, dv), effective_causal, sq, sk)
+        block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
+        grid = (-(-sq // cfg["BLOCK_M"]) * bsz * hq,)
+        qk_scale = float(scale) * 1.4426950408889634
+        ieee = q.dtype == torch.float32
+        options = launch_options(cfg)
+        index = q.device.index or 0
+        o_strides = probe.stride()
+        if cfg.get("TMA") and _tma_strides_ok((q, k, v, probe)):
+            _set_tma_allocator()
+            self.tma = BoundLaunch(_FWD_TMA, grid, 5, (
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                o_strides[0], o_strides[1], o_strides[2],
+                hq, hq // hkv, sq, sk, qk_scale, d, dv,
+            ), dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
+                    CAUSAL=effective_causal, IEEE=ieee, WS=bool(cfg.get("WS", False))), options, index)
+        self.pointer = BoundLaunch(_FWD, grid, 5, (
+            *q.stride(), *k.stride(), *v.stride(), *o_strides,
+            hq, hq // hkv, sq, sk, qk_scale, d, dv,
+        ), dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
+                CAUSAL=effective_causal, PAD_D=block_d != d, PAD_DV=block_dv != dv, IEEE=ieee,
+                OFFS64=_needs_offs64(q, k, v, probe)), options, index)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        if self.out_bshd:
+            out = out.transpose(1, 2)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+        if self.finished == "no key":  # every row sees nothing: out 0, lse -inf by the contract
+            out.zero_()
+            lse.fill_(float("-inf"))
+        if self.finished:
+            return out, lse
+        tensors = (q, k, v, out, lse)
+        if self.tma is not None and not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
+            self.tma(tensors, (out, lse))
+        else:
+            self.pointer(tensors, (out, lse))
+        return out, lse
+
+
+_PLANS: dict[tuple[Any, ...], _ForwardPlan] = {}
+MAX_PLANS = 1024
+
+
+def plan_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+             config: dict[str, Any] | None) -> tuple[Any, ...]:
+    """What a launch plan depends on; a config with unhashable values raises TypeError."""
+    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+            causal, scale, tuple(config.items()) if config else None)
+
+
+def cached_plan(cache: dict[tuple[Any, ...], Any], make: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                causal: bool, scale: float, config: dict[str, Any] | None) -> Any:
+    """The plan for this call signature from `cache`, made by make(q, k, v, causal, scale, config)."""
+    try:
+        key: tuple[Any, ...] | None = plan_key(q, k, v, causal, scale, config)
+        plan = cache.get(key)  # type: ignore[arg-type]
+    except TypeError:  # a config value that cannot be hashed: plan every call
+        key, plan = None, None
+    if plan is None:
+        plan = make(q, k, v, causal, scale, config or {})
+        if key is not None:
+            if len(cache) >= MAX_PLANS:
+                cache.clear()
+            cache[key] = plan
+    return plan
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -427,39 +509,7 @@ def attention_forward(
     num_warps, num_stages (and TMA/WS on Hopper, waves_per_eu/matrix_instr_nonkdim on AMD);
     missing keys come from configs.forward_defaults for q's device.
     """
-    _check_inputs(q, k, v)
-    bsz, hq, sq, d = q.shape
-    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
-    out, lse, finished = allocate_outputs(q, sk, dv)
-    if finished:
-        return out, lse
-    effective_causal = bool(causal) and sq > 1
-    cfg = configs.resolve_forward(config, configs.arch_of_tensor(q), max(d, dv), effective_causal, sq, sk)
-    block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
-    grid = (-(-sq // cfg["BLOCK_M"]) * bsz * hq,)
-    qk_scale = float(scale) * 1.4426950408889634
-    ieee = q.dtype == torch.float32
-    options = launch_options(cfg)
-    if cfg.get("TMA") and _tma_ok(q, k, v, out):
-        _set_tma_allocator()
-        _FWD_TMA(grid, (
-            q, k, v, out, lse,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            hq, hq // hkv, sq, sk, qk_scale, d, dv,
-        ), dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
-                CAUSAL=effective_causal, IEEE=ieee, WS=bool(cfg.get("WS", False))), options, (out, lse))
-        return out, lse
-    _FWD(grid, (
-        q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        hq, hq // hkv, sq, sk, qk_scale, d, dv,
-    ), dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
-            CAUSAL=effective_causal, PAD_D=block_d != d, PAD_DV=block_dv != dv, IEEE=ieee,
-            OFFS64=_needs_offs64(q, k, v, out)), options, (out, lse))
-    return out, lse
+    return cached_plan(_PLANS, _ForwardPlan, q, k, v, causal, scale, config).run(q, k, v)
 
 
 # --- autograd ------------------------------------------------------------------------------------

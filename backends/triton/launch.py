@@ -20,8 +20,9 @@ path, and so does a CUDA graph capture until the key has been checked (the check
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -43,11 +44,25 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _hooks_installed() -> bool:
-    """A launch hook someone installed (a profiler): only the JIT path calls it."""
+@functools.cache
+def _runtime_knobs() -> Any:
     from triton import knobs
 
-    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+    return knobs.runtime
+
+
+@functools.cache
+def _current_stream() -> Callable[[int], int]:
+    """The raw CUDA/HIP stream getter that Triton's own launches use (a C function of torch)."""
+    from triton.runtime import driver
+
+    return driver.active.get_current_stream
+
+
+def _hooks_installed() -> bool:
+    """A launch hook someone installed (a profiler): only the JIT path calls it."""
+    runtime = _runtime_knobs()
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
         if hook is None:
             continue
         calls = getattr(hook, "calls", None)  # Triton 3.6: an (often empty) HookChain
@@ -86,14 +101,15 @@ class DirectLauncher:
         return self.fn[grid](*args, **constexprs, **options)
 
     def __call__(self, grid: tuple[int, ...], args: Sequence[Any], constexprs: dict[str, Any],
-                 options: dict[str, Any], outputs: Sequence[torch.Tensor]) -> None:
+                 options: dict[str, Any], outputs: Sequence[torch.Tensor]) -> Any:
         """Launch fn[grid](*args, **constexprs, **options); `outputs` are the tensors it writes
-        (all of their elements), used by the first-launch check."""
+        (all of their elements), used by the first-launch check. Returns the compiled kernel once
+        this specialisation's direct launch has been checked (BoundLaunch keeps it), else None."""
         t0 = args[0]
         if (not self.enabled or not isinstance(t0, torch.Tensor) or t0.device.type == "cpu"
                 or _hooks_installed()):
             self._jit(grid, args, constexprs, options)
-            return
+            return None
         device = t0.device.index or 0
         key = self._key(args, constexprs, options, device)
         kernel = self.cache.get(key)
@@ -103,11 +119,11 @@ class DirectLauncher:
                 kernel = kernel.result()
             if kernel is not None and len(self.cache) < MAX_CACHED:
                 self.cache[key] = kernel
-            return
+            return None
         if key not in self.verified and _capturing():
             # the first direct launch is checked with a host sync, which a CUDA graph capture forbids
             self._jit(grid, args, constexprs, options)
-            return
+            return None
         tail = [constexprs[n] for n in self.names[len(args):]]
         g = tuple(grid) + (1,) * (3 - len(grid))
         stream = self._stream(device)
@@ -117,15 +133,15 @@ class DirectLauncher:
         except Exception as e:  # an internal interface that moved: the JIT path always works
             self._disable(f"{type(e).__name__}: {e}")
             self._jit(grid, args, constexprs, options)
-            return
+            return None
         if key not in self.verified:
             self._verify(key, grid, args, constexprs, options, outputs)
+            return None
+        return kernel
 
     @staticmethod
     def _stream(device: int) -> int:
-        from triton.runtime import driver
-
-        return driver.active.get_current_stream(device)
+        return _current_stream()(device)
 
     def _verify(self, key: tuple[Any, ...], grid: tuple[int, ...], args: Sequence[Any],
                 constexprs: dict[str, Any], options: dict[str, Any], outputs: Sequence[torch.Tensor]) -> None:
@@ -143,3 +159,47 @@ class DirectLauncher:
         self.enabled = False
         log.warning("flashdispatch triton: direct launches of %s turned off (%s); using Triton's JIT dispatch",
                     getattr(self.fn, "__name__", self.fn), why)
+
+
+class BoundLaunch:
+    """One launch of a DirectLauncher kernel whose grid, scalar arguments, constexprs and options
+    are fixed (a caller's per-shape plan): per call only the tensors change.
+
+    Why: with everything but the pointers known, a call costs one `data_ptr()` per tensor and the
+    compiled launcher, instead of the ~40-argument specialisation key of DirectLauncher (which
+    still does the first launches: compile, then the checked direct launch). Pointers go to the
+    launcher as ints, which also skips its per-pointer driver query. Only launches whose pointers
+    are all 16-byte aligned take the bound kernel; any other goes through the DirectLauncher,
+    whose key holds each pointer's alignment.
+    """
+
+    __slots__ = ("launcher", "grid", "scalars", "constexprs", "options", "device", "tail", "kernel")
+
+    def __init__(self, launcher: DirectLauncher, grid: tuple[int, ...], n_tensors: int, scalars: Sequence[Any],
+                 constexprs: dict[str, Any], options: dict[str, Any], device: int) -> None:
+        self.launcher = launcher
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.scalars = tuple(scalars)
+        self.constexprs = constexprs
+        self.options = options
+        self.device = device
+        self.tail = tuple(constexprs[n] for n in launcher.names[n_tensors + len(self.scalars):])
+        self.kernel: Any = None
+
+    def __call__(self, tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
+        ptrs = [t.data_ptr() for t in tensors]
+        aligned = not functools.reduce(int.__or__, ptrs) & 15
+        kernel = self.kernel
+        if kernel is None or not aligned or not self.launcher.enabled or _hooks_installed():
+            got = self.launcher(self.grid, (*tensors, *self.scalars), self.constexprs, self.options, outputs)
+            if got is not None and aligned:
+                self.kernel = got
+            return
+        g = self.grid
+        try:
+            kernel.run(g[0], g[1], g[2], _current_stream()(self.device), kernel.function, kernel.packed_metadata,
+                       None, None, None, *ptrs, *self.scalars, *self.tail)
+        except Exception as e:  # as in DirectLauncher: the JIT path always works
+            self.kernel = None
+            self.launcher._disable(f"{type(e).__name__}: {e}")
+            self.launcher._jit(self.grid, (*tensors, *self.scalars), self.constexprs, self.options)
