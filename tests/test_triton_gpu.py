@@ -182,7 +182,8 @@ def test_direct_launch_matches_jit(case: tuple) -> None:
 
     b, hq, hkv, sq, sk, d, causal = case
     q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=torch.bfloat16, device="cuda")
-    runs = [flashdispatch.attention(q, k, v, causal=causal, return_lse=True, backend="triton") for _ in range(3)]
+    # call 1 compiles, 2 is the checked direct launch, 3 hands the kernel to the plan, 4-5 are the plan's own
+    runs = [flashdispatch.attention(q, k, v, causal=causal, return_lse=True, backend="triton") for _ in range(5)]
     for out, lse in runs[1:]:
         assert torch.equal(out, runs[0][0]) and torch.equal(lse, runs[0][1])
     check_forward(runs[-1][0], q, k, v, causal=causal, lse=runs[-1][1])
