@@ -353,7 +353,9 @@ def decode_config_space(arch: str, head_dim: int) -> list[dict[str, Any]]:
     amd = arch in ("gfx90a", "gfx942")
     stages = (1, 2) if amd else (2, 3, 4)
     space = []
-    for bn, warps, st, splits in itertools.product((32, 64, 128), (2, 4, 8), stages, (0,)):
+    # NUM_SPLITS 0 sizes the split count from the SM count; fixed counts put more loads in flight
+    # for one small batch (B=1 decode reads 32 MiB through only B x Hkv = 8 kv heads)
+    for bn, warps, st, splits in itertools.product((32, 64, 128), (2, 4), stages[:2], (0, 64, 128)):
         cfg: dict[str, Any] = {"PATH": "split_kv", "BLOCK_N": bn, "num_warps": warps, "num_stages": st,
                                "NUM_SPLITS": splits}
         if amd:
