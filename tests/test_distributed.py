@@ -394,3 +394,17 @@ def test_triton_block_backward_takes_global_out_and_lse() -> None:
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     bad = {k: v for k, v in res.items() if not v[0]}
     assert len(res) == 12 and not bad, bad
+
+
+def test_cudnn_blocks_only_where_sdpa_is_chosen_on_cuda() -> None:
+    from flashdispatch.distributed import aten_cudnn
+
+    q = torch.randn(1, 4, 64, 128, dtype=torch.bfloat16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    assert "chose triton" in aten_cudnn.blocks_reason(q, k, v, "triton")
+    assert "need CUDA" in aten_cudnn.blocks_reason(q, k, v, "sdpa")
+    gqa = torch.randn(1, 2, 64, 128, dtype=torch.bfloat16)
+    meta = [t.to("meta") for t in (q, gqa, gqa)]
+    assert "need CUDA" in aten_cudnn.blocks_reason(*meta, "sdpa:cudnn")
+    spec = fdd.ring_spec(q, k, v, rank=0, world=2, causal=True, scale=128 ** -0.5, layout="bhsd")
+    assert spec.backward_path != "cudnn" and not spec.aten_cudnn

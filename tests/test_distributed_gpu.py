@@ -71,6 +71,16 @@ def _run_case(case: tuple, seed: int, device: torch.device) -> dict[str, Any]:
         res[name] = within_budget(gather(loc.grad, sd, ref), base.grad, ref.grad, dt, grad=True)
     plan = fdd.explain(*(t.detach() for t in local), **kw)
     res["plan"] = str(plan)
+    res["blocks"] = fdd.ring_spec(*local, rank=dist.get_rank(), world=WORLD, scale=d ** -0.5, **kw).backward_path
+    # the other block kernels, forced, on the same inputs: every path the ring can take is checked
+    if res["blocks"] == "cudnn":
+        for t in local:
+            t.grad = None
+        out_f, lse_f = fdd.attention(*local, return_lse=True, backend="triton", **kw)
+        out_f.backward(fdd.shard(do, sd))
+        res["triton blocks out"] = within_budget(gather(out_f, sd, out_ref), out_t.detach(), out_ref.detach(), dt)
+        res["triton blocks dq"] = within_budget(gather(local[0].grad, sd, ref_in[0]), base_in[0].grad,
+                                                ref_in[0].grad, dt, grad=True)
     return res
 
 
@@ -131,9 +141,25 @@ def test_ring_on_two_gpus_matches_single_device(reports: list[dict[str, Any]], c
     for rep in reports:
         r = rep[_case_id(case)]
         print(r["plan"])
-        for name in ("out", "lse", "dq", "dk", "dv"):
+        print(f"{_case_id(case)}: blocks through {r['blocks']}")
+        for name in ("out", "lse", "dq", "dk", "dv", "triton blocks out", "triton blocks dq"):
+            if name not in r:
+                continue
             ok, err, allowed = r[name]
             print(f"{_case_id(case)} {name}: error {err:.3g} allowed {allowed:.3g}")
             if not ok:
                 failures.append(f"{name}: error {err:.3g} > allowed {allowed:.3g}")
     assert not failures, "\n".join(failures)
+
+
+def test_ring_runs_cudnn_blocks_where_sdpa_is_chosen(reports: list[dict[str, Any]]) -> None:
+    """bf16 MHA D=128 on an H100: the dispatcher picks SDPA (cuDNN) for the local problem, so the
+    ring's blocks run cuDNN with lse (aten_cudnn) unless its self-check fails here."""
+    from flashdispatch.distributed import aten_cudnn
+
+    why = aten_cudnn.self_check(torch.device("cuda", 0), torch.bfloat16)
+    if why:
+        pytest.skip(f"cuDNN blocks unusable here: {why}")
+    if "H100" not in torch.cuda.get_device_name(0):
+        pytest.skip("the profile that picks SDPA for this case is the H100's")
+    assert [rep[_case_id(CASES[0])]["blocks"] for rep in reports] == ["cudnn"] * len(reports)

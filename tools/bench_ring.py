@@ -27,7 +27,6 @@ import torch.distributed as dist
 
 import flashdispatch
 import flashdispatch.distributed as fdd
-from flashdispatch.distributed import aten_cudnn
 from flashdispatch.distributed.block_backward import accumulation_dtype
 from flashdispatch.distributed.comm import LoopbackComm, RingComm
 from flashdispatch.distributed.ring import RingAttention
@@ -161,26 +160,21 @@ def bench_one(seqlen: int, args: argparse.Namespace, device: torch.device) -> di
     dkv = [t.to(acc) for t in kv]
     res["kv_hop_ms"] = _slowest(_median_ms(lambda: comm.exchange(kv).wait(), args.warmup, args.reps, device), device)
     res["dkv_hop_ms"] = _slowest(_median_ms(lambda: comm.exchange(dkv).wait(), args.warmup, args.reps, device), device)
-    # -- experimental: the same ring with cuDNN blocks (torch's private ops), where they self-check
-    if device.type == "cuda" and hkv == args.heads and not args.no_cudnn_blocks:
-        why = aten_cudnn.self_check(device, dtype)
-        # every rank must take the same branch, or the ring deadlocks
-        ok = torch.tensor([0.0 if why else 1.0], device=device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        res["cudnn_blocks"] = why or ("ok" if ok.item() else "failed on another rank")
-        if ok.item():
-            cspec = spec._replace(aten_cudnn=True)
+    # -- for comparison, where the ring ran cuDNN blocks: the same ring with the triton backend's blocks
+    if spec.aten_cudnn and args.backend is None:
+        tspec = fdd.ring_spec(*local, rank=rank, world=world, causal=causal, scale=args.dim ** -0.5,
+                              layout="bhsd", backend="triton")
 
-            def ring_cudnn(a, b, c):  # type: ignore[no-untyped-def]
-                return RingAttention.apply(a, b, c, cspec, comm)[0]
+        def ring_triton(a, b, c):  # type: ignore[no-untyped-def]
+            return fdd.attention(a, b, c, causal=causal, backend="triton")
 
-            def compute_cudnn(a, b, c):  # type: ignore[no-untyped-def]
-                return RingAttention.apply(a, b, c, cspec, loop)[0]
+        def compute_triton(a, b, c):  # type: ignore[no-untyped-def]
+            return RingAttention.apply(a, b, c, tspec, loop)[0]
 
-            res["ring_cudnn_ms"] = _slowest(
-                _median_ms(_fwd_bwd(ring_cudnn, *local, ldo), args.warmup, args.reps, device), device)
-            res["compute_cudnn_ms"] = _slowest(
-                _median_ms(_fwd_bwd(compute_cudnn, *local, ldo), args.warmup, args.reps, device), device)
+        res["ring_triton_ms"] = _slowest(
+            _median_ms(_fwd_bwd(ring_triton, *local, ldo), args.warmup, args.reps, device), device)
+        res["compute_triton_ms"] = _slowest(
+            _median_ms(_fwd_bwd(compute_triton, *local, ldo), args.warmup, args.reps, device), device)
     res["kv_hop_bytes"] = sum(t.numel() * t.element_size() for t in kv)
     res["dkv_hop_bytes"] = sum(t.numel() * t.element_size() for t in dkv)
     # forward: world-1 K/V hops; backward: world-1 K/V hops and world dK/dV hops
@@ -206,16 +200,14 @@ def _table(rows: list[dict]) -> str:
             f"{r['compute_ms'] / r['world']:.2f} / {r['ring_ms'] / r['world']:.2f} ({r['compute_ms'] / r['ring_ms']:.2f}) | "
             f"{per_gpu:.0f} |"
         )
-        if "ring_cudnn_ms" in r:
-            c = r["ring_cudnn_ms"]
+        if "ring_triton_ms" in r:
+            c = r["ring_triton_ms"]
             out.append(
-                f"| {r['seqlen']} | {r['world']} | (cuDNN blocks, experimental) | {c:.1f} | {best / c:.2f}x | "
-                f"{r['compute_cudnn_ms']:.1f} | | {r['compute_cudnn_ms'] / r['world']:.2f} / {c / r['world']:.2f} "
-                f"({r['compute_cudnn_ms'] / c:.2f}) | "
+                f"| {r['seqlen']} | {r['world']} | (same ring, triton blocks) | {c:.1f} | {best / c:.2f}x | "
+                f"{r['compute_triton_ms']:.1f} | | {r['compute_triton_ms'] / r['world']:.2f} / {c / r['world']:.2f} "
+                f"({r['compute_triton_ms'] / c:.2f}) | "
                 f"{r['tflop_fwd_bwd'] / (c * 1e-3) / r['world']:.0f} |"
             )
-        elif "cudnn_blocks" in r:
-            out.append(f"| {r['seqlen']} | {r['world']} | cuDNN blocks skipped: {r['cudnn_blocks']} | | | | | | |")
     return "\n".join(out)
 
 
@@ -232,7 +224,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-single", action="store_true")
-    ap.add_argument("--no-cudnn-blocks", action="store_true", help="skip the experimental cuDNN-block ring")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

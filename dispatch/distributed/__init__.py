@@ -24,6 +24,8 @@ import torch.distributed as dist
 from ..api import explain as local_explain
 from ..problem import DTYPE_NAMES, LAYOUTS, problem_from_tensors
 from ..selection import Decision
+from ..errors import NoBackendError
+from . import aten_cudnn
 from .block_backward import accumulation_dtype, choose_block_backward
 from .comm import LoopbackComm, RingComm
 from .layout import Block, check_divisible, chunk_order, global_positions, ring_blocks
@@ -167,9 +169,28 @@ def ring_spec(
     s_local = q.shape[_seq_dim(layout)]
     qb, kb, vb = (bhsd(t, layout) for t in (q, k, v))
     needs_bwd = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    blocks = tuple(ring_blocks(rank, world, s_local, causal))
+    if cudnn_blocks_reason(qb, kb, vb, causal=causal, scale=scale, backend=backend, needs_grad=needs_bwd) is None:
+        return RingSpec(blocks, scale, layout, backend, "cudnn", None)
     path, config = (choose_block_backward(qb, kb, vb, causal=causal, scale=scale) if needs_bwd
                     else ("none", None))
-    return RingSpec(tuple(ring_blocks(rank, world, s_local, causal)), scale, layout, backend, path, config)
+    return RingSpec(blocks, scale, layout, backend, path, config)
+
+
+def cudnn_blocks_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+                        backend: str | None, needs_grad: bool) -> str | None:
+    """None when the ring runs its blocks through cuDNN with lse (aten_cudnn): the dispatcher (or
+    the forced backend) picks SDPA for the rank's whole local problem, and the private ops pass
+    their self-check here. q, k, v bhsd-indexed local slices."""
+    if backend is not None and backend not in aten_cudnn.SDPA_VARIANTS:
+        chosen: str | None = backend
+    else:
+        try:
+            chosen = local_explain(q, k, v, causal=causal, scale=scale, layout="bhsd", needs_grad=needs_grad,
+                                   backend=backend).variant
+        except NoBackendError as e:
+            return str(e)
+    return aten_cudnn.blocks_reason(q, k, v, chosen)
 
 
 # --- sharding helpers ------------------------------------------------------------------------------
@@ -264,7 +285,7 @@ class RingPlan:
     layout: str
     local_len: int
     steps: tuple[StepPlan, ...]
-    backward_path: str  # per-block backward: "triton" (attention_backward) | "math" (torch ops)
+    backward_path: str  # per-block: "cudnn" (forward too) | "triton" (attention_backward) | "math" (torch ops)
     kv_bytes: int  # K + V of one slice: what one forward step sends
     dkv_bytes: int  # dK + dV accumulators of one slice (float32/64): sent once per backward step
 
@@ -277,12 +298,12 @@ class RingPlan:
         ]
         for sp in self.steps:
             b = sp.block
-            lines.append(
-                f"  {sp.step:>4}  {'rank ' + str(b.src):>6}  {b.describe():<36} "
-                f"{sp.decision.variant} ({sp.decision.source})"
-            )
-        bwd = ("triton attention_backward (global out/lse)" if self.backward_path == "triton"
-               else "torch ops, chunked over query rows")
+            chosen = (f"sdpa:cudnn through torch's cuDNN op with lse (SDPA chosen for the local problem)"
+                      if self.backward_path == "cudnn" else f"{sp.decision.variant} ({sp.decision.source})")
+            lines.append(f"  {sp.step:>4}  {'rank ' + str(b.src):>6}  {b.describe():<36} {chosen}")
+        bwd = {"cudnn": "torch's cuDNN backward op (global out/lse)",
+               "triton": "triton attention_backward (global out/lse)"}.get(self.backward_path,
+                                                                         "torch ops, chunked over query rows")
         lines += [
             f"  backward per block: {bwd}",
             f"  traffic per step: forward K+V {self.kv_bytes / mib:.2f} MiB; backward K+V "
@@ -339,7 +360,9 @@ def explain(
         layout=layout,
         local_len=s_local,
         steps=tuple(steps),
-        backward_path=choose_block_backward(qb, kb, vb, causal=causal, scale=p.scale)[0],
+        backward_path=("cudnn" if cudnn_blocks_reason(qb, kb, vb, causal=causal, scale=p.scale, backend=backend,
+                                                      needs_grad=any(t.requires_grad for t in (q, k, v))) is None
+                       else choose_block_backward(qb, kb, vb, causal=causal, scale=p.scale)[0]),
         kv_bytes=(k.numel() + v.numel()) * k.element_size(),
         dkv_bytes=(k.numel() + v.numel()) * acc_size,
     )

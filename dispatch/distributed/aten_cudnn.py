@@ -1,12 +1,15 @@
-"""Experimental ring blocks through torch's private cuDNN attention ops (forward with lse, and the
-backward that takes a given out and lse), for measuring what the ring gains from cuDNN-class
-kernels. Not chosen by the dispatcher: the sdpa backend exposes no lse for sdpa:cudnn, and these
-aten ops are private (their lse shape and argument list may change between torch releases), so
-every use first passes `self_check` against the torch-ops path. MHA only (Hq == Hkv).
+"""Ring blocks through torch's private cuDNN attention ops (forward with lse, and the backward that
+takes a given out and lse): the kernels plain SDPA runs on an H100, with the lse the ring needs.
+
+The ring uses them where the dispatcher chose SDPA for the rank's local problem (sdpa's public call
+returns no lse; `blocks_reason` says when and why not). These aten ops are private (their lse shape
+and argument list may change between torch releases), so every device and dtype first passes
+`self_check` against the torch-ops math, once per process. MHA only (Hq == Hkv).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -75,3 +78,35 @@ def self_check(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str
     except Exception as e:  # private ops: any failure means "not usable here"
         return f"{type(e).__name__}: {e}"
     return None
+
+
+SDPA_VARIANTS = frozenset({"sdpa", "sdpa:cudnn"})
+
+
+@functools.lru_cache(maxsize=None)
+def _checked(device: torch.device, dtype: torch.dtype) -> str | None:
+    why = self_check(device, dtype)
+    if why:
+        log.info("ring: cuDNN blocks unusable on %s %s: %s", device, dtype, why)
+    return why
+
+
+def blocks_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chosen: str | None) -> str | None:
+    """None when the ring should run its blocks through these ops, else why not.
+
+    q, k, v: the rank's local slices (bhsd-indexed). chosen: the variant the dispatcher picks for
+    the local problem (or the forced backend). SDPA chosen means its kernels are the fastest here;
+    the ring needs each block's lse, which only this private path gives for cuDNN."""
+    if chosen not in SDPA_VARIANTS:
+        return f"the dispatcher chose {chosen} for the local problem"
+    if q.device.type != "cuda":
+        return f"device {q.device.type}: cuDNN blocks need CUDA"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype}: cuDNN blocks take fp16/bf16"
+    if q.shape[1] != k.shape[1]:
+        return f"GQA (Hq={q.shape[1]}, Hkv={k.shape[1]}): the private op path is MHA only"
+    d, dv = q.shape[3], v.shape[3]
+    if d != dv or d % 8 or d > 128:
+        return f"head dims D={d}, Dv={dv}: cuDNN blocks take D == Dv, a multiple of 8, at most 128"
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return _checked(torch.device("cuda", index), q.dtype)

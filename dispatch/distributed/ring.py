@@ -42,11 +42,13 @@ class RingSpec(NamedTuple):
     scale: float
     layout: str  # of the user's tensors; the ring works on bhsd-indexed views of them
     backend: str | None  # forced forward backend, None lets the dispatcher choose per block
-    backward_path: str  # "triton" | "math"
+    backward_path: str  # "cudnn" (aten_cudnn, forward too) | "triton" | "math"
     backward_config: dict | None = None  # the triton backward's block sizes (None: its defaults)
-    # experimental: run every block's forward and backward through torch's cuDNN ops (aten_cudnn)
-    # instead of the dispatcher; only tools/bench_ring.py sets it
-    aten_cudnn: bool = False
+
+    @property
+    def aten_cudnn(self) -> bool:
+        """Every block's forward and backward through torch's cuDNN ops (aten_cudnn.blocks_reason)."""
+        return self.backward_path == "cudnn"
 
 
 def bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
