@@ -1,4 +1,4 @@
-"""Profiles for devices we could not measure (A100, MI250X, MI300X; H100 until tuned), argued from figures.
+"""Profiles for devices we could not measure (A100, MI250X, MI300X), argued from figures.
 
 The argument for each device is the ARGUMENTS text below, written into the file's header comment;
 RANKINGS turns it into a ranking per kind of problem. Configs are each backend's defaults for the
@@ -75,32 +75,6 @@ AMD Instinct MI300X (gfx942) profile - NOT MEASURED.
 """ + _CHUNKED.format(order="triton, then plain SDPA") + "\n" + _DECODE.format(units="304 CUs"),
 }
 
-# The session that was to measure h100.yaml found no device time left; until `flashdispatch tune`
-# runs on an H100, this argued file stands in, built from the H100 numbers already in the repo.
-ARGUMENTS["h100"] = """\
-NVIDIA H100 80GB HBM3 (sm_90) profile - NOT MEASURED by `flashdispatch tune`: the session that
-wrote it had no device time left for the tuning run. Rankings are argued from H100 measurements
-already in this repository (same card model, 2026-11-25, torch 2.11.0+cu130, triton 3.6.0, bf16,
-do_bench medians, each source timing its kernel beside SDPA in the same run): ANCHORS.md,
-docs/triton.md, docs/triton_backward.md, docs/cupy.md. Configs are the backends' sm_90 defaults,
-which those measurements chose. There are no times in this file. Replace it by measuring:
-    flashdispatch tune --quick --profile-key {key}
-Written by `python -m flashdispatch.tools.figures` (tools/figures.py holds this argument).
-
-- Prefill, forward and forward+backward (GQA prefill takes these entries too): plain SDPA runs
-  cuDNN on this stack and was the fastest measured on every FA2 shape. Our Triton forward is
-  0.62-0.99x of cuDNN (docs/triton.md), its backward 0.56-1.11x (docs/triton_backward.md; above
-  1.0 only at D=64 S=512, inside the spread between runs), the cupy forward 0.5-0.65x
-  (docs/cupy.md), torch's flash backend 0.55-0.65x (ANCHORS.md); GQA 32q/8kv: Triton 0.84-0.88x
-  of plain SDPA. Order: sdpa, sdpa:cudnn, triton, sdpa:flash, cupy, sdpa:efficient.
-- Chunked prefill (causal, Sq=512 < Sk=8192): Triton 1.51-1.54x plain SDPA's mask path (551 vs
-  830 us, docs/triton.md, same run, D=128; D=64 entries follow the same mechanism, unmeasured):
-  triton, then plain SDPA (about 330 TFLOP/s, ANCHORS.md), then cupy (its causal forward reads
-  240-275 TFLOP/s at these lengths, docs/cupy.md).
-- fp16 entries follow the bf16 measurements (the same kernels at the same tensor-core rate).
-- Decode, every batch: plain SDPA first. Triton's split-KV kernel matches SDPA's GPU time but is
-  host-bound: 91 vs 27 us per call at B=1, 0.69x at B=8, 0.96x at B=64 (docs/triton.md)."""
-
 # The kinds of problem the arguments distinguish, and their order (names a device lacks are left
 # out by the writer, which keeps only implementations that can serve the entry there).
 RANKINGS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -118,13 +92,6 @@ RANKINGS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 RANKINGS["mi300x"] = RANKINGS["mi250x"]
-RANKINGS["h100"] = {
-    "prefill": ("sdpa", "sdpa:cudnn", "triton", "sdpa:flash", "cupy", "sdpa:efficient"),
-    "chunked": ("triton", "sdpa", "cupy", "sdpa:efficient"),
-    "decode_small": ("sdpa", "sdpa:cudnn", "sdpa:flash", "triton", "cupy", "sdpa:efficient"),
-    "decode_large": ("sdpa", "sdpa:cudnn", "sdpa:flash", "triton", "cupy", "sdpa:efficient"),
-}
-
 # Batch up to which a decode problem counts as "small" (too few blocks to fill the GPU).
 DECODE_SMALL_BATCH = 8
 
