@@ -193,17 +193,23 @@ def test_inductor_with_cuda_graphs(name: str) -> None:
 # --- host cost of the dispatcher (a measurement, not a test) -------------------------------------
 
 
-def _host_us(fn: Callable[[], Any], calls: int = 500, rounds: int = 5) -> float:
-    """Median over rounds of the host time per call (the GPU queue absorbs the launches)."""
-    per_call = []
+def _host_us(fn: Callable[[], Any], calls: int = 500, rounds: int = 5) -> tuple[float, float]:
+    """Medians over rounds of the host time per call: (wall clock, CPU time of this thread).
+
+    The GPU queue absorbs the launches. The thread's CPU time does not count the time the thread
+    is descheduled, which made wall-clock readings of one call path move by half between runs on a
+    shared GPU host."""
+    wall, cpu = [], []
     for _ in range(rounds):
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         for _ in range(calls):
             fn()
-        per_call.append((time.perf_counter() - t0) / calls * 1e6)
+        c1, t1 = time.thread_time(), time.perf_counter()
+        wall.append((t1 - t0) / calls * 1e6)
+        cpu.append((c1 - c0) / calls * 1e6)
     torch.cuda.synchronize()
-    return statistics.median(per_call)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def measure_host_overhead() -> Iterator[dict[str, Any]]:
@@ -231,19 +237,24 @@ def measure_host_overhead() -> Iterator[dict[str, Any]]:
                 for f in (via_dispatch, direct):  # warm-up: selection, compilation
                     for _ in range(20):
                         f()
-                samples: dict[str, list[float]] = {"dispatch": [], "direct": []}
-                for _ in range(3):  # interleaved, so that drift hits both alike
+                samples: dict[str, list[tuple[float, float]]] = {"dispatch": [], "direct": []}
+                for _ in range(5):  # interleaved, so that drift hits both alike
                     samples["dispatch"].append(_host_us(via_dispatch))
                     samples["direct"].append(_host_us(direct))
-            disp, dire = min(samples["dispatch"]), min(samples["direct"])
+            disp, dire = (min(w for w, _ in samples[n]) for n in ("dispatch", "direct"))
+            disp_cpu, dire_cpu = (min(c for _, c in samples[n]) for n in ("dispatch", "direct"))
             yield {"backend": d.variant, "grad": grad, "dispatch_us": round(disp, 2),
-                   "direct_us": round(dire, 2), "overhead_us": round(disp - dire, 2)}
+                   "direct_us": round(dire, 2), "overhead_us": round(disp - dire, 2),
+                   "dispatch_cpu_us": round(disp_cpu, 2), "direct_cpu_us": round(dire_cpu, 2),
+                   "overhead_cpu_us": round(disp_cpu - dire_cpu, 2)}
 
 
 def main(argv: list[str]) -> int:
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
-    print(f"host time per call on {result['device']} (torch {result['torch']}), min over 3 medians, us", flush=True)
-    print(f"{'backend':16s} {'grad':5s} {'attention()':>12s} {'run()':>8s} {'added':>8s}", flush=True)
+    print(f"host time per call on {result['device']} (torch {result['torch']}), min over 5 medians, us "
+          "(wall clock | CPU time of the thread)", flush=True)
+    print(f"{'backend':16s} {'grad':5s} {'attention()':>12s} {'run()':>8s} {'added':>8s} | "
+          f"{'attention()':>12s} {'run()':>8s} {'added':>8s}", flush=True)
     for r in measure_host_overhead():
         result["rows"].append(r)
         if argv:  # rewritten after every row: a run cut short still leaves what it measured
@@ -253,7 +264,8 @@ def main(argv: list[str]) -> int:
             print(f"{r['backend']:16s} {str(r['grad']):5s} skipped: {r['skipped']}", flush=True)
         else:
             print(f"{r['backend']:16s} {str(r['grad']):5s} {r['dispatch_us']:12.2f} {r['direct_us']:8.2f} "
-                  f"{r['overhead_us']:8.2f}", flush=True)
+                  f"{r['overhead_us']:8.2f} | {r['dispatch_cpu_us']:12.2f} {r['direct_cpu_us']:8.2f} "
+                  f"{r['overhead_cpu_us']:8.2f}", flush=True)
     return 0
 
 
