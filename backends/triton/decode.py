@@ -25,6 +25,7 @@ from . import configs
 from .launch import BoundLaunch, DirectLauncher
 from .forward import (
     LN2,
+    OutputPlan,
     _check_inputs,
     _empty_output,
     _finish,
@@ -32,7 +33,6 @@ from .forward import (
     attention_forward,
     cached_plan,
     launch_options,
-    out_is_bshd,
     dot,
     online_softmax_step,
     row_max,
@@ -187,8 +187,7 @@ class _DecodePlan:
     """One decode call signature's launches (split, then merge), made once (decode is launch-bound):
     a repeated call allocates its outputs and partials and launches."""
 
-    __slots__ = ("forward", "out_shape", "out_bshd", "lse_shape", "part_shapes", "device", "dtype", "finished",
-                 "split", "merge")
+    __slots__ = ("forward", "outputs", "part_shapes", "device", "split", "merge")
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                  config: dict[str, Any]) -> None:
@@ -201,16 +200,13 @@ class _DecodePlan:
             return
         bsz, hq, sq, d = q.shape
         hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
-        self.out_bshd = out_is_bshd(q)
-        out = _empty_output(bsz, hq, sq, dv, self.out_bshd, q.dtype, "meta")  # strides only
-        self.out_shape = (bsz, sq, hq, dv) if self.out_bshd else (bsz, hq, sq, dv)
-        self.lse_shape = (bsz, hq, sq)
-        self.device, self.dtype = q.device, q.dtype
-        self.finished = "empty" if out.numel() == 0 else ("no key" if sk == 0 else None)
+        self.outputs = OutputPlan(q, sk, dv)
+        self.device = q.device
         self.split = self.merge = None
         self.part_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
-        if self.finished:
+        if self.outputs.finished:
             return
+        out = _empty_output(bsz, hq, sq, dv, self.outputs.bshd, q.dtype, "meta")  # strides only
         block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
         index = q.device.index or 0
         sm_count = configs.sm_count_of(q.device.type, index)
@@ -234,14 +230,8 @@ class _DecodePlan:
                                      {"num_warps": 1 if block_dv <= 64 else 2}, index)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
-        if self.out_bshd:
-            out = out.transpose(1, 2)
-        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
-        if self.finished == "no key":  # every row sees nothing: out 0, lse -inf by the contract
-            out.zero_()
-            lse.fill_(float("-inf"))
-        if self.finished:
+        out, lse = self.outputs.allocate()
+        if self.outputs.finished:
             return out, lse
         if self.merge is None:
             # po/pl are unused by the kernel when DIRECT: lse stands in for both

@@ -369,6 +369,34 @@ def _empty_output(b: int, h: int, s: int, dv: int, bshd: bool, dtype: torch.dtyp
     return torch.empty((b, h, s, dv), dtype=dtype, device=device)
 
 
+class OutputPlan:
+    """The outputs of one call signature: out (B, Hq, Sq, Dv) in q's physical layout and lse
+    (B, Hq, Sq) float32, and `finished` when there is nothing to launch (an empty output, or no
+    key at all, where the contract says out 0 and lse -inf)."""
+
+    __slots__ = ("shape", "bshd", "lse_shape", "device", "dtype", "strides", "finished")
+
+    def __init__(self, q: torch.Tensor, sk: int, dv: int) -> None:
+        b, h, sq, _ = q.shape
+        self.bshd = out_is_bshd(q)
+        self.shape = (b, sq, h, dv) if self.bshd else (b, h, sq, dv)
+        self.lse_shape = (b, h, sq)
+        self.device, self.dtype = q.device, q.dtype
+        probe = _empty_output(b, h, sq, dv, self.bshd, q.dtype, "meta")  # strides, no memory
+        self.strides: tuple[int, ...] = probe.stride()
+        self.finished = probe.numel() == 0 or sk == 0
+
+    def allocate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        if self.bshd:
+            out = out.transpose(1, 2)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+        if self.finished and out.numel() and lse.numel():  # no key: every row sees nothing
+            out.zero_()
+            lse.fill_(float("-inf"))
+        return out, lse
+
+
 def _needs_offs64(*tensors: torch.Tensor) -> bool:
     return any(st > _INT32_TILE_STRIDE_LIMIT for t in tensors for st in t.stride())
 
@@ -403,22 +431,16 @@ class _ForwardPlan:
     config only: made once per call signature, so that a repeated call allocates its outputs and
     launches (attention is launch-bound at decode and small prefill sizes)."""
 
-    __slots__ = ("out_shape", "out_bshd", "lse_shape", "device", "dtype", "finished", "tma", "pointer")
+    __slots__ = ("outputs", "tma", "pointer")
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                  config: dict[str, Any]) -> None:
         _check_inputs(q, k, v)
         bsz, hq, sq, d = q.shape
         hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
-        self.out_bshd = out_is_bshd(q)
-        # a meta tensor: the strides of every call's output, without allocating one
-        probe = _empty_output(bsz, hq, sq, dv, self.out_bshd, q.dtype, "meta")
-        self.out_shape = (bsz, sq, hq, dv) if self.out_bshd else (bsz, hq, sq, dv)
-        self.lse_shape = (bsz, hq, sq)
-        self.device, self.dtype = q.device, q.dtype
-        self.finished = "empty" if probe.numel() == 0 else ("no key" if sk == 0 else None)
+        self.outputs = OutputPlan(q, sk, dv)
         self.tma = self.pointer = None
-        if self.finished:
+        if self.outputs.finished:
             return
         effective_causal = bool(causal) and sq > 1
         cfg = configs.resolve_forward(config, configs.arch_of_tensor(q), max(d, dv), effective_causal, sq, sk)
@@ -428,7 +450,8 @@ class _ForwardPlan:
         ieee = q.dtype == torch.float32
         options = launch_options(cfg)
         index = q.device.index or 0
-        o_strides = probe.stride()
+        o_strides = self.outputs.strides
+        probe = _empty_output(bsz, hq, sq, dv, self.outputs.bshd, q.dtype, "meta")
         if cfg.get("TMA") and _tma_strides_ok((q, k, v, probe)):
             _set_tma_allocator()
             self.tma = BoundLaunch(_FWD_TMA, grid, 5, (
@@ -447,14 +470,8 @@ class _ForwardPlan:
                 OFFS64=_needs_offs64(q, k, v, probe)), options, index)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
-        if self.out_bshd:
-            out = out.transpose(1, 2)
-        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
-        if self.finished == "no key":  # every row sees nothing: out 0, lse -inf by the contract
-            out.zero_()
-            lse.fill_(float("-inf"))
-        if self.finished:
+        out, lse = self.outputs.allocate()
+        if self.outputs.finished:
             return out, lse
         tensors = (q, k, v, out, lse)
         if self.tma is not None and not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
