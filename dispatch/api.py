@@ -12,6 +12,11 @@ from .registry import REGISTRY
 from . import selection
 from .selection import Decision, select, simulated_or_none
 
+# bound once: attention()'s hot path calls them on every call
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_local = selection._local
+
 
 def _empty_result(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem
@@ -73,7 +78,7 @@ def attention(
     Returns:
         out: q's layout and dtype, (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv); with return_lse, (out, lse).
     """
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         # Dynamo cannot trace the thread-local fast path or the backends' launches: the call
         # becomes the flashdispatch::attention_fwd/_bwd custom ops (dispatch/ops.py).
         p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
@@ -86,7 +91,7 @@ def attention(
         return (out, lse) if return_lse else out
     # Hot path: one tuple and one dict lookup once this exact call signature has been seen. The key
     # holds everything the Problem is derived from, plus the thread's forced backend.
-    stack = selection._local.stack
+    stack = _local.stack
     try:
         # is_contiguous() is the common case and cheaper than stride(); else the last stride
         # (whether a copy is needed). Devices as get_device() ints (cheaper than .device; -1 for
@@ -97,9 +102,9 @@ def attention(
             q.is_contiguous() or q.stride()[-1], k.is_contiguous() or k.stride()[-1],
             v.is_contiguous() or v.stride()[-1], causal, scale, layout, return_lse, backend,
             stack[-1] if stack else None,
-            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+            _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
         )
-        hit = selection.state().fast.get(key)
+        hit = (selection._state or selection.state()).fast.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable options: the slow path explains
         key, hit = None, None
     if hit is None:
