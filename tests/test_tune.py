@@ -2,13 +2,14 @@
 the profile it writes (read back by the dispatcher), interruption and resume.
 
 Times are made deterministic where the test is about ranking: `timing.median_ms` and
-`timing.single_ms` are replaced by the config's declared cost, so no test asserts on a clock.
+`timing.estimate_ms` are replaced by the config's declared cost, so no test asserts on a clock.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any, ClassVar
 
 import pytest
@@ -81,13 +82,13 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch):
         timed.append((str(current.get("name")), current["ms"]))
         return current["ms"]
 
-    def single_ms(fn, device):  # type: ignore[no-untyped-def]
+    def estimate_ms(fn, device):  # type: ignore[no-untyped-def]
         fn()
         return current["ms"]
 
     monkeypatch.setattr(tune, "_try_config", try_config)
     monkeypatch.setattr(timing, "median_ms", median_ms)
-    monkeypatch.setattr(timing, "single_ms", single_ms)
+    monkeypatch.setattr(timing, "estimate_ms", estimate_ms)
     return timed
 
 
@@ -207,7 +208,7 @@ def test_every_config_of_the_space_is_tried_once_default_first_and_capped(fake_c
     assert picked == [16, 17, 20, 23]  # the default, then spread over the rest
 
 
-def test_hopeless_configs_are_abandoned_after_one_call(fake_clock) -> None:
+def test_hopeless_configs_are_abandoned_after_an_estimate(fake_clock) -> None:
     fake = FakeKernel(configs=[{"BLOCK": 16, "ms": 1.0}, {"BLOCK": 32, "ms": 50.0}])
     r = tune.measure_bucket(TINY[0], {"fake": fake}, CPU, tune.TuneOptions(), _gen())
     assert [t.status for t in r.trials] == ["ok", "abandoned"]
@@ -459,3 +460,9 @@ def test_bench_summary_applies_the_bar() -> None:
     bad = bench.summarize(good + [row("c", 1.0, 0.5, 1.05)])
     failed = {k for k, ok in bad["checks"].items() if not ok}
     assert any("every shape" in k for k in failed) and bad["min_oracle"][1] == "c"
+
+
+def test_estimate_is_per_call_over_a_few_calls_on_cpu() -> None:
+    calls = []
+    est = timing.estimate_ms(lambda: calls.append(time.sleep(0.002)), CPU, calls=3)
+    assert len(calls) == 3 and 1.5 < est < 50.0

@@ -150,13 +150,27 @@ def context_alive(device: torch.device) -> bool:
         return False
 
 
-def single_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """One call, synchronised: a cheap estimate used to abandon hopeless candidates early."""
+def estimate_ms(fn: Callable[[], object], device: torch.device, calls: int = 3) -> float:
+    """Per-call time of a few back-to-back calls: a cheap estimate used to abandon hopeless
+    candidates early.
+
+    On CUDA it is read between events on the stream, not around a host synchronisation: a single
+    synchronised call counts the sync's latency (about 0.1 ms), more than a whole decode call, and
+    on the H100 that made the tuner abandon every decode candidate after the first one it timed.
+    """
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / calls
     synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
 
 
 def host_us_per_call(fn: Callable[[], object], device: torch.device, calls: int = 200) -> float:

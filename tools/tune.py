@@ -234,11 +234,11 @@ def _try_config(
             grads = None
         fn()  # compiles what the check did not (backward kernels at this size)
         timing.reset_grads(grads)
-        est = timing.single_ms(fn, device)
+        est = timing.estimate_ms(fn, device)
         timing.reset_grads(grads)
         if est > opts.abandon_factor * best_ms:
             return Trial(name, cfg, "abandoned", est,
-                         f"one call took {est:.3g} ms > {opts.abandon_factor:g} x best {best_ms:.3g} ms")
+                         f"a call took {est:.3g} ms > {opts.abandon_factor:g} x best {best_ms:.3g} ms")
         ms = timing.median_ms(fn, device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, grad_to_none=grads)
         timing.reset_grads(grads)
         return Trial(name, cfg, "ok", ms, f"max err {verdict.error:.3g} (allowed {verdict.allowed:.3g})")
