@@ -94,11 +94,11 @@ def attention(
     stack = _local.stack
     try:
         # is_contiguous() is the common case and cheaper than stride(); else the last stride
-        # (whether a copy is needed). Devices as get_device() ints (cheaper than .device; -1 for
-        # cpu and meta alike, which the same backends serve) and q.is_cuda for the kind.
+        # (whether a copy is needed). Devices as get_device() ints (cheaper than .device), which
+        # read -1 for cpu and meta alike: non-CUDA calls add each tensor's is_meta.
         key = (
-            q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.is_cuda, q.get_device(), k.get_device(),
-            v.get_device(),
+            q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
+            q.is_cuda or (q.is_meta, k.is_meta, v.is_meta), q.get_device(), k.get_device(), v.get_device(),
             q.is_contiguous() or q.stride()[-1], k.is_contiguous() or k.stride()[-1],
             v.is_contiguous() or v.stride()[-1], causal, scale, layout, return_lse, backend,
             stack[-1] if stack else None,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import flashdispatch as fd
-from flashdispatch import envs
+from flashdispatch import envs, selection
 from flashdispatch.backend import Capabilities, Implementation
 from flashdispatch.device import DEVICE_KEYS
 from flashdispatch.registry import REGISTRY
@@ -267,3 +267,15 @@ def test_hot_path_reads_no_env_file_or_device_after_the_first_call(monkeypatch):
     for _ in range(3):
         out = fd.attention(q, k, v, causal=True)
     check_forward(out, q, k, v, causal=True)
+
+
+def test_hot_path_key_tells_cpu_from_meta():
+    # get_device() reads -1 for both: a cached cpu decision must not serve meta inputs (or back)
+    for order in (("cpu", "meta"), ("meta", "cpu")):
+        selection.state().fast.clear()
+        for device in order:
+            q, k, v = make_qkv(1, 2, 2, 5, 5, 16, device=device)
+            out = fd.attention(q, k, v)
+            assert out.device.type == device
+        problems = [p for p, _, _ in selection.state().fast.values()]
+        assert sorted(p.device_kind for p in problems) == ["cpu", "meta"], problems

@@ -340,7 +340,6 @@ def test_bound_launch_leaves_misaligned_pointers_to_the_keyed_path(monkeypatch: 
     for _ in range(3):
         bound((x,), (x,))
     keyed = []
-    monkeypatch.setattr(la, "__call__", None)  # instance attribute: unused by the call syntax
     monkeypatch.setattr(launch.DirectLauncher, "__call__",
                         lambda self, *a: keyed.append(a) or None)
 
@@ -350,3 +349,53 @@ def test_bound_launch_leaves_misaligned_pointers_to_the_keyed_path(monkeypatch: 
 
     bound((Misaligned(),), (x,))  # type: ignore[arg-type]
     assert len(keyed) == 1 and bound.kernel is fake.compiled
+
+
+def test_inputs_on_two_devices_are_refused() -> None:
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 16)
+    with pytest.raises(ValueError, match="q/k/v device"):
+        fwd.attention_forward(q, k.to("meta"), v.to("meta"), causal=False, scale=0.25, config={})
+
+
+def test_tma_allocator_is_installed_per_thread_and_spares_the_users() -> None:
+    import threading
+
+    from triton.runtime import _allocation
+
+    def user_allocator(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        raise AssertionError("not called here")
+
+    seen: dict[str, object] = {}
+
+    def worker() -> None:  # a new thread starts with Triton's null allocator (a ContextVar)
+        seen["before"] = _allocation._allocator.get()
+        fwd._ensure_tma_allocator()
+        seen["ours"] = _allocation._allocator.get()
+        _allocation._allocator.set(user_allocator)
+        fwd._ensure_tma_allocator()
+        seen["user"] = _allocation._allocator.get()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert isinstance(seen["before"], _allocation.NullAllocator)
+    assert seen["ours"] is fwd._tma_scratch and seen["user"] is user_allocator
+
+
+def test_run_on_device_switches_only_when_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+
+    from flashdispatch.backends.triton import launch
+
+    entered: list[int] = []
+
+    @contextlib.contextmanager
+    def device(index: int) -> Iterator[None]:
+        entered.append(index)
+        yield
+
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    assert launch.run_on_device(None, lambda x: x + 1, 1) == 2  # a CPU call: no CUDA query
+    assert launch.run_on_device(0, lambda x: x + 1, 1) == 2 and entered == []
+    assert launch.run_on_device(1, lambda x: x + 1, 1) == 2 and entered == [1]

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .launch import BoundLaunch, DirectLauncher
+from .launch import BoundLaunch, DirectLauncher, run_on_device
 from .forward import (
     LN2,
     OutputPlan,
@@ -187,7 +187,7 @@ class _DecodePlan:
     """One decode call signature's launches (split, then merge), made once (decode is launch-bound):
     a repeated call allocates its outputs and partials and launches."""
 
-    __slots__ = ("forward", "outputs", "part_shapes", "device", "split", "merge")
+    __slots__ = ("forward", "outputs", "part_shapes", "device", "index", "split", "merge")
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                  config: dict[str, Any]) -> None:
@@ -202,6 +202,7 @@ class _DecodePlan:
         hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
         self.outputs = OutputPlan(q, sk, dv)
         self.device = q.device
+        self.index = (q.device.index or 0) if q.is_cuda else None
         self.split = self.merge = None
         self.part_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         if self.outputs.finished:
@@ -230,6 +231,9 @@ class _DecodePlan:
                                      {"num_warps": 1 if block_dv <= 64 else 2}, index)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return run_on_device(self.index, self._run, q, k, v)
+
+    def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, lse = self.outputs.allocate()
         if self.outputs.finished:
             return out, lse

@@ -27,16 +27,16 @@ Shared jit helpers for the backward kernel (names are stable): `online_softmax_s
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from . import configs
-from .launch import BoundLaunch, DirectLauncher
+from .launch import BoundLaunch, DirectLauncher, run_on_device
 
 log = logging.getLogger("flashdispatch")
 
@@ -351,6 +351,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"q/k/v dtype: expected one of {sorted(str(d) for d in configs.DTYPES)} for all three, got "
             f"{q.dtype}/{k.dtype}/{v.dtype}"
         )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q/k/v device: expected one device for all three, got {q.device}/{k.device}/{v.device}")
     if max(q.shape[3], v.shape[3]) > configs.MAX_HEAD_DIM:
         raise ValueError(f"head dim: expected at most {configs.MAX_HEAD_DIM}, got D={q.shape[3]}, "
                          f"Dv={v.shape[3]}")
@@ -411,14 +413,23 @@ def _tma_strides_ok(tensors: tuple[torch.Tensor, ...]) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
-def _set_tma_allocator() -> None:
-    """Device-side descriptors live in a scratch buffer that Triton asks the host to allocate."""
+def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Device-side descriptors live in a scratch buffer that Triton asks the host to allocate
+    (on the current device, which run_on_device sets)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
 
-    def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-        return torch.empty(size, device="cuda", dtype=torch.int8)
 
-    triton.set_allocator(alloc)
+def _ensure_tma_allocator() -> None:
+    """Install _tma_scratch unless an allocator is set. Triton keeps the allocator in a ContextVar,
+    so every thread (a serving worker, a DataLoader thread) starts without one; a user's own
+    allocator is left in place."""
+    try:
+        current = _allocation._allocator.get()
+        if not isinstance(current, _allocation.NullAllocator):
+            return
+    except AttributeError:  # Triton moved its internals: setting ours is what the kernel needs
+        pass
+    triton.set_allocator(_tma_scratch)
 
 
 def launch_options(config: dict[str, Any]) -> dict[str, Any]:
@@ -431,7 +442,7 @@ class _ForwardPlan:
     config only: made once per call signature, so that a repeated call allocates its outputs and
     launches (attention is launch-bound at decode and small prefill sizes)."""
 
-    __slots__ = ("outputs", "tma", "pointer")
+    __slots__ = ("outputs", "tma", "pointer", "index")
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                  config: dict[str, Any]) -> None:
@@ -440,6 +451,7 @@ class _ForwardPlan:
         hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
         self.outputs = OutputPlan(q, sk, dv)
         self.tma = self.pointer = None
+        self.index = (q.device.index or 0) if q.is_cuda else None
         if self.outputs.finished:
             return
         effective_causal = bool(causal) and sq > 1
@@ -453,7 +465,6 @@ class _ForwardPlan:
         o_strides = self.outputs.strides
         probe = _empty_output(bsz, hq, sq, dv, self.outputs.bshd, q.dtype, "meta")
         if cfg.get("TMA") and _tma_strides_ok((q, k, v, probe)):
-            _set_tma_allocator()
             self.tma = BoundLaunch(_FWD_TMA, grid, 5, (
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
@@ -470,11 +481,15 @@ class _ForwardPlan:
                 OFFS64=_needs_offs64(q, k, v, probe)), options, index)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return run_on_device(self.index, self._run, q, k, v)
+
+    def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, lse = self.outputs.allocate()
         if self.outputs.finished:
             return out, lse
         tensors = (q, k, v, out, lse)
         if self.tma is not None and not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
+            _ensure_tma_allocator()
             self.tma(tensors, (out, lse))
         else:
             self.pointer(tensors, (out, lse))
@@ -489,7 +504,7 @@ def plan_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sc
              config: dict[str, Any] | None) -> tuple[Any, ...]:
     """What a launch plan depends on; a config with unhashable values raises TypeError."""
     return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-            causal, scale, tuple(config.items()) if config else None)
+            k.device, v.device, causal, scale, tuple(config.items()) if config else None)
 
 
 def cached_plan(cache: dict[tuple[Any, ...], Any], make: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

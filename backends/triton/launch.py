@@ -33,13 +33,6 @@ MAX_CACHED = 512
 _I32_MAX = 2**31 - 1
 
 
-def _int_class(x: int) -> int:
-    # what Triton's specialisation looks at: 1 (becomes a constant), divisible by 16, 64-bit
-    if x == 1:
-        return 1
-    return (2 if x & 15 == 0 else 0) + (4 if x > _I32_MAX or x < -_I32_MAX else 0)
-
-
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -57,6 +50,18 @@ def _current_stream() -> Callable[[int], int]:
     from triton.runtime import driver
 
     return driver.active.get_current_stream
+
+
+def run_on_device(index: int | None, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) with CUDA device `index` current (None: a CPU call, run as is).
+
+    Why: Triton's launchers, the CUDA driver and torch's allocator act on the current device, not
+    the tensors' one; a call on cuda:1 while cuda:0 is current would launch on the wrong device.
+    """
+    if index is None or torch._C._cuda_getDevice() == index:
+        return fn(*args)
+    with torch.cuda.device(index):
+        return fn(*args)
 
 
 def _hooks_installed() -> bool:
@@ -86,7 +91,7 @@ class DirectLauncher:
         parts: list[Any] = []
         for a in args:
             kind = type(a)
-            if kind is int:  # _int_class, inlined: this loop runs ~40 times per launch
+            if kind is int:  # what Triton specialises on (1, divisible by 16, 64-bit); inline: ~40 args per launch
                 parts.append(1 if a == 1 else (2 if a & 15 == 0 else 0) + (4 if a > _I32_MAX or a < -_I32_MAX else 0))
             elif kind is float:  # floats are never specialised
                 parts.append(-1)
