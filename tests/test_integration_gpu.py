@@ -2,25 +2,19 @@
 the nn module and the transformers integration on the device.
 
 Every GPU implementation goes through the same checks; one that is unavailable here or declines
-the case is skipped with its reasons. Run as a script, this file measures the host time that
-`attention()` adds over calling the chosen implementation directly (docs/integration.md):
-
-    python tests/test_integration_gpu.py [out.json]
+the case is skipped with its reasons. The host time that `attention()` adds over calling the
+chosen implementation directly is measured by `python -m flashdispatch.tools.host_cost`
+(docs/integration.md).
 """
 
 from __future__ import annotations
 
-import json
-import statistics
-import sys
-import time
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
 
 import flashdispatch as fd
-from flashdispatch.problem import problem_from_tensors
 from flashdispatch.registry import REGISTRY
 from inputs import check_forward, check_grads, make_qkv
 
@@ -188,86 +182,3 @@ def test_inductor_with_cuda_graphs(name: str) -> None:
     for g, w in zip(grads, want_grads):
         g, w = g.float(), w.float()
         assert not torch.isnan(g).any() and float((g - w).norm() / w.norm()) < 2e-2
-
-
-# --- host cost of the dispatcher (a measurement, not a test) -------------------------------------
-
-
-def _host_us(fn: Callable[[], Any], calls: int = 500, rounds: int = 5) -> tuple[float, float]:
-    """Medians over rounds of the host time per call: (wall clock, CPU time of this thread).
-
-    The GPU queue absorbs the launches. The thread's CPU time does not count the time the thread
-    is descheduled, which made wall-clock readings of one call path move by half between runs on a
-    shared GPU host."""
-    wall, cpu = [], []
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        t0, c0 = time.perf_counter(), time.thread_time()
-        for _ in range(calls):
-            fn()
-        c1, t1 = time.thread_time(), time.perf_counter()
-        wall.append((t1 - t0) / calls * 1e6)
-        cpu.append((c1 - c0) / calls * 1e6)
-    torch.cuda.synchronize()
-    return statistics.median(wall), statistics.median(cpu)
-
-
-def measure_host_overhead() -> Iterator[dict[str, Any]]:
-    """attention() vs the chosen implementation's run(), on a problem small enough to be host-bound.
-
-    Yields one row per (backend, grad) as soon as it is measured.
-    """
-    for name in ("sdpa", "triton", "cupy"):
-        for grad in (False, True):
-            q, k, v = make_qkv(1, 2, 2, 16, 16, 64, dtype=torch.bfloat16, device="cuda", requires_grad=grad)
-            try:
-                d = fd.explain(q, k, v, causal=True, backend=name)
-            except fd.NoBackendError as e:
-                yield {"backend": name, "grad": grad, "skipped": str(e.reasons.get(name))}
-                continue
-            impl = REGISTRY.get(d.variant)
-            p = problem_from_tensors(q, k, v, causal=True, scale=None, layout="bhsd", return_lse=False)
-            with fd.use_backend(name):
-                def via_dispatch() -> Any:
-                    return fd.attention(q, k, v, causal=True)
-
-                def direct() -> Any:
-                    return impl.run(q, k, v, p, d.config)
-
-                for f in (via_dispatch, direct):  # warm-up: selection, compilation
-                    for _ in range(20):
-                        f()
-                samples: dict[str, list[tuple[float, float]]] = {"dispatch": [], "direct": []}
-                for _ in range(5):  # interleaved, so that drift hits both alike
-                    samples["dispatch"].append(_host_us(via_dispatch))
-                    samples["direct"].append(_host_us(direct))
-            disp, dire = (min(w for w, _ in samples[n]) for n in ("dispatch", "direct"))
-            disp_cpu, dire_cpu = (min(c for _, c in samples[n]) for n in ("dispatch", "direct"))
-            yield {"backend": d.variant, "grad": grad, "dispatch_us": round(disp, 2),
-                   "direct_us": round(dire, 2), "overhead_us": round(disp - dire, 2),
-                   "dispatch_cpu_us": round(disp_cpu, 2), "direct_cpu_us": round(dire_cpu, 2),
-                   "overhead_cpu_us": round(disp_cpu - dire_cpu, 2)}
-
-
-def main(argv: list[str]) -> int:
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
-    print(f"host time per call on {result['device']} (torch {result['torch']}), min over 5 medians, us "
-          "(wall clock | CPU time of the thread)", flush=True)
-    print(f"{'backend':16s} {'grad':5s} {'attention()':>12s} {'run()':>8s} {'added':>8s} | "
-          f"{'attention()':>12s} {'run()':>8s} {'added':>8s}", flush=True)
-    for r in measure_host_overhead():
-        result["rows"].append(r)
-        if argv:  # rewritten after every row: a run cut short still leaves what it measured
-            with open(argv[0], "w") as f:
-                json.dump(result, f, indent=1)
-        if "skipped" in r:
-            print(f"{r['backend']:16s} {str(r['grad']):5s} skipped: {r['skipped']}", flush=True)
-        else:
-            print(f"{r['backend']:16s} {str(r['grad']):5s} {r['dispatch_us']:12.2f} {r['direct_us']:8.2f} "
-                  f"{r['overhead_us']:8.2f} | {r['dispatch_cpu_us']:12.2f} {r['direct_cpu_us']:8.2f} "
-                  f"{r['overhead_cpu_us']:8.2f}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -279,3 +279,16 @@ def test_hot_path_key_tells_cpu_from_meta():
             assert out.device.type == device
         problems = [p for p, _, _ in selection.state().fast.values()]
         assert sorted(p.device_kind for p in problems) == ["cpu", "meta"], problems
+
+
+def test_host_cost_tool_measures_the_dispatcher_alone_and_restores_the_cache():
+    from flashdispatch.tools import host_cost
+
+    rows = list(host_cost.measure("sdpa", grad=False, device="cpu", calls=20, rounds=2))
+    with_backend, alone = rows
+    assert alone.backend == with_backend.backend + " alone"
+    # a stand-in run() costs next to nothing, so the dispatcher's own path is what is left; the
+    # bound is loose (CI machines are shared) but catches a hot path that went slow (> 10x)
+    assert alone.run_us < alone.attention_us < 20.0, alone
+    assert all(impl.name == with_backend.backend and type(impl).__name__ != "_Immediate"
+               for _, impl, _ in selection.state().fast.values() if impl is not None)
