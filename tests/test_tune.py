@@ -466,3 +466,14 @@ def test_estimate_is_per_call_over_a_few_calls_on_cpu() -> None:
     calls = []
     est = timing.estimate_ms(lambda: calls.append(time.sleep(0.002)), CPU, calls=3)
     assert len(calls) == 3 and 1.5 < est < 50.0
+
+
+def test_interleaved_timing_reports_and_drops_a_failing_provider() -> None:
+    def boom() -> None:
+        raise RuntimeError("kernel exploded")
+
+    failures: list[tuple[str, str]] = []
+    got = timing.interleaved_median_ms({"ok": (lambda: None, None), "bad": (boom, None)}, torch.device("cpu"),
+                                       warmup_ms=0.1, rep_ms=0.5, failed=lambda n, e: failures.append((n, str(e))))
+    assert set(got) == {"ok"} and got["ok"] >= 0.0
+    assert failures == [("bad", "kernel exploded")]

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -52,7 +51,6 @@ MIN_ORACLE = 0.90
 FULL_TIMING = {"warmup_ms": 25.0, "rep_ms": 100.0}
 QUICK_TIMING = {"warmup_ms": 10.0, "rep_ms": 40.0}
 HOST_CALLS = 200
-ROUNDS = 3  # interleaved timing rounds per shape (bench_shape)
 
 
 def plain_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -143,26 +141,17 @@ def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune
             timed[name] = (fn, grads)
         except Exception as e:  # a provider that fails is a result of the benchmark
             _failed(m, e, device, (q, k, v), name)
-    # Interleaved rounds in rotating order: clock and power drift over a shape's seconds of
-    # back-to-back kernels then hits every provider alike (measured last, the same cuDNN kernel
-    # read up to 10% slower through the dispatcher on the H100 before this).
-    samples: dict[str, list[float]] = {n: [] for n in timed}
-    names = list(timed)
-    for r in range(ROUNDS):
-        for name in names[r % len(names):] + names[:r % len(names)] if names else []:
-            if name not in timed:
-                continue
-            fn, grads = timed[name]
-            try:
-                samples[name].append(timing.median_ms(fn, device, warmup_ms=opts.warmup_ms / ROUNDS,
-                                                      rep_ms=opts.rep_ms / ROUNDS, grad_to_none=grads))
-                timing.reset_grads(grads)
-            except Exception as e:
-                _failed(measurements[name], e, device, (q, k, v), name)
-                del timed[name]
+    # Repetitions interleaved across providers (timing.interleaved_median_ms): clock and power
+    # drift over a shape's seconds of back-to-back kernels then hits every provider alike.
+    def failed(name: str, e: Exception) -> None:
+        _failed(measurements[name], e, device, (q, k, v), name)
+        timed.pop(name, None)
+
+    medians = timing.interleaved_median_ms(timed, device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms,
+                                           failed=failed)
     for name, (fn, grads) in timed.items():
         m = measurements[name]
-        m.ms = statistics.median(samples[name])
+        m.ms = medians[name]
         m.rate = timing.rate(p, s.pass_, m.ms)[0]
         if s.pass_ == "decode" and name in (PLAIN, DISPATCH):
             m.host_us = timing.host_us_per_call(fn, device, HOST_CALLS)

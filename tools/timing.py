@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -136,6 +136,84 @@ def median_ms(
     with torch.cuda.device(device):
         return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none or []) or None,
                               return_mode="median"))
+
+
+# Repetitions per provider of interleaved_median_ms: at least enough for a median, at most what
+# keeps a decode-sized shape (tens of us per call) to about a second.
+INTERLEAVED_REPS = (5, 1000)
+
+
+def interleaved_median_ms(
+    fns: Mapping[str, tuple[Callable[[], object], Sequence[torch.Tensor] | None]],
+    device: torch.device,
+    *,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    failed: Callable[[str, Exception], None] | None = None,
+) -> dict[str, float]:
+    """Median milliseconds of each provider, with the providers' repetitions interleaved: every
+    repetition runs each provider once (L2 flushed before each call, as do_bench does), in an order
+    that rotates between repetitions.
+
+    Why: providers timed one after another see different clocks and power states (on the H100,
+    seconds of back-to-back attention slow the card down, and the same cuDNN kernel read 5-10%
+    apart depending on when it was timed). Interleaved, drift hits all providers alike, which is
+    what a ratio between them needs. `fns` maps a name to (fn, tensors whose .grad is reset before
+    each call); a provider that raises is dropped and reported to `failed(name, error)`.
+    """
+    live = dict(fns)
+    if device.type != "cuda":
+        out = {}
+        for name, (fn, grads) in live.items():
+            try:
+                out[name] = median_ms(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=grads)
+            except Exception as e:
+                if failed is None:
+                    raise
+                failed(name, e)
+        return out
+
+    def call(name: str) -> bool:
+        fn, grads = live[name]
+        try:
+            reset_grads(grads)
+            fn()
+            return True
+        except Exception as e:
+            if failed is None:
+                raise
+            failed(name, e)
+            del live[name]
+            return False
+
+    est: dict[str, float] = {}
+    for name in list(live):
+        if call(name):
+            est[name] = max(estimate_ms(lambda n=name: call(n), device), 1e-4)
+    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    for name in list(live):
+        for _ in range(max(1, min(INTERLEAVED_REPS[1], int(warmup_ms / est[name])))):
+            if not call(name):
+                break
+    if not live:
+        return {}
+    typical = statistics.median(est[n] for n in live)
+    reps = max(INTERLEAVED_REPS[0], min(INTERLEAVED_REPS[1], int(rep_ms / typical)))
+    events = {n: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(reps)] for n in live}
+    order = list(live)
+    for r in range(reps):
+        shift = r % len(order)
+        for name in order[shift:] + order[:shift]:
+            if name not in live:
+                continue
+            flush.zero_()
+            start, end = events[name][r]
+            start.record()
+            if call(name):
+                end.record()
+    synchronize(device)
+    return {n: statistics.median(s.elapsed_time(e) for s, e in events[n]) for n in live}
 
 
 def context_alive(device: torch.device) -> bool:
