@@ -157,6 +157,30 @@ def _error_checks(rank: int, world: int) -> dict[str, tuple[bool, str]]:
     }
 
 
+def _agree_checks(rank: int, world: int, subgroup: Any) -> dict[str, bool]:
+    """all_agree over gloo: what each rank gets back (every rank must get the same)."""
+    return {
+        "all true": fdd.all_agree(True),
+        "all false": fdd.all_agree(False),
+        "only rank 0": fdd.all_agree(rank == 0),
+        "all but the last": fdd.all_agree(rank != world - 1),
+        "sub-group, all but the last": fdd.all_agree(rank != world - 1, subgroup),
+    }
+
+
+AGREE_EXPECTED: dict[int, dict[str, list[bool]]] = {
+    # per check: what each rank must get back
+    2: {"all true": [True] * 2, "all false": [False] * 2, "only rank 0": [False] * 2,
+        "all but the last": [False] * 2,
+        # sub-groups of one: each rank agrees with itself
+        "sub-group, all but the last": [True, False]},
+    4: {"all true": [True] * 4, "all false": [False] * 4, "only rank 0": [False] * 4,
+        "all but the last": [False] * 4,
+        # sub-groups {0, 1} (true on both: true) and {2, 3} (true, false: false on both)
+        "sub-group, all but the last": [True, True, False, False]},
+}
+
+
 def _worker(rank: int, world: int, store_path: str, queue: Any) -> None:
     torch.set_num_threads(1)
     try:
@@ -173,6 +197,7 @@ def _worker(rank: int, world: int, store_path: str, queue: Any) -> None:
         for i, case in enumerate(SUBGROUP_CASES[world]):
             report["group-of-" + str(size) + "-" + case.id] = _run_case(case, 2000 + i, mine)
         report["errors"] = _error_checks(rank, world)
+        report["agree"] = _agree_checks(rank, world, mine)
         dist.barrier()
         dist.destroy_process_group()
         queue.put((rank, "ok", report))
@@ -230,6 +255,14 @@ def test_bad_inputs_rejected(ring_reports: dict[int, list[dict[str, Any]]], worl
     for rank, report in enumerate(ring_reports[world]):
         ok, msg = report["errors"][check]
         assert ok, f"rank {rank}: {msg}"
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_all_agree_gives_every_rank_the_same_answer(ring_reports: dict[int, list[dict[str, Any]]], world: int) -> None:
+    """all_agree (the guard before branches that run collectives): true on every rank only where
+    the flag is true on every rank of the group, over the world and over sub-groups."""
+    got = {check: [report["agree"][check] for report in ring_reports[world]] for check in AGREE_EXPECTED[world]}
+    assert got == AGREE_EXPECTED[world]
 
 
 # --- in-process checks: schedule, merge, per-block backward --------------------------------------

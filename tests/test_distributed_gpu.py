@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import flashdispatch.distributed as fdd
+from flashdispatch.distributed.comm import all_agree
 from flashdispatch.reference import attention_math
 from flashdispatch.tolerances import within_budget
 
@@ -72,8 +73,10 @@ def _run_case(case: tuple, seed: int, device: torch.device) -> dict[str, Any]:
     plan = fdd.explain(*(t.detach() for t in local), **kw)
     res["plan"] = str(plan)
     res["blocks"] = fdd.ring_spec(*local, rank=dist.get_rank(), world=WORLD, scale=d ** -0.5, **kw).backward_path
-    # the other block kernels, forced, on the same inputs: every path the ring can take is checked
-    if res["blocks"] == "cudnn":
+    # the other block kernels, forced, on the same inputs: every path the ring can take is checked.
+    # The forced run is a ring (collectives), so every rank must take this branch or none: each rank
+    # chose its block kernels alone, and ranks that disagreed here would hang in the transfers.
+    if all_agree(res["blocks"] == "cudnn"):
         for t in local:
             t.grad = None
         out_f, lse_f = fdd.attention(*local, return_lse=True, backend="triton", **kw)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import flashdispatch
 import flashdispatch.distributed as fdd
 from flashdispatch.distributed.block_backward import accumulation_dtype
-from flashdispatch.distributed.comm import LoopbackComm, RingComm
+from flashdispatch.distributed.comm import LoopbackComm, RingComm, all_agree
 from flashdispatch.distributed.ring import RingAttention
 from flashdispatch.problem import DTYPES_BY_NAME, problem_from_shape
 
@@ -160,8 +160,16 @@ def bench_one(seqlen: int, args: argparse.Namespace, device: torch.device) -> di
     dkv = [t.to(acc) for t in kv]
     res["kv_hop_ms"] = _slowest(_median_ms(lambda: comm.exchange(kv).wait(), args.warmup, args.reps, device), device)
     res["dkv_hop_ms"] = _slowest(_median_ms(lambda: comm.exchange(dkv).wait(), args.warmup, args.reps, device), device)
-    # -- for comparison, where the ring ran cuDNN blocks: the same ring with the triton backend's blocks
-    if spec.aten_cudnn and args.backend is None:
+    # -- for comparison, where the ring ran cuDNN blocks: the same ring with the triton backend's blocks.
+    # Each rank decides its block kernels alone (its own self-check and device), and this branch runs
+    # collectives (the ring, _slowest): it is taken only where every rank ran cuDNN blocks, so that
+    # no rank enters a ring the others skip. all_agree is itself a collective: every rank calls it.
+    cudnn_everywhere = all_agree(spec.aten_cudnn)
+    res["cudnn_blocks_on_every_rank"] = cudnn_everywhere
+    if spec.aten_cudnn and not cudnn_everywhere:
+        log.warning("rank %d: cuDNN ring blocks here but not on every rank: the triton-blocks comparison "
+                    "is skipped", rank)
+    if cudnn_everywhere and args.backend is None:
         tspec = fdd.ring_spec(*local, rank=rank, world=world, causal=causal, scale=args.dim ** -0.5,
                               layout="bhsd", backend="triton")
 

@@ -27,13 +27,13 @@ from ..selection import Decision
 from ..errors import NoBackendError
 from . import aten_cudnn
 from .block_backward import accumulation_dtype, choose_block_backward
-from .comm import LoopbackComm, RingComm
+from .comm import LoopbackComm, RingComm, all_agree
 from .layout import Block, check_divisible, chunk_order, global_positions, ring_blocks
 from .ring import RingAttention, RingSpec, bhsd
 
 log = logging.getLogger("flashdispatch.distributed")
 
-__all__ = ["attention", "explain", "shard", "unshard", "positions", "ring_spec", "RingPlan", "StepPlan"]
+__all__ = ["attention", "explain", "shard", "unshard", "positions", "ring_spec", "all_agree", "RingPlan", "StepPlan"]
 
 _DTYPE_CODES = {d: i for i, d in enumerate(DTYPE_NAMES)}
 

@@ -4,6 +4,9 @@
 block it holds while the next one travels (NCCL runs p2p on its own stream; gloo in its own
 threads). `Pending.wait` hands back the received tensors; on CUDA it only makes the current stream
 wait for the transfer, the host does not block.
+
+`all_agree` turns a per-rank condition into one every rank shares, for branches that lead into
+collective work.
 """
 
 from __future__ import annotations
@@ -24,6 +27,28 @@ class Pending:
         for w in self.works:
             w.wait()
         return self.received
+
+
+def group_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device a collective on `group` takes its tensors on: the current CUDA device where the
+    group's backend is NCCL (NCCL takes CUDA tensors only), else the CPU (gloo)."""
+    if "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_agree(flag: bool, group: dist.ProcessGroup | None = None, *, device: torch.device | None = None) -> bool:
+    """True on every rank of `group` when `flag` is true on every rank, else False on every rank.
+
+    A collective: every rank of the group must call it, in the same order as its other collectives.
+    Use it before a branch that runs collectives (a second ring run, an all_gather): a condition
+    each rank decides alone (its block kernels, a self-check that passed on one GPU only) may differ
+    between ranks, and ranks that disagree there would wait for one another forever. One int32
+    all_reduce (MIN) on `device` (default: `group_device(group)`), with a host sync.
+    """
+    t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=device or group_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
 
 
 class RingComm:
