@@ -435,9 +435,25 @@ def test_cudnn_blocks_only_where_sdpa_is_chosen_on_cuda() -> None:
     q = torch.randn(1, 4, 64, 128, dtype=torch.bfloat16)
     k, v = torch.randn_like(q), torch.randn_like(q)
     assert "chose triton" in aten_cudnn.blocks_reason(q, k, v, "triton")
-    assert "need CUDA" in aten_cudnn.blocks_reason(q, k, v, "sdpa")
-    gqa = torch.randn(1, 2, 64, 128, dtype=torch.bfloat16)
-    meta = [t.to("meta") for t in (q, gqa, gqa)]
-    assert "need CUDA" in aten_cudnn.blocks_reason(*meta, "sdpa:cudnn")
+    assert aten_cudnn.blocks_reason(q, k, v, "sdpa") == "device cpu: cuDNN blocks need CUDA"
     spec = fdd.ring_spec(q, k, v, rank=0, world=2, causal=True, scale=128 ** -0.5, layout="bhsd")
     assert spec.backward_path != "cudnn" and not spec.aten_cudnn
+
+
+def test_cudnn_blocks_reason_names_the_problem_before_the_device() -> None:
+    """On meta tensors (no device could run them) each problem the private path cannot take is
+    named for itself, not as "need CUDA": the problem's checks come before the device's."""
+    from flashdispatch.distributed import aten_cudnn
+
+    def meta(hq: int, hkv: int, d: int, dv: int, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+        return [torch.empty(1, h, 64, e, dtype=dtype, device="meta") for h, e in ((hq, d), (hkv, d), (hkv, dv))]
+
+    assert aten_cudnn.blocks_reason(*meta(4, 2, 128, 128), "sdpa:cudnn") == (
+        "GQA (Hq=4, Hkv=2): the private op path is MHA only")
+    assert aten_cudnn.blocks_reason(*meta(4, 4, 128, 128, torch.float32), "sdpa") == (
+        "dtype torch.float32: cuDNN blocks take fp16/bf16")
+    for d, dv in ((256, 256), (72, 64), (60, 60)):
+        why = aten_cudnn.blocks_reason(*meta(4, 4, d, dv), "sdpa")
+        assert why == f"head dims D={d}, Dv={dv}: cuDNN blocks take D == Dv, a multiple of 8, at most 128"
+    # a problem the path takes: only then the device
+    assert aten_cudnn.blocks_reason(*meta(4, 4, 128, 128), "sdpa") == "device meta: cuDNN blocks need CUDA"

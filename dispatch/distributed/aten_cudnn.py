@@ -99,8 +99,6 @@ def blocks_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chosen: str
     the ring needs each block's lse, which only this private path gives for cuDNN."""
     if chosen not in SDPA_VARIANTS:
         return f"the dispatcher chose {chosen} for the local problem"
-    if q.device.type != "cuda":
-        return f"device {q.device.type}: cuDNN blocks need CUDA"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype}: cuDNN blocks take fp16/bf16"
     if q.shape[1] != k.shape[1]:
@@ -108,5 +106,8 @@ def blocks_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chosen: str
     d, dv = q.shape[3], v.shape[3]
     if d != dv or d % 8 or d > 128:
         return f"head dims D={d}, Dv={dv}: cuDNN blocks take D == Dv, a multiple of 8, at most 128"
+    # the device last: the reasons above name what no device would change
+    if q.device.type != "cuda":
+        return f"device {q.device.type}: cuDNN blocks need CUDA"
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     return _checked(torch.device("cuda", index), q.dtype)
