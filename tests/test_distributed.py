@@ -457,3 +457,105 @@ def test_cudnn_blocks_reason_names_the_problem_before_the_device() -> None:
         assert why == f"head dims D={d}, Dv={dv}: cuDNN blocks take D == Dv, a multiple of 8, at most 128"
     # a problem the path takes: only then the device
     assert aten_cudnn.blocks_reason(*meta(4, 4, 128, 128), "sdpa") == "device meta: cuDNN blocks need CUDA"
+
+
+def test_cudnn_blocks_only_on_sm90_with_cudnn_sdpa_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device gate, on a CUDA device faked on the CPU: cuDNN SDPA enabled in torch, and
+    compute capability 9 (the H100, the only place the path was measured)."""
+    from flashdispatch.distributed import aten_cudnn
+
+    cuda0 = torch.device("cuda", 0)
+    capability = {"cap": (9, 0)}
+    enabled = {"on": True}
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: enabled["on"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cap"])
+    assert aten_cudnn.device_reason(cuda0) is None
+    capability["cap"] = (8, 0)
+    assert aten_cudnn.device_reason(cuda0) == (
+        "cuDNN ring blocks measured only on sm90 (H100); this device is sm80")
+    capability["cap"] = (10, 0)
+    assert "this device is sm100" in aten_cudnn.device_reason(cuda0)
+    capability["cap"] = (9, 0)
+    enabled["on"] = False
+    assert aten_cudnn.device_reason(cuda0) == (
+        "cuDNN SDPA is disabled in torch (torch.backends.cuda.cudnn_sdp_enabled() is False)")
+    assert aten_cudnn.device_reason(torch.device("cpu")) == "device cpu: cuDNN blocks need CUDA"
+
+
+def test_cudnn_blocks_reason_runs_every_gate_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """blocks_reason past the problem's checks: the device gate, torch's gate on the blocks, then
+    the cached self-check, each only when the one before passes (the later ones are patched here:
+    the CPU has no CUDA device)."""
+    from flashdispatch.distributed import aten_cudnn
+
+    q = torch.empty(1, 4, 64, 128, dtype=torch.bfloat16, device="meta")
+    calls: list[str] = []
+    verdicts = {"device": None, "blocks": None, "self": None}
+
+    def gate(name: str):  # type: ignore[no-untyped-def]
+        def f(*args: Any, **kw: Any) -> str | None:
+            calls.append(name)
+            return verdicts[name]
+        return f
+
+    monkeypatch.setattr(aten_cudnn, "device_reason", gate("device"))
+    monkeypatch.setattr(aten_cudnn, "sdpa_block_reason", gate("blocks"))
+    monkeypatch.setattr(aten_cudnn, "_checked", gate("self"))
+    monkeypatch.setattr(aten_cudnn, "device_index", lambda device: 0)
+    assert aten_cudnn.blocks_reason(q, q, q, "sdpa:cudnn") is None and calls == ["device", "blocks", "self"]
+    for failing, expected_calls in (("self", 3), ("blocks", 2), ("device", 1)):
+        calls.clear()
+        verdicts[failing] = f"{failing} says no"
+        assert aten_cudnn.blocks_reason(q, q, q, "sdpa") == f"{failing} says no"
+        assert len(calls) == expected_calls
+
+
+def test_torch_cudnn_gate_is_asked_once_per_block_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sdpa_block_reason asks torch.backends.cuda.can_use_cudnn_attention about each distinct
+    (rows, keys, causal) block of the ring, and names the block it refuses."""
+    from flashdispatch.distributed import aten_cudnn
+
+    asked: list[tuple[int, int, bool, bool]] = []
+
+    class Params:
+        def __init__(self, q, k, v, mask, dropout, causal, gqa):  # type: ignore[no-untyped-def]
+            self.sq, self.sk, self.causal = q.shape[2], k.shape[2], causal
+
+    def can_use(p: Params, debug: bool) -> bool:
+        asked.append((p.sq, p.sk, p.causal, debug))
+        return p.sk > 1  # like cuDNN: no key/value sequence of length 1
+
+    monkeypatch.setattr(torch.backends.cuda, "SDPAParams", Params)
+    monkeypatch.setattr(torch.backends.cuda, "can_use_cudnn_attention", can_use)
+    q = torch.randn(1, 2, 8, 16)
+    # rank 1 of 4, causal: its own square, two blocks against the first half of the keys, one of
+    # the last queries against all keys
+    assert aten_cudnn.sdpa_block_reason(q, q, q, ring_blocks(1, 4, 8, True)) is None
+    assert asked == [(8, 8, True, False), (8, 4, False, False), (4, 8, False, False)]
+    asked.clear()
+    # a causal local slice of 2 rows: one key per half, which cuDNN refuses
+    why = aten_cudnn.sdpa_block_reason(q[:, :, :2], q[:, :, :2], q[:, :, :2], ring_blocks(1, 2, 2, True))
+    assert why == ("torch's SDPA would not run cuDNN on block q[0:2] x kv[0:1] full (Sq=2, Sk=1): "
+                   "torch.backends.cuda.can_use_cudnn_attention is False; its debug=True says why")
+    assert asked == [(2, 2, True, False), (2, 1, False, False)]  # stops at the first refusal
+    # no blocks given: the whole local problem as one unmasked block
+    asked.clear()
+    assert aten_cudnn.sdpa_block_reason(q, q, q) is None and asked == [(8, 8, False, False)]
+
+    def broken(*args: Any) -> None:
+        raise TypeError("SDPAParams() takes 8 arguments")
+
+    monkeypatch.setattr(torch.backends.cuda, "SDPAParams", broken)
+    assert aten_cudnn.sdpa_block_reason(q, q, q) == (
+        "torch.backends.cuda.can_use_cudnn_attention failed: TypeError: SDPAParams() takes 8 arguments")
+
+
+def test_torch_cudnn_gate_refuses_cpu_tensors() -> None:
+    """The real torch gate (whatever this torch build is): CPU tensors are never cuDNN's."""
+    from flashdispatch.distributed import aten_cudnn
+
+    if not hasattr(torch.backends.cuda, "can_use_cudnn_attention"):
+        pytest.skip("this torch has no can_use_cudnn_attention")
+    q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
+    why = aten_cudnn.sdpa_block_reason(q, q, q, ring_blocks(0, 2, 8, True))
+    assert why is not None and why.startswith("torch's SDPA would not run cuDNN on block q[0:8] x kv[0:8] causal")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -170,7 +171,8 @@ def ring_spec(
     qb, kb, vb = (bhsd(t, layout) for t in (q, k, v))
     needs_bwd = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     blocks = tuple(ring_blocks(rank, world, s_local, causal))
-    if cudnn_blocks_reason(qb, kb, vb, causal=causal, scale=scale, backend=backend, needs_grad=needs_bwd) is None:
+    if cudnn_blocks_reason(qb, kb, vb, causal=causal, scale=scale, backend=backend, needs_grad=needs_bwd,
+                           blocks=blocks) is None:
         return RingSpec(blocks, scale, layout, backend, "cudnn", None)
     path, config = (choose_block_backward(qb, kb, vb, causal=causal, scale=scale) if needs_bwd
                     else ("none", None))
@@ -178,10 +180,12 @@ def ring_spec(
 
 
 def cudnn_blocks_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
-                        backend: str | None, needs_grad: bool) -> str | None:
+                        backend: str | None, needs_grad: bool,
+                        blocks: Sequence[Block] | None = None) -> str | None:
     """None when the ring runs its blocks through cuDNN with lse (aten_cudnn): the dispatcher (or
-    the forced backend) picks SDPA for the rank's whole local problem, and the private ops pass
-    their self-check here. q, k, v bhsd-indexed local slices."""
+    the forced backend) picks SDPA for the rank's whole local problem, the device and every block
+    pass aten_cudnn.blocks_reason's gates and the private ops their self-check here. q, k, v
+    bhsd-indexed local slices; blocks: this rank's ring blocks."""
     if backend is not None and backend not in aten_cudnn.SDPA_VARIANTS:
         chosen: str | None = backend
     else:
@@ -190,7 +194,7 @@ def cudnn_blocks_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
                                    backend=backend).variant
         except NoBackendError as e:
             return str(e)
-    return aten_cudnn.blocks_reason(q, k, v, chosen)
+    return aten_cudnn.blocks_reason(q, k, v, chosen, blocks)
 
 
 # --- sharding helpers ------------------------------------------------------------------------------
@@ -346,7 +350,8 @@ def explain(
     s_local = q.shape[_seq_dim(layout)]
     qb, kb, vb = (bhsd(t, layout) for t in (q, k, v))
     steps = []
-    for i, blk in enumerate(ring_blocks(rank, world_size, s_local, causal)):
+    blocks = ring_blocks(rank, world_size, s_local, causal)
+    for i, blk in enumerate(blocks):
         d = local_explain(
             qb[:, :, blk.q_rows], kb[:, :, blk.kv_rows], vb[:, :, blk.kv_rows], causal=blk.causal,
             scale=scale, layout="bhsd", return_lse=True, needs_grad=False, backend=backend, device=device,
@@ -361,7 +366,8 @@ def explain(
         local_len=s_local,
         steps=tuple(steps),
         backward_path=("cudnn" if cudnn_blocks_reason(qb, kb, vb, causal=causal, scale=p.scale, backend=backend,
-                                                      needs_grad=any(t.requires_grad for t in (q, k, v))) is None
+                                                      needs_grad=any(t.requires_grad for t in (q, k, v)),
+                                                      blocks=blocks) is None
                        else choose_block_backward(qb, kb, vb, causal=causal, scale=p.scale)[0]),
         kv_bytes=(k.numel() + v.numel()) * k.element_size(),
         dkv_bytes=(k.numel() + v.numel()) * acc_size,

@@ -4,17 +4,26 @@ takes a given out and lse): the kernels plain SDPA runs on an H100, with the lse
 The ring uses them where the dispatcher chose SDPA for the rank's local problem (sdpa's public call
 returns no lse; `blocks_reason` says when and why not). These aten ops are private (their lse shape
 and argument list may change between torch releases), so every device and dtype first passes
-`self_check` against the torch-ops math, once per process. MHA only (Hq == Hkv).
+`self_check` against the torch-ops math, once per process. MHA only (Hq == Hkv), fp16/bf16, on
+sm90 only (where it was measured), with cuDNN SDPA enabled and torch's own cuDNN gate passing on
+every block shape.
+
+A cuDNN call that raises during a ring is not caught: the ring does not switch kernels mid-run,
+and the exception leaves that rank (its peers then wait in the transfers until the process group's
+timeout). The gates above are there to make that case not happen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from typing import Sequence
 
 import torch
 
 from .block_backward import Grads, block_backward_math, softmax_delta
+from .layout import Block
 
 log = logging.getLogger("flashdispatch.distributed")
 
@@ -91,12 +100,80 @@ def _checked(device: torch.device, dtype: torch.dtype) -> str | None:
     return why
 
 
-def blocks_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chosen: str | None) -> str | None:
+def device_reason(device: torch.device) -> str | None:
+    """None when `device` is where the cuDNN ring blocks are allowed at all, else why not: a CUDA
+    device of compute capability 9.x (sm90: the H100 is the only place this path was measured, and
+    the speed it exists for is cuDNN's there), with cuDNN SDPA enabled in torch (a user who turned
+    it off with torch.backends.cuda.enable_cudnn_sdp(False) does not want these kernels)."""
+    if device.type != "cuda":
+        return f"device {device.type}: cuDNN blocks need CUDA"
+    if not torch.backends.cuda.cudnn_sdp_enabled():
+        return "cuDNN SDPA is disabled in torch (torch.backends.cuda.cudnn_sdp_enabled() is False)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return f"cuDNN ring blocks measured only on sm90 (H100); this device is sm{major}{minor}"
+    return None
+
+
+def sdpa_block_reason(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: Sequence[Block] | None = None
+) -> str | None:
+    """None when torch's own SDPA dispatch would run cuDNN on every distinct block shape of the
+    ring (`torch.backends.cuda.can_use_cudnn_attention`), else why not. blocks None: the whole local
+    problem as one unmasked block.
+
+    Torch's gate covers what the ring's own checks do not: the cuDNN build and version, its limits on
+    sequence lengths (a block of one key, which a causal local slice of 2 rows gives), deterministic
+    mode. It is a host-side check of shapes, strides and flags, cheap enough for every call. The
+    blocks are views of the local slices; the private ops get them made contiguous, and torch's
+    gate asks of strides only a unit last one, which both have."""
+    can_use = getattr(torch.backends.cuda, "can_use_cudnn_attention", None)
+    params_type = getattr(torch.backends.cuda, "SDPAParams", None)
+    if can_use is None or params_type is None:
+        # an older or newer torch without the gate: the self-check still guards the private ops
+        return None
+    if blocks is None:
+        blocks = [Block(0, slice(0, q.shape[2]), slice(0, k.shape[2]), False)]
+    seen: set[tuple[int, int, bool]] = set()
+    # the gate reads the current device's properties: ask it about the tensors' device
+    on_device = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+    for blk in blocks:
+        qs, ks, vs = q[:, :, blk.q_rows], k[:, :, blk.kv_rows], v[:, :, blk.kv_rows]
+        key = (qs.shape[2], ks.shape[2], blk.causal)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            with on_device:
+                ok = can_use(params_type(qs, ks, vs, None, 0.0, blk.causal, False), False)
+        except Exception as e:  # a changed SDPAParams signature, say: no claim that cuDNN can run
+            return f"torch.backends.cuda.can_use_cudnn_attention failed: {type(e).__name__}: {e}"
+        if not ok:
+            # not asked again with debug=True: torch 2.11 writes that reason to stderr from C++ (no
+            # Python warning to capture), and would on every call
+            return (f"torch's SDPA would not run cuDNN on block {blk.describe()} (Sq={qs.shape[2]}, "
+                    f"Sk={ks.shape[2]}): torch.backends.cuda.can_use_cudnn_attention is False; its "
+                    f"debug=True says why")
+    return None
+
+
+def device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def blocks_reason(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chosen: str | None, blocks: Sequence[Block] | None = None
+) -> str | None:
     """None when the ring should run its blocks through these ops, else why not.
 
     q, k, v: the rank's local slices (bhsd-indexed). chosen: the variant the dispatcher picks for
     the local problem (or the forced backend). SDPA chosen means its kernels are the fastest here;
-    the ring needs each block's lse, which only this private path gives for cuDNN."""
+    the ring needs each block's lse, which only this private path gives for cuDNN. blocks: the
+    ring's blocks on this rank, each checked against torch's own cuDNN gate (None: the whole local
+    problem as one block).
+
+    The checks of the problem itself (dtype, GQA, head dims) come before those of the device, so
+    that the reason names what no device would change."""
     if chosen not in SDPA_VARIANTS:
         return f"the dispatcher chose {chosen} for the local problem"
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -106,8 +183,10 @@ def blocks_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chosen: str
     d, dv = q.shape[3], v.shape[3]
     if d != dv or d % 8 or d > 128:
         return f"head dims D={d}, Dv={dv}: cuDNN blocks take D == Dv, a multiple of 8, at most 128"
-    # the device last: the reasons above name what no device would change
-    if q.device.type != "cuda":
-        return f"device {q.device.type}: cuDNN blocks need CUDA"
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    return _checked(torch.device("cuda", index), q.dtype)
+    why = device_reason(q.device)
+    if why:
+        return why
+    why = sdpa_block_reason(q, k, v, blocks)
+    if why:
+        return why
+    return _checked(torch.device("cuda", device_index(q.device)), q.dtype)
