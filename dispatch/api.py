@@ -16,6 +16,7 @@ from .selection import Decision, select, simulated_or_none
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 _local = selection._local
+_fast = selection.FAST
 
 
 def _empty_result(
@@ -104,14 +105,14 @@ def attention(
             stack[-1] if stack else None,
             _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
         )
-        hit = (selection._state or selection.state()).fast.get(key)
+        hit = _fast.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable options: the slow path explains
         key, hit = None, None
     if hit is None:
         p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
         hit = (p, None, None) if p.is_empty else (p, REGISTRY.get((d := select(p, backend)).variant), d.config)
         if key is not None:
-            selection.state().fast[key] = hit
+            _fast[key] = hit
     p, impl, config = hit
     if impl is None:
         out, lse = _empty_result(q, k, v, p)

@@ -131,8 +131,7 @@ class _State:
         self.settings = envs.read_settings()
         self.profiles: dict[str | None, tuple[Profile | None, list[str]]] = {}
         self.cache: dict[tuple[Any, ...], Decision] = {}
-        # attention()'s hot-path cache: call signature -> (Problem, Implementation | None, config)
-        self.fast: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
+        self.fast = FAST
         self.lock = threading.Lock()
 
     def profile(self, key: str | None) -> tuple[Profile | None, list[str]]:
@@ -142,6 +141,9 @@ class _State:
 
 
 _state: _State | None = None
+# attention()'s hot-path cache: call signature -> (Problem, Implementation | None, config). One
+# dict for the life of the process (refresh() empties it), so that the hot path holds it bound.
+FAST: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
 
 
 def state() -> _State:
@@ -155,6 +157,7 @@ def refresh() -> None:
     """Re-read environment variables and profiles and forget cached decisions."""
     global _state
     _state = None
+    FAST.clear()
 
 
 def device_for(p: Problem) -> DeviceInfo:
