@@ -144,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS))
     ap.add_argument("--out", help="JSON file, rewritten after every row")
+    ap.add_argument("--calls", type=int, default=500, help="back-to-back calls per reading (x10 alone)")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved readings per side; the minimum is kept")
     args = ap.parse_args(argv)
     name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    result: dict[str, Any] = {"device": name, "torch": torch.__version__, "shape": SHAPE, "rows": []}
+    result: dict[str, Any] = {"device": name, "torch": torch.__version__, "shape": SHAPE, "calls": args.calls,
+                              "rounds": args.rounds, "rows": []}
     print(f"host time per call on {name} (torch {torch.__version__}), us, min over rounds "
           "(thread CPU time | wall clock)", flush=True)
     print(f"{'backend':22s} {'grad':5s} {'attention()':>11s} {'run()':>7s} {'added':>6s} | "
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     for backend in args.backends:
         for grad in (False, True):
             try:
-                rows = list(measure(backend, grad, args.device))
+                rows = list(measure(backend, grad, args.device, args.calls, args.rounds))
             except fd.NoBackendError as e:
                 result["rows"].append({"backend": backend, "grad": grad, "skipped": str(e)})
                 print(f"{backend:22s} {str(grad):5s} skipped: {str(e).splitlines()[0]}", flush=True)
