@@ -461,8 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         "card": card, "device": dev.describe(), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command, "versions": tune.versions(), "seed": seed,
         "profile": profile.provenance() if profile else f"none for {dev.profile_key!r} (built-in default order)",
-        "timing": (f"triton.testing.do_bench median, warm-up {opts.warmup_ms:g} ms, repetitions {opts.rep_ms:g} ms, "
-                   "L2 flushed before each" if device.type == "cuda" else
+        "timing": (f"median of CUDA-event times, repetitions interleaved across providers (timing.interleaved_median_ms), "
+                   f"warm-up {opts.warmup_ms:g} ms, repetitions {opts.rep_ms:g} ms per provider, L2 flushed before each call"
+                   if device.type == "cuda" else
                    f"perf_counter median, warm-up {opts.warmup_ms:g} ms, repetitions {opts.rep_ms:g} ms"),
     }
     log.info("bench: %d shapes on %s; providers: %s, %s, %s; profile: %s", len(plan), dev.describe(), PLAIN,
