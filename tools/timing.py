@@ -8,6 +8,7 @@ here with torch events. On the CPU (tests, dry runs) a perf_counter loop gives t
 from __future__ import annotations
 
 import logging
+import random
 import statistics
 import time
 from typing import Callable, Mapping, Sequence
@@ -141,6 +142,11 @@ def median_ms(
 # Repetitions per provider of interleaved_median_ms: at least enough for a median, at most what
 # keeps a decode-sized shape (tens of us per call) to about a second.
 INTERLEAVED_REPS = (5, 1000)
+# GPU cycles of device-side sleep after each flush (about 50 us at 2 GHz): slack for the host to
+# enqueue the timed call before the GPU reaches it. The flush alone (about 55-85 us on H100/H200)
+# is barely longer than a decode call's host path (20-45 us there), so a 23 us call read up to 5%
+# apart through one code path when the host was late.
+HOST_SLACK_CYCLES = 100_000
 
 
 def interleaved_median_ms(
@@ -153,7 +159,7 @@ def interleaved_median_ms(
 ) -> dict[str, float]:
     """Median milliseconds of each provider, with the providers' repetitions interleaved: every
     repetition runs each provider once (L2 flushed before each call, as do_bench does), in an order
-    that rotates between repetitions.
+    shuffled afresh for every repetition (seeded: reruns take the same orders).
 
     Why: providers timed one after another see different clocks and power states (on the H100,
     seconds of back-to-back attention slow the card down, and the same cuDNN kernel read 5-10%
@@ -202,12 +208,16 @@ def interleaved_median_ms(
     events = {n: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(reps)] for n in live}
     order = list(live)
+    shuffle = random.Random(0).shuffle
     for r in range(reps):
-        shift = r % len(order)
-        for name in order[shift:] + order[:shift]:
+        # a fresh order every repetition: with a rotation each provider always followed the same
+        # one, and on the H200 the call after a slow neighbour read 3% slower in every run
+        shuffle(order)
+        for name in order:
             if name not in live:
                 continue
             flush.zero_()
+            torch.cuda._sleep(HOST_SLACK_CYCLES)
             start, end = events[name][r]
             start.record()
             if call(name):
