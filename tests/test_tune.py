@@ -477,3 +477,58 @@ def test_interleaved_timing_reports_and_drops_a_failing_provider() -> None:
                                        warmup_ms=0.1, rep_ms=0.5, failed=lambda n, e: failures.append((n, str(e))))
     assert set(got) == {"ok"} and got["ok"] >= 0.0
     assert failures == [("bad", "kernel exploded")]
+
+
+def test_interleaved_timing_schedule_on_the_cuda_branch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA branch with fake events: a fake clock advances by each provider's duration."""
+    clock = [0.0]
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            self.t = float("nan")
+
+        def record(self) -> None:
+            self.t = clock[0]
+
+        def elapsed_time(self, end: "Event") -> float:
+            return end.t - self.t
+
+    calls: list[str] = []
+
+    def provider(name: str, ms: float, fail_on: int | None = None) -> Any:
+        count = [0]
+
+        def fn() -> None:
+            count[0] += 1
+            if fail_on is not None and count[0] >= fail_on:
+                raise RuntimeError(f"{name} broke on call {count[0]}")
+            calls.append(name)
+            clock[0] += ms
+
+        return fn
+
+    def estimate(fn: Any, device: torch.device, calls: int = 3) -> float:
+        t0 = clock[0]
+        for _ in range(calls):
+            fn()
+        return (clock[0] - t0) / calls
+
+    monkeypatch.setattr(timing.torch.cuda, "Event", Event)
+    monkeypatch.setattr(timing.torch.cuda, "_sleep", lambda cycles: None, raising=False)
+    monkeypatch.setattr(timing, "_flush_buffer", lambda device: torch.empty(4))
+    monkeypatch.setattr(timing, "estimate_ms", estimate)
+    monkeypatch.setattr(timing, "synchronize", lambda device: None)
+    failures: list[str] = []
+    fns = {"a": (provider("a", 1.0), None), "b": (provider("b", 2.0), None), "c": (provider("c", 3.0), None),
+           # fails inside estimate_ms (its third call): dropped, reported once, no KeyError
+           "late": (provider("late", 1.0, fail_on=3), None)}
+    got = timing.interleaved_median_ms(fns, torch.device("cuda"), warmup_ms=2.0, rep_ms=40.0,
+                                       failed=lambda n, e: failures.append(n))
+    assert failures == ["late"] and set(got) == {"a", "b", "c"}
+    assert got == {"a": 1.0, "b": 2.0, "c": 3.0}
+    # the timed part: every repetition runs each provider once, in orders that vary, so that no
+    # provider always follows the same one
+    n = len(calls)
+    reps = [tuple(calls[n - 3 * (i + 1):n - 3 * i]) for i in range(8)]  # the last 8 repetitions
+    assert all(sorted(r) == ["a", "b", "c"] for r in reps)
+    assert len(set(reps)) > 1

@@ -149,6 +149,11 @@ INTERLEAVED_REPS = (5, 1000)
 HOST_SLACK_CYCLES = 100_000
 
 
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    """What is zeroed before each timed call: more bytes than any L2 we target."""
+    return torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+
+
 def interleaved_median_ms(
     fns: Mapping[str, tuple[Callable[[], object], Sequence[torch.Tensor] | None]],
     device: torch.device,
@@ -180,6 +185,8 @@ def interleaved_median_ms(
         return out
 
     def call(name: str) -> bool:
+        if name not in live:  # dropped by an earlier failure (estimate_ms calls several times)
+            return False
         fn, grads = live[name]
         try:
             reset_grads(grads)
@@ -195,8 +202,10 @@ def interleaved_median_ms(
     est: dict[str, float] = {}
     for name in list(live):
         if call(name):
-            est[name] = max(estimate_ms(lambda n=name: call(n), device), 1e-4)
-    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+            ms = estimate_ms(lambda n=name: call(n), device)
+            if name in live:
+                est[name] = max(ms, 1e-4)
+    flush = _flush_buffer(device)
     for name in list(live):
         for _ in range(max(1, min(INTERLEAVED_REPS[1], int(warmup_ms / est[name])))):
             if not call(name):
