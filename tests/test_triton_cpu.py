@@ -394,8 +394,17 @@ def test_run_on_device_switches_only_when_needed(monkeypatch: pytest.MonkeyPatch
         entered.append(index)
         yield
 
-    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    def no_query() -> int:
+        raise AssertionError("a CPU call queried the CUDA device")
+
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", no_query, raising=False)
     monkeypatch.setattr(torch.cuda, "device", device)
     assert launch.run_on_device(None, lambda x: x + 1, 1) == 2  # a CPU call: no CUDA query
+    with launch.on_device(None):
+        pass
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
     assert launch.run_on_device(0, lambda x: x + 1, 1) == 2 and entered == []
     assert launch.run_on_device(1, lambda x: x + 1, 1) == 2 and entered == [1]
+    with launch.on_device(1):
+        pass
+    assert entered == [1, 1]

@@ -29,13 +29,14 @@ Nothing here is CUDA-only: the same source compiles for sm_80/sm_90 and gfx90a/g
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Callable, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import cuda_index, on_device
 
 # ---------------------------------------------------------------------------------------------
 # Configs: the one place that says which block shapes the backward uses and may try.
@@ -529,10 +530,6 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 class _Geometry(NamedTuple):
     batch: int
     heads_q: int
@@ -614,7 +611,7 @@ def attention_backward(
     # the atomic variant sums dq in fp32 (zeroed: every kv block adds into it)
     dq_acc = (torch.zeros((g.batch, g.heads_q, g.seqlen_q, g.head_dim), device=q.device, dtype=torch.float32)
               if atomic else delta.unsqueeze(-1))
-    with _device_guard(q):
+    with on_device(cuda_index(q)):
         grid = (triton.cdiv(g.seqlen_q, PREPROCESS_BLOCK_M) * g.batch * g.heads_q,)
         _bwd_preprocess_kernel[grid](
             out, do, delta, *out.stride(), *do.stride(), g.heads_q, g.seqlen_q, g.head_dim_v,

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .launch import BoundLaunch, DirectLauncher, run_on_device
+from .launch import BoundLaunch, DirectLauncher, cuda_index, run_on_device
 from .forward import (
     LN2,
     OutputPlan,
@@ -202,14 +202,14 @@ class _DecodePlan:
         hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
         self.outputs = OutputPlan(q, sk, dv)
         self.device = q.device
-        self.index = (q.device.index or 0) if q.is_cuda else None
+        self.index = cuda_index(q)
         self.split = self.merge = None
         self.part_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         if self.outputs.finished:
             return
         out = _empty_output(bsz, hq, sq, dv, self.outputs.bshd, q.dtype, "meta")  # strides only
         block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
-        index = q.device.index or 0
+        index = self.index or 0  # also the launcher's key on the CPU (interpreter)
         sm_count = configs.sm_count_of(q.device.type, index)
         block_m, m_blocks, splits, keys_per_split = _plan(int(cfg["BLOCK_N"]), int(cfg.get("NUM_SPLITS") or 0), bsz,
                                                           hq, hkv, sq, sk, sm_count)

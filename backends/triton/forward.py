@@ -36,7 +36,7 @@ import triton.language as tl
 from triton.runtime import _allocation
 
 from . import configs
-from .launch import BoundLaunch, DirectLauncher, run_on_device
+from .launch import BoundLaunch, DirectLauncher, cuda_index, run_on_device
 
 log = logging.getLogger("flashdispatch")
 
@@ -451,7 +451,7 @@ class _ForwardPlan:
         hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
         self.outputs = OutputPlan(q, sk, dv)
         self.tma = self.pointer = None
-        self.index = (q.device.index or 0) if q.is_cuda else None
+        self.index = cuda_index(q)
         if self.outputs.finished:
             return
         effective_causal = bool(causal) and sq > 1
@@ -461,7 +461,7 @@ class _ForwardPlan:
         qk_scale = float(scale) * 1.4426950408889634
         ieee = q.dtype == torch.float32
         options = launch_options(cfg)
-        index = q.device.index or 0
+        index = self.index or 0  # also the launcher's key on the CPU (interpreter)
         o_strides = self.outputs.strides
         probe = _empty_output(bsz, hq, sq, dv, self.outputs.bshd, q.dtype, "meta")
         if cfg.get("TMA") and _tma_strides_ok((q, k, v, probe)):

@@ -20,6 +20,7 @@ path, and so does a CUDA graph capture until the key has been checked (the check
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Any, Callable, Sequence
@@ -50,6 +51,18 @@ def _current_stream() -> Callable[[int], int]:
     from triton.runtime import driver
 
     return driver.active.get_current_stream
+
+
+def cuda_index(t: torch.Tensor) -> int | None:
+    """t's CUDA device index, or None for a tensor off CUDA (interpreter runs on the CPU)."""
+    return (t.device.index or 0) if t.is_cuda else None
+
+
+def on_device(index: int | None) -> contextlib.AbstractContextManager[Any]:
+    """A context with CUDA device `index` current (nothing to do for None or when it already is)."""
+    if index is None or torch._C._cuda_getDevice() == index:
+        return contextlib.nullcontext()
+    return torch.cuda.device(index)
 
 
 def run_on_device(index: int | None, fn: Callable[..., Any], *args: Any) -> Any:
