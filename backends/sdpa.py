@@ -73,9 +73,15 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     odd column) the efficient kernel faults with "misaligned address" instead of declining (seen on
     H100, torch 2.11), which poisons the CUDA context. A copy costs far less than that.
     """
+    if not t.data_ptr() & 15 and t.is_contiguous():
+        return t  # the common case; a copy would have this very layout
     size = t.element_size()
-    if t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
-        return t.contiguous()
+    if t.data_ptr() & 15:
+        # clone, not contiguous(): a contiguous view at an odd address would come back as itself
+        return t.clone(memory_format=torch.contiguous_format)
+    if not (t.shape[-1] * size) & 15 and any(
+            (st * size) & 15 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+        return t.clone(memory_format=torch.contiguous_format)  # its rows will be 16-byte multiples
     return t
 
 

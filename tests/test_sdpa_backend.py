@@ -174,3 +174,21 @@ def test_every_eligible_variant_runs_gpu():
                 except Exception as e:  # collect all, report together
                     failures.append(f"{variant} {shape} causal={causal}: {type(e).__name__}: {str(e)[:200]}")
     assert not failures, "\n".join(failures)
+
+
+def test_aligned_copies_only_views_a_16_byte_vector_load_would_break() -> None:
+    from flashdispatch.backends.sdpa import _aligned
+
+    base = torch.randn(2, 4, 9, 72, dtype=torch.float16)
+    assert _aligned(base) is base  # contiguous, 144-byte rows
+    odd_start = torch.randn(2 * 4 * 9 * 72 + 1, dtype=torch.float16)[1:].view(2, 4, 9, 72)
+    assert odd_start.data_ptr() % 16 and _aligned(odd_start) is not odd_start
+    assert _aligned(odd_start).data_ptr() % 16 == 0
+    narrow = base[..., :60]  # 120-byte rows inside 144-byte ones: strides fine, a view, kept
+    assert _aligned(narrow) is narrow
+    odd_rows = torch.randn(2, 4, 9, 70, dtype=torch.float16)[..., :64]  # 140-byte row stride
+    assert _aligned(odd_rows) is not odd_rows and _aligned(odd_rows).is_contiguous()
+    odd_dim = torch.randn(2, 4, 9, 36, dtype=torch.float16)  # 72-byte rows: a copy would keep them
+    assert _aligned(odd_dim) is odd_dim
+    one_head = torch.randn(2, 9, 1, 64, dtype=torch.float16).transpose(1, 2)  # extent-1 dim, any stride
+    assert _aligned(one_head) is one_head
