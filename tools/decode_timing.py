@@ -4,7 +4,7 @@ Decode reads its KV cache once, so its time depends on where that cache is when 
 
 - do_bench: triton.testing.do_bench, which zeroes a 256 MB buffer before each repetition. The kernel
   then starts with L2 full of dirty lines that must be written back as it reads (the anchors and
-  docs/bench-h100 use this method).
+  `flashdispatch tune` use this method; the bench flushes the same way, then sleeps on the GPU).
 - read-flush: the same, but the 256 MB buffer is read (summed) instead of written: L2 is cold for
   our data and holds only clean lines.
 - rotated: `copies` distinct (q, k, v) sets, more bytes than L2, called in turn with no flush: each

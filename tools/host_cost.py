@@ -10,8 +10,9 @@ Two readings per backend (docs/integration.md):
   (key, lookup, layout handling, the call), measured without any kernel launch beside it.
 
 Times are the calling thread's CPU time (`time.thread_time`), which does not count the time the
-thread is descheduled on a shared host, and wall-clock time; each is the minimum over rounds of a
-per-call median, with the two sides interleaved round by round so that drift hits both alike.
+thread is descheduled on a shared host, and wall-clock time; each is the minimum over rounds of the
+mean per call of one round's back-to-back calls, with the two sides interleaved round by round so
+that drift hits both alike.
 
     python -m flashdispatch.tools.host_cost [--out host.json]
 """
