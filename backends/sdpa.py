@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from flashdispatch.alignment import aligned16
 from flashdispatch.backend import Capabilities, Implementation
 from flashdispatch.device import DeviceInfo
 from flashdispatch.problem import Problem
@@ -66,25 +67,6 @@ def math_with_lse(
     return out, lse.detach().float()
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """A copy when the base pointer or a row stride is not 16-byte aligned.
-
-    torch's fused CUDA kernels load 16-byte vectors; on a misaligned view (e.g. a slice starting at an
-    odd column) the efficient kernel faults with "misaligned address" instead of declining (seen on
-    H100, torch 2.11), which poisons the CUDA context. A copy costs far less than that.
-    """
-    if not t.data_ptr() & 15 and t.is_contiguous():
-        return t  # the common case; a copy would have this very layout
-    size = t.element_size()
-    if t.data_ptr() & 15:
-        # clone, not contiguous(): a contiguous view at an odd address would come back as itself
-        return t.clone(memory_format=torch.contiguous_format)
-    if not (t.shape[-1] * size) & 15 and any(
-            (st * size) & 15 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
-        return t.clone(memory_format=torch.contiguous_format)  # its rows will be 16-byte multiples
-    return t
-
-
 class _Sdpa(Implementation):
     backend: ClassVar[str] = "sdpa"
     kernel: ClassVar[SDPBackend | None] = None
@@ -124,7 +106,7 @@ class _Sdpa(Implementation):
 
     def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
         if q.is_cuda:
-            q, k, v = _aligned(q), _aligned(k), _aligned(v)
+            q, k, v = aligned16(q), aligned16(k), aligned16(v)
         return self._call(q, k, v, p), None
 
 

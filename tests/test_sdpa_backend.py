@@ -177,7 +177,7 @@ def test_every_eligible_variant_runs_gpu():
 
 
 def test_aligned_copies_only_views_a_16_byte_vector_load_would_break() -> None:
-    from flashdispatch.backends.sdpa import _aligned
+    from flashdispatch.alignment import aligned16 as _aligned
 
     base = torch.randn(2, 4, 9, 72, dtype=torch.float16)
     assert _aligned(base) is base  # contiguous, 144-byte rows
@@ -192,3 +192,5 @@ def test_aligned_copies_only_views_a_16_byte_vector_load_would_break() -> None:
     assert _aligned(odd_dim) is odd_dim
     one_head = torch.randn(2, 9, 1, 64, dtype=torch.float16).transpose(1, 2)  # extent-1 dim, any stride
     assert _aligned(one_head) is one_head
+    strided_last = base[..., ::2]  # a non-unit last stride: copied dense
+    assert _aligned(strided_last).stride(-1) == 1

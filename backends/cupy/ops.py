@@ -18,21 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from flashdispatch.alignment import aligned16
+
 from . import configs
 from .kernels import CompiledKernel, compile_kernel
 
 DTYPE_NAME: dict[torch.dtype, str] = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 PREP_THREADS = 256
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """`t` itself when its rows are 16-byte aligned with unit last stride, else a dense copy."""
-    ok = (
-        t.stride(-1) == 1
-        and t.data_ptr() % 16 == 0
-        and all(s % 8 == 0 for s in t.stride()[:-1])
-    )
-    return t if ok else t.contiguous()
 
 
 def _arch(device: torch.device) -> tuple[int, str]:
@@ -169,7 +161,7 @@ class _ForwardPlan:
         ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr())
         strides = self.in_strides
         if strides is None or (ptrs[0] | ptrs[1] | ptrs[2]) & 15:
-            q, k, v = _aligned(q), _aligned(k), _aligned(v)
+            q, k, v = aligned16(q), aligned16(k), aligned16(v)
             ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr())
             strides = (*_strides3(q), *_strides3(k), *_strides3(v))
         args = (*ptrs, out.data_ptr(), lse.data_ptr(), *strides, *self.scalars)
@@ -241,7 +233,7 @@ def cupy_backward(
     if b == 0 or hq == 0 or sk == 0 or sq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     do = do.to(q.dtype)
-    q, k, v, do, out = (_aligned(t) for t in (q, k, v, do, out))
+    q, k, v, do, out = (aligned16(t) for t in (q, k, v, do, out))
     lse = lse.contiguous()
     idx, arch = _arch(q.device)
     cc = int(arch[3:])
