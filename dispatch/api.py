@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -29,8 +30,9 @@ def _empty_result(
         shape = (p.batch, p.seqlen_q, p.heads_q, p.head_dim_v)
     out = q.new_zeros(shape)
     if p.needs_grad:
-        # keep the graph connected so that backward() gives zero gradients instead of an error
-        out = out + 0.0 * (q.sum() + k.sum() + v.sum()).to(out.dtype)
+        # keep the graph connected so that backward() gives zero gradients instead of an error;
+        # sums over empty slices are exactly 0 (0 * q.sum() is NaN once the sum overflows fp16)
+        out = out + (q.reshape(-1)[:0].sum() + k.reshape(-1)[:0].sum() + v.reshape(-1)[:0].sum()).to(out.dtype)
     lse = torch.full((p.batch, p.heads_q, p.seqlen_q), float("-inf"), device=q.device, dtype=torch.float32)
     return out, lse
 
@@ -109,9 +111,13 @@ def attention(
     except (AttributeError, TypeError):  # not tensors, or unhashable options: the slow path explains
         key, hit = None, None
     if hit is None:
+        generation = selection.generation
         p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
         hit = (p, None, None) if p.is_empty else (p, REGISTRY.get((d := select(p, backend)).variant), d.config)
-        if key is not None:
+        # not after a refresh() that ran while this call decided under the old snapshot
+        if key is not None and generation == selection.generation:
+            if len(_fast) >= selection.MAX_CACHED:
+                _fast.clear()
             _fast[key] = hit
     p, impl, config = hit
     if impl is None:
@@ -173,4 +179,6 @@ def explain(
             p = p._replace(needs_grad=needs_grad)
         if sim is not None:
             p = p._replace(device_kind=sim.kind)
-    return select(p, backend, device=sim)
+    d = select(p, backend, device=sim)
+    # the cached Decision's config is the dict attention() runs with: the caller gets copies
+    return dataclasses.replace(d, config=dict(d.config), rejected={n: list(r) for n, r in d.rejected.items()})

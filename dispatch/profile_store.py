@@ -203,7 +203,8 @@ def load_profile(key: str | None, user_dir: str = "") -> tuple[Profile | None, l
     for text, path in sources:
         try:
             return parse_profile(text, path), problems
-        except ProfileError as e:
-            log.warning("%s; ignoring it", e)
-            problems.append(str(e))
+        except Exception as e:  # a malformed file of any kind is ignored, never breaks attention()
+            why = str(e) if isinstance(e, ProfileError) else f"{path}: {type(e).__name__}: {e}"
+            log.warning("%s; ignoring it", why)
+            problems.append(why)
     return None, problems

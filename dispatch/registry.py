@@ -86,11 +86,13 @@ class Registry:
         self._load()
         self._impls[impl.name] = impl
         self._availability.pop(impl.name, None)
+        _forget_decisions()
 
     def unregister(self, name: str) -> None:
         self._load()
         self._impls.pop(name, None)
         self._availability.pop(name, None)
+        _forget_decisions()
 
     def all(self) -> dict[str, Implementation]:
         self._load()
@@ -124,3 +126,10 @@ class Registry:
 
 
 REGISTRY = Registry()
+
+
+def _forget_decisions() -> None:
+    """Cached decisions may name (or miss) a changed implementation: drop them."""
+    from . import selection  # here: selection imports this module
+
+    selection.refresh()

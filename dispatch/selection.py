@@ -144,6 +144,11 @@ _state: _State | None = None
 # attention()'s hot-path cache: call signature -> (Problem, Implementation | None, config). One
 # dict for the life of the process (refresh() empties it), so that the hot path holds it bound.
 FAST: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
+# Bumped by refresh(): a decision made under an older snapshot is not cached.
+generation = 0
+# Entries of FAST and of the decision cache before they are emptied: a decode loop whose KV cache
+# grows by one key per step makes a new signature every step.
+MAX_CACHED = 4096
 
 
 def state() -> _State:
@@ -155,7 +160,8 @@ def state() -> _State:
 
 def refresh() -> None:
     """Re-read environment variables and profiles and forget cached decisions."""
-    global _state
+    global _state, generation
+    generation += 1
     _state = None
     FAST.clear()
 
@@ -228,6 +234,8 @@ def select(p: Problem, backend: str | None = None, *, device: DeviceInfo | None 
         d = st.cache.get(key)  # another thread may have decided while this one waited
         if d is None:
             d = _select_uncached(p, forced, source, device)
+            if len(st.cache) >= MAX_CACHED:
+                st.cache.clear()
             st.cache[key] = d
             if st.settings.log == "decisions":  # each decision is made, so logged, once
                 log.info("%s", d)

@@ -220,7 +220,7 @@ def test_decision_is_cached_and_logged_once(monkeypatch, caplog):
             fd.attention(q, k, v)
     logged = [r for r in caplog.records if "flashdispatch decision" in r.getMessage()]
     assert len(logged) == 1 and "source: default" in logged[0].getMessage()
-    assert fd.explain(q, k, v) is fd.explain(q, k, v)  # cached object
+    assert fd.explain(q, k, v) == fd.explain(q, k, v)  # the cached decision, as copies
 
 
 def test_no_backend_error_lists_inputs_and_reasons(monkeypatch):
@@ -292,3 +292,84 @@ def test_host_cost_tool_measures_the_dispatcher_alone_and_restores_the_cache():
     assert alone.run_us < alone.attention_us < 20.0, alone
     assert all(impl.name == with_backend.backend and type(impl).__name__ != "_Immediate"
                for _, impl, _ in selection.state().fast.values() if impl is not None)
+
+
+def test_explain_hands_out_copies_that_cannot_change_what_attention_runs():
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 16)
+    fd.attention(q, k, v)
+    d = fd.explain(q, k, v)
+    d.config["poison"] = 1
+    d.rejected.setdefault("x", []).append("y")
+    hit = [entry for entry in selection.FAST.values() if entry[0].seqlen_q == 5]
+    assert hit and all("poison" not in config for _, _, config in hit)
+    assert "poison" not in fd.explain(q, k, v).config
+
+
+def test_register_and_unregister_forget_cached_decisions():
+    class Fake(Implementation):
+        name = "fake"
+        backend = "fake"
+
+        def capabilities(self, dev):
+            return Capabilities(device_kinds=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
+                                max_head_dim=256, lse=False)
+
+        def run(self, q, k, v, p, config):
+            return torch.full_like(q, 7.0), None
+
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 16)
+    REGISTRY.register(Fake())
+    try:
+        assert float(fd.attention(q, k, v, backend="fake")[0, 0, 0, 0]) == 7.0
+    finally:
+        REGISTRY.unregister("fake")
+    with pytest.raises(ValueError, match="unknown backend"):  # not the stale cached decision
+        fd.attention(q, k, v, backend="fake")
+
+
+def test_a_malformed_profile_is_ignored_not_fatal(tmp_path, monkeypatch, caplog):
+    (tmp_path / "cpu.yaml").write_text(
+        "schema: 1\ndevice: {key: cpu, name: cpu, arch: cpu}\n"
+        'generated: {date: "2026-11-26", tool: test, card: cpu, command: test}\nmeasured: true\nentries:\n'
+        "  - match: {dtype: fp32, head_dim: 16, causal: false, gqa: 1, pass: fwd, seqlen: 5}\n"
+        "    shape: {B: 1, Hq: 2, Hkv: 2, Sq: 5, Sk: 5, D: 16}\n"
+        "    ranking: [sdpa]\n    ms: {sdpa: null}\n"
+    )
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
+    fd.refresh()
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 16)
+    with caplog.at_level(logging.WARNING, logger="flashdispatch"):
+        check_forward(fd.attention(q, k, v), q, k, v, causal=False)
+    assert any("ignoring it" in r.getMessage() and "TypeError" in r.getMessage() for r in caplog.records)
+
+
+def test_decision_caches_are_bounded(monkeypatch):
+    monkeypatch.setattr(selection, "MAX_CACHED", 3)
+    for sk in range(5, 12):  # a decode loop whose KV cache grows: a new signature every step
+        q, k, v = make_qkv(1, 2, 2, 1, sk, 16)
+        fd.attention(q, k, v)
+    assert len(selection.FAST) <= 3 and len(selection.state().cache) <= 3
+
+
+def test_a_decision_made_across_a_refresh_is_not_cached(monkeypatch):
+    q, k, v = make_qkv(1, 2, 2, 6, 6, 16)
+    real_select = selection.select
+
+    def select_then_refresh(*args, **kwargs):
+        d = real_select(*args, **kwargs)
+        fd.refresh()  # another thread re-read the environment meanwhile
+        return d
+
+    monkeypatch.setattr("flashdispatch.api.select", select_then_refresh)
+    fd.attention(q, k, v)
+    assert not any(entry[0].seqlen_q == 6 for entry in selection.FAST.values())
+
+
+def test_empty_keys_with_grad_give_zero_gradients_in_fp16():
+    q = torch.full((1, 8, 128, 128), 1.0, dtype=torch.float16, requires_grad=True)  # q.sum() overflows fp16
+    k = torch.ones((1, 8, 0, 128), dtype=torch.float16, requires_grad=True)
+    v = torch.ones((1, 8, 0, 128), dtype=torch.float16, requires_grad=True)
+    out = fd.attention(q, k, v)
+    assert out.shape == (1, 8, 128, 128) and not out.isnan().any() and (out == 0).all()
+    out.sum().backward()
+    assert (q.grad == 0).all()
