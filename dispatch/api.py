@@ -16,7 +16,7 @@ from .selection import Decision, select, simulated_or_none
 # bound once: attention()'s hot path calls them on every call
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
-_local = selection._local
+_forced_blocks = selection.forced_blocks
 _fast = selection.FAST
 
 
@@ -94,7 +94,7 @@ def attention(
         return (out, lse) if return_lse else out
     # Hot path: one tuple and one dict lookup once this exact call signature has been seen. The key
     # holds everything the Problem is derived from, plus the thread's forced backend.
-    stack = _local.stack
+    stack = _forced_blocks()
     try:
         # is_contiguous() is the common case and cheaper than stride(); else the last stride
         # (whether a copy is needed). Devices as get_device() ints (cheaper than .device), which

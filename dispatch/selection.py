@@ -8,6 +8,7 @@ which `refresh()` rebuilds.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -68,19 +69,13 @@ class Decision:
         return "\n".join(lines)
 
 
-# --- forcing: argument > thread-local context > environment --------------------------------------
+# --- forcing: argument > use_backend() context > environment ------------------------------------
 
-class _Local(threading.local):
-    def __init__(self) -> None:
-        # per thread, set on its first access: the hot path reads it without a getattr default
-        self.stack: list[str] = []
-
-
-_local = _Local()
-
-
-def _context_stack() -> list[str]:
-    return _local.stack
+# The forced backends of use_backend() blocks, innermost last. A ContextVar, not a thread-local:
+# asyncio tasks sharing a thread each see their own blocks (a task's context is copied when it is
+# created), and a new thread starts with none.
+_forced_blocks: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("flashdispatch_forced", default=())
+forced_blocks = _forced_blocks.get  # the hot path calls it on every call
 
 
 def validate_backend_name(name: str, arg: str = "backend") -> str:
@@ -100,12 +95,11 @@ def use_backend(name: str) -> Iterator[None]:
     `use_backend("auto")` inside an outer block restores automatic selection for the inner block.
     """
     n = validate_backend_name(name)
-    st = _context_stack()
-    st.append(n)
+    token = _forced_blocks.set(_forced_blocks.get() + (n,))
     try:
         yield
     finally:
-        st.pop()
+        _forced_blocks.reset(token)
 
 
 def current_forced(arg: str | None, settings: envs.Settings) -> tuple[str | None, str]:
@@ -114,7 +108,7 @@ def current_forced(arg: str | None, settings: envs.Settings) -> tuple[str | None
         if n != "auto":
             return n, "argument"
         return None, "default"
-    st = _local.stack
+    st = _forced_blocks.get()
     if st:
         n = st[-1]
         return (None, "default") if n == "auto" else (n, "context")

@@ -373,3 +373,31 @@ def test_empty_keys_with_grad_give_zero_gradients_in_fp16():
     assert out.shape == (1, 8, 128, 128) and not out.isnan().any() and (out == 0).all()
     out.sum().backward()
     assert (q.grad == 0).all()
+
+
+def test_use_backend_is_per_asyncio_task():
+    import asyncio
+
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 16)
+    seen: list[str] = []
+
+    async def a(entered: asyncio.Event, b_inside: asyncio.Event, a_left: asyncio.Event) -> None:
+        with fd.use_backend("sdpa:math"):
+            entered.set()
+            await b_inside.wait()
+        a_left.set()  # left its block while b is still inside b's
+
+    async def b(entered: asyncio.Event, b_inside: asyncio.Event, a_left: asyncio.Event) -> None:
+        await entered.wait()
+        with fd.use_backend("sdpa"):
+            b_inside.set()
+            await a_left.wait()
+            seen.append(fd.explain(q, k, v).variant)
+        seen.append(fd.explain(q, k, v).source)
+
+    async def main() -> None:
+        events = (asyncio.Event(), asyncio.Event(), asyncio.Event())
+        await asyncio.gather(a(*events), b(*events))
+
+    asyncio.run(main())
+    assert seen == ["sdpa", "default"], seen
