@@ -153,3 +153,15 @@ def test_import_does_not_import_cupy() -> None:
         "assert 'cupy' not in sys.modules, 'cupy imported eagerly'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_warmup_of_a_partial_config_compiles_what_the_runtime_launches() -> None:
+    from flashdispatch.backends.cupy import warmup
+
+    bwd_only = {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_WARPS": 4}
+    specs = set(warmup.specs_from_items([bwd_only], 90))
+    for d in configs.BACKWARD_HEAD_DIMS:
+        runtime = configs.parse_config(bwd_only, d, 90)  # what a call with this config runs
+        for causal in (False, True):
+            assert set(configs.bwd_specs(d, "bf16", causal, runtime)) <= specs
+            assert configs.fwd_spec(d, "bf16", causal, runtime) in specs

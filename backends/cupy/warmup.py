@@ -68,6 +68,20 @@ def default_specs(cuda_capability: int, head_dims: Iterable[int] = configs.HEAD_
     return list(dict.fromkeys(out))
 
 
+def specs_from_items(items: Iterable[KernelSpec | dict[str, int]], cc: int) -> list[KernelSpec]:
+    """Kernel specs of explicit items: specs as given; a config dict overlaid on each head dim's
+    defaults first, as the runtime does (parse_config), so that a partial dict warms the kernels
+    that will run (its dQ tiles included)."""
+    specs: list[KernelSpec] = []
+    for item in items:
+        if isinstance(item, KernelSpec):
+            specs.append(item)
+        else:
+            for d in configs.HEAD_DIMS:
+                specs += configs.specs_for([configs.parse_config(item, d, cc)], [d])
+    return specs
+
+
 def warmup(
     profile_or_configs: Any = None, *, device_index: int | None = None, jobs: int = DEFAULT_JOBS
 ) -> WarmupReport:
@@ -101,11 +115,7 @@ def warmup(
     elif hasattr(profile_or_configs, "entries"):
         specs += specs_from_profile(profile_or_configs, cc)
     else:
-        for item in profile_or_configs:
-            if isinstance(item, KernelSpec):
-                specs.append(item)
-            else:
-                specs += configs.specs_for([item], configs.HEAD_DIMS)
+        specs += specs_from_items(profile_or_configs, cc)
     specs = [s for s in dict.fromkeys(specs) if configs.fits(s, cc)]
 
     report = WarmupReport(device=f"{torch.cuda.get_device_name(idx)} ({arch})")
