@@ -165,3 +165,20 @@ def test_warmup_of_a_partial_config_compiles_what_the_runtime_launches() -> None
         for causal in (False, True):
             assert set(configs.bwd_specs(d, "bf16", causal, runtime)) <= specs
             assert configs.fwd_spec(d, "bf16", causal, runtime) in specs
+
+
+@pytest.mark.parametrize("cc", [86, 89, 120])
+def test_a_profile_config_too_large_for_the_card_falls_back_to_one_that_fits(cc: int) -> None:
+    big = {"BLOCK_M": 128, "BLOCK_N": 128, "WARPS": 8, "BWD_BLOCK_M": 64, "BWD_BLOCK_N": 128, "BWD_WARPS": 8}
+    assert not configs.fits(configs.fwd_spec(128, "bf16", False, big), cc)  # an A100/H100 tile
+    cfg = configs.runnable_config(big, 128, cc)
+    assert configs.fits(configs.fwd_spec(128, "bf16", True, cfg), cc)
+    assert all(configs.fits(s, cc) for s in configs.bwd_specs(128, "bf16", True, cfg))
+    on_h100 = configs.runnable_config(big, 128, 90)  # fits there: kept as given
+    assert {k: on_h100[k] for k in big} == big
+
+
+def test_no_fitting_tile_is_a_reason_not_a_crash() -> None:
+    assert configs.no_fit_reasons(128, 90, backward=True) == []
+    reasons = configs.no_fit_reasons(256, 75, backward=False)  # 48 KiB of shared memory
+    assert reasons and "D=256" in reasons[0] and "shared memory" in reasons[0]

@@ -30,7 +30,8 @@ SMEM_PAD = 8
 ELEM_BYTES = 2
 # Opt-in shared memory per block by compute capability (CUDA programming guide, table of
 # technical specifications); unknown archs get the portable 48 KiB.
-SMEM_LIMIT_BY_CC: dict[int, int] = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+SMEM_LIMIT_BY_CC: dict[int, int] = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
+                                    100: 232448, 120: 101376}
 SMEM_LIMIT_DEFAULT = 49152
 # Accumulator floats per thread above which ptxas starts spilling these kernels (seen in
 # `nvcc -Xptxas -v` for sm_90, nvcc 13.0: fwd at 192 and dK/dV D=128 at 192 spill; at the limits
@@ -198,6 +199,36 @@ def parse_config(config: dict[str, Any], head_dim: int, cuda_capability: int = 9
             raise ValueError(f"cupy config {key}: expected an int, got {value!r}")
         out[key] = value
     return out
+
+
+def runnable_config(config: dict[str, Any], head_dim: int, cuda_capability: int) -> dict[str, int]:
+    """parse_config, then the forward or backward tiles that do not fit this device's shared
+    memory replaced by the device's defaults: a profile written for another card of the same
+    family (an sm_86/89 GPU reads the A100's) must not fail at launch."""
+    cfg = parse_config(config, head_dim, cuda_capability)
+    default = default_config(head_dim, cuda_capability)
+    if all(k in cfg for k in FWD_KEYS) and not fits(fwd_spec(head_dim, "fp16", False, cfg), cuda_capability):
+        for k in FWD_KEYS:
+            cfg.pop(k, None)
+        cfg.update({k: default[k] for k in FWD_KEYS if k in default})
+    if all(k in cfg for k in BWD_KEYS) and not all(
+            fits(s, cuda_capability) for s in bwd_specs(head_dim, "fp16", False, cfg)):
+        for k in BWD_KEYS + DQ_KEYS:
+            cfg.pop(k, None)
+        cfg.update({k: default[k] for k in BWD_KEYS + DQ_KEYS if k in default})
+    return cfg
+
+
+def no_fit_reasons(head_dim: int, cuda_capability: int, backward: bool) -> list[str]:
+    """Why no tile of this head dim can run on the device (empty when one fits)."""
+    cfg = default_config(head_dim, cuda_capability)
+    limit = f"the {smem_limit(cuda_capability)} bytes of shared memory per block of sm_{cuda_capability}"
+    r = []
+    if head_dim in HEAD_DIMS and not all(k in cfg for k in FWD_KEYS):
+        r.append(f"no forward tile for D={head_dim} fits {limit}")
+    if backward and head_dim in BACKWARD_HEAD_DIMS and not all(k in cfg for k in BWD_KEYS):
+        r.append(f"no backward tile for D={head_dim} fits {limit}")
+    return r
 
 
 def fwd_spec(head_dim: int, dtype: str, causal: bool, cfg: dict[str, int]) -> KernelSpec:

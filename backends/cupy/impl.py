@@ -81,6 +81,7 @@ class CupyAttention(Implementation):
             r.append(
                 f"requires_grad with head_dim={p.head_dim} (backward supports {list(configs.BACKWARD_HEAD_DIMS)})"
             )
+        r += configs.no_fit_reasons(p.head_dim, dev.cuda_capability or 90, p.needs_grad)
         if max(p.seqlen_q, p.seqlen_k) >= 2**31:
             r.append(f"seqlen={max(p.seqlen_q, p.seqlen_k)} (kernel row indices are 32-bit)")
         # heads and batch are grid dimensions y and z, which CUDA caps at 65535

@@ -134,7 +134,7 @@ class _ForwardPlan:
         self.index, arch = _arch(q.device)
         if self.finished:
             return
-        cfg = configs.parse_config(config, d, int(arch[3:]))
+        cfg = configs.runnable_config(config, d, int(arch[3:]))
         spec = configs.fwd_spec(d, DTYPE_NAME[q.dtype], bool(causal) and sq > 1, cfg)
         kern = compile_kernel(spec, self.index, arch)
         self.kernel = _device_function(kern, self.index)
@@ -237,7 +237,7 @@ def cupy_backward(
     lse = lse.contiguous()
     idx, arch = _arch(q.device)
     cc = int(arch[3:])
-    cfg = configs.parse_config(config or {}, d, cc)
+    cfg = configs.runnable_config(config or {}, d, cc)
     prep, dq_spec, dkdv_spec = configs.bwd_specs(d, DTYPE_NAME[q.dtype], bool(causal) and sq > 1, cfg)
     delta = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
     lse2 = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
