@@ -14,6 +14,14 @@ from typing import Any
 import torch
 
 
+@functools.lru_cache(maxsize=64)  # read by every capability check of every new problem
+def _cuda_capability(kind: str, arch: str) -> int:
+    if kind == "cuda" and arch.startswith("sm_"):
+        digits = "".join(ch for ch in arch[3:] if ch.isdigit())
+        return int(digits) if digits else 0
+    return 0
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     kind: str  # "cuda" | "rocm" | "cpu"
@@ -28,10 +36,7 @@ class DeviceInfo:
     @property
     def cuda_capability(self) -> int:
         """80 for sm_80, 90 for sm_90; 0 on anything else."""
-        if self.kind == "cuda" and self.arch.startswith("sm_"):
-            digits = "".join(ch for ch in self.arch[3:] if ch.isdigit())
-            return int(digits) if digits else 0
-        return 0
+        return _cuda_capability(self.kind, self.arch)
 
     def describe(self) -> str:
         sim = " (simulated)" if self.simulated else ""

@@ -98,15 +98,22 @@ class Profile:
         card = g.get("card") or self.device.get("name", "?")
         return f"{self.path}: {how} on {card}, {g.get('date', '?')}, by {g.get('tool', '?')}"
 
+    def _groups(self) -> dict[tuple[Any, ...], list[Entry]]:
+        """Entries by the keys lookup() matches exactly, in file order (kept while `entries` is
+        unchanged): a decode loop with a growing KV cache looks up on every step."""
+        cached = self.__dict__.get("_groups_cache")
+        if cached is not None and cached[0] == len(self.entries):
+            return cached[1]
+        groups: dict[tuple[Any, ...], list[Entry]] = {}
+        for e in self.entries:
+            m = e.match
+            groups.setdefault((m["dtype"], m["head_dim"], bool(m["causal"]), m["pass"]), []).append(e)
+        self.__dict__["_groups_cache"] = (len(self.entries), groups)
+        return groups
+
     def lookup(self, p: Problem) -> Entry | None:
         """Same dtype, head_dim, causal and pass; then nearest gqa, then nearest seqlen (log)."""
-        want_pass = problem_pass(p)
-        causal = p.effective_causal
-        cands = [
-            e for e in self.entries
-            if e.match["dtype"] == p.dtype_name and e.match["head_dim"] == p.head_dim
-            and bool(e.match["causal"]) == causal and e.match["pass"] == want_pass
-        ]
+        cands = self._groups().get((p.dtype_name, p.head_dim, p.effective_causal, problem_pass(p)))
         if not cands:
             return None
 

@@ -179,6 +179,6 @@ def test_a_profile_config_too_large_for_the_card_falls_back_to_one_that_fits(cc:
 
 
 def test_no_fitting_tile_is_a_reason_not_a_crash() -> None:
-    assert configs.no_fit_reasons(128, 90, backward=True) == []
+    assert configs.no_fit_reasons(128, 90, backward=True) == ()
     reasons = configs.no_fit_reasons(256, 75, backward=False)  # 48 KiB of shared memory
     assert reasons and "D=256" in reasons[0] and "shared memory" in reasons[0]

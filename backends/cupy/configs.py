@@ -12,6 +12,8 @@ Defaults, the tuner's space, the nvcc check and `warmup` all read the tables bel
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Iterable, NamedTuple
 
 HEAD_DIMS: tuple[int, ...] = (32, 64, 96, 128, 256)
@@ -219,8 +221,10 @@ def runnable_config(config: dict[str, Any], head_dim: int, cuda_capability: int)
     return cfg
 
 
-def no_fit_reasons(head_dim: int, cuda_capability: int, backward: bool) -> list[str]:
-    """Why no tile of this head dim can run on the device (empty when one fits)."""
+@functools.lru_cache(maxsize=256)
+def no_fit_reasons(head_dim: int, cuda_capability: int, backward: bool) -> tuple[str, ...]:
+    """Why no tile of this head dim can run on the device (empty when one fits); cached: selection
+    asks on every new problem."""
     cfg = default_config(head_dim, cuda_capability)
     limit = f"the {smem_limit(cuda_capability)} bytes of shared memory per block of sm_{cuda_capability}"
     r = []
@@ -228,7 +232,7 @@ def no_fit_reasons(head_dim: int, cuda_capability: int, backward: bool) -> list[
         r.append(f"no forward tile for D={head_dim} fits {limit}")
     if backward and head_dim in BACKWARD_HEAD_DIMS and not all(k in cfg for k in BWD_KEYS):
         r.append(f"no backward tile for D={head_dim} fits {limit}")
-    return r
+    return tuple(r)
 
 
 def fwd_spec(head_dim: int, dtype: str, causal: bool, cfg: dict[str, int]) -> KernelSpec:

@@ -27,6 +27,7 @@ Shared jit helpers for the backward kernel (names are stable): `online_softmax_s
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -547,6 +548,7 @@ def attention_forward(
 # --- autograd ------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)  # an import attempt per call: selection asks for every new problem
 def backward_available() -> bool:
     """True once backends/triton/backward.py provides attention_backward."""
     try:
