@@ -109,3 +109,41 @@ def test_missing_profile_means_default_order(tmp_path, monkeypatch):
     assert prof is None and problems == []
     d = fd.explain(shape=(1, 4, 4, 128, 128, 64), dtype="fp32", device="cpu")
     assert d.source == "default" and d.variant == "sdpa"
+
+
+def test_indexed_lookup_equals_a_scan_of_every_entry() -> None:
+    import math
+    import random
+
+    import torch
+
+    from flashdispatch.problem import problem_from_shape
+    from flashdispatch.profile_store import load_profile, problem_pass
+
+    def scan(prof, p):  # the definition: exact keys, then nearest gqa, then nearest lengths (log)
+        cands = [e for e in prof.entries if e.match["dtype"] == p.dtype_name and e.match["head_dim"] == p.head_dim
+                 and bool(e.match["causal"]) == p.effective_causal and e.match["pass"] == problem_pass(p)]
+
+        def distance(e):
+            m = e.match
+            g = abs(math.log2(m["gqa"]) - math.log2(max(1, p.gqa_ratio)))
+            d = abs(math.log2(m["seqlen"]) - math.log2(max(1, p.seqlen_k)))
+            d += abs(math.log2(m.get("seqlen_q", m["seqlen"])) - math.log2(max(1, p.seqlen_q)))
+            if "batch" in m:
+                d += abs(math.log2(m["batch"]) - math.log2(max(1, p.batch)))
+            return (g, d)
+
+        return min(cands, key=distance) if cands else None
+
+    rng = random.Random(0)
+    for key in ("h100", "h200", "a100", "mi300x"):
+        prof, _ = load_profile(key, None)
+        assert prof is not None
+        for _ in range(300):
+            hkv = rng.choice([1, 2, 8, 32])
+            sq = rng.choice([1, 4, 17, 512, 4096])
+            shape = (rng.choice([1, 4, 64]), hkv * rng.choice([1, 4]), hkv, sq, rng.randint(1, 40000),
+                     rng.choice([64, 96, 128, 256]))
+            p = problem_from_shape(shape, dtype=rng.choice([torch.bfloat16, torch.float16]), device_kind="cuda",
+                                   causal=rng.random() < 0.5, needs_grad=rng.random() < 0.3)
+            assert prof.lookup(p) is scan(prof, p), (key, shape)
