@@ -45,3 +45,18 @@ def test_odd_head_dim_and_fp32_compile() -> None:
                        head_dim_v=96, dtype="fp32")]
     results = check_configs(["cuda:sm_80", "hip:gfx90a"], cases)
     assert all(r.ok for r in results), "\n".join(str(r) for r in results)
+
+
+def test_a_config_too_large_for_dv_shrinks_until_it_fits(caplog: pytest.LogCaptureFixture) -> None:
+    from flashdispatch.backends.triton import configs
+
+    tuned_for_d64 = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+    assert configs.shrink_to_fit(tuned_for_d64, "sm_90", 64, 64) is tuned_for_d64  # fits: untouched
+    assert not configs.fits_shared_memory(tuned_for_d64, "sm_90", 64, 256)  # Dv=256 V tiles
+    with caplog.at_level("WARNING", logger="flashdispatch"):
+        got = configs.shrink_to_fit(tuned_for_d64, "sm_90", 64, 256)
+    assert configs.fits_shared_memory(got, "sm_90", 64, 256) and got["BLOCK_M"] == 128
+    assert got["num_stages"] < 3 or got["BLOCK_N"] < 128
+    assert any("does not fit" in r.getMessage() for r in caplog.records)
+    amd = configs.shrink_to_fit({"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}, "gfx942", 256, 256)
+    assert configs.fits_shared_memory(amd, "gfx942", 256, 256)

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 from typing import Any
 
 import torch
+
+log = logging.getLogger("flashdispatch")
 
 DTYPES: frozenset[torch.dtype] = frozenset({torch.float16, torch.bfloat16, torch.float32})
 MAX_HEAD_DIM = 256
@@ -318,6 +321,32 @@ def forward_shared_bytes(cfg: dict[str, Any], head_dim: int, head_dim_v: int, el
 def fits_shared_memory(cfg: dict[str, Any], arch: str, head_dim: int, head_dim_v: int,
                        elt_bytes: int = 2) -> bool:
     return forward_shared_bytes(cfg, head_dim, head_dim_v, elt_bytes) <= SHARED_MEMORY_BYTES[arch]
+
+
+def shrink_to_fit(cfg: dict[str, Any], arch: str, head_dim: int, head_dim_v: int,
+                  elt_bytes: int = 2) -> dict[str, Any]:
+    """`cfg`, or the nearest smaller config whose tiles fit `arch`'s shared memory: fewer stages
+    first, then half the key block, then half the query block.
+
+    Why: a profile entry is matched on D, not Dv, so a config tuned for D = Dv = 64 can meet
+    Dv = 256 (its V tiles four times larger); launching it would fail with Triton's
+    OutOfResources instead of running a little slower.
+    """
+    if fits_shared_memory(cfg, arch, head_dim, head_dim_v, elt_bytes):
+        return cfg
+    out = dict(cfg)
+    while not fits_shared_memory(out, arch, head_dim, head_dim_v, elt_bytes):
+        if out.get("num_stages", 1) > 1:
+            out["num_stages"] -= 1
+        elif out["BLOCK_N"] > 16:
+            out["BLOCK_N"] //= 2
+        elif out["BLOCK_M"] > 16:
+            out["BLOCK_M"] //= 2
+        else:
+            break  # nothing smaller: let the compiler say why
+    log.warning("flashdispatch triton: config %s does not fit %s shared memory at D=%d, Dv=%d; using %s",
+                cfg, arch, head_dim, head_dim_v, out)
+    return out
 
 
 def fits_registers(cfg: dict[str, Any], arch: str, head_dim_v: int) -> bool:

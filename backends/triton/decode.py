@@ -192,7 +192,8 @@ class _DecodePlan:
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                  config: dict[str, Any]) -> None:
         _check_inputs(q, k, v)
-        cfg = configs.resolve_decode(config, configs.arch_of_tensor(q), q.shape[3])
+        arch = configs.arch_of_tensor(q)
+        cfg = configs.resolve_decode(config, arch, q.shape[3])
         self.forward: dict[str, Any] | None = None
         if cfg["PATH"] == "forward":
             self.forward = {key: val for key, val in config.items()
@@ -208,6 +209,9 @@ class _DecodePlan:
         if self.outputs.finished:
             return
         out = _empty_output(bsz, hq, sq, dv, self.outputs.bshd, q.dtype, "meta")  # strides only
+        # stages and key block to fit the shared memory, counted with the largest query block
+        fitted = configs.shrink_to_fit({**cfg, "BLOCK_M": configs.DECODE_MAX_BLOCK_M}, arch, d, dv, q.element_size())
+        cfg = {**cfg, "num_stages": fitted["num_stages"], "BLOCK_N": fitted["BLOCK_N"]}
         block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
         index = self.index or 0  # also the launcher's key on the CPU (interpreter)
         sm_count = configs.sm_count_of(q.device.type, index)

@@ -456,7 +456,9 @@ class _ForwardPlan:
         if self.outputs.finished:
             return
         effective_causal = bool(causal) and sq > 1
-        cfg = configs.resolve_forward(config, configs.arch_of_tensor(q), max(d, dv), effective_causal, sq, sk)
+        arch = configs.arch_of_tensor(q)
+        cfg = configs.shrink_to_fit(configs.resolve_forward(config, arch, max(d, dv), effective_causal, sq, sk),
+                                    arch, d, dv, q.element_size())
         block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
         grid = (-(-sq // cfg["BLOCK_M"]) * bsz * hq,)
         qk_scale = float(scale) * 1.4426950408889634
