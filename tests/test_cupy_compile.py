@@ -182,3 +182,31 @@ def test_no_fitting_tile_is_a_reason_not_a_crash() -> None:
     assert configs.no_fit_reasons(128, 90, backward=True) == ()
     reasons = configs.no_fit_reasons(256, 75, backward=False)  # 48 KiB of shared memory
     assert reasons and "D=256" in reasons[0] and "shared memory" in reasons[0]
+
+
+def test_cache_files_are_written_whole_and_readable(tmp_path) -> None:
+    import os
+    import stat
+
+    from flashdispatch.backends.cupy import kernels
+
+    path = str(tmp_path / "cupy" / "abc.cubin")
+    kernels.write_atomic(path, b"\x7fELF" + bytes(100))
+    assert open(path, "rb").read() == b"\x7fELF" + bytes(100)
+    assert stat.S_IMODE(os.stat(path).st_mode) & 0o044  # group/others may read a shared cache
+    assert os.listdir(tmp_path / "cupy") == ["abc.cubin"]  # no temporary file left
+
+
+def test_an_unloadable_cache_file_is_removed_and_reported(tmp_path, monkeypatch, caplog) -> None:
+    from flashdispatch.backends.cupy import kernels
+
+    bad = tmp_path / "broken.cubin"
+    bad.write_bytes(b"truncated")
+
+    def load(path: str, symbol: str) -> None:
+        raise RuntimeError("CUDA_ERROR_INVALID_IMAGE")
+
+    monkeypatch.setattr(kernels, "_load", load)
+    with caplog.at_level("WARNING", logger="flashdispatch"):
+        assert kernels._from_disk(str(bad), "fd_fwd") is None
+    assert not bad.exists() and any("recompiling" in r.getMessage() for r in caplog.records)

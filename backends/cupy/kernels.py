@@ -202,17 +202,12 @@ def _compile_uncached(spec: KernelSpec, device_index: int, arch: str) -> Compile
             folder = os.path.join(cache_dir(), "cupy")
             found = [os.path.join(folder, f"{digest}.{ext}") for ext in ("cubin", "ptx")]
             found = [p for p in found if os.path.isfile(p)]
-            if found:
-                fn, how = _load(found[0], spec.symbol), "disk"
-            else:
+            fn = _from_disk(found[0], spec.symbol) if found else None
+            how = "disk"
+            if fn is None:
                 binary, ext = _nvrtc_compile(src, f"{spec.symbol}.cu", options)
-                os.makedirs(folder, exist_ok=True)
                 path = os.path.join(folder, f"{digest}.{ext}")
-                # write-then-rename so that a concurrent process never loads half a file
-                fd, tmp = tempfile.mkstemp(dir=folder, suffix=f".{ext}.tmp")
-                with os.fdopen(fd, "wb") as f:
-                    f.write(binary)
-                os.replace(tmp, path)
+                write_atomic(path, binary)
                 fn, how = _load(path, spec.symbol), "nvrtc"
         except CompileError:
             raise  # an error in our source: CuPy's path would fail the same way
@@ -225,6 +220,39 @@ def _compile_uncached(spec: KernelSpec, device_index: int, arch: str) -> Compile
     dt = time.perf_counter() - t0
     log.info("cupy backend: %s ready in %.3f s (%s)", spec.symbol, dt, how)
     return CompiledKernel(spec, fn, dt if how != "disk" else 0.0, how)
+
+
+def _from_disk(path: str, symbol: str) -> Any | None:
+    """The cached module's kernel, or None when the file cannot be loaded (then it is removed, so
+    that the next process does not trip on it again and the caller writes a good one)."""
+    try:
+        return _load(path, symbol)
+    except Exception as e:
+        log.warning("cupy backend: cached module %s unusable (%s: %s); recompiling", path, type(e).__name__, e)
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        return None
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write-then-rename, so that a concurrent process never loads half a file; synced before the
+    rename (a crash leaves the old file or the new one, not a truncated one), readable by the
+    other users of a shared cache directory, and no temporary file left behind on failure."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def loaded() -> list[CompiledKernel]:
