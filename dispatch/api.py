@@ -82,7 +82,7 @@ def attention(
         out: q's layout and dtype, (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv); with return_lse, (out, lse).
     """
     if _is_compiling():
-        # Dynamo cannot trace the thread-local fast path or the backends' launches: the call
+        # Dynamo cannot trace the cached fast path (and its ContextVar) or the backends' launches: the call
         # becomes the flashdispatch::attention_fwd/_bwd custom ops (dispatch/ops.py).
         p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
         if p.is_empty:

@@ -2,7 +2,7 @@
 
 Eager calls never come here: `attention()` calls the chosen implementation directly, because a trip
 through the dispatcher costs more host time than the whole hot path may. Under torch.compile,
-Dynamo cannot see through Triton launches, CuPy modules or the dispatcher's thread-local state, so
+Dynamo cannot see through Triton launches, CuPy modules or the dispatcher's cached state, so
 `attention()` hands the call to two opaque ops instead:
 
     flashdispatch::attention_fwd(q, k, v, variant, config, forced, causal, scale, layout,
