@@ -210,3 +210,11 @@ def test_an_unloadable_cache_file_is_removed_and_reported(tmp_path, monkeypatch,
     with caplog.at_level("WARNING", logger="flashdispatch"):
         assert kernels._from_disk(str(bad), "fd_fwd") is None
     assert not bad.exists() and any("recompiling" in r.getMessage() for r in caplog.records)
+
+
+def test_nvrtc_target_falls_back_to_ptx_for_a_gpu_newer_than_nvrtc() -> None:
+    from flashdispatch.backends.cupy.kernels import nvrtc_target
+
+    assert nvrtc_target("sm_90", (75, 80, 86, 89, 90)) == "sm_90"
+    assert nvrtc_target("sm_120", (75, 80, 86, 89, 90)) == "compute_90"  # the driver JITs the PTX
+    assert nvrtc_target("sm_90", None) == "sm_90"  # no query available: the device's own

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Sequence
 
 from .configs import KernelSpec
 
@@ -188,12 +188,32 @@ def compile_kernel(spec: KernelSpec, device_index: int, arch: str) -> CompiledKe
         return hit
 
 
+def nvrtc_target(arch: str, supported: Sequence[int] | None) -> str:
+    """NVRTC's --gpu-architecture for a device of `arch` ("sm_90"): the device's own when NVRTC
+    knows it, else PTX for the newest architecture it does know, which the driver compiles for the
+    device (an NVRTC older than the GPU would otherwise fail every compile). None: unknown, try."""
+    cc = int(arch[3:])
+    if not supported or cc in supported:
+        return arch
+    older = [a for a in supported if a <= cc]
+    return f"compute_{max(older)}" if older else arch
+
+
+def _supported_archs() -> tuple[int, ...] | None:
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        return tuple(int(a) for a in nvrtc.getSupportedArchs())
+    except Exception:  # an older CuPy without the query: compile for the device's own arch
+        return None
+
+
 def _compile_uncached(spec: KernelSpec, device_index: int, arch: str) -> CompiledKernel:
     import cupy
     from cupy_backends.cuda.libs import nvrtc
 
     src = module_source([spec])
-    options = NVRTC_OPTIONS + (f"--gpu-architecture={arch}",)
+    options = NVRTC_OPTIONS + (f"--gpu-architecture={nvrtc_target(arch, _supported_archs())}",)
     t0 = time.perf_counter()
     with cupy.cuda.Device(device_index):
         try:
