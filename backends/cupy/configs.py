@@ -13,7 +13,6 @@ Defaults, the tuner's space, the nvcc check and `warmup` all read the tables bel
 from __future__ import annotations
 
 import functools
-
 from typing import Any, Iterable, NamedTuple
 
 HEAD_DIMS: tuple[int, ...] = (32, 64, 96, 128, 256)

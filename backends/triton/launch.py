@@ -58,11 +58,14 @@ def cuda_index(t: torch.Tensor) -> int | None:
     return (t.device.index or 0) if t.is_cuda else None
 
 
+def _is_current(index: int | None) -> bool:
+    """Nothing to switch: a CPU call (None), or CUDA device `index` is already current."""
+    return index is None or torch._C._cuda_getDevice() == index
+
+
 def on_device(index: int | None) -> contextlib.AbstractContextManager[Any]:
     """A context with CUDA device `index` current (nothing to do for None or when it already is)."""
-    if index is None or torch._C._cuda_getDevice() == index:
-        return contextlib.nullcontext()
-    return torch.cuda.device(index)
+    return contextlib.nullcontext() if _is_current(index) else torch.cuda.device(index)
 
 
 def run_on_device(index: int | None, fn: Callable[..., Any], *args: Any) -> Any:
@@ -71,7 +74,7 @@ def run_on_device(index: int | None, fn: Callable[..., Any], *args: Any) -> Any:
     Why: Triton's launchers, the CUDA driver and torch's allocator act on the current device, not
     the tensors' one; a call on cuda:1 while cuda:0 is current would launch on the wrong device.
     """
-    if index is None or torch._C._cuda_getDevice() == index:
+    if _is_current(index):  # the common case, without a context manager's enter and exit
         return fn(*args)
     with torch.cuda.device(index):
         return fn(*args)
