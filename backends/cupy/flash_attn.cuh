@@ -138,16 +138,36 @@ __device__ __forceinline__ void fd_load_tile(fd_u16* s, const fd_u16* g, fd_i64 
     constexpr int CPR = D / 8;  // 16-byte chunks per row
     constexpr int TOTAL = ROWS * CPR;
     constexpr int ITERS = (TOTAL + THREADS - 1) / THREADS;
+    if constexpr (THREADS % CPR == 0) {
+        // Every pass moves the same column chunk THREADS / CPR rows further down: one base
+        // address and one row step per thread instead of an address per pass (registers that the
+        // forward's accumulators need).
+        constexpr int RSTEP = THREADS / CPR;
+        const int r0 = tid / CPR, ch = tid - r0 * CPR;
+        const fd_u16* src = g + (fd_i64)(row0 + r0) * stride + ch * 8;
+        const fd_i64 step = (fd_i64)RSTEP * stride;
+        fd_u32 dst = fd_smem_addr(s + r0 * LD + ch * 8);
 #pragma unroll
-    for (int it = 0; it < ITERS; ++it) {
-        const int c = it * THREADS + tid;
-        if (TOTAL % THREADS == 0 || c < TOTAL) {
-            const int r = c / CPR;
-            const int ch = c - r * CPR;
-            const int grow = row0 + r;
-            const bool ok = grow < valid;
-            const fd_u16* src = g + (fd_i64)(ok ? grow : 0) * stride + ch * 8;
-            fd_cp_async16(fd_smem_addr(s + r * LD + ch * 8), src, ok ? 16 : 0);
+        for (int it = 0; it < ITERS; ++it) {
+            if (TOTAL % THREADS == 0 || r0 + it * RSTEP < ROWS) {
+                const bool ok = row0 + r0 + it * RSTEP < valid;
+                fd_cp_async16(dst, ok ? src : g, ok ? 16 : 0);
+            }
+            src += step;
+            dst += RSTEP * LD * 2;
+        }
+    } else {
+#pragma unroll
+        for (int it = 0; it < ITERS; ++it) {
+            const int c = it * THREADS + tid;
+            if (TOTAL % THREADS == 0 || c < TOTAL) {
+                const int r = c / CPR;
+                const int ch = c - r * CPR;
+                const int grow = row0 + r;
+                const bool ok = grow < valid;
+                const fd_u16* src = g + (fd_i64)(ok ? grow : 0) * stride + ch * 8;
+                fd_cp_async16(fd_smem_addr(s + r * LD + ch * 8), src, ok ? 16 : 0);
+            }
         }
     }
 }
@@ -382,6 +402,8 @@ __device__ __forceinline__ void fd_attn_fwd(
 
         // -- online softmax (base 2); a row that has seen only masked keys keeps m = -inf and
         // subtracts 0 instead, so exp2 gives 0 rather than NaN.
+        float alpha[MT][2];
+        bool grew = false;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -393,7 +415,8 @@ __device__ __forceinline__ void fd_attn_fwd(
                 mx = fd_quad_max(mx);
                 const float m_new = (mx == -FD_INF) ? 0.f : mx * scale_log2;
                 const float m_old = (m_i[mt][hr] == -FD_INF) ? 0.f : m_i[mt][hr] * scale_log2;
-                const float alpha = fd_exp2(m_old - m_new);
+                alpha[mt][hr] = fd_exp2(m_old - m_new);
+                grew |= mx != m_i[mt][hr];
                 m_i[mt][hr] = mx;
                 float rs = 0.f;
 #pragma unroll
@@ -405,13 +428,21 @@ __device__ __forceinline__ void fd_attn_fwd(
                     rs += p0 + p1;
                 }
                 // l stays a per-thread partial sum (one quad shares alpha); reduced at the end.
-                l_i[mt][hr] = l_i[mt][hr] * alpha + rs;
+                l_i[mt][hr] = l_i[mt][hr] * alpha[mt][hr] + rs;
+            }
+        }
+        // Rescaling O costs MT * D / 2 multiplies per thread per key block; once the row maxima
+        // settle (most blocks of a long sequence) no row of the warp moved and alpha is exactly 1.
+        if (__any_sync(0xffffffffu, grew)) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int dt = 0; dt < DT; ++dt) {
-                    o[mt][dt][2 * hr] *= alpha;
-                    o[mt][dt][2 * hr + 1] *= alpha;
+                    o[mt][dt][0] *= alpha[mt][0];
+                    o[mt][dt][1] *= alpha[mt][0];
+                    o[mt][dt][2] *= alpha[mt][1];
+                    o[mt][dt][3] *= alpha[mt][1];
                 }
-            }
         }
 
         // -- O += P V
