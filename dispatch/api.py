@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from .device import DEVICE_KEYS
+from .guards import AVAILABLE as _guards_on, make as make_guard
 from .problem import Problem, problem_from_shape, problem_from_tensors
 from .registry import REGISTRY
 from . import selection
@@ -18,6 +19,7 @@ _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 _forced_blocks = selection.forced_blocks
 _fast = selection.FAST
+_recent = selection.RECENT
 
 
 def _empty_result(
@@ -92,34 +94,50 @@ def attention(
 
             out, lse = ops.traced_attention(q, k, v, p, backend)
         return (out, lse) if return_lse else out
-    # Hot path: one tuple and one dict lookup once this exact call signature has been seen. The key
-    # holds everything the Problem is derived from, plus the thread's forced backend.
+    # Hot path. First: the options of this call name the signature seen last with them, whose
+    # compiled guard checks q, k and v in one call (dispatch/guards.py). Else one tuple and one
+    # dict lookup once this exact signature has been seen: the key holds everything the Problem is
+    # derived from, plus the thread's forced backend.
     stack = _forced_blocks()
+    grad = _grad_enabled()
     try:
-        # is_contiguous() is the common case and cheaper than stride(); else the last stride
-        # (whether a copy is needed). Devices as get_device() ints (cheaper than .device), which
-        # read -1 for cpu and meta alike: non-CUDA calls add each tensor's is_meta.
-        key = (
-            q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
-            q.is_cuda or (q.is_meta, k.is_meta, v.is_meta), q.get_device(), k.get_device(), v.get_device(),
-            q.is_contiguous() or q.stride()[-1], k.is_contiguous() or k.stride()[-1],
-            v.is_contiguous() or v.stride()[-1], causal, scale, layout, return_lse, backend,
-            stack[-1] if stack else None,
-            _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
-        )
-        hit = _fast.get(key)
-    except (AttributeError, TypeError):  # not tensors, or unhashable options: the slow path explains
-        key, hit = None, None
+        opts = (causal, scale, layout, return_lse, backend, stack[-1] if stack else None, grad)
+        hit = _recent.get(opts)
+        if hit is not None and not hit[3].check(q, k, v):
+            hit = None
+    except TypeError:  # unhashable options, or not three tensors: the paths below sort it out
+        opts, hit = None, None
     if hit is None:
         generation = selection.generation
-        p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
-        hit = (p, None, None) if p.is_empty else (p, REGISTRY.get((d := select(p, backend)).variant), d.config)
-        # not after a refresh() that ran while this call decided under the old snapshot
-        if key is not None and generation == selection.generation:
-            if len(_fast) >= selection.MAX_CACHED:
-                _fast.clear()
-            _fast[key] = hit
-    p, impl, config = hit
+        try:
+            # is_contiguous() is the common case and cheaper than stride(); else the last stride
+            # (whether a copy is needed). Devices as get_device() ints (cheaper than .device),
+            # which read -1 for cpu and meta alike: non-CUDA calls add each tensor's is_meta.
+            key = (
+                q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
+                q.is_cuda or (q.is_meta, k.is_meta, v.is_meta), q.get_device(), k.get_device(), v.get_device(),
+                q.is_contiguous() or q.stride()[-1], k.is_contiguous() or k.stride()[-1],
+                v.is_contiguous() or v.stride()[-1], causal, scale, layout, return_lse, backend,
+                stack[-1] if stack else None,
+                grad and (q.requires_grad or k.requires_grad or v.requires_grad),
+            )
+            hit = _fast.get(key)
+        except (AttributeError, TypeError):  # not tensors, or unhashable options: the slow path explains
+            key, hit = None, None
+        if hit is None:
+            p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
+            impl, config = (None, None) if p.is_empty else (REGISTRY.get((d := select(p, backend)).variant), d.config)
+            hit = (p, impl, config, make_guard(q, k, v) if _guards_on and key is not None else None)
+            if key is not None and generation == selection.generation:
+                if len(_fast) >= selection.MAX_CACHED:
+                    _fast.clear()
+                _fast[key] = hit
+        # not after a refresh() that ran while this call looked up or decided under the old snapshot
+        if opts is not None and hit[3] is not None and generation == selection.generation:
+            if len(_recent) >= selection.MAX_CACHED:
+                _recent.clear()
+            _recent[opts] = hit
+    p, impl, config, _ = hit
     if impl is None:
         out, lse = _empty_result(q, k, v, p)
         return (out, lse) if return_lse else out

@@ -45,7 +45,7 @@ import torch
 
 from .problem import Problem, problem_from_tensors
 from .registry import REGISTRY
-from .selection import current_forced, select, state
+from .selection import FAST, current_forced, select, state
 
 log = logging.getLogger("flashdispatch")
 
@@ -167,10 +167,10 @@ def _plan(
     """(Problem, implementation, config) for one op call; a dict lookup after the first call.
 
     The ops see bhsd views and run beneath autograd: the user's layout and whether a backward
-    will follow are passed in, not read from the tensors. The cache lives in selection's state,
-    so refresh() empties it with the decisions.
+    will follow are passed in, not read from the tensors. The cache is selection.FAST (entries
+    keyed apart by their leading "ops"), so refresh() empties it with the decisions.
     """
-    fast = state().fast
+    fast = FAST
     key = (
         "ops", q.shape, k.shape, v.shape, q.dtype, q.device, q.stride(), k.stride(), v.stride(),
         variant, config, forced, causal, scale, layout, return_lse, needs_grad,
@@ -181,11 +181,11 @@ def _plan(
         p = p._replace(layout=layout, needs_grad=needs_grad)
         if variant == SELECT_AT_RUN_TIME:
             d = select(p, forced)
-            hit = (p, REGISTRY.get(d.variant), d.config)
+            hit = (p, REGISTRY.get(d.variant), d.config, None)
         else:
-            hit = (p, REGISTRY.get(variant), _config_from_json(config))
+            hit = (p, REGISTRY.get(variant), _config_from_json(config), None)
         fast[key] = hit
-    return hit
+    return hit[0], hit[1], hit[2]
 
 
 @functools.lru_cache(maxsize=1)

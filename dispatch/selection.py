@@ -125,7 +125,6 @@ class _State:
         self.settings = envs.read_settings()
         self.profiles: dict[str | None, tuple[Profile | None, list[str]]] = {}
         self.cache: dict[tuple[Any, ...], Decision] = {}
-        self.fast = FAST
         self.lock = threading.Lock()
 
     def profile(self, key: str | None) -> tuple[Profile | None, list[str]]:
@@ -135,9 +134,14 @@ class _State:
 
 
 _state: _State | None = None
-# attention()'s hot-path cache: call signature -> (Problem, Implementation | None, config). One
-# dict for the life of the process (refresh() empties it), so that the hot path holds it bound.
-FAST: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
+# attention()'s hot-path cache: call signature -> (Problem, Implementation | None, config, guard),
+# the guard a guards.make() over the signature's tensors (None where unavailable). One dict for the
+# life of the process (refresh() empties it), so that the hot path holds it bound.
+FAST: dict[tuple[Any, ...], tuple[Any, Any, Any, Any]] = {}
+# In front of FAST: the call's options (causal, scale, layout, return_lse, backend, forced block,
+# grad mode) -> the FAST entry of the last signature seen with them. A model's layers call with
+# the same tensors' metadata over and over, so one compiled guard check replaces building the key.
+RECENT: dict[tuple[Any, ...], tuple[Any, Any, Any, Any]] = {}
 # Bumped by refresh(): a decision made under an older snapshot is not cached.
 generation = 0
 # Entries of FAST and of the decision cache before they are emptied: a decode loop whose KV cache
@@ -158,6 +162,7 @@ def refresh() -> None:
     generation += 1
     _state = None
     FAST.clear()
+    RECENT.clear()
 
 
 def device_for(p: Problem) -> DeviceInfo:

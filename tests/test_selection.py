@@ -272,12 +272,13 @@ def test_hot_path_reads_no_env_file_or_device_after_the_first_call(monkeypatch):
 def test_hot_path_key_tells_cpu_from_meta():
     # get_device() reads -1 for both: a cached cpu decision must not serve meta inputs (or back)
     for order in (("cpu", "meta"), ("meta", "cpu")):
-        selection.state().fast.clear()
+        selection.FAST.clear()
+        selection.RECENT.clear()
         for device in order:
             q, k, v = make_qkv(1, 2, 2, 5, 5, 16, device=device)
             out = fd.attention(q, k, v)
             assert out.device.type == device
-        problems = [p for p, _, _ in selection.state().fast.values()]
+        problems = [entry[0] for entry in selection.FAST.values()]
         assert sorted(p.device_kind for p in problems) == ["cpu", "meta"], problems
 
 
@@ -290,8 +291,9 @@ def test_host_cost_tool_measures_the_dispatcher_alone_and_restores_the_cache():
     # a stand-in run() costs next to nothing, so the dispatcher's own path is what is left; the
     # bound is loose (CI machines are shared) but catches a hot path that went slow (> 10x)
     assert alone.run_us < alone.attention_us < 20.0, alone
-    assert all(impl.name == with_backend.backend and type(impl).__name__ != "_Immediate"
-               for _, impl, _ in selection.state().fast.values() if impl is not None)
+    cached = [*selection.FAST.values(), *selection.RECENT.values()]
+    assert all(entry[1].name == with_backend.backend and type(entry[1]).__name__ != "_Immediate"
+               for entry in cached if entry[1] is not None)
 
 
 def test_explain_hands_out_copies_that_cannot_change_what_attention_runs():
@@ -301,7 +303,7 @@ def test_explain_hands_out_copies_that_cannot_change_what_attention_runs():
     d.config["poison"] = 1
     d.rejected.setdefault("x", []).append("y")
     hit = [entry for entry in selection.FAST.values() if entry[0].seqlen_q == 5]
-    assert hit and all("poison" not in config for _, _, config in hit)
+    assert hit and all("poison" not in entry[2] for entry in hit)
     assert "poison" not in fd.explain(q, k, v).config
 
 
@@ -401,3 +403,74 @@ def test_use_backend_is_per_asyncio_task():
 
     asyncio.run(main())
     assert seen == ["sdpa", "default"], seen
+
+
+# --- the hot path's guard in front of the key (dispatch/guards.py) --------------------------------
+
+
+def test_the_guard_is_available_and_rejects_every_change_the_decision_depends_on():
+    from flashdispatch import guards
+
+    # torch 2.13 (CI) and 2.11 (the GPU machines) both have it; a torch without it runs the Python
+    # key alone, which the next tests also cover
+    assert guards.AVAILABLE
+    q, k, v = make_qkv(1, 2, 2, 5, 7, 16)
+    g = guards.make(q, k, v)
+    assert g.check(q, k, v) and g.check(*make_qkv(1, 2, 2, 5, 7, 16))  # fresh data, same metadata
+    assert not g.check(q, k, v[..., :8])  # Dv
+    assert not g.check(q, k.transpose(2, 3).contiguous().transpose(2, 3), v)  # strides
+    assert not g.check(q.half(), k, v)
+    assert not g.check(q, k, v.detach().requires_grad_())
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_repeated_calls_that_change_one_fact_each_get_the_right_answer(monkeypatch, guarded):
+    from flashdispatch import api
+
+    monkeypatch.setattr(api, "_guards_on", guarded)
+    fd.refresh()
+    base = make_qkv(1, 2, 2, 5, 7, 16)
+    variants = {
+        "base": base,
+        "fresh data": make_qkv(1, 2, 2, 5, 7, 16),
+        "other Sk": make_qkv(1, 2, 2, 5, 9, 16),
+        "strided k": (base[0], base[1].transpose(2, 3).contiguous().transpose(2, 3), base[2]),
+        "fp64": tuple(t.double() for t in base),
+        "meta": make_qkv(1, 2, 2, 5, 7, 16, device="meta"),
+        "grad": tuple(t.detach().clone().requires_grad_() for t in base),
+    }
+    for _ in range(2):
+        for name, (q, k, v) in variants.items():
+            for causal in (False, True):
+                out = fd.attention(q, k, v, causal=causal)
+                assert out.dtype == q.dtype and out.device == q.device, name
+                assert out.requires_grad == q.requires_grad, name
+                if q.device.type != "meta":
+                    check_forward(out, q, k, v, causal=causal)
+    assert bool(selection.RECENT) == guarded
+
+
+def test_refresh_forgets_the_guarded_decisions_too():
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 16)
+    fd.attention(q, k, v)
+    assert selection.RECENT
+    fd.refresh()
+    assert not selection.RECENT and not selection.FAST
+
+
+def test_a_cached_decision_read_across_a_refresh_is_not_put_in_front(monkeypatch):
+    from flashdispatch import api
+
+    q, k, v = make_qkv(1, 2, 2, 6, 6, 16)
+    fd.attention(q, k, v)  # now in FAST (and RECENT)
+    selection.RECENT.clear()
+
+    class RefreshingDict(dict):
+        def get(self, key, default=None):
+            hit = super().get(key, default)
+            fd.refresh()  # another thread re-reads the environment right after this lookup
+            return hit
+
+    monkeypatch.setattr(api, "_fast", RefreshingDict(selection.FAST))
+    fd.attention(q, k, v)
+    assert not selection.RECENT

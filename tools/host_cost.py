@@ -93,12 +93,13 @@ class _Immediate:
         return q, None
 
 
-def _swap(impl: Any, stand_in: Any) -> list[tuple[Any, Any]]:
-    """Point every cached decision that runs `impl` at `stand_in`; returns (key, entry) to restore."""
-    fast = selection.state().fast
-    saved = [(key, entry) for key, entry in fast.items() if entry[1] is impl]
-    for key, (p, _, config) in saved:
-        fast[key] = (p, stand_in, config)
+def _swap(impl: Any, stand_in: Any) -> list[tuple[dict[Any, Any], Any, Any]]:
+    """Point every cached decision that runs `impl` (the hot path's two caches) at `stand_in`;
+    returns (cache, key, entry) to restore."""
+    saved = [(cache, key, entry) for cache in (selection.FAST, selection.RECENT)
+             for key, entry in cache.items() if entry[1] is impl]
+    for cache, key, (p, _, config, guard) in saved:
+        cache[key] = (p, stand_in, config, guard)
     return saved
 
 
@@ -135,9 +136,8 @@ def measure(backend: str, grad: bool, device: str | torch.device, calls: int = 5
 
             yield _row(decision.variant + " alone", grad, *compare(via_dispatch, alone, device, calls * 10, rounds))
         finally:
-            fast = selection.state().fast
-            for key, entry in saved:
-                fast[key] = entry
+            for cache, key, entry in saved:
+                cache[key] = entry
 
 
 def main(argv: list[str] | None = None) -> int:
