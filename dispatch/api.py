@@ -100,12 +100,16 @@ def attention(
     # derived from, plus the thread's forced backend.
     stack = _forced_blocks()
     grad = _grad_enabled()
+    opts = hit = None
     try:
-        opts = (causal, scale, layout, return_lse, backend, stack[-1] if stack else None, grad)
-        hit = _recent.get(opts)
-        if hit is not None and not hit[3].check(q, k, v):
-            hit = None
-    except TypeError:  # unhashable options, or not three tensors: the paths below sort it out
+        # A guard never passes a tensor given twice, and a nested tensor throws inside it (past any
+        # except, ending the process): such calls take the key alone.
+        if not (q is k or k is v or q is v or q.is_nested or k.is_nested or v.is_nested):
+            opts = (causal, scale, layout, return_lse, backend, stack[-1] if stack else None, grad)
+            hit = _recent.get(opts)
+            if hit is not None and not hit[3].check(q, k, v):
+                hit = None
+    except (AttributeError, TypeError):  # not tensors, or unhashable options: the paths below sort it out
         opts, hit = None, None
     if hit is None:
         generation = selection.generation
@@ -124,19 +128,30 @@ def attention(
             hit = _fast.get(key)
         except (AttributeError, TypeError):  # not tensors, or unhashable options: the slow path explains
             key, hit = None, None
+        guarded = opts is not None and _guards_on
         if hit is None:
             p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
             impl, config = (None, None) if p.is_empty else (REGISTRY.get((d := select(p, backend)).variant), d.config)
-            hit = (p, impl, config, make_guard(q, k, v) if _guards_on and key is not None else None)
-            if key is not None and generation == selection.generation:
+            hit = (p, impl, config, make_guard(q, k, v) if guarded else None)
+            if key is not None:
                 if len(_fast) >= selection.MAX_CACHED:
                     _fast.clear()
                 _fast[key] = hit
-        # not after a refresh() that ran while this call looked up or decided under the old snapshot
-        if opts is not None and hit[3] is not None and generation == selection.generation:
+        elif guarded and (hit[3] is None or not hit[3].check(q, k, v)):
+            # The key matched but the guard was built from other strides (the key reads only the
+            # last one) or not at all (aliased tensors): one for these tensors, so that the next
+            # call like this one passes in front.
+            hit = (*hit[:3], make_guard(q, k, v))
+            _fast[key] = hit
+        if opts is not None and hit[3] is not None:
             if len(_recent) >= selection.MAX_CACHED:
                 _recent.clear()
             _recent[opts] = hit
+        if generation != selection.generation:
+            # a refresh() ran while this call looked up or decided under the old snapshot: what it
+            # wrote is stale (refresh() bumps the generation before it empties the caches)
+            _fast.pop(key, None)
+            _recent.pop(opts, None)
     p, impl, config, _ = hit
     if impl is None:
         out, lse = _empty_result(q, k, v, p)

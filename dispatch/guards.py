@@ -31,8 +31,8 @@ except ImportError:  # pragma: no cover - torch builds without Dynamo
 
 def make(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any | None:
     """A guard over the three tensors' exact metadata, or None where none can be built."""
-    if _TensorGuards is None:
-        return None
+    if _TensorGuards is None or q.is_nested or k.is_nested or v.is_nested:
+        return None  # nested tensors throw inside the check, past any except
     try:
         # every size and stride given: all static (None would mark a dimension dynamic)
         return _TensorGuards(

@@ -474,3 +474,48 @@ def test_a_cached_decision_read_across_a_refresh_is_not_put_in_front(monkeypatch
     monkeypatch.setattr(api, "_fast", RefreshingDict(selection.FAST))
     fd.attention(q, k, v)
     assert not selection.RECENT
+
+
+def test_a_nested_tensor_after_a_cached_call_raises_instead_of_ending_the_process():
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 16)
+    fd.attention(q, k, v)
+    fd.attention(q, k, v)  # now in front, behind a guard
+    nested = torch.nested.nested_tensor([torch.randn(2, 5, 16), torch.randn(2, 3, 16)])
+    with pytest.raises((RuntimeError, ValueError, TypeError)):
+        fd.attention(nested, k, v)
+
+
+def test_aliased_inputs_skip_the_guard_and_do_not_displace_its_entry():
+    class Spy:  # a guard never passes a tensor given twice: asking it would only cost time
+        def __init__(self, guard):
+            self.guard, self.calls = guard, 0
+
+        def check(self, *tensors):
+            self.calls += 1
+            return self.guard.check(*tensors)
+
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 16)
+    fd.attention(q, k, v)
+    (opts, entry), = selection.RECENT.items()
+    spy = Spy(entry[3])
+    selection.RECENT[opts] = (*entry[:3], spy)
+    for _ in range(2):
+        check_forward(fd.attention(q, q, q), q, q, q, causal=False)  # self-attention on one tensor
+        check_forward(fd.attention(q, k, k), q, k, k, causal=False)
+    assert spy.calls == 0 and selection.RECENT[opts][3] is spy
+    fd.attention(q, k, v)
+    assert spy.calls == 1
+
+
+def test_a_key_hit_with_other_strides_gets_a_guard_of_its_own():
+    # the key reads contiguity, not every stride: a size-1 dim may carry any stride
+    q1 = torch.randn(1, 2, 1, 16)
+    q2 = torch.randn(2, 1, 16).unsqueeze(0).transpose(1, 2).contiguous()
+    q2 = q2.as_strided((1, 2, 1, 16), (32, 16, 7, 1))  # contiguous by torch's rule, other strides
+    assert q2.is_contiguous() and q1.stride() != q2.stride()
+    k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    fd.attention(q1, k, v)
+    fd.attention(q2, k, v)
+    (entry,) = [e for o, e in selection.RECENT.items() if o[0] is False and o[4] is None]
+    assert entry[3].check(q2, k, v)
+    check_forward(fd.attention(q2, k, v), q2, k, v, causal=False)

@@ -36,8 +36,9 @@ SMEM_LIMIT_BY_CC: dict[int, int] = {80: 166912, 86: 101376, 87: 166912, 89: 1013
 SMEM_LIMIT_DEFAULT = 49152
 # Accumulator floats per thread the tuner may ask of ptxas (`nvcc -Xptxas -v`, sm_90, nvcc 13.0).
 # At 192 some configs park a few words in local memory: the forward's 128x64w4 at D=128 (FA2's
-# tile) spills 32 bytes and still measured fastest on the H100 (docs/cupy.md); dK/dV D=128 at
-# 192 spills more, which the tuner measures. No default spills more than the CPU test allows
+# tile) spills 32 bytes on sm_90 (60 on sm_80) and still measured fastest on the H100
+# (docs/cupy.md; the A100 shares this default unmeasured); 256x64w8 and dK/dV D=128 at 192 spill
+# more, which the tuner measures. No default spills more than the CPU test allows
 # (tests/test_cupy_compile.py); tools/nvcc_check.py --verbose reports every config.
 MAX_ACC_FLOATS: dict[str, int] = {"fwd": 192, "bwd_dq": 192, "bwd_dkdv": 192, "bwd_prep": 0}
 
