@@ -519,3 +519,28 @@ def test_a_key_hit_with_other_strides_gets_a_guard_of_its_own():
     (entry,) = [e for o, e in selection.RECENT.items() if o[0] is False and o[4] is None]
     assert entry[3].check(q2, k, v)
     check_forward(fd.attention(q2, k, v), q2, k, v, causal=False)
+
+
+def _cpu_profile(tmp_path, monkeypatch, ms: dict[str, float]) -> None:
+    ranking = sorted(ms, key=ms.__getitem__)
+    (tmp_path / "cpu.yaml").write_text(
+        "schema: 1\ndevice: {key: cpu, name: cpu, arch: cpu}\n"
+        'generated: {date: "2026-11-26", tool: test, card: cpu, command: test}\nmeasured: true\nentries:\n'
+        "  - match: {dtype: fp32, head_dim: 16, causal: false, gqa: 1, pass: fwd, seqlen: 5}\n"
+        "    shape: {B: 1, Hq: 2, Hkv: 2, Sq: 5, Sk: 5, D: 16}\n"
+        f"    ranking: [{', '.join(ranking)}]\n"
+        f"    ms: {{{', '.join(f'{k}: {v}' for k, v in ms.items())}}}\n"
+    )
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
+    fd.refresh()
+
+
+@pytest.mark.parametrize("winner_ms, expected", [(0.99, "sdpa"), (0.975, "sdpa:math"), (1.2, "sdpa")])
+def test_a_winner_inside_the_margin_yields_to_plain_sdpa(tmp_path, monkeypatch, winner_ms, expected):
+    _cpu_profile(tmp_path, monkeypatch, {"sdpa:math": winner_ms, "sdpa": 1.0})
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 16)
+    d = fd.explain(q, k, v)
+    assert d.variant == expected and d.source.startswith("profile:")
+    kept = [n for n in d.notes if "less than 2% apart" in n]
+    assert bool(kept) == (winner_ms == 0.99), d.notes
+    assert fd.explain(q, k, v, backend="sdpa:math").variant == "sdpa:math"  # forcing still wins
