@@ -20,6 +20,8 @@ _grad_enabled = torch.is_grad_enabled
 _forced_blocks = selection.forced_blocks
 _fast = selection.FAST
 _recent = selection.RECENT
+_Tensor = torch.Tensor
+Cached = selection.Cached
 
 
 def _empty_result(
@@ -101,16 +103,18 @@ def attention(
     stack = _forced_blocks()
     grad = _grad_enabled()
     opts = hit = None
-    try:
-        # A guard never passes a tensor given twice, and a nested tensor throws inside it (past any
-        # except, ending the process): such calls take the key alone.
-        if not (q is k or k is v or q is v or q.is_nested or k.is_nested or v.is_nested):
+    # Plain tensors only: a subclass (FakeTensor, a traced tensor) may carry symbolic sizes that a
+    # guard compares by their example values. A guard never passes a tensor given twice, and a
+    # nested tensor throws inside it (past any except, ending the process).
+    if (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor
+            and not (q is k or k is v or q is v or q.is_nested or k.is_nested or v.is_nested)):
+        try:
             opts = (causal, scale, layout, return_lse, backend, stack[-1] if stack else None, grad)
             hit = _recent.get(opts)
-            if hit is not None and not hit[3].check(q, k, v):
-                hit = None
-    except (AttributeError, TypeError):  # not tensors, or unhashable options: the paths below sort it out
-        opts, hit = None, None
+        except TypeError:  # unhashable options: the paths below sort it out
+            opts = None
+        if hit is not None and not hit[3].check(q, k, v):
+            hit = None
     if hit is None:
         generation = selection.generation
         try:
@@ -126,24 +130,30 @@ def attention(
                 grad and (q.requires_grad or k.requires_grad or v.requires_grad),
             )
             hit = _fast.get(key)
-        except (AttributeError, TypeError):  # not tensors, or unhashable options: the slow path explains
+        except (AttributeError, TypeError, RuntimeError):
+            # not tensors, unhashable options, or a tensor whose metadata cannot be read this way
+            # (a strided nested tensor): the slow path explains
             key, hit = None, None
         guarded = opts is not None and _guards_on
+        if hit is not None and hit.generation != generation:
+            hit = None  # written by a call that decided under the snapshot before a refresh()
         if hit is None:
             p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
             impl, config = (None, None) if p.is_empty else (REGISTRY.get((d := select(p, backend)).variant), d.config)
-            hit = (p, impl, config, make_guard(q, k, v) if guarded else None)
+            hit = Cached(p, impl, config, make_guard(q, k, v) if guarded else None, generation)
             if key is not None:
                 if len(_fast) >= selection.MAX_CACHED:
                     _fast.clear()
                 _fast[key] = hit
-        elif guarded and (hit[3] is None or not hit[3].check(q, k, v)):
-            # The key matched but the guard was built from other strides (the key reads only the
+        elif guarded and (hit.guard is None or not hit.guard.check(q, k, v)):
+            # The key matched, but the guard was built from other strides (the key reads only the
             # last one) or not at all (aliased tensors): one for these tensors, so that the next
-            # call like this one passes in front.
-            hit = (*hit[:3], make_guard(q, k, v))
-            _fast[key] = hit
-        if opts is not None and hit[3] is not None:
+            # call like this one passes in front; a few times per entry, not on every call.
+            if hit.rebuilds < selection.MAX_GUARD_REBUILDS:
+                hit = _fast[key] = hit._replace(guard=make_guard(q, k, v), rebuilds=hit.rebuilds + 1)
+            else:
+                opts = None
+        if opts is not None and hit.guard is not None:
             if len(_recent) >= selection.MAX_CACHED:
                 _recent.clear()
             _recent[opts] = hit
@@ -152,7 +162,7 @@ def attention(
             # wrote is stale (refresh() bumps the generation before it empties the caches)
             _fast.pop(key, None)
             _recent.pop(opts, None)
-    p, impl, config, _ = hit
+    p, impl, config = hit[0], hit[1], hit[2]
     if impl is None:
         out, lse = _empty_result(q, k, v, p)
         return (out, lse) if return_lse else out

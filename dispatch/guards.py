@@ -33,6 +33,8 @@ def make(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any | None:
     """A guard over the three tensors' exact metadata, or None where none can be built."""
     if _TensorGuards is None or q.is_nested or k.is_nested or v.is_nested:
         return None  # nested tensors throw inside the check, past any except
+    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):
+        return None  # a subclass may carry symbolic sizes, compared by their example values
     try:
         # every size and stride given: all static (None would mark a dimension dynamic)
         return _TensorGuards(

@@ -45,7 +45,7 @@ import torch
 
 from .problem import Problem, problem_from_tensors
 from .registry import REGISTRY
-from .selection import FAST, current_forced, select, state
+from .selection import FAST, Cached, current_forced, select, state
 
 log = logging.getLogger("flashdispatch")
 
@@ -181,9 +181,9 @@ def _plan(
         p = p._replace(layout=layout, needs_grad=needs_grad)
         if variant == SELECT_AT_RUN_TIME:
             d = select(p, forced)
-            hit = (p, REGISTRY.get(d.variant), d.config, None)
+            hit = Cached(p, REGISTRY.get(d.variant), d.config, None, -1)
         else:
-            hit = (p, REGISTRY.get(variant), _config_from_json(config), None)
+            hit = Cached(p, REGISTRY.get(variant), _config_from_json(config), None, -1)
         fast[key] = hit
     return hit[0], hit[1], hit[2]
 

@@ -12,7 +12,7 @@ import contextvars
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from . import envs
 from .device import ARCH_FAMILY, DeviceInfo, current_device, real_device
@@ -142,14 +142,30 @@ class _State:
 
 
 _state: _State | None = None
-# attention()'s hot-path cache: call signature -> (Problem, Implementation | None, config, guard),
-# the guard a guards.make() over the signature's tensors (None where unavailable). One dict for the
-# life of the process (refresh() empties it), so that the hot path holds it bound.
-FAST: dict[tuple[Any, ...], tuple[Any, Any, Any, Any]] = {}
+
+
+class Cached(NamedTuple):
+    """What attention()'s hot path keeps per call signature."""
+
+    problem: Problem
+    impl: Any  # the Implementation to run; None for an empty problem (zeros, no kernel)
+    config: Any
+    guard: Any  # a guards.make() over the tensors of one call with this signature, or None
+    generation: int  # the snapshot it was decided under: an entry of an older one is stale
+    rebuilds: int = 0  # guards built again for other strides under the same key (bounded)
+
+
+# attention()'s hot-path cache: call signature -> Cached. One dict for the life of the process
+# (refresh() empties it), so that the hot path holds it bound.
+FAST: dict[tuple[Any, ...], Cached] = {}
 # In front of FAST: the call's options (causal, scale, layout, return_lse, backend, forced block,
 # grad mode) -> the FAST entry of the last signature seen with them. A model's layers call with
 # the same tensors' metadata over and over, so one compiled guard check replaces building the key.
-RECENT: dict[tuple[Any, ...], tuple[Any, Any, Any, Any]] = {}
+RECENT: dict[tuple[Any, ...], Cached] = {}
+# How often one FAST entry may take a new guard when calls with its key arrive with other strides
+# (the key reads only the last one): past that, such calls keep to the key instead of building a
+# guard (about 2 us) on every call.
+MAX_GUARD_REBUILDS = 2
 # Bumped by refresh(): a decision made under an older snapshot is not cached.
 generation = 0
 # Entries of FAST and of the decision cache before they are emptied: a decode loop whose KV cache
@@ -294,6 +310,8 @@ def _select_uncached(p: Problem, forced: str | None, source: str, device: Device
         config.update(entry.config[chosen])
     if forced is None:
         src = f"profile:{profile.path}#{entry.label()}" if entry and profile else "default"
+        if margin_note:
+            src += " (baseline margin)"
     else:
         src = source
     notes = list(problems)

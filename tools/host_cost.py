@@ -98,8 +98,8 @@ def _swap(impl: Any, stand_in: Any) -> list[tuple[dict[Any, Any], Any, Any]]:
     returns (cache, key, entry) to restore."""
     saved = [(cache, key, entry) for cache in (selection.FAST, selection.RECENT)
              for key, entry in cache.items() if entry[1] is impl]
-    for cache, key, (p, _, config, guard) in saved:
-        cache[key] = (p, stand_in, config, guard)
+    for cache, key, entry in saved:
+        cache[key] = entry._replace(impl=stand_in)
     return saved
 
 
