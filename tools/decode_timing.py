@@ -25,7 +25,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-FLUSH_BYTES = 256 * 2**20
+from flashdispatch.tools.timing import FLUSH_BYTES
+
 # (name, B, Hq, Hkv, Sk, D)
 SHAPES = [("decode-b1", 1, 32, 8, 8192, 128), ("decode-b8", 8, 32, 8, 8192, 128),
           ("decode-b64", 64, 32, 8, 2048, 128)]

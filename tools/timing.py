@@ -19,11 +19,16 @@ from flashdispatch.problem import Problem
 
 log = logging.getLogger("flashdispatch.tools")
 
-# The L2 flush buffer of the fallback timer: larger than any L2 we target (H100 50 MB, MI300X's
+# The L2 flush buffer of the timers here: larger than any L2 we target (H100 50 MB, MI300X's
 # 256 MB Infinity Cache is not flushed by it, which do_bench shares).
 FLUSH_BYTES = 256 * 2**20
 # Caps the CPU loop so that a slow candidate cannot stall a test.
 CPU_MAX_REPS = 50
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    """What is zeroed before each timed call: more bytes than any L2 we target."""
+    return torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
 
 
 def pass_flops(p: Problem, pass_: str) -> float:
@@ -93,7 +98,7 @@ def _cpu_median(fn: Callable[[], object], warmup_ms: float, rep_ms: float,
 def _cuda_median_events(fn: Callable[[], object], device: torch.device, warmup_ms: float, rep_ms: float,
                         grad_to_none: Sequence[torch.Tensor] | None) -> float:
     """do_bench's scheme with torch events, for machines without triton."""
-    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    flush = _flush_buffer(device)
     fn()
     torch.cuda.synchronize(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -147,11 +152,6 @@ INTERLEAVED_REPS = (5, 1000)
 # is barely longer than a decode call's host path (20-45 us there), so a 23 us call read up to 5%
 # apart through one code path when the host was late.
 HOST_SLACK_CYCLES = 100_000
-
-
-def _flush_buffer(device: torch.device) -> torch.Tensor:
-    """What is zeroed before each timed call: more bytes than any L2 we target."""
-    return torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
 
 
 def interleaved_median_ms(
