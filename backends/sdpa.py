@@ -25,7 +25,7 @@ from flashdispatch.alignment import aligned16
 from flashdispatch.backend import Capabilities, Implementation
 from flashdispatch.device import DeviceInfo
 from flashdispatch.problem import Problem
-from flashdispatch.reference import causal_mask
+from flashdispatch.reference import attention_math, causal_mask, visible_mask
 
 ALL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
@@ -47,6 +47,52 @@ def _causal_sdpa(
         head = tail.new_zeros(p.batch, p.heads_q, blind, p.head_dim_v)
         return torch.cat([head, tail], dim=2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(sq, sk), **kwargs)
+
+
+def blind_rows(sq: int, sk: int, causal: bool, window: tuple[int, int]) -> int:
+    """How many leading query rows see no key (bottom-right alignment: only leading rows can)."""
+    if sk == 0:
+        return sq
+    right = 0 if causal else window[1]
+    if right < 0:
+        return 0
+    return max(0, min(sq, sq - sk - right))
+
+
+def windowed_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: tuple[int, int],
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """SDPA with a sliding window as a boolean (Sq, Sk) mask: O(Sq * Sk) memory, and the kernels
+    that take a mask (efficient, math, cuDNN's masked path) still compute every pair.
+
+    Rows that see no key (the leading Sq - Sk - right under bottom-right alignment) are left out
+    of the call and given zeros: a fully masked row would be NaN in some kernels, and NaN in the
+    backward.
+    """
+    sq, sk = q.shape[2], k.shape[2]
+    blind = blind_rows(sq, sk, causal, window)
+    mask = visible_mask(sq, sk, causal=causal, window=window, device=q.device)[blind:]
+    if blind == 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
+    tail = F.scaled_dot_product_attention(q[:, :, blind:], k, v, attn_mask=mask, **kwargs)
+    head = tail.new_zeros(q.shape[0], q.shape[1], blind, v.shape[3])
+    return torch.cat([head, tail], dim=2)
+
+
+def variant_math(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
+    window: tuple[int, int] | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with any variant (window, softcap, sinks) in explicit torch ops, fp32 (fp64 for
+    fp64 inputs): the contract's math itself (reference.attention_math), differentiable in q, k,
+    v and sinks. O(Sq * Sk) memory per head: a fallback that runs everywhere, not a fast path.
+    Returns out in q's dtype and lse float32 (detached; the sink included).
+    """
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out, lse = attention_math(q.to(acc), k.to(acc), v.to(acc), causal=causal, scale=scale,
+                              upcast=acc == torch.float64, window=window, softcap=softcap, sinks=sinks)
+    return out.to(q.dtype), lse.detach().float()
 
 
 def math_with_lse(

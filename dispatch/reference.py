@@ -1,19 +1,42 @@
 """Attention written out in plain torch ops: the float64 reference and the same-dtype baseline.
 
-One definition of the contract's math (bottom-right causal, GQA head mapping, empty rows give zeros
-and lse = -inf) that the tests, the tuner and the demo all measure against.
+One definition of the contract's math (bottom-right causal, sliding window, logit softcap,
+attention sinks, GQA head mapping, empty rows give zeros and lse = -inf, or lse = sink with sinks)
+that the tests, the tuner and the demo all measure against.
+
+Conventions (flash_attn's): query i sits at p = i + Sk - Sq; with window=(left, right) it sees key
+j iff p - left <= j <= p + right, -1 meaning unbounded on that side; causal=True sets right to 0.
+softcap c > 0 maps a scaled score s to c * tanh(s / c) before masking. sinks (Hq,) are one logit per
+query head that joins the softmax denominator and carries no value.
 """
 
 from __future__ import annotations
 
 import torch
 
+NO_WINDOW = (-1, -1)
+
+
+def visible_mask(sq: int, sk: int, *, causal: bool = False, window: tuple[int, int] | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool (Sq, Sk), True where query i may see key j (causal and/or window, bottom-right)."""
+    left, right = window if window is not None else NO_WINDOW
+    if causal:
+        right = 0
+    i = torch.arange(sq, device=device).unsqueeze(1)
+    j = torch.arange(sk, device=device).unsqueeze(0)
+    p = i + (sk - sq)
+    keep = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if right >= 0:
+        keep = keep & (j <= p + right)
+    if left >= 0:
+        keep = keep & (j >= p - left)
+    return keep
+
 
 def causal_mask(sq: int, sk: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Bool (Sq, Sk), True where query i may see key j (j <= i + Sk - Sq)."""
-    i = torch.arange(sq, device=device).unsqueeze(1)
-    j = torch.arange(sk, device=device).unsqueeze(0)
-    return j <= i + (sk - sq)
+    return visible_mask(sq, sk, causal=True, device=device)
 
 
 def attention_math(
@@ -25,11 +48,15 @@ def attention_math(
     scale: float | None = None,
     layout: str = "bhsd",
     upcast: bool = True,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (out, lse). upcast=True computes in float64 (the reference); False in q's dtype with
     float32 softmax statistics (what plain PyTorch would do), which sets the error budget.
 
     Shapes as `flashdispatch.attention`; out in the compute dtype, lse (B, Hq, Sq) float32/64.
+    Differentiable (sinks included) when the inputs require grad.
     """
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -43,10 +70,17 @@ def attention_math(
         scale = q.shape[-1] ** -0.5
     s = torch.matmul(q, k.transpose(-1, -2)).float() if not upcast else torch.matmul(q, k.transpose(-1, -2))
     s = s * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     sq, sk = q.shape[2], k.shape[2]
-    if causal:
-        s = s.masked_fill(~causal_mask(sq, sk, s.device), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
+    if causal or (window is not None and tuple(window) != NO_WINDOW):
+        s = s.masked_fill(~visible_mask(sq, sk, causal=causal, window=window, device=s.device), float("-inf"))
+    if sinks is not None:
+        # the sink is one more logit per row that carries no value
+        sink_col = sinks.to(s.dtype).view(1, hq, 1, 1).expand(s.shape[0], hq, sq, 1)
+        lse = torch.logsumexp(torch.cat([s, sink_col], dim=-1), dim=-1)
+    else:
+        lse = torch.logsumexp(s, dim=-1)
     # rows with no visible key: lse = -inf, probabilities 0 (never NaN)
     p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
     out = torch.matmul(p.to(v.dtype), v)

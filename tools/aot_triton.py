@@ -32,6 +32,8 @@ FORWARD_KERNELS: tuple[str, ...] = ("forward", "forward_tma", "decode", "decode_
 BACKWARD_KERNEL_NAMES: tuple[str, ...] = ("bwd_preprocess", "bwd_dkdv", "bwd_dq")
 KERNELS: tuple[str, ...] = FORWARD_KERNELS + BACKWARD_KERNEL_NAMES
 _TRITON_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+# the kernels' variant switches (window, softcap, sinks) off: the plain kernels are what ships compiled
+_PLAIN = {"WINDOW": False, "SOFTCAP": False, "HAS_SINKS": False}
 
 
 @dataclass(frozen=True)
@@ -113,11 +115,11 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
             fn = forward._fwd_kernel
             consts = dict(BLOCK_M=fcfg["BLOCK_M"], BLOCK_N=fcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
                           CAUSAL=case.causal, PAD_D=pad_d, PAD_DV=pad_dv, IEEE=ieee, OFFS64=False,
-                          sqd=1, skd=1, svd=1, sod=1)
+                          sqd=1, skd=1, svd=1, sod=1, **_PLAIN)
         else:
             fn = forward._fwd_kernel_tma
             consts = dict(BLOCK_M=fcfg["BLOCK_M"], BLOCK_N=fcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
-                          CAUSAL=case.causal, IEEE=ieee, WS=bool(fcfg.get("WS", False)))
+                          CAUSAL=case.causal, IEEE=ieee, WS=bool(fcfg.get("WS", False)), **_PLAIN)
         opts = forward.launch_options(fcfg)
     elif case.kernel == "decode":
         # BLOCK_M of decode follows the query group size, not the config: check the largest
@@ -126,14 +128,14 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
         fn = decode._decode_split_kernel
         consts = dict(BLOCK_M=block_m, BLOCK_N=dcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
                       CAUSAL=case.causal, PAD_D=pad_d, PAD_DV=pad_dv, IEEE=ieee, DIRECT=False,
-                      OFFS64=False, sqd=1, skd=1, svd=1, sod=1)
+                      OFFS64=False, sqd=1, skd=1, svd=1, sod=1, **_PLAIN)
         opts = forward.launch_options(dcfg)
     else:
         fn = decode._decode_merge_kernel
         consts = dict(BLOCK_S=int(cfg.get("BLOCK_S", configs.DECODE_MAX_SPLITS)), BLOCK_DV=bdv,
-                      PAD_DV=pad_dv, sod=1)
+                      PAD_DV=pad_dv, sod=1, HAS_SINKS=False)
         opts = {"num_warps": int(cfg.get("num_warps", 2))}
-    pointers = {"Q": dt, "K": dt, "V": dt, "O": dt, "LSE": "fp32", "PO": "fp32", "PL": "fp32"}
+    pointers = {"Q": dt, "K": dt, "V": dt, "O": dt, "LSE": "fp32", "PO": "fp32", "PL": "fp32", "SINKS": "fp32"}
     signature: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
     for i, name in enumerate(fn.arg_names):
@@ -142,7 +144,7 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
         elif name in pointers:
             signature[name] = "*" + pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "qk_scale":
+        elif name in ("qk_scale", "softcap_in"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"

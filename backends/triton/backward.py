@@ -181,6 +181,54 @@ def _mm(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    # the forward's tanh (one exp2), repeated here: kernels call only this module's jit functions
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _window_keep(rows, cols, causal_offset, left, right):
+    # bool (len(rows), len(cols)): row i at p = i + Sk - Sq sees key j iff p - left <= j <= p + right
+    p = rows[:, None] + causal_offset
+    return (cols[None, :] >= p - left) & (cols[None, :] <= p + right)
+
+
+@triton.jit
+def _window_key_blocks(m0, SEQ_Q, SEQ_K, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo, full_lo, full_hi, end) in keys for query rows [m0, m0 + BLOCK_M) under a window: the
+    forward's window_block_range (same clamps, every // on operands >= 0)."""
+    offset = SEQ_K - SEQ_Q
+    first_p = m0 + offset
+    last_p = tl.minimum(m0 + BLOCK_M, SEQ_Q) - 1 + offset
+    lo = tl.minimum((tl.maximum(first_p - left, 0) // BLOCK_N) * BLOCK_N, SEQ_K)
+    end = tl.maximum(tl.minimum(last_p + right + 1, SEQ_K), lo)
+    full_lo = ((tl.maximum(last_p - left, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), end)
+    full_hi = (tl.maximum(tl.minimum(first_p + right + 1, SEQ_K), 0) // BLOCK_N) * BLOCK_N
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), end)
+    return lo, full_lo, full_hi, end
+
+
+@triton.jit
+def _window_query_blocks(n0, SEQ_Q, SEQ_K, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(first, full_lo, full_hi, end) in query blocks for keys [n0, n0 + BLOCK_N) under a window:
+    blocks [first, end) hold every row that sees one of the keys, [full_lo, full_hi) only rows
+    that see all of them (the last, partial block included: its padding rows carry p = 0)."""
+    offset = SEQ_K - SEQ_Q
+    n_m = _cdiv(SEQ_Q, BLOCK_M)
+    n_last = tl.minimum(n0 + BLOCK_N, SEQ_K) - 1
+    first = tl.minimum(tl.maximum(n0 - right - offset, 0) // BLOCK_M, n_m)
+    row_end = tl.minimum(tl.maximum(n_last + left - offset + 1, 0), SEQ_Q)
+    end = tl.maximum(_cdiv(row_end, BLOCK_M), first)
+    full_lo = _cdiv(tl.maximum(n_last - right - offset, 0), BLOCK_M)
+    full_lo = tl.minimum(tl.maximum(full_lo, first), end)
+    full_row_end = tl.minimum(tl.maximum(n0 + left - offset + 1, 0), SEQ_Q)
+    full_hi = tl.where(full_row_end >= SEQ_Q, n_m, full_row_end // BLOCK_M)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), end)
+    return first, full_lo, full_hi, end
+
+
+@triton.jit
 def _load_tile(ptrs, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
     # Out-of-range rows and padded head-dim columns read as 0: they then add 0 to every product.
     if EVEN_ROWS:
@@ -273,10 +321,10 @@ def _dkdv_inner(
     q_head, do_head, lse_head, delta_head, dqa_head,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
     m_lo, n_steps, cols_n,
-    SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset,
+    SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset, left, right, softcap_in,
     MASK: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -295,14 +343,25 @@ def _dkdv_inner(
                                       delta_head + m64 + offs_m, rows, SEQ_Q, EVEN_M)
         # -- P^T = exp2(K Q^T * scale*log2e - lse2), (BLOCK_N, BLOCK_M)
         qk_t = _mm(k, tl.trans(q), IEEE)
-        p_t = tl.exp2(qk_t * qk_scale2 - lse2[None, :])
+        if SOFTCAP:  # capped score c * tanh(s / c); qk_scale2 holds c * log2(e)
+            t_t = _tanh(qk_t * softcap_in)
+            p_t = tl.exp2(t_t * qk_scale2 - lse2[None, :])
+        else:
+            p_t = tl.exp2(qk_t * qk_scale2 - lse2[None, :])
         if MASK:
-            p_t = tl.where(cols_n[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
+            if WINDOW:
+                p_row = rows[None, :] + causal_offset
+                keep_t = (cols_n[:, None] >= p_row - left) & (cols_n[:, None] <= p_row + right)
+                p_t = tl.where(keep_t, p_t, 0.0)
+            else:
+                p_t = tl.where(cols_n[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
         # -- dV += P^T dO
         dv += _mm(p_t.to(do.dtype), do, IEEE)
         # -- dS^T = P^T * (V dO^T - delta);  dK += dS^T Q  (scale applied once at the end)
         dp_t = _mm(v, tl.trans(do), IEEE)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:  # d(c tanh(u)) / du = c (1 - tanh^2); the c cancels the 1 / c inside u
+            ds_t = ds_t * (1.0 - t_t * t_t)
         ds_t = ds_t.to(q.dtype)
         dk += _mm(ds_t, q, IEEE)
         if DQ_ATOMIC:
@@ -327,11 +386,11 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_dqab, stride_dqah, stride_dqam,
     H_KV, GROUP, SEQ_Q, SEQ_K, HEAD_D, HEAD_DV,
-    sm_scale, qk_scale2,
+    sm_scale, qk_scale2, window_left, window_right, softcap_in,
     CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # kv blocks vary fastest: programs running together share one head's Q/dO in L2, and under
     # causal the first kv blocks (the most query blocks to visit) start first.
@@ -359,15 +418,22 @@ def _bwd_dkdv_kernel(
 
     causal_offset = SEQ_K - SEQ_Q
     n_m_blocks = _cdiv(SEQ_Q, BLOCK_M)
-    if CAUSAL:
+    if WINDOW:
+        first, full, full_hi, end = _window_query_blocks(n0, SEQ_Q, SEQ_K, window_left, window_right,
+                                                         BLOCK_M, BLOCK_N)
+    elif CAUSAL:
         # rows before n0 - offset see none of this block; from `full` on, rows see all of it
         first = tl.maximum(n0 - causal_offset, 0) // BLOCK_M
         full = tl.maximum(n0 + BLOCK_N - 1 - causal_offset + BLOCK_M - 1, 0) // BLOCK_M
         first = tl.minimum(first, n_m_blocks)
         full = tl.minimum(tl.maximum(full, first), n_m_blocks)
+        full_hi = n_m_blocks
+        end = n_m_blocks
     else:
         first = pid_n * 0
         full = pid_n * 0
+        full_hi = n_m_blocks
+        end = n_m_blocks
 
     for g in range(GROUP):
         h = (hk * GROUP + g).to(tl.int64)
@@ -376,21 +442,32 @@ def _bwd_dkdv_kernel(
         lse_head = LSE + b * stride_lb + h * stride_lh
         delta_head = DELTA + (b * H_KV * GROUP + h) * SEQ_Q
         dqa_head = DQA + b * stride_dqab + h * stride_dqah
-        if CAUSAL:
+        if CAUSAL or WINDOW:
             dk, dv = _dkdv_inner(
                 dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
                 first * BLOCK_M, full - first, cols_n,
                 SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset,
-                True, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE,
+                window_left, window_right, softcap_in,
+                True, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
             )
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
-            full * BLOCK_M, n_m_blocks - full, cols_n,
+            full * BLOCK_M, full_hi - full, cols_n,
             SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset,
-            False, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE,
+            window_left, window_right, softcap_in,
+            False, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
         )
+        if WINDOW:  # rows past the window's far edge: masked again
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
+                full_hi * BLOCK_M, end - full_hi, cols_n,
+                SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset,
+                window_left, window_right, softcap_in,
+                True, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+            )
 
     # epilogue: dS was taken w.r.t. the scaled scores
     dk *= sm_scale
@@ -412,9 +489,10 @@ def _dq_inner(
     dq, q, do, lse2, delta,
     k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
     n_lo, n_steps, rows,
-    SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+    SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset, left, right, softcap_in,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IEEE: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -429,14 +507,22 @@ def _dq_inner(
         k = _load_tile(k_head + n64 * stride_kn + k_tile, cols, SEQ_K, offs_d, HEAD_D, not MASK, EVEN_D)
         v = _load_tile(v_head + n64 * stride_vn + v_tile, cols, SEQ_K, offs_dv, HEAD_DV, not MASK, EVEN_DV)
         qk = _mm(q, tl.trans(k), IEEE)
-        p = tl.exp2(qk * qk_scale2 - lse2[:, None])
+        if SOFTCAP:
+            t = _tanh(qk * softcap_in)
+            p = tl.exp2(t * qk_scale2 - lse2[:, None])
+        else:
+            p = tl.exp2(qk * qk_scale2 - lse2[:, None])
         if MASK:
             keep = cols[None, :] < SEQ_K
-            if CAUSAL:
+            if WINDOW:
+                keep = keep & _window_keep(rows, cols, causal_offset, left, right)
+            elif CAUSAL:
                 keep = keep & (cols[None, :] <= rows[:, None] + causal_offset)
             p = tl.where(keep, p, 0.0)
         dp = _mm(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += _mm(ds.to(k.dtype), k, IEEE)
         n0 += BLOCK_N
     return dq
@@ -452,10 +538,11 @@ def _bwd_dq_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H_Q, GROUP, SEQ_Q, SEQ_K, HEAD_D, HEAD_DV,
-    sm_scale, qk_scale2,
+    sm_scale, qk_scale2, window_left, window_right, softcap_in,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IEEE: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_blocks = _cdiv(SEQ_Q, BLOCK_M)
@@ -486,24 +573,49 @@ def _bwd_dq_kernel(
     k_head = K + b * stride_kb + hk * stride_kh
     v_head = V + b * stride_vb + hk * stride_vh
     causal_offset = SEQ_K - SEQ_Q
-    if CAUSAL:
-        # keys past the block's last row's horizon are invisible; keys up to the first row's
-        # horizon are visible to every row of the block
-        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), SEQ_K)
-        full = tl.minimum(tl.maximum(m0 + causal_offset + 1, 0), hi) // BLOCK_N
+    if WINDOW:
+        lo, full_lo, full_hi, end = _window_key_blocks(m0, SEQ_Q, SEQ_K, window_left, window_right,
+                                                       BLOCK_M, BLOCK_N)
+        # left edge (masked), keys every row sees (no mask), right edge and Sk tail (masked)
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+            lo, _cdiv(full_lo - lo, BLOCK_N), rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+            window_left, window_right, softcap_in,
+            True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+            full_lo, (full_hi - full_lo) // BLOCK_N, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+            window_left, window_right, softcap_in,
+            False, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+            full_hi, _cdiv(end - full_hi, BLOCK_N), rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+            window_left, window_right, softcap_in,
+            True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
     else:
-        hi = SEQ_K + pid * 0
-        full = SEQ_K // BLOCK_N + pid * 0
-    dq = _dq_inner(
-        dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
-        pid * 0, full, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
-        False, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE,
-    )
-    dq = _dq_inner(
-        dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
-        full * BLOCK_N, _cdiv(hi, BLOCK_N) - full, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
-        True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE,
-    )
+        if CAUSAL:
+            # keys past the block's last row's horizon are invisible; keys up to the first row's
+            # horizon are visible to every row of the block
+            hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), SEQ_K)
+            full = tl.minimum(tl.maximum(m0 + causal_offset + 1, 0), hi) // BLOCK_N
+        else:
+            hi = SEQ_K + pid * 0
+            full = SEQ_K // BLOCK_N + pid * 0
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+            pid * 0, full, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+            window_left, window_right, softcap_in,
+            False, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+            full * BLOCK_N, _cdiv(hi, BLOCK_N) - full, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+            window_left, window_right, softcap_in,
+            True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
 
     dq *= sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + m64 * stride_dqm
@@ -574,23 +686,35 @@ def attention_backward(
     causal: bool,
     scale: float,
     config: dict[str, Any] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of attention w.r.t. q, k, v, from the forward's saved out and lse.
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of attention w.r.t. q, k, v (and sinks), from the forward's saved out and lse.
 
     do, out (B, Hq, Sq, Dv); q (B, Hq, Sq, D); k (B, Hkv, Sk, D); v (B, Hkv, Sk, Dv): bhsd-indexed
     views of any strides with a unit last stride (bshd tensors transposed); lse float32
     (B, Hq, Sq), natural log, -inf on rows that see no key. causal is bottom-right aligned
     (query i sees key j iff j <= i + Sk - Sq); scale multiplies q.k.
 
+    window, softcap and sinks as forward.attention_forward (the same values as the forward's).
+
     Returns (dq, dk, dv) with the shapes, dtypes and (for dense inputs) strides of q, k, v; dk, dv
-    hold the sum over each kv head's query group. Deterministic: no atomics.
+    hold the sum over each kv head's query group; with sinks a fourth, dsinks (Hq,) float32:
+    d sink_h = -sum over rows of P(sink) * delta, delta = rowsum(dO * O) (the sink carries no
+    value, so its probability only scales the output down). Deterministic: no atomics.
     """
+    from .forward import Variant, kernel_window
+
+
     g = _geometry(do, q, k, v, out, lse)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     if 0 in (g.batch, g.heads_q, g.seqlen_q, g.seqlen_k):
         # nothing is attended: every gradient is 0 (and there is nothing to launch)
+        if sinks is not None:
+            return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(sinks)
         return dq.zero_(), dk.zero_(), dv.zero_()
 
     cfg = resolve_backward_config(config, g.head_dim, g.head_dim_v, fp32=q.dtype == torch.float32)
@@ -601,7 +725,14 @@ def attention_backward(
     warps, stages = cfg["BWD_num_warps"], cfg["BWD_num_stages"]
     # a causal mask over a single query row hides nothing
     causal = bool(causal) and g.seqlen_q > 1
-    qk_scale2 = float(scale) * LOG2E
+    win = kernel_window(causal, Variant().window if window is None else tuple(window),  # type: ignore[arg-type]
+                        g.seqlen_q, g.seqlen_k)
+    left, right = win if win is not None else (0, 0)
+    if softcap:  # P = exp2(tanh(qk * scale / c) * c * log2(e) - lse2)
+        qk_scale2, softcap_in = float(softcap) * LOG2E, float(scale) / float(softcap)
+    else:
+        qk_scale2, softcap_in = float(scale) * LOG2E, 1.0
+    variant = dict(WINDOW=win is not None, SOFTCAP=bool(softcap))
     group = g.heads_q // g.heads_kv
     even_d, even_dv = g.head_dim == block_d, g.head_dim_v == block_dv
     ieee = q.dtype == torch.float32
@@ -624,26 +755,45 @@ def attention_backward(
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dk.stride(), *dv.stride(),
             *dq_acc.stride()[:3],
             g.heads_kv, group, g.seqlen_q, g.seqlen_k, g.head_dim, g.head_dim_v,
-            float(scale), qk_scale2,
+            float(scale), qk_scale2, left, right, softcap_in,
             CAUSAL=causal, DQ_ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
             EVEN_M=g.seqlen_q % bm == 0, EVEN_N=g.seqlen_k % bn == 0, EVEN_D=even_d, EVEN_DV=even_dv,
-            IEEE=ieee, num_warps=warps, num_stages=stages,
+            IEEE=ieee, num_warps=warps, num_stages=stages, **variant,
         )
         if atomic:
             dq.copy_(dq_acc)
-            return dq, dk, dv
+            return _with_sinks_grad((dq, dk, dv), sinks, lse, delta)
         # the dq pass swaps the tiles: a large resident query block, small streamed kv blocks
         grid = (triton.cdiv(g.seqlen_q, bn) * g.batch * g.heads_q,)
         _bwd_dq_kernel[grid](
             q, k, v, do, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dq.stride(),
             g.heads_q, group, g.seqlen_q, g.seqlen_k, g.head_dim, g.head_dim_v,
-            float(scale), qk_scale2,
+            float(scale), qk_scale2, left, right, softcap_in,
             CAUSAL=causal, BLOCK_M=bn, BLOCK_N=bm, BLOCK_D=block_d, BLOCK_DV=block_dv,
             EVEN_M=g.seqlen_q % bn == 0, EVEN_D=even_d, EVEN_DV=even_dv, IEEE=ieee,
-            num_warps=warps, num_stages=stages,
+            num_warps=warps, num_stages=stages, **variant,
         )
-    return dq, dk, dv
+        return _with_sinks_grad((dq, dk, dv), sinks, lse, delta)
+
+
+def sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """d loss / d sinks (Hq,) = -sum over batch and rows of exp(sink - lse) * delta.
+
+    P(sink) = exp(sink - lse) (lse includes the sink); out = sum_j P_j v_j shrinks by P(sink) as
+    the sink grows, so d out / d sink = -P(sink) out and the row contributes -P(sink) dO . O. A row
+    with lse = -inf (sink -inf, no key) contributes 0. Memory-bound torch ops over (B, Hq, Sq).
+    """
+    p_sink = torch.exp(sinks.view(1, -1, 1) - lse)
+    p_sink = torch.where(torch.isinf(lse), torch.zeros_like(p_sink), p_sink)
+    return -(p_sink * delta).sum(dim=(0, 2))
+
+
+def _with_sinks_grad(grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor], sinks: torch.Tensor | None,
+                     lse: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if sinks is None:
+        return grads
+    return (*grads, sinks_grad(sinks, lse, delta))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -669,7 +819,7 @@ class AotKernel(NamedTuple):
 # tensors whose element type is the input dtype; LSE and DELTA are fp32
 _DATA_POINTERS = frozenset({"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"})
 _FP32_POINTERS = frozenset({"LSE", "DELTA", "DQA"})
-_FLOAT_ARGS = frozenset({"sm_scale", "qk_scale2"})
+_FLOAT_ARGS = frozenset({"sm_scale", "qk_scale2", "softcap_in"})
 
 
 def _signature(fn: Any, dtype: str, constexprs: dict[str, Any]) -> dict[str, str]:
@@ -712,7 +862,7 @@ def _preprocess_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim
 
 def _dkdv_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AotSpec:
     cfg = resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32")
-    ce: dict[str, Any] = {"CAUSAL": causal, "DQ_ATOMIC": cfg["BWD_DQ_ATOMIC"], "BLOCK_M": cfg["BWD_BLOCK_M"],
+    ce: dict[str, Any] = {"CAUSAL": causal, "WINDOW": False, "SOFTCAP": False, "DQ_ATOMIC": cfg["BWD_DQ_ATOMIC"], "BLOCK_M": cfg["BWD_BLOCK_M"],
                           "BLOCK_N": cfg["BWD_BLOCK_N"], "EVEN_M": True, "EVEN_N": True, **_aot_common(head_dim, head_dim_v), **_ieee(dtype),
                           **_unit_strides(_bwd_dkdv_kernel)}
     return AotSpec(_signature(_bwd_dkdv_kernel, dtype, ce), ce, cfg["BWD_num_warps"], cfg["BWD_num_stages"])
@@ -720,7 +870,7 @@ def _dkdv_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: in
 
 def _dq_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AotSpec:
     cfg = resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32")
-    ce: dict[str, Any] = {"CAUSAL": causal, "BLOCK_M": cfg["BWD_BLOCK_N"], "BLOCK_N": cfg["BWD_BLOCK_M"],
+    ce: dict[str, Any] = {"CAUSAL": causal, "WINDOW": False, "SOFTCAP": False, "BLOCK_M": cfg["BWD_BLOCK_N"], "BLOCK_N": cfg["BWD_BLOCK_M"],
                           "EVEN_M": True, **_aot_common(head_dim, head_dim_v), **_ieee(dtype),
                           **_unit_strides(_bwd_dq_kernel)}
     return AotSpec(_signature(_bwd_dq_kernel, dtype, ce), ce, cfg["BWD_num_warps"], cfg["BWD_num_stages"])

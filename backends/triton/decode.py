@@ -10,6 +10,11 @@ directly and the merge is skipped.
 
 Bottom-right causal for decode: query i of Sq sees key j iff j <= i + Sk - Sq, so only the last
 Sq - 1 keys are ever masked.
+
+Sliding window: the splits cover only the keys some query of the call can see, [kv_lo, kv_hi)
+computed on the host, so the work and the time follow the window, not the cache length. Softcap
+is applied to the scores in the split kernel; sinks join the softmax once: in the split kernel
+when it writes the result directly, else in the merge (one more lse term with no value).
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ from . import configs
 from .launch import BoundLaunch, DirectLauncher, cuda_index, run_on_device
 from .forward import (
     LN2,
+    LOG2E,
+    PLAIN,
+    Variant,
+    check_sinks,
+    make_variant,
+    tanh,
+    variant_scalars,
     OutputPlan,
     _check_inputs,
     _empty_output,
@@ -42,16 +54,17 @@ from .forward import (
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, PO, PL, O, LSE,
+    Q, K, V, PO, PL, O, LSE, SINKS,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, som, sod,
     heads_q, heads_kv, group, seq_q, seq_k, qk_scale, head_dim, head_dim_v,
-    keys_per_split, num_splits,
+    keys_per_split, num_splits, kv_lo, kv_hi, window_left, window_right, softcap_in,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, IEEE: tl.constexpr,
-    DIRECT: tl.constexpr, OFFS64: tl.constexpr,
+    DIRECT: tl.constexpr, OFFS64: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     pid_bkv = tl.program_id(0)  # B * Hkv may pass the 65535 limit of grid dims 1 and 2
     split = tl.program_id(1)
@@ -82,12 +95,17 @@ def _decode_split_kernel(
     kt_off = cols_n[None, :] * skn + offs_d[:, None] * skd
     v_off = cols_n[:, None] * svn + offs_dv[None, :] * svd
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    if HAS_SINKS and DIRECT:  # one split: the sink joins here (else in the merge)
+        m_i = tl.load(SINKS + h, mask=in_rows, other=0.0).to(tl.float32) * LOG2E
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
 
-    n_lo = split * keys_per_split
-    n_hi = tl.minimum(seq_k, n_lo + keys_per_split)
+    # the splits share [kv_lo, kv_hi): the keys some query of the call can see
+    n_lo = kv_lo + split * keys_per_split
+    n_hi = tl.minimum(kv_hi, n_lo + keys_per_split)
     causal_offset = seq_k - seq_q
     lo64 = tl.cast(n_lo, tl.int64)
     kt_ptrs = K_base + lo64 * skn + kt_off
@@ -106,8 +124,13 @@ def _decode_split_kernel(
         kt_ptrs += BLOCK_N * skn
         v_ptrs += BLOCK_N * svn
         qk = dot(q, kt, tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32), IEEE)
+        if SOFTCAP:
+            qk = tanh(qk * softcap_in)
         visible = in_k[None, :]
-        if CAUSAL:
+        if WINDOW:
+            p = qi[:, None] + causal_offset
+            visible = visible & (offs_n[None, :] >= p - window_left) & (offs_n[None, :] <= p + window_right)
+        elif CAUSAL:
             visible = visible & (offs_n[None, :] <= qi[:, None] + causal_offset)
         qk = tl.where(visible, qk, float("-inf"))
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, True, IEEE)
@@ -131,10 +154,10 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    PO, PL, O, LSE,
+    PO, PL, O, LSE, SINKS,
     sob, soh, som, sod,
     heads_q, seq_q, num_splits, head_dim_v,
-    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_DV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_DV: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Sq + i
     qi = row % seq_q
@@ -146,12 +169,17 @@ def _decode_merge_kernel(
     in_s = offs_s < num_splits
     lse_s = tl.load(PL + row * num_splits + offs_s, mask=in_s, other=float("-inf"))
     m = row_max(lse_s, 0)
-    # every split empty (row sees no key): weights 0, out 0, lse -inf
+    if HAS_SINKS:
+        sink = tl.load(SINKS + h).to(tl.float32) * LOG2E
+        m = tl.maximum(m, sink)
+    # every split empty (row sees no key): weights 0, out 0, lse -inf (or the sink)
     m_use = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lse_s - m_use)
     o_s = tl.load(PO + (row * num_splits + offs_s)[:, None] * BLOCK_DV + offs_dv[None, :],
                   mask=in_s[:, None], other=0.0)
     total = row_sum(w, 0)
+    if HAS_SINKS:  # one more term of the denominator, with no value
+        total += tl.math.exp2(sink - m_use)
     safe = tl.where(total == 0.0, 1.0, total)
     out = row_sum(w[:, None] * o_s, 0) / safe
     lse = tl.where(total == 0.0, float("-inf"), (m_use + tl.math.log2(safe)) * LN2)
@@ -183,6 +211,20 @@ def _plan(block_n: int, num_splits: int, batch: int, heads_q: int, heads_kv: int
     return block_m, m_blocks, splits, keys_per_split
 
 
+def visible_key_range(causal: bool, window: tuple[int, int], seq_q: int, seq_k: int) -> tuple[int, int]:
+    """[lo, hi): the keys that some query of a (Sq, Sk) call can see under causal and window."""
+    from .forward import kernel_window
+
+    win = kernel_window(causal and seq_q > 1, window, seq_q, seq_k)
+    if win is None:
+        return 0, seq_k
+    left, right = win
+    offset = seq_k - seq_q
+    lo = min(max(offset - left, 0), seq_k)
+    hi = max(min(seq_q - 1 + offset + right + 1, seq_k), lo)
+    return lo, hi
+
+
 class _DecodePlan:
     """One decode call signature's launches (split, then merge), made once (decode is launch-bound):
     a repeated call allocates its outputs and partials and launches."""
@@ -190,7 +232,7 @@ class _DecodePlan:
     __slots__ = ("forward", "outputs", "part_shapes", "device", "index", "split", "merge")
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                 config: dict[str, Any]) -> None:
+                 config: dict[str, Any], variant: Variant = PLAIN) -> None:
         _check_inputs(q, k, v)
         arch = configs.arch_of_tensor(q)
         cfg = configs.resolve_decode(config, arch, q.shape[3])
@@ -212,44 +254,55 @@ class _DecodePlan:
         # stages and key block to fit the shared memory, counted with the largest query block
         fitted = configs.shrink_to_fit({**cfg, "BLOCK_M": configs.DECODE_MAX_BLOCK_M}, arch, d, dv, q.element_size())
         cfg = {**cfg, "num_stages": fitted["num_stages"], "BLOCK_N": fitted["BLOCK_N"]}
+        block_n = int(cfg["BLOCK_N"])
         block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
         index = self.index or 0  # also the launcher's key on the CPU (interpreter)
         sm_count = configs.sm_count_of(q.device.type, index)
-        block_m, m_blocks, splits, keys_per_split = _plan(int(cfg["BLOCK_N"]), int(cfg.get("NUM_SPLITS") or 0), bsz,
-                                                          hq, hkv, sq, sk, sm_count)
+        effective_causal = bool(causal) and sq > 1
+        qk_scale, left, right, softcap_in, flags = variant_scalars(variant, effective_causal, scale, sq, sk)
+        kv_lo, kv_hi = visible_key_range(effective_causal, variant.window, sq, sk)
+        kv_lo = (kv_lo // block_n) * block_n  # whole key blocks from a block boundary
+        # an empty range still takes one split: it writes zeros and lse = -inf (or the sink)
+        block_m, m_blocks, splits, keys_per_split = _plan(block_n, int(cfg.get("NUM_SPLITS") or 0), bsz,
+                                                          hq, hkv, sq, max(kv_hi - kv_lo, 1), sm_count)
         direct = splits == 1
         if not direct:
             self.part_shapes = ((bsz * hq * sq, splits, block_dv), (bsz * hq * sq, splits))
-        self.split = BoundLaunch(_SPLIT, (bsz * hkv, splits, m_blocks), 7, (
+        self.split = BoundLaunch(_SPLIT, (bsz * hkv, splits, m_blocks), 8, (
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            hq, hkv, hq // hkv, sq, sk, float(scale) * 1.4426950408889634, d, dv,
-            keys_per_split, splits,
-        ), dict(BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
-                CAUSAL=bool(causal) and sq > 1, PAD_D=block_d != d, PAD_DV=block_dv != dv,
-                IEEE=q.dtype == torch.float32, DIRECT=direct, OFFS64=_needs_offs64(q, k, v, out)),
+            hq, hkv, hq // hkv, sq, sk, qk_scale, d, dv,
+            keys_per_split, splits, kv_lo, kv_hi, left, right, softcap_in,
+        ), dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                CAUSAL=effective_causal, PAD_D=block_d != d, PAD_DV=block_dv != dv,
+                IEEE=q.dtype == torch.float32, DIRECT=direct, OFFS64=_needs_offs64(q, k, v, out), **flags),
             launch_options(cfg), index)
         if not direct:
-            self.merge = BoundLaunch(_MERGE, (bsz * hq * sq,), 4, (*out.stride(), hq, sq, splits, dv),
+            self.merge = BoundLaunch(_MERGE, (bsz * hq * sq,), 5, (*out.stride(), hq, sq, splits, dv),
                                      dict(BLOCK_S=1 << (splits - 1).bit_length(), BLOCK_DV=block_dv,
-                                          PAD_DV=block_dv != dv),
+                                          PAD_DV=block_dv != dv, HAS_SINKS=flags["HAS_SINKS"]),
                                      {"num_warps": 1 if block_dv <= 64 else 2}, index)
 
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return run_on_device(self.index, self._run, q, k, v)
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return run_on_device(self.index, self._run, q, k, v, sinks)
 
-    def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         out, lse = self.outputs.allocate()
         if self.outputs.finished:
+            if sinks is not None and lse.numel():  # no key at all: every row's lse is its sink
+                lse.copy_(sinks.view(1, -1, 1).expand_as(lse))
             return out, lse
+        sk_ptr = lse if sinks is None else sinks  # never read without sinks
         if self.merge is None:
             # po/pl are unused by the kernel when DIRECT: lse stands in for both
-            self.split((q, k, v, lse, lse, out, lse), (out, lse))
+            self.split((q, k, v, lse, lse, out, lse, sk_ptr), (out, lse))
             return out, lse
         shape_o, shape_l = self.part_shapes  # type: ignore[misc]
         po = torch.empty(shape_o, dtype=torch.float32, device=self.device)
         pl = torch.empty(shape_l, dtype=torch.float32, device=self.device)
-        self.split((q, k, v, po, pl, out, lse), (po, pl))
-        self.merge((po, pl, out, lse), (out, lse))
+        self.split((q, k, v, po, pl, out, lse, sk_ptr), (po, pl))
+        self.merge((po, pl, out, lse, sk_ptr), (out, lse))
         return out, lse
 
 
@@ -264,16 +317,24 @@ def decode_forward(
     causal: bool,
     scale: float,
     config: dict[str, Any],
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV attention for short queries; same contract as forward.attention_forward.
 
-    q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), bhsd-indexed views of any strides.
+    q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), bhsd-indexed views of any strides;
+    window, softcap and sinks as forward.attention_forward.
     Returns out (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32 (natural log).
     """
-    plan = cached_plan(_PLANS, _DecodePlan, q, k, v, causal, scale, config)
+    variant = make_variant(window, softcap, sinks)
+    if sinks is not None:
+        check_sinks(sinks, q)
+    plan = cached_plan(_PLANS, _DecodePlan, q, k, v, causal, scale, config, variant)
     if plan.forward is not None:
-        return attention_forward(q, k, v, causal=causal, scale=scale, config=plan.forward)
-    return plan.run(q, k, v)
+        return attention_forward(q, k, v, causal=causal, scale=scale, config=plan.forward, window=window,
+                                 softcap=softcap, sinks=sinks)
+    return plan.run(q, k, v, sinks)
 
 
 _SPLIT = DirectLauncher(_decode_split_kernel)

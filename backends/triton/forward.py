@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -106,6 +106,48 @@ def kv_block_range(start_m, seq_q, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
+def window_block_range(start_m, seq_q, seq_k, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(n_lo, full_lo, full_hi, n_end) for query rows [start_m, start_m + BLOCK_M) under a window.
+
+    Row i at p = i + Sk - Sq sees keys [p - left, p + right] (the launcher passes unbounded sides as
+    Sk + Sq and folds causal into right = 0). Keys [full_lo, full_hi) lie in whole blocks that every
+    row sees: no mask. [n_lo, full_lo) and [full_hi, n_end) are masked. Blocks outside [n_lo, n_end)
+    are never visited, so the work is proportional to the visible pairs. Every operand of // is
+    clamped to >= 0 first (the compiler truncates, the interpreter floors).
+    """
+    offset = seq_k - seq_q
+    first_p = start_m + offset
+    last_p = tl.minimum(start_m + BLOCK_M, seq_q) - 1 + offset
+    n_lo = (tl.maximum(first_p - left, 0) // BLOCK_N) * BLOCK_N
+    n_lo = tl.minimum(n_lo, seq_k)
+    n_end = tl.maximum(tl.minimum(last_p + right + 1, seq_k), n_lo)
+    full_lo = ((tl.maximum(last_p - left, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, n_lo), n_end)
+    full_hi = (tl.maximum(tl.minimum(first_p + right + 1, seq_k), 0) // BLOCK_N) * BLOCK_N
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), n_end)
+    return n_lo, full_lo, full_hi, n_end
+
+
+@triton.jit
+def tanh(x):
+    """tanh through one exp2 (Triton has no portable tanh): exact at +-inf, |error| ~ 1e-7."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def visible_keys(offs_m, offs_n, seq_k, causal_offset, left, right, CAUSAL: tl.constexpr,
+                 WINDOW: tl.constexpr):
+    """Bool (BLOCK_M, BLOCK_N): key offs_n inside Sk and inside row offs_m's causal/window range."""
+    visible = offs_n[None, :] < seq_k
+    if WINDOW:
+        p = offs_m[:, None] + causal_offset
+        visible = visible & (offs_n[None, :] >= p - left) & (offs_n[None, :] <= p + right)
+    elif CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+    return visible
+
+
+@triton.jit
 def online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr):
     """Fold one key block into (acc, l, m). qk: raw scores, -inf where masked; m in log2 units."""
     m_new = tl.maximum(m_i, row_max(qk, 1) * qk_scale)
@@ -120,6 +162,19 @@ def online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, MASKED: tl.constexpr, IE
     acc = acc * alpha[:, None]
     acc = dot(p.to(v.dtype), v, acc, IEEE)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _softmax_init(SINKS, h, BLOCK_M: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """(m, l) before the first key: empty, or the head's sink as a key of weight 1 and no value
+    (m = sink in log2 units, l = 1), which is all a sink is: the online softmax does the rest."""
+    if HAS_SINKS:
+        m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + tl.load(SINKS + h).to(tl.float32) * LOG2E
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    return m_i, l_i
 
 
 @triton.jit
@@ -138,8 +193,10 @@ def _finish(acc, l_i, m_i):
 @triton.jit
 def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m, n_lo, n_hi,
               seq_k, causal_offset, qk_scale, offs_d, offs_dv, head_dim, head_dim_v,
+              left, right, softcap_in,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-              PAD_D: tl.constexpr, PAD_DV: tl.constexpr, IEEE: tl.constexpr):
+              PAD_D: tl.constexpr, PAD_DV: tl.constexpr, IEEE: tl.constexpr,
+              WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
     lo64 = tl.cast(n_lo, tl.int64)
     kt_ptrs = K_base + lo64 * skn + kt_off
@@ -168,10 +225,10 @@ def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
                 v = tl.load(v_ptrs)
         # -- compute qk
         qk = dot(q, kt, tl.full([q.shape[0], BLOCK_N], 0.0, dtype=tl.float32), IEEE)
+        if SOFTCAP:  # c * tanh(s / c): the c (and log2 e) sit in qk_scale
+            qk = tanh(qk * softcap_in)
         if MASKED:
-            visible = offs_n[None, :] < seq_k
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            visible = visible_keys(offs_m, offs_n, seq_k, causal_offset, left, right, CAUSAL, WINDOW)
             qk = tl.where(visible, qk, float("-inf"))
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, MASKED, IEEE)
         kt_ptrs += BLOCK_N * skn
@@ -181,22 +238,23 @@ def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, SINKS,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, som, sod,
     heads_q, group, seq_q, seq_k, qk_scale, head_dim, head_dim_v,
+    window_left, window_right, softcap_in,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, IEEE: tl.constexpr,
-    OFFS64: tl.constexpr,
+    OFFS64: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     # 1-d grid (y/z grid dims stop at 65535), query blocks of one head adjacent: K/V stay in L2
     num_m = (seq_q + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     pid_m = pid % num_m
     pid_bh = pid // num_m
-    if CAUSAL:
+    if CAUSAL and not WINDOW:
         # the heaviest query blocks (bottom rows see the most keys) start first: shorter tail
         pid_m = num_m - 1 - pid_m
     b = pid_bh // heads_q
@@ -229,20 +287,40 @@ def _fwd_kernel(
         q_mask = q_mask & (offs_d[None, :] < head_dim)
     q = tl.load(Q_base + rows[:, None] * sqm + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    m_i, l_i = _softmax_init(SINKS, h, BLOCK_M, HAS_SINKS)
     acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
 
-    n_full, n_end = kv_block_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     causal_offset = seq_k - seq_q
-    # -- blocks every row sees: no mask
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
-                              0, n_full, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
-                              head_dim, head_dim_v, BLOCK_N, False, CAUSAL, PAD_D, PAD_DV, IEEE)
-    # -- diagonal blocks and the Sk tail: masked
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
-                              n_full, n_end, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
-                              head_dim, head_dim_v, BLOCK_N, True, CAUSAL, PAD_D, PAD_DV, IEEE)
+    if WINDOW:
+        n_lo, full_lo, full_hi, n_end = window_block_range(start_m, seq_q, seq_k, window_left, window_right,
+                                                           BLOCK_M, BLOCK_N)
+        # -- left edge of the window: masked
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
+                                  n_lo, full_lo, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
+                                  head_dim, head_dim_v, window_left, window_right, softcap_in,
+                                  BLOCK_N, True, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
+        # -- blocks every row sees: no mask
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
+                                  full_lo, full_hi, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
+                                  head_dim, head_dim_v, window_left, window_right, softcap_in,
+                                  BLOCK_N, False, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
+        # -- right edge (the diagonal under causal) and the Sk tail: masked
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
+                                  full_hi, n_end, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
+                                  head_dim, head_dim_v, window_left, window_right, softcap_in,
+                                  BLOCK_N, True, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
+    else:
+        n_full, n_end = kv_block_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+        # -- blocks every row sees: no mask
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
+                                  0, n_full, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
+                                  head_dim, head_dim_v, window_left, window_right, softcap_in,
+                                  BLOCK_N, False, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
+        # -- diagonal blocks and the Sk tail: masked
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
+                                  n_full, n_end, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
+                                  head_dim, head_dim_v, window_left, window_right, softcap_in,
+                                  BLOCK_N, True, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
 
     # epilogue
     out, lse = _finish(acc, l_i, m_i)
@@ -260,19 +338,20 @@ def _fwd_kernel(
 
 @triton.jit
 def _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, n_lo, n_hi, seq_k, causal_offset,
-                  qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                  IEEE: tl.constexpr, WS: tl.constexpr):
+                  qk_scale, left, right, softcap_in, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  CAUSAL: tl.constexpr, IEEE: tl.constexpr, WS: tl.constexpr, WINDOW: tl.constexpr,
+                  SOFTCAP: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(n_lo, n_hi, BLOCK_N, warp_specialize=WS):
         # rows past Sk and columns past D arrive as zeros from the copy engine
         k = k_desc.load([start_n, 0])
         v = v_desc.load([start_n, 0])
         qk = dot(q, k.T, tl.full([q.shape[0], BLOCK_N], 0.0, dtype=tl.float32), IEEE)
+        if SOFTCAP:
+            qk = tanh(qk * softcap_in)
         if MASKED:
             offs_n = start_n + offs_n0
-            visible = offs_n[None, :] < seq_k
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            visible = visible_keys(offs_m, offs_n, seq_k, causal_offset, left, right, CAUSAL, WINDOW)
             qk = tl.where(visible, qk, float("-inf"))
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, MASKED, IEEE)
     return acc, l_i, m_i
@@ -280,20 +359,22 @@ def _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, n_lo, n_hi, seq_k, c
 
 @triton.jit
 def _fwd_kernel_tma(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, SINKS,
     sqb, sqh, sqm,
     skb, skh, skn,
     svb, svh, svn,
     sob, soh, som,
     heads_q, group, seq_q, seq_k, qk_scale, head_dim, head_dim_v,
+    window_left, window_right, softcap_in,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr, WS: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, WS: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     num_m = (seq_q + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     pid_m = pid % num_m
     pid_bh = pid // num_m
-    if CAUSAL:
+    if CAUSAL and not WINDOW:
         pid_m = num_m - 1 - pid_m
     b = pid_bh // heads_q
     h = pid_bh % heads_q
@@ -315,15 +396,29 @@ def _fwd_kernel_tma(
                                        block_shape=[BLOCK_M, BLOCK_DV])
     q = q_desc.load([start_m, 0])
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    m_i, l_i = _softmax_init(SINKS, h, BLOCK_M, HAS_SINKS)
     acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
-    n_full, n_end = kv_block_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     causal_offset = seq_k - seq_q
-    acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, 0, n_full, seq_k,
-                                  causal_offset, qk_scale, BLOCK_N, False, CAUSAL, IEEE, WS)
-    acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, n_full, n_end, seq_k,
-                                  causal_offset, qk_scale, BLOCK_N, True, CAUSAL, IEEE, False)
+    if WINDOW:
+        n_lo, full_lo, full_hi, n_end = window_block_range(start_m, seq_q, seq_k, window_left, window_right,
+                                                           BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, n_lo, full_lo, seq_k,
+                                      causal_offset, qk_scale, window_left, window_right, softcap_in,
+                                      BLOCK_N, True, CAUSAL, IEEE, False, WINDOW, SOFTCAP)
+        acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, full_lo, full_hi, seq_k,
+                                      causal_offset, qk_scale, window_left, window_right, softcap_in,
+                                      BLOCK_N, False, CAUSAL, IEEE, WS, WINDOW, SOFTCAP)
+        acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, full_hi, n_end, seq_k,
+                                      causal_offset, qk_scale, window_left, window_right, softcap_in,
+                                      BLOCK_N, True, CAUSAL, IEEE, False, WINDOW, SOFTCAP)
+    else:
+        n_full, n_end = kv_block_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+        acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, 0, n_full, seq_k,
+                                      causal_offset, qk_scale, window_left, window_right, softcap_in,
+                                      BLOCK_N, False, CAUSAL, IEEE, WS, WINDOW, SOFTCAP)
+        acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, n_full, n_end, seq_k,
+                                      causal_offset, qk_scale, window_left, window_right, softcap_in,
+                                      BLOCK_N, True, CAUSAL, IEEE, False, WINDOW, SOFTCAP)
     out, lse = _finish(acc, l_i, m_i)
     # the copy engine clips the store to (Sq, Dv)
     o_desc.store([start_m, 0], out.to(O.dtype.element_ty))
@@ -438,6 +533,74 @@ def launch_options(config: dict[str, Any]) -> dict[str, Any]:
     return {k: config[k] for k in configs.LAUNCH_KEYS if k in config}
 
 
+class Variant(NamedTuple):
+    """The attention variant of a launch, hashable for the plan caches: window (left, right) as the
+    caller gave it ((-1, -1): none), softcap (0.0: none), and whether sinks come with the call."""
+
+    window: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    sinks: bool = False
+
+
+PLAIN = Variant()
+
+
+def make_variant(window: tuple[int, int] | None, softcap: float | None, sinks: torch.Tensor | None) -> Variant:
+    """The Variant of keyword arguments as attention_forward takes them (values already checked by
+    the caller's validation; the launchers check only what would corrupt memory)."""
+    if window is None and not softcap and sinks is None:
+        return PLAIN
+    w = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+    return Variant(w, float(softcap or 0.0), sinks is not None)
+
+
+def kernel_window(causal: bool, window: tuple[int, int], seq_q: int, seq_k: int) -> tuple[int, int] | None:
+    """(left, right) as the kernels take them, or None when plain causal/non-causal masking covers it.
+
+    The window kernels know no "unbounded": such a side becomes Sk + Sq, past every key. causal
+    folds into right = 0 (flash_attn's convention). A window whose left side is unbounded and
+    whose right side is unbounded or 0 under causal hides nothing beyond causal: no window.
+    """
+    left, right = window
+    if causal:
+        right = 0
+    if left < 0 and (right < 0 or causal):
+        return None
+    big = seq_k + seq_q
+    return (big if left < 0 else left, big if right < 0 else right)
+
+
+def check_sinks(sinks: torch.Tensor | None, q: torch.Tensor) -> None:
+    """A sinks tensor the kernels can index: float32 (Hq,) with unit stride on q's device."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks: expected a torch.Tensor, got {type(sinks).__name__}")
+    if sinks.dtype != torch.float32 or tuple(sinks.shape) != (q.shape[1],) or sinks.device != q.device:
+        raise ValueError(f"sinks: expected float32 of shape ({q.shape[1]},) on {q.device}, got {sinks.dtype} "
+                         f"{tuple(sinks.shape)} on {sinks.device}")
+    if sinks.shape[0] > 1 and sinks.stride(0) != 1:
+        raise ValueError(f"sinks: expected a unit stride, got {sinks.stride()}")
+
+
+def variant_scalars(variant: Variant, causal: bool, scale: float, seq_q: int, seq_k: int
+                    ) -> tuple[float, int, int, float, dict[str, bool]]:
+    """(qk_scale, window_left, window_right, softcap_in, constexprs) of a launch.
+
+    Scores enter the online softmax as raw dot products times qk_scale (log2 units). With softcap
+    c the kernels first take tanh(qk * softcap_in) with softcap_in = scale / c, and qk_scale is
+    c * log2(e): c * tanh(s / c) in log2 units.
+    """
+    win = kernel_window(bool(causal), variant.window, seq_q, seq_k)
+    left, right = win if win is not None else (0, 0)
+    if variant.softcap:
+        qk_scale, softcap_in = variant.softcap * 1.4426950408889634, float(scale) / variant.softcap
+    else:
+        qk_scale, softcap_in = float(scale) * 1.4426950408889634, 1.0
+    flags = {"WINDOW": win is not None, "SOFTCAP": bool(variant.softcap), "HAS_SINKS": variant.sinks}
+    return qk_scale, left, right, softcap_in, flags
+
+
 class _ForwardPlan:
     """Everything one forward launch needs that depends on shapes, strides, dtypes, device and
     config only: made once per call signature, so that a repeated call allocates its outputs and
@@ -446,7 +609,7 @@ class _ForwardPlan:
     __slots__ = ("outputs", "tma", "pointer", "index")
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                 config: dict[str, Any]) -> None:
+                 config: dict[str, Any], variant: Variant = PLAIN) -> None:
         _check_inputs(q, k, v)
         bsz, hq, sq, d = q.shape
         hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -461,36 +624,41 @@ class _ForwardPlan:
                                     arch, d, dv, q.element_size())
         block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
         grid = (-(-sq // cfg["BLOCK_M"]) * bsz * hq,)
-        qk_scale = float(scale) * 1.4426950408889634
+        qk_scale, left, right, softcap_in, flags = variant_scalars(variant, effective_causal, scale, sq, sk)
         ieee = q.dtype == torch.float32
         options = launch_options(cfg)
         index = self.index or 0  # also the launcher's key on the CPU (interpreter)
         o_strides = self.outputs.strides
         probe = _empty_output(bsz, hq, sq, dv, self.outputs.bshd, q.dtype, "meta")
         if cfg.get("TMA") and _tma_strides_ok((q, k, v, probe)):
-            self.tma = BoundLaunch(_FWD_TMA, grid, 5, (
+            self.tma = BoundLaunch(_FWD_TMA, grid, 6, (
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 o_strides[0], o_strides[1], o_strides[2],
-                hq, hq // hkv, sq, sk, qk_scale, d, dv,
+                hq, hq // hkv, sq, sk, qk_scale, d, dv, left, right, softcap_in,
             ), dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
-                    CAUSAL=effective_causal, IEEE=ieee, WS=bool(cfg.get("WS", False))), options, index)
-        self.pointer = BoundLaunch(_FWD, grid, 5, (
+                    CAUSAL=effective_causal, IEEE=ieee, WS=bool(cfg.get("WS", False)), **flags), options, index)
+        self.pointer = BoundLaunch(_FWD, grid, 6, (
             *q.stride(), *k.stride(), *v.stride(), *o_strides,
-            hq, hq // hkv, sq, sk, qk_scale, d, dv,
+            hq, hq // hkv, sq, sk, qk_scale, d, dv, left, right, softcap_in,
         ), dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
                 CAUSAL=effective_causal, PAD_D=block_d != d, PAD_DV=block_dv != dv, IEEE=ieee,
-                OFFS64=_needs_offs64(q, k, v, probe)), options, index)
+                OFFS64=_needs_offs64(q, k, v, probe), **flags), options, index)
 
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return run_on_device(self.index, self._run, q, k, v)
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return run_on_device(self.index, self._run, q, k, v, sinks)
 
-    def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         out, lse = self.outputs.allocate()
         if self.outputs.finished:
+            if sinks is not None and lse.numel():  # no key at all: every row's lse is its sink
+                lse.copy_(sinks.view(1, -1, 1).expand_as(lse))
             return out, lse
-        tensors = (q, k, v, out, lse)
+        # without sinks the kernel never reads its SINKS pointer: lse stands in
+        tensors = (q, k, v, out, lse, lse if sinks is None else sinks)
         if self.tma is not None and not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
             _ensure_tma_allocator()
             self.tma(tensors, (out, lse))
@@ -504,22 +672,22 @@ MAX_PLANS = 1024
 
 
 def plan_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-             config: dict[str, Any] | None) -> tuple[Any, ...]:
+             config: dict[str, Any] | None, variant: Variant = PLAIN) -> tuple[Any, ...]:
     """What a launch plan depends on; a config with unhashable values raises TypeError."""
     return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-            k.device, v.device, causal, scale, tuple(config.items()) if config else None)
+            k.device, v.device, causal, scale, tuple(config.items()) if config else None, variant)
 
 
 def cached_plan(cache: dict[tuple[Any, ...], Any], make: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                causal: bool, scale: float, config: dict[str, Any] | None) -> Any:
-    """The plan for this call signature from `cache`, made by make(q, k, v, causal, scale, config)."""
+                causal: bool, scale: float, config: dict[str, Any] | None, variant: Variant = PLAIN) -> Any:
+    """The plan for this call signature from `cache`, made by make(q, k, v, causal, scale, config, variant)."""
     try:
-        key: tuple[Any, ...] | None = plan_key(q, k, v, causal, scale, config)
+        key: tuple[Any, ...] | None = plan_key(q, k, v, causal, scale, config, variant)
         plan = cache.get(key)  # type: ignore[arg-type]
     except TypeError:  # a config value that cannot be hashed: plan every call
         key, plan = None, None
     if plan is None:
-        plan = make(q, k, v, causal, scale, config or {})
+        plan = make(q, k, v, causal, scale, config or {}, variant)
         if key is not None:
             if len(cache) >= MAX_PLANS:
                 cache.clear()
@@ -535,16 +703,25 @@ def attention_forward(
     causal: bool,
     scale: float,
     config: dict[str, Any],
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward attention on bhsd-indexed views of any strides (no autograd).
 
     q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv); causal is bottom-right aligned.
+    window (left, right): query i at p = i + Sk - Sq sees key j iff p - left <= j <= p + right
+    (-1: unbounded; causal sets right to 0); softcap c > 0: scores c * tanh(s / c) before masking;
+    sinks: float32 (Hq,), one extra logit per query head in the softmax denominator.
     Returns out (B, Hq, Sq, Dv) in q's dtype (stored in q's physical layout) and lse (B, Hq, Sq)
-    float32, natural log, -inf for rows that see no key. `config` holds BLOCK_M, BLOCK_N,
-    num_warps, num_stages (and TMA/WS on Hopper, waves_per_eu/matrix_instr_nonkdim on AMD);
-    missing keys come from configs.forward_defaults for q's device.
+    float32, natural log (the sink included), -inf (or the sink) for rows that see no key.
+    `config` holds BLOCK_M, BLOCK_N, num_warps, num_stages (and TMA/WS on Hopper,
+    waves_per_eu/matrix_instr_nonkdim on AMD); missing keys come from configs.forward_defaults.
     """
-    return cached_plan(_PLANS, _ForwardPlan, q, k, v, causal, scale, config).run(q, k, v)
+    variant = make_variant(window, softcap, sinks)
+    if sinks is not None:
+        check_sinks(sinks, q)
+    return cached_plan(_PLANS, _ForwardPlan, q, k, v, causal, scale, config, variant).run(q, k, v, sinks)
 
 
 # --- autograd ------------------------------------------------------------------------------------
@@ -563,15 +740,20 @@ def backward_available() -> bool:
 class TritonAttentionFunction(torch.autograd.Function):
     """Forward through `attention_forward`; backward through backward.attention_backward.
 
-    Saves q, k, v, out, lse. lse is returned for callers but carries no gradient.
+    Saves q, k, v, out, lse (and sinks). lse is returned for callers but carries no gradient;
+    sinks get theirs (positional arguments: autograd.Function.apply takes no keywords).
     """
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                scale: float, config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = attention_forward(q, k, v, causal=causal, scale=scale, config=config)
-        ctx.save_for_backward(q, k, v, out, lse)
+                scale: float, config: dict[str, Any], window: tuple[int, int] | None = None,
+                softcap: float | None = None, sinks: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = attention_forward(q, k, v, causal=causal, scale=scale, config=config, window=window,
+                                     softcap=softcap, sinks=sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.causal, ctx.scale, ctx.config = causal, scale, config
+        ctx.window, ctx.softcap = window, softcap
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -579,7 +761,9 @@ class TritonAttentionFunction(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None):  # type: ignore[override]
         from .backward import attention_backward
 
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale,
-                                        config=ctx.config)
-        return dq, dk, dv, None, None, None
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        grads = attention_backward(dout, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale,
+                                   config=ctx.config, window=ctx.window, softcap=ctx.softcap, sinks=sinks)
+        dq, dk, dv = grads[:3]
+        dsinks = grads[3] if sinks is not None and ctx.needs_input_grad[8] else None
+        return dq, dk, dv, None, None, None, None, None, dsinks

@@ -1,0 +1,59 @@
+"""The sdpa backend's fallbacks for the variants: window through a boolean mask, softcap and sinks
+through explicit math, against the float64 reference (forward and gradients, sinks' included)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashdispatch.backends.sdpa import blind_rows, variant_math, windowed_sdpa
+from flashdispatch.reference import attention_math, visible_mask
+from flashdispatch.tolerances import within_budget
+from inputs import make_qkv
+
+WINDOWS = [((3, 0), True), ((2, 1), False), ((-1, 4), False), ((5, -1), False), ((0, 0), True)]
+
+
+@pytest.mark.parametrize("sq,sk", [(20, 20), (30, 12), (9, 40), (1, 17)])
+@pytest.mark.parametrize("window,causal", WINDOWS)
+def test_windowed_sdpa_matches_the_reference(sq: int, sk: int, window: tuple[int, int], causal: bool) -> None:
+    q, k, v = make_qkv(2, 4, 2, sq, sk, 16, dtype=torch.float32, seed=0, requires_grad=True)
+    out = windowed_sdpa(q, k, v, causal=causal, window=window, kwargs={"scale": 0.3, "enable_gqa": True})
+    ref, _ = attention_math(q, k, v, causal=causal, scale=0.3, window=window)
+    base, _ = attention_math(q, k, v, causal=causal, scale=0.3, window=window, upcast=False)
+    ok, err, allowed = within_budget(out, base, ref, torch.float32)
+    assert ok, f"{err} > {allowed}"
+    out.sum().backward()  # rows that see no key stay out of the call: no NaN in the gradients
+    assert all(bool(torch.isfinite(t.grad).all()) for t in (q, k, v))
+
+
+@pytest.mark.parametrize("sq,sk", [(20, 20), (30, 12), (9, 40), (4, 0)])
+@pytest.mark.parametrize("window,causal", WINDOWS)
+def test_blind_rows_are_exactly_the_rows_without_a_key(sq: int, sk: int, window: tuple[int, int], causal: bool) -> None:
+    mask = visible_mask(sq, sk, causal=causal, window=window)
+    blind = blind_rows(sq, sk, causal, window)
+    assert not mask[:blind].any() and bool(mask[blind:].any(dim=1).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_variant_math_forward_and_gradients(dtype: torch.dtype) -> None:
+    q, k, v = make_qkv(1, 4, 2, 24, 30, 16, dtype=dtype, seed=1)
+    sinks = torch.randn(4) + 1.0
+    kw = dict(causal=True, scale=0.9, window=(6, 0), softcap=3.0)
+    do = torch.randn(1, 4, 24, 16).to(dtype)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)] + [sinks.clone().requires_grad_(True)]
+    out, lse = variant_math(*leaves[:3], sinks=leaves[3], **kw)
+    out.backward(do)
+    runs = []
+    for upcast in (True, False):
+        rl = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        rs = sinks.clone().to(torch.float64 if upcast else torch.float32).requires_grad_(True)
+        ro, rlse = attention_math(*rl, upcast=upcast, sinks=rs, **kw)
+        ro.backward(do.to(ro.dtype))
+        runs.append((ro, rlse, [t.grad for t in rl] + [rs.grad]))
+    (ref, ref_lse, ref_g), (base, _, base_g) = runs
+    assert within_budget(out, base, ref, dtype)[0]
+    assert lse.dtype == torch.float32 and float((lse.double() - ref_lse).abs().max()) < 1e-4
+    for got, want, b, name in zip([t.grad for t in leaves], ref_g, base_g, ["q", "k", "v", "sinks"]):
+        ok, err, allowed = within_budget(got, b, want, dtype if name != "sinks" else torch.float32, grad=True)
+        assert ok, f"d{name}: {err} > {allowed}"

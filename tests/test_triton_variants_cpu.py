@@ -1,0 +1,262 @@
+"""Sliding window, logit softcap and attention sinks in the Triton kernels, under the interpreter.
+
+The launch functions are called directly (forward, split-KV decode, backward, the autograd
+Function) and checked against the float64 reference (reference.attention_math) within
+flash-attention's budget. Small tiles (16 x 16) so that windows hide whole key blocks and every
+masked/unmasked loop runs; adversarial cases: rows that see no key (zeros, lse = -inf or the sink),
+a large scale, sinks that dominate the softmax. fp16/fp32 only (bf16 runs in the GPU file).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from types import ModuleType
+from typing import Iterator
+
+import pytest
+import torch
+
+from flashdispatch.reference import attention_math, visible_mask
+from flashdispatch.tolerances import within_budget
+from inputs import make_qkv
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning"),  # tanh at |x| >> 1: exact
+    pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests; the GPU runs test_variants_gpu.py"),
+]
+MODULES = ("flashdispatch.backends.triton.forward", "flashdispatch.backends.triton.decode",
+           "flashdispatch.backends.triton.backward")
+fwd: ModuleType
+dec: ModuleType
+bwd: ModuleType
+TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
+BWD_TILES = {"BWD_BLOCK_M": 16, "BWD_BLOCK_N": 16}
+
+
+def _load() -> list[ModuleType]:
+    return [importlib.reload(sys.modules[n]) if n in sys.modules else importlib.import_module(n) for n in MODULES]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted_kernels() -> Iterator[None]:
+    """Kernels (re)defined under TRITON_INTERPRET=1 for this file only, then restored compiled."""
+    global fwd, dec, bwd
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        fwd, dec, bwd = _load()
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+        _load()
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args: object, **kwargs: object) -> torch.Tensor:
+        t = real_empty(*args, **kwargs)  # type: ignore[arg-type]
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def nan_like(*args: object, **kwargs: object) -> torch.Tensor:
+        t = real_like(*args, **kwargs)  # type: ignore[arg-type]
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_like)
+
+
+def _sinks(hq: int, kind: str) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(hq, generator=g)
+    return (base + 8.0 if kind == "dominant" else base).float()
+
+
+def check_out(out, lse, q, k, v, *, causal, scale, window, softcap, sinks) -> None:
+    kw = dict(causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks)
+    ref, ref_lse = attention_math(q, k, v, upcast=True, **kw)
+    base, _ = attention_math(q, k, v, upcast=False, **kw)
+    ok, err, allowed = within_budget(out, base, ref, q.dtype)
+    assert ok, f"forward error {err:.3g} > allowed {allowed:.3g}"
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly where the reference's is"
+    if finite.any():
+        lerr = float((lse.double()[finite] - ref_lse[finite]).abs().max())
+        assert lerr < (1e-4 if q.dtype == torch.float32 else 2e-2), f"lse error {lerr}"
+
+
+# (B, Hq, Hkv, Sq, Sk, D, causal, window, softcap, sinks, scale)
+FORWARD_CASES = [
+    (1, 2, 1, 70, 70, 32, True, (20, 0), None, "none", None),       # Mistral-style; blocks skipped
+    (1, 4, 2, 50, 113, 40, True, (7, 0), 5.0, "random", None),     # Sq < Sk, GQA, all three
+    (1, 2, 2, 60, 25, 32, True, (3, 0), None, "random", None),     # Sq > Sk: first rows see nothing
+    (1, 2, 2, 60, 25, 32, False, (2, 1), None, "none", None),      # two-sided, empty rows, lse -inf
+    (1, 2, 1, 45, 90, 64, False, (5, 9), 2.0, "dominant", 1.5),    # large scale, dominant sinks
+    (2, 2, 2, 33, 33, 32, False, (-1, 4), None, "none", None),     # left unbounded
+    (1, 2, 2, 33, 47, 32, True, (-1, -1), 1.0, "none", 2.0),       # softcap alone, tight cap
+    (1, 3, 1, 40, 40, 32, False, (-1, -1), None, "dominant", None),  # sinks alone
+]
+
+
+def _fid(c: tuple) -> str:
+    b, hq, hkv, sq, sk, d, causal, window, softcap, sinks, scale = c
+    return (f"h{hq}x{hkv}-sq{sq}-sk{sk}-d{d}{'-causal' if causal else ''}-w{window[0]}_{window[1]}"
+            f"-cap{softcap}-sinks_{sinks}")
+
+
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=_fid)
+def test_forward_variants(case: tuple, dtype: torch.dtype, kernel: str, poisoned: None) -> None:
+    b, hq, hkv, sq, sk, d, causal, window, softcap, sinks_kind, scale = case
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=dtype, seed=1)
+    scale = d ** -0.5 if scale is None else scale
+    sinks = _sinks(hq, sinks_kind)
+    cfg = {**TILES, "TMA": True} if kernel == "tma" else TILES
+    out, lse = fwd.attention_forward(q, k, v, causal=causal, scale=scale, config=cfg, window=window,
+                                     softcap=softcap, sinks=sinks)
+    check_out(out, lse, q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks)
+
+
+def test_rows_that_see_no_key_give_zeros_and_the_sink() -> None:
+    q, k, v = make_qkv(1, 2, 2, 40, 20, 32, dtype=torch.float16, seed=2)
+    sinks = torch.tensor([0.5, -3.0])
+    out, lse = fwd.attention_forward(q, k, v, causal=True, scale=0.2, config=TILES, window=(2, 0), sinks=sinks)
+    assert torch.equal(out[:, :, :20], torch.zeros_like(out[:, :, :20]))
+    assert torch.equal(lse[:, :, :20], sinks.view(1, 2, 1).expand(1, 2, 20))
+    out, lse = fwd.attention_forward(q, k[:, :, :0], v[:, :, :0], causal=False, scale=0.2, config={}, sinks=sinks)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(lse, sinks.view(1, 2, 1).expand_as(lse))
+
+
+def test_window_visits_only_visible_blocks() -> None:
+    """The block ranges of the window kernel: every visible key inside [n_lo, n_end), the unmasked
+    part [full_lo, full_hi) seen by every row, and the number of visited blocks ~ window / BLOCK_N."""
+    import numpy as np
+
+    for sq, sk, left, right, bm, bn in [(64, 64, 20, 0, 16, 16), (40, 100, 5, 9, 16, 32), (60, 25, 3, 0, 16, 16),
+                                        (1, 4096, 1024, 0, 16, 64), (128, 4096, 4095, 0, 64, 32)]:
+        mask = visible_mask(sq, sk, window=(left, right)).numpy()
+        for start in range(0, sq, bm):
+            lo, flo, fhi, end = _py_range(start, sq, sk, left, right, bm, bn)
+            rows = mask[start:start + bm]
+            cols = np.nonzero(rows.any(axis=0))[0]
+            if cols.size:
+                assert lo <= cols.min() and cols.max() < end
+            assert lo <= flo <= fhi <= end and lo % bn == 0
+            if flo < fhi:  # the unmasked loop runs over whole blocks only
+                assert flo % bn == 0 and fhi % bn == 0 and fhi <= sk
+            assert rows[:, flo:fhi].all()
+            assert end - lo <= left + right + bm + 2 * bn
+
+
+def _py_range(start: int, sq: int, sk: int, left: int, right: int, bm: int, bn: int) -> tuple[int, int, int, int]:
+    """window_block_range run through the interpreter on scalars."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(OUT, start, sq, sk, left, right, BM: tl.constexpr, BN: tl.constexpr):
+        a, b, c, d = fwd.window_block_range(start, sq, sk, left, right, BM, BN)
+        tl.store(OUT + 0, a)
+        tl.store(OUT + 1, b)
+        tl.store(OUT + 2, c)
+        tl.store(OUT + 3, d)
+
+    out = torch.zeros(4, dtype=torch.int32)
+    probe[(1,)](out, start, sq, sk, left, right, BM=bm, BN=bn)
+    return tuple(int(x) for x in out)  # type: ignore[return-value]
+
+
+DECODE_CASES = [
+    # (B, Hq, Hkv, Sq, Sk, D, causal, window, softcap, sinks, splits)
+    (2, 4, 2, 1, 300, 32, True, (40, 0), None, "none", 3),
+    (1, 4, 1, 4, 200, 64, True, (33, 0), 3.0, "random", 4),
+    (1, 2, 2, 3, 150, 32, False, (-1, -1), None, "dominant", 1),
+    (1, 2, 2, 3, 150, 32, False, (-1, -1), 4.0, "random", 5),
+    (1, 2, 1, 2, 90, 32, True, (0, 0), None, "random", 2),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"h{c[1]}x{c[2]}-sq{c[3]}-sk{c[4]}-w{c[7]}-cap{c[8]}-{c[9]}-s{c[10]}")
+def test_decode_variants(case: tuple, dtype: torch.dtype, poisoned: None) -> None:
+    b, hq, hkv, sq, sk, d, causal, window, softcap, sinks_kind, splits = case
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=dtype, layout="bshd", seed=3)
+    qv, kv, vv = (t.transpose(1, 2) for t in (q, k, v))
+    sinks = _sinks(hq, sinks_kind)
+    out, lse = dec.decode_forward(qv, kv, vv, causal=causal, scale=0.125, config={"NUM_SPLITS": splits, "BLOCK_N": 16},
+                                  window=window, softcap=softcap, sinks=sinks)
+    check_out(out, lse, qv, kv, vv, causal=causal, scale=0.125, window=window, softcap=softcap, sinks=sinks)
+
+
+def test_decode_window_splits_only_the_window() -> None:
+    assert dec.visible_key_range(True, (4095, 0), 1, 32768) == (32768 - 4096, 32768)
+    assert dec.visible_key_range(True, (-1, -1), 1, 32768) == (0, 32768)
+    assert dec.visible_key_range(False, (10, 3), 4, 100) == (86, 100)
+
+
+BACKWARD_CASES = [
+    (1, 2, 1, 70, 70, 32, True, (20, 0), None, "none"),
+    (1, 4, 2, 50, 113, 40, True, (7, 0), 5.0, "random"),
+    (1, 2, 2, 60, 25, 32, True, (3, 0), None, "random"),
+    (1, 2, 2, 45, 90, 32, False, (5, 9), 2.0, "dominant"),
+    (1, 2, 2, 33, 47, 32, True, (-1, -1), 1.0, "none"),
+    (2, 2, 1, 40, 40, 32, False, (-1, 3), None, "random"),
+]
+
+
+@pytest.mark.parametrize("atomic", [False, True], ids=["det", "atomic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: f"h{c[1]}x{c[2]}-sq{c[3]}-sk{c[4]}-w{c[7]}-cap{c[8]}-{c[9]}")
+def test_backward_variants(case: tuple, dtype: torch.dtype, atomic: bool, poisoned: None) -> None:
+    b, hq, hkv, sq, sk, d, causal, window, softcap, sinks_kind = case
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=dtype, seed=4)
+    do = torch.randn(b, hq, sq, d, generator=torch.Generator().manual_seed(5)).to(dtype)
+    sinks = _sinks(hq, sinks_kind)
+    scale = d ** -0.5
+    kw = dict(causal=causal, scale=scale, window=window, softcap=softcap)
+    grads = []
+    for upcast in (True, False):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        s = sinks.detach().clone().double().requires_grad_(True) if sinks is not None else None
+        out, lse = attention_math(*leaves, upcast=upcast, sinks=s, **kw)
+        out.backward(do.to(out.dtype))
+        grads.append([t.grad for t in leaves] + ([s.grad] if s is not None else []))
+        if upcast:
+            ref_out, ref_lse = out.detach().to(dtype), lse.detach().float()
+    got = bwd.attention_backward(do, q, k, v, ref_out, ref_lse, config={**BWD_TILES, "BWD_DQ_ATOMIC": atomic},
+                                 sinks=sinks, **kw)
+    assert len(got) == (4 if sinks is not None else 3)
+    for name, g, want, base in zip(["dq", "dk", "dv", "dsinks"], got, grads[0], grads[1]):
+        ok, err, allowed = within_budget(g, base, want, dtype if name != "dsinks" else torch.float32, grad=True)
+        assert ok, f"{name} error {err:.3g} > allowed {allowed:.3g}"
+
+
+def test_autograd_function_gives_the_sinks_gradient() -> None:
+    q, k, v = make_qkv(1, 4, 2, 37, 37, 32, dtype=torch.float32, requires_grad=True, seed=6)
+    sinks = _sinks(4, "random").requires_grad_(True)
+    out, _ = fwd.TritonAttentionFunction.apply(q, k, v, True, 0.2, TILES, (9, 0), 3.0, sinks)
+    do = torch.randn_like(out)
+    out.backward(do)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, sinks)]
+    ref, _ = attention_math(*leaves[:3], causal=True, scale=0.2, window=(9, 0), softcap=3.0, sinks=leaves[3])
+    ref.backward(do.double())
+    for got, want in zip((q.grad, k.grad, v.grad, sinks.grad), (t.grad for t in leaves)):
+        assert got is not None and float((got.double() - want).abs().max()) < 1e-4
+
+
+def test_sinks_are_checked() -> None:
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 32, dtype=torch.float32)
+    with pytest.raises(ValueError, match="sinks"):
+        fwd.attention_forward(q, k, v, causal=False, scale=0.1, config={}, sinks=torch.zeros(3))
+    with pytest.raises(ValueError, match="sinks"):
+        fwd.attention_forward(q, k, v, causal=False, scale=0.1, config={}, sinks=torch.zeros(2, dtype=torch.float64))

@@ -1,0 +1,144 @@
+"""Sliding window, logit softcap and attention sinks in the Triton kernels on a real GPU
+(pytest -m gpu): fp16 and bf16, forward (pointer and tensor-descriptor kernels), split-KV decode,
+backward with the sinks' gradient. Adversarial values: a large scale (softcap saturates), rows that
+see no key, windows that hide whole key blocks, sinks that dominate the softmax. Everything against
+the float64 reference within flash-attention's budget; outputs poisoned (NaN) before each run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashdispatch.reference import attention_math
+from flashdispatch.tolerances import within_budget
+from inputs import make_qkv
+
+pytestmark = pytest.mark.gpu
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args: object, **kwargs: object) -> torch.Tensor:
+        t = real_empty(*args, **kwargs)  # type: ignore[arg-type]
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def nan_like(*args: object, **kwargs: object) -> torch.Tensor:
+        t = real_like(*args, **kwargs)  # type: ignore[arg-type]
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_like)
+
+
+def _sinks(hq: int, kind: str) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    base = torch.randn(hq, generator=torch.Generator().manual_seed(3))
+    return (base + 10.0 if kind == "dominant" else base).float().cuda()
+
+
+def _check(out, lse, q, k, v, **kw) -> None:
+    ref, ref_lse = attention_math(q, k, v, upcast=True, **kw)
+    base, _ = attention_math(q, k, v, upcast=False, **kw)
+    ok, err, allowed = within_budget(out, base, ref, q.dtype)
+    assert ok, f"forward error {err:.3g} > allowed {allowed:.3g}"
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly where the reference's is"
+    if finite.any():
+        assert float((lse.double()[finite] - ref_lse[finite]).abs().max()) < 2e-2
+
+
+# (B, Hq, Hkv, Sq, Sk, D, causal, window, softcap, sinks, scale)
+FORWARD = [
+    (2, 8, 2, 1024, 1024, 128, True, (255, 0), None, "none", None),      # Mistral-style, blocks skipped
+    (1, 4, 4, 1500, 1500, 64, False, (100, 100), None, "random", None),   # two-sided, ragged
+    (1, 4, 2, 700, 300, 128, True, (64, 0), None, "random", None),        # Sq > Sk: 400 blind rows
+    (1, 4, 1, 333, 2048, 128, True, (511, 0), 50.0, "random", None),      # Sq < Sk, gemma-ish
+    (1, 4, 4, 512, 512, 128, True, (-1, -1), 5.0, "none", 2.0),           # softcap saturated
+    (1, 8, 8, 777, 777, 96, False, (-1, -1), None, "dominant", None),     # sinks dominate
+    (1, 2, 2, 8192, 8192, 128, True, (4095, 0), None, "random", None),    # the 4096 window at 8k
+]
+
+
+def _fid(c: tuple) -> str:
+    return f"h{c[1]}x{c[2]}-sq{c[3]}-sk{c[4]}-d{c[5]}{'-causal' if c[6] else ''}-w{c[7][0]}_{c[7][1]}-cap{c[8]}-{c[9]}"
+
+
+@pytest.mark.parametrize("cfg", [{}, {"TMA": False}, {"BLOCK_M": 64, "BLOCK_N": 32}], ids=["default", "pointer", "m64n32"])
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("case", FORWARD, ids=_fid)
+def test_forward_variants(case: tuple, dtype: str, cfg: dict, poisoned: None) -> None:
+    from flashdispatch.backends.triton.forward import attention_forward
+
+    b, hq, hkv, sq, sk, d, causal, window, softcap, sinks_kind, scale = case
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=DTYPES[dtype], device="cuda", seed=1, layout="bshd")
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    scale = d ** -0.5 if scale is None else scale
+    sinks = _sinks(hq, sinks_kind)
+    out, lse = attention_forward(q, k, v, causal=causal, scale=scale, config=cfg, window=window, softcap=softcap,
+                                 sinks=sinks)
+    _check(out, lse, q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks)
+
+
+DECODE = [
+    (4, 32, 8, 1, 8192, 128, True, (1023, 0), None, "random"),
+    (2, 16, 2, 4, 5000, 128, True, (4095, 0), 30.0, "dominant"),
+    (64, 8, 1, 1, 4096, 64, True, (511, 0), None, "none"),
+    (1, 8, 8, 2, 3000, 128, False, (-1, -1), 50.0, "random"),
+]
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("case", DECODE, ids=lambda c: f"b{c[0]}-h{c[1]}x{c[2]}-sq{c[3]}-sk{c[4]}-w{c[7][0]}-cap{c[8]}-{c[9]}")
+def test_decode_variants(case: tuple, dtype: str, poisoned: None) -> None:
+    from flashdispatch.backends.triton.decode import decode_forward
+
+    b, hq, hkv, sq, sk, d, causal, window, softcap, sinks_kind = case
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=DTYPES[dtype], device="cuda", seed=2)
+    sinks = _sinks(hq, sinks_kind)
+    for splits in (0, 1):  # the planner's choice (several splits: the merge adds the sink) and one
+        out, lse = decode_forward(q, k, v, causal=causal, scale=d ** -0.5, config={"NUM_SPLITS": splits},
+                                  window=window, softcap=softcap, sinks=sinks)
+        _check(out, lse, q, k, v, causal=causal, scale=d ** -0.5, window=window, softcap=softcap, sinks=sinks)
+
+
+BACKWARD = [
+    (2, 8, 2, 1024, 1024, 128, True, (127, 0), None, "random"),
+    (1, 4, 4, 600, 900, 64, False, (50, 70), 20.0, "none"),
+    (1, 4, 2, 700, 300, 128, True, (64, 0), None, "dominant"),
+    (1, 4, 4, 512, 512, 128, True, (-1, -1), 50.0, "random"),
+]
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("case", BACKWARD, ids=lambda c: f"h{c[1]}x{c[2]}-sq{c[3]}-sk{c[4]}-w{c[7][0]}_{c[7][1]}-cap{c[8]}-{c[9]}")
+def test_backward_variants(case: tuple, dtype: str) -> None:
+    from flashdispatch.backends.triton.forward import TritonAttentionFunction
+
+    b, hq, hkv, sq, sk, d, causal, window, softcap, sinks_kind = case
+    dt = DTYPES[dtype]
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=dt, device="cuda", seed=4, requires_grad=True)
+    sinks = _sinks(hq, sinks_kind)
+    if sinks is not None:
+        sinks.requires_grad_(True)
+    scale = d ** -0.5
+    out, _ = TritonAttentionFunction.apply(q, k, v, causal, scale, {}, window, softcap, sinks)
+    do = torch.randn_like(out)
+    out.backward(do)
+    got = [q.grad, k.grad, v.grad] + ([sinks.grad] if sinks is not None else [])
+    runs = []
+    for upcast in (True, False):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        s = None
+        if sinks is not None:
+            s = sinks.detach().clone().to(torch.float64 if upcast else torch.float32).requires_grad_(True)
+        ro, _ = attention_math(*leaves, causal=causal, scale=scale, window=window, softcap=softcap, sinks=s,
+                               upcast=upcast)
+        ro.backward(do.to(ro.dtype))
+        runs.append([t.grad for t in leaves] + ([s.grad] if s is not None else []))
+    for name, g, want, base in zip(["dq", "dk", "dv", "dsinks"], got, runs[0], runs[1]):
+        ok, err, allowed = within_budget(g, base, want, dt if name != "dsinks" else torch.float32, grad=True)
+        assert ok, f"{name} error {err:.3g} > allowed {allowed:.3g}"
