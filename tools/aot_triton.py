@@ -33,7 +33,7 @@ BACKWARD_KERNEL_NAMES: tuple[str, ...] = ("bwd_preprocess", "bwd_dkdv", "bwd_dq"
 KERNELS: tuple[str, ...] = FORWARD_KERNELS + BACKWARD_KERNEL_NAMES
 _TRITON_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 # the kernels' variant switches (window, softcap, sinks) off: the plain kernels are what ships compiled
-_PLAIN = {"WINDOW": False, "SOFTCAP": False, "HAS_SINKS": False}
+_PLAIN = {"WINDOW": False, "SOFTCAP": 0, "HAS_SINKS": False}
 
 
 @dataclass(frozen=True)

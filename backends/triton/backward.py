@@ -181,9 +181,15 @@ def _mm(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _tanh(x):
-    # the forward's tanh (one exp2), repeated here: kernels call only this module's jit functions
-    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+def _tanh(x, MODE: tl.constexpr):
+    # the forward's tanh (MODE 2: tanh.approx.f32; 1: through one exp2), repeated here: kernels
+    # call only this module's jit functions. The same MODE as the forward's, so that P here is
+    # the P whose lse the forward saved.
+    if MODE == 2:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
 
 
 @triton.jit
@@ -344,7 +350,7 @@ def _dkdv_inner(
         # -- P^T = exp2(K Q^T * scale*log2e - lse2), (BLOCK_N, BLOCK_M)
         qk_t = _mm(k, tl.trans(q), IEEE)
         if SOFTCAP:  # capped score c * tanh(s / c); qk_scale2 holds c * log2(e)
-            t_t = _tanh(qk_t * softcap_in)
+            t_t = _tanh(qk_t * softcap_in, SOFTCAP)
             p_t = tl.exp2(t_t * qk_scale2 - lse2[None, :])
         else:
             p_t = tl.exp2(qk_t * qk_scale2 - lse2[None, :])
@@ -508,7 +514,7 @@ def _dq_inner(
         v = _load_tile(v_head + n64 * stride_vn + v_tile, cols, SEQ_K, offs_dv, HEAD_DV, not MASK, EVEN_DV)
         qk = _mm(q, tl.trans(k), IEEE)
         if SOFTCAP:
-            t = _tanh(qk * softcap_in)
+            t = _tanh(qk * softcap_in, SOFTCAP)
             p = tl.exp2(t * qk_scale2 - lse2[:, None])
         else:
             p = tl.exp2(qk * qk_scale2 - lse2[:, None])
@@ -704,7 +710,7 @@ def attention_backward(
     d sink_h = -sum over rows of P(sink) * delta, delta = rowsum(dO * O) (the sink carries no
     value, so its probability only scales the output down). Deterministic: no atomics.
     """
-    from .forward import Variant, kernel_window
+    from .forward import Variant, fast_tanh_on, kernel_window, softcap_mode
 
 
     g = _geometry(do, q, k, v, out, lse)
@@ -732,7 +738,7 @@ def attention_backward(
         qk_scale2, softcap_in = float(softcap) * LOG2E, float(scale) / float(softcap)
     else:
         qk_scale2, softcap_in = float(scale) * LOG2E, 1.0
-    variant = dict(WINDOW=win is not None, SOFTCAP=bool(softcap))
+    variant = dict(WINDOW=win is not None, SOFTCAP=softcap_mode(softcap, fast_tanh_on(q)))
     group = g.heads_q // g.heads_kv
     even_d, even_dv = g.head_dim == block_d, g.head_dim_v == block_dv
     ieee = q.dtype == torch.float32
@@ -862,7 +868,7 @@ def _preprocess_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim
 
 def _dkdv_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AotSpec:
     cfg = resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32")
-    ce: dict[str, Any] = {"CAUSAL": causal, "WINDOW": False, "SOFTCAP": False, "DQ_ATOMIC": cfg["BWD_DQ_ATOMIC"], "BLOCK_M": cfg["BWD_BLOCK_M"],
+    ce: dict[str, Any] = {"CAUSAL": causal, "WINDOW": False, "SOFTCAP": 0, "DQ_ATOMIC": cfg["BWD_DQ_ATOMIC"], "BLOCK_M": cfg["BWD_BLOCK_M"],
                           "BLOCK_N": cfg["BWD_BLOCK_N"], "EVEN_M": True, "EVEN_N": True, **_aot_common(head_dim, head_dim_v), **_ieee(dtype),
                           **_unit_strides(_bwd_dkdv_kernel)}
     return AotSpec(_signature(_bwd_dkdv_kernel, dtype, ce), ce, cfg["BWD_num_warps"], cfg["BWD_num_stages"])
@@ -870,7 +876,7 @@ def _dkdv_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: in
 
 def _dq_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AotSpec:
     cfg = resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32")
-    ce: dict[str, Any] = {"CAUSAL": causal, "WINDOW": False, "SOFTCAP": False, "BLOCK_M": cfg["BWD_BLOCK_N"], "BLOCK_N": cfg["BWD_BLOCK_M"],
+    ce: dict[str, Any] = {"CAUSAL": causal, "WINDOW": False, "SOFTCAP": 0, "BLOCK_M": cfg["BWD_BLOCK_N"], "BLOCK_N": cfg["BWD_BLOCK_M"],
                           "EVEN_M": True, **_aot_common(head_dim, head_dim_v), **_ieee(dtype),
                           **_unit_strides(_bwd_dq_kernel)}
     return AotSpec(_signature(_bwd_dq_kernel, dtype, ce), ce, cfg["BWD_num_warps"], cfg["BWD_num_stages"])

@@ -34,6 +34,7 @@ from .forward import (
     PLAIN,
     Variant,
     check_sinks,
+    fast_tanh_on,
     make_variant,
     tanh,
     variant_scalars,
@@ -125,7 +126,7 @@ def _decode_split_kernel(
         v_ptrs += BLOCK_N * svn
         qk = dot(q, kt, tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32), IEEE)
         if SOFTCAP:
-            qk = tanh(qk * softcap_in)
+            qk = tanh(qk * softcap_in, SOFTCAP)
         visible = in_k[None, :]
         if WINDOW:
             p = qi[:, None] + causal_offset
@@ -259,7 +260,8 @@ class _DecodePlan:
         index = self.index or 0  # also the launcher's key on the CPU (interpreter)
         sm_count = configs.sm_count_of(q.device.type, index)
         effective_causal = bool(causal) and sq > 1
-        qk_scale, left, right, softcap_in, flags = variant_scalars(variant, effective_causal, scale, sq, sk)
+        qk_scale, left, right, softcap_in, flags = variant_scalars(variant, effective_causal, scale, sq, sk,
+                                                                   fast_tanh_on(q))
         kv_lo, kv_hi = visible_key_range(effective_causal, variant.window, sq, sk)
         kv_lo = (kv_lo // block_n) * block_n  # whole key blocks from a block boundary
         # an empty range still takes one split: it writes zeros and lse = -inf (or the sink)

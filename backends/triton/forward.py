@@ -129,9 +129,15 @@ def window_block_range(start_m, seq_q, seq_k, left, right, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def tanh(x):
-    """tanh through one exp2 (Triton has no portable tanh): exact at +-inf, |error| ~ 1e-7."""
-    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+def tanh(x, MODE: tl.constexpr):
+    """tanh for softcap. MODE 2 (NVIDIA): the tanh.approx.f32 instruction, one special-function op
+    beside the softmax's exp2 (relative error < 2^-10.9, below bf16/fp16 score rounding). MODE 1
+    (AMD, the interpreter): 1 - 2 / (exp2(2x log2 e) + 1), exact at +-inf, |error| ~ 1e-7."""
+    if MODE == 2:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
 
 
 @triton.jit
@@ -226,7 +232,7 @@ def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
         # -- compute qk
         qk = dot(q, kt, tl.full([q.shape[0], BLOCK_N], 0.0, dtype=tl.float32), IEEE)
         if SOFTCAP:  # c * tanh(s / c): the c (and log2 e) sit in qk_scale
-            qk = tanh(qk * softcap_in)
+            qk = tanh(qk * softcap_in, SOFTCAP)
         if MASKED:
             visible = visible_keys(offs_m, offs_n, seq_k, causal_offset, left, right, CAUSAL, WINDOW)
             qk = tl.where(visible, qk, float("-inf"))
@@ -348,7 +354,7 @@ def _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, n_lo, n_hi, seq_k, c
         v = v_desc.load([start_n, 0])
         qk = dot(q, k.T, tl.full([q.shape[0], BLOCK_N], 0.0, dtype=tl.float32), IEEE)
         if SOFTCAP:
-            qk = tanh(qk * softcap_in)
+            qk = tanh(qk * softcap_in, SOFTCAP)
         if MASKED:
             offs_n = start_n + offs_n0
             visible = visible_keys(offs_m, offs_n, seq_k, causal_offset, left, right, CAUSAL, WINDOW)
@@ -583,8 +589,8 @@ def check_sinks(sinks: torch.Tensor | None, q: torch.Tensor) -> None:
         raise ValueError(f"sinks: expected a unit stride, got {sinks.stride()}")
 
 
-def variant_scalars(variant: Variant, causal: bool, scale: float, seq_q: int, seq_k: int
-                    ) -> tuple[float, int, int, float, dict[str, bool]]:
+def variant_scalars(variant: Variant, causal: bool, scale: float, seq_q: int, seq_k: int, fast_tanh: bool
+                    ) -> tuple[float, int, int, float, dict[str, Any]]:
     """(qk_scale, window_left, window_right, softcap_in, constexprs) of a launch.
 
     Scores enter the online softmax as raw dot products times qk_scale (log2 units). With softcap
@@ -597,8 +603,21 @@ def variant_scalars(variant: Variant, causal: bool, scale: float, seq_q: int, se
         qk_scale, softcap_in = variant.softcap * 1.4426950408889634, float(scale) / variant.softcap
     else:
         qk_scale, softcap_in = float(scale) * 1.4426950408889634, 1.0
-    flags = {"WINDOW": win is not None, "SOFTCAP": bool(variant.softcap), "HAS_SINKS": variant.sinks}
+    flags = {"WINDOW": win is not None, "SOFTCAP": softcap_mode(variant.softcap, fast_tanh),
+             "HAS_SINKS": variant.sinks}
     return qk_scale, left, right, softcap_in, flags
+
+
+def softcap_mode(softcap: float | None, fast_tanh: bool) -> int:
+    """The kernels' SOFTCAP constexpr: 0 none, 1 portable tanh, 2 NVIDIA's tanh.approx."""
+    if not softcap:
+        return 0
+    return 2 if fast_tanh else 1
+
+
+def fast_tanh_on(t: torch.Tensor) -> bool:
+    """Whether t's device runs PTX (tanh.approx.f32): CUDA, not ROCm, not the interpreter."""
+    return t.is_cuda and torch.version.hip is None
 
 
 class _ForwardPlan:
@@ -624,7 +643,8 @@ class _ForwardPlan:
                                     arch, d, dv, q.element_size())
         block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
         grid = (-(-sq // cfg["BLOCK_M"]) * bsz * hq,)
-        qk_scale, left, right, softcap_in, flags = variant_scalars(variant, effective_causal, scale, sq, sk)
+        qk_scale, left, right, softcap_in, flags = variant_scalars(variant, effective_causal, scale, sq, sk,
+                                                                   fast_tanh_on(q))
         ieee = q.dtype == torch.float32
         options = launch_options(cfg)
         index = self.index or 0  # also the launcher's key on the CPU (interpreter)
