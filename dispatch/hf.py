@@ -4,12 +4,17 @@
     flashdispatch.hf.register()            # once per process; safe to repeat
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="flashdispatch")
 
-`register()` adds `attention_forward` to transformers' AttentionInterface and gives the name the
-same mask builder as "sdpa", which hands over no mask at all when the mask would be plain causal
-(no padding). Calls that flashdispatch's contract covers (no mask, or causal; any GQA ratio; no
-dropout) run through `flashdispatch.attention`; everything else — a padding or sliding-window mask,
-attention dropout in training, a position bias, attention sinks — goes to transformers' own sdpa
+`register()` adds `attention_forward` to transformers' AttentionInterface and gives the name a
+mask builder that hands over no mask at all when the mask would be plain causal or a plain causal
+sliding window (no padding): the window then travels as the `sliding_window` argument that the
+models pass to attention functions. Calls that flashdispatch's contract covers (no mask, causal,
+a sliding window (Mistral, Gemma 2, gpt-oss), logit softcapping (Gemma 2), attention sinks (gpt-oss,
+`s_aux`); any GQA ratio; no dropout) run through `flashdispatch.attention`; everything else — a
+padding mask, attention dropout in training, a position bias — goes to transformers' own sdpa
 function, and the reason is logged once per process (logger "flashdispatch", level WARNING).
+
+transformers' sliding_window=W means a query sees itself and the W - 1 keys before it (its masks:
+kv_idx > q_idx - W), which is window=(W - 1, 0) with causal=True.
 
 transformers is imported only inside these functions: `import flashdispatch` never loads it.
 """
@@ -30,8 +35,6 @@ NAME = "flashdispatch"
 # kwargs of transformers' attention functions that change the math beyond the contract
 _UNSUPPORTED_KWARGS: tuple[tuple[str, str], ...] = (
     ("position_bias", "a position bias (T5-style) added to the scores"),
-    ("s_aux", "attention sinks (s_aux)"),
-    ("softcap", "logit soft-capping"),
 )
 
 _reported: set[str] = set()
@@ -52,10 +55,26 @@ def register(name: str = NAME) -> str:
             f"flashdispatch.hf.register: transformers is needed (pip install transformers): {e}"
         ) from e
     AttentionInterface.register(name, attention_forward)
-    # the sdpa mask builder returns None for a plain causal mask: that is the case we serve
-    AttentionMaskInterface.register(name, sdpa_mask)
+    # the sdpa mask builder returns None for a plain causal mask: that is the case we serve; for a
+    # sliding-window layer it is asked as if the layer were global, so that it also returns None
+    # when only the window would be in the mask (the window comes as sliding_window)
+    AttentionMaskInterface.register(name, mask_without_window)
     _skip_flash_kernel_loading(name)
     return name
+
+
+def mask_without_window(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' sdpa mask builder, asked without the sliding window's size (`local_size`).
+
+    sdpa_mask keeps a mask whenever a window is shorter than the keys; without local_size it
+    returns None exactly when the rest of the mask is plain causal (no padding, no packed
+    sequences). When it does build a mask, the mask function still holds the window, so the mask
+    is the whole truth and attention_forward hands it to sdpa.
+    """
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs.pop("local_size", None)
+    return sdpa_mask(*args, **kwargs)
 
 
 def _skip_flash_kernel_loading(name: str) -> None:
@@ -131,16 +150,15 @@ def attention_forward(
     query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D/Dv) — GQA heads are not repeated; returns
     (attn_output (B, Sq, Hq, Dv) contiguous, None).
     """
+    sliding_window = kwargs.pop("sliding_window", None)
+    softcap = kwargs.pop("softcap", None)
+    s_aux = kwargs.pop("s_aux", None)
     reason = fallback_reason(attention_mask, dropout, kwargs)
     if reason is not None:
         if not torch.compiler.is_compiling():
             _report(reason)
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-            is_causal=is_causal, **kwargs,
-        )
+        return _transformers_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                      sliding_window, softcap, s_aux, kwargs)
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     sq, sk = query.shape[2], key.shape[2]
@@ -151,5 +169,43 @@ def attention_forward(
         # empty slots (a static cache at prefill): sdpa crops them, and so must we, since our
         # bottom-right alignment would otherwise attend to them
         key, value = key[:, :, :sq], value[:, :, :sq]
-    out = attention(query, key, value, causal=causal, scale=scaling)
+    # sliding_window=W: the query and the W - 1 keys before it; bottom-right aligned like the cache
+    window = (int(sliding_window) - 1, 0) if sliding_window else None
+    sinks = s_aux.float() if s_aux is not None else None  # a bf16 model's parameter; the cast passes grads
+    out = attention(query, key, value, causal=causal, scale=scaling, window=window,
+                    softcap=float(softcap) if softcap else None, sinks=sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _transformers_fallback(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, dropout: float, scaling: float | None, is_causal: bool | None,
+    sliding_window: int | None, softcap: float | None, s_aux: torch.Tensor | None, kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, Any]:
+    """A call flashdispatch does not serve: transformers' sdpa function, or its eager one when
+    softcap or sinks are in play (sdpa has neither). The mask builder dropped a pure window from
+    the mask; it is put back here, where transformers' functions need it."""
+    if sliding_window and attention_mask is None:
+        from .reference import visible_mask
+
+        attention_mask = visible_mask(query.shape[2], key.shape[2], causal=True,
+                                      window=(int(sliding_window) - 1, 0), device=query.device)[None, None]
+    if softcap or s_aux is not None:
+        import importlib
+
+        eager = getattr(importlib.import_module(type(module).__module__), "eager_attention_forward")
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            # eager functions add the mask to the scores
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~attention_mask, torch.finfo(query.dtype).min)
+        extra = dict(kwargs)
+        if softcap:
+            extra["softcap"] = softcap
+        if s_aux is not None:
+            extra["s_aux"] = s_aux
+        return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                     sliding_window=sliding_window, **extra)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)

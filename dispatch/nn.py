@@ -27,6 +27,9 @@ class MultiheadAttention(nn.Module):
             None means num_heads (plain multi-head attention, torch's parameter layout).
         backend: force a flashdispatch backend for this module ("sdpa", "triton", ...); None
             lets the dispatcher choose.
+        window: sliding window (left, right) of every call, flash_attn's convention as in
+            `flashdispatch.attention` (Mistral's 4096 window: (4095, 0) with is_causal=True).
+        softcap: logit soft-cap c > 0 of every call (scores become c * tanh(s / c); Gemma 2).
 
     Not supported (they raise ValueError naming the argument): dropout > 0, add_bias_kv,
     add_zero_attn, key_padding_mask, attention weights (need_weights=True) and an attn_mask that is
@@ -55,8 +58,15 @@ class MultiheadAttention(nn.Module):
         *,
         num_kv_heads: int | None = None,
         backend: str | None = None,
+        window: tuple[int, int] | None = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
+        from .problem import check_softcap, check_window
+
+        # checked here, with the same messages attention() gives, so that a bad module fails when built
+        self.window = check_window(window)
+        self.softcap = check_softcap(softcap)
         if embed_dim <= 0 or num_heads <= 0:
             raise ValueError(
                 f"embed_dim and num_heads: expected positive integers, got {embed_dim} and {num_heads}"
@@ -123,7 +133,9 @@ class MultiheadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         kv = f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}{kv}, batch_first={self.batch_first}"
+        extra = (f", window={self.window}" if self.window is not None else "") + (
+            f", softcap={self.softcap:g}" if self.softcap is not None else "")
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}{kv}, batch_first={self.batch_first}{extra}"
 
     def _project(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, self_attention: bool
@@ -200,7 +212,7 @@ class MultiheadAttention(nn.Module):
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         out = attention(
             q, k, v, causal=is_causal, scale=1.0 / math.sqrt(self.head_dim), layout="bshd",
-            backend=self.backend,
+            backend=self.backend, window=self.window, softcap=self.softcap,
         )
         out = self.out_proj(out.reshape(n, l, self.embed_dim))
         if unbatched:

@@ -21,6 +21,8 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
 DTYPES_BY_NAME: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
 # Sq at or under this is "decode": a few new tokens against a long KV cache.
 DECODE_MAX_SEQLEN_Q = 16
+# window=(left, right) with -1 unbounded on that side; this is "no window"
+NO_WINDOW: tuple[int, int] = (-1, -1)
 
 
 class Problem(NamedTuple):
@@ -40,6 +42,25 @@ class Problem(NamedTuple):
     contiguous: bool  # every input has a unit last stride (else attention() copies the odd one)
     needs_grad: bool
     return_lse: bool
+    # variants (flash_attn's conventions); defaults: plain attention
+    window: tuple[int, int] = NO_WINDOW  # (left, right), normalised: right is 0 under causal
+    softcap: float = 0.0  # 0.0: none; c > 0: scores c * tanh(s / c) before masking
+    sinks: bool = False  # a float32 (Hq,) sinks tensor comes with the call
+
+    @property
+    def has_window(self) -> bool:
+        """A window that hides keys beyond what causal does (the record stores it normalised)."""
+        return self.window != NO_WINDOW
+
+    @property
+    def is_variant(self) -> bool:
+        """Window, softcap or sinks: attention that plain SDPA kernels do not compute."""
+        return self.has_window or bool(self.softcap) or self.sinks
+
+    @property
+    def masked(self) -> bool:
+        """Some key is hidden from some query: causal (where it hides anything) or a window."""
+        return self.effective_causal or self.has_window
 
     @property
     def gqa_ratio(self) -> int:
@@ -70,7 +91,9 @@ class Problem(NamedTuple):
     def flops(self, backward: bool = False) -> float:
         """FlashAttention-paper count: 4*B*H*Sq*Sk*D (visible fraction under causal); bwd = 2.5x."""
         visible = self.seqlen_q * self.seqlen_k
-        if self.effective_causal:
+        if self.has_window:
+            visible = window_visible_pairs(self.seqlen_q, self.seqlen_k, self.window)
+        elif self.effective_causal:
             visible = causal_visible_pairs(self.seqlen_q, self.seqlen_k)
         f = 2.0 * self.batch * self.heads_q * visible * (self.head_dim + self.head_dim_v)
         return f * 2.5 if backward else f
@@ -81,8 +104,19 @@ class Problem(NamedTuple):
             f"B={self.batch} Hq={self.heads_q} Hkv={self.heads_kv} Sq={self.seqlen_q} "
             f"Sk={self.seqlen_k} D={self.head_dim} Dv={self.head_dim_v} causal={self.causal} "
             f"scale={self.scale:.6g} contiguous={self.contiguous} grad={self.needs_grad} "
-            f"lse={self.return_lse}"
+            f"lse={self.return_lse}{self.describe_variant()}"
         )
+
+    def describe_variant(self) -> str:
+        """' window=(l, r) softcap=c sinks' for the variants in use ('' for plain attention)."""
+        parts = []
+        if self.has_window:
+            parts.append(f"window={self.window}")
+        if self.softcap:
+            parts.append(f"softcap={self.softcap:g}")
+        if self.sinks:
+            parts.append("sinks")
+        return "".join(" " + x for x in parts)
 
 
 def causal_visible_pairs(sq: int, sk: int) -> int:
@@ -91,6 +125,71 @@ def causal_visible_pairs(sq: int, sk: int) -> int:
     # row i sees i + sk - sq + 1 keys, rising by one per row up to sk on the last row
     a, b = first + sk - sq + 1, sk
     return 0 if b < a else (a + b) * (b - a + 1) // 2
+
+
+def window_visible_pairs(sq: int, sk: int, window: tuple[int, int]) -> int:
+    """(query, key) pairs a bottom-right window leaves: row i at p = i + Sk - Sq sees keys
+    [max(0, p - left), min(Sk - 1, p + right)] (-1: unbounded)."""
+    left, right = window
+    p = torch.arange(sq, dtype=torch.int64) + (sk - sq)
+    lo = torch.clamp(p - left, min=0) if left >= 0 else torch.zeros_like(p)
+    hi = torch.clamp(p + right, max=sk - 1) if right >= 0 else torch.full_like(p, sk - 1)
+    return int(torch.clamp(hi - lo + 1, min=0).sum())
+
+
+def check_window(window: object) -> tuple[int, int] | None:
+    """window as given to attention(): None, or (left, right) ints >= -1 (flash_attn's; -1 is
+    unbounded). Returns a tuple of ints, or None for None."""
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise _fail(TypeError, "window", "None or a (left, right) pair of ints", repr(window))
+    for side, x in zip(("left", "right"), window):
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise _fail(TypeError, f"window {side}", "an int (-1 for unbounded)", repr(x))
+        if x < -1:
+            raise _fail(ValueError, f"window {side}", "an int >= -1 (-1 for unbounded)", x)
+    return (int(window[0]), int(window[1]))
+
+
+def normalised_window(window: tuple[int, int] | None, causal: bool) -> tuple[int, int]:
+    """The Problem's window: right = 0 under causal (flash_attn's rule), and NO_WINDOW when what
+    is left hides nothing beyond causal."""
+    if window is None:
+        return NO_WINDOW
+    left, right = window
+    if causal:
+        right = 0
+        if left < 0:
+            return NO_WINDOW
+    elif left < 0 and right < 0:
+        return NO_WINDOW
+    return (left, right)
+
+
+def check_softcap(softcap: object) -> float | None:
+    """softcap as given to attention(): None, or a finite float > 0."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise _fail(TypeError, "softcap", "None or a float > 0", type(softcap).__name__)
+    if not math.isfinite(softcap) or softcap <= 0:
+        raise _fail(ValueError, "softcap", "None or a finite float > 0", softcap)
+    return float(softcap)
+
+
+def check_sinks(sinks: object, heads_q: int, device: torch.device) -> None:
+    """sinks as given to attention(): None, or a float32 tensor (Hq,) on q's device."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise _fail(TypeError, "sinks", "None or a torch.Tensor", type(sinks).__name__)
+    if sinks.dtype != torch.float32:
+        raise _fail(TypeError, "sinks.dtype", "torch.float32 (one logit per query head)", sinks.dtype)
+    if tuple(sinks.shape) != (heads_q,):
+        raise _fail(ValueError, "sinks shape", f"(Hq,) = ({heads_q},)", tuple(sinks.shape))
+    if sinks.device != device:
+        raise _fail(ValueError, "sinks.device", f"q's device {device}", sinks.device)
 
 
 def _fail(kind: type[Exception], arg: str, expected: str, got: object) -> Exception:
@@ -116,6 +215,9 @@ def problem_from_tensors(
     scale: float | None,
     layout: str,
     return_lse: bool,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> Problem:
     """Validate the inputs against the attention contract and describe them."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -162,12 +264,16 @@ def problem_from_tensors(
             raise _fail(ValueError, "scale", "a finite positive float or None", scale)
     if not isinstance(causal, bool):
         raise _fail(TypeError, "causal", "a bool", type(causal).__name__)
+    win = normalised_window(check_window(window), causal)
+    cap = check_softcap(softcap)
+    check_sinks(sinks, hq, q.device)
     contiguous = _dense_rows(q) and _dense_rows(k) and _dense_rows(v)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    needs_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or (sinks is not None and sinks.requires_grad))
     idx = q.device.index if q.device.index is not None else 0
     return Problem(
         device_kind_of(q.device), idx, dtype, b, hq, hkv, sq, sk, d, dv, causal, scale, layout,
-        contiguous, needs_grad, bool(return_lse),
+        contiguous, needs_grad, bool(return_lse), win, cap or 0.0, sinks is not None,
     )
 
 
@@ -182,8 +288,12 @@ def problem_from_shape(
     return_lse: bool = False,
     needs_grad: bool = False,
     head_dim_v: int | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: bool = False,
 ) -> Problem:
-    """A Problem for planning without tensors: shape = (B, Hq, Hkv, Sq, Sk, D)."""
+    """A Problem for planning without tensors: shape = (B, Hq, Hkv, Sq, Sk, D); sinks=True plans
+    for a call that passes sinks."""
     if len(shape) != 6:
         raise _fail(ValueError, "shape", "(B, Hq, Hkv, Sq, Sk, D)", tuple(shape))
     b, hq, hkv, sq, sk, d = (int(x) for x in shape)
@@ -200,5 +310,6 @@ def problem_from_shape(
         q = torch.empty(b, sq, hq, d, device=meta, dtype=dtype)
         k = torch.empty(b, sk, hkv, d, device=meta, dtype=dtype)
         v = torch.empty(b, sk, hkv, head_dim_v or d, device=meta, dtype=dtype)
-    p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
-    return p._replace(device_kind=device_kind, device_index=0, needs_grad=needs_grad)
+    p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse,
+                             window=window, softcap=softcap)
+    return p._replace(device_kind=device_kind, device_index=0, needs_grad=needs_grad, sinks=bool(sinks))
