@@ -73,6 +73,14 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def _parse_window(text: str) -> tuple[int, int]:
+    try:
+        left, right = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--window: expected LEFT,RIGHT (integers, -1 unbounded), got {text!r}") from None
+    return left, right
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .api import explain
 
@@ -80,8 +88,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         d = explain(
             shape=args.shape, dtype=args.dtype, device=args.device, causal=args.causal,
             layout=args.layout, return_lse=args.lse, needs_grad=args.grad, backend=args.backend,
-            head_dim_v=args.head_dim_v,
+            head_dim_v=args.head_dim_v, window=args.window, softcap=args.softcap, sinks=args.sinks,
         )
+    except (ValueError, TypeError) as e:  # a bad window or softcap: the message names it
+        print(f"flashdispatch explain: {e}", file=sys.stderr)
+        return 2
     except NoBackendError as e:
         print(e)
         return 1
@@ -132,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad", action="store_true", help="inputs require grad (training)")
     p.add_argument("--head-dim-v", type=int, default=None)
     p.add_argument("--backend", default=None, help="force a backend")
+    p.add_argument("--window", type=_parse_window, default=None, metavar="LEFT,RIGHT",
+                   help="sliding window, flash_attn's convention (Mistral: 4095,0 with --causal; -1 unbounded)")
+    p.add_argument("--softcap", type=float, default=None, help="logit soft-cap c > 0 (Gemma 2: 50)")
+    p.add_argument("--sinks", action="store_true", help="the call passes attention sinks (gpt-oss)")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="a small transformer block through flashdispatch.attention")

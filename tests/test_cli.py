@@ -55,3 +55,19 @@ def test_demo_runs_as_a_command():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "flashdispatch decision:" in r.stdout and "accuracy: OK" in r.stdout
+
+
+def test_explain_variants(capsys):
+    argv = ["explain", "--device", "h200", "--shape", "1,32,8,16384,16384,128", "--causal", "--window", "4095,0",
+            "--softcap", "50", "--sinks"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "window=(4095, 0)" in out and "softcap=50" in out and "sinks" in out and "flashdispatch decision: triton" in out
+
+
+def test_explain_bad_variant_values(capsys):
+    assert main(["explain", "--shape", "1,2,2,8,8,64", "--softcap", "0"]) == 2
+    assert "softcap" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["explain", "--shape", "1,2,2,8,8,64", "--window", "4095"])
+    assert "--window" in capsys.readouterr().err
