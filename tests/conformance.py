@@ -143,7 +143,7 @@ class Refusal:
     impls: frozenset[str]
     devices: frozenset[str]
     applies: Callable[[Case, torch.dtype, str], bool]  # (case, dtype, call kind) -> refused?
-    text: str
+    text: str  # alternatives separated by " || ": one of them must appear
 
 
 def _r(impls: str, devices: str, applies: Callable[[Case, torch.dtype, str], bool], text: str) -> Refusal:
@@ -155,7 +155,9 @@ ALWAYS: Callable[[Case, torch.dtype, str], bool] = lambda c, dt, kind: True
 
 REFUSALS: list[Refusal] = [
     # devices
-    _r("sdpa:cudnn sdpa:efficient cupy", "cpu", ALWAYS, "device=cpu"),
+    _r("sdpa:cudnn sdpa:efficient", "cpu", ALWAYS, "device=cpu"),
+    # cupy is an optional extra: on a machine without it, it is unavailable before any device check
+    _r("cupy", "cpu", ALWAYS, "device=cpu || CuPy is not importable"),
     # dtypes
     _r("triton", "cpu", lambda c, dt, kind: dt in (BF16, FP64), "dtype="),
     _r("triton", "cuda", lambda c, dt, kind: dt == FP64, "dtype="),
@@ -167,8 +169,8 @@ REFUSALS: list[Refusal] = [
     _r("sdpa:flash sdpa:cudnn sdpa:efficient", "cuda", lambda c, dt, kind: c.d % 8 != 0, "head_dim"),
     _r("cupy", "cuda", lambda c, dt, kind: c.d not in (32, 64, 96, 128, 256), "head_dim"),
     _r("cupy", "cuda", lambda c, dt, kind: kind == "grad" and c.d not in (32, 64, 96, 128), "backward"),
-    _r("sdpa:flash sdpa:cudnn cupy", "cpu cuda", lambda c, dt, kind: c.dv is not None and c.dv != c.d,
-       "head_dim_v"),
+    _r("sdpa:flash sdpa:cudnn", "cpu cuda", lambda c, dt, kind: c.dv is not None and c.dv != c.d, "head_dim_v"),
+    _r("cupy", "cuda", lambda c, dt, kind: c.dv is not None and c.dv != c.d, "head_dim_v"),
     # the log-sum-exp: only the explicit math and our kernels expose it
     _r("sdpa:flash sdpa:cudnn sdpa:efficient", "cpu cuda", lambda c, dt, kind: kind == "lse", "return_lse"),
     # bottom-right causal with Sq < Sk: kernels that take no lower-right mask
