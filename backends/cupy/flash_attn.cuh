@@ -401,7 +401,9 @@ __device__ __forceinline__ void fd_attn_fwd(
         }
 
         // -- online softmax (base 2); a row that has seen only masked keys keeps m = -inf and
-        // subtracts 0 instead, so exp2 gives 0 rather than NaN.
+        // subtracts 0 instead, so exp2 gives 0 rather than NaN. Its O and l are still 0, so its
+        // rescale factor is exactly 0: exp2(0 - m_new) would overflow to +inf once the first max
+        // it sees is a large negative logit (m_new < -128), and 0 * inf is NaN.
         float alpha[MT][2];
         bool grew = false;
 #pragma unroll
@@ -414,8 +416,8 @@ __device__ __forceinline__ void fd_attn_fwd(
                     mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hr], s[mt][nt][2 * hr + 1]));
                 mx = fd_quad_max(mx);
                 const float m_new = (mx == -FD_INF) ? 0.f : mx * scale_log2;
-                const float m_old = (m_i[mt][hr] == -FD_INF) ? 0.f : m_i[mt][hr] * scale_log2;
-                alpha[mt][hr] = fd_exp2(m_old - m_new);
+                alpha[mt][hr] =
+                    (m_i[mt][hr] == -FD_INF) ? 0.f : fd_exp2(m_i[mt][hr] * scale_log2 - m_new);
                 grew |= mx != m_i[mt][hr];
                 m_i[mt][hr] = mx;
                 float rs = 0.f;
