@@ -25,7 +25,7 @@ from flashdispatch.alignment import aligned16
 from flashdispatch.backend import Capabilities, Implementation
 from flashdispatch.device import DeviceInfo
 from flashdispatch.problem import Problem
-from flashdispatch.reference import attention_math, causal_mask, visible_mask
+from flashdispatch.reference import visible_mask
 
 ALL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
@@ -80,42 +80,37 @@ def windowed_sdpa(
     return torch.cat([head, tail], dim=2)
 
 
-def variant_math(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
-    window: tuple[int, int] | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention with any variant (window, softcap, sinks) in explicit torch ops, fp32 (fp64 for
-    fp64 inputs): the contract's math itself (reference.attention_math), differentiable in q, k,
-    v and sinks. O(Sq * Sk) memory per head: a fallback that runs everywhere, not a fast path.
-    Returns out in q's dtype and lse float32 (detached; the sink included).
-    """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out, lse = attention_math(q.to(acc), k.to(acc), v.to(acc), causal=causal, scale=scale,
-                              upcast=acc == torch.float64, window=window, softcap=softcap, sinks=sinks)
-    return out.to(q.dtype), lse.detach().float()
-
-
 def math_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, sinks: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Explicit attention in fp32 (fp64 for fp64 inputs) that also yields the log-sum-exp.
+    """Explicit attention in fp32 (fp64 for fp64 inputs) that also yields the log-sum-exp; with
+    the Problem's variants (window, softcap, sinks), which no SDPA kernel computes.
 
     Masks are applied with masked_fill, so a NaN or Inf in a key reaches only the rows that see it
     (adding a -inf bias, as torch's math kernel does, turns NaN + -inf into NaN for every row). The
     softmax shifts by a detached row maximum and guards rows that see no key, so their output and
-    gradients are exactly 0 (a logsumexp backward would give 0 * NaN there).
+    gradients are exactly 0 (a logsumexp backward would give 0 * NaN there). A sink is one more
+    term of the denominator (and of the maximum), differentiable, with no value. O(Sq * Sk) memory.
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     g = p.gqa_ratio
     kk = k.repeat_interleave(g, dim=1) if g > 1 else k
     vv = v.repeat_interleave(g, dim=1) if g > 1 else v
     s = torch.matmul(q.to(acc), kk.to(acc).transpose(-1, -2)) * p.scale
-    if p.effective_causal:
-        s = s.masked_fill(~causal_mask(p.seqlen_q, p.seqlen_k, q.device), float("-inf"))
+    if p.softcap:
+        s = p.softcap * torch.tanh(s / p.softcap)
+    if p.masked:
+        keep = visible_mask(p.seqlen_q, p.seqlen_k, causal=p.effective_causal, window=p.window, device=q.device)
+        s = s.masked_fill(~keep, float("-inf"))
     m = s.detach().amax(dim=-1, keepdim=True)
+    sink = sinks.to(acc).view(1, -1, 1, 1) if sinks is not None else None
+    if sink is not None:
+        m = torch.maximum(m, sink.detach())
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     denom = e.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        denom = denom + torch.exp(sink - m)
     probs = e / torch.where(denom == 0, torch.ones_like(denom), denom)
     out = torch.matmul(probs, vv.to(acc)).to(q.dtype)
     lse = (torch.log(denom) + m).squeeze(-1)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashdispatch.backends.sdpa import blind_rows, variant_math, windowed_sdpa
+from flashdispatch.backends.sdpa import blind_rows, math_with_lse, windowed_sdpa
+from flashdispatch.problem import problem_from_tensors
 from flashdispatch.reference import attention_math, visible_mask
 from flashdispatch.tolerances import within_budget
 from inputs import make_qkv
@@ -36,13 +37,15 @@ def test_blind_rows_are_exactly_the_rows_without_a_key(sq: int, sk: int, window:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_variant_math_forward_and_gradients(dtype: torch.dtype) -> None:
+def test_math_with_lse_variants_forward_and_gradients(dtype: torch.dtype) -> None:
     q, k, v = make_qkv(1, 4, 2, 24, 30, 16, dtype=dtype, seed=1)
     sinks = torch.randn(4) + 1.0
     kw = dict(causal=True, scale=0.9, window=(6, 0), softcap=3.0)
     do = torch.randn(1, 4, 24, 16).to(dtype)
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)] + [sinks.clone().requires_grad_(True)]
-    out, lse = variant_math(*leaves[:3], sinks=leaves[3], **kw)
+    p = problem_from_tensors(q, k, v, scale=0.9, layout="bhsd", return_lse=True, causal=True, window=(6, 0),
+                             softcap=3.0, sinks=sinks)
+    out, lse = math_with_lse(*leaves[:3], p, sinks=leaves[3])
     out.backward(do)
     runs = []
     for upcast in (True, False):
@@ -57,3 +60,12 @@ def test_variant_math_forward_and_gradients(dtype: torch.dtype) -> None:
     for got, want, b, name in zip([t.grad for t in leaves], ref_g, base_g, ["q", "k", "v", "sinks"]):
         ok, err, allowed = within_budget(got, b, want, dtype if name != "sinks" else torch.float32, grad=True)
         assert ok, f"d{name}: {err} > {allowed}"
+
+
+def test_math_with_lse_rows_that_see_no_key_have_zero_gradients() -> None:
+    q, k, v = make_qkv(1, 2, 2, 12, 5, 8, seed=3, requires_grad=True)
+    p = problem_from_tensors(q, k, v, scale=0.5, layout="bhsd", return_lse=True, causal=True, window=(2, 0))
+    out, lse = math_with_lse(q, k, v, p)
+    assert torch.equal(out[:, :, :7], torch.zeros_like(out[:, :, :7])) and bool(torch.isneginf(lse[:, :, :7]).all())
+    out.sum().backward()
+    assert bool(torch.isfinite(q.grad).all()) and torch.equal(q.grad[:, :, :7], torch.zeros_like(q.grad[:, :, :7]))
