@@ -104,7 +104,8 @@ class _Sdpa(Implementation):
         with sdpa_kernel(self.kernel):
             return _causal_sdpa(q, k, v, p, kwargs)
 
-    def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
+    def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
+        q, k, v = inp.q, inp.k, inp.v
         if q.is_cuda:
             q, k, v = aligned16(q), aligned16(k), aligned16(v)
         return self._call(q, k, v, p), None
@@ -170,10 +171,10 @@ class SdpaMath(_Sdpa):
             notes.append("return_lse: explicit fp32 math in torch ops (K/V repeated for GQA)")
         return notes
 
-    def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
+    def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
         if p.return_lse:
-            return math_with_lse(q, k, v, p)
-        return super().run(q, k, v, p, config)
+            return math_with_lse(inp.q, inp.k, inp.v, p)
+        return super().forward(inp, p, config)
 
 
 IMPLEMENTATIONS: list[Implementation] = [SdpaPlain(), SdpaFlash(), SdpaCudnn(), SdpaEfficient(), SdpaMath()]

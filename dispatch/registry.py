@@ -43,7 +43,7 @@ class _Broken(Implementation):
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=frozenset(), dtypes=frozenset())
 
-    def run(self, q, k, v, p: Problem, config):  # type: ignore[no-untyped-def]
+    def forward(self, inp, p: Problem, config):  # type: ignore[no-untyped-def]
         raise RuntimeError(self._reason)
 
 
@@ -130,6 +130,6 @@ REGISTRY = Registry()
 
 def _forget_decisions() -> None:
     """Cached decisions may name (or miss) a changed implementation: drop them."""
-    from . import selection  # here: selection imports this module
+    from . import plans  # here: plans imports this module
 
-    selection.refresh()
+    plans.refresh()

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 
 from flashdispatch import envs
-from flashdispatch.backend import Capabilities, Implementation
+from flashdispatch.backend import Capabilities, Gradients, Implementation
 from flashdispatch.device import DeviceInfo
 from flashdispatch.problem import Problem
 
@@ -118,18 +118,20 @@ class TritonAttention(Implementation):
             notes.append(f"first {p.seqlen_q - p.seqlen_k} query rows see no key: zeros, lse=-inf")
         return notes
 
-    def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
-        from .forward import TritonAttentionFunction, attention_forward
-
-        if p.needs_grad:
-            out, lse = TritonAttentionFunction.apply(q, k, v, p.causal, p.scale, config)
-        elif _wants_decode_kernel(p, config):
+    def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
+        if _wants_decode_kernel(p, config):
             from .decode import decode_forward
 
-            out, lse = decode_forward(q, k, v, causal=p.causal, scale=p.scale, config=config)
-        else:
-            out, lse = attention_forward(q, k, v, causal=p.causal, scale=p.scale, config=config)
-        return out, (lse if p.return_lse else None)
+            return decode_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config)
+        from .forward import attention_forward
+
+        return attention_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config)
+
+    def backward(self, inp, out, lse, do, p, config):  # type: ignore[no-untyped-def]
+        from .backward import attention_backward
+
+        return Gradients(*attention_backward(do, inp.q, inp.k, inp.v, out, lse, causal=p.causal, scale=p.scale,
+                                             config=config))
 
 
 IMPLEMENTATIONS: list[Implementation] = [TritonAttention()]
