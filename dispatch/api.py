@@ -90,7 +90,8 @@ def attention(
             out, lse = ops.traced_attention(q, k, v, p, backend)
         return (out, lse) if return_lse else out
     # validated and selected on the first call with this signature; a cache hit after that
-    p, impl, config = _lookup(q, k, v, causal, scale, layout, return_lse, backend)[:3]
+    plan = _lookup(q, k, v, causal, scale, layout, return_lse, backend)
+    p, impl, config = plan[0], plan[1], plan[2]
     if impl is None:
         out, lse = _empty_result(q, k, v, p)
         return (out, lse) if return_lse else out

@@ -27,11 +27,18 @@ from typing import Any, ClassVar, Mapping, NamedTuple
 
 import torch
 
+from . import envs
 from .device import DeviceInfo
 from .problem import DTYPE_NAMES, Problem
 
+# What a backend may know of the environment, read by dispatch/envs.py (backends never read it
+# themselves): whether Triton runs its CPU interpreter, and where compiled kernels are cached.
+triton_interpreter_on = envs.triton_interpreter_on
+kernel_cache_dir = envs.kernel_cache_dir
+
 
 NO_EXTRAS: Mapping[str, torch.Tensor] = MappingProxyType({})
+_new_tuple = tuple.__new__
 
 
 class Inputs(NamedTuple):
@@ -207,10 +214,11 @@ class Implementation(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What attention() calls: forward, joined to backward by the generic autograd Function
         when a gradient is needed. Returns (out, lse) with lse None unless p.return_lse."""
+        inp = _new_tuple(Inputs, (q, k, v, NO_EXTRAS))  # Inputs(q, k, v) without its Python __new__
         if p.needs_grad and self.has_backward:
             from .autograd import apply_pair
 
-            out, lse = apply_pair(self, Inputs(q, k, v), p, config)
+            out, lse = apply_pair(self, inp, p, config)
         else:
-            out, lse = self.forward(Inputs(q, k, v), p, config)
+            out, lse = self.forward(inp, p, config)
         return out, (lse if p.return_lse else None)

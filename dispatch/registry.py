@@ -7,6 +7,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from . import envs
 from .backend import Capabilities, Implementation
 from .device import DeviceInfo
 from .problem import Problem
@@ -126,6 +127,8 @@ class Registry:
 
 
 REGISTRY = Registry()
+# FLASHDISPATCH_BACKEND accepts what is registered (implementations, then their families)
+envs.provide_backend_names(lambda: [*REGISTRY.all(), *REGISTRY.families()])
 
 
 def _forget_decisions() -> None:

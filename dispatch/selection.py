@@ -90,7 +90,7 @@ def validate_backend_name(name: str, arg: str = "backend") -> str:
     if not isinstance(name, str):
         raise TypeError(f"{arg}: expected a backend name (str), got {type(name).__name__}")
     n = name.strip().lower()
-    valid = set(envs.BACKEND_CHOICES) | set(REGISTRY.all()) | set(REGISTRY.families())
+    valid = set(envs.backend_choices())
     if n not in valid:
         raise ValueError(f"{arg}: unknown backend {name!r}; expected one of: {', '.join(sorted(valid))}")
     return n

@@ -11,8 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from flashdispatch import envs
-from flashdispatch.backend import Capabilities, Gradients, Implementation
+from flashdispatch.backend import Capabilities, Gradients, Implementation, triton_interpreter_on
 from flashdispatch.device import DeviceInfo
 from flashdispatch.problem import Problem
 
@@ -23,10 +22,6 @@ _ROCM_ARCHS = frozenset({"gfx90a", "gfx942"})
 _GPU_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 # bf16 tl.dot returns garbage in the interpreter of Triton 3.6: CPU runs are fp16/fp32 only.
 _INTERPRETER_DTYPES = frozenset({torch.float16, torch.float32})
-
-
-def _interpreter_on() -> bool:
-    return envs.TRITON_INTERPRET.read().strip().lower() not in ("", "0", "false", "off", "no")
 
 
 def _wants_decode_kernel(p: Problem, config: dict[str, Any]) -> bool:
@@ -51,7 +46,7 @@ class TritonAttention(Implementation):
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         from .forward import backward_available
 
-        kinds = _GPU_KINDS | ({"cpu"} if _interpreter_on() else set())
+        kinds = _GPU_KINDS | ({"cpu"} if triton_interpreter_on() else set())
         return Capabilities(
             device_kinds=frozenset(kinds),
             dtypes=_INTERPRETER_DTYPES if dev.kind == "cpu" else _GPU_DTYPES,
