@@ -211,10 +211,12 @@ class Implementation(ABC):
         v: torch.Tensor,
         p: Problem,
         config: dict[str, Any],
+        extras: Mapping[str, torch.Tensor] = NO_EXTRAS,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What attention() calls: forward, joined to backward by the generic autograd Function
-        when a gradient is needed. Returns (out, lse) with lse None unless p.return_lse."""
-        inp = _new_tuple(Inputs, (q, k, v, NO_EXTRAS))  # Inputs(q, k, v) without its Python __new__
+        when a gradient is needed. Returns (out, lse) with lse None unless p.return_lse. `extras`:
+        the call's further tensors by name (Inputs.extras)."""
+        inp = _new_tuple(Inputs, (q, k, v, extras))  # Inputs(q, k, v, extras) without its Python __new__
         if p.needs_grad and self.has_backward:
             from .autograd import apply_pair
 
