@@ -1,6 +1,7 @@
 """`flashdispatch bench`: plain SDPA, every backend variant, and the dispatcher, side by side.
 
-Shapes: the FlashAttention-2 sweep and ANCHORS.md's special shapes (tools/shapes.py). Providers:
+Shapes: the FlashAttention-2 sweep and the special shapes, where plain SDPA has no fast path
+(tools/shapes.py). Providers:
 - "SDPA": what a user writes today, F.scaled_dot_product_attention (enable_gqa for GQA, the
   lower-right CausalBias for chunked prefill), no flashdispatch involved;
 - every registered implementation that can serve the shape, through
@@ -373,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="flashdispatch bench",
         description="Benchmark plain SDPA, every backend variant and the dispatcher's own choice on the "
-        "FlashAttention-2 sweep and ANCHORS.md's special shapes; writes bench.json, bench.md, bench.png.",
+        "FlashAttention-2 sweep and the special shapes; writes bench.json, bench.md, bench.png.",
     )
     ap.add_argument("--quick", action="store_true", help="S in {1024, 4096, 16384} and shorter timing")
     ap.add_argument("--out", default="bench-out", help="output directory (default: ./bench-out)")
@@ -383,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seqlens", type=tune.csv_ints("--seqlens"), default=None)
     ap.add_argument("--passes", type=tune.csv_list, default=None, help="subset of fwd,fwd_bwd,decode")
     ap.add_argument("--causal", choices=("true", "false", "both"), default="both")
-    ap.add_argument("--no-special", action="store_true", help="leave out ANCHORS.md's special shapes")
-    ap.add_argument("--only-special", action="store_true", help="only ANCHORS.md's special shapes")
+    ap.add_argument("--no-special", action="store_true", help="leave out the special shapes (where plain SDPA has no fast path)")
+    ap.add_argument("--only-special", action="store_true", help="only the special shapes")
     ap.add_argument("--shapes", choices=("bench", "tiny"), default="bench", help="tiny: CPU-sized shapes for tests")
     ap.add_argument("--backends", type=tune.csv_list, default=None,
                     help="variants or families to run beside SDPA and dispatch (default: all available)")
