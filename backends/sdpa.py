@@ -140,6 +140,12 @@ class SdpaCudnn(_Sdpa):
     kernel = SDPBackend.CUDNN_ATTENTION
     takes_lower_right_mask = False
 
+    def lse_pair(self) -> Implementation | None:
+        # torch's private cuDNN ops with lse (backends/sdpa_cudnn.py); the public call has none
+        from .sdpa_cudnn import LSE_PAIR
+
+        return LSE_PAIR
+
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=frozenset({"cuda"}), dtypes=HALF_DTYPES, min_cuda_capability=80,
                             max_head_dim=128, head_dim_multiple=8, different_v_head_dim=False,

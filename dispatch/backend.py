@@ -204,6 +204,12 @@ class Implementation(ABC):
         attention's blocks) and the gradient of out. Implementations that have one override it."""
         raise NotImplementedError(f"{self.name} has no backward of its own: torch differentiates its forward")
 
+    def lse_pair(self) -> Implementation | None:
+        """This implementation's forward that returns lse and backward that takes a given (whole
+        row's) out and lse, for callers that merge blocks by their lse (ring attention); None when
+        it has none. An implementation with a backward of its own is its own pair."""
+        return self if self.has_backward else None
+
     def run(
         self,
         q: torch.Tensor,

@@ -146,7 +146,7 @@ def block_backward(
         impl = _block_backward_impl(path)
         if impl is None:
             raise RuntimeError(f"block backward path {path!r} chosen but that backend's backward is not usable here")
-        p = problem_from_tensors(q, k, v, causal=causal, scale=scale)
+        p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout="bhsd", return_lse=False)
         return tuple(impl.backward(Inputs(q, k, v), out, lse, do, p, config)[:3])  # type: ignore[return-value]
     if delta is None:
         delta = softmax_delta(do, out)
