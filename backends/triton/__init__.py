@@ -24,6 +24,12 @@ _GPU_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 _INTERPRETER_DTYPES = frozenset({torch.float16, torch.float32})
 
 
+def _interpreter_on() -> bool:
+    # whether TRITON_INTERPRET asks for the CPU interpreter, as envs.py reads it (handed over by the
+    # backend interface: backends never read the environment themselves)
+    return triton_interpreter_on()
+
+
 def _wants_decode_kernel(p: Problem, config: dict[str, Any]) -> bool:
     return p.is_decode and not p.needs_grad and config.get("PATH", "split_kv") == "split_kv"
 
@@ -46,7 +52,7 @@ class TritonAttention(Implementation):
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         from .forward import backward_available
 
-        kinds = _GPU_KINDS | ({"cpu"} if triton_interpreter_on() else set())
+        kinds = _GPU_KINDS | ({"cpu"} if _interpreter_on() else set())
         return Capabilities(
             device_kinds=frozenset(kinds),
             dtypes=_INTERPRETER_DTYPES if dev.kind == "cpu" else _GPU_DTYPES,
