@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 import flashdispatch as fd
-from flashdispatch import selection
+from flashdispatch.plans import PLANS
 from flashdispatch.problem import Problem, problem_from_tensors
 from flashdispatch.registry import REGISTRY
 
@@ -96,7 +96,7 @@ class _Immediate:
 def _swap(impl: Any, stand_in: Any) -> list[tuple[dict[Any, Any], Any, Any]]:
     """Point every cached decision that runs `impl` (the hot path's two caches) at `stand_in`;
     returns (cache, key, entry) to restore."""
-    saved = [(cache, key, entry) for cache in (selection.FAST, selection.RECENT)
+    saved = [(cache, key, entry) for cache in (PLANS.by_key, PLANS.recent)
              for key, entry in cache.items() if entry[1] is impl]
     for cache, key, entry in saved:
         cache[key] = entry._replace(impl=stand_in)

@@ -263,25 +263,3 @@ def cupy_backward(
     args += _strides3(q) + _strides3(k) + _strides3(v) + _strides3(do) + _strides3(dk) + _strides3(dv) + scal
     _launch(kern, ((sk + dkdv_spec.block_n - 1) // dkdv_spec.block_n, hkv, b), args, idx)
     return dq, dk, dv
-
-
-class CupyAttentionFn(torch.autograd.Function):
-    """Autograd wrapper: saves q, k, v, out, lse; backward runs cupy_backward."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-        config: dict[str, Any],
-        out_bshd: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = cupy_forward(q, k, v, causal=causal, scale=scale, config=config, out_bshd=out_bshd)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale, ctx.config = causal, scale, config
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None):  # type: ignore[override]
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = cupy_backward(dout, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale, config=ctx.config)
-        return dq, dk, dv, None, None, None, None
