@@ -37,6 +37,8 @@ def _causal_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, kwargs: dict[str, Any]
 ) -> torch.Tensor:
     sq, sk = p.seqlen_q, p.seqlen_k
+    if p.has_window:
+        return windowed_sdpa(q, k, v, causal=p.effective_causal, window=p.window, kwargs=kwargs)
     if not p.effective_causal:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     if sq == sk:
@@ -133,8 +135,17 @@ class _Sdpa(Implementation):
 
     def plan_notes(self, p: Problem, dev: DeviceInfo, config: dict[str, Any]) -> list[str]:
         notes = []
+        if p.softcap or p.sinks:
+            what = " and ".join(x for x, on in (("softcap", p.softcap), ("sinks", p.sinks)) if on)
+            notes.append(f"{what} through explicit fp32 math in torch ops (no SDPA kernel has them): "
+                         "a correct fallback, O(Sq*Sk) memory, not a fast path")
+            return notes
         if p.heads_q != p.heads_kv and not self.gqa_native:
             notes.append(f"K/V repeated {p.gqa_ratio}x in memory (this kernel has no GQA)")
+        if p.has_window:
+            notes.append(f"window={p.window} through a boolean (Sq, Sk) mask: every pair is still computed "
+                         "(a correct fallback, not a fast path)")
+            return notes
         if p.effective_causal and p.seqlen_q > p.seqlen_k:
             notes.append(f"first {p.seqlen_q - p.seqlen_k} query rows see no key: zeros")
         if p.effective_causal and p.seqlen_q < p.seqlen_k:
@@ -156,6 +167,9 @@ class _Sdpa(Implementation):
 
     def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
         q, k, v = inp.q, inp.k, inp.v
+        if p.softcap or p.sinks:  # only implementations that declare them get here (sdpa, sdpa:math)
+            out, lse = math_with_lse(q, k, v, p, inp.extras.get("sinks"))
+            return out, (lse if p.return_lse else None)
         if q.is_cuda:
             q, k, v = aligned16(q), aligned16(k), aligned16(v)
         return self._call(q, k, v, p), None
@@ -168,7 +182,9 @@ class SdpaPlain(_Sdpa):
 
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=EVERYWHERE, dtypes=ALL_DTYPES, max_head_dim=1 << 16, lse=False,
-                            deterministic=False, notes="torch picks flash/cuDNN/efficient/math")
+                            deterministic=False, window=True, softcap=True, sinks=True,
+                            notes="torch picks flash/cuDNN/efficient/math; window through a boolean mask, "
+                                  "softcap and sinks through explicit fp32 math")
 
 
 class SdpaFlash(_Sdpa):
@@ -210,7 +226,7 @@ class SdpaEfficient(_Sdpa):
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=GPUS, dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
                             min_cuda_capability=50, max_head_dim=256, head_dim_multiple=8, lse=False,
-                            deterministic=False)
+                            deterministic=False, window=True, notes="window through a boolean mask")
 
 
 class SdpaMath(_Sdpa):
@@ -219,6 +235,7 @@ class SdpaMath(_Sdpa):
 
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=EVERYWHERE, dtypes=ALL_DTYPES, max_head_dim=1 << 16,
+                            window=True, softcap=True, sinks=True,
                             notes="explicit fp32 math in torch ops (fp64 for fp64); O(S^2) memory")
 
     def plan_notes(self, p: Problem, dev: DeviceInfo, config: dict[str, Any]) -> list[str]:

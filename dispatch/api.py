@@ -18,9 +18,9 @@ _lookup = PLANS.lookup
 
 
 def _empty_result(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, sinks: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeros (and lse = -inf) without launching an attention kernel."""
+    """Zeros (and lse = -inf, or each head's sink) without launching an attention kernel."""
     if p.layout == "bhsd":
         shape = (p.batch, p.heads_q, p.seqlen_q, p.head_dim_v)
     else:
@@ -30,7 +30,12 @@ def _empty_result(
         # keep the graph connected so that backward() gives zero gradients instead of an error;
         # sums over empty slices are exactly 0 (0 * q.sum() is NaN once the sum overflows fp16)
         out = out + (q.reshape(-1)[:0].sum() + k.reshape(-1)[:0].sum() + v.reshape(-1)[:0].sum()).to(out.dtype)
-    lse = torch.full((p.batch, p.heads_q, p.seqlen_q), float("-inf"), device=q.device, dtype=torch.float32)
+        if sinks is not None:
+            out = out + sinks[:0].sum().to(out.dtype)
+    if sinks is not None:  # no key: the sink is all a row's denominator holds
+        lse = sinks.detach().view(1, -1, 1).expand(p.batch, p.heads_q, p.seqlen_q).clone()
+    else:
+        lse = torch.full((p.batch, p.heads_q, p.seqlen_q), float("-inf"), device=q.device, dtype=torch.float32)
     return out, lse
 
 
@@ -44,6 +49,9 @@ def attention(
     layout: str = "bhsd",
     return_lse: bool = False,
     backend: str | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Scaled dot-product attention through the fastest backend that can serve the problem.
 
@@ -74,6 +82,17 @@ def attention(
             (B, Hq, Sq). It carries no gradient.
         backend: force a backend ("sdpa", "sdpa:cudnn", "triton", "cupy", ...). A forced backend
             that cannot serve the problem raises NoBackendError; it never falls back.
+        window: sliding window (left, right), flash_attn's convention: query i, at its
+            bottom-right-aligned position p = i + Sk - Sq, sees key j iff p - left <= j <= p + right;
+            -1 is unbounded on that side, (-1, -1) or None no window. With causal=True right is 0.
+            Mistral's 4096-token window is window=(4095, 0), causal=True.
+        softcap: c > 0: the scaled scores become c * tanh(s / c) before masking (Gemma 2). None:
+            no softcap.
+        sinks: float32 (Hq,) on q's device: one logit per query head that joins the softmax
+            denominator and carries no value (gpt-oss). The lse includes it; it takes a gradient;
+            a row that sees no key gives zeros and lse = sink.
+            Sliding window, softcap and sinks run fused in the triton backend; sdpa serves them
+            through a mask or explicit math (correct, not fast). docs/variants.md has the details.
 
     Returns:
         out: q's layout and dtype, (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv); with return_lse, (out, lse).
@@ -81,25 +100,32 @@ def attention(
     if _is_compiling():
         # Dynamo cannot trace the plan cache (and its ContextVar) or the backends' launches: the call
         # becomes the flashdispatch::attention_fwd/_bwd custom ops (dispatch/ops.py).
-        p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
+        p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse,
+                                 window=window, softcap=softcap, sinks=sinks)
         if p.is_empty:
-            out, lse = _empty_result(q, k, v, p)
+            out, lse = _empty_result(q, k, v, p, sinks)
         else:
             from . import ops  # here, not at the top: it needs torch._dynamo, a 1 s import
 
-            out, lse = ops.traced_attention(q, k, v, p, backend)
+            out, lse = ops.traced_attention(q, k, v, p, backend, sinks)
         return (out, lse) if return_lse else out
     # validated and selected on the first call with this signature; a cache hit after that
-    plan = _lookup(q, k, v, causal, scale, layout, return_lse, backend)
+    if window is None and softcap is None and sinks is None:
+        plan = _lookup(q, k, v, causal, scale, layout, return_lse, backend)
+    else:
+        plan = _lookup(q, k, v, causal, scale, layout, return_lse, backend, window, softcap, sinks)
     p, impl, config = plan[0], plan[1], plan[2]
     if impl is None:
-        out, lse = _empty_result(q, k, v, p)
+        out, lse = _empty_result(q, k, v, p, sinks)
         return (out, lse) if return_lse else out
     if not p.contiguous:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if layout == "bshd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    out, lse = impl.run(q, k, v, p, config)
+    if sinks is None:
+        out, lse = impl.run(q, k, v, p, config)
+    else:
+        out, lse = impl.run(q, k, v, p, config, {"sinks": sinks})
     if layout == "bshd":
         out = out.transpose(1, 2)
     if return_lse:
@@ -124,12 +150,17 @@ def explain(
     needs_grad: bool | None = None,
     head_dim_v: int | None = None,
     backend: str | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | bool | None = None,
 ) -> Decision:
     """Which backend `attention` would run for these inputs, with what config, and why.
 
     Give tensors (q, k, v as for `attention`), or `shape=(B, Hq, Hkv, Sq, Sk, D)` with `dtype` to
     plan without tensors. `device` names a device key ("h100", "mi300x", ...) to answer for a
     device that is not present; FLASHDISPATCH_DEVICE does the same. `str(decision)` is a report.
+    window, softcap and sinks as for `attention` (planning by shape, sinks=True stands for a sinks
+    tensor).
     Raises NoBackendError (with every backend's reasons) when nothing can serve the problem.
     """
     if device is not None and device not in DEVICE_KEYS:
@@ -141,12 +172,16 @@ def explain(
         kind = sim.kind if sim else ("cuda" if torch.cuda.is_available() else "cpu")
         p = problem_from_shape(
             shape, dtype=dtype, device_kind=kind, causal=causal, scale=scale, layout=layout,
-            return_lse=return_lse, needs_grad=bool(needs_grad), head_dim_v=head_dim_v,
+            return_lse=return_lse, needs_grad=bool(needs_grad), head_dim_v=head_dim_v, window=window,
+            softcap=softcap, sinks=sinks is not None and sinks is not False,
         )
     else:
         if q is None or k is None or v is None:
             raise TypeError("explain: expected tensors q, k and v, or shape=(B, Hq, Hkv, Sq, Sk, D)")
-        p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
+        if isinstance(sinks, bool):
+            raise TypeError("sinks: with tensors q, k, v, expected None or the sinks tensor, got a bool")
+        p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse,
+                                 window=window, softcap=softcap, sinks=sinks)
         if needs_grad is not None:
             p = p._replace(needs_grad=needs_grad)
         if sim is not None:

@@ -90,6 +90,11 @@ class Capabilities:
     deterministic: bool = True
     layouts: frozenset[str] = frozenset({"bhsd", "bshd"})
     max_seqlen_q: int | None = None  # decode-only kernels
+    # the variants (flash_attn's conventions; docs/variants.md): a sliding window, tanh logit
+    # softcapping, attention sinks (the float32 (Hq,) "sinks" tensor of Inputs.extras)
+    window: bool = False
+    softcap: bool = False
+    sinks: bool = False
     notes: str = ""
 
     def reasons(self, p: Problem, dev: DeviceInfo) -> list[str]:
@@ -134,6 +139,12 @@ class Capabilities:
             r.append("return_lse=True (this kernel does not expose the log-sum-exp)")
         if p.layout not in self.layouts:
             r.append(f"layout={p.layout} (supported: {sorted(self.layouts)})")
+        if p.has_window and not self.window:
+            r.append(f"window={p.window} (no sliding window)")
+        if p.softcap and not self.softcap:
+            r.append(f"softcap={p.softcap:g} (no logit softcapping)")
+        if p.sinks and not self.sinks:
+            r.append("sinks (no attention sinks)")
         return r
 
 

@@ -77,6 +77,28 @@ def mask_without_window(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     return sdpa_mask(*args, **kwargs)
 
 
+def _not_flash_in_model_loading(mu: Any) -> None:
+    """Model loading (transformers.modeling_utils) asks whether a flash kernel was requested; for
+    our names the answer is no. Otherwise a model that lists its own flash kernels (gpt-oss:
+    `_compatible_flash_implementations`) replaces "flashdispatch" by one of those, downloaded
+    from the Hub. Other modules of transformers keep their own answer."""
+    check = getattr(mu, "is_flash_attention_requested", None)
+    if check is None or getattr(check, "_flashdispatch_wrapped", False):
+        return
+
+    def is_flash_attention_requested(config: Any = None, requested_attention_implementation: str | None = None,
+                                     *args: Any, **kwargs: Any) -> bool:
+        name = requested_attention_implementation
+        if name is None and config is not None:
+            name = getattr(config, "_attn_implementation", None)
+        if name in _own_names:
+            return False
+        return check(config, requested_attention_implementation, *args, **kwargs)
+
+    is_flash_attention_requested._flashdispatch_wrapped = True  # type: ignore[attr-defined]
+    mu.is_flash_attention_requested = is_flash_attention_requested
+
+
 def _skip_flash_kernel_loading(name: str) -> None:
     """Stop transformers from looking for a flash-attn kernel called `name`.
 
@@ -98,6 +120,7 @@ def _skip_flash_kernel_loading(name: str) -> None:
         if not is_flash_attention_requested(requested_attention_implementation=name):
             return
     _own_names.add(name)
+    _not_flash_in_model_loading(mu)
     loader = getattr(mu, "lazy_import_flash_attention", None)
     if loader is None or getattr(loader, "_flashdispatch_wrapped", False):
         return

@@ -6,9 +6,15 @@ Dynamo cannot see through Triton launches, CuPy modules or the dispatcher's cach
 `attention()` hands the call to two opaque ops instead:
 
     flashdispatch::attention_fwd(q, k, v, variant, config, forced, causal, scale, layout,
-                                 return_lse, needs_grad) -> (out, lse)
+                                 return_lse, needs_grad, sinks, window_left, window_right,
+                                 softcap) -> (out, lse)
     flashdispatch::attention_bwd(dout, q, k, v, out, lse, variant, config, forced, causal, scale,
-                                 layout, needs_grad) -> (dq, dk, dv)
+                                 layout, needs_grad, sinks, window_left, window_right,
+                                 softcap) -> (dq, dk, dv, dsinks)
+
+The variants travel as plain arguments: sinks an optional tensor (it gets its gradient, dsinks;
+an empty tensor when there are none), the window as two ints ((-1, -1): none), softcap a float
+(0.0: none).
 
 Their fake implementations give shapes and strides without running anything, and the pair is
 joined by `register_autograd`, so forward and backward trace into one graph with no break.
@@ -38,7 +44,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -147,16 +153,22 @@ def attention_fwd(
     layout: str,
     return_lse: bool,
     needs_grad: bool,
+    sinks: Optional[torch.Tensor] = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, Dv) in q's storage order and lse (B, Hq, Sq) float32 (zeros when the
     implementation gives none: return_lse was False, and the caller drops it)."""
-    p, impl, cfg = PLANS.op_plan(q, k, v, variant, config, forced, causal, scale, layout, return_lse, needs_grad)[:3]
+    p, impl, cfg = PLANS.op_plan(q, k, v, variant, config, forced, causal, scale, layout, return_lse, needs_grad,
+                                 *_variant_args(sinks, window_left, window_right, softcap))[:3]
+    extras = {"sinks": sinks} if sinks is not None else {}
     # without a backward to come, run() may take a faster forward-only path (triton's split-KV
     # decode); with one, the forward whose out and lse the implementation's backward consumes
     if needs_grad and impl.has_backward:
-        out, lse = impl.forward(Inputs(q, k, v), _pair_problem(p, q), cfg)
+        out, lse = impl.forward(Inputs(q, k, v, extras), _pair_problem(p, q), cfg)
     else:
-        out, lse = impl.run(q, k, v, p, cfg)
+        out, lse = impl.run(q, k, v, p, cfg, extras)
     if lse is None:
         lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
     return _as_out(out, q), lse
@@ -166,6 +178,7 @@ def attention_fwd(
 def _attention_fwd_fake(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, config: str, forced: str,
     causal: bool, scale: float, layout: str, return_lse: bool, needs_grad: bool,
+    sinks: Optional[torch.Tensor] = None, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out = _empty_out(q, v.shape[-1])
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
@@ -187,43 +200,77 @@ def attention_bwd(
     scale: float,
     layout: str,
     return_lse: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) with the strides of torch.empty_like(q / k / v)."""
-    p, impl, cfg = PLANS.op_plan(q, k, v, variant, config, forced, causal, scale, layout, return_lse, True)[:3]
+    sinks: Optional[torch.Tensor] = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) with the strides of torch.empty_like(q / k / v), and dsinks (Hq,) float32
+    (an empty tensor without sinks)."""
+    p, impl, cfg = PLANS.op_plan(q, k, v, variant, config, forced, causal, scale, layout, return_lse, True,
+                                 *_variant_args(sinks, window_left, window_right, softcap))[:3]
+    dsinks: torch.Tensor | None = None
     if impl.has_backward:
-        dq, dk, dv = impl.backward(Inputs(q, k, v), out, lse, dout, _pair_problem(p, q), cfg)[:3]
+        extras = {"sinks": sinks} if sinks is not None else {}
+        g = impl.backward(Inputs(q, k, v, extras), out, lse, dout, _pair_problem(p, q), cfg)
+        dq, dk, dv = g[:3]
+        if sinks is not None:
+            dsinks = g.extras.get("sinks")
     else:
 
         def recompute() -> tuple[torch.Tensor, ...]:
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            o, _ = impl.run(qq, kk, vv, p, cfg)
-            return torch.autograd.grad(o, (qq, kk, vv), dout)
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            extras = {}
+            if sinks is not None:
+                extras = {"sinks": sinks.detach().requires_grad_()}
+                leaves.append(extras["sinks"])
+            o, _ = impl.run(leaves[0], leaves[1], leaves[2], p, cfg, extras)
+            return torch.autograd.grad(o, leaves, dout, allow_unused=True)
 
-        dq, dk, dv = _with_autograd(recompute)
-    return _as_grad(dq, q), _as_grad(dk, k), _as_grad(dv, v)
+        grads = _with_autograd(recompute)
+        dq, dk, dv = grads[:3]
+        if sinks is not None:
+            dsinks = grads[3]
+    if sinks is None:
+        dsinks = q.new_empty((0,), dtype=torch.float32)
+    elif dsinks is None:
+        dsinks = torch.zeros_like(sinks)
+    return _as_grad(dq, q), _as_grad(dk, k), _as_grad(dv, v), dsinks
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, variant: str, config: str, forced: str, causal: bool, scale: float,
-    layout: str, return_lse: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    layout: str, return_lse: bool, sinks: Optional[torch.Tensor] = None, window_left: int = -1,
+    window_right: int = -1, softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dsinks = torch.empty_like(sinks) if sinks is not None else q.new_empty((0,), dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
+
+
+def _variant_args(sinks: torch.Tensor | None, left: int, right: int, softcap: float
+                  ) -> tuple[tuple[int, int] | None, float | None, torch.Tensor | None]:
+    """The ops' plain variant arguments as op_plan (and the Problem) take them."""
+    return (None if (left, right) == (-1, -1) else (left, right)), (softcap or None), sinks
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    q, k, v, variant, config, forced, causal, scale, layout, return_lse, _needs_grad = inputs
+    q, k, v, variant, config, forced, causal, scale, layout, return_lse, _needs_grad = inputs[:11]
+    sinks, left, right, softcap = (list(inputs[11:]) + [None, -1, -1, 0.0][len(inputs) - 11:])[:4]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.has_sinks = sinks is not None
+    ctx.save_for_backward(q, k, v, out, lse, *([sinks] if sinks is not None else []))
     ctx.args = (variant, config, forced, causal, scale, layout, return_lse)
+    ctx.variant = (left, right, softcap)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple[Any, ...]:
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, *ctx.args)
-    return (dq, dk, dv) + (None,) * 8
+    q, k, v, out, lse, *rest = ctx.saved_tensors
+    sinks = rest[0] if ctx.has_sinks else None
+    dq, dk, dv, dsinks = attention_bwd(dout, q, k, v, out, lse, *ctx.args, sinks, *ctx.variant)
+    return (dq, dk, dv) + (None,) * 8 + ((dsinks if sinks is not None else None), None, None, None)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -240,7 +287,8 @@ def forced_at_trace_time(backend: str | None) -> str:
 
 
 def traced_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, backend: str | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, backend: str | None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What `attention()` runs while torch.compile traces it: (out in p.layout, lse)."""
     forced = forced_at_trace_time(backend)
@@ -248,10 +296,16 @@ def traced_attention(
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if p.layout == "bshd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    out, lse = attention_fwd(
-        q, k, v, SELECT_AT_RUN_TIME, "", forced, p.causal, p.scale, p.layout, p.return_lse,
-        p.needs_grad,
-    )
+    if p.is_variant:
+        out, lse = attention_fwd(
+            q, k, v, SELECT_AT_RUN_TIME, "", forced, p.causal, p.scale, p.layout, p.return_lse,
+            p.needs_grad, sinks, p.window[0], p.window[1], p.softcap,
+        )
+    else:
+        out, lse = attention_fwd(
+            q, k, v, SELECT_AT_RUN_TIME, "", forced, p.causal, p.scale, p.layout, p.return_lse,
+            p.needs_grad,
+        )
     if p.layout == "bshd":
         out = out.transpose(1, 2)
     return out, lse

@@ -76,19 +76,26 @@ class PlanCache:
         cache[key] = plan
 
     def lookup(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None,
-               layout: str, return_lse: bool, backend: str | None) -> Plan:
+               layout: str, return_lse: bool, backend: str | None, window: Any = None, softcap: Any = None,
+               sinks: Any = None) -> Plan:
         """attention()'s plan for this call (validating and selecting on a new signature)."""
         stack = _forced_blocks()
         grad = _grad_enabled()
         recent = self.recent
         opts = hit = None
+        var: Any = None
+        if window is not None or softcap is not None or sinks is not None:
+            try:  # the variants as the keys hold them (sinks by shape, dtype, device and grad)
+                var = _variant_key(window, softcap, sinks)
+            except (AttributeError, TypeError):  # not hashable, or sinks not a tensor: validation says so
+                return self._slow(q, k, v, causal, scale, layout, return_lse, backend, window, softcap, sinks)
         # Plain tensors only: a subclass (FakeTensor, a traced tensor) may carry symbolic sizes that a
         # guard compares by their example values. A guard never passes a tensor given twice, and a
         # nested tensor throws inside it (past any except, ending the process).
         if (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor
                 and not (q is k or k is v or q is v or q.is_nested or k.is_nested or v.is_nested)):
             try:
-                opts = (causal, scale, layout, return_lse, backend, stack[-1] if stack else None, grad)
+                opts = (causal, scale, layout, return_lse, backend, stack[-1] if stack else None, grad, var)
                 hit = recent.get(opts)
             except TypeError:  # unhashable options: the paths below sort it out
                 opts = None
@@ -108,7 +115,7 @@ class PlanCache:
                 q.is_contiguous() or q.stride()[-1], k.is_contiguous() or k.stride()[-1],
                 v.is_contiguous() or v.stride()[-1], causal, scale, layout, return_lse, backend,
                 stack[-1] if stack else None,
-                grad and (q.requires_grad or k.requires_grad or v.requires_grad),
+                grad and (q.requires_grad or k.requires_grad or v.requires_grad), var,
             )
             hit = by_key.get(key)
         except (AttributeError, TypeError, RuntimeError):
@@ -119,7 +126,8 @@ class PlanCache:
         if hit is not None and hit.generation != generation:
             hit = None  # written by a call that decided under the snapshot before a refresh()
         if hit is None:
-            p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
+            p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse,
+                                     window=window, softcap=softcap, sinks=sinks)
             impl, config = (None, None) if p.is_empty else (REGISTRY.get((d := select(p, backend)).variant), d.config)
             hit = Plan(p, impl, config, make_guard(q, k, v) if guarded else None, generation)
             if key is not None:
@@ -141,20 +149,33 @@ class PlanCache:
             self.recent.pop(opts, None)
         return hit
 
+    def _slow(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None,
+              layout: str, return_lse: bool, backend: str | None, window: Any, softcap: Any, sinks: Any) -> Plan:
+        """A plan made afresh and not kept: for arguments the keys cannot hold (validation raises
+        for the wrong ones)."""
+        p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse,
+                                 window=window, softcap=softcap, sinks=sinks)
+        impl, config = (None, None) if p.is_empty else (REGISTRY.get((d := select(p, backend)).variant), d.config)
+        return Plan(p, impl, config, None, self.generation)
+
     def op_plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, config: str, forced: str,
-                causal: bool, scale: float, layout: str, return_lse: bool, needs_grad: bool) -> Plan:
+                causal: bool, scale: float, layout: str, return_lse: bool, needs_grad: bool,
+                window: tuple[int, int] | None = None, softcap: float | None = None,
+                sinks: torch.Tensor | None = None) -> Plan:
         """The plan of one custom-op call (dispatch/ops.py): the ops see bhsd views beneath
         autograd, so the user's layout and whether a backward follows are passed in. variant ""
         selects for these concrete shapes; else `variant` runs with `config` (JSON). Keys start
         with "ops", apart from the eager ones."""
         key = (
             "ops", q.shape, k.shape, v.shape, q.dtype, q.device, q.stride(), k.stride(), v.stride(),
-            variant, config, forced, causal, scale, layout, return_lse, needs_grad,
+            variant, config, forced, causal, scale, layout, return_lse, needs_grad, window, softcap,
+            None if sinks is None else sinks.shape,
         )
         hit = self.by_key.get(key)
         if hit is None or hit.generation != self.generation:
             generation = self.generation
-            p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout="bhsd", return_lse=return_lse)
+            p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout="bhsd", return_lse=return_lse,
+                                     window=window, softcap=softcap, sinks=sinks)
             p = p._replace(layout=layout, needs_grad=needs_grad)
             if not variant:
                 d = select(p, forced)
@@ -163,6 +184,17 @@ class PlanCache:
                 hit = Plan(p, REGISTRY.get(variant), _config_from_json(config), None, generation)
             self._put(self.by_key, key, hit)
         return hit
+
+
+def _variant_key(window: Any, softcap: Any, sinks: Any) -> tuple[Any, ...]:
+    """What the plan keys hold of the variants: hashable (a list window becomes a tuple), and
+    sinks by what validation and the needs-grad decision read. Raises TypeError/AttributeError
+    for what cannot be keyed."""
+    w = tuple(window) if isinstance(window, list) else window
+    s = None if sinks is None else (sinks.shape, sinks.dtype, sinks.device, sinks.requires_grad)
+    key = (w, softcap, s)
+    hash(key)
+    return key
 
 
 @functools.lru_cache(maxsize=512)

@@ -112,7 +112,12 @@ class Profile:
         return groups
 
     def lookup(self, p: Problem) -> Entry | None:
-        """Same dtype, head_dim, causal and pass; then nearest gqa, then nearest seqlen (log)."""
+        """Same dtype, head_dim, causal and pass; then nearest gqa, then nearest seqlen (log).
+        None for a sliding window, softcap or sinks: the entries time plain attention, whose
+        ranking (plain sdpa first, mostly) says nothing about a problem SDPA runs through a mask
+        or explicit math."""
+        if p.is_variant:
+            return None
         cands = self._groups().get((p.dtype_name, p.head_dim, p.effective_causal, problem_pass(p)))
         if not cands:
             return None

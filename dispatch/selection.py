@@ -31,6 +31,16 @@ DEFAULT_ORDER: dict[str, tuple[str, ...]] = {
     "rocm": ("sdpa", "triton", "sdpa:flash", "sdpa:efficient", "sdpa:math"),
     "cpu": ("sdpa", "sdpa:flash", "sdpa:math", "triton"),
 }
+# The order for a sliding window, softcap or sinks (Problem.is_variant). No SDPA kernel computes
+# them: sdpa serves a window through a boolean (Sq, Sk) mask (every pair computed) and softcap or
+# sinks through explicit math, correct but O(S^2). On GPUs our kernels, which fuse them and skip
+# the blocks a window hides, come first; the CPU keeps the fallback. The profiles measure plain
+# attention, so their entries do not rank these problems (profile_store.Profile.lookup).
+VARIANT_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("triton", "cupy", "sdpa", "sdpa:efficient", "sdpa:math"),
+    "rocm": ("triton", "sdpa", "sdpa:efficient", "sdpa:math"),
+    "cpu": ("sdpa", "sdpa:math", "triton"),
+}
 
 
 # Plain SDPA is what the user runs today. A profile's winner is chosen over it only when measured
@@ -206,7 +216,8 @@ def _order(
     """Eligible implementations best first, the profile entry that ranked them (None: the default
     order did), and a note when plain SDPA was kept over a winner inside BASELINE_MARGIN."""
     entry = profile.lookup(p) if profile else None
-    default = DEFAULT_ORDER.get(dev.kind, DEFAULT_ORDER["cpu"])
+    orders = VARIANT_ORDER if p.is_variant else DEFAULT_ORDER
+    default = orders.get(dev.kind, orders["cpu"])
     rank: dict[str, int] = {}
     if entry:
         for i, n in enumerate(entry.ranking):

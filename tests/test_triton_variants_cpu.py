@@ -241,10 +241,14 @@ def test_backward_variants(case: tuple, dtype: torch.dtype, atomic: bool, poison
         assert ok, f"{name} error {err:.3g} > allowed {allowed:.3g}"
 
 
-def test_autograd_function_gives_the_sinks_gradient() -> None:
+def test_attention_through_triton_gives_the_sinks_gradient() -> None:
     q, k, v = make_qkv(1, 4, 2, 37, 37, 32, dtype=torch.float32, requires_grad=True, seed=6)
     sinks = _sinks(4, "random").requires_grad_(True)
-    out, _ = fwd.TritonAttentionFunction.apply(q, k, v, True, 0.2, TILES, (9, 0), 3.0, sinks)
+    import flashdispatch
+
+    # the backend's forward/backward pair through the generic autograd Function
+    out = flashdispatch.attention(q, k, v, causal=True, scale=0.2, window=(9, 0), softcap=3.0, sinks=sinks,
+                                  backend="triton")
     do = torch.randn_like(out)
     out.backward(do)
     leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, sinks)]

@@ -116,7 +116,7 @@ BACKWARD = [
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("case", BACKWARD, ids=lambda c: f"h{c[1]}x{c[2]}-sq{c[3]}-sk{c[4]}-w{c[7][0]}_{c[7][1]}-cap{c[8]}-{c[9]}")
 def test_backward_variants(case: tuple, dtype: str) -> None:
-    from flashdispatch.backends.triton.forward import TritonAttentionFunction
+    import flashdispatch
 
     b, hq, hkv, sq, sk, d, causal, window, softcap, sinks_kind = case
     dt = DTYPES[dtype]
@@ -125,7 +125,8 @@ def test_backward_variants(case: tuple, dtype: str) -> None:
     if sinks is not None:
         sinks.requires_grad_(True)
     scale = d ** -0.5
-    out, _ = TritonAttentionFunction.apply(q, k, v, causal, scale, {}, window, softcap, sinks)
+    out = flashdispatch.attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks,
+                                  backend="triton")
     do = torch.randn_like(out)
     out.backward(do)
     got = [q.grad, k.grad, v.grad] + ([sinks.grad] if sinks is not None else [])

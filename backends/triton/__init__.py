@@ -61,7 +61,11 @@ class TritonAttention(Implementation):
             max_head_dim=configs.MAX_HEAD_DIM,
             backward=backward_available(),
             lse=True,
-            notes="FlashAttention-2 forward, split-KV decode; cpu only under TRITON_INTERPRET=1",
+            window=True,
+            softcap=True,
+            sinks=True,
+            notes="FlashAttention-2 forward, split-KV decode; window, softcap and sinks fused; "
+                  "cpu only under TRITON_INTERPRET=1",
         )
 
     def _arch(self, dev: DeviceInfo) -> str:
@@ -95,15 +99,17 @@ class TritonAttention(Implementation):
     def plan_notes(self, p: Problem, dev: DeviceInfo, config: dict[str, Any]) -> list[str]:
         arch = self._arch(dev)
         if _wants_decode_kernel(p, config):
-            from .decode import decode_plan
+            from .decode import decode_plan, visible_key_range
 
             cfg = configs.resolve_decode(config, arch, p.head_dim)
             sms = dev.sm_count or configs.SM_COUNT_FALLBACK
+            lo, hi = visible_key_range(p.causal, p.window, p.seqlen_q, p.seqlen_k)
             block_m, m_blocks, splits = decode_plan(cfg, p.batch, p.heads_q, p.heads_kv, p.seqlen_q,
-                                                    p.seqlen_k, sms)
+                                                    max(hi - lo, 1), sms)
             merge = "then an lse merge kernel" if splits > 1 else "no merge (one split)"
+            keys = f"the {hi - lo} keys the window leaves" if p.has_window else "Sk"
             return [f"split-KV decode: {p.gqa_ratio} q heads x {p.seqlen_q} queries per program "
-                    f"(BLOCK_M={block_m}), Sk over {splits} splits, {merge}"]
+                    f"(BLOCK_M={block_m}), {keys} over {splits} splits, {merge}"] + _variant_notes(p)
         cfg = configs.resolve_forward(config, arch, max(p.head_dim, p.head_dim_v), p.effective_causal,
                                       p.seqlen_q, p.seqlen_k)
         kernel = ("TMA tensor-descriptor kernel (pointer kernel where a base or stride is not 16-byte aligned)"
@@ -115,24 +121,57 @@ class TritonAttention(Implementation):
             notes.append("backward accumulates dq with float atomics: not bitwise deterministic")
         if p.is_decode and p.needs_grad:
             notes.append("decode shape with requires_grad: forward kernel (the split-KV path has no backward)")
-        if p.effective_causal and p.seqlen_q > p.seqlen_k:
-            notes.append(f"first {p.seqlen_q - p.seqlen_k} query rows see no key: zeros, lse=-inf")
-        return notes
+        if p.effective_causal and p.seqlen_q > p.seqlen_k and not p.has_window:
+            notes.append(f"first {p.seqlen_q - p.seqlen_k} query rows see no key: zeros, "
+                         f"{'lse=sink' if p.sinks else 'lse=-inf'}")
+        return notes + _variant_notes(p)
 
     def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
+        variant = _variant_kwargs(p, inp)
         if _wants_decode_kernel(p, config):
             from .decode import decode_forward
 
-            return decode_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config)
+            return decode_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config, **variant)
         from .forward import attention_forward
 
-        return attention_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config)
+        return attention_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config, **variant)
 
     def backward(self, inp, out, lse, do, p, config):  # type: ignore[no-untyped-def]
         from .backward import attention_backward
 
-        return Gradients(*attention_backward(do, inp.q, inp.k, inp.v, out, lse, causal=p.causal, scale=p.scale,
-                                             config=config))
+        variant = _variant_kwargs(p, inp)
+        grads = attention_backward(do, inp.q, inp.k, inp.v, out, lse, causal=p.causal, scale=p.scale,
+                                   config=config, **variant)
+        if variant:
+            extras = {"sinks": grads[3]} if p.sinks else {}
+            return Gradients(grads[0], grads[1], grads[2], extras)
+        return Gradients(*grads)
+
+
+def _variant_kwargs(p: Problem, inp: Any) -> dict[str, Any]:
+    """window / softcap / sinks keyword arguments of the kernels' launch functions ({} for plain
+    attention, so that the plain path passes nothing)."""
+    if not p.is_variant:
+        return {}
+    return {"window": p.window if p.has_window else None, "softcap": p.softcap or None,
+            "sinks": inp.extras["sinks"] if p.sinks else None}
+
+
+def _variant_notes(p: Problem) -> list[str]:
+    notes = []
+    if p.has_window:
+        from flashdispatch.problem import causal_visible_pairs, window_visible_pairs
+
+        full = causal_visible_pairs(p.seqlen_q, p.seqlen_k) if p.effective_causal else p.seqlen_q * p.seqlen_k
+        seen = window_visible_pairs(p.seqlen_q, p.seqlen_k, p.window)
+        share = f" ({seen / full:.0%} of the {'causal' if p.effective_causal else 'full'} pairs)" if full else ""
+        notes.append(f"window={p.window}: key blocks outside the window are skipped, work follows the "
+                     f"visible pairs{share}")
+    if p.softcap:
+        notes.append(f"softcap={p.softcap:g} fused in the kernel (tanh.approx.f32 on NVIDIA)")
+    if p.sinks:
+        notes.append("sinks fused: the online softmax starts from the head's sink; dsinks from lse and delta")
+    return notes
 
 
 IMPLEMENTATIONS: list[Implementation] = [TritonAttention()]
