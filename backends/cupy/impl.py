@@ -72,7 +72,11 @@ class CupyAttention(Implementation):
             lse=True,
             deterministic=True,
             layouts=frozenset({"bhsd", "bshd"}),
-            notes="FlashAttention-2 in CUDA C++ (mma.sync m16n8k16, ldmatrix, cp.async), NVRTC via CuPy",
+            window=True,
+            softcap=True,
+            sinks=True,
+            notes="FlashAttention-2 in CUDA C++ (mma.sync m16n8k16, ldmatrix, cp.async), NVRTC via CuPy; "
+                  "window, softcap and sinks as template flags",
         )
 
     def extra_reasons(self, p: Problem, dev: DeviceInfo) -> list[str]:
@@ -101,6 +105,12 @@ class CupyAttention(Implementation):
             notes.append(f"GQA in the kernel: query head h reads kv head h // {p.gqa_ratio}, no K/V copy")
         if p.effective_causal:
             notes.append("bottom-right causal with block skipping")
+        if p.has_window:
+            notes.append(f"window={p.window}: key blocks outside the window are skipped")
+        if p.softcap:
+            notes.append(f"softcap={p.softcap:g} in the kernel")
+        if p.sinks:
+            notes.append("sinks in the kernel's softmax; dsinks from lse and delta")
         notes.append("first call per config compiles with NVRTC (cached on disk); `flashdispatch warmup` precompiles")
         return notes
 
@@ -110,10 +120,21 @@ class CupyAttention(Implementation):
         # api.py transposes a bshd result back: writing bshd memory here hands the user a dense
         # tensor in the layout they asked for, without a copy.
         return cupy_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config,
-                            out_bshd=p.layout == "bshd")
+                            out_bshd=p.layout == "bshd", **_variant_kwargs(p, inp))
 
     def backward(self, inp, out, lse, do, p, config):  # type: ignore[no-untyped-def]
         from .ops import cupy_backward
 
-        return Gradients(*cupy_backward(do, inp.q, inp.k, inp.v, out, lse, causal=p.causal, scale=p.scale,
-                                        config=config))
+        grads = cupy_backward(do, inp.q, inp.k, inp.v, out, lse, causal=p.causal, scale=p.scale, config=config,
+                              **_variant_kwargs(p, inp))
+        if p.sinks:
+            return Gradients(grads[0], grads[1], grads[2], {"sinks": grads[3]})
+        return Gradients(*grads)
+
+
+def _variant_kwargs(p: Problem, inp: Any) -> dict[str, Any]:
+    """The launch functions' variant keywords ({} for plain attention: the plain kernels)."""
+    if not p.is_variant:
+        return {}
+    return {"window_left": p.window[0], "window_right": p.window[1], "softcap": float(p.softcap),
+            "sinks": inp.extras["sinks"] if p.sinks else None}

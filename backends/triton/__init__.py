@@ -168,7 +168,7 @@ def _variant_notes(p: Problem) -> list[str]:
         notes.append(f"window={p.window}: key blocks outside the window are skipped, work follows the "
                      f"visible pairs{share}")
     if p.softcap:
-        notes.append(f"softcap={p.softcap:g} fused in the kernel (tanh.approx.f32 on NVIDIA)")
+        notes.append(f"softcap={p.softcap:g} fused in the kernel (tanh.approx.f32 for bf16 on NVIDIA)")
     if p.sinks:
         notes.append("sinks fused: the online softmax starts from the head's sink; dsinks from lse and delta")
     return notes

@@ -130,9 +130,10 @@ def window_block_range(start_m, seq_q, seq_k, left, right, BLOCK_M: tl.constexpr
 
 @triton.jit
 def tanh(x, MODE: tl.constexpr):
-    """tanh for softcap. MODE 2 (NVIDIA): the tanh.approx.f32 instruction, one special-function op
-    beside the softmax's exp2 (relative error < 2^-10.9, below bf16/fp16 score rounding). MODE 1
-    (AMD, the interpreter): 1 - 2 / (exp2(2x log2 e) + 1), exact at +-inf, |error| ~ 1e-7."""
+    """tanh for softcap. MODE 2 (bf16 on NVIDIA): the tanh.approx.f32 instruction, one
+    special-function op beside the softmax's exp2 (relative error < 2^-10.9, below bf16's score
+    rounding; see fast_tanh_on). MODE 1 (fp16/fp32, AMD, the interpreter): 1 - 2 / (exp2(2x log2 e)
+    + 1), exact at +-inf, |error| ~ 1e-7."""
     if MODE == 2:
         return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
@@ -616,8 +617,13 @@ def softcap_mode(softcap: float | None, fast_tanh: bool) -> int:
 
 
 def fast_tanh_on(t: torch.Tensor) -> bool:
-    """Whether t's device runs PTX (tanh.approx.f32): CUDA, not ROCm, not the interpreter."""
-    return t.is_cuda and torch.version.hip is None
+    """Whether softcap takes tanh.approx.f32: bf16 on CUDA (PTX; not ROCm, not the interpreter).
+
+    Its relative error (< 2^-10.9) moves a saturated logit of c = 50 by up to 0.02: below the
+    rounding of bf16 scores and probabilities, which sets bf16's error budget, but as large as
+    fp16's, so fp16 and fp32 take the exp2 form (absolute error ~1e-7; one more special-function
+    op per score)."""
+    return t.is_cuda and torch.version.hip is None and t.dtype == torch.bfloat16
 
 
 class _ForwardPlan:
