@@ -168,7 +168,9 @@ def attention_fwd(
     if needs_grad and impl.has_backward:
         out, lse = impl.forward(Inputs(q, k, v, extras), _pair_problem(p, q), cfg)
     else:
-        out, lse = impl.run(q, k, v, p, cfg, extras)
+        # extras only when there are any: an implementation written against the older contract
+        # overrides run(q, k, v, p, config) and serves no variant that needs one
+        out, lse = impl.run(q, k, v, p, cfg, extras) if extras else impl.run(q, k, v, p, cfg)
     if lse is None:
         lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
     return _as_out(out, q), lse
@@ -224,7 +226,10 @@ def attention_bwd(
             if sinks is not None:
                 extras = {"sinks": sinks.detach().requires_grad_()}
                 leaves.append(extras["sinks"])
-            o, _ = impl.run(leaves[0], leaves[1], leaves[2], p, cfg, extras)
+            if extras:
+                o, _ = impl.run(leaves[0], leaves[1], leaves[2], p, cfg, extras)
+            else:
+                o, _ = impl.run(leaves[0], leaves[1], leaves[2], p, cfg)
             return torch.autograd.grad(o, leaves, dout, allow_unused=True)
 
         grads = _with_autograd(recompute)

@@ -143,3 +143,110 @@ def test_backward_variants(case: tuple, dtype: str) -> None:
     for name, g, want, base in zip(["dq", "dk", "dv", "dsinks"], got, runs[0], runs[1]):
         ok, err, allowed = within_budget(g, base, want, dt if name != "dsinks" else torch.float32, grad=True)
         assert ok, f"{name} error {err:.3g} > allowed {allowed:.3g}"
+
+
+# --- through the public API --------------------------------------------------------------------
+
+API_CASES = [
+    (2, 8, 2, 700, 700, 128, True, (255, 0), None, "random"),
+    (1, 8, 8, 300, 900, 64, True, (127, 0), 30.0, "dominant"),
+    (1, 4, 4, 512, 512, 128, False, (-1, -1), 50.0, "none"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cupy", None], ids=["triton", "cupy", "auto"])
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("case", API_CASES, ids=lambda c: f"sq{c[3]}-sk{c[4]}-d{c[5]}-w{c[7][0]}-cap{c[8]}-{c[9]}")
+def test_attention_api_forward_and_gradients(case: tuple, dtype: str, backend: str | None) -> None:
+    """attention(window=, softcap=, sinks=) end to end: forward, lse and every gradient (sinks'
+    too) within budget; the dispatcher's own choice on a GPU is one of our kernels."""
+    import flashdispatch
+    from flashdispatch.errors import NoBackendError
+
+    b, hq, hkv, sq, sk, d, causal, window, softcap, sinks_kind = case
+    dt = DTYPES[dtype]
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=dt, device="cuda", seed=7, layout="bshd", requires_grad=True)
+    sinks = _sinks(hq, sinks_kind)
+    if sinks is not None:
+        sinks.requires_grad_(True)
+    kw = dict(causal=causal, window=window, softcap=softcap, sinks=sinks)
+    if backend is None:
+        chosen = flashdispatch.explain(q, k, v, layout="bshd", **kw).variant
+        assert chosen in ("triton", "cupy"), chosen
+    try:
+        out, lse = flashdispatch.attention(q, k, v, layout="bshd", return_lse=True, backend=backend, **kw)
+    except NoBackendError as e:
+        if backend == "cupy" and "CuPy is not importable" in str(e):
+            pytest.skip("cupy not installed")
+        raise
+    do = torch.randn_like(out)
+    out.backward(do)
+    got = [q.grad, k.grad, v.grad] + ([sinks.grad] if sinks is not None else [])
+    runs = []
+    for upcast in (True, False):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        s = None
+        if sinks is not None:
+            s = sinks.detach().clone().to(torch.float64 if upcast else torch.float32).requires_grad_(True)
+        ro, rlse = attention_math(*leaves, layout="bshd", upcast=upcast, sinks=s, causal=causal, window=window,
+                                  softcap=softcap)
+        ro.backward(do.to(ro.dtype))
+        runs.append([ro, rlse] + [t.grad for t in leaves] + ([s.grad] if s is not None else []))
+    ok, err, allowed = within_budget(out, runs[1][0], runs[0][0], dt)
+    assert ok, f"out error {err:.3g} > allowed {allowed:.3g}"
+    finite = torch.isfinite(runs[0][1])
+    assert torch.equal(torch.isfinite(lse), finite)
+    for name, g, want, base in zip(["dq", "dk", "dv", "dsinks"], got, runs[0][2:], runs[1][2:]):
+        ok, err, allowed = within_budget(g, base, want, dt if name != "dsinks" else torch.float32, grad=True)
+        assert ok, f"{name} error {err:.3g} > allowed {allowed:.3g}"
+
+
+def test_compile_fullgraph_with_variants_on_gpu() -> None:
+    import flashdispatch
+
+    torch._dynamo.reset()
+    q, k, v = make_qkv(1, 8, 2, 300, 300, 128, dtype=torch.bfloat16, device="cuda", seed=8, requires_grad=True)
+    sinks = _sinks(8, "random").requires_grad_(True)
+
+    def loss(q, k, v, sinks):  # type: ignore[no-untyped-def]
+        out = flashdispatch.attention(q, k, v, causal=True, window=(63, 0), softcap=30.0, sinks=sinks)
+        return out.float().square().sum()
+
+    ex = torch._dynamo.explain(loss)(q, k, v, sinks)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), [str(r.reason) for r in ex.break_reasons]
+    got = torch.compile(loss, fullgraph=True)(q, k, v, sinks)
+    got.backward()
+    grads = [t.grad.clone() for t in (q, k, v, sinks)]
+    for t in (q, k, v, sinks):
+        t.grad = None
+    want = loss(q, k, v, sinks)
+    want.backward()
+    torch._dynamo.reset()
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-3)
+    for g, t in zip(grads, (q, k, v, sinks)):
+        assert torch.allclose(g.float(), t.grad.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_decode_with_a_window_replays_in_a_cuda_graph() -> None:
+    import flashdispatch
+
+    q = torch.randn(4, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(4, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    sinks = _sinks(32, "random")
+    call = lambda: flashdispatch.attention(q, k, v, causal=True, window=(1023, 0), sinks=sinks)  # noqa: E731
+    for _ in range(3):
+        eager = call()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g, stream=s):
+            captured = call()
+    torch.cuda.current_stream().wait_stream(s)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+    ref, _ = attention_math(q, k, v, causal=True, window=(1023, 0), sinks=sinks)
+    assert float((captured.double() - ref).abs().max()) < 2e-2

@@ -395,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="stop starting shapes after this long; the output holds what finished")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--variants", action="store_true",
+                    help="the variants section instead: sliding window, softcap, sinks and windowed decode against "
+                         "their anchors (FlexAttention, SDPA with a mask, cuDNN); tools/bench_variants.py")
     ap.add_argument("--plot-from", default=None, metavar="JSON",
                     help="re-render bench.md and bench.png from an earlier bench.json, measure nothing")
     return ap
@@ -431,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.variants:
+        from . import bench_variants
+
+        return bench_variants.main(["--out", args.out] + (["--quick"] if args.quick else [])
+                                   + (["--rep-ms", str(args.rep_ms)] if args.rep_ms is not None else []))
     if args.plot_from:
         with open(args.plot_from, encoding="utf-8") as f:
             result = json.load(f)
