@@ -179,3 +179,35 @@ def test_module_compiles_without_graph_break() -> None:
     out.sum().backward()
     assert x.grad is not None and m.in_proj_weight.grad is not None
     torch._dynamo.reset()
+
+
+def test_window_and_softcap_match_the_reference_math() -> None:
+    """window= and softcap= reach every call: the module equals its own projections followed by the
+    reference attention with the same window and cap (float64 reference, float32 budget)."""
+    from flashdispatch.reference import attention_math
+
+    torch.manual_seed(5)
+    mod = MultiheadAttention(32, 4, batch_first=True, num_kv_heads=2, window=(3, 0), softcap=2.0)
+    assert "window=(3, 0)" in repr(mod) and "softcap=2" in repr(mod)
+    x = torch.randn(2, 11, 32)
+    got, _ = mod(x, x, x, is_causal=True)
+
+    def manual(dt: torch.dtype, upcast: bool) -> torch.Tensor:
+        m = copy.deepcopy(mod).to(dt)
+        xx = x.to(dt)
+        q, k, v = m._project(xx, xx, xx, True)
+        q = q.unflatten(-1, (4, 8))
+        k = k.unflatten(-1, (2, 8))
+        v = v.unflatten(-1, (2, 8))
+        o, _ = attention_math(q, k, v, causal=True, scale=8 ** -0.5, layout="bshd", window=(3, 0), softcap=2.0,
+                              upcast=upcast)
+        return m.out_proj(o.to(dt).reshape(2, 11, 32))
+
+    _check(got, manual(torch.float32, False), manual(torch.float64, True), "out")
+
+
+def test_bad_window_or_softcap_fails_when_built() -> None:
+    with pytest.raises(ValueError, match="window left"):
+        MultiheadAttention(32, 4, window=(-3, 0))
+    with pytest.raises(ValueError, match="softcap"):
+        MultiheadAttention(32, 4, softcap=0.0)
