@@ -137,7 +137,7 @@ class _Sdpa(Implementation):
         notes = []
         if p.softcap or p.sinks:
             what = " and ".join(x for x, on in (("softcap", p.softcap), ("sinks", p.sinks)) if on)
-            notes.append(f"{what} through explicit fp32 math in torch ops (no SDPA kernel has them): "
+            notes.append(f"{what} through explicit fp32 math in torch ops (no SDPA kernel computes this): "
                          "a correct fallback, O(Sq*Sk) memory, not a fast path")
             return notes
         if p.heads_q != p.heads_kv and not self.gqa_native:
