@@ -17,9 +17,10 @@ Eager lookup, fastest first:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
@@ -140,6 +141,21 @@ class PlanCache:
             self.by_key.pop(key, None)
             self.recent.pop(opts, None)
         return hit
+
+    @contextlib.contextmanager
+    def running_instead(self, impl: Any, stand_in: Any) -> Iterator[None]:
+        """Inside the block, every cached plan that runs `impl` runs `stand_in` instead; restored
+        after. tools/host_cost.py times the dispatcher's own path this way (a stand-in that
+        returns at once)."""
+        saved = [(cache, key, plan) for cache in (self.by_key, self.recent)
+                 for key, plan in cache.items() if plan.impl is impl]
+        for cache, key, plan in saved:
+            cache[key] = plan._replace(impl=stand_in)
+        try:
+            yield
+        finally:
+            for cache, key, plan in saved:
+                cache[key] = plan
 
     def op_plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, config: str, forced: str,
                 causal: bool, scale: float, layout: str, return_lse: bool, needs_grad: bool) -> Plan:
