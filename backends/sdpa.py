@@ -113,7 +113,8 @@ class _Sdpa(Implementation):
         with sdpa_kernel(self.kernel):
             return _causal_sdpa(q, k, v, p, kwargs)
 
-    def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
+    def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
+        q, k, v = inp.q, inp.k, inp.v
         if q.is_cuda:
             q, k, v = aligned16(q), aligned16(k), aligned16(v)
         return self._call(q, k, v, p), None
@@ -148,6 +149,12 @@ class SdpaCudnn(_Sdpa):
     kernel = SDPBackend.CUDNN_ATTENTION
     takes_lower_right_mask = False
 
+    def lse_pair(self) -> Implementation | None:
+        # torch's private cuDNN ops with lse (backends/sdpa_cudnn.py); the public call has none
+        from .sdpa_cudnn import LSE_PAIR
+
+        return LSE_PAIR
+
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=frozenset({"cuda"}), dtypes=HALF_DTYPES, min_cuda_capability=80,
                             max_head_dim=128, head_dim_multiple=8, different_v_head_dim=False,
@@ -178,11 +185,11 @@ class SdpaMath(_Sdpa):
         notes.append("explicit fp32 math in torch ops (K/V repeated for GQA), not torch's math kernel")
         return notes
 
-    def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
+    def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
         # Always the explicit fp32 math, never torch's math kernel: that one adds the causal mask as
         # a -inf bias (a NaN key then reaches rows that do not see it) and keeps fp16 scores and
         # gradients in fp16 (values near the fp16 range overflow to inf in the backward).
-        out, lse = math_with_lse(q, k, v, p)
+        out, lse = math_with_lse(inp.q, inp.k, inp.v, p)
         return out, (lse if p.return_lse else None)
 
 

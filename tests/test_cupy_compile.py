@@ -183,7 +183,7 @@ def test_capabilities_and_reasons() -> None:
 def test_unavailable_with_reason() -> None:
     reason = REGISTRY.availability("cupy")
     assert reason and ("CuPy" in reason or "CUDA" in reason)
-    from flashdispatch.backends.cupy.warmup import warmup_main
+    from flashdispatch.tools.warmup import warmup_main
 
     assert warmup_main([]) == 2
 
@@ -200,7 +200,7 @@ def test_import_does_not_import_cupy() -> None:
 
 
 def test_warmup_of_a_partial_config_compiles_what_the_runtime_launches() -> None:
-    from flashdispatch.backends.cupy import warmup
+    from flashdispatch.tools import warmup
 
     bwd_only = {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_WARPS": 4}
     specs = set(warmup.specs_from_items([bwd_only], 90))

@@ -155,7 +155,7 @@ def variant_specs(archs: Sequence[str] = DEFAULT_ARCHS, full: bool = False) -> l
 
 
 def _profile_specs(ccs: Iterable[int]) -> list[KernelSpec]:
-    from flashdispatch.backends.cupy.warmup import specs_from_profile
+    from flashdispatch.tools.warmup import specs_from_profile
     from flashdispatch.device import DEVICE_TABLE
     from flashdispatch.profile_store import load_profile
 

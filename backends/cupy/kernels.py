@@ -138,9 +138,9 @@ _KEY_LOCKS: dict[tuple[KernelSpec, int], threading.Lock] = {}
 
 
 def cache_dir() -> str:
-    from flashdispatch import envs
+    from flashdispatch.backend import kernel_cache_dir
 
-    return envs.FLASHDISPATCH_CACHE_DIR.read() or envs.home_cache_dir()
+    return kernel_cache_dir()
 
 
 def _cache_key(src: str, options: tuple[str, ...], arch: str, nvrtc_version: tuple[int, int]) -> str:

@@ -360,33 +360,3 @@ def cupy_backward(
     # dL/dsink = sum_i P_sink,i * (0 - delta_i) (lse includes the sink: always finite).
     dsinks = -(torch.exp(sinks.view(1, hq, 1) - lse) * delta).sum(dim=(0, 2))
     return dq, dk, dv, dsinks
-
-
-class CupyAttentionFn(torch.autograd.Function):
-    """Autograd wrapper: saves q, k, v, out, lse; backward runs cupy_backward."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-        config: dict[str, Any],
-        out_bshd: bool,
-        window_left: int = -1,
-        window_right: int = -1,
-        softcap: float = 0.0,
-        sinks: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = cupy_forward(q, k, v, causal=causal, scale=scale, config=config, out_bshd=out_bshd,
-                                window_left=window_left, window_right=window_right, softcap=softcap, sinks=sinks)
-        ctx.save_for_backward(q, k, v, out, lse, sinks)
-        ctx.causal, ctx.scale, ctx.config = causal, scale, config
-        ctx.variant = {"window_left": window_left, "window_right": window_right, "softcap": softcap}
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None):  # type: ignore[override]
-        q, k, v, out, lse, sinks = ctx.saved_tensors
-        grads = cupy_backward(dout, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale, config=ctx.config,
-                              sinks=sinks, **ctx.variant)
-        dsinks = grads[3] if sinks is not None else None
-        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, dsinks
