@@ -17,9 +17,10 @@ Eager lookup, fastest first:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
@@ -157,6 +158,21 @@ class PlanCache:
                                  window=window, softcap=softcap, sinks=sinks)
         impl, config = (None, None) if p.is_empty else (REGISTRY.get((d := select(p, backend)).variant), d.config)
         return Plan(p, impl, config, None, self.generation)
+
+    @contextlib.contextmanager
+    def running_instead(self, impl: Any, stand_in: Any) -> Iterator[None]:
+        """Inside the block, every cached plan that runs `impl` runs `stand_in` instead; restored
+        after. tools/host_cost.py times the dispatcher's own path this way (a stand-in that
+        returns at once)."""
+        saved = [(cache, key, plan) for cache in (self.by_key, self.recent)
+                 for key, plan in cache.items() if plan.impl is impl]
+        for cache, key, plan in saved:
+            cache[key] = plan._replace(impl=stand_in)
+        try:
+            yield
+        finally:
+            for cache, key, plan in saved:
+                cache[key] = plan
 
     def op_plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, config: str, forced: str,
                 causal: bool, scale: float, layout: str, return_lse: bool, needs_grad: bool,

@@ -128,6 +128,7 @@ def test_triton_configs_of_the_profiles_compile_for_their_arch(target: str, arch
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(k for k, (_, p) in PROFILES.items() if p.device["arch"].startswith("sm_")))
 def test_cupy_configs_of_the_profiles_compile_with_nvcc(key: str) -> None:
     nvcc_check = pytest.importorskip("flashdispatch.tools.nvcc_check")

@@ -68,17 +68,6 @@ def interpreted_kernels() -> Iterator[None]:
         _load()
 
 
-@pytest.fixture
-def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = torch.empty
-
-    def nan_empty(*args: object, **kwargs: object) -> torch.Tensor:
-        t = real(*args, **kwargs)  # type: ignore[arg-type]
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
 def _id(c: tuple) -> str:
     b, hq, hkv, sq, sk, d, causal = c
     return f"b{b}-h{hq}x{hkv}-sq{sq}-sk{sk}-d{d}{'-causal' if causal else ''}"

@@ -353,6 +353,7 @@ def test_list_measures_nothing(capsys, monkeypatch) -> None:
 # --- the benchmark on the CPU ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bench_writes_table_json_and_plot(tmp_path, capsys) -> None:
     rc = bench.main(["--shapes", "tiny", "--dtypes", "fp32", "--backends", "sdpa,sdpa:math", "--out",
                      str(tmp_path), "--warmup-ms", "0", "--rep-ms", "0", "--seed", "1"])

@@ -360,4 +360,3 @@ def cupy_backward(
     # dL/dsink = sum_i P_sink,i * (0 - delta_i) (lse includes the sink: always finite).
     dsinks = -(torch.exp(sinks.view(1, hq, 1) - lse) * delta).sum(dim=(0, 2))
     return dq, dk, dv, dsinks
-
