@@ -248,7 +248,8 @@ def test_backward_variants(case: tuple, dtype: torch.dtype, atomic: bool, poison
                                  sinks=sinks, **kw)
     assert len(got) == (4 if sinks is not None else 3)
     for name, g, want, base in zip(["dq", "dk", "dv", "dsinks"], got, grads[0], grads[1]):
-        ok, err, allowed = within_budget(g, base, want, dtype if name != "dsinks" else torch.float32, grad=True)
+        # dsinks gets the input dtype's floor too: a reduction of dO . O over the stored output
+        ok, err, allowed = within_budget(g, base, want, dtype, grad=True)
         assert ok, f"{name} error {err:.3g} > allowed {allowed:.3g}"
 
 

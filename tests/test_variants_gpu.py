@@ -141,7 +141,10 @@ def test_backward_variants(case: tuple, dtype: str) -> None:
         ro.backward(do.to(ro.dtype))
         runs.append([t.grad for t in leaves] + ([s.grad] if s is not None else []))
     for name, g, want, base in zip(["dq", "dk", "dv", "dsinks"], got, runs[0], runs[1]):
-        ok, err, allowed = within_budget(g, base, want, dt if name != "dsinks" else torch.float32, grad=True)
+        # dsinks gets the input dtype's floor too: it is -sum P(sink) * (dO . O) over the stored fp16/bf16
+        # output, whose rounding alone moves it by about eps(dtype) * |dsinks| (H200: 4.29e-4 against an
+        # fp32 floor of 4.15e-4 with dominant sinks in fp16)
+        ok, err, allowed = within_budget(g, base, want, dt, grad=True)
         assert ok, f"{name} error {err:.3g} > allowed {allowed:.3g}"
 
 
@@ -197,7 +200,10 @@ def test_attention_api_forward_and_gradients(case: tuple, dtype: str, backend: s
     finite = torch.isfinite(runs[0][1])
     assert torch.equal(torch.isfinite(lse), finite)
     for name, g, want, base in zip(["dq", "dk", "dv", "dsinks"], got, runs[0][2:], runs[1][2:]):
-        ok, err, allowed = within_budget(g, base, want, dt if name != "dsinks" else torch.float32, grad=True)
+        # dsinks gets the input dtype's floor too: it is -sum P(sink) * (dO . O) over the stored fp16/bf16
+        # output, whose rounding alone moves it by about eps(dtype) * |dsinks| (H200: 4.29e-4 against an
+        # fp32 floor of 4.15e-4 with dominant sinks in fp16)
+        ok, err, allowed = within_budget(g, base, want, dt, grad=True)
         assert ok, f"{name} error {err:.3g} > allowed {allowed:.3g}"
 
 
