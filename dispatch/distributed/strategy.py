@@ -18,6 +18,7 @@ that is valid, or checks a forced one, and says why. Nothing here runs a collect
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -371,6 +372,7 @@ def candidate_sizes(world: int) -> list[int]:
     return [u for u in range(1, world + 1) if world % u == 0]
 
 
+@functools.lru_cache(maxsize=512)  # pure: the hot path pays a dict lookup per call
 def choose(
     d: Dims,
     *,
