@@ -436,3 +436,23 @@ def test_explain_names_the_strategy_and_each_prediction_without_a_group() -> Non
     assert uly.local.problem.seqlen_q == 8 * 1024 and uly.local.problem.heads_kv == 1
     ring = fdd.explain(q, k, k, causal=True, world_size=4, rank=1, strategy="ring")
     assert [s.block.src for s in ring.ring.steps] == [1, 0, 3, 2]
+
+
+def test_fit_cost_reads_rates_and_bandwidth_from_bench_rows() -> None:
+    """fit_cost inverts the model's compute and hop terms: rows made from known rates give them back."""
+    base = st.DEFAULT_COSTS["h100"]
+    dims = _dims(4, hq=32, hkv=8, s=65536)
+    f = dims.flops() / 4
+    fwd_rate, bwd_rate, bw = 500e12, 400e12, 150e9
+    cf, cb = f / fwd_rate, 2.5 * f / bwd_rate
+    ring_cf, ring_cb = cf / 0.8, cb / 0.8  # ring blocks at 0.8 of the whole-sequence rate
+    hop_bytes = 1 << 28
+    row = {"batch": 1, "heads": 32, "kv_heads": 8, "seqlen": 65536, "dim": 128, "dtype": "bf16", "causal": True,
+           "world": 4, "ranks_per_node": 4, "splits": [
+               {"ring_size": 1, "compute_fwd_ms": cf * 1e3, "compute_ms": (cf + cb) * 1e3},
+               {"ring_size": 4, "compute_fwd_ms": ring_cf * 1e3, "compute_ms": (ring_cf + ring_cb) * 1e3,
+                "kv_hop_ms": hop_bytes / bw * 1e3, "kv_hop_bytes": hop_bytes}]}
+    fit = st.fit_cost([row], base)
+    assert fit.fwd_flops == pytest.approx(fwd_rate) and fit.bwd_flops == pytest.approx(bwd_rate)
+    assert fit.ring_efficiency == pytest.approx(0.8) and fit.intra_bw == pytest.approx(bw)
+    assert fit.inter_bw == base.inter_bw and fit.source.startswith("fitted (")

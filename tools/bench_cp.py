@@ -160,6 +160,7 @@ def bench_one(seqlen: int, args: argparse.Namespace, device: torch.device) -> di
     auto = fdd.explain(*(t.detach() for t in local), causal=causal, needs_grad=True)
     res["auto"] = {"strategy": auto.strategy, "ulysses_size": auto.choice.ulysses_size, "plan": str(auto)}
     res["cost_model"] = cost.source
+    res["ranks_per_node"] = topo.ranks_per_node
     res["splits"] = []
     for u in st.candidate_sizes(world):
         if st.ulysses_reason(dims, u) is not None or (args.only and st.strategy_name(u, world) not in args.only):
@@ -246,6 +247,19 @@ def main(argv: list[str] | None = None) -> None:
                 "world": dist.get_world_size(), "date": str(datetime.date.today())}
         log.info("%s\n%s", rows[-1]["auto"]["plan"], json.dumps(meta))
         log.info("%s", _table(rows))
+        # the model's parameters from these measurements, and its predictions with them
+        fitted = st.fit_cost(rows, st.default_cost(device))
+        meta["fitted_cost"] = {k: v for k, v in vars(fitted).items()}
+        for r in rows:
+            dims = st.Dims(r["batch"], r["heads"], r["kv_heads"], r["seqlen"], r["dim"], r["dim"],
+                           DTYPES_BY_NAME[r["dtype"]].itemsize, r["causal"], r["world"])
+            for sp in r["splits"]:
+                sp["predicted_fitted_ms"] = st.predict(dims, sp["ulysses_size"], fitted,
+                                                       r["ranks_per_node"]).total_s * 1e3
+        log.info("fitted cost model: %s", fitted)
+        log.info("%s", "\n".join(f"S={r['seqlen']} {sp['strategy']} U={sp['ulysses_size']}: measured "
+                                  f"{sp['ms']:.1f} ms, predicted {sp['predicted_ms']:.1f} (defaults), "
+                                  f"{sp['predicted_fitted_ms']:.1f} (fitted)" for r in rows for sp in r["splits"]))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -462,3 +462,42 @@ def describe_request(row: Sequence[int]) -> str:
     strategy, u, lse, fp = row
     return (f"strategy={STRATEGIES[strategy]} ulysses_size={u or None} return_lse={bool(lse)} "
             f"cost={'default' if not fp else hex(fp)}")
+
+
+def fit_cost(rows: Sequence[dict], base: CostModel) -> CostModel:
+    """The parameters measured by tools/bench_cp (its JSON rows), the rest from `base`.
+
+    Rates from the compute-only runs: forward from the forward alone, backward from fwd+bwd minus
+    forward; of the Ulysses split where there is one (the whole-sequence kernels), the ring's
+    blocks' rate relative to that as ring_efficiency. intra_bw from the ring's K/V hop (bytes over
+    its time) where every rank shares a node. Medians over the rows that measured each one.
+    """
+    import statistics
+
+    fwd, bwd, ring_rates, hop_bw = [], [], [], []
+    for row in rows:
+        d = Dims(row["batch"], row["heads"], row["kv_heads"], row["seqlen"], row["dim"], row["dim"],
+                 2 if row["dtype"] in ("bf16", "fp16") else 4, row["causal"], row["world"])
+        f = d.flops() / d.world
+        for sp in row.get("splits", ()):
+            cf, cb = sp["compute_fwd_ms"] * 1e-3, (sp["compute_ms"] - sp["compute_fwd_ms"]) * 1e-3
+            if cf <= 0 or cb <= 0:
+                continue
+            if sp["ring_size"] == 1:
+                fwd.append(f / cf)
+                bwd.append(2.5 * f / cb)
+            else:
+                ring_rates.append(3.5 * f / (cf + cb))
+            if sp.get("kv_hop_ms") and row.get("ranks_per_node", 1) >= row["world"]:
+                hop_bw.append(sp["kv_hop_bytes"] / (sp["kv_hop_ms"] * 1e-3))
+    changes: dict = {}
+    if fwd:
+        changes["fwd_flops"] = statistics.median(fwd)
+        changes["bwd_flops"] = statistics.median(bwd)
+        if ring_rates:
+            whole = 3.5 / (1 / changes["fwd_flops"] + 2.5 / changes["bwd_flops"])
+            changes["ring_efficiency"] = statistics.median(ring_rates) / whole
+    if hop_bw:
+        changes["intra_bw"] = statistics.median(hop_bw)
+    return dataclasses.replace(base, **changes, source=f"fitted ({', '.join(sorted(changes)) or 'nothing'}) "
+                                                       f"over {base.source}")
