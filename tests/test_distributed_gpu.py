@@ -253,14 +253,6 @@ def _spawned_strategies(rank: int, world: int, store_path: str, queue: Any) -> N
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def _gpu_world() -> int:
-    if dist.is_torchelastic_launched():
-        import os
-
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 @pytest.fixture(scope="module")
 def strategy_reports(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     if dist.is_torchelastic_launched():

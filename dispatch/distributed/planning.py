@@ -73,7 +73,7 @@ def explain(
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
-    p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=True)
+    problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=True)  # validates
     _check_local(q, k, v, causal=causal, layout=layout)
     if (world_size is None) != (rank is None):
         raise TypeError("world_size/rank: expected both or neither, got one")

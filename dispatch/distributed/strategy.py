@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import zlib
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("flashdispatch.distributed")
 
 STRATEGIES = ("auto", "ring", "ulysses", "hybrid")
 
@@ -449,6 +452,7 @@ def choose(
                       f"{nxt.total_s * 1e3:.3g} ms, {nxt.total_s / pick.total_s:.2f}x)")
         else:
             reason = f"(auto: the only valid split, {pick.total_s * 1e3:.3g} ms predicted)"
+    log.debug("context parallel over %d ranks: %s U=%d %s", w, pick.strategy, pick.ulysses_size, reason)
     return StrategyChoice(pick.strategy, pick.ulysses_size, pick.ring_size, reason, tuple(preds), tuple(rejected),
                           cost, ranks_per_node)
 
