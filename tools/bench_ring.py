@@ -107,7 +107,7 @@ def bench_one(seqlen: int, args: argparse.Namespace, device: torch.device) -> di
     res["tflop_fwd_bwd"] = (p.flops() + p.flops(backward=True)) / 1e12
     res["tflop_fwd"] = p.flops() / 1e12
 
-    plan = fdd.explain(*(t.detach() for t in local), causal=causal, backend=args.backend)
+    plan = fdd.explain_ring(*(t.detach() for t in local), causal=causal, backend=args.backend)
     ring_variant = plan.steps[0].decision.variant
     res["ring_plan"] = str(plan)
     res["ring_forward_variants"] = sorted({s.decision.variant for s in plan.steps})
@@ -137,7 +137,7 @@ def bench_one(seqlen: int, args: argparse.Namespace, device: torch.device) -> di
 
     # -- the ring
     def ring(a, b, c):  # type: ignore[no-untyped-def]
-        return fdd.attention(a, b, c, causal=causal, backend=args.backend)
+        return fdd.attention(a, b, c, causal=causal, backend=args.backend, strategy="ring")
 
     res["ring_ms"] = _slowest(_median_ms(_fwd_bwd(ring, *local, ldo), args.warmup, args.reps, device), device)
     res["ring_fwd_ms"] = _slowest(_median_ms(_fwd(ring, *local), args.warmup, args.reps, device), device)
@@ -174,7 +174,7 @@ def bench_one(seqlen: int, args: argparse.Namespace, device: torch.device) -> di
                               layout="bhsd", backend="triton")
 
         def ring_triton(a, b, c):  # type: ignore[no-untyped-def]
-            return fdd.attention(a, b, c, causal=causal, backend="triton")
+            return fdd.attention(a, b, c, causal=causal, backend="triton", strategy="ring")
 
         def compute_triton(a, b, c):  # type: ignore[no-untyped-def]
             return RingAttention.apply(a, b, c, tspec, loop)[0]
