@@ -42,7 +42,7 @@ from flashdispatch.distributed.block_backward import accumulation_dtype
 from flashdispatch.distributed.comm import LoopbackComm, RingComm
 from flashdispatch.distributed.ring import RingAttention
 from flashdispatch.problem import DTYPES_BY_NAME
-from flashdispatch.tools.bench_ring import _fwd, _fwd_bwd, _median_ms, _slowest
+from flashdispatch.tools.bench_ring import fwd_step, fwd_bwd_step, median_ms, slowest_rank_ms
 
 log = logging.getLogger("flashdispatch.tools.bench_cp")
 
@@ -62,8 +62,8 @@ def _single(args: argparse.Namespace, q: torch.Tensor, k: torch.Tensor, v: torch
         def f(a, b, c):  # type: ignore[no-untyped-def]
             return flashdispatch.attention(a, b, c, causal=causal)
 
-        res["single_ms"] = _median_ms(_fwd_bwd(f, *full, do), args.warmup, args.reps, device)
-        res["single_fwd_ms"] = _median_ms(_fwd(f, *full), args.warmup, args.reps, device)
+        res["single_ms"] = median_ms(fwd_bwd_step(f, *full, do), args.warmup, args.reps, device)
+        res["single_fwd_ms"] = median_ms(fwd_step(f, *full), args.warmup, args.reps, device)
     except torch.cuda.OutOfMemoryError as e:  # "where it fits": the note says why not
         res["single_note"] = f"does not fit on one GPU: {str(e).splitlines()[0]}"
         log.warning("S=%d: %s", q.shape[2], res["single_note"])
@@ -105,7 +105,7 @@ def _comm_only(split: ulysses.Split, local: list[torch.Tensor], args: argparse.N
     out: dict[str, float] = {}
 
     def timed(fn: Callable[[], object]) -> float:
-        return _slowest(_median_ms(fn, args.warmup, args.reps, device), device)
+        return slowest_rank_ms(median_ms(fn, args.warmup, args.reps, device), device)
 
     if u > 1:
         kv = [t.repeat_interleave(hkv // t.shape[1], dim=1) for t in (k, v)]
@@ -173,13 +173,13 @@ def bench_one(seqlen: int, args: argparse.Namespace, device: torch.device) -> di
         def run(a, b_, c, name=name, u=u):  # type: ignore[no-untyped-def]
             return fdd.attention(a, b_, c, causal=causal, strategy=name, ulysses_size=u if name == "hybrid" else None)
 
-        row["ms"] = _slowest(_median_ms(_fwd_bwd(run, *local, ldo), args.warmup, args.reps, device), device)
-        row["fwd_ms"] = _slowest(_median_ms(_fwd(run, *local), args.warmup, args.reps, device), device)
+        row["ms"] = slowest_rank_ms(median_ms(fwd_bwd_step(run, *local, ldo), args.warmup, args.reps, device), device)
+        row["fwd_ms"] = slowest_rank_ms(median_ms(fwd_step(run, *local), args.warmup, args.reps, device), device)
         fn, heads = _compute_only(split, [t.detach() for t in local], causal, scale)
         tensors = local if heads is None else [t.requires_grad_() for t in heads]
         cdo = ldo if heads is None else torch.randn_like(heads[0])
-        row["compute_ms"] = _slowest(_median_ms(_fwd_bwd(fn, *tensors, cdo), args.warmup, args.reps, device), device)
-        row["compute_fwd_ms"] = _slowest(_median_ms(_fwd(fn, *tensors), args.warmup, args.reps, device), device)
+        row["compute_ms"] = slowest_rank_ms(median_ms(fwd_bwd_step(fn, *tensors, cdo), args.warmup, args.reps, device), device)
+        row["compute_fwd_ms"] = slowest_rank_ms(median_ms(fwd_step(fn, *tensors), args.warmup, args.reps, device), device)
         del fn, heads, tensors, cdo
         row.update(_comm_only(split, local, args, device))
         row["overlap"] = row["compute_ms"] / row["ms"]
