@@ -199,7 +199,12 @@ def load_profile(key: str | None, user_dir: str = "") -> tuple[Profile | None, l
     if key is None:
         return None, problems
     sources: list[tuple[str, str]] = []
-    if user_dir:
+    if user_dir and not os.path.isdir(user_dir):
+        why = (f"FLASHDISPATCH_PROFILE_DIR={user_dir!r} is not a directory (no such directory, or a file): "
+               "only the shipped profiles are used")
+        log.warning("%s", why)
+        problems.append(why)
+    elif user_dir:
         path = os.path.join(user_dir, f"{key}.yaml")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:

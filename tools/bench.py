@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 import flashdispatch
+from flashdispatch.cliargs import ArgumentParser, user_error
 from flashdispatch.problem import DTYPES_BY_NAME, Problem
 from flashdispatch.registry import REGISTRY
 from flashdispatch.selection import select, state
@@ -370,7 +371,7 @@ def plot(result: dict[str, Any], path: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="flashdispatch bench",
         description="Benchmark plain SDPA, every backend variant and the dispatcher's own choice on the "
         "FlashAttention-2 sweep and ANCHORS.md's special shapes; writes bench.json, bench.md, bench.png.",
@@ -441,10 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = _shapes(args)
         impls = tune.select_implementations(args.backends, args.exclude, device)
     except ValueError as e:
-        print(f"flashdispatch bench: {e}", file=sys.stderr)
-        return 2
+        return user_error("flashdispatch bench", e)
     if not plan:
-        print("flashdispatch bench: no shape left after the filters", file=sys.stderr)
+        print("flashdispatch bench: error: no shape left after the filters", file=sys.stderr)
         return 2
     t = QUICK_TIMING if args.quick else FULL_TIMING
     opts = tune.TuneOptions(warmup_ms=args.warmup_ms if args.warmup_ms is not None else t["warmup_ms"],

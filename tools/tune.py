@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from flashdispatch import envs
+from flashdispatch.cliargs import ArgumentParser, user_error
 from flashdispatch.backend import Implementation
 from flashdispatch.device import DeviceInfo, real_device
 from flashdispatch.problem import DTYPES_BY_NAME, Problem, problem_from_tensors
@@ -429,7 +430,7 @@ def _csv_ints(arg: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="flashdispatch tune",
         description="Measure every available backend (and each config of our kernels) on problem "
         "buckets, check each against a float64 reference, and write <key>.yaml.",
@@ -528,10 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = _plan(args)
         impls = select_implementations(args.backends, args.exclude, device)
     except ValueError as e:
-        print(f"flashdispatch tune: {e}", file=sys.stderr)
-        return 2
+        return user_error("flashdispatch tune", e)
     if not plan:
-        print("flashdispatch tune: no bucket left after the filters", file=sys.stderr)
+        print("flashdispatch tune: error: no bucket left after the filters", file=sys.stderr)
         return 2
     max_configs = args.max_configs if args.max_configs is not None else (QUICK_MAX_CONFIGS if args.quick else None)
     if args.list:
@@ -553,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and os.path.exists(state_path):
         state = State.load(state_path)
         if state.meta.get("card") != card:
-            print(f"flashdispatch tune: --resume: {state_path} was measured on {state.meta.get('card')!r}, "
+            print(f"flashdispatch tune: error: --resume: {state_path} was measured on {state.meta.get('card')!r}, "
                   f"this is {card!r}; start afresh without --resume", file=sys.stderr)
             return 2
     else:
