@@ -121,7 +121,7 @@ def test_quick_tune_covers_every_bf16_bench_shape() -> None:
 
 
 def test_shape_with_the_wrong_pass_is_rejected_with_its_name() -> None:
-    with pytest.raises(ValueError, match="bad.*decode shape"):
+    with pytest.raises(ValueError, match="bad.*as 'decode'"):
         shapes.check_shape(shapes.Shape("bad", "bf16", 1, 8, 8, 1, 128, 64, False, "fwd"))
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Iterable, NamedTuple, Sequence
 
-from flashdispatch.problem import DECODE_MAX_SEQLEN_Q, DTYPES_BY_NAME
-from flashdispatch.profile_store import PASSES
+from flashdispatch.problem import DTYPES_BY_NAME, problem_from_shape
+from flashdispatch.profile_store import PASSES, problem_pass
 
 
 class Shape(NamedTuple):
@@ -48,14 +48,14 @@ def check_shape(s: Shape) -> Shape:
         raise ValueError(f"shape {s.label!r}: dtype expected one of {sorted(DTYPES_BY_NAME)}, got {s.dtype!r}")
     if s.pass_ not in PASSES:
         raise ValueError(f"shape {s.label!r}: pass expected one of {PASSES}, got {s.pass_!r}")
-    decode = s.seqlen_q <= DECODE_MAX_SEQLEN_Q and s.seqlen_k > s.seqlen_q
-    if (s.pass_ == "decode") != decode:
-        raise ValueError(
-            f"shape {s.label!r}: pass={s.pass_!r} but Sq={s.seqlen_q}, Sk={s.seqlen_k} "
-            f"{'is' if decode else 'is not'} a decode shape (Sq <= {DECODE_MAX_SEQLEN_Q} and Sk > Sq)"
-        )
     if s.heads_kv <= 0 or s.heads_q % s.heads_kv:
         raise ValueError(f"shape {s.label!r}: heads_q={s.heads_q} must be a multiple of heads_kv={s.heads_kv}")
+    looked_up = problem_pass(problem_from_shape(s.dims, dtype=s.dtype, causal=s.causal, needs_grad=s.needs_grad))
+    if s.pass_ != looked_up:
+        raise ValueError(
+            f"shape {s.label!r}: pass={s.pass_!r} but the dispatcher looks up Sq={s.seqlen_q}, Sk={s.seqlen_k}"
+            f"{' causal' if s.causal else ''} as {looked_up!r}"
+        )
     return s
 
 
