@@ -345,7 +345,7 @@ def test_bad_arguments_name_the_option(capsys) -> None:
 
 def test_list_measures_nothing(capsys, monkeypatch) -> None:
     monkeypatch.setattr(tune, "measure_bucket", lambda *a, **k: pytest.fail("--list must not measure"))
-    assert tune.main(["--quick", "--list", "--backends", "sdpa"]) == 0
+    assert tune.main(["--quick", "--shapes", "quick", "--list", "--backends", "sdpa"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(shapes.tune_shapes(quick=True))
 

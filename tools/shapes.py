@@ -61,7 +61,7 @@ def check_shape(s: Shape) -> Shape:
 
 # The FlashAttention-2 paper's benchmark (section 4.1, also flash-attention's benchmarks/
 # benchmark_flash_attention.py): B*S = 16k tokens, hidden size 2048 split into 2048/D heads,
-# S from 512 to 16k, D 64 and 128, with and without the causal mask. ANCHORS.md's sweep uses it.
+# S from 512 to 16k, D 64 and 128, with and without the causal mask.
 FA2_TOKENS = 16384
 FA2_HIDDEN = 2048
 FA2_SEQLENS: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
@@ -89,7 +89,7 @@ def fa2_sweep(
 
 
 def special_shapes(dtypes: Sequence[str] = ("bf16",)) -> list[Shape]:
-    """ANCHORS.md, "Shapes where plain SDPA has no fast path" (D=128, measured there in bf16)."""
+    """Shapes where plain SDPA has no fast path, at D=128 (GQA prefill, chunked prefill, decode)."""
     out = []
     for dt in dtypes:
         out += [
@@ -178,10 +178,26 @@ def tiny_shapes(dtype: str = "fp32") -> list[Shape]:
     ]
 
 
+def cpu_shapes(dtype: str = "fp32") -> list[Shape]:
+    """What `tune --quick` and `bench --quick` run on a CPU: each kind of call a model makes, at
+    sizes a 2-core machine times in about a minute (training, prefill, GQA, chunked prefill,
+    speculative verification, decode)."""
+    return [check_shape(s) for s in (
+        Shape(f"cpu-fwd-{dtype}-s256", dtype, 1, 8, 8, 256, 256, 64, False, "fwd"),
+        Shape(f"cpu-fwd-causal-{dtype}-s256", dtype, 1, 8, 8, 256, 256, 64, True, "fwd"),
+        Shape(f"cpu-gqa4-causal-{dtype}-s256", dtype, 1, 8, 2, 256, 256, 64, True, "fwd"),
+        Shape(f"cpu-fwd-bwd-causal-{dtype}-s128", dtype, 1, 8, 8, 128, 128, 64, True, "fwd_bwd"),
+        Shape(f"cpu-chunked-{dtype}-q64-k1024", dtype, 1, 8, 8, 64, 1024, 64, True, "fwd"),
+        Shape(f"cpu-speculative-{dtype}-q4-k1024", dtype, 2, 8, 2, 4, 1024, 64, True, "fwd"),
+        Shape(f"cpu-decode-{dtype}-b4-k1024", dtype, 4, 8, 2, 1, 1024, 64, False, "decode"),
+    )]
+
+
 NAMED: dict[str, str] = {
-    "quick": "the bf16 benchmark shapes (FA2 sweep + ANCHORS.md special shapes)",
+    "quick": "the bf16 benchmark shapes (FA2 sweep + the special shapes: GQA, chunked prefill, decode)",
     "full": "fp16+bf16 FA2 sweep, special shapes, GQA prefill, decode grid",
-    "tiny": "CPU-sized shapes for tests and dry runs",
+    "cpu": "CPU-sized shapes, one per kind of call (the default of --quick on a CPU)",
+    "tiny": "the smallest shapes, for tests and dry runs",
 }
 
 
@@ -192,6 +208,8 @@ def named(name: str, dtypes: Sequence[str] | None = None, head_dims: Sequence[in
         return tune_shapes(False, dtypes, head_dims)
     if name == "tiny":
         return tiny_shapes(dtypes[0] if dtypes else "fp32")
+    if name == "cpu":
+        return cpu_shapes(dtypes[0] if dtypes else "fp32")
     raise ValueError(f"shape list: expected one of {sorted(NAMED)}, got {name!r}")
 
 
