@@ -115,7 +115,7 @@ def _demo_device(name: str | None) -> torch.device:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(device=_demo_device(args.device), steps=args.steps, seqlen=args.seqlen)
+    return run_demo(device=_demo_device(args.device), steps=args.steps, seqlen=args.seqlen, json_out=args.json)
 
 
 # Subcommands whose argument parsing belongs to their own module: name -> (module, function, help).
@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=_positive_int, default=None,
                    help="tokens in the KV cache before the speculative and decode steps "
                         "(default: 256 on CPU, 8192 on GPU; at least 64)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the calls' decisions and times as JSON")
     p.set_defaults(func=cmd_demo)
 
     for name, (_, _, helptext) in DELEGATED.items():

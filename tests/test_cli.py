@@ -51,7 +51,7 @@ def test_bad_env_is_an_error_not_a_traceback(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_demo_runs_as_a_command():
-    r = subprocess.run([sys.executable, "-m", "flashdispatch.cli", "demo", "--seqlen", "64", "--steps", "2"],
+    r = subprocess.run([sys.executable, "-m", "flashdispatch.cli", "demo", "--seqlen", "64", "--steps", "1"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "flashdispatch decision:" in r.stdout and "accuracy: OK" in r.stdout
+    assert "(source: " in r.stdout and "accuracy: OK" in r.stdout
