@@ -1,7 +1,7 @@
 """Benchmark of the cupy backend against torch SDPA (flash, cuDNN) on the FlashAttention-2 sweep.
 
 Shapes: B*S = 16384, H = 2048 / D, S in 512..16384, D in {64, 128}, causal and not (the FA2
-paper's sweep, as in /work/shared/ANCHORS.md). FLOPs: 4*B*H*S*S*D, halved when causal; backward
+paper's sweep). FLOPs: 4*B*H*S*S*D, halved when causal; backward
 2.5x forward. Times are triton.testing.do_bench medians on random data, every provider of a shape
 in the same process. Not a test: it asserts nothing.
 
