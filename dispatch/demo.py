@@ -115,7 +115,7 @@ def _time_pair(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: bool, de
         return run
 
     grads = [q, k, v] if grad else None
-    warm, rep = (2.0, 20.0) if quick else (25.0, 100.0)
+    warm, rep = (5.0, 150.0) if quick else (25.0, 100.0)
     got = timing.interleaved_samples_ms({"fd": (make(fd_attn), grads), "sdpa": (make(sdpa_attn), grads)}, device,
                                         warmup_ms=warm, rep_ms=rep)
     return timing.Spread.of(got["fd"]), timing.Spread.of(got["sdpa"])
@@ -198,6 +198,8 @@ def run_demo(device: torch.device | str | None = None, steps: int = 4, seqlen: i
         t_fd, t_sdpa = _time_pair(q, k, v, st.grad, dev, quick=not gpu)
         up = timing.speedup(t_sdpa, t_fd)  # type: ignore[arg-type]
         verdict = f"{up:.2f}x plain SDPA's speed" if up else "same speed (the difference is inside the spread)"
+        if d.variant == "sdpa":
+            verdict += "; both run the same torch call, so a difference is flashdispatch's own cost, or noise"
         print(f"[{st.label}] Sq={st.sq} Sk={st.sk}{' with backward' if st.grad else ''}: {_describe(d)}\n"
               f"    flashdispatch {t_fd}   plain SDPA {t_sdpa}   -> {verdict}\n"
               f"    error vs float64: {e_fd:.1e} (plain SDPA {e_sdpa:.1e}){'' if good else '  OVER BUDGET'}")

@@ -183,15 +183,19 @@ def _ratios(row: dict[str, Any]) -> None:
     row["best"] = min(others, key=others.__getitem__) if others else None
     row["vs_sdpa"] = ok[PLAIN] / disp if disp and PLAIN in ok else None
     row["oracle"] = others[row["best"]] / disp if disp and others else None
-    # whether dispatch and SDPA differ beyond the spread of their repetitions (when it was recorded)
-    row["vs_sdpa_clear"] = None
-    if row["vs_sdpa"]:
-        a, b = row["providers"][PLAIN], row["providers"][DISPATCH]
-        if all(m.get(x) is not None for m in (a, b) for x in ("lo", "hi")):
-            row["vs_sdpa_clear"] = timing.speedup(timing.Spread(a["ms"], a["lo"], a["hi"], 0),
-                                                  timing.Spread(b["ms"], b["lo"], b["hi"], 0)) is not None
-        else:
-            row["vs_sdpa_clear"] = True
+    # whether dispatch differs from SDPA (and from the best) beyond the spread of their repetitions
+    row["vs_sdpa_clear"] = _clear(row, PLAIN) if row["vs_sdpa"] else None
+    row["oracle_clear"] = _clear(row, row["best"]) if row["oracle"] else None
+
+
+def _clear(row: dict[str, Any], other: str) -> bool:
+    """Whether `other` and the dispatcher differ beyond their interquartile ranges (True when the
+    ranges were not recorded: older results)."""
+    a, b = row["providers"][other], row["providers"][DISPATCH]
+    if any(m.get(x) is None for m in (a, b) for x in ("lo", "hi")):
+        return True
+    return timing.speedup(timing.Spread(a["ms"], a["lo"], a["hi"], 0),
+                          timing.Spread(b["ms"], b["lo"], b["hi"], 0)) is not None
 
 
 def _geomean(xs: Sequence[float]) -> float:
@@ -264,10 +268,9 @@ def markdown(result: dict[str, Any]) -> str:
         "|---" * (len(names) + 5) + "|",
     ]
     for r in rows:
-        ratio = lambda x: f"{x:.3f}" if x else "-"  # noqa: E731
         lines.append(
             f"| {_short(r['shape'])} | {r['unit']} | " + " | ".join(_fmt(r["providers"].get(n)) for n in names)
-            + f" | {_vs_sdpa(r)} | {ratio(r.get('oracle'))} | {r['choice']['variant']} |"
+            + f" | {_vs_sdpa(r)} | {_oracle(r)} | {r['choice']['variant']} |"
         )
     lines += ["", "## Summary", ""]
     lines.append(f"- shapes: {summ['shapes']}")
@@ -297,6 +300,12 @@ def _vs_sdpa(r: dict[str, Any]) -> str:
     return f"{r['vs_sdpa']:.3f}" if r.get("vs_sdpa_clear", True) else "same"
 
 
+def _oracle(r: dict[str, Any]) -> str:
+    if not r.get("oracle"):
+        return "-"
+    return f"{r['oracle']:.3f}" if r.get("oracle_clear", True) else "same"
+
+
 CPU_NOTE = ("On a CPU these numbers compare torch's CPU attention kernels (and the dispatcher's own cost) on this "
             "machine; flashdispatch's kernels and its performance targets are for GPUs, where they are judged.")
 
@@ -315,13 +324,14 @@ def print_table(result: dict[str, Any]) -> None:
         dm = r["providers"].get(DISPATCH)
         print(f"{_short(r['shape']):44s} {r['unit']:7s} {_fmt(r['providers'].get(PLAIN)):>6s} "
               f"{(best or '-')[:14] + ' ' + _fmt(bm):>22s} {r['choice']['variant'][:14] + ' ' + _fmt(dm):>22s} "
-              f"{_vs_sdpa(r):>7s} {r['oracle'] or float('nan'):7.3f}")
+              f"{_vs_sdpa(r):>7s} {_oracle(r):>7s}")
     s = result["summary"]
     print(f"dispatch vs SDPA: geomean {s['geomean_vs_sdpa']:.3f}, min {_minfmt(s['min_vs_sdpa'])}")
     print(f"oracle ratio:     geomean {s['geomean_oracle']:.3f}, min {_minfmt(s['min_oracle'])}")
     for k, ok in s["checks"].items():
         print(f"  {'ok ' if ok else 'NO '} {k}")
-    print('vsSDPA: plain-SDPA time / dispatch time; "same" where their interquartile ranges overlap (noise).')
+    print('vsSDPA: plain-SDPA time / dispatch time; oracle: best provider time / dispatch time; "same" where the '
+          'two interquartile ranges overlap (noise).')
     if not s["checks"]:
         print(CPU_NOTE)
     if s["wrong"]:
@@ -535,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             d = row["providers"].get(DISPATCH, {})
             log.info("[%d/%d] %s: dispatch=%s %s %s, vs SDPA %s, oracle %s (about %.0f s left)", i + 1, len(plan),
                      s.describe(), row["choice"]["variant"], _fmt(d), row["unit"],
-                     _vs_sdpa(row), f"{row['oracle']:.3f}" if row["oracle"] else "-", left)
+                     _vs_sdpa(row), _oracle(row), left)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     except KeyboardInterrupt:

@@ -24,6 +24,10 @@ log = logging.getLogger("flashdispatch.tools")
 FLUSH_BYTES = 256 * 2**20
 # Caps the CPU loop so that a slow candidate cannot stall a test.
 CPU_MAX_REPS = 50
+# Interleaved repetitions per provider on a CPU at least: a CPU shared with other work is
+# descheduled in slices of milliseconds, and with five samples the quartiles missed that noise
+# (two identical paths read 1.5x apart beyond their ranges).
+CPU_MIN_REPS = 15
 
 
 def _flush_buffer(device: torch.device) -> torch.Tensor:
@@ -235,7 +239,7 @@ def interleaved_samples_ms(
     if not live:
         return {}
     typical = statistics.median(est[n] for n in live)
-    reps = max(INTERLEAVED_REPS[0], min(cap, int(rep_ms / typical)))
+    reps = max(INTERLEAVED_REPS[0] if cuda else CPU_MIN_REPS, min(cap, int(rep_ms / typical)))
     order = list(live)
     shuffle = random.Random(0).shuffle
     if not cuda:
