@@ -135,7 +135,8 @@ def _run_delegated(name: str, argv: list[str]) -> int:
         return USAGE_ERROR
     try:
         return int(getattr(mod, func)(argv))
-    except (ValueError, TypeError, envs.EnvError, NoBackendError) as e:
+    except (ValueError, TypeError, OSError, envs.EnvError, NoBackendError) as e:
+        # bad input, or a path that cannot be read or written (--plot-from, --out, --state)
         return user_error(f"flashdispatch {name}", e)
 
 
@@ -186,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, envs.EnvError) as e:
+    except (ValueError, TypeError, OSError, envs.EnvError) as e:
         # bad input (a shape with Hq % Hkv != 0, an unknown backend, a bad environment variable):
         # one line naming what was wrong, not a traceback
         return user_error(f"flashdispatch {args.cmd}", e)

@@ -36,6 +36,7 @@ def _run(*args: str, env: dict[str, str] | None = None, code: str | None = None)
     (["info", "--device", "v100"], "--device"),
     (["tune", "--dtypes", "fp8"], "--dtypes"),
     (["bench", "--bogus"], "--bogus"),
+    (["bench", "--plot-from", "/nonexistent/bench.json"], "/nonexistent/bench.json"),
 ])
 def test_user_errors_are_one_line_and_exit_2(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
