@@ -65,7 +65,7 @@ def test_a_difference_inside_the_spread_is_not_a_speedup():
 
 
 def test_cpu_bench_judges_no_gpu_target(tmp_path, capsys):
-    rc = bench.main(["--shapes", "tiny", "--device", "cpu", "--backends", "sdpa", "--out", str(tmp_path),
+    rc = bench.main(["--shapes", "tiny", "--passes", "decode", "--device", "cpu", "--backends", "sdpa", "--out", str(tmp_path),
                      "--warmup-ms", "0", "--rep-ms", "0", "--seed", "1"])
     assert rc == 0
     out = capsys.readouterr().out
