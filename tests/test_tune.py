@@ -363,7 +363,8 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys) -> None:
         assert {bench.PLAIN, bench.DISPATCH, "sdpa"} <= set(row["providers"])
         assert all(m["status"] == "ok" for m in row["providers"].values()), row
         assert row["vs_sdpa"] > 0 and row["oracle"] > 0
-    assert math.isfinite(result["summary"]["geomean_vs_sdpa"])
+    # a CPU run counts only shapes that differ beyond the spread (maybe none)
+    assert math.isfinite(result["summary"]["geomean_vs_sdpa"]) or result["summary"]["min_vs_sdpa"] is None
     assert (tmp_path / "bench.md").read_text().count("\n| ") >= len(TINY) + 1
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "oracle ratio" in capsys.readouterr().out
