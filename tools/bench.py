@@ -437,18 +437,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GPU: S in {1024, 4096, 16384} and shorter timing; CPU: shorter timing")
     ap.add_argument("--out", default="bench-out", help="output directory (default: ./bench-out)")
     ap.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
-    ap.add_argument("--dtypes", type=tune._csv, default=["bf16"], help="comma-separated, e.g. bf16,fp16 (default bf16)")
-    ap.add_argument("--head-dims", type=tune._csv_ints("--head-dims"), default=None)
-    ap.add_argument("--seqlens", type=tune._csv_ints("--seqlens"), default=None)
-    ap.add_argument("--passes", type=tune._csv, default=None, help="subset of fwd,fwd_bwd,decode")
+    ap.add_argument("--dtypes", type=tune.csv_list, default=["bf16"], help="comma-separated, e.g. bf16,fp16 (default bf16)")
+    ap.add_argument("--head-dims", type=tune.csv_ints("--head-dims"), default=None)
+    ap.add_argument("--seqlens", type=tune.csv_ints("--seqlens"), default=None)
+    ap.add_argument("--passes", type=tune.csv_list, default=None, help="subset of fwd,fwd_bwd,decode")
     ap.add_argument("--causal", choices=("true", "false", "both"), default="both")
     ap.add_argument("--no-special", action="store_true", help="leave out the special shapes (GQA, chunked prefill, decode)")
     ap.add_argument("--only-special", action="store_true", help="only the special shapes")
     ap.add_argument("--shapes", choices=("bench", "cpu", "tiny"), default=None,
                     help="bench: GPU-sized (default on a GPU); cpu: CPU-sized (default on a CPU); tiny: for tests")
-    ap.add_argument("--backends", type=tune._csv, default=None,
+    ap.add_argument("--backends", type=tune.csv_list, default=None,
                     help="variants or families to run beside SDPA and dispatch (default: all available)")
-    ap.add_argument("--exclude", type=tune._csv, default=[], help="backends to leave out (the dispatcher may still choose them)")
+    ap.add_argument("--exclude", type=tune.csv_list, default=[], help="backends to leave out (the dispatcher may still choose them)")
     ap.add_argument("--warmup-ms", type=float, default=None)
     ap.add_argument("--rep-ms", type=float, default=None)
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
