@@ -34,7 +34,7 @@ from flashdispatch.problem import DTYPES_BY_NAME, problem_from_shape
 
 log = logging.getLogger("flashdispatch.tools.bench_ring")
 
-# The benchmark: bf16, D=128, causal, one sequence of 16 heads (a 2048-wide model) at
+# The benchmark: bf16, D=128, causal, one sequence of 16 heads (a 2048-wide model) at
 # 32k and 64k tokens.
 DEFAULT_SEQLENS = (32768, 65536)
 
