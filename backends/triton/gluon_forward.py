@@ -1,0 +1,474 @@
+"""Attention forward for Hopper (sm_90) in Gluon: FlashAttention-3's warp-specialised schedule.
+
+One persistent CTA per SM walks a static list of query tiles. A tile is BLOCK_M = 128 query rows of
+one (batch, query head); it is split between two consumer warpgroups of 64 rows each, which share
+the key/value blocks that one producer warp streams into shared memory with the copy engine (TMA).
+
+Partitions (12 warps: 2 consumer warpgroups, 1 producer warp padded to a warpgroup)
+
+    producer (1 warp, 24 regs)     consumer WG0 (rows 0..63)        consumer WG1 (rows 64..127)
+    --------------------------     -------------------------        ---------------------------
+    per tile:                      per tile:                        (the same, rows 64..127)
+      wait q_empty[w]; TMA Q_w ->    wait q_ready[0]
+        q_ready[w]   (w = 0, 1)      for each key block j:
+      per key block j (stage s):       wait k_ready[s]; wait v_ready[s']   (s' = stage of j-1)
+        wait k_empty[s]; TMA K_j ->    wait turn[0] ......................  (WG1: turn[1])
+          k_ready[s]                   issue S_j = Q K_j^T           (async wgmma)
+        wait v_empty[s]; TMA V_j ->    O *= alpha_{j-1}; issue O += P_{j-1} V_{j-1}   (async wgmma)
+          v_ready[s]                   arrive turn[1] ....................  (WG1: turn[0])
+                                       wait S_j; arrive k_empty[s]
+                                       softmax(S_j) -> P_j, alpha_j   (overlaps PV_{j-1} and the
+                                                                       other warpgroup's wgmmas)
+                                       wait O; arrive v_empty[s']
+                                     last: O *= alpha; O += P V (in turn); O /= l
+                                     O -> Q's shared buffer -> TMA store; arrive q_empty[0]
+
+Barriers (mbarrier; "count" = arrivals that complete one phase)
+    q_ready[w]  1 + TMA bytes   producer -> consumer w   Q rows of warpgroup w have landed
+    q_empty[w]  1               consumer w -> producer   w's Q buffer (reused for O) is free again
+    k_ready[s]  1 + TMA bytes   producer -> consumers    K block in stage s has landed
+    k_empty[s]  2               consumers -> producer    both warpgroups' S = Q K^T are done with it
+    v_ready[s]  1 + TMA bytes   producer -> consumers    V block in stage s has landed
+    v_empty[s]  2               consumers -> producer    both warpgroups' O += P V are done with it
+    turn[w]     1               consumer 1-w -> w        ping-pong: w may issue its next wgmmas
+
+The turn barriers only order the two warpgroups' wgmma issue (WG0, WG1, WG0, ...) so that one
+warpgroup's softmax runs while the tensor cores work on the other's GEMMs; correctness rests on
+the ready/empty pairs alone. Inside one warpgroup, S_j and P_{j-1} V_{j-1} are in flight together
+and the softmax of S_j runs while P V still computes (FA3's intra-warpgroup overlap).
+
+Softmax is the online one, in base 2 on the accumulator registers (scores times scale * log2(e)),
+with P converted to a register operand of the P @ V wgmma: P never touches shared memory.
+Bottom-right causal (query i sees key j iff j <= i + Sk - Sq): both warpgroups walk the key blocks
+the tile's 128 rows need; blocks every row sees in full run without a mask, the diagonal blocks and
+the ragged end of Sk with one. A row that sees no key leaves with out = 0 and lse = -inf. GQA maps
+query head h to kv head h // (Hq // Hkv) in the TMA coordinates. Tensor descriptors are 4-d
+(B, H, S, D) over the caller's strides, so the copy engine zero-fills reads past S and clips the
+output store at S for every (batch, head) plane.
+
+Returns out (B, Hq, Sq, D) in q's dtype and physical layout, and lse (B, Hq, Sq) float32 in natural
+log, the pair the Triton backward (backward.py) consumes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+log = logging.getLogger("flashdispatch")
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
+DTYPES: frozenset[torch.dtype] = frozenset({torch.float16, torch.bfloat16})
+HALF_M = 64  # query rows per consumer warpgroup (one wgmma M of 64)
+BLOCK_M = 2 * HALF_M  # query rows per tile
+NUM_WARPS = 4  # the default partition: consumer warpgroup 0
+CONSUMER_REGS = gl.constexpr(240)  # setmaxnreg of the consumer warpgroups
+PRODUCER_REGS = gl.constexpr(24)  # setmaxnreg of the producer warp
+MAX_REGS_PER_THREAD = 168  # 65536 registers over 3 warpgroups x 128 threads, rounded down to 8
+
+
+@functools.cache
+def default_config(head_dim: int) -> dict[str, int]:
+    """Key block and pipeline depth per head dim (shared memory: Q 128 x D, STAGES x (K + V))."""
+    if head_dim == 64:
+        return {"BLOCK_N": 128, "STAGES": 2}
+    if head_dim == 128:
+        return {"BLOCK_N": 128, "STAGES": 2}
+    if head_dim == 256:
+        return {"BLOCK_N": 64, "STAGES": 2}
+    raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {head_dim}")
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _tile_coords(tile, num_m, heads_q, group, CAUSAL: gl.constexpr):
+    """(first query row of the tile, b * Hq + h, b, h, kv head) of a linear tile index. Tiles of one
+    head are adjacent (its K/V stay in L2); under causal the heaviest (bottom) tiles come first."""
+    m_blk = tile % num_m
+    bh = tile // num_m
+    if CAUSAL:
+        m_blk = num_m - 1 - m_blk
+    b = bh // heads_q
+    h = bh % heads_q
+    return m_blk * (2 * 64), bh, b, h, h // group
+
+
+@gluon.jit
+def _key_blocks(start_m, seq_q, seq_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """(n_full, n_end) in key blocks for query rows [start_m, start_m + BLOCK_M): blocks [0, n_full)
+    are seen in full by every row (no mask); [n_full, n_end) need the causal and/or Sk mask."""
+    if CAUSAL:
+        offset = seq_k - seq_q
+        hi = gl.maximum(gl.minimum(start_m + BLOCK_M + offset, seq_k), 0)
+        full = gl.maximum(gl.minimum(start_m + offset + 1, seq_k), 0)
+    else:
+        hi = seq_k
+        full = seq_k
+    return full // BLOCK_N, (hi + BLOCK_N - 1) // BLOCK_N
+
+
+@gluon.jit
+def _stage(it, STAGES: gl.constexpr):
+    """(ring slot, phase parity) of the it-th key block this CTA consumes."""
+    return it % STAGES, (it // STAGES) & 1
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, qk_scale, rows, cols, seq_k, causal_offset,
+             MASKED: gl.constexpr, CAUSAL: gl.constexpr):
+    """Fold one block of raw scores into (m, l); returns (P unnormalised, m, l, alpha) with m in log2
+    units and alpha = exp2(m_old - m_new), the factor the output accumulator still owes."""
+    if MASKED:
+        if CAUSAL:
+            # key j is visible to row i iff j <= min(i + Sk - Sq, Sk - 1): one compare per score
+            last = gl.minimum(rows + causal_offset, seq_k - 1)
+            s = gl.where(cols[None, :] <= last[:, None], s, float("-inf"))
+        else:
+            s = gl.where(cols[None, :] < seq_k, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    if MASKED:
+        # a row that has seen only masked keys keeps m = -inf; subtracting 0 keeps exp2 at 0
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = gl.exp2(s * qk_scale - m_use[:, None])
+    alpha = gl.exp2(m_i - m_use)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _take_turn(turn_bars, turn_it, WG: gl.constexpr):
+    """Wait until the other warpgroup has issued its wgmmas (WG0 goes first)."""
+    mbarrier.wait(turn_bars.index(WG), (turn_it & 1) ^ (1 - WG))
+
+
+@gluon.jit
+def _pass_turn(turn_bars, WG: gl.constexpr):
+    mbarrier.arrive(turn_bars.index(1 - WG), count=1)
+
+
+# --- consumer step: one key block --------------------------------------------------------------------
+
+
+@gluon.jit
+def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready,
+                   v_empty, turn_bars, kv_it, turn_it, qk_scale, rows, n_start, seq_k, causal_offset,
+                   WG: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                   MASKED: gl.constexpr, CAUSAL: gl.constexpr,
+                   s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+    """Key block kv_it (not the first of the tile): S_j and the previous block's P V in flight
+    together, the softmax of S_j while P V finishes."""
+    slot, phase = _stage(kv_it, STAGES)
+    pslot, pphase = _stage(kv_it - 1, STAGES)
+    mbarrier.wait(k_ready.index(slot), phase)
+    mbarrier.wait(v_ready.index(pslot), pphase)
+    _take_turn(turn_bars, turn_it, WG)
+    s_tok = warpgroup_mma(q_buf, k_smem.index(slot).permute((1, 0)),
+                          gl.zeros([64, BLOCK_N], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    o_tok = warpgroup_mma(p_op, v_smem.index(pslot), acc, is_async=True)
+    _pass_turn(turn_bars, WG)
+    # -- S_j ready (P V may still run): release K, softmax
+    s = warpgroup_mma_wait(1, deps=[s_tok])
+    mbarrier.arrive(k_empty.index(slot), count=1)
+    cols = n_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    p, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale, rows, cols, seq_k, causal_offset, MASKED, CAUSAL)
+    p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
+    # -- O ready: release V of the previous block
+    acc = warpgroup_mma_wait(0, deps=[o_tok])
+    mbarrier.arrive(v_empty.index(pslot), count=1)
+    return acc, m_i, l_i, p_op, alpha, kv_it + 1, turn_it + 1
+
+
+# --- partitions --------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, bars, o_desc, lse_ptr,
+              seq_q, seq_k, heads_q, group, num_m, num_tiles, qk_scale,
+              BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+              s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """Consumer warpgroup WG: rows [64 WG, 64 WG + 64) of every tile this CTA owns."""
+    q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars = bars
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    q_buf = q_smem.index(WG)
+    causal_offset = seq_k - seq_q
+    kv_it = 0
+    turn_it = 0
+    tile_it = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        start_m, bh, b, h, hk = _tile_coords(tile, num_m, heads_q, group, CAUSAL)
+        n_full, n_end = _key_blocks(start_m, seq_q, seq_k, 128, BLOCK_N, CAUSAL)
+        rows = start_m + WG * 64 + gl.arange(0, 64, layout=row_layout)
+        m_i = gl.full([64], float("-inf"), gl.float32, row_layout)
+        l_i = gl.full([64], 0.0, gl.float32, row_layout)
+        acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
+        mbarrier.wait(q_ready.index(WG), tile_it & 1)
+        if n_end > 0:
+            # -- first key block: S_0 alone (masked: it may be the diagonal or the Sk tail)
+            slot, phase = _stage(kv_it, STAGES)
+            mbarrier.wait(k_ready.index(slot), phase)
+            _take_turn(turn_bars, turn_it, WG)
+            s_tok = warpgroup_mma(q_buf, k_smem.index(slot).permute((1, 0)),
+                                  gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+            _pass_turn(turn_bars, WG)
+            s = warpgroup_mma_wait(0, deps=[s_tok])
+            mbarrier.arrive(k_empty.index(slot), count=1)
+            cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            p, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale, rows, cols, seq_k, causal_offset, True, CAUSAL)
+            p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
+            kv_it += 1
+            turn_it += 1
+            # -- blocks every row of the tile sees in full: no mask
+            for j in range(1, n_full):
+                acc, m_i, l_i, p_op, alpha, kv_it, turn_it = _consume_block(
+                    acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                    turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, seq_k, causal_offset,
+                    WG, STAGES, BLOCK_N, False, CAUSAL, s_layout, o_layout, p_layout)
+            # -- the diagonal and the ragged end of Sk: masked
+            for j in range(gl.maximum(n_full, 1), n_end):
+                acc, m_i, l_i, p_op, alpha, kv_it, turn_it = _consume_block(
+                    acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                    turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, seq_k, causal_offset,
+                    WG, STAGES, BLOCK_N, True, CAUSAL, s_layout, o_layout, p_layout)
+            # -- the last block's P V
+            pslot, pphase = _stage(kv_it - 1, STAGES)
+            mbarrier.wait(v_ready.index(pslot), pphase)
+            _take_turn(turn_bars, turn_it, WG)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            o_tok = warpgroup_mma(p_op, v_smem.index(pslot), acc, is_async=True)
+            _pass_turn(turn_bars, WG)
+            acc = warpgroup_mma_wait(0, deps=[o_tok])
+            mbarrier.arrive(v_empty.index(pslot), count=1)
+            turn_it += 1
+        # -- epilogue: O / l through Q's buffer and a TMA store (clipped at Sq); lse in natural log
+        empty = l_i == 0.0
+        l_safe = gl.where(empty, 1.0, l_i)
+        out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
+        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+        gl.store(lse_ptr + bh.to(gl.int64) * seq_q + rows, lse, mask=rows < seq_q)
+        q_buf.store(out.to(q_buf.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [b, h, start_m + WG * 64, 0], q_smem.index(WG))
+        tma.store_wait(0)
+        mbarrier.arrive(q_empty.index(WG), count=1)
+        tile_it += 1
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
+              seq_q, seq_k, heads_q, group, num_m, num_tiles,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """The TMA warp: Q halves of each tile, then its key/value blocks through the STAGES ring."""
+    q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars = bars
+    kv_it = 0
+    tile_it = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        start_m, bh, b, h, hk = _tile_coords(tile, num_m, heads_q, group, CAUSAL)
+        n_full, n_end = _key_blocks(start_m, seq_q, seq_k, 128, BLOCK_N, CAUSAL)
+        for w in gl.static_range(2):
+            # a fresh barrier counts as if its phase 1 had completed: the first wait passes
+            mbarrier.wait(q_empty.index(w), (tile_it & 1) ^ 1)
+            mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, h, start_m + w * 64, 0], q_ready.index(w), q_smem.index(w))
+        for j in range(0, n_end):
+            slot, phase = _stage(kv_it, STAGES)
+            mbarrier.wait(k_empty.index(slot), phase ^ 1)
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot))
+            mbarrier.wait(v_empty.index(slot), phase ^ 1)
+            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(slot), v_smem.index(slot))
+            kv_it += 1
+        tile_it += 1
+
+
+# --- kernel ------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr,
+                     seq_q, seq_k, heads_q, group, num_tiles, qk_scale,
+                     BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    # operand buffers are 2-d (rows, D) for the wgmmas; the 4-d descriptors' boxes are (1, 1, rows, D)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_D], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_D], q_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for w in gl.static_range(2):
+        mbarrier.init(q_ready.index(w), count=1)
+        mbarrier.init(q_empty.index(w), count=1)
+        mbarrier.init(turn_bars.index(w), count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(k_empty.index(s), count=2)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(v_empty.index(s), count=2)
+    fence_async_shared()
+    bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars)
+    num_m = (seq_q + 127) // 128
+    gl.warp_specialize([
+        (_consumer, (0, q_smem, k_smem, v_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group, num_m,
+                     num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, s_layout, o_layout)),
+        (_consumer, (1, q_smem, k_smem, v_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group, num_m,
+                     num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, s_layout, o_layout)),
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_q, seq_k, heads_q, group, num_m,
+                     num_tiles, BLOCK_N, STAGES, CAUSAL)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+# --- host launch -------------------------------------------------------------------------------------
+
+_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+_SIG_DTYPES = {"fp16": gl.float16, "bf16": gl.bfloat16}
+
+
+def _box_layout(rows: int, head_dim: int, dtype: Any) -> Any:
+    """Shared layout of a (1, 1, rows, D) TMA box: the same swizzle as the 2-d (rows, D) buffer."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], dtype)
+
+
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """t itself when the copy engine can read it (16-byte aligned base and strides, unit last
+    stride), else a contiguous copy."""
+    es = t.element_size()
+    if t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(
+            (st * es) % 16 == 0 for st, n in zip(t.stride()[:3], t.shape[:3]) if n > 1):
+        return t
+    log.debug("gluon forward: copying a %s tensor with strides %s (TMA needs 16-byte alignment)",
+              tuple(t.shape), t.stride())
+    return t.contiguous()
+
+
+def _descriptor(t: torch.Tensor, rows: int) -> Any:
+    """4-d descriptor over t (B, H, S, D) with a (1, 1, rows, D) box. Dims of extent 1 get a harmless
+    aligned stride (their coordinate is always 0)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    shape = list(t.shape)
+    strides = list(t.stride())
+    for i in range(2, -1, -1):
+        if shape[i] == 1:
+            strides[i] = strides[i + 1] * shape[i + 1]
+    d = shape[3]
+    return TensorDescriptor(t, shape, strides, [1, 1, rows, d], _box_layout(rows, d, _GL_DTYPES[t.dtype]))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise for what this kernel cannot run (the dispatcher's capabilities say the same first)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-d bhsd-indexed tensor, got shape {tuple(t.shape)}")
+    if q.dtype not in DTYPES or not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q/k/v dtype: expected float16 or bfloat16 for all three, got {q.dtype}/{k.dtype}/{v.dtype}")
+    d = q.shape[3]
+    if d not in HEAD_DIMS or k.shape[3] != d or v.shape[3] != d:
+        raise ValueError(f"head dim: expected D = Dv in {HEAD_DIMS}, got D={q.shape[3]}, Dk={k.shape[3]}, "
+                         f"Dv={v.shape[3]}")
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q/k/v: expected (B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, D) with Hq divisible by "
+                         f"Hkv, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not q.is_cuda:
+        raise ValueError(f"q: expected a CUDA tensor, got device {q.device}")
+
+
+def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+                            config: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward attention on bhsd-indexed views (no autograd), Hopper only.
+
+    q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), D in (64, 128, 256), fp16 or bf16; causal is
+    bottom-right aligned. Returns out (B, Hq, Sq, D) in q's dtype and physical layout and lse
+    (B, Hq, Sq) float32, natural log, -inf for rows that see no key. `config` may set BLOCK_N and
+    STAGES (defaults: default_config(D)).
+    """
+    from .forward import OutputPlan
+    from .launch import cuda_index, run_on_device
+
+    check_inputs(q, k, v)
+    bsz, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    plan = OutputPlan(q, sk, d)
+    out, lse = plan.allocate()
+    if plan.finished:
+        return out, lse
+    cfg = {**default_config(d), **(config or {})}
+    causal = bool(causal) and sq > 1  # one query row sees every key (bottom-right)
+    num_tiles = bsz * hq * triton.cdiv(sq, BLOCK_M)
+    index = cuda_index(q) or 0
+
+    def launch() -> None:
+        qd, kd, vd = (_descriptor(_tma_ready(q), HALF_M), _descriptor(_tma_ready(k), cfg["BLOCK_N"]),
+                      _descriptor(_tma_ready(v), cfg["BLOCK_N"]))
+        o_dst = _tma_ready(out)
+        od = _descriptor(o_dst, HALF_M)
+        grid = (min(_sm_count(index), num_tiles),)
+        _attn_fwd_kernel[grid](qd, kd, vd, od, lse, sq, sk, hq, hq // hkv, num_tiles,
+                               float(scale) * LOG2E, BLOCK_N=cfg["BLOCK_N"], HEAD_D=d, STAGES=cfg["STAGES"],
+                               CAUSAL=causal, num_warps=NUM_WARPS, maxnreg=MAX_REGS_PER_THREAD)
+        if o_dst is not out:
+            out.copy_(o_dst)
+
+    run_on_device(index, launch)
+    return out, lse
+
+
+# --- ahead-of-time compilation (CPU checks) -----------------------------------------------------------
+
+
+def aot_compile(head_dim: int, causal: bool, dtype: str = "bf16", config: dict[str, Any] | None = None) -> Any:
+    """Compile the kernel for sm_90 without a GPU; returns Triton's CompiledKernel (asm["ptx"],
+    asm["cubin"], metadata.shared)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    cfg = {**default_config(head_dim), **(config or {})}
+    gdt = _SIG_DTYPES[dtype]
+
+    def desc(rows: int) -> str:
+        return f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}],{_box_layout(rows, head_dim, gdt)!r}>"
+
+    signature = {"q_desc": desc(HALF_M), "k_desc": desc(cfg["BLOCK_N"]), "v_desc": desc(cfg["BLOCK_N"]),
+                 "o_desc": desc(HALF_M), "lse_ptr": "*fp32", "seq_q": "i32", "seq_k": "i32", "heads_q": "i32",
+                 "group": "i32", "num_tiles": "i32", "qk_scale": "fp32", "BLOCK_N": "constexpr",
+                 "HEAD_D": "constexpr", "STAGES": "constexpr", "CAUSAL": "constexpr"}
+    constexprs = {"BLOCK_N": cfg["BLOCK_N"], "HEAD_D": head_dim, "STAGES": cfg["STAGES"], "CAUSAL": causal}
+    src = GluonASTSource(fn=_attn_fwd_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": NUM_WARPS, "maxnreg": MAX_REGS_PER_THREAD})
