@@ -49,8 +49,8 @@ def _ptxas_report(ptx: str) -> str:
     return r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False), (256, True)],
-                         ids=["d128-causal", "d64", "d256-causal"])
+@pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False), (256, False)],
+                         ids=["d128-causal", "d64", "d256"])
 def test_gluon_forward_compiles_for_sm90(head_dim: int, causal: bool) -> None:
     from flashdispatch.backends.triton import gluon_forward as gf
 

@@ -83,13 +83,14 @@ MAX_REGS_PER_THREAD = 168  # 65536 registers over 3 warpgroups x 128 threads, ro
 
 @functools.cache
 def default_config(head_dim: int) -> dict[str, int]:
-    """Key block and pipeline depth per head dim (shared memory: Q 128 x D, STAGES x (K + V))."""
+    """Key block, pipeline depth and whether O has its own buffer, per head dim (shared memory:
+    Q 128 x D, STAGES x (K + V) BLOCK_N x D, O 128 x D when separate; 227 KiB on sm_90)."""
     if head_dim == 64:
-        return {"BLOCK_N": 128, "STAGES": 2}
+        return {"BLOCK_N": 128, "STAGES": 3, "O_SEPARATE": True}
     if head_dim == 128:
-        return {"BLOCK_N": 128, "STAGES": 2}
+        return {"BLOCK_N": 128, "STAGES": 2, "O_SEPARATE": True}
     if head_dim == 256:
-        return {"BLOCK_N": 64, "STAGES": 2}
+        return {"BLOCK_N": 64, "STAGES": 2, "O_SEPARATE": False}
     raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {head_dim}")
 
 
@@ -202,15 +203,19 @@ def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k
 
 
 @gluon.jit
-def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, bars, o_desc, lse_ptr,
+def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr,
               seq_q, seq_k, heads_q, group, num_m, num_tiles, qk_scale,
               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              s_layout: gl.constexpr, o_layout: gl.constexpr):
-    """Consumer warpgroup WG: rows [64 WG, 64 WG + 64) of every tile this CTA owns."""
+              O_SEPARATE: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """Consumer warpgroup WG: rows [64 WG, 64 WG + 64) of every tile this CTA owns. With O_SEPARATE
+    the output leaves through its own buffer and Q is handed back as soon as the last S = Q K^T is
+    done (the producer loads the next tile's Q during this tile's last P V and epilogue);
+    otherwise O goes out through Q's buffer, handed back once the store has read it."""
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars = bars
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     q_buf = q_smem.index(WG)
+    o_buf = o_smem.index(WG)
     causal_offset = seq_k - seq_q
     kv_it = 0
     turn_it = 0
@@ -250,6 +255,8 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, bars, o_desc, lse_ptr,
                     acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
                     turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, seq_k, causal_offset,
                     WG, STAGES, BLOCK_N, True, CAUSAL, s_layout, o_layout, p_layout)
+            if O_SEPARATE:  # every S of the tile is done: Q may be overwritten
+                mbarrier.arrive(q_empty.index(WG), count=1)
             # -- the last block's P V
             pslot, pphase = _stage(kv_it - 1, STAGES)
             mbarrier.wait(v_ready.index(pslot), pphase)
@@ -260,18 +267,26 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, bars, o_desc, lse_ptr,
             acc = warpgroup_mma_wait(0, deps=[o_tok])
             mbarrier.arrive(v_empty.index(pslot), count=1)
             turn_it += 1
-        # -- epilogue: O / l through Q's buffer and a TMA store (clipped at Sq); lse in natural log
+        # -- epilogue: O / l through shared memory and a TMA store (clipped at Sq); lse in natural log
         empty = l_i == 0.0
         l_safe = gl.where(empty, 1.0, l_i)
         out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
         lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
         gl.store(lse_ptr + bh.to(gl.int64) * seq_q + rows, lse, mask=rows < seq_q)
-        q_buf.store(out.to(q_buf.dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [b, h, start_m + WG * 64, 0], q_smem.index(WG))
-        tma.store_wait(0)
-        mbarrier.arrive(q_empty.index(WG), count=1)
+        if O_SEPARATE:
+            mbarrier.arrive(q_empty.index(WG), count=1, pred=n_end == 0)  # a tile that saw no key
+            tma.store_wait(0)  # the previous tile's store has read o_buf
+            o_buf.store(out.to(o_buf.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(o_desc, [b, h, start_m + WG * 64, 0], o_buf)
+        else:
+            o_buf.store(out.to(o_buf.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(o_desc, [b, h, start_m + WG * 64, 0], o_buf)
+            tma.store_wait(0)
+            mbarrier.arrive(q_empty.index(WG), count=1)
         tile_it += 1
+    tma.store_wait(0)
 
 
 @gluon.jit
@@ -305,10 +320,12 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
 # --- kernel ------------------------------------------------------------------------------------------
 
 
-@gluon.jit
+# shapes vary per call: one compiled kernel per (dtype, D, causal, config), whatever their divisibility
+@gluon.jit(do_not_specialize=["seq_q", "seq_k", "heads_q", "group", "num_tiles"])
 def _attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr,
                      seq_q, seq_k, heads_q, group, num_tiles, qk_scale,
-                     BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                     BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                     O_SEPARATE: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -320,6 +337,10 @@ def _attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr,
     q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_D], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
+    if O_SEPARATE:
+        o_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_D], q_layout)
+    else:
+        o_smem = q_smem
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -340,10 +361,10 @@ def _attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr,
     bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars)
     num_m = (seq_q + 127) // 128
     gl.warp_specialize([
-        (_consumer, (0, q_smem, k_smem, v_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group, num_m,
-                     num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, s_layout, o_layout)),
-        (_consumer, (1, q_smem, k_smem, v_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group, num_m,
-                     num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, s_layout, o_layout)),
+        (_consumer, (0, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
+                     num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, O_SEPARATE, s_layout, o_layout)),
+        (_consumer, (1, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
+                     num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, O_SEPARATE, s_layout, o_layout)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_q, seq_k, heads_q, group, num_m,
                      num_tiles, BLOCK_N, STAGES, CAUSAL)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -441,7 +462,7 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         grid = (min(_sm_count(index), num_tiles),)
         _attn_fwd_kernel[grid](qd, kd, vd, od, lse, sq, sk, hq, hq // hkv, num_tiles,
                                float(scale) * LOG2E, BLOCK_N=cfg["BLOCK_N"], HEAD_D=d, STAGES=cfg["STAGES"],
-                               CAUSAL=causal, num_warps=NUM_WARPS, maxnreg=MAX_REGS_PER_THREAD)
+                               CAUSAL=causal, O_SEPARATE=cfg["O_SEPARATE"], num_warps=NUM_WARPS, maxnreg=MAX_REGS_PER_THREAD)
         if o_dst is not out:
             out.copy_(o_dst)
 
@@ -467,8 +488,9 @@ def aot_compile(head_dim: int, causal: bool, dtype: str = "bf16", config: dict[s
     signature = {"q_desc": desc(HALF_M), "k_desc": desc(cfg["BLOCK_N"]), "v_desc": desc(cfg["BLOCK_N"]),
                  "o_desc": desc(HALF_M), "lse_ptr": "*fp32", "seq_q": "i32", "seq_k": "i32", "heads_q": "i32",
                  "group": "i32", "num_tiles": "i32", "qk_scale": "fp32", "BLOCK_N": "constexpr",
-                 "HEAD_D": "constexpr", "STAGES": "constexpr", "CAUSAL": "constexpr"}
-    constexprs = {"BLOCK_N": cfg["BLOCK_N"], "HEAD_D": head_dim, "STAGES": cfg["STAGES"], "CAUSAL": causal}
+                 "HEAD_D": "constexpr", "STAGES": "constexpr", "CAUSAL": "constexpr", "O_SEPARATE": "constexpr"}
+    constexprs = {"BLOCK_N": cfg["BLOCK_N"], "HEAD_D": head_dim, "STAGES": cfg["STAGES"], "CAUSAL": causal,
+                  "O_SEPARATE": cfg["O_SEPARATE"]}
     src = GluonASTSource(fn=_attn_fwd_kernel, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": NUM_WARPS, "maxnreg": MAX_REGS_PER_THREAD})
