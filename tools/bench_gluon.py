@@ -31,6 +31,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 PROVIDERS: tuple[str, ...] = ("gluon", "sdpa", "sdpa:flash", "triton")
+# other configs of the Gluon kernel, timed as providers of their own where they apply (--variants)
+VARIANTS: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
+    "gluon:s3": ((128,), {"STAGES": 3, "O_SEPARATE": False}),  # 3 K/V stages, O through Q's buffer
+    "gluon:s2": ((64,), {"STAGES": 2}),
+    "gluon:s4": ((64,), {"STAGES": 4}),
+}
 BASELINE = "sdpa"
 HANG_SECONDS = 60.0
 
@@ -98,7 +104,10 @@ def _providers(c: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> di
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, **sdpa_kw)
 
+    variants = {name: (lambda cfg=cfg: gluon_attention_forward(q, k, v, causal=c.causal, scale=scale, config=cfg)[0])
+                for name, (dims, cfg) in VARIANTS.items() if c.head_dim in dims}
     return {
+        **variants,
         "gluon": lambda: gluon_attention_forward(q, k, v, causal=c.causal, scale=scale)[0],
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, **sdpa_kw),
         "sdpa:flash": flash,
@@ -178,23 +187,22 @@ def summary(rows: Sequence[Row], providers: Sequence[str]) -> dict[str, Any]:
 
 
 def table(rows: Sequence[Row], providers: Sequence[str], card: str) -> str:
-    others = [p for p in providers if p != BASELINE]
     lines = [f"Gluon forward, bf16, on {card}: TFLOP/s (x plain SDPA)"]
-    head = f"{'shape':34s}" + "".join(f"{p:>20s}" for p in providers) + f"{'|gluon-sdpa|':>13s}"
+    head = f"{'shape':38s}" + "".join(f"{p:>15s}" for p in providers) + f"{'|gluon-sdpa|':>13s}"
     lines.append(head)
     for r in rows:
         cells = []
         for p in providers:
             if p in r.ms:
                 t = r.tflops(p)
-                cells.append(f"{t:7.0f}" + (f" ({r.ratio(p):4.2f}x)" if p != BASELINE else "        ") + "    ")
+                cells.append(f"{t:5.0f}" + (f" ({r.ratio(p):4.2f}x)" if p != BASELINE else ""))
             else:
-                cells.append(f"{'error' if p in r.errors else '-':>20s}")
+                cells.append("error" if p in r.errors else "-")
         diff = f"{r.max_abs_diff:13.2e}" if r.max_abs_diff is not None else f"{'-':>13s}"
-        lines.append(f"{r.case.describe():34s}" + "".join(f"{c:>20s}" for c in cells) + diff)
+        lines.append(f"{r.case.describe():38s}" + "".join(f"{c:>15s}" for c in cells) + diff)
     for label, per in summary(rows, providers).items():
         lines.append(f"{label}: " + ", ".join(f"{p} geomean {v['geomean']:.3f}x min {v['min']:.3f}x"
-                                              for p, v in per.items()))
+                                              for p, v in per.items() if v["geomean"] == v["geomean"]))
     errs = [f"  {r.case.describe()} {p}: {e}" for r in rows for p, e in r.errors.items()]
     if errs:
         lines.append("errors:")
@@ -208,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT"), help="directory for bench_gluon.json (default: $OUT)")
     ap.add_argument("--quick", action="store_true", help="S = 1k, 4k, 16k only")
     ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}")
+    ap.add_argument("--variants", action="store_true", help=f"also time the kernel configs {sorted(VARIANTS)}")
     ap.add_argument("--warmup-ms", type=float, default=25.0)
     ap.add_argument("--rep-ms", type=float, default=100.0)
     args = ap.parse_args(argv)
@@ -215,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write("bench_gluon: needs a CUDA GPU\n")
         return 2
     providers = [p for p in args.providers.split(",") if p]
+    if args.variants:
+        providers += [v for v in VARIANTS if v not in providers]
     if BASELINE not in providers:
         providers.insert(1, BASELINE)
     card = torch.cuda.get_device_name()

@@ -3,6 +3,9 @@
 One persistent CTA per SM walks a static list of query tiles. A tile is BLOCK_M = 128 query rows of
 one (batch, query head); it is split between two consumer warpgroups of 64 rows each, which share
 the key/value blocks that one producer warp streams into shared memory with the copy engine (TMA).
+Tiles are numbered head by head (a head's K/V stay in L2 while its tiles run), bottom tiles first
+under causal, and dealt to the CTAs in rounds in snake order (0..G-1, then G-1..0), which pairs
+heavy causal tiles with light ones on each CTA.
 
 Partitions (12 warps: 2 consumer warpgroups, 1 producer warp padded to a warpgroup)
 
@@ -95,6 +98,21 @@ def default_config(head_dim: int) -> dict[str, int]:
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _tile_of(r, pid, nprog):
+    """Tile of round r for CTA pid: CTAs take rounds of nprog consecutive tiles in snake order
+    (pid, then nprog - 1 - pid, ...), so that under causal a CTA that drew a heavy tile in one round
+    draws a light one in the next (a plain stride left some CTAs with twice the others' work)."""
+    return r * nprog + pid + (r % 2) * (nprog - 1 - 2 * pid)
+
+
+@gluon.jit
+def _rounds(pid, nprog, num_tiles):
+    """How many rounds CTA pid has a tile in (only the last round can come up short)."""
+    n = (num_tiles + nprog - 1) // nprog
+    return n - (_tile_of(n - 1, pid, nprog) >= num_tiles).to(gl.int32)
 
 
 @gluon.jit
@@ -220,8 +238,10 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
     kv_it = 0
     turn_it = 0
     tile_it = 0
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        start_m, bh, b, h, hk = _tile_coords(tile, num_m, heads_q, group, CAUSAL)
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    for r in range(_rounds(pid, nprog, num_tiles)):
+        start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, heads_q, group, CAUSAL)
         n_full, n_end = _key_blocks(start_m, seq_q, seq_k, 128, BLOCK_N, CAUSAL)
         rows = start_m + WG * 64 + gl.arange(0, 64, layout=row_layout)
         m_i = gl.full([64], float("-inf"), gl.float32, row_layout)
@@ -297,8 +317,10 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars = bars
     kv_it = 0
     tile_it = 0
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        start_m, bh, b, h, hk = _tile_coords(tile, num_m, heads_q, group, CAUSAL)
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    for r in range(_rounds(pid, nprog, num_tiles)):
+        start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, heads_q, group, CAUSAL)
         n_full, n_end = _key_blocks(start_m, seq_q, seq_k, 128, BLOCK_N, CAUSAL)
         for w in gl.static_range(2):
             # a fresh barrier counts as if its phase 1 had completed: the first wait passes
