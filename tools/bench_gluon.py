@@ -36,6 +36,7 @@ VARIANTS: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
     "gluon:s3": ((128,), {"STAGES": 3, "O_SEPARATE": False}),  # 3 K/V stages, O through Q's buffer
     "gluon:s2": ((64,), {"STAGES": 2}),
     "gluon:s4": ((64,), {"STAGES": 4}),
+    "gluon:nopp": ((64, 128), {"PINGPONG": False}),  # the two warpgroups issue wgmmas without turns
 }
 BASELINE = "sdpa"
 HANG_SECONDS = 60.0

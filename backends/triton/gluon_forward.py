@@ -84,17 +84,25 @@ PRODUCER_REGS = gl.constexpr(24)  # setmaxnreg of the producer warp
 MAX_REGS_PER_THREAD = 168  # 65536 registers over 3 warpgroups x 128 threads, rounded down to 8
 
 
-@functools.cache
-def default_config(head_dim: int) -> dict[str, int]:
+CONFIG_KEYS: frozenset[str] = frozenset({"BLOCK_N", "STAGES", "O_SEPARATE", "PINGPONG"})
+
+
+def default_config(head_dim: int) -> dict[str, Any]:
     """Key block, pipeline depth and whether O has its own buffer, per head dim (shared memory:
     Q 128 x D, STAGES x (K + V) BLOCK_N x D, O 128 x D when separate; 227 KiB on sm_90)."""
     if head_dim == 64:
-        return {"BLOCK_N": 128, "STAGES": 3, "O_SEPARATE": True}
+        return {"BLOCK_N": 128, "STAGES": 3, "O_SEPARATE": True, "PINGPONG": True}
     if head_dim == 128:
-        return {"BLOCK_N": 128, "STAGES": 2, "O_SEPARATE": True}
+        return {"BLOCK_N": 128, "STAGES": 2, "O_SEPARATE": True, "PINGPONG": True}
     if head_dim == 256:
-        return {"BLOCK_N": 64, "STAGES": 2, "O_SEPARATE": False}
+        return {"BLOCK_N": 64, "STAGES": 2, "O_SEPARATE": False, "PINGPONG": True}
     raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {head_dim}")
+
+
+def resolve_config(head_dim: int, config: dict[str, Any] | None) -> dict[str, Any]:
+    """default_config(head_dim) updated by the keys of `config` that this kernel knows (others, such
+    as the tl kernel's BLOCK_M or num_warps, are not for it)."""
+    return {**default_config(head_dim), **{k: v for k, v in (config or {}).items() if k in CONFIG_KEYS}}
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -173,14 +181,16 @@ def _softmax(s, m_i, l_i, qk_scale, rows, cols, seq_k, causal_offset,
 
 
 @gluon.jit
-def _take_turn(turn_bars, turn_it, WG: gl.constexpr):
+def _take_turn(turn_bars, turn_it, WG: gl.constexpr, PINGPONG: gl.constexpr):
     """Wait until the other warpgroup has issued its wgmmas (WG0 goes first)."""
-    mbarrier.wait(turn_bars.index(WG), (turn_it & 1) ^ (1 - WG))
+    if PINGPONG:
+        mbarrier.wait(turn_bars.index(WG), (turn_it & 1) ^ (1 - WG))
 
 
 @gluon.jit
-def _pass_turn(turn_bars, WG: gl.constexpr):
-    mbarrier.arrive(turn_bars.index(1 - WG), count=1)
+def _pass_turn(turn_bars, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn_bars.index(1 - WG), count=1)
 
 
 # --- consumer step: one key block --------------------------------------------------------------------
@@ -190,7 +200,7 @@ def _pass_turn(turn_bars, WG: gl.constexpr):
 def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready,
                    v_empty, turn_bars, kv_it, turn_it, qk_scale, rows, n_start, seq_k, causal_offset,
                    WG: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                   MASKED: gl.constexpr, CAUSAL: gl.constexpr,
+                   MASKED: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
                    s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
     """Key block kv_it (not the first of the tile): S_j and the previous block's P V in flight
     together, the softmax of S_j while P V finishes."""
@@ -198,13 +208,13 @@ def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k
     pslot, pphase = _stage(kv_it - 1, STAGES)
     mbarrier.wait(k_ready.index(slot), phase)
     mbarrier.wait(v_ready.index(pslot), pphase)
-    _take_turn(turn_bars, turn_it, WG)
+    _take_turn(turn_bars, turn_it, WG, PINGPONG)
     s_tok = warpgroup_mma(q_buf, k_smem.index(slot).permute((1, 0)),
                           gl.zeros([64, BLOCK_N], gl.float32, s_layout),
                           use_acc=False, is_async=True)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     o_tok = warpgroup_mma(p_op, v_smem.index(pslot), acc, is_async=True)
-    _pass_turn(turn_bars, WG)
+    _pass_turn(turn_bars, WG, PINGPONG)
     # -- S_j ready (P V may still run): release K, softmax
     s = warpgroup_mma_wait(1, deps=[s_tok])
     mbarrier.arrive(k_empty.index(slot), count=1)
@@ -224,7 +234,7 @@ def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k
 def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr,
               seq_q, seq_k, heads_q, group, num_m, num_tiles, qk_scale,
               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              O_SEPARATE: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+              O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
     """Consumer warpgroup WG: rows [64 WG, 64 WG + 64) of every tile this CTA owns. With O_SEPARATE
     the output leaves through its own buffer and Q is handed back as soon as the last S = Q K^T is
     done (the producer loads the next tile's Q during this tile's last P V and epilogue);
@@ -252,10 +262,10 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
             # -- first key block: S_0 alone (masked: it may be the diagonal or the Sk tail)
             slot, phase = _stage(kv_it, STAGES)
             mbarrier.wait(k_ready.index(slot), phase)
-            _take_turn(turn_bars, turn_it, WG)
+            _take_turn(turn_bars, turn_it, WG, PINGPONG)
             s_tok = warpgroup_mma(q_buf, k_smem.index(slot).permute((1, 0)),
                                   gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-            _pass_turn(turn_bars, WG)
+            _pass_turn(turn_bars, WG, PINGPONG)
             s = warpgroup_mma_wait(0, deps=[s_tok])
             mbarrier.arrive(k_empty.index(slot), count=1)
             cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -268,22 +278,22 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
                 acc, m_i, l_i, p_op, alpha, kv_it, turn_it = _consume_block(
                     acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
                     turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, seq_k, causal_offset,
-                    WG, STAGES, BLOCK_N, False, CAUSAL, s_layout, o_layout, p_layout)
+                    WG, STAGES, BLOCK_N, False, CAUSAL, PINGPONG, s_layout, o_layout, p_layout)
             # -- the diagonal and the ragged end of Sk: masked
             for j in range(gl.maximum(n_full, 1), n_end):
                 acc, m_i, l_i, p_op, alpha, kv_it, turn_it = _consume_block(
                     acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
                     turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, seq_k, causal_offset,
-                    WG, STAGES, BLOCK_N, True, CAUSAL, s_layout, o_layout, p_layout)
+                    WG, STAGES, BLOCK_N, True, CAUSAL, PINGPONG, s_layout, o_layout, p_layout)
             if O_SEPARATE:  # every S of the tile is done: Q may be overwritten
                 mbarrier.arrive(q_empty.index(WG), count=1)
             # -- the last block's P V
             pslot, pphase = _stage(kv_it - 1, STAGES)
             mbarrier.wait(v_ready.index(pslot), pphase)
-            _take_turn(turn_bars, turn_it, WG)
+            _take_turn(turn_bars, turn_it, WG, PINGPONG)
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             o_tok = warpgroup_mma(p_op, v_smem.index(pslot), acc, is_async=True)
-            _pass_turn(turn_bars, WG)
+            _pass_turn(turn_bars, WG, PINGPONG)
             acc = warpgroup_mma_wait(0, deps=[o_tok])
             mbarrier.arrive(v_empty.index(pslot), count=1)
             turn_it += 1
@@ -347,7 +357,7 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
 def _attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr,
                      seq_q, seq_k, heads_q, group, num_tiles, qk_scale,
                      BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                     O_SEPARATE: gl.constexpr):
+                     O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -384,9 +394,11 @@ def _attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr,
     num_m = (seq_q + 127) // 128
     gl.warp_specialize([
         (_consumer, (0, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
-                     num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, O_SEPARATE, s_layout, o_layout)),
+                     num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, O_SEPARATE, PINGPONG, s_layout,
+                     o_layout)),
         (_consumer, (1, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
-                     num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, O_SEPARATE, s_layout, o_layout)),
+                     num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, O_SEPARATE, PINGPONG, s_layout,
+                     o_layout)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_q, seq_k, heads_q, group, num_m,
                      num_tiles, BLOCK_N, STAGES, CAUSAL)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -471,7 +483,7 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     out, lse = plan.allocate()
     if plan.finished:
         return out, lse
-    cfg = {**default_config(d), **(config or {})}
+    cfg = resolve_config(d, config)
     causal = bool(causal) and sq > 1  # one query row sees every key (bottom-right)
     num_tiles = bsz * hq * triton.cdiv(sq, BLOCK_M)
     index = cuda_index(q) or 0
@@ -484,7 +496,8 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         grid = (min(_sm_count(index), num_tiles),)
         _attn_fwd_kernel[grid](qd, kd, vd, od, lse, sq, sk, hq, hq // hkv, num_tiles,
                                float(scale) * LOG2E, BLOCK_N=cfg["BLOCK_N"], HEAD_D=d, STAGES=cfg["STAGES"],
-                               CAUSAL=causal, O_SEPARATE=cfg["O_SEPARATE"], num_warps=NUM_WARPS, maxnreg=MAX_REGS_PER_THREAD)
+                               CAUSAL=causal, O_SEPARATE=cfg["O_SEPARATE"],
+                               PINGPONG=cfg["PINGPONG"], num_warps=NUM_WARPS, maxnreg=MAX_REGS_PER_THREAD)
         if o_dst is not out:
             out.copy_(o_dst)
 
@@ -501,7 +514,7 @@ def aot_compile(head_dim: int, causal: bool, dtype: str = "bf16", config: dict[s
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    cfg = {**default_config(head_dim), **(config or {})}
+    cfg = resolve_config(head_dim, config)
     gdt = _SIG_DTYPES[dtype]
 
     def desc(rows: int) -> str:
@@ -510,9 +523,10 @@ def aot_compile(head_dim: int, causal: bool, dtype: str = "bf16", config: dict[s
     signature = {"q_desc": desc(HALF_M), "k_desc": desc(cfg["BLOCK_N"]), "v_desc": desc(cfg["BLOCK_N"]),
                  "o_desc": desc(HALF_M), "lse_ptr": "*fp32", "seq_q": "i32", "seq_k": "i32", "heads_q": "i32",
                  "group": "i32", "num_tiles": "i32", "qk_scale": "fp32", "BLOCK_N": "constexpr",
-                 "HEAD_D": "constexpr", "STAGES": "constexpr", "CAUSAL": "constexpr", "O_SEPARATE": "constexpr"}
+                 "HEAD_D": "constexpr", "STAGES": "constexpr", "CAUSAL": "constexpr", "O_SEPARATE": "constexpr",
+                 "PINGPONG": "constexpr"}
     constexprs = {"BLOCK_N": cfg["BLOCK_N"], "HEAD_D": head_dim, "STAGES": cfg["STAGES"], "CAUSAL": causal,
-                  "O_SEPARATE": cfg["O_SEPARATE"]}
+                  "O_SEPARATE": cfg["O_SEPARATE"], "PINGPONG": cfg["PINGPONG"]}
     src = GluonASTSource(fn=_attn_fwd_kernel, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": NUM_WARPS, "maxnreg": MAX_REGS_PER_THREAD})
