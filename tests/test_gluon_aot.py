@@ -61,7 +61,7 @@ def test_gluon_forward_compiles_for_sm90(head_dim: int, causal: bool) -> None:
     assert "cp.async.bulk.tensor.4d.shared::cluster.global" in ptx  # TMA loads
     assert "cp.async.bulk.tensor.4d.global.shared::cta" in ptx  # TMA store of O
     regs = set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
-    assert {str(gf.CONSUMER_REGS.value), str(gf.PRODUCER_REGS.value)} <= regs, regs
+    assert {str(gf.CONSUMER_REGS_2WG.value), str(gf.PRODUCER_REGS.value)} <= regs, regs
     assert 0 < int(k.metadata.shared) <= SM90_SHARED_BYTES
     report = _ptxas_report(ptx)
     spills = [(int(a), int(b)) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)]

@@ -167,3 +167,18 @@ def test_lse_drives_the_triton_backward(case: tuple) -> None:
             return attention_backward(do, q, k, v, out, lse, causal=causal, scale=d**-0.5, config={})
 
     check_grads(Fn.apply, q, k, v, causal=causal)
+
+
+@requires_sm90
+@pytest.mark.parametrize("d,config", [(64, {"CONSUMERS": 3}), (128, {"STAGES": 3, "O_SEPARATE": False}),
+                                      (128, {"PINGPONG": False}), (64, {"STAGES": 4})],
+                         ids=["d64-3wg", "d128-3stages-o-in-q", "d128-no-pingpong", "d64-4stages"])
+def test_other_configs(d: int, config: dict) -> None:
+    """Configs the benchmark compares (not the defaults) are as correct as the defaults."""
+    from flashdispatch.backends.triton.gluon_forward import gluon_attention_forward
+
+    for b, hq, hkv, sq, sk, causal in ((2, 4, 2, 1000, 1000, True), (1, 3, 3, 333, 1027, True)):
+        q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=torch.bfloat16, device="cuda")
+        with poisoned_empty():
+            out, lse = gluon_attention_forward(q, k, v, causal=causal, scale=d**-0.5, config=config)
+        check_forward(out, q, k, v, causal=causal, lse=lse)

@@ -8,6 +8,7 @@ and our Triton forward, bf16, on the shapes the Gluon kernel is judged on:
 
     python -m flashdispatch.tools.bench_gluon --out DIR        # JSON in DIR/bench_gluon.json
     python -m flashdispatch.tools.bench_gluon --quick          # S = 1k, 4k, 16k only
+    python -m flashdispatch.tools.bench_gluon --only-variants  # other kernel configs beside the default
 
 Timing: tools.timing.interleaved_median_ms (CUDA events, warm-up, L2 flushed before every call,
 providers interleaved in a shuffled order per repetition, median), on random normal inputs.
@@ -37,6 +38,7 @@ VARIANTS: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
     "gluon:s2": ((64,), {"STAGES": 2}),
     "gluon:s4": ((64,), {"STAGES": 4}),
     "gluon:nopp": ((64, 128), {"PINGPONG": False}),  # the two warpgroups issue wgmmas without turns
+    "gluon:c3": ((64,), {"CONSUMERS": 3}),  # 192-row tiles, three consumer warpgroups taking turns
 }
 BASELINE = "sdpa"
 HANG_SECONDS = 60.0
@@ -218,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="S = 1k, 4k, 16k only")
     ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}")
     ap.add_argument("--variants", action="store_true", help=f"also time the kernel configs {sorted(VARIANTS)}")
+    ap.add_argument("--only-variants", action="store_true",
+                    help="time the variants beside gluon and plain SDPA only (JSON: bench_gluon_variants.json)")
     ap.add_argument("--warmup-ms", type=float, default=25.0)
     ap.add_argument("--rep-ms", type=float, default=100.0)
     args = ap.parse_args(argv)
@@ -225,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write("bench_gluon: needs a CUDA GPU\n")
         return 2
     providers = [p for p in args.providers.split(",") if p]
-    if args.variants:
+    if args.only_variants:
+        providers = ["gluon", BASELINE]
+    if args.variants or args.only_variants:
         providers += [v for v in VARIANTS if v not in providers]
     if BASELINE not in providers:
         providers.insert(1, BASELINE)
@@ -248,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "rows": [{**asdict(r.case), "describe": r.case.describe(), "ms": r.ms,
                           "tflops": {p: r.tflops(p) for p in r.ms}, "ratio_to_sdpa": {p: r.ratio(p) for p in r.ms},
                           "errors": r.errors, "max_abs_diff_gluon_sdpa": r.max_abs_diff} for r in rows]}
-        with open(os.path.join(args.out, "bench_gluon.json"), "w") as f:
+        name = "bench_gluon_variants.json" if args.only_variants else "bench_gluon.json"
+        with open(os.path.join(args.out, name), "w") as f:
             json.dump(data, f, indent=1, default=str)
 
     t0 = time.perf_counter()

@@ -76,26 +76,32 @@ log = logging.getLogger("flashdispatch")
 LOG2E = 1.4426950408889634
 HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
 DTYPES: frozenset[torch.dtype] = frozenset({torch.float16, torch.bfloat16})
-HALF_M = 64  # query rows per consumer warpgroup (one wgmma M of 64)
-BLOCK_M = 2 * HALF_M  # query rows per tile
+HALF_M = 64  # query rows per consumer warpgroup (one wgmma M of 64); a tile has CONSUMERS x 64 rows
 NUM_WARPS = 4  # the default partition: consumer warpgroup 0
-CONSUMER_REGS = gl.constexpr(240)  # setmaxnreg of the consumer warpgroups
-PRODUCER_REGS = gl.constexpr(24)  # setmaxnreg of the producer warp
-MAX_REGS_PER_THREAD = 168  # 65536 registers over 3 warpgroups x 128 threads, rounded down to 8
+# setmaxnreg per partition: the CTA's warpgroups (consumers + the producer's) share 65536 registers,
+# 512 per thread slot: 2 consumers 240 + 240 + 24, 3 consumers 3 x 160 + 24
+CONSUMER_REGS_2WG = gl.constexpr(240)
+CONSUMER_REGS_3WG = gl.constexpr(160)
+PRODUCER_REGS = gl.constexpr(24)
 
 
-CONFIG_KEYS: frozenset[str] = frozenset({"BLOCK_N", "STAGES", "O_SEPARATE", "PINGPONG"})
+def max_regs_per_thread(consumers: int) -> int:
+    """The launch's register cap (maxnreg): 65536 over (consumers + 1) warpgroups, rounded down to 8."""
+    return 65536 // ((consumers + 1) * 128) // 8 * 8
+
+
+CONFIG_KEYS: frozenset[str] = frozenset({"BLOCK_N", "STAGES", "O_SEPARATE", "PINGPONG", "CONSUMERS"})
 
 
 def default_config(head_dim: int) -> dict[str, Any]:
     """Key block, pipeline depth and whether O has its own buffer, per head dim (shared memory:
     Q 128 x D, STAGES x (K + V) BLOCK_N x D, O 128 x D when separate; 227 KiB on sm_90)."""
     if head_dim == 64:
-        return {"BLOCK_N": 128, "STAGES": 3, "O_SEPARATE": True, "PINGPONG": True}
+        return {"BLOCK_N": 128, "STAGES": 3, "O_SEPARATE": True, "PINGPONG": True, "CONSUMERS": 2}
     if head_dim == 128:
-        return {"BLOCK_N": 128, "STAGES": 2, "O_SEPARATE": True, "PINGPONG": True}
+        return {"BLOCK_N": 128, "STAGES": 2, "O_SEPARATE": True, "PINGPONG": True, "CONSUMERS": 2}
     if head_dim == 256:
-        return {"BLOCK_N": 64, "STAGES": 2, "O_SEPARATE": False, "PINGPONG": True}
+        return {"BLOCK_N": 64, "STAGES": 2, "O_SEPARATE": False, "PINGPONG": True, "CONSUMERS": 2}
     raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {head_dim}")
 
 
@@ -124,7 +130,7 @@ def _rounds(pid, nprog, num_tiles):
 
 
 @gluon.jit
-def _tile_coords(tile, num_m, heads_q, group, CAUSAL: gl.constexpr):
+def _tile_coords(tile, num_m, heads_q, group, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
     """(first query row of the tile, b * Hq + h, b, h, kv head) of a linear tile index. Tiles of one
     head are adjacent (its K/V stay in L2); under causal the heaviest (bottom) tiles come first."""
     m_blk = tile % num_m
@@ -133,7 +139,7 @@ def _tile_coords(tile, num_m, heads_q, group, CAUSAL: gl.constexpr):
         m_blk = num_m - 1 - m_blk
     b = bh // heads_q
     h = bh % heads_q
-    return m_blk * (2 * 64), bh, b, h, h // group
+    return m_blk * BLOCK_M, bh, b, h, h // group
 
 
 @gluon.jit
@@ -182,15 +188,20 @@ def _softmax(s, m_i, l_i, qk_scale, rows, cols, seq_k, causal_offset,
 
 @gluon.jit
 def _take_turn(turn_bars, turn_it, WG: gl.constexpr, PINGPONG: gl.constexpr):
-    """Wait until the other warpgroup has issued its wgmmas (WG0 goes first)."""
+    """Wait until the previous warpgroup in the round (WG0, WG1, ..., WG0, ...) has issued its
+    wgmmas. WG0's first wait passes on the fresh barrier (parity 1); WG w > 0 waits for WG w-1's
+    arrival of the same round."""
     if PINGPONG:
-        mbarrier.wait(turn_bars.index(WG), (turn_it & 1) ^ (1 - WG))
+        if WG == 0:
+            mbarrier.wait(turn_bars.index(WG), (turn_it & 1) ^ 1)
+        else:
+            mbarrier.wait(turn_bars.index(WG), turn_it & 1)
 
 
 @gluon.jit
-def _pass_turn(turn_bars, WG: gl.constexpr, PINGPONG: gl.constexpr):
+def _pass_turn(turn_bars, WG: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr):
     if PINGPONG:
-        mbarrier.arrive(turn_bars.index(1 - WG), count=1)
+        mbarrier.arrive(turn_bars.index((WG + 1) % NC), count=1)
 
 
 # --- consumer step: one key block --------------------------------------------------------------------
@@ -200,7 +211,7 @@ def _pass_turn(turn_bars, WG: gl.constexpr, PINGPONG: gl.constexpr):
 def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready,
                    v_empty, turn_bars, kv_it, turn_it, qk_scale, rows, n_start, seq_k, causal_offset,
                    WG: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                   MASKED: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+                   MASKED: gl.constexpr, CAUSAL: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
                    s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
     """Key block kv_it (not the first of the tile): S_j and the previous block's P V in flight
     together, the softmax of S_j while P V finishes."""
@@ -214,7 +225,7 @@ def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k
                           use_acc=False, is_async=True)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     o_tok = warpgroup_mma(p_op, v_smem.index(pslot), acc, is_async=True)
-    _pass_turn(turn_bars, WG, PINGPONG)
+    _pass_turn(turn_bars, WG, NC, PINGPONG)
     # -- S_j ready (P V may still run): release K, softmax
     s = warpgroup_mma_wait(1, deps=[s_tok])
     mbarrier.arrive(k_empty.index(slot), count=1)
@@ -234,8 +245,9 @@ def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k
 def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr,
               seq_q, seq_k, heads_q, group, num_m, num_tiles, qk_scale,
               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
-    """Consumer warpgroup WG: rows [64 WG, 64 WG + 64) of every tile this CTA owns. With O_SEPARATE
+              NC: gl.constexpr, O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr,
+              s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """Consumer warpgroup WG of NC: rows [64 WG, 64 WG + 64) of every tile this CTA owns. With O_SEPARATE
     the output leaves through its own buffer and Q is handed back as soon as the last S = Q K^T is
     done (the producer loads the next tile's Q during this tile's last P V and epilogue);
     otherwise O goes out through Q's buffer, handed back once the store has read it."""
@@ -251,8 +263,8 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     for r in range(_rounds(pid, nprog, num_tiles)):
-        start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, heads_q, group, CAUSAL)
-        n_full, n_end = _key_blocks(start_m, seq_q, seq_k, 128, BLOCK_N, CAUSAL)
+        start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, heads_q, group, NC * 64, CAUSAL)
+        n_full, n_end = _key_blocks(start_m, seq_q, seq_k, NC * 64, BLOCK_N, CAUSAL)
         rows = start_m + WG * 64 + gl.arange(0, 64, layout=row_layout)
         m_i = gl.full([64], float("-inf"), gl.float32, row_layout)
         l_i = gl.full([64], 0.0, gl.float32, row_layout)
@@ -265,7 +277,7 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
             _take_turn(turn_bars, turn_it, WG, PINGPONG)
             s_tok = warpgroup_mma(q_buf, k_smem.index(slot).permute((1, 0)),
                                   gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-            _pass_turn(turn_bars, WG, PINGPONG)
+            _pass_turn(turn_bars, WG, NC, PINGPONG)
             s = warpgroup_mma_wait(0, deps=[s_tok])
             mbarrier.arrive(k_empty.index(slot), count=1)
             cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -278,13 +290,13 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
                 acc, m_i, l_i, p_op, alpha, kv_it, turn_it = _consume_block(
                     acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
                     turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, seq_k, causal_offset,
-                    WG, STAGES, BLOCK_N, False, CAUSAL, PINGPONG, s_layout, o_layout, p_layout)
+                    WG, STAGES, BLOCK_N, False, CAUSAL, NC, PINGPONG, s_layout, o_layout, p_layout)
             # -- the diagonal and the ragged end of Sk: masked
             for j in range(gl.maximum(n_full, 1), n_end):
                 acc, m_i, l_i, p_op, alpha, kv_it, turn_it = _consume_block(
                     acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
                     turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, seq_k, causal_offset,
-                    WG, STAGES, BLOCK_N, True, CAUSAL, PINGPONG, s_layout, o_layout, p_layout)
+                    WG, STAGES, BLOCK_N, True, CAUSAL, NC, PINGPONG, s_layout, o_layout, p_layout)
             if O_SEPARATE:  # every S of the tile is done: Q may be overwritten
                 mbarrier.arrive(q_empty.index(WG), count=1)
             # -- the last block's P V
@@ -293,7 +305,7 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
             _take_turn(turn_bars, turn_it, WG, PINGPONG)
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             o_tok = warpgroup_mma(p_op, v_smem.index(pslot), acc, is_async=True)
-            _pass_turn(turn_bars, WG, PINGPONG)
+            _pass_turn(turn_bars, WG, NC, PINGPONG)
             acc = warpgroup_mma_wait(0, deps=[o_tok])
             mbarrier.arrive(v_empty.index(pslot), count=1)
             turn_it += 1
@@ -322,17 +334,17 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
               seq_q, seq_k, heads_q, group, num_m, num_tiles,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """The TMA warp: Q halves of each tile, then its key/value blocks through the STAGES ring."""
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, NC: gl.constexpr):
+    """The TMA warp: each consumer's Q rows of a tile, then its key/value blocks through the ring."""
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars = bars
     kv_it = 0
     tile_it = 0
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     for r in range(_rounds(pid, nprog, num_tiles)):
-        start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, heads_q, group, CAUSAL)
-        n_full, n_end = _key_blocks(start_m, seq_q, seq_k, 128, BLOCK_N, CAUSAL)
-        for w in gl.static_range(2):
+        start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, heads_q, group, NC * 64, CAUSAL)
+        n_full, n_end = _key_blocks(start_m, seq_q, seq_k, NC * 64, BLOCK_N, CAUSAL)
+        for w in gl.static_range(NC):
             # a fresh barrier counts as if its phase 1 had completed: the first wait passes
             mbarrier.wait(q_empty.index(w), (tile_it & 1) ^ 1)
             mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
@@ -357,7 +369,7 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
 def _attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr,
                      seq_q, seq_k, heads_q, group, num_tiles, qk_scale,
                      BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                     O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr):
+                     O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr, NC: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -366,42 +378,58 @@ def _attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr,
     # operand buffers are 2-d (rows, D) for the wgmmas; the 4-d descriptors' boxes are (1, 1, rows, D)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_D], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
-    q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_D], q_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [NC, 64, HEAD_D], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
     if O_SEPARATE:
-        o_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_D], q_layout)
+        o_smem = gl.allocate_shared_memory(dtype, [NC, 64, HEAD_D], q_layout)
     else:
         o_smem = q_smem
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for w in gl.static_range(2):
+    turn_bars = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
+    for w in gl.static_range(NC):
         mbarrier.init(q_ready.index(w), count=1)
         mbarrier.init(q_empty.index(w), count=1)
         mbarrier.init(turn_bars.index(w), count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
-        mbarrier.init(k_empty.index(s), count=2)
+        mbarrier.init(k_empty.index(s), count=NC)
         mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(v_empty.index(s), count=2)
+        mbarrier.init(v_empty.index(s), count=NC)
     fence_async_shared()
     bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars)
-    num_m = (seq_q + 127) // 128
-    gl.warp_specialize([
-        (_consumer, (0, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
-                     num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, O_SEPARATE, PINGPONG, s_layout,
-                     o_layout)),
-        (_consumer, (1, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
-                     num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, O_SEPARATE, PINGPONG, s_layout,
-                     o_layout)),
-        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_q, seq_k, heads_q, group, num_m,
-                     num_tiles, BLOCK_N, STAGES, CAUSAL)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    num_m = (seq_q + NC * 64 - 1) // (NC * 64)
+    if NC == 2:
+        gl.warp_specialize([
+            (_consumer, (0, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
+                         num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
+                         s_layout, o_layout)),
+            (_consumer, (1, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
+                         num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
+                         s_layout, o_layout)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_q, seq_k, heads_q, group, num_m,
+                         num_tiles, BLOCK_N, STAGES, CAUSAL, NC)),
+        ], [4, 1], [CONSUMER_REGS_2WG, PRODUCER_REGS])
+    else:
+        gl.static_assert(NC == 3, "NC: 2 or 3 consumer warpgroups")
+        gl.warp_specialize([
+            (_consumer, (0, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
+                         num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
+                         s_layout, o_layout)),
+            (_consumer, (1, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
+                         num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
+                         s_layout, o_layout)),
+            (_consumer, (2, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
+                         num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
+                         s_layout, o_layout)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_q, seq_k, heads_q, group, num_m,
+                         num_tiles, BLOCK_N, STAGES, CAUSAL, NC)),
+        ], [4, 4, 1], [CONSUMER_REGS_3WG, CONSUMER_REGS_3WG, PRODUCER_REGS])
 
 
 # --- host launch -------------------------------------------------------------------------------------
@@ -485,7 +513,7 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         return out, lse
     cfg = resolve_config(d, config)
     causal = bool(causal) and sq > 1  # one query row sees every key (bottom-right)
-    num_tiles = bsz * hq * triton.cdiv(sq, BLOCK_M)
+    num_tiles = bsz * hq * triton.cdiv(sq, HALF_M * cfg["CONSUMERS"])
     index = cuda_index(q) or 0
 
     def launch() -> None:
@@ -497,7 +525,8 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         _attn_fwd_kernel[grid](qd, kd, vd, od, lse, sq, sk, hq, hq // hkv, num_tiles,
                                float(scale) * LOG2E, BLOCK_N=cfg["BLOCK_N"], HEAD_D=d, STAGES=cfg["STAGES"],
                                CAUSAL=causal, O_SEPARATE=cfg["O_SEPARATE"],
-                               PINGPONG=cfg["PINGPONG"], num_warps=NUM_WARPS, maxnreg=MAX_REGS_PER_THREAD)
+                               PINGPONG=cfg["PINGPONG"], NC=cfg["CONSUMERS"], num_warps=NUM_WARPS,
+                               maxnreg=max_regs_per_thread(cfg["CONSUMERS"]))
         if o_dst is not out:
             out.copy_(o_dst)
 
@@ -524,9 +553,9 @@ def aot_compile(head_dim: int, causal: bool, dtype: str = "bf16", config: dict[s
                  "o_desc": desc(HALF_M), "lse_ptr": "*fp32", "seq_q": "i32", "seq_k": "i32", "heads_q": "i32",
                  "group": "i32", "num_tiles": "i32", "qk_scale": "fp32", "BLOCK_N": "constexpr",
                  "HEAD_D": "constexpr", "STAGES": "constexpr", "CAUSAL": "constexpr", "O_SEPARATE": "constexpr",
-                 "PINGPONG": "constexpr"}
+                 "PINGPONG": "constexpr", "NC": "constexpr"}
     constexprs = {"BLOCK_N": cfg["BLOCK_N"], "HEAD_D": head_dim, "STAGES": cfg["STAGES"], "CAUSAL": causal,
-                  "O_SEPARATE": cfg["O_SEPARATE"], "PINGPONG": cfg["PINGPONG"]}
+                  "O_SEPARATE": cfg["O_SEPARATE"], "PINGPONG": cfg["PINGPONG"], "NC": cfg["CONSUMERS"]}
     src = GluonASTSource(fn=_attn_fwd_kernel, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": NUM_WARPS, "maxnreg": MAX_REGS_PER_THREAD})
+                          options={"num_warps": NUM_WARPS, "maxnreg": max_regs_per_thread(cfg["CONSUMERS"])})
