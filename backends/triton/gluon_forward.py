@@ -1,8 +1,10 @@
 """Attention forward for Hopper (sm_90) in Gluon: FlashAttention-3's warp-specialised schedule.
 
-One persistent CTA per SM walks a static list of query tiles. A tile is BLOCK_M = 128 query rows of
-one (batch, query head); it is split between two consumer warpgroups of 64 rows each, which share
-the key/value blocks that one producer warp streams into shared memory with the copy engine (TMA).
+One persistent CTA per SM walks a static list of query tiles. A tile is 128 query rows of one
+(batch, query head); it is split between two consumer warpgroups of 64 rows each, which share the
+key/value blocks that one producer warp streams into shared memory with the copy engine (TMA).
+(CONSUMERS=3 makes 192-row tiles for three warpgroups taking turns in a round; the drawing below
+shows the default two.)
 Tiles are numbered head by head (a head's K/V stay in L2 while its tiles run), bottom tiles first
 under causal, and dealt to the CTAs in rounds in snake order (0..G-1, then G-1..0), which pairs
 heavy causal tiles with light ones on each CTA.
@@ -23,17 +25,21 @@ Partitions (12 warps: 2 consumer warpgroups, 1 producer warp padded to a warpgro
                                        softmax(S_j) -> P_j, alpha_j   (overlaps PV_{j-1} and the
                                                                        other warpgroup's wgmmas)
                                        wait O; arrive v_empty[s']
+                                     arrive q_empty[0]     (O_SEPARATE: every S is done)
                                      last: O *= alpha; O += P V (in turn); O /= l
-                                     O -> Q's shared buffer -> TMA store; arrive q_empty[0]
+                                     O -> O's buffer -> TMA store      (O_SEPARATE; else O goes
+                                                                       out through Q's buffer and
+                                                                       q_empty is arrived after)
 
 Barriers (mbarrier; "count" = arrivals that complete one phase)
     q_ready[w]  1 + TMA bytes   producer -> consumer w   Q rows of warpgroup w have landed
-    q_empty[w]  1               consumer w -> producer   w's Q buffer (reused for O) is free again
+    q_empty[w]  1               consumer w -> producer   w's Q buffer is free again
     k_ready[s]  1 + TMA bytes   producer -> consumers    K block in stage s has landed
     k_empty[s]  2               consumers -> producer    both warpgroups' S = Q K^T are done with it
     v_ready[s]  1 + TMA bytes   producer -> consumers    V block in stage s has landed
     v_empty[s]  2               consumers -> producer    both warpgroups' O += P V are done with it
     turn[w]     1               consumer 1-w -> w        ping-pong: w may issue its next wgmmas
+                                                         (PINGPONG=False: never used)
 
 The turn barriers only order the two warpgroups' wgmma issue (WG0, WG1, WG0, ...) so that one
 warpgroup's softmax runs while the tensor cores work on the other's GEMMs; correctness rests on
@@ -94,8 +100,11 @@ CONFIG_KEYS: frozenset[str] = frozenset({"BLOCK_N", "STAGES", "O_SEPARATE", "PIN
 
 
 def default_config(head_dim: int) -> dict[str, Any]:
-    """Key block, pipeline depth and whether O has its own buffer, per head dim (shared memory:
-    Q 128 x D, STAGES x (K + V) BLOCK_N x D, O 128 x D when separate; 227 KiB on sm_90)."""
+    """The kernel's config per head dim. BLOCK_N: keys per block; STAGES: K/V ring slots;
+    O_SEPARATE: O has its own staging buffer (else it goes out through Q's); PINGPONG: the turn
+    barriers order the consumers' wgmma issue; CONSUMERS: consumer warpgroups (64 query rows
+    each). Shared memory: Q 64 C x D, STAGES x (K + V) BLOCK_N x D, O 64 C x D when separate, in
+    the 227 KiB of an sm_90 CTA."""
     if head_dim == 64:
         return {"BLOCK_N": 128, "STAGES": 3, "O_SEPARATE": True, "PINGPONG": True, "CONSUMERS": 2}
     if head_dim == 128:
