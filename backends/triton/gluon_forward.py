@@ -5,9 +5,9 @@ One persistent CTA per SM walks a static list of query tiles. A tile is 128 quer
 key/value blocks that one producer warp streams into shared memory with the copy engine (TMA).
 (CONSUMERS=3 makes 192-row tiles for three warpgroups taking turns in a round; the drawing below
 shows the default two.)
-Tiles are numbered head by head (a head's K/V stay in L2 while its tiles run), bottom tiles first
-under causal, and dealt to the CTAs in rounds in snake order (0..G-1, then G-1..0), which pairs
-heavy causal tiles with light ones on each CTA.
+Tiles are numbered head by head (a head's K/V stay in L2 while its tiles run), or under causal
+bottom row block first across all heads, and dealt to the CTAs in rounds in snake order (0..G-1,
+then G-1..0), which pairs heavy causal tiles with light ones on each CTA.
 
 Partitions (12 warps: 2 consumer warpgroups, 1 producer warp padded to a warpgroup)
 
@@ -139,13 +139,21 @@ def _rounds(pid, nprog, num_tiles):
 
 
 @gluon.jit
-def _tile_coords(tile, num_m, heads_q, group, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
-    """(first query row of the tile, b * Hq + h, b, h, kv head) of a linear tile index. Tiles of one
-    head are adjacent (its K/V stay in L2); under causal the heaviest (bottom) tiles come first."""
-    m_blk = tile % num_m
-    bh = tile // num_m
+def _tile_coords(tile, num_m, num_bh, heads_q, group, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
+    """(first query row of the tile, b * Hq + h, b, h, kv head) of a linear tile index.
+
+    Without causal every tile costs the same: the tiles of one head are adjacent, so the CTAs of a
+    round share that head's K/V in L2. Under causal a tile's cost grows with its row; tiles are
+    numbered bottom row block first across all heads (then the next row block, ...), so that the
+    tiles of one round cost about the same and the snake order evens out the rest (numbered head by
+    head, the rounds straddled heads and some CTAs drew only heavy tiles: 0.65 of the SMs' time used
+    at S=16k, B*H=16). The CTAs of a round then share each head's K/V prefix, read in step."""
     if CAUSAL:
-        m_blk = num_m - 1 - m_blk
+        m_blk = num_m - 1 - tile // num_bh
+        bh = tile % num_bh
+    else:
+        m_blk = tile % num_m
+        bh = tile // num_m
     b = bh // heads_q
     h = bh % heads_q
     return m_blk * BLOCK_M, bh, b, h, h // group
@@ -271,8 +279,10 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
     tile_it = 0
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
+    num_bh = num_tiles // num_m
     for r in range(_rounds(pid, nprog, num_tiles)):
-        start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, heads_q, group, NC * 64, CAUSAL)
+        start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, num_bh, heads_q, group, NC * 64,
+                                             CAUSAL)
         n_full, n_end = _key_blocks(start_m, seq_q, seq_k, NC * 64, BLOCK_N, CAUSAL)
         rows = start_m + WG * 64 + gl.arange(0, 64, layout=row_layout)
         m_i = gl.full([64], float("-inf"), gl.float32, row_layout)
@@ -350,8 +360,10 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
     tile_it = 0
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
+    num_bh = num_tiles // num_m
     for r in range(_rounds(pid, nprog, num_tiles)):
-        start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, heads_q, group, NC * 64, CAUSAL)
+        start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, num_bh, heads_q, group, NC * 64,
+                                             CAUSAL)
         n_full, n_end = _key_blocks(start_m, seq_q, seq_k, NC * 64, BLOCK_N, CAUSAL)
         for w in gl.static_range(NC):
             # a fresh barrier counts as if its phase 1 had completed: the first wait passes
