@@ -171,8 +171,9 @@ def test_lse_drives_the_triton_backward(case: tuple) -> None:
 
 @requires_sm90
 @pytest.mark.parametrize("d,config", [(64, {"CONSUMERS": 3}), (128, {"STAGES": 3, "O_SEPARATE": False}),
-                                      (128, {"PINGPONG": False}), (64, {"STAGES": 4})],
-                         ids=["d64-3wg", "d128-3stages-o-in-q", "d128-no-pingpong", "d64-4stages"])
+                                      (128, {"PINGPONG": False}), (64, {"STAGES": 4}),
+                                      (64, {"CONSUMERS": 3, "BLOCK_N": 64, "STAGES": 4})],
+                         ids=["d64-3wg", "d128-3stages-o-in-q", "d128-no-pingpong", "d64-4stages", "d64-3wg-n64"])
 def test_other_configs(d: int, config: dict) -> None:
     """Configs the benchmark compares (not the defaults) are as correct as the defaults."""
     from flashdispatch.backends.triton.gluon_forward import gluon_attention_forward
