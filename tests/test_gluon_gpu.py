@@ -172,13 +172,17 @@ def test_lse_drives_the_triton_backward(case: tuple) -> None:
 @requires_sm90
 @pytest.mark.parametrize("d,config", [(64, {"CONSUMERS": 3}), (128, {"STAGES": 3, "O_SEPARATE": False}),
                                       (128, {"PINGPONG": False}), (64, {"STAGES": 4}),
-                                      (64, {"CONSUMERS": 3, "BLOCK_N": 64, "STAGES": 4})],
-                         ids=["d64-3wg", "d128-3stages-o-in-q", "d128-no-pingpong", "d64-4stages", "d64-3wg-n64"])
+                                      (64, {"CONSUMERS": 3, "BLOCK_N": 64, "STAGES": 4}), (128, {"XTILE": True}),
+                                      (64, {"XTILE": True})],
+                         ids=["d64-3wg", "d128-3stages-o-in-q", "d128-no-pingpong", "d64-4stages", "d64-3wg-n64",
+                              "d128-xtile", "d64-xtile"])
 def test_other_configs(d: int, config: dict) -> None:
     """Configs the benchmark compares (not the defaults) are as correct as the defaults."""
     from flashdispatch.backends.triton.gluon_forward import gluon_attention_forward
 
-    for b, hq, hkv, sq, sk, causal in ((2, 4, 2, 1000, 1000, True), (1, 3, 3, 333, 1027, True)):
+    # causal 1000 x 1000: the persistent loop over many tiles; 1027 x 113: tiles whose rows see no key
+    for b, hq, hkv, sq, sk, causal in ((2, 4, 2, 1000, 1000, True), (1, 3, 3, 333, 1027, True),
+                                       (1, 5, 5, 1027, 113, True)):
         q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=torch.bfloat16, device="cuda")
         with poisoned_empty():
             out, lse = gluon_attention_forward(q, k, v, causal=causal, scale=d**-0.5, config=config)

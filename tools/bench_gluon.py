@@ -40,6 +40,7 @@ VARIANTS: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
     "gluon:nopp": ((64, 128), {"PINGPONG": False}),  # the two warpgroups issue wgmmas without turns
     "gluon:c3": ((64,), {"CONSUMERS": 3}),  # 192-row tiles, three consumer warpgroups taking turns
     "gluon:c3n64": ((64,), {"CONSUMERS": 3, "BLOCK_N": 64, "STAGES": 4}),  # the same, 64-key blocks
+    "gluon:xtile": ((64, 128), {"XTILE": True}),  # a tile's last P V issued with the next tile's first S
 }
 BASELINE = "sdpa"
 HANG_SECONDS = 60.0

@@ -96,21 +96,22 @@ def max_regs_per_thread(consumers: int) -> int:
     return 65536 // ((consumers + 1) * 128) // 8 * 8
 
 
-CONFIG_KEYS: frozenset[str] = frozenset({"BLOCK_N", "STAGES", "O_SEPARATE", "PINGPONG", "CONSUMERS"})
+CONFIG_KEYS: frozenset[str] = frozenset({"BLOCK_N", "STAGES", "O_SEPARATE", "PINGPONG", "CONSUMERS", "XTILE"})
 
 
 def default_config(head_dim: int) -> dict[str, Any]:
     """The kernel's config per head dim. BLOCK_N: keys per block; STAGES: K/V ring slots;
     O_SEPARATE: O has its own staging buffer (else it goes out through Q's); PINGPONG: the turn
     barriers order the consumers' wgmma issue; CONSUMERS: consumer warpgroups (64 query rows
-    each). Shared memory: Q 64 C x D, STAGES x (K + V) BLOCK_N x D, O 64 C x D when separate, in
+    each); XTILE: a tile's last P V goes out with the next tile's first S (two Q buffers per
+    warpgroup; needs O_SEPARATE). Shared memory: Q 64 C x D, STAGES x (K + V) BLOCK_N x D, O 64 C x D when separate, in
     the 227 KiB of an sm_90 CTA."""
     if head_dim == 64:
-        return {"BLOCK_N": 128, "STAGES": 3, "O_SEPARATE": True, "PINGPONG": True, "CONSUMERS": 2}
+        return {"BLOCK_N": 128, "STAGES": 3, "O_SEPARATE": True, "PINGPONG": True, "CONSUMERS": 2, "XTILE": False}
     if head_dim == 128:
-        return {"BLOCK_N": 128, "STAGES": 2, "O_SEPARATE": True, "PINGPONG": True, "CONSUMERS": 2}
+        return {"BLOCK_N": 128, "STAGES": 2, "O_SEPARATE": True, "PINGPONG": True, "CONSUMERS": 2, "XTILE": False}
     if head_dim == 256:
-        return {"BLOCK_N": 64, "STAGES": 2, "O_SEPARATE": False, "PINGPONG": True, "CONSUMERS": 2}
+        return {"BLOCK_N": 64, "STAGES": 2, "O_SEPARATE": False, "PINGPONG": True, "CONSUMERS": 2, "XTILE": False}
     raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {head_dim}")
 
 
@@ -255,6 +256,93 @@ def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k
     return acc, m_i, l_i, p_op, alpha, kv_it + 1, turn_it + 1
 
 
+@gluon.jit
+def _first_block(q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_scale, rows, seq_k, causal_offset,
+                 WG: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                 NC: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr):
+    """A tile's first key block: S_0 alone (masked: it may be the diagonal or the Sk tail).
+    Returns P_0 (the next P V's operand) and the fresh row state."""
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    slot, phase = _stage(kv_it, STAGES)
+    mbarrier.wait(k_ready.index(slot), phase)
+    _take_turn(turn_bars, turn_it, WG, PINGPONG)
+    s_tok = warpgroup_mma(q_buf, k_smem.index(slot).permute((1, 0)),
+                          gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+    _pass_turn(turn_bars, WG, NC, PINGPONG)
+    s = warpgroup_mma_wait(0, deps=[s_tok])
+    mbarrier.arrive(k_empty.index(slot), count=1)
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    p, m_i, l_i, alpha = _softmax(s, gl.full([64], float("-inf"), gl.float32, row_layout),
+                                  gl.full([64], 0.0, gl.float32, row_layout), qk_scale, rows, cols, seq_k,
+                                  causal_offset, True, CAUSAL)
+    p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
+    return p_op, m_i, l_i, alpha, kv_it + 1, turn_it + 1
+
+
+@gluon.jit
+def _first_block_with_last_pv(acc, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                              turn_bars, kv_it, turn_it, qk_scale, rows, seq_k, causal_offset,
+                              WG: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                              CAUSAL: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
+                              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+    """XTILE: this tile's S_0 issued in one turn with the previous tile's last P V, whose output
+    accumulator comes back finished; returns it with P_0 and this tile's fresh row state."""
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    slot, phase = _stage(kv_it, STAGES)
+    pslot, pphase = _stage(kv_it - 1, STAGES)
+    mbarrier.wait(k_ready.index(slot), phase)
+    mbarrier.wait(v_ready.index(pslot), pphase)
+    _take_turn(turn_bars, turn_it, WG, PINGPONG)
+    s_tok = warpgroup_mma(q_buf, k_smem.index(slot).permute((1, 0)),
+                          gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    o_tok = warpgroup_mma(p_op, v_smem.index(pslot), acc, is_async=True)
+    _pass_turn(turn_bars, WG, NC, PINGPONG)
+    s = warpgroup_mma_wait(1, deps=[s_tok])
+    mbarrier.arrive(k_empty.index(slot), count=1)
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    p, m_i, l_i, alpha = _softmax(s, gl.full([64], float("-inf"), gl.float32, row_layout),
+                                  gl.full([64], 0.0, gl.float32, row_layout), qk_scale, rows, cols, seq_k,
+                                  causal_offset, True, CAUSAL)
+    p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
+    acc = warpgroup_mma_wait(0, deps=[o_tok])
+    mbarrier.arrive(v_empty.index(pslot), count=1)
+    return acc, p_op, m_i, l_i, alpha, kv_it + 1, turn_it + 1
+
+
+@gluon.jit
+def _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_it,
+             WG: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
+             o_layout: gl.constexpr):
+    """A tile's last P V, alone in its turn."""
+    pslot, pphase = _stage(kv_it - 1, STAGES)
+    mbarrier.wait(v_ready.index(pslot), pphase)
+    _take_turn(turn_bars, turn_it, WG, PINGPONG)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    o_tok = warpgroup_mma(p_op, v_smem.index(pslot), acc, is_async=True)
+    _pass_turn(turn_bars, WG, NC, PINGPONG)
+    acc = warpgroup_mma_wait(0, deps=[o_tok])
+    mbarrier.arrive(v_empty.index(pslot), count=1)
+    return acc, turn_it + 1
+
+
+@gluon.jit
+def _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q,
+                s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """O / l through shared memory and a TMA store (clipped at Sq), lse in natural log; rows that saw
+    no key (l = 0) get 0 and -inf. Waits for this warpgroup's previous store to have read o_buf."""
+    rows = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
+    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+    gl.store(lse_ptr + bh.to(gl.int64) * seq_q + rows, lse, mask=rows < seq_q)
+    tma.store_wait(0)
+    o_buf.store(out.to(o_buf.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [b, h, row0, 0], o_buf)
+
+
 # --- partitions --------------------------------------------------------------------------------------
 
 
@@ -262,16 +350,19 @@ def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k
 def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr,
               seq_q, seq_k, heads_q, group, num_m, num_tiles, qk_scale,
               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              NC: gl.constexpr, O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr,
-              s_layout: gl.constexpr, o_layout: gl.constexpr):
-    """Consumer warpgroup WG of NC: rows [64 WG, 64 WG + 64) of every tile this CTA owns. With O_SEPARATE
-    the output leaves through its own buffer and Q is handed back as soon as the last S = Q K^T is
-    done (the producer loads the next tile's Q during this tile's last P V and epilogue);
-    otherwise O goes out through Q's buffer, handed back once the store has read it."""
+              NC: gl.constexpr, O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr, XTILE: gl.constexpr,
+              QBUF: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """Consumer warpgroup WG of NC: rows [64 WG, 64 WG + 64) of every tile this CTA owns.
+
+    O_SEPARATE: the output leaves through its own buffer and Q is handed back as soon as the last
+    S = Q K^T of the tile is done (the producer loads the next Q during the last P V and the store);
+    otherwise O goes out through Q's buffer, handed back once the store has read it.
+    XTILE (with O_SEPARATE and QBUF = 2 Q buffers per warpgroup): a tile's last P V is issued in one
+    turn with the next tile's S_0, so the tensor cores see no half-empty turn between tiles."""
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars = bars
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    q_buf = q_smem.index(WG)
+    dtype: gl.constexpr = q_smem.dtype
     o_buf = o_smem.index(WG)
     causal_offset = seq_k - seq_q
     kv_it = 0
@@ -280,30 +371,55 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     num_bh = num_tiles // num_m
+    if XTILE:
+        # carried from tile to tile: the state that the previous tile's last P V needs (whether there
+        # is one, and where its output goes, is recomputed from the previous round's tile)
+        acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
+        m_i = gl.full([64], float("-inf"), gl.float32, row_layout)
+        l_i = gl.full([64], 0.0, gl.float32, row_layout)
+        alpha = gl.full([64], 0.0, gl.float32, row_layout)
+        p_op = gl.zeros([64, BLOCK_N], dtype, p_layout)
     for r in range(_rounds(pid, nprog, num_tiles)):
         start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, num_bh, heads_q, group, NC * 64,
                                              CAUSAL)
         n_full, n_end = _key_blocks(start_m, seq_q, seq_k, NC * 64, BLOCK_N, CAUSAL)
-        rows = start_m + WG * 64 + gl.arange(0, 64, layout=row_layout)
-        m_i = gl.full([64], float("-inf"), gl.float32, row_layout)
-        l_i = gl.full([64], 0.0, gl.float32, row_layout)
-        acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
-        mbarrier.wait(q_ready.index(WG), tile_it & 1)
+        row0 = start_m + WG * 64
+        rows = row0 + gl.arange(0, 64, layout=row_layout)
+        if XTILE:
+            # the previous round's tile: its last P V is pending when it had keys
+            prev_m, prev_bh, prev_b, prev_h, prev_hk = _tile_coords(_tile_of(r - 1, pid, nprog), num_m, num_bh,
+                                                                    heads_q, group, NC * 64, CAUSAL)
+            prev_end = _key_blocks(prev_m, seq_q, seq_k, NC * 64, BLOCK_N, CAUSAL)[1]
+            pend = (r > 0) & (prev_end > 0)
+            prev_row0 = prev_m + WG * 64
+        qi = WG * QBUF + tile_it % QBUF
+        q_buf = q_smem.index(qi)
+        if not XTILE:
+            m_i = gl.full([64], float("-inf"), gl.float32, row_layout)
+            l_i = gl.full([64], 0.0, gl.float32, row_layout)
+            acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
+        mbarrier.wait(q_ready.index(qi), (tile_it // QBUF) & 1)
         if n_end > 0:
-            # -- first key block: S_0 alone (masked: it may be the diagonal or the Sk tail)
-            slot, phase = _stage(kv_it, STAGES)
-            mbarrier.wait(k_ready.index(slot), phase)
-            _take_turn(turn_bars, turn_it, WG, PINGPONG)
-            s_tok = warpgroup_mma(q_buf, k_smem.index(slot).permute((1, 0)),
-                                  gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-            _pass_turn(turn_bars, WG, NC, PINGPONG)
-            s = warpgroup_mma_wait(0, deps=[s_tok])
-            mbarrier.arrive(k_empty.index(slot), count=1)
-            cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            p, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale, rows, cols, seq_k, causal_offset, True, CAUSAL)
-            p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
-            kv_it += 1
-            turn_it += 1
+            # -- first key block
+            if XTILE:
+                if pend:
+                    acc, p_op, m_new, l_new, alpha, kv_it, turn_it = _first_block_with_last_pv(
+                        acc, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_bars,
+                        kv_it, turn_it, qk_scale, rows, seq_k, causal_offset,
+                        WG, STAGES, BLOCK_N, CAUSAL, NC, PINGPONG, s_layout, o_layout, p_layout)
+                    _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_row0, seq_q,
+                                s_layout, o_layout)
+                    m_i = m_new
+                    l_i = l_new
+                else:
+                    p_op, m_i, l_i, alpha, kv_it, turn_it = _first_block(
+                        q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_scale, rows, seq_k,
+                        causal_offset, WG, STAGES, BLOCK_N, CAUSAL, NC, PINGPONG, s_layout, p_layout)
+            else:
+                p_op, m_i, l_i, alpha, kv_it, turn_it = _first_block(
+                    q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_scale, rows, seq_k,
+                    causal_offset, WG, STAGES, BLOCK_N, CAUSAL, NC, PINGPONG, s_layout, p_layout)
+            acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
             # -- blocks every row of the tile sees in full: no mask
             for j in range(1, n_full):
                 acc, m_i, l_i, p_op, alpha, kv_it, turn_it = _consume_block(
@@ -317,44 +433,53 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
                     turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, seq_k, causal_offset,
                     WG, STAGES, BLOCK_N, True, CAUSAL, NC, PINGPONG, s_layout, o_layout, p_layout)
             if O_SEPARATE:  # every S of the tile is done: Q may be overwritten
-                mbarrier.arrive(q_empty.index(WG), count=1)
-            # -- the last block's P V
-            pslot, pphase = _stage(kv_it - 1, STAGES)
-            mbarrier.wait(v_ready.index(pslot), pphase)
-            _take_turn(turn_bars, turn_it, WG, PINGPONG)
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            o_tok = warpgroup_mma(p_op, v_smem.index(pslot), acc, is_async=True)
-            _pass_turn(turn_bars, WG, NC, PINGPONG)
-            acc = warpgroup_mma_wait(0, deps=[o_tok])
-            mbarrier.arrive(v_empty.index(pslot), count=1)
-            turn_it += 1
-        # -- epilogue: O / l through shared memory and a TMA store (clipped at Sq); lse in natural log
-        empty = l_i == 0.0
-        l_safe = gl.where(empty, 1.0, l_i)
-        out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
-        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-        gl.store(lse_ptr + bh.to(gl.int64) * seq_q + rows, lse, mask=rows < seq_q)
-        if O_SEPARATE:
-            mbarrier.arrive(q_empty.index(WG), count=1, pred=n_end == 0)  # a tile that saw no key
-            tma.store_wait(0)  # the previous tile's store has read o_buf
-            o_buf.store(out.to(o_buf.dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(o_desc, [b, h, start_m + WG * 64, 0], o_buf)
+                mbarrier.arrive(q_empty.index(qi), count=1)
+            # -- the last block's P V: now, or (XTILE) with the next tile's first S
+            if not XTILE:
+                acc, turn_it = _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_it,
+                                        WG, STAGES, NC, PINGPONG, o_layout)
         else:
-            o_buf.store(out.to(o_buf.dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(o_desc, [b, h, start_m + WG * 64, 0], o_buf)
+            # -- a tile whose rows see no key (bottom-right causal, Sq > Sk): zeros and -inf
+            if XTILE:
+                if pend:
+                    acc, turn_it = _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_it,
+                                            WG, STAGES, NC, PINGPONG, o_layout)
+                    _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_row0, seq_q,
+                                s_layout, o_layout)
+                acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
+                m_i = gl.full([64], float("-inf"), gl.float32, row_layout)
+                l_i = gl.full([64], 0.0, gl.float32, row_layout)
+            if O_SEPARATE:
+                mbarrier.arrive(q_empty.index(qi), count=1)
+        if XTILE:
+            if n_end == 0:
+                _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q, s_layout, o_layout)
+        else:
+            _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q, s_layout, o_layout)
+        if not O_SEPARATE:  # O went out through Q's buffer: hand it back once the store has read it
             tma.store_wait(0)
-            mbarrier.arrive(q_empty.index(WG), count=1)
+            mbarrier.arrive(q_empty.index(qi), count=1)
         tile_it += 1
+    if XTILE:
+        # the last round's tile
+        last = _rounds(pid, nprog, num_tiles) - 1
+        prev_m, prev_bh, prev_b, prev_h, prev_hk = _tile_coords(_tile_of(last, pid, nprog), num_m, num_bh, heads_q,
+                                                                group, NC * 64, CAUSAL)
+        if _key_blocks(prev_m, seq_q, seq_k, NC * 64, BLOCK_N, CAUSAL)[1] > 0:
+            acc, turn_it = _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_it,
+                                    WG, STAGES, NC, PINGPONG, o_layout)
+            _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_m + WG * 64, seq_q,
+                        s_layout, o_layout)
     tma.store_wait(0)
 
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
               seq_q, seq_k, heads_q, group, num_m, num_tiles,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, NC: gl.constexpr):
-    """The TMA warp: each consumer's Q rows of a tile, then its key/value blocks through the ring."""
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, NC: gl.constexpr,
+              QBUF: gl.constexpr):
+    """The TMA warp: each consumer's Q rows of a tile (into the next of its QBUF buffers), then the
+    tile's key/value blocks through the STAGES ring."""
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars = bars
     kv_it = 0
     tile_it = 0
@@ -366,10 +491,11 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
                                              CAUSAL)
         n_full, n_end = _key_blocks(start_m, seq_q, seq_k, NC * 64, BLOCK_N, CAUSAL)
         for w in gl.static_range(NC):
+            qi = w * QBUF + tile_it % QBUF
             # a fresh barrier counts as if its phase 1 had completed: the first wait passes
-            mbarrier.wait(q_empty.index(w), (tile_it & 1) ^ 1)
-            mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [b, h, start_m + w * 64, 0], q_ready.index(w), q_smem.index(w))
+            mbarrier.wait(q_empty.index(qi), ((tile_it // QBUF) & 1) ^ 1)
+            mbarrier.expect(q_ready.index(qi), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, h, start_m + w * 64, 0], q_ready.index(qi), q_smem.index(qi))
         for j in range(0, n_end):
             slot, phase = _stage(kv_it, STAGES)
             mbarrier.wait(k_empty.index(slot), phase ^ 1)
@@ -390,7 +516,7 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
 def _attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr,
                      seq_q, seq_k, heads_q, group, num_tiles, qk_scale,
                      BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                     O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr, NC: gl.constexpr):
+                     O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr, NC: gl.constexpr, XTILE: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -399,23 +525,29 @@ def _attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr,
     # operand buffers are 2-d (rows, D) for the wgmmas; the 4-d descriptors' boxes are (1, 1, rows, D)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_D], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
-    q_smem = gl.allocate_shared_memory(dtype, [NC, 64, HEAD_D], q_layout)
+    if XTILE:
+        gl.static_assert(O_SEPARATE, "XTILE needs O_SEPARATE (Q is handed back before the tile's output)")
+        QBUF: gl.constexpr = 2
+    else:
+        QBUF: gl.constexpr = 1
+    q_smem = gl.allocate_shared_memory(dtype, [NC * QBUF, 64, HEAD_D], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
     if O_SEPARATE:
         o_smem = gl.allocate_shared_memory(dtype, [NC, 64, HEAD_D], q_layout)
     else:
         o_smem = q_smem
-    q_ready = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [NC * QBUF, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [NC * QBUF, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn_bars = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
-    for w in gl.static_range(NC):
+    for w in gl.static_range(NC * QBUF):
         mbarrier.init(q_ready.index(w), count=1)
         mbarrier.init(q_empty.index(w), count=1)
+    for w in gl.static_range(NC):
         mbarrier.init(turn_bars.index(w), count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
@@ -429,27 +561,27 @@ def _attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr,
         gl.warp_specialize([
             (_consumer, (0, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
                          num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
-                         s_layout, o_layout)),
+                         XTILE, QBUF, s_layout, o_layout)),
             (_consumer, (1, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
                          num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
-                         s_layout, o_layout)),
+                         XTILE, QBUF, s_layout, o_layout)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_q, seq_k, heads_q, group, num_m,
-                         num_tiles, BLOCK_N, STAGES, CAUSAL, NC)),
+                         num_tiles, BLOCK_N, STAGES, CAUSAL, NC, QBUF)),
         ], [4, 1], [CONSUMER_REGS_2WG, PRODUCER_REGS])
     else:
         gl.static_assert(NC == 3, "NC: 2 or 3 consumer warpgroups")
         gl.warp_specialize([
             (_consumer, (0, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
                          num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
-                         s_layout, o_layout)),
+                         XTILE, QBUF, s_layout, o_layout)),
             (_consumer, (1, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
                          num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
-                         s_layout, o_layout)),
+                         XTILE, QBUF, s_layout, o_layout)),
             (_consumer, (2, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
                          num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
-                         s_layout, o_layout)),
+                         XTILE, QBUF, s_layout, o_layout)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_q, seq_k, heads_q, group, num_m,
-                         num_tiles, BLOCK_N, STAGES, CAUSAL, NC)),
+                         num_tiles, BLOCK_N, STAGES, CAUSAL, NC, QBUF)),
         ], [4, 4, 1], [CONSUMER_REGS_3WG, CONSUMER_REGS_3WG, PRODUCER_REGS])
 
 
@@ -546,7 +678,8 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         _attn_fwd_kernel[grid](qd, kd, vd, od, lse, sq, sk, hq, hq // hkv, num_tiles,
                                float(scale) * LOG2E, BLOCK_N=cfg["BLOCK_N"], HEAD_D=d, STAGES=cfg["STAGES"],
                                CAUSAL=causal, O_SEPARATE=cfg["O_SEPARATE"],
-                               PINGPONG=cfg["PINGPONG"], NC=cfg["CONSUMERS"], num_warps=NUM_WARPS,
+                               PINGPONG=cfg["PINGPONG"], NC=cfg["CONSUMERS"], XTILE=cfg["XTILE"],
+                               num_warps=NUM_WARPS,
                                maxnreg=max_regs_per_thread(cfg["CONSUMERS"]))
         if o_dst is not out:
             out.copy_(o_dst)
@@ -574,9 +707,11 @@ def aot_compile(head_dim: int, causal: bool, dtype: str = "bf16", config: dict[s
                  "o_desc": desc(HALF_M), "lse_ptr": "*fp32", "seq_q": "i32", "seq_k": "i32", "heads_q": "i32",
                  "group": "i32", "num_tiles": "i32", "qk_scale": "fp32", "BLOCK_N": "constexpr",
                  "HEAD_D": "constexpr", "STAGES": "constexpr", "CAUSAL": "constexpr", "O_SEPARATE": "constexpr",
-                 "PINGPONG": "constexpr", "NC": "constexpr"}
+                 "PINGPONG": "constexpr", "NC": "constexpr",
+                 "XTILE": "constexpr"}
     constexprs = {"BLOCK_N": cfg["BLOCK_N"], "HEAD_D": head_dim, "STAGES": cfg["STAGES"], "CAUSAL": causal,
-                  "O_SEPARATE": cfg["O_SEPARATE"], "PINGPONG": cfg["PINGPONG"], "NC": cfg["CONSUMERS"]}
+                  "O_SEPARATE": cfg["O_SEPARATE"], "PINGPONG": cfg["PINGPONG"], "NC": cfg["CONSUMERS"],
+                  "XTILE": cfg["XTILE"]}
     src = GluonASTSource(fn=_attn_fwd_kernel, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": NUM_WARPS, "maxnreg": max_regs_per_thread(cfg["CONSUMERS"])})
