@@ -218,7 +218,7 @@ def table(rows: Sequence[Row], providers: Sequence[str], card: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flashdispatch.tools.bench_gluon", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.environ.get("OUT"), help="directory for bench_gluon.json (default: $OUT)")
+    ap.add_argument("--out", help="directory for bench_gluon.json")
     ap.add_argument("--quick", action="store_true", help="S = 1k, 4k, 16k only")
     ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}")
     ap.add_argument("--variants", action="store_true", help=f"also time the kernel configs {sorted(VARIANTS)}")
