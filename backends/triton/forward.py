@@ -1,4 +1,4 @@
-"""FlashAttention-2 forward in Triton: the kernels, their launcher and the autograd Function.
+"""FlashAttention-2 forward in Triton: the kernels and their launcher (autograd: dispatch/autograd.py).
 
 Algorithm (FlashAttention-2): one program owns BLOCK_M query rows of one (batch, query head) and
 streams the key/value blocks of its kv head through an online softmax kept in base 2 (scores are
@@ -547,7 +547,7 @@ def attention_forward(
     return cached_plan(_PLANS, _ForwardPlan, q, k, v, causal, scale, config).run(q, k, v)
 
 
-# --- autograd ------------------------------------------------------------------------------------
+# --- whether the backward pair is there ----------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=None)  # an import attempt per call: selection asks for every new problem
@@ -558,28 +558,3 @@ def backward_available() -> bool:
     except ImportError:
         return False
     return hasattr(backward, "attention_backward")
-
-
-class TritonAttentionFunction(torch.autograd.Function):
-    """Forward through `attention_forward`; backward through backward.attention_backward.
-
-    Saves q, k, v, out, lse. lse is returned for callers but carries no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                scale: float, config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = attention_forward(q, k, v, causal=causal, scale=scale, config=config)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale, ctx.config = causal, scale, config
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None):  # type: ignore[override]
-        from .backward import attention_backward
-
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale,
-                                        config=ctx.config)
-        return dq, dk, dv, None, None, None
