@@ -170,6 +170,23 @@ def test_lse_drives_the_triton_backward(case: tuple) -> None:
 
 
 @requires_sm90
+def test_through_the_dispatcher() -> None:
+    """backend="triton:gluon" through the public call: forward with lse, and gradients (the Triton
+    backward from this forward's out and lse) within the 3x budget."""
+    import flashdispatch
+
+    q, k, v = make_qkv(2, 8, 2, 777, 777, 128, dtype=torch.bfloat16, device="cuda", layout="bshd")
+    d = flashdispatch.explain(q, k, v, causal=True, layout="bshd", backend="triton:gluon")
+    assert any("Gluon forward" in n for n in d.notes), d.notes
+    with poisoned_empty():
+        out, lse = flashdispatch.attention(q, k, v, causal=True, layout="bshd", return_lse=True,
+                                           backend="triton:gluon")
+    check_forward(out, q, k, v, causal=True, layout="bshd", lse=lse)
+    check_grads(lambda a, b, c: flashdispatch.attention(a, b, c, causal=True, layout="bshd", backend="triton:gluon"),
+                q, k, v, causal=True, layout="bshd")
+
+
+@requires_sm90
 @pytest.mark.parametrize("d,config", [(64, {"CONSUMERS": 3}), (128, {"STAGES": 3, "O_SEPARATE": False}),
                                       (128, {"PINGPONG": False}), (64, {"STAGES": 4}),
                                       (64, {"CONSUMERS": 3, "BLOCK_N": 64, "STAGES": 4}), (128, {"XTILE": True}),

@@ -115,6 +115,18 @@ def default_config(head_dim: int) -> dict[str, Any]:
     raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {head_dim}")
 
 
+def config_space(head_dim: int) -> list[dict[str, Any]]:
+    """What the tuner tries per head dim: the default first, then configs that won or came close on
+    some shape when measured (H200, bf16)."""
+    base = default_config(head_dim)
+    others: list[dict[str, Any]] = []
+    if head_dim == 64:
+        others = [{"STAGES": 2}, {"CONSUMERS": 3, "BLOCK_N": 64, "STAGES": 4}, {"XTILE": True}]
+    elif head_dim == 128:
+        others = [{"STAGES": 3, "O_SEPARATE": False}, {"XTILE": True}]
+    return [base] + [{**base, **o} for o in others]
+
+
 def resolve_config(head_dim: int, config: dict[str, Any] | None) -> dict[str, Any]:
     """default_config(head_dim) updated by the keys of `config` that this kernel knows (others, such
     as the tl kernel's BLOCK_M or num_warps, are not for it)."""
