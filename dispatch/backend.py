@@ -76,6 +76,7 @@ class Capabilities:
     device_kinds: frozenset[str]  # subset of {"cuda", "rocm", "cpu"}
     dtypes: frozenset[torch.dtype]
     min_cuda_capability: int = 0  # e.g. 80 for sm_80; checked on kind "cuda"
+    cuda_archs: frozenset[str] = frozenset()  # non-empty: exactly these (a kernel for one generation)
     rocm_archs: frozenset[str] = frozenset()  # empty: any; checked on kind "rocm"
     max_head_dim: int = 256
     head_dim_multiple: int = 1  # D and Dv must be multiples of this
@@ -101,6 +102,8 @@ class Capabilities:
             return [f"device={dev.kind} (supported: {sorted(self.device_kinds)}{hint})"]
         if dev.kind == "cuda" and dev.cuda_capability < self.min_cuda_capability:
             return [f"compute capability {dev.arch} (needs sm_{self.min_cuda_capability} or newer)"]
+        if dev.kind == "cuda" and self.cuda_archs and dev.arch not in self.cuda_archs:
+            return [f"arch={dev.arch} (supported: {sorted(self.cuda_archs)})"]
         if dev.kind == "rocm" and self.rocm_archs and dev.arch not in self.rocm_archs:
             return [f"arch={dev.arch} (supported: {sorted(self.rocm_archs)})"]
         return []
