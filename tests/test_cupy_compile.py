@@ -35,6 +35,7 @@ def nvcc_results() -> dict[str, nvcc_check.NvccResult]:
     return {r.arch: r for r in nvcc_check.check(("sm_80", "sm_90"), jobs=2)}
 
 
+@pytest.mark.slow
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_selectable_kernels_compile(nvcc_results: dict[str, nvcc_check.NvccResult], arch: str) -> None:
@@ -188,6 +189,7 @@ def test_unavailable_with_reason() -> None:
     assert warmup_main([]) == 2
 
 
+@pytest.mark.slow
 def test_import_does_not_import_cupy() -> None:
     code = (
         "import sys, flashdispatch\n"

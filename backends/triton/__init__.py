@@ -62,7 +62,15 @@ class TritonAttention(Implementation):
             backward=backward_available(),
             lse=True,
             notes="FlashAttention-2 forward, split-KV decode; cpu only under TRITON_INTERPRET=1",
+            device_hint=("on a CPU, Triton runs only in its interpreter: set TRITON_INTERPRET=1 in the "
+                         "environment (fp16/fp32, slow: for tests)"),
         )
+
+    def extra_reasons(self, p: Problem, dev: DeviceInfo) -> list[str]:
+        if dev.kind == "cpu" and p.dtype == torch.bfloat16 and _interpreter_on():
+            return ["bf16 under TRITON_INTERPRET=1: Triton's interpreter computes bf16 tl.dot wrongly, "
+                    "so bf16 runs on GPUs only"]
+        return []
 
     def _arch(self, dev: DeviceInfo) -> str:
         return configs.arch_family(dev.kind, dev.arch)
