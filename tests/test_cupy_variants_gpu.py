@@ -133,7 +133,7 @@ def _specs(case: Case, dt: str, cc: int) -> list[configs.KernelSpec]:
 @pytest.fixture(scope="module", autouse=True)
 def compiled() -> None:
     """Every kernel of the module compiled up front, in parallel (NVRTC runs without the GIL)."""
-    from flashdispatch.backends.cupy.warmup import warmup
+    from flashdispatch.tools.warmup import warmup
 
     major, minor = torch.cuda.get_device_capability()
     specs = [s for c in CASES for dt in DTYPES for s in _specs(c, dt, major * 10 + minor)]
