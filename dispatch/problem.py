@@ -264,6 +264,8 @@ def problem_from_tensors(
             raise _fail(ValueError, "scale", "a finite positive float or None", scale)
     if not isinstance(causal, bool):
         raise _fail(TypeError, "causal", "a bool", type(causal).__name__)
+    if not isinstance(return_lse, bool):
+        raise _fail(TypeError, "return_lse", "a bool", type(return_lse).__name__)
     win = normalised_window(check_window(window), causal)
     cap = check_softcap(softcap)
     check_sinks(sinks, hq, q.device)
@@ -273,7 +275,7 @@ def problem_from_tensors(
     idx = q.device.index if q.device.index is not None else 0
     return Problem(
         device_kind_of(q.device), idx, dtype, b, hq, hkv, sq, sk, d, dv, causal, scale, layout,
-        contiguous, needs_grad, bool(return_lse), win, cap or 0.0, sinks is not None,
+        contiguous, needs_grad, return_lse, win, cap or 0.0, sinks is not None,
     )
 
 
