@@ -66,7 +66,8 @@ def variant_refusals(impl: str, v: VCase) -> list[str]:
         "sdpa": {"window", "softcap", "sinks"}, "sdpa:math": {"window", "softcap", "sinks"},
         "sdpa:efficient": {"window"}, "sdpa:flash": set(), "sdpa:cudnn": set(),
     }.get(impl, set())
-    return [w for w in wants if w not in serves]
+    # an implementation not available here says so instead (its capabilities are never asked)
+    return [f"{w} || unavailable" for w in wants if w not in serves]
 
 
 def _grid() -> list:
