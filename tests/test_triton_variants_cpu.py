@@ -10,8 +10,6 @@ a large scale, sinks that dominate the softmax. fp16/fp32 only (bf16 runs in the
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from types import ModuleType
 from typing import Iterator
 
@@ -36,41 +34,12 @@ TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
 BWD_TILES = {"BWD_BLOCK_M": 16, "BWD_BLOCK_N": 16}
 
 
-def _load() -> list[ModuleType]:
-    return [importlib.reload(sys.modules[n]) if n in sys.modules else importlib.import_module(n) for n in MODULES]
-
-
 @pytest.fixture(scope="module", autouse=True)
-def interpreted_kernels() -> Iterator[None]:
-    """Kernels (re)defined under TRITON_INTERPRET=1 for this file only, then restored compiled."""
+def interpreted_kernels(triton_interpreter_state: None) -> Iterator[None]:
+    """Kernels defined under TRITON_INTERPRET=1 for this file (the shared fixture, tests/conftest.py)."""
     global fwd, dec, bwd
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        fwd, dec, bwd = _load()
-        yield
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-        _load()
-
-
-@pytest.fixture
-def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def nan_empty(*args: object, **kwargs: object) -> torch.Tensor:
-        t = real_empty(*args, **kwargs)  # type: ignore[arg-type]
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def nan_like(*args: object, **kwargs: object) -> torch.Tensor:
-        t = real_like(*args, **kwargs)  # type: ignore[arg-type]
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-    monkeypatch.setattr(torch, "empty_like", nan_like)
+    fwd, dec, bwd = (importlib.import_module(n) for n in MODULES)
+    yield
 
 
 def _sinks(hq: int, kind: str) -> torch.Tensor | None:

@@ -17,22 +17,6 @@ pytestmark = pytest.mark.gpu
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@pytest.fixture
-def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def nan_empty(*args: object, **kwargs: object) -> torch.Tensor:
-        t = real_empty(*args, **kwargs)  # type: ignore[arg-type]
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def nan_like(*args: object, **kwargs: object) -> torch.Tensor:
-        t = real_like(*args, **kwargs)  # type: ignore[arg-type]
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-    monkeypatch.setattr(torch, "empty_like", nan_like)
-
-
 def _sinks(hq: int, kind: str) -> torch.Tensor | None:
     if kind == "none":
         return None
