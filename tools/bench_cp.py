@@ -26,7 +26,6 @@ smoke-tests itself with tiny shapes.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 from typing import Any, Callable
@@ -42,7 +41,9 @@ from flashdispatch.distributed.block_backward import accumulation_dtype
 from flashdispatch.distributed.comm import LoopbackComm, RingComm
 from flashdispatch.distributed.ring import RingAttention
 from flashdispatch.problem import DTYPES_BY_NAME
-from flashdispatch.tools.bench_ring import fwd_step, fwd_bwd_step, median_ms, slowest_rank_ms
+from flashdispatch.tools.bench_ring import (
+    fwd_bwd_step, fwd_step, median_ms, run_meta, slowest_rank_ms, start_process_group,
+)
 
 log = logging.getLogger("flashdispatch.tools.bench_cp")
 
@@ -229,12 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    gpu = torch.cuda.is_available()
-    dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(minutes=10))
-    rank = dist.get_rank()
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if gpu else torch.device("cpu")
-    if gpu:
-        torch.cuda.set_device(device)
+    rank, device, gpu = start_process_group(timeout_minutes=10)
     rows = []
     for s in args.seqlens:
         r = bench_one(s, args, device)
@@ -242,9 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:
             log.info("%s", json.dumps({k: v for k, v in r.items() if k != "auto"}))
     if rank == 0:
-        meta = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "torch": torch.__version__,
-                "nccl": ".".join(map(str, torch.cuda.nccl.version())) if gpu else None,
-                "world": dist.get_world_size(), "date": str(datetime.date.today())}
+        meta = run_meta(device, gpu)
         log.info("%s\n%s", rows[-1]["auto"]["plan"], json.dumps(meta))
         log.info("%s", _table(rows))
         # the model's parameters from these measurements, and its predictions with them

@@ -219,6 +219,24 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def start_process_group(timeout_minutes: int) -> tuple[int, torch.device, bool]:
+    """NCCL with one GPU per rank where there are GPUs, else gloo on the CPU: (rank, device, gpu)."""
+    gpu = torch.cuda.is_available()
+    dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+    rank = dist.get_rank()
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    return rank, device, gpu
+
+
+def run_meta(device: torch.device, gpu: bool) -> dict[str, object]:
+    """What a result file says about where it was measured."""
+    return {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "torch": torch.__version__,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if gpu else None,
+            "world": dist.get_world_size(), "date": str(datetime.date.today())}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqlens", type=int, nargs="+", default=list(DEFAULT_SEQLENS))
@@ -236,12 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    gpu = torch.cuda.is_available()
-    dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(minutes=5))
-    rank = dist.get_rank()
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if gpu else torch.device("cpu")
-    if gpu:
-        torch.cuda.set_device(device)
+    rank, device, gpu = start_process_group(timeout_minutes=5)
     rows = []
     for s in args.seqlens:
         r = bench_one(s, args, device)
@@ -249,9 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:
             log.info("%s", json.dumps({k: v for k, v in r.items() if k != "ring_plan"}))
     if rank == 0:
-        meta = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "torch": torch.__version__,
-                "nccl": ".".join(map(str, torch.cuda.nccl.version())) if gpu else None,
-                "date": str(datetime.date.today())}
+        meta = run_meta(device, gpu)
         log.info("%s\n%s", rows[0]["ring_plan"], json.dumps(meta))
         log.info("%s", _table(rows))
         if args.json:
