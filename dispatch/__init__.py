@@ -10,6 +10,7 @@ from .errors import NoBackendError
 from .problem import Problem
 from .registry import REGISTRY, BackendStatus
 from .selection import Decision, refresh, use_backend
+from .serving import attention_kvcache, attention_varlen, explain_kvcache, explain_varlen
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,10 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "attention",
     "explain",
+    "attention_varlen",
+    "attention_kvcache",
+    "explain_varlen",
+    "explain_kvcache",
     "use_backend",
     "backends",
     "refresh",

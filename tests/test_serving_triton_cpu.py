@@ -237,3 +237,36 @@ def test_kvcache_static_out_and_new_lengths_reuse_the_plan() -> None:
     pg.kvcache_forward(q, k.nan_to_num(), v.nan_to_num(), seqlens, flipped, scale=0.2, config=cfg, out=out)
     ref, _ = kvcache_math(q, k.nan_to_num(), v.nan_to_num(), seqlens, flipped, scale=0.2)
     assert (out.double() - ref).abs().max() < 1e-4 and len(pg._PLANS) == 1
+
+
+# --- the public calls on the triton backend (interpreter) -----------------------------------------
+
+
+def test_public_varlen_triton_forward_backward() -> None:
+    import flashdispatch as fd
+
+    case = ([5, 0, 21, 1], [9, 3, 21, 4], 4, 2, 32, True, (6, 0), 2.0, "random")
+    q, k, v, cq, ck, mq, mk, kw = _varlen_inputs(case, torch.float32, requires_grad=True)
+    d = fd.explain_varlen(q, k, v, cq, ck, mq, mk, backend="triton", **kw)
+    assert d.variant == "triton" and d.source == "argument"
+    out, lse = fd.attention_varlen(q, k, v, cq, ck, mq, mk, backend="triton", return_lse=True, **kw)
+    ref, ref_lse = varlen_math(q, k, v, cq, ck, upcast=True, **kw)
+    base, _ = varlen_math(q, k, v, cq, ck, upcast=False, **kw)
+    _check(out.detach(), lse, ref.detach(), base.detach(), ref_lse, torch.float32)
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    want = torch.autograd.grad(ref, (q, k, v), do.double())
+    for g, w in zip(got, want):
+        assert (g.double() - w).abs().max() < 1e-4
+
+
+def test_public_kvcache_triton() -> None:
+    import flashdispatch as fd
+
+    q, k, v, seqlens, table = make_cache([33, 1, 0, 70], 3, 8, 2, 32, 32, torch.float16)
+    sinks = _sinks(8, "random")
+    out, lse = fd.attention_kvcache(q, k, v, cache_seqlens=seqlens, block_table=table, backend="triton", sinks=sinks,
+                                    return_lse=True)
+    ref, ref_lse = kvcache_math(q, k, v, seqlens, table, sinks=sinks)
+    base, _ = kvcache_math(q, k, v, seqlens, table, sinks=sinks, upcast=False)
+    _check(out, lse, ref, base, ref_lse, torch.float16)
