@@ -92,7 +92,7 @@ def _check(out: torch.Tensor, lse: torch.Tensor, ref: torch.Tensor, base: torch.
 # (lengths_q, lengths_k, Hq, Hkv, D, causal, window, softcap, sinks)
 VARLEN_CASES = [
     ([5, 0, 37, 1, 20], None, 4, 2, 32, True, None, None, "none"),        # self-attention, empty and 1
-    ([5, 0, 37, 1, 20], None, 2, 2, 40, False, None, None, "none"),       # non-causal, D not a power of 2
+    ([5, 0, 23, 1, 20], None, 2, 2, 40, False, None, None, "none"),       # non-causal, D not a power of 2
     ([3, 17, 1], [30, 17, 45], 4, 1, 32, True, None, None, "random"),     # Sq < Sk per sequence, sinks
     ([33, 8], [12, 0], 2, 1, 32, True, None, None, "none"),               # Sq > Sk, a sequence with no keys
     ([40, 25, 2], None, 4, 2, 32, True, (7, 0), 3.0, "random"),           # window + softcap + sinks
@@ -115,8 +115,16 @@ def _varlen_inputs(case: tuple, dtype: torch.dtype, requires_grad: bool = False)
                                                                sinks=_sinks(hq, sinks_kind))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", VARLEN_CASES, ids=_vid)
+# every case in fp32, the variants' cases in fp16 too (the interpreter is slow: CI minutes)
+FP32, FP16 = torch.float32, torch.float16
+
+
+def _dtyped(cases: list[tuple], fp16: tuple[int, ...], ids) -> list:  # noqa: ANN001
+    out = [pytest.param(c, FP32, id=f"{ids(c)}-fp32") for c in cases]
+    return out + [pytest.param(cases[i], FP16, id=f"{ids(cases[i])}-fp16") for i in fp16]
+
+
+@pytest.mark.parametrize("case,dtype", _dtyped(VARLEN_CASES, (0, 4), _vid))
 def test_varlen_forward(case: tuple, dtype: torch.dtype, poisoned: None) -> None:
     q, k, v, cq, ck, mq, mk, kw = _varlen_inputs(case, dtype)
     scale = q.shape[-1] ** -0.5
@@ -127,8 +135,7 @@ def test_varlen_forward(case: tuple, dtype: torch.dtype, poisoned: None) -> None
     _check(out, lse, ref, base, ref_lse, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", VARLEN_CASES, ids=_vid)
+@pytest.mark.parametrize("case,dtype", _dtyped(VARLEN_CASES, (4,), _vid))
 def test_varlen_backward(case: tuple, dtype: torch.dtype) -> None:
     q, k, v, cq, ck, mq, mk, kw = _varlen_inputs(case, dtype, requires_grad=True)
     sinks = kw.pop("sinks")
@@ -204,8 +211,7 @@ def make_cache(lengths: list[int], sq: int, hq: int, hkv: int, d: int, page: int
     return q, k, v, seqlens, table
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", KV_CASES, ids=_kvid)
+@pytest.mark.parametrize("case,dtype", _dtyped(KV_CASES, (0, 2, 6), _kvid))
 def test_kvcache_forward(case: tuple, dtype: torch.dtype, poisoned: None) -> None:
     lengths, sq, hq, hkv, d, page, causal, window, softcap, sinks_kind, splits = case
     q, k, v, seqlens, table = make_cache(lengths, sq, hq, hkv, d, page, dtype)
@@ -222,11 +228,11 @@ def test_kvcache_forward(case: tuple, dtype: torch.dtype, poisoned: None) -> Non
 def test_kvcache_static_out_and_new_lengths_reuse_the_plan() -> None:
     """What a CUDA-graph replay does: same shapes, new cache_seqlens and block table values,
     output written into a static buffer; the plan (grid, splits) is made once."""
-    q, k, v, seqlens, table = make_cache([40, 70], 2, 4, 2, 32, 16, torch.float32, spare_blocks=3)
+    q, k, v, seqlens, table = make_cache([20, 40], 2, 4, 2, 32, 16, torch.float32, spare_blocks=2)
     out = torch.full((*q.shape[:3], 32), float("nan"))
     cfg = {"BLOCK_N": 16, "NUM_SPLITS": 3}
     pg._PLANS.clear()
-    for lens in ([40, 70], [70, 1], [0, 95]):
+    for lens in ([20, 40], [40, 1], [0, 63]):
         new = torch.tensor(lens, dtype=torch.int32)
         got, _ = pg.kvcache_forward(q, k.nan_to_num(), v.nan_to_num(), new, table, scale=0.2, config=cfg, out=out)
         assert got.data_ptr() == out.data_ptr()
@@ -252,7 +258,7 @@ def test_public_varlen_triton_forward_backward() -> None:
     out, lse = fd.attention_varlen(q, k, v, cq, ck, mq, mk, backend="triton", return_lse=True, **kw)
     ref, ref_lse = varlen_math(q, k, v, cq, ck, upcast=True, **kw)
     base, _ = varlen_math(q, k, v, cq, ck, upcast=False, **kw)
-    _check(out.detach(), lse, ref.detach(), base.detach(), ref_lse, torch.float32)
+    _check(out.detach(), lse, ref.detach(), base.detach(), ref_lse.detach(), torch.float32)
     do = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), do)
     want = torch.autograd.grad(ref, (q, k, v), do.double())

@@ -69,12 +69,12 @@ def _varlen_fwd_kernel(
     CAUSAL: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, IEEE: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
-    # 1-d grid: (query block, sequence x head); heavy (late) query blocks start first under causal
+    # 1-d grid, query blocks slowest and from the last: the first programs are the late blocks of
+    # the longest sequences (the most work under causal), the short sequences fill the tail
     pid = tl.program_id(0)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    if CAUSAL and not WINDOW:
-        pid_m = num_m - 1 - pid_m
+    n_bh = (tl.num_programs(0) // num_m)
+    pid_m = num_m - 1 - pid // n_bh
+    pid_bh = pid % n_bh
     b = pid_bh // heads_q
     h = pid_bh % heads_q
     hk = h // group
@@ -153,9 +153,11 @@ def _varlen_dkdv_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     IEEE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
+    # key blocks slowest, from the first: early key blocks see the most queries under causal
     pid = tl.program_id(0)
-    pid_n = pid % num_n
-    pid_bh = pid // num_n
+    n_bh = (tl.num_programs(0) // num_n)
+    pid_n = pid // n_bh
+    pid_bh = pid % n_bh
     b = pid_bh // heads_kv
     hk = pid_bh % heads_kv
     q_start = tl.load(CU_Q + b)
@@ -249,8 +251,9 @@ def _varlen_dq_kernel(
     IEEE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_m = num_m - 1 - pid % num_m
-    pid_bh = pid // num_m
+    n_bh = (tl.num_programs(0) // num_m)
+    pid_m = num_m - 1 - pid // n_bh
+    pid_bh = pid % n_bh
     b = pid_bh // heads_q
     h = pid_bh % heads_q
     hk = (h // group).to(tl.int64)
@@ -412,9 +415,19 @@ def varlen_backward(
     dq = torch.zeros_like(q)
     dk = torch.zeros_like(k)
     dvv = torch.zeros_like(v)
-    # delta[h, i] = sum_d dO * O, (Hq, total_q) contiguous as the kernels index it
-    delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
+    # delta[h, i] = sum_d dO * O, (Hq, total_q) as the kernels index it: the dense backward's
+    # preprocess kernel over the packed rows seen as one (1, Hq, total_q, Dv) batch
+    delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
     grads: tuple[torch.Tensor, ...] = (dq, dk, dvv)
+    if total_q and hq:
+        o4, do4 = out.transpose(0, 1).unsqueeze(0), do.transpose(0, 1).unsqueeze(0)
+        block_dv = _bwd._pow2_at_least_16(dv)
+        with on_device(cuda_index(q)):
+            _bwd._bwd_preprocess_kernel[(triton.cdiv(total_q, _bwd.PREPROCESS_BLOCK_M) * hq,)](
+                o4, do4, delta, *o4.stride(), *do4.stride(), hq, total_q, dv,
+                BLOCK_M=_bwd.PREPROCESS_BLOCK_M, BLOCK_DV=block_dv,
+                EVEN_M=total_q % _bwd.PREPROCESS_BLOCK_M == 0, EVEN_DV=block_dv == dv,
+            )
     if total_q and total_k and hq and batch > 0 and max_seqlen_q > 0 and max_seqlen_k > 0:
         cfg = _bwd.resolve_backward_config(config, d, dv, fp32=q.dtype == torch.float32)
         bm, bn = cfg["BWD_BLOCK_M"], cfg["BWD_BLOCK_N"]
