@@ -181,6 +181,11 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_
         raise ValueError(f"k_cache: expected batch {q.shape[0]} (a contiguous cache), got {k_cache.shape[0]}")
 
 
+# With lengths spread evenly below the capacity, half of the splits of an average sequence are
+# empty: twice the dense decode's programs per SM keeps the device as busy.
+MIXED_LENGTH_SPLIT_FACTOR = 2
+
+
 class _PagedPlan:
     """One call signature's launches (split, then merge), made once: decode is launch-bound, and a
     CUDA graph captures exactly these launches (shapes only, no device values)."""
@@ -219,8 +224,10 @@ class _PagedPlan:
         flags["WINDOW"] = win is not None
         # the keys one sequence's queries can see: all of the capacity, or a window's span
         span = capacity if win is None else min(capacity, left + sq + 2 * block_n)
+        # splits are planned over the capacity, and a sequence shorter than it leaves its last
+        # splits empty (they exit at once): aim for MIXED_LENGTH_SPLIT_FACTOR x the dense target
         block_m, m_blocks, splits, keys_per_split = _plan(block_n, int(cfg.get("NUM_SPLITS") or 0), bsz, hq, hkv,
-                                                          sq, max(span, 1), sm_count)
+                                                          sq, max(span, 1), sm_count * MIXED_LENGTH_SPLIT_FACTOR)
         direct = splits == 1
         if not direct:
             self.part_shapes = ((bsz * hq * sq, splits, block_dv), (bsz * hq * sq, splits))
