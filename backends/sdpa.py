@@ -98,7 +98,13 @@ def variant_math(
 def math_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Explicit attention in fp32 (fp64 for fp64 inputs) that also yields the log-sum-exp."""
+    """Explicit attention in fp32 (fp64 for fp64 inputs) that also yields the log-sum-exp.
+
+    Masks are applied with masked_fill, so a NaN or Inf in a key reaches only the rows that see it
+    (adding a -inf bias, as torch's math kernel does, turns NaN + -inf into NaN for every row). The
+    softmax shifts by a detached row maximum and guards rows that see no key, so their output and
+    gradients are exactly 0 (a logsumexp backward would give 0 * NaN there).
+    """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     g = p.gqa_ratio
     kk = k.repeat_interleave(g, dim=1) if g > 1 else k
@@ -106,10 +112,13 @@ def math_with_lse(
     s = torch.matmul(q.to(acc), kk.to(acc).transpose(-1, -2)) * p.scale
     if p.effective_causal:
         s = s.masked_fill(~causal_mask(p.seqlen_q, p.seqlen_k, q.device), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    probs = torch.exp(s - safe.unsqueeze(-1))
+    m = s.detach().amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    probs = e / torch.where(denom == 0, torch.ones_like(denom), denom)
     out = torch.matmul(probs, vv.to(acc)).to(q.dtype)
+    lse = (torch.log(denom) + m).squeeze(-1)
     return out, lse.detach().float()
 
 
@@ -150,7 +159,8 @@ class _Sdpa(Implementation):
         with sdpa_kernel(self.kernel):
             return _causal_sdpa(q, k, v, p, kwargs)
 
-    def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
+    def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
+        q, k, v = inp.q, inp.k, inp.v
         if q.is_cuda:
             q, k, v = aligned16(q), aligned16(k), aligned16(v)
         return self._call(q, k, v, p), None
@@ -185,6 +195,12 @@ class SdpaCudnn(_Sdpa):
     kernel = SDPBackend.CUDNN_ATTENTION
     takes_lower_right_mask = False
 
+    def lse_pair(self) -> Implementation | None:
+        # torch's private cuDNN ops with lse (backends/sdpa_cudnn.py); the public call has none
+        from .sdpa_cudnn import LSE_PAIR
+
+        return LSE_PAIR
+
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=frozenset({"cuda"}), dtypes=HALF_DTYPES, min_cuda_capability=80,
                             max_head_dim=128, head_dim_multiple=8, different_v_head_dim=False,
@@ -208,18 +224,19 @@ class SdpaMath(_Sdpa):
 
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=EVERYWHERE, dtypes=ALL_DTYPES, max_head_dim=1 << 16,
-                            notes="O(S^2) memory; lse through explicit math")
+                            notes="explicit fp32 math in torch ops (fp64 for fp64); O(S^2) memory")
 
     def plan_notes(self, p: Problem, dev: DeviceInfo, config: dict[str, Any]) -> list[str]:
         notes = super().plan_notes(p, dev, config)
-        if p.return_lse:
-            notes.append("return_lse: explicit fp32 math in torch ops (K/V repeated for GQA)")
+        notes.append("explicit fp32 math in torch ops (K/V repeated for GQA), not torch's math kernel")
         return notes
 
-    def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
-        if p.return_lse:
-            return math_with_lse(q, k, v, p)
-        return super().run(q, k, v, p, config)
+    def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
+        # Always the explicit fp32 math, never torch's math kernel: that one adds the causal mask as
+        # a -inf bias (a NaN key then reaches rows that do not see it) and keeps fp16 scores and
+        # gradients in fp16 (values near the fp16 range overflow to inf in the backward).
+        out, lse = math_with_lse(inp.q, inp.k, inp.v, p)
+        return out, (lse if p.return_lse else None)
 
 
 IMPLEMENTATIONS: list[Implementation] = [SdpaPlain(), SdpaFlash(), SdpaCudnn(), SdpaEfficient(), SdpaMath()]

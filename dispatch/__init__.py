@@ -9,7 +9,8 @@ from .device import DeviceInfo
 from .errors import NoBackendError
 from .problem import Problem
 from .registry import REGISTRY, BackendStatus
-from .selection import Decision, refresh, use_backend
+from .plans import refresh
+from .selection import Decision, use_backend
 from .serving import attention_kvcache, attention_varlen, explain_kvcache, explain_varlen
 
 __version__ = "0.1.0"

@@ -8,20 +8,13 @@ from typing import Sequence
 import torch
 
 from .device import DEVICE_KEYS
-from .guards import AVAILABLE as _guards_on, make as make_guard
+from .plans import PLANS
 from .problem import Problem, problem_from_shape, problem_from_tensors
-from .registry import REGISTRY
-from . import selection
 from .selection import Decision, select, simulated_or_none
 
-# bound once: attention()'s hot path calls them on every call
+# bound once: attention() calls them on every call
 _is_compiling = torch.compiler.is_compiling
-_grad_enabled = torch.is_grad_enabled
-_forced_blocks = selection.forced_blocks
-_fast = selection.FAST
-_recent = selection.RECENT
-_Tensor = torch.Tensor
-Cached = selection.Cached
+_lookup = PLANS.lookup
 
 
 def _empty_result(
@@ -86,7 +79,7 @@ def attention(
         out: q's layout and dtype, (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv); with return_lse, (out, lse).
     """
     if _is_compiling():
-        # Dynamo cannot trace the cached fast path (and its ContextVar) or the backends' launches: the call
+        # Dynamo cannot trace the plan cache (and its ContextVar) or the backends' launches: the call
         # becomes the flashdispatch::attention_fwd/_bwd custom ops (dispatch/ops.py).
         p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
         if p.is_empty:
@@ -96,73 +89,9 @@ def attention(
 
             out, lse = ops.traced_attention(q, k, v, p, backend)
         return (out, lse) if return_lse else out
-    # Hot path. First: the options of this call name the signature seen last with them, whose
-    # compiled guard checks q, k and v in one call (dispatch/guards.py). Else one tuple and one
-    # dict lookup once this exact signature has been seen: the key holds everything the Problem is
-    # derived from, plus the thread's forced backend.
-    stack = _forced_blocks()
-    grad = _grad_enabled()
-    opts = hit = None
-    # Plain tensors only: a subclass (FakeTensor, a traced tensor) may carry symbolic sizes that a
-    # guard compares by their example values. A guard never passes a tensor given twice, and a
-    # nested tensor throws inside it (past any except, ending the process).
-    if (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor
-            and not (q is k or k is v or q is v or q.is_nested or k.is_nested or v.is_nested)):
-        try:
-            opts = (causal, scale, layout, return_lse, backend, stack[-1] if stack else None, grad)
-            hit = _recent.get(opts)
-        except TypeError:  # unhashable options: the paths below sort it out
-            opts = None
-        if hit is not None and not hit[3].check(q, k, v):
-            hit = None
-    if hit is None:
-        generation = selection.generation
-        try:
-            # is_contiguous() is the common case and cheaper than stride(); else the last stride
-            # (whether a copy is needed). Devices as get_device() ints (cheaper than .device),
-            # which read -1 for cpu and meta alike: non-CUDA calls add each tensor's is_meta.
-            key = (
-                q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
-                q.is_cuda or (q.is_meta, k.is_meta, v.is_meta), q.get_device(), k.get_device(), v.get_device(),
-                q.is_contiguous() or q.stride()[-1], k.is_contiguous() or k.stride()[-1],
-                v.is_contiguous() or v.stride()[-1], causal, scale, layout, return_lse, backend,
-                stack[-1] if stack else None,
-                grad and (q.requires_grad or k.requires_grad or v.requires_grad),
-            )
-            hit = _fast.get(key)
-        except (AttributeError, TypeError, RuntimeError):
-            # not tensors, unhashable options, or a tensor whose metadata cannot be read this way
-            # (a strided nested tensor): the slow path explains
-            key, hit = None, None
-        guarded = opts is not None and _guards_on
-        if hit is not None and hit.generation != generation:
-            hit = None  # written by a call that decided under the snapshot before a refresh()
-        if hit is None:
-            p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
-            impl, config = (None, None) if p.is_empty else (REGISTRY.get((d := select(p, backend)).variant), d.config)
-            hit = Cached(p, impl, config, make_guard(q, k, v) if guarded else None, generation)
-            if key is not None:
-                if len(_fast) >= selection.MAX_CACHED:
-                    _fast.clear()
-                _fast[key] = hit
-        elif guarded and (hit.guard is None or not hit.guard.check(q, k, v)):
-            # The key matched, but the guard was built from other strides (the key reads only the
-            # last one) or not at all (aliased tensors): one for these tensors, so that the next
-            # call like this one passes in front; a few times per entry, not on every call.
-            if hit.rebuilds < selection.MAX_GUARD_REBUILDS:
-                hit = _fast[key] = hit._replace(guard=make_guard(q, k, v), rebuilds=hit.rebuilds + 1)
-            else:
-                opts = None
-        if opts is not None and hit.guard is not None:
-            if len(_recent) >= selection.MAX_CACHED:
-                _recent.clear()
-            _recent[opts] = hit
-        if generation != selection.generation:
-            # a refresh() ran while this call looked up or decided under the old snapshot: what it
-            # wrote is stale (refresh() bumps the generation before it empties the caches)
-            _fast.pop(key, None)
-            _recent.pop(opts, None)
-    p, impl, config = hit[0], hit[1], hit[2]
+    # validated and selected on the first call with this signature; a cache hit after that
+    plan = _lookup(q, k, v, causal, scale, layout, return_lse, backend)
+    p, impl, config = plan[0], plan[1], plan[2]
     if impl is None:
         out, lse = _empty_result(q, k, v, p)
         return (out, lse) if return_lse else out

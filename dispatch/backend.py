@@ -1,21 +1,70 @@
 """The interface every backend implements, and its capabilities as data.
 
 A backend is a family ("sdpa", "triton", "cupy") of one or more *implementations* ("sdpa:cudnn",
-"triton"). Each implementation declares a frozen `Capabilities`; `capability_reasons` turns a
+"triton"). Each implementation declares a frozen `Capabilities`; `Capabilities.reasons` turns a
 mismatch between those and a `Problem` into the sentences users read in `explain()` and in
 `NoBackendError`. An implementation adds what is special about it in `extra_reasons`.
+
+An implementation computes attention as a pair of operations with one contract:
+
+    forward(inp: Inputs, p: Problem, config)               -> (out, lse | None)
+    backward(inp: Inputs, out, lse, do, p: Problem, config) -> Gradients      (optional)
+
+`Inputs` holds the call's tensors (q, k, v and any extra per-call tensors by name); the `Problem`
+holds every scalar option (causal, scale, ...). An implementation that defines `backward` computes
+gradients from the forward's out and lse; one generic autograd Function (dispatch/autograd.py) and
+one pair of torch.library custom ops (dispatch/ops.py) join the two for every such backend, and
+ring attention calls the same pair block by block. An implementation without `backward` (sdpa)
+records its forward in torch's autograd instead.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping, NamedTuple
 
 import torch
 
+from . import envs
 from .device import DeviceInfo
 from .problem import DTYPE_NAMES, Problem
+
+# What a backend may know of the environment, read by dispatch/envs.py (backends never read it
+# themselves): whether Triton runs its CPU interpreter, and where compiled kernels are cached.
+triton_interpreter_on = envs.triton_interpreter_on
+kernel_cache_dir = envs.kernel_cache_dir
+
+
+NO_EXTRAS: Mapping[str, torch.Tensor] = MappingProxyType({})
+_new_tuple = tuple.__new__
+
+
+class Inputs(NamedTuple):
+    """The tensors of one call: bhsd-indexed views q (B, Hq, Sq, D), k (B, Hkv, Sk, D),
+    v (B, Hkv, Sk, Dv) with any strides but a unit last one (bshd inputs arrive transposed).
+
+    `extras` holds further per-call tensors by name (an option that needs a tensor, such as
+    per-head attention sinks, adds its name here; the Problem says whether it is in use). Gradients
+    flow to the extras that require grad, through `Gradients.extras`.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    extras: Mapping[str, torch.Tensor] = NO_EXTRAS
+
+
+class Gradients(NamedTuple):
+    """What `Implementation.backward` returns: dq, dk, dv shaped and typed like q, k, v (dk, dv
+    summed over each kv head's query group), and the gradient of each extra tensor by name
+    (None or absent: no gradient)."""
+
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    extras: Mapping[str, torch.Tensor | None] = NO_EXTRAS
 
 
 def _dtype_list(dtypes: frozenset[torch.dtype]) -> str:
@@ -89,12 +138,20 @@ class Capabilities:
 
 
 class Implementation(ABC):
-    """One selectable implementation (a backend variant)."""
+    """One selectable implementation (a backend variant): capabilities, configs, and the
+    forward/backward pair."""
 
     #: Full name as users write it: "sdpa:cudnn", "triton".
     name: ClassVar[str]
     #: Family: "sdpa", "triton", "cupy".
     backend: ClassVar[str]
+    #: True when the class defines `backward` (set for every subclass at class creation): its
+    #: gradients come from (out, lse, do), and its forward need not record autograd.
+    has_backward: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.has_backward = cls.backward is not Implementation.backward
 
     def availability(self) -> str | None:
         """None when usable in this process, else the reason (import or compile failure)."""
@@ -125,7 +182,34 @@ class Implementation(ABC):
         """Human notes for explain(): copies, expansions, which kernel path runs."""
         return []
 
-    @abstractmethod
+    def forward(self, inp: Inputs, p: Problem, config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Compute attention: out (B, Hq, Sq, Dv) in q's dtype, and lse (B, Hq, Sq) float32 (natural
+        log, -inf on rows that see no key) or None.
+
+        lse must be given when p.return_lse, and when p.needs_grad for an implementation with a
+        `backward` (its backward consumes it). With `backward`, the forward records no autograd
+        (the generic Function does); without it, gradients must flow to q, k, v through torch's
+        autograd when the capabilities declare backward support.
+
+        Every built-in implementation defines it. (An implementation written against the older
+        contract overrides `run` instead; attention() and the custom ops call `run`, so it works.)
+        """
+        raise NotImplementedError(f"{type(self).__name__} defines neither forward() nor run()")
+
+    def backward(
+        self, inp: Inputs, out: torch.Tensor, lse: torch.Tensor, do: torch.Tensor, p: Problem,
+        config: dict[str, Any],
+    ) -> Gradients:
+        """Gradients from the forward's out and lse (which may be the whole row's, as in ring
+        attention's blocks) and the gradient of out. Implementations that have one override it."""
+        raise NotImplementedError(f"{self.name} has no backward of its own: torch differentiates its forward")
+
+    def lse_pair(self) -> Implementation | None:
+        """This implementation's forward that returns lse and backward that takes a given (whole
+        row's) out and lse, for callers that merge blocks by their lse (ring attention); None when
+        it has none. An implementation with a backward of its own is its own pair."""
+        return self if self.has_backward else None
+
     def run(
         self,
         q: torch.Tensor,
@@ -133,11 +217,16 @@ class Implementation(ABC):
         v: torch.Tensor,
         p: Problem,
         config: dict[str, Any],
+        extras: Mapping[str, torch.Tensor] = NO_EXTRAS,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Compute attention.
+        """What attention() calls: forward, joined to backward by the generic autograd Function
+        when a gradient is needed. Returns (out, lse) with lse None unless p.return_lse. `extras`:
+        the call's further tensors by name (Inputs.extras)."""
+        inp = _new_tuple(Inputs, (q, k, v, extras))  # Inputs(q, k, v, extras) without its Python __new__
+        if p.needs_grad and self.has_backward:
+            from .autograd import apply_pair
 
-        q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv): bhsd-indexed *views* of the user's
-        tensors (any strides with a unit last dimension; bshd inputs arrive as transposed views).
-        Returns out (B, Hq, Sq, Dv) in q's dtype and, when p.return_lse, lse (B, Hq, Sq) float32.
-        Gradients must flow to q, k, v when the capabilities declare backward support.
-        """
+            out, lse = apply_pair(self, inp, p, config)
+        else:
+            out, lse = self.forward(inp, p, config)
+        return out, (lse if p.return_lse else None)

@@ -99,7 +99,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 DELEGATED: dict[str, tuple[str, str, str]] = {
     "tune": ("flashdispatch.tools.tune", "main", "measure backends and write a profile (see tune --help)"),
     "bench": ("flashdispatch.tools.bench", "main", "benchmark every backend vs plain SDPA (see bench --help)"),
-    "warmup": ("flashdispatch.backends.cupy.warmup", "warmup_main", "precompile the cupy kernels the profile can choose"),
+    "warmup": ("flashdispatch.tools.warmup", "warmup_main", "precompile the cupy kernels the profile can choose"),
 }
 
 

@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
-# Names accepted by FLASHDISPATCH_BACKEND. "auto" means: let the dispatcher choose.
-# Family names ("sdpa") pick the best variant of that family; full names pin one variant.
-BACKEND_CHOICES: tuple[str, ...] = (
-    "auto",
-    "sdpa",
-    "sdpa:flash",
-    "sdpa:cudnn",
-    "sdpa:efficient",
-    "sdpa:math",
-    "triton",
-    "cupy",
-)
+from .device import DEVICE_KEYS
 
-# Simulated device keys; they equal the profile keys of dispatch/device.py.
-DEVICE_CHOICES: tuple[str, ...] = ("auto", "a100", "h100", "h200", "mi250x", "mi300x", "cpu")
+# Names accepted by FLASHDISPATCH_BACKEND: "auto" (let the dispatcher choose) and every
+# implementation and family name. Family names ("sdpa") pick the best variant of that family; full
+# names pin one. The registry supplies the names when it is created (provide_backend_names), so no
+# list of them is kept here by hand.
+_backend_names: Callable[[], Iterable[str]] = tuple
+
+
+def provide_backend_names(names: Callable[[], Iterable[str]]) -> None:
+    global _backend_names
+    _backend_names = names
+
+
+def backend_choices() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(("auto", *_backend_names())))
+
+
+# Simulated device keys: the device table's keys, which are the profile keys.
+DEVICE_CHOICES: tuple[str, ...] = ("auto", *DEVICE_KEYS)
 
 LOG_CHOICES: tuple[str, ...] = ("off", "decisions")
 
@@ -39,7 +44,7 @@ class EnvVar:
     name: str
     default: str
     help: str
-    choices: tuple[str, ...] | None = None
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
     # Lower-case before validating: backend and device names are case-insensitive.
     normalize: Callable[[str], str] = str.strip
 
@@ -48,9 +53,10 @@ class EnvVar:
         if raw is None or raw.strip() == "":
             return self.default
         value = self.normalize(raw)
-        if self.choices is not None and value not in self.choices:
+        choices = self.choices() if callable(self.choices) else self.choices
+        if choices is not None and value not in choices:
             raise EnvError(
-                f"{self.name}={raw!r} is not valid; expected one of: {', '.join(self.choices)}"
+                f"{self.name}={raw!r} is not valid; expected one of: {', '.join(choices)}"
             )
         return value
 
@@ -64,7 +70,7 @@ FLASHDISPATCH_BACKEND = EnvVar(
     "auto",
     "Force one backend (family or variant) for every call; a forced backend that cannot serve a "
     "problem raises NoBackendError instead of falling back.",
-    BACKEND_CHOICES,
+    backend_choices,
     _lower,
 )
 FLASHDISPATCH_DEVICE = EnvVar(
@@ -106,6 +112,17 @@ TRITON_INTERPRET = EnvVar(
     "TRITON_INTERPRET", "0", "Triton's interpreter mode (runs Triton kernels on the CPU).", None
 )
 
+
+def triton_interpreter_on() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's CPU interpreter (read at each call: triton
+    decides when a kernel is defined, and tests switch it)."""
+    return TRITON_INTERPRET.read().strip().lower() not in ("", "0", "false", "off", "no")
+
+
+def kernel_cache_dir() -> str:
+    """Where compiled kernels are cached on disk: FLASHDISPATCH_CACHE_DIR, else ~/.cache/flashdispatch."""
+    return FLASHDISPATCH_CACHE_DIR.read() or home_cache_dir()
+
 ALL: tuple[EnvVar, ...] = (
     FLASHDISPATCH_BACKEND,
     FLASHDISPATCH_DEVICE,
@@ -124,8 +141,6 @@ class Settings:
     device: str
     profile_dir: str
     log: str
-    cache_dir: str
-    triton_interpret: bool
 
 
 def read_settings() -> Settings:
@@ -134,8 +149,6 @@ def read_settings() -> Settings:
         device=FLASHDISPATCH_DEVICE.read(),
         profile_dir=FLASHDISPATCH_PROFILE_DIR.read(),
         log=FLASHDISPATCH_LOG.read(),
-        cache_dir=FLASHDISPATCH_CACHE_DIR.read(),
-        triton_interpret=TRITON_INTERPRET.read() not in ("", "0", "false", "False"),
     )
 
 

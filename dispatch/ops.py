@@ -23,11 +23,11 @@ Which implementation runs is decided like this:
   dispatcher at trace time without either a graph break or a recompile per shape, so the choice
   is made where the shapes are concrete.
 
-How a variant runs inside the ops:
-- implementations listed in FUNCTIONAL (triton, cupy) expose a functional forward that returns
-  (out, lse) and a backward that takes them; when a backward will follow, both run as they are
-  (otherwise the forward op calls run(), which may pick a forward-only kernel such as split-KV
-  decode).
+How a variant runs inside the ops (the plan comes from the one plan cache, dispatch/plans.py):
+- an implementation with a backward of its own (triton, cupy: `Implementation.has_backward`) runs
+  its forward/backward pair: the forward op calls `forward()` when a backward will follow
+  (otherwise `run()`, which may pick a forward-only kernel such as split-KV decode), and the
+  backward op calls `backward()` with the saved out and lse.
 - every other implementation (sdpa and its pinned kernels, anything registered later) runs its own
   `run()` in the forward op; the backward op runs it again with autograd on and differentiates
   that. This costs one extra forward per backward but needs nothing from the backend.
@@ -36,82 +36,25 @@ How a variant runs inside the ops:
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import logging
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 
-from .problem import Problem, problem_from_tensors
-from .registry import REGISTRY
-from .selection import FAST, Cached, current_forced, select, state
+from .backend import Inputs
+from .plans import PLANS
+from .problem import Problem
+from .selection import current_forced, state
 
 log = logging.getLogger("flashdispatch")
 
 
 
-class FunctionalSpec(NamedTuple):
-    """Where an implementation's functional forward/backward live.
-
-    forward(q, k, v, *, causal, scale, config) -> (out, lse);
-    backward(do, q, k, v, out, lse, *, causal, scale, config) -> (dq, dk, dv); bhsd-indexed views.
-    """
-
-    forward_module: str
-    forward: str
-    backward_module: str
-    backward: str
-    # keyword of the forward that asks for a bshd-stored output (saves a copy for bshd inputs)
-    bshd_out_kwarg: str | None = None
-
-
-FUNCTIONAL: dict[str, FunctionalSpec] = {
-    "triton": FunctionalSpec(  # writes out in q's storage order by itself
-        "flashdispatch.backends.triton.forward", "attention_forward",
-        "flashdispatch.backends.triton.backward", "attention_backward",
-    ),
-    "cupy": FunctionalSpec(
-        "flashdispatch.backends.cupy.ops", "cupy_forward",
-        "flashdispatch.backends.cupy.ops", "cupy_backward", bshd_out_kwarg="out_bshd",
-    ),
-}
-
 # variant="" in the ops: choose at run time for the concrete shapes.
 SELECT_AT_RUN_TIME = ""
 # forced="auto": no backend forced.
 NOT_FORCED = "auto"
-
-ForwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-BackwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-@functools.lru_cache(maxsize=None)
-def functional_pair(name: str) -> tuple[ForwardFn, BackwardFn] | None:
-    """The functional forward/backward of implementation `name`, or None (then run() is used)."""
-    spec = FUNCTIONAL.get(name)
-    if spec is None:
-        return None
-    try:
-        fwd = getattr(importlib.import_module(spec.forward_module), spec.forward)
-        bwd = getattr(importlib.import_module(spec.backward_module), spec.backward)
-    except (ImportError, AttributeError) as e:
-        log.info("%s has no functional forward/backward (%s); running it through run()", name, e)
-        return None
-    if spec.bshd_out_kwarg is not None:
-        fwd = functools.partial(_with_bshd_out, fwd, spec.bshd_out_kwarg)
-    return fwd, bwd
-
-
-def _with_bshd_out(fwd: ForwardFn, kwarg: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    return fwd(q, k, v, **kwargs, **{kwarg: _bshd_storage(q)})
-
-
-@functools.lru_cache(maxsize=512)
-def _config_from_json(text: str) -> dict[str, Any]:
-    return json.loads(text) if text else {}
-
 
 def config_to_json(config: dict[str, Any]) -> str:
     """The config as a constant op argument (sorted, so that equal configs give equal strings)."""
@@ -160,32 +103,11 @@ def _as_grad(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # --- resolving the implementation -----------------------------------------------------------------
 
 
-def _plan(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, config: str, forced: str,
-    causal: bool, scale: float, layout: str, return_lse: bool, needs_grad: bool,
-) -> tuple[Problem, Any, dict[str, Any]]:
-    """(Problem, implementation, config) for one op call; a dict lookup after the first call.
-
-    The ops see bhsd views and run beneath autograd: the user's layout and whether a backward
-    will follow are passed in, not read from the tensors. The cache is selection.FAST (entries
-    keyed apart by their leading "ops"), so refresh() empties it with the decisions.
-    """
-    fast = FAST
-    key = (
-        "ops", q.shape, k.shape, v.shape, q.dtype, q.device, q.stride(), k.stride(), v.stride(),
-        variant, config, forced, causal, scale, layout, return_lse, needs_grad,
-    )
-    hit = fast.get(key)
-    if hit is None:
-        p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout="bhsd", return_lse=return_lse)
-        p = p._replace(layout=layout, needs_grad=needs_grad)
-        if variant == SELECT_AT_RUN_TIME:
-            d = select(p, forced)
-            hit = Cached(p, REGISTRY.get(d.variant), d.config, None, -1)
-        else:
-            hit = Cached(p, REGISTRY.get(variant), _config_from_json(config), None, -1)
-        fast[key] = hit
-    return hit[0], hit[1], hit[2]
+def _pair_problem(p: Problem, q: torch.Tensor) -> Problem:
+    """p as the forward/backward pair sees it under the ops: the output is stored in q's storage
+    order (the order the fake op promised), so a bhsd view of bshd memory counts as bshd."""
+    layout = "bshd" if _bshd_storage(q) else "bhsd"
+    return p if p.layout == layout else p._replace(layout=layout)
 
 
 @functools.lru_cache(maxsize=1)
@@ -228,12 +150,11 @@ def attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, Dv) in q's storage order and lse (B, Hq, Sq) float32 (zeros when the
     implementation gives none: return_lse was False, and the caller drops it)."""
-    p, impl, cfg = _plan(q, k, v, variant, config, forced, causal, scale, layout, return_lse, needs_grad)
+    p, impl, cfg = PLANS.op_plan(q, k, v, variant, config, forced, causal, scale, layout, return_lse, needs_grad)[:3]
     # without a backward to come, run() may take a faster forward-only path (triton's split-KV
-    # decode); the functional forward is the one whose out and lse its backward consumes
-    pair = functional_pair(impl.name) if needs_grad else None
-    if pair is not None:
-        out, lse = pair[0](q, k, v, causal=causal, scale=scale, config=cfg)
+    # decode); with one, the forward whose out and lse the implementation's backward consumes
+    if needs_grad and impl.has_backward:
+        out, lse = impl.forward(Inputs(q, k, v), _pair_problem(p, q), cfg)
     else:
         out, lse = impl.run(q, k, v, p, cfg)
     if lse is None:
@@ -268,10 +189,9 @@ def attention_bwd(
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) with the strides of torch.empty_like(q / k / v)."""
-    p, impl, cfg = _plan(q, k, v, variant, config, forced, causal, scale, layout, return_lse, True)
-    pair = functional_pair(impl.name)
-    if pair is not None:
-        dq, dk, dv = pair[1](dout, q, k, v, out, lse, causal=causal, scale=scale, config=cfg)
+    p, impl, cfg = PLANS.op_plan(q, k, v, variant, config, forced, causal, scale, layout, return_lse, True)[:3]
+    if impl.has_backward:
+        dq, dk, dv = impl.backward(Inputs(q, k, v), out, lse, dout, _pair_problem(p, q), cfg)[:3]
     else:
 
         def recompute() -> tuple[torch.Tensor, ...]:

@@ -7,6 +7,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from . import envs
 from .backend import Capabilities, Implementation
 from .device import DeviceInfo
 from .problem import Problem
@@ -43,7 +44,7 @@ class _Broken(Implementation):
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=frozenset(), dtypes=frozenset())
 
-    def run(self, q, k, v, p: Problem, config):  # type: ignore[no-untyped-def]
+    def forward(self, inp, p: Problem, config):  # type: ignore[no-untyped-def]
         raise RuntimeError(self._reason)
 
 
@@ -126,10 +127,12 @@ class Registry:
 
 
 REGISTRY = Registry()
+# FLASHDISPATCH_BACKEND accepts what is registered (implementations, then their families)
+envs.provide_backend_names(lambda: [*REGISTRY.all(), *REGISTRY.families()])
 
 
 def _forget_decisions() -> None:
     """Cached decisions may name (or miss) a changed implementation: drop them."""
-    from . import selection  # here: selection imports this module
+    from . import plans  # here: plans imports this module
 
-    selection.refresh()
+    plans.refresh()

@@ -2,7 +2,7 @@
 
 Decisions are cached on (Problem, forced name, source); after the first call for a key, selection is
 one dict lookup. Environment, profiles and device properties are read once into a `_State` snapshot,
-which `refresh()` rebuilds.
+which `flashdispatch.refresh()` rebuilds (through `reset()`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextvars
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 from . import envs
 from .device import ARCH_FAMILY, DeviceInfo, current_device, real_device
@@ -90,7 +90,7 @@ def validate_backend_name(name: str, arg: str = "backend") -> str:
     if not isinstance(name, str):
         raise TypeError(f"{arg}: expected a backend name (str), got {type(name).__name__}")
     n = name.strip().lower()
-    valid = set(envs.BACKEND_CHOICES) | set(REGISTRY.all()) | set(REGISTRY.families())
+    valid = set(envs.backend_choices())
     if n not in valid:
         raise ValueError(f"{arg}: unknown backend {name!r}; expected one of: {', '.join(sorted(valid))}")
     return n
@@ -144,32 +144,8 @@ class _State:
 _state: _State | None = None
 
 
-class Cached(NamedTuple):
-    """What attention()'s hot path keeps per call signature."""
-
-    problem: Problem
-    impl: Any  # the Implementation to run; None for an empty problem (zeros, no kernel)
-    config: Any
-    guard: Any  # a guards.make() over the tensors of one call with this signature, or None
-    generation: int  # the snapshot it was decided under: an entry of an older one is stale
-    rebuilds: int = 0  # guards built again for other strides under the same key (bounded)
-
-
-# attention()'s hot-path cache: call signature -> Cached. One dict for the life of the process
-# (refresh() empties it), so that the hot path holds it bound.
-FAST: dict[tuple[Any, ...], Cached] = {}
-# In front of FAST: the call's options (causal, scale, layout, return_lse, backend, forced block,
-# grad mode) -> the FAST entry of the last signature seen with them. A model's layers call with
-# the same tensors' metadata over and over, so one compiled guard check replaces building the key.
-RECENT: dict[tuple[Any, ...], Cached] = {}
-# How often one FAST entry may take a new guard when calls with its key arrive with other strides
-# (the key reads only the last one): past that, such calls keep to the key instead of building a
-# guard (about 2 us) on every call.
-MAX_GUARD_REBUILDS = 2
-# Bumped by refresh(): a decision made under an older snapshot is not cached.
-generation = 0
-# Entries of FAST and of the decision cache before they are emptied: a decode loop whose KV cache
-# grows by one key per step makes a new signature every step.
+# Entries of the decision cache before it is emptied (and of each plan cache, dispatch/plans.py):
+# a decode loop whose KV cache grows by one key per step makes a new problem every step.
 MAX_CACHED = 4096
 
 
@@ -180,13 +156,11 @@ def state() -> _State:
     return _state
 
 
-def refresh() -> None:
-    """Re-read environment variables and profiles and forget cached decisions."""
-    global _state, generation
-    generation += 1
+def reset() -> None:
+    """Drop the snapshot (environment, profiles, decisions); the next call reads them again.
+    `flashdispatch.refresh()` (dispatch/plans.py) calls it and empties the plans with it."""
+    global _state
     _state = None
-    FAST.clear()
-    RECENT.clear()
 
 
 def device_for(p: Problem) -> DeviceInfo:

@@ -88,9 +88,11 @@ class ServingProblem(NamedTuple):
     def dense(self) -> Problem:
         """The dense Problem of the same shapes, for the dense capability checks (dtype, device,
         head dims, GQA, backward, lse)."""
-        return Problem(self.device_kind, self.device_index, self.dtype, self.batch, self.heads_q, self.heads_kv,
-                       self.seqlen_q, self.seqlen_k, self.head_dim, self.head_dim_v, self.causal, self.scale, "bshd",
-                       True, self.needs_grad, self.return_lse)
+        return Problem(device_kind=self.device_kind, device_index=self.device_index, dtype=self.dtype,
+                       batch=self.batch, heads_q=self.heads_q, heads_kv=self.heads_kv, seqlen_q=self.seqlen_q,
+                       seqlen_k=self.seqlen_k, head_dim=self.head_dim, head_dim_v=self.head_dim_v, causal=self.causal,
+                       scale=self.scale, layout="bshd", contiguous=True, needs_grad=self.needs_grad,
+                       return_lse=self.return_lse)
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -211,13 +213,22 @@ def _validation_on() -> bool:
     return _validate_setting()
 
 
-@functools.lru_cache(maxsize=1)
-def _validate_setting_at(generation: int) -> bool:
-    return envs.FLASHDISPATCH_VALIDATE.read() == "on"
+def _serving_cache() -> dict[Any, Any]:
+    """This module's decisions and settings, kept with the dispatcher's snapshot (selection.state()),
+    so that flashdispatch.refresh(), which drops the snapshot, drops them too."""
+    st = state()
+    cache = getattr(st, "serving", None)
+    if cache is None:
+        cache = st.serving = {}  # type: ignore[attr-defined]
+    return cache
 
 
 def _validate_setting() -> bool:
-    return _validate_setting_at(selection.generation)  # refresh() bumps the generation: re-read
+    cache = _serving_cache()
+    on = cache.get("validate")
+    if on is None:
+        on = cache["validate"] = envs.FLASHDISPATCH_VALIDATE.read() == "on"
+    return on
 
 
 def check_values(*, cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
@@ -366,19 +377,17 @@ SERVING_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("sdpa", "triton", "cupy"),
 }
 
-_DECISIONS: dict[tuple[Any, ...], Decision] = {}
-
-
 def select_serving(sp: ServingProblem, backend: str | None = None) -> Decision:
     """The Decision for a varlen/kvcache problem: forcing as for attention(), then the order."""
     forced, source = current_forced(backend, state().settings)
-    key = (sp, forced, source, selection.generation)
-    d = _DECISIONS.get(key)
+    cache = _serving_cache()
+    key = (sp, forced, source)
+    d = cache.get(key)
     if d is None:
         d = _select(sp, forced, source)
-        if len(_DECISIONS) >= selection.MAX_CACHED:
-            _DECISIONS.clear()
-        _DECISIONS[key] = d
+        if len(cache) >= selection.MAX_CACHED:
+            cache.clear()
+        cache[key] = d
     return d
 
 

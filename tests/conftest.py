@@ -28,3 +28,70 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# -------------------------------------------------------------------------------------------------
+# Shared fixtures: poisoned outputs, the Triton interpreter on CPU-only machines
+# -------------------------------------------------------------------------------------------------
+
+POISON_BYTES = 512 * 2**20
+
+
+def _nan_filled(make):  # type: ignore[no-untyped-def]
+    def wrapped(*args: object, **kwargs: object) -> torch.Tensor:
+        t = make(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() and t.numel() else t
+
+    return wrapped
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outputs start as NaN, so that an element a kernel never writes fails the check: every
+    floating-point buffer from torch.empty / empty_like / empty_strided is NaN-filled, and on a GPU
+    the memory the caching allocator hands out next is NaN too (for buffers made in C++)."""
+    for name in ("empty", "empty_like", "empty_strided"):
+        monkeypatch.setattr(torch, name, _nan_filled(getattr(torch, name)))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        junk = torch.full((POISON_BYTES // 4,), float("nan"), device="cuda", dtype=torch.float32)
+        del junk
+
+
+TRITON_MODULE_PREFIX = "flashdispatch.backends.triton"
+
+
+def _reload_triton_modules() -> None:
+    """(Re)define the Triton kernels under the current TRITON_INTERPRET (triton.jit reads it when a
+    kernel is defined): every loaded module of the Triton backend, in import order."""
+    import importlib
+    import sys
+
+    importlib.import_module(TRITON_MODULE_PREFIX + ".forward")
+    for name in [n for n in list(sys.modules) if n.startswith(TRITON_MODULE_PREFIX + ".")]:
+        importlib.reload(sys.modules[name])
+
+
+@pytest.fixture(scope="module")
+def triton_interpreter_state() -> object:
+    """On a machine without a GPU, Triton's kernels run under its interpreter for the tests of the
+    module (fp16/fp32; bf16 `tl.dot` is wrong there); afterwards the variable is restored and the
+    kernels redefined compiled. On a GPU machine nothing changes."""
+    import os
+
+    if torch.cuda.is_available():
+        yield
+        return
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        _reload_triton_modules()
+        flashdispatch.refresh()
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+        _reload_triton_modules()
+        flashdispatch.refresh()

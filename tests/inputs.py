@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 from flashdispatch.reference import attention_math
@@ -64,3 +66,42 @@ def check_grads(fn, q, k, v, *, causal, layout="bhsd", scale=None):
         assert g is not None, f"no gradient reached {name}"
         ok, err, allowed = within_budget(g, g_base, g_ref, q.dtype, grad=True)
         assert ok, f"d{name} error {err:.3g} > allowed {allowed:.3g}"
+
+
+def make_case_inputs(case, dtype: torch.dtype, device: str, *, requires_grad: bool = False, seed: int = 0):
+    """q, k, v for a conformance Case (tests/conformance.py): fresh N(0, 1) values mapped through the
+    case's value distribution, in the case's layout, as NaN-padded strided views when case.strided."""
+    from conformance import VALUES
+
+    g = torch.Generator(device="cpu").manual_seed(seed + zlib.crc32(case.id().encode()))
+    q = torch.randn(case.b, case.hq, case.sq, case.d, generator=g, dtype=torch.float64)
+    k = torch.randn(case.b, case.hkv, case.sk, case.d, generator=g, dtype=torch.float64)
+    v = torch.randn(case.b, case.hkv, case.sk, case.head_dim_v, generator=g, dtype=torch.float64)
+    q, k, v = VALUES[case.values][0](q, k, v, g)
+
+    def place(t: torch.Tensor) -> torch.Tensor:
+        if case.layout == "bshd":
+            t = t.transpose(1, 2)
+        t = t.to(dtype)
+        if case.strided:
+            b, s1, s2, d = t.shape
+            big = torch.full((b, s1 + 1, s2, d + 8), float("nan"), dtype=dtype)
+            big[:, 1:, :, 3:3 + d] = t
+            t = big[:, 1:, :, 3:3 + d]
+        else:
+            t = t.contiguous()
+        return t.to(device).requires_grad_(requires_grad)
+
+    return place(q), place(k), place(v)
+
+
+def baseline_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case) -> torch.Tensor:
+    """Plain PyTorch math in the input dtype: what sets the error budget. Where the scores overflow
+    the input dtype (values near the fp16 range) plain torch has no answer, and the budget comes from
+    the same math with float32 scores, as every flash kernel computes them."""
+    out, _ = attention_math(q, k, v, causal=case.causal, scale=case.scale, layout=case.layout, upcast=False)
+    if q.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(out).all():
+        out, _ = attention_math(q.float(), k.float(), v.float(), causal=case.causal, scale=case.scale,
+                                layout=case.layout, upcast=False)
+        out = out.to(q.dtype)
+    return out

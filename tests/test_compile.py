@@ -87,6 +87,7 @@ def test_return_lse_compiles() -> None:
     check_grads(lambda *t: fn(*t)[0], q.detach(), k.detach(), v.detach(), causal=True)
 
 
+@pytest.mark.slow
 def test_inductor_forward_and_backward() -> None:
     q, k, v = make_qkv(1, 4, 2, 21, 21, 16, requires_grad=True)
 

@@ -35,6 +35,7 @@ def nvcc_results() -> dict[str, nvcc_check.NvccResult]:
     return {r.arch: r for r in nvcc_check.check(("sm_80", "sm_90"), jobs=2)}
 
 
+@pytest.mark.slow
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_selectable_kernels_compile(nvcc_results: dict[str, nvcc_check.NvccResult], arch: str) -> None:
@@ -51,6 +52,50 @@ def test_selectable_kernels_compile(nvcc_results: dict[str, nvcc_check.NvccResul
     # H100, docs/cupy.md); what matters is that no default config spills its accumulators.
     spilling = [k.symbol for k in r.kernels.values() if k.symbol in defaults and k.spill_bytes > MAX_SPILL_BYTES]
     assert not spilling, f"default configs spill registers on {arch}: {spilling}"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_variant_kernels_compile(nvcc_results: dict[str, nvcc_check.NvccResult], arch: str) -> None:
+    """Window / softcap / sinks instantiations compile and keep their accumulators in registers."""
+    r = nvcc_results[arch]
+    assert r.ok, r.log[-3000:]
+    want = {s.symbol for s in nvcc_check.variant_specs(("sm_80", "sm_90")) if configs.fits(s, int(arch[3:]))}
+    assert want and want <= set(r.kernels), f"missing: {sorted(want - set(r.kernels))[:5]}"
+    spilling = [k.symbol for k in r.kernels.values() if k.symbol in want and k.spill_bytes > MAX_SPILL_BYTES]
+    assert not spilling, f"variant kernels spill registers on {arch}: {spilling}"
+
+
+def test_variant_specs_are_distinct_kernels() -> None:
+    base = configs.fwd_spec(128, "bf16", True, configs.default_config(128))
+    every = configs.fwd_spec(128, "bf16", True, configs.default_config(128), window=True, softcap=True, sinks=True)
+    assert base.symbol == "fd_fwd_d128_m128_n64_w4_c_bf16" and every.symbol == base.symbol + "_win_cap_sink"
+    assert "true, true, true>" in module_source([every]) and "true, false, false, false>" in module_source([base])
+    bad = KernelSpec("bwd_dq", 128, "bf16", True, 128, 32, 4, sinks=True)
+    assert any("sinks" in p for p in bad.problems())
+
+
+def test_window_arguments_take_a_canonical_form() -> None:
+    from flashdispatch.backends.cupy.ops import _UNBOUNDED_MARGIN, _check_softcap, _mask
+
+    big_l, big_r = 900 + _UNBOUNDED_MARGIN, 700 + _UNBOUNDED_MARGIN
+    assert _mask(700, 900, False, -1, -1) == (False, False, big_l, big_r)  # no window: plain kernel
+    assert _mask(700, 900, False, -1, 0) == (True, False, big_l, big_r)  # right = 0 is causal
+    assert _mask(700, 900, True, 255, 7) == (True, True, 255, big_r)  # causal bounds the right
+    assert _mask(700, 900, False, 10**9, 3) == (False, True, big_l, 3)  # wider than the keys: no bound
+    assert _mask(1, 900, True, -1, -1) == (False, False, big_l, 1 + _UNBOUNDED_MARGIN)  # one query
+    assert _mask(1, 900, False, 5, -1).window
+    for bad in (-2, 1.5, True):
+        with pytest.raises(ValueError, match="window_left"):
+            _mask(10, 10, False, bad, -1)
+    with pytest.raises(ValueError, match="window_right"):
+        _mask(10, 10, False, -1, -3)
+    with pytest.raises(ValueError, match="window: supported for Sq"):
+        _mask(2**29, 2**29, False, 5, -1)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="softcap"):
+            _check_softcap(bad)
+    assert _check_softcap(0) == 0.0 and _check_softcap(30) == 30.0
 
 
 @needs_nvcc
@@ -139,11 +184,12 @@ def test_capabilities_and_reasons() -> None:
 def test_unavailable_with_reason() -> None:
     reason = REGISTRY.availability("cupy")
     assert reason and ("CuPy" in reason or "CUDA" in reason)
-    from flashdispatch.backends.cupy.warmup import warmup_main
+    from flashdispatch.tools.warmup import warmup_main
 
     assert warmup_main([]) == 2
 
 
+@pytest.mark.slow
 def test_import_does_not_import_cupy() -> None:
     code = (
         "import sys, flashdispatch\n"
@@ -156,7 +202,7 @@ def test_import_does_not_import_cupy() -> None:
 
 
 def test_warmup_of_a_partial_config_compiles_what_the_runtime_launches() -> None:
-    from flashdispatch.backends.cupy import warmup
+    from flashdispatch.tools import warmup
 
     bwd_only = {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_WARPS": 4}
     specs = set(warmup.specs_from_items([bwd_only], 90))

@@ -239,6 +239,7 @@ def _all_ids() -> list[tuple[int, str]]:
     return ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,case_id", _all_ids(), ids=[f"world{w}-{c}" for w, c in _all_ids()])
 def test_ring_matches_single_process(ring_reports: dict[int, list[dict[str, Any]]], world: int, case_id: str) -> None:
     failures = []
@@ -410,6 +411,7 @@ print(json.dumps(res))
 """
 
 
+@pytest.mark.slow
 def test_triton_block_backward_takes_global_out_and_lse() -> None:
     """The triton backend's functional backward, as the ring calls it on a GPU (a block of rows and
     keys with the whole row's out and lse), against the torch-ops block backward: under Triton's

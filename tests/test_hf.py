@@ -128,6 +128,7 @@ def test_register_is_idempotent() -> None:
     assert "flashdispatch" in transformers.AttentionInterface._global_mapping
 
 
+@pytest.mark.slow
 def test_model_compiles_fullgraph_forward_and_backward(models, calls) -> None:
     ours, _ = models
     m = copy.deepcopy(ours)

@@ -128,10 +128,11 @@ def test_triton_configs_of_the_profiles_compile_for_their_arch(target: str, arch
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(k for k, (_, p) in PROFILES.items() if p.device["arch"].startswith("sm_")))
 def test_cupy_configs_of_the_profiles_compile_with_nvcc(key: str) -> None:
     nvcc_check = pytest.importorskip("flashdispatch.tools.nvcc_check")
-    warmup = pytest.importorskip("flashdispatch.backends.cupy.warmup")
+    warmup = pytest.importorskip("flashdispatch.tools.warmup")
     from flashdispatch.backends.cupy.kernels import module_source
 
     if nvcc_check.find_nvcc() is None or shutil.which("nvcc") is None:

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_defaults_compile_and_fit(target: str) -> None:
     cases = default_cases(target)
@@ -29,6 +30,7 @@ def test_defaults_compile_and_fit(target: str) -> None:
     assert all(r.shared is not None and 0 <= r.shared <= r.limit for r in results)
 
 
+@pytest.mark.slow
 def test_oversized_config_is_reported() -> None:
     """A tile that cannot fit 64 KiB of LDS comes back as a failed result, not an exception."""
     case = make_case("forward", {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
@@ -38,6 +40,7 @@ def test_oversized_config_is_reported() -> None:
     assert (r.compiled and r.shared is not None and r.shared > r.limit) or not r.compiled
 
 
+@pytest.mark.slow
 def test_odd_head_dim_and_fp32_compile() -> None:
     cases = [make_case("forward", {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}, head_dim=72,
                        dtype="bf16", causal=True),

@@ -165,8 +165,8 @@ def test_decode_forward_path(poisoned: None) -> None:
 
 @pytest.mark.skipif(not fwd_backward_present(), reason="backward.py not there yet")
 def test_gradients_through_the_autograd_function() -> None:
-    """attention(backend="triton") with requires_grad runs TritonAttentionFunction: forward here,
-    backward from backward.py; gradients within 3x of plain torch's error."""
+    """attention(backend="triton") with requires_grad runs the one autograd Function over triton's
+    pair: forward here, backward from backward.py; gradients within 3x of plain torch's error."""
     q, k, v = make_qkv(1, 4, 2, 17, 33, 40, dtype=torch.float32, requires_grad=True)
     check_grads(lambda a, b, c: flashdispatch.attention(a, b, c, causal=True, backend="triton"), q, k, v, causal=True)
 

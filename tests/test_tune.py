@@ -353,6 +353,7 @@ def test_list_measures_nothing(capsys, monkeypatch) -> None:
 # --- the benchmark on the CPU ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bench_writes_table_json_and_plot(tmp_path, capsys) -> None:
     rc = bench.main(["--shapes", "tiny", "--dtypes", "fp32", "--backends", "sdpa,sdpa:math", "--out",
                      str(tmp_path), "--warmup-ms", "0", "--rep-ms", "0", "--seed", "1"])
@@ -437,7 +438,7 @@ def test_flop_and_byte_counts_follow_the_fa_paper() -> None:
     causal = p._replace(causal=True)
     assert timing.pass_flops(causal, "fwd") == pytest.approx(timing.pass_flops(p, "fwd") / 2, rel=1e-3)
     d = problem_from_shape((1, 32, 8, 1, 8192, 128), dtype="bf16")
-    kv = 2 * 1 * 8 * 8192 * 128 * 2  # K and V, bf16: the 32 MiB of ANCHORS.md's decode row
+    kv = 2 * 1 * 8 * 8192 * 128 * 2  # K and V, bf16: 32 MiB, the decode row of the special shapes
     assert timing.min_bytes(d, "decode") == kv + 2 * 32 * 128 * 2
     assert timing.rate(d, "decode", 0.0272)[1] == "GB/s"
     assert timing.rate(d, "decode", 0.0272)[0] == pytest.approx(timing.min_bytes(d, "decode") / 27.2e-6 / 1e9)

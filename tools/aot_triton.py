@@ -28,7 +28,7 @@ TARGETS: dict[str, tuple[str, int | str, int, str]] = {
     "hip:gfx942": ("hip", "gfx942", 64, "gfx942"),
 }
 FORWARD_KERNELS: tuple[str, ...] = ("forward", "forward_tma", "decode", "decode_merge")
-# backends/triton/backward.py's BACKWARD_KERNELS, by name (each brings its own AOT spec)
+# backends/triton/aot.py's backward_kernels(), by name (each brings its own AOT spec)
 BACKWARD_KERNEL_NAMES: tuple[str, ...] = ("bwd_preprocess", "bwd_dkdv", "bwd_dq")
 KERNELS: tuple[str, ...] = FORWARD_KERNELS + BACKWARD_KERNEL_NAMES
 _TRITON_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
@@ -94,13 +94,11 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
     unit last strides as constants, pointers and the other strides 16-divisible."""
     import triton
 
-    from flashdispatch.backends.triton import configs, decode, forward
+    from flashdispatch.backends.triton import aot, configs, forward
 
     cfg = dict(case.config)
     if case.kernel in BACKWARD_KERNEL_NAMES:
-        from flashdispatch.backends.triton import backward
-
-        (kern,) = [k for k in backward.BACKWARD_KERNELS if k.name == case.kernel]
+        (kern,) = [k for k in aot.backward_kernels() if k.name == case.kernel]
         spec = kern.spec(cfg, case.dtype, case.head_dim, case.head_dim_v, case.causal)
         src = triton.compiler.ASTSource(fn=kern.fn, signature=spec.signature, constexprs=spec.constexprs)
         return src, {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
@@ -112,12 +110,12 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
     if case.kernel in ("forward", "forward_tma"):
         fcfg = configs.resolve_forward(cfg, arch, case.head_dim, case.causal)
         if case.kernel == "forward":
-            fn = forward._fwd_kernel
+            fn = aot.forward_kernel()
             consts = dict(BLOCK_M=fcfg["BLOCK_M"], BLOCK_N=fcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
                           CAUSAL=case.causal, PAD_D=pad_d, PAD_DV=pad_dv, IEEE=ieee, OFFS64=False,
                           sqd=1, skd=1, svd=1, sod=1, **_PLAIN)
         else:
-            fn = forward._fwd_kernel_tma
+            fn = aot.forward_kernel(tma=True)
             consts = dict(BLOCK_M=fcfg["BLOCK_M"], BLOCK_N=fcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
                           CAUSAL=case.causal, IEEE=ieee, WS=bool(fcfg.get("WS", False)), **_PLAIN)
         opts = forward.launch_options(fcfg)
@@ -125,13 +123,13 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
         # BLOCK_M of decode follows the query group size, not the config: check the largest
         block_m = int(cfg.pop("BLOCK_M", configs.DECODE_MAX_BLOCK_M))
         dcfg = configs.resolve_decode(cfg, arch, case.head_dim)
-        fn = decode._decode_split_kernel
+        fn = aot.decode_kernels()[0]
         consts = dict(BLOCK_M=block_m, BLOCK_N=dcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
                       CAUSAL=case.causal, PAD_D=pad_d, PAD_DV=pad_dv, IEEE=ieee, DIRECT=False,
                       OFFS64=False, sqd=1, skd=1, svd=1, sod=1, **_PLAIN)
         opts = forward.launch_options(dcfg)
     else:
-        fn = decode._decode_merge_kernel
+        fn = aot.decode_kernels()[1]
         consts = dict(BLOCK_S=int(cfg.get("BLOCK_S", configs.DECODE_MAX_SPLITS)), BLOCK_DV=bdv,
                       PAD_DV=pad_dv, sod=1, HAS_SINKS=False)
         opts = {"num_warps": int(cfg.get("num_warps", 2))}

@@ -1,6 +1,7 @@
 """`flashdispatch bench`: plain SDPA, every backend variant, and the dispatcher, side by side.
 
-Shapes: the FlashAttention-2 sweep and ANCHORS.md's special shapes (tools/shapes.py). Providers:
+Shapes: the FlashAttention-2 sweep and the special shapes, where plain SDPA has no fast path
+(tools/shapes.py). Providers:
 - "SDPA": what a user writes today, F.scaled_dot_product_attention (enable_gqa for GQA, the
   lower-right CausalBias for chunked prefill), no flashdispatch involved;
 - every registered implementation that can serve the shape, through
@@ -373,22 +374,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="flashdispatch bench",
         description="Benchmark plain SDPA, every backend variant and the dispatcher's own choice on the "
-        "FlashAttention-2 sweep and ANCHORS.md's special shapes; writes bench.json, bench.md, bench.png.",
+        "FlashAttention-2 sweep and the special shapes; writes bench.json, bench.md, bench.png.",
     )
     ap.add_argument("--quick", action="store_true", help="S in {1024, 4096, 16384} and shorter timing")
     ap.add_argument("--out", default="bench-out", help="output directory (default: ./bench-out)")
     ap.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
-    ap.add_argument("--dtypes", type=tune._csv, default=["bf16"], help="comma-separated, e.g. bf16,fp16 (default bf16)")
-    ap.add_argument("--head-dims", type=tune._csv_ints("--head-dims"), default=None)
-    ap.add_argument("--seqlens", type=tune._csv_ints("--seqlens"), default=None)
-    ap.add_argument("--passes", type=tune._csv, default=None, help="subset of fwd,fwd_bwd,decode")
+    ap.add_argument("--dtypes", type=tune.csv_list, default=["bf16"], help="comma-separated, e.g. bf16,fp16 (default bf16)")
+    ap.add_argument("--head-dims", type=tune.csv_ints("--head-dims"), default=None)
+    ap.add_argument("--seqlens", type=tune.csv_ints("--seqlens"), default=None)
+    ap.add_argument("--passes", type=tune.csv_list, default=None, help="subset of fwd,fwd_bwd,decode")
     ap.add_argument("--causal", choices=("true", "false", "both"), default="both")
-    ap.add_argument("--no-special", action="store_true", help="leave out ANCHORS.md's special shapes")
-    ap.add_argument("--only-special", action="store_true", help="only ANCHORS.md's special shapes")
+    ap.add_argument("--no-special", action="store_true", help="leave out the special shapes (where plain SDPA has no fast path)")
+    ap.add_argument("--only-special", action="store_true", help="only the special shapes")
     ap.add_argument("--shapes", choices=("bench", "tiny"), default="bench", help="tiny: CPU-sized shapes for tests")
-    ap.add_argument("--backends", type=tune._csv, default=None,
+    ap.add_argument("--backends", type=tune.csv_list, default=None,
                     help="variants or families to run beside SDPA and dispatch (default: all available)")
-    ap.add_argument("--exclude", type=tune._csv, default=[], help="backends to leave out (the dispatcher may still choose them)")
+    ap.add_argument("--exclude", type=tune.csv_list, default=[], help="backends to leave out (the dispatcher may still choose them)")
     ap.add_argument("--warmup-ms", type=float, default=None)
     ap.add_argument("--rep-ms", type=float, default=None)
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",

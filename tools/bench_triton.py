@@ -7,7 +7,7 @@ optional config sweep that prints the best config per shape.
 
 Shapes (where they come from):
 - fa2: the FlashAttention-2 paper's sweep: B*S = 16384, H = 2048 / D, S in 512..16384, D in
-  {64, 128}, causal and not (docs/ANCHORS.md measures SDPA on the same grid).
+  {64, 128}, causal and not.
 - chunked: chunked prefill, B=4, H=32, Sq=512 against Sk=8192, bottom-right causal (a KV cache).
 - gqa: 32 query heads on 8 kv heads, B=4, S=4096, causal (Llama-style GQA).
 - decode: Hq=32, Hkv=8, D=128, one new token: B=1 Sk=8192, B=8 Sk=8192, B=64 Sk=2048.

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 import flashdispatch as fd
-from flashdispatch import selection
+from flashdispatch.plans import PLANS
 from flashdispatch.problem import Problem, problem_from_tensors
 from flashdispatch.registry import REGISTRY
 
@@ -93,16 +93,6 @@ class _Immediate:
         return q, None
 
 
-def _swap(impl: Any, stand_in: Any) -> list[tuple[dict[Any, Any], Any, Any]]:
-    """Point every cached decision that runs `impl` (the hot path's two caches) at `stand_in`;
-    returns (cache, key, entry) to restore."""
-    saved = [(cache, key, entry) for cache in (selection.FAST, selection.RECENT)
-             for key, entry in cache.items() if entry[1] is impl]
-    for cache, key, entry in saved:
-        cache[key] = entry._replace(impl=stand_in)
-    return saved
-
-
 def _row(backend: str, grad: bool, a: tuple[float, float], r: tuple[float, float]) -> HostCost:
     return HostCost(backend, grad, round(a[0], 2), round(r[0], 2), round(a[0] - r[0], 2),
                     round(a[1], 2), round(r[1], 2), round(a[1] - r[1], 2))
@@ -129,15 +119,11 @@ def measure(backend: str, grad: bool, device: str | torch.device, calls: int = 5
         yield _row(decision.variant, grad, *compare(via_dispatch, direct, device, calls, rounds))
         via_dispatch()  # the decision is cached under this thread's key before the swap
         stand_in = _Immediate(impl.name)
-        saved = _swap(impl, stand_in)
-        try:
+        with PLANS.running_instead(impl, stand_in):  # the cached plans run the stand-in
             def alone() -> Any:
                 return stand_in.run(q, k, v, p, decision.config)
 
             yield _row(decision.variant + " alone", grad, *compare(via_dispatch, alone, device, calls * 10, rounds))
-        finally:
-            for cache, key, entry in saved:
-                cache[key] = entry
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,12 @@
 """Compile the cupy backend's CUDA sources with nvcc, without a GPU (CI's check of the .cu/.cuh).
 
-Every instantiation that defaults, the tuner's space and the shipped profiles can choose is put
-into one translation unit per architecture and compiled with `nvcc --cubin -Xptxas -v`; the
+Every instantiation that defaults, the tuner's space and the shipped profiles can choose, plus a
+representative set of the variant kernels (sliding window, softcap, sinks), is put into one
+translation unit per architecture and compiled with `nvcc --cubin -Xptxas -v`; the
 ptxas report gives registers, spills and stack per kernel. The sources must also compile under
 NVRTC (no host headers), which the GPU run exercises.
 
-    python -m flashdispatch.tools.nvcc_check [--arch sm_80 --arch sm_90] [--space] [--jobs 2]
+    python -m flashdispatch.tools.nvcc_check [--arch sm_80 --arch sm_90] [--space] [--variants] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -127,8 +128,34 @@ def selectable_specs(archs: Sequence[str] = DEFAULT_ARCHS, include_space: bool =
     return [s for s in specs if not s.problems()]
 
 
+# Variant instantiations CI compiles (the whole matrix is many more kernels of the same code):
+# every flag on and the window alone, causal and not, at the default tiles of D = 128 (the most
+# registers; tools/nvcc_check.py --variants compiles the whole matrix).
+VARIANT_HEAD_DIMS: tuple[int, ...] = (128,)
+
+
+def variant_specs(archs: Sequence[str] = DEFAULT_ARCHS, full: bool = False) -> list[KernelSpec]:
+    """Window / softcap / sinks instantiations at the default tiles (bf16): the forward with every
+    flag (causal) and with the window alone (not causal), the backward kernels likewise with window
+    and softcap. full: every head dim, dtype and causal value, each flag alone and all together."""
+    specs: dict[KernelSpec, None] = {}
+    fwd_flags = ((True, True, True), (True, False, False)) if not full else (
+        (True, False, False), (False, True, False), (False, False, True), (True, True, True))
+    for cc in (int(a[3:]) for a in archs):
+        for d in configs.HEAD_DIMS if full else VARIANT_HEAD_DIMS:
+            cfg = configs.default_config(d, cc)
+            for dt in configs.DTYPE_NAMES if full else ("bf16",):
+                for i, (w, c, s) in enumerate(fwd_flags):
+                    for causal in (False, True) if full else (i == 0,):
+                        specs.setdefault(configs.fwd_spec(d, dt, causal, cfg, window=w, softcap=c, sinks=s))
+                        if d in configs.BACKWARD_HEAD_DIMS and (w or c):
+                            for spec in configs.bwd_specs(d, dt, causal, cfg, window=w, softcap=c)[1:]:
+                                specs.setdefault(spec)
+    return [s for s in specs if not s.problems()]
+
+
 def _profile_specs(ccs: Iterable[int]) -> list[KernelSpec]:
-    from flashdispatch.backends.cupy.warmup import specs_from_profile
+    from flashdispatch.tools.warmup import specs_from_profile
     from flashdispatch.device import DEVICE_TABLE
     from flashdispatch.profile_store import load_profile
 
@@ -144,10 +171,12 @@ def _profile_specs(ccs: Iterable[int]) -> list[KernelSpec]:
 
 
 def check(
-    archs: Sequence[str] = DEFAULT_ARCHS, *, include_space: bool = False, jobs: int = 2, mode: str = "cubin"
+    archs: Sequence[str] = DEFAULT_ARCHS, *, include_space: bool = False, jobs: int = 2, mode: str = "cubin",
+    all_variants: bool = False,
 ) -> list[NvccResult]:
-    """Compile every selectable instantiation for each arch (one nvcc per arch, run in parallel)."""
-    specs = selectable_specs(archs, include_space)
+    """Compile every selectable instantiation and the variant set for each arch (one nvcc per arch,
+    run in parallel)."""
+    specs = list(dict.fromkeys(selectable_specs(archs, include_space) + variant_specs(archs, all_variants)))
 
     def one(arch: str) -> NvccResult:
         cc = int(arch[3:])
@@ -162,13 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flashdispatch nvcc-check", description=__doc__.splitlines()[0])
     ap.add_argument("--arch", action="append", help="sm_80, sm_90 (repeatable; default both)")
     ap.add_argument("--space", action="store_true", help="also every config of the tuner's space")
+    ap.add_argument("--variants", action="store_true",
+                    help="every window/softcap/sinks instantiation of the defaults (about 100 kernels more per arch)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--verbose", action="store_true", help="print registers and spills per kernel")
     args = ap.parse_args(argv)
     if find_nvcc() is None:
         sys.stderr.write("nvcc-check: nvcc not found on PATH\n")
         return 2
-    results = check(tuple(args.arch or DEFAULT_ARCHS), include_space=args.space, jobs=args.jobs)
+    results = check(tuple(args.arch or DEFAULT_ARCHS), include_space=args.space, jobs=args.jobs,
+                    all_variants=args.variants)
     for r in results:
         sys.stdout.write(r.summary() + "\n")
         if args.verbose:

@@ -61,7 +61,7 @@ def check_shape(s: Shape) -> Shape:
 
 # The FlashAttention-2 paper's benchmark (section 4.1, also flash-attention's benchmarks/
 # benchmark_flash_attention.py): B*S = 16k tokens, hidden size 2048 split into 2048/D heads,
-# S from 512 to 16k, D 64 and 128, with and without the causal mask. ANCHORS.md's sweep uses it.
+# S from 512 to 16k, D 64 and 128, with and without the causal mask.
 FA2_TOKENS = 16384
 FA2_HIDDEN = 2048
 FA2_SEQLENS: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
@@ -89,7 +89,7 @@ def fa2_sweep(
 
 
 def special_shapes(dtypes: Sequence[str] = ("bf16",)) -> list[Shape]:
-    """ANCHORS.md, "Shapes where plain SDPA has no fast path" (D=128, measured there in bf16)."""
+    """Shapes where plain SDPA has no fast path (D=128, bf16)."""
     out = []
     for dt in dtypes:
         out += [
@@ -179,7 +179,7 @@ def tiny_shapes(dtype: str = "fp32") -> list[Shape]:
 
 
 NAMED: dict[str, str] = {
-    "quick": "the bf16 benchmark shapes (FA2 sweep + ANCHORS.md special shapes)",
+    "quick": "the bf16 benchmark shapes (FA2 sweep + the special shapes)",
     "full": "fp16+bf16 FA2 sweep, special shapes, GQA prefill, decode grid",
     "tiny": "CPU-sized shapes for tests and dry runs",
 }

@@ -414,14 +414,14 @@ def run_tune(
 # --- command line -------------------------------------------------------------------------------
 
 
-def _csv(text: str) -> list[str]:
+def csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _csv_ints(arg: str) -> Any:
+def csv_ints(arg: str) -> Any:
     def parse(text: str) -> list[int]:
         try:
-            return [int(t) for t in _csv(text)]
+            return [int(t) for t in csv_list(text)]
         except ValueError:
             raise argparse.ArgumentTypeError(f"{arg}: expected comma-separated integers, got {text!r}") from None
 
@@ -447,14 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "directory, as <key>.yaml)")
     ap.add_argument("--state", default=None, help="state file (default: <out>.state.json)")
     ap.add_argument("--resume", action="store_true", help="keep the buckets already in the state file")
-    ap.add_argument("--backends", type=_csv, default=None,
+    ap.add_argument("--backends", type=csv_list, default=None,
                     help="comma-separated families or variants to measure (default: all available; "
                          f"on GPUs without {', '.join(GPU_DEFAULT_EXCLUDE)})")
-    ap.add_argument("--exclude", type=_csv, default=[], help="comma-separated backends to leave out")
-    ap.add_argument("--dtypes", type=_csv, default=None, help="e.g. bf16,fp16")
-    ap.add_argument("--head-dims", type=_csv_ints("--head-dims"), default=None, help="e.g. 64,128")
-    ap.add_argument("--passes", type=_csv, default=None, help="subset of fwd,fwd_bwd,decode")
-    ap.add_argument("--seqlens", type=_csv_ints("--seqlens"), default=None, help="keep buckets with these Sk")
+    ap.add_argument("--exclude", type=csv_list, default=[], help="comma-separated backends to leave out")
+    ap.add_argument("--dtypes", type=csv_list, default=None, help="e.g. bf16,fp16")
+    ap.add_argument("--head-dims", type=csv_ints("--head-dims"), default=None, help="e.g. 64,128")
+    ap.add_argument("--passes", type=csv_list, default=None, help="subset of fwd,fwd_bwd,decode")
+    ap.add_argument("--seqlens", type=csv_ints("--seqlens"), default=None, help="keep buckets with these Sk")
     ap.add_argument("--causal", choices=("true", "false", "both"), default="both")
     ap.add_argument("--max-configs", type=int, default=None, help="configs per backend per bucket (default: all)")
     ap.add_argument("--warmup-ms", type=float, default=None)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from flashdispatch.backend import Implementation
 
 from .impl import CupyAttention
-from .ops import CupyAttentionFn, cupy_backward, cupy_forward
+from .ops import cupy_backward, cupy_forward
 
 IMPLEMENTATIONS: list[Implementation] = [CupyAttention()]
 
-__all__ = ["IMPLEMENTATIONS", "CupyAttention", "CupyAttentionFn", "cupy_backward", "cupy_forward"]
+__all__ = ["IMPLEMENTATIONS", "CupyAttention", "cupy_backward", "cupy_forward"]

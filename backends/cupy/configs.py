@@ -86,6 +86,10 @@ class KernelSpec(NamedTuple):
     block_m: int
     block_n: int
     warps: int
+    # variants (template flags; off: the plain kernel). sinks: forward only.
+    window: bool = False
+    softcap: bool = False
+    sinks: bool = False
 
     @property
     def threads(self) -> int:
@@ -97,8 +101,11 @@ class KernelSpec(NamedTuple):
         if self.kind == "bwd_prep":
             return f"fd_bwd_prep_d{self.head_dim}_{self.dtype}"
         c = "c" if self.causal else "nc"
+        variants = ("_win" if self.window else "") + ("_cap" if self.softcap else "") + (
+            "_sink" if self.sinks else "")
         return (
             f"fd_{self.kind}_d{self.head_dim}_m{self.block_m}_n{self.block_n}_w{self.warps}_{c}_{self.dtype}"
+            + variants
         )
 
     def smem_bytes(self) -> int:
@@ -135,7 +142,11 @@ class KernelSpec(NamedTuple):
             r.append(f"head_dim={self.head_dim} (supported: {list(HEAD_DIMS)})")
         if self.dtype not in DTYPE_NAMES:
             r.append(f"dtype={self.dtype!r} (supported: {list(DTYPE_NAMES)})")
+        if self.sinks and self.kind != "fwd":
+            r.append(f"sinks in a {self.kind} kernel (only the forward takes them)")
         if self.kind == "bwd_prep":
+            if self.window or self.softcap:
+                r.append("window/softcap in bwd_prep (it has neither)")
             return r
         if self.warps not in (1, 2, 4, 8):
             r.append(f"WARPS={self.warps} (expected 1, 2, 4 or 8)")
@@ -236,12 +247,15 @@ def no_fit_reasons(head_dim: int, cuda_capability: int, backward: bool) -> tuple
     return tuple(r)
 
 
-def fwd_spec(head_dim: int, dtype: str, causal: bool, cfg: dict[str, int]) -> KernelSpec:
-    return KernelSpec("fwd", head_dim, dtype, causal, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["WARPS"])
+def fwd_spec(head_dim: int, dtype: str, causal: bool, cfg: dict[str, int], *, window: bool = False,
+             softcap: bool = False, sinks: bool = False) -> KernelSpec:
+    return KernelSpec("fwd", head_dim, dtype, causal, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["WARPS"],
+                      window, softcap, sinks)
 
 
 def bwd_specs(
-    head_dim: int, dtype: str, causal: bool, bwd: tuple[int, int, int] | dict[str, int]
+    head_dim: int, dtype: str, causal: bool, bwd: tuple[int, int, int] | dict[str, int], *,
+    window: bool = False, softcap: bool = False,
 ) -> list[KernelSpec]:
     m, n, w = (bwd["BWD_BLOCK_M"], bwd["BWD_BLOCK_N"], bwd["BWD_WARPS"]) if isinstance(bwd, dict) else bwd
     dq_rows, dq_step, dq_w = n, m, w  # the shared shape: rows n, step m (see top)
@@ -249,8 +263,8 @@ def bwd_specs(
         dq_rows, dq_step, dq_w = (bwd[k] for k in DQ_KEYS)
     return [
         KernelSpec("bwd_prep", head_dim, dtype, False, 0, 0, 0),
-        KernelSpec("bwd_dq", head_dim, dtype, causal, dq_rows, dq_step, dq_w),
-        KernelSpec("bwd_dkdv", head_dim, dtype, causal, m, n, w),
+        KernelSpec("bwd_dq", head_dim, dtype, causal, dq_rows, dq_step, dq_w, window, softcap),
+        KernelSpec("bwd_dkdv", head_dim, dtype, causal, m, n, w, window, softcap),
     ]
 
 

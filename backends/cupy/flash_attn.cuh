@@ -12,6 +12,17 @@
 // Contract (see docs/cupy.md): bottom-right causal (query i sees key j iff j <= i + Sk - Sq),
 // query head h reads kv head h / group, rows that see no key give zeros and lse = -inf, lse is the
 // natural log of the row sum of exp(scale * q.k), float32, contiguous (B, Hq, Sq).
+//
+// Variants, each a template flag (no cost when off):
+// - WINDOW: query i at p = i + Sk - Sq sees key j iff p - win_left <= j <= p + win_right. The
+//   bounds are run-time ints (no recompilation per window size), both >= 0: the host passes a
+//   side without a bound as a value past the end of the sequence. Key blocks (forward, dQ) and
+//   query blocks (dK/dV) outside every row's window are skipped, not masked.
+// - SOFTCAP: the logit scale * q.k becomes c * tanh(scale * q.k / c) before masking; the
+//   backward multiplies dS by the derivative 1 - tanh^2.
+// - SINKS (forward): one logit per query head joins the softmax denominator and carries no value;
+//   lse includes it, so a row that sees no key gives zeros and lse = sink. The backward kernels
+//   need nothing of their own: P = exp(logit - lse) is already the probability with the sink.
 
 typedef unsigned int fd_u32;
 typedef unsigned short fd_u16;
@@ -113,6 +124,30 @@ __device__ __forceinline__ float fd_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
+}
+
+__device__ __forceinline__ float fd_rcp(float x) {
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Logit softcap on a raw score s (the logit is x = scale * s): returns c * tanh(x / c) / scale, in
+// the raw score's units, so that the softmax code after it is the same with and without the cap;
+// `dtanh` gets 1 - tanh^2(x / c). in2 = 2 * log2(e) * scale / c, out = c / scale.
+// tanh(y) = 1 - 2r with r = 1 / (exp(2y) + 1), through ex2 and rcp: absolute error about 1e-7
+// (tanh.approx.f32's relative 2^-11 would move a saturated logit of c = 50 by 0.02), saturating
+// cleanly (exp2 -> inf gives r = 0, tanh = 1; exp2 -> 0 gives r = 1, tanh = -1), and
+// 1 - tanh^2 = 4r(1 - r) without cancellation near |tanh| = 1.
+__device__ __forceinline__ float fd_softcap(float s, float in2, float out, float& dtanh) {
+    const float r = fd_rcp(fd_exp2(s * in2) + 1.f);
+    dtanh = 4.f * r * (1.f - r);
+    return out * fmaf(-2.f, r, 1.f);
+}
+
+// Window test of key `col` for a query at bottom-right position `p` (= row + Sk - Sq).
+__device__ __forceinline__ bool fd_outside_window(int col, int p, int win_left, int win_right) {
+    return col < p - win_left || col > p + win_right;
 }
 
 __device__ __forceinline__ float fd_quad_max(float x) {
@@ -306,13 +341,14 @@ __device__ __forceinline__ void fd_zero(float (&acc)[MT][N][4]) {
 // Shared memory: Q [BM][D+8], then K and V [2 stages][BN][D+8] each.
 // ---------------------------------------------------------------------------------------------
 
-template <int D, int BM, int BN, int WARPS, bool CAUSAL, bool BF16>
+template <int D, int BM, int BN, int WARPS, bool CAUSAL, bool BF16, bool WINDOW = false,
+          bool SOFTCAP = false, bool SINKS = false>
 __device__ __forceinline__ void fd_attn_fwd(
     fd_u16* smem, const fd_u16* __restrict__ Q, const fd_u16* __restrict__ K,
     const fd_u16* __restrict__ V, fd_u16* __restrict__ O, float* __restrict__ LSE, fd_i64 q_sb,
     fd_i64 q_sh, fd_i64 q_ss, fd_i64 k_sb, fd_i64 k_sh, fd_i64 k_ss, fd_i64 v_sb, fd_i64 v_sh,
     fd_i64 v_ss, fd_i64 o_sb, fd_i64 o_sh, fd_i64 o_ss, int Sq, int Sk, int Hq, int group,
-    float scale) {
+    float scale, int win_left, int win_right, float softcap, const float* __restrict__ sinks) {
     constexpr int THREADS = WARPS * 32;
     constexpr int MT = BM / (16 * WARPS);
     constexpr int LD = D + FD_PAD;
@@ -345,16 +381,28 @@ __device__ __forceinline__ void fd_attn_fwd(
         const int last_key = min(q0 + BM, Sq) - 1 + off;  // the last key the block's last row sees
         n_end = last_key < 0 ? 0 : min(n_end, last_key / BN + 1);
     }
-    if (n_end == 0) {  // no row of this block sees a key
+    int n_begin = 0;
+    if (WINDOW) {  // keys [first row's p - left, last row's p + right]: blocks outside are skipped
+        const int last_key = min(q0 + BM, Sq) - 1 + off + win_right;
+        n_end = last_key < 0 ? 0 : min(n_end, last_key / BN + 1);
+        const int first_key = q0 + off - win_left;
+        n_begin = first_key <= 0 ? 0 : first_key / BN;
+    }
+    const float sink = SINKS ? sinks[h] : 0.f;
+    // (WINDOW only: `n_end <= 0` in place of `n_end == 0` changes how the plain kernels' loop is
+    // analysed, and with it the register allocation of configs at the 255-register limit)
+    if (WINDOW ? n_end <= n_begin : n_end == 0) {  // no row of this block sees a key
         fd_zero_rows<BM, D, THREADS>(Op, o_ss, q0, Sq, tid);
         for (int r = tid; r < BM; r += THREADS)
-            if (q0 + r < Sq) Lp[q0 + r] = -FD_INF;
+            if (q0 + r < Sq) Lp[q0 + r] = SINKS ? sink : -FD_INF;
         return;
     }
+    const float cap_in2 = SOFTCAP ? 2.f * FD_LOG2E * scale / softcap : 0.f;
+    const float cap_out = SOFTCAP ? softcap / scale : 0.f;
 
     fd_load_tile<BM, D, THREADS>(sQ, Qp, q_ss, q0, Sq, tid);
-    fd_load_tile<BN, D, THREADS>(sK, Kp, k_ss, 0, Sk, tid);
-    fd_load_tile<BN, D, THREADS>(sV, Vp, v_ss, 0, Sk, tid);
+    fd_load_tile<BN, D, THREADS>(sK, Kp, k_ss, n_begin * BN, Sk, tid);
+    fd_load_tile<BN, D, THREADS>(sV, Vp, v_ss, n_begin * BN, Sk, tid);
     fd_cp_async_commit();
 
     float o[MT][DT][4];
@@ -368,8 +416,8 @@ __device__ __forceinline__ void fd_attn_fwd(
     const fd_u16* sQw = sQ + warp * (MT * 16) * LD;
     const int row_base = q0 + warp * MT * 16 + (lane >> 2);
 
-    for (int j = 0; j < n_end; ++j) {
-        const int st = j & 1;
+    for (int j = n_begin; j < n_end; ++j) {
+        const int st = (j - n_begin) & 1;
         if (j + 1 < n_end) {
             fd_load_tile<BN, D, THREADS>(sK + (st ^ 1) * BN * LD, Kp, k_ss, (j + 1) * BN, Sk, tid);
             fd_load_tile<BN, D, THREADS>(sV + (st ^ 1) * BN * LD, Vp, v_ss, (j + 1) * BN, Sk, tid);
@@ -385,9 +433,23 @@ __device__ __forceinline__ void fd_attn_fwd(
         fd_zero(s);
         fd_gemm_abt<MT, BN, D, BF16>(s, sQw, sK + st * BN * LD, lane);
 
-        // -- mask: keys past Sk, and keys right of the causal diagonal
+        // -- softcap, in raw-score units (before masking)
+        if constexpr (SOFTCAP) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float unused;
+                        s[mt][nt][e] = fd_softcap(s[mt][nt][e], cap_in2, cap_out, unused);
+                    }
+        }
+
+        // -- mask: keys past Sk, keys right of the causal diagonal, keys outside the window
         const int k0 = j * BN;
-        if (k0 + BN > Sk || (CAUSAL && k0 + BN - 1 > q0 + off)) {
+        if (k0 + BN > Sk || (CAUSAL && k0 + BN - 1 > q0 + off) ||
+            (WINDOW && (k0 < q0 + BM - 1 + off - win_left || k0 + BN - 1 > q0 + off + win_right))) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -396,12 +458,16 @@ __device__ __forceinline__ void fd_attn_fwd(
                     for (int e = 0; e < 4; ++e) {
                         const int row = row_base + mt * 16 + (e >> 1) * 8;
                         const int col = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-                        if (col >= Sk || (CAUSAL && col > row + off)) s[mt][nt][e] = -FD_INF;
+                        if (col >= Sk || (CAUSAL && col > row + off) ||
+                            (WINDOW && fd_outside_window(col, row + off, win_left, win_right)))
+                            s[mt][nt][e] = -FD_INF;
                     }
         }
 
         // -- online softmax (base 2); a row that has seen only masked keys keeps m = -inf and
-        // subtracts 0 instead, so exp2 gives 0 rather than NaN.
+        // subtracts 0 instead, so exp2 gives 0 rather than NaN. Its O and l are still 0, so its
+        // rescale factor is exactly 0: exp2(0 - m_new) would overflow to +inf once the first max
+        // it sees is a large negative logit (m_new < -128), and 0 * inf is NaN.
         float alpha[MT][2];
         bool grew = false;
 #pragma unroll
@@ -414,8 +480,8 @@ __device__ __forceinline__ void fd_attn_fwd(
                     mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hr], s[mt][nt][2 * hr + 1]));
                 mx = fd_quad_max(mx);
                 const float m_new = (mx == -FD_INF) ? 0.f : mx * scale_log2;
-                const float m_old = (m_i[mt][hr] == -FD_INF) ? 0.f : m_i[mt][hr] * scale_log2;
-                alpha[mt][hr] = fd_exp2(m_old - m_new);
+                alpha[mt][hr] =
+                    (m_i[mt][hr] == -FD_INF) ? 0.f : fd_exp2(m_i[mt][hr] * scale_log2 - m_new);
                 grew |= mx != m_i[mt][hr];
                 m_i[mt][hr] = mx;
                 float rs = 0.f;
@@ -456,10 +522,22 @@ __device__ __forceinline__ void fd_attn_fwd(
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
             const float l = fd_quad_sum(l_i[mt][hr]);
-            const float inv = l > 0.f ? 1.f / l : 0.f;
+            float inv = l > 0.f ? 1.f / l : 0.f;
             const int row = row_base + mt * 16 + hr * 8;
-            if ((lane & 3) == 0 && row < Sq)
-                Lp[row] = l > 0.f ? m_i[mt][hr] * scale + logf(l) : -FD_INF;
+            if constexpr (SINKS) {
+                // lse' = logaddexp(lse, sink) and O shrinks by exp(lse - lse'); a row that saw no
+                // key keeps O = 0 and gets lse' = sink
+                float lse = sink;
+                if (l > 0.f) {
+                    const float lse_k = m_i[mt][hr] * scale + logf(l);
+                    lse = fmaxf(lse_k, sink) + log1pf(expf(-fabsf(lse_k - sink)));
+                    inv *= expf(lse_k - lse);
+                }
+                if ((lane & 3) == 0 && row < Sq) Lp[row] = lse;
+            } else {
+                if ((lane & 3) == 0 && row < Sq)
+                    Lp[row] = l > 0.f ? m_i[mt][hr] * scale + logf(l) : -FD_INF;
+            }
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt) {
                 o[mt][dt][2 * hr] *= inv;
@@ -528,14 +606,15 @@ __device__ __forceinline__ void fd_attn_bwd_prep(const fd_u16* __restrict__ O,
 // Shared memory: Q, dO [BM][D+8]; K, V [2 stages][BN][D+8].
 // ---------------------------------------------------------------------------------------------
 
-template <int D, int BM, int BN, int WARPS, bool CAUSAL, bool BF16>
+template <int D, int BM, int BN, int WARPS, bool CAUSAL, bool BF16, bool WINDOW = false,
+          bool SOFTCAP = false>
 __device__ __forceinline__ void fd_attn_bwd_dq(
     fd_u16* smem, const fd_u16* __restrict__ Q, const fd_u16* __restrict__ K,
     const fd_u16* __restrict__ V, const fd_u16* __restrict__ dO, const float* __restrict__ lse2,
     const float* __restrict__ delta, fd_u16* __restrict__ dQ, fd_i64 q_sb, fd_i64 q_sh,
     fd_i64 q_ss, fd_i64 k_sb, fd_i64 k_sh, fd_i64 k_ss, fd_i64 v_sb, fd_i64 v_sh, fd_i64 v_ss,
     fd_i64 do_sb, fd_i64 do_sh, fd_i64 do_ss, fd_i64 dq_sb, fd_i64 dq_sh, fd_i64 dq_ss, int Sq,
-    int Sk, int Hq, int group, float scale) {
+    int Sk, int Hq, int group, float scale, int win_left, int win_right, float softcap) {
     constexpr int THREADS = WARPS * 32;
     constexpr int MT = BM / (16 * WARPS);
     constexpr int LD = D + FD_PAD;
@@ -569,15 +648,24 @@ __device__ __forceinline__ void fd_attn_bwd_dq(
         const int last_key = min(q0 + BM, Sq) - 1 + off;
         n_end = last_key < 0 ? 0 : min(n_end, last_key / BN + 1);
     }
-    if (n_end == 0) {
+    int n_begin = 0;
+    if (WINDOW) {  // as in the forward
+        const int last_key = min(q0 + BM, Sq) - 1 + off + win_right;
+        n_end = last_key < 0 ? 0 : min(n_end, last_key / BN + 1);
+        const int first_key = q0 + off - win_left;
+        n_begin = first_key <= 0 ? 0 : first_key / BN;
+    }
+    if (WINDOW ? n_end <= n_begin : n_end == 0) {  // (see the forward)
         fd_zero_rows<BM, D, THREADS>(dQp, dq_ss, q0, Sq, tid);
         return;
     }
+    const float cap_in2 = SOFTCAP ? 2.f * FD_LOG2E * scale / softcap : 0.f;
+    const float cap_out = SOFTCAP ? softcap / scale : 0.f;
 
     fd_load_tile<BM, D, THREADS>(sQ, Qp, q_ss, q0, Sq, tid);
     fd_load_tile<BM, D, THREADS>(sdO, dOp, do_ss, q0, Sq, tid);
-    fd_load_tile<BN, D, THREADS>(sK, Kp, k_ss, 0, Sk, tid);
-    fd_load_tile<BN, D, THREADS>(sV, Vp, v_ss, 0, Sk, tid);
+    fd_load_tile<BN, D, THREADS>(sK, Kp, k_ss, n_begin * BN, Sk, tid);
+    fd_load_tile<BN, D, THREADS>(sV, Vp, v_ss, n_begin * BN, Sk, tid);
     fd_cp_async_commit();
 
     const int row_base = q0 + warp * MT * 16 + (lane >> 2);
@@ -596,8 +684,8 @@ __device__ __forceinline__ void fd_attn_bwd_dq(
     const fd_u16* sQw = sQ + warp * MT * 16 * LD;
     const fd_u16* sdOw = sdO + warp * MT * 16 * LD;
 
-    for (int j = 0; j < n_end; ++j) {
-        const int st = j & 1;
+    for (int j = n_begin; j < n_end; ++j) {
+        const int st = (j - n_begin) & 1;
         if (j + 1 < n_end) {
             fd_load_tile<BN, D, THREADS>(sK + (st ^ 1) * BN * LD, Kp, k_ss, (j + 1) * BN, Sk, tid);
             fd_load_tile<BN, D, THREADS>(sV + (st ^ 1) * BN * LD, Vp, v_ss, (j + 1) * BN, Sk, tid);
@@ -618,8 +706,10 @@ __device__ __forceinline__ void fd_attn_bwd_dq(
         fd_gemm_abt<MT, BN, D, BF16>(dp, sdOw, sVs, lane);
 
         // -- P = exp2(S * scale * log2e - lse2), masked; dS = P * (dP - delta)
+        // (softcap: S capped first, dS times 1 - tanh^2)
         const int k0 = j * BN;
-        const bool need_mask = k0 + BN > Sk || (CAUSAL && k0 + BN - 1 > q0 + off);
+        const bool need_mask = k0 + BN > Sk || (CAUSAL && k0 + BN - 1 > q0 + off) ||
+            (WINDOW && (k0 < q0 + BM - 1 + off - win_left || k0 + BN - 1 > q0 + off + win_right));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -627,12 +717,17 @@ __device__ __forceinline__ void fd_attn_bwd_dq(
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int hr = e >> 1;
+                    float dtanh = 1.f;
+                    if constexpr (SOFTCAP) s[mt][nt][e] = fd_softcap(s[mt][nt][e], cap_in2, cap_out, dtanh);
                     float p = fd_exp2(fmaf(s[mt][nt][e], scale_log2, -rl[mt][hr]));
                     if (need_mask) {
                         const int row = row_base + mt * 16 + hr * 8;
                         const int col = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-                        if (col >= Sk || (CAUSAL && col > row + off)) p = 0.f;
+                        if (col >= Sk || (CAUSAL && col > row + off) ||
+                            (WINDOW && fd_outside_window(col, row + off, win_left, win_right)))
+                            p = 0.f;
                     }
+                    if constexpr (SOFTCAP) p *= dtanh;
                     s[mt][nt][e] = p * (dp[mt][nt][e] - rd[mt][hr]);
                 }
 
@@ -660,7 +755,8 @@ __device__ __forceinline__ void fd_attn_bwd_dq(
 // Shared memory: K, V [BN][D+8]; Q, dO [2 stages][BM][D+8]; lse2, delta [2 stages][BM] floats.
 // ---------------------------------------------------------------------------------------------
 
-template <int D, int BM, int BN, int WARPS, bool CAUSAL, bool BF16>
+template <int D, int BM, int BN, int WARPS, bool CAUSAL, bool BF16, bool WINDOW = false,
+          bool SOFTCAP = false>
 __device__ __forceinline__ void fd_attn_bwd_dkdv(
     fd_u16* smem, const fd_u16* __restrict__ Q, const fd_u16* __restrict__ K,
     const fd_u16* __restrict__ V, const fd_u16* __restrict__ dO, const float* __restrict__ lse2,
@@ -668,7 +764,7 @@ __device__ __forceinline__ void fd_attn_bwd_dkdv(
     fd_i64 q_sb, fd_i64 q_sh, fd_i64 q_ss, fd_i64 k_sb, fd_i64 k_sh, fd_i64 k_ss, fd_i64 v_sb,
     fd_i64 v_sh, fd_i64 v_ss, fd_i64 do_sb, fd_i64 do_sh, fd_i64 do_ss, fd_i64 dk_sb,
     fd_i64 dk_sh, fd_i64 dk_ss, fd_i64 dv_sb, fd_i64 dv_sh, fd_i64 dv_ss, int Sq, int Sk, int Hq,
-    int group, float scale) {
+    int group, float scale, int win_left, int win_right, float softcap) {
     constexpr int THREADS = WARPS * 32;
     constexpr int MT = BN / (16 * WARPS);  // key m-tiles per warp
     constexpr int LD = D + FD_PAD;
@@ -697,9 +793,17 @@ __device__ __forceinline__ void fd_attn_bwd_dkdv(
     fd_u16* dVp = dV + b * dv_sb + hk * dv_sh;
 
     // Query i sees key k0 (the block's first) iff i >= k0 - off.
-    const int m_first = CAUSAL ? max(0, k0 - off) / BM : 0;
-    const int n_m = m_first * BM < Sq ? (Sq + BM - 1) / BM - m_first : 0;
+    int m_first = CAUSAL ? max(0, k0 - off) / BM : 0;
+    int n_m = m_first * BM < Sq ? (Sq + BM - 1) / BM - m_first : 0;
+    if (WINDOW) {  // queries [k0 - off - right, last key - off + left]: tiles outside are skipped
+        m_first = max(m_first, max(0, k0 - off - win_right) / BM);
+        const int last_query = min(k0 + BN, Sk) - 1 - off + win_left;
+        const int m_end = last_query < 0 ? 0 : min((Sq + BM - 1) / BM, last_query / BM + 1);
+        n_m = m_first < m_end ? m_end - m_first : 0;
+    }
     const int total = n_m * group;
+    const float cap_in2 = SOFTCAP ? 2.f * FD_LOG2E * scale / softcap : 0.f;
+    const float cap_out = SOFTCAP ? softcap / scale : 0.f;
     if (total == 0) {
         fd_zero_rows<BN, D, THREADS>(dKp, dk_ss, k0, Sk, tid);
         fd_zero_rows<BN, D, THREADS>(dVp, dv_ss, k0, Sk, tid);
@@ -756,8 +860,19 @@ __device__ __forceinline__ void fd_attn_bwd_dkdv(
         fd_zero(s);
         fd_gemm_abt<MT, BM, D, BF16>(s, sKw, sQs, lane);
 
-        // -- P^T, masked where query row < key - off (causal); rows past Sq have lse2 = +inf
-        const bool need_mask = CAUSAL && k0 + BN - 1 > q0 + off;
+        // Softcap: dS^T needs 1 - tanh^2 of each score, so dP^T is computed before P^T and both
+        // come out of one pass (dS^T in dp, P^T in s): no third array of registers. Without
+        // softcap dP^T waits until dV is done, as it always has.
+        float dp[MT][NT][4];
+        if constexpr (SOFTCAP) {
+            fd_zero(dp);
+            fd_gemm_abt<MT, BM, D, BF16>(dp, sVw, sdOs, lane);
+        }
+
+        // -- P^T, masked where the query does not see the key (causal, window); rows past Sq
+        // have lse2 = +inf
+        const bool need_mask = (CAUSAL && k0 + BN - 1 > q0 + off) ||
+            (WINDOW && (k0 + BN - 1 > q0 + off + win_right || k0 < q0 + BM - 1 + off - win_left));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -765,33 +880,42 @@ __device__ __forceinline__ void fd_attn_bwd_dkdv(
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qc = nt * 8 + (lane & 3) * 2 + (e & 1);
+                    float dtanh = 1.f;
+                    if constexpr (SOFTCAP) s[mt][nt][e] = fd_softcap(s[mt][nt][e], cap_in2, cap_out, dtanh);
                     float p = fd_exp2(fmaf(s[mt][nt][e], scale_log2, -sLs[qc]));
                     if (need_mask) {
                         const int key = key_base + mt * 16 + (e >> 1) * 8;
-                        if (key > q0 + qc + off) p = 0.f;
+                        if ((CAUSAL && key > q0 + qc + off) ||
+                            (WINDOW && fd_outside_window(key, q0 + qc + off, win_left, win_right)))
+                            p = 0.f;
                     }
                     s[mt][nt][e] = p;
+                    if constexpr (SOFTCAP) dp[mt][nt][e] = p * dtanh * (dp[mt][nt][e] - sDs[qc]);
                 }
 
         // -- dV += P^T dO
         fd_gemm_pb<MT, BM, D, BF16>(dv, s, sdOs, lane);
 
-        // -- dP^T = V dO^T; dS^T = P^T * (dP^T - delta)
-        float dp[MT][NT][4];
-        fd_zero(dp);
-        fd_gemm_abt<MT, BM, D, BF16>(dp, sVw, sdOs, lane);
+        if constexpr (SOFTCAP) {
+            // -- dK += dS^T Q
+            fd_gemm_pb<MT, BM, D, BF16>(dk, dp, sQs, lane);
+        } else {
+            // -- dP^T = V dO^T; dS^T = P^T * (dP^T - delta)
+            fd_zero(dp);
+            fd_gemm_abt<MT, BM, D, BF16>(dp, sVw, sdOs, lane);
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+                for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int qc = nt * 8 + (lane & 3) * 2 + (e & 1);
-                    s[mt][nt][e] *= dp[mt][nt][e] - sDs[qc];
-                }
+                    for (int e = 0; e < 4; ++e) {
+                        const int qc = nt * 8 + (lane & 3) * 2 + (e & 1);
+                        s[mt][nt][e] *= dp[mt][nt][e] - sDs[qc];
+                    }
 
-        // -- dK += dS^T Q
-        fd_gemm_pb<MT, BM, D, BF16>(dk, s, sQs, lane);
+            // -- dK += dS^T Q
+            fd_gemm_pb<MT, BM, D, BF16>(dk, s, sQs, lane);
+        }
         __syncthreads();
     }
 

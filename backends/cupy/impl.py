@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from flashdispatch.backend import Capabilities, Implementation
+from flashdispatch.backend import Capabilities, Gradients, Implementation
 from flashdispatch.device import DeviceInfo
 from flashdispatch.problem import Problem
 
@@ -104,21 +104,16 @@ class CupyAttention(Implementation):
         notes.append("first call per config compiles with NVRTC (cached on disk); `flashdispatch warmup` precompiles")
         return notes
 
-    def run(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        p: Problem,
-        config: dict[str, Any],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from .ops import CupyAttentionFn, cupy_forward
+    def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
+        from .ops import cupy_forward
 
         # api.py transposes a bshd result back: writing bshd memory here hands the user a dense
         # tensor in the layout they asked for, without a copy.
-        bshd = p.layout == "bshd"
-        if p.needs_grad:
-            out, lse = CupyAttentionFn.apply(q, k, v, p.causal, p.scale, dict(config), bshd)
-        else:
-            out, lse = cupy_forward(q, k, v, causal=p.causal, scale=p.scale, config=config, out_bshd=bshd)
-        return out, (lse if p.return_lse else None)
+        return cupy_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config,
+                            out_bshd=p.layout == "bshd")
+
+    def backward(self, inp, out, lse, do, p, config):  # type: ignore[no-untyped-def]
+        from .ops import cupy_backward
+
+        return Gradients(*cupy_backward(do, inp.q, inp.k, inp.v, out, lse, causal=p.causal, scale=p.scale,
+                                        config=config))

@@ -34,6 +34,11 @@ NVCC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
 
 _PTR = "const fd_u16* __restrict__"
 _STRIDES3 = "fd_i64 {0}_sb, fd_i64 {0}_sh, fd_i64 {0}_ss"
+# Scalars of the attention kernels, in launch order (backends/cupy/ops.py passes them). The window
+# bounds are >= 0 (a side without one comes as a bound past the sequence's end) and only read by
+# WINDOW kernels; softcap only by SOFTCAP kernels; the forward's sinks pointer only by SINKS ones.
+_SCALARS = "int Sq, int Sk, int Hq, int group, float scale, int win_left, int win_right, float softcap"
+_SCALAR_ARGS = "Sq, Sk, Hq, group, scale, win_left, win_right, softcap"
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,6 +59,8 @@ def entry_point(spec: KernelSpec) -> str:
     bf16 = "true" if spec.dtype == "bf16" else "false"
     causal = "true" if spec.causal else "false"
     tpl = f"{spec.head_dim}, {spec.block_m}, {spec.block_n}, {spec.warps}, {causal}, {bf16}"
+    flags = (spec.window, spec.softcap) + ((spec.sinks,) if spec.kind == "fwd" else ())
+    tpl += "".join(", true" if f else ", false" for f in flags)
     smem = "extern __shared__ __align__(16) unsigned char fd_smem_raw[];\n    fd_u16* smem = reinterpret_cast<fd_u16*>(fd_smem_raw);"
     bounds = f"__launch_bounds__({spec.threads})"
     if spec.kind == "fwd":
@@ -61,10 +68,10 @@ def entry_point(spec: KernelSpec) -> str:
             f'extern "C" __global__ void {bounds} {spec.symbol}(\n'
             f"    {_PTR} Q, {_PTR} K, {_PTR} V, fd_u16* __restrict__ O, float* __restrict__ LSE,\n"
             f"    {_strides('q', 'k', 'v', 'o')},\n"
-            "    int Sq, int Sk, int Hq, int group, float scale) {\n"
+            f"    {_SCALARS}, const float* __restrict__ sinks) {{\n"
             f"    {smem}\n"
             f"    fd_attn_fwd<{tpl}>(smem, Q, K, V, O, LSE, {_args('q', 'k', 'v', 'o')},\n"
-            "        Sq, Sk, Hq, group, scale);\n}\n"
+            f"        {_SCALAR_ARGS}, sinks);\n}}\n"
         )
     if spec.kind == "bwd_prep":
         return (
@@ -80,10 +87,10 @@ def entry_point(spec: KernelSpec) -> str:
             f"    {_PTR} Q, {_PTR} K, {_PTR} V, {_PTR} dO, const float* __restrict__ lse2,\n"
             "    const float* __restrict__ delta, fd_u16* __restrict__ dQ,\n"
             f"    {_strides('q', 'k', 'v', 'do', 'dq')},\n"
-            "    int Sq, int Sk, int Hq, int group, float scale) {\n"
+            f"    {_SCALARS}) {{\n"
             f"    {smem}\n"
             f"    fd_attn_bwd_dq<{tpl}>(smem, Q, K, V, dO, lse2, delta, dQ,\n"
-            f"        {_args('q', 'k', 'v', 'do', 'dq')}, Sq, Sk, Hq, group, scale);\n}}\n"
+            f"        {_args('q', 'k', 'v', 'do', 'dq')}, {_SCALAR_ARGS});\n}}\n"
         )
     if spec.kind == "bwd_dkdv":
         return (
@@ -91,10 +98,10 @@ def entry_point(spec: KernelSpec) -> str:
             f"    {_PTR} Q, {_PTR} K, {_PTR} V, {_PTR} dO, const float* __restrict__ lse2,\n"
             "    const float* __restrict__ delta, fd_u16* __restrict__ dK, fd_u16* __restrict__ dV,\n"
             f"    {_strides('q', 'k', 'v', 'do', 'dk', 'dv')},\n"
-            "    int Sq, int Sk, int Hq, int group, float scale) {\n"
+            f"    {_SCALARS}) {{\n"
             f"    {smem}\n"
             f"    fd_attn_bwd_dkdv<{tpl}>(smem, Q, K, V, dO, lse2, delta, dK, dV,\n"
-            f"        {_args('q', 'k', 'v', 'do', 'dk', 'dv')}, Sq, Sk, Hq, group, scale);\n}}\n"
+            f"        {_args('q', 'k', 'v', 'do', 'dk', 'dv')}, {_SCALAR_ARGS});\n}}\n"
         )
     raise ValueError(f"spec.kind: expected one of fwd, bwd_prep, bwd_dq, bwd_dkdv, got {spec.kind!r}")
 
@@ -131,9 +138,9 @@ _KEY_LOCKS: dict[tuple[KernelSpec, int], threading.Lock] = {}
 
 
 def cache_dir() -> str:
-    from flashdispatch import envs
+    from flashdispatch.backend import kernel_cache_dir
 
-    return envs.FLASHDISPATCH_CACHE_DIR.read() or envs.home_cache_dir()
+    return kernel_cache_dir()
 
 
 def _cache_key(src: str, options: tuple[str, ...], arch: str, nvrtc_version: tuple[int, int]) -> str:

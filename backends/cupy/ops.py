@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -115,17 +115,77 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
     return b, hq, hkv, sq, sk, d
 
 
+# A window side without a bound goes to the kernels as a bound this far past the sequence's end
+# (more than the largest tile), so that every bound is a plain int >= 0 there.
+_UNBOUNDED_MARGIN = 1024
+# Window arithmetic in the kernels adds bounds to positions in 32-bit ints.
+_MAX_WINDOW_SEQ = 2**30
+
+
+class _Mask(NamedTuple):
+    """What the kernels are told about visibility: the causal and window template flags and the
+    window bounds as passed at launch (both >= 0; unused when window is False)."""
+
+    causal: bool
+    window: bool
+    left: int
+    right: int
+
+
+def _mask(sq: int, sk: int, causal: bool, left: int, right: int) -> _Mask:
+    """Canonical form of (causal, window): right = 0 is bottom-right causal (one kernel for both),
+    causal with sq <= 1 changes nothing (the one query sees every key), and a window side that
+    reaches past the sequence is no bound."""
+    for name, val in (("window_left", left), ("window_right", right)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < -1:
+            raise ValueError(f"{name}: expected an int >= -1 (-1: unbounded), got {val!r}")
+    left, right = int(left), int(right)
+    causal = bool(causal) or right == 0
+    if causal:
+        right = -1  # the causal flag bounds the right side
+    causal = causal and sq > 1
+    big_left, big_right = sk + _UNBOUNDED_MARGIN, sq + _UNBOUNDED_MARGIN
+    left = big_left if left < 0 or left > big_left else left
+    right = big_right if right < 0 or right > big_right else right
+    window = left < big_left or right < big_right
+    if window and sq + sk >= _MAX_WINDOW_SEQ:
+        raise ValueError(f"window: supported for Sq + Sk < {_MAX_WINDOW_SEQ}, got Sq={sq}, Sk={sk}")
+    return _Mask(causal, window, left, right)
+
+
+def _check_softcap(softcap: float) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap >= 0 or softcap == float("inf"):
+        raise ValueError(f"softcap: expected a finite float > 0 (0.0: none), got {softcap!r}")
+    return float(softcap)
+
+
+def _check_sinks(sinks: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    if sinks is None:
+        return None
+    hq = q.shape[1]
+    if not isinstance(sinks, torch.Tensor) or sinks.dtype != torch.float32 or tuple(sinks.shape) != (hq,) \
+            or sinks.device != q.device:
+        got = f"{sinks.dtype} {tuple(sinks.shape)} on {sinks.device}" if isinstance(sinks, torch.Tensor) \
+            else type(sinks).__name__
+        raise ValueError(f"sinks: expected a float32 tensor of shape ({hq},) on {q.device}, got {got}")
+    return sinks.contiguous()
+
+
 class _ForwardPlan:
     """One forward call signature's launch, made once: the kernel, grid and every scalar argument.
     A repeated call allocates out and lse and launches (small problems are launch-bound)."""
 
     __slots__ = ("out_shape", "out_bshd", "lse_shape", "device", "dtype", "index", "finished", "kernel", "grid",
-                 "block", "smem", "scalars", "in_strides")
+                 "block", "smem", "scalars", "in_strides", "sinks")
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None,
-                 config: dict[str, Any], out_bshd: bool) -> None:
+                 config: dict[str, Any], out_bshd: bool, window_left: int = -1, window_right: int = -1,
+                 softcap: float = 0.0, sinks: bool = False) -> None:
         b, hq, hkv, sq, sk, d = _check(q, k, v)
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        mask = _mask(sq, sk, causal, window_left, window_right)
+        softcap = _check_softcap(softcap)
+        self.sinks = sinks
         self.out_bshd = out_bshd
         self.out_shape = (b, sq, hq, d) if out_bshd else (b, hq, sq, d)
         self.lse_shape = (b, hq, sq)
@@ -135,7 +195,8 @@ class _ForwardPlan:
         if self.finished:
             return
         cfg = configs.runnable_config(config, d, int(arch[3:]))
-        spec = configs.fwd_spec(d, DTYPE_NAME[q.dtype], bool(causal) and sq > 1, cfg)
+        spec = configs.fwd_spec(d, DTYPE_NAME[q.dtype], mask.causal, cfg, window=mask.window,
+                                softcap=softcap > 0, sinks=sinks)
         kern = compile_kernel(spec, self.index, arch)
         self.kernel = _device_function(kern, self.index)
         self.grid = ((sq + spec.block_m - 1) // spec.block_m, hq, b)
@@ -147,9 +208,10 @@ class _ForwardPlan:
         self.in_strides = (*_strides3(q), *_strides3(k), *_strides3(v)) if rows_ok else None
         o_strides = (sq * hq * d, d, hq * d) if out_bshd else (hq * sq * d, sq * d, d)
         self.scalars = (*_i64(*o_strides), np.int32(sq), np.int32(sk), np.int32(hq), np.int32(hq // hkv),
-                        np.float32(scale))
+                        np.float32(scale), np.int32(mask.left), np.int32(mask.right), np.float32(softcap))
 
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty(self.out_shape, device=self.device, dtype=self.dtype)
         if self.out_bshd:
             out = out.transpose(1, 2)
@@ -157,6 +219,8 @@ class _ForwardPlan:
         if self.finished == "empty":
             return out, lse.fill_(float("-inf"))
         if self.finished == "no key":
+            if sinks is not None:  # a row that sees no key: lse = its head's sink
+                return out.zero_(), lse.copy_(sinks.view(1, -1, 1).expand(self.lse_shape))
             return out.zero_(), lse.fill_(float("-inf"))
         ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr())
         strides = self.in_strides
@@ -164,7 +228,8 @@ class _ForwardPlan:
             q, k, v = aligned16(q), aligned16(k), aligned16(v)
             ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr())
             strides = (*_strides3(q), *_strides3(k), *_strides3(v))
-        args = (*ptrs, out.data_ptr(), lse.data_ptr(), *strides, *self.scalars)
+        args = (*ptrs, out.data_ptr(), lse.data_ptr(), *strides, *self.scalars,
+                sinks.data_ptr() if sinks is not None else 0)
         _launch_function(self.kernel, self.grid, self.block, args, self.smem, self.index)
         return out, lse
 
@@ -182,26 +247,41 @@ def cupy_forward(
     scale: float | None,
     config: dict[str, Any] | None = None,
     out_bshd: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention-2 forward. q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), fp16/bf16 on CUDA, any
     strides with a unit last one. Returns out (B, Hq, Sq, D) in q's dtype (dense; with out_bshd its
     memory is (B, Sq, Hq, D), written in place by the kernel) and lse (B, Hq, Sq) float32 (natural
     log; -inf for rows that see no key). causal is bottom-right: query i sees key j iff
-    j <= i + Sk - Sq."""
+    j <= i + Sk - Sq.
+
+    Variants (defaults: none): window_left/window_right: query i at p = i + Sk - Sq sees key j iff
+    p - left <= j <= p + right (-1: no bound on that side; causal implies right = 0); key blocks
+    outside the window are skipped. softcap > 0: the logit scale * q.k becomes
+    softcap * tanh(scale * q.k / softcap) before masking. sinks: float32 (Hq,), one logit per query
+    head in the softmax denominator with no value; lse includes it and a row that sees no key gives
+    zeros and lse = sink."""
     try:
         key: tuple[Any, ...] | None = (
             q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-            k.device, v.device, causal, scale, out_bshd, tuple(config.items()) if config else None)
+            k.device, v.device, causal, scale, out_bshd, tuple(config.items()) if config else None,
+            window_left, window_right, softcap, sinks is None)
         plan = _FWD_PLANS.get(key)  # type: ignore[arg-type]
     except TypeError:  # an unhashable config value: plan every call
         key, plan = None, None
     if plan is None:
-        plan = _ForwardPlan(q, k, v, causal, scale, config or {}, out_bshd)
+        plan = _ForwardPlan(q, k, v, causal, scale, config or {}, out_bshd, window_left, window_right, softcap,
+                            sinks is not None)
         if key is not None:
             if len(_FWD_PLANS) >= MAX_PLANS:
                 _FWD_PLANS.clear()
             _FWD_PLANS[key] = plan
-    return plan.run(q, k, v)
+    if sinks is not None:
+        sinks = _check_sinks(sinks, q)
+    return plan.run(q, k, v, sinks)
 
 
 def cupy_backward(
@@ -215,11 +295,19 @@ def cupy_backward(
     causal: bool,
     scale: float | None,
     config: dict[str, Any] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Gradients of cupy_forward. do and out (B, Hq, Sq, D), lse (B, Hq, Sq) float32 as returned by
-    cupy_forward. Returns dq, dk, dv contiguous, shaped and typed like q, k, v. Deterministic:
+    cupy_forward (called with the same variant arguments). Returns dq, dk, dv contiguous, shaped
+    and typed like q, k, v, and with sinks a fourth gradient, dsinks (Hq,) float32. Deterministic:
     the GQA sum over a query group runs inside the dK/dV kernel in a fixed order."""
     b, hq, hkv, sq, sk, d = _check(q, k, v)
+    mask = _mask(sq, sk, causal, window_left, window_right)
+    softcap = _check_softcap(softcap)
+    sinks = _check_sinks(sinks, q)
     if d not in configs.BACKWARD_HEAD_DIMS:
         raise ValueError(f"head_dim: backward supports {list(configs.BACKWARD_HEAD_DIMS)}, got {d}")
     if tuple(do.shape) != (b, hq, sq, d) or tuple(out.shape) != (b, hq, sq, d):
@@ -231,17 +319,21 @@ def cupy_backward(
     dk = torch.empty((b, hkv, sk, d), device=q.device, dtype=q.dtype)
     dv = torch.empty((b, hkv, sk, d), device=q.device, dtype=q.dtype)
     if b == 0 or hq == 0 or sk == 0 or sq == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        # (sinks: no key means out = 0, so delta = 0 and the sinks' gradient is 0 too)
+        empty = (dq.zero_(), dk.zero_(), dv.zero_())
+        return empty if sinks is None else empty + (torch.zeros_like(sinks),)
     do = do.to(q.dtype)
     q, k, v, do, out = (aligned16(t) for t in (q, k, v, do, out))
     lse = lse.contiguous()
     idx, arch = _arch(q.device)
     cc = int(arch[3:])
     cfg = configs.runnable_config(config or {}, d, cc)
-    prep, dq_spec, dkdv_spec = configs.bwd_specs(d, DTYPE_NAME[q.dtype], bool(causal) and sq > 1, cfg)
+    prep, dq_spec, dkdv_spec = configs.bwd_specs(d, DTYPE_NAME[q.dtype], mask.causal, cfg, window=mask.window,
+                                                 softcap=softcap > 0)
     delta = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
     lse2 = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
-    scal = [np.int32(sq), np.int32(sk), np.int32(hq), np.int32(hq // hkv), np.float32(scale)]
+    scal = [np.int32(sq), np.int32(sk), np.int32(hq), np.int32(hq // hkv), np.float32(scale),
+            np.int32(mask.left), np.int32(mask.right), np.float32(softcap)]
 
     # delta = rowsum(dO * O), lse2 = lse * log2(e) (+inf where lse = -inf)
     kern = compile_kernel(prep, idx, arch)
@@ -262,26 +354,9 @@ def cupy_backward(
     args = [_ptr(q), _ptr(k), _ptr(v), _ptr(do), _ptr(lse2), _ptr(delta), _ptr(dk), _ptr(dv)]
     args += _strides3(q) + _strides3(k) + _strides3(v) + _strides3(do) + _strides3(dk) + _strides3(dv) + scal
     _launch(kern, ((sk + dkdv_spec.block_n - 1) // dkdv_spec.block_n, hkv, b), args, idx)
-    return dq, dk, dv
-
-
-class CupyAttentionFn(torch.autograd.Function):
-    """Autograd wrapper: saves q, k, v, out, lse; backward runs cupy_backward."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-        config: dict[str, Any],
-        out_bshd: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = cupy_forward(q, k, v, causal=causal, scale=scale, config=config, out_bshd=out_bshd)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale, ctx.config = causal, scale, config
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None):  # type: ignore[override]
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = cupy_backward(dout, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale, config=ctx.config)
-        return dq, dk, dv, None, None, None, None
+    if sinks is None:
+        return dq, dk, dv
+    # The sink's probability in row i is exp(sink - lse_i) and its value is 0, so
+    # dL/dsink = sum_i P_sink,i * (0 - delta_i) (lse includes the sink: always finite).
+    dsinks = -(torch.exp(sinks.view(1, hq, 1) - lse) * delta).sum(dim=(0, 2))
+    return dq, dk, dv, dsinks

@@ -11,8 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from flashdispatch import envs
-from flashdispatch.backend import Capabilities, Implementation
+from flashdispatch.backend import Capabilities, Gradients, Implementation, triton_interpreter_on
 from flashdispatch.device import DeviceInfo
 from flashdispatch.problem import Problem
 
@@ -26,7 +25,9 @@ _INTERPRETER_DTYPES = frozenset({torch.float16, torch.float32})
 
 
 def _interpreter_on() -> bool:
-    return envs.TRITON_INTERPRET.read().strip().lower() not in ("", "0", "false", "off", "no")
+    # whether TRITON_INTERPRET asks for the CPU interpreter, as envs.py reads it (handed over by the
+    # backend interface: backends never read the environment themselves)
+    return triton_interpreter_on()
 
 
 def _wants_decode_kernel(p: Problem, config: dict[str, Any]) -> bool:
@@ -118,18 +119,20 @@ class TritonAttention(Implementation):
             notes.append(f"first {p.seqlen_q - p.seqlen_k} query rows see no key: zeros, lse=-inf")
         return notes
 
-    def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
-        from .forward import TritonAttentionFunction, attention_forward
-
-        if p.needs_grad:
-            out, lse = TritonAttentionFunction.apply(q, k, v, p.causal, p.scale, config)
-        elif _wants_decode_kernel(p, config):
+    def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
+        if _wants_decode_kernel(p, config):
             from .decode import decode_forward
 
-            out, lse = decode_forward(q, k, v, causal=p.causal, scale=p.scale, config=config)
-        else:
-            out, lse = attention_forward(q, k, v, causal=p.causal, scale=p.scale, config=config)
-        return out, (lse if p.return_lse else None)
+            return decode_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config)
+        from .forward import attention_forward
+
+        return attention_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config)
+
+    def backward(self, inp, out, lse, do, p, config):  # type: ignore[no-untyped-def]
+        from .backward import attention_backward
+
+        return Gradients(*attention_backward(do, inp.q, inp.k, inp.v, out, lse, causal=p.causal, scale=p.scale,
+                                             config=config))
 
 
 IMPLEMENTATIONS: list[Implementation] = [TritonAttention()]

@@ -1,4 +1,4 @@
-"""FlashAttention-2 forward in Triton: the kernels, their launcher and the autograd Function.
+"""FlashAttention-2 forward in Triton: the kernels and their launcher (autograd: dispatch/autograd.py).
 
 Algorithm (FlashAttention-2): one program owns BLOCK_M query rows of one (batch, query head) and
 streams the key/value blocks of its kv head through an online softmax kept in base 2 (scores are
@@ -744,7 +744,7 @@ def attention_forward(
     return cached_plan(_PLANS, _ForwardPlan, q, k, v, causal, scale, config, variant).run(q, k, v, sinks)
 
 
-# --- autograd ------------------------------------------------------------------------------------
+# --- whether the backward pair is there ----------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=None)  # an import attempt per call: selection asks for every new problem

@@ -1,5 +1,7 @@
-"""Ring blocks through torch's private cuDNN attention ops (forward with lse, and the backward that
-takes a given out and lse): the kernels plain SDPA runs on an H100, with the lse the ring needs.
+"""Ring blocks through sdpa:cudnn's forward/backward pair with lse (torch's private cuDNN attention
+ops, backends/sdpa_cudnn.py, taken from the registry): the kernels plain SDPA runs on an H100, with
+the lse the ring needs. This module holds the ring's policy for them: when to use them, and the
+self-check against the math before first use.
 
 The ring uses them where the dispatcher chose SDPA for the rank's local problem (sdpa's public call
 returns no lse; `blocks_reason` says when and why not). These aten ops are private (their lse shape
@@ -22,42 +24,39 @@ from typing import Sequence
 
 import torch
 
+from ..backend import Implementation, Inputs
+from ..problem import Problem, problem_from_tensors
+from ..registry import REGISTRY
 from .block_backward import Grads, block_backward_math, softmax_delta
 from .layout import Block
 
 log = logging.getLogger("flashdispatch.distributed")
 
-_rng_words: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+def _pair() -> Implementation:
+    pair = REGISTRY.get("sdpa:cudnn").lse_pair()
+    if pair is None:
+        raise RuntimeError("sdpa:cudnn offers no forward/backward pair with lse")
+    return pair
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
+def _problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> Problem:
+    return problem_from_tensors(q, k, v, causal=causal, scale=scale, layout="bhsd", return_lse=True)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse (B, H, Sq) float32) of one block; bhsd-indexed, Hq == Hkv, square when causal."""
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        _dense(q), _dense(k), _dense(v), None, True, 0.0, causal, False, scale=scale
-    )
-    out, lse = res[0], res[1]
-    # dropout is 0: the rng words are never read, but the backward op takes tensors of their kind
-    _rng_words.setdefault(q.device, (res[6], res[7]))
-    return out, lse.reshape(q.shape[0], q.shape[1], q.shape[2]).float()
+    """(out, lse (B, H, Sq) float32) of one block through sdpa:cudnn's pair; bhsd-indexed, Hq == Hkv,
+    square when causal."""
+    out, lse = _pair().forward(Inputs(q, k, v), _problem(q, k, v, causal, scale), {})
+    return out, lse
 
 
 def backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     *, causal: bool, scale: float,
 ) -> Grads:
-    """One block's (dq, dk, dv) against the given (global) out and lse."""
-    seed, offset = _rng_words[q.device]
-    b, h, sq, _ = q.shape
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        _dense(do), _dense(q), _dense(k), _dense(v), _dense(out),
-        _dense(lse).reshape(b, h, sq, 1), seed, offset, None, None, None, sq, k.shape[2], 0.0, causal,
-        scale=scale,
-    )
-    return dq, dk, dv
+    """One block's (dq, dk, dv) against the given (global) out and lse, through sdpa:cudnn's pair."""
+    g = _pair().backward(Inputs(q, k, v), out, lse, do, _problem(q, k, v, causal, scale), {})
+    return g.dq, g.dk, g.dv
 
 
 def self_check(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str | None:

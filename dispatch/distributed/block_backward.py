@@ -6,18 +6,20 @@ row are P = exp(S * scale - lse_global), and FlashAttention-2's backward applies
     dV = P^T dO        dP = dO V^T        dS = P * (dP - delta),  delta = rowsum(dO * O_global)
     dQ = scale * dS K  dK = scale * dS^T Q
 
-On a GPU the triton backend's functional `attention_backward` (which takes the global out and lse)
-does this in one kernel; elsewhere `block_backward_math` does it in torch ops, in chunks of query rows
+On a GPU the triton backend's backward (its `Implementation.backward`, from the registry, which
+takes the global out and lse) does this in one kernel; elsewhere `block_backward_math` does it in torch ops, in chunks of query rows
 so that the (rows x keys) score matrix stays bounded.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import Callable
 
 import torch
+
+from ..backend import Implementation, Inputs
+from ..problem import problem_from_tensors
+from ..registry import REGISTRY
 
 log = logging.getLogger("flashdispatch.distributed")
 
@@ -89,14 +91,18 @@ def block_backward_math(
     return dq, dk, dv
 
 
-def _triton_backward() -> Callable[..., Grads] | None:
-    """The triton backend's functional backward, or None where it is absent or not importable."""
+def _block_backward_impl(name: str) -> Implementation | None:
+    """The implementation `name` when it is available here and has a backward of its own (one that
+    takes the given out and lse), else None."""
     try:
-        mod = importlib.import_module("flashdispatch.backends.triton.backward")
-    except Exception as e:  # triton missing, or the module not written yet: the math path serves
-        log.debug("triton attention_backward unavailable: %s", e)
+        impl = REGISTRY.get(name)
+    except KeyError:
         return None
-    return getattr(mod, "attention_backward", None)
+    why = REGISTRY.availability(name)
+    if why is not None or not impl.has_backward:
+        log.debug("%s has no usable backward pair here: %s", name, why or "it defines none")
+        return None
+    return impl
 
 
 def choose_block_backward(
@@ -107,7 +113,7 @@ def choose_block_backward(
 
     q, k, v: the local slices, bhsd-indexed. The config is the profile's for the whole local problem.
     """
-    if q.device.type != "cuda" or _triton_backward() is None:
+    if q.device.type != "cuda" or _block_backward_impl("triton") is None:
         return "math", None
     from ..api import explain
     from ..errors import NoBackendError
@@ -134,13 +140,14 @@ def block_backward(
     causal: bool,
     scale: float,
 ) -> Grads:
-    """One block's (dq, dk, dv) through `path` ('triton' with `config`, or 'math'); out, lse and
-    delta are the whole row's."""
-    if path == "triton":
-        fn = _triton_backward()
-        if fn is None:
-            raise RuntimeError("block backward path 'triton' chosen but attention_backward is not importable")
-        return fn(do, q, k, v, out, lse, causal=causal, scale=scale, config=config)
+    """One block's (dq, dk, dv) through `path` (an implementation with a backward pair, such as
+    'triton', with `config`; or 'math'); out, lse and delta are the whole row's."""
+    if path not in ("math", "none"):
+        impl = _block_backward_impl(path)
+        if impl is None:
+            raise RuntimeError(f"block backward path {path!r} chosen but that backend's backward is not usable here")
+        p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout="bhsd", return_lse=False)
+        return tuple(impl.backward(Inputs(q, k, v), out, lse, do, p, config)[:3])  # type: ignore[return-value]
     if delta is None:
         delta = softmax_delta(do, out)
     return block_backward_math(do, q, k, v, lse, delta, causal=causal, scale=scale)

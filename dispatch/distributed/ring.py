@@ -42,7 +42,7 @@ class RingSpec(NamedTuple):
     scale: float
     layout: str  # of the user's tensors; the ring works on bhsd-indexed views of them
     backend: str | None  # forced forward backend, None lets the dispatcher choose per block
-    backward_path: str  # "cudnn" (aten_cudnn, forward too) | "triton" | "math"
+    backward_path: str  # "cudnn" (aten_cudnn, forward too) | a backend with a backward pair ("triton") | "math"
     backward_config: dict | None = None  # the triton backward's block sizes (None: its defaults)
 
     @property
@@ -108,8 +108,8 @@ def ring_backward(
     acc = accumulation_dtype(q.dtype)
     L = spec.layout
     qb, ob, dob = bhsd(q, L), bhsd(out, L), bhsd(do, L)
-    # the triton and cuDNN backwards compute rowsum(dO * O) themselves
-    delta = softmax_delta(dob, ob) if spec.backward_path != "triton" and not spec.aten_cudnn else None
+    # the backends' backward pairs and cuDNN's compute rowsum(dO * O) themselves
+    delta = softmax_delta(dob, ob) if spec.backward_path in ("math", "none") and not spec.aten_cudnn else None
     dq_user = _zeros_user(q, acc)
     dqb = bhsd(dq_user, L)
     wire = [k, v]

@@ -1,11 +1,11 @@
 """Benchmark of the cupy backend against torch SDPA (flash, cuDNN) on the FlashAttention-2 sweep.
 
 Shapes: B*S = 16384, H = 2048 / D, S in 512..16384, D in {64, 128}, causal and not (the FA2
-paper's sweep, as in /work/shared/ANCHORS.md). FLOPs: 4*B*H*S*S*D, halved when causal; backward
+paper's sweep). FLOPs: 4*B*H*S*S*D, halved when causal; backward
 2.5x forward. Times are triton.testing.do_bench medians on random data, every provider of a shape
 in the same process. Not a test: it asserts nothing.
 
-    python -m flashdispatch.backends.cupy.bench [--dtype bf16] [--tune] [--out results.json]
+    python -m flashdispatch.tools.bench_cupy [--dtype bf16] [--tune] [--out results.json]
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import configs
-from .ops import cupy_backward, cupy_forward
+from flashdispatch.backends.cupy import configs, cupy_backward, cupy_forward
 
 SEQLENS: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
 HEAD_DIMS: tuple[int, ...] = (64, 128)

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from . import configs
-from .configs import KernelSpec
+from flashdispatch.backends.cupy import configs
+from flashdispatch.backends.cupy.configs import KernelSpec
 
 DEFAULT_JOBS = 4
 
@@ -93,10 +93,10 @@ def warmup(
     """
     import torch
 
-    from .impl import _availability
-    from .kernels import compile_kernel
+    from flashdispatch.backends.cupy.kernels import compile_kernel
+    from flashdispatch.registry import REGISTRY
 
-    reason = _availability()
+    reason = REGISTRY.availability("cupy")
     if reason is not None:
         raise RuntimeError(f"cupy backend unavailable: {reason}")
     idx = torch.cuda.current_device() if device_index is None else device_index
