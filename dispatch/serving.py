@@ -235,39 +235,48 @@ def check_values(*, cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torc
                  total_q: int = 0, total_k: int = 0, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                  cache_seqlens: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
                  capacity: int = 0, block_size: int = 0, num_blocks: int = 0) -> None:
-    """The checks that read device values (one host sync), in one place. Raises ValueError naming
-    the argument. Called by the public functions unless validation is off (module docstring)."""
+    """The checks that read device values, in one place: reductions on the device, then one small
+    host read per call (the offending entry is looked up only once something is wrong). Raises
+    ValueError naming the argument. Called by the public functions unless validation is off."""
     if cu_seqlens_q is not None and cu_seqlens_k is not None:
-        for name, cu, total, most, max_name in (
-                ("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q"),
-                ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, "max_seqlen_k")):
-            vals = cu.tolist()
-            if vals[0] != 0:
-                raise ValueError(f"{name}: expected a first entry of 0, got {vals[0]}")
-            lens = [b - a for a, b in zip(vals, vals[1:])]
-            if any(n < 0 for n in lens):
-                i = next(i for i, n in enumerate(lens) if n < 0)
+        cus = torch.stack([cu_seqlens_q, cu_seqlens_k]).long()
+        diffs = cus.diff(dim=1)
+        empty = diffs.shape[1] == 0
+        summary = torch.stack([cus[:, 0], cus[:, -1],
+                               diffs.min(dim=1).values if not empty else cus[:, 0] * 0,
+                               diffs.max(dim=1).values if not empty else cus[:, 0] * 0], 1).tolist()
+        for (first, last, low, high), name, cu, total, most, max_name in zip(
+                summary, ("cu_seqlens_q", "cu_seqlens_k"), (cu_seqlens_q, cu_seqlens_k), (total_q, total_k),
+                (max_seqlen_q, max_seqlen_k), ("max_seqlen_q", "max_seqlen_k")):
+            if first != 0:
+                raise ValueError(f"{name}: expected a first entry of 0, got {first}")
+            if low < 0:
+                vals = cu.tolist()
+                i = next(i for i in range(len(vals) - 1) if vals[i + 1] < vals[i])
                 raise ValueError(f"{name}: expected non-decreasing entries, got {vals[i]} then {vals[i + 1]} "
                                  f"at index {i}")
-            if vals[-1] != total:
-                raise ValueError(f"{name}: expected a last entry equal to the {total} packed rows, got {vals[-1]}")
-            if lens and max(lens) > most:
-                raise ValueError(f"{max_name}: expected at least the longest sequence, {max(lens)}, got {most}")
+            if last != total:
+                raise ValueError(f"{name}: expected a last entry equal to the {total} packed rows, got {last}")
+            if high > most:
+                raise ValueError(f"{max_name}: expected at least the longest sequence, {high}, got {most}")
     if cache_seqlens is not None:
-        lens = cache_seqlens.tolist()
-        bad = [(i, n) for i, n in enumerate(lens) if n < 0 or n > capacity]
-        if bad:
-            i, n = bad[0]
-            raise ValueError(f"cache_seqlens: expected lengths in [0, {capacity}] (the cache's capacity), got "
-                             f"{n} for sequence {i}")
+        lens = cache_seqlens.long()
+        out_of_range = (lens < 0) | (lens > capacity)
+        checks = [out_of_range.any()]
         if block_table is not None:
-            table = block_table.tolist()
-            for b, n in enumerate(lens):
-                used = table[b][:-(-n // block_size)] if n else []
-                for j, page in enumerate(used):
-                    if not 0 <= page < num_blocks:
-                        raise ValueError(f"block_table: expected entries in [0, {num_blocks}) for the pages "
-                                         f"sequence {b} uses, got {page} at [{b}, {j}]")
+            pages_used = (lens.clamp(0, capacity) + block_size - 1) // block_size
+            used = torch.arange(block_table.shape[1], device=lens.device).view(1, -1) < pages_used.view(-1, 1)
+            bad_page = used & ((block_table < 0) | (block_table >= num_blocks))
+            checks.append(bad_page.any())
+        flags = torch.stack(checks).tolist()
+        if flags[0]:
+            i = int(out_of_range.nonzero()[0, 0])
+            raise ValueError(f"cache_seqlens: expected lengths in [0, {capacity}] (the cache's capacity), got "
+                             f"{int(lens[i])} for sequence {i}")
+        if len(flags) > 1 and flags[1]:
+            b, j = (int(x) for x in bad_page.nonzero()[0])
+            raise ValueError(f"block_table: expected entries in [0, {num_blocks}) for the pages sequence {b} "
+                             f"uses, got {int(block_table[b, j])} at [{b}, {j}]")
 
 
 # --- backends as data ----------------------------------------------------------------------------
