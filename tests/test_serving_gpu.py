@@ -14,7 +14,6 @@ from flashdispatch.serving_reference import kvcache_math, varlen_math
 from flashdispatch.tolerances import within_budget
 
 pytestmark = pytest.mark.gpu
-DTYPES = [torch.bfloat16, torch.float16]
 
 
 def _cu(lengths: list[int]) -> torch.Tensor:
@@ -61,10 +60,16 @@ def make_cache(lengths: list[int], sq: int, hq: int, hkv: int, d: int, page: int
 VARLEN_LENGTHS = [([0, 1, 17, 256, 1000, 129, 64], None), ([5, 300, 1, 0], [700, 300, 64, 9])]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("lengths", VARLEN_LENGTHS, ids=["self", "cross"])
-@pytest.mark.parametrize("variant", ["plain", "window_softcap_sinks"])
+# bf16 across the matrix, fp16 on two cases (each constexpr combination is one more compile)
+BF16, FP16 = torch.bfloat16, torch.float16
+VARLEN_CASES = [
+    pytest.param(VARLEN_LENGTHS[s], c, BF16, var, id=f"{'self' if s == 0 else 'cross'}-{'causal' if c else 'full'}-bf16-{var}")
+    for s in (0, 1) for c in (True, False) for var in ("plain", "window_softcap_sinks")
+] + [pytest.param(VARLEN_LENGTHS[0], True, FP16, "plain", id="self-causal-fp16-plain"),
+     pytest.param(VARLEN_LENGTHS[1], False, FP16, "window_softcap_sinks", id="cross-full-fp16-window_softcap_sinks")]
+
+
+@pytest.mark.parametrize("lengths,causal,dtype,variant", VARLEN_CASES)
 def test_varlen_triton_forward_backward(lengths, causal: bool, dtype: torch.dtype, variant: str) -> None:
     lq, lk = lengths
     lk = lk or lq
@@ -94,9 +99,12 @@ def test_varlen_triton_forward_backward(lengths, causal: bool, dtype: torch.dtyp
         assert ok, f"{name} {err:.3g} > {allowed:.3g}"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("page", [16, 32, 64, 0], ids=["page16", "page32", "page64", "contiguous"])
-@pytest.mark.parametrize("sq", [1, 5])
+KV_CASES = [(16, 1, BF16), (16, 5, BF16), (32, 1, BF16), (64, 5, BF16), (0, 1, BF16), (0, 5, BF16),
+            (16, 1, FP16), (64, 5, FP16)]
+
+
+@pytest.mark.parametrize("page,sq,dtype", [pytest.param(*c, id=f"page{c[0] or 'contig'}-sq{c[1]}-{'bf16' if c[2] == BF16 else 'fp16'}")
+                                           for c in KV_CASES])
 def test_kvcache_triton(page: int, sq: int, dtype: torch.dtype) -> None:
     lengths = [0, 1, 37, 4096, 700, 3]
     q, k, v, lens, table = make_cache(lengths, sq, 32, 8, 128, page, dtype)
