@@ -314,6 +314,8 @@ def torch_varlen_reasons(sp: ServingProblem) -> list[str]:
         r.append("this torch's varlen_attn does not return the lse")
     if sp.softcap or sp.sinks:
         r.append("varlen_attn has no softcap or sinks")
+    if "scale" not in params and abs(sp.scale - sp.head_dim ** -0.5) > 1e-12 * sp.scale:
+        r.append("this torch's varlen_attn has no scale argument (only 1/sqrt(D))")
     if sp.head_dim != sp.head_dim_v or sp.head_dim % 8 or sp.head_dim > 256:
         r.append(f"varlen_attn needs D == Dv, a multiple of 8, at most 256 (D={sp.head_dim}, Dv={sp.head_dim_v})")
     return r
@@ -613,7 +615,7 @@ def _torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch
     from torch.nn.attention import varlen as tv
 
     params = torch_varlen_params()
-    kw: dict[str, Any] = {"scale": sp.scale}
+    kw: dict[str, Any] = {"scale": sp.scale} if "scale" in params else {}
     if sp.heads_q != sp.heads_kv:
         kw["enable_gqa"] = True
     if "window_size" in params:
