@@ -72,11 +72,9 @@ def attention_varlen_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     sp = _varlen_sp(q, k, v, cu_q, sinks, max_q, max_k, causal, scale, window_left, window_right, softcap, True, True)
     name = _backend(sp, forced)
-    if name == "triton":
-        from flashdispatch.backends.triton.varlen import varlen_backward
-
-        grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale,
-                                window=sp.window, softcap=sp.softcap, sinks=sinks)
+    module = serving.serving_module(name)
+    if hasattr(module, "varlen_backward"):
+        grads = module.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, sp, sinks)
     else:
         def recompute() -> tuple[torch.Tensor, ...]:
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]

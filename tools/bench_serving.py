@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import flashdispatch as fd
-from flashdispatch.serving import torch_varlen_params
+from flashdispatch.backends.sdpa_serving import torch_varlen_params
 
 from . import timing
 
