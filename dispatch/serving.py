@@ -17,7 +17,7 @@ Forcing works as for `attention()`: the backend argument, `use_backend()`, FLASH
 Validation. Checks of shapes, dtypes and devices run on every call (host metadata only). Checks of
 the values in cu_seqlens, cache_seqlens and block_table read device tensors: they run in one
 place, `check_values`, on an eager call, and are skipped
-- when FLASHDISPATCH_VALIDATE=off (the hot path of a server), and
+- when FLASHDISPATCH_VALIDATE=off (the hot path of a server), or inside `with validation(False):`,
 - always while a CUDA graph is captured or torch.compile traces (a host read would break both).
 With validation off nothing in `attention_kvcache` reads a device tensor on the host (its triton
 path and its sdpa fallback alike); `attention_varlen`'s per-sequence sdpa loop does (it says so).
@@ -25,11 +25,13 @@ path and its sdpa fallback alike); `attention_varlen`'s per-sequence sdpa loop d
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
@@ -43,7 +45,7 @@ from .selection import Decision, current_forced, device_for, state
 log = logging.getLogger("flashdispatch")
 
 __all__ = ["attention_varlen", "attention_kvcache", "explain_varlen", "explain_kvcache", "ServingProblem",
-           "check_values", "SERVING_BACKENDS"]
+           "check_values", "validation", "SERVING_BACKENDS"]
 
 
 class ServingProblem(NamedTuple):
@@ -205,12 +207,28 @@ def _check_kvcache(q: Any, k_cache: Any, v_cache: Any, cache_seqlens: Any, block
                          f"{tuple(block_table.shape)} on {block_table.device}")
 
 
+_validation_override: contextvars.ContextVar[bool | None] = contextvars.ContextVar("flashdispatch_validation",
+                                                                                  default=None)
+
+
+@contextlib.contextmanager
+def validation(enabled: bool) -> Iterator[None]:
+    """Turn the value checks on or off for calls in this thread inside the block, over
+    FLASHDISPATCH_VALIDATE (captures and traces skip them regardless)."""
+    token = _validation_override.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _validation_override.reset(token)
+
+
 def _validation_on() -> bool:
     if torch.compiler.is_compiling():
         return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
-    return _validate_setting()
+    override = _validation_override.get()
+    return _validate_setting() if override is None else override
 
 
 def _serving_cache() -> dict[Any, Any]:

@@ -338,7 +338,7 @@ def plot(run: Run, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_variants.json/.png")
+    ap.add_argument("--out", default=".", help="folder for bench_variants.json/.png")
     ap.add_argument("--rep-ms", type=float, default=60.0, help="timed milliseconds per provider and bar")
     ap.add_argument("--quick", action="store_true", help="16k window and 8k softcap/sinks bars, decode B=8 only")
     args = ap.parse_args(argv)

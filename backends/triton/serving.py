@@ -40,5 +40,4 @@ def kvcache_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Sq, Hq, Dv), lse (B, Hq, Sq)); reads no device value on the host."""
     return paged.kvcache_forward(_unit_last(q), k_cache, v_cache, cache_seqlens, block_table, causal=sp.causal,
-                                 scale=sp.scale,
-                    window=sp.window, softcap=sp.softcap, sinks=sinks, out=out)
+                                 scale=sp.scale, window=sp.window, softcap=sp.softcap, sinks=sinks, out=out)
