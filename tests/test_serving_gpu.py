@@ -95,7 +95,8 @@ def test_varlen_triton_forward_backward(lengths, causal: bool, dtype: torch.dtyp
     want = torch.autograd.grad(ref, leaves, do.double())
     basegrads = torch.autograd.grad(base, leaves, do)
     for name, a, w, b in zip(("dq", "dk", "dv", "dsinks"), got, want, basegrads):
-        ok, err, allowed = within_budget(a, b, w, dtype if a.dtype == dtype else torch.float32, grad=True)
+        # dsinks is float32 but made of the input dtype's out and lse: the input dtype's budget
+        ok, err, allowed = within_budget(a, b, w, dtype, grad=True)
         assert ok, f"{name} {err:.3g} > {allowed:.3g}"
 
 
