@@ -51,7 +51,7 @@ class AotKernel(NamedTuple):
 # tensors whose element type is the input dtype; LSE and DELTA are fp32
 _DATA_POINTERS = frozenset({"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"})
 _FP32_POINTERS = frozenset({"LSE", "DELTA", "DQA"})
-_FLOAT_ARGS = frozenset({"sm_scale", "qk_scale2"})
+_FLOAT_ARGS = frozenset({"sm_scale", "qk_scale2", "softcap_in"})
 
 
 def _signature(fn: Any, dtype: str, constexprs: dict[str, Any]) -> dict[str, str]:
@@ -99,7 +99,7 @@ def _dkdv_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: in
     b = _module("backward")
     _bwd_dkdv_kernel = b._bwd_dkdv_kernel
     cfg = b.resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32")
-    ce: dict[str, Any] = {"CAUSAL": causal, "DQ_ATOMIC": cfg["BWD_DQ_ATOMIC"], "BLOCK_M": cfg["BWD_BLOCK_M"],
+    ce: dict[str, Any] = {"CAUSAL": causal, "WINDOW": False, "SOFTCAP": 0, "DQ_ATOMIC": cfg["BWD_DQ_ATOMIC"], "BLOCK_M": cfg["BWD_BLOCK_M"],
                           "BLOCK_N": cfg["BWD_BLOCK_N"], "EVEN_M": True, "EVEN_N": True, **_aot_common(head_dim, head_dim_v), **_ieee(dtype),
                           **_unit_strides(_bwd_dkdv_kernel)}
     return AotSpec(_signature(_bwd_dkdv_kernel, dtype, ce), ce, cfg["BWD_num_warps"], cfg["BWD_num_stages"])
@@ -109,7 +109,8 @@ def _dq_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int,
     b = _module("backward")
     _bwd_dq_kernel = b._bwd_dq_kernel
     cfg = b.resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32")
-    ce: dict[str, Any] = {"CAUSAL": causal, "BLOCK_M": cfg["BWD_BLOCK_N"], "BLOCK_N": cfg["BWD_BLOCK_M"],
+    ce: dict[str, Any] = {"CAUSAL": causal, "WINDOW": False, "SOFTCAP": 0, "BLOCK_M": cfg["BWD_BLOCK_N"],
+                          "BLOCK_N": cfg["BWD_BLOCK_M"],
                           "EVEN_M": True, **_aot_common(head_dim, head_dim_v), **_ieee(dtype),
                           **_unit_strides(_bwd_dq_kernel)}
     return AotSpec(_signature(_bwd_dq_kernel, dtype, ce), ce, cfg["BWD_num_warps"], cfg["BWD_num_stages"])
