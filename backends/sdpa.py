@@ -44,8 +44,12 @@ def _causal_sdpa(
     if sq > sk:
         blind = sq - sk
         tail = F.scaled_dot_product_attention(q[:, :, blind:], k, v, is_causal=True, **kwargs)
-        head = tail.new_zeros(p.batch, p.heads_q, blind, p.head_dim_v)
-        return torch.cat([head, tail], dim=2)
+        # the zero rows join in the memory order SDPA gave the tail (bshd storage for bshd q), so
+        # that the output's strides do not depend on whether the mask hides whole rows
+        order = sorted(range(4), key=lambda d: -tail.stride(d))
+        full = torch.cat([tail.new_zeros(*(tail.shape[d] if d != 2 else blind for d in order)),
+                          tail.permute(*order)], dim=order.index(2))
+        return full.permute(*[order.index(d) for d in range(4)])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(sq, sk), **kwargs)
 
 

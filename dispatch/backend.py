@@ -76,6 +76,7 @@ class Capabilities:
     device_kinds: frozenset[str]  # subset of {"cuda", "rocm", "cpu"}
     dtypes: frozenset[torch.dtype]
     min_cuda_capability: int = 0  # e.g. 80 for sm_80; checked on kind "cuda"
+    cuda_archs: frozenset[str] = frozenset()  # non-empty: exactly these (a kernel for one generation)
     rocm_archs: frozenset[str] = frozenset()  # empty: any; checked on kind "rocm"
     max_head_dim: int = 256
     head_dim_multiple: int = 1  # D and Dv must be multiples of this
@@ -91,18 +92,25 @@ class Capabilities:
     layouts: frozenset[str] = frozenset({"bhsd", "bshd"})
     max_seqlen_q: int | None = None  # decode-only kernels
     notes: str = ""
+    # appended to the reason when the device kind is not served (how to make it served, if any)
+    device_hint: str = ""
+
+    def device_reasons(self, dev: DeviceInfo) -> list[str]:
+        """Why this capability set cannot serve any problem on `dev` (empty list: it can serve some)."""
+        if dev.kind not in self.device_kinds:
+            hint = f"; {self.device_hint}" if self.device_hint else ""
+            return [f"device={dev.kind} (supported: {sorted(self.device_kinds)}{hint})"]
+        if dev.kind == "cuda" and dev.cuda_capability < self.min_cuda_capability:
+            return [f"compute capability {dev.arch} (needs sm_{self.min_cuda_capability} or newer)"]
+        if dev.kind == "cuda" and self.cuda_archs and dev.arch not in self.cuda_archs:
+            return [f"arch={dev.arch} (supported: {sorted(self.cuda_archs)})"]
+        if dev.kind == "rocm" and self.rocm_archs and dev.arch not in self.rocm_archs:
+            return [f"arch={dev.arch} (supported: {sorted(self.rocm_archs)})"]
+        return []
 
     def reasons(self, p: Problem, dev: DeviceInfo) -> list[str]:
         """Why this capability set cannot serve `p` on `dev` (empty list: it can)."""
-        r: list[str] = []
-        if dev.kind not in self.device_kinds:
-            r.append(f"device={dev.kind} (supported: {sorted(self.device_kinds)})")
-        elif dev.kind == "cuda" and dev.cuda_capability < self.min_cuda_capability:
-            r.append(
-                f"compute capability {dev.arch} (needs sm_{self.min_cuda_capability} or newer)"
-            )
-        elif dev.kind == "rocm" and self.rocm_archs and dev.arch not in self.rocm_archs:
-            r.append(f"arch={dev.arch} (supported: {sorted(self.rocm_archs)})")
+        r: list[str] = self.device_reasons(dev)
         if p.dtype not in self.dtypes:
             r.append(f"dtype={p.dtype_name} (supported: {_dtype_list(self.dtypes)})")
         for label, d in (("head_dim", p.head_dim), ("head_dim_v", p.head_dim_v)):

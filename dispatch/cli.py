@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from . import envs
+from .cliargs import USAGE_ERROR, ArgumentParser, user_error
 from .device import DEVICE_KEYS, current_device
 from .errors import NoBackendError
 from .problem import DTYPES_BY_NAME
@@ -45,13 +46,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for p in problems:
         print(f"          ! {p}")
     print("backends:")
-    for st in REGISTRY.status():
-        line = f"  {st.name:<15} " + ("available" if st.available else f"unavailable: {st.reason}")
-        if st.available:
-            caps = REGISTRY.get(st.name).capabilities(dev)
-            if dev.kind not in caps.device_kinds:
-                line += f" (but not on {dev.kind}: serves {sorted(caps.device_kinds)})"
-        print(line)
+    for st in REGISTRY.status(dev):
+        print(f"  {st.name:<15} " + ("available" if st.available else f"unavailable: {st.reason}"))
     print("versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()))
     print("environment:")
     for var in envs.ALL:
@@ -67,10 +63,20 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(x) for x in text.replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shape: expected B,Hq,Hkv,Sq,Sk,D (integers), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected B,Hq,Hkv,Sq,Sk,D (integers), got {text!r}") from None
     if len(dims) != 6 or any(d < 0 for d in dims):
-        raise argparse.ArgumentTypeError(f"--shape: expected 6 non-negative integers B,Hq,Hkv,Sq,Sk,D, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected 6 non-negative integers B,Hq,Hkv,Sq,Sk,D, got {text!r}")
     return dims
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -82,17 +88,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
             layout=args.layout, return_lse=args.lse, needs_grad=args.grad, backend=args.backend,
             head_dim_v=args.head_dim_v,
         )
-    except NoBackendError as e:
+    except NoBackendError as e:  # an answer (nothing can serve this problem), not a usage error
         print(e)
         return 1
     print(d)
     return 0
 
 
+def _demo_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {name!r} asked for, but this machine has no CUDA or ROCm GPU torch can use")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device: {name!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(device=args.device, steps=args.steps, seqlen=args.seqlen)
+    return run_demo(device=_demo_device(args.device), steps=args.steps, seqlen=args.seqlen, json_out=args.json)
 
 
 # Subcommands whose argument parsing belongs to their own module: name -> (module, function, help).
@@ -108,15 +131,22 @@ def _run_delegated(name: str, argv: list[str]) -> int:
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
-        print(f"flashdispatch {name}: {module} is not available: {e}", file=sys.stderr)
-        return 2
-    return int(getattr(mod, func)(argv))
+        print(f"flashdispatch {name}: error: {module} is not available: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        return int(getattr(mod, func)(argv))
+    except (ValueError, TypeError, OSError, envs.EnvError, NoBackendError) as e:
+        # bad input, or a path that cannot be read or written (--plot-from, --out, --state)
+        return user_error(f"flashdispatch {name}", e)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="flashdispatch", description=__doc__)
+    from . import __version__
+
+    ap = ArgumentParser(prog="flashdispatch", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true", help="log decisions and warnings")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap.add_argument("--version", action="version", version=f"flashdispatch {__version__} (torch {torch.__version__})")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=ArgumentParser)
 
     p = sub.add_parser("info", help="device, backends (available or why not), profile, versions")
     p.add_argument("--device", choices=DEVICE_KEYS, help="answer for a simulated device")
@@ -134,10 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help="force a backend")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("demo", help="a small transformer block through flashdispatch.attention")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--steps", type=int, default=3, help="decode steps after the prefill")
-    p.add_argument("--seqlen", type=int, default=None, help="prompt length (default: 128 on CPU, 2048 on GPU)")
+    p = sub.add_parser("demo", help="a small decoder through flashdispatch: what it picks, how fast, how exact")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--steps", type=_positive_int, default=4, help="decode steps (default: 4)")
+    p.add_argument("--seqlen", type=_positive_int, default=None,
+                   help="tokens in the KV cache before the speculative and decode steps "
+                        "(default: 256 on CPU, 8192 on GPU; at least 64)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the calls' decisions and times as JSON")
     p.set_defaults(func=cmd_demo)
 
     for name, (_, _, helptext) in DELEGATED.items():
@@ -154,9 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except envs.EnvError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, OSError, envs.EnvError) as e:
+        # bad input (a shape with Hq % Hkv != 0, an unknown backend, a bad environment variable):
+        # one line naming what was wrong, not a traceback
+        return user_error(f"flashdispatch {args.cmd}", e)
 
 
 if __name__ == "__main__":

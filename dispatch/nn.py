@@ -3,11 +3,13 @@
 `MultiheadAttention` is a drop-in for torch.nn.MultiheadAttention that runs its attention through
 the dispatcher, with grouped-query attention (num_kv_heads) on top. With num_kv_heads equal to
 num_heads it has the same parameters, under the same names, as torch's module, so state_dicts
-load both ways.
+load both ways, and it works inside torch.nn.TransformerEncoderLayer, TransformerDecoderLayer and
+nn.Transformer, in training and in inference.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -17,6 +19,18 @@ from torch import nn
 from .api import attention
 
 __all__ = ["MultiheadAttention"]
+
+log = logging.getLogger("flashdispatch")
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """torch.nn.MultiheadAttention's mask convention as an additive float mask: a bool mask is True
+    where attention is NOT allowed (-inf there), a float mask is added to the scores."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    if not mask.is_floating_point():
+        raise TypeError(f"mask: expected a bool or floating-point tensor, got {mask.dtype}")
+    return mask.to(dtype)
 
 
 class MultiheadAttention(nn.Module):
@@ -28,10 +42,17 @@ class MultiheadAttention(nn.Module):
         backend: force a flashdispatch backend for this module ("sdpa", "triton", ...); None
             lets the dispatcher choose.
 
-    Not supported (they raise ValueError naming the argument): dropout > 0, add_bias_kv,
-    add_zero_attn, key_padding_mask, attention weights (need_weights=True) and an attn_mask that is
-    not the causal hint. Those need the attention matrix or a mask, which the dispatcher's kernels
-    never form; use torch.nn.MultiheadAttention for them.
+    Calls without a mask (or with is_causal=True) run through flashdispatch.attention. A
+    key_padding_mask, an attn_mask that is not the causal hint, or need_weights=True need the
+    attention matrix, which the dispatcher's kernels never form: those calls compute attention in
+    plain PyTorch from the same projections (as torch's module would), or raise ValueError when the
+    module has a forced `backend`. Not supported (ValueError naming the argument): dropout > 0,
+    add_bias_kv, add_zero_attn.
+
+    Inside torch.nn.TransformerEncoderLayer in inference, torch's fused fast path reads the
+    module's weights directly (as it does for its own module; merge_masks serves it) unless
+    num_kv_heads != num_heads; torch.backends.mha.set_fastpath_enabled(False) keeps every call on
+    this module's forward.
 
     Parameters (E = embed_dim, Dh = E // num_heads, Ekv = num_kv_heads * Dh):
         in_proj_weight (E + 2 * Ekv, E) and in_proj_bias (E + 2 * Ekv) when kdim == vdim == E;
@@ -78,7 +99,10 @@ class MultiheadAttention(nn.Module):
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
         self.vdim = vdim if vdim is not None else embed_dim
-        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        # one packed in_proj_weight (else separate q/k/v weights); torch's attribute of the same name
+        # means a packed weight of torch's (3E, E) layout, which torch's fused inference path reads:
+        # a GQA packing is not that layout (see _qkv_same_embed_dim below)
+        self._packed = self.kdim == embed_dim and self.vdim == embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = embed_dim // num_heads
@@ -90,7 +114,7 @@ class MultiheadAttention(nn.Module):
         self.bias_k = self.bias_v = None
         self.add_zero_attn = False
 
-        if self._qkv_same_embed_dim:
+        if self._packed:
             self.in_proj_weight = nn.Parameter(
                 torch.empty((embed_dim + 2 * self.kv_embed_dim, embed_dim), **factory)
             )
@@ -109,9 +133,34 @@ class MultiheadAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self._reset_parameters()
 
+    @property
+    def _qkv_same_embed_dim(self) -> bool:
+        """torch's flag: in_proj_weight packs q, k, v in torch's (3E, E) layout. False for GQA, so
+        that torch's fused inference path (which assumes that layout) leaves this module's forward
+        in charge."""
+        return self._packed and self.num_kv_heads == self.num_heads
+
+    def merge_masks(
+        self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, query: torch.Tensor
+    ) -> tuple[torch.Tensor | None, int | None]:
+        """torch.nn.MultiheadAttention.merge_masks' contract, which torch's fused encoder-layer path
+        calls: (mask, type) with type 0 for an (L, S) attn_mask alone, 1 for an (N, S)
+        key_padding_mask alone, 2 for both merged into (N, num_heads, L, S); (None, None) for none.
+        query is (N, L, E)."""
+        if attn_mask is None:
+            return (key_padding_mask, 1) if key_padding_mask is not None else (None, None)
+        n, l = query.shape[0], query.shape[1]
+        if attn_mask.dim() == 3:  # (N * num_heads, L, S)
+            full = attn_mask.view(n, self.num_heads, l, -1)
+        else:
+            full = attn_mask.view(1, 1, l, -1).expand(n, self.num_heads, l, -1)
+        if key_padding_mask is not None:
+            full = full + key_padding_mask.view(n, 1, 1, -1).expand(-1, self.num_heads, -1, -1)
+        return full, 2
+
     def _reset_parameters(self) -> None:
         # torch.nn.MultiheadAttention's initialisation, so that both modules start alike
-        if self._qkv_same_embed_dim:
+        if self._packed:
             nn.init.xavier_uniform_(self.in_proj_weight)
         else:
             nn.init.xavier_uniform_(self.q_proj_weight)
@@ -131,7 +180,7 @@ class MultiheadAttention(nn.Module):
         e, ekv = self.embed_dim, self.kv_embed_dim
         b = self.in_proj_bias
         bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e:e + ekv], b[e + ekv:])
-        if self._qkv_same_embed_dim:
+        if self._packed:
             w = self.in_proj_weight
             if self_attention:
                 # self-attention: one matmul, then views into its output
@@ -152,31 +201,20 @@ class MultiheadAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-    ) -> tuple[torch.Tensor, None]:
-        """Attention of `query` over `key`/`value`; returns (attn_output, None).
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of `query` over `key`/`value`; returns (attn_output, attn_weights or None).
 
         Shapes: (L, N, E) / (S, N, kdim) / (S, N, vdim), or (N, L, E) ... with batch_first, or
         unbatched (L, E) / (S, kdim) / (S, vdim). attn_output has query's shape.
-        is_causal applies the causal mask; torch's module takes it only as a hint next to an
-        attn_mask, this one needs no mask (one given with is_causal=True is taken to be the causal
-        mask and is not read, as torch does when need_weights=False). For L != S the mask is
-        bottom-right aligned (query i sees key j iff j <= i + S - L), where torch's SDPA aligns
-        top-left. need_weights defaults to False here (torch: True): weights are never formed.
+
+        Masks follow torch's module: key_padding_mask (N, S) or (S,), attn_mask (L, S) or
+        (N * num_heads, L, S); bool True means "may not attend", a float mask is added to the
+        scores. is_causal=True applies the causal mask; an attn_mask given with it is taken to be
+        the causal mask and is not read (as torch does when need_weights=False). For L != S the
+        causal mask is bottom-right aligned (query i sees key j iff j <= i + S - L), where torch's
+        SDPA aligns top-left. need_weights defaults to False here (torch: True); with True the
+        weights (averaged over heads when average_attn_weights) are returned.
         """
-        if key_padding_mask is not None:
-            raise ValueError(
-                "key_padding_mask: expected None (padding masks are not supported; use "
-                f"torch.nn.MultiheadAttention), got a tensor of shape {tuple(key_padding_mask.shape)}"
-            )
-        if need_weights:
-            raise ValueError(
-                "need_weights: expected False (attention weights are never formed), got True"
-            )
-        if attn_mask is not None and not is_causal:
-            raise ValueError(
-                "attn_mask: expected None, or the causal mask together with is_causal=True, got a "
-                f"tensor of shape {tuple(attn_mask.shape)} with is_causal=False"
-            )
         if query.dim() not in (2, 3):
             raise ValueError(f"query: expected a 2-d (unbatched) or 3-d tensor, got shape {tuple(query.shape)}")
         if key.dim() != query.dim() or value.dim() != query.dim():
@@ -186,10 +224,20 @@ class MultiheadAttention(nn.Module):
             )
         if query.shape[-1] != self.embed_dim:
             raise ValueError(f"query: expected last dimension embed_dim={self.embed_dim}, got {query.shape[-1]}")
+        masked = key_padding_mask is not None or need_weights or (attn_mask is not None and not is_causal)
+        if masked and self.backend is not None:
+            what = ("key_padding_mask" if key_padding_mask is not None else
+                    "need_weights" if need_weights else "attn_mask")
+            raise ValueError(
+                f"{what}: the forced backend {self.backend!r} takes no mask and forms no weights; "
+                "expected no mask (or is_causal=True) and need_weights=False, or backend=None"
+            )
         self_attention = query is key and key is value
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None and key_padding_mask.dim() == 1:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
         elif not self.batch_first:
             # (L, N, E) -> (N, L, E) views: the projections and the bshd call accept any strides
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
@@ -198,13 +246,61 @@ class MultiheadAttention(nn.Module):
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        out = attention(
-            q, k, v, causal=is_causal, scale=1.0 / math.sqrt(self.head_dim), layout="bshd",
-            backend=self.backend,
-        )
+        weights = None
+        if masked:
+            out, weights = self._masked_attention(q, k, v, attn_mask if not is_causal else None,
+                                                  key_padding_mask, is_causal, need_weights, average_attn_weights)
+        else:
+            out = attention(
+                q, k, v, causal=is_causal, scale=1.0 / math.sqrt(self.head_dim), layout="bshd",
+                backend=self.backend,
+            )
         out = self.out_proj(out.reshape(n, l, self.embed_dim))
         if unbatched:
-            return out.squeeze(0), None
+            return out.squeeze(0), (weights.squeeze(0) if weights is not None else None)
         if not self.batch_first:
             out = out.transpose(0, 1)
-        return out, None
+        return out, weights
+
+    def _masked_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None, is_causal: bool, need_weights: bool, average: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention in plain PyTorch for what the dispatcher's kernels do not take: masks and
+        weights. q (N, L, H, Dh), k/v (N, S, Hkv, Dh) -> out (N, L, H, Dh) and weights."""
+        n, l, h, dh = q.shape
+        s_len = k.shape[1]
+        acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        g = self.num_heads // self.num_kv_heads
+        qh = q.transpose(1, 2).to(acc)
+        kh = k.transpose(1, 2).to(acc).repeat_interleave(g, dim=1)
+        vh = v.transpose(1, 2).to(acc).repeat_interleave(g, dim=1)
+        scores = torch.matmul(qh, kh.transpose(-1, -2)) * (1.0 / math.sqrt(dh))  # (N, H, L, S)
+        if is_causal:
+            i = torch.arange(l, device=q.device).unsqueeze(1)
+            j = torch.arange(s_len, device=q.device).unsqueeze(0)
+            scores = scores.masked_fill(j > i + (s_len - l), float("-inf"))
+        if attn_mask is not None:
+            m = _additive(attn_mask, acc)
+            if m.dim() == 3:
+                if m.shape[0] != n * h:
+                    raise ValueError(
+                        f"attn_mask: expected (L, S) or (N * num_heads, L, S) = ({n * h}, {l}, {s_len}), "
+                        f"got {tuple(attn_mask.shape)}"
+                    )
+                m = m.view(n, h, l, s_len)
+            elif m.shape != (l, s_len):
+                raise ValueError(f"attn_mask: expected (L, S) = ({l}, {s_len}), got {tuple(attn_mask.shape)}")
+            scores = scores + m
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != (n, s_len):
+                raise ValueError(
+                    f"key_padding_mask: expected (N, S) = ({n}, {s_len}), got {tuple(key_padding_mask.shape)}"
+                )
+            scores = scores + _additive(key_padding_mask, acc).view(n, 1, 1, s_len)
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs, vh).to(q.dtype).transpose(1, 2)
+        weights = None
+        if need_weights:
+            weights = (probs.mean(dim=1) if average else probs).to(q.dtype)
+        return out, weights

@@ -162,12 +162,14 @@ def problem_from_tensors(
             raise _fail(ValueError, "scale", "a finite positive float or None", scale)
     if not isinstance(causal, bool):
         raise _fail(TypeError, "causal", "a bool", type(causal).__name__)
+    if not isinstance(return_lse, bool):
+        raise _fail(TypeError, "return_lse", "a bool", type(return_lse).__name__)
     contiguous = _dense_rows(q) and _dense_rows(k) and _dense_rows(v)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     idx = q.device.index if q.device.index is not None else 0
     return Problem(
         device_kind_of(q.device), idx, dtype, b, hq, hkv, sq, sk, d, dv, causal, scale, layout,
-        contiguous, needs_grad, bool(return_lse),
+        contiguous, needs_grad, return_lse,
     )
 
 

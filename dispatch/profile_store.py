@@ -57,10 +57,24 @@ def _strip(obj: Any) -> Any:
     return obj
 
 
+# A causal problem whose cache holds at least this many times its query rows is a "long cache"
+# problem (chunked prefill, speculative verification): nearly every row sees nearly every key, a
+# different workload from square causal attention, where half the score matrix is masked.
+LONG_CACHE_RATIO = 4
+
+
 def problem_pass(p: Problem) -> str:
+    """The profile class of a problem: "fwd_bwd" (training), "decode" (a few query rows that see
+    the whole cache: no mask hides anything), else "fwd". A few rows under a bottom-right causal
+    mask (speculative verification) are "fwd": the mask is what the decode entries (Sq = 1) never
+    measured, and what the causal entries with Sq < Sk did."""
     if p.needs_grad:
         return "fwd_bwd"
-    return "decode" if p.is_decode else "fwd"
+    return "decode" if p.is_decode and not p.effective_causal else "fwd"
+
+
+def _long_cache(causal: bool, seqlen_q: int, seqlen_k: int) -> bool:
+    return causal and seqlen_k >= LONG_CACHE_RATIO * seqlen_q
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,13 @@ class Profile:
         cands = self._groups().get((p.dtype_name, p.head_dim, p.effective_causal, problem_pass(p)))
         if not cands:
             return None
+        if p.effective_causal:
+            # long-cache causal problems are measured by long-cache entries where the profile has
+            # some (nearest gqa and length among them), and square ones by square entries
+            mine = _long_cache(True, p.seqlen_q, p.seqlen_k)
+            same = [e for e in cands
+                    if _long_cache(True, e.match.get("seqlen_q", e.match["seqlen"]), e.match["seqlen"]) == mine]
+            cands = same or cands
 
         def distance(e: Entry) -> tuple[float, float]:
             g = abs(math.log2(e.match["gqa"]) - math.log2(max(1, p.gqa_ratio)))
@@ -199,7 +220,12 @@ def load_profile(key: str | None, user_dir: str = "") -> tuple[Profile | None, l
     if key is None:
         return None, problems
     sources: list[tuple[str, str]] = []
-    if user_dir:
+    if user_dir and not os.path.isdir(user_dir):
+        why = (f"FLASHDISPATCH_PROFILE_DIR={user_dir!r} is not a directory (no such directory, or a file): "
+               "only the shipped profiles are used")
+        log.warning("%s", why)
+        problems.append(why)
+    elif user_dir:
         path = os.path.join(user_dir, f"{key}.yaml")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:

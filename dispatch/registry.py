@@ -50,10 +50,14 @@ class _Broken(Implementation):
 
 @dataclass(frozen=True)
 class BackendStatus:
+    """Whether an implementation can serve problems on a device: importable here, and built for
+    that device (kind, architecture). `reason` says why not; `device` is the device it answers for."""
+
     name: str
     backend: str
     available: bool
     reason: str | None
+    device: str = ""
 
     def __str__(self) -> str:
         return f"{self.name}: " + ("available" if self.available else f"unavailable ({self.reason})")
@@ -118,11 +122,23 @@ class Registry:
             fam.setdefault(impl.backend, []).append(impl.name)
         return fam
 
-    def status(self) -> list[BackendStatus]:
+    def status(self, dev: DeviceInfo | None = None) -> list[BackendStatus]:
+        """Every implementation and whether it can serve problems on `dev` (default: this
+        machine's device), with the reason when it cannot."""
+        if dev is None:
+            from .device import current_device
+
+            dev = current_device()
         out = []
         for name, impl in self.all().items():
             reason = self.availability(name)
-            out.append(BackendStatus(name, impl.backend, reason is None, reason))
+            if reason is None:
+                try:
+                    why = impl.capabilities(dev).device_reasons(dev)
+                except Exception as e:  # a buggy capability declaration must not hide the others
+                    why = [f"capability check failed: {type(e).__name__}: {e}"]
+                reason = "; ".join(why) or None
+            out.append(BackendStatus(name, impl.backend, reason is None, reason, dev.describe()))
         return out
 
 

@@ -128,9 +128,22 @@ def current_forced(arg: str | None, settings: envs.Settings) -> tuple[str | None
 # --- the snapshot -----------------------------------------------------------------------------
 
 
+def _show_decisions() -> None:
+    """FLASHDISPATCH_LOG=decisions: make the decisions visible on stderr even when the program set
+    up no logging (a handler of its own otherwise, or of an ancestor logger, keeps them)."""
+    if not log.hasHandlers():
+        handler = logging.StreamHandler()  # stderr
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(handler)
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+
+
 class _State:
     def __init__(self) -> None:
         self.settings = envs.read_settings()
+        if self.settings.log == "decisions":
+            _show_decisions()
         self.profiles: dict[str | None, tuple[Profile | None, list[str]]] = {}
         self.cache: dict[tuple[Any, ...], Decision] = {}
         self.lock = threading.Lock()

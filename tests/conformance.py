@@ -151,6 +151,8 @@ def _r(impls: str, devices: str, applies: Callable[[Case, torch.dtype, str], boo
 
 
 SDPA_GPU_KERNELS = "sdpa:flash sdpa:cudnn sdpa:efficient"
+# the GPU of this run is a Hopper (sm_90): what triton:gluon is written for
+_SM90 = torch.cuda.is_available() and not torch.version.hip and torch.cuda.get_device_capability() == (9, 0)
 ALWAYS: Callable[[Case, torch.dtype, str], bool] = lambda c, dt, kind: True
 
 REFUSALS: list[Refusal] = [
@@ -173,6 +175,11 @@ REFUSALS: list[Refusal] = [
     _r("cupy", "cuda", lambda c, dt, kind: c.dv is not None and c.dv != c.d, "head_dim_v"),
     # the log-sum-exp: only the explicit math and our kernels expose it
     _r("sdpa:flash sdpa:cudnn sdpa:efficient", "cpu cuda", lambda c, dt, kind: kind == "lse", "return_lse"),
+    # the Gluon forward: Hopper (sm_90) only, 16-bit, D = Dv in {64, 128, 256}
+    _r("triton:gluon", "cpu", ALWAYS, "device=cpu"),
+    _r("triton:gluon", "cuda", lambda c, dt, kind: not _SM90, "arch="),
+    _r("triton:gluon", "cuda", lambda c, dt, kind: dt in (FP32, FP64), "dtype="),
+    _r("triton:gluon", "cuda", lambda c, dt, kind: c.d not in (64, 128, 256) or c.head_dim_v != c.d, "head_dim"),
     # bottom-right causal with Sq < Sk: kernels that take no lower-right mask
     _r("sdpa:flash sdpa:cudnn", "cpu cuda",
        lambda c, dt, kind: c.causal and 1 < c.sq < c.sk, "bottom-right mask"),

@@ -34,28 +34,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # Shared fixtures: poisoned outputs, the Triton interpreter on CPU-only machines
 # -------------------------------------------------------------------------------------------------
 
-POISON_BYTES = 512 * 2**20
-
-
-def _nan_filled(make):  # type: ignore[no-untyped-def]
-    def wrapped(*args: object, **kwargs: object) -> torch.Tensor:
-        t = make(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() and t.numel() else t
-
-    return wrapped
-
-
 @pytest.fixture
 def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Outputs start as NaN, so that an element a kernel never writes fails the check: every
-    floating-point buffer from torch.empty / empty_like / empty_strided is NaN-filled, and on a GPU
-    the memory the caching allocator hands out next is NaN too (for buffers made in C++)."""
-    for name in ("empty", "empty_like", "empty_strided"):
-        monkeypatch.setattr(torch, name, _nan_filled(getattr(torch, name)))
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        junk = torch.full((POISON_BYTES // 4,), float("nan"), device="cuda", dtype=torch.float32)
-        del junk
+    """Outputs start as NaN, so that an element a kernel never writes fails the check
+    (tests/inputs.py: poison_outputs)."""
+    from inputs import poison_outputs
+
+    poison_outputs(monkeypatch)
 
 
 TRITON_MODULE_PREFIX = "flashdispatch.backends.triton"

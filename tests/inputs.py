@@ -10,6 +10,34 @@ from flashdispatch.reference import attention_math
 from flashdispatch.tolerances import within_budget
 
 
+POISON_BYTES = 512 * 2**20
+
+
+def poison_cuda_allocator() -> None:
+    """Fill the memory the caching allocator hands out next with NaN, so that an output element a
+    kernel never writes reads back as NaN (for buffers allocated in C++ or by a backend)."""
+    torch.cuda.synchronize()
+    junk = torch.full((POISON_BYTES // 4,), float("nan"), device="cuda", dtype=torch.float32)
+    del junk
+
+
+def _nan_filled(make):  # type: ignore[no-untyped-def]
+    def wrapped(*args: object, **kwargs: object) -> torch.Tensor:
+        t = make(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() and t.numel() else t
+
+    return wrapped
+
+
+def poison_outputs(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Outputs start as NaN: every floating-point buffer from torch.empty / empty_like /
+    empty_strided is NaN-filled, and on a GPU so is the memory the allocator hands out next."""
+    for name in ("empty", "empty_like", "empty_strided"):
+        monkeypatch.setattr(torch, name, _nan_filled(getattr(torch, name)))
+    if torch.cuda.is_available():
+        poison_cuda_allocator()
+
+
 def make_qkv(
     b: int, hq: int, hkv: int, sq: int, sk: int, d: int, *, dv: int | None = None,
     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", layout: str = "bhsd",

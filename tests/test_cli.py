@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from flashdispatch.cli import main
@@ -47,11 +44,3 @@ def test_bad_env_is_an_error_not_a_traceback(monkeypatch, capsys):
     flashdispatch.refresh()
     assert main(["info"]) == 2
     assert "expected one of" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_demo_runs_as_a_command():
-    r = subprocess.run([sys.executable, "-m", "flashdispatch.cli", "demo", "--seqlen", "64", "--steps", "2"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "flashdispatch decision:" in r.stdout and "accuracy: OK" in r.stdout

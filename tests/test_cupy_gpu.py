@@ -21,6 +21,7 @@ pytestmark = pytest.mark.gpu
 cupy = pytest.importorskip("cupy")
 
 from flashdispatch.backends.cupy import configs, cupy_backward, cupy_forward  # noqa: E402
+from inputs import make_qkv, poison_cuda_allocator  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # (B, Hq, Hkv, Sq, Sk): odd lengths on purpose; GQA 4:1 and 2:1; Sq < Sk and Sq > Sk.
@@ -32,28 +33,14 @@ SHAPES = [
     (1, 4, 2, 4097, 4097),
 ]
 BWD_SHAPES = SHAPES[:3] + [(1, 2, 1, 1000, 1000)]
-POISON_BYTES = 512 * 2**20
 
 
 def _id(shape: tuple[int, ...]) -> str:
     return "B{}-H{}x{}-Sq{}-Sk{}".format(*shape)
 
 
-def poison_allocator() -> None:
-    """Fill the memory the caching allocator will hand out next with NaN, so that an output
-    element the kernel never writes reads back as NaN (outputs are allocated inside the backend)."""
-    torch.cuda.synchronize()
-    junk = torch.full((POISON_BYTES // 4,), float("nan"), device="cuda", dtype=torch.float32)
-    del junk
-
-
 def make(shape: tuple[int, ...], d: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
-    b, hq, hkv, sq, sk = shape
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(b, hq, sq, d, device="cuda", dtype=dtype, generator=g)
-    k = torch.randn(b, hkv, sk, d, device="cuda", dtype=dtype, generator=g)
-    v = torch.randn(b, hkv, sk, d, device="cuda", dtype=dtype, generator=g)
-    return q, k, v
+    return make_qkv(*shape, d, dtype=dtype, device="cuda", seed=seed)
 
 
 def check_lse(lse: torch.Tensor, lse_ref: torch.Tensor, lse_torch: torch.Tensor, dtype: torch.dtype) -> None:
@@ -76,7 +63,7 @@ def check_lse(lse: torch.Tensor, lse_ref: torch.Tensor, lse_torch: torch.Tensor,
 def test_forward_and_lse(dt: str, d: int, causal: bool, shape: tuple[int, ...]) -> None:
     dtype = DTYPES[dt]
     q, k, v = make(shape, d, dtype, seed=hash((dt, d, causal, shape)) % 2**31)
-    poison_allocator()
+    poison_cuda_allocator()
     out, lse = cupy_forward(q, k, v, causal=causal, scale=None)
     ref, lse_ref = attention_math(q, k, v, causal=causal)
     base, lse_base = attention_math(q, k, v, causal=causal, upcast=False)
@@ -98,7 +85,7 @@ def test_backward(dt: str, d: int, causal: bool, shape: tuple[int, ...]) -> None
     q, k, v = make(shape, d, dtype, seed=hash((dt, d, causal, shape, "bwd")) % 2**31)
     do = torch.randn(q.shape, device="cuda", dtype=dtype)
     out, lse = cupy_forward(q, k, v, causal=causal, scale=None)
-    poison_allocator()
+    poison_cuda_allocator()
     dq, dk, dv = cupy_backward(do, q, k, v, out, lse, causal=causal, scale=None)
 
     def grads(upcast: bool) -> tuple[torch.Tensor, ...]:
@@ -127,7 +114,7 @@ def test_public_call_strides_and_autograd(dt: str, layout: str) -> None:
     q = q.detach().requires_grad_()
     k.requires_grad_()
     v.requires_grad_()
-    poison_allocator()
+    poison_cuda_allocator()
     out, lse = flashdispatch.attention(q, k, v, causal=True, layout=layout, return_lse=True, backend="cupy")
     assert out.shape == shp(sq, hq) and lse.shape == (b, hq, sq)
     ref, lse_ref = attention_math(q, k, v, causal=True, layout=layout)
@@ -153,7 +140,7 @@ def test_deterministic(causal: bool) -> None:
     do = torch.randn_like(q)
     runs = []
     for _ in range(2):
-        poison_allocator()
+        poison_cuda_allocator()
         out, lse = cupy_forward(q, k, v, causal=causal, scale=0.1)
         runs.append((out, lse) + cupy_backward(do, q, k, v, out, lse, causal=causal, scale=0.1))
     for a, b_ in zip(*runs):

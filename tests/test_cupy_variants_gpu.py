@@ -22,10 +22,10 @@ pytestmark = pytest.mark.gpu
 cupy = pytest.importorskip("cupy")
 
 from flashdispatch.backends.cupy import configs, cupy_backward, cupy_forward  # noqa: E402
+from inputs import poison_cuda_allocator  # noqa: E402
 from flashdispatch.backends.cupy.ops import _mask  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-POISON_BYTES = 512 * 2**20
 
 
 class Case:
@@ -109,14 +109,6 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     return out, lse
 
 
-def poison_allocator() -> None:
-    """NaN in the memory the caching allocator hands out next: an element a kernel never writes
-    reads back as NaN."""
-    torch.cuda.synchronize()
-    junk = torch.full((POISON_BYTES // 4,), float("nan"), device="cuda", dtype=torch.float32)
-    del junk
-
-
 def make(case: Case, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
     b, hq, hkv, sq, sk = case.shape
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -141,7 +133,7 @@ def _specs(case: Case, dt: str, cc: int) -> list[configs.KernelSpec]:
 @pytest.fixture(scope="module", autouse=True)
 def compiled() -> None:
     """Every kernel of the module compiled up front, in parallel (NVRTC runs without the GIL)."""
-    from flashdispatch.backends.cupy.warmup import warmup
+    from flashdispatch.tools.warmup import warmup
 
     major, minor = torch.cuda.get_device_capability()
     specs = [s for c in CASES for dt in DTYPES for s in _specs(c, dt, major * 10 + minor)]
@@ -165,7 +157,7 @@ def check_lse(lse: torch.Tensor, lse_ref: torch.Tensor, lse_base: torch.Tensor) 
 def test_forward_lse_and_grads(dt: str, case: Case) -> None:
     dtype = DTYPES[dt]
     q, k, v, do, sinks = make(case, dtype, seed=sum(map(ord, case.name + dt)))
-    poison_allocator()
+    poison_cuda_allocator()
     out, lse = cupy_forward(q, k, v, sinks=sinks, **case.kwargs())
     ref, lse_ref = reference(q, k, v, sinks, case, upcast=True)
     base, lse_base = reference(q, k, v, sinks, case, upcast=False)
@@ -178,7 +170,7 @@ def test_forward_lse_and_grads(dt: str, case: Case) -> None:
     if sinks is not None and nokey.any():  # ... with lse = their head's sink
         assert torch.equal(lse[:, :, nokey], sinks.view(1, -1, 1).expand(lse.shape)[:, :, nokey])
 
-    poison_allocator()
+    poison_cuda_allocator()
     grads = cupy_backward(do, q, k, v, out, lse, sinks=sinks, **case.kwargs())
     assert len(grads) == (4 if case.sinks else 3)
 

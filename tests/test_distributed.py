@@ -1,4 +1,5 @@
-"""Ring attention on CPU: gloo, 2 and 4 processes, against single-process float64 attention.
+"""Ring attention on CPU: gloo, 2 and 4 processes, against single-process float64 attention
+(strategy="ring" forced; tests/test_distributed_strategies.py covers Ulysses, the hybrid and the choice).
 
 The schedule, the lse merge and the per-block backward are checked in this process; the ring itself
 runs in spawned workers (one spawn per world size, every case inside it) that send their error
@@ -108,7 +109,7 @@ def _run_case(case: Case, seed: int, group: Any) -> list[tuple[str, bool, float,
 
     local = [fdd.shard(t, sd, group, balanced=case.balanced).requires_grad_() for t in (q, k, v)]
     do_local = fdd.shard(do, sd, group, balanced=case.balanced)
-    out_l, lse_l = fdd.attention(*local, group=group, return_lse=True, **kw)
+    out_l, lse_l = fdd.attention(*local, group=group, return_lse=True, strategy="ring", **kw)
     out_l.backward(do_local)
 
     def gather(x: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
@@ -368,14 +369,14 @@ def test_block_backward_math_sums_to_full_gradients(hq: int, hkv: int, causal: b
 def test_explain_plans_without_a_process_group() -> None:
     q = torch.randn(1, 4, 10, 16)
     k = v = torch.randn(1, 2, 10, 16)
-    plan = fdd.explain(q, k, v, causal=True, world_size=4, rank=1)
+    plan = fdd.explain_ring(q, k, v, causal=True, world_size=4, rank=1)
     assert [s.block.src for s in plan.steps] == [1, 0, 3, 2]
     assert plan.steps[0].block.causal and not any(s.block.causal for s in plan.steps[1:])
     assert all(s.decision.variant == "sdpa:math" for s in plan.steps)  # the CPU backend with lse
     text = str(plan)
     assert "q[5:10] x kv[0:10] full" in text and "backward per block: torch ops" in text
     with pytest.raises(ValueError, match="expected an even number"):
-        fdd.explain(q[:, :, :9], k[:, :, :9], v[:, :, :9], causal=True, world_size=2, rank=0)
+        fdd.explain_ring(q[:, :, :9], k[:, :, :9], v[:, :, :9], causal=True, world_size=2, rank=0)
 
 
 def test_attention_without_process_group_names_group() -> None:

@@ -1,8 +1,10 @@
-"""Ring attention on 2 GPUs over NCCL, against float64 single-device attention.
+"""Context parallelism over NCCL against float64 single-device attention: the ring on 2 GPUs, and
+every strategy (ring, Ulysses, hybrid, auto) on every GPU of the machine (2-8).
 
-Run under torchrun (each process takes the GPU of its rank):
+Plainly (`pytest -m gpu tests/test_distributed_gpu.py`) it spawns its processes itself: 2 for the
+ring's tests, one per GPU for the strategies'. Under torchrun each process takes the GPU of its
+rank and the world is the launcher's (the ring's tests need 2 and skip otherwise):
     torchrun --nproc_per_node 2 -m pytest -m gpu tests/test_distributed_gpu.py
-or plainly (`pytest -m gpu tests/test_distributed_gpu.py`), which spawns the two processes itself.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def _run_case(case: tuple, seed: int, device: torch.device) -> dict[str, Any]:
     out_t.backward(do)
 
     local = [fdd.shard(t, sd).requires_grad_() for t in (q, k, v)]
-    out_l, lse_l = fdd.attention(*local, return_lse=True, **kw)
+    out_l, lse_l = fdd.attention(*local, return_lse=True, strategy="ring", **kw)
     out_l.backward(fdd.shard(do, sd))
     torch.cuda.synchronize()
 
@@ -70,7 +72,7 @@ def _run_case(case: tuple, seed: int, device: torch.device) -> dict[str, Any]:
     }
     for name, loc, ref, base in zip(("dq", "dk", "dv"), local, ref_in, base_in):
         res[name] = within_budget(gather(loc.grad, sd, ref), base.grad, ref.grad, dt, grad=True)
-    plan = fdd.explain(*(t.detach() for t in local), **kw)
+    plan = fdd.explain(*(t.detach() for t in local), strategy="ring", **kw)
     res["plan"] = str(plan)
     res["blocks"] = fdd.ring_spec(*local, rank=dist.get_rank(), world=WORLD, scale=d ** -0.5, **kw).backward_path
     # the other block kernels, forced, on the same inputs: every path the ring can take is checked.
@@ -79,7 +81,7 @@ def _run_case(case: tuple, seed: int, device: torch.device) -> dict[str, Any]:
     if all_agree(res["blocks"] == "cudnn"):
         for t in local:
             t.grad = None
-        out_f, lse_f = fdd.attention(*local, return_lse=True, backend="triton", **kw)
+        out_f, lse_f = fdd.attention(*local, return_lse=True, backend="triton", strategy="ring", **kw)
         out_f.backward(fdd.shard(do, sd))
         res["triton blocks out"] = within_budget(gather(out_f, sd, out_ref), out_t.detach(), out_ref.detach(), dt)
         res["triton blocks dq"] = within_budget(gather(local[0].grad, sd, ref_in[0]), base_in[0].grad,
@@ -166,3 +168,142 @@ def test_ring_runs_cudnn_blocks_where_sdpa_is_chosen(reports: list[dict[str, Any
     if "H100" not in torch.cuda.get_device_name(0):
         pytest.skip("the profile that picks SDPA for this case is the H100's")
     assert [rep[_case_id(CASES[0])]["blocks"] for rep in reports] == ["cudnn"] * len(reports)
+
+
+# --- every strategy on every GPU of the machine ------------------------------------------------------
+
+# (strategy, ulysses_size, dtype, layout, causal, Hq, Hkv, chunk (S = 2 * world * chunk), D): the
+# benchmark's heads (32 / 8, D=128) in bf16, odd chunks; K/V repeat (Hkv=2 < U) in fp16; a hybrid
+# case for every proper divisor U of the world (added per world in _strategy_cases).
+STRATEGY_CASES = [
+    ("ulysses", None, torch.bfloat16, "bhsd", True, 32, 8, 129, 128),
+    ("ulysses", None, torch.float16, "bshd", False, 16, 2, 67, 64),
+    ("ring", None, torch.bfloat16, "bshd", True, 32, 8, 129, 128),
+    ("auto", None, torch.bfloat16, "bhsd", True, 32, 8, 257, 128),
+]
+
+
+def _strategy_cases(world: int) -> list[tuple]:
+    hybrids = [("hybrid", u, torch.bfloat16, "bshd" if u % 4 else "bhsd", True, 32, 8, 129, 128)
+               for u in range(2, world) if world % u == 0]
+    return STRATEGY_CASES + hybrids
+
+
+def _strategy_id(c: tuple) -> str:
+    strategy, u, dt, layout, causal, hq, hkv, chunk, d = c
+    us = f"-U{u}" if u else ""
+    return (f"{strategy}{us}-{str(dt).split('.')[-1]}-{layout}-{'causal' if causal else 'full'}-h{hq}/{hkv}-"
+            f"chunk{chunk}-D{d}")
+
+
+def _run_strategy(case: tuple, seed: int, device: torch.device, world: int) -> dict[str, Any]:
+    strategy, u, dt, layout, causal, hq, hkv, chunk, d = case
+    sd = 2 if layout == "bhsd" else 1
+    s = 2 * world * chunk
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def make(h: int) -> torch.Tensor:
+        shape = (1, h, s, d) if layout == "bhsd" else (1, s, h, d)
+        return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dt)
+
+    q, k, v, do = make(hq), make(hkv), make(hkv), make(hq)
+    kw = dict(causal=causal, layout=layout)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    out_ref, lse_ref = attention_math(*ref_in, **kw)
+    out_ref.backward(do.double())
+    base_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    out_t, lse_t = attention_math(*base_in, upcast=False, **kw)
+    out_t.backward(do)
+    local = [fdd.shard(t, sd).requires_grad_() for t in (q, k, v)]
+    plan = fdd.explain(*(t.detach() for t in local), strategy=strategy, ulysses_size=u, needs_grad=True, **kw)
+    out_l, lse_l = fdd.attention(*local, return_lse=True, strategy=strategy, ulysses_size=u, **kw)
+    out_l.backward(fdd.shard(do, sd))
+    torch.cuda.synchronize()
+
+    def gather(x: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
+        return fdd.unshard(x.detach(), dim, out=torch.full(like.shape, float("nan"), dtype=x.dtype, device=device))
+
+    res: dict[str, Any] = {
+        "out": within_budget(gather(out_l, sd, out_ref), out_t.detach(), out_ref.detach(), dt),
+        "lse": within_budget(gather(lse_l, 2, lse_ref), lse_t.detach(), lse_ref.detach(), dt),
+    }
+    for name, loc, ref, base in zip(("dq", "dk", "dv"), local, ref_in, base_in):
+        res[name] = within_budget(gather(loc.grad, sd, ref), base.grad, ref.grad, dt, grad=True)
+    res["plan"] = str(plan)
+    res["ran"] = (plan.strategy, plan.choice.ulysses_size)
+    return res
+
+
+def _all_strategies(rank: int, world: int) -> dict[str, Any]:
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return {_strategy_id(c): _run_strategy(c, 500 + i, device, world) for i, c in enumerate(_strategy_cases(world))}
+
+
+def _spawned_strategies(rank: int, world: int, store_path: str, queue: Any) -> None:
+    try:
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=TIMEOUT_S), device_id=torch.device("cuda", rank))
+        rep = _all_strategies(rank, world)
+        dist.barrier()
+        dist.destroy_process_group()
+        queue.put((rank, "ok", rep))
+    except Exception:
+        queue.put((rank, "error", traceback.format_exc()))
+
+
+@pytest.fixture(scope="module")
+def strategy_reports(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    if dist.is_torchelastic_launched():
+        if not dist.is_initialized():
+            dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        if dist.get_world_size() < 2:
+            pytest.skip("needs 2 or more ranks")
+        return [_all_strategies(dist.get_rank(), dist.get_world_size())]
+    world = torch.cuda.device_count()
+    if world < 2:
+        pytest.skip(f"needs 2 or more GPUs, found {world}")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    store = str(tmp_path_factory.mktemp("nccl-cp") / "store")
+    procs = [ctx.Process(target=_spawned_strategies, args=(r, world, store, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got: dict[int, Any] = {}
+    try:
+        for _ in range(world):
+            rank, status, payload = queue.get(timeout=TIMEOUT_S)
+            if status != "ok":
+                pytest.fail(f"rank {rank} raised:\n{payload}")
+            got[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    return [got[r] for r in range(world)]
+
+
+@pytest.mark.parametrize("case", _strategy_cases(8), ids=[_strategy_id(c) for c in _strategy_cases(8)])
+def test_every_strategy_on_every_gpu_matches_single_device(strategy_reports: list[dict[str, Any]],
+                                                           case: tuple) -> None:
+    """Cases of a hybrid size the world does not allow are skipped (the list is the 8-GPU one)."""
+    cid = _strategy_id(case)
+    if cid not in strategy_reports[0]:
+        pytest.skip(f"{cid}: not a split of this world")
+    failures = []
+    for rank, rep in enumerate(strategy_reports):
+        r = rep[cid]
+        if rank == 0:
+            print(r["plan"])
+        strategy, u = case[0], case[1]
+        ran_strategy, ran_u = r["ran"]
+        if strategy != "auto" and (ran_strategy != strategy or (u is not None and ran_u != u)):
+            failures.append(f"rank {rank}: asked {strategy} U={u}, planned {ran_strategy} U={ran_u}")
+        for name in ("out", "lse", "dq", "dk", "dv"):
+            ok, err, allowed = r[name]
+            print(f"{cid} rank {rank} {name}: error {err:.3g} allowed {allowed:.3g}")
+            if not ok:
+                failures.append(f"rank {rank} {name}: error {err:.3g} > allowed {allowed:.3g}")
+    assert not failures, "\n".join(failures)

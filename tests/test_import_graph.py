@@ -39,6 +39,7 @@ LAYER_OF: dict[str, str] = {
     "flashdispatch.tolerances": "base",
     "flashdispatch.alignment": "base",
     "flashdispatch.guards": "base",
+    "flashdispatch.cliargs": "base",  # argparse with one-line user errors, for the cli and the tools
     "flashdispatch.envs": "settings",
     "flashdispatch.profile_store": "settings",
     "flashdispatch.profiles": "settings",
@@ -53,7 +54,9 @@ LAYER_OF: dict[str, str] = {
     "flashdispatch.ops": "integrations",
     "flashdispatch.nn": "integrations",
     "flashdispatch.hf": "integrations",
-    "flashdispatch.demo": "integrations",
+    # the demo times flashdispatch against plain SDPA and checks it against the reference, as the
+    # benchmark does, with the tools' interleaved timing and plain-SDPA baseline (one definition each)
+    "flashdispatch.demo": "tools",
     "flashdispatch.distributed": "integrations",
     "flashdispatch.tools": "tools",
     "flashdispatch.cli": "cli",

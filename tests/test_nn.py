@@ -137,22 +137,6 @@ def test_gqa_equals_mha_with_repeated_kv_heads() -> None:
 
 @pytest.mark.parametrize(
     "kwargs, arg",
-    [
-        ({"key_padding_mask": torch.zeros(2, 7, dtype=torch.bool)}, "key_padding_mask"),
-        ({"need_weights": True}, "need_weights"),
-        ({"attn_mask": torch.zeros(7, 7)}, "attn_mask"),
-    ],
-    ids=["key_padding_mask", "need_weights", "attn_mask"],
-)
-def test_unsupported_forward_arguments_raise(kwargs: dict, arg: str) -> None:
-    m = MultiheadAttention(16, 2, batch_first=True)
-    x = torch.randn(2, 7, 16)
-    with pytest.raises(ValueError, match=arg):
-        m(x, x, x, **kwargs)
-
-
-@pytest.mark.parametrize(
-    "kwargs, arg",
     [({"dropout": 0.1}, "dropout"), ({"add_bias_kv": True}, "add_bias_kv"), ({"num_kv_heads": 3}, "num_kv_heads")],
 )
 def test_unsupported_constructor_arguments_raise(kwargs: dict, arg: str) -> None:

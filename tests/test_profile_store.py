@@ -118,11 +118,16 @@ def test_indexed_lookup_equals_a_scan_of_every_entry() -> None:
     import torch
 
     from flashdispatch.problem import problem_from_shape
-    from flashdispatch.profile_store import load_profile, problem_pass
+    from flashdispatch.profile_store import LONG_CACHE_RATIO, load_profile, problem_pass
 
     def scan(prof, p):  # the definition: exact keys, then nearest gqa, then nearest lengths (log)
         cands = [e for e in prof.entries if e.match["dtype"] == p.dtype_name and e.match["head_dim"] == p.head_dim
                  and bool(e.match["causal"]) == p.effective_causal and e.match["pass"] == problem_pass(p)]
+        if p.effective_causal:  # long-cache causal problems: long-cache entries where there are some
+            long_p = p.seqlen_k >= LONG_CACHE_RATIO * p.seqlen_q
+            same = [e for e in cands
+                    if (e.match["seqlen"] >= LONG_CACHE_RATIO * e.match.get("seqlen_q", e.match["seqlen"])) == long_p]
+            cands = same or cands
 
         def distance(e):
             m = e.match

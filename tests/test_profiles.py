@@ -84,7 +84,7 @@ def test_unmeasured_profile_holds_no_numbers_and_argues_its_ranking(key: str) ->
     assert all(not e.ms for e in prof.entries), "an unmeasured profile must not carry times"
     assert "\n    ms:" not in text
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
-    assert "NOT MEASURED" in header and "ANCHORS.md" in header  # says so, and cites its figures
+    assert "NOT MEASURED" in header and "published figures" in header  # says so, and cites its figures
     assert "not measured" in prof.provenance().lower()
 
 

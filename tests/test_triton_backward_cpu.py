@@ -60,19 +60,6 @@ def backward_module() -> Iterator[ModuleType]:
 SMALL = {"BWD_BLOCK_M": 16, "BWD_BLOCK_N": 32}
 
 
-@pytest.fixture
-def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every buffer the backward allocates with empty_like starts as NaN: an unwritten gradient
-    element fails the check."""
-    real = torch.empty_like
-
-    def nan_like(t: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        out = real(t, *args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty_like", nan_like)
-
-
 def _tensor(shape_bhsd: tuple[int, int, int, int], dtype: torch.dtype, layout: str, noncontig: bool,
             gen: torch.Generator) -> torch.Tensor:
     b, h, s, d = shape_bhsd

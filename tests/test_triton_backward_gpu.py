@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 import flashdispatch  # noqa: E402
 from flashdispatch.reference import attention_math  # noqa: E402
 from flashdispatch.tolerances import within_budget  # noqa: E402
+from inputs import make_qkv, poison_outputs  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.bfloat16, torch.float16]
@@ -27,36 +28,13 @@ def _bwd():  # imported lazily: on a machine without a GPU the module is collect
     return backward
 
 
-def _tensor(shape: tuple[int, int, int, int], dtype: torch.dtype, layout: str, noncontig: bool,
-            gen: torch.Generator) -> torch.Tensor:
-    b, h, s, d = shape
-    t = torch.randn(b, h, s, d, generator=gen, device="cuda", dtype=torch.float32)
-    if layout == "bshd":
-        t = t.transpose(1, 2).contiguous().transpose(1, 2)
-    t = t.to(dtype)
-    if noncontig:
-        big = torch.full((b, h + 1, s + 3, d + 8), float("nan"), device="cuda", dtype=dtype)
-        big[:, 1:, 2:2 + s, 5:5 + d] = t
-        t = big[:, 1:, 2:2 + s, 5:5 + d]
-    return t
-
-
-def _poison(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = torch.empty_like
-
-    def nan_like(t: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        out = real(t, *args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty_like", nan_like)
-
-
 def _inputs(b, hq, hkv, sq, sk, d, dv, dtype, layout="bhsd", noncontig=False, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    q = _tensor((b, hq, sq, d), dtype, layout, noncontig, gen)
-    k = _tensor((b, hkv, sk, d), dtype, layout, noncontig, gen)
-    v = _tensor((b, hkv, sk, dv), dtype, layout, noncontig, gen)
-    do = _tensor((b, hq, sq, dv), dtype, layout, noncontig, gen)
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dv=dv, dtype=dtype, device="cuda", layout=layout,
+                       noncontiguous=noncontig, seed=seed)
+    do = make_qkv(b, hq, 1, sq, 1, dv, dtype=dtype, device="cuda", layout=layout, noncontiguous=noncontig,
+                  seed=seed + 1)[0]
+    if layout == "bshd":  # bhsd-indexed views of (B, S, H, D) memory, as attention() hands them over
+        q, k, v, do = (t.transpose(1, 2) for t in (q, k, v, do))
     return q, k, v, do
 
 
@@ -99,7 +77,7 @@ def test_gradients(shape, dtype, causal, monkeypatch):
     q, k, v, do = _inputs(*shape, dtype, seed=sum(shape))
     scale = d ** -0.5
     want, base, out, lse = _reference_grads(q, k, v, do, causal, scale)
-    _poison(monkeypatch)
+    poison_outputs(monkeypatch)
     got = _bwd().attention_backward(do, q, k, v, out, lse, causal=causal, scale=scale, config=None)
     _check(got, want, base, (q, k, v), dtype)
 
@@ -109,7 +87,7 @@ def test_gradients(shape, dtype, causal, monkeypatch):
 def test_layouts_and_strides(layout, dtype, monkeypatch):
     q, k, v, do = _inputs(2, 8, 2, 513, 700, 64, 64, dtype, layout=layout, noncontig=True, seed=7)
     want, base, out, lse = _reference_grads(q, k, v, do, True, 0.125)
-    _poison(monkeypatch)
+    poison_outputs(monkeypatch)
     got = _bwd().attention_backward(do, q, k, v, out, lse, causal=True, scale=0.125, config=None)
     _check(got, want, base, (q, k, v), dtype)
 
@@ -119,7 +97,7 @@ def test_every_config_of_the_space(head_dim, causal, monkeypatch):
     bwd = _bwd()
     q, k, v, do = _inputs(1, 4, 2, 1030, 1030, head_dim, head_dim, torch.bfloat16, seed=head_dim)
     want, base, out, lse = _reference_grads(q, k, v, do, causal, head_dim ** -0.5)
-    _poison(monkeypatch)
+    poison_outputs(monkeypatch)
     for cfg in bwd.backward_config_space(head_dim, atomic=True):
         got = bwd.attention_backward(do, q, k, v, out, lse, causal=causal, scale=head_dim ** -0.5, config=cfg)
         _check(got, want, base, (q, k, v), torch.bfloat16)
@@ -165,7 +143,7 @@ def test_offsets_past_2_31_elements(monkeypatch):
     for i in range(0, b, 512):  # the float64 forward, a slice of batches at a time
         o, l = attention_math(q[i:i + 512], k[i:i + 512], v[i:i + 512], causal=True)
         out[i:i + 512], lse[i:i + 512] = o.to(out.dtype), l.float()
-    _poison(monkeypatch)
+    poison_outputs(monkeypatch)
     dq, dk, dv = _bwd().attention_backward(do, q, k, v, out, lse, causal=True, scale=d ** -0.5, config=None)
     tail = slice(b - 2, b)
     want, base, _, _ = _reference_grads(q[tail], k[tail], v[tail], do[tail], True, d ** -0.5)

@@ -68,17 +68,6 @@ def interpreted_kernels() -> Iterator[None]:
         _load()
 
 
-@pytest.fixture
-def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = torch.empty
-
-    def nan_empty(*args: object, **kwargs: object) -> torch.Tensor:
-        t = real(*args, **kwargs)  # type: ignore[arg-type]
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
 def _id(c: tuple) -> str:
     b, hq, hkv, sq, sk, d, causal = c
     return f"b{b}-h{hq}x{hkv}-sq{sq}-sk{sk}-d{d}{'-causal' if causal else ''}"
@@ -408,3 +397,35 @@ def test_run_on_device_switches_only_when_needed(monkeypatch: pytest.MonkeyPatch
     with launch.on_device(1):
         pass
     assert entered == [1, 1]
+
+
+_CPU_PROFILE = """\
+schema: 1
+device: {key: cpu, name: CPU, arch: cpu}
+generated: {date: "2026-12-04", tool: test, card: CPU}
+measured: true
+entries:
+  - match: {dtype: fp16, head_dim: 16, causal: true, gqa: 1, pass: fwd, seqlen: 256, seqlen_q: 32}
+    ranking: [triton, sdpa]
+    ms: {triton: 1.0, sdpa: 2.0}
+    config:
+      triton: {BLOCK_M: 32, BLOCK_N: 32, num_warps: 4, num_stages: 1}
+"""
+
+
+def test_speculative_call_runs_split_kv_from_a_forward_entry(monkeypatch, tmp_path, poisoned: None) -> None:
+    """End to end under Triton's interpreter: the long-cache entry ranks triton first, its forward
+    tiles reach a decode-shaped call, and the split-KV kernel runs and is right."""
+    from flashdispatch.reference import attention_math
+
+    (tmp_path / "cpu.yaml").write_text(_CPU_PROFILE)
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
+    flashdispatch.refresh()
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 4, 16, dtype=torch.float16)
+    k, v = torch.randn(1, 2, 200, 16, dtype=torch.float16), torch.randn(1, 2, 200, 16, dtype=torch.float16)
+    d = flashdispatch.explain(q, k, v, causal=True)
+    assert d.variant == "triton" and "seqlen_q=32" in d.source, d.source
+    out = flashdispatch.attention(q, k, v, causal=True)
+    ref = attention_math(q, k, v, causal=True)[0]
+    assert (out.double() - ref).abs().max() < 2e-3

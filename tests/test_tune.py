@@ -121,7 +121,7 @@ def test_quick_tune_covers_every_bf16_bench_shape() -> None:
 
 
 def test_shape_with_the_wrong_pass_is_rejected_with_its_name() -> None:
-    with pytest.raises(ValueError, match="bad.*decode shape"):
+    with pytest.raises(ValueError, match="bad.*as 'decode'"):
         shapes.check_shape(shapes.Shape("bad", "bf16", 1, 8, 8, 1, 128, 64, False, "fwd"))
 
 
@@ -345,7 +345,7 @@ def test_bad_arguments_name_the_option(capsys) -> None:
 
 def test_list_measures_nothing(capsys, monkeypatch) -> None:
     monkeypatch.setattr(tune, "measure_bucket", lambda *a, **k: pytest.fail("--list must not measure"))
-    assert tune.main(["--quick", "--list", "--backends", "sdpa"]) == 0
+    assert tune.main(["--quick", "--shapes", "quick", "--list", "--backends", "sdpa"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(shapes.tune_shapes(quick=True))
 
@@ -364,7 +364,8 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys) -> None:
         assert {bench.PLAIN, bench.DISPATCH, "sdpa"} <= set(row["providers"])
         assert all(m["status"] == "ok" for m in row["providers"].values()), row
         assert row["vs_sdpa"] > 0 and row["oracle"] > 0
-    assert math.isfinite(result["summary"]["geomean_vs_sdpa"])
+    # a CPU run counts only shapes that differ beyond the spread (maybe none)
+    assert math.isfinite(result["summary"]["geomean_vs_sdpa"]) or result["summary"]["min_vs_sdpa"] is None
     assert (tmp_path / "bench.md").read_text().count("\n| ") >= len(TINY) + 1
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "oracle ratio" in capsys.readouterr().out

@@ -34,12 +34,12 @@ from flashdispatch.problem import DTYPES_BY_NAME, problem_from_shape
 
 log = logging.getLogger("flashdispatch.tools.bench_ring")
 
-# The issue's benchmark: bf16, D=128, causal, one sequence of 16 heads (a 2048-wide model) at
+# The benchmark: bf16, D=128, causal, one sequence of 16 heads (a 2048-wide model) at
 # 32k and 64k tokens.
 DEFAULT_SEQLENS = (32768, 65536)
 
 
-def _median_ms(fn: Callable[[], object], warmup: int, reps: int, device: torch.device) -> float:
+def median_ms(fn: Callable[[], object], warmup: int, reps: int, device: torch.device) -> float:
     """Median of `reps` timed calls; every rank makes exactly the same number of calls. CUDA events
     on a GPU; a host clock on the CPU (where the tool only smoke-tests itself over gloo)."""
     for _ in range(warmup):
@@ -63,13 +63,13 @@ def _median_ms(fn: Callable[[], object], warmup: int, reps: int, device: torch.d
     return statistics.median(times)
 
 
-def _slowest(ms: float, device: torch.device) -> float:
+def slowest_rank_ms(ms: float, device: torch.device) -> float:
     t = torch.tensor([ms], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 
 
-def _fwd_bwd(f: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def fwd_bwd_step(f: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              do: torch.Tensor) -> Callable[[], object]:
     def run() -> object:
         out = f(q, k, v)
@@ -78,7 +78,7 @@ def _fwd_bwd(f: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v
     return run
 
 
-def _fwd(f: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], object]:
+def fwd_step(f: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], object]:
     def run() -> object:
         with torch.no_grad():
             return f(q, k, v)
@@ -107,7 +107,7 @@ def bench_one(seqlen: int, args: argparse.Namespace, device: torch.device) -> di
     res["tflop_fwd_bwd"] = (p.flops() + p.flops(backward=True)) / 1e12
     res["tflop_fwd"] = p.flops() / 1e12
 
-    plan = fdd.explain(*(t.detach() for t in local), causal=causal, backend=args.backend)
+    plan = fdd.explain_ring(*(t.detach() for t in local), causal=causal, backend=args.backend)
     ring_variant = plan.steps[0].decision.variant
     res["ring_plan"] = str(plan)
     res["ring_forward_variants"] = sorted({s.decision.variant for s in plan.steps})
@@ -127,8 +127,8 @@ def bench_one(seqlen: int, args: argparse.Namespace, device: torch.device) -> di
             def f(a, b, c, forced=forced):  # type: ignore[no-untyped-def]
                 return flashdispatch.attention(a, b, c, causal=causal, backend=forced)
 
-            res["single_ms"][name] = _median_ms(_fwd_bwd(f, *full, do), args.warmup, args.reps, device)
-            res["single_fwd_ms"][name] = _median_ms(_fwd(f, *full), args.warmup, args.reps, device)
+            res["single_ms"][name] = median_ms(fwd_bwd_step(f, *full, do), args.warmup, args.reps, device)
+            res["single_fwd_ms"][name] = median_ms(fwd_step(f, *full), args.warmup, args.reps, device)
         del full
     del q, k, v, do
     if device.type == "cuda":
@@ -137,10 +137,10 @@ def bench_one(seqlen: int, args: argparse.Namespace, device: torch.device) -> di
 
     # -- the ring
     def ring(a, b, c):  # type: ignore[no-untyped-def]
-        return fdd.attention(a, b, c, causal=causal, backend=args.backend)
+        return fdd.attention(a, b, c, causal=causal, backend=args.backend, strategy="ring")
 
-    res["ring_ms"] = _slowest(_median_ms(_fwd_bwd(ring, *local, ldo), args.warmup, args.reps, device), device)
-    res["ring_fwd_ms"] = _slowest(_median_ms(_fwd(ring, *local), args.warmup, args.reps, device), device)
+    res["ring_ms"] = slowest_rank_ms(median_ms(fwd_bwd_step(ring, *local, ldo), args.warmup, args.reps, device), device)
+    res["ring_fwd_ms"] = slowest_rank_ms(median_ms(fwd_step(ring, *local), args.warmup, args.reps, device), device)
 
     # -- the same blocks with no traffic: what the ring costs if transfers were free
     spec = fdd.ring_spec(*local, rank=rank, world=world, causal=causal, scale=args.dim ** -0.5, layout="bhsd",
@@ -150,19 +150,19 @@ def bench_one(seqlen: int, args: argparse.Namespace, device: torch.device) -> di
     def compute_only(a, b, c):  # type: ignore[no-untyped-def]
         return RingAttention.apply(a, b, c, spec, loop)[0]
 
-    res["compute_ms"] = _slowest(_median_ms(_fwd_bwd(compute_only, *local, ldo), args.warmup, args.reps, device), device)
-    res["compute_fwd_ms"] = _slowest(_median_ms(_fwd(compute_only, *local), args.warmup, args.reps, device), device)
+    res["compute_ms"] = slowest_rank_ms(median_ms(fwd_bwd_step(compute_only, *local, ldo), args.warmup, args.reps, device), device)
+    res["compute_fwd_ms"] = slowest_rank_ms(median_ms(fwd_step(compute_only, *local), args.warmup, args.reps, device), device)
 
     # -- the transfers alone: one K+V hop, one dK+dV (accumulation dtype) hop
     comm = RingComm(None)
     kv = [local[1].detach(), local[2].detach()]
     acc = accumulation_dtype(dtype)
     dkv = [t.to(acc) for t in kv]
-    res["kv_hop_ms"] = _slowest(_median_ms(lambda: comm.exchange(kv).wait(), args.warmup, args.reps, device), device)
-    res["dkv_hop_ms"] = _slowest(_median_ms(lambda: comm.exchange(dkv).wait(), args.warmup, args.reps, device), device)
+    res["kv_hop_ms"] = slowest_rank_ms(median_ms(lambda: comm.exchange(kv).wait(), args.warmup, args.reps, device), device)
+    res["dkv_hop_ms"] = slowest_rank_ms(median_ms(lambda: comm.exchange(dkv).wait(), args.warmup, args.reps, device), device)
     # -- for comparison, where the ring ran cuDNN blocks: the same ring with the triton backend's blocks.
     # Each rank decides its block kernels alone (its own self-check and device), and this branch runs
-    # collectives (the ring, _slowest): it is taken only where every rank ran cuDNN blocks, so that
+    # collectives (the ring, slowest_rank_ms): it is taken only where every rank ran cuDNN blocks, so that
     # no rank enters a ring the others skip. all_agree is itself a collective: every rank calls it.
     cudnn_everywhere = all_agree(spec.aten_cudnn)
     res["cudnn_blocks_on_every_rank"] = cudnn_everywhere
@@ -174,15 +174,15 @@ def bench_one(seqlen: int, args: argparse.Namespace, device: torch.device) -> di
                               layout="bhsd", backend="triton")
 
         def ring_triton(a, b, c):  # type: ignore[no-untyped-def]
-            return fdd.attention(a, b, c, causal=causal, backend="triton")
+            return fdd.attention(a, b, c, causal=causal, backend="triton", strategy="ring")
 
         def compute_triton(a, b, c):  # type: ignore[no-untyped-def]
             return RingAttention.apply(a, b, c, tspec, loop)[0]
 
-        res["ring_triton_ms"] = _slowest(
-            _median_ms(_fwd_bwd(ring_triton, *local, ldo), args.warmup, args.reps, device), device)
-        res["compute_triton_ms"] = _slowest(
-            _median_ms(_fwd_bwd(compute_triton, *local, ldo), args.warmup, args.reps, device), device)
+        res["ring_triton_ms"] = slowest_rank_ms(
+            median_ms(fwd_bwd_step(ring_triton, *local, ldo), args.warmup, args.reps, device), device)
+        res["compute_triton_ms"] = slowest_rank_ms(
+            median_ms(fwd_bwd_step(compute_triton, *local, ldo), args.warmup, args.reps, device), device)
     res["kv_hop_bytes"] = sum(t.numel() * t.element_size() for t in kv)
     res["dkv_hop_bytes"] = sum(t.numel() * t.element_size() for t in dkv)
     # forward: world-1 K/V hops; backward: world-1 K/V hops and world dK/dV hops

@@ -302,7 +302,7 @@ def summary(rows: list[Row], device_name: str) -> str:
             f"{_fmt(r.rate('sdpa:flash'))} {_fmt(r.rate('sdpa:cudnn'))} {ratio('sdpa')} {ratio('sdpa:flash')} "
             f"{ratio('sdpa:cudnn')} {tm * 1000 if tm else 0:8.1f}  {cfg_s}"
         )
-    # the bars
+    # the performance bars
     def best_ms(r: Row) -> float | None:
         return r.ms.get("triton:best", r.ms.get("triton"))
 

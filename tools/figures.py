@@ -23,8 +23,8 @@ from .profile_writer import unmeasured_profile
 from .shapes import Shape, check_shape
 
 _COMMON = """\
-Rankings are argued from published figures (ANCHORS.md, "Published figures") and from what
-ANCHORS.md measured on an H100 where the reason carries over (a kernel's structure, not its speed);
+Rankings are argued from published figures (papers, vendor and PyTorch blogs) and from what
+we measured on an H100 where the reason carries over (a kernel's structure, not its speed);
 configs are each backend's defaults for {arch}, compiled ahead of time for {arch} by
 tests/test_profiles.py. There are no times in this file. Replace it by measuring on the card:
     flashdispatch tune --profile-key {key}
@@ -33,13 +33,13 @@ Written by `python -m flashdispatch.tools.figures` (tools/figures.py holds this 
 
 _CHUNKED = """\
 - Chunked prefill (causal with Sq < Sk, the bottom-right mask of a KV cache): SDPA's flash and
-  cuDNN kernels take no bottom-right mask, so plain SDPA runs a mask path (ANCHORS.md, H100: about
+  cuDNN kernels take no bottom-right mask, so plain SDPA runs a mask path (measured on an H100: about
   330 TFLOP/s there against 527 for cuDNN's causal fast path at S=4096, 0.6x). Our kernels align
   the mask bottom-right natively and skip fully masked blocks (on an H100 the Triton kernel measured
   1.51-1.54x plain SDPA there, docs/triton.md): {order}."""
 
 _DECODE = """\
-- Decode: plain SDPA first at every batch. ANCHORS.md read plain SDPA at 41% of copy bandwidth at
+- Decode: plain SDPA first at every batch. We read plain SDPA at 41% of copy bandwidth at
   B=1, Sk=8192 on an H100, which argues for a split-KV kernel over the {units}; but the H100 run of
   our split-KV kernel (docs/triton.md) found SDPA's GPU time as low as ours (11.6 vs 12.6 us in a
   CUDA graph) and our call host-bound (91 vs 27 us per call). Nothing published says otherwise

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Iterable, NamedTuple, Sequence
 
-from flashdispatch.problem import DECODE_MAX_SEQLEN_Q, DTYPES_BY_NAME
-from flashdispatch.profile_store import PASSES
+from flashdispatch.problem import DTYPES_BY_NAME, problem_from_shape
+from flashdispatch.profile_store import PASSES, problem_pass
 
 
 class Shape(NamedTuple):
@@ -48,14 +48,14 @@ def check_shape(s: Shape) -> Shape:
         raise ValueError(f"shape {s.label!r}: dtype expected one of {sorted(DTYPES_BY_NAME)}, got {s.dtype!r}")
     if s.pass_ not in PASSES:
         raise ValueError(f"shape {s.label!r}: pass expected one of {PASSES}, got {s.pass_!r}")
-    decode = s.seqlen_q <= DECODE_MAX_SEQLEN_Q and s.seqlen_k > s.seqlen_q
-    if (s.pass_ == "decode") != decode:
-        raise ValueError(
-            f"shape {s.label!r}: pass={s.pass_!r} but Sq={s.seqlen_q}, Sk={s.seqlen_k} "
-            f"{'is' if decode else 'is not'} a decode shape (Sq <= {DECODE_MAX_SEQLEN_Q} and Sk > Sq)"
-        )
     if s.heads_kv <= 0 or s.heads_q % s.heads_kv:
         raise ValueError(f"shape {s.label!r}: heads_q={s.heads_q} must be a multiple of heads_kv={s.heads_kv}")
+    looked_up = problem_pass(problem_from_shape(s.dims, dtype=s.dtype, causal=s.causal, needs_grad=s.needs_grad))
+    if s.pass_ != looked_up:
+        raise ValueError(
+            f"shape {s.label!r}: pass={s.pass_!r} but the dispatcher looks up Sq={s.seqlen_q}, Sk={s.seqlen_k}"
+            f"{' causal' if s.causal else ''} as {looked_up!r}"
+        )
     return s
 
 
@@ -89,7 +89,7 @@ def fa2_sweep(
 
 
 def special_shapes(dtypes: Sequence[str] = ("bf16",)) -> list[Shape]:
-    """Shapes where plain SDPA has no fast path (D=128, bf16)."""
+    """Shapes where plain SDPA has no fast path, at D=128 (GQA prefill, chunked prefill, decode)."""
     out = []
     for dt in dtypes:
         out += [
@@ -178,10 +178,26 @@ def tiny_shapes(dtype: str = "fp32") -> list[Shape]:
     ]
 
 
+def cpu_shapes(dtype: str = "fp32") -> list[Shape]:
+    """What `tune --quick` and `bench --quick` run on a CPU: each kind of call a model makes, at
+    sizes a 2-core machine times in about a minute (training, prefill, GQA, chunked prefill,
+    speculative verification, decode)."""
+    return [check_shape(s) for s in (
+        Shape(f"cpu-fwd-{dtype}-s256", dtype, 1, 8, 8, 256, 256, 64, False, "fwd"),
+        Shape(f"cpu-fwd-causal-{dtype}-s256", dtype, 1, 8, 8, 256, 256, 64, True, "fwd"),
+        Shape(f"cpu-gqa4-causal-{dtype}-s256", dtype, 1, 8, 2, 256, 256, 64, True, "fwd"),
+        Shape(f"cpu-fwd-bwd-causal-{dtype}-s128", dtype, 1, 8, 8, 128, 128, 64, True, "fwd_bwd"),
+        Shape(f"cpu-chunked-{dtype}-q64-k1024", dtype, 1, 8, 8, 64, 1024, 64, True, "fwd"),
+        Shape(f"cpu-speculative-{dtype}-q4-k1024", dtype, 2, 8, 2, 4, 1024, 64, True, "fwd"),
+        Shape(f"cpu-decode-{dtype}-b4-k1024", dtype, 4, 8, 2, 1, 1024, 64, False, "decode"),
+    )]
+
+
 NAMED: dict[str, str] = {
-    "quick": "the bf16 benchmark shapes (FA2 sweep + the special shapes)",
+    "quick": "the bf16 benchmark shapes (FA2 sweep + the special shapes: GQA, chunked prefill, decode)",
     "full": "fp16+bf16 FA2 sweep, special shapes, GQA prefill, decode grid",
-    "tiny": "CPU-sized shapes for tests and dry runs",
+    "cpu": "CPU-sized shapes, one per kind of call (the default of --quick on a CPU)",
+    "tiny": "the smallest shapes, for tests and dry runs",
 }
 
 
@@ -192,6 +208,8 @@ def named(name: str, dtypes: Sequence[str] | None = None, head_dims: Sequence[in
         return tune_shapes(False, dtypes, head_dims)
     if name == "tiny":
         return tiny_shapes(dtypes[0] if dtypes else "fp32")
+    if name == "cpu":
+        return cpu_shapes(dtypes[0] if dtypes else "fp32")
     raise ValueError(f"shape list: expected one of {sorted(NAMED)}, got {name!r}")
 
 

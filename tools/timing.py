@@ -11,7 +11,7 @@ import logging
 import random
 import statistics
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -24,6 +24,10 @@ log = logging.getLogger("flashdispatch.tools")
 FLUSH_BYTES = 256 * 2**20
 # Caps the CPU loop so that a slow candidate cannot stall a test.
 CPU_MAX_REPS = 50
+# Interleaved repetitions per provider on a CPU at least: a CPU shared with other work is
+# descheduled in slices of milliseconds, and with five samples the quartiles missed that noise
+# (two identical paths read 1.5x apart beyond their ranges).
+CPU_MIN_REPS = 15
 
 
 def _flush_buffer(device: torch.device) -> torch.Tensor:
@@ -154,35 +158,56 @@ INTERLEAVED_REPS = (5, 1000)
 HOST_SLACK_CYCLES = 100_000
 
 
-def interleaved_median_ms(
+class Spread(NamedTuple):
+    """A provider's repetitions: median and the interquartile range (ms)."""
+
+    median: float
+    lo: float  # 25th percentile
+    hi: float  # 75th percentile
+    n: int
+
+    @staticmethod
+    def of(samples: Sequence[float]) -> "Spread":
+        xs = sorted(samples)
+        if len(xs) < 4:
+            return Spread(statistics.median(xs), xs[0], xs[-1], len(xs))
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+        return Spread(statistics.median(xs), q1, q3, len(xs))
+
+    def __str__(self) -> str:
+        return f"{self.median:.3g} ms [{self.lo:.3g}-{self.hi:.3g}]"
+
+
+def speedup(base: Spread, other: Spread) -> float | None:
+    """base / other when the two differ beyond their spreads (interquartile ranges apart), else
+    None: a difference inside the spread is noise, not a speed-up."""
+    if other.hi < base.lo or base.hi < other.lo:
+        return base.median / other.median
+    return None
+
+
+def interleaved_samples_ms(
     fns: Mapping[str, tuple[Callable[[], object], Sequence[torch.Tensor] | None]],
     device: torch.device,
     *,
     warmup_ms: float = 25.0,
     rep_ms: float = 100.0,
     failed: Callable[[str, Exception], None] | None = None,
-) -> dict[str, float]:
-    """Median milliseconds of each provider, with the providers' repetitions interleaved: every
-    repetition runs each provider once (L2 flushed before each call, as do_bench does), in an order
-    shuffled afresh for every repetition (seeded: reruns take the same orders).
+) -> dict[str, list[float]]:
+    """Every repetition's milliseconds of each provider, with the providers' repetitions
+    interleaved: every repetition runs each provider once, in an order shuffled afresh for every
+    repetition (seeded: reruns take the same orders); on a GPU with the L2 flushed before each call,
+    as do_bench does, and timed with events; on a CPU with perf_counter.
 
     Why: providers timed one after another see different clocks and power states (on the H100,
     seconds of back-to-back attention slow the card down, and the same cuDNN kernel read 5-10%
-    apart depending on when it was timed). Interleaved, drift hits all providers alike, which is
-    what a ratio between them needs. `fns` maps a name to (fn, tensors whose .grad is reset before
-    each call); a provider that raises is dropped and reported to `failed(name, error)`.
+    apart depending on when it was timed; a CPU's turbo and its neighbours' load drift the same
+    way). Interleaved, drift hits all providers alike, which is what a ratio between them needs.
+    `fns` maps a name to (fn, tensors whose .grad is reset before each call); a provider that
+    raises is dropped and reported to `failed(name, error)`.
     """
     live = dict(fns)
-    if device.type != "cuda":
-        out = {}
-        for name, (fn, grads) in live.items():
-            try:
-                out[name] = median_ms(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=grads)
-            except Exception as e:
-                if failed is None:
-                    raise
-                failed(name, e)
-        return out
+    cuda = device.type == "cuda"
 
     def call(name: str) -> bool:
         if name not in live:  # dropped by an earlier failure (estimate_ms calls several times)
@@ -205,19 +230,30 @@ def interleaved_median_ms(
             ms = estimate_ms(lambda n=name: call(n), device)
             if name in live:
                 est[name] = max(ms, 1e-4)
-    flush = _flush_buffer(device)
+    flush = _flush_buffer(device) if cuda else None
+    cap = INTERLEAVED_REPS[1] if cuda else CPU_MAX_REPS
     for name in list(live):
-        for _ in range(max(1, min(INTERLEAVED_REPS[1], int(warmup_ms / est[name])))):
+        for _ in range(max(1, min(cap, int(warmup_ms / est[name])))):
             if not call(name):
                 break
     if not live:
         return {}
     typical = statistics.median(est[n] for n in live)
-    reps = max(INTERLEAVED_REPS[0], min(INTERLEAVED_REPS[1], int(rep_ms / typical)))
-    events = {n: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(reps)] for n in live}
+    reps = max(INTERLEAVED_REPS[0] if cuda else CPU_MIN_REPS, min(cap, int(rep_ms / typical)))
     order = list(live)
     shuffle = random.Random(0).shuffle
+    if not cuda:
+        times: dict[str, list[float]] = {n: [] for n in live}
+        for _ in range(reps):
+            shuffle(order)
+            for name in order:
+                t0 = time.perf_counter()
+                if call(name):
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        return {n: times[n] for n in live}
+    assert flush is not None
+    events = {n: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(reps)] for n in live}
     for r in range(reps):
         # a fresh order every repetition: with a rotation each provider always followed the same
         # one, and on the H200 the call after a slow neighbour read 3% slower in every run
@@ -232,7 +268,20 @@ def interleaved_median_ms(
             if call(name):
                 end.record()
     synchronize(device)
-    return {n: statistics.median(s.elapsed_time(e) for s, e in events[n]) for n in live}
+    return {n: [s.elapsed_time(e) for s, e in events[n]] for n in live}
+
+
+def interleaved_median_ms(
+    fns: Mapping[str, tuple[Callable[[], object], Sequence[torch.Tensor] | None]],
+    device: torch.device,
+    *,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    failed: Callable[[str, Exception], None] | None = None,
+) -> dict[str, float]:
+    """Median of interleaved_samples_ms per provider."""
+    got = interleaved_samples_ms(fns, device, warmup_ms=warmup_ms, rep_ms=rep_ms, failed=failed)
+    return {n: statistics.median(xs) for n, xs in got.items()}
 
 
 def context_alive(device: torch.device) -> bool:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from flashdispatch import envs
+from flashdispatch.cliargs import ArgumentParser, user_error
 from flashdispatch.backend import Implementation
 from flashdispatch.device import DeviceInfo, real_device
 from flashdispatch.problem import DTYPES_BY_NAME, Problem, problem_from_tensors
@@ -334,10 +335,24 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def parse_device(name: str | None) -> torch.device:
+    """--device: a torch device this machine has (default: cuda if present, else cpu)."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: expected a device this machine has, got {name!r} (no CUDA or ROCm GPU)")
+    return device
+
+
 def select_implementations(backends: Sequence[str] | None, exclude: Sequence[str], device: torch.device
                            ) -> dict[str, Implementation]:
-    """Registry implementations named by --backends (families or variants; default: all), minus
-    --exclude, minus GPU_DEFAULT_EXCLUDE on a GPU unless named explicitly."""
+    """Registry implementations named by --backends (families or variants; default: all that can
+    run on this device), minus --exclude, minus GPU_DEFAULT_EXCLUDE on a GPU unless named
+    explicitly."""
     all_impls = REGISTRY.all()
     fams = REGISTRY.families()
     valid = sorted(set(all_impls) | set(fams))
@@ -350,7 +365,12 @@ def select_implementations(backends: Sequence[str] | None, exclude: Sequence[str
                 if n not in chosen:
                     chosen.append(n)
     else:
-        chosen = list(all_impls)
+        dev = device_info(device)
+        usable = {st.name for st in REGISTRY.status(dev) if st.available}
+        left_out = [n for n in all_impls if n not in usable]
+        if left_out:
+            log.info("left out (cannot run on this %s): %s", dev.kind, ", ".join(left_out))
+        chosen = [n for n in all_impls if n in usable]
         if device.type == "cuda":
             chosen = [n for n in chosen if n not in GPU_DEFAULT_EXCLUDE]
     for b in exclude:
@@ -429,16 +449,18 @@ def csv_ints(arg: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="flashdispatch tune",
         description="Measure every available backend (and each config of our kernels) on problem "
         "buckets, check each against a float64 reference, and write <key>.yaml.",
     )
     ap.add_argument("--quick", action="store_true",
-                    help="the bf16 benchmark shapes only, shorter timing, at most "
-                         f"{QUICK_MAX_CONFIGS} configs per backend (minutes on an H100)")
+                    help="GPU: the bf16 benchmark shapes only, shorter timing, at most "
+                         f"{QUICK_MAX_CONFIGS} configs per backend (minutes on an H100); CPU: the CPU-sized "
+                         "shapes (about a minute on 2 cores)")
     ap.add_argument("--shapes", choices=sorted(shape_lists.NAMED), default=None,
-                    help="named bucket list (default: quick with --quick, else full)")
+                    help="named bucket list: " + "; ".join(f"{k}: {v}" for k, v in shape_lists.NAMED.items())
+                    + " (default on a GPU: quick with --quick, else full; on a CPU: cpu)")
     ap.add_argument("--device", default=None, help="torch device to measure on (default: cuda if present, else cpu)")
     ap.add_argument("--profile-key", default=None,
                     help="device key written into the profile (default: detected, e.g. h100)")
@@ -466,8 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _plan(args: argparse.Namespace) -> list[Shape]:
-    name = args.shapes or ("quick" if args.quick else "full")
+def _plan(args: argparse.Namespace, device: torch.device) -> list[Shape]:
+    name = args.shapes or ("cpu" if device.type != "cuda" else "quick" if args.quick else "full")
     for dt in args.dtypes or []:
         if dt not in DTYPES_BY_NAME:
             raise ValueError(f"--dtypes: expected some of {sorted(DTYPES_BY_NAME)}, got {dt!r}")
@@ -522,16 +544,13 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device: expected a device this machine has, got {args.device!r} (no CUDA)")
-        plan = _plan(args)
+        device = parse_device(args.device)
+        plan = _plan(args, device)
         impls = select_implementations(args.backends, args.exclude, device)
     except ValueError as e:
-        print(f"flashdispatch tune: {e}", file=sys.stderr)
-        return 2
+        return user_error("flashdispatch tune", e)
     if not plan:
-        print("flashdispatch tune: no bucket left after the filters", file=sys.stderr)
+        print("flashdispatch tune: error: no bucket left after the filters", file=sys.stderr)
         return 2
     max_configs = args.max_configs if args.max_configs is not None else (QUICK_MAX_CONFIGS if args.quick else None)
     if args.list:
@@ -553,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and os.path.exists(state_path):
         state = State.load(state_path)
         if state.meta.get("card") != card:
-            print(f"flashdispatch tune: --resume: {state_path} was measured on {state.meta.get('card')!r}, "
+            print(f"flashdispatch tune: error: --resume: {state_path} was measured on {state.meta.get('card')!r}, "
                   f"this is {card!r}; start afresh without --resume", file=sys.stderr)
             return 2
     else:
@@ -564,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         if impls.pop(name, None) is not None:
             log.warning("leaving out %s: %s", name, state.meta.get("excluded_why", {}).get(name, "broke the CUDA context"))
     log.info("tuning %d buckets on %s over %s -> %s", len(plan), dev.describe(), ", ".join(impls), out_path)
+    if device.type != "cuda":
+        log.info("on a CPU this ranks torch's CPU attention kernels for this machine (%s.yaml); profiles for GPUs "
+                 "come from running tune on the GPU", key)
     pm = ProfileMeta(
         key=key, name=dev.name if dev.kind != "cpu" else "CPU", arch=dev.arch, card=card, command=command,
         timing=(f"triton.testing.do_bench median, warm-up {opts.warmup_ms:g} ms, repetitions {opts.rep_ms:g} ms, "

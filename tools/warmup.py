@@ -6,7 +6,6 @@ keeps NVRTC off the first real call and out of CUDA-graph capture.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,7 @@ from typing import Any, Iterable
 
 from flashdispatch.backends.cupy import configs
 from flashdispatch.backends.cupy.configs import KernelSpec
+from flashdispatch.cliargs import ArgumentParser, user_error
 
 DEFAULT_JOBS = 4
 
@@ -136,15 +136,19 @@ def warmup(
 
 def warmup_main(argv: list[str]) -> int:
     """`flashdispatch warmup [--jobs N] [--defaults-only]`: 0 when every kernel compiled."""
-    ap = argparse.ArgumentParser(prog="flashdispatch warmup", description=__doc__)
-    ap.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="parallel NVRTC compilations")
+    ap = ArgumentParser(
+        prog="flashdispatch warmup",
+        description="Compile now the CUDA kernels of the cupy backend that this GPU's profile can choose, so "
+        "that the first attention() call (or a CUDA-graph capture) does not wait for the compiler. Compiled "
+        "kernels are cached on disk (FLASHDISPATCH_CACHE_DIR). Needs an NVIDIA GPU and CuPy.",
+    )
+    ap.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="compilations in parallel")
     ap.add_argument("--device-index", type=int, default=None, help="CUDA device (default: current)")
     args = ap.parse_args(argv)
     try:
         report = warmup(None, device_index=args.device_index, jobs=args.jobs)
-    except RuntimeError as e:
-        sys.stderr.write(f"flashdispatch warmup: {e}\n")
-        return 2
+    except (RuntimeError, ValueError) as e:
+        return user_error("flashdispatch warmup", e)
     sys.stdout.write(str(report) + "\n")
     return 0 if report.ok else 1
 

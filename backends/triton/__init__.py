@@ -62,7 +62,15 @@ class TritonAttention(Implementation):
             backward=backward_available(),
             lse=True,
             notes="FlashAttention-2 forward, split-KV decode; cpu only under TRITON_INTERPRET=1",
+            device_hint=("on a CPU, Triton runs only in its interpreter: set TRITON_INTERPRET=1 in the "
+                         "environment (fp16/fp32, slow: for tests)"),
         )
+
+    def extra_reasons(self, p: Problem, dev: DeviceInfo) -> list[str]:
+        if dev.kind == "cpu" and p.dtype == torch.bfloat16 and _interpreter_on():
+            return ["bf16 under TRITON_INTERPRET=1: Triton's interpreter computes bf16 tl.dot wrongly, "
+                    "so bf16 runs on GPUs only"]
+        return []
 
     def _arch(self, dev: DeviceInfo) -> str:
         return configs.arch_family(dev.kind, dev.arch)
@@ -135,4 +143,69 @@ class TritonAttention(Implementation):
                                              config=config))
 
 
-IMPLEMENTATIONS: list[Implementation] = [TritonAttention()]
+class TritonGluonAttention(Implementation):
+    """FlashAttention-3's schedule written in Gluon for Hopper (gluon_forward.py): a TMA producer
+    warp and consumer warpgroups taking turns on the tensor cores. Forward only; gradients come
+    from the Triton backward, which takes this kernel's out and lse."""
+
+    name: ClassVar[str] = "triton:gluon"
+    backend: ClassVar[str] = "triton"
+
+    def availability(self) -> str | None:
+        try:
+            from . import gluon_forward  # noqa: F401  (imports triton.experimental.gluon; compiles nothing)
+        except Exception as e:  # no Triton, or one without Gluon or with another Gluon API
+            return f"gluon import failed: {type(e).__name__}: {e}"
+        return None
+
+    def capabilities(self, dev: DeviceInfo) -> Capabilities:
+        from .forward import backward_available
+        from .gluon_forward import DTYPES, HEAD_DIMS
+
+        return Capabilities(
+            device_kinds=frozenset({"cuda"}),
+            dtypes=DTYPES,
+            cuda_archs=frozenset({"sm_90"}),  # wgmma and setmaxnreg: Hopper only (Blackwell has tcgen05)
+            head_dims=frozenset(HEAD_DIMS),
+            different_v_head_dim=False,
+            backward=backward_available(),
+            lse=True,
+            notes="FlashAttention-3 schedule in Gluon: TMA producer warp, ping-pong wgmma warpgroups; sm_90",
+        )
+
+    def default_config(self, p: Problem, dev: DeviceInfo) -> dict[str, Any]:
+        from .gluon_forward import default_config
+
+        return default_config(p.head_dim)
+
+    def config_space(self, p: Problem, dev: DeviceInfo) -> list[dict[str, Any]]:
+        from .gluon_forward import config_space
+
+        return config_space(p.head_dim)
+
+    def plan_notes(self, p: Problem, dev: DeviceInfo, config: dict[str, Any]) -> list[str]:
+        from .gluon_forward import resolve_config
+
+        cfg = resolve_config(p.head_dim, config)
+        notes = [f"Gluon forward: {cfg['CONSUMERS']} consumer warpgroups x 64 query rows, BLOCK_N={cfg['BLOCK_N']}, "
+                 f"{cfg['STAGES']} K/V stages, persistent over {dev.sm_count or 'all'} SMs"]
+        if p.needs_grad:
+            notes.append("gradients: the Triton backward, from this forward's out and lse")
+        if p.effective_causal and p.seqlen_q > p.seqlen_k:
+            notes.append(f"first {p.seqlen_q - p.seqlen_k} query rows see no key: zeros, lse=-inf")
+        return notes
+
+    def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
+        from .gluon_forward import gluon_attention_forward
+
+        return gluon_attention_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config)
+
+    def backward(self, inp, out, lse, do, p, config):  # type: ignore[no-untyped-def]
+        from .backward import attention_backward
+
+        # the backward's own tiles: this implementation's config holds the forward's keys only
+        return Gradients(*attention_backward(do, inp.q, inp.k, inp.v, out, lse, causal=p.causal, scale=p.scale,
+                                             config={}))
+
+
+IMPLEMENTATIONS: list[Implementation] = [TritonAttention(), TritonGluonAttention()]

@@ -35,6 +35,7 @@ DECODE_KEYS: frozenset[str] = frozenset(
     {"BLOCK_N", "num_warps", "num_stages", "NUM_SPLITS", "PATH", "waves_per_eu", "matrix_instr_nonkdim"}
 )
 PATHS: tuple[str, ...] = ("split_kv", "forward")
+FORWARD_ONLY_KEYS: frozenset[str] = FORWARD_KEYS - DECODE_KEYS
 # Keys of the backward kernels (backward.py) share the config dict; the forward ignores them.
 BACKWARD_KEY_PREFIX = "BWD_"
 
@@ -295,7 +296,12 @@ def _resolve_decode_cached(frozen: frozenset[tuple[str, Any]], arch: str, bucket
 def _resolve_decode(config: dict[str, Any] | None, arch: str, head_dim: int) -> dict[str, Any]:
     cfg = decode_defaults(arch, head_dim)
     given = {k: v for k, v in (config or {}).items() if not k.startswith(BACKWARD_KEY_PREFIX)}
-    _check_keys(given, DECODE_KEYS, "decode")
+    # a decode-shaped problem's config may carry forward tiles: PATH="forward" runs them, and a
+    # profile entry measured on the forward kernel (causal, Sq < Sk) ranks triton for speculative
+    # verification, whose split-KV kernel then keeps its own tiles
+    _check_keys(given, DECODE_KEYS | FORWARD_KEYS, "decode")
+    if FORWARD_ONLY_KEYS & given.keys():
+        given = {k: v for k, v in given.items() if k in ("PATH", "NUM_SPLITS")}
     cfg.update(given)
     if cfg["PATH"] not in PATHS:
         raise ValueError(f"config['PATH']: expected one of {PATHS}, got {cfg['PATH']!r}")

@@ -2,8 +2,10 @@
 
 Every rank holds its own slice of q, k and v along the sequence; `attention` returns, on each rank,
 exactly what single-device attention over the whole sequence gives for that rank's query rows,
-forward and backward. K/V slices travel round the ring (torch.distributed point-to-point: NCCL on
-GPUs, gloo on CPU) while each rank runs the dispatcher's backend on the block it holds.
+forward and backward. Three strategies (strategy.py chooses from a cost model, `explain` says why):
+the ring (K/V slices travel round the ranks, torch.distributed point-to-point: NCCL on GPUs, gloo on
+CPU, while each rank runs the dispatcher's backend on the block it holds), Ulysses (an all-to-all of
+heads, then the whole sequence through the dispatcher per rank) and the hybrid of both (ulysses.py).
 
     import flashdispatch.distributed as fdd
     q, k, v = (fdd.shard(t, dim=2) for t in (q_full, k_full, v_full))   # load-balanced slices
@@ -31,10 +33,14 @@ from .block_backward import accumulation_dtype, choose_block_backward
 from .comm import LoopbackComm, RingComm, all_agree
 from .layout import Block, check_divisible, chunk_order, global_positions, ring_blocks
 from .ring import RingAttention, RingSpec, bhsd
+from . import ulysses
+from .strategy import (STRATEGIES, CostModel, StrategyChoice, Topology, choose, default_cost, describe_request,
+                       dims_of, request_code, topology)
 
 log = logging.getLogger("flashdispatch.distributed")
 
-__all__ = ["attention", "explain", "shard", "unshard", "positions", "ring_spec", "all_agree", "RingPlan", "StepPlan"]
+__all__ = ["attention", "explain", "explain_ring", "shard", "unshard", "positions", "ring_spec", "all_agree",
+           "RingPlan", "StepPlan", "ContextPlan", "CostModel", "StrategyChoice", "Topology", "STRATEGIES"]
 
 _DTYPE_CODES = {d: i for i, d in enumerate(DTYPE_NAMES)}
 
@@ -77,10 +83,12 @@ def _check_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: b
 
 
 def _check_same_across_ranks(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: str, comm: RingComm
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: str, comm: RingComm,
+    request: Sequence[int] = (0, 0, 0, 0),
 ) -> None:
-    """Every rank must send and receive blocks of one shape: compare shapes, dtype and mode once."""
-    mine = [*q.shape, *k.shape, *v.shape, _DTYPE_CODES[q.dtype], int(causal), LAYOUTS.index(layout)]
+    """Every rank must send and receive blocks of one shape: compare shapes, dtype and mode once,
+    and the arguments that decide which collectives run (strategy.request_code)."""
+    mine = [*q.shape, *k.shape, *v.shape, _DTYPE_CODES[q.dtype], int(causal), LAYOUTS.index(layout), *request]
     t = torch.tensor(mine, dtype=torch.int64, device=q.device)
     gathered = [torch.empty_like(t) for _ in range(comm.world)]
     dist.all_gather(gathered, t, group=comm.group)
@@ -88,11 +96,13 @@ def _check_same_across_ranks(
     if any(r != rows[0] for r in rows):
         def say(r: list[int]) -> str:
             return (f"q{tuple(r[0:4])} k{tuple(r[4:8])} v{tuple(r[8:12])} "
-                    f"{list(DTYPE_NAMES.values())[r[12]]} causal={bool(r[13])} {LAYOUTS[r[14]]}")
+                    f"{list(DTYPE_NAMES.values())[r[12]]} causal={bool(r[13])} {LAYOUTS[r[14]]} "
+                    f"{describe_request(r[15:19])}")
 
         raise ValueError(
             "q/k/v on the ranks of group: expected the same local shapes, dtype, causal and layout on "
-            "every rank (an even split of the sequence), got " + "; ".join(
+            "every rank (an even split of the sequence), and the same strategy, ulysses_size, return_lse "
+            "and cost model, got " + "; ".join(
                 f"rank {i}: {say(r)}" for i, r in enumerate(rows))
         )
 
@@ -109,8 +119,11 @@ def attention(
     return_lse: bool = False,
     backend: str | None = None,
     check_ranks: bool = True,
+    strategy: str = "auto",
+    ulysses_size: int | None = None,
+    cost: CostModel | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Ring attention over the sequence slices held by the ranks of `group`.
+    """Attention over the sequence slices held by the ranks of `group`: ring, Ulysses or both.
 
     Arguments (local slices, S = this rank's share of the sequence):
         q: (B, Hq, S, D) for layout="bhsd", or (B, S, Hq, D) for "bshd".
@@ -126,11 +139,20 @@ def attention(
         scale: multiplier of q @ k^T; default 1 / sqrt(D).
         layout: "bhsd" or "bshd".
         return_lse: also return the whole row's log-sum-exp, float32 (B, Hq, S), no gradient.
-        backend: force the local backend of every block ("triton", "sdpa:math", ...); it must return
-            lse. None lets the dispatcher choose per block (`explain` shows the choice).
-        check_ranks: gather every rank's shapes once per call and raise a ValueError on a mismatch
-            (which would otherwise hang or corrupt the transfers). Costs one small all_gather and a
-            host sync; pass False on a hot path whose shapes are known to agree.
+        backend: force the local backend of every block ("triton", "sdpa:math", ...); in a ring it
+            must return lse. None lets the dispatcher choose per block (`explain` shows the choice).
+        check_ranks: gather every rank's shapes and collective-shaping arguments (strategy,
+            ulysses_size, return_lse, cost) once per call and raise a ValueError on a mismatch, on
+            every rank (which would otherwise hang or corrupt the transfers). Costs one small
+            all_gather and a host sync; pass False on a hot path whose shapes are known to agree.
+        strategy: "auto" (the fastest predicted by the cost model, see `explain`), "ring" (K/V
+            round all ranks), "ulysses" (all-to-all of heads; Hq divisible by the group size, Hkv
+            a multiple or a divisor of it) or "hybrid" (Ulysses in groups of `ulysses_size`
+            consecutive ranks, the ring across groups). Every one gives the same result.
+        ulysses_size: ranks per all-to-all group for "hybrid" (default: the ranks of one node, from
+            the group's host names) or to restrict "auto"; a divisor of the group size.
+        cost: the cost model's parameters (strategy.CostModel; default: the device's,
+            strategy.DEFAULT_COSTS). Every rank must pass the same.
 
     Returns:
         out in q's layout and dtype: this rank's rows of the full-sequence attention; with
@@ -138,20 +160,38 @@ def attention(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
     p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=True)
     _check_local(q, k, v, causal=causal, layout=layout)
     comm = _comm(group)
-    if check_ranks and isinstance(comm, RingComm):
-        _check_same_across_ranks(q, k, v, causal, layout, comm)
+    ranks_per_node = 1
+    if isinstance(comm, RingComm):
+        # the same collectives in the same order on every rank, whatever the arguments: the
+        # topology (gathered on the group's first call only), then the agreement check
+        ranks_per_node = topology(comm.group).ranks_per_node
+        if check_ranks:
+            _check_same_across_ranks(q, k, v, causal, layout, comm, request_code(strategy, ulysses_size, return_lse,
+                                                                                cost))
     if p.is_empty:
         from ..api import attention as local_attention
 
         out, lse = local_attention(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=True)
         return (out, lse) if return_lse else out
-    spec = ring_spec(q, k, v, rank=comm.rank, world=comm.world, causal=causal, scale=p.scale,
-                     layout=layout, backend=backend)
-    out, lse = RingAttention.apply(q, k, v, spec, comm)
-    return (out, lse) if return_lse else out
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    dims = dims_of(q, k, v, layout=layout, world=comm.world, causal=causal, needs_grad=needs_grad,
+                   return_lse=return_lse)
+    choice = choose(dims, strategy=strategy, ulysses_size=ulysses_size, cost=cost or default_cost(q.device),
+                    ranks_per_node=ranks_per_node)
+    if choice.ulysses_size == 1:
+        spec = ring_spec(q, k, v, rank=comm.rank, world=comm.world, causal=causal, scale=p.scale,
+                         layout=layout, backend=backend)
+        out, lse = RingAttention.apply(q, k, v, spec, comm)
+        return (out, lse) if return_lse else out
+    split = ulysses.Split(comm.group, comm.world, comm.rank, choice.ulysses_size, causal)
+    out, maybe_lse = ulysses.attention(q, k, v, split, scale=p.scale, layout=layout, return_lse=return_lse,
+                                       backend=backend)
+    return (out, maybe_lse) if return_lse else out
 
 
 def ring_spec(
@@ -316,7 +356,7 @@ class RingPlan:
         return "\n".join(lines)
 
 
-def explain(
+def explain_ring(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -330,7 +370,7 @@ def explain(
     rank: int | None = None,
     device: str | None = None,
 ) -> RingPlan:
-    """What `attention` would run on this rank: each step's block and the backend chosen for it.
+    """What the ring would run on this rank: each step's block and the backend chosen for it.
 
     q, k, v are the local slices. `world_size` and `rank` plan without a process group (both or
     neither); `device` answers for a simulated device key ("h100", ...), as flashdispatch.explain.
@@ -372,3 +412,6 @@ def explain(
         kv_bytes=(k.numel() + v.numel()) * k.element_size(),
         dkv_bytes=(k.numel() + v.numel()) * acc_size,
     )
+
+
+from .planning import ContextPlan, explain  # noqa: E402  (it plans through explain_ring, defined above)

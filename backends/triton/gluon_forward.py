@@ -1,0 +1,729 @@
+"""Attention forward for Hopper (sm_90) in Gluon: FlashAttention-3's warp-specialised schedule.
+
+One persistent CTA per SM walks a static list of query tiles. A tile is 128 query rows of one
+(batch, query head); it is split between two consumer warpgroups of 64 rows each, which share the
+key/value blocks that one producer warp streams into shared memory with the copy engine (TMA).
+(CONSUMERS=3 makes 192-row tiles for three warpgroups taking turns in a round; the drawing below
+shows the default two.)
+Tiles are numbered head by head (a head's K/V stay in L2 while its tiles run), or under causal
+bottom row block first across all heads, and dealt to the CTAs in rounds in snake order (0..G-1,
+then G-1..0), which pairs heavy causal tiles with light ones on each CTA.
+
+Partitions (12 warps: 2 consumer warpgroups, 1 producer warp padded to a warpgroup)
+
+    producer (1 warp, 24 regs)     consumer WG0 (rows 0..63)        consumer WG1 (rows 64..127)
+    --------------------------     -------------------------        ---------------------------
+    per tile:                      per tile:                        (the same, rows 64..127)
+      wait q_empty[w]; TMA Q_w ->    wait q_ready[0]
+        q_ready[w]   (w = 0, 1)      for each key block j:
+      per key block j (stage s):       wait k_ready[s]; wait v_ready[s']   (s' = stage of j-1)
+        wait k_empty[s]; TMA K_j ->    wait turn[0] ......................  (WG1: turn[1])
+          k_ready[s]                   issue S_j = Q K_j^T           (async wgmma)
+        wait v_empty[s]; TMA V_j ->    O *= alpha_{j-1}; issue O += P_{j-1} V_{j-1}   (async wgmma)
+          v_ready[s]                   arrive turn[1] ....................  (WG1: turn[0])
+                                       wait S_j; arrive k_empty[s]
+                                       softmax(S_j) -> P_j, alpha_j   (overlaps PV_{j-1} and the
+                                                                       other warpgroup's wgmmas)
+                                       wait O; arrive v_empty[s']
+                                     arrive q_empty[0]     (O_SEPARATE: every S is done)
+                                     last: O *= alpha; O += P V (in turn); O /= l
+                                     O -> O's buffer -> TMA store      (O_SEPARATE; else O goes
+                                                                       out through Q's buffer and
+                                                                       q_empty is arrived after)
+
+Barriers (mbarrier; "count" = arrivals that complete one phase)
+    q_ready[w]  1 + TMA bytes   producer -> consumer w   Q rows of warpgroup w have landed
+    q_empty[w]  1               consumer w -> producer   w's Q buffer is free again
+    k_ready[s]  1 + TMA bytes   producer -> consumers    K block in stage s has landed
+    k_empty[s]  2               consumers -> producer    both warpgroups' S = Q K^T are done with it
+    v_ready[s]  1 + TMA bytes   producer -> consumers    V block in stage s has landed
+    v_empty[s]  2               consumers -> producer    both warpgroups' O += P V are done with it
+    turn[w]     1               consumer 1-w -> w        ping-pong: w may issue its next wgmmas
+                                                         (PINGPONG=False: never used)
+
+The turn barriers only order the two warpgroups' wgmma issue (WG0, WG1, WG0, ...) so that one
+warpgroup's softmax runs while the tensor cores work on the other's GEMMs; correctness rests on
+the ready/empty pairs alone. Inside one warpgroup, S_j and P_{j-1} V_{j-1} are in flight together
+and the softmax of S_j runs while P V still computes (FA3's intra-warpgroup overlap).
+
+Softmax is the online one, in base 2 on the accumulator registers (scores times scale * log2(e)),
+with P converted to a register operand of the P @ V wgmma: P never touches shared memory.
+Bottom-right causal (query i sees key j iff j <= i + Sk - Sq): both warpgroups walk the key blocks
+the tile's 128 rows need; blocks every row sees in full run without a mask, the diagonal blocks and
+the ragged end of Sk with one. A row that sees no key leaves with out = 0 and lse = -inf. GQA maps
+query head h to kv head h // (Hq // Hkv) in the TMA coordinates. Tensor descriptors are 4-d
+(B, H, S, D) over the caller's strides, so the copy engine zero-fills reads past S and clips the
+output store at S for every (batch, head) plane.
+
+Returns out (B, Hq, Sq, D) in q's dtype and physical layout, and lse (B, Hq, Sq) float32 in natural
+log, the pair the Triton backward (backward.py) consumes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+log = logging.getLogger("flashdispatch")
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
+DTYPES: frozenset[torch.dtype] = frozenset({torch.float16, torch.bfloat16})
+HALF_M = 64  # query rows per consumer warpgroup (one wgmma M of 64); a tile has CONSUMERS x 64 rows
+NUM_WARPS = 4  # the default partition: consumer warpgroup 0
+# setmaxnreg per partition: the CTA's warpgroups (consumers + the producer's) share 65536 registers,
+# 512 per thread slot: 2 consumers 240 + 240 + 24, 3 consumers 3 x 160 + 24
+CONSUMER_REGS_2WG = gl.constexpr(240)
+CONSUMER_REGS_3WG = gl.constexpr(160)
+PRODUCER_REGS = gl.constexpr(24)
+
+
+def max_regs_per_thread(consumers: int) -> int:
+    """The launch's register cap (maxnreg): 65536 over (consumers + 1) warpgroups, rounded down to 8."""
+    return 65536 // ((consumers + 1) * 128) // 8 * 8
+
+
+CONFIG_KEYS: frozenset[str] = frozenset({"BLOCK_N", "STAGES", "O_SEPARATE", "PINGPONG", "CONSUMERS", "XTILE"})
+
+
+def default_config(head_dim: int) -> dict[str, Any]:
+    """The kernel's config per head dim. BLOCK_N: keys per block; STAGES: K/V ring slots;
+    O_SEPARATE: O has its own staging buffer (else it goes out through Q's); PINGPONG: the turn
+    barriers order the consumers' wgmma issue; CONSUMERS: consumer warpgroups (64 query rows
+    each); XTILE: a tile's last P V goes out with the next tile's first S (two Q buffers per
+    warpgroup; needs O_SEPARATE). Shared memory: Q 64 C x D, STAGES x (K + V) BLOCK_N x D, O 64 C x D when separate, in
+    the 227 KiB of an sm_90 CTA."""
+    if head_dim == 64:
+        return {"BLOCK_N": 128, "STAGES": 3, "O_SEPARATE": True, "PINGPONG": True, "CONSUMERS": 2, "XTILE": False}
+    if head_dim == 128:
+        return {"BLOCK_N": 128, "STAGES": 2, "O_SEPARATE": True, "PINGPONG": True, "CONSUMERS": 2, "XTILE": False}
+    if head_dim == 256:
+        return {"BLOCK_N": 64, "STAGES": 2, "O_SEPARATE": False, "PINGPONG": True, "CONSUMERS": 2, "XTILE": False}
+    raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {head_dim}")
+
+
+def config_space(head_dim: int) -> list[dict[str, Any]]:
+    """What the tuner tries per head dim: the default first, then configs that won or came close on
+    some shape when measured (H200, bf16)."""
+    base = default_config(head_dim)
+    others: list[dict[str, Any]] = []
+    if head_dim == 64:
+        others = [{"STAGES": 2}, {"CONSUMERS": 3, "BLOCK_N": 64, "STAGES": 4}, {"XTILE": True}]
+    elif head_dim == 128:
+        others = [{"STAGES": 3, "O_SEPARATE": False}, {"XTILE": True}]
+    return [base] + [{**base, **o} for o in others]
+
+
+def resolve_config(head_dim: int, config: dict[str, Any] | None) -> dict[str, Any]:
+    """default_config(head_dim) updated by the keys of `config` that this kernel knows (others, such
+    as the tl kernel's BLOCK_M or num_warps, are not for it)."""
+    return {**default_config(head_dim), **{k: v for k, v in (config or {}).items() if k in CONFIG_KEYS}}
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _tile_of(r, pid, nprog):
+    """Tile of round r for CTA pid: CTAs take rounds of nprog consecutive tiles in snake order
+    (pid, then nprog - 1 - pid, ...), so that under causal a CTA that drew a heavy tile in one round
+    draws a light one in the next (a plain stride left some CTAs with twice the others' work)."""
+    return r * nprog + pid + (r % 2) * (nprog - 1 - 2 * pid)
+
+
+@gluon.jit
+def _rounds(pid, nprog, num_tiles):
+    """How many rounds CTA pid has a tile in (only the last round can come up short)."""
+    n = (num_tiles + nprog - 1) // nprog
+    return n - (_tile_of(n - 1, pid, nprog) >= num_tiles).to(gl.int32)
+
+
+@gluon.jit
+def _tile_coords(tile, num_m, num_bh, heads_q, group, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
+    """(first query row of the tile, b * Hq + h, b, h, kv head) of a linear tile index.
+
+    Without causal every tile costs the same: the tiles of one head are adjacent, so the CTAs of a
+    round share that head's K/V in L2. Under causal a tile's cost grows with its row; tiles are
+    numbered bottom row block first across all heads (then the next row block, ...), so that the
+    tiles of one round cost about the same and the snake order evens out the rest (numbered head by
+    head, the rounds straddled heads and some CTAs drew only heavy tiles: 0.65 of the SMs' time used
+    at S=16k, B*H=16). The CTAs of a round then share each head's K/V prefix, read in step."""
+    if CAUSAL:
+        m_blk = num_m - 1 - tile // num_bh
+        bh = tile % num_bh
+    else:
+        m_blk = tile % num_m
+        bh = tile // num_m
+    b = bh // heads_q
+    h = bh % heads_q
+    return m_blk * BLOCK_M, bh, b, h, h // group
+
+
+@gluon.jit
+def _key_blocks(start_m, seq_q, seq_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """(n_full, n_end) in key blocks for query rows [start_m, start_m + BLOCK_M): blocks [0, n_full)
+    are seen in full by every row (no mask); [n_full, n_end) need the causal and/or Sk mask."""
+    if CAUSAL:
+        offset = seq_k - seq_q
+        hi = gl.maximum(gl.minimum(start_m + BLOCK_M + offset, seq_k), 0)
+        full = gl.maximum(gl.minimum(start_m + offset + 1, seq_k), 0)
+    else:
+        hi = seq_k
+        full = seq_k
+    return full // BLOCK_N, (hi + BLOCK_N - 1) // BLOCK_N
+
+
+@gluon.jit
+def _stage(it, STAGES: gl.constexpr):
+    """(ring slot, phase parity) of the it-th key block this CTA consumes."""
+    return it % STAGES, (it // STAGES) & 1
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, qk_scale, rows, cols, seq_k, causal_offset,
+             MASKED: gl.constexpr, CAUSAL: gl.constexpr):
+    """Fold one block of raw scores into (m, l); returns (P unnormalised, m, l, alpha) with m in log2
+    units and alpha = exp2(m_old - m_new), the factor the output accumulator still owes."""
+    if MASKED:
+        if CAUSAL:
+            # key j is visible to row i iff j <= min(i + Sk - Sq, Sk - 1): one compare per score
+            last = gl.minimum(rows + causal_offset, seq_k - 1)
+            s = gl.where(cols[None, :] <= last[:, None], s, float("-inf"))
+        else:
+            s = gl.where(cols[None, :] < seq_k, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    if MASKED:
+        # a row that has seen only masked keys keeps m = -inf; subtracting 0 keeps exp2 at 0
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = gl.exp2(s * qk_scale - m_use[:, None])
+    alpha = gl.exp2(m_i - m_use)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _take_turn(turn_bars, turn_it, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """Wait until the previous warpgroup in the round (WG0, WG1, ..., WG0, ...) has issued its
+    wgmmas. WG0's first wait passes on the fresh barrier (parity 1); WG w > 0 waits for WG w-1's
+    arrival of the same round."""
+    if PINGPONG:
+        if WG == 0:
+            mbarrier.wait(turn_bars.index(WG), (turn_it & 1) ^ 1)
+        else:
+            mbarrier.wait(turn_bars.index(WG), turn_it & 1)
+
+
+@gluon.jit
+def _pass_turn(turn_bars, WG: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn_bars.index((WG + 1) % NC), count=1)
+
+
+# --- consumer step: one key block --------------------------------------------------------------------
+
+
+@gluon.jit
+def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready,
+                   v_empty, turn_bars, kv_it, turn_it, qk_scale, rows, n_start, seq_k, causal_offset,
+                   WG: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                   MASKED: gl.constexpr, CAUSAL: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
+                   s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+    """Key block kv_it (not the first of the tile): S_j and the previous block's P V in flight
+    together, the softmax of S_j while P V finishes."""
+    slot, phase = _stage(kv_it, STAGES)
+    pslot, pphase = _stage(kv_it - 1, STAGES)
+    mbarrier.wait(k_ready.index(slot), phase)
+    mbarrier.wait(v_ready.index(pslot), pphase)
+    _take_turn(turn_bars, turn_it, WG, PINGPONG)
+    s_tok = warpgroup_mma(q_buf, k_smem.index(slot).permute((1, 0)),
+                          gl.zeros([64, BLOCK_N], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    o_tok = warpgroup_mma(p_op, v_smem.index(pslot), acc, is_async=True)
+    _pass_turn(turn_bars, WG, NC, PINGPONG)
+    # -- S_j ready (P V may still run): release K, softmax
+    s = warpgroup_mma_wait(1, deps=[s_tok])
+    mbarrier.arrive(k_empty.index(slot), count=1)
+    cols = n_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    p, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale, rows, cols, seq_k, causal_offset, MASKED, CAUSAL)
+    p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
+    # -- O ready: release V of the previous block
+    acc = warpgroup_mma_wait(0, deps=[o_tok])
+    mbarrier.arrive(v_empty.index(pslot), count=1)
+    return acc, m_i, l_i, p_op, alpha, kv_it + 1, turn_it + 1
+
+
+@gluon.jit
+def _first_block(q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_scale, rows, seq_k, causal_offset,
+                 WG: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                 NC: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr):
+    """A tile's first key block: S_0 alone (masked: it may be the diagonal or the Sk tail).
+    Returns P_0 (the next P V's operand) and the fresh row state."""
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    slot, phase = _stage(kv_it, STAGES)
+    mbarrier.wait(k_ready.index(slot), phase)
+    _take_turn(turn_bars, turn_it, WG, PINGPONG)
+    s_tok = warpgroup_mma(q_buf, k_smem.index(slot).permute((1, 0)),
+                          gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+    _pass_turn(turn_bars, WG, NC, PINGPONG)
+    s = warpgroup_mma_wait(0, deps=[s_tok])
+    mbarrier.arrive(k_empty.index(slot), count=1)
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    p, m_i, l_i, alpha = _softmax(s, gl.full([64], float("-inf"), gl.float32, row_layout),
+                                  gl.full([64], 0.0, gl.float32, row_layout), qk_scale, rows, cols, seq_k,
+                                  causal_offset, True, CAUSAL)
+    p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
+    return p_op, m_i, l_i, alpha, kv_it + 1, turn_it + 1
+
+
+@gluon.jit
+def _first_block_with_last_pv(acc, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                              turn_bars, kv_it, turn_it, qk_scale, rows, seq_k, causal_offset,
+                              WG: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                              CAUSAL: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
+                              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+    """XTILE: this tile's S_0 issued in one turn with the previous tile's last P V, whose output
+    accumulator comes back finished; returns it with P_0 and this tile's fresh row state."""
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    slot, phase = _stage(kv_it, STAGES)
+    pslot, pphase = _stage(kv_it - 1, STAGES)
+    mbarrier.wait(k_ready.index(slot), phase)
+    mbarrier.wait(v_ready.index(pslot), pphase)
+    _take_turn(turn_bars, turn_it, WG, PINGPONG)
+    s_tok = warpgroup_mma(q_buf, k_smem.index(slot).permute((1, 0)),
+                          gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    o_tok = warpgroup_mma(p_op, v_smem.index(pslot), acc, is_async=True)
+    _pass_turn(turn_bars, WG, NC, PINGPONG)
+    s = warpgroup_mma_wait(1, deps=[s_tok])
+    mbarrier.arrive(k_empty.index(slot), count=1)
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    p, m_i, l_i, alpha = _softmax(s, gl.full([64], float("-inf"), gl.float32, row_layout),
+                                  gl.full([64], 0.0, gl.float32, row_layout), qk_scale, rows, cols, seq_k,
+                                  causal_offset, True, CAUSAL)
+    p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
+    acc = warpgroup_mma_wait(0, deps=[o_tok])
+    mbarrier.arrive(v_empty.index(pslot), count=1)
+    return acc, p_op, m_i, l_i, alpha, kv_it + 1, turn_it + 1
+
+
+@gluon.jit
+def _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_it,
+             WG: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
+             o_layout: gl.constexpr):
+    """A tile's last P V, alone in its turn."""
+    pslot, pphase = _stage(kv_it - 1, STAGES)
+    mbarrier.wait(v_ready.index(pslot), pphase)
+    _take_turn(turn_bars, turn_it, WG, PINGPONG)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    o_tok = warpgroup_mma(p_op, v_smem.index(pslot), acc, is_async=True)
+    _pass_turn(turn_bars, WG, NC, PINGPONG)
+    acc = warpgroup_mma_wait(0, deps=[o_tok])
+    mbarrier.arrive(v_empty.index(pslot), count=1)
+    return acc, turn_it + 1
+
+
+@gluon.jit
+def _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q,
+                s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """O / l through shared memory and a TMA store (clipped at Sq), lse in natural log; rows that saw
+    no key (l = 0) get 0 and -inf. Waits for this warpgroup's previous store to have read o_buf."""
+    rows = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
+    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+    gl.store(lse_ptr + bh.to(gl.int64) * seq_q + rows, lse, mask=rows < seq_q)
+    tma.store_wait(0)
+    o_buf.store(out.to(o_buf.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [b, h, row0, 0], o_buf)
+
+
+# --- partitions --------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr,
+              seq_q, seq_k, heads_q, group, num_m, num_tiles, qk_scale,
+              BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+              NC: gl.constexpr, O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr, XTILE: gl.constexpr,
+              QBUF: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """Consumer warpgroup WG of NC: rows [64 WG, 64 WG + 64) of every tile this CTA owns.
+
+    O_SEPARATE: the output leaves through its own buffer and Q is handed back as soon as the last
+    S = Q K^T of the tile is done (the producer loads the next Q during the last P V and the store);
+    otherwise O goes out through Q's buffer, handed back once the store has read it.
+    XTILE (with O_SEPARATE and QBUF = 2 Q buffers per warpgroup): a tile's last P V is issued in one
+    turn with the next tile's S_0, so the tensor cores see no half-empty turn between tiles."""
+    q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars = bars
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    dtype: gl.constexpr = q_smem.dtype
+    o_buf = o_smem.index(WG)
+    causal_offset = seq_k - seq_q
+    kv_it = 0
+    turn_it = 0
+    tile_it = 0
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    num_bh = num_tiles // num_m
+    if XTILE:
+        # carried from tile to tile: the state that the previous tile's last P V needs (whether there
+        # is one, and where its output goes, is recomputed from the previous round's tile)
+        acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
+        m_i = gl.full([64], float("-inf"), gl.float32, row_layout)
+        l_i = gl.full([64], 0.0, gl.float32, row_layout)
+        alpha = gl.full([64], 0.0, gl.float32, row_layout)
+        p_op = gl.zeros([64, BLOCK_N], dtype, p_layout)
+    for r in range(_rounds(pid, nprog, num_tiles)):
+        start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, num_bh, heads_q, group, NC * 64,
+                                             CAUSAL)
+        n_full, n_end = _key_blocks(start_m, seq_q, seq_k, NC * 64, BLOCK_N, CAUSAL)
+        row0 = start_m + WG * 64
+        rows = row0 + gl.arange(0, 64, layout=row_layout)
+        if XTILE:
+            # the previous round's tile: its last P V is pending when it had keys
+            prev_m, prev_bh, prev_b, prev_h, prev_hk = _tile_coords(_tile_of(r - 1, pid, nprog), num_m, num_bh,
+                                                                    heads_q, group, NC * 64, CAUSAL)
+            prev_end = _key_blocks(prev_m, seq_q, seq_k, NC * 64, BLOCK_N, CAUSAL)[1]
+            pend = (r > 0) & (prev_end > 0)
+            prev_row0 = prev_m + WG * 64
+        qi = WG * QBUF + tile_it % QBUF
+        q_buf = q_smem.index(qi)
+        if not XTILE:
+            m_i = gl.full([64], float("-inf"), gl.float32, row_layout)
+            l_i = gl.full([64], 0.0, gl.float32, row_layout)
+            acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
+        mbarrier.wait(q_ready.index(qi), (tile_it // QBUF) & 1)
+        if n_end > 0:
+            # -- first key block
+            if XTILE:
+                if pend:
+                    acc, p_op, m_new, l_new, alpha, kv_it, turn_it = _first_block_with_last_pv(
+                        acc, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_bars,
+                        kv_it, turn_it, qk_scale, rows, seq_k, causal_offset,
+                        WG, STAGES, BLOCK_N, CAUSAL, NC, PINGPONG, s_layout, o_layout, p_layout)
+                    _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_row0, seq_q,
+                                s_layout, o_layout)
+                    m_i = m_new
+                    l_i = l_new
+                else:
+                    p_op, m_i, l_i, alpha, kv_it, turn_it = _first_block(
+                        q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_scale, rows, seq_k,
+                        causal_offset, WG, STAGES, BLOCK_N, CAUSAL, NC, PINGPONG, s_layout, p_layout)
+            else:
+                p_op, m_i, l_i, alpha, kv_it, turn_it = _first_block(
+                    q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_scale, rows, seq_k,
+                    causal_offset, WG, STAGES, BLOCK_N, CAUSAL, NC, PINGPONG, s_layout, p_layout)
+            acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
+            # -- blocks every row of the tile sees in full: no mask
+            for j in range(1, n_full):
+                acc, m_i, l_i, p_op, alpha, kv_it, turn_it = _consume_block(
+                    acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                    turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, seq_k, causal_offset,
+                    WG, STAGES, BLOCK_N, False, CAUSAL, NC, PINGPONG, s_layout, o_layout, p_layout)
+            # -- the diagonal and the ragged end of Sk: masked
+            for j in range(gl.maximum(n_full, 1), n_end):
+                acc, m_i, l_i, p_op, alpha, kv_it, turn_it = _consume_block(
+                    acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                    turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, seq_k, causal_offset,
+                    WG, STAGES, BLOCK_N, True, CAUSAL, NC, PINGPONG, s_layout, o_layout, p_layout)
+            if O_SEPARATE:  # every S of the tile is done: Q may be overwritten
+                mbarrier.arrive(q_empty.index(qi), count=1)
+            # -- the last block's P V: now, or (XTILE) with the next tile's first S
+            if not XTILE:
+                acc, turn_it = _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_it,
+                                        WG, STAGES, NC, PINGPONG, o_layout)
+        else:
+            # -- a tile whose rows see no key (bottom-right causal, Sq > Sk): zeros and -inf
+            if XTILE:
+                if pend:
+                    acc, turn_it = _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_it,
+                                            WG, STAGES, NC, PINGPONG, o_layout)
+                    _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_row0, seq_q,
+                                s_layout, o_layout)
+                acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
+                m_i = gl.full([64], float("-inf"), gl.float32, row_layout)
+                l_i = gl.full([64], 0.0, gl.float32, row_layout)
+            if O_SEPARATE:
+                mbarrier.arrive(q_empty.index(qi), count=1)
+        if XTILE:
+            if n_end == 0:
+                _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q, s_layout, o_layout)
+        else:
+            _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q, s_layout, o_layout)
+        if not O_SEPARATE:  # O went out through Q's buffer: hand it back once the store has read it
+            tma.store_wait(0)
+            mbarrier.arrive(q_empty.index(qi), count=1)
+        tile_it += 1
+    if XTILE:
+        # the last round's tile
+        last = _rounds(pid, nprog, num_tiles) - 1
+        prev_m, prev_bh, prev_b, prev_h, prev_hk = _tile_coords(_tile_of(last, pid, nprog), num_m, num_bh, heads_q,
+                                                                group, NC * 64, CAUSAL)
+        if _key_blocks(prev_m, seq_q, seq_k, NC * 64, BLOCK_N, CAUSAL)[1] > 0:
+            acc, turn_it = _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_it,
+                                    WG, STAGES, NC, PINGPONG, o_layout)
+            _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_m + WG * 64, seq_q,
+                        s_layout, o_layout)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
+              seq_q, seq_k, heads_q, group, num_m, num_tiles,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, NC: gl.constexpr,
+              QBUF: gl.constexpr):
+    """The TMA warp: each consumer's Q rows of a tile (into the next of its QBUF buffers), then the
+    tile's key/value blocks through the STAGES ring."""
+    q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars = bars
+    kv_it = 0
+    tile_it = 0
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    num_bh = num_tiles // num_m
+    for r in range(_rounds(pid, nprog, num_tiles)):
+        start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, num_bh, heads_q, group, NC * 64,
+                                             CAUSAL)
+        n_full, n_end = _key_blocks(start_m, seq_q, seq_k, NC * 64, BLOCK_N, CAUSAL)
+        for w in gl.static_range(NC):
+            qi = w * QBUF + tile_it % QBUF
+            # a fresh barrier counts as if its phase 1 had completed: the first wait passes
+            mbarrier.wait(q_empty.index(qi), ((tile_it // QBUF) & 1) ^ 1)
+            mbarrier.expect(q_ready.index(qi), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, h, start_m + w * 64, 0], q_ready.index(qi), q_smem.index(qi))
+        for j in range(0, n_end):
+            slot, phase = _stage(kv_it, STAGES)
+            mbarrier.wait(k_empty.index(slot), phase ^ 1)
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot))
+            mbarrier.wait(v_empty.index(slot), phase ^ 1)
+            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(slot), v_smem.index(slot))
+            kv_it += 1
+        tile_it += 1
+
+
+# --- kernel ------------------------------------------------------------------------------------------
+
+
+# shapes vary per call: one compiled kernel per (dtype, D, causal, config), whatever their divisibility
+@gluon.jit(do_not_specialize=["seq_q", "seq_k", "heads_q", "group", "num_tiles"])
+def _attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr,
+                     seq_q, seq_k, heads_q, group, num_tiles, qk_scale,
+                     BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                     O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr, NC: gl.constexpr, XTILE: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    # operand buffers are 2-d (rows, D) for the wgmmas; the 4-d descriptors' boxes are (1, 1, rows, D)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_D], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
+    if XTILE:
+        gl.static_assert(O_SEPARATE, "XTILE needs O_SEPARATE (Q is handed back before the tile's output)")
+        QBUF: gl.constexpr = 2
+    else:
+        QBUF: gl.constexpr = 1
+    q_smem = gl.allocate_shared_memory(dtype, [NC * QBUF, 64, HEAD_D], q_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
+    if O_SEPARATE:
+        o_smem = gl.allocate_shared_memory(dtype, [NC, 64, HEAD_D], q_layout)
+    else:
+        o_smem = q_smem
+    q_ready = gl.allocate_shared_memory(gl.int64, [NC * QBUF, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [NC * QBUF, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn_bars = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
+    for w in gl.static_range(NC * QBUF):
+        mbarrier.init(q_ready.index(w), count=1)
+        mbarrier.init(q_empty.index(w), count=1)
+    for w in gl.static_range(NC):
+        mbarrier.init(turn_bars.index(w), count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(k_empty.index(s), count=NC)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(v_empty.index(s), count=NC)
+    fence_async_shared()
+    bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars)
+    num_m = (seq_q + NC * 64 - 1) // (NC * 64)
+    if NC == 2:
+        gl.warp_specialize([
+            (_consumer, (0, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
+                         num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
+                         XTILE, QBUF, s_layout, o_layout)),
+            (_consumer, (1, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
+                         num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
+                         XTILE, QBUF, s_layout, o_layout)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_q, seq_k, heads_q, group, num_m,
+                         num_tiles, BLOCK_N, STAGES, CAUSAL, NC, QBUF)),
+        ], [4, 1], [CONSUMER_REGS_2WG, PRODUCER_REGS])
+    else:
+        gl.static_assert(NC == 3, "NC: 2 or 3 consumer warpgroups")
+        gl.warp_specialize([
+            (_consumer, (0, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
+                         num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
+                         XTILE, QBUF, s_layout, o_layout)),
+            (_consumer, (1, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
+                         num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
+                         XTILE, QBUF, s_layout, o_layout)),
+            (_consumer, (2, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
+                         num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
+                         XTILE, QBUF, s_layout, o_layout)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_q, seq_k, heads_q, group, num_m,
+                         num_tiles, BLOCK_N, STAGES, CAUSAL, NC, QBUF)),
+        ], [4, 4, 1], [CONSUMER_REGS_3WG, CONSUMER_REGS_3WG, PRODUCER_REGS])
+
+
+# --- host launch -------------------------------------------------------------------------------------
+
+_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+_SIG_DTYPES = {"fp16": gl.float16, "bf16": gl.bfloat16}
+
+
+def _box_layout(rows: int, head_dim: int, dtype: Any) -> Any:
+    """Shared layout of a (1, 1, rows, D) TMA box: the same swizzle as the 2-d (rows, D) buffer."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], dtype)
+
+
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """t itself when the copy engine can read it (16-byte aligned base and strides, unit last
+    stride), else a contiguous copy."""
+    es = t.element_size()
+    if t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(
+            (st * es) % 16 == 0 for st, n in zip(t.stride()[:3], t.shape[:3]) if n > 1):
+        return t
+    log.debug("gluon forward: copying a %s tensor with strides %s (TMA needs 16-byte alignment)",
+              tuple(t.shape), t.stride())
+    return t.contiguous()
+
+
+def _descriptor(t: torch.Tensor, rows: int) -> Any:
+    """4-d descriptor over t (B, H, S, D) with a (1, 1, rows, D) box. Dims of extent 1 get a harmless
+    aligned stride (their coordinate is always 0)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    shape = list(t.shape)
+    strides = list(t.stride())
+    for i in range(2, -1, -1):
+        if shape[i] == 1:
+            strides[i] = strides[i + 1] * shape[i + 1]
+    d = shape[3]
+    return TensorDescriptor(t, shape, strides, [1, 1, rows, d], _box_layout(rows, d, _GL_DTYPES[t.dtype]))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise for what this kernel cannot run (the dispatcher's capabilities say the same first)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-d bhsd-indexed tensor, got shape {tuple(t.shape)}")
+    if q.dtype not in DTYPES or not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q/k/v dtype: expected float16 or bfloat16 for all three, got {q.dtype}/{k.dtype}/{v.dtype}")
+    d = q.shape[3]
+    if d not in HEAD_DIMS or k.shape[3] != d or v.shape[3] != d:
+        raise ValueError(f"head dim: expected D = Dv in {HEAD_DIMS}, got D={q.shape[3]}, Dk={k.shape[3]}, "
+                         f"Dv={v.shape[3]}")
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q/k/v: expected (B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, D) with Hq divisible by "
+                         f"Hkv, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not q.is_cuda:
+        raise ValueError(f"q: expected a CUDA tensor, got device {q.device}")
+
+
+def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+                            config: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward attention on bhsd-indexed views (no autograd), Hopper only.
+
+    q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), D in (64, 128, 256), fp16 or bf16; causal is
+    bottom-right aligned. Returns out (B, Hq, Sq, D) in q's dtype and physical layout and lse
+    (B, Hq, Sq) float32, natural log, -inf for rows that see no key. `config` may set BLOCK_N and
+    STAGES (defaults: default_config(D)).
+    """
+    from .forward import OutputPlan
+    from .launch import cuda_index, run_on_device
+
+    check_inputs(q, k, v)
+    bsz, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    plan = OutputPlan(q, sk, d)
+    out, lse = plan.allocate()
+    if plan.finished:
+        return out, lse
+    cfg = resolve_config(d, config)
+    causal = bool(causal) and sq > 1  # one query row sees every key (bottom-right)
+    num_tiles = bsz * hq * triton.cdiv(sq, HALF_M * cfg["CONSUMERS"])
+    index = cuda_index(q) or 0
+
+    def launch() -> None:
+        qd, kd, vd = (_descriptor(_tma_ready(q), HALF_M), _descriptor(_tma_ready(k), cfg["BLOCK_N"]),
+                      _descriptor(_tma_ready(v), cfg["BLOCK_N"]))
+        o_dst = _tma_ready(out)
+        od = _descriptor(o_dst, HALF_M)
+        grid = (min(_sm_count(index), num_tiles),)
+        _attn_fwd_kernel[grid](qd, kd, vd, od, lse, sq, sk, hq, hq // hkv, num_tiles,
+                               float(scale) * LOG2E, BLOCK_N=cfg["BLOCK_N"], HEAD_D=d, STAGES=cfg["STAGES"],
+                               CAUSAL=causal, O_SEPARATE=cfg["O_SEPARATE"],
+                               PINGPONG=cfg["PINGPONG"], NC=cfg["CONSUMERS"], XTILE=cfg["XTILE"],
+                               num_warps=NUM_WARPS,
+                               maxnreg=max_regs_per_thread(cfg["CONSUMERS"]))
+        if o_dst is not out:
+            out.copy_(o_dst)
+
+    run_on_device(index, launch)
+    return out, lse
+
+
+# --- ahead-of-time compilation (CPU checks) -----------------------------------------------------------
+
+
+def aot_compile(head_dim: int, causal: bool, dtype: str = "bf16", config: dict[str, Any] | None = None) -> Any:
+    """Compile the kernel for sm_90 without a GPU; returns Triton's CompiledKernel (asm["ptx"],
+    asm["cubin"], metadata.shared)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    cfg = resolve_config(head_dim, config)
+    gdt = _SIG_DTYPES[dtype]
+
+    def desc(rows: int) -> str:
+        return f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}],{_box_layout(rows, head_dim, gdt)!r}>"
+
+    signature = {"q_desc": desc(HALF_M), "k_desc": desc(cfg["BLOCK_N"]), "v_desc": desc(cfg["BLOCK_N"]),
+                 "o_desc": desc(HALF_M), "lse_ptr": "*fp32", "seq_q": "i32", "seq_k": "i32", "heads_q": "i32",
+                 "group": "i32", "num_tiles": "i32", "qk_scale": "fp32", "BLOCK_N": "constexpr",
+                 "HEAD_D": "constexpr", "STAGES": "constexpr", "CAUSAL": "constexpr", "O_SEPARATE": "constexpr",
+                 "PINGPONG": "constexpr", "NC": "constexpr",
+                 "XTILE": "constexpr"}
+    constexprs = {"BLOCK_N": cfg["BLOCK_N"], "HEAD_D": head_dim, "STAGES": cfg["STAGES"], "CAUSAL": causal,
+                  "O_SEPARATE": cfg["O_SEPARATE"], "PINGPONG": cfg["PINGPONG"], "NC": cfg["CONSUMERS"],
+                  "XTILE": cfg["XTILE"]}
+    src = GluonASTSource(fn=_attn_fwd_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": NUM_WARPS, "maxnreg": max_regs_per_thread(cfg["CONSUMERS"])})

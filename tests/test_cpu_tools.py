@@ -1,0 +1,77 @@
+"""tune and bench on a CPU: a CPU-sized shape set by default, only the backends that can run
+there, timings side by side from interleaved repetitions with their spread, no GPU targets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flashdispatch.tools import bench, shapes, timing, tune
+
+CPU = torch.device("cpu")
+
+
+def test_quick_tune_on_a_cpu_plans_cpu_sized_shapes(capsys):
+    assert tune.main(["--quick", "--list", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(shapes.cpu_shapes())
+    for s in shapes.cpu_shapes():
+        # a few MB of K/V and at most 256 query rows: each call takes milliseconds on a CPU core
+        assert s.batch * s.heads_q * s.seqlen_q * s.seqlen_k <= 2**20, s
+    kinds = {(s.pass_, s.causal, s.seqlen_q < s.seqlen_k) for s in shapes.cpu_shapes()}
+    assert ("fwd_bwd", True, False) in kinds and ("decode", False, True) in kinds and ("fwd", True, True) in kinds
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a CPU-only machine can run")
+def test_only_backends_that_run_here_are_measured(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    impls = tune.select_implementations(None, [], CPU)
+    assert set(impls) == {"sdpa", "sdpa:flash", "sdpa:math"}
+
+
+def test_a_gpu_device_on_a_cpu_machine_is_a_user_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert bench.main(["--device", "cuda"]) == 2
+    assert tune.main(["--device", "cuda", "--list"]) == 2
+    assert "no CUDA" in capsys.readouterr().err
+
+
+def test_cpu_timing_interleaves_the_providers():
+    calls: list[str] = []
+    fns = {n: (lambda n=n: calls.append(n), None) for n in ("a", "b", "c")}
+    got = timing.interleaved_samples_ms(fns, CPU, warmup_ms=0.0, rep_ms=0.0)
+    assert set(got) == {"a", "b", "c"} and all(len(xs) >= timing.INTERLEAVED_REPS[0] for xs in got.values())
+    timed = calls[-3 * len(got["a"]):]
+    for r in range(len(got["a"])):  # every repetition runs each provider once
+        assert sorted(timed[3 * r: 3 * r + 3]) == ["a", "b", "c"]
+
+
+def test_a_difference_inside_the_spread_is_not_a_speedup():
+    a = timing.Spread.of([10.0, 11.0, 12.0, 13.0, 14.0])
+    b = timing.Spread.of([11.5, 12.0, 12.5, 13.0, 13.5])
+    c = timing.Spread.of([5.0, 5.1, 5.2, 5.3, 5.4])
+    assert timing.speedup(a, b) is None
+    assert timing.speedup(a, c) == pytest.approx(12.0 / 5.2)
+    row = {"providers": {bench.PLAIN: {"status": "ok", "ms": a.median, "lo": a.lo, "hi": a.hi},
+                         bench.DISPATCH: {"status": "ok", "ms": b.median, "lo": b.lo, "hi": b.hi}}}
+    bench._ratios(row)
+    assert bench._vs_sdpa(row) == "same"
+    row["providers"][bench.DISPATCH] = {"status": "ok", "ms": c.median, "lo": c.lo, "hi": c.hi}
+    bench._ratios(row)
+    assert bench._vs_sdpa(row) == f"{12.0 / 5.2:.3f}"
+
+
+def test_cpu_bench_judges_no_gpu_target(tmp_path, capsys):
+    rc = bench.main(["--shapes", "tiny", "--passes", "decode", "--device", "cpu", "--backends", "sdpa", "--out", str(tmp_path),
+                     "--warmup-ms", "0", "--rep-ms", "0", "--seed", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "NO " not in out and "ok " not in out and bench.CPU_NOTE in out
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["summary"]["checks"] == {}
+    for row in result["rows"]:
+        for m in row["providers"].values():
+            assert m["lo"] <= m["ms"] <= m["hi"]

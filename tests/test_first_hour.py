@@ -1,0 +1,152 @@
+"""What a new user meets first: the command line's errors, --version, backends() and info,
+FLASHDISPATCH_LOG / FLASHDISPATCH_PROFILE_DIR, the Triton-on-CPU hint, strict arguments and
+output strides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flashdispatch as fd
+from flashdispatch.cli import main
+from flashdispatch.registry import REGISTRY
+
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("FLASHDISPATCH_") and k != "TRITON_INTERPRET"}
+
+
+def _run(*args: str, env: dict[str, str] | None = None, code: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "flashdispatch.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**CLEAN_ENV, **(env or {})})
+
+
+# --- the command line: a user error is one line and exit code 2 ----------------------------------
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["explain", "--shape", "1,30,8,16,16,64"], "Hq=30, Hkv=8"),
+    (["explain", "--shape", "1,32,8,16,16,64", "--backend", "foo"], "unknown backend 'foo'"),
+    (["explain", "--shape", "1,2,3"], "B,Hq,Hkv,Sq,Sk,D"),
+    (["demo", "--steps", "0"], "--steps"),
+    (["demo", "--seqlen", "0"], "--seqlen"),
+    (["demo", "--device", "tpu"], "--device"),
+    (["info", "--device", "v100"], "--device"),
+    (["tune", "--dtypes", "fp8"], "--dtypes"),
+    (["bench", "--bogus"], "--bogus"),
+    (["bench", "--plot-from", "/nonexistent/bench.json"], "/nonexistent/bench.json"),
+])
+def test_user_errors_are_one_line_and_exit_2(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert needle in err and err.startswith(f"flashdispatch {argv[0]}: error:"), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU this machine does not have")
+def test_demo_on_a_missing_gpu_is_a_user_error(capsys):
+    assert main(["demo", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA" in err and len(err.strip().splitlines()) == 1
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip().startswith(f"flashdispatch {fd.__version__}")
+
+
+# --- backends() and info say the same, for this machine ------------------------------------------
+
+
+def test_backends_and_info_agree_on_what_can_serve_here(capsys):
+    status = {b.name: b for b in fd.backends()}
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name, st in status.items():
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(name + " "))
+        assert ("unavailable" not in line) == st.available, (line, st)
+    if not torch.cuda.is_available():
+        # a CPU-only machine: what cannot run here is not "available", and says why
+        assert not status["sdpa:cudnn"].available and "device=cpu" in status["sdpa:cudnn"].reason
+        assert status["sdpa"].available and status["sdpa:math"].available
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            assert not status["triton"].available and "TRITON_INTERPRET=1" in status["triton"].reason
+
+
+def test_backends_answer_for_a_simulated_device():
+    h100 = {b.name: b for b in REGISTRY.status(fd.DeviceInfo("cuda", "H100", "sm_90", 132, 0, "h100", True))}
+    assert h100["sdpa:cudnn"].available
+    old = {b.name: b for b in REGISTRY.status(fd.DeviceInfo("cuda", "V100", "sm_70", 80, 0, None, True))}
+    assert not old["sdpa:cudnn"].available and "sm_70" in old["sdpa:cudnn"].reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's message")
+def test_triton_on_cpu_names_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 2, 4, 16, dtype=torch.float16)
+    with pytest.raises(fd.NoBackendError, match="TRITON_INTERPRET=1"):
+        fd.attention(q, q.clone(), q.clone(), backend="triton")
+
+
+def test_bf16_under_the_interpreter_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fd.refresh()
+    d = fd.explain(shape=(1, 2, 2, 8, 8, 16), dtype="bf16", device="cpu")
+    assert any("interpreter computes bf16" in r for r in d.rejected.get("triton", [])), d.rejected
+
+
+# --- environment: decisions visible without logging set-up; a missing profile dir is said --------
+
+
+def test_log_and_profile_dir_speak_on_stderr_without_logging_setup(tmp_path):
+    """A fresh process that set up no logging: FLASHDISPATCH_LOG=decisions prints the decision, a
+    FLASHDISPATCH_PROFILE_DIR that is not a directory is warned about."""
+    missing = str(tmp_path / "nope")
+    code = ("import torch, flashdispatch as fd; q = torch.randn(1, 2, 4, 8); "
+            "fd.attention(q, q.clone(), q.clone()); print('ok')")
+    r = _run(code=code, env={"FLASHDISPATCH_LOG": "decisions", "FLASHDISPATCH_PROFILE_DIR": missing})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    assert "flashdispatch decision: sdpa" in r.stderr
+    assert "is not a directory" in r.stderr and missing in r.stderr, r.stderr
+
+
+def test_missing_profile_dir_shows_in_explain(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path / "nope"))
+    fd.refresh()
+    d = fd.explain(shape=(1, 2, 2, 8, 8, 16), device="h100")
+    assert any("is not a directory" in n for n in d.notes), d.notes
+
+
+# --- arguments checked strictly; output strides that do not depend on the mask -------------------
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1, None])
+def test_return_lse_must_be_a_bool(value):
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(TypeError, match="return_lse: expected a bool"):
+        fd.attention(q, q.clone(), q.clone(), return_lse=value)
+
+
+def _cpu_backends() -> list[str]:
+    return [b.name for b in fd.backends() if b.available]
+
+
+@pytest.mark.parametrize("sq, sk", [(8, 8), (4, 8), (8, 4), (3, 5)])
+def test_bshd_output_strides_do_not_depend_on_causal(sq, sk):
+    q = torch.randn(2, sq, 4, 16)
+    k, v = torch.randn(2, sk, 2, 16), torch.randn(2, sk, 2, 16)
+    for name in _cpu_backends():
+        try:
+            fd.explain(q, k, v, layout="bshd", causal=True, backend=name)
+        except fd.NoBackendError:
+            continue
+        full = fd.attention(q, k, v, layout="bshd", backend=name)
+        causal = fd.attention(q, k, v, layout="bshd", causal=True, backend=name)
+        assert full.shape == causal.shape == (2, sq, 4, 16)
+        assert full.stride() == causal.stride(), (name, full.stride(), causal.stride())

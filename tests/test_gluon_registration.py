@@ -1,0 +1,53 @@
+"""triton:gluon in the registry (CPU): what it serves and what it declines, with the reasons users
+read; its configs are the kernel's own keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from flashdispatch.device import simulated_device
+from flashdispatch.problem import problem_from_shape
+from flashdispatch.registry import REGISTRY
+
+pytest.importorskip("triton.experimental.gluon")
+
+
+def _impl():
+    return REGISTRY.get("triton:gluon")
+
+
+@pytest.mark.parametrize("device", ["h100", "h200"])
+def test_serves_hopper_problems(device: str) -> None:
+    impl, dev = _impl(), simulated_device(device)
+    assert impl.availability() is None
+    for shape, causal in (((2, 16, 4, 1000, 1000, 128), True), ((4, 32, 32, 512, 8192, 128), True),
+                          ((1, 8, 8, 1, 4096, 64), False), ((1, 4, 4, 300, 300, 256), False)):
+        for dtype in ("bf16", "fp16"):
+            p = problem_from_shape(shape, dtype=dtype, causal=causal, return_lse=True, needs_grad=True)
+            assert impl.not_supported_reasons(p, dev) == [], (shape, dtype)
+
+
+def test_declines_with_reasons() -> None:
+    impl, h100 = _impl(), simulated_device("h100")
+    p = problem_from_shape((1, 2, 2, 100, 100, 128), dtype="bf16")
+    assert any("arch=sm_80" in r for r in impl.not_supported_reasons(p, simulated_device("a100")))
+    assert any("device=cpu" in r for r in impl.not_supported_reasons(p, simulated_device("cpu")))
+    assert any("device=rocm" in r for r in impl.not_supported_reasons(p, simulated_device("mi300x")))
+    p = problem_from_shape((1, 2, 2, 100, 100, 96), dtype="bf16")
+    assert any("head_dim=96" in r for r in impl.not_supported_reasons(p, h100))
+    p = problem_from_shape((1, 2, 2, 100, 100, 64), dtype="fp32")
+    assert any("dtype=fp32" in r for r in impl.not_supported_reasons(p, h100))
+
+
+def test_configs_are_the_kernels_own() -> None:
+    from flashdispatch.backends.triton import gluon_forward as gf
+
+    impl, h200 = _impl(), simulated_device("h200")
+    for d in gf.HEAD_DIMS:
+        p = problem_from_shape((1, 16, 16, 4096, 4096, d), dtype="bf16", causal=True)
+        space = impl.config_space(p, h200)
+        assert space[0] == impl.default_config(p, h200) == gf.default_config(d)
+        assert all(set(c) == gf.CONFIG_KEYS for c in space)
+        assert len({tuple(sorted(c.items())) for c in space}) == len(space)
+        notes = impl.plan_notes(p, h200, space[-1])
+        assert notes and "Gluon forward" in notes[0]

@@ -1,0 +1,55 @@
+"""Profile classes: a few query rows under a bottom-right causal mask (speculative verification)
+are looked up among the causal entries measured with Sq < Sk, not among the decode entries (Sq = 1,
+no mask) where they found nothing; decode and square causal problems keep their entries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashdispatch as fd
+from flashdispatch.backends.triton import configs
+from flashdispatch.problem import problem_from_shape
+from flashdispatch.profile_store import problem_pass
+
+LONG_CACHE_ENTRY = "seqlen=8192 seqlen_q=512"
+
+
+@pytest.mark.parametrize("sq", [2, 4, 8, 16])
+@pytest.mark.parametrize("hq, hkv", [(8, 8), (32, 8)])
+def test_speculative_verification_reaches_the_long_cache_causal_entries(sq, hq, hkv):
+    d = fd.explain(shape=(4, hq, hkv, sq, 8192, 128), causal=True, device="h200")
+    assert d.source.startswith("profile:") and LONG_CACHE_ENTRY in d.source, d.source
+    assert d.variant == "triton"
+    assert any("split-KV decode" in n for n in d.notes), d.notes  # the few-row kernel runs
+
+
+def test_chunked_prefill_still_selects_its_entry():
+    d = fd.explain(shape=(4, 32, 32, 512, 8192, 128), causal=True, device="h200")
+    assert LONG_CACHE_ENTRY in d.source and d.variant == "triton"
+
+
+@pytest.mark.parametrize("shape, causal, needle", [
+    ((1, 32, 8, 1, 8192, 128), True, "decode bf16"),     # one token: the mask hides nothing
+    ((1, 32, 8, 4, 8192, 128), False, "decode bf16"),    # a few rows, no mask
+    ((4, 32, 8, 4096, 4096, 128), True, "seqlen=4096)"),  # square causal: square entries
+    ((2, 32, 8, 2000, 2100, 128), True, "seqlen=4096)"),  # nearly square
+])
+def test_other_classes_keep_their_entries(shape, causal, needle):
+    d = fd.explain(shape=shape, causal=causal, device="h200")
+    assert needle in d.source, d.source
+
+
+def test_problem_pass():
+    assert problem_pass(problem_from_shape((1, 2, 2, 4, 64, 16), causal=True)) == "fwd"
+    assert problem_pass(problem_from_shape((1, 2, 2, 4, 64, 16), causal=False)) == "decode"
+    assert problem_pass(problem_from_shape((1, 2, 2, 1, 64, 16), causal=True)) == "decode"
+    assert problem_pass(problem_from_shape((1, 2, 2, 4, 64, 16), causal=True, needs_grad=True)) == "fwd_bwd"
+
+
+def test_split_kv_keeps_its_tiles_under_a_forward_measured_config():
+    fwd_tiles = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "TMA": True}
+    got = configs.resolve_decode({**configs.decode_defaults("sm_90", 128), **fwd_tiles}, "sm_90", 128)
+    assert got == configs.decode_defaults("sm_90", 128)
+    # PATH="forward" (the tuner's candidate for decode shapes) carries forward tiles: accepted
+    assert configs.resolve_decode({"PATH": "forward", **fwd_tiles}, "sm_90", 128)["PATH"] == "forward"
