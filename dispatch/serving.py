@@ -392,7 +392,7 @@ def _select(sp: ServingProblem, forced: str | None, source: str) -> Decision:
             rejected[name] = [f"not the forced backend {forced!r} (set by {source})"]
             continue
         if forced is not None and forced != family:
-            rejected[name] = [f"{forced!r} pins a dense SDPA kernel; varlen and KV-cache calls take the "
+            rejected[name] = [f"{forced!r} pins one dense kernel; varlen and KV-cache calls take the "
                               f"family {family!r}"]
             continue
         reasons = SERVING_BACKENDS[name].reasons(sp, dev)
