@@ -86,11 +86,13 @@ def windowed_sdpa(
     return torch.cat([head, tail], dim=2)
 
 
-def math_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, sinks: torch.Tensor | None = None
+def variant_math(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
+    window: tuple[int, int] | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Explicit attention in fp32 (fp64 for fp64 inputs) that also yields the log-sum-exp; with
-    the Problem's variants (window, softcap, sinks), which no SDPA kernel computes.
+    """Explicit attention in fp32 (fp64 for fp64 inputs) that also yields the log-sum-exp, with any
+    variant (window, softcap, sinks), which no SDPA kernel computes. q (B, Hq, Sq, D), k/v
+    (B, Hkv, Sk, D/Dv), GQA by head groups; returns out in q's dtype and lse float32 (no gradient).
 
     Masks are applied with masked_fill, so a NaN or Inf in a key reaches only the rows that see it
     (adding a -inf bias, as torch's math kernel does, turns NaN + -inf into NaN for every row). The
@@ -99,16 +101,18 @@ def math_with_lse(
     term of the denominator (and of the maximum), differentiable, with no value. O(Sq * Sk) memory.
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    g = p.gqa_ratio
+    sq, sk = q.shape[2], k.shape[2]
+    g = q.shape[1] // k.shape[1] if k.shape[1] else 1
     kk = k.repeat_interleave(g, dim=1) if g > 1 else k
     vv = v.repeat_interleave(g, dim=1) if g > 1 else v
-    s = torch.matmul(q.to(acc), kk.to(acc).transpose(-1, -2)) * p.scale
-    if p.softcap:
-        s = p.softcap * torch.tanh(s / p.softcap)
-    if p.masked:
-        keep = visible_mask(p.seqlen_q, p.seqlen_k, causal=p.effective_causal, window=p.window, device=q.device)
+    s = torch.matmul(q.to(acc), kk.to(acc).transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    causal = causal and sq > 1  # one query row under bottom-right causal sees every key
+    if causal or (window is not None and tuple(window) != (-1, -1)):
+        keep = visible_mask(sq, sk, causal=causal, window=window, device=q.device)
         s = s.masked_fill(~keep, float("-inf"))
-    m = s.detach().amax(dim=-1, keepdim=True)
+    m = s.detach().amax(dim=-1, keepdim=True) if sk else s.new_full((*s.shape[:-1], 1), float("-inf"))
     sink = sinks.to(acc).view(1, -1, 1, 1) if sinks is not None else None
     if sink is not None:
         m = torch.maximum(m, sink.detach())
@@ -121,6 +125,14 @@ def math_with_lse(
     out = torch.matmul(probs, vv.to(acc)).to(q.dtype)
     lse = (torch.log(denom) + m).squeeze(-1)
     return out, lse.detach().float()
+
+
+def math_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, sinks: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`variant_math` with the Problem's options."""
+    return variant_math(q, k, v, scale=p.scale, causal=p.effective_causal, window=p.window if p.has_window else None,
+                        softcap=p.softcap, sinks=sinks)
 
 
 class _Sdpa(Implementation):

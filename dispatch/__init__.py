@@ -11,6 +11,7 @@ from .problem import Problem
 from .registry import REGISTRY, BackendStatus
 from .plans import refresh
 from .selection import Decision, use_backend
+from .serving import attention_kvcache, attention_varlen, explain_kvcache, explain_varlen
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,10 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "attention",
     "explain",
+    "attention_varlen",
+    "attention_kvcache",
+    "explain_varlen",
+    "explain_kvcache",
     "use_backend",
     "backends",
     "refresh",

@@ -98,6 +98,15 @@ FLASHDISPATCH_CACHE_DIR = EnvVar(
     "Where compiled CUDA modules of the cupy backend are cached on disk "
     "(default: ~/.cache/flashdispatch).",
 )
+FLASHDISPATCH_VALIDATE = EnvVar(
+    "FLASHDISPATCH_VALIDATE",
+    "on",
+    "'off' skips the checks of attention_varlen / attention_kvcache that read device values "
+    "(cu_seqlens, cache_seqlens, block_table): no host sync on a serving hot path. They are always "
+    "skipped while a CUDA graph is captured or torch.compile traces.",
+    ("on", "off"),
+    _lower,
+)
 # Triton's own switch; read here so that the triton backend can offer CPU execution under it.
 TRITON_INTERPRET = EnvVar(
     "TRITON_INTERPRET", "0", "Triton's interpreter mode (runs Triton kernels on the CPU).", None
@@ -120,6 +129,7 @@ ALL: tuple[EnvVar, ...] = (
     FLASHDISPATCH_PROFILE_DIR,
     FLASHDISPATCH_LOG,
     FLASHDISPATCH_CACHE_DIR,
+    FLASHDISPATCH_VALIDATE,
 )
 
 

@@ -4,6 +4,11 @@
     flashdispatch.hf.register()            # once per process; safe to repeat
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="flashdispatch")
 
+Packed batches (transformers' padding-free path: one row of several sequences, with position_ids
+restarting at 0 or cu_seq_lens_q/k in the kwargs) run through `flashdispatch.attention_varlen`,
+each sequence causal on its own; the block-diagonal mask transformers builds for them is then
+not needed.
+
 `register()` adds `attention_forward` to transformers' AttentionInterface and gives the name a
 mask builder that hands over no mask at all when the mask would be plain causal or a plain causal
 sliding window (no padding): the window then travels as the `sliding_window` argument that the
@@ -27,6 +32,7 @@ from typing import Any
 import torch
 
 from .api import attention
+from .serving import attention_varlen
 
 log = logging.getLogger("flashdispatch")
 
@@ -151,6 +157,40 @@ def fallback_reason(
     return None
 
 
+def packed_sequences(query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any]
+                     ) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
+    """(cu_seqlens_q, cu_seqlens_k, max_q, max_k) of a packed row, or None when the call is not one.
+
+    A packed row: batch 1, no cache prefix (Sk == Sq), and either cu_seq_lens_q/k in the kwargs
+    or position_ids that restart at 0 and count up by one inside each sequence. Reads the
+    positions on the host (eager calls only; under torch.compile the mask path runs instead)."""
+    if query.shape[0] != 1 or key.shape[2] != query.shape[2] or torch.compiler.is_compiling():
+        return None
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor):
+        cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+        max_q = int(kwargs.get("max_length_q") or int(cu_q.diff().max()))
+        max_k = int(kwargs.get("max_length_k") or int(cu_k.diff().max()))
+        return cu_q, cu_k, max_q, max_k
+    pos = kwargs.get("position_ids")
+    s = query.shape[2]
+    if not isinstance(pos, torch.Tensor) or pos.numel() != s or s < 2:
+        return None
+    pos = pos.reshape(-1)
+    starts = (pos == 0).nonzero().view(-1)
+    if starts.numel() < 2 or int(starts[0]) != 0:
+        return None  # one sequence (the dense path serves it) or not a packed row
+    cu = torch.cat([starts, starts.new_tensor([s])])
+    lens = cu.diff()
+    # positions must count 0, 1, ... inside every sequence
+    expected = torch.arange(s, device=pos.device) - torch.repeat_interleave(starts, lens)
+    if not torch.equal(pos.to(expected.dtype), expected):
+        return None
+    cu = cu.to(device=query.device, dtype=torch.int32)
+    longest = int(lens.max())
+    return cu, cu, longest, longest
+
+
 def _report(reason: str) -> None:
     if reason not in _reported:
         _reported.add(reason)
@@ -176,6 +216,17 @@ def attention_forward(
     sliding_window = kwargs.pop("sliding_window", None)
     softcap = kwargs.pop("softcap", None)
     s_aux = kwargs.pop("s_aux", None)
+    packed = None if dropout or any(kwargs.get(k) is not None for k, _ in _UNSUPPORTED_KWARGS) else (
+        packed_sequences(query, key, kwargs))
+    if packed is not None:
+        cu_q, cu_k, max_q, max_k = packed
+        causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        out = attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, scale=scaling,
+                               window=(int(sliding_window) - 1, 0) if sliding_window else None,
+                               softcap=float(softcap) if softcap else None,
+                               sinks=s_aux.float() if s_aux is not None else None)
+        return out.unsqueeze(0).contiguous(), None  # type: ignore[union-attr]
     reason = fallback_reason(attention_mask, dropout, kwargs)
     if reason is not None:
         if not torch.compiler.is_compiling():

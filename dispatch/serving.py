@@ -1,0 +1,603 @@
+"""Serving and packed training: variable-length batches and (paged) KV caches.
+
+    attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, ...)
+    attention_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=None, ...)
+
+flash_attn's conventions: packed (total_tokens, H, D) tensors, int32 cu_seqlens of B + 1 entries
+starting at 0; a KV cache (B, Smax, Hkv, D), or pages (num_blocks, block_size, Hkv, D) with an int32
+block_table (B, max_blocks); causal is bottom-right within each sequence.
+
+Backends are data, like the dense ones (`SERVING_BACKENDS`): each says, for a `ServingProblem`,
+why it cannot serve it (the sentences `explain_varlen` / `explain_kvcache` and `NoBackendError`
+show). triton runs our kernels (backends/triton/varlen.py, paged.py); sdpa is the correct fallback
+(torch's varlen_attn where the installed torch has the needed arguments, else a loop over the
+sequences; the KV cache through a gather and one masked attention); cupy declines with its reason.
+Forcing works as for `attention()`: the backend argument, `use_backend()`, FLASHDISPATCH_BACKEND.
+
+Validation. Checks of shapes, dtypes and devices run on every call (host metadata only). Checks of
+the values in cu_seqlens, cache_seqlens and block_table read device tensors: they run in one
+place, `check_values`, on an eager call, and are skipped
+- when FLASHDISPATCH_VALIDATE=off (the hot path of a server), or inside `with validation(False):`,
+- always while a CUDA graph is captured or torch.compile traces (a host read would break both).
+With validation off nothing in `attention_kvcache` reads a device tensor on the host (its triton
+path and its sdpa fallback alike); `attention_varlen`'s per-sequence sdpa loop does (it says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NamedTuple
+
+import torch
+
+from . import envs, selection
+from .device import DeviceInfo
+from .errors import NoBackendError
+from .problem import DTYPE_NAMES, Problem
+from .registry import REGISTRY
+from .selection import Decision, current_forced, device_for, state
+
+log = logging.getLogger("flashdispatch")
+
+__all__ = ["attention_varlen", "attention_kvcache", "explain_varlen", "explain_kvcache", "ServingProblem",
+           "check_values", "validation", "SERVING_BACKENDS"]
+
+
+class ServingProblem(NamedTuple):
+    """What selection needs of a varlen or KV-cache call: shapes and options, never values.
+
+    seqlen_q / seqlen_k: max_seqlen_q / max_seqlen_k (varlen), or Sq / the cache's capacity
+    (kvcache); block_size 0: a contiguous cache (or varlen)."""
+
+    kind: str  # "varlen" | "kvcache"
+    device_kind: str
+    device_index: int
+    dtype: torch.dtype
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    head_dim_v: int
+    causal: bool
+    scale: float
+    window: tuple[int, int] | None
+    softcap: float | None
+    sinks: bool
+    needs_grad: bool
+    return_lse: bool
+    block_size: int = 0
+
+    def describe(self) -> str:
+        cache = (f", paged cache block_size={self.block_size}" if self.block_size else
+                 (", contiguous cache" if self.kind == "kvcache" else ""))
+        extras = "".join([f", window={self.window}" if self.window else "",
+                          f", softcap={self.softcap}" if self.softcap else "", ", sinks" if self.sinks else ""])
+        return (f"{self.kind} B={self.batch} Hq={self.heads_q} Hkv={self.heads_kv} "
+                f"{'max_seqlen_q' if self.kind == 'varlen' else 'Sq'}={self.seqlen_q} "
+                f"{'max_seqlen_k' if self.kind == 'varlen' else 'capacity'}={self.seqlen_k} D={self.head_dim}"
+                f"{'' if self.head_dim_v == self.head_dim else f' Dv={self.head_dim_v}'} "
+                f"{DTYPE_NAMES.get(self.dtype, str(self.dtype))} causal={self.causal}{extras}{cache} "
+                f"{self.device_kind}{' requires_grad' if self.needs_grad else ''}"
+                f"{' return_lse' if self.return_lse else ''}")
+
+    def dense(self) -> Problem:
+        """The dense Problem of the same shapes, for the dense capability checks (dtype, device,
+        head dims, GQA, backward, lse)."""
+        return Problem(device_kind=self.device_kind, device_index=self.device_index, dtype=self.dtype,
+                       batch=self.batch, heads_q=self.heads_q, heads_kv=self.heads_kv, seqlen_q=self.seqlen_q,
+                       seqlen_k=self.seqlen_k, head_dim=self.head_dim, head_dim_v=self.head_dim_v, causal=self.causal,
+                       scale=self.scale, layout="bshd", contiguous=True, needs_grad=self.needs_grad,
+                       return_lse=self.return_lse)
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def _tensor(name: str, t: Any, dim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name}: expected a {dim}-d tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def _int(name: str, x: Any) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        raise ValueError(f"{name}: expected a non-negative int, got {x!r}")
+    return x
+
+
+def _variant_args(q: torch.Tensor, heads_q: int, scale: float | None, window: Any, softcap: Any,
+                  sinks: Any) -> tuple[float, tuple[int, int] | None, float | None]:
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    if window is not None:
+        if (not isinstance(window, (tuple, list)) or len(window) != 2
+                or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
+            raise ValueError(f"window: expected (left, right) ints >= -1 (-1: unbounded), got {window!r}")
+        window = (int(window[0]), int(window[1]))
+        if window == (-1, -1):
+            window = None
+    if softcap is not None:
+        if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not softcap > 0:
+            raise ValueError(f"softcap: expected a float > 0, got {softcap!r}")
+        softcap = float(softcap)
+    if sinks is not None:
+        _tensor("sinks", sinks, 1)
+        if sinks.dtype != torch.float32 or sinks.shape[0] != heads_q or sinks.device != q.device:
+            raise ValueError(f"sinks: expected float32 of shape ({heads_q},) on {q.device}, got {sinks.dtype} "
+                             f"{tuple(sinks.shape)} on {sinks.device}")
+    return float(scale), window, softcap
+
+
+def _same(name: str, t: torch.Tensor, q: torch.Tensor) -> None:
+    if t.dtype != q.dtype:
+        raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name}: expected device {q.device} like q, got {t.device}")
+
+
+def _check_varlen(q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, max_q: Any, max_k: Any) -> None:
+    """Shapes, dtypes and devices: host metadata only."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _tensor(name, t, 3)
+    for name, t in (("k", k), ("v", v)):
+        _same(name, t, q)
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"v: expected {k.shape[0]} rows like k, got {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"v: expected {k.shape[1]} heads like k, got {v.shape[1]}")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"k: expected head dim {q.shape[2]} like q, got {k.shape[2]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"k: expected a number of heads that divides q's {q.shape[1]}, got {k.shape[1]}")
+    for name, t in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        _tensor(name, t, 1)
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name}: expected dtype torch.int32, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} like q, got {t.device}")
+        if t.shape[0] < 1:
+            raise ValueError(f"{name}: expected B + 1 >= 1 entries, got none")
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(f"cu_seqlens_k: expected {cu_q.shape[0]} entries like cu_seqlens_q, got {cu_k.shape[0]}")
+    _int("max_seqlen_q", max_q)
+    _int("max_seqlen_k", max_k)
+
+
+def _check_kvcache(q: Any, k_cache: Any, v_cache: Any, cache_seqlens: Any, block_table: Any) -> None:
+    _tensor("q", q, 4)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _tensor(name, t, 4)
+        _same(name, t, q)
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"v_cache: expected leading shape {tuple(k_cache.shape[:3])} like k_cache, got "
+                         f"{tuple(v_cache.shape[:3])}")
+    if k_cache.shape[3] != q.shape[3]:
+        raise ValueError(f"k_cache: expected head dim {q.shape[3]} like q, got {k_cache.shape[3]}")
+    if k_cache.shape[2] == 0 or q.shape[2] % k_cache.shape[2]:
+        raise ValueError(f"k_cache: expected a number of heads that divides q's {q.shape[2]}, got {k_cache.shape[2]}")
+    _tensor("cache_seqlens", cache_seqlens, 1)
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens: expected dtype torch.int32, got {cache_seqlens.dtype}")
+    if cache_seqlens.shape[0] != q.shape[0] or cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens: expected ({q.shape[0]},) on {q.device}, got {tuple(cache_seqlens.shape)} "
+                         f"on {cache_seqlens.device}")
+    if q.shape[1] < 1:
+        raise ValueError(f"q: expected Sq >= 1 new queries per sequence, got shape {tuple(q.shape)}")
+    if block_table is None:
+        if k_cache.shape[0] != q.shape[0]:
+            raise ValueError(f"k_cache: expected batch {q.shape[0]} like q (a contiguous cache; pass block_table "
+                             f"for a paged one), got {k_cache.shape[0]}")
+        return
+    _tensor("block_table", block_table, 2)
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table: expected dtype torch.int32, got {block_table.dtype}")
+    if block_table.shape[0] != q.shape[0] or block_table.device != q.device:
+        raise ValueError(f"block_table: expected ({q.shape[0]}, max_blocks) on {q.device}, got "
+                         f"{tuple(block_table.shape)} on {block_table.device}")
+
+
+_validation_override: contextvars.ContextVar[bool | None] = contextvars.ContextVar("flashdispatch_validation",
+                                                                                  default=None)
+
+
+@contextlib.contextmanager
+def validation(enabled: bool) -> Iterator[None]:
+    """Turn the value checks on or off for calls in this thread inside the block, over
+    FLASHDISPATCH_VALIDATE (captures and traces skip them regardless)."""
+    token = _validation_override.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _validation_override.reset(token)
+
+
+def _validation_on() -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    override = _validation_override.get()
+    return _validate_setting() if override is None else override
+
+
+def _serving_cache() -> dict[Any, Any]:
+    """This module's decisions and settings, kept with the dispatcher's snapshot (selection.state()),
+    so that flashdispatch.refresh(), which drops the snapshot, drops them too."""
+    st = state()
+    cache = getattr(st, "serving", None)
+    if cache is None:
+        cache = st.serving = {}  # type: ignore[attr-defined]
+    return cache
+
+
+def _validate_setting() -> bool:
+    cache = _serving_cache()
+    on = cache.get("validate")
+    if on is None:
+        on = cache["validate"] = envs.FLASHDISPATCH_VALIDATE.read() == "on"
+    return on
+
+
+def check_values(*, cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                 total_q: int = 0, total_k: int = 0, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                 cache_seqlens: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
+                 capacity: int = 0, block_size: int = 0, num_blocks: int = 0) -> None:
+    """The checks that read device values, in one place: reductions on the device, then one small
+    host read per call (the offending entry is looked up only once something is wrong). Raises
+    ValueError naming the argument. Called by the public functions unless validation is off."""
+    if cu_seqlens_q is not None and cu_seqlens_k is not None:
+        cus = torch.stack([cu_seqlens_q, cu_seqlens_k]).long()
+        diffs = cus.diff(dim=1)
+        empty = diffs.shape[1] == 0
+        summary = torch.stack([cus[:, 0], cus[:, -1],
+                               diffs.min(dim=1).values if not empty else cus[:, 0] * 0,
+                               diffs.max(dim=1).values if not empty else cus[:, 0] * 0], 1).tolist()
+        for (first, last, low, high), name, cu, total, most, max_name in zip(
+                summary, ("cu_seqlens_q", "cu_seqlens_k"), (cu_seqlens_q, cu_seqlens_k), (total_q, total_k),
+                (max_seqlen_q, max_seqlen_k), ("max_seqlen_q", "max_seqlen_k")):
+            if first != 0:
+                raise ValueError(f"{name}: expected a first entry of 0, got {first}")
+            if low < 0:
+                vals = cu.tolist()
+                i = next(i for i in range(len(vals) - 1) if vals[i + 1] < vals[i])
+                raise ValueError(f"{name}: expected non-decreasing entries, got {vals[i]} then {vals[i + 1]} "
+                                 f"at index {i}")
+            if last != total:
+                raise ValueError(f"{name}: expected a last entry equal to the {total} packed rows, got {last}")
+            if high > most:
+                raise ValueError(f"{max_name}: expected at least the longest sequence, {high}, got {most}")
+    if cache_seqlens is not None:
+        lens = cache_seqlens.long()
+        out_of_range = (lens < 0) | (lens > capacity)
+        checks = [out_of_range.any()]
+        if block_table is not None:
+            pages_used = (lens.clamp(0, capacity) + block_size - 1) // block_size
+            used = torch.arange(block_table.shape[1], device=lens.device).view(1, -1) < pages_used.view(-1, 1)
+            bad_page = used & ((block_table < 0) | (block_table >= num_blocks))
+            checks.append(bad_page.any())
+        flags = torch.stack(checks).tolist()
+        if flags[0]:
+            i = int(out_of_range.nonzero()[0, 0])
+            raise ValueError(f"cache_seqlens: expected lengths in [0, {capacity}] (the cache's capacity), got "
+                             f"{int(lens[i])} for sequence {i}")
+        if len(flags) > 1 and flags[1]:
+            b, j = (int(x) for x in bad_page.nonzero()[0])
+            raise ValueError(f"block_table: expected entries in [0, {num_blocks}) for the pages sequence {b} "
+                             f"uses, got {int(block_table[b, j])} at [{b}, {j}]")
+
+
+# --- backends as data ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServingBackend:
+    """One family's varlen and kvcache support: why it cannot serve a problem (empty: it can)."""
+
+    name: str
+    reasons: Callable[[ServingProblem, DeviceInfo], list[str]]
+    notes: Callable[[ServingProblem, DeviceInfo], list[str]]
+
+
+def _triton_reasons(sp: ServingProblem, dev: DeviceInfo) -> list[str]:
+    impl = REGISTRY.get("triton")
+    why = REGISTRY.availability("triton")
+    if why is not None:
+        return [f"unavailable: {why}"]
+    r = impl.capabilities(dev).reasons(sp.dense(), dev)
+    if sp.kind == "kvcache":
+        r = [x for x in r if not x.startswith("requires_grad")]
+        if sp.needs_grad:
+            r.append("requires_grad (the KV-cache kernel is forward only)")
+        if sp.block_size and sp.block_size % 16:
+            r.append(f"block_size={sp.block_size} (the paged kernel needs a multiple of 16)")
+    return r
+
+
+def _triton_notes(sp: ServingProblem, dev: DeviceInfo) -> list[str]:
+    if sp.kind == "varlen":
+        return ["packed varlen kernel: sequence starts and lengths read from cu_seqlens on the device, "
+                f"grid sized by max_seqlen_q={sp.seqlen_q}"]
+    paged = f"pages of {sp.block_size} gathered in the kernel" if sp.block_size else "contiguous cache"
+    return [f"split-KV kernel against the cache ({paged}); splits planned from the capacity {sp.seqlen_k}, "
+            "lengths read on the device: CUDA-graph safe"]
+
+
+def _sdpa_reasons(sp: ServingProblem, dev: DeviceInfo) -> list[str]:
+    return []
+
+
+def _sdpa_notes(sp: ServingProblem, dev: DeviceInfo) -> list[str]:
+    if sp.kind == "varlen":
+        if not torch_varlen_reasons(sp):
+            return ["fallback: torch.nn.attention.varlen.varlen_attn"]
+        return ["fallback: a loop over the sequences (reads cu_seqlens on the host), one SDPA call each "
+                "(explicit math for softcap, sinks or lse)"]
+    return ["fallback: gathers each sequence's cache (pages through block_table) into a padded tensor and "
+            "runs one masked attention; no host read, capturable, but it copies the cache"]
+
+
+def _cupy_reasons(sp: ServingProblem, dev: DeviceInfo) -> list[str]:
+    why = REGISTRY.availability("cupy") if "cupy" in REGISTRY.all() else "not registered"
+    r = [f"unavailable: {why}"] if why else []
+    what = "packed varlen batches" if sp.kind == "varlen" else "KV caches (contiguous or paged)"
+    return r + [f"{what} are not implemented in the cupy kernels (dense (B, H, S, D) only)"]
+
+
+SERVING_BACKENDS: dict[str, ServingBackend] = {
+    "triton": ServingBackend("triton", _triton_reasons, _triton_notes),
+    "sdpa": ServingBackend("sdpa", _sdpa_reasons, _sdpa_notes),
+    "cupy": ServingBackend("cupy", _cupy_reasons, lambda sp, dev: []),
+}
+# No profile holds serving measurements yet: the built-in order decides (our kernels first on GPUs,
+# the fallback first on the CPU, where Triton runs only in its interpreter).
+SERVING_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("triton", "sdpa", "cupy"),
+    "rocm": ("triton", "sdpa", "cupy"),
+    "cpu": ("sdpa", "triton", "cupy"),
+}
+
+def select_serving(sp: ServingProblem, backend: str | None = None) -> Decision:
+    """The Decision for a varlen/kvcache problem: forcing as for attention(), then the order."""
+    forced, source = current_forced(backend, state().settings)
+    cache = _serving_cache()
+    key = (sp, forced, source)
+    d = cache.get(key)
+    if d is None:
+        d = _select(sp, forced, source)
+        if len(cache) >= selection.MAX_CACHED:
+            cache.clear()
+        cache[key] = d
+    return d
+
+
+def _select(sp: ServingProblem, forced: str | None, source: str) -> Decision:
+    dev = device_for(sp.dense())
+    rejected: dict[str, list[str]] = {}
+    order = SERVING_ORDER.get(dev.kind, SERVING_ORDER["cpu"])
+    family = forced.split(":")[0] if forced else None
+    ok = []
+    for name in order:
+        if forced is not None and name != family:
+            rejected[name] = [f"not the forced backend {forced!r} (set by {source})"]
+            continue
+        if forced is not None and forced != family:
+            rejected[name] = [f"{forced!r} pins one dense kernel; varlen and KV-cache calls take the "
+                              f"family {family!r}"]
+            continue
+        reasons = SERVING_BACKENDS[name].reasons(sp, dev)
+        if reasons:
+            rejected[name] = reasons
+        else:
+            ok.append(name)
+    if not ok:
+        raise NoBackendError(sp, dev, rejected, forced=forced, source=source)  # type: ignore[arg-type]
+    chosen = ok[0]
+    notes = SERVING_BACKENDS[chosen].notes(sp, dev) + [
+        "no profile entry measures varlen/KV-cache calls: the built-in order decided"]
+    return Decision(backend=chosen, variant=chosen, config={}, source=source if forced else "default",
+                    rejected=rejected, problem=sp, device=dev, candidates=tuple(ok),  # type: ignore[arg-type]
+                    notes=tuple(notes))
+
+
+# --- problems ------------------------------------------------------------------------------------
+
+
+def _device_kind(t: torch.Tensor) -> str:
+    if t.is_cuda:
+        return "rocm" if torch.version.hip else "cuda"
+    return "cpu"
+
+
+def varlen_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, max_q: int, max_k: int,
+                   causal: bool, scale: float, window: tuple[int, int] | None, softcap: float | None,
+                   sinks: torch.Tensor | None, return_lse: bool) -> ServingProblem:
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or (sinks is not None and sinks.requires_grad))
+    return ServingProblem("varlen", _device_kind(q), q.device.index or 0, q.dtype, cu_q.shape[0] - 1, q.shape[1],
+                          k.shape[1], int(max_q), int(max_k), q.shape[2], v.shape[2], bool(causal), scale, window,
+                          softcap, sinks is not None, bool(grad), bool(return_lse))
+
+
+def kvcache_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None,
+                    causal: bool, scale: float, window: tuple[int, int] | None, softcap: float | None,
+                    sinks: torch.Tensor | None, return_lse: bool) -> ServingProblem:
+    grad = torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)
+    page = int(k_cache.shape[1]) if block_table is not None else 0
+    capacity = block_table.shape[1] * page if block_table is not None else int(k_cache.shape[1])
+    return ServingProblem("kvcache", _device_kind(q), q.device.index or 0, q.dtype, q.shape[0], q.shape[2],
+                          k_cache.shape[2], q.shape[1], capacity, q.shape[3], v_cache.shape[3], bool(causal), scale,
+                          window, softcap, sinks is not None, bool(grad), bool(return_lse), page)
+
+
+# --- the public calls ----------------------------------------------------------------------------
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a batch of sequences packed without padding.
+
+    Arguments:
+        q: (total_q, Hq, D); k: (total_k, Hkv, D); v: (total_k, Hkv, Dv); one dtype and device, Hq a
+            multiple of Hkv (GQA).
+        cu_seqlens_q, cu_seqlens_k: int32 (B + 1,), starting at 0, non-decreasing, ending at
+            total_q / total_k: sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q against
+            rows cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k and v.
+        max_seqlen_q, max_seqlen_k: at least the longest sequence (host ints: they size the grid).
+        causal: bottom-right within each sequence (query i of a sequence of Sq queries and Sk keys
+            sees key j iff j <= i + Sk - Sq). window, softcap, sinks: as `attention`.
+        return_lse: also return lse (Hq, total_q) float32, natural log (no gradient).
+        backend: force "triton" or "sdpa" (the fallback); a forced backend never falls back.
+
+    Returns out (total_q, Hq, Dv) in q's dtype (with return_lse, (out, lse)). Differentiable in q,
+    k, v (and sinks).
+    """
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale, window, softcap = _variant_args(q, q.shape[1], scale, window, softcap, sinks)
+    if _validation_on():
+        check_values(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, total_q=q.shape[0], total_k=k.shape[0],
+                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    sp = varlen_problem(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, scale, window, softcap, sinks,
+                        return_lse)
+    if torch.compiler.is_compiling():
+        from . import serving_ops
+
+        out, lse = serving_ops.traced_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, sp, sinks, backend)
+    else:
+        d = select_serving(sp, backend)
+        out, lse = run_varlen(d.variant, q, k, v, cu_seqlens_q, cu_seqlens_k, sp, sinks)
+    return (out, lse) if return_lse else out
+
+
+def attention_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of new queries against a KV cache: decode (Sq = 1), speculative verification,
+    chunked prefill. Forward only.
+
+    Arguments:
+        q: (B, Sq, Hq, D), Sq >= 1; the new tokens' keys and values are already in the cache.
+        k_cache, v_cache: (B, Smax, Hkv, D) / (B, Smax, Hkv, Dv), or with block_table pages
+            (num_blocks, block_size, Hkv, D): key j of sequence b is row j % block_size of page
+            block_table[b, j // block_size].
+        cache_seqlens: int32 (B,): keys per sequence, at most the capacity (Smax, or max_blocks x
+            block_size).
+        block_table: int32 (B, max_blocks) or None (a contiguous cache).
+        causal: bottom-right: query i sees key j iff j <= i + cache_seqlens[b] - Sq.
+        window, softcap, sinks, return_lse (lse (B, Hq, Sq)), backend: as `attention_varlen`.
+
+    CUDA graphs: with FLASHDISPATCH_VALIDATE=off (or inside the capture, where validation is
+    always skipped) nothing here reads a device tensor on the host, and grid and allocations
+    depend on shapes only: capture once, replay with new cache_seqlens and block_table values.
+    """
+    _check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table)
+    scale, window, softcap = _variant_args(q, q.shape[2], scale, window, softcap, sinks)
+    sp = kvcache_problem(q, k_cache, v_cache, block_table, causal, scale, window, softcap, sinks, return_lse)
+    if _validation_on():
+        check_values(cache_seqlens=cache_seqlens, block_table=block_table, capacity=sp.seqlen_k,
+                     block_size=sp.block_size, num_blocks=k_cache.shape[0])
+    if torch.compiler.is_compiling():
+        from . import serving_ops
+
+        out, lse = serving_ops.traced_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, sp, sinks, backend)
+    else:
+        d = select_serving(sp, backend)
+        out, lse = run_kvcache(d.variant, q, k_cache, v_cache, cache_seqlens, block_table, sp, sinks)
+    return (out, lse) if return_lse else out
+
+
+def explain_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                   scale: float | None = None, window: tuple[int, int] | None = None, softcap: float | None = None,
+                   sinks: torch.Tensor | None = None, return_lse: bool = False,
+                   backend: str | None = None) -> Decision:
+    """Which backend `attention_varlen` would run for these arguments, and why (reads no values)."""
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale, window, softcap = _variant_args(q, q.shape[1], scale, window, softcap, sinks)
+    return select_serving(varlen_problem(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, scale, window,
+                                         softcap, sinks, return_lse), backend)
+
+
+def explain_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, cache_seqlens: torch.Tensor,
+                    block_table: torch.Tensor | None = None, causal: bool = True, scale: float | None = None,
+                    window: tuple[int, int] | None = None, softcap: float | None = None,
+                    sinks: torch.Tensor | None = None, return_lse: bool = False,
+                    backend: str | None = None) -> Decision:
+    """Which backend `attention_kvcache` would run for these arguments, and why (reads no values)."""
+    _check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table)
+    scale, window, softcap = _variant_args(q, q.shape[2], scale, window, softcap, sinks)
+    return select_serving(kvcache_problem(q, k_cache, v_cache, block_table, causal, scale, window, softcap, sinks,
+                                          return_lse), backend)
+
+
+# --- running a backend -----------------------------------------------------------------------------
+
+# Where each family's varlen/KV-cache code lives, imported by name when first used (as the registry
+# imports the backends): this module sits above the backends and knows them only by these names.
+SERVING_MODULES: dict[str, str] = {
+    "triton": "flashdispatch.backends.triton.serving",
+    "sdpa": "flashdispatch.backends.sdpa_serving",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def serving_module(name: str) -> Any:
+    """The module with `name`'s varlen_forward / kvcache_forward (and varlen_backward, if any)."""
+    if name not in SERVING_MODULES:
+        raise RuntimeError(f"backend {name!r} has no varlen or KV-cache path")
+    return importlib.import_module(SERVING_MODULES[name])
+
+
+def torch_varlen_reasons(sp: ServingProblem) -> list[str]:
+    """Why torch's varlen_attn cannot serve sp (empty: it can); the sdpa family asks its module."""
+    return serving_module("sdpa").torch_varlen_reasons(sp)
+
+
+def run_varlen(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+               sp: ServingProblem, sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse (Hq, total_q)) through backend `name`; differentiable when sp.needs_grad."""
+    return serving_module(name).varlen_forward(q, k, v, cu_q, cu_k, sp, sinks)
+
+
+def run_kvcache(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                cache_seqlens: torch.Tensor, block_table: torch.Tensor | None, sp: ServingProblem,
+                sinks: torch.Tensor | None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Sq, Hq, Dv), lse (B, Hq, Sq)) through backend `name`; reads no device value on the host."""
+    return serving_module(name).kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, sp, sinks, out)

@@ -1,0 +1,262 @@
+"""attention_varlen / attention_kvcache on the CPU: validation that names the argument, the sdpa
+fallbacks against the float64 per-sequence reference (forward and backward), selection (explain,
+forcing, the env override, cupy's reasons), the value-check switch, and torch.compile fullgraph
+through the custom ops. The Triton paths of these calls run in test_serving_triton_cpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashdispatch as fd
+from flashdispatch import serving
+from flashdispatch.backends import sdpa_serving
+from flashdispatch.errors import NoBackendError
+from flashdispatch.serving_reference import kvcache_math, varlen_math
+from flashdispatch.tolerances import within_budget
+from test_serving_triton_cpu import make_cache
+
+
+def _cu(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+
+
+def _packed(lq: list[int], lk: list[int] | None = None, hq: int = 4, hkv: int = 2, d: int = 16,
+            dtype: torch.dtype = torch.float32, grad: bool = False):
+    lk = lk or lq
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(sum(lq), hq, d, generator=g).to(dtype).requires_grad_(grad)
+    k = torch.randn(sum(lk), hkv, d, generator=g).to(dtype).requires_grad_(grad)
+    v = torch.randn(sum(lk), hkv, d, generator=g).to(dtype).requires_grad_(grad)
+    return q, k, v, _cu(lq), _cu(lk), max(lq), max(lk)
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def test_varlen_validation_names_the_argument() -> None:
+    q, k, v, cq, ck, mq, mk = _packed([3, 5, 0, 2])
+    call = fd.attention_varlen
+    with pytest.raises(TypeError, match="cu_seqlens_q: expected dtype torch.int32"):
+        call(q, k, v, cq.long(), ck, mq, mk)
+    with pytest.raises(ValueError, match="cu_seqlens_q: expected a first entry of 0"):
+        call(q, k, v, cq + 1, ck, mq, mk)
+    bad = cq.clone()
+    bad[2] = 1
+    with pytest.raises(ValueError, match="cu_seqlens_q: expected non-decreasing entries"):
+        call(q, k, v, bad, ck, mq, mk)
+    with pytest.raises(ValueError, match="cu_seqlens_k: expected a last entry equal to the 10 packed rows"):
+        call(q, k, v, cq, ck.clamp(max=9), mq, mk)
+    with pytest.raises(ValueError, match="max_seqlen_q: expected at least the longest sequence, 5"):
+        call(q, k, v, cq, ck, 4, mk)
+    with pytest.raises(ValueError, match="max_seqlen_k: expected a non-negative int"):
+        call(q, k, v, cq, ck, mq, -1)
+    with pytest.raises(ValueError, match="cu_seqlens_k: expected 5 entries like cu_seqlens_q"):
+        call(q, k, v, cq, ck[:-1], mq, mk)
+    with pytest.raises(ValueError, match="k: expected a number of heads that divides q's 4"):
+        call(q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), cq, ck, mq, mk)
+    with pytest.raises(TypeError, match="k: expected dtype torch.float32 like q"):
+        call(q, k.half(), v, cq, ck, mq, mk)
+    with pytest.raises(ValueError, match="sinks: expected float32 of shape"):
+        call(q, k, v, cq, ck, mq, mk, sinks=torch.zeros(3))
+    with pytest.raises(ValueError, match="window: expected"):
+        call(q, k, v, cq, ck, mq, mk, window=(3,))
+    with pytest.raises(ValueError, match="softcap: expected a float > 0"):
+        call(q, k, v, cq, ck, mq, mk, softcap=0.0)
+
+
+def test_kvcache_validation_names_the_argument() -> None:
+    q, k, v, lens, table = make_cache([20, 5], 2, 4, 2, 16, 16, torch.float32)
+    call = fd.attention_kvcache
+    with pytest.raises(TypeError, match="cache_seqlens: expected dtype torch.int32"):
+        call(q, k, v, cache_seqlens=lens.long(), block_table=table)
+    with pytest.raises(TypeError, match="block_table: expected dtype torch.int32"):
+        call(q, k, v, cache_seqlens=lens, block_table=table.long())
+    cap = table.shape[1] * 16
+    with pytest.raises(ValueError, match=rf"cache_seqlens: expected lengths in \[0, {cap}\].*got {cap + 1} for sequence 1"):
+        call(q, k, v, cache_seqlens=torch.tensor([3, cap + 1], dtype=torch.int32), block_table=table)
+    bad = table.clone()
+    bad[0, 1] = k.shape[0]
+    with pytest.raises(ValueError, match=r"block_table: expected entries in \[0, .*at \[0, 1\]"):
+        call(q, k, v, cache_seqlens=lens, block_table=bad)
+    bad[0, 1] = -1
+    with pytest.raises(ValueError, match="block_table: expected entries"):
+        call(q, k, v, cache_seqlens=lens, block_table=bad)
+    unused = table.clone()
+    unused[1, -1] = -1  # a page no sequence uses may hold anything
+    call(q, k.nan_to_num(), v.nan_to_num(), cache_seqlens=lens, block_table=unused)
+    with pytest.raises(ValueError, match="k_cache: expected a number of heads that divides q's 4"):
+        call(q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1), cache_seqlens=lens,
+             block_table=table)
+    with pytest.raises(TypeError, match="v_cache: expected dtype"):
+        call(q, k, v.half(), cache_seqlens=lens, block_table=table)
+    with pytest.raises(ValueError, match="k_cache: expected batch 2 like q"):
+        call(q, k, v, cache_seqlens=lens)
+
+
+def test_value_checks_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLASHDISPATCH_VALIDATE=off: the value checks (device reads) are skipped, in one place."""
+    q, k, v, cq, ck, mq, mk = _packed([3, 5])
+    calls = []
+    real = serving.check_values
+    monkeypatch.setattr(serving, "check_values", lambda **kw: calls.append(kw) or real(**kw))
+    fd.attention_varlen(q, k, v, cq, ck, mq, mk)
+    assert len(calls) == 1
+    monkeypatch.setenv("FLASHDISPATCH_VALIDATE", "off")
+    fd.refresh()
+    fd.attention_varlen(q, k, v, cq, ck, mq, mk)
+    qc, kc, vc, lens, table = make_cache([20, 5], 1, 4, 2, 16, 16, torch.float32)
+    fd.attention_kvcache(qc, kc.nan_to_num(), vc.nan_to_num(), cache_seqlens=lens, block_table=table)
+    assert len(calls) == 1
+    monkeypatch.setenv("FLASHDISPATCH_VALIDATE", "maybe")
+    fd.refresh()
+    with pytest.raises(ValueError, match="FLASHDISPATCH_VALIDATE"):
+        fd.attention_varlen(q, k, v, cq, ck, mq, mk)
+
+
+def test_kvcache_reads_no_device_value_with_validation_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sdpa fallback's gather: no .tolist()/.item() on any tensor when validation is off."""
+    monkeypatch.setenv("FLASHDISPATCH_VALIDATE", "off")
+    fd.refresh()
+    q, k, v, lens, table = make_cache([20, 5, 0], 3, 4, 2, 16, 16, torch.float32)
+    k, v = k.nan_to_num(), v.nan_to_num()
+
+    def forbidden(*a, **kw):  # noqa: ANN002, ANN003
+        raise AssertionError("a device value was read on the host")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
+    monkeypatch.setattr(torch.Tensor, "item", forbidden)
+    monkeypatch.setattr(torch.Tensor, "__bool__", forbidden)
+    fd.attention_kvcache(q, k, v, cache_seqlens=lens, block_table=table, backend="sdpa")
+    fd.attention_kvcache(q, k, v, cache_seqlens=lens, block_table=table, backend="sdpa", softcap=3.0, return_lse=True)
+
+
+# --- the sdpa fallbacks, exact ---------------------------------------------------------------------
+
+VARLEN = [
+    ([3, 0, 17, 1], None, True, None, None, False),
+    ([3, 0, 17, 1], None, False, None, None, False),
+    ([4, 9], [11, 9], True, (3, 0), None, False),
+    ([6, 8], [2, 0], True, None, 2.0, True),       # Sq > Sk, a sequence without keys, softcap, sinks
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", VARLEN, ids=lambda c: f"{c[0]}-{c[1]}-c{c[2]}-w{c[3]}-cap{c[4]}-s{c[5]}")
+def test_varlen_sdpa_fallback_exact(case: tuple, dtype: torch.dtype) -> None:
+    lq, lk, causal, window, softcap, with_sinks = case
+    q, k, v, cq, ck, mq, mk = _packed(lq, lk, dtype=dtype, grad=True)
+    sinks = torch.randn(4).requires_grad_(True) if with_sinks else None
+    kw = dict(causal=causal, window=window, softcap=softcap, sinks=sinks)
+    out, lse = fd.attention_varlen(q, k, v, cq, ck, mq, mk, return_lse=True, backend="sdpa", **kw)
+    ref, ref_lse = varlen_math(q, k, v, cq, ck, upcast=True, **kw)
+    base, _ = varlen_math(q, k, v, cq, ck, upcast=False, **kw)
+    assert within_budget(out.detach(), base.detach(), ref.detach(), dtype)[0]
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse.double()[finite] - ref_lse[finite]).abs().max() < 2e-2
+    do = torch.randn_like(out)
+    leaves = [t for t in (q, k, v, sinks) if t is not None]
+    got = torch.autograd.grad(out, leaves, do)
+    want = torch.autograd.grad(ref, leaves, do.double())
+    basegrads = torch.autograd.grad(base, leaves, do, allow_unused=True)
+    for g, w, b in zip(got, want, basegrads):
+        assert within_budget(g, torch.zeros_like(w) if b is None else b, w, torch.float32 if g.dtype == torch.float32 else dtype,
+                             grad=True)[0]
+
+
+@pytest.mark.parametrize("variant", ["plain", "window", "softcap_sinks_lse", "contiguous"])
+def test_kvcache_sdpa_fallback_exact(variant: str) -> None:
+    page = 0 if variant == "contiguous" else 16
+    q, k, v, lens, table = make_cache([37, 1, 0, 50], 3, 4, 2, 16, page, torch.float32)
+    kw: dict = {}
+    if variant == "window":
+        kw = dict(window=(5, 0))
+    if variant == "softcap_sinks_lse":
+        kw = dict(softcap=2.0, sinks=torch.randn(4))
+    out, lse = fd.attention_kvcache(q, k, v, cache_seqlens=lens, block_table=table, backend="sdpa", return_lse=True,
+                                    **kw)
+    ref, ref_lse = kvcache_math(q, k, v, lens, table, **kw)
+    base, _ = kvcache_math(q, k, v, lens, table, upcast=False, **kw)
+    assert within_budget(out, base, ref, torch.float32)[0]
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and (lse.double()[finite] - ref_lse[finite]).abs().max() < 1e-4
+    plain = fd.attention_kvcache(q, k, v, cache_seqlens=lens, block_table=table, backend="sdpa", **kw)
+    assert within_budget(plain, base, ref, torch.float32)[0]
+
+
+# --- selection -------------------------------------------------------------------------------------
+
+
+def test_explain_forcing_and_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, k, v, cq, ck, mq, mk = _packed([3, 5])
+    d = fd.explain_varlen(q, k, v, cq, ck, mq, mk, causal=True)
+    assert d.variant == "sdpa" and d.source == "default"
+    assert any("cupy kernels" in r for r in d.rejected["cupy"])
+    assert "varlen B=2" in str(d) and "fallback" in str(d)
+    with pytest.raises(NoBackendError, match="cupy"):
+        fd.attention_varlen(q, k, v, cq, ck, mq, mk, backend="cupy")
+    monkeypatch.setenv("FLASHDISPATCH_BACKEND", "cupy")
+    fd.refresh()
+    with pytest.raises(NoBackendError, match="set by env"):
+        fd.attention_varlen(q, k, v, cq, ck, mq, mk)
+    assert fd.explain_varlen(q, k, v, cq, ck, mq, mk, backend="sdpa").source == "argument"
+    monkeypatch.setenv("FLASHDISPATCH_BACKEND", "sdpa")
+    fd.refresh()
+    qc, kc, vc, lens, table = make_cache([20, 5], 1, 4, 2, 16, 16, torch.float32)
+    d = fd.explain_kvcache(qc, kc, vc, cache_seqlens=lens, block_table=table)
+    assert d.variant == "sdpa" and d.source == "env" and "gathers" in " ".join(d.notes)
+    with fd.use_backend("sdpa:math"):
+        with pytest.raises(NoBackendError, match="pins one dense kernel"):
+            fd.attention_kvcache(qc, kc, vc, cache_seqlens=lens, block_table=table)
+
+
+def test_triton_reasons_on_cpu_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    qc, kc, vc, lens, table = make_cache([20, 5], 1, 4, 2, 16, 16, torch.float32)
+    with pytest.raises(NoBackendError, match="device=cpu"):
+        fd.attention_kvcache(qc, kc, vc, cache_seqlens=lens, block_table=table, backend="triton")
+
+
+# --- torch.compile ---------------------------------------------------------------------------------
+
+
+def test_compile_fullgraph_no_break() -> None:
+    torch._dynamo.reset()
+    q, k, v, cq, ck, mq, mk = _packed([3, 0, 9], hq=4, hkv=2, grad=True)
+    qc, kc, vc, lens, table = make_cache([20, 5], 2, 4, 2, 16, 16, torch.float32)
+    kc, vc = kc.nan_to_num(), vc.nan_to_num()
+
+    def step(q, k, v, qc, kc, vc, lens, table):  # noqa: ANN001, ANN202
+        a = fd.attention_varlen(q, k, v, cq, ck, mq, mk, causal=True)
+        b = fd.attention_kvcache(qc, kc, vc, cache_seqlens=lens, block_table=table)
+        return a.square().sum() + b.square().sum()
+
+    ex = torch._dynamo.explain(step)(q, k, v, qc, kc, vc, lens, table)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), [str(r.reason) for r in ex.break_reasons]
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = compiled(q, k, v, qc, kc, vc, lens, table)
+    want = step(q, k, v, qc, kc, vc, lens, table)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    g1 = torch.autograd.grad(got, (q, k, v))
+    g2 = torch.autograd.grad(want, (q, k, v))
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_torch_varlen_reasons_follow_the_installed_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    sp = serving.ServingProblem("varlen", "cuda", 0, torch.bfloat16, 2, 32, 8, 64, 64, 128, 128, True,
+                                128 ** -0.5, None, None, False, False, False)
+    monkeypatch.setattr(sdpa_serving, "torch_varlen_params", lambda: frozenset({"is_causal", "return_aux"}))  # 2.10
+    assert serving.torch_varlen_reasons(sp) == ["this torch's varlen_attn has no enable_gqa"]
+    assert serving.torch_varlen_reasons(sp._replace(heads_kv=32)) == []
+    assert "no scale argument" in " ".join(serving.torch_varlen_reasons(sp._replace(heads_kv=32, scale=0.5)))
+    assert "no window_size" in " ".join(serving.torch_varlen_reasons(sp._replace(heads_kv=32, window=(8, 0))))
+    monkeypatch.setattr(sdpa_serving, "torch_varlen_params",
+                        lambda: frozenset({"return_aux", "scale", "window_size", "enable_gqa"}))
+    assert serving.torch_varlen_reasons(sp._replace(window=(8, 0), scale=0.5)) == []
+    assert serving.torch_varlen_reasons(sp._replace(device_kind="cpu", sinks=True)) == [
+        "varlen_attn runs on CUDA only (device=cpu)", "varlen_attn has no softcap or sinks"]
+    monkeypatch.setattr(sdpa_serving, "torch_varlen_params", lambda: frozenset())
+    assert serving.torch_varlen_reasons(sp) == ["torch.nn.attention.varlen.varlen_attn is not in this torch"]

@@ -1,0 +1,278 @@
+"""Varlen (packed) and KV-cache (contiguous and paged) Triton kernels under the interpreter.
+
+The launch functions are called directly and checked against the float64 per-sequence reference
+(serving_reference) within flash-attention's budget. Mixed lengths with empty sequences and
+sequences of one token, GQA, window/softcap/sinks, block sizes 16/32/48 (not a power of two),
+page tables in shuffled order, Sq > cache length (rows that see nothing). Outputs are poisoned
+(NaN from torch.empty) so a row the kernels fail to write shows. fp16/fp32 (bf16: the GPU file).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from types import ModuleType
+from typing import Iterator
+
+import pytest
+import torch
+
+from flashdispatch.serving_reference import kvcache_math, varlen_math
+from flashdispatch.tolerances import within_budget
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning"),
+    pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests; the GPU runs test_serving_gpu.py"),
+]
+MODULES = ("flashdispatch.backends.triton.forward", "flashdispatch.backends.triton.decode",
+           "flashdispatch.backends.triton.backward", "flashdispatch.backends.triton.varlen",
+           "flashdispatch.backends.triton.paged")
+vl: ModuleType
+pg: ModuleType
+TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "BWD_BLOCK_M": 16, "BWD_BLOCK_N": 16}
+
+
+def _load() -> list[ModuleType]:
+    return [importlib.reload(sys.modules[n]) if n in sys.modules else importlib.import_module(n) for n in MODULES]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted_kernels() -> Iterator[None]:
+    """Kernels (re)defined under TRITON_INTERPRET=1 for this file only, then restored compiled."""
+    global vl, pg
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        mods = _load()
+        vl, pg = mods[3], mods[4]
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+        _load()
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_empty = torch.empty
+
+    def nan_empty(*args: object, **kwargs: object) -> torch.Tensor:
+        t = real_empty(*args, **kwargs)  # type: ignore[arg-type]
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def _sinks(hq: int, kind: str) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    base = torch.randn(hq, generator=torch.Generator().manual_seed(7))
+    return (base + 8.0 if kind == "dominant" else base).float()
+
+
+def _cu(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+
+
+def _check(out: torch.Tensor, lse: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, ref_lse: torch.Tensor,
+           dtype: torch.dtype) -> None:
+    ok, err, allowed = within_budget(out, base, ref, dtype)
+    assert ok, f"forward error {err:.3g} > allowed {allowed:.3g}"
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly where the reference's is"
+    if finite.any():
+        lerr = float((lse.double()[finite] - ref_lse[finite]).abs().max())
+        assert lerr < (1e-4 if dtype == torch.float32 else 2e-2), f"lse error {lerr}"
+
+
+# (lengths_q, lengths_k, Hq, Hkv, D, causal, window, softcap, sinks)
+VARLEN_CASES = [
+    ([5, 0, 37, 1, 20], None, 4, 2, 32, True, None, None, "none"),        # self-attention, empty and 1
+    ([5, 0, 23, 1, 20], None, 2, 2, 40, False, None, None, "none"),       # non-causal, D not a power of 2
+    ([3, 17, 1], [30, 17, 45], 4, 1, 32, True, None, None, "random"),     # Sq < Sk per sequence, sinks
+    ([33, 8], [12, 0], 2, 1, 32, True, None, None, "none"),               # Sq > Sk, a sequence with no keys
+    ([40, 25, 2], None, 4, 2, 32, True, (7, 0), 3.0, "random"),           # window + softcap + sinks
+    ([30, 19], [50, 19], 2, 2, 64, False, (5, 9), None, "dominant"),      # two-sided window
+]
+
+
+def _vid(c: tuple) -> str:
+    return f"q{'_'.join(map(str, c[0]))}-h{c[2]}x{c[3]}-d{c[4]}{'-causal' if c[5] else ''}-w{c[6]}-cap{c[7]}-{c[8]}"
+
+
+def _varlen_inputs(case: tuple, dtype: torch.dtype, requires_grad: bool = False):
+    lq, lk, hq, hkv, d, causal, window, softcap, sinks_kind = case
+    lk = lk or lq
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(sum(lq), hq, d, generator=g).to(dtype).requires_grad_(requires_grad)
+    k = torch.randn(sum(lk), hkv, d, generator=g).to(dtype).requires_grad_(requires_grad)
+    v = torch.randn(sum(lk), hkv, d, generator=g).to(dtype).requires_grad_(requires_grad)
+    return q, k, v, _cu(lq), _cu(lk), max(lq), max(lk), dict(causal=causal, window=window, softcap=softcap,
+                                                               sinks=_sinks(hq, sinks_kind))
+
+
+# every case in fp32, the variants' cases in fp16 too (the interpreter is slow: CI minutes)
+FP32, FP16 = torch.float32, torch.float16
+
+
+def _dtyped(cases: list[tuple], fp16: tuple[int, ...], ids) -> list:  # noqa: ANN001
+    out = [pytest.param(c, FP32, id=f"{ids(c)}-fp32") for c in cases]
+    return out + [pytest.param(cases[i], FP16, id=f"{ids(cases[i])}-fp16") for i in fp16]
+
+
+@pytest.mark.parametrize("case,dtype", _dtyped(VARLEN_CASES, (0, 4), _vid))
+def test_varlen_forward(case: tuple, dtype: torch.dtype, poisoned: None) -> None:
+    q, k, v, cq, ck, mq, mk, kw = _varlen_inputs(case, dtype)
+    scale = q.shape[-1] ** -0.5
+    out, lse = vl.varlen_forward(q, k, v, cq, ck, mq, mk, scale=scale, config=TILES, **kw)
+    assert out.shape == (q.shape[0], q.shape[1], v.shape[2]) and lse.shape == (q.shape[1], q.shape[0])
+    ref, ref_lse = varlen_math(q, k, v, cq, ck, scale=scale, upcast=True, **kw)
+    base, _ = varlen_math(q, k, v, cq, ck, scale=scale, upcast=False, **kw)
+    _check(out, lse, ref, base, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("case,dtype", _dtyped(VARLEN_CASES, (4,), _vid))
+def test_varlen_backward(case: tuple, dtype: torch.dtype) -> None:
+    q, k, v, cq, ck, mq, mk, kw = _varlen_inputs(case, dtype, requires_grad=True)
+    sinks = kw.pop("sinks")
+    if sinks is not None:
+        sinks.requires_grad_(True)
+    scale = q.shape[-1] ** -0.5
+    do = torch.randn(q.shape[0], q.shape[1], v.shape[2], generator=torch.Generator().manual_seed(5)).to(dtype)
+    out, _ = vl.VarlenFunction.apply(q, k, v, cq, ck, mq, mk, kw["causal"], scale, TILES, kw["window"],
+                                     kw["softcap"], sinks)
+    leaves = [t for t in (q, k, v, sinks) if t is not None]
+    got = torch.autograd.grad(out, leaves, do)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref_out, _ = varlen_math(*ref_leaves[:3], cq, ck, scale=scale, upcast=True, causal=kw["causal"],
+                             window=kw["window"], softcap=kw["softcap"], sinks=ref_leaves[3] if sinks is not None else None)
+    ref = torch.autograd.grad(ref_out, ref_leaves, do.double())
+    base_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    base_out, _ = varlen_math(*base_leaves[:3], cq, ck, scale=scale, upcast=False, causal=kw["causal"],
+                              window=kw["window"], softcap=kw["softcap"], sinks=base_leaves[3] if sinks is not None else None)
+    base = torch.autograd.grad(base_out, base_leaves, do, allow_unused=True)
+    for name, g, r, bb in zip(("dq", "dk", "dv", "dsinks"), got, ref, base):
+        bb = torch.zeros_like(r) if bb is None else bb
+        ok, err, allowed = within_budget(g, bb, r, dtype if name != "dsinks" else torch.float32, grad=True)
+        assert ok, f"{name}: error {err:.3g} > allowed {allowed:.3g}"
+
+
+# (B lengths, Sq, Hq, Hkv, D, page (0: contiguous), causal, window, softcap, sinks, splits)
+KV_CASES = [
+    ([37, 1, 0, 100], 1, 4, 2, 32, 16, True, None, None, "none", 0),     # decode, paged 16, empty + 1
+    ([37, 1, 0, 100], 1, 4, 2, 32, 0, True, None, None, "none", 3),      # the same, contiguous, 3 splits
+    ([50, 7, 90], 4, 8, 2, 32, 32, True, None, None, "random", 4),       # speculative Sq = 4, sinks
+    ([50, 3, 90], 6, 4, 4, 64, 48, True, None, 4.0, "none", 2),          # page 48, Sq > a cache length
+    ([80, 64], 3, 4, 1, 32, 16, True, (20, 0), None, "dominant", 3),     # window + dominant sinks
+    ([80, 64], 2, 2, 2, 40, 0, False, None, 2.0, "random", 1),           # non-causal, D=40, direct
+    ([120, 17, 64], 5, 4, 2, 32, 16, True, (9, 0), 3.0, "random", 0),    # all three, planner's splits
+]
+
+
+def _kvid(c: tuple) -> str:
+    return f"L{'_'.join(map(str, c[0]))}-sq{c[1]}-h{c[2]}x{c[3]}-d{c[4]}-page{c[5]}-w{c[7]}-cap{c[8]}-{c[9]}-s{c[10]}"
+
+
+def make_cache(lengths: list[int], sq: int, hq: int, hkv: int, d: int, page: int, dtype: torch.dtype,
+               spare_blocks: int = 1, seed: int = 3):
+    """q (B, Sq, Hq, D), k/v caches (paged in shuffled page order with NaN-filled unused rows, or
+    contiguous with NaN past each length), cache_seqlens, block_table."""
+    g = torch.Generator().manual_seed(seed)
+    bsz = len(lengths)
+    q = torch.randn(bsz, sq, hq, d, generator=g).to(dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    if page == 0:
+        smax = max(lengths) + 5
+        k = torch.full((bsz, smax, hkv, d), float("nan")).to(dtype)
+        v = torch.full((bsz, smax, hkv, d), float("nan")).to(dtype)
+        for b, n in enumerate(lengths):
+            k[b, :n] = torch.randn(n, hkv, d, generator=g).to(dtype)
+            v[b, :n] = torch.randn(n, hkv, d, generator=g).to(dtype)
+        return q, k, v, seqlens, None
+    max_blocks = max(-(-n // page) for n in lengths) + spare_blocks
+    nblocks = bsz * max_blocks + 2
+    k = torch.full((nblocks, page, hkv, d), float("nan")).to(dtype)
+    v = torch.full((nblocks, page, hkv, d), float("nan")).to(dtype)
+    perm = torch.randperm(nblocks, generator=g)
+    table = torch.zeros(bsz, max_blocks, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(lengths):
+        for j in range(max_blocks):
+            table[b, j] = perm[used]
+            used += 1
+            rows = min(page, max(n - j * page, 0))
+            if rows:
+                k[perm[used - 1], :rows] = torch.randn(rows, hkv, d, generator=g).to(dtype)
+                v[perm[used - 1], :rows] = torch.randn(rows, hkv, d, generator=g).to(dtype)
+    return q, k, v, seqlens, table
+
+
+@pytest.mark.parametrize("case,dtype", _dtyped(KV_CASES, (0, 2, 6), _kvid))
+def test_kvcache_forward(case: tuple, dtype: torch.dtype, poisoned: None) -> None:
+    lengths, sq, hq, hkv, d, page, causal, window, softcap, sinks_kind, splits = case
+    q, k, v, seqlens, table = make_cache(lengths, sq, hq, hkv, d, page, dtype)
+    sinks = _sinks(hq, sinks_kind)
+    kw = dict(causal=causal, window=window, softcap=softcap, sinks=sinks)
+    cfg = {"BLOCK_N": 16, "NUM_SPLITS": splits}
+    out, lse = pg.kvcache_forward(q, k, v, seqlens, table, scale=0.2, config=cfg, **kw)
+    assert out.shape == (*q.shape[:3], v.shape[3]) and lse.shape == (q.shape[0], hq, sq)
+    ref, ref_lse = kvcache_math(q, k, v, seqlens, table, scale=0.2, upcast=True, **kw)
+    base, _ = kvcache_math(q, k, v, seqlens, table, scale=0.2, upcast=False, **kw)
+    _check(out, lse, ref, base, ref_lse, dtype)
+
+
+def test_kvcache_static_out_and_new_lengths_reuse_the_plan() -> None:
+    """What a CUDA-graph replay does: same shapes, new cache_seqlens and block table values,
+    output written into a static buffer; the plan (grid, splits) is made once."""
+    q, k, v, seqlens, table = make_cache([20, 40], 2, 4, 2, 32, 16, torch.float32, spare_blocks=2)
+    out = torch.full((*q.shape[:3], 32), float("nan"))
+    cfg = {"BLOCK_N": 16, "NUM_SPLITS": 3}
+    pg._PLANS.clear()
+    for lens in ([20, 40], [40, 1], [0, 63]):
+        new = torch.tensor(lens, dtype=torch.int32)
+        got, _ = pg.kvcache_forward(q, k.nan_to_num(), v.nan_to_num(), new, table, scale=0.2, config=cfg, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        ref, _ = kvcache_math(q, k.nan_to_num(), v.nan_to_num(), new, table, scale=0.2)
+        assert (out.double() - ref).abs().max() < 1e-4
+    assert len(pg._PLANS) == 1
+    flipped = table.flip(0).contiguous()
+    pg.kvcache_forward(q, k.nan_to_num(), v.nan_to_num(), seqlens, flipped, scale=0.2, config=cfg, out=out)
+    ref, _ = kvcache_math(q, k.nan_to_num(), v.nan_to_num(), seqlens, flipped, scale=0.2)
+    assert (out.double() - ref).abs().max() < 1e-4 and len(pg._PLANS) == 1
+
+
+# --- the public calls on the triton backend (interpreter) -----------------------------------------
+
+
+def test_public_varlen_triton_forward_backward() -> None:
+    import flashdispatch as fd
+
+    case = ([5, 0, 21, 1], [9, 3, 21, 4], 4, 2, 32, True, (6, 0), 2.0, "random")
+    q, k, v, cq, ck, mq, mk, kw = _varlen_inputs(case, torch.float32, requires_grad=True)
+    d = fd.explain_varlen(q, k, v, cq, ck, mq, mk, backend="triton", **kw)
+    assert d.variant == "triton" and d.source == "argument"
+    out, lse = fd.attention_varlen(q, k, v, cq, ck, mq, mk, backend="triton", return_lse=True, **kw)
+    ref, ref_lse = varlen_math(q, k, v, cq, ck, upcast=True, **kw)
+    base, _ = varlen_math(q, k, v, cq, ck, upcast=False, **kw)
+    _check(out.detach(), lse, ref.detach(), base.detach(), ref_lse.detach(), torch.float32)
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    want = torch.autograd.grad(ref, (q, k, v), do.double())
+    for g, w in zip(got, want):
+        assert (g.double() - w).abs().max() < 1e-4
+
+
+def test_public_kvcache_triton() -> None:
+    import flashdispatch as fd
+
+    q, k, v, seqlens, table = make_cache([33, 1, 0, 70], 3, 8, 2, 32, 32, torch.float16)
+    sinks = _sinks(8, "random")
+    out, lse = fd.attention_kvcache(q, k, v, cache_seqlens=seqlens, block_table=table, backend="triton", sinks=sinks,
+                                    return_lse=True)
+    ref, ref_lse = kvcache_math(q, k, v, seqlens, table, sinks=sinks)
+    base, _ = kvcache_math(q, k, v, seqlens, table, sinks=sinks, upcast=False)
+    _check(out, lse, ref, base, ref_lse, torch.float16)
