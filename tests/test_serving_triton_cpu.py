@@ -10,8 +10,6 @@ page tables in shuffled order, Sq > cache length (rows that see nothing). Output
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from types import ModuleType
 from typing import Iterator
 
@@ -34,37 +32,13 @@ pg: ModuleType
 TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "BWD_BLOCK_M": 16, "BWD_BLOCK_N": 16}
 
 
-def _load() -> list[ModuleType]:
-    return [importlib.reload(sys.modules[n]) if n in sys.modules else importlib.import_module(n) for n in MODULES]
-
-
 @pytest.fixture(scope="module", autouse=True)
-def interpreted_kernels() -> Iterator[None]:
-    """Kernels (re)defined under TRITON_INTERPRET=1 for this file only, then restored compiled."""
+def interpreted_kernels(triton_interpreter_state: None) -> Iterator[None]:
+    """Kernels defined under TRITON_INTERPRET=1 for this file (the shared fixture, tests/conftest.py)."""
     global vl, pg
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        mods = _load()
-        vl, pg = mods[3], mods[4]
-        yield
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-        _load()
-
-
-@pytest.fixture
-def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_empty = torch.empty
-
-    def nan_empty(*args: object, **kwargs: object) -> torch.Tensor:
-        t = real_empty(*args, **kwargs)  # type: ignore[arg-type]
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
+    mods = [importlib.import_module(n) for n in MODULES]
+    vl, pg = mods[3], mods[4]
+    yield
 
 
 def _sinks(hq: int, kind: str) -> torch.Tensor | None:
