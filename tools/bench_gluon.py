@@ -92,29 +92,25 @@ def cases(quick: bool = False) -> list[Case]:
 
 
 def _providers(c: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Callable[[], Any]]:
-    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.bias import causal_lower_right
+
+    from flashdispatch.tools.bench import plain_sdpa
 
     from flashdispatch.backends.triton.forward import attention_forward
     from flashdispatch.backends.triton.gluon_forward import gluon_attention_forward
 
     scale = c.head_dim ** -0.5
-    if c.causal and c.seqlen_q != c.seqlen_k:
-        sdpa_kw: dict[str, Any] = {"attn_mask": causal_lower_right(c.seqlen_q, c.seqlen_k)}
-    else:
-        sdpa_kw = {"is_causal": c.causal}
 
     def flash() -> Any:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, **sdpa_kw)
+            return plain_sdpa(q, k, v, c.causal)
 
     variants = {name: (lambda cfg=cfg: gluon_attention_forward(q, k, v, causal=c.causal, scale=scale, config=cfg)[0])
                 for name, (dims, cfg) in VARIANTS.items() if c.head_dim in dims}
     return {
         **variants,
         "gluon": lambda: gluon_attention_forward(q, k, v, causal=c.causal, scale=scale)[0],
-        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, **sdpa_kw),
+        "sdpa": lambda: plain_sdpa(q, k, v, c.causal),
         "sdpa:flash": flash,
         "triton": lambda: attention_forward(q, k, v, causal=c.causal, scale=scale, config={})[0],
     }
