@@ -150,7 +150,6 @@ def _r(impls: str, devices: str, applies: Callable[[Case, torch.dtype, str], boo
     return Refusal(frozenset(impls.split()), frozenset(devices.split()), applies, text)
 
 
-SDPA_GPU_KERNELS = "sdpa:flash sdpa:cudnn sdpa:efficient"
 # the GPU of this run is a Hopper (sm_90): what triton:gluon is written for
 _SM90 = torch.cuda.is_available() and not torch.version.hip and torch.cuda.get_device_capability() == (9, 0)
 ALWAYS: Callable[[Case, torch.dtype, str], bool] = lambda c, dt, kind: True

@@ -15,7 +15,7 @@ the `gpu` marker (`python3 -m pytest -m gpu tests/test_conformance.py`).
 
 from __future__ import annotations
 
-import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -33,10 +33,16 @@ from inputs import baseline_math, make_case_inputs
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
 GPU = torch.cuda.is_available()
-DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")] if GPU else []
-DEVICES.append(pytest.param("cpu", id="cpu"))
+DEVICE_NAMES = (["cuda"] if GPU else []) + ["cpu"]
+
+
+def _device_marks(device: str) -> list:
+    return [pytest.mark.gpu] if device == "cuda" else []
+
+
+DEVICES = [pytest.param(d, marks=_device_marks(d), id=d) for d in DEVICE_NAMES]
+HALF_DTYPES = [pytest.param(FP16, id="fp16"), pytest.param(BF16, id="bf16")]
 IMPLS = implementations()
-DTYPES = [pytest.param(dt, id=name) for dt, name in DTYPE_IDS.items()]
 
 
 @pytest.fixture(autouse=True)
@@ -127,21 +133,21 @@ def _grid(device: str) -> list:
                     continue  # full precision: a representative subset (the sdpa paths and triton's fp32)
                 for kind in ("forward", "lse", "grad"):
                     refused = "-refused" if expected_refusals(impl, device, case, dtype, kind) else ""
-                    marks = [pytest.mark.gpu] if device == "cuda" else []
-                    params.append(pytest.param(device, impl, case, dtype, kind, marks=marks,
+                    params.append(pytest.param(device, impl, case, dtype, kind, marks=_device_marks(device),
                                                id=f"{device}-{impl}-{dname}-{kind}-{case.id()}{refused}"))
     return params
 
 
-GRID = [p for dev in (["cuda"] if GPU else []) + ["cpu"] for p in _grid(dev)]
+GRID = [p for dev in DEVICE_NAMES for p in _grid(dev)]
 
 
 # -------------------------------------------------------------------------------------------------
 # Shapes x dtypes x layouts: forward, lse, gradients
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device, impl, case, dtype, kind", GRID)
-def test_shapes(device: str, impl: str, case: Case, dtype: torch.dtype, kind: str) -> None:
+def _run_and_check(impl: str, device: str, case: Case, dtype: torch.dtype, kind: str) -> None:
+    """One call: its refusal checked against the table, or its forward (lse) and gradients
+    checked against the float64 reference."""
     res = _run(impl, device, case, dtype, kind)
     if res is None:
         return
@@ -149,6 +155,11 @@ def test_shapes(device: str, impl: str, case: Case, dtype: torch.dtype, kind: st
     _check_forward(out.detach(), lse, q.detach(), k.detach(), v.detach(), case, dtype)
     if kind == "grad":
         _check_grads(out, q, k, v, case, dtype)
+
+
+@pytest.mark.parametrize("device, impl, case, dtype, kind", GRID)
+def test_shapes(device: str, impl: str, case: Case, dtype: torch.dtype, kind: str) -> None:
+    _run_and_check(impl, device, case, dtype, kind)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -163,24 +174,17 @@ def _value_cases(device: str) -> list[Case]:
         shapes_ = [Case("causal", 2, 8, 8, 513, 513, 128, causal=True),
                    Case("long", 1, 8, 2, 1024, 1024, 64, causal=True, layout="bshd"),
                    Case("cross", 2, 4, 4, 200, 333, 128)]
-    return [Case(c.name, c.b, c.hq, c.hkv, c.sq, c.sk, c.d, causal=c.causal, layout=c.layout, values=name,
-                 scale=VALUES[name][1]) for name in VALUES if name != "normal" for c in shapes_]
+    return [replace(c, values=name, scale=VALUES[name][1]) for name in VALUES if name != "normal" for c in shapes_]
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(FP16, id="fp16"), pytest.param(BF16, id="bf16")])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_values(device: str, impl: str, dtype: torch.dtype) -> None:
     for case in _value_cases(device):
         for kind in ("lse", "grad"):
-            res = _run(impl, device, case, dtype, kind)
-            if res is None:
-                continue
-            out, lse, (q, k, v) = res
             try:
-                _check_forward(out.detach(), lse, q.detach(), k.detach(), v.detach(), case, dtype)
-                if kind == "grad":
-                    _check_grads(out, q, k, v, case, dtype)
+                _run_and_check(impl, device, case, dtype, kind)
             except AssertionError as e:
                 raise AssertionError(f"{impl} {device} {DTYPE_IDS[dtype]} {kind} {case.id()}: {e}") from None
 
@@ -189,7 +193,7 @@ def test_values(device: str, impl: str, dtype: torch.dtype) -> None:
 # Rows that see no key: zeros, lse = -inf, finite (zero) gradients
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [pytest.param(FP16, id="fp16"), pytest.param(BF16, id="bf16")])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_rows_that_see_no_key(device: str, impl: str, dtype: torch.dtype) -> None:
@@ -218,7 +222,7 @@ def test_rows_that_see_no_key(device: str, impl: str, dtype: torch.dtype) -> Non
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dtype", [pytest.param(FP16, id="fp16"), pytest.param(BF16, id="bf16")])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_finite_inputs(device: str, impl: str, dtype: torch.dtype, causal: bool, where: str, bad: float) -> None:
@@ -291,14 +295,7 @@ def _problem_strategy(device: str):
 def _property(device: str, p: dict) -> None:
     case = Case("drawn", p["b"], p["hkv"] * p["group"], p["hkv"], p["sq"], p["sk"], p["d"], causal=p["causal"],
                 layout=p["layout"], strided=p["strided"], values=p["values"], scale=VALUES[p["values"]][1])
-    kind = "grad" if p["grad"] else "lse"
-    res = _run(p["impl"], device, case, p["dtype"], kind)
-    if res is None:
-        return
-    out, lse, (q, k, v) = res
-    _check_forward(out.detach(), lse, q.detach(), k.detach(), v.detach(), case, p["dtype"])
-    if kind == "grad":
-        _check_grads(out, q, k, v, case, p["dtype"])
+    _run_and_check(p["impl"], device, case, p["dtype"], "grad" if p["grad"] else "lse")
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
