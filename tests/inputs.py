@@ -38,6 +38,15 @@ def poison_outputs(monkeypatch) -> None:  # type: ignore[no-untyped-def]
         poison_cuda_allocator()
 
 
+def nan_padded_view(t: torch.Tensor) -> torch.Tensor:
+    """t's values as a view into a larger NaN-filled buffer (one extra slice on dim 1, 8 extra
+    columns, an odd offset): a kernel that reads outside the view picks up NaN and fails."""
+    b, s1, s2, d = t.shape
+    big = torch.full((b, s1 + 1, s2, d + 8), float("nan"), device=t.device, dtype=t.dtype)
+    big[:, 1:, :, 3:3 + d] = t
+    return big[:, 1:, :, 3:3 + d]
+
+
 def make_qkv(
     b: int, hq: int, hkv: int, sq: int, sk: int, d: int, *, dv: int | None = None,
     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", layout: str = "bhsd",
@@ -52,11 +61,7 @@ def make_qkv(
     def one(h: int, s: int, dd: int) -> torch.Tensor:
         shape = (b, h, s, dd) if layout == "bhsd" else (b, s, h, dd)
         t = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
-        if noncontiguous:
-            big = torch.full((shape[0], shape[1] + 1, shape[2], dd + 8), float("nan"), device=device, dtype=dtype)
-            big[:, 1:, :, 3:3 + dd] = t
-            t = big[:, 1:, :, 3:3 + dd]
-        return t.requires_grad_(requires_grad)
+        return (nan_padded_view(t) if noncontiguous else t).requires_grad_(requires_grad)
 
     return one(hq, sq, d), one(hkv, sk, d), one(hkv, sk, dv)
 
@@ -110,15 +115,8 @@ def make_case_inputs(case, dtype: torch.dtype, device: str, *, requires_grad: bo
     def place(t: torch.Tensor) -> torch.Tensor:
         if case.layout == "bshd":
             t = t.transpose(1, 2)
-        t = t.to(dtype)
-        if case.strided:
-            b, s1, s2, d = t.shape
-            big = torch.full((b, s1 + 1, s2, d + 8), float("nan"), dtype=dtype)
-            big[:, 1:, :, 3:3 + d] = t
-            t = big[:, 1:, :, 3:3 + d]
-        else:
-            t = t.contiguous()
-        return t.to(device).requires_grad_(requires_grad)
+        t = t.to(device=device, dtype=dtype)
+        return (nan_padded_view(t) if case.strided else t.contiguous()).requires_grad_(requires_grad)
 
     return place(q), place(k), place(v)
 
