@@ -10,8 +10,6 @@ cross several blocks and every masked/unmasked loop runs.
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from types import ModuleType
 from typing import Iterator
 
@@ -31,30 +29,12 @@ bwd: ModuleType  # bound by the fixture below
 
 
 @pytest.fixture(scope="module", autouse=True)
-def backward_module() -> Iterator[ModuleType]:
-    """The backward module with its kernels defined under the interpreter (CPU) or compiled (GPU).
-
-    triton.jit picks interpreter or compiler when a kernel is defined, so on CPU the module is
-    (re)loaded with TRITON_INTERPRET=1, for this file only: the variable is restored and the module
-    loaded again afterwards, so that no other test sees the interpreter (it would make the Triton
-    backend eligible on CPU).
-    """
+def backward_module(triton_interpreter_state: None) -> Iterator[ModuleType]:
+    """The backward module with its kernels defined under the interpreter (CPU; the shared fixture,
+    tests/conftest.py, restores the compiled kernels afterwards) or compiled (GPU)."""
     global bwd
-    if torch.cuda.is_available():
-        bwd = importlib.import_module(MODULE)
-        yield bwd
-        return
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        bwd = importlib.reload(sys.modules[MODULE]) if MODULE in sys.modules else importlib.import_module(MODULE)
-        yield bwd
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-        importlib.reload(sys.modules[MODULE])
+    bwd = importlib.import_module(MODULE)
+    yield bwd
 
 
 SMALL = {"BWD_BLOCK_M": 16, "BWD_BLOCK_N": 32}

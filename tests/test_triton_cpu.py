@@ -10,8 +10,6 @@ interpreter runs every tile op through numpy.
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from types import ModuleType
 from typing import Iterator
 
@@ -28,44 +26,18 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
     pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests; the GPU runs test_triton_gpu.py"),
 ]
-MODULES = ("flashdispatch.backends.triton.forward", "flashdispatch.backends.triton.decode",
-           "flashdispatch.backends.triton.backward")
+MODULES = ("flashdispatch.backends.triton.forward", "flashdispatch.backends.triton.decode")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 fwd: ModuleType
 dec: ModuleType
 
 
-def _load() -> tuple[ModuleType, ModuleType]:
-    mods = []
-    for name in MODULES:  # forward first: decode imports its helpers
-        if name.endswith("backward") and not fwd_backward_present():
-            continue
-        mods.append(importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name))
-    return mods[0], mods[1]  # backward.py is reloaded for the autograd test below
-
-
-def fwd_backward_present() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("flashdispatch.backends.triton.backward") is not None
-
-
 @pytest.fixture(scope="module", autouse=True)
-def interpreted_kernels() -> Iterator[None]:
-    """Kernels (re)defined under TRITON_INTERPRET=1 for this file only (triton.jit decides at
-    definition time); afterwards the variable is restored and the modules reloaded compiled."""
+def interpreted_kernels(triton_interpreter_state: None) -> Iterator[None]:
+    """Kernels defined under TRITON_INTERPRET=1 for this file (the shared fixture, tests/conftest.py)."""
     global fwd, dec
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        fwd, dec = _load()
-        yield
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-        _load()
+    fwd, dec = (importlib.import_module(n) for n in MODULES)
+    yield
 
 
 def _id(c: tuple) -> str:
@@ -152,7 +124,6 @@ def test_decode_forward_path(poisoned: None) -> None:
     check_forward(out, q, k, v, causal=True, scale=0.125, lse=lse)
 
 
-@pytest.mark.skipif(not fwd_backward_present(), reason="backward.py not there yet")
 def test_gradients_through_the_autograd_function() -> None:
     """attention(backend="triton") with requires_grad runs the one autograd Function over triton's
     pair: forward here, backward from backward.py; gradients within 3x of plain torch's error."""
