@@ -198,7 +198,7 @@ class SdpaPlain(_Sdpa):
 
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=EVERYWHERE, dtypes=ALL_DTYPES, max_head_dim=1 << 16, lse=False,
-                            deterministic=False, window=True, softcap=True, sinks=True,
+                            deterministic=False, window=True, softcap=True, sinks=True, fuses_variants=False,
                             notes="torch picks flash/cuDNN/efficient/math; window through a boolean mask, "
                                   "softcap and sinks through explicit fp32 math")
 
@@ -242,7 +242,8 @@ class SdpaEfficient(_Sdpa):
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=GPUS, dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
                             min_cuda_capability=50, max_head_dim=256, head_dim_multiple=8, lse=False,
-                            deterministic=False, window=True, notes="window through a boolean mask")
+                            deterministic=False, window=True, fuses_variants=False,
+                            notes="window through a boolean mask")
 
 
 class SdpaMath(_Sdpa):
@@ -251,7 +252,7 @@ class SdpaMath(_Sdpa):
 
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=EVERYWHERE, dtypes=ALL_DTYPES, max_head_dim=1 << 16,
-                            window=True, softcap=True, sinks=True,
+                            window=True, softcap=True, sinks=True, fuses_variants=False,
                             notes="explicit fp32 math in torch ops (fp64 for fp64); O(S^2) memory")
 
     def plan_notes(self, p: Problem, dev: DeviceInfo, config: dict[str, Any]) -> list[str]:

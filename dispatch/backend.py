@@ -96,6 +96,10 @@ class Capabilities:
     window: bool = False
     softcap: bool = False
     sinks: bool = False
+    # True: the kernel applies the variants itself and skips the blocks a window hides (its time
+    # follows the visible work); False: it computes every (query, key) pair and masks, or runs
+    # explicit math (the cost model predicts it at the whole score matrix plus the mask it reads)
+    fuses_variants: bool = True
     notes: str = ""
     # appended to the reason when the device kind is not served (how to make it served, if any)
     device_hint: str = ""

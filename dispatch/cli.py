@@ -40,7 +40,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"flashdispatch {__version__}")
     print(f"device:   {dev.describe()}")
     if profile:
-        print(f"profile:  {profile.provenance()} ({len(profile.entries)} entries)")
+        print(f"profile:  {profile.provenance()} ({len(profile.groups)} groups, {sum(len(g.points) for g in profile.groups)} points)")
     else:
         print(f"profile:  none for key {dev.profile_key!r}: built-in default order")
     for p in problems:

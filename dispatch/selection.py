@@ -17,7 +17,8 @@ from typing import Any, Iterator
 from . import envs
 from .device import ARCH_FAMILY, DeviceInfo, current_device, real_device
 from .errors import NoBackendError
-from .profile_store import Entry, Profile, load_profile
+from .costmodel import Prediction, group_key
+from .profile_store import Group, Profile, load_profile
 from .problem import Problem
 from .registry import REGISTRY
 
@@ -43,10 +44,10 @@ VARIANT_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 
-# Plain SDPA is what the user runs today. A profile's winner is chosen over it only when measured
-# at least this fraction faster: closer than that is inside the timing noise (the tune's do_bench
-# and the bench's interleaved medians disagreed by 1-3% on one cuDNN kernel reached two ways,
-# docs/bench.md), and a tie goes to the baseline.
+# Plain SDPA is what the user runs today. Another implementation is chosen over it only when
+# predicted at least this fraction faster: closer than that is inside the models' error and the
+# timing noise (the tune's medians and the bench's interleaved medians disagreed by 1-3% on one
+# cuDNN kernel reached two ways, docs/bench.md), and a tie goes to the baseline.
 BASELINE = "sdpa"
 BASELINE_MARGIN = 0.02
 
@@ -56,27 +57,37 @@ class Decision:
     backend: str  # family: "sdpa", "triton", "cupy"
     variant: str  # implementation name: "sdpa:cudnn", "triton"
     config: dict[str, Any]
-    source: str  # "argument" | "context" | "env" | "profile:<file>#<entry>" | "default"
+    source: str  # "argument" | "context" | "env" | "profile:<file>#<group>" | "default"
     rejected: dict[str, list[str]]
     problem: Problem
     device: DeviceInfo
     candidates: tuple[str, ...] = ()  # eligible implementations, best first
     notes: tuple[str, ...] = ()
     profile: str | None = None  # provenance line of the profile in use
-    ms: dict[str, float] = field(default_factory=dict)  # measured times of the matched entry
+    predicted: dict[str, float] = field(default_factory=dict)  # predicted ms of each eligible implementation
+    models: tuple[str, ...] = ()  # how each prediction was made: model, borrowing, nearest measured points
+    margin: float | None = None  # predicted time of the runner-up / the chosen one's, minus 1
+    uncertain: str = ""  # why the model is unsure of this decision ("" when it is not)
 
     def __str__(self) -> str:
         lines = [
             f"flashdispatch decision: {self.variant}  (source: {self.source})",
             f"  problem:  {self.problem.describe()}",
+            f"  class:    {group_key(self.problem).label()}",
             f"  device:   {self.device.describe()}",
         ]
         if self.profile:
             lines.append(f"  profile:  {self.profile}")
         if self.config:
             lines.append(f"  config:   {self.config}")
-        if self.ms:
-            lines.append("  measured: " + ", ".join(f"{k}={v:.4g} ms" for k, v in self.ms.items()))
+        if self.predicted:
+            lines.append("  predicted: " + ", ".join(f"{k}={v:.4g} ms" for k, v in self.predicted.items()))
+        if self.margin is not None:
+            lines.append(f"  margin:   {self.margin:+.1%} (runner-up's predicted time over the chosen one's)")
+        for m in self.models:
+            lines.append(f"  model:    {m}")
+        if self.uncertain:
+            lines.append(f"  unsure:   {self.uncertain}")
         lines.append(f"  eligible: {', '.join(self.candidates) if self.candidates else '(none)'}")
         for n in self.notes:
             lines.append(f"  note:     {n}")
@@ -223,33 +234,117 @@ def _eligible(p: Problem, dev: DeviceInfo, names: list[str], rejected: dict[str,
     return ok
 
 
-def _order(
-    p: Problem, dev: DeviceInfo, eligible: list[str], profile: Profile | None
-) -> tuple[list[str], Entry | None, str | None]:
-    """Eligible implementations best first, the profile entry that ranked them (None: the default
-    order did), and a note when plain SDPA was kept over a winner inside BASELINE_MARGIN."""
-    entry = profile.lookup(p) if profile else None
+@dataclass
+class _Ranking:
+    """What ordered the eligible implementations, for the Decision."""
+
+    ordered: list[str]
+    source: str = "default"
+    group: Group | None = None  # the group whose config the chosen implementation takes
+    predicted: dict[str, float] = field(default_factory=dict)
+    models: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    margin: float | None = None
+    uncertain: str = ""
+
+
+def _default_order(p: Problem, dev: DeviceInfo, names: list[str]) -> list[str]:
     orders = VARIANT_ORDER if p.is_variant else DEFAULT_ORDER
     default = orders.get(dev.kind, orders["cpu"])
-    rank: dict[str, int] = {}
-    if entry:
-        for i, n in enumerate(entry.ranking):
-            rank.setdefault(n, i)
-    base = len(rank)
-    for i, n in enumerate(default):
-        rank.setdefault(n, base + i)
-    ordered = sorted(eligible, key=lambda n: (rank.get(n, 10_000), n))
-    if entry and (not ordered or ordered[0] not in entry.ranking):
-        entry = None  # the profile ranked nothing that can serve: the default order decided
-    note = None
-    if entry and ordered[0] != BASELINE and BASELINE in ordered:
-        top, baseline = entry.ms.get(ordered[0]), entry.ms.get(BASELINE)
-        if top is not None and baseline is not None and top > baseline * (1.0 - BASELINE_MARGIN):
-            note = (f"the profile times {ordered[0]} at {top:.4g} ms and plain sdpa at {baseline:.4g} ms, "
-                    f"less than {BASELINE_MARGIN:.0%} apart: plain SDPA, the baseline, runs")
-            ordered.remove(BASELINE)
-            ordered.insert(0, BASELINE)
-    return ordered, entry, note
+    rank = {n: i for i, n in enumerate(default)}
+    return sorted(names, key=lambda n: (rank.get(n, 10_000), n))
+
+
+def _fuses_variants(name: str, dev: DeviceInfo) -> bool:
+    return REGISTRY.get(name).capabilities(dev).fuses_variants
+
+
+def _rank_by_model(p: Problem, dev: DeviceInfo, eligible: list[str], profile: Profile) -> _Ranking | None:
+    """Eligible implementations by predicted time (those the profile has no model of after them,
+    in the default order), with plain SDPA kept unless the winner is predicted BASELINE_MARGIN faster."""
+    model = profile.model
+    if not model:
+        return None
+    preds: dict[str, Prediction] = {}
+    for n in eligible:
+        pr = model.predict(p, n, fuses_variants=_fuses_variants(n, dev))
+        if pr is not None:
+            preds[n] = pr
+    if not preds:
+        return None
+    by_time = sorted(preds, key=lambda n: (preds[n].ms, n))
+    rest = _default_order(p, dev, [n for n in eligible if n not in preds])
+    r = _Ranking(by_time + rest)
+    top = by_time[0]
+    if top != BASELINE and BASELINE in preds and preds[top].ms > preds[BASELINE].ms * (1.0 - BASELINE_MARGIN):
+        r.notes.append(f"{top} is predicted at {preds[top].ms:.4g} ms and plain sdpa at {preds[BASELINE].ms:.4g} ms, "
+                       f"less than {BASELINE_MARGIN:.0%} apart: plain SDPA, the baseline, runs")
+        r.ordered.remove(BASELINE)
+        r.ordered.insert(0, BASELINE)
+    chosen = r.ordered[0]
+    win = preds[chosen]
+    r.group = model.groups[win.key]
+    r.source = f"profile:{profile.path}#{win.key.label()}"
+    r.predicted = {n: preds[n].ms for n in by_time}
+    r.models = [preds[n].describe() for n in by_time]
+    others = [preds[n].ms for n in by_time if n != chosen]
+    if others:
+        r.margin = min(others) / win.ms - 1.0
+    # unsure: the winner's or the runner-up's model is borrowed, estimated or extrapolated, or the
+    # two are closer than their fit errors
+    doubts = []
+    for n in [chosen] + [n for n in by_time if n != chosen][:1]:
+        pr = preds[n]
+        if not pr.exact:
+            why = "; ".join(pr.borrowed + ((pr.estimated,) if pr.estimated else ())
+                            + (("extrapolated",) if pr.extrapolated else ()))
+            doubts.append(f"{n}: {why}")
+    if r.margin is not None and len(by_time) > 1 and chosen != BASELINE:  # a close call to keep the baseline is safe
+        runner = min((n for n in by_time if n != chosen), key=lambda n: preds[n].ms)
+        err = win.fit.rms + preds[runner].fit.rms
+        if abs(r.margin) < err:
+            doubts.append(f"{chosen} and {runner} are {abs(r.margin):.1%} apart, inside their fit errors ({err:.1%})")
+    r.uncertain = "; ".join(doubts)
+    return r
+
+
+def _rank_by_argued_order(p: Problem, dev: DeviceInfo, eligible: list[str], profile: Profile) -> _Ranking | None:
+    """An unmeasured profile: the argued ranking of the nearest point, then the default order."""
+    found = profile.argued_ranking(p)
+    if found is None:
+        return None
+    ranking, g, pt, why = found
+    rank = {n: i for i, n in enumerate(ranking)}
+    if not any(n in rank for n in eligible):
+        return None
+    default = _default_order(p, dev, eligible)
+    ordered = sorted(eligible, key=lambda n: (rank.get(n, len(rank) + default.index(n)), n))
+    r = _Ranking(ordered, f"profile:{profile.path}#{g.key.label()} {pt.describe()}", g)
+    if why:
+        r.notes.append("the argued order of another group: " + ", ".join(why))
+    r.uncertain = "the profile is not measured"
+    return r
+
+
+def _config_applies(g: Group, p: Problem) -> bool:
+    """A group's tuned configs serve problems of its own key (either half dtype: same tiles); a
+    borrowed group's tiles may not fit another head dim or path, so those take the default."""
+    k, mine = g.key, group_key(p)
+    return k._replace(dtype=mine.dtype) == mine and {k.dtype, mine.dtype} <= {"fp16", "bf16"} | {mine.dtype}
+
+
+def _order(p: Problem, dev: DeviceInfo, eligible: list[str], profile: Profile | None) -> _Ranking:
+    """Eligible implementations best first, and what ordered them."""
+    if profile is not None:
+        r = _rank_by_model(p, dev, eligible, profile) if profile.measured else _rank_by_argued_order(p, dev, eligible, profile)
+        if r is not None:
+            return r
+    r = _Ranking(_default_order(p, dev, eligible))
+    if profile is not None and profile.measured:
+        r.notes.append(f"the profile has no model for {group_key(p).label()} (nor a group to borrow from): "
+                       "the built-in order decided")
+        r.uncertain = "no model for this problem"
+    return r
 
 
 def select(p: Problem, backend: str | None = None, *, device: DeviceInfo | None = None) -> Decision:
@@ -300,21 +395,14 @@ def _select_uncached(p: Problem, forced: str | None, source: str, device: Device
     if not eligible:
         raise NoBackendError(p, dev, {n: rejected[n] for n in pool if n in rejected} if forced else rejected,
                              forced=forced, source=source)
-    ordered, entry, margin_note = _order(p, dev, eligible, profile)
-    chosen = ordered[0]
+    rk = _order(p, dev, eligible, profile)
+    chosen = rk.ordered[0]
     impl = REGISTRY.get(chosen)
     config = dict(impl.default_config(p, dev))
-    if entry and chosen in entry.config:
-        config.update(entry.config[chosen])
-    if forced is None:
-        src = f"profile:{profile.path}#{entry.label()}" if entry and profile else "default"
-        if margin_note:
-            src += " (baseline margin)"
-    else:
-        src = source
-    notes = list(problems)
-    if margin_note:
-        notes.append(margin_note)
+    if rk.group is not None and _config_applies(rk.group, p):
+        config.update(rk.group.config_for(p, chosen, profile.sm_count if profile else 1))
+    src = rk.source if forced is None else source
+    notes = list(problems) + rk.notes
     if not p.contiguous:
         notes.append("an input has a non-unit last stride: attention() copies it to contiguous memory first")
     try:
@@ -329,8 +417,11 @@ def _select_uncached(p: Problem, forced: str | None, source: str, device: Device
         rejected=rejected,
         problem=p,
         device=dev,
-        candidates=tuple(ordered),
+        candidates=tuple(rk.ordered),
         notes=tuple(notes),
         profile=profile.provenance() if profile else None,
-        ms=dict(entry.ms) if entry else {},
+        predicted=rk.predicted,
+        models=tuple(rk.models),
+        margin=rk.margin,
+        uncertain=rk.uncertain if forced is None else "",
     )

@@ -214,19 +214,20 @@ def _profile_cases(arch: str) -> list[KernelCase]:
         kind = "rocm" if dev_arch.startswith("gfx") else "cuda"
         if not dev_arch or configs.arch_family(kind, dev_arch) != arch:
             continue
-        for e in prof.entries:
-            cfg = e.config.get("triton")
+        for g in prof.groups:
+            cfg = g.config.get("triton")
             if not cfg:
                 continue
-            m = e.match
-            common = dict(dtype=m["dtype"], head_dim=m["head_dim"], causal=bool(m["causal"]), origin=str(f))
-            if m["pass"] == "decode" and cfg.get("PATH", "split_kv") == "split_kv":
+            k = g.key
+            causal = k.cls in ("causal", "chunked", "speculative", "causal_tall")
+            common = dict(dtype=k.dtype, head_dim=k.head_dim, causal=causal, origin=str(f))
+            if k.cls in ("decode", "speculative") and cfg.get("PATH", "split_kv") == "split_kv":
                 cases.append(make_case("decode", cfg, **common))
-            elif m["pass"] in ("fwd", "fwd_bwd", "decode"):
-                fwd = {k: v for k, v in cfg.items() if k in configs.FORWARD_KEYS}
+            else:
+                fwd = {kk: v for kk, v in cfg.items() if kk in configs.FORWARD_KEYS}
                 kernel = "forward_tma" if fwd.get("TMA") and arch == "sm_90" else "forward"
                 cases.append(make_case(kernel, fwd, **common))
-            if m["pass"] == "fwd_bwd":
+            if k.pass_ == "fwd_bwd":
                 bwd = {k: v for k, v in cfg.items() if k.startswith("BWD_")}
                 cases.extend(make_case(name, bwd, **common) for name in BACKWARD_KERNEL_NAMES)
     return cases

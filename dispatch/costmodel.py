@@ -1,0 +1,444 @@
+"""The cost model: each implementation's predicted time for a problem, fitted to measurements.
+
+A profile (dispatch/profile_store.py) holds, per *group* — pass x shape class x variant x dtype x
+head dim — the shapes the tuner measured (the raw points, every implementation's median time at
+each) and, per implementation, the parameters of a small linear model fitted to those points:
+
+    time_us = overhead_us + gflop * us_per_gflop + gb * us_per_gb + gflop * tail * us_per_gflop_tail
+
+  gflop  the floating-point work of the visible (query, key) pairs (4 * B * Hq * pairs * D for the
+         forward; 2.5 times more for the backward on top)
+  gb     the bytes every implementation must move at least: Q, K, V and O (and dO, dQ, dK, dV)
+  tail   the wave quantisation of the grid: with one program per (batch, head, 128 query rows)
+         on `sm_count` SMs, the fraction of the last wave left idle (0 when the grid fills whole
+         waves, large when a handful of programs run on a big GPU)
+
+The four coefficients are non-negative (a model in which more work takes less time cannot be
+trusted outside its points) and are fitted to minimise the *relative* error over the group's
+points, because a decision compares ratios: a 5% error at 20 us matters as much as at 20 ms.
+Reading them back: 1 / us_per_gflop is the TFLOP/s the implementation sustains on big problems,
+1 / us_per_gb its TB/s when memory-bound (decode), overhead_us its fixed cost per call.
+
+A problem is predicted from its own group when the profile measured it, else from the nearest
+group that did (the other half-precision dtype, the nearest head dim, a neighbouring class),
+and every such borrowing is written into the decision. Sliding window, softcap and sinks are
+predicted from a group measured with that variant where there is one; otherwise an
+implementation that fuses the variant (it skips the hidden blocks) is predicted from its plain
+model at the visible work, and one that does not (plain SDPA: a materialised boolean mask, or
+explicit math) from its plain model at the *whole* score matrix plus the mask it reads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from .problem import (
+    DECODE_MAX_SEQLEN_Q,
+    DTYPES_BY_NAME,
+    NO_WINDOW,
+    Problem,
+    causal_visible_pairs,
+    window_visible_pairs,
+)
+
+# --- shape classes ------------------------------------------------------------------------------
+
+# What the tuner measures separately because kernels behave differently on them, not only by size:
+#   dense        no mask (any Sq, Sk that is not decode)
+#   causal       causal, Sq == Sk: half the score matrix is hidden
+#   chunked      causal, DECODE_MAX_SEQLEN_Q < Sq < Sk (bottom-right): a prompt chunk against a
+#                cache, nearly every row sees nearly every key
+#   speculative  causal, 2 <= Sq <= DECODE_MAX_SEQLEN_Q < Sk: a few draft tokens verified against
+#                a cache (bottom-right mask on a handful of rows)
+#   causal_tall  causal, Sq > Sk: the first Sq - Sk rows see no key
+#   decode       Sq <= DECODE_MAX_SEQLEN_Q < Sk and no mask (Sq = 1, or causal=False): every row
+#                sees the whole cache; memory-bound
+SHAPE_CLASSES: tuple[str, ...] = ("dense", "causal", "chunked", "speculative", "causal_tall", "decode")
+# The variants a problem may add; "plain" is none. A problem with several is grouped under the
+# first of window, sinks, softcap that it uses (the window changes the work most).
+VARIANTS: tuple[str, ...] = ("plain", "window", "sinks", "softcap")
+MODEL_PASSES: tuple[str, ...] = ("fwd", "fwd_bwd")  # decode is a class, not a pass, here
+# The backward's work relative to the forward's (the FlashAttention paper's count: 2.5x).
+BWD_FLOP_FACTOR = 2.5
+# Query rows per program in the wave-quantisation feature (the common forward tile).
+TAIL_BLOCK_M = 128
+
+# Where a class without a measured model borrows from, nearest first.
+CLASS_NEIGHBOURS: dict[str, tuple[str, ...]] = {
+    "dense": ("causal", "chunked"),
+    "causal": ("dense", "chunked"),
+    "chunked": ("causal", "dense"),
+    "speculative": ("chunked", "decode", "causal"),
+    "causal_tall": ("causal", "dense"),
+    "decode": ("speculative", "dense"),
+}
+HALF_DTYPE_TWIN: dict[str, str] = {"fp16": "bf16", "bf16": "fp16"}
+
+
+def shape_class(p: Problem) -> str:
+    """The shape class of a problem (SHAPE_CLASSES); the window does not change it."""
+    sq, sk = p.seqlen_q, p.seqlen_k
+    if p.effective_causal:
+        if sq == sk:
+            return "causal"
+        if sq > sk:
+            return "causal_tall"
+        return "speculative" if sq <= DECODE_MAX_SEQLEN_Q else "chunked"
+    if sq <= DECODE_MAX_SEQLEN_Q and sk > sq:
+        return "decode"
+    return "dense"
+
+
+def variant_kind(p: Problem) -> str:
+    if p.has_window:
+        return "window"
+    if p.sinks:
+        return "sinks"
+    if p.softcap:
+        return "softcap"
+    return "plain"
+
+
+def problem_pass(p: Problem) -> str:
+    return "fwd_bwd" if p.needs_grad else "fwd"
+
+
+class GroupKey(NamedTuple):
+    """What a group of measurements was measured on; a model is valid for problems of its key."""
+
+    pass_: str
+    cls: str
+    variant: str
+    dtype: str
+    head_dim: int
+
+    def label(self) -> str:
+        v = "" if self.variant == "plain" else f" {self.variant}"
+        return f"{self.pass_} {self.cls}{v} {self.dtype} D={self.head_dim}"
+
+
+def group_key(p: Problem) -> GroupKey:
+    return GroupKey(problem_pass(p), shape_class(p), variant_kind(p), p.dtype_name, p.head_dim)
+
+
+# --- features -----------------------------------------------------------------------------------
+
+FEATURES: tuple[str, ...] = ("overhead_us", "us_per_gflop", "us_per_gb", "us_per_gflop_tail")
+
+
+def visible_pairs(p: Problem, *, dense: bool = False) -> int:
+    """(query, key) pairs the problem's mask leaves (all of them with dense=True)."""
+    if dense:
+        return p.seqlen_q * p.seqlen_k
+    if p.has_window:
+        return window_visible_pairs(p.seqlen_q, p.seqlen_k, p.window)
+    if p.effective_causal:
+        return causal_visible_pairs(p.seqlen_q, p.seqlen_k)
+    return p.seqlen_q * p.seqlen_k
+
+
+def features(p: Problem, sm_count: int, *, dense: bool = False) -> np.ndarray:
+    """The model's inputs for `p` (FEATURES order): 1, GFLOP, GB, GFLOP x wave tail.
+
+    dense=True counts the whole score matrix (an implementation that does not skip hidden blocks)
+    and the (Sq, Sk) boolean mask it reads."""
+    elt = DTYPES_BY_NAME[p.dtype_name].itemsize if p.dtype_name in DTYPES_BY_NAME else 2
+    pairs = visible_pairs(p, dense=dense)
+    flop = 2.0 * p.batch * p.heads_q * pairs * (p.head_dim + p.head_dim_v)
+    q_o = p.batch * p.heads_q * p.seqlen_q * (p.head_dim + p.head_dim_v)
+    kv = p.batch * p.heads_kv * p.seqlen_k * (p.head_dim + p.head_dim_v)
+    nbytes = float(q_o + kv) * elt
+    if p.needs_grad:
+        flop *= 1.0 + BWD_FLOP_FACTOR
+        nbytes *= 3.0  # reads q, k, v, o, do; writes dq, dk, dv (and the forward's traffic)
+    if dense and p.is_variant:
+        nbytes += float(p.seqlen_q * p.seqlen_k)  # the boolean mask (broadcast over batch and heads)
+    programs = p.batch * p.heads_q * math.ceil(max(1, p.seqlen_q) / TAIL_BLOCK_M)
+    sms = max(1, sm_count)
+    waves = math.ceil(programs / sms)
+    tail = waves * sms / programs - 1.0
+    gflop = flop / 1e9
+    return np.array([1.0, gflop, nbytes / 1e9, gflop * tail])
+
+
+# --- the fitted model of one implementation on one group ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Fit:
+    """time_us = coef . features; coefficients >= 0; `rms` is the relative RMS error over the
+    `n` points it was fitted to, whose GFLOP span [lo_gflop, hi_gflop]."""
+
+    coef: tuple[float, float, float, float]
+    rms: float
+    n: int
+    lo_gflop: float
+    hi_gflop: float
+
+    def predict_us(self, x: np.ndarray) -> float:
+        return float(np.dot(np.asarray(self.coef), x))
+
+    def describe(self) -> str:
+        c0, g, b, t = self.coef
+        parts = [f"{c0:.3g} us + "]
+        parts.append(f"work at {1e3 / g:.4g} TFLOP/s" if g > 0 else "no compute term")
+        if b > 0:
+            parts.append(f" + bytes at {1e3 / b:.4g} TB/s")
+        if t > 0:
+            parts.append(f" + wave tail at {1e3 / t:.4g} TFLOP/s")
+        return "".join(parts) + f"; fit error {self.rms:.1%} over {self.n} points"
+
+    def to_yaml(self) -> dict[str, Any]:
+        d: dict[str, Any] = {k: _round(v) for k, v in zip(FEATURES, self.coef)}
+        d.update(rms=_round(self.rms), n=self.n, gflop=[_round(self.lo_gflop), _round(self.hi_gflop)])
+        return d
+
+    @staticmethod
+    def from_yaml(d: Mapping[str, Any]) -> "Fit":
+        coef = tuple(float(d.get(k, 0.0) or 0.0) for k in FEATURES)
+        if any(c < 0 or not math.isfinite(c) for c in coef):
+            raise ValueError(f"fit coefficients must be finite and >= 0, got {dict(zip(FEATURES, coef))}")
+        lo, hi = (d.get("gflop") or [0.0, 0.0])
+        return Fit(coef, float(d.get("rms", 0.0)), int(d.get("n", 0)), float(lo), float(hi))  # type: ignore[arg-type]
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def fit(xs: Sequence[np.ndarray], times_us: Sequence[float]) -> Fit:
+    """Non-negative least squares on the relative error, by trying every subset of features
+    (there are four): the subset with the smallest error whose coefficients are all >= 0 wins.
+    Every model has the work or the bytes term; one point fits the work term alone (a
+    throughput), the overhead and the others join as the points allow."""
+    a = np.stack([np.asarray(x, dtype=np.float64) for x in xs])
+    t = np.asarray(times_us, dtype=np.float64)
+    if a.ndim != 2 or len(t) != len(a) or len(t) == 0:
+        raise ValueError(f"fit: expected one feature row per time, got {a.shape} rows and {len(t)} times")
+    if np.any(t <= 0) or not np.all(np.isfinite(t)):
+        raise ValueError(f"fit: times must be finite and > 0, got {t.tolist()}")
+    w = a / t[:, None]  # relative residuals: (a.c - t) / t = w.c - 1
+    ones = np.ones(len(t))
+    best: tuple[float, np.ndarray] | None = None
+    cols = range(a.shape[1])
+    max_terms = min(a.shape[1], len(t))
+    for r in range(1, max_terms + 1):
+        for subset in itertools.combinations(cols, r):
+            if 1 not in subset and 2 not in subset:
+                continue  # a model with neither work nor bytes says nothing about another size
+            sub = w[:, subset]
+            if not np.any(sub):
+                continue
+            c, *_ = np.linalg.lstsq(sub, ones, rcond=None)
+            if np.any(c < -1e-12):
+                continue
+            full = np.zeros(a.shape[1])
+            full[list(subset)] = np.maximum(c, 0.0)
+            err = float(np.sqrt(np.mean((w @ full - 1.0) ** 2)))
+            # a term must earn its place: prefer fewer terms unless the error drops clearly
+            if best is None or err < best[0] * 0.97 - 1e-9:
+                best = (err, full)
+    if best is None:  # only all-zero features (impossible for real shapes)
+        raise ValueError("fit: no feature varies with the measurements")
+    gf = a[:, 1]
+    return Fit(tuple(float(c) for c in best[1]), best[0], len(t), float(gf.min()), float(gf.max()))  # type: ignore[arg-type]
+
+
+# --- groups and points ------------------------------------------------------------------------
+
+
+class Point(NamedTuple):
+    """One measured shape of a group: the dims and every implementation's median time (ms).
+    `host_us` holds the eager host time per call where the time is a CUDA-graph replay (decode)."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen_q: int
+    seqlen_k: int
+    window: int = -1  # left window size for the window variant, -1 none
+    ms: Mapping[str, float] = {}
+    host_us: Mapping[str, float] = {}
+    # unmeasured profiles: an argued order, fastest first, instead of times
+    ranking: tuple[str, ...] = ()
+    # the best config of each tuned implementation at this shape (the group's config otherwise)
+    config: Mapping[str, Mapping[str, Any]] = {}
+
+    def dims(self) -> tuple[int, int, int, int, int]:
+        return (self.batch, self.heads_q, self.heads_kv, self.seqlen_q, self.seqlen_k)
+
+    def describe(self) -> str:
+        w = f" window={self.window}" if self.window >= 0 else ""
+        return f"B={self.batch} Hq={self.heads_q} Hkv={self.heads_kv} Sq={self.seqlen_q} Sk={self.seqlen_k}{w}"
+
+
+def point_problem(key: GroupKey, pt: Point, device_kind: str = "cuda") -> Problem:
+    """The Problem a point of group `key` measured (what attention() would build for it)."""
+    causal = key.cls in ("causal", "chunked", "speculative", "causal_tall")
+    dtype = DTYPES_BY_NAME[key.dtype]
+    window = (pt.window, 0 if causal else pt.window) if pt.window >= 0 else None
+    from .problem import problem_from_shape  # local: problem_from_shape builds meta tensors
+
+    return problem_from_shape(
+        (pt.batch, pt.heads_q, pt.heads_kv, pt.seqlen_q, pt.seqlen_k, key.head_dim), dtype=dtype,
+        device_kind=device_kind, causal=causal, needs_grad=key.pass_ == "fwd_bwd", window=window,
+        softcap=30.0 if key.variant == "softcap" else None, sinks=key.variant == "sinks",
+    )
+
+
+@dataclass
+class Group:
+    key: GroupKey
+    points: list[Point]
+    fits: dict[str, Fit] = field(default_factory=dict)
+    config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    line: int | None = None
+
+    def implementations(self) -> list[str]:
+        names: dict[str, None] = {}
+        for pt in self.points:
+            names.update(dict.fromkeys(pt.ms))
+        return list(names)
+
+    def refit(self, sm_count: int) -> None:
+        """Fit every implementation measured at any point of the group (replaces self.fits)."""
+        self.fits = {}
+        for name in self.implementations():
+            xs, ts = [], []
+            for pt in self.points:
+                ms = pt.ms.get(name)
+                if ms is not None and ms > 0 and math.isfinite(ms):
+                    xs.append(features(point_problem(self.key, pt), sm_count))
+                    ts.append(ms * 1e3)
+            if xs:
+                self.fits[name] = fit(xs, ts)
+
+    def nearest_points(self, p: Problem, name: str, sm_count: int, k: int = 2, *, has: str = "ms") -> list[Point]:
+        """The k points nearest to `p` in log GFLOP and log bytes that hold `name` in their
+        `has` field ("ms", "ranking" or "config")."""
+        x = features(p, sm_count)
+        scored = []
+        for i, pt in enumerate(self.points):
+            if name not in getattr(pt, has):
+                continue
+            y = features(point_problem(self.key, pt), sm_count)
+            d = abs(math.log((x[1] + 1e-12) / (y[1] + 1e-12))) + abs(math.log((x[2] + 1e-12) / (y[2] + 1e-12)))
+            scored.append((d, i, pt))
+        scored.sort(key=lambda s: s[:2])
+        return [pt for _, _, pt in scored[:k]]
+
+    def config_for(self, p: Problem, name: str, sm_count: int) -> dict[str, Any]:
+        """`name`'s tuned config for `p`: the nearest point's, else the group's, else {}."""
+        near = self.nearest_points(p, name, sm_count, 1, has="config")
+        if near:
+            return dict(near[0].config[name])
+        return dict(self.config.get(name, {}))
+
+
+# How far outside the measured span of work a prediction may go before it is called an
+# extrapolation (and autotune, when on, measures the problem instead).
+EXTRAPOLATION_FACTOR = 4.0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    name: str
+    ms: float
+    key: GroupKey  # the group whose model predicted (may differ from the problem's own)
+    fit: Fit
+    borrowed: tuple[str, ...] = ()  # how the group differs from the problem's own, in words
+    estimated: str = ""  # non-empty: a variant estimated from a plain model (how)
+    extrapolated: bool = False
+    nearest: tuple[Point, ...] = ()
+
+    @property
+    def exact(self) -> bool:
+        return not self.borrowed and not self.estimated and not self.extrapolated
+
+    def describe(self) -> str:
+        how = [f"model {self.key.label()}: {self.fit.describe()}"]
+        if self.borrowed:
+            how.append("borrowed: " + ", ".join(self.borrowed))
+        if self.estimated:
+            how.append(self.estimated)
+        if self.extrapolated:
+            how.append(f"extrapolated beyond the measured work "
+                       f"({self.fit.lo_gflop:.3g}..{self.fit.hi_gflop:.3g} GFLOP)")
+        if self.nearest:
+            how.append("nearest measured: " + "; ".join(
+                f"{pt.describe()} -> {pt.ms[self.name]:.4g} ms" for pt in self.nearest if self.name in pt.ms))
+        return f"{self.name}: {self.ms:.4g} ms predicted ({'; '.join(how)})"
+
+
+class CostModel:
+    """Every group of one profile, indexed for prediction."""
+
+    def __init__(self, groups: Iterable[Group], sm_count: int) -> None:
+        self.groups: dict[GroupKey, Group] = {}
+        for g in groups:
+            self.groups[g.key] = g
+        self.sm_count = sm_count
+        self._search_cache: dict[tuple[GroupKey, str], tuple[Group, tuple[str, ...]] | None] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def candidates(self, key: GroupKey) -> Iterable[tuple[GroupKey, tuple[str, ...]]]:
+        """Groups that may stand in for `key`, nearest first, with the borrowing in words."""
+        dtypes = [(key.dtype, ())]
+        if key.dtype in HALF_DTYPE_TWIN:
+            twin = HALF_DTYPE_TWIN[key.dtype]
+            dtypes.append((twin, (f"{key.dtype} borrows {twin}'s measurements",)))
+        classes = [(key.cls, ())] + [(c, (f"class {key.cls} borrows class {c}",)) for c in CLASS_NEIGHBOURS[key.cls]]
+        dims = sorted({g.head_dim for g in self.groups},
+                      key=lambda d: (abs(math.log2(d) - math.log2(max(1, key.head_dim))), -d))
+        for cls, why_c in classes:
+            for dt, why_t in dtypes:
+                for d in dims:
+                    why_d = () if d == key.head_dim else (f"D={key.head_dim} borrows D={d}",)
+                    yield GroupKey(key.pass_, cls, key.variant, dt, d), why_c + why_t + why_d
+
+    def find(self, key: GroupKey, name: str) -> tuple[Group, tuple[str, ...]] | None:
+        """The nearest group with a model of `name` for problems of `key`, and how it differs."""
+        ck = (key, name)
+        if ck not in self._search_cache:
+            found = None
+            for k, why in self.candidates(key):
+                g = self.groups.get(k)
+                if g is not None and name in g.fits:
+                    found = (g, why)
+                    break
+            self._search_cache[ck] = found
+        return self._search_cache[ck]
+
+    def predict(self, p: Problem, name: str, *, fuses_variants: bool = True) -> Prediction | None:
+        """The predicted time of implementation `name` on `p`, or None when no group of this
+        profile has a model of it for the problem's pass."""
+        key = group_key(p)
+        dense = False
+        estimated = ""
+        found = self.find(key, name)
+        if found is None and key.variant != "plain":
+            found = self.find(key._replace(variant="plain"), name)
+            if found is not None:
+                if fuses_variants:
+                    estimated = f"{key.variant} estimated from the plain model at the visible work"
+                else:
+                    dense = True
+                    estimated = (f"{key.variant} estimated from the plain model at the whole score matrix "
+                                 "(this implementation computes every pair and reads a mask, or runs math)")
+        if found is None:
+            return None
+        g, borrowed = found
+        f = g.fits[name]
+        x = features(p, self.sm_count, dense=dense)
+        us = max(f.predict_us(x), 1e-3)
+        work = x[1]
+        extrapolated = f.n < 2 or not (f.lo_gflop / EXTRAPOLATION_FACTOR <= work <= f.hi_gflop * EXTRAPOLATION_FACTOR)
+        return Prediction(name, us / 1e3, g.key, f, borrowed, estimated, bool(extrapolated),
+                          tuple(g.nearest_points(p, name, self.sm_count)))
