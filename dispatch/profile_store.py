@@ -344,7 +344,8 @@ def _scalar(x: Any) -> str:
     if isinstance(x, bool):
         return "true" if x else "false"
     if isinstance(x, float):
-        return repr(float(f"{x:.4g}"))
+        mant, e, exp = repr(float(f"{x:.4g}")).partition("e")
+        return f"{mant if '.' in mant else mant + '.0'}{e}{exp}"  # YAML 1.1 reads 1e-07 as a string
     if isinstance(x, int):
         return str(x)
     if x is None:

@@ -1,5 +1,6 @@
-"""The tuner and the benchmark on the CPU: sweep logic, checking before timing, config pruning,
-the profile it writes (read back by the dispatcher), interruption and resume.
+"""The tuner and the benchmark on the CPU: the model grid and its estimated duration, sweep logic,
+checking before timing, config pruning, the schema-2 profile it writes (read back by the
+dispatcher's cost model), interruption and resume.
 
 Times are made deterministic where the test is about ranking: `timing.median_ms` and
 `timing.estimate_ms` are replaced by the config's declared cost, so no test asserts on a clock.
@@ -18,8 +19,10 @@ import torch
 import flashdispatch
 from flashdispatch.backend import Capabilities, Implementation
 from flashdispatch.device import DeviceInfo
+from flashdispatch.costmodel import group_key, shape_class
+from flashdispatch.device import simulated_device
 from flashdispatch.problem import Problem, problem_from_shape
-from flashdispatch.profile_store import parse_profile, problem_pass
+from flashdispatch.profile_store import SCHEMA_VERSION, Profile, parse_profile, problem_pass
 from flashdispatch.reference import attention_math
 from flashdispatch.registry import REGISTRY
 from flashdispatch.tools import bench, shapes, timing, tune, verify
@@ -101,23 +104,105 @@ def _gen(seed: int = 0) -> torch.Generator:
 # --- shapes and buckets -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["quick", "full", "tiny"])
-def test_bucket_pass_and_causal_agree_with_the_dispatchers_lookup(name: str) -> None:
+def _points(prof: Profile) -> list[Any]:
+    return [pt for g in prof.groups for pt in g.points]
+
+
+@pytest.mark.parametrize("name", ["quick", "full", "tiny", "cpu"])
+def test_every_shape_is_timed_and_grouped_as_the_dispatcher_builds_it(name: str) -> None:
     for s in shapes.named(name):
-        p = problem_from_shape(s.dims, dtype=s.dtype, causal=s.causal, needs_grad=s.needs_grad)
+        window = (s.window, 0) if s.window >= 0 else None
+        p = problem_from_shape(s.dims, dtype=s.dtype, causal=s.causal, needs_grad=s.needs_grad, window=window)
+        assert problem_pass(p) == s.pass_, s
         m = tune.bucket_match(s)
-        assert problem_pass(p) == s.pass_ == m["pass"], s
-        assert m["causal"] == p.effective_causal, s
-        assert m["gqa"] == p.gqa_ratio and m["seqlen"] == p.seqlen_k
+        key = group_key(p)
+        assert s.group == key and m == {"pass": key.pass_, "class": key.cls, "variant": key.variant,
+                                        "dtype": key.dtype, "head_dim": key.head_dim}, s
+        assert m["class"] == shape_class(p) and (m["variant"] == "window") == (s.window >= 0), s
+        assert s.graph_timed == (key.cls in ("decode", "speculative")), s
 
 
-def test_quick_tune_covers_every_bf16_bench_shape() -> None:
-    assert {tune.bucket_id(s) for s in shapes.bench_shapes(("bf16",))} == {
-        tune.bucket_id(s) for s in shapes.tune_shapes(quick=True)
-    }
-    assert {tune.bucket_id(s) for s in shapes.bench_shapes(("bf16",), quick=True)} <= {
-        tune.bucket_id(s) for s in shapes.tune_shapes(quick=True)
-    }
+def test_grids_hold_the_benchmark_shapes() -> None:
+    """The tuned-shape bench measures shapes the tune measured: quick holds the quick bench, full
+    every bench shape."""
+    def ids(plan: list[shapes.Shape]) -> set[str]:
+        return {tune.bucket_id(s) for s in plan}
+
+    assert ids(shapes.bench_shapes(("bf16",), quick=True)) <= ids(shapes.tune_shapes(quick=True))
+    assert ids(shapes.bench_shapes(("bf16",))) <= ids(shapes.tune_shapes(quick=False))
+
+
+def _round(n: int) -> bool:
+    """A power of two or 1.5x one."""
+    return n & (n - 1) == 0 or (n % 3 == 0 and (n // 3) & (n // 3 - 1) == 0 and n // 3 * 2 & (n // 3 * 2 - 1) == 0)
+
+
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
+def test_the_grid_is_generic_round_sizes(quick: bool) -> None:
+    """The grid's own points (real models' shapes are the held-out set): 16 query heads, lengths
+    and batches powers of two or their 1.5x, GQA 1/4/8; the benchmark shapes (FA2 sweep, special
+    shapes) are the only others."""
+    bench = {tune.bucket_id(s) for s in shapes.bench_shapes(("bf16",), quick=quick)}
+    own = [s for s in shapes.tune_shapes(quick=quick) if tune.bucket_id(s) not in bench]
+    assert own
+    for s in own:
+        assert s.label.startswith("grid-") and s.heads_q == shapes.GRID_HEADS_Q, s
+        assert s.heads_q // s.heads_kv in (1, 4, 8), s
+        for n in (s.batch, s.seqlen_q, s.seqlen_k) + ((s.window,) if s.window >= 0 else ()):
+            assert _round(n), (n, s)
+    assert _round(6144) and _round(1536) and not _round(6000) and not _round(1000)
+
+
+@pytest.mark.parametrize("quick,least", [(True, 2), (False, 3)], ids=["quick", "full"])
+def test_every_group_has_points_enough_for_a_model_and_comes_breadth_first(quick: bool, least: int) -> None:
+    plan = shapes.tune_shapes(quick=quick)
+    groups: dict[Any, list[shapes.Shape]] = {}
+    for s in plan:
+        groups.setdefault(s.group, []).append(s)
+    thin = {g.label(): len(v) for g, v in groups.items() if len(v) < least}
+    assert not thin, thin
+    # a run cut short still has every group: the first len(groups) shapes are one per group, the
+    # next len(groups) a second point of each
+    n = len(groups)
+    assert {s.group for s in plan[:n]} == set(groups)
+    assert {s.group for s in plan[n:2 * n]} == set(groups)
+    # both dtypes and every head dim in the full grid, the window variant in both
+    keys = set(groups)
+    assert {k.variant for k in keys} == {"plain", "window"}
+    assert {k.pass_ for k in keys if k.variant == "window"} == {"fwd", "fwd_bwd"}
+    assert {k.cls for k in keys} == {"dense", "causal", "chunked", "speculative", "decode", "causal_tall"}
+    if not quick:
+        assert {k.dtype for k in keys} == {"bf16", "fp16"}
+        assert {k.head_dim for k in keys} == {64, 80, 96, 128, 192, 256}
+        gqa = {s.heads_q // s.heads_kv for s in plan}
+        assert {1, 4, 8} <= gqa
+
+
+@pytest.mark.parametrize("key", ["h100", "h200"])
+@pytest.mark.parametrize("quick,limit_s", [(True, tune.QUICK_LIMIT_S), (False, tune.FULL_LIMIT_S)],
+                         ids=["quick", "full"])
+def test_plans_fit_their_time_limits_at_conservative_rates(key: str, quick: bool, limit_s: float) -> None:
+    """estimate_plan at tune.RATES (documented there as slower than the cards measured): quick
+    under 10 minutes, full under 45, on an H100 and an H200, with every backend that can run there."""
+    dev = simulated_device(key)
+    plan = shapes.tune_shapes(quick=quick)
+    est = tune.estimate_plan(plan, dev, tune.TuneOptions.preset(quick))
+    assert {"sdpa", "triton", "cupy"} <= set(tune.default_candidates(dev))
+    assert est.compiles > 0 and est.trials > len(plan) * 4, est.describe()
+    assert est.seconds < limit_s, est.describe()
+    assert len(est.per_shape) == len(plan) and all(e > 0 for e in est.per_shape)
+
+
+def test_the_estimate_grows_with_the_work_and_the_configs() -> None:
+    dev = simulated_device("h200")
+    small = shapes.Shape("a", "bf16", 1, 16, 16, 1024, 1024, 128, True, "fwd")
+    big = small._replace(batch=64)
+    quick = tune.TuneOptions.preset(True)
+    e = tune.estimate_plan([small, big], dev, quick)
+    assert e.per_shape[0] > e.per_shape[1] > 0  # the first shape pays the kernel builds
+    assert tune.estimate_plan([big], dev, quick).seconds > tune.estimate_plan([small], dev, quick).seconds
+    wide = tune.estimate_plan([small, big], dev, tune.TuneOptions.preset(True, max_configs=6))
+    assert wide.seconds > e.seconds and wide.trials > e.trials and wide.compiles > e.compiles
 
 
 def test_shape_with_the_wrong_pass_is_rejected_with_its_name() -> None:
@@ -247,12 +332,19 @@ def test_written_profile_parses_and_the_dispatcher_picks_the_fastest_measured(
     results = [tune.measure_bucket(s, impls, CPU, tune.TuneOptions(), _gen(i)) for i, s in enumerate(fp32)]
     text = tune.profile_yaml(results, _meta())
     prof = parse_profile(text, "cpu.yaml")
-    assert prof.measured and len(prof.entries) == len(fp32)
-    for s, e in zip(fp32, prof.entries):
-        assert e.ranking[0] == "fake" and e.config["fake"] == {"BLOCK": 64, "ms": 0.5}
-        assert e.ms["fake"] == 0.5 and e.ms["sdpa"] == 5.0
+    assert prof.measured and prof.schema == SCHEMA_VERSION and len(_points(prof)) == len(fp32)
+    assert prof.device["sm_count"] >= 1
+    for s in fp32:
+        g = prof.group(s.group)  # each shape is a point of its own group
+        assert g is not None and {"fake", "sdpa", "sdpa:math"} <= set(g.fits), s
+        (pt,) = [pt for pt in g.points if pt.dims() == s.dims[:5]]
+        assert pt.ms["fake"] == 0.5 and pt.ms["sdpa"] == 5.0 and min(pt.ms, key=pt.ms.get) == "fake"
+        assert pt.config["fake"] == {"BLOCK": 64, "ms": 0.5} and g.config["fake"] == {"BLOCK": 64, "ms": 0.5}
+        assert "sdpa" not in pt.config  # only tuned implementations carry configs
         p = problem_from_shape(s.dims, dtype=s.dtype, device_kind="cpu", causal=s.causal)
-        assert prof.lookup(p) is e  # each shape finds the entry measured at its own size
+        assert g.nearest_points(p, "fake", prof.sm_count, 1) == [pt]  # its own point is the nearest
+        pred = prof.model.predict(p, "fake")
+        assert pred is not None and not pred.borrowed and pred.ms == pytest.approx(0.5, rel=0.05)
 
     (tmp_path / "cpu.yaml").write_text(text)
     monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
@@ -262,6 +354,7 @@ def test_written_profile_parses_and_the_dispatcher_picks_the_fastest_measured(
         s = fp32[0]
         d = flashdispatch.explain(shape=s.dims, dtype=s.dtype, causal=s.causal)
         assert d.variant == "fake" and d.config["BLOCK"] == 64 and d.source.startswith("profile:")
+        assert d.predicted["fake"] == pytest.approx(0.5, rel=0.05)
     finally:
         REGISTRY.unregister("fake")
         flashdispatch.refresh()
@@ -274,14 +367,17 @@ def test_yaml_writer_quotes_what_yaml_would_misread() -> None:
     assert yaml.safe_load(tune.flow(obj)) == {**obj, "x": 1e-7}
 
 
-def test_unmeasured_profile_has_no_ms() -> None:
+def test_unmeasured_profile_has_rankings_and_no_numbers() -> None:
     r = tune.BucketResult("id", TINY[0], tune.bucket_match(TINY[0]),
-                          [tune.Trial("sdpa", {}, "ok", 1.0)])
+                          [tune.Trial("sdpa:math", {"X": 1}, "ok", 2.0), tune.Trial("sdpa", {}, "ok", 1.0)])
     meta = _meta()
     meta.measured = False
     text = tune.profile_yaml([r], meta)
-    assert "ms:" not in text
-    assert parse_profile(text, "x.yaml").entries[0].ranking == ("sdpa",)
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    assert "ms:" not in body and "fits:" not in body and "config" not in body and "NOT MEASURED" in text
+    prof = parse_profile(text, "x.yaml")
+    (g,) = prof.groups
+    assert g.points[0].ranking == ("sdpa", "sdpa:math") and not g.fits
 
 
 # --- the command: output, resume, interruption ------------------------------------------------
@@ -293,7 +389,8 @@ def test_main_writes_a_valid_profile_and_resume_measures_nothing_twice(tmp_path,
             "--rep-ms", "0", "--seed", "3", "--passes", "fwd,decode"]
     assert tune.main(argv) == 0
     prof = parse_profile(out.read_text(), str(out))
-    assert len(prof.entries) == 3 and prof.generated["card"] == "CPU"
+    assert len(_points(prof)) == 3 and prof.generated["card"] == "CPU" and prof.schema == SCHEMA_VERSION
+    assert all(g.fits for g in prof.groups)
     assert prof.generated["command"].startswith("flashdispatch tune --shapes tiny")
     state = json.loads((tmp_path / "prof.yaml.state.json").read_text())
     assert len(state["results"]) == 3
@@ -303,7 +400,7 @@ def test_main_writes_a_valid_profile_and_resume_measures_nothing_twice(tmp_path,
     monkeypatch.setattr(tune, "measure_bucket", lambda s, *a, **k: calls.append(s.label) or orig(s, *a, **k))
     assert tune.main(argv + ["--resume"]) == 0
     assert calls == []
-    assert parse_profile(out.read_text(), str(out)).entries[0].ranking == prof.entries[0].ranking
+    assert _points(parse_profile(out.read_text(), str(out))) == _points(prof)
 
 
 def test_time_budget_and_interruption_keep_finished_buckets_for_resume(tmp_path, monkeypatch) -> None:
@@ -312,7 +409,7 @@ def test_time_budget_and_interruption_keep_finished_buckets_for_resume(tmp_path,
             "--passes", "fwd,decode"]
     assert tune.main(argv + ["--time-budget", "0"]) == 0  # one bucket, then the budget is spent
     prof = parse_profile(out.read_text(), str(out))
-    assert len(prof.entries) == 1 and "partial" in prof.note
+    assert len(_points(prof)) == 1 and "partial" in prof.note
 
     orig = tune.measure_bucket
     seen: list[str] = []
@@ -329,7 +426,7 @@ def test_time_budget_and_interruption_keep_finished_buckets_for_resume(tmp_path,
 
     monkeypatch.setattr(tune, "measure_bucket", orig)
     assert tune.main(argv + ["--resume"]) == 0
-    assert len(parse_profile(out.read_text(), str(out)).entries) == 3
+    assert len(_points(parse_profile(out.read_text(), str(out)))) == 3
 
 
 def test_resume_refuses_a_state_from_another_card(tmp_path) -> None:
@@ -348,6 +445,15 @@ def test_list_measures_nothing(capsys, monkeypatch) -> None:
     assert tune.main(["--quick", "--shapes", "quick", "--list", "--backends", "sdpa"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(shapes.tune_shapes(quick=True))
+
+
+def test_dry_run_prints_the_plan_and_its_estimate_for_a_named_gpu(capsys, monkeypatch) -> None:
+    monkeypatch.setattr(tune, "measure_bucket", lambda *a, **k: pytest.fail("--dry-run must not measure"))
+    assert tune.main(["--quick", "--shapes", "quick", "--dry-run", "--profile-key", "h200"]) == 0
+    out = capsys.readouterr().out
+    assert "NVIDIA H200" in out and "estimated:" in out and "fwd decode bf16 D=128" in out
+    est = tune.estimate_plan(shapes.tune_shapes(quick=True), simulated_device("h200"), tune.TuneOptions.preset(True))
+    assert tune._fmt_seconds(est.seconds) in out
 
 
 # --- the benchmark on the CPU ----------------------------------------------------------------
@@ -416,20 +522,27 @@ def test_a_backend_that_breaks_the_context_is_left_out_on_resume(tmp_path, monke
     finally:
         REGISTRY.unregister("fake")
     prof = parse_profile(out.read_text(), str(out))
-    assert len(prof.entries) == 2 and all("fake" not in e.ranking for e in prof.entries)
+    assert len(_points(prof)) == 2 and all("fake" not in pt.ms for pt in _points(prof))
 
 
-def test_every_quick_bucket_is_its_own_nearest_entry() -> None:
-    """The dispatcher looks up exactly the entry measured for each benchmark shape."""
-    plan = shapes.tune_shapes(quick=True)
-    matches = [json.dumps(tune.bucket_match(s), sort_keys=True) for s in plan]
-    assert len(set(matches)) == len(matches)
-    results = [tune.BucketResult(tune.bucket_id(s), s, tune.bucket_match(s), [tune.Trial("sdpa", {}, "ok", 1.0)])
-               for s in plan]
-    prof = parse_profile(tune.profile_yaml(results, _meta()), "h100.yaml")
-    for s, e in zip(plan, prof.entries):
-        p = problem_from_shape(s.dims, dtype=s.dtype, causal=s.causal, needs_grad=s.needs_grad)
-        assert prof.lookup(p) is e, s.label
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
+def test_every_grid_shape_is_its_own_nearest_point(quick: bool) -> None:
+    """Each shape of the grid (the benchmark's included) is a distinct point of its group, and the
+    nearest point to it there is its own: its measured times and config are what decide it."""
+    plan = shapes.tune_shapes(quick=quick)
+    ids = [tune.bucket_id(s) for s in plan]
+    assert len(set(ids)) == len(ids)
+    results = [tune.BucketResult(tune.bucket_id(s), s, tune.bucket_match(s),
+                                 [tune.Trial("sdpa", {}, "ok", 1.0 + i / 1000)]) for i, s in enumerate(plan)]
+    meta = _meta()
+    meta.key, meta.sm_count = "h100", 132
+    prof = parse_profile(tune.profile_yaml(results, meta), "h100.yaml")
+    assert len(_points(prof)) == len(plan)
+    for s in plan:
+        g = prof.group(s.group)
+        assert g is not None, s.label
+        (near,) = g.nearest_points(s.problem(), "sdpa", prof.sm_count, 1)
+        assert near.dims() == s.dims[:5] and near.window == s.window, s.label
 
 
 def test_flop_and_byte_counts_follow_the_fa_paper() -> None:

@@ -1,26 +1,28 @@
-"""Tuning results and the profile file they become (the schema of dispatch/profile_store.py).
+"""Tuning results and the profile file they become (schema 2 of dispatch/profile_store.py).
 
-`BucketResult` holds every (implementation, config) tried on one bucket; `profile_yaml` turns a
-list of them into a profile: per bucket the candidates that passed, fastest measured first, their
-median ms and the best config per backend. `unmeasured_profile` writes the same schema from an
-argued ranking, without times, for devices we cannot measure (tools/figures.py).
+`BucketResult` holds every (implementation, config) tried at one shape of the tune grid;
+`profile_yaml` turns a list of them into a profile: every result is one measured point of the
+cost model's group its shape falls in (dispatch/costmodel.py), with each implementation's best
+median, the best config of each tuned implementation there and, for calls timed as CUDA-graph
+replays, the eager host time per call; every group's models are fitted from its points
+(`Group.refit`) before the file is written through profile_store's writer, the one source of the
+schema. `unmeasured_profile` writes the same schema from an argued ranking, without times or
+configs, for devices we cannot measure (tools/figures.py).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
-import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
+from flashdispatch.costmodel import Group, GroupKey, Point, features, point_problem
 from flashdispatch.device import simulated_device
-from flashdispatch.problem import problem_from_shape
-from flashdispatch.profile_store import SCHEMA_VERSION
+from flashdispatch.profile_store import Profile, flow, profile_yaml_text
 from flashdispatch.registry import REGISTRY
 
 from .shapes import Shape
@@ -32,20 +34,21 @@ TOOL = "flashdispatch tune"
 
 @dataclass
 class Trial:
-    """One (implementation, config) on one bucket."""
+    """One (implementation, config) at one shape."""
 
     name: str
     config: dict[str, Any]
     status: str  # "ok" | "abandoned" | "wrong" | "error"
     ms: float | None = None
     note: str = ""
+    host_us: float | None = None  # eager host time per call (graph-timed shapes)
 
 
 @dataclass
 class BucketResult:
     id: str
     shape: Shape
-    match: dict[str, Any]
+    match: dict[str, Any]  # the model group of the shape (bucket_match)
     trials: list[Trial] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # implementation -> why it cannot serve
     seconds: float = 0.0
@@ -54,14 +57,14 @@ class BucketResult:
         """Fastest timed config per implementation."""
         out: dict[str, Trial] = {}
         for t in self.trials:
-            if t.ms is None or t.status not in ("ok", "abandoned"):
+            if t.ms is None or t.status not in ("ok", "abandoned") or not (t.ms > 0 and math.isfinite(t.ms)):
                 continue
             if t.name not in out or t.ms < out[t.name].ms:  # type: ignore[operator]
                 out[t.name] = t
         return out
 
     def ranking(self) -> list[str]:
-        """Fastest measured first: the dispatcher's rule."""
+        """Fastest measured first."""
         return [n for n, _ in sorted(self.best().items(), key=lambda kv: (kv[1].ms, kv[0]))]
 
     def rejected(self) -> dict[str, str]:
@@ -72,6 +75,20 @@ class BucketResult:
             if t.name not in best and t.status in ("wrong", "error"):
                 out.setdefault(t.name, f"{t.status}: {t.note}")
         return out
+
+    def point(self, measured: bool = True) -> Point:
+        """This result as a point of its group: times (or, unmeasured, the order), host times,
+        and the best config of each implementation that has one."""
+        s, best = self.shape, self.best()
+        ranking = self.ranking()
+        return Point(
+            s.batch, s.heads_q, s.heads_kv, s.seqlen_q, s.seqlen_k, s.window,
+            ms={n: float(best[n].ms) for n in ranking} if measured else {},  # type: ignore[arg-type]
+            host_us={n: float(best[n].host_us) for n in ranking  # type: ignore[arg-type]
+                     if measured and best[n].host_us is not None and best[n].host_us > 0},
+            ranking=() if measured else tuple(ranking),
+            config={n: dict(best[n].config) for n in ranking if measured and best[n].config},
+        )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -88,21 +105,14 @@ class BucketResult:
 
 
 def bucket_match(s: Shape) -> dict[str, Any]:
-    """The profile match keys of a shape, as the dispatcher's lookup reads them."""
-    causal = s.causal and s.seqlen_q > 1  # Problem.effective_causal
-    m: dict[str, Any] = {
-        "dtype": s.dtype, "head_dim": s.head_dim, "causal": causal,
-        "gqa": s.heads_q // s.heads_kv, "pass": s.pass_, "seqlen": s.seqlen_k,
-    }
-    if s.seqlen_q != s.seqlen_k:
-        m["seqlen_q"] = s.seqlen_q
-    if s.pass_ == "decode":
-        m["batch"] = s.batch  # split-KV vs not depends on how many sequences fill the GPU
-    return m
+    """The model group a shape is a point of, as the profile's `key:` writes it."""
+    k = s.group
+    return {"pass": k.pass_, "class": k.cls, "variant": k.variant, "dtype": k.dtype, "head_dim": k.head_dim}
 
 
 def bucket_id(s: Shape) -> str:
-    return f"{s.label}|" + ",".join(str(x) for x in s.dims) + f"|{s.dtype}|{int(s.causal)}|{s.pass_}"
+    w = f"|w{s.window}" if s.window >= 0 else ""
+    return f"{s.label}|" + ",".join(str(x) for x in s.dims) + f"|{s.dtype}|{int(s.causal)}|{s.pass_}{w}"
 
 
 # --- provenance and the profile file ------------------------------------------------------------
@@ -138,107 +148,145 @@ class ProfileMeta:
     versions: dict[str, str] = field(default_factory=versions)
     header: str = ""  # comment lines for the top of the file (without '# ')
     tool: str = TOOL
+    sm_count: int = 0  # SMs (CUs) of the card: the models' wave-tail feature (0: the device table's)
 
 
-_BARE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
-_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
+MEASURED_HEADER = """\
+flashdispatch profile for {card} ({key}), written by `{tool}` on {date}.
+command: {command}
+
+How to read this file. Problems are grouped by what changes how kernels behave: the pass (fwd, or
+fwd_bwd when gradients are needed), the shape class (dense: no mask; causal: Sq = Sk; chunked: a
+prompt chunk against a longer cache; speculative: 2-16 rows against a cache; decode: one row per
+sequence; causal_tall: Sq > Sk), the variant (plain, or a sliding window), the dtype and the head
+dim. Each group lists the shapes measured (`points`: B, Hq, Hkv, Sq, Sk) with every correct
+implementation's median time in milliseconds (`ms`; decode and speculative steps are CUDA-graph
+replays, with the eager host time per call in `host_us`) and the best config of each tuned
+backend there (`config`). `fits` is a model per implementation fitted to those points:
+    time_us = overhead_us + GFLOP * us_per_gflop + GB * us_per_gb + GFLOP * wave_tail * us_per_gflop_tail
+(1000 / us_per_gflop is the TFLOP/s it sustains, 1000 / us_per_gb its TB/s; rms is the relative fit
+error over n points). The dispatcher predicts every eligible implementation's time from these models
+(borrowing from the nearest group where a problem's own was not measured, and saying so in
+`flashdispatch explain`) and runs the fastest; plain sdpa keeps the call unless another is
+predicted at least 2% faster. Every candidate passed a float64 check before it was timed.
+Regenerate or extend: flashdispatch tune --help (docs/profiles.md)."""
 
 
-def _scalar(x: Any) -> str:
-    if isinstance(x, bool):
-        return "true" if x else "false"
-    if x is None:
-        return "null"
-    if isinstance(x, int):
-        return str(x)
-    if isinstance(x, float):
-        if not math.isfinite(x):
-            return json.dumps(str(x))
-        text = repr(float(f"{x:.4g}"))
-        mant, e, exp = text.partition("e")
-        # YAML 1.1 (PyYAML) reads 1e-07 as a string: the mantissa needs a dot
-        return f"{mant if '.' in mant else mant + '.0'}{e}{exp}"
-    s = str(x)
-    if _BARE.match(s) and s.lower() not in _YAML_WORDS:
-        return s
-    return json.dumps(s)
+UNMEASURED_HEADER = """\
+flashdispatch profile for {card} ({key}) - NOT MEASURED: written by `{tool}` on {date}.
+Each point holds an argued order of implementations (`ranking`, fastest first) instead of times,
+and no configs (each backend runs its default for the problem). Replace it by measuring:
+flashdispatch tune (docs/profiles.md)."""
 
 
-def flow(x: Any) -> str:
-    """One-line YAML (a subset of JSON plus bare words) that yaml.safe_load reads back."""
-    if isinstance(x, dict):
-        return "{" + ", ".join(f"{_scalar(k)}: {flow(v)}" for k, v in x.items()) + "}"
-    if isinstance(x, (list, tuple)):
-        return "[" + ", ".join(flow(v) for v in x) + "]"
-    return _scalar(x)
+def _group_config(g: Group, sm_count: int) -> dict[str, dict[str, Any]]:
+    """Per implementation, the config that won at the most points (ties: the one of the largest
+    point), the group's fallback for a point without its own."""
+    out: dict[str, dict[str, Any]] = {}
+    names: dict[str, None] = {}
+    for pt in g.points:
+        names.update(dict.fromkeys(pt.config))
+    for name in names:
+        votes: dict[str, tuple[int, float, dict[str, Any]]] = {}
+        for pt in g.points:
+            c = pt.config.get(name)
+            if not c:
+                continue
+            work = float(features(point_problem(g.key, pt), sm_count)[1])
+            key = flow(dict(c))
+            n, w, _ = votes.get(key, (0, 0.0, c))
+            votes[key] = (n + 1, max(w, work), dict(c))
+        if votes:
+            out[name] = max(votes.values(), key=lambda v: (v[0], v[1]))[2]
+    return out
+
+
+def groups_of(results: Sequence[BucketResult], sm_count: int, *, measured: bool = True) -> list[Group]:
+    """The results as the cost model's groups, in the order their first point was measured; a
+    result where nothing passed is left out. Measured groups are fitted."""
+    groups: dict[GroupKey, Group] = {}
+    for r in results:
+        if not r.ranking():
+            continue
+        key = r.shape.group
+        g = groups.setdefault(key, Group(key, []))
+        g.points.append(r.point(measured))
+    out = sorted(groups.values(), key=lambda g: _GROUP_ORDER(g.key))
+    for g in out:
+        if measured:
+            g.config = _group_config(g, sm_count)
+            g.refit(sm_count)
+    return out
+
+
+def _GROUP_ORDER(k: GroupKey) -> tuple[Any, ...]:
+    from flashdispatch.costmodel import MODEL_PASSES, SHAPE_CLASSES, VARIANTS
+
+    return (MODEL_PASSES.index(k.pass_), SHAPE_CLASSES.index(k.cls), VARIANTS.index(k.variant), k.dtype, k.head_dim)
+
+
+def _rejections(results: Sequence[BucketResult]) -> list[str]:
+    """Header lines: what failed the check or raised (per implementation, how often, one example)
+    and the shapes where nothing passed."""
+    by_name: dict[str, list[tuple[Shape, str]]] = {}
+    lines = []
+    for r in results:
+        for n, why in r.rejected().items():
+            by_name.setdefault(n, []).append((r.shape, why))
+        if not r.ranking():
+            lines.append(f"  nothing passed at {r.shape.describe()}")
+    for n, items in by_name.items():
+        s, why = items[0]
+        lines.append(f"  {n}: rejected at {len(items)} shape(s), e.g. {s.describe()}: {why[:160]}")
+    if lines:
+        lines.insert(0, "Rejected (failed the float64 check or raised; never timed, never ranked):")
+    return lines
 
 
 def profile_yaml(results: Sequence[BucketResult], meta: ProfileMeta, *, note: str = "") -> str:
-    lines = [f"# {ln}".rstrip() for ln in meta.header.splitlines()] if meta.header else []
-    if not lines:
-        lines = [
-            f"# flashdispatch profile for {meta.card} ({meta.key}), written by `{TOOL}` on {meta.date}.",
-            f"# command: {meta.command}",
-            "# Per entry: the bucket the dispatcher matches on (same dtype, head_dim, causal, pass; nearest",
-            "# gqa, then nearest seqlen/seqlen_q/batch on a log scale), the shape measured, every candidate",
-            "# that passed the float64 check ranked fastest first with its median ms, the best config of",
-            "# each tuned backend, and why the others were rejected. Regenerate: flashdispatch tune --help.",
-        ]
+    """The schema-2 profile of `results` (through profile_store.profile_yaml_text)."""
+    sm_count = meta.sm_count if meta.sm_count > 0 else _table_sm_count(meta.key)
+    groups = groups_of(results, sm_count, measured=meta.measured)
     gen = {"date": meta.date, "tool": meta.tool, "card": meta.card, "command": meta.command, **meta.versions}
     if meta.timing:
         gen["timing"] = meta.timing
-    lines += [
-        f"schema: {SCHEMA_VERSION}",
-        "device: " + flow({"key": meta.key, "name": meta.name, "arch": meta.arch}),
-        "generated: " + flow(gen),
-        f"measured: {_scalar(meta.measured)}",
-    ]
-    if note:
-        lines.append("note: " + _scalar(note))
-    lines.append("entries:" if results else "entries: []")
-    for r in results:
-        ranking = r.ranking()
-        if not ranking:
-            lines.append(f"  # {r.shape.describe()}: no candidate passed; " + flow(r.rejected()))
-            continue
-        best = r.best()
-        s = r.shape
-        lines.append("  - match: " + flow(r.match))
-        lines.append("    shape: " + flow({"B": s.batch, "Hq": s.heads_q, "Hkv": s.heads_kv,
-                                            "Sq": s.seqlen_q, "Sk": s.seqlen_k, "D": s.head_dim}))
-        lines.append("    ranking: " + flow(ranking))
-        if meta.measured:
-            lines.append("    ms: " + flow({n: best[n].ms for n in ranking}))
-        cfgs = {n: best[n].config for n in ranking if best[n].config}
-        if cfgs:
-            lines.append("    config:")
-            lines += [f"      {_scalar(n)}: {flow(c)}" for n, c in cfgs.items()]
-        rej = r.rejected()
+    header = meta.header or (MEASURED_HEADER if meta.measured else UNMEASURED_HEADER).format(
+        card=meta.card, key=meta.key, tool=meta.tool, date=meta.date, command=meta.command)
+    if meta.measured:
+        rej = _rejections(results)
         if rej:
-            lines.append("    rejected: " + flow(rej))
-    return "\n".join(lines) + "\n"
+            header += "\n\n" + "\n".join(rej)
+    device = {"key": meta.key, "name": meta.name, "arch": meta.arch, "sm_count": sm_count}
+    prof = Profile("<writing>", meta.key, meta.measured, device, gen, groups, note)
+    return profile_yaml_text(prof, header)
+
+
+def _table_sm_count(key: str) -> int:
+    try:
+        return simulated_device(key).sm_count or 1
+    except (KeyError, ValueError):
+        return 1
 
 
 def unmeasured_profile(key: str, header: str, rank: Callable[[Shape], Sequence[str]], plan: Sequence[Shape],
                        command: str) -> str:
-    """A profile for a device we cannot measure: rankings from an argued rule, no ms.
-
-    Each entry ranks the implementations `rank(shape)` names that can serve the shape on the
-    (simulated) device, with each one's default config for that device, so that what the file
-    can select is what the compile checks (tools/aot_triton.py, tools/nvcc_check.py) verify.
-    """
+    """A profile for a device we cannot measure: at each shape of `plan`, the order `rank(shape)`
+    argues, keeping the implementations that can serve the shape on the (simulated) device; no
+    times and no configs (the dispatcher then runs each backend's default config for the problem,
+    which tools/aot_triton.py compiles for every architecture)."""
     dev = simulated_device(key)
     impls = REGISTRY.all()
     results = []
     for s in plan:
-        p = problem_from_shape(s.dims, dtype=s.dtype, device_kind=dev.kind, causal=s.causal, needs_grad=s.needs_grad)
+        p = s.problem(dev.kind)
         trials = []
         for i, name in enumerate(rank(s)):
             impl = impls.get(name)
             if impl is None or impl.not_supported_reasons(p, dev):
                 continue
-            trials.append(Trial(name, dict(impl.default_config(p, dev)), "ok", float(i)))  # ms: order only
+            trials.append(Trial(name, {}, "ok", float(i + 1)))  # ms: the order only, not written
         results.append(BucketResult(bucket_id(s), s, bucket_match(s), trials))
     meta = ProfileMeta(key=key, name=dev.name, arch=dev.arch, card=f"{dev.name} (not measured)", command=command,
-                       measured=False, header=header, versions={}, tool="flashdispatch.tools.figures")
+                       measured=False, header=header, versions={}, tool="flashdispatch.tools.figures",
+                       sm_count=dev.sm_count)
     return profile_yaml(results, meta)

@@ -1,15 +1,20 @@
 """The named shape lists that the tuner and the benchmark run, each with where it comes from.
 
 A `Shape` is one attention problem in one pass ("fwd", "fwd_bwd" or "decode", the passes of
-dispatch/profile_store.py). The benchmark runs these shapes; the tuner measures the same shapes as
-profile buckets, so that every benchmark shape has a profile entry measured at exactly its size.
+dispatch/profile_store.py), optionally with a causal sliding window. The benchmark runs the
+benchmark shapes; the tuner measures the *model grid* (`tune_shapes`): for every group of the cost
+model (dispatch/costmodel.py: pass x shape class x variant x dtype x head dim) a few work sizes,
+generic round sizes (powers of two and their 1.5x) so that the fitted model is judged on the shapes
+people run, not on the ones it was fitted to. The grid also holds the benchmark shapes, so that the
+tuned-shape benchmark keeps measuring measured shapes.
 """
 
 from __future__ import annotations
 
 from typing import Iterable, NamedTuple, Sequence
 
-from flashdispatch.problem import DTYPES_BY_NAME, problem_from_shape
+from flashdispatch.costmodel import GroupKey, group_key
+from flashdispatch.problem import DECODE_MAX_SEQLEN_Q, DTYPES_BY_NAME, Problem, problem_from_shape
 from flashdispatch.profile_store import PASSES, problem_pass
 
 
@@ -24,6 +29,8 @@ class Shape(NamedTuple):
     head_dim: int
     causal: bool
     pass_: str  # "fwd" | "fwd_bwd" | "decode"
+    # a causal sliding window: each query row sees itself and the `window` keys before it (-1: none)
+    window: int = -1
 
     @property
     def dims(self) -> tuple[int, int, int, int, int, int]:
@@ -34,11 +41,29 @@ class Shape(NamedTuple):
     def needs_grad(self) -> bool:
         return self.pass_ == "fwd_bwd"
 
+    def problem(self, device_kind: str = "cuda") -> Problem:
+        """The Problem attention() builds for this shape (meta tensors: no memory)."""
+        return problem_from_shape(self.dims, dtype=self.dtype, device_kind=device_kind, causal=self.causal,
+                                  needs_grad=self.needs_grad, window=(self.window, 0) if self.window >= 0 else None)
+
+    @property
+    def group(self) -> GroupKey:
+        """The cost model's group this shape is a point of."""
+        return group_key(self.problem())
+
+    @property
+    def graph_timed(self) -> bool:
+        """Whether serving runs this call inside a CUDA graph, so the tuner times it as a graph
+        replay: a forward step of at most DECODE_MAX_SEQLEN_Q rows against a longer cache
+        (decode, speculative verification)."""
+        return self.pass_ != "fwd_bwd" and self.seqlen_q <= DECODE_MAX_SEQLEN_Q < self.seqlen_k
+
     def describe(self) -> str:
         q = f"Sq={self.seqlen_q} Sk={self.seqlen_k}" if self.seqlen_q != self.seqlen_k else f"S={self.seqlen_k}"
+        w = f" window={self.window}" if self.window >= 0 else ""
         return (
             f"{self.pass_} {self.dtype} B={self.batch} Hq={self.heads_q} Hkv={self.heads_kv} {q} "
-            f"D={self.head_dim}{' causal' if self.causal else ''}"
+            f"D={self.head_dim}{' causal' if self.causal else ''}{w}"
         )
 
 
@@ -50,7 +75,12 @@ def check_shape(s: Shape) -> Shape:
         raise ValueError(f"shape {s.label!r}: pass expected one of {PASSES}, got {s.pass_!r}")
     if s.heads_kv <= 0 or s.heads_q % s.heads_kv:
         raise ValueError(f"shape {s.label!r}: heads_q={s.heads_q} must be a multiple of heads_kv={s.heads_kv}")
-    looked_up = problem_pass(problem_from_shape(s.dims, dtype=s.dtype, causal=s.causal, needs_grad=s.needs_grad))
+    if s.window >= 0 and not s.causal:
+        raise ValueError(f"shape {s.label!r}: window={s.window} needs causal=True (the tuner measures causal "
+                         "sliding windows)")
+    if s.window < -1:
+        raise ValueError(f"shape {s.label!r}: window expected -1 (none) or >= 0, got {s.window}")
+    looked_up = problem_pass(s.problem())
     if s.pass_ != looked_up:
         raise ValueError(
             f"shape {s.label!r}: pass={s.pass_!r} but the dispatcher looks up Sq={s.seqlen_q}, Sk={s.seqlen_k}"
@@ -115,30 +145,144 @@ def bench_shapes(dtypes: Sequence[str] = ("bf16",), *, quick: bool = False) -> l
     return fa2_sweep(dtypes, seqlens=seqlens) + special_shapes(dtypes)
 
 
-def _gqa_shapes(dtypes: Sequence[str], head_dims: Sequence[int]) -> list[Shape]:
-    """GQA prefill buckets beyond the anchor: Llama-style 4x and 8x groups at 2k and 8k tokens."""
-    out = []
-    for dt in dtypes:
-        for d in head_dims:
-            for g in (4, 8):
-                for s in (2048, 8192):
-                    for causal in (False, True):
-                        for pass_ in ("fwd", "fwd_bwd"):
-                            b = max(1, FA2_TOKENS // s)
-                            label = f"gqa{g}-{pass_}-{dt}-d{d}-{'causal' if causal else 'full'}-s{s}"
-                            out.append(check_shape(Shape(label, dt, b, 32, 32 // g, s, s, d, causal, pass_)))
-    return out
+# --- the model's grid --------------------------------------------------------------------------
+#
+# Every shape of the grid has GRID_HEADS_Q query heads (GQA 1 / 4 / 8 through the KV heads) and
+# round lengths: powers of two and their 1.5x. Real models' shapes (odd head counts, prompt and
+# cache lengths that are not powers of two) are what the model is judged on, so they stay out.
+GRID_HEADS_Q = 16
+# Points per shape class as (B, Hkv, Sq, Sk), in the order they are measured. The first two of
+# each class span its work (a small problem and a large one), so that a run cut short still fits
+# a model with an overhead and a work term; the next ones add sizes and GQA ratios (the bytes term).
+CLASS_POINTS: dict[str, tuple[tuple[int, int, int, int], ...]] = {
+    # no mask, Sq = Sk: 2k to 128k tokens
+    "dense": ((1, 16, 2048, 2048), (2, 4, 16384, 16384), (4, 2, 4096, 4096), (16, 16, 1024, 1024),
+              (2, 16, 6144, 6144), (8, 4, 16384, 16384)),
+    # causal, Sq = Sk: the same sizes
+    "causal": ((1, 16, 2048, 2048), (2, 4, 16384, 16384), (4, 2, 4096, 4096), (16, 16, 1024, 1024),
+               (2, 16, 6144, 6144), (8, 4, 16384, 16384)),
+    # a prompt chunk of 256..2k rows against a cache 4x..32x longer (bottom-right causal)
+    "chunked": ((1, 4, 512, 8192), (2, 16, 2048, 16384), (1, 2, 1024, 32768), (2, 4, 1024, 4096),
+                (4, 16, 256, 8192), (1, 4, 2048, 65536)),
+    # 2..16 draft tokens verified against a cache (bottom-right causal), batch 1..256
+    "speculative": ((1, 2, 4, 8192), (16, 4, 8, 4096), (4, 16, 16, 32768), (64, 4, 2, 2048),
+                    (1, 2, 8, 131072), (256, 2, 4, 1024)),
+    # one row per sequence against its cache: batch 1..256, cache 1k..128k
+    "decode": ((1, 2, 1, 8192), (32, 4, 1, 4096), (4, 16, 1, 32768), (256, 2, 1, 1024),
+               (1, 4, 1, 131072), (128, 4, 1, 8192), (8, 16, 1, 2048)),
+    # causal with Sq > Sk (the first Sq - Sk rows see no key): rare, small
+    "causal_tall": ((2, 16, 2048, 1024), (1, 4, 8192, 4096), (8, 2, 1024, 512)),
+}
+# The window variant (causal sliding window), as (B, Hkv, S, window).
+WINDOW_POINTS: tuple[tuple[int, int, int, int], ...] = (
+    (1, 4, 8192, 1024), (4, 16, 4096, 256), (1, 2, 16384, 4096), (2, 16, 8192, 512))
+WINDOW_HEAD_DIMS: tuple[int, ...] = (64, 128)
+# Classes measured per pass (decode and speculative steps run without gradients).
+PASS_CLASSES: dict[str, tuple[str, ...]] = {
+    "fwd": ("causal", "dense", "chunked", "speculative", "decode", "causal_tall"),
+    "fwd_bwd": ("causal", "dense", "chunked", "causal_tall"),
+}
+MODEL_HEAD_DIMS: tuple[int, ...] = (64, 80, 96, 128, 192, 256)
+QUICK_HEAD_DIMS: tuple[int, ...] = (64, 128)
+MODEL_DTYPES: tuple[str, ...] = ("bf16", "fp16")
 
 
-def _decode_shapes(dtypes: Sequence[str], head_dims: Sequence[int]) -> list[Shape]:
-    """Decode buckets: batch 1 / 8 / 64, KV caches from 2k to 32k, MHA and GQA 4x / 8x."""
-    out = []
-    for dt in dtypes:
-        for d in head_dims:
-            for hkv in (32, 8, 4):
-                for b, sk in ((1, 2048), (1, 8192), (1, 32768), (8, 8192), (64, 2048)):
-                    label = f"decode-{dt}-d{d}-b{b}-hkv{hkv}-k{sk}"
-                    out.append(check_shape(Shape(label, dt, b, 32, hkv, 1, sk, d, False, "decode")))
+class GridSpec(NamedTuple):
+    """How many points of each class a grid measures: the class's first `points[(pass, class)]`
+    of CLASS_POINTS (absent: the class is not measured in that pass), the window variant's first
+    `window_points`, at these dtypes and head dims. Every dtype after the first is measured at
+    `second_dtype_head_dims` only (the others borrow the first dtype's models, and the decision
+    says so) with at most `second_dtype_points` points per group."""
+
+    points: dict[tuple[str, str], int]
+    window_points: int
+    window_head_dims: tuple[int, ...]
+    head_dims: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    second_dtype_points: int
+    second_dtype_head_dims: tuple[int, ...]
+    class_head_dims: dict[str, tuple[int, ...]]  # classes measured at these head dims only
+    bench_quick: bool  # which benchmark list the grid holds: bench_shapes(quick=...)
+
+
+QUICK_GRID = GridSpec(
+    # the square classes at D 64 and 128 also hold the quick benchmark's three FA2 lengths (16k
+    # tokens each): one own point at 2k tokens separates the overhead from the bytes there
+    points={("fwd", "causal"): 1, ("fwd", "dense"): 1, ("fwd", "chunked"): 2, ("fwd", "speculative"): 2,
+            ("fwd", "decode"): 2, ("fwd", "causal_tall"): 2,
+            ("fwd_bwd", "causal"): 1, ("fwd_bwd", "dense"): 1, ("fwd_bwd", "chunked"): 2},
+    window_points=2, window_head_dims=(128,), head_dims=QUICK_HEAD_DIMS, dtypes=("bf16",),
+    second_dtype_points=2, second_dtype_head_dims=QUICK_HEAD_DIMS, class_head_dims={}, bench_quick=True,
+)
+FULL_GRID = GridSpec(
+    points={("fwd", "causal"): 3, ("fwd", "dense"): 3, ("fwd", "chunked"): 4, ("fwd", "speculative"): 3,
+            ("fwd", "decode"): 3, ("fwd", "causal_tall"): 3,
+            ("fwd_bwd", "causal"): 3, ("fwd_bwd", "dense"): 3, ("fwd_bwd", "chunked"): 3},
+    window_points=4, window_head_dims=WINDOW_HEAD_DIMS, head_dims=MODEL_HEAD_DIMS, dtypes=MODEL_DTYPES,
+    second_dtype_points=3, second_dtype_head_dims=(128,),
+    class_head_dims={"causal_tall": QUICK_HEAD_DIMS},  # rare: the other head dims borrow
+    bench_quick=False,
+)
+
+
+def _class_shape(pass_: str, cls: str, dt: str, d: int, pt: tuple[int, int, int, int]) -> Shape:
+    b, hkv, sq, sk = pt
+    causal = cls not in ("dense", "decode")
+    timed = "decode" if cls == "decode" else pass_
+    lens = f"s{sk}" if sq == sk else f"q{sq}-k{sk}"
+    label = f"grid-{pass_}-{cls}-{dt}-d{d}-b{b}-g{GRID_HEADS_Q // hkv}-{lens}"
+    return check_shape(Shape(label, dt, b, GRID_HEADS_Q, hkv, sq, sk, d, causal, timed))
+
+
+def _window_shape(pass_: str, dt: str, d: int, pt: tuple[int, int, int, int]) -> Shape:
+    b, hkv, s, w = pt
+    label = f"grid-{pass_}-window{w}-{dt}-d{d}-b{b}-g{GRID_HEADS_Q // hkv}-s{s}"
+    return check_shape(Shape(label, dt, b, GRID_HEADS_Q, hkv, s, s, d, True, pass_, w))
+
+
+def grid_groups(spec: GridSpec, dtypes: Sequence[str] | None = None,
+                head_dims: Sequence[int] | None = None) -> dict[GroupKey, list[Shape]]:
+    """The grid's shapes per model group, each group's in measuring order: its own points, then
+    the benchmark shapes that fall in it."""
+    dts = tuple(dtypes or spec.dtypes)
+    ds = tuple(head_dims or spec.head_dims)
+    groups: dict[GroupKey, list[Shape]] = {}
+
+    def add(s: Shape) -> None:
+        groups.setdefault(s.group, []).append(s)
+
+    for i, dt in enumerate(dts):
+        cap = None if i == 0 else spec.second_dtype_points
+        for d in ds:
+            if i and not head_dims and d not in spec.second_dtype_head_dims:
+                continue
+            for pass_, classes in PASS_CLASSES.items():
+                for cls in classes:
+                    if not head_dims and d not in spec.class_head_dims.get(cls, (d,)):
+                        continue
+                    n = spec.points.get((pass_, cls), 0)
+                    for pt in CLASS_POINTS[cls][:n if cap is None else min(n, cap)]:
+                        add(_class_shape(pass_, cls, dt, d, pt))
+                if d in spec.window_head_dims:
+                    n = spec.window_points if cap is None else min(spec.window_points, cap)
+                    for pt in WINDOW_POINTS[:n]:
+                        add(_window_shape(pass_, dt, d, pt))
+    seen = {s.dims + (s.dtype, s.causal, s.pass_, s.window) for g in groups.values() for s in g}
+    for s in bench_shapes(dts[:1], quick=spec.bench_quick):  # the benchmark runs one dtype
+        key = s.dims + (s.dtype, s.causal, s.pass_, s.window)
+        if key not in seen:
+            seen.add(key)
+            add(s)
+    return groups
+
+
+def breadth_first(groups: dict[GroupKey, list[Shape]]) -> list[Shape]:
+    """Every group's first point, then every group's second, ...: a run cut short by a time
+    budget has as many groups as possible with at least two points."""
+    out: list[Shape] = []
+    lists = list(groups.values())
+    for i in range(max((len(g) for g in lists), default=0)):
+        out += [g[i] for g in lists if i < len(g)]
     return out
 
 
@@ -147,25 +291,14 @@ def tune_shapes(
     dtypes: Sequence[str] | None = None,
     head_dims: Sequence[int] | None = None,
 ) -> list[Shape]:
-    """The tuner's buckets.
+    """The tuner's grid in measuring order (breadth first across the model's groups).
 
-    quick: exactly the bf16 benchmark shapes (so each one has an entry measured at its own size);
-    full: fp16 and bf16, the whole FA2 sweep, GQA prefill and a grid of decode shapes.
+    quick: bf16, D 64 and 128, every class (2-3 work sizes each), the window variant at D=128,
+    and the quick benchmark shapes; full: bf16 and fp16, D 64/80/96/128/192/256, 3-6 work sizes
+    per class, the window variant at D 64 and 128, and every benchmark shape. Other dtypes or head
+    dims (`dtypes`, `head_dims`) take the same points.
     """
-    if quick:
-        # Most telling sequence lengths first: if a time budget cuts the sweep short, every
-        # (pass, D, causal) group already has an entry, and the nearest-seqlen lookup covers the rest.
-        order = {4096: 0, 1024: 1, 16384: 2, 512: 3, 2048: 4, 8192: 5}
-        shapes = bench_shapes(tuple(dtypes or ("bf16",)))
-        return sorted(shapes, key=lambda s: (order.get(s.seqlen_k, 0) if s.label.startswith("fa2") else 0))
-    dts = tuple(dtypes or ("bf16", "fp16"))
-    ds = tuple(head_dims or FA2_HEAD_DIMS)
-    return (
-        fa2_sweep(dts, ds)
-        + special_shapes(dts)
-        + _gqa_shapes(dts, ds)
-        + _decode_shapes(dts, ds)
-    )
+    return breadth_first(grid_groups(QUICK_GRID if quick else FULL_GRID, dtypes, head_dims))
 
 
 def tiny_shapes(dtype: str = "fp32") -> list[Shape]:
@@ -194,8 +327,8 @@ def cpu_shapes(dtype: str = "fp32") -> list[Shape]:
 
 
 NAMED: dict[str, str] = {
-    "quick": "the bf16 benchmark shapes (FA2 sweep + the special shapes: GQA, chunked prefill, decode)",
-    "full": "fp16+bf16 FA2 sweep, special shapes, GQA prefill, decode grid",
+    "quick": "the model grid at bf16, D 64/128, 2-3 work sizes per shape class, and the quick benchmark shapes",
+    "full": "the model grid at bf16+fp16, D 64..256, 3-6 work sizes per class, and every benchmark shape",
     "cpu": "CPU-sized shapes, one per kind of call (the default of --quick on a CPU)",
     "tiny": "the smallest shapes, for tests and dry runs",
 }

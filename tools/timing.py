@@ -8,6 +8,7 @@ here with torch events. On the CPU (tests, dry runs) a perf_counter loop gives t
 from __future__ import annotations
 
 import logging
+import math
 import random
 import statistics
 import time
@@ -331,3 +332,108 @@ def host_us_per_call(fn: Callable[[], object], device: torch.device, calls: int 
         fn()
     synchronize(device)
     return (time.perf_counter() - t0) * 1e6 / calls
+
+
+# --- CUDA-graph replay: decode and speculative steps as serving runs them ------------------------
+
+# The input sets of one graph hold at least this many times the L2 cache's bytes, so that every
+# replayed call finds its KV cache in HBM (as a layer of a multi-layer decode step does: the other
+# layers' caches evicted it), and at most GRAPH_MAX_SETS sets or GRAPH_MAX_BYTES bytes.
+GRAPH_L2_MULTIPLE = 2.0
+GRAPH_MAX_SETS = 64
+GRAPH_MAX_BYTES = 4 * 2**30
+# L2 assumed where the device does not say (and on a CPU, for tests): the H100's 50 MB, rounded up.
+DEFAULT_L2_BYTES = 64 * 2**20
+# Eager rounds of every call before the capture: they compile, choose plans and run the launchers'
+# first-call checks (which synchronise the host, which a capture forbids).
+GRAPH_WARMUP_CALLS = 2
+# Replays timed: at least the first (a median), at most the second.
+GRAPH_REPS = (5, 200)
+
+
+class CaptureError(RuntimeError):
+    """A call could not be captured in (or replayed from) a CUDA graph; time it eagerly instead."""
+
+
+def l2_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        try:
+            n = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0)
+            if n > 0:
+                return n
+        except Exception:
+            pass
+    return DEFAULT_L2_BYTES
+
+
+def rotation_sets(set_bytes: int, device: torch.device, *, l2: int | None = None) -> int:
+    """How many distinct input sets of `set_bytes` each a graph replay rotates through: enough for
+    GRAPH_L2_MULTIPLE x L2 together, at least 2, within GRAPH_MAX_SETS and GRAPH_MAX_BYTES (1 when
+    a single set is already over that)."""
+    l2 = l2 if l2 is not None else l2_bytes(device)
+    n = math.ceil(GRAPH_L2_MULTIPLE * l2 / max(1, set_bytes))
+    n = max(2, min(GRAPH_MAX_SETS, n))
+    return max(1, min(n, GRAPH_MAX_BYTES // max(1, set_bytes)))
+
+
+def graph_replay_ms(
+    fns: Sequence[Callable[[], object]],
+    device: torch.device,
+    *,
+    rep_ms: float = 25.0,
+    warmup_calls: int = GRAPH_WARMUP_CALLS,
+    reps: tuple[int, int] = GRAPH_REPS,
+) -> float:
+    """GPU time per call, in milliseconds, of `fns` captured in order into one CUDA graph and
+    replayed: the median over replays of (replay time / len(fns)).
+
+    Give each fn its own inputs (rotation_sets says how many sets exceed L2) so that each call
+    reads its cache from HBM, as the layers of a decode step do. The fns are called eagerly
+    `warmup_calls` times first, on a side stream (compiles, first-call checks), then captured on
+    that stream. Raises CaptureError when there is no CUDA device or a call cannot be captured or
+    replayed (a host synchronisation, a first-call compile, a library that refuses capture); the
+    caller then times the call eagerly and says so.
+    """
+    if device.type != "cuda":
+        raise CaptureError(f"CUDA graphs need a CUDA device, got {device}")
+    if not fns:
+        raise ValueError("graph_replay_ms: expected at least one call, got none")
+    stream = torch.cuda.Stream(device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.device(device):
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(warmup_calls):
+                    for fn in fns:
+                        fn()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            torch.cuda.synchronize(device)
+            with torch.cuda.graph(graph, stream=stream):
+                for fn in fns:
+                    fn()
+            torch.cuda.synchronize(device)
+            graph.replay()
+            torch.cuda.synchronize(device)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CaptureError(f"{type(e).__name__}: {msg}") from e
+    try:
+        with torch.cuda.device(device):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(3):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            est = max(start.elapsed_time(end) / 3, 1e-4)
+            n = max(reps[0], min(reps[1], int(rep_ms / est)))
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+            for s, e in events:
+                s.record()
+                graph.replay()
+                e.record()
+            torch.cuda.synchronize(device)
+            return statistics.median(s.elapsed_time(e) for s, e in events) / len(fns)
+    finally:
+        graph.reset()

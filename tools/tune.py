@@ -1,15 +1,20 @@
-"""`flashdispatch tune`: measure every backend on problem buckets and write a device profile.
+"""`flashdispatch tune`: measure what the cost model needs and write a device profile (schema 2).
 
-For each bucket (a Shape of tools/shapes.py: dtype x head dim x causal x GQA x pass x sequence
-length, and decode shapes) and each implementation of the registry that can serve it, every config
-of `config_space()` runs once on fresh random inputs and is checked against the float64 reference
-(tools/verify.py) before it is timed, so that a fast wrong kernel never wins. Timing is
-tools/timing.py's median with warm-up and an L2 flush. The result is profiles/<key>.yaml in the
-schema of dispatch/profile_store.py: per bucket, the candidates that passed ranked fastest first,
-their median ms, and the best config per backend.
+The plan is the model grid of tools/shapes.py: for every group of the cost model (pass x shape
+class x variant x dtype x head dim, dispatch/costmodel.py) a few work sizes, breadth first across
+the groups (every group's first point, then every group's second, ...) so that a run cut short by
+--time-budget still leaves a model in as many groups as possible. At each shape, every
+implementation of the registry that can serve it runs each of its configs once on fresh random
+inputs and is checked against the float64 reference (tools/verify.py) before it is timed, so that a
+fast wrong kernel never wins. Prefill and training shapes are timed with tools/timing.py's median
+(warm-up, L2 flushed); decode and speculative steps as serving runs them, a CUDA-graph replay of
+calls on input sets larger than L2 together (timing.graph_replay_ms), with the eager host time per
+call beside it. The result is profiles/<key>.yaml: every shape one point of its group, each group's
+models fitted to its points (tools/profile_writer.py).
 
-Finished buckets go to a state file (JSON) as soon as each one ends, so a run can be interrupted
-(Ctrl-C, --time-budget) and continued with --resume without losing them.
+Before measuring, the plan's duration is estimated (`estimate_plan`, printed; --dry-run prints the
+plan and the estimate and exits). Finished shapes go to a state file (JSON) as soon as each one
+ends, so a run can be interrupted (Ctrl-C, --time-budget) and continued with --resume.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from flashdispatch import envs
 from flashdispatch.cliargs import ArgumentParser, user_error
 from flashdispatch.backend import Implementation
 from flashdispatch.device import DeviceInfo, real_device
+from flashdispatch.device import simulated_device
 from flashdispatch.problem import DTYPES_BY_NAME, Problem, problem_from_tensors
 from flashdispatch.profile_store import ProfileError, parse_profile, problem_pass
 from flashdispatch.registry import REGISTRY
@@ -39,8 +45,8 @@ from flashdispatch.registry import REGISTRY
 from . import shapes as shape_lists
 from . import timing, verify
 from .profile_writer import (  # noqa: F401  (re-exported: the tuner's public names)
-    TOOL, BucketResult, ProfileMeta, Trial, bucket_id, bucket_match, flow, profile_yaml, unmeasured_profile,
-    versions,
+    TOOL, BucketResult, ProfileMeta, Trial, bucket_id, bucket_match, flow, groups_of, profile_yaml,
+    unmeasured_profile, versions,
 )
 from .shapes import Shape
 
@@ -53,10 +59,16 @@ ABANDON_FACTOR = 3.0
 # Plain-math SDPA materialises the full score matrix (gigabytes at the sweep's sizes) and is never
 # the fastest on a GPU; it stays a fallback the dispatcher can use, but is tuned only on request.
 GPU_DEFAULT_EXCLUDE: tuple[str, ...] = ("sdpa:math",)
-# Timing settings: the full sweep, and --quick (fits, with the benchmark, a few minutes on an H100).
-FULL_TIMING = {"warmup_ms": 25.0, "rep_ms": 100.0}
+# Timing settings: the full grid, and --quick (under 10 minutes on an H100/H200, estimate_plan).
+FULL_TIMING = {"warmup_ms": 10.0, "rep_ms": 40.0}
 QUICK_TIMING = {"warmup_ms": 5.0, "rep_ms": 25.0}
 QUICK_MAX_CONFIGS = 2
+QUICK_MAX_CONFIGS_BWD = 1  # --quick: the default config only for forward+backward (the full tune searches)
+FULL_MAX_CONFIGS = 3
+FULL_MAX_CONFIGS_BWD = 2
+# Eager calls per host-time measurement of a graph-timed shape (timing.host_us_per_call).
+HOST_CALLS = 100
+HOST_CALLS_CPU = 10
 
 
 # Exit status asking for a rerun with --resume (sysexits' EX_TEMPFAIL): a backend broke the CUDA
@@ -82,6 +94,21 @@ class TuneOptions:
     max_configs: int | None = None
     abandon_factor: float = ABANDON_FACTOR
     seed: int | None = None
+    max_configs_bwd: int | None = None  # fwd_bwd shapes (None: max_configs)
+
+    def cap(self, needs_grad: bool) -> int | None:
+        """Configs per implementation at a shape of this pass."""
+        return self.max_configs_bwd if needs_grad and self.max_configs_bwd is not None else self.max_configs
+
+    @staticmethod
+    def preset(quick: bool, **overrides: Any) -> "TuneOptions":
+        """The timing and config caps of --quick or of the full tune (None overrides are ignored)."""
+        t = QUICK_TIMING if quick else FULL_TIMING
+        base = dict(warmup_ms=t["warmup_ms"], rep_ms=t["rep_ms"],
+                    max_configs=QUICK_MAX_CONFIGS if quick else FULL_MAX_CONFIGS,
+                    max_configs_bwd=QUICK_MAX_CONFIGS_BWD if quick else FULL_MAX_CONFIGS_BWD)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return TuneOptions(**base)  # type: ignore[arg-type]
 
 
 def _dedupe(configs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -131,11 +158,25 @@ def make_inputs(s: Shape, device: torch.device, gen: torch.Generator
     if s.needs_grad:
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
         do = rnd(s.batch, s.heads_q, s.seqlen_q, s.head_dim)
+    window = (s.window, 0) if s.window >= 0 else None
     with torch.set_grad_enabled(s.needs_grad):
-        p = problem_from_tensors(q, k, v, causal=s.causal, scale=None, layout="bhsd", return_lse=False)
+        p = problem_from_tensors(q, k, v, causal=s.causal, scale=None, layout="bhsd", return_lse=False, window=window)
     if problem_pass(p) != s.pass_:
         raise ValueError(f"shape {s.label!r}: pass {s.pass_!r} but the dispatcher would look up {problem_pass(p)!r}")
     return q, k, v, do, p
+
+
+def rotation_inputs(s: Shape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, device: torch.device,
+                    gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Input sets for a graph-timed shape: (q, k, v) first, then fresh random sets until their
+    bytes exceed L2 (timing.rotation_sets), so that each replayed call reads its cache from HBM,
+    as one layer of a many-layer decode step does."""
+    per_set = sum(t.numel() * t.element_size() for t in (q, k, v))
+    sets = [(q, k, v)]
+    for _ in range(timing.rotation_sets(per_set, device) - 1):
+        sets.append(tuple(torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32).to(t.dtype)
+                          for t in (q, k, v)))  # type: ignore[arg-type]
+    return sets
 
 
 def device_info(device: torch.device) -> DeviceInfo:
@@ -180,6 +221,7 @@ def measure_bucket(
     blocks = verify.reference_blocks(q, k, v, p)
     out_bytes = p.batch * p.heads_q * p.seqlen_q * p.head_dim_v * q.element_size()
     grad_cache = grad_cache or GradCache()
+    rotation = rotation_inputs(s, q, k, v, device, gen) if s.graph_timed and device.type == "cuda" else None
     best_ms = math.inf
     for name, impl in impls.items():
         why = REGISTRY.availability(name) if name in REGISTRY.all() else impl.availability()
@@ -188,12 +230,13 @@ def measure_bucket(
             res.skipped[name] = "; ".join(reasons)
             continue
         try:
-            configs = candidate_configs(impl, p, dev, opts.max_configs)
+            configs = candidate_configs(impl, p, dev, opts.cap(p.needs_grad))
         except Exception as e:
             res.trials.append(Trial(name, {}, "error", note=f"config_space failed: {type(e).__name__}: {e}"))
             continue
         for cfg in configs:
-            trial = _try_config(impl, cfg, p, q, k, v, do, blocks, out_bytes, device, opts, best_ms, grad_cache, gen)
+            trial = _try_config(impl, cfg, p, q, k, v, do, blocks, out_bytes, device, opts, best_ms, grad_cache, gen,
+                                graph=s.graph_timed, rotation=rotation)
             res.trials.append(trial)
             if trial.status == "ok" and trial.ms is not None:
                 best_ms = min(best_ms, trial.ms)
@@ -204,8 +247,12 @@ def measure_bucket(
 def _try_config(
     impl: Implementation, cfg: dict[str, Any], p: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     do: torch.Tensor | None, blocks: list[verify.RowBlock], out_bytes: int, device: torch.device,
-    opts: TuneOptions, best_ms: float, grad_cache: GradCache, gen: torch.Generator,
+    opts: TuneOptions, best_ms: float, grad_cache: GradCache, gen: torch.Generator, *,
+    graph: bool = False, rotation: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> Trial:
+    """Check one config, then time it. graph: a decode or speculative step, timed as a CUDA-graph
+    replay over the `rotation` input sets (on a GPU) with its eager host time per call beside it;
+    a call that cannot be captured is timed eagerly, with a note."""
     name = impl.name
     try:
         verify.poison_allocator(out_bytes, device)
@@ -235,6 +282,9 @@ def _try_config(
             grads = None
         fn()  # compiles what the check did not (backward kernels at this size)
         timing.reset_grads(grads)
+        checked = f"max err {verdict.error:.3g} (allowed {verdict.allowed:.3g})"
+        if graph:
+            return _time_graph_step(impl, cfg, p, fn, device, opts, rotation, checked)
         est = timing.estimate_ms(fn, device)
         timing.reset_grads(grads)
         if est > opts.abandon_factor * best_ms:
@@ -242,7 +292,7 @@ def _try_config(
                          f"a call took {est:.3g} ms > {opts.abandon_factor:g} x best {best_ms:.3g} ms")
         ms = timing.median_ms(fn, device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, grad_to_none=grads)
         timing.reset_grads(grads)
-        return Trial(name, cfg, "ok", ms, f"max err {verdict.error:.3g} (allowed {verdict.allowed:.3g})")
+        return Trial(name, cfg, "ok", ms, checked)
     except Exception as e:  # a config that fails to compile or launch is a result, not a crash
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         if not timing.context_alive(device):
@@ -252,6 +302,159 @@ def _try_config(
         for t in (q, k, v):
             t.grad = None
         return Trial(name, cfg, "error", note=f"{type(e).__name__}: {msg}")
+
+
+def _time_graph_step(impl: Implementation, cfg: dict[str, Any], p: Problem, fn: Callable[[], None],
+                     device: torch.device, opts: TuneOptions,
+                     rotation: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None, checked: str) -> Trial:
+    """A decode or speculative step: GPU time per call of a CUDA-graph replay over the rotation's
+    input sets, else (no GPU, or the call cannot be captured) the eager median, with a note; the
+    eager host time per call either way."""
+    note = checked
+    ms: float | None = None
+    if rotation is not None:
+        def call(qi: torch.Tensor, ki: torch.Tensor, vi: torch.Tensor) -> Callable[[], None]:
+            def one() -> None:
+                impl.run(qi, ki, vi, p, cfg)
+            return one
+
+        fns = [call(*qkv) for qkv in rotation]
+        try:
+            with torch.no_grad():
+                ms = timing.graph_replay_ms(fns, device, rep_ms=opts.rep_ms)
+            note += f"; CUDA-graph replay over {len(fns)} input sets"
+        except timing.CaptureError as e:
+            if not timing.context_alive(device):
+                raise
+            note += f"; eager median: the call cannot be captured in a CUDA graph ({e})"
+            log.info("%s at %s: %s", impl.name, p.describe(), note)
+    if ms is None:
+        ms = timing.median_ms(fn, device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms)
+        if rotation is None:
+            note += "; eager median (no CUDA device: no graph)"
+    host = timing.host_us_per_call(fn, device, HOST_CALLS if device.type == "cuda" else HOST_CALLS_CPU)
+    return Trial(impl.name, cfg, "ok", ms, note, host_us=host)
+
+
+# --- the plan's duration ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanRates:
+    """What `estimate_plan` assumes of the GPU and the host: conservative for an H100 or an H200
+    (each figure is slower than what those cards measured, docs/profiles.md), so that a plan
+    estimated under a limit finishes under it.
+
+    tflops      work rate of a timed call: a candidate more than ABANDON_FACTOR (3x) slower than
+                the best is abandoned after an estimate, and the best run 450-660 TFLOP/s forward
+                and 300-450 forward+backward at bf16 on an H100/H200, so every timed one runs at
+                150 TFLOP/s or more
+    tbps        memory rate of a timed call (decode measured 1.6-4 TB/s)
+    call_ms     per call on top: the L2 flush before it and the launch
+    shape_s     per shape: random inputs, float64 reference rows, the state and profile files
+    trial_s     per (implementation, config) at a shape: the checked call, NaN poisoning, events,
+                Python, a cuDNN plan
+    extra_calls untimed calls of a trial (checked call, compile call, estimates, warm-up floor)
+    compile_s   per kernel build (Triton JIT or NVRTC, about 1-1.5 s each on an H100 host) of an
+                implementation x config x kernel (the group's pass, mask kind, dtype, head dim)
+    backward_compile_s  the same for a forward+backward build (three or four kernels)
+    grad_check_s        per gradient check of an implementation x config on a proxy problem
+    graph_s     per graph-timed trial: capture, replays and the host-time calls
+    """
+
+    tflops: float = 150.0
+    tbps: float = 1.0
+    call_ms: float = 0.1
+    shape_s: float = 1.0
+    trial_s: float = 0.25
+    extra_calls: int = 12
+    compile_s: float = 2.0
+    backward_compile_s: float = 6.0
+    grad_check_s: float = 0.5
+    graph_s: float = 0.5
+
+
+RATES = PlanRates()
+# The limits the quick and the full plan are chosen to fit (tests/test_tune.py checks them).
+QUICK_LIMIT_S = 10 * 60
+FULL_LIMIT_S = 45 * 60
+
+
+@dataclass
+class PlanEstimate:
+    seconds: float  # the whole plan
+    per_shape: list[float]  # measuring each shape (its first compiles included), plan order
+    compiles: int  # kernel builds
+    trials: int  # (implementation, config, shape) triples
+    groups: int
+
+    def describe(self) -> str:
+        return (f"{len(self.per_shape)} shapes in {self.groups} model groups, {self.trials} (implementation, "
+                f"config) trials, {self.compiles} kernel builds: estimated {_fmt_seconds(self.seconds)}")
+
+
+def default_candidates(dev: DeviceInfo) -> dict[str, Implementation]:
+    """What a tune on `dev` measures by default, whatever this machine has installed: every
+    implementation whose capabilities cover the device (GPU_DEFAULT_EXCLUDE left out on GPUs)."""
+    out = {}
+    for n, impl in REGISTRY.all().items():
+        if dev.kind != "cpu" and n in GPU_DEFAULT_EXCLUDE:
+            continue
+        try:
+            if dev.kind in impl.capabilities(dev).device_kinds:
+                out[n] = impl
+        except Exception:
+            continue
+    return out
+
+
+def _kernel_kind(s: Shape) -> str:
+    k = s.group
+    return "decode" if k.cls in ("decode", "speculative") else "dense" if k.cls == "dense" else "causal"
+
+
+def estimate_plan(plan: Sequence[Shape], dev: DeviceInfo, opts: TuneOptions,
+                  impls: dict[str, Implementation] | None = None, *, rates: PlanRates = RATES) -> PlanEstimate:
+    """How long measuring `plan` on `dev` takes, by the work of every shape (tools/timing.py's
+    counts) at the conservative rates of `rates`, times the candidates and configs that would run,
+    plus one build per implementation x config x kernel and one gradient check per proxy."""
+    impls = impls if impls is not None else default_candidates(dev)
+    built: set[str] = set()
+    checked: set[str] = set()
+    per_shape: list[float] = []
+    trials = 0
+    for s in plan:
+        p = s.problem(dev.kind)
+        timed = "decode" if s.pass_ == "decode" else s.pass_
+        call = (timing.pass_flops(p, timed) / (rates.tflops * 1e12) + timing.min_bytes(p, timed) / (rates.tbps * 1e12)) * 1e3
+        call += rates.call_ms
+        secs = rates.shape_s
+        for name, impl in impls.items():
+            try:
+                if impl.not_supported_reasons(p, dev):
+                    continue
+                cfgs = candidate_configs(impl, p, dev, opts.cap(s.needs_grad))
+            except Exception:
+                continue
+            for cfg in cfgs:
+                trials += 1
+                secs += rates.trial_s + (rates.extra_calls * call + max(opts.warmup_ms, call)
+                                         + max(opts.rep_ms, call)) / 1e3
+                if s.graph_timed:
+                    secs += rates.graph_s + HOST_CALLS * max(call, 0.05) / 1e3
+                if impl.backend != "sdpa":
+                    unit = json.dumps([name, cfg, s.pass_, _kernel_kind(s), s.group.variant, s.dtype, s.head_dim],
+                                      sort_keys=True, default=str)
+                    if unit not in built:
+                        built.add(unit)
+                        secs += rates.backward_compile_s if s.needs_grad else rates.compile_s
+                if s.needs_grad:
+                    proxy = json.dumps([name, cfg, verify.proxy_problem(p)], sort_keys=True, default=str)
+                    if proxy not in checked:
+                        checked.add(proxy)
+                        secs += rates.grad_check_s
+        per_shape.append(secs)
+    return PlanEstimate(sum(per_shape), per_shape, len(built), trials, len({s.group for s in plan}))
 
 
 # --- the sweep ---------------------------------------------------------------------------------
@@ -284,23 +487,27 @@ class State:
 
 
 class _Progress:
-    """rich progress bar on a terminal; a log line per bucket with the time left, always."""
+    """rich progress bar on a terminal; a log line per shape with the time left, always.
 
-    def __init__(self, total: int, done: int) -> None:
+    The time left is the estimate of the shapes not yet measured (estimate_plan), scaled by how
+    the shapes measured so far compared with their estimates; without estimates, the mean time
+    of a shape so far."""
+
+    def __init__(self, total: int, done: int, estimates: Sequence[float] = ()) -> None:
         self.total, self.done = total, done
         self.t0 = time.perf_counter()
         self.measured = 0
+        self.estimates = list(estimates)
         self._bar: Any = None
         self._task: Any = None
         if sys.stderr.isatty():
             try:
                 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                           TimeElapsedColumn, TimeRemainingColumn)
+                                           TimeElapsedColumn)
 
                 self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-                                     transient=False)
-                self._task = self._bar.add_task("tune", total=total, completed=done)
+                                     TimeElapsedColumn(), TextColumn("{task.fields[left]}"), transient=False)
+                self._task = self._bar.add_task("tune", total=total, completed=done, left="")
             except ImportError:
                 self._bar = None
 
@@ -313,6 +520,23 @@ class _Progress:
         if self._bar is not None:
             self._bar.stop()
 
+    def _scale(self) -> float:
+        """Measured seconds per estimated second so far (1 before any shape)."""
+        est = sum(self.estimates[:self.measured])
+        if self.measured == 0 or est <= 0:
+            return 1.0
+        return (time.perf_counter() - self.t0) / est
+
+    def expected(self, i: int) -> float:
+        """Expected seconds of the i-th shape of this run (0 without estimates)."""
+        return self.estimates[i] * self._scale() if i < len(self.estimates) else 0.0
+
+    def left(self) -> float:
+        if self.estimates and sum(self.estimates) > 0:
+            return sum(self.estimates[self.measured:]) * self._scale()
+        elapsed = time.perf_counter() - self.t0
+        return elapsed / max(1, self.measured) * (self.total - self.done)
+
     def start(self, s: Shape) -> None:
         if self._bar is not None:
             self._bar.update(self._task, description=s.label[:40])
@@ -320,10 +544,9 @@ class _Progress:
     def finish(self, r: BucketResult) -> str:
         self.done += 1
         self.measured += 1
-        elapsed = time.perf_counter() - self.t0
-        left = elapsed / self.measured * (self.total - self.done)
+        left = self.left()
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done)
+            self._bar.update(self._task, completed=self.done, left=f"about {_fmt_seconds(left)} left")
         best = r.best()
         top = ", ".join(f"{n} {best[n].ms:.3g}" for n in r.ranking()[:3]) or "nothing passed"
         return (f"[{self.done}/{self.total}] {r.shape.describe()}: {top} ms ({r.seconds:.1f} s; "
@@ -390,26 +613,35 @@ def run_tune(
     *,
     time_budget_s: float | None = None,
     on_bucket: Callable[[list[BucketResult]], None] | None = None,
+    estimates: Sequence[float] | None = None,
 ) -> tuple[list[BucketResult], bool]:
-    """Measure the buckets of `plan` not yet in `state`; returns (results in plan order, complete)."""
+    """Measure the shapes of `plan` not yet in `state`; returns (results in plan order, complete).
+
+    `estimates` (seconds per shape, estimate_plan's, in plan order) drive the time left and the
+    budget: a shape is not started when the time it is expected to take, scaled by how the
+    estimates compared with the clock so far, would end past `time_budget_s` (the first shape of
+    a run always starts, so that a resumed run always makes progress)."""
     seed = opts.seed if opts.seed is not None else int.from_bytes(os.urandom(4), "little")
     log.info("random seed %d (pass --seed %d to repeat)", seed, seed)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     grad_cache = GradCache()
+    est = {bucket_id(s): e for s, e in zip(plan, estimates)} if estimates is not None else {}
     todo = [s for s in plan if bucket_id(s) not in state.results]
     if len(todo) < len(plan):
-        log.info("resuming: %d of %d buckets already measured in %s", len(plan) - len(todo), len(plan), state.path)
+        log.info("resuming: %d of %d shapes already measured in %s", len(plan) - len(todo), len(plan), state.path)
     t0 = time.perf_counter()
     complete = True
-    with _Progress(len(plan), len(plan) - len(todo)) as prog:
+    with _Progress(len(plan), len(plan) - len(todo), [est.get(bucket_id(s), 0.0) for s in todo]) as prog:
         for i, s in enumerate(todo):
-            # at least one bucket per run, so that a resumed run always makes progress
-            if i and time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
-                log.warning("time budget of %.0f s spent: %d buckets left for --resume", time_budget_s,
-                            len(plan) - len(state.results))
-                complete = False
-                break
+            if i and time_budget_s is not None:
+                spent = time.perf_counter() - t0
+                if spent + prog.expected(i) > time_budget_s:
+                    log.warning("time budget of %.0f s: %.0f s spent, the next shape is expected to take %.0f s; "
+                                "%d shapes left for --resume", time_budget_s, spent, prog.expected(i),
+                                len(plan) - len(state.results))
+                    complete = False
+                    break
             prog.start(s)
             try:
                 r = measure_bucket(s, impls, device, opts, gen, grad_cache)
@@ -451,15 +683,16 @@ def csv_ints(arg: str) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(
         prog="flashdispatch tune",
-        description="Measure every available backend (and each config of our kernels) on problem "
-        "buckets, check each against a float64 reference, and write <key>.yaml.",
+        description="Measure every available backend (and configs of our kernels) over the cost model's "
+        "grid of shapes, check each against a float64 reference, fit each implementation's time model, "
+        "and write <key>.yaml (schema 2).",
     )
     ap.add_argument("--quick", action="store_true",
-                    help="GPU: the bf16 benchmark shapes only, shorter timing, at most "
-                         f"{QUICK_MAX_CONFIGS} configs per backend (minutes on an H100); CPU: the CPU-sized "
-                         "shapes (about a minute on 2 cores)")
+                    help="GPU: the quick grid (bf16, D 64/128, 2-3 sizes per shape class), shorter timing, at "
+                         f"most {QUICK_MAX_CONFIGS} configs per backend (under 10 minutes on an H100/H200, "
+                         "see --dry-run); CPU: the CPU-sized shapes (about a minute on 2 cores)")
     ap.add_argument("--shapes", choices=sorted(shape_lists.NAMED), default=None,
-                    help="named bucket list: " + "; ".join(f"{k}: {v}" for k, v in shape_lists.NAMED.items())
+                    help="named shape list: " + "; ".join(f"{k}: {v}" for k, v in shape_lists.NAMED.items())
                     + " (default on a GPU: quick with --quick, else full; on a CPU: cpu)")
     ap.add_argument("--device", default=None, help="torch device to measure on (default: cuda if present, else cpu)")
     ap.add_argument("--profile-key", default=None,
@@ -468,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="profile file or directory (default: $FLASHDISPATCH_PROFILE_DIR or the current "
                          "directory, as <key>.yaml)")
     ap.add_argument("--state", default=None, help="state file (default: <out>.state.json)")
-    ap.add_argument("--resume", action="store_true", help="keep the buckets already in the state file")
+    ap.add_argument("--resume", action="store_true", help="keep the shapes already in the state file")
     ap.add_argument("--backends", type=csv_list, default=None,
                     help="comma-separated families or variants to measure (default: all available; "
                          f"on GPUs without {', '.join(GPU_DEFAULT_EXCLUDE)})")
@@ -476,15 +709,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtypes", type=csv_list, default=None, help="e.g. bf16,fp16")
     ap.add_argument("--head-dims", type=csv_ints("--head-dims"), default=None, help="e.g. 64,128")
     ap.add_argument("--passes", type=csv_list, default=None, help="subset of fwd,fwd_bwd,decode")
-    ap.add_argument("--seqlens", type=csv_ints("--seqlens"), default=None, help="keep buckets with these Sk")
+    ap.add_argument("--seqlens", type=csv_ints("--seqlens"), default=None, help="keep shapes with these Sk")
     ap.add_argument("--causal", choices=("true", "false", "both"), default="both")
-    ap.add_argument("--max-configs", type=int, default=None, help="configs per backend per bucket (default: all)")
+    ap.add_argument("--max-configs", type=int, default=None,
+                    help=f"configs per backend per shape (default: {FULL_MAX_CONFIGS}, {FULL_MAX_CONFIGS_BWD} for "
+                         f"fwd_bwd; --quick {QUICK_MAX_CONFIGS}, {QUICK_MAX_CONFIGS_BWD} for fwd_bwd)")
     ap.add_argument("--warmup-ms", type=float, default=None)
     ap.add_argument("--rep-ms", type=float, default=None)
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                    help="stop starting buckets after this long; the profile holds what finished")
+                    help="do not start a shape expected to end after this long; the profile holds what "
+                         "finished (continue with --resume)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the random inputs (default: fresh)")
-    ap.add_argument("--list", action="store_true", help="print the buckets and candidates, measure nothing")
+    ap.add_argument("--list", action="store_true", help="print the shapes and candidates, measure nothing")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the plan (shapes per model group) and its estimated duration, measure "
+                         "nothing; with --profile-key of a GPU (h100, h200, ...) on any machine, for that GPU")
     return ap
 
 
@@ -514,20 +753,45 @@ def _out_path(args: argparse.Namespace, key: str) -> str:
     return out
 
 
-def _print_list(plan: Sequence[Shape], impls: dict[str, Implementation], device: torch.device, max_configs: int | None) -> None:
+def _print_list(plan: Sequence[Shape], impls: dict[str, Implementation], device: torch.device,
+                opts: TuneOptions) -> None:
     dev = device_info(device)
     for s in plan:
-        # meta tensors: no memory, and the same Problem attention() would build
-        dtype = DTYPES_BY_NAME[s.dtype]
-        q = torch.empty(s.batch, s.heads_q, s.seqlen_q, s.head_dim, dtype=dtype, device="meta")
-        k = torch.empty(s.batch, s.heads_kv, s.seqlen_k, s.head_dim, dtype=dtype, device="meta")
-        p = problem_from_tensors(q, k, k, causal=s.causal, scale=None, layout="bhsd", return_lse=False)
-        p = p._replace(device_kind=dev.kind, needs_grad=s.needs_grad)
+        p = s.problem(dev.kind)  # meta tensors: no memory, and the same Problem attention() would build
         cands = []
         for n, impl in impls.items():
             if impl.availability() is None and not impl.not_supported_reasons(p, dev):
-                cands.append(f"{n} x{len(candidate_configs(impl, p, dev, max_configs))}")
-        print(f"{s.label:48s} {flow(bucket_match(s)):90s} {', '.join(cands) or '(none)'}")
+                cands.append(f"{n} x{len(candidate_configs(impl, p, dev, opts.cap(s.needs_grad)))}")
+        print(f"{s.label:56s} {s.group.label():32s} {', '.join(cands) or '(none)'}")
+
+
+def _dry_run(plan: Sequence[Shape], args: argparse.Namespace, device: torch.device, opts: TuneOptions) -> int:
+    """--dry-run: the plan per group and its estimated duration, for this device or --profile-key's."""
+    if args.profile_key:
+        try:
+            dev = simulated_device(args.profile_key)
+        except (KeyError, ValueError) as e:
+            return user_error("flashdispatch tune", ValueError(f"--profile-key: {e}"))
+        impls = default_candidates(dev)
+        if args.backends or args.exclude:
+            picked = select_implementations(args.backends, args.exclude, torch.device("cpu")) if args.backends else impls
+            impls = {n: i for n, i in impls.items() if n in picked and n not in set(args.exclude)}
+    else:
+        dev = device_info(device)
+        impls = select_implementations(args.backends, args.exclude, device)
+    est = estimate_plan(plan, dev, opts, impls)
+    groups: dict[Any, list[tuple[Shape, float]]] = {}
+    for s, e in zip(plan, est.per_shape):
+        groups.setdefault(s.group, []).append((s, e))
+    print(f"plan on {dev.describe()} over {', '.join(impls)}")
+    print(f"timing: warm-up {opts.warmup_ms:g} ms, repetitions {opts.rep_ms:g} ms; configs per backend: "
+          f"{opts.max_configs} ({opts.cap(True)} for fwd_bwd)")
+    for g, items in groups.items():
+        print(f"{g.label():36s} {len(items):2d} points {_fmt_seconds(sum(e for _, e in items)):>7s}: "
+              + "; ".join(f"B={s.batch} Hkv={s.heads_kv} Sq={s.seqlen_q} Sk={s.seqlen_k}"
+                          + (f" w={s.window}" if s.window >= 0 else "") for s, _ in items))
+    print(f"estimated: {est.describe()} (rates: {RATES})")
+    return 0
 
 
 @contextlib.contextmanager
@@ -550,18 +814,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return user_error("flashdispatch tune", e)
     if not plan:
-        print("flashdispatch tune: error: no bucket left after the filters", file=sys.stderr)
+        print("flashdispatch tune: error: no shape left after the filters", file=sys.stderr)
         return 2
-    max_configs = args.max_configs if args.max_configs is not None else (QUICK_MAX_CONFIGS if args.quick else None)
+    opts = TuneOptions.preset(args.quick, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, max_configs=args.max_configs,
+                              max_configs_bwd=args.max_configs, seed=args.seed)
     if args.list:
-        _print_list(plan, impls, device, max_configs)
+        _print_list(plan, impls, device, opts)
         return 0
-    timing_defaults = QUICK_TIMING if args.quick else FULL_TIMING
-    opts = TuneOptions(
-        warmup_ms=args.warmup_ms if args.warmup_ms is not None else timing_defaults["warmup_ms"],
-        rep_ms=args.rep_ms if args.rep_ms is not None else timing_defaults["rep_ms"],
-        max_configs=max_configs, seed=args.seed,
-    )
+    if args.dry_run:
+        return _dry_run(plan, args, device, opts)
     dev = device_info(device)
     key = args.profile_key or dev.profile_key or dev.arch
     out_path = _out_path(args, key)
@@ -582,19 +843,26 @@ def main(argv: list[str] | None = None) -> int:
     for name in state.meta.get("excluded", []):
         if impls.pop(name, None) is not None:
             log.warning("leaving out %s: %s", name, state.meta.get("excluded_why", {}).get(name, "broke the CUDA context"))
-    log.info("tuning %d buckets on %s over %s -> %s", len(plan), dev.describe(), ", ".join(impls), out_path)
+    estimate = estimate_plan(plan, dev, opts, impls) if device.type == "cuda" else None
+    log.info("tuning %d shapes (%d model groups) on %s over %s -> %s", len(plan), len({s.group for s in plan}),
+             dev.describe(), ", ".join(impls), out_path)
+    if estimate is not None:
+        left = sum(e for s, e in zip(plan, estimate.per_shape) if bucket_id(s) not in state.results)
+        log.info("plan: %s; left to measure: about %s", estimate.describe(), _fmt_seconds(left))
     if device.type != "cuda":
         log.info("on a CPU this ranks torch's CPU attention kernels for this machine (%s.yaml); profiles for GPUs "
                  "come from running tune on the GPU", key)
     pm = ProfileMeta(
         key=key, name=dev.name if dev.kind != "cpu" else "CPU", arch=dev.arch, card=card, command=command,
         timing=(f"triton.testing.do_bench median, warm-up {opts.warmup_ms:g} ms, repetitions {opts.rep_ms:g} ms, "
-                "L2 flushed before each" if device.type == "cuda" else
+                "L2 flushed before each; decode and speculative steps: median CUDA-graph replay over input "
+                "sets larger than L2 together, eager host time per call beside it" if device.type == "cuda" else
                 f"perf_counter median, warm-up {opts.warmup_ms:g} ms, repetitions {opts.rep_ms:g} ms"),
+        sm_count=dev.sm_count or 1,
     )
 
     def write(results: list[BucketResult], complete: bool) -> bool:
-        note = "" if complete else f"partial: {len(results)} of {len(plan)} buckets measured (continue with --resume)"
+        note = "" if complete else f"partial: {len(results)} of {len(plan)} shapes measured (continue with --resume)"
         text = profile_yaml(results, pm, note=note)
         try:
             parse_profile(text, out_path)  # never write a file the dispatcher would reject
@@ -611,7 +879,8 @@ def main(argv: list[str] | None = None) -> int:
         with _interrupt_note(state_path):
             # the profile is rewritten after every bucket: a killed run still leaves a usable file
             results, complete = run_tune(plan, impls, device, opts, state, time_budget_s=args.time_budget,
-                                         on_bucket=lambda rs: write(rs, len(rs) == len(plan)))
+                                         on_bucket=lambda rs: write(rs, len(rs) == len(plan)),
+                                         estimates=estimate.per_shape if estimate is not None else None)
     except KeyboardInterrupt:
         return 130
     except ContextLost as e:
@@ -621,8 +890,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RESUME
     if not write(results, complete):
         return 1
-    log.info("wrote %s (%d entries%s)", out_path, sum(1 for r in results if r.ranking()),
-             "" if complete else ", partial")
+    log.info("wrote %s (%d points in %d groups%s)", out_path, sum(1 for r in results if r.ranking()),
+             len({r.shape.group for r in results if r.ranking()}), "" if complete else ", partial")
     return 0
 
 

@@ -5,7 +5,8 @@ but attention rows are independent, so the check computes the reference for a fe
 rows of a few (batch, kv-head group) pairs, at the full sequence length, and holds the candidate's
 rows to flash-attention's budget (dispatch/tolerances.py) against plain torch math in the input
 dtype on the same rows. Under the bottom-right causal mask, rows [r0, r1) with keys [0, r1 + Sk - Sq)
-form a bottom-right causal problem of their own, so dispatch/reference.py serves unchanged.
+form a bottom-right causal problem of their own, so dispatch/reference.py serves unchanged; a
+causal sliding window keeps that alignment (the tuner measures windows only under causal).
 
 Every output element is also required to be finite, and candidates run on memory that was filled
 with NaN just before (the caching allocator hands it back), so an unwritten element fails.
@@ -60,6 +61,10 @@ def reference_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Probl
     g = p.gqa_ratio
     pairs = {(0, 0), (p.batch - 1, p.heads_kv - 1)}
     off = p.causal_offset
+    if p.has_window and not p.effective_causal:
+        raise ValueError(f"reference_blocks: a window needs causal=True here (rows sliced from a non-causal "
+                         f"window change its alignment), got window={p.window} without causal")
+    window = p.window if p.has_window else None
     blocks = []
     with torch.no_grad():
         for b, h in sorted(pairs):
@@ -72,8 +77,10 @@ def reference_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Probl
                     continue
                 ks = k[b:b + 1, h:h + 1, :kend].detach()
                 vs = v[b:b + 1, h:h + 1, :kend].detach()
-                ref, _ = attention_math(qs, ks, vs, causal=p.effective_causal, scale=p.scale, upcast=True)
-                base, _ = attention_math(qs, ks, vs, causal=p.effective_causal, scale=p.scale, upcast=False)
+                ref, _ = attention_math(qs, ks, vs, causal=p.effective_causal, scale=p.scale, upcast=True,
+                                        window=window)
+                base, _ = attention_math(qs, ks, vs, causal=p.effective_causal, scale=p.scale, upcast=False,
+                                         window=window)
                 blocks.append(RowBlock(b, h, (r0, r1), ref, base))
     return blocks
 
@@ -113,12 +120,22 @@ def poison_allocator(nbytes: int, device: torch.device) -> None:
 RunFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Problem], torch.Tensor]
 
 
+def proxy_window(p: Problem, sq: int) -> int:
+    """The proxy's left window (-1: none): p's, shrunk to a quarter of the proxy's rows so that it
+    still hides keys there."""
+    if not p.has_window:
+        return -1
+    return max(1, min(p.window[0], sq // 4)) if p.window[0] >= 0 else -1
+
+
 def proxy_problem(p: Problem, seqlen: int = GRAD_PROXY_SEQLEN) -> tuple[int, ...]:
-    """What identifies the gradient proxy of p: (B, Hq, Hkv, Sq, Sk, D, Dv, causal, dtype)."""
+    """What identifies the gradient proxy of p: (B, Hq, Hkv, Sq, Sk, D, Dv, causal, dtype[, window])."""
     sq = min(p.seqlen_q, seqlen)
     sk = sq + max(-sq + 1, min(p.seqlen_k - p.seqlen_q, 2 * seqlen))
     hkv = min(p.heads_kv, 2)
-    return (1, hkv * p.gqa_ratio, hkv, sq, sk, p.head_dim, p.head_dim_v, int(p.causal), str(p.dtype))  # type: ignore[return-value]
+    key = (1, hkv * p.gqa_ratio, hkv, sq, sk, p.head_dim, p.head_dim_v, int(p.causal), str(p.dtype))
+    w = proxy_window(p, sq)
+    return key + ((w,) if w >= 0 else ())  # type: ignore[return-value]
 
 
 def grad_proxy_tensors(p: Problem, device: torch.device, generator: torch.Generator | None = None,
@@ -133,8 +150,10 @@ def grad_proxy_tensors(p: Problem, device: torch.device, generator: torch.Genera
     q = rnd(1, hq, sq, p.head_dim)
     k = rnd(1, hkv, sk, p.head_dim)
     v = rnd(1, hkv, sk, p.head_dim_v)
+    w = proxy_window(p, sq)
     with torch.enable_grad():
-        small = problem_from_tensors(q, k, v, causal=p.causal, scale=p.scale, layout="bhsd", return_lse=False)
+        small = problem_from_tensors(q, k, v, causal=p.causal, scale=p.scale, layout="bhsd", return_lse=False,
+                                     window=(w, 0 if p.causal else p.window[1]) if w >= 0 else None)
     return q, k, v, small
 
 
@@ -157,7 +176,8 @@ def _check_grads(run: RunFn, p: Problem, device: torch.device, generator: torch.
     grads = []
     for upcast in (True, False):
         qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
-        ref, _ = attention_math(qq, kk, vv, causal=small.effective_causal, scale=small.scale, upcast=upcast)
+        ref, _ = attention_math(qq, kk, vv, causal=small.effective_causal, scale=small.scale, upcast=upcast,
+                                window=small.window if small.has_window else None)
         ref.backward(do.to(ref.dtype))
         grads.append((qq.grad, kk.grad, vv.grad))
     with torch.enable_grad():
