@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from flashdispatch.costmodel import features, group_key, point_problem
 from flashdispatch.device import DEVICE_TABLE, simulated_device
-from flashdispatch.problem import problem_from_shape
-from flashdispatch.profile_store import Profile, parse_profile
+from flashdispatch.profile_store import SCHEMA_VERSION, Profile, parse_profile
 from flashdispatch.registry import REGISTRY
 
 _FILES = sorted(
@@ -24,18 +24,17 @@ for _f in _FILES:
     _text = _f.read_text(encoding="utf-8")
     PROFILES[_f.name[:-5]] = (_text, parse_profile(_text, str(_f)))
 ARCH_OF = {d.key: d.arch for d in DEVICE_TABLE}
-# Profiles that must ship (h100.yaml measured by `flashdispatch tune` on an H100; the others argued).
+# Profiles that must ship (h100.yaml and h200.yaml measured by `flashdispatch tune`; the others argued).
 REQUIRED = ("h100", "a100", "mi250x", "mi300x")
 
 
-def _entry_problem(prof: Profile, e: Any):  # type: ignore[no-untyped-def]
-    """A Problem that falls in an entry's bucket, on the profile's (simulated) device."""
-    m = e.match
-    dev = simulated_device(prof.key)
-    dims = (m.get("batch", 1), 32, 32 // m["gqa"], m.get("seqlen_q", m["seqlen"]), m["seqlen"], m["head_dim"])
-    p = problem_from_shape(dims, dtype=m["dtype"], device_kind=dev.kind, causal=bool(m["causal"]),
-                           needs_grad=m["pass"] == "fwd_bwd")
-    return p, dev
+def _points(prof: Profile) -> list[tuple[Any, Any]]:
+    """(group, point) of every point of the profile."""
+    return [(g, pt) for g in prof.groups for pt in g.points]
+
+
+def _where(g: Any, pt: Any) -> str:
+    return f"{g.key.label()} {pt.describe()}"
 
 
 def test_the_required_profiles_ship() -> None:
@@ -43,46 +42,66 @@ def test_the_required_profiles_ship() -> None:
 
 
 @pytest.mark.parametrize("key", sorted(PROFILES))
-def test_profile_is_valid_and_names_its_device(key: str) -> None:
+def test_profile_is_valid_schema_2_and_names_its_device(key: str) -> None:
     _, prof = PROFILES[key]
     assert prof.key == key and key in ARCH_OF
+    assert prof.schema == SCHEMA_VERSION, "shipped profiles are written in the current schema"
     assert prof.device["arch"] == ARCH_OF[key]
-    assert prof.entries, "a profile with no entries decides nothing"
+    assert prof.device["sm_count"] == simulated_device(key).sm_count
+    assert prof.groups, "a profile with no groups decides nothing"
     names = set(REGISTRY.all())
-    for e in prof.entries:
-        assert e.ranking and len(set(e.ranking)) == len(e.ranking), e.label()
-        assert set(e.ranking) <= names, f"{e.label()}: unknown backends {set(e.ranking) - names}"
-        assert set(e.config) <= set(e.ranking), f"{e.label()}: config for a backend it does not rank"
+    for g, pt in _points(prof):
+        named = pt.ranking or tuple(pt.ms)
+        assert named and len(set(named)) == len(named), _where(g, pt)
+        assert set(named) <= names, f"{_where(g, pt)}: unknown backends {set(named) - names}"
+        assert set(pt.config) <= set(named), f"{_where(g, pt)}: config for a backend it does not measure"
+        assert set(pt.host_us) <= set(named), f"{_where(g, pt)}: host time for a backend it does not measure"
+    for g in prof.groups:
+        assert set(g.config) <= set(g.implementations()) | {n for pt in g.points for n in pt.ranking}, g.key
 
 
 @pytest.mark.parametrize("key", sorted(PROFILES))
-def test_every_ranked_backend_can_serve_its_entry_on_that_device(key: str) -> None:
+def test_every_ranked_or_measured_backend_can_serve_its_point_on_that_device(key: str) -> None:
     _, prof = PROFILES[key]
-    for e in prof.entries:
-        p, dev = _entry_problem(prof, e)
-        for name in e.ranking:
+    dev = simulated_device(prof.key)
+    for g, pt in _points(prof):
+        p = point_problem(g.key, pt, dev.kind)
+        assert group_key(p) == g.key, f"{_where(g, pt)} falls in {group_key(p).label()}"
+        for name in pt.ranking or tuple(pt.ms):
             reasons = REGISTRY.get(name).not_supported_reasons(p, dev)
-            assert not reasons, f"{key} {e.label()}: {name} ranked but cannot serve: {reasons}"
+            assert not reasons, f"{key} {_where(g, pt)}: {name} listed but cannot serve: {reasons}"
 
 
 @pytest.mark.parametrize("key", sorted(k for k, (_, p) in PROFILES.items() if p.measured))
-def test_measured_profile_ranks_fastest_measured_first_with_provenance(key: str) -> None:
-    _, prof = PROFILES[key]
-    g = prof.generated
+def test_measured_profile_has_times_fits_and_provenance(key: str) -> None:
+    text, prof = PROFILES[key]
+    g0 = prof.generated
     for field in ("date", "card", "command", "torch", "triton"):
-        assert g.get(field), f"generated.{field} is required in a measured profile"
-    for e in prof.entries:
-        assert set(e.ms) == set(e.ranking), f"{e.label()}: every ranked backend needs its time"
-        times = [e.ms[n] for n in e.ranking]
-        assert times == sorted(times), f"{e.label()}: ranking is not fastest-measured-first: {e.ms}"
-        assert all(t > 0 for t in times)
+        assert g0.get(field), f"generated.{field} is required in a measured profile"
+    assert "fits:" in text, "a measured profile ships its fitted models (not only fitted on load)"
+    for g, pt in _points(prof):
+        assert pt.ms and not pt.ranking, _where(g, pt)
+        assert all(t > 0 for t in pt.ms.values()), _where(g, pt)
+    for g in prof.groups:
+        measured = g.implementations()
+        assert set(g.fits) == set(measured), f"{g.key.label()}: a fit for every measured implementation"
+        for name, f in g.fits.items():
+            n = sum(1 for pt in g.points if name in pt.ms)
+            assert f.n == n and all(c >= 0 for c in f.coef) and f.coef[1] + f.coef[2] > 0, (g.key.label(), name)
+            # the model reproduces its own points within its fit error (and the file is not stale)
+            for pt in g.points:
+                if name in pt.ms:
+                    x = features(point_problem(g.key, pt), prof.sm_count)
+                    assert abs(f.predict_us(x) / (pt.ms[name] * 1e3) - 1) <= max(0.5, 3 * f.rms), (
+                        g.key.label(), name, pt.describe())
 
 
 @pytest.mark.parametrize("key", sorted(k for k, (_, p) in PROFILES.items() if not p.measured))
 def test_unmeasured_profile_holds_no_numbers_and_argues_its_ranking(key: str) -> None:
     text, prof = PROFILES[key]
-    assert all(not e.ms for e in prof.entries), "an unmeasured profile must not carry times"
-    assert "\n    ms:" not in text
+    assert all(pt.ranking and not pt.ms and not pt.host_us for _, pt in _points(prof)), \
+        "an unmeasured profile carries rankings, not times"
+    assert all(not g.fits for g in prof.groups) and "fits:" not in text and "ms:" not in text
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     assert "NOT MEASURED" in header and "published figures" in header  # says so, and cites its figures
     assert "not measured" in prof.provenance().lower()
@@ -93,6 +112,20 @@ def test_h200_profile_is_either_measured_on_an_h200_or_absent() -> None:
         pytest.skip("no H200 was available to measure on (docs/profiles.md)")
     _, prof = PROFILES["h200"]
     assert prof.measured and "H200" in prof.generated["card"]
+
+
+@pytest.mark.parametrize("key", sorted(k for k, (_, p) in PROFILES.items() if p.measured))
+def test_a_measured_device_decides_from_its_model(key: str) -> None:
+    """Every measured point, asked of the dispatcher on that (simulated) device, is decided by
+    the profile's model, not by the built-in order."""
+    from flashdispatch.selection import select
+
+    _, prof = PROFILES[key]
+    dev = simulated_device(key)
+    for g, pt in _points(prof):
+        dec = select(point_problem(g.key, pt), device=dev)
+        assert dec.source.startswith("profile:"), f"{_where(g, pt)}: {dec.source}"
+        assert dec.predicted, _where(g, pt)
 
 
 # --- the configs compile for the profile's architecture ----------------------------------------
@@ -123,7 +156,8 @@ def test_triton_configs_of_the_profiles_compile_for_their_arch(target: str, arch
     pytest.importorskip("triton")
     cases = list(dict.fromkeys(aot._profile_cases(arch)))  # every triton config of every profile on this arch
     if not cases:
-        pytest.skip(f"no triton config in the profiles for {arch}")
+        pytest.skip(f"no triton config in the profiles for {arch} (unmeasured profiles hold none: the defaults "
+                    "run, and tests/test_triton_aot.py compiles them)")
     bad = [str(r) for r in (aot.check_one(target, c) for c in cases) if not r.ok]
     assert not bad, "\n".join(bad)
 
@@ -138,7 +172,7 @@ def test_cupy_configs_of_the_profiles_compile_with_nvcc(key: str) -> None:
     if nvcc_check.find_nvcc() is None or shutil.which("nvcc") is None:
         pytest.skip("nvcc is not on PATH")
     _, prof = PROFILES[key]
-    if not any("cupy" in e.config for e in prof.entries):
+    if not any("cupy" in g.config or any("cupy" in pt.config for pt in g.points) for g in prof.groups):
         pytest.skip(f"{key}: no cupy config")
     arch = prof.device["arch"]
     specs = warmup.specs_from_profile(prof, int(arch[3:]))

@@ -12,6 +12,7 @@ shipped profiles) can choose compiles for A100, H100, MI250X and MI300X, and tha
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -192,6 +193,25 @@ def check_configs(targets: Iterable[str], configs: Iterable[KernelCase]) -> list
     return results
 
 
+def _group_cases(k: Any, cfg: dict[str, Any], arch: str, origin: str) -> list[KernelCase]:
+    """The kernels a triton config of a profile group launches (forward or decode; the backward's)."""
+    from flashdispatch.backends.triton import configs
+
+    cases: list[KernelCase] = []
+    causal = k.cls in ("causal", "chunked", "speculative", "causal_tall")
+    common = dict(dtype=k.dtype, head_dim=k.head_dim, causal=causal, origin=origin)
+    if k.cls in ("decode", "speculative") and cfg.get("PATH", "split_kv") == "split_kv":
+        cases.append(make_case("decode", cfg, **common))
+    else:
+        fwd = {kk: v for kk, v in cfg.items() if kk in configs.FORWARD_KEYS}
+        kernel = "forward_tma" if fwd.get("TMA") and arch == "sm_90" else "forward"
+        cases.append(make_case(kernel, fwd, **common))
+    if k.pass_ == "fwd_bwd":
+        bwd = {kk: v for kk, v in cfg.items() if kk.startswith("BWD_")}
+        cases.extend(make_case(name, bwd, **common) for name in BACKWARD_KERNEL_NAMES)
+    return cases
+
+
 def _profile_cases(arch: str) -> list[KernelCase]:
     """Triton configs of the shipped profiles (profiles/*.yaml) whose device has this arch family."""
     from importlib import resources
@@ -215,21 +235,10 @@ def _profile_cases(arch: str) -> list[KernelCase]:
         if not dev_arch or configs.arch_family(kind, dev_arch) != arch:
             continue
         for g in prof.groups:
-            cfg = g.config.get("triton")
-            if not cfg:
-                continue
-            k = g.key
-            causal = k.cls in ("causal", "chunked", "speculative", "causal_tall")
-            common = dict(dtype=k.dtype, head_dim=k.head_dim, causal=causal, origin=str(f))
-            if k.cls in ("decode", "speculative") and cfg.get("PATH", "split_kv") == "split_kv":
-                cases.append(make_case("decode", cfg, **common))
-            else:
-                fwd = {kk: v for kk, v in cfg.items() if kk in configs.FORWARD_KEYS}
-                kernel = "forward_tma" if fwd.get("TMA") and arch == "sm_90" else "forward"
-                cases.append(make_case(kernel, fwd, **common))
-            if k.pass_ == "fwd_bwd":
-                bwd = {k: v for k, v in cfg.items() if k.startswith("BWD_")}
-                cases.extend(make_case(name, bwd, **common) for name in BACKWARD_KERNEL_NAMES)
+            # the group's config and every point's: what selection can pick (Group.config_for)
+            cfgs = [g.config.get("triton")] + [pt.config.get("triton") for pt in g.points]
+            for cfg in dict.fromkeys(json.dumps(c, sort_keys=True) for c in cfgs if c):
+                cases.extend(_group_cases(g.key, json.loads(cfg), arch, str(f)))
     return cases
 
 

@@ -1,9 +1,10 @@
 """Profiles for devices we could not measure (A100, MI250X, MI300X), argued from figures.
 
 The argument for each device is the ARGUMENTS text below, written into the file's header comment;
-RANKINGS turns it into a ranking per kind of problem. Configs are each backend's defaults for the
-device's architecture, which tests/test_profiles.py compiles ahead of time for that architecture.
-No times are written: these files are `measured: false`. Regenerate with
+RANKINGS turns it into a ranking per kind of problem, written as the `ranking` of each point of the
+cost model's groups (schema 2, dispatch/profile_store.py). No times and no configs are written
+(each backend runs its default config for the problem, which tests/test_triton_aot.py compiles
+ahead of time for every architecture): these files are `measured: false`. Regenerate with
 
     python -m flashdispatch.tools.figures --out profiles/
 
@@ -24,9 +25,11 @@ from .shapes import Shape, check_shape
 
 _COMMON = """\
 Rankings are argued from published figures (papers, vendor and PyTorch blogs) and from what
-we measured on an H100 where the reason carries over (a kernel's structure, not its speed);
-configs are each backend's defaults for {arch}, compiled ahead of time for {arch} by
-tests/test_profiles.py. There are no times in this file. Replace it by measuring on the card:
+we measured on an H100 where the reason carries over (a kernel's structure, not its speed).
+Each point of a group (pass x shape class x dtype x head dim) holds the argued order for that
+kind of problem; the dispatcher takes the order of the nearest point (of the nearest group, and
+says so). There are no times and no configs in this file: each backend runs its default config
+for {arch} (compiled ahead of time for {arch} in CI). Replace it by measuring on the card:
     flashdispatch tune --profile-key {key}
 Written by `python -m flashdispatch.tools.figures` (tools/figures.py holds this argument).
 """
@@ -105,15 +108,14 @@ def kind_of(s: Shape) -> str:
 
 
 def entry_shapes() -> list[Shape]:
-    """One bucket per kind of problem the argument distinguishes (lookup takes the nearest)."""
+    """Points for every kind of problem the argument distinguishes (the dispatcher takes the
+    nearest point's order)."""
     out: list[Shape] = []
     for dt in ("bf16", "fp16"):
         for d in (64, 128):
             h = 2048 // d
             for pass_ in ("fwd", "fwd_bwd"):
                 for causal in (False, True):
-                    # 1024 and 4096 keys: either side of the Triton backend's "short" shape class,
-                    # so that each entry's config is the default of the lengths it serves
                     for s in (1024, 4096):
                         out.append(Shape(f"prefill-{pass_}-{dt}-d{d}-{int(causal)}-s{s}", dt, 16384 // s, h, h, s, s, d,
                                          causal, pass_))

@@ -290,3 +290,55 @@ def unmeasured_profile(key: str, header: str, rank: Callable[[Shape], Sequence[s
                        measured=False, header=header, versions={}, tool="flashdispatch.tools.figures",
                        sm_count=dev.sm_count)
     return profile_yaml(results, meta)
+
+
+CONVERTED_HEADER = """\
+flashdispatch profile for {card} ({key}): the measurement of {date} by `{tool}`, converted from
+schema 1 to schema 2 on {today} (not re-measured; re-measure with `flashdispatch tune`).
+command of the measurement: {command}
+
+Schema 1 held one entry per bucket, each the times of every implementation at one shape; here
+each entry is one point of the group its shape falls in, and each group's models are fitted
+to those points (few points per group: the models say little between and beyond them, and
+`flashdispatch explain` says when a prediction extrapolates or borrows another group's model).
+Unlike a tune of today, its decode points are eager medians with the L2 flushed (generated.timing),
+not CUDA-graph replays, and carry no host_us."""
+
+
+def convert_profile(text: str, path: str, *, today: str | None = None) -> str:
+    """A profile of any schema the store reads (schema 1 included) rewritten as schema 2, keeping
+    its measurements and provenance; the header says it was converted, not re-measured."""
+    from flashdispatch.profile_store import parse_profile
+
+    prof = parse_profile(text, path)
+    g = prof.generated
+    if prof.measured:
+        header = CONVERTED_HEADER.format(card=g.get("card", "?"), key=prof.key, date=g.get("date", "?"),
+                                         tool=g.get("tool", "?"), command=g.get("command", "?"),
+                                         today=today or _dt.date.today().isoformat())
+        header += "\n\n" + MEASURED_HEADER.split("\n\n", 1)[1]
+        if prof.schema != 2:
+            prof.generated = {**g, "converted": f"from schema {prof.schema} on {today or _dt.date.today().isoformat()}"}
+    else:
+        header = "\n".join(line[2:] if line.startswith("# ") else line[1:] for line in text.splitlines()
+                           if line.startswith("#"))
+    prof.device.setdefault("sm_count", prof.sm_count)
+    return profile_yaml_text(prof, header)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m flashdispatch.tools.profile_writer",
+                                 description="Rewrite a profile (schema 1 included) as schema 2, keeping its "
+                                             "measurements; prints the new file.")
+    ap.add_argument("path", help="the profile to convert")
+    args = ap.parse_args(argv)
+    with open(args.path, encoding="utf-8") as f:
+        sys.stdout.write(convert_profile(f.read(), args.path))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -46,17 +46,20 @@ class WarmupReport:
 
 
 def specs_from_profile(profile: Any, cuda_capability: int) -> list[KernelSpec]:
-    """Instantiations a profile can select: its cupy configs, and the defaults for its entries."""
+    """Instantiations a profile can select: the cupy config of every group and of every point of
+    it (Group.config_for picks the nearest point's), and each group's defaults."""
     seen: dict[KernelSpec, None] = {}
-    for e in getattr(profile, "entries", []):
-        m = e.match
-        d = int(m["head_dim"])
-        if d not in configs.HEAD_DIMS or m["dtype"] not in configs.DTYPE_NAMES:
+    for g in getattr(profile, "groups", []):
+        k = g.key
+        d = int(k.head_dim)
+        if d not in configs.HEAD_DIMS or k.dtype not in configs.DTYPE_NAMES:
             continue
-        cfg = configs.parse_config(dict(e.config.get("cupy", {})), d, cuda_capability)
-        backward = m["pass"] == "fwd_bwd"
-        for s in configs.specs_for([cfg], [d], [m["dtype"]], [bool(m["causal"])], backward=backward):
-            seen.setdefault(s)
+        causal = k.cls in ("causal", "chunked", "speculative", "causal_tall")
+        raw = [g.config.get("cupy", {})] + [pt.config.get("cupy", {}) for pt in g.points if "cupy" in pt.config]
+        for c in raw:
+            cfg = configs.parse_config(dict(c), d, cuda_capability)
+            for s in configs.specs_for([cfg], [d], [k.dtype], [causal], backward=k.pass_ == "fwd_bwd"):
+                seen.setdefault(s)
     return list(seen)
 
 
@@ -112,7 +115,7 @@ def warmup(
         if prof is not None:
             specs += specs_from_profile(prof, cc)
         specs += default_specs(cc)
-    elif hasattr(profile_or_configs, "entries"):
+    elif hasattr(profile_or_configs, "groups"):
         specs += specs_from_profile(profile_or_configs, cc)
     else:
         specs += specs_from_items(profile_or_configs, cc)
