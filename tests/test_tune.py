@@ -647,3 +647,140 @@ def test_interleaved_timing_schedule_on_the_cuda_branch(monkeypatch: pytest.Monk
     reps = [tuple(calls[n - 3 * (i + 1):n - 3 * i]) for i in range(8)]  # the last 8 repetitions
     assert all(sorted(r) == ["a", "b", "c"] for r in reps)
     assert len(set(reps)) > 1
+
+
+# --- the model: a tiny tune decides explain(), old profiles convert ---------------------------
+
+
+def test_a_tiny_cpu_tune_writes_schema_2_and_explain_decides_from_its_model(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "cpu.yaml"
+    argv = ["--shapes", "tiny", "--backends", "sdpa,sdpa:math", "--out", str(out), "--warmup-ms", "0",
+            "--rep-ms", "0", "--seed", "5", "--profile-key", "cpu"]
+    assert tune.main(argv) == 0
+    text = out.read_text()
+    prof = parse_profile(text, str(out))
+    assert prof.schema == SCHEMA_VERSION and prof.measured and text.count("fits:") == len(prof.groups)
+    assert {g.key.cls for g in prof.groups} == {"dense", "chunked", "causal", "decode"}
+    for g in prof.groups:
+        assert set(g.fits) == set(g.implementations()) >= {"sdpa", "sdpa:math"}, g.key
+    decode = [pt for g in prof.groups if g.key.cls == "decode" for pt in g.points]
+    assert decode and all(set(pt.host_us) == set(pt.ms) for pt in decode)  # host time beside
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
+    flashdispatch.refresh()
+    try:
+        for s in TINY:
+            d = flashdispatch.explain(shape=s.dims, dtype=s.dtype, causal=s.causal, needs_grad=s.needs_grad)
+            assert d.source.startswith("profile:") and str(out) in d.source, (s.label, d.source)
+            assert set(d.predicted) >= {"sdpa"} and d.models, s.label
+    finally:
+        flashdispatch.refresh()
+
+
+def test_graph_timed_shapes_record_host_time_and_how_they_were_timed(fake_clock) -> None:
+    s = TINY[3]
+    assert s.graph_timed
+    r = tune.measure_bucket(s, {"sdpa": REGISTRY.get("sdpa")}, CPU, tune.TuneOptions(), _gen())
+    (t,) = r.trials
+    assert t.status == "ok" and t.host_us is not None and t.host_us > 0
+    assert "no CUDA device" in t.note
+    pt = r.point()
+    assert pt.host_us == {"sdpa": t.host_us} and pt.ms == {"sdpa": t.ms}
+    assert not tune.measure_bucket(TINY[0], {"sdpa": REGISTRY.get("sdpa")}, CPU, tune.TuneOptions(),
+                                   _gen()).trials[0].host_us  # prefill: no host time
+
+
+def test_graph_replay_needs_a_cuda_device_and_rotation_sets_exceed_l2() -> None:
+    with pytest.raises(timing.CaptureError, match="CUDA device"):
+        timing.graph_replay_ms([lambda: None], CPU)
+    l2 = 50 * 2**20
+    assert timing.rotation_sets(2**20, CPU, l2=l2) == timing.GRAPH_MAX_SETS  # 1 MB sets: capped
+    n = timing.rotation_sets(30 * 2**20, CPU, l2=l2)
+    assert n * 30 * 2**20 >= timing.GRAPH_L2_MULTIPLE * l2 and (n - 1) * 30 * 2**20 < timing.GRAPH_L2_MULTIPLE * l2
+    assert timing.rotation_sets(2**30, CPU, l2=l2) == 2  # always two sets: no set is replayed from L2
+    assert timing.rotation_sets(3 * 2**30, CPU, l2=l2) == 1  # one set already over the memory cap
+
+
+def test_a_shape_expected_past_the_budget_is_not_started(tmp_path) -> None:
+    plan = TINY[:3]
+    state = tune.State(str(tmp_path / "s.json"), {"card": "CPU"})
+    seen: list[str] = []
+    orig = tune.measure_bucket
+
+    def measure(s, *a, **k):  # type: ignore[no-untyped-def]
+        seen.append(s.label)
+        return orig(s, *a, **k)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(tune, "measure_bucket", measure):
+        done, complete = tune.run_tune(plan, {"sdpa": REGISTRY.get("sdpa")}, CPU, tune.TuneOptions(warmup_ms=0, rep_ms=0),
+                                       state, time_budget_s=600.0, estimates=[0.01, 1e6, 0.01])
+    assert seen == [TINY[0].label] and not complete and len(done) == 1
+
+
+def test_a_causal_window_is_checked_against_its_own_reference() -> None:
+    s = shapes.Shape("win", "fp64", 2, 4, 2, 300, 300, 8, True, "fwd", 37)
+    q, k, v, _, p = tune.make_inputs(s, CPU, _gen(2))
+    assert p.has_window and s.group.variant == "window"
+    full, _ = attention_math(q, k, v, causal=True, upcast=True, window=(37, 0))
+    blocks = verify.reference_blocks(q, k, v, p)
+    g = p.gqa_ratio
+    for b in blocks:
+        r0, r1 = b.rows
+        torch.testing.assert_close(b.ref, full[b.batch:b.batch + 1, b.kv_head * g:(b.kv_head + 1) * g, r0:r1])
+    plain, _ = attention_math(q, k, v, causal=True, upcast=False)
+    assert not verify.check_output(plain, p, blocks).ok  # a kernel that ignores the window fails
+
+
+def test_the_gradient_check_holds_a_window_kernel_to_the_window() -> None:
+    p = problem_from_shape((1, 4, 2, 300, 300, 16), dtype="fp32", device_kind="cpu", causal=True, needs_grad=True,
+                           window=(64, 0))
+    assert verify.proxy_problem(p)[-1] == min(64, verify.GRAD_PROXY_SEQLEN // 4)
+
+    def good(q, k, v, pp):  # type: ignore[no-untyped-def]
+        return attention_math(q, k, v, causal=pp.causal, scale=pp.scale, upcast=False, window=pp.window)[0]
+
+    def no_window(q, k, v, pp):  # type: ignore[no-untyped-def]
+        return attention_math(q, k, v, causal=pp.causal, scale=pp.scale, upcast=False)[0]
+
+    assert verify.check_grads(good, p, CPU, _gen()).ok
+    assert not verify.check_grads(no_window, p, CPU, _gen()).ok
+
+
+def test_window_shapes_need_causal() -> None:
+    with pytest.raises(ValueError, match="window=8 needs causal=True"):
+        shapes.check_shape(shapes.Shape("w", "bf16", 1, 8, 8, 64, 64, 64, False, "fwd", 8))
+
+
+SCHEMA1 = """\
+schema: 1
+device: {key: h100, name: "NVIDIA H100 80GB HBM3", arch: sm_90}
+generated: {date: "2026-11-26", tool: "flashdispatch tune", card: "NVIDIA H100 80GB HBM3", command: "flashdispatch tune --quick", torch: "2.11.0", triton: "3.6.0"}
+measured: true
+entries:
+  - match: {dtype: bf16, head_dim: 128, causal: true, gqa: 1, pass: fwd, seqlen: 4096}
+    shape: {B: 4, Hq: 16, Hkv: 16, Sq: 4096, Sk: 4096, D: 128}
+    ranking: [triton, sdpa]
+    ms: {triton: 0.48, sdpa: 0.53}
+    config:
+      triton: {BLOCK_M: 128, BLOCK_N: 64, num_warps: 8, num_stages: 3}
+  - match: {dtype: bf16, head_dim: 128, causal: true, gqa: 1, pass: fwd, seqlen: 1024}
+    shape: {B: 16, Hq: 16, Hkv: 16, Sq: 1024, Sk: 1024, D: 128}
+    ranking: [sdpa, triton]
+    ms: {triton: 0.21, sdpa: 0.2}
+"""
+
+
+def test_a_schema_1_profile_converts_to_schema_2_keeping_its_measurements() -> None:
+    from flashdispatch.tools import profile_writer
+
+    text = profile_writer.convert_profile(SCHEMA1, "old.yaml", today="2026-12-04")
+    prof = parse_profile(text, "new.yaml")
+    assert prof.schema == SCHEMA_VERSION and prof.measured
+    assert "converted from\n# schema 1" in text and "not re-measured" in text
+    assert prof.generated["date"] == "2026-11-26" and prof.generated["converted"] == "from schema 1 on 2026-12-04"
+    (g,) = prof.groups
+    assert g.key.label() == "fwd causal bf16 D=128" and set(g.fits) == {"triton", "sdpa"}
+    assert [pt.ms for pt in g.points] == [{"triton": 0.48, "sdpa": 0.53}, {"triton": 0.21, "sdpa": 0.2}]
+    assert g.points[0].config["triton"]["BLOCK_M"] == 128
+    assert profile_writer.convert_profile(text, "new.yaml") .split("schema: 2", 1)[1] == text.split("schema: 2", 1)[1]
