@@ -784,3 +784,29 @@ def test_a_schema_1_profile_converts_to_schema_2_keeping_its_measurements() -> N
     assert [pt.ms for pt in g.points] == [{"triton": 0.48, "sdpa": 0.53}, {"triton": 0.21, "sdpa": 0.2}]
     assert g.points[0].config["triton"]["BLOCK_M"] == 128
     assert profile_writer.convert_profile(text, "new.yaml") .split("schema: 2", 1)[1] == text.split("schema: 2", 1)[1]
+
+
+@pytest.mark.parametrize("graph,expect", [
+    (0.02, "CUDA-graph replay over 1 input sets"),
+    (1e-9, "the call was not captured"),  # an empty replay (a launch on another stream) is not a time
+    (timing.CaptureError("RuntimeError: capture refused"), "cannot be captured in a CUDA graph (RuntimeError"),
+], ids=["replayed", "empty-replay", "refused"])
+def test_graph_timing_falls_back_to_the_eager_median_with_a_note(fake_clock, monkeypatch, graph, expect) -> None:
+    def replay(fns, device, **kw):  # type: ignore[no-untyped-def]
+        for fn in fns:
+            fn()
+        if isinstance(graph, Exception):
+            raise graph
+        return graph
+
+    monkeypatch.setattr(timing, "graph_replay_ms", replay)
+    s = shapes.Shape("d", "fp32", 2, 4, 2, 1, 4096, 16, False, "decode")
+    q, k, v, _, p = tune.make_inputs(s, CPU, _gen())
+    impl = REGISTRY.get("sdpa")
+
+    def fn() -> None:
+        impl.run(q, k, v, p, {})
+
+    t = tune._time_graph_step(impl, {}, p, fn, CPU, tune.TuneOptions(), [(q, k, v)], "checked")
+    assert expect in t.note and t.host_us is not None and t.host_us > 0
+    assert t.ms == (0.02 if expect.startswith("CUDA-graph") else 5.0)  # else fake_clock's eager median

@@ -261,6 +261,23 @@ def profile_yaml(results: Sequence[BucketResult], meta: ProfileMeta, *, note: st
     return profile_yaml_text(prof, header)
 
 
+def summary(prof: Profile) -> str:
+    """A short table of a measured profile: per group, its points and the fastest implementation
+    at each, and each model's rate (TFLOP/s, or TB/s where the bytes term carries it) and fit error."""
+    lines = [f"{'group':34s} {'pts':>3s}  fastest per point; models (rate, fit error)"]
+    for g in prof.groups:
+        wins = [min(pt.ms, key=pt.ms.get) for pt in g.points if pt.ms]
+        counts = {n: wins.count(n) for n in dict.fromkeys(wins)}
+        models = []
+        for n, f in sorted(g.fits.items(), key=lambda kv: kv[0]):
+            _, per_gflop, per_gb, _ = f.coef
+            rate = f"{1e3 / per_gflop:.0f} TF/s" if per_gflop > 0 else f"{1e3 / per_gb:.2f} TB/s" if per_gb > 0 else "-"
+            models.append(f"{n} {rate} {f.rms:.0%}")
+        lines.append(f"{g.key.label():34s} {len(g.points):3d}  "
+                     + ", ".join(f"{n} x{c}" for n, c in counts.items()) + "; " + ", ".join(models))
+    return "\n".join(lines)
+
+
 def _table_sm_count(key: str) -> int:
     try:
         return simulated_device(key).sm_count or 1

@@ -215,7 +215,7 @@ QUICK_GRID = GridSpec(
     second_dtype_points=2, second_dtype_head_dims=QUICK_HEAD_DIMS, class_head_dims={}, bench_quick=True,
 )
 FULL_GRID = GridSpec(
-    points={("fwd", "causal"): 3, ("fwd", "dense"): 3, ("fwd", "chunked"): 4, ("fwd", "speculative"): 3,
+    points={("fwd", "causal"): 3, ("fwd", "dense"): 3, ("fwd", "chunked"): 3, ("fwd", "speculative"): 3,
             ("fwd", "decode"): 3, ("fwd", "causal_tall"): 3,
             ("fwd_bwd", "causal"): 3, ("fwd_bwd", "dense"): 3, ("fwd_bwd", "chunked"): 3},
     window_points=4, window_head_dims=WINDOW_HEAD_DIMS, head_dims=MODEL_HEAD_DIMS, dtypes=MODEL_DTYPES,
