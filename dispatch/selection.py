@@ -73,9 +73,10 @@ class Decision:
         lines = [
             f"flashdispatch decision: {self.variant}  (source: {self.source})",
             f"  problem:  {self.problem.describe()}",
-            f"  class:    {group_key(self.problem).label()}",
             f"  device:   {self.device.describe()}",
         ]
+        if isinstance(self.problem, Problem):
+            lines.insert(2, f"  class:    {group_key(self.problem).label()}")
         if self.profile:
             lines.append(f"  profile:  {self.profile}")
         if self.config:
@@ -284,7 +285,7 @@ def _rank_by_model(p: Problem, dev: DeviceInfo, eligible: list[str], profile: Pr
     chosen = r.ordered[0]
     win = preds[chosen]
     r.group = model.groups[win.key]
-    r.source = f"profile:{profile.path}#{win.key.label()}"
+    r.source = f"profile:{profile.path}#{win.key.label()}" + (" (baseline margin)" if r.notes else "")
     r.predicted = {n: preds[n].ms for n in by_time}
     r.models = [preds[n].describe() for n in by_time]
     others = [preds[n].ms for n in by_time if n != chosen]
@@ -399,8 +400,9 @@ def _select_uncached(p: Problem, forced: str | None, source: str, device: Device
     chosen = rk.ordered[0]
     impl = REGISTRY.get(chosen)
     config = dict(impl.default_config(p, dev))
-    if rk.group is not None and _config_applies(rk.group, p):
-        config.update(rk.group.config_for(p, chosen, profile.sm_count if profile else 1))
+    cfg_group = rk.group or (profile.group(group_key(p)) if profile else None)  # forced, or no model
+    if cfg_group is not None and profile is not None and _config_applies(cfg_group, p):
+        config.update(cfg_group.config_for(p, chosen, profile.sm_count))
     src = rk.source if forced is None else source
     notes = list(problems) + rk.notes
     if not p.contiguous:
