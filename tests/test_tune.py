@@ -692,6 +692,8 @@ def test_graph_timed_shapes_record_host_time_and_how_they_were_timed(fake_clock)
 def test_graph_replay_needs_a_cuda_device_and_rotation_sets_exceed_l2() -> None:
     with pytest.raises(timing.CaptureError, match="CUDA device"):
         timing.graph_replay_ms([lambda: None], CPU)
+    with pytest.raises(timing.CaptureError, match="CUDA device"):
+        timing.capture_graph([lambda: None], CPU)
     l2 = 50 * 2**20
     assert timing.rotation_sets(2**20, CPU, l2=l2) == timing.GRAPH_MAX_SETS  # 1 MB sets: capped
     n = timing.rotation_sets(30 * 2**20, CPU, l2=l2)

@@ -376,32 +376,21 @@ def rotation_sets(set_bytes: int, device: torch.device, *, l2: int | None = None
     return max(1, min(n, GRAPH_MAX_BYTES // max(1, set_bytes)))
 
 
-def graph_replay_ms(
-    fns: Sequence[Callable[[], object]],
-    device: torch.device,
-    *,
-    rep_ms: float = 25.0,
-    warmup_calls: int = GRAPH_WARMUP_CALLS,
-    reps: tuple[int, int] = GRAPH_REPS,
-) -> float:
-    """GPU time per call, in milliseconds, of `fns` captured in order into one CUDA graph and
-    replayed: the median over replays of (replay time / len(fns)).
-
-    Give each fn its own inputs (rotation_sets says how many sets exceed L2) so that each call
-    reads its cache from HBM, as the layers of a decode step do. The fns are called eagerly
-    `warmup_calls` times first, on a side stream (compiles, first-call checks), then captured on
-    that stream. Raises CaptureError when there is no CUDA device or a call cannot be captured or
-    replayed (a host synchronisation, a first-call compile, a library that refuses capture); the
-    caller then times the call eagerly and says so.
-    """
+def capture_graph(fns: Sequence[Callable[[], object]], device: torch.device, *,
+                  warmup_calls: int = GRAPH_WARMUP_CALLS) -> Callable[[], None]:
+    """`fns` captured in order into one CUDA graph; returns its replay (which keeps the graph
+    alive). The fns run eagerly `warmup_calls` times first, on a side stream (compiles, first-call
+    checks), then are captured on that stream. Raises CaptureError when there is no CUDA device
+    or a call cannot be captured or replayed (a host synchronisation, a first-call compile, a
+    library that refuses capture)."""
     if device.type != "cuda":
         raise CaptureError(f"CUDA graphs need a CUDA device, got {device}")
     if not fns:
-        raise ValueError("graph_replay_ms: expected at least one call, got none")
-    stream = torch.cuda.Stream(device)
+        raise ValueError("capture_graph: expected at least one call, got none")
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.device(device):
+            stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 for _ in range(warmup_calls):
@@ -418,22 +407,38 @@ def graph_replay_ms(
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise CaptureError(f"{type(e).__name__}: {msg}") from e
-    try:
-        with torch.cuda.device(device):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(3):
-                graph.replay()
-            end.record()
-            end.synchronize()
-            est = max(start.elapsed_time(end) / 3, 1e-4)
-            n = max(reps[0], min(reps[1], int(rep_ms / est)))
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-            for s, e in events:
-                s.record()
-                graph.replay()
-                e.record()
-            torch.cuda.synchronize(device)
-            return statistics.median(s.elapsed_time(e) for s, e in events) / len(fns)
-    finally:
-        graph.reset()
+    return graph.replay
+
+
+def graph_replay_ms(
+    fns: Sequence[Callable[[], object]],
+    device: torch.device,
+    *,
+    rep_ms: float = 25.0,
+    warmup_calls: int = GRAPH_WARMUP_CALLS,
+    reps: tuple[int, int] = GRAPH_REPS,
+) -> float:
+    """GPU time per call, in milliseconds, of `fns` captured in order into one CUDA graph
+    (capture_graph) and replayed: the median over replays of (replay time / len(fns)).
+
+    Give each fn its own inputs (rotation_sets says how many sets exceed L2) so that each call
+    reads its cache from HBM, as the layers of a decode step do. Raises CaptureError when the
+    calls cannot be captured (the caller then times them eagerly, and says so).
+    """
+    replay = capture_graph(fns, device, warmup_calls=warmup_calls)
+    with torch.cuda.device(device):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            replay()
+        end.record()
+        end.synchronize()
+        est = max(start.elapsed_time(end) / 3, 1e-4)
+        n = max(reps[0], min(reps[1], int(rep_ms / est)))
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for s, e in events:
+            s.record()
+            replay()
+            e.record()
+        torch.cuda.synchronize(device)
+        return statistics.median(s.elapsed_time(e) for s, e in events) / len(fns)
