@@ -20,7 +20,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from flashdispatch.costmodel import Group, GroupKey, Point, features, point_problem
+from flashdispatch.costmodel import (
+    MODEL_PASSES, SHAPE_CLASSES, VARIANTS, Group, GroupKey, Point, features, point_problem,
+)
 from flashdispatch.device import simulated_device
 from flashdispatch.profile_store import Profile, flow, profile_yaml_text
 from flashdispatch.registry import REGISTRY
@@ -211,7 +213,7 @@ def groups_of(results: Sequence[BucketResult], sm_count: int, *, measured: bool 
         key = r.shape.group
         g = groups.setdefault(key, Group(key, []))
         g.points.append(r.point(measured))
-    out = sorted(groups.values(), key=lambda g: _GROUP_ORDER(g.key))
+    out = sorted(groups.values(), key=lambda g: _group_order(g.key))
     for g in out:
         if measured:
             g.config = _group_config(g, sm_count)
@@ -219,9 +221,8 @@ def groups_of(results: Sequence[BucketResult], sm_count: int, *, measured: bool 
     return out
 
 
-def _GROUP_ORDER(k: GroupKey) -> tuple[Any, ...]:
-    from flashdispatch.costmodel import MODEL_PASSES, SHAPE_CLASSES, VARIANTS
-
+def _group_order(k: GroupKey) -> tuple[Any, ...]:
+    """Groups in the file: by pass, class, variant, dtype, head dim."""
     return (MODEL_PASSES.index(k.pass_), SHAPE_CLASSES.index(k.cls), VARIANTS.index(k.variant), k.dtype, k.head_dim)
 
 

@@ -45,7 +45,7 @@ from flashdispatch.registry import REGISTRY
 from . import shapes as shape_lists
 from . import timing, verify
 from .profile_writer import (  # noqa: F401  (re-exported: the tuner's public names)
-    TOOL, BucketResult, ProfileMeta, Trial, bucket_id, bucket_match, flow, groups_of, profile_yaml,
+    TOOL, BucketResult, ProfileMeta, Trial, bucket_id, bucket_match, flow, groups_of, profile_yaml, summary,
     unmeasured_profile, versions,
 )
 from .shapes import Shape
@@ -899,8 +899,6 @@ def main(argv: list[str] | None = None) -> int:
     if not write(results, complete):
         return 1
     if device.type == "cuda" and results:
-        from .profile_writer import summary
-
         print(summary(parse_profile(profile_yaml(results, pm), out_path)))
     log.info("wrote %s (%d points in %d groups%s)", out_path, sum(1 for r in results if r.ranking()),
              len({r.shape.group for r in results if r.ranking()}), "" if complete else ", partial")
