@@ -140,7 +140,7 @@ HELDOUT: tuple[HeldOut, ...] = (
     make("Llama-3 8B", "chunked", "bf16", 1, 32, 8, 2048, 20000, 128, True),
     make("Llama-3 70B, TP=8 shard", "chunked", "fp16", 1, 8, 1, 1024, 12000, 128, True),
     make("Mistral 7B", "chunked", "bf16", 2, 32, 8, 512, 9000, 128, True),
-    make("Qwen2.5 7B", "chunked", "fp16", 1, 28, 4, 256, 32000, 128, True),
+    make("Qwen2.5 7B, last chunk of its 32k context", "chunked", "fp16", 1, 28, 4, 256, 32768, 128, True),
     make("Gemma 3 12B, global layers", "chunked", "bf16", 1, 16, 8, 1000, 8500, 256, True),
     make("Phi-3-mini-128k", "chunked", "bf16", 1, 32, 32, 768, 10000, 96, True),
 )
