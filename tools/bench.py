@@ -386,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
                 log.warning("time budget of %.0f s spent: %d shapes not run", args.time_budget, len(plan) - i)
                 complete = False
                 break
+            t_shape = time.perf_counter()
             row = {**extra, **bench_shape(s, list(impls), device, opts, gen, grad_cache, graphs=graphs)}
+            row["wall_s"] = round(time.perf_counter() - t_shape, 2)  # compiles, checks and timing
             rows.append(row)
             # table and JSON after every shape: a run cut short still leaves its numbers
             bench_report.write_outputs({"meta": {**meta, "complete": False}, "rows": rows, "summary": summary()},
@@ -407,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         complete = False
         meta["context_lost"] = str(e)
     meta["complete"] = complete
+    meta["wall_s"] = round(time.perf_counter() - t0, 1)
     result = {"meta": meta, "rows": rows, "summary": summary()}
     paths = bench_report.write_outputs(result, args.out)
     bench_report.print_result(result)

@@ -118,6 +118,7 @@ def heldout_summary(rows: Sequence[dict[str, Any]], judge: bool = True, planned:
         "not_judged": sorted(set(no_oracle) | set(no_sdpa)),
         "wrong": _wrong(rows),
         "chosen": _count(r["choice"]["variant"] for r in rows),
+        "wall_s": round(sum(r.get("wall_s", 0.0) for r in rows), 1),  # the shapes' compiles, checks, timing
     }
     complete = len(rows) == planned and not no_oracle
     s["checks"] = {} if not judge else {
@@ -457,11 +458,14 @@ def _ratio(x: float | None) -> str:
 
 
 def _heldout_summary_lines(s: dict[str, Any]) -> list[str]:
-    out = [f"shapes: {s['shapes']} of {s['planned']} planned",
+    out = [f"shapes: {s['shapes']} of {s['planned']} planned" + (f" in {s['wall_s']:.0f} s" if s.get("wall_s") else ""),
            f"dispatcher/oracle: geomean {s['geomean_oracle']:.3f}, min {_minfmt(s['min_oracle'])}",
            f"dispatcher/SDPA: geomean {s['geomean_vs_sdpa']:.3f}, min {_minfmt(s['min_vs_sdpa'])}",
            "dispatcher chose: " + ", ".join(f"{n} x{c}" for n, c in s.get("chosen", {}).items())]
     out += [f"{_pass_fail(ok)}: {k}" for k, ok in s["checks"].items()]
+    if s["shapes"] < s["planned"]:
+        out.append(f"incomplete: {s['planned'] - s['shapes']} planned shapes were not run (time budget or "
+                   "interrupt); the bars need every shape")
     if s["not_judged"]:
         out.append("no dispatcher, oracle or SDPA time (counts as a miss): " + ", ".join(s["not_judged"]))
     if s["wrong"]:
