@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from flashdispatch.registry import REGISTRY
 from flashdispatch.tools import shapes, timing, tune
+from flashdispatch.tools.decode_timing import captured_in_serving
 
 pytestmark = pytest.mark.gpu
 
@@ -67,20 +68,11 @@ def test_a_call_that_cannot_be_captured_raises_capture_error_and_the_device_surv
     assert ms > 0
 
 
-def test_a_captured_replay_serves_interleaved_timing() -> None:
-    """capture_graph's replay is a provider like any other (what the bench times)."""
-    sets = _decode_sets(4)
-    replays = {f"set{i}": (timing.capture_graph([lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
-        q, k, v, enable_gqa=True)], CUDA), None) for i, (q, k, v) in enumerate(sets)}
-    got = timing.interleaved_median_ms(replays, CUDA, warmup_ms=2, rep_ms=10)
-    assert set(got) == set(replays) and all(ms > 0 for ms in got.values())
-
-
 @pytest.mark.parametrize("label", ["decode", "speculative"])
 def test_the_tuner_times_decode_and_speculative_steps_as_graph_replays(label: str) -> None:
     s = (shapes.Shape("g-decode", "bf16", 4, 16, 2, 1, 8192, 128, False, "decode") if label == "decode" else
          shapes.Shape("g-spec", "bf16", 4, 16, 2, 8, 8192, 128, True, "fwd"))
-    assert s.graph_timed
+    assert captured_in_serving(s)
     impls = {n: REGISTRY.get(n) for n in ("sdpa", "triton") if REGISTRY.availability(n) is None}
     r = tune.measure_bucket(s, impls, CUDA, tune.TuneOptions.preset(True), _gen())
     best = r.best()

@@ -51,13 +51,6 @@ class Shape(NamedTuple):
         """The cost model's group this shape is a point of."""
         return group_key(self.problem())
 
-    @property
-    def graph_timed(self) -> bool:
-        """Whether serving runs this call inside a CUDA graph, so the tuner times it as a graph
-        replay: a forward step of at most DECODE_MAX_SEQLEN_Q rows against a longer cache
-        (decode, speculative verification)."""
-        return self.pass_ != "fwd_bwd" and self.seqlen_q <= DECODE_MAX_SEQLEN_Q < self.seqlen_k
-
     def describe(self) -> str:
         q = f"Sq={self.seqlen_q} Sk={self.seqlen_k}" if self.seqlen_q != self.seqlen_k else f"S={self.seqlen_k}"
         w = f" window={self.window}" if self.window >= 0 else ""

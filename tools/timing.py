@@ -344,9 +344,6 @@ GRAPH_MAX_SETS = 64
 GRAPH_MAX_BYTES = 4 * 2**30
 # L2 assumed where the device does not say (and on a CPU, for tests): the H100's 50 MB, rounded up.
 DEFAULT_L2_BYTES = 64 * 2**20
-# Eager rounds of every call before the capture: they compile, choose plans and run the launchers'
-# first-call checks (which synchronise the host, which a capture forbids).
-GRAPH_WARMUP_CALLS = 2
 # Replays timed: at least the first (a median), at most the second.
 GRAPH_REPS = (5, 200)
 
@@ -376,56 +373,42 @@ def rotation_sets(set_bytes: int, device: torch.device, *, l2: int | None = None
     return max(1, min(n, GRAPH_MAX_BYTES // max(1, set_bytes)))
 
 
-def capture_graph(fns: Sequence[Callable[[], object]], device: torch.device, *,
-                  warmup_calls: int = GRAPH_WARMUP_CALLS) -> Callable[[], None]:
-    """`fns` captured in order into one CUDA graph; returns its replay (which keeps the graph
-    alive). The fns run eagerly `warmup_calls` times first, on a side stream (compiles, first-call
-    checks), then are captured on that stream. Raises CaptureError when there is no CUDA device
-    or a call cannot be captured or replayed (a host synchronisation, a first-call compile, a
-    library that refuses capture)."""
-    if device.type != "cuda":
-        raise CaptureError(f"CUDA graphs need a CUDA device, got {device}")
-    if not fns:
-        raise ValueError("capture_graph: expected at least one call, got none")
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.device(device):
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(warmup_calls):
-                    for fn in fns:
-                        fn()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            torch.cuda.synchronize(device)
-            with torch.cuda.graph(graph, stream=stream):
-                for fn in fns:
-                    fn()
-            torch.cuda.synchronize(device)
-            graph.replay()
-            torch.cuda.synchronize(device)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise CaptureError(f"{type(e).__name__}: {msg}") from e
-    return graph.replay
-
-
 def graph_replay_ms(
     fns: Sequence[Callable[[], object]],
     device: torch.device,
     *,
     rep_ms: float = 25.0,
-    warmup_calls: int = GRAPH_WARMUP_CALLS,
+    warmup_calls: int | None = None,
     reps: tuple[int, int] = GRAPH_REPS,
 ) -> float:
-    """GPU time per call, in milliseconds, of `fns` captured in order into one CUDA graph
-    (capture_graph) and replayed: the median over replays of (replay time / len(fns)).
+    """GPU time per call, in milliseconds, of `fns` captured in order into one CUDA graph and
+    replayed: the median over replays of (replay time / len(fns)).
 
-    Give each fn its own inputs (rotation_sets says how many sets exceed L2) so that each call
-    reads its cache from HBM, as the layers of a decode step do. Raises CaptureError when the
-    calls cannot be captured (the caller then times them eagerly, and says so).
+    The capture is tools/decode_timing.graph_replay's (its warm-up calls unless `warmup_calls`,
+    then the capture, on a side stream). Give each fn its own inputs (rotation_sets says how many sets exceed L2) so that each
+    call reads its cache from HBM, as the layers of a decode step do. Raises CaptureError when
+    there is no CUDA device or the calls cannot be captured or replayed (a host synchronisation, a
+    first-call compile, a library that refuses capture); the caller then times them eagerly, and
+    says so.
     """
-    replay = capture_graph(fns, device, warmup_calls=warmup_calls)
+    if device.type != "cuda":
+        raise CaptureError(f"CUDA graphs need a CUDA device, got {device}")
+    if not fns:
+        raise ValueError("graph_replay_ms: expected at least one call, got none")
+    from .decode_timing import graph_replay  # it imports this module: imported on use
+
+    def all_calls() -> None:
+        for fn in fns:
+            fn()
+
+    try:
+        with torch.cuda.device(device):
+            replay = graph_replay(all_calls) if warmup_calls is None else graph_replay(all_calls, warmup_calls)
+            replay()
+            torch.cuda.synchronize(device)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CaptureError(f"{type(e).__name__}: {msg}") from e
     with torch.cuda.device(device):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

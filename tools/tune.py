@@ -44,6 +44,7 @@ from flashdispatch.registry import REGISTRY
 
 from . import shapes as shape_lists
 from . import timing, verify
+from .decode_timing import captured_in_serving
 from .profile_writer import (  # noqa: F401  (re-exported: the tuner's public names)
     TOOL, BucketResult, ProfileMeta, Trial, bucket_id, bucket_match, flow, groups_of, profile_yaml, summary,
     unmeasured_profile, versions,
@@ -224,7 +225,7 @@ def measure_bucket(
     blocks = verify.reference_blocks(q, k, v, p)
     out_bytes = p.batch * p.heads_q * p.seqlen_q * p.head_dim_v * q.element_size()
     grad_cache = grad_cache or GradCache()
-    rotation = rotation_inputs(s, q, k, v, device, gen) if s.graph_timed and device.type == "cuda" else None
+    rotation = rotation_inputs(s, q, k, v, device, gen) if captured_in_serving(s) and device.type == "cuda" else None
     best_ms = math.inf
     for name, impl in impls.items():
         why = REGISTRY.availability(name) if name in REGISTRY.all() else impl.availability()
@@ -239,7 +240,7 @@ def measure_bucket(
             continue
         for cfg in configs:
             trial = _try_config(impl, cfg, p, q, k, v, do, blocks, out_bytes, device, opts, best_ms, grad_cache, gen,
-                                graph=s.graph_timed, rotation=rotation)
+                                graph=captured_in_serving(s), rotation=rotation)
             res.trials.append(trial)
             if trial.status == "ok" and trial.ms is not None:
                 best_ms = min(best_ms, trial.ms)
@@ -448,7 +449,7 @@ def estimate_plan(plan: Sequence[Shape], dev: DeviceInfo, opts: TuneOptions,
                 trials += 1
                 secs += rates.trial_s + (rates.extra_calls * call + max(opts.warmup_ms, call)
                                          + max(opts.rep_ms, call)) / 1e3
-                if s.graph_timed:
+                if captured_in_serving(s):
                     secs += rates.graph_s + HOST_CALLS * max(call, 0.05) / 1e3
                 if impl.backend != "sdpa":
                     unit = json.dumps([name, cfg, s.pass_, _kernel_kind(s), s.group.variant, s.dtype, s.head_dim],
