@@ -470,7 +470,7 @@ def estimate_plan(plan: Sequence[Shape], dev: DeviceInfo, opts: TuneOptions,
 
 
 class State:
-    """Finished buckets on disk, rewritten atomically after each one."""
+    """Finished shapes on disk, rewritten atomically after each one."""
 
     def __init__(self, path: str, meta: dict[str, Any]) -> None:
         self.path = path
@@ -808,7 +808,7 @@ def _interrupt_note(state_path: str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        log.warning("interrupted: finished buckets are saved in %s; continue with --resume", state_path)
+        log.warning("interrupted: finished shapes are saved in %s; continue with --resume", state_path)
         raise
 
 
@@ -886,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with _interrupt_note(state_path):
-            # the profile is rewritten after every bucket: a killed run still leaves a usable file
+            # the profile is rewritten after every shape: a killed run still leaves a usable file
             results, complete = run_tune(plan, impls, device, opts, state, time_budget_s=args.time_budget,
                                          on_bucket=lambda rs: write(rs, len(rs) == len(plan)),
                                          estimates=estimate.per_shape if estimate is not None else None)
@@ -895,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
     except ContextLost as e:
         done = [state.results[bucket_id(x)] for x in plan if bucket_id(x) in state.results]
         write(done, False)
-        log.error("%s; %d buckets are saved: rerun with --resume to go on without it", e, len(done))
+        log.error("%s; %d shapes are saved: rerun with --resume to go on without it", e, len(done))
         return EXIT_RESUME
     if not write(results, complete):
         return 1
