@@ -172,6 +172,10 @@ class _State:
     def profile(self, key: str | None) -> tuple[Profile | None, list[str]]:
         if key not in self.profiles:
             self.profiles[key] = load_profile(key, self.settings.profile_dir)
+            if self.settings.autotune:  # hook: merge the points of autotune on first use (dispatch/autotune.py)
+                from . import autotune
+
+                self.profiles[key] = autotune.with_overlay(key, *self.profiles[key], self.settings)
         return self.profiles[key]
 
 
@@ -396,6 +400,10 @@ def _select_uncached(p: Problem, forced: str | None, source: str, device: Device
         raise NoBackendError(p, dev, {n: rejected[n] for n in pool if n in rejected} if forced else rejected,
                              forced=forced, source=source)
     rk = _order(p, dev, eligible, profile)
+    if forced is None and profile is not None and st.settings.autotune:  # hook: a problem autotune measured
+        from . import autotune
+
+        rk = autotune.measured_ranking(p, dev, eligible, profile, rk) or rk
     chosen = rk.ordered[0]
     impl = REGISTRY.get(chosen)
     config = dict(impl.default_config(p, dev))

@@ -42,6 +42,7 @@ LAYER_OF: dict[str, str] = {
     "flashdispatch.cliargs": "base",  # argparse with one-line user errors, for the cli and the tools
     "flashdispatch.envs": "settings",
     "flashdispatch.profile_store": "settings",
+    "flashdispatch.costmodel": "settings",  # the fitted model the profiles hold (imports only the base)
     "flashdispatch.profiles": "settings",
     "flashdispatch.backend": "interface",
     "flashdispatch.autograd": "interface",
@@ -50,6 +51,9 @@ LAYER_OF: dict[str, str] = {
     "flashdispatch.selection": "core",
     "flashdispatch.plans": "core",
     "flashdispatch.api": "core",
+    # autotune on first use: selection and the plan cache call it, it times implementations from
+    # the registry and writes the profile overlay (profile_store's writer)
+    "flashdispatch.autotune": "core",
     "flashdispatch": "integrations",  # the package facade (flashdispatch/__init__.py)
     "flashdispatch.ops": "integrations",
     "flashdispatch.nn": "integrations",
