@@ -185,6 +185,11 @@ def test_not_with_a_forced_backend(on: pathlib.Path) -> None:
     with flashdispatch.use_backend("sdpa"):
         flashdispatch.attention(q, k, v)
     assert autotune.history == []
+    # and autotune's own check, for a decision that is unsure
+    d = flashdispatch.explain(q, k, v)
+    assert d.uncertain
+    assert autotune.after_select(q, k, v, d.problem, d, "sdpa:math", None) is d
+    assert autotune.history == []
 
 
 def test_not_under_torch_compile_tracing(on: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
