@@ -45,12 +45,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
+import yaml
 
 from . import envs
 from .costmodel import Group, GroupKey, Point, group_key, point_problem
 from .device import ARCH_FAMILY, DEVICE_TABLE, DeviceInfo
 from .problem import Problem
-from .profile_store import Profile, load_profile, parse_profile, profile_yaml_text
+from .profile_store import Profile, flow, load_profile, parse_profile, profile_yaml_text
 from .reference import attention_math
 from .registry import REGISTRY
 from .tolerances import budget as error_budget, max_abs_err
@@ -108,6 +109,8 @@ class Overlay:
 
     path: str
     points: dict[Ident, Point] = field(default_factory=dict)
+    # implementations the accuracy check refused on a problem: name -> why (never a winner there)
+    rejected: dict[Ident, dict[str, str]] = field(default_factory=dict)
 
 
 def overlay_of(prof: Profile | None) -> Overlay | None:
@@ -121,10 +124,13 @@ def _attach(prof: Profile, path: str) -> Overlay:
     return ov
 
 
-def _merge_points(prof: Profile, items: list[tuple[GroupKey, Point]], path: str) -> None:
+def _merge_points(prof: Profile, items: list[tuple[GroupKey, Point]], path: str,
+                  rejected: Mapping[Ident, Mapping[str, str]] | None = None) -> None:
     """Add autotuned points to `prof` (a point with the same dims takes the new times over the
-    old ones) and refit the groups they land in."""
+    old ones) and refit the groups they land in; `rejected`: the accuracy check's refusals."""
     ov = _attach(prof, path)
+    for i, names in (rejected or {}).items():
+        ov.rejected[i] = {**ov.rejected.get(i, {}), **names}
     changed: dict[GroupKey, Group] = {}
     for k, pt in items:
         g = prof.group(k)
@@ -137,26 +143,57 @@ def _merge_points(prof: Profile, items: list[tuple[GroupKey, Point]], path: str)
                 break
         else:
             g.points.append(pt)
-        ov.points[_point_ident(k, pt)] = pt
+        i = _point_ident(k, pt)
+        old_pt = ov.points.get(i)
+        ov.points[i] = pt if old_pt is None else old_pt._replace(ms={**old_pt.ms, **pt.ms},
+                                                                   config={**old_pt.config, **pt.config})
+        for name in pt.ms:  # measured and passing now: no longer refused
+            ov.rejected.get(i, {}).pop(name, None)
         changed[k] = g
     for g in changed.values():
         g.refit(prof.sm_count)
     prof.__dict__.pop("_model", None)  # the cost model indexes fits by group: build it again
 
 
-def _read_overlay(path: str, key: str) -> Profile | None:
-    """The overlay file's profile, or None (no file; or corrupt: logged, never raised)."""
+REJECTED_FIELDS: tuple[str, ...] = ("pass", "class", "variant", "dtype", "head_dim", "B", "Hq", "Hkv", "Sq", "Sk",
+                                    "window", "name", "why")
+
+
+def _read_overlay(path: str, key: str) -> tuple[Profile, dict[Ident, dict[str, str]]] | None:
+    """The overlay file's profile and its `rejected` list, or None (no file; or corrupt: logged,
+    never raised)."""
     if not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            ov = parse_profile(f.read(), path)
+            text = f.read()
+        ov = parse_profile(text, path)
         if ov.key != key:
             raise ValueError(f"device.key is {ov.key!r}, expected {key!r}")
-        return ov
+        rejected: dict[Ident, dict[str, str]] = {}
+        for j, r in enumerate(yaml.safe_load(text).get("rejected") or []):
+            if not isinstance(r, dict) or sorted(r) != sorted(REJECTED_FIELDS):
+                raise ValueError(f"rejected[{j}] must be a mapping of exactly {list(REJECTED_FIELDS)}, got {r!r}")
+            gk = GroupKey(r["pass"], r["class"], r["variant"], r["dtype"], int(r["head_dim"]))
+            dims = tuple(int(r[d]) for d in ("B", "Hq", "Hkv", "Sq", "Sk"))
+            rejected.setdefault((gk, dims, int(r["window"])), {})[str(r["name"])] = str(r["why"])  # type: ignore[index]
+        return ov, rejected
     except Exception as e:  # a corrupt overlay never breaks attention()
         log.warning("autotune overlay %s is not valid (%s); ignoring it", path, e)
         return None
+
+
+def _rejected_yaml(rejected: Mapping[Ident, Mapping[str, str]]) -> list[str]:
+    rows = []
+    for (gk, dims, w), names in rejected.items():
+        for name, why in names.items():
+            rows.append("  - " + flow({"pass": gk.pass_, "class": gk.cls, "variant": gk.variant, "dtype": gk.dtype,
+                                       "head_dim": gk.head_dim, **dict(zip(("B", "Hq", "Hkv", "Sq", "Sk"), dims)),
+                                       "window": w, "name": name, "why": why}))
+    if not rows:
+        return []
+    return ["# implementations autotune's accuracy check refused on a problem (never recorded as winners)",
+            "rejected:"] + rows
 
 
 def with_overlay(key: str | None, prof: Profile | None, problems: list[str],
@@ -167,11 +204,12 @@ def with_overlay(key: str | None, prof: Profile | None, problems: list[str],
     if key is None:
         return prof, problems
     path = overlay_path(settings.autotune_dir, key)
-    ov = _read_overlay(path, key)
-    if ov is None:
+    read = _read_overlay(path, key)
+    if read is None:
         if os.path.isfile(path):
             problems = problems + [f"autotune overlay {path} is not valid: ignored (see the warning logged)"]
         return prof, problems
+    ov, rejected = read
     if prof is None:
         arch = next((d.arch for d in DEVICE_TABLE if d.key == key), None)
         family = ARCH_FAMILY.get(arch or "")
@@ -183,9 +221,9 @@ def with_overlay(key: str | None, prof: Profile | None, problems: list[str],
                                 f"with the autotuned points of {path}")
         if prof is None:
             ov.groups, items = [], [(g.key, pt) for g in ov.groups for pt in g.points]
-            _merge_points(ov, items, path)
+            _merge_points(ov, items, path, rejected)
             return ov, problems
-    _merge_points(prof, [(g.key, pt) for g in ov.groups for pt in g.points], path)
+    _merge_points(prof, [(g.key, pt) for g in ov.groups for pt in g.points], path, rejected)
     return prof, problems
 
 
@@ -209,8 +247,9 @@ def measured_ranking(p: Problem, dev: DeviceInfo, eligible: list[str], prof: Pro
         return None
     from .selection import BASELINE, BASELINE_MARGIN, _Ranking
 
-    rest = [n for n in model_rank.ordered if n not in measured]
-    r = _Ranking(measured + rest)
+    refused = ov.rejected.get(i, {}) if i is not None else {}
+    rest = [n for n in model_rank.ordered if n not in measured and n not in refused]
+    r = _Ranking(measured + rest + [n for n in model_rank.ordered if n in refused and n not in measured])
     top = measured[0]
     if top != BASELINE and BASELINE in pt.ms and BASELINE in measured and \
             pt.ms[top] > pt.ms[BASELINE] * (1.0 - BASELINE_MARGIN):
@@ -229,8 +268,19 @@ def measured_ranking(p: Problem, dev: DeviceInfo, eligible: list[str], prof: Pro
         r.margin = min(others) / pt.ms[chosen] - 1.0
     r.notes.insert(0, "autotuned: measured on this problem on its first call (FLASHDISPATCH_AUTOTUNE=1): "
                    + ", ".join(f"{n}={pt.ms[n]:.4g} ms" for n in measured))
+    for n, why in refused.items():
+        if n in eligible:
+            r.notes.append(f"{n} failed autotune's accuracy check on this problem ({why}): last")
     if model_rank.uncertain:
         r.notes.append(f"the cost model alone chose {model_rank.ordered[0]} and was unsure: {model_rank.uncertain}")
+    # an implementation autotune could not time (over its share of the budget: a compile, say)
+    # that the model predicts faster than the measured choice leaves the decision unsure: the next
+    # process measures again (warm by then, as a rule)
+    best = pt.ms.get(chosen)
+    promising = [n for n in rest if best is not None and model_rank.predicted.get(n, math.inf) < best]
+    if promising:
+        r.uncertain = (f"autotune did not time {', '.join(promising)}, predicted faster than the measured "
+                       f"{chosen} ({best:.4g} ms)")
     return r
 
 
@@ -312,11 +362,11 @@ def after_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, 
         pt = None
     if pt is not None:
         try:
-            rep.path = write_point(st.settings.autotune_dir, d.device, key, i[0], pt)
+            rep.path = write_point(st.settings.autotune_dir, d.device, key, i[0], pt, rep.failed)
         except Exception as e:  # an unwritable directory: keep the measurement for this process only
             rep.reason = f"could not write the overlay: {type(e).__name__}: {e}"
             log.warning("autotune: %s", rep.reason)
-        _merge_in_memory(st, d.device, key, i[0], pt, rep.path is not None)
+        _merge_in_memory(st, d.device, key, i[0], pt, rep.failed, rep.path is not None)
     history.append(rep)
     del history[:-HISTORY_MAX]
     log.info("%s (unsure: %s)", rep.describe(), why)
@@ -523,12 +573,15 @@ HEADER = ("Autotune on first use (FLASHDISPATCH_AUTOTUNE=1): one point per probl
           "to forget the measurements.")
 
 
-def write_point(directory: str, dev: DeviceInfo, key: str, gkey: GroupKey, pt: Point) -> str:
-    """Add `pt` to the overlay file of `key` (read, merge and write under the lock; atomic)."""
+def write_point(directory: str, dev: DeviceInfo, key: str, gkey: GroupKey, pt: Point,
+                failed: Mapping[str, str] | None = None) -> str:
+    """Add `pt` (and the implementations that `failed` the accuracy check there) to the overlay file
+    of `key`: read, merge and write under the lock; the write is atomic."""
     os.makedirs(directory, exist_ok=True)
     path = overlay_path(directory, key)
     with _file_lock(path + ".lock"):
         groups: list[Group] = []
+        rejected: dict[Ident, dict[str, str]] = {}
         if os.path.isfile(path):
             old = _read_overlay(path, key)
             if old is None:
@@ -536,14 +589,21 @@ def write_point(directory: str, dev: DeviceInfo, key: str, gkey: GroupKey, pt: P
                     os.replace(path, path + ".corrupt")
                 log.warning("autotune: the invalid overlay %s is kept as %s.corrupt and started afresh", path, path)
             else:
-                groups = old.groups
+                groups, rejected = old[0].groups, old[1]
         if _merge_delay_s:
             time.sleep(_merge_delay_s)
         g = next((g for g in groups if g.key == gkey), None)
         if g is None:
             g = Group(gkey, [])
             groups.append(g)
+        same = [o for o in g.points if (o.dims(), o.window) == (pt.dims(), pt.window)]
+        if same:  # measured again: the new times win, the others stay
+            pt = pt._replace(ms={**same[-1].ms, **pt.ms}, config={**same[-1].config, **pt.config})
         g.points = [o for o in g.points if (o.dims(), o.window) != (pt.dims(), pt.window)] + [pt]
+        i = _point_ident(gkey, pt)
+        rejected[i] = {n: why for n, why in {**rejected.get(i, {}), **(failed or {})}.items() if n not in pt.ms}
+        if not rejected[i]:
+            del rejected[i]
         for grp in groups:  # points only: the models are fitted where the overlay is merged
             grp.fits = {}
         device = {"key": key, "name": dev.name, "arch": dev.arch}
@@ -552,6 +612,7 @@ def write_point(directory: str, dev: DeviceInfo, key: str, gkey: GroupKey, pt: P
         generated = {"card": dev.name, "date": datetime.date.today().isoformat(),
                      "tool": "flashdispatch autotune", "torch": torch.__version__}
         text = profile_yaml_text(Profile(path, key, True, device, generated, groups), HEADER)
+        text += "".join(line + "\n" for line in _rejected_yaml(rejected))
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{key}.autotune.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -566,7 +627,8 @@ def write_point(directory: str, dev: DeviceInfo, key: str, gkey: GroupKey, pt: P
     return path
 
 
-def _merge_in_memory(st: Any, dev: DeviceInfo, key: str, gkey: GroupKey, pt: Point, written: bool) -> None:
+def _merge_in_memory(st: Any, dev: DeviceInfo, key: str, gkey: GroupKey, pt: Point, failed: Mapping[str, str],
+                     written: bool) -> None:
     """This process's profile takes the point; the decisions and plans of its group are dropped."""
     from .plans import PLANS
 
@@ -582,7 +644,7 @@ def _merge_in_memory(st: Any, dev: DeviceInfo, key: str, gkey: GroupKey, pt: Poi
                            {"card": dev.name, "date": datetime.date.today().isoformat()}, [])
         st.profiles[key] = (prof, problems)
         if not merged:
-            _merge_points(prof, [(gkey, pt)], path)
+            _merge_points(prof, [(gkey, pt)], path, {_point_ident(gkey, pt): dict(failed)} if failed else None)
         for ck in [ck for ck, dec in st.cache.items() if group_key(dec.problem) == gkey]:
             del st.cache[ck]
     for cache in (PLANS.by_key, PLANS.recent):
@@ -600,8 +662,9 @@ def describe_overlay(settings: envs.Settings, key: str | None) -> str:
         return f"autotune: off (FLASHDISPATCH_AUTOTUNE=1 turns it on; overlay {path}{exists})"
     if not os.path.isfile(path):
         return f"autotune: on, overlay {path} (not written yet)"
-    ov = _read_overlay(path, key)
-    if ov is None:
+    read = _read_overlay(path, key)
+    if read is None:
         return f"autotune: on, overlay {path} is NOT VALID (ignored)"
+    ov = read[0]
     n = sum(len(g.points) for g in ov.groups)
     return f"autotune: on, overlay {path} ({n} autotuned points in {len(ov.groups)} groups)"

@@ -224,6 +224,58 @@ def test_a_wrong_candidate_is_never_recorded(on: pathlib.Path, register, caplog:
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
 
 
+def test_a_refusal_is_kept_in_the_overlay(on: pathlib.Path, register) -> None:
+    register(_Fake("fake:wrong", error=0.25))
+    q, k, v = qkv()
+    flashdispatch.attention(q, k, v)
+    assert "rejected:" in (on / "cpu.autotune.yaml").read_text()
+    flashdispatch.refresh()  # read back from the file, as a later process does
+    d = flashdispatch.explain(q, k, v)
+    assert d.source.startswith("autotune:") and not d.uncertain, d
+    assert d.candidates[-1] == "fake:wrong"
+    assert any(n.startswith("fake:wrong failed autotune's accuracy check") for n in d.notes), d.notes
+
+
+class _Cold(_Fake):
+    """Slow on its first call (a compile), then fast: it returns the output it computed for the
+    same inputs (exact)."""
+
+    def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        key = (inp.q.data_ptr(), inp.k.data_ptr(), inp.v.data_ptr())
+        if self.calls == 1:
+            time.sleep(self.delay_s)
+        if getattr(self, "memo", (None,))[0] != key:
+            self.memo = (key, F.scaled_dot_product_attention(inp.q, inp.k, inp.v, scale=p.scale))
+        return self.memo[1].clone(), None
+
+
+def test_a_skipped_candidate_predicted_faster_is_measured_by_a_later_process(
+        on: pathlib.Path, register, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(autotune, "BUDGET_S", 1.0)
+    (on / "cpu.yaml").write_text(CPU_PROFILE.replace('"sdpa:math": 0.08}', '"sdpa:math": 0.08, "fake:cold": 0.001}'))
+    flashdispatch.refresh()
+    cold = register(_Cold("fake:cold", delay_s=0.6))  # over its share: 1 s / 4 candidates
+    q, k, v = qkv()
+    flashdispatch.attention(q, k, v)
+    first = autotune.history[-1]
+    assert "fake:cold" in first.skipped and "fake:cold" not in first.measured, first.describe()
+    d = flashdispatch.explain(q, k, v)
+    assert d.source.startswith("autotune:") and "autotune did not time fake:cold" in d.uncertain, d
+    flashdispatch.attention(*qkv(seed=3))
+    assert len(autotune.history) == 1  # not twice in one process
+    # a later process: the overlay read back, the problem measured again (now warm), the times merged
+    flashdispatch.refresh()
+    monkeypatch.setattr(autotune, "_attempted", set())
+    flashdispatch.attention(*qkv(seed=4))
+    second = autotune.history[-1]
+    assert len(autotune.history) == 2 and "fake:cold" in second.measured, second.describe()
+    assert set(overlay_points(on)[(2, 2, 2, 64, 64)]) == CPU_ELIGIBLE | {"fake:cold"}
+    d = flashdispatch.explain(q, k, v)
+    assert d.variant == "fake:cold" and not d.uncertain, d
+    assert cold.calls > 2
+
+
 @pytest.mark.parametrize("delay_s", [0.04, 0.15])
 def test_the_budget_bounds_the_total(profile_dir: pathlib.Path, register, monkeypatch: pytest.MonkeyPatch,
                                      delay_s: float) -> None:
