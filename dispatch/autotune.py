@@ -359,6 +359,7 @@ def after_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, 
         pt = _measure(q, k, v, p, d, sinks, prof, rep)
     except Exception as e:  # autotune must never break the call: the model's decision stands
         rep.reason = f"{type(e).__name__}: {e}"
+        log.warning("autotune of %s failed (%s); the model's decision stands", p.describe(), rep.reason)
         pt = None
     if pt is not None:
         try:
