@@ -262,7 +262,7 @@ def measured_ranking(p: Problem, dev: DeviceInfo, eligible: list[str], prof: Pro
     r.group = prof.group(k)
     r.source = f"autotune:{ov.path}#{k.label()} {pt.describe()}"
     r.predicted = {n: pt.ms[n] for n in measured}
-    r.models = list(model_rank.models)
+    r.predictions = list(model_rank.predictions)
     others = [pt.ms[n] for n in measured if n != chosen]
     if chosen in pt.ms and others:
         r.margin = min(others) / pt.ms[chosen] - 1.0

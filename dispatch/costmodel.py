@@ -142,7 +142,7 @@ def visible_pairs(p: Problem, *, dense: bool = False) -> int:
     return p.seqlen_q * p.seqlen_k
 
 
-def features(p: Problem, sm_count: int, *, dense: bool = False) -> np.ndarray:
+def features(p: Problem, sm_count: int, *, dense: bool = False) -> tuple[float, float, float, float]:
     """The model's inputs for `p` (FEATURES order): 1, GFLOP, GB, GFLOP x wave tail.
 
     dense=True counts the whole score matrix (an implementation that does not skip hidden blocks)
@@ -163,7 +163,7 @@ def features(p: Problem, sm_count: int, *, dense: bool = False) -> np.ndarray:
     waves = math.ceil(programs / sms)
     tail = waves * sms / programs - 1.0
     gflop = flop / 1e9
-    return np.array([1.0, gflop, nbytes / 1e9, gflop * tail])
+    return (1.0, gflop, nbytes / 1e9, gflop * tail)  # a tuple: the hot path does four products, no numpy
 
 
 # --- the fitted model of one implementation on one group ---------------------------------------
@@ -180,8 +180,9 @@ class Fit:
     lo_gflop: float
     hi_gflop: float
 
-    def predict_us(self, x: np.ndarray) -> float:
-        return float(np.dot(np.asarray(self.coef), x))
+    def predict_us(self, x: Sequence[float]) -> float:
+        c = self.coef
+        return c[0] * x[0] + c[1] * x[1] + c[2] * x[2] + c[3] * x[3]
 
     def describe(self) -> str:
         c0, g, b, t = self.coef
@@ -211,7 +212,7 @@ def _round(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def fit(xs: Sequence[np.ndarray], times_us: Sequence[float]) -> Fit:
+def fit(xs: Sequence[Sequence[float]], times_us: Sequence[float]) -> Fit:
     """Non-negative least squares on the relative error, by trying every subset of features
     (there are four): the subset with the smallest error whose coefficients are all >= 0 wins.
     Every model has the work or the bytes term; one point fits the work term alone (a
@@ -280,15 +281,11 @@ class Point(NamedTuple):
 def point_problem(key: GroupKey, pt: Point, device_kind: str = "cuda") -> Problem:
     """The Problem a point of group `key` measured (what attention() would build for it)."""
     causal = key.cls in ("causal", "chunked", "speculative", "causal_tall")
-    dtype = DTYPES_BY_NAME[key.dtype]
-    window = (pt.window, 0 if causal else pt.window) if pt.window >= 0 else None
-    from .problem import problem_from_shape  # local: problem_from_shape builds meta tensors
-
-    return problem_from_shape(
-        (pt.batch, pt.heads_q, pt.heads_kv, pt.seqlen_q, pt.seqlen_k, key.head_dim), dtype=dtype,
-        device_kind=device_kind, causal=causal, needs_grad=key.pass_ == "fwd_bwd", window=window,
-        softcap=30.0 if key.variant == "softcap" else None, sinks=key.variant == "sinks",
-    )
+    window = (pt.window, 0 if causal else pt.window) if pt.window >= 0 else NO_WINDOW
+    return Problem(device_kind, 0, DTYPES_BY_NAME[key.dtype], pt.batch, pt.heads_q, pt.heads_kv, pt.seqlen_q,
+                   pt.seqlen_k, key.head_dim, key.head_dim, causal, key.head_dim ** -0.5, "bhsd", True,
+                   key.pass_ == "fwd_bwd", False, window, 30.0 if key.variant == "softcap" else 0.0,
+                   key.variant == "sinks")
 
 
 @dataclass
@@ -299,6 +296,15 @@ class Group:
     config: dict[str, dict[str, Any]] = field(default_factory=dict)
     line: int | None = None
 
+    def point_features(self, sm_count: int) -> list[tuple[float, float, float, float]]:
+        """features() of every point (kept while the points and sm_count are unchanged)."""
+        cached = self.__dict__.get("_x")
+        if cached is None or cached[0] != (len(self.points), sm_count):
+            cached = ((len(self.points), sm_count),
+                      [features(point_problem(self.key, pt), sm_count) for pt in self.points])
+            self.__dict__["_x"] = cached
+        return cached[1]
+
     def implementations(self) -> list[str]:
         names: dict[str, None] = {}
         for pt in self.points:
@@ -308,12 +314,13 @@ class Group:
     def refit(self, sm_count: int) -> None:
         """Fit every implementation measured at any point of the group (replaces self.fits)."""
         self.fits = {}
+        px = self.point_features(sm_count)
         for name in self.implementations():
             xs, ts = [], []
-            for pt in self.points:
+            for pt, x in zip(self.points, px):
                 ms = pt.ms.get(name)
                 if ms is not None and ms > 0 and math.isfinite(ms):
-                    xs.append(features(point_problem(self.key, pt), sm_count))
+                    xs.append(x)
                     ts.append(ms * 1e3)
             if xs:
                 self.fits[name] = fit(xs, ts)
@@ -323,10 +330,9 @@ class Group:
         `has` field ("ms", "ranking" or "config")."""
         x = features(p, sm_count)
         scored = []
-        for i, pt in enumerate(self.points):
+        for i, (pt, y) in enumerate(zip(self.points, self.point_features(sm_count))):
             if name not in getattr(pt, has):
                 continue
-            y = features(point_problem(self.key, pt), sm_count)
             d = abs(math.log((x[1] + 1e-12) / (y[1] + 1e-12))) + abs(math.log((x[2] + 1e-12) / (y[2] + 1e-12)))
             scored.append((d, i, pt))
         scored.sort(key=lambda s: s[:2])
@@ -354,7 +360,16 @@ class Prediction:
     borrowed: tuple[str, ...] = ()  # how the group differs from the problem's own, in words
     estimated: str = ""  # non-empty: a variant estimated from a plain model (how)
     extrapolated: bool = False
-    nearest: tuple[Point, ...] = ()
+    # for describe(): the nearest measured points are looked up only when a person asks
+    group: "Group | None" = field(default=None, compare=False, repr=False)
+    problem: Problem | None = field(default=None, compare=False, repr=False)
+    sm_count: int = 1
+
+    @property
+    def nearest(self) -> tuple[Point, ...]:
+        if self.group is None or self.problem is None:
+            return ()
+        return tuple(self.group.nearest_points(self.problem, self.name, self.sm_count))
 
     @property
     def exact(self) -> bool:
@@ -369,9 +384,10 @@ class Prediction:
         if self.extrapolated:
             how.append(f"extrapolated beyond the measured work "
                        f"({self.fit.lo_gflop:.3g}..{self.fit.hi_gflop:.3g} GFLOP)")
-        if self.nearest:
+        nearest = self.nearest
+        if nearest:
             how.append("nearest measured: " + "; ".join(
-                f"{pt.describe()} -> {pt.ms[self.name]:.4g} ms" for pt in self.nearest if self.name in pt.ms))
+                f"{pt.describe()} -> {pt.ms[self.name]:.4g} ms" for pt in nearest if self.name in pt.ms))
         return f"{self.name}: {self.ms:.4g} ms predicted ({'; '.join(how)})"
 
 
@@ -416,10 +432,11 @@ class CostModel:
             self._search_cache[ck] = found
         return self._search_cache[ck]
 
-    def predict(self, p: Problem, name: str, *, fuses_variants: bool = True) -> Prediction | None:
+    def predict(self, p: Problem, name: str, *, fuses_variants: bool = True,
+                key: GroupKey | None = None) -> Prediction | None:
         """The predicted time of implementation `name` on `p`, or None when no group of this
-        profile has a model of it for the problem's pass."""
-        key = group_key(p)
+        profile has a model of it for the problem's pass. `key`: group_key(p), if known."""
+        key = key or group_key(p)
         dense = False
         estimated = ""
         found = self.find(key, name)
@@ -440,5 +457,4 @@ class CostModel:
         us = max(f.predict_us(x), 1e-3)
         work = x[1]
         extrapolated = f.n < 2 or not (f.lo_gflop / EXTRAPOLATION_FACTOR <= work <= f.hi_gflop * EXTRAPOLATION_FACTOR)
-        return Prediction(name, us / 1e3, g.key, f, borrowed, estimated, bool(extrapolated),
-                          tuple(g.nearest_points(p, name, self.sm_count)))
+        return Prediction(name, us / 1e3, g.key, f, borrowed, estimated, bool(extrapolated), g, p, self.sm_count)

@@ -65,17 +65,24 @@ class Decision:
     notes: tuple[str, ...] = ()
     profile: str | None = None  # provenance line of the profile in use
     predicted: dict[str, float] = field(default_factory=dict)  # predicted ms of each eligible implementation
-    models: tuple[str, ...] = ()  # how each prediction was made: model, borrowing, nearest measured points
+    # the predictions behind `predicted`, best first (their words are built only when asked: models)
+    predictions: tuple[Prediction, ...] = field(default=(), compare=False, repr=False)
     margin: float | None = None  # predicted time of the runner-up / the chosen one's, minus 1
     uncertain: str = ""  # why the model is unsure of this decision ("" when it is not)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """How each prediction was made: the model, its fit, any borrowing, the nearest measured points."""
+        return tuple(pr.describe() for pr in self.predictions)
 
     def __str__(self) -> str:
         lines = [
             f"flashdispatch decision: {self.variant}  (source: {self.source})",
             f"  problem:  {self.problem.describe()}",
-            f"  class:    {group_key(self.problem).label()}",
             f"  device:   {self.device.describe()}",
         ]
+        if isinstance(self.problem, Problem):
+            lines.insert(2, f"  class:    {group_key(self.problem).label()}")
         if self.profile:
             lines.append(f"  profile:  {self.profile}")
         if self.config:
@@ -246,7 +253,7 @@ class _Ranking:
     source: str = "default"
     group: Group | None = None  # the group whose config the chosen implementation takes
     predicted: dict[str, float] = field(default_factory=dict)
-    models: list[str] = field(default_factory=list)
+    predictions: list[Prediction] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     margin: float | None = None
     uncertain: str = ""
@@ -270,8 +277,9 @@ def _rank_by_model(p: Problem, dev: DeviceInfo, eligible: list[str], profile: Pr
     if not model:
         return None
     preds: dict[str, Prediction] = {}
+    key = group_key(p)
     for n in eligible:
-        pr = model.predict(p, n, fuses_variants=_fuses_variants(n, dev))
+        pr = model.predict(p, n, fuses_variants=not p.is_variant or _fuses_variants(n, dev), key=key)
         if pr is not None:
             preds[n] = pr
     if not preds:
@@ -288,9 +296,9 @@ def _rank_by_model(p: Problem, dev: DeviceInfo, eligible: list[str], profile: Pr
     chosen = r.ordered[0]
     win = preds[chosen]
     r.group = model.groups[win.key]
-    r.source = f"profile:{profile.path}#{win.key.label()}"
+    r.source = f"profile:{profile.path}#{win.key.label()}" + (" (baseline margin)" if r.notes else "")
     r.predicted = {n: preds[n].ms for n in by_time}
-    r.models = [preds[n].describe() for n in by_time]
+    r.predictions = [preds[n] for n in by_time]
     others = [preds[n].ms for n in by_time if n != chosen]
     if others:
         r.margin = min(others) / win.ms - 1.0
@@ -407,8 +415,9 @@ def _select_uncached(p: Problem, forced: str | None, source: str, device: Device
     chosen = rk.ordered[0]
     impl = REGISTRY.get(chosen)
     config = dict(impl.default_config(p, dev))
-    if rk.group is not None and _config_applies(rk.group, p):
-        config.update(rk.group.config_for(p, chosen, profile.sm_count if profile else 1))
+    cfg_group = rk.group or (profile.group(group_key(p)) if profile else None)  # forced, or no model
+    if cfg_group is not None and profile is not None and _config_applies(cfg_group, p):
+        config.update(cfg_group.config_for(p, chosen, profile.sm_count))
     src = rk.source if forced is None else source
     notes = list(problems) + rk.notes
     if not p.contiguous:
@@ -429,7 +438,7 @@ def _select_uncached(p: Problem, forced: str | None, source: str, device: Device
         notes=tuple(notes),
         profile=profile.provenance() if profile else None,
         predicted=rk.predicted,
-        models=tuple(rk.models),
+        predictions=tuple(rk.predictions),
         margin=rk.margin,
         uncertain=rk.uncertain if forced is None else "",
     )

@@ -3,7 +3,7 @@
 Layers, bottom first (docs/design.md draws them):
 
     base         facts every layer may use: problem record, device table, errors, math reference,
-                 tolerances, alignment, guards
+                 tolerances, alignment, guards, the cost model (shape classes, fit, prediction)
     settings     what is read from outside: environment variables (envs), profiles (profile_store)
     interface    what a backend implements and is handed: backend (Implementation, Capabilities,
                  Inputs, Gradients), autograd (the one autograd Function)
@@ -39,10 +39,10 @@ LAYER_OF: dict[str, str] = {
     "flashdispatch.tolerances": "base",
     "flashdispatch.alignment": "base",
     "flashdispatch.guards": "base",
+    "flashdispatch.costmodel": "base",
     "flashdispatch.cliargs": "base",  # argparse with one-line user errors, for the cli and the tools
     "flashdispatch.envs": "settings",
     "flashdispatch.profile_store": "settings",
-    "flashdispatch.costmodel": "settings",  # the fitted model the profiles hold (imports only the base)
     "flashdispatch.profiles": "settings",
     "flashdispatch.backend": "interface",
     "flashdispatch.autograd": "interface",

@@ -1,6 +1,7 @@
-"""Profile classes: a few query rows under a bottom-right causal mask (speculative verification)
-are looked up among the causal entries measured with Sq < Sk, not among the decode entries (Sq = 1,
-no mask) where they found nothing; decode and square causal problems keep their entries."""
+"""Shape classes on the shipped H200 profile: a few query rows under a bottom-right causal mask
+(speculative verification) are predicted by the speculative class's model, or the chunked one's
+(a long cache under a bottom-right mask) where the profile has no speculative group, never by the
+decode model (Sq = 1, no mask); decode and square causal problems keep their own classes."""
 
 from __future__ import annotations
 
@@ -12,32 +13,32 @@ from flashdispatch.backends.triton import configs
 from flashdispatch.problem import problem_from_shape
 from flashdispatch.profile_store import problem_pass
 
-LONG_CACHE_ENTRY = "seqlen=8192 seqlen_q=512"
+LONG_CACHE_GROUPS = ("#fwd speculative bf16 D=128", "#fwd chunked bf16 D=128")
 
 
 @pytest.mark.parametrize("sq", [2, 4, 8, 16])
 @pytest.mark.parametrize("hq, hkv", [(8, 8), (32, 8)])
-def test_speculative_verification_reaches_the_long_cache_causal_entries(sq, hq, hkv):
+def test_speculative_verification_is_predicted_by_a_long_cache_causal_model(sq, hq, hkv):
     d = fd.explain(shape=(4, hq, hkv, sq, 8192, 128), causal=True, device="h200")
-    assert d.source.startswith("profile:") and LONG_CACHE_ENTRY in d.source, d.source
+    assert d.source.startswith("profile:") and d.source.endswith(LONG_CACHE_GROUPS), d.source
+    assert "class:    fwd speculative bf16 D=128" in str(d)
     assert d.variant == "triton"
     assert any("split-KV decode" in n for n in d.notes), d.notes  # the few-row kernel runs
 
 
-def test_chunked_prefill_still_selects_its_entry():
+def test_chunked_prefill_selects_triton_from_its_class():
     d = fd.explain(shape=(4, 32, 32, 512, 8192, 128), causal=True, device="h200")
-    assert LONG_CACHE_ENTRY in d.source and d.variant == "triton"
+    assert d.source.endswith("#fwd chunked bf16 D=128") and d.variant == "triton"
 
 
-@pytest.mark.parametrize("shape, causal, needle", [
-    ((1, 32, 8, 1, 8192, 128), True, "decode bf16"),     # one token: the mask hides nothing
-    ((1, 32, 8, 4, 8192, 128), False, "decode bf16"),    # a few rows, no mask
-    ((4, 32, 8, 4096, 4096, 128), True, "seqlen=4096)"),  # square causal: square entries
-    ((2, 32, 8, 2000, 2100, 128), True, "seqlen=4096)"),  # nearly square
+@pytest.mark.parametrize("shape, causal, group", [
+    ((1, 32, 8, 1, 8192, 128), True, "fwd decode bf16 D=128"),   # one token: the mask hides nothing
+    ((1, 32, 8, 4, 8192, 128), False, "fwd decode bf16 D=128"),  # a few rows, no mask
+    ((4, 32, 8, 4096, 4096, 128), True, "fwd causal bf16 D=128"),  # square causal
 ])
-def test_other_classes_keep_their_entries(shape, causal, needle):
+def test_other_classes_keep_their_models(shape, causal, group):
     d = fd.explain(shape=shape, causal=causal, device="h200")
-    assert needle in d.source, d.source
+    assert d.source.endswith("#" + group), d.source
 
 
 def test_problem_pass():

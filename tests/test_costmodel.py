@@ -1,0 +1,318 @@
+"""The cost model: shape classes at their boundaries, the fit, prediction on shapes nobody measured,
+borrowing written into the decision, and a decision from the model wherever a profile is measured."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import flashdispatch as fd
+from flashdispatch.costmodel import (
+    SHAPE_CLASSES, CostModel, Group, GroupKey, Point, features, fit, group_key, point_problem, shape_class,
+    variant_kind,
+)
+from flashdispatch.device import simulated_device
+from flashdispatch.problem import DECODE_MAX_SEQLEN_Q, problem_from_shape
+from flashdispatch.profile_store import Profile, load_profile, parse_profile, profile_yaml_text
+
+H200 = simulated_device("h200")
+
+
+def _p(sq: int, sk: int, *, causal: bool = True, b: int = 2, hq: int = 8, hkv: int = 8, d: int = 128, **kw):
+    return problem_from_shape((b, hq, hkv, sq, sk, d), causal=causal, **kw)
+
+
+# --- classes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sq, sk, causal, cls", [
+    (1, 4096, True, "decode"),  # one row: the causal mask hides nothing
+    (1, 4096, False, "decode"),
+    (1, 1, True, "dense"),  # nothing to decode against
+    (2, 4096, True, "speculative"),
+    (DECODE_MAX_SEQLEN_Q, 4096, True, "speculative"),
+    (DECODE_MAX_SEQLEN_Q + 1, 4096, True, "chunked"),
+    (DECODE_MAX_SEQLEN_Q, 4096, False, "decode"),  # few rows, no mask: they see the whole cache
+    (DECODE_MAX_SEQLEN_Q + 1, 4096, False, "dense"),
+    (4095, 4096, True, "chunked"),  # Sq = Sk - 1: bottom-right, one key of cache
+    (4096, 4096, True, "causal"),
+    (4097, 4096, True, "causal_tall"),
+    (4096, 4096, False, "dense"),
+    (8192, 4096, False, "dense"),
+    (16, 16, True, "causal"),
+    (16, 16, False, "dense"),
+])
+def test_class_at_every_boundary(sq, sk, causal, cls):
+    p = _p(sq, sk, causal=causal)
+    assert shape_class(p) == cls
+    assert cls in SHAPE_CLASSES
+
+
+def test_the_pass_and_the_variant_are_part_of_the_group():
+    assert group_key(_p(512, 512, needs_grad=True)).pass_ == "fwd_bwd"
+    assert group_key(_p(512, 512)).pass_ == "fwd"
+    assert variant_kind(_p(512, 512, window=(128, 0))) == "window"
+    assert variant_kind(_p(512, 512, softcap=30.0)) == "softcap"
+    assert variant_kind(_p(512, 512, sinks=True)) == "sinks"
+    assert variant_kind(_p(512, 512, window=(128, 0), sinks=True)) == "window"
+    assert variant_kind(_p(512, 512)) == "plain"
+
+
+# --- the fit ------------------------------------------------------------------------------------
+
+
+def _synthetic_points(key: GroupKey, coef: dict[str, tuple[float, float, float, float]], dims, noise=0.0, seed=0):
+    rng = random.Random(seed)
+    pts = []
+    for b, hq, hkv, sq, sk in dims:
+        pt = Point(b, hq, hkv, sq, sk)
+        x = features(point_problem(key, pt), H200.sm_count)
+        ms = {n: float(np.dot(c, x)) / 1e3 * (1.0 + noise * rng.uniform(-1, 1)) for n, c in coef.items()}
+        pts.append(pt._replace(ms=ms))
+    return pts
+
+
+PREFILL_DIMS = [(16, 32, 8, 1024, 1024), (4, 32, 8, 4096, 4096), (1, 32, 8, 16384, 16384), (8, 16, 16, 2048, 2048),
+                (32, 32, 32, 512, 512)]
+
+
+def test_fit_recovers_known_coefficients():
+    key = GroupKey("fwd", "causal", "plain", "bf16", 128)
+    true = (12.0, 1e3 / 600.0, 0.0, 0.0)  # 12 us + 600 TFLOP/s
+    pts = _synthetic_points(key, {"a": true}, PREFILL_DIMS)
+    xs = [features(point_problem(key, pt), H200.sm_count) for pt in pts]
+    f = fit(xs, [pt.ms["a"] * 1e3 for pt in pts])
+    assert f.rms < 1e-9
+    assert f.coef[0] == pytest.approx(12.0, rel=1e-6) and 1e3 / f.coef[1] == pytest.approx(600.0, rel=1e-6)
+    assert "600 TFLOP/s" in f.describe()
+
+
+def test_fit_with_noise_predicts_unmeasured_sizes_within_the_noise():
+    key = GroupKey("fwd", "dense", "plain", "bf16", 128)
+    true = (20.0, 1e3 / 500.0, 1e3 / 3000.0, 0.0)
+    pts = _synthetic_points(key, {"a": true}, PREFILL_DIMS, noise=0.03, seed=1)
+    g = Group(key, pts)
+    g.refit(H200.sm_count)
+    assert g.fits["a"].rms < 0.05
+    unseen = problem_from_shape((3, 24, 8, 3000, 3000, 128))
+    want = float(np.dot(true, features(unseen, H200.sm_count)))
+    got = g.fits["a"].predict_us(features(unseen, H200.sm_count))
+    assert got == pytest.approx(want, rel=0.06)
+
+
+def test_fit_coefficients_are_never_negative_and_one_point_is_a_throughput():
+    key = GroupKey("fwd", "dense", "plain", "bf16", 64)
+    pts = _synthetic_points(key, {"a": (5.0, 2.0, 0.0, 0.0)}, PREFILL_DIMS[:1])
+    g = Group(key, pts)
+    g.refit(H200.sm_count)
+    f = g.fits["a"]
+    assert f.n == 1 and f.coef[0] == 0.0 and f.coef[1] > 0 and all(c >= 0 for c in f.coef)
+    # times that fall with work: the fit refuses to invent a negative slope
+    xs = [np.array([1.0, w, w / 10, 0.0]) for w in (1.0, 2.0, 4.0)]
+    f = fit(xs, [30.0, 20.0, 10.0])
+    assert all(c >= 0 for c in f.coef)
+    with pytest.raises(ValueError, match="times must be finite and > 0"):
+        fit(xs, [1.0, 0.0, 2.0])
+
+
+# --- a synthetic measured profile: the known winner of each class is recovered --------------------
+
+# per class, which implementation the synthetic card makes fastest and by how much
+WINNERS = {"dense": "sdpa", "causal": "sdpa", "chunked": "triton", "speculative": "triton", "decode": "sdpa",
+           "causal_tall": "triton"}
+CLASS_DIMS = {
+    "dense": PREFILL_DIMS,
+    "causal": PREFILL_DIMS,
+    "chunked": [(4, 32, 8, 512, 8192), (1, 32, 8, 2048, 32768), (8, 32, 32, 256, 4096), (2, 32, 8, 1024, 16384)],
+    "speculative": [(1, 32, 8, 4, 8192), (8, 32, 8, 8, 4096), (32, 32, 8, 2, 16384), (4, 32, 32, 16, 32768)],
+    "decode": [(1, 32, 8, 1, 8192), (8, 32, 8, 1, 4096), (64, 32, 8, 1, 2048), (1, 32, 32, 1, 32768)],
+    "causal_tall": [(2, 16, 16, 1024, 512), (1, 32, 8, 4096, 2048), (8, 16, 16, 512, 256)],
+}
+
+
+def _synthetic_profile(dtype: str = "bf16", head_dims=(64, 128)) -> Profile:
+    groups = []
+    for d in head_dims:
+        for cls, dims in CLASS_DIMS.items():
+            for pass_ in ("fwd", "fwd_bwd") if cls in ("dense", "causal") else ("fwd",):
+                key = GroupKey(pass_, cls, "plain", dtype, d)
+                base = (8.0, 1e3 / 550.0, 1e3 / 3500.0, 0.0)
+                fast = tuple(c / 1.3 for c in base)
+                coef = {"sdpa": fast if WINNERS[cls] == "sdpa" else base,
+                        "triton": fast if WINNERS[cls] == "triton" else base,
+                        "sdpa:efficient": tuple(c * 3 for c in base)}
+                g = Group(key, _synthetic_points(key, coef, dims, noise=0.01, seed=hash(key) & 0xFFFF))
+                g.refit(H200.sm_count)
+                groups.append(g)
+    return Profile("synthetic.yaml", "h200", True, {"key": "h200", "name": "NVIDIA H200", "arch": "sm_90"},
+                   {"date": "2026-12-04", "card": "NVIDIA H200 (synthetic)", "tool": "test"}, groups)
+
+
+@pytest.fixture
+def synthetic_h200(tmp_path, monkeypatch):
+    prof = _synthetic_profile()
+    (tmp_path / "h200.yaml").write_text(profile_yaml_text(prof, "synthetic measurements for the tests"))
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
+    fd.refresh()
+    yield prof
+    fd.refresh()
+
+
+UNSEEN = {  # shapes in no group's points
+    "dense": ((3, 24, 8, 3000, 3000, 128), False),
+    "causal": ((5, 40, 8, 1500, 1500, 128), True),
+    "chunked": ((3, 32, 8, 768, 12000, 128), True),
+    "speculative": ((6, 32, 8, 5, 10000, 128), True),
+    "decode": ((24, 32, 8, 1, 6000, 128), False),
+    "causal_tall": ((3, 16, 16, 700, 300, 128), True),
+}
+
+
+@pytest.mark.parametrize("cls", sorted(UNSEEN))
+def test_the_known_winner_of_each_class_is_recovered_on_unseen_shapes(synthetic_h200, cls):
+    shape, causal = UNSEEN[cls]
+    d = fd.explain(shape=shape, causal=causal, device="h200")
+    assert shape_class(d.problem) == cls
+    assert d.variant == WINNERS[cls], str(d)
+    assert d.source.startswith("profile:") and f"fwd {cls} bf16 D=128" in d.source, d.source
+    assert d.predicted[WINNERS[cls]] == min(d.predicted.values())
+    assert any("nearest measured" in m for m in d.models)
+    assert d.margin is not None and d.margin > 0.2
+
+
+def test_explain_names_model_points_predictions_and_margin(synthetic_h200):
+    d = fd.explain(shape=(3, 32, 8, 768, 12000, 128), causal=True, device="h200")
+    text = str(d)
+    for needle in ("class:    fwd chunked bf16 D=128", "predicted: triton=", "margin:", "model:    triton:",
+                   "TFLOP/s", "fit error", "nearest measured: B="):
+        assert needle in text, text
+
+
+def test_borrowing_is_written_into_the_decision(synthetic_h200):
+    d = fd.explain(shape=(3, 32, 8, 768, 12000, 96), causal=True, dtype="fp16", device="h200")
+    assert d.variant == "triton"
+    assert any("fp16 borrows bf16's measurements" in m and "D=96 borrows D=128" in m for m in d.models), d.models
+    assert "borrows" in d.uncertain
+
+
+def test_a_measured_profile_leaves_no_half_precision_decision_to_the_blind_default(synthetic_h200):
+    rng = random.Random(3)
+    for _ in range(150):
+        hkv = rng.choice([1, 4, 8, 32])
+        sq = rng.choice([1, 3, 16, 17, 200, 1000, 4096])
+        sk = rng.choice([sq, sq + 1, 4 * sq + 7, 9000])
+        shape = (rng.choice([1, 2, 16]), hkv * rng.choice([1, 4]), hkv, sq, sk, rng.choice([64, 80, 96, 128, 256]))
+        d = fd.explain(shape=shape, dtype=rng.choice(["bf16", "fp16"]), causal=rng.random() < 0.6,
+                       needs_grad=rng.random() < 0.3, device="h200")
+        assert d.source.startswith("profile:"), str(d)
+
+
+def test_a_variant_is_a_cost_in_the_model(synthetic_h200):
+    # sdpa serves a window through a boolean mask over every pair: its predicted time follows the
+    # whole score matrix, the fused kernel's the visible band
+    d = fd.explain(shape=(2, 32, 8, 8192, 8192, 128), causal=True, window=(1024, 0), device="h200")
+    assert d.variant == "triton"
+    assert d.predicted["sdpa"] > 4 * d.predicted["triton"], d.predicted
+    assert any("whole score matrix" in m for m in d.models)
+
+
+def test_the_baseline_keeps_a_close_call(synthetic_h200, tmp_path):
+    # triton made 1% faster than sdpa on causal: inside the margin, plain SDPA runs; 10%: triton
+    p = (5, 40, 8, 1500, 1500, 128)
+    for factor, want in ((0.99, "sdpa"), (0.90, "triton")):
+        prof = _synthetic_profile()
+        g = next(g for g in prof.groups if g.key == GroupKey("fwd", "causal", "plain", "bf16", 128))
+        g.points = [pt._replace(ms={**pt.ms, "triton": pt.ms["sdpa"] * factor}) for pt in g.points]
+        g.refit(H200.sm_count)
+        (tmp_path / "h200.yaml").write_text(profile_yaml_text(prof))
+        fd.refresh()
+        d = fd.explain(shape=p, causal=True, device="h200")
+        assert d.predicted["triton"] < d.predicted["sdpa"]
+        assert d.variant == want, str(d)
+        assert any("plain SDPA, the baseline, runs" in n for n in d.notes) == (want == "sdpa")
+
+
+# --- the file ------------------------------------------------------------------------------------
+
+
+def test_schema_2_round_trips():
+    prof = _synthetic_profile()
+    text = profile_yaml_text(prof, "header line")
+    again = parse_profile(text, "x.yaml")
+    assert [g.key for g in again.groups] == [g.key for g in prof.groups]
+    for a, b in zip(again.groups, prof.groups):
+        assert [pt.dims() for pt in a.points] == [pt.dims() for pt in b.points]
+        for name, f in b.fits.items():
+            assert a.fits[name].coef == pytest.approx(f.coef, rel=1e-3)
+    assert profile_yaml_text(again, "header line") == text  # stable: re-writing changes nothing
+
+
+OLD = """\
+schema: 1
+device: {key: h200, name: "NVIDIA H200", arch: sm_90}
+generated: {date: "2026-11-26", tool: "flashdispatch tune", card: "NVIDIA H200"}
+measured: true
+entries:
+  - match: {dtype: bf16, head_dim: 128, causal: true, gqa: 1, pass: fwd, seqlen: 8192, seqlen_q: 512}
+    shape: {B: 4, Hq: 32, Hkv: 32, Sq: 512, Sk: 8192, D: 128}
+    ranking: [triton, sdpa]
+    ms: {triton: 0.5233, sdpa: 0.7844}
+    config:
+      triton: {BLOCK_M: 128, BLOCK_N: 64, num_warps: 8, num_stages: 3}
+  - match: {dtype: bf16, head_dim: 128, causal: false, gqa: 4, pass: decode, seqlen: 8192, seqlen_q: 1, batch: 1}
+    shape: {B: 1, Hq: 32, Hkv: 8, Sq: 1, Sk: 8192, D: 128}
+    ranking: [sdpa, triton]
+    ms: {sdpa: 0.02275, triton: 0.06987}
+"""
+
+
+def test_an_old_schema_profile_still_loads_and_decides(tmp_path, monkeypatch):
+    prof = parse_profile(OLD, "old.yaml")
+    assert prof.schema == 1 and "schema 1, converted on load" in prof.provenance()
+    assert {g.key.cls for g in prof.groups} == {"chunked", "decode"}
+    (tmp_path / "h200.yaml").write_text(OLD)
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
+    fd.refresh()
+    try:
+        d = fd.explain(shape=(2, 32, 8, 1024, 16384, 128), causal=True, device="h200")
+        assert d.variant == "triton" and d.source.startswith(f"profile:{tmp_path}")
+        assert d.config["num_warps"] == 8  # the entry's config became the point's
+        d = fd.explain(shape=(1, 32, 8, 1, 4096, 128), device="h200")
+        assert d.variant == "sdpa"
+    finally:
+        fd.refresh()
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda t: t.replace("schema: 2", "schema: 7"), "schema must be 2"),
+    (lambda t: t.replace("class: chunked", "class: sideways"), "key.class must be one of"),
+    (lambda t: t.replace("Sq: 512,", "Sq: -1,"), "Sq must be a positive int"),
+    (lambda t: t.replace("triton: 0.5233", "triton: -1"), "must be a positive number"),
+    (lambda t: t.replace("us_per_gflop: ", "us_per_gflop: -"), "must be finite and >= 0"),
+])
+def test_invalid_schema_2_names_path_line_and_reason(edit, words):
+    text = profile_yaml_text(parse_profile(OLD, "old.yaml"))
+    with pytest.raises(Exception) as ei:
+        parse_profile(edit(text), "/x/bad.yaml")
+    msg = str(ei.value)
+    assert msg.startswith("invalid profile /x/bad.yaml") and words in msg, msg
+
+
+@pytest.mark.parametrize("key", ["h100", "h200"])
+def test_shipped_measured_profiles_decide_every_half_precision_problem_from_a_model(key):
+    prof, _ = load_profile(key, "")
+    assert prof is not None and prof.measured
+    rng = random.Random(7)
+    for _ in range(60):
+        hkv = rng.choice([1, 8, 32])
+        sq = rng.choice([1, 8, 100, 1024, 4096])
+        sk = rng.choice([sq, 8 * sq + 3, 8192])
+        shape = (rng.choice([1, 4]), hkv * rng.choice([1, 4]), hkv, sq, sk, rng.choice([64, 96, 128, 256]))
+        d = fd.explain(shape=shape, dtype=rng.choice(["bf16", "fp16"]), causal=rng.random() < 0.5,
+                       needs_grad=rng.random() < 0.3, device=key)
+        assert d.source.startswith("profile:"), str(d)
+        assert math.isfinite(d.predicted[d.variant]) if d.variant in d.predicted else True
