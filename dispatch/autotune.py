@@ -90,7 +90,10 @@ Ident = tuple[GroupKey, tuple[int, int, int, int, int], int]
 
 def ident(p: Problem) -> Ident | None:
     """(group, B Hq Hkv Sq Sk, window) of `p` as a profile point holds it; None when a point cannot
-    describe it (a window that a point's single `window` number does not give back)."""
+    describe it (a window that a point's single `window` number does not give back, or a value
+    head dim other than the head dim: a group is keyed by one)."""
+    if p.head_dim_v != p.head_dim:
+        return None
     k = group_key(p)
     w = p.window[0] if p.has_window else -1
     pt = Point(p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k, w)

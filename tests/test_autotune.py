@@ -161,6 +161,22 @@ def test_cpu_autotune_measures_records_and_decides(on: pathlib.Path) -> None:
     assert flashdispatch.explain(q, k, v).source.startswith("autotune:")  # the overlay, read again
 
 
+@pytest.mark.parametrize("kwargs", [{"layout": "bshd"}, {"causal": True, "window": (23, 0)}, {"softcap": 5.0}],
+                         ids=["bshd", "window", "softcap"])
+def test_layouts_and_variants_are_measured_as_attention_runs_them(on: pathlib.Path, kwargs: dict[str, Any]) -> None:
+    q, k, v = qkv(s=72)
+    if kwargs.get("layout") == "bshd":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    out = flashdispatch.attention(q, k, v, **kwargs)
+    rep = autotune.history[-1]
+    assert rep.measured and not rep.failed, rep.describe()
+    assert flashdispatch.explain(q, k, v, **kwargs).source.startswith("autotune:")
+    if kwargs.get("window"):
+        assert "window: 23" in (on / "cpu.autotune.yaml").read_text()
+    with flashdispatch.use_backend("sdpa:math"):
+        torch.testing.assert_close(out, flashdispatch.attention(q, k, v, **kwargs))
+
+
 def test_the_group_is_refitted_in_memory(on: pathlib.Path) -> None:
     flashdispatch.attention(*qkv())
     # another problem of the same group is now predicted from the group's own (measured) model
