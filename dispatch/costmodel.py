@@ -212,11 +212,16 @@ def _round(x: float) -> float:
     return float(f"{x:.4g}")
 
 
+# A model with one more term must have at most this fraction of the simpler one's error.
+TERM_GAIN = 0.85
+
+
 def fit(xs: Sequence[Sequence[float]], times_us: Sequence[float]) -> Fit:
     """Non-negative least squares on the relative error, by trying every subset of features
     (there are four): the subset with the smallest error whose coefficients are all >= 0 wins.
     Every model has the work or the bytes term; one point fits the work term alone (a
-    throughput), the overhead and the others join as the points allow."""
+    throughput), and the others join as the points allow: at most one term per two points, each
+    lowering the error to TERM_GAIN of the simpler model's or less."""
     a = np.stack([np.asarray(x, dtype=np.float64) for x in xs])
     t = np.asarray(times_us, dtype=np.float64)
     if a.ndim != 2 or len(t) != len(a) or len(t) == 0:
@@ -227,7 +232,9 @@ def fit(xs: Sequence[Sequence[float]], times_us: Sequence[float]) -> Fit:
     ones = np.ones(len(t))
     best: tuple[float, np.ndarray] | None = None
     cols = range(a.shape[1])
-    max_terms = min(a.shape[1], len(t))
+    # at most one term per two points (rounded up): four terms through four points would pass
+    # through every one of them and say nothing between or beyond them
+    max_terms = max(1, min(a.shape[1], (len(t) + 1) // 2))
     for r in range(1, max_terms + 1):
         for subset in itertools.combinations(cols, r):
             if 1 not in subset and 2 not in subset:
@@ -241,8 +248,8 @@ def fit(xs: Sequence[Sequence[float]], times_us: Sequence[float]) -> Fit:
             full = np.zeros(a.shape[1])
             full[list(subset)] = np.maximum(c, 0.0)
             err = float(np.sqrt(np.mean((w @ full - 1.0) ** 2)))
-            # a term must earn its place: prefer fewer terms unless the error drops clearly
-            if best is None or err < best[0] * 0.97 - 1e-9:
+            # a term must earn its place: fewer terms unless the error drops by a sixth or more
+            if best is None or err < best[0] * TERM_GAIN - 1e-9:
                 best = (err, full)
     if best is None:  # only all-zero features (impossible for real shapes)
         raise ValueError("fit: no feature varies with the measurements")

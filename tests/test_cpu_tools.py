@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from flashdispatch.tools import bench, shapes, timing, tune
+from flashdispatch.tools import bench, bench_report, shapes, timing, tune
 
 CPU = torch.device("cpu")
 
@@ -57,11 +57,11 @@ def test_a_difference_inside_the_spread_is_not_a_speedup():
     assert timing.speedup(a, c) == pytest.approx(12.0 / 5.2)
     row = {"providers": {bench.PLAIN: {"status": "ok", "ms": a.median, "lo": a.lo, "hi": a.hi},
                          bench.DISPATCH: {"status": "ok", "ms": b.median, "lo": b.lo, "hi": b.hi}}}
-    bench._ratios(row)
-    assert bench._vs_sdpa(row) == "same"
+    bench_report.add_ratios(row)
+    assert bench_report.vs_sdpa_cell(row) == "same"
     row["providers"][bench.DISPATCH] = {"status": "ok", "ms": c.median, "lo": c.lo, "hi": c.hi}
-    bench._ratios(row)
-    assert bench._vs_sdpa(row) == f"{12.0 / 5.2:.3f}"
+    bench_report.add_ratios(row)
+    assert bench_report.vs_sdpa_cell(row) == f"{12.0 / 5.2:.3f}"
 
 
 def test_cpu_bench_judges_no_gpu_target(tmp_path, capsys):
@@ -69,7 +69,7 @@ def test_cpu_bench_judges_no_gpu_target(tmp_path, capsys):
                      "--warmup-ms", "0", "--rep-ms", "0", "--seed", "1"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "NO " not in out and "ok " not in out and bench.CPU_NOTE in out
+    assert "NO " not in out and "ok " not in out and bench_report.CPU_NOTE in out
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["summary"]["checks"] == {}
     for row in result["rows"]:

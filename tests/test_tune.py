@@ -22,7 +22,7 @@ from flashdispatch.problem import Problem, problem_from_shape
 from flashdispatch.profile_store import parse_profile, problem_pass
 from flashdispatch.reference import attention_math
 from flashdispatch.registry import REGISTRY
-from flashdispatch.tools import bench, shapes, timing, tune, verify
+from flashdispatch.tools import bench, bench_report, shapes, timing, tune, verify
 
 TINY = shapes.tiny_shapes("fp32")
 CPU = torch.device("cpu")
@@ -451,15 +451,15 @@ def test_bench_summary_applies_the_bar() -> None:
                                            "triton": {"status": "ok", "ms": best},
                                            "cupy": {"status": "wrong", "ms": best / 10},
                                            bench.DISPATCH: {"status": "ok", "ms": disp}}}
-        bench._ratios(r)
+        bench_report.add_ratios(r)
         return r
 
     good = [row("a", 1.0, 0.8, 0.8), row("b", 1.0, 1.0, 1.0)]
-    s = bench.summarize(good)
+    s = bench_report.summarize(good)
     assert all(s["checks"].values()), s
     assert good[0]["best"] == "triton" and good[0]["vs_sdpa"] == pytest.approx(1.25)
     assert s["wrong"] == ["cupy on a", "cupy on b"]  # a wrong provider never counts as the best
-    bad = bench.summarize(good + [row("c", 1.0, 0.5, 1.05)])
+    bad = bench_report.summarize(good + [row("c", 1.0, 0.5, 1.05)])
     failed = {k for k, ok in bad["checks"].items() if not ok}
     assert any("every shape" in k for k in failed) and bad["min_oracle"][1] == "c"
 

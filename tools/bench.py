@@ -1,16 +1,20 @@
 """`flashdispatch bench`: plain SDPA, every backend variant, and the dispatcher, side by side.
 
 Shapes: the FlashAttention-2 sweep and the special shapes where plain SDPA has no fast path
-(tools/shapes.py); on a CPU, CPU-sized shapes of every kind of call. Providers:
+(tools/shapes.py); on a CPU, CPU-sized shapes of every kind of call. With --heldout: real model
+shapes the tuner never measured (tools/heldout.py), judged against the held-out bars. Providers:
 - "SDPA": what a user writes today, F.scaled_dot_product_attention (enable_gqa for GQA, the
   lower-right CausalBias for chunked prefill), no flashdispatch involved;
 - every registered implementation that can serve the shape, through
   flashdispatch.attention(backend=<name>) (so with the profile's config for it);
 - "dispatch": flashdispatch.attention() choosing on its own.
 Each output is checked against the float64 reference (tools/verify.py) before it is timed; a
-wrong provider is reported and left out of the comparison. Rates: TFLOP/s (FlashAttention-paper
-count) or GB/s for decode. Ratios: plain-SDPA time / dispatcher time, and best-provider time /
-dispatcher time (the oracle ratio); 1.0 means as fast. Writes bench.json, bench.md and bench.png.
+wrong provider is reported and left out of the comparison. Decode and speculative steps (at most
+16 new rows against a longer cache) are timed as serving runs them, as CUDA-graph replays, with
+each provider's host time per eager call beside (tools/decode_timing.py). Rates: TFLOP/s
+(FlashAttention-paper count) or GB/s for those steps. Ratios: plain-SDPA time / dispatcher time,
+and best-provider time / dispatcher time (the oracle ratio); 1.0 means as fast. This module
+measures; tools/bench_report.py writes bench.json, bench.md and bench.png (heldout.* for --heldout).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import argparse
 import datetime as _dt
 import json
 import logging
-import math
 import os
 import shlex
 import sys
@@ -33,27 +36,28 @@ from torch.nn.attention.bias import causal_lower_right
 
 import flashdispatch
 from flashdispatch.cliargs import ArgumentParser, user_error
-from flashdispatch.problem import DTYPES_BY_NAME, Problem
+from flashdispatch.problem import DTYPES_BY_NAME
 from flashdispatch.registry import REGISTRY
 from flashdispatch.selection import select, state
 
+from . import bench_report, decode_timing, heldout, timing, tune, verify
 from . import shapes as shape_lists
-from . import timing, tune, verify
+from .bench_report import DISPATCH, PLAIN
 from .shapes import Shape
 
 log = logging.getLogger("flashdispatch.tools.bench")
 
-PLAIN = "SDPA"
-DISPATCH = "dispatch"
-# The performance bar of the project on a GPU, checked in the summary (not on a CPU, where our
-# kernels do not run).
-MIN_RATIO_VS_SDPA = 0.97
-MIN_GEOMEAN_VS_SDPA = 1.0
-MIN_GEOMEAN_ORACLE = 0.97
-MIN_ORACLE = 0.90
 FULL_TIMING = {"warmup_ms": 25.0, "rep_ms": 100.0}
 QUICK_TIMING = {"warmup_ms": 10.0, "rep_ms": 40.0}
+# The held-out set: 45 shapes, each compiled for and timed once per provider, in under 4 minutes
+# of an H200 (most of it compiles and checks).
+HELDOUT_TIMING = {"warmup_ms": 10.0, "rep_ms": 100.0}
+# Eager calls timed back to back for a serving step's host time (fewer on a CPU, where a call is
+# milliseconds).
 HOST_CALLS = 200
+HOST_CALLS_CPU = 10
+# --scale-for-cpu: the longest sequence of a held-out shape shrunk for a CPU.
+CPU_MAX_TOKENS = 256
 
 
 def plain_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -74,11 +78,11 @@ def plain_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) 
 
 @dataclass
 class Measurement:
-    ms: float | None = None
+    ms: float | None = None  # median; a CUDA-graph replay's GPU time for a serving step
     rate: float | None = None
     status: str = "ok"  # "ok" | "wrong" | "error"
     note: str = ""
-    host_us: float | None = None
+    host_us: float | None = None  # host time per eager call (serving steps)
     lo: float | None = None  # interquartile range of the repetitions (ms)
     hi: float | None = None
 
@@ -98,21 +102,29 @@ def _providers(causal: bool, names: Sequence[str]) -> dict[str, Provider]:
 
 
 def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune.TuneOptions,
-                gen: torch.Generator, grad_cache: tune.GradCache) -> dict[str, Any]:
+                gen: torch.Generator, grad_cache: tune.GradCache, *, graphs: bool = True) -> dict[str, Any]:
+    """One shape: every provider checked against the float64 reference, then timed with the
+    repetitions interleaved. A serving step (decode, speculative) is timed as CUDA-graph replays
+    on a GPU (graphs=True) and its host time per eager call recorded beside."""
     q, k, v, do, p = tune.make_inputs(s, device, gen)
     blocks = verify.reference_blocks(q, k, v, p)
     dev = tune.device_info(device)
     eligible = [n for n in names if REGISTRY.availability(n) is None and not REGISTRY.get(n).not_supported_reasons(p, dev)]
     decision = select(p)
+    serving = decode_timing.captured_in_serving(s)
+    in_graphs = serving and graphs and device.type == "cuda"
     row: dict[str, Any] = {
         "label": s.label, "shape": s._asdict(), "pass": s.pass_,
-        "unit": "GB/s" if s.pass_ == "decode" else "TFLOP/s",
+        "unit": "GB/s" if serving else "TFLOP/s",
         "choice": {"variant": decision.variant, "config": decision.config, "source": decision.source},
+        "serving": serving,
+        "timing": bench_report.GRAPH if in_graphs else "eager",
         "providers": {},
     }
     out_bytes = p.batch * p.heads_q * p.seqlen_q * p.head_dim_v * q.element_size()
     measurements: dict[str, Measurement] = {}
     timed: dict[str, tuple[Callable[[], None], list[torch.Tensor] | None]] = {}
+    eager: dict[str, Callable[[], None]] = {}
     for name, f in _providers(s.causal, eligible).items():
         m = measurements[name] = Measurement()
         try:
@@ -143,9 +155,17 @@ def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune
                 grads = None
             fn()
             timing.reset_grads(grads)
-            timed[name] = (fn, grads)
+            eager[name] = fn
+            if in_graphs:
+                try:
+                    timed[name] = (decode_timing.graph_replay(fn), None)
+                except Exception as e:
+                    raise RuntimeError(f"CUDA graph capture: {type(e).__name__}: {e}") from e
+            else:
+                timed[name] = (fn, grads)
         except Exception as e:  # a provider that fails is a result of the benchmark
             _failed(m, e, device, (q, k, v), name)
+
     # Repetitions interleaved across providers (timing.interleaved_median_ms): clock and power
     # drift over a shape's seconds of back-to-back kernels then hits every provider alike.
     def failed(name: str, e: Exception) -> None:
@@ -154,15 +174,16 @@ def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune
 
     samples = timing.interleaved_samples_ms(timed, device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms,
                                             failed=failed)
-    for name, (fn, grads) in timed.items():
+    for name in timed:
         m = measurements[name]
         spread = timing.Spread.of(samples[name])
         m.ms, m.lo, m.hi = spread.median, spread.lo, spread.hi
-        m.rate = timing.rate(p, s.pass_, m.ms)[0]
-        if s.pass_ == "decode" and name in (PLAIN, DISPATCH):
-            m.host_us = timing.host_us_per_call(fn, device, HOST_CALLS)
+        m.rate = timing.gbps(p, "fwd", m.ms) if serving else timing.rate(p, s.pass_, m.ms)[0]
+        if serving:
+            m.host_us = timing.host_us_per_call(eager[name], device,
+                                                HOST_CALLS if device.type == "cuda" else HOST_CALLS_CPU)
     row["providers"] = {name: m.to_json() for name, m in measurements.items()}
-    _ratios(row)
+    bench_report.add_ratios(row)
     return row
 
 
@@ -176,252 +197,6 @@ def _failed(m: Measurement, e: Exception, device: torch.device, inputs: Sequence
         torch.cuda.empty_cache()
 
 
-def _ratios(row: dict[str, Any]) -> None:
-    ok = {n: m["ms"] for n, m in row["providers"].items() if m.get("status") == "ok" and m.get("ms")}
-    disp = ok.get(DISPATCH)
-    others = {n: t for n, t in ok.items() if n != DISPATCH}
-    row["best"] = min(others, key=others.__getitem__) if others else None
-    row["vs_sdpa"] = ok[PLAIN] / disp if disp and PLAIN in ok else None
-    row["oracle"] = others[row["best"]] / disp if disp and others else None
-    # whether dispatch differs from SDPA (and from the best) beyond the spread of their repetitions
-    row["vs_sdpa_clear"] = _clear(row, PLAIN) if row["vs_sdpa"] else None
-    row["oracle_clear"] = _clear(row, row["best"]) if row["oracle"] else None
-
-
-def _clear(row: dict[str, Any], other: str) -> bool:
-    """Whether `other` and the dispatcher differ beyond their interquartile ranges (True when the
-    ranges were not recorded: older results)."""
-    a, b = row["providers"][other], row["providers"][DISPATCH]
-    if any(m.get(x) is None for m in (a, b) for x in ("lo", "hi")):
-        return True
-    return timing.speedup(timing.Spread(a["ms"], a["lo"], a["hi"], 0),
-                          timing.Spread(b["ms"], b["lo"], b["hi"], 0)) is not None
-
-
-def _geomean(xs: Sequence[float]) -> float:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
-
-
-def summarize(rows: Sequence[dict[str, Any]], judge: bool = True) -> dict[str, Any]:
-    """Geomeans and minima; with judge (a GPU run) the project's performance bar as checks."""
-    # on a GPU every shape counts toward the bar; elsewhere only differences beyond the spread
-    vs = [(r["vs_sdpa"], r["label"]) for r in rows if r.get("vs_sdpa") and (judge or r.get("vs_sdpa_clear", True))]
-    orc = [(r["oracle"], r["label"]) for r in rows if r.get("oracle") and (judge or r.get("oracle_clear", True))]
-    wrong = sorted({f"{n} on {r['label']}" for r in rows for n, m in r["providers"].items() if m.get("status") == "wrong"})
-    s: dict[str, Any] = {
-        "shapes": len(rows),
-        "geomean_vs_sdpa": _geomean([x for x, _ in vs]),
-        "min_vs_sdpa": min(vs) if vs else None,
-        "geomean_oracle": _geomean([x for x, _ in orc]),
-        "min_oracle": min(orc) if orc else None,
-        "wrong": wrong,
-        "counted": f"all {len(rows)} shapes" if judge else
-                   f"{len(vs)} of {len(rows)} shapes (the others are inside the spread)",
-    }
-    s["checks"] = {} if not judge else {
-        f"dispatch >= {MIN_RATIO_VS_SDPA} x SDPA on every shape": bool(vs) and min(vs)[0] >= MIN_RATIO_VS_SDPA,
-        f"geomean dispatch/SDPA >= {MIN_GEOMEAN_VS_SDPA}": bool(vs) and s["geomean_vs_sdpa"] >= MIN_GEOMEAN_VS_SDPA,
-        f"geomean oracle ratio >= {MIN_GEOMEAN_ORACLE}": bool(orc) and s["geomean_oracle"] >= MIN_GEOMEAN_ORACLE,
-        f"oracle ratio >= {MIN_ORACLE} on every shape": bool(orc) and min(orc)[0] >= MIN_ORACLE,
-    }
-    return s
-
-
-# --- output: table, markdown, plot ----------------------------------------------------------------
-
-
-def _fmt(m: dict[str, Any] | None) -> str:
-    if not m:
-        return "-"
-    if m.get("status") != "ok":
-        return m.get("status", "?").upper()
-    return f"{m['rate']:.0f}" if m["rate"] >= 10 else f"{m['rate']:.3g}"
-
-
-def _short(s: dict[str, Any]) -> str:
-    q = f"{s['seqlen_q']}/{s['seqlen_k']}" if s["seqlen_q"] != s["seqlen_k"] else str(s["seqlen_k"])
-    c = " causal" if s["causal"] and s["seqlen_q"] > 1 else ""
-    return f"{s['pass_']} B{s['batch']} H{s['heads_q']}/{s['heads_kv']} S{q} D{s['head_dim']}{c}"
-
-
-def provider_names(rows: Sequence[dict[str, Any]]) -> list[str]:
-    names: list[str] = []
-    for r in rows:
-        for n in r["providers"]:
-            if n not in names and n not in (PLAIN, DISPATCH):
-                names.append(n)
-    return [PLAIN] + names + [DISPATCH]
-
-
-def markdown(result: dict[str, Any]) -> str:
-    rows, meta, summ = result["rows"], result["meta"], result["summary"]
-    names = provider_names(rows)
-    lines = [
-        f"# flashdispatch bench on {meta['card']}",
-        "",
-        f"{meta['date']}; {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}; timing: {meta['timing']}.",
-        f"Command: `{meta['command']}`",
-        "",
-        "Rates: TFLOP/s (FlashAttention-paper FLOPs; fwd_bwd = 3.5 x fwd) or GB/s for decode (q, k, v read once, "
-        "out written once). `dispatch` is flashdispatch.attention() choosing on its own (its choice in the last "
-        "column); vs SDPA = SDPA time / dispatch time; oracle = best provider time / dispatch time. "
-        "WRONG/ERROR: failed the float64 check / raised.",
-        "",
-        "| shape | unit | " + " | ".join(names) + " | vs SDPA | oracle | dispatch chose |",
-        "|---" * (len(names) + 5) + "|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {_short(r['shape'])} | {r['unit']} | " + " | ".join(_fmt(r["providers"].get(n)) for n in names)
-            + f" | {_vs_sdpa(r)} | {_oracle(r)} | {r['choice']['variant']} |"
-        )
-    lines += ["", "## Summary", ""]
-    lines.append(f"- shapes: {summ['shapes']}")
-    lines.append(f"- dispatch vs SDPA: geomean {summ['geomean_vs_sdpa']:.3f}, min {_minfmt(summ['min_vs_sdpa'])}"
-                 f" over {summ.get('counted', 'all shapes')}")
-    lines.append(f"- oracle ratio: geomean {summ['geomean_oracle']:.3f}, min {_minfmt(summ['min_oracle'])}")
-    for k, ok in summ["checks"].items():
-        lines.append(f"- {k}: {'yes' if ok else 'NO'}")
-    if not summ["checks"]:
-        lines.append(f"- {CPU_NOTE}")
-    lines.append("- vs SDPA reads \"same\" where the two timings' interquartile ranges overlap.")
-    if summ["wrong"]:
-        lines.append("- failed the float64 check: " + "; ".join(summ["wrong"]))
-    host = [(r["label"], r["providers"].get(PLAIN, {}).get("host_us"), r["providers"].get(DISPATCH, {}).get("host_us"))
-            for r in rows if r["pass"] == "decode"]
-    if any(h[1] for h in host):
-        lines += ["", "Host cost of back-to-back decode calls (us/call, includes the GPU time when that is longer):", "",
-                  "| shape | SDPA | dispatch |", "|---|---|---|"]
-        lines += [f"| {lbl} | {a:.1f} | {b:.1f} |" for lbl, a, b in host if a and b]
-    return "\n".join(lines) + "\n"
-
-
-def _vs_sdpa(r: dict[str, Any]) -> str:
-    """The dispatcher's speed ratio to plain SDPA, or "same" when the two are inside each other's
-    spread (the difference is noise)."""
-    if not r.get("vs_sdpa"):
-        return "-"
-    return f"{r['vs_sdpa']:.3f}" if r.get("vs_sdpa_clear", True) else "same"
-
-
-def _oracle(r: dict[str, Any]) -> str:
-    if not r.get("oracle"):
-        return "-"
-    return f"{r['oracle']:.3f}" if r.get("oracle_clear", True) else "same"
-
-
-CPU_NOTE = ("On a CPU these numbers compare torch's CPU attention kernels (and the dispatcher's own cost) on this "
-            "machine; flashdispatch's kernels and its performance targets are for GPUs, where they are judged.")
-
-
-def _minfmt(x: Any) -> str:
-    return f"{x[0]:.3f} ({x[1]})" if x else "-"
-
-
-def print_table(result: dict[str, Any]) -> None:
-    rows = result["rows"]
-    print(f"{'shape':44s} {'unit':7s} {'SDPA':>6s} {'best':>22s} {'dispatch':>22s} {'vsSDPA':>7s} {'oracle':>7s}"
-          f"  ({result['meta']['card']})")
-    for r in rows:
-        best = r.get("best")
-        bm = r["providers"].get(best) if best else None
-        dm = r["providers"].get(DISPATCH)
-        print(f"{_short(r['shape']):44s} {r['unit']:7s} {_fmt(r['providers'].get(PLAIN)):>6s} "
-              f"{(best or '-')[:14] + ' ' + _fmt(bm):>22s} {r['choice']['variant'][:14] + ' ' + _fmt(dm):>22s} "
-              f"{_vs_sdpa(r):>7s} {_oracle(r):>7s}")
-    s = result["summary"]
-    if s["min_vs_sdpa"] is None:
-        print("dispatch vs SDPA: no shape differs beyond the spread")
-    else:
-        print(f"dispatch vs SDPA: geomean {s['geomean_vs_sdpa']:.3f}, min {_minfmt(s['min_vs_sdpa'])}"
-              f" over {s.get('counted', 'all shapes')}")
-    if s["min_oracle"] is None:
-        print("oracle ratio:     no shape differs from the best provider beyond the spread")
-    else:
-        print(f"oracle ratio:     geomean {s['geomean_oracle']:.3f}, min {_minfmt(s['min_oracle'])}")
-    for k, ok in s["checks"].items():
-        print(f"  {'ok ' if ok else 'NO '} {k}")
-    print('vsSDPA: plain-SDPA time / dispatch time; oracle: best provider time / dispatch time; "same" where the '
-          'two interquartile ranges overlap (noise).')
-    if not s["checks"]:
-        print(CPU_NOTE)
-    if s["wrong"]:
-        print("  failed the float64 check: " + "; ".join(s["wrong"]))
-
-
-def plot(result: dict[str, Any], path: str) -> bool:
-    """TFLOP/s against S for each sweep group, and speed relative to SDPA for the special shapes."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot (render later with --plot-from %s)", path)
-        return False
-    rows = result["rows"]
-    names = provider_names(rows)
-    sweep = [r for r in rows if r["label"].startswith("fa2-")]
-    special = [r for r in rows if not r["label"].startswith("fa2-")]
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in sweep:
-        s = r["shape"]
-        key = f"{s['pass_']} {s['dtype']} D={s['head_dim']} {'causal' if s['causal'] else 'full'}"
-        groups.setdefault(key, []).append(r)
-    n_panels = len(groups) + (1 if special else 0)
-    cols = min(4, max(1, n_panels))
-    nrows = max(1, math.ceil(n_panels / cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
-    # red and black are kept for the dispatcher and plain SDPA
-    palette = [plt.cm.tab10(i) for i in (0, 1, 2, 4, 5, 6, 8, 9)]
-    colors = {n: palette[i % len(palette)] for i, n in enumerate(x for x in names if x not in (PLAIN, DISPATCH))}
-    for ax, (key, rs) in zip(axes.flat, groups.items()):
-        rs = sorted(rs, key=lambda r: r["shape"]["seqlen_k"])
-        xs = [r["shape"]["seqlen_k"] for r in rs]
-        for n in names:
-            ys = [r["providers"].get(n, {}).get("rate") if r["providers"].get(n, {}).get("status") == "ok" else None for r in rs]
-            if not any(ys):
-                continue
-            style = dict(lw=2.5, ls="--", marker="o", color="red") if n == DISPATCH else \
-                dict(lw=2, color="black", marker="s") if n == PLAIN else dict(lw=1, marker=".", color=colors[n])
-            ax.plot([x for x, y in zip(xs, ys) if y], [y for y in ys if y], label=n, **style)
-        ax.set_xscale("log", base=2)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("S")
-        ax.set_ylabel("TFLOP/s")
-        ax.grid(alpha=0.3)
-    if special:
-        ax = axes.flat[len(groups)]
-        width = 0.8 / max(1, len(names))
-        for i, n in enumerate(names):
-            ys = []
-            for r in special:
-                m, base = r["providers"].get(n, {}), r["providers"].get(PLAIN, {})
-                ys.append(base["ms"] / m["ms"] if m.get("status") == "ok" and base.get("status") == "ok" else 0.0)
-            ax.bar([j + i * width for j in range(len(special))], ys, width, label=n,
-                   color="red" if n == DISPATCH else "black" if n == PLAIN else colors[n])
-        ax.set_xticks([j + 0.4 for j in range(len(special))])
-        ax.set_xticklabels([r["label"].rsplit("-", 2)[0][:18] + "\n" + "-".join(r["label"].rsplit("-", 2)[1:])
-                            for r in special], fontsize=6, rotation=30)
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_title("special shapes: speed vs plain SDPA", fontsize=9)
-    for ax in list(axes.flat)[n_panels:]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if special:
-        h2, l2 = axes.flat[len(groups)].get_legend_handles_labels()
-        for h, lab in zip(h2, l2):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), fontsize=8)
-    fig.suptitle(f"flashdispatch bench, {result['meta']['card']} ({result['meta']['date']})", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 # --- command line -----------------------------------------------------------------------------
 
 
@@ -431,13 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time plain SDPA, every backend that can run here and the dispatcher's own choice, side by "
         "side (repetitions interleaved), after checking each against a float64 reference; writes bench.json, "
         "bench.md, bench.png. On a GPU: the FlashAttention-2 sweep and the shapes where plain SDPA has no fast "
-        "path. On a CPU: CPU-sized shapes (about a minute on 2 cores).",
+        "path. On a CPU: CPU-sized shapes (about a minute on 2 cores). --heldout: real model shapes the tuner "
+        "never measured, judged against the held-out bars; writes heldout.json, heldout.md, heldout.png.",
     )
     ap.add_argument("--quick", action="store_true",
                     help="GPU: S in {1024, 4096, 16384} and shorter timing; CPU: shorter timing")
     ap.add_argument("--out", default="bench-out", help="output directory (default: ./bench-out)")
     ap.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
-    ap.add_argument("--dtypes", type=tune.csv_list, default=["bf16"], help="comma-separated, e.g. bf16,fp16 (default bf16)")
+    ap.add_argument("--dtypes", type=tune.csv_list, default=None,
+                    help="comma-separated, e.g. bf16,fp16 (default bf16; with --heldout: every shape's own)")
     ap.add_argument("--head-dims", type=tune.csv_ints("--head-dims"), default=None)
     ap.add_argument("--seqlens", type=tune.csv_ints("--seqlens"), default=None)
     ap.add_argument("--passes", type=tune.csv_list, default=None, help="subset of fwd,fwd_bwd,decode")
@@ -446,6 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--only-special", action="store_true", help="only the special shapes")
     ap.add_argument("--shapes", choices=("bench", "cpu", "tiny"), default=None,
                     help="bench: GPU-sized (default on a GPU); cpu: CPU-sized (default on a CPU); tiny: for tests")
+    ap.add_argument("--heldout", action="store_true",
+                    help="the held-out set (tools/heldout.py): real model shapes not in the tune grid, with the bars "
+                         "dispatcher/oracle >= 0.98 geomean and >= 0.93 each, dispatcher/SDPA >= 0.98 each")
+    ap.add_argument("--kinds", type=tune.csv_list, default=None,
+                    help=f"--heldout: only these kinds (some of {','.join(heldout.KINDS)})")
+    ap.add_argument("--scale-for-cpu", action="store_true",
+                    help="--heldout: every shape shrunk to CPU size (batch, heads, lengths; kind, dtype, head dim "
+                         "and mask kept), the same code path: a dry run (needed on a CPU)")
+    ap.add_argument("--max-tokens", type=int, default=CPU_MAX_TOKENS,
+                    help=f"--scale-for-cpu: longest sequence after shrinking (default {CPU_MAX_TOKENS})")
+    ap.add_argument("--limit", type=int, default=None, metavar="N",
+                    help="--heldout: the first N shapes (kinds interleaved, so N >= 5 covers every kind)")
+    ap.add_argument("--no-graphs", action="store_true",
+                    help="time decode and speculative steps eagerly instead of as CUDA-graph replays")
     ap.add_argument("--backends", type=tune.csv_list, default=None,
                     help="variants or families to run beside SDPA and dispatch (default: all available)")
     ap.add_argument("--exclude", type=tune.csv_list, default=[], help="backends to leave out (the dispatcher may still choose them)")
@@ -458,37 +249,54 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the variants section instead: sliding window, softcap, sinks and windowed decode against "
                          "their anchors (FlexAttention, SDPA with a mask, cuDNN); tools/bench_variants.py")
     ap.add_argument("--plot-from", default=None, metavar="JSON",
-                    help="re-render bench.md and bench.png from an earlier bench.json, measure nothing")
+                    help="re-render the table and plot from an earlier bench.json or heldout.json, measure nothing")
     return ap
 
 
-def _shapes(args: argparse.Namespace) -> list[Shape]:
-    for dt in args.dtypes:
+def _check_dtypes(dtypes: Sequence[str]) -> None:
+    for dt in dtypes:
         if dt not in DTYPES_BY_NAME:
             raise ValueError(f"--dtypes: expected some of {sorted(DTYPES_BY_NAME)}, got {dt!r}")
+
+
+def _shapes(args: argparse.Namespace) -> list[Shape]:
+    dtypes = args.dtypes or ["bf16"]
+    _check_dtypes(dtypes)
     if args.shapes == "tiny":
-        base = shape_lists.tiny_shapes(args.dtypes[0])
+        base = shape_lists.tiny_shapes(dtypes[0])
     elif args.shapes == "cpu":
-        base = shape_lists.cpu_shapes(args.dtypes[0])
+        base = shape_lists.cpu_shapes(dtypes[0])
     else:
         seqlens = (1024, 4096, 16384) if args.quick else shape_lists.FA2_SEQLENS
-        base = [] if args.only_special else shape_lists.fa2_sweep(args.dtypes, seqlens=seqlens)
+        base = [] if args.only_special else shape_lists.fa2_sweep(dtypes, seqlens=seqlens)
         if not args.no_special:
-            base += shape_lists.special_shapes(args.dtypes)
+            base += shape_lists.special_shapes(dtypes)
     causal = None if args.causal == "both" else args.causal == "true"
     return shape_lists.filter_shapes(base, head_dims=args.head_dims, passes=args.passes, causal=causal,
                                      seqlens=args.seqlens)
 
 
-def write_outputs(result: dict[str, Any], out_dir: str, *, with_plot: bool = True) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    for name, text in (("bench.json", json.dumps(result, indent=1, default=str)), ("bench.md", markdown(result))):
-        tmp = os.path.join(out_dir, name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out_dir, name))
-    if with_plot:
-        plot(result, os.path.join(out_dir, "bench.png"))
+def _heldout_plan(args: argparse.Namespace, device: torch.device) -> list[heldout.HeldOut]:
+    """The held-out calls to run: filtered, shrunk for a CPU if asked, at most --limit."""
+    for flag, given in (("--shapes", args.shapes), ("--quick", args.quick), ("--only-special", args.only_special),
+                        ("--no-special", args.no_special)):
+        if given:
+            raise ValueError(f"{flag}: not with --heldout, which runs its own shapes (filter them with --kinds, "
+                             "--dtypes, --head-dims, --passes, --causal, --limit)")
+    if device.type != "cuda" and not args.scale_for_cpu:
+        raise ValueError(f"--heldout: its shapes are GPU-sized; on {device.type} add --scale-for-cpu (a dry run)")
+    if args.dtypes:
+        _check_dtypes(args.dtypes)
+    causal = None if args.causal == "both" else args.causal == "true"
+    keep = {s.label for s in shape_lists.filter_shapes(
+        [h.shape for h in heldout.HELDOUT], dtypes=args.dtypes, head_dims=args.head_dims, passes=args.passes,
+        causal=causal, seqlens=args.seqlens)}
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit: expected a positive number of shapes, got {args.limit}")
+    plan = [h for h in heldout.heldout(args.kinds) if h.label in keep][:args.limit]
+    if args.scale_for_cpu:
+        plan = [heldout.scale_for_cpu(h, args.max_tokens) for h in plan]
+    return plan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -503,23 +311,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_from:
         with open(args.plot_from, encoding="utf-8") as f:
             result = json.load(f)
-        write_outputs(result, args.out)
-        print_table(result)
+        bench_report.write_outputs(result, args.out)
+        bench_report.print_result(result)
         return 0
     try:
+        if not args.heldout:
+            for flag, given in (("--kinds", args.kinds), ("--scale-for-cpu", args.scale_for_cpu),
+                                ("--limit", args.limit is not None)):
+                if given:
+                    raise ValueError(f"{flag}: only with --heldout")
         device = tune.parse_device(args.device)
-        if args.shapes is None:
-            args.shapes = "bench" if device.type == "cuda" else "cpu"
-        if args.shapes == "cpu" and args.dtypes == ["bf16"]:
-            args.dtypes = ["fp32"]  # the CPU's own precision; bf16 attention there is emulated
-        plan = _shapes(args)
+        extras: list[dict[str, Any]]
+        if args.heldout:
+            calls = _heldout_plan(args, device)
+            plan = [h.shape for h in calls]
+            extras = [{"model": h.model, "kind": h.kind} for h in calls]
+        else:
+            if args.shapes is None:
+                args.shapes = "bench" if device.type == "cuda" else "cpu"
+            if args.shapes == "cpu" and not args.dtypes:
+                args.dtypes = ["fp32"]  # the CPU's own precision; bf16 attention there is emulated
+            plan = _shapes(args)
+            extras = [{} for _ in plan]
         impls = tune.select_implementations(args.backends, args.exclude, device)
     except ValueError as e:
         return user_error("flashdispatch bench", e)
     if not plan:
         print("flashdispatch bench: error: no shape left after the filters", file=sys.stderr)
         return 2
-    t = QUICK_TIMING if args.quick else FULL_TIMING
+    t = HELDOUT_TIMING if args.heldout else QUICK_TIMING if args.quick else FULL_TIMING
     opts = tune.TuneOptions(warmup_ms=args.warmup_ms if args.warmup_ms is not None else t["warmup_ms"],
                             rep_ms=args.rep_ms if args.rep_ms is not None else t["rep_ms"])
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -530,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "flashdispatch bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     flashdispatch.refresh()
     profile, _ = state().profile(dev.profile_key)
-    meta = {
+    graphs = device.type == "cuda" and not args.no_graphs
+    meta: dict[str, Any] = {
         "card": card, "device": dev.describe(), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command, "versions": tune.versions(), "seed": seed,
         "profile": profile.provenance() if profile else f"none for {dev.profile_key!r} (built-in default order)",
@@ -538,33 +359,46 @@ def main(argv: list[str] | None = None) -> int:
                    f"warm-up {opts.warmup_ms:g} ms, repetitions {opts.rep_ms:g} ms per provider, L2 flushed before each call"
                    if device.type == "cuda" else
                    f"perf_counter median, repetitions interleaved across providers, warm-up {opts.warmup_ms:g} ms, "
-                   f"repetitions {opts.rep_ms:g} ms per provider"),
+                   f"repetitions {opts.rep_ms:g} ms per provider")
+                  + ("; decode and speculative steps as CUDA-graph replays, host time per eager call beside" if graphs
+                     else "; decode and speculative steps eagerly (CUDA graphs n/a), host time per call beside"),
     }
+    if args.heldout:
+        meta.update({"set": "heldout", "planned": len(plan), "scaled_for_cpu": args.scale_for_cpu})
     log.info("bench: %d shapes on %s; providers: %s, %s, %s; profile: %s", len(plan), dev.describe(), PLAIN,
              ", ".join(impls), DISPATCH, meta["profile"])
     if device.type != "cuda":
-        log.info("%s", CPU_NOTE)
+        log.info("%s", bench_report.CPU_NOTE)
     rows: list[dict[str, Any]] = []
-    judge = device.type == "cuda"  # the performance bar is a GPU's
+    judge = device.type == "cuda" and not args.scale_for_cpu  # the performance bar is a GPU's, at full size
+
+    def summary() -> dict[str, Any]:
+        if args.heldout:
+            return bench_report.heldout_summary(rows, judge, planned=len(plan))
+        return bench_report.summarize(rows, judge)
+
     grad_cache = tune.GradCache()
     t0 = time.perf_counter()
     complete = True
     try:
-        for i, s in enumerate(plan):
+        for i, (s, extra) in enumerate(zip(plan, extras)):
             if i and args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
                 log.warning("time budget of %.0f s spent: %d shapes not run", args.time_budget, len(plan) - i)
                 complete = False
                 break
-            row = bench_shape(s, list(impls), device, opts, gen, grad_cache)
+            t_shape = time.perf_counter()
+            row = {**extra, **bench_shape(s, list(impls), device, opts, gen, grad_cache, graphs=graphs)}
+            row["wall_s"] = round(time.perf_counter() - t_shape, 2)  # compiles, checks and timing
             rows.append(row)
             # table and JSON after every shape: a run cut short still leaves its numbers
-            write_outputs({"meta": {**meta, "complete": False}, "rows": rows, "summary": summarize(rows, judge)}, args.out,
-                          with_plot=False)
+            bench_report.write_outputs({"meta": {**meta, "complete": False}, "rows": rows, "summary": summary()},
+                                       args.out, with_plot=False)
             left = (time.perf_counter() - t0) / (i + 1) * (len(plan) - i - 1)
             d = row["providers"].get(DISPATCH, {})
-            log.info("[%d/%d] %s: dispatch=%s %s %s, vs SDPA %s, oracle %s (about %.0f s left)", i + 1, len(plan),
-                     s.describe(), row["choice"]["variant"], _fmt(d), row["unit"],
-                     _vs_sdpa(row), _oracle(row), left)
+            log.info("[%d/%d] %s%s: dispatch=%s %s %s, vs SDPA %s, oracle %s (about %.0f s left)", i + 1, len(plan),
+                     f"{extra['model']}: " if extra else "", s.describe(), row["choice"]["variant"],
+                     bench_report.rate_cell(d), row["unit"], bench_report.vs_sdpa_cell(row), bench_report.oracle_cell(row),
+                     left)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     except KeyboardInterrupt:
@@ -575,10 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         complete = False
         meta["context_lost"] = str(e)
     meta["complete"] = complete
-    result = {"meta": meta, "rows": rows, "summary": summarize(rows, judge)}
-    write_outputs(result, args.out)
-    print_table(result)
-    log.info("wrote %s/bench.json, bench.md, bench.png", args.out)
+    meta["wall_s"] = round(time.perf_counter() - t0, 1)
+    result = {"meta": meta, "rows": rows, "summary": summary()}
+    paths = bench_report.write_outputs(result, args.out)
+    bench_report.print_result(result)
+    log.info("wrote %s", ", ".join(paths))
     return tune.EXIT_RESUME if "context_lost" in meta else 0
 
 

@@ -38,28 +38,13 @@ from flashdispatch import serving
 from flashdispatch.backends.sdpa_serving import torch_varlen_params
 
 from . import timing
+from .decode_timing import graph_replay
 
 log = logging.getLogger("flashdispatch.tools.bench_serving")
 DTYPE = torch.bfloat16
 HQ, HKV, D = 32, 8, 128
 PAGE = 16
 VARLEN_LENGTHS = [256, 512, 1024, 1536, 2048, 2560, 3072, 3584, 4096, 4608, 5120, 5632, 6144, 7168, 8192, 8192]
-
-
-def _graph(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """fn captured in a CUDA graph after warm-up calls (compile, checked launches); the replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g.replay
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -227,7 +212,7 @@ def decode_bars(rows: list[dict[str, Any]], batch: int, sq: int, rep_ms: float, 
         calls["sdpa contiguous + mask"] = sdpa
         checks["sdpa contiguous + mask"] = _diff(_unfold(sdpa(), sq), ref)
         anchor_bytes = {}
-    replays = {n: (_graph(f), None) for n, f in calls.items()}
+    replays = {n: (graph_replay(f), None) for n, f in calls.items()}
     times = timing.interleaved_median_ms(replays, torch.device("cuda"), rep_ms=rep_ms,
                                          failed=lambda n, e: log.warning("%s failed: %s", n, e))
     host = {n: timing.host_us_per_call(f, torch.device("cuda"), calls=50) for n, f in calls.items()}

@@ -36,6 +36,7 @@ import flashdispatch
 from flashdispatch.reference import attention_math, visible_mask
 
 from . import timing
+from .decode_timing import graph_replay
 
 log = logging.getLogger("flashdispatch.tools.bench_variants")
 
@@ -232,24 +233,6 @@ def sinks_bars(run: Run, s: int, rep_ms: float) -> None:
                         ms.get("ours", math.nan), ms.get("ours_no_sinks", math.nan), max_time_ratio=1.05))
 
 
-def _graph(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """fn captured in a CUDA graph (after warm-up calls that compile and check its launches);
-    returns the replay."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        with torch.cuda.graph(g, stream=stream):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    return g.replay
-
-
 def decode_bars(run: Run, batch: int, rep_ms: float, sinks_too: bool) -> None:
     q = torch.randn(batch, DECODE_HQ, 1, D, device="cuda", dtype=DTYPE)
     k = torch.randn(batch, DECODE_HKV, DECODE_CACHE, D, device="cuda", dtype=DTYPE)
@@ -271,7 +254,7 @@ def decode_bars(run: Run, batch: int, rep_ms: float, sinks_too: bool) -> None:
         fns = {}
         for name, fn in calls.items():
             try:
-                fns[name] = (_graph(fn), None)
+                fns[name] = (graph_replay(fn), None)
             except Exception as e:  # report, keep the others
                 run.errors[f"decode-b{batch}/{name}"] = f"graph capture: {type(e).__name__}: {e}"[:300]
         ms = _measure(run, f"decode-b{batch}", fns, rep_ms)

@@ -1,4 +1,12 @@
-"""How the timing method moves decode results: one decode problem, several providers, four methods.
+"""Decode timed as serving runs it, and how the timing method moves decode results.
+
+Serving engines run each decode step (and each speculative verification step) as a CUDA-graph
+replay: the host cost of a call is paid once, at capture. So the number that matters for these
+calls is the GPU time of a replay, with the host time of an eager call beside it (what a loop
+without graphs pays). `graph_replay` and `captured_in_serving` are what `flashdispatch bench`
+and the serving and variants benches use for that.
+
+The script below compares four ways of timing one decode problem across several providers:
 
 Decode reads its KV cache once, so its time depends on where that cache is when the kernel starts:
 
@@ -25,6 +33,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from flashdispatch.problem import DECODE_MAX_SEQLEN_Q
+from flashdispatch.tools.shapes import Shape
 from flashdispatch.tools.timing import FLUSH_BYTES
 
 # (name, B, Hq, Hkv, Sk, D)
@@ -37,6 +47,38 @@ TRITON_CONFIGS: dict[str, dict[str, Any] | None] = {
     "triton:s128-n64-w4": {"NUM_SPLITS": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
     "triton:s256-n32-w2": {"NUM_SPLITS": 256, "BLOCK_N": 32, "num_warps": 2, "num_stages": 2},
 }
+
+
+# Eager calls before the capture: they compile, pick a plan and run the launchers' first-call checks
+# (which synchronise the host, and a capture forbids that).
+GRAPH_WARMUP_CALLS = 3
+
+
+def captured_in_serving(s: Shape) -> bool:
+    """Whether serving runs this call inside a CUDA graph: a forward step of at most
+    DECODE_MAX_SEQLEN_Q new tokens per sequence against a longer cache (decode, speculative
+    verification). Prefill and training run eagerly (their shapes change every call)."""
+    return s.pass_ != "fwd_bwd" and s.seqlen_q <= DECODE_MAX_SEQLEN_Q and s.seqlen_k > s.seqlen_q
+
+
+def graph_replay(fn: Callable[[], Any], warmup_calls: int = GRAPH_WARMUP_CALLS) -> Callable[[], None]:
+    """fn captured in a CUDA graph; returns the replay (which keeps the graph alive).
+
+    The warm-up calls and the capture run on a side stream, as torch's documentation asks; a call
+    that cannot be captured (a host sync, an allocation the graph cannot own) raises here.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup_calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=stream):
+        fn()
+    torch.cuda.synchronize()
+    return g.replay
 
 
 def _events(n: int) -> list[torch.cuda.Event]:

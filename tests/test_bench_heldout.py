@@ -1,0 +1,149 @@
+"""`flashdispatch bench --heldout` on a CPU (the dry run CI runs: the held-out shapes shrunk with
+--scale-for-cpu, through the same code path as on a GPU), the held-out bars, the serving-step
+columns, and on a GPU the CUDA-graph replay that decode and speculative steps are timed with."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+
+from flashdispatch.tools import bench, bench_report, decode_timing, heldout
+
+PLAIN, DISPATCH = bench_report.PLAIN, bench_report.DISPATCH
+
+
+def _dry_run(out: Any, *extra: str) -> int:
+    return bench.main(["--heldout", "--scale-for-cpu", "--device", "cpu", "--backends", "sdpa", "--max-tokens", "64",
+                       "--warmup-ms", "0", "--rep-ms", "0", "--seed", "1", "--out", str(out), *extra])
+
+
+def test_cpu_dry_run_covers_every_kind_and_writes_json_table_and_plot(tmp_path, capsys) -> None:
+    n = len(heldout.KINDS)
+    assert _dry_run(tmp_path, "--limit", str(n)) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "heldout.json").read_text())
+    rows, meta = result["rows"], result["meta"]
+    assert meta["set"] == "heldout" and meta["planned"] == n and meta["complete"] and meta["scaled_for_cpu"]
+    assert [r["kind"] for r in rows] == list(heldout.KINDS)
+    for r in rows:
+        assert r["model"] and r["label"].startswith(heldout._slug(r["model"]))
+        assert {PLAIN, DISPATCH, "sdpa"} <= set(r["providers"])
+        assert all(m["status"] == "ok" for m in r["providers"].values()), r["providers"]
+        assert r["oracle"] and r["vs_sdpa"] and r["choice"]["variant"]
+        serving = r["kind"] in ("decode", "speculative")
+        assert r["serving"] == serving and r["unit"] == ("GB/s" if serving else "TFLOP/s")
+        assert r["timing"] == "eager"  # no CUDA graphs on a CPU
+        assert all(("host_us" in m) == serving for m in r["providers"].values())
+    # a CPU run is not judged against the GPU bars
+    assert result["summary"]["checks"] == {} and result["summary"]["shapes"] == n
+    md = (tmp_path / "heldout.md").read_text()
+    assert md.startswith(f"# flashdispatch held-out bench on {meta['card']}")
+    assert md.count("| n/a |") >= 2 and "dispatcher/oracle" in md and bench_report.CPU_NOTE in md
+    assert (tmp_path / "heldout.png").stat().st_size > 1000
+    assert meta["card"] in printed and "PASS" not in printed and "FAIL" not in printed
+
+
+def test_heldout_needs_scaling_on_a_cpu_and_its_flags_need_heldout(tmp_path, capsys) -> None:
+    assert bench.main(["--heldout", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "--scale-for-cpu" in capsys.readouterr().err
+    assert bench.main(["--limit", "3", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "only with --heldout" in capsys.readouterr().err
+    assert _dry_run(tmp_path, "--kinds", "prefil") == 2
+    assert "--kinds" in capsys.readouterr().err
+    assert _dry_run(tmp_path, "--shapes", "tiny") == 2
+
+
+def test_filters_and_plot_from(tmp_path) -> None:
+    assert _dry_run(tmp_path, "--kinds", "speculative", "--dtypes", "fp16", "--limit", "1") == 0
+    result = json.loads((tmp_path / "heldout.json").read_text())
+    assert [(r["kind"], r["shape"]["dtype"]) for r in result["rows"]] == [("speculative", "fp16")]
+    again = tmp_path / "again"
+    assert bench.main(["--plot-from", str(tmp_path / "heldout.json"), "--out", str(again)]) == 0
+    assert (again / "heldout.md").read_text() == (tmp_path / "heldout.md").read_text()
+
+
+def _row(label: str, sdpa: float, best: float, disp: float, kind: str = "prefill") -> dict[str, Any]:
+    r: dict[str, Any] = {"label": label, "model": label, "kind": kind, "choice": {"variant": "triton"},
+                         "providers": {PLAIN: {"status": "ok", "ms": sdpa}, "triton": {"status": "ok", "ms": best},
+                                       "cupy": {"status": "wrong", "ms": best / 10},
+                                       DISPATCH: {"status": "ok", "ms": disp}}}
+    bench_report.add_ratios(r)
+    return r
+
+
+def _failed(s: dict[str, Any]) -> set[str]:
+    return {k for k, ok in s["checks"].items() if not ok}
+
+
+def test_heldout_bars() -> None:
+    good = [_row("a", 1.0, 0.8, 0.8), _row("b", 1.0, 1.0, 1.0), _row("c", 1.0, 0.95, 0.96)]
+    good += [_row(f"b{i}", 1.0, 1.0, 1.0) for i in range(3)]
+    s = bench_report.heldout_summary(good)
+    assert len(s["checks"]) == 3 and not _failed(s), s
+    assert s["wrong"][:3] == ["cupy on a", "cupy on b", "cupy on b0"]  # a wrong provider is never the oracle
+    # one shape at 0.92 of the oracle: the every-shape bar fails, the geomean holds
+    s = bench_report.heldout_summary(good + [_row("d", 1.0, 0.92, 1.0)])
+    assert _failed(s) == {f"dispatcher/oracle >= {bench_report.HELDOUT_MIN_ORACLE} on every shape"}
+    # slower than plain SDPA by 3% on one shape (and so below its oracle, SDPA)
+    s = bench_report.heldout_summary(good + [_row("e", 1.0, 2.0, 1.03)])
+    assert f"dispatcher/SDPA >= {bench_report.HELDOUT_MIN_VS_SDPA} on every shape" in _failed(s)
+    # many shapes a little behind the oracle: only the geomean bar fails
+    s = bench_report.heldout_summary([_row(str(i), 1.0, 0.95, 0.95 / 0.96) for i in range(10)] + good)
+    assert _failed(s) == {f"geomean dispatcher/oracle >= {bench_report.HELDOUT_MIN_GEOMEAN_ORACLE}"}
+    # a dispatcher that fails (no time) or a run cut short fails every bar
+    broken = _row("f", 1.0, 1.0, 1.0)
+    broken["providers"][DISPATCH] = {"status": "error", "note": "boom"}
+    bench_report.add_ratios(broken)
+    s = bench_report.heldout_summary(good + [broken])
+    assert _failed(s) == set(s["checks"]) and s["not_judged"] == ["f"]
+    assert _failed(bench_report.heldout_summary(good, planned=4)) == set(s["checks"])
+    assert bench_report.heldout_summary(good, judge=False)["checks"] == {}
+
+
+def test_serving_columns_show_graph_time_and_host_time() -> None:
+    r = _row("llama decode", 0.030, 0.020, 0.021, kind="decode")
+    r.update({"serving": True, "timing": bench_report.GRAPH, "shape": dict(
+        heldout.HELDOUT[0].shape._asdict(), seqlen_q=1, seqlen_k=4000, pass_="decode", causal=False)})
+    for name, us in ((PLAIN, 45.0), (DISPATCH, 30.5), ("triton", 29.0)):
+        r["providers"][name]["host_us"] = us
+    lines = bench_report.serving_lines([r])
+    assert any("| 30.0 | 45.0 | 21.0 | 30.5 | triton | 20.0 | 29.0 |" in x for x in lines), lines
+    r["timing"] = "eager"
+    lines = bench_report.serving_lines([r])
+    assert any("| n/a | 45.0 | n/a | 30.5 | triton | n/a | 29.0 |" in x for x in lines), lines
+
+
+def test_serving_steps_are_decode_and_speculative_forward_calls() -> None:
+    by_kind: dict[str, set[bool]] = {}
+    for h in heldout.HELDOUT:
+        by_kind.setdefault(h.kind, set()).add(decode_timing.captured_in_serving(h.shape))
+    assert by_kind == {"prefill": {False}, "train": {False}, "decode": {True}, "speculative": {True},
+                       "chunked": {False}}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sq", [1, 8])
+def test_dispatcher_replays_in_a_cuda_graph_as_it_runs_eagerly(sq: int) -> None:
+    """What the bench times for a serving step: the dispatcher's call captured and replayed gives
+    the eager call's output (plain SDPA's too), and the replay reads new inputs in place."""
+    import flashdispatch
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(4, 32, sq, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(4, 8, 4000, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    for name, call in (("dispatch", lambda: flashdispatch.attention(q, k, v, causal=True)),
+                       ("SDPA", lambda: bench.plain_sdpa(q, k, v, causal=True))):
+        outs: list[torch.Tensor] = []
+        replay = decode_timing.graph_replay(lambda: outs.append(call()))
+        captured = outs[-1]
+        q.copy_(torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g))
+        replay()
+        torch.cuda.synchronize()
+        fresh = call()  # the same plan, eagerly, on the new q
+        assert not torch.equal(fresh, outs[0]), name  # the inputs did change
+        torch.testing.assert_close(captured, fresh, msg=name)
