@@ -25,130 +25,24 @@ Exponentials are computed in base 2: P = exp2(qk * scale * log2(e) - lse * log2(
 Head dims that are not powers of two are padded to BLOCK_D = next power of two with masked loads.
 Offsets of whole heads and blocks are 64-bit; offsets inside one tile stay 32-bit.
 Nothing here is CUDA-only: the same source compiles for sm_80/sm_90 and gfx90a/gfx942.
+Block shapes: configs.py (its backward section: defaults, the tuner's space, validation).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from flashdispatch.problem import Problem, device_kind_of, normalised_window
+
+from . import configs
 from .launch import cuda_index, on_device
 
-# ---------------------------------------------------------------------------------------------
-# Configs: the one place that says which block shapes the backward uses and may try.
-#
-# BWD_BLOCK_M / BWD_BLOCK_N are the query / key tile of the dk-dv kernel. The dq kernel uses the
-# transposed pair (query tile BWD_BLOCK_N, key tile BWD_BLOCK_M): the operand that stays resident
-# in registers is the large one in both kernels, the one that streams is small.
-# ---------------------------------------------------------------------------------------------
-
-CONFIG_KEYS: tuple[str, ...] = (
-    "BWD_BLOCK_M", "BWD_BLOCK_N", "BWD_num_warps", "BWD_num_stages", "BWD_DQ_ATOMIC",
-)
-# BWD_DQ_ATOMIC=True accumulates dq inside the dk-dv kernel with fp32 atomics (FlashAttention-2's
-# way: 5 block matmuls instead of 7, but run-to-run rounding differences). Off by default: the
-# backend promises deterministic gradients unless a config opts out.
-
-# Defaults by the padded head dim (BLOCK_D). 64 and 128: the fastest of the sweep on one H100 80GB
-# HBM3 (bf16, B*S=16k, S 512..16k, causal and not; docs/triton_backward.md), at every shape of it.
-# 256: smaller tiles keep the fp32 dk/dv accumulators (2 * BLOCK_N * BLOCK_D floats) in registers;
-# correct on H100, not timed. 16/32: the 64 tiles.
-DEFAULT_CONFIGS: dict[int, dict[str, Any]] = {
-    16: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 3},
-    32: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 3},
-    64: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 3},
-    128: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 8, "BWD_num_stages": 2},
-    256: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 8, "BWD_num_stages": 1},
-}
-
-# fp32 inputs (full-precision dots, a correctness path rather than a fast one) hold twice the bytes
-# per tile: the 16-bit tiles would overflow sm_80's shared memory from D=128 on. Sized to fit
-# sm_80 (163 KiB) and gfx90a/gfx942 (64 KiB LDS); compile-checked, not timed.
-DEFAULT_CONFIGS_FP32: dict[int, dict[str, Any]] = {
-    16: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 2},
-    32: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 2},
-    64: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 2},
-    128: {"BWD_BLOCK_M": 16, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 1},
-    256: {"BWD_BLOCK_M": 16, "BWD_BLOCK_N": 32, "BWD_num_warps": 4, "BWD_num_stages": 1},
-}
-
-# What the tuner may try beyond the default, per padded head dim: (BLOCK_M, BLOCK_N, num_warps,
-# num_stages). On the H100 sweep the runner-up was 9-18% (D=64) and 23-30% (D=128) slower than
-# the default; the rest are untimed neighbours. The atomic-dq variant was 0.5-0.8x of the default
-# at every shape of that sweep, so it is offered only on request (atomic=True). AMD runs the same
-# tables: compile-checked for gfx90a/gfx942, never timed there.
-_SPACE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
-    16: ((32, 64, 4, 3),),
-    32: ((32, 64, 4, 3),),
-    64: ((64, 128, 8, 3), (32, 128, 8, 2), (32, 128, 4, 4), (64, 128, 4, 3)),
-    128: ((16, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 2)),
-    256: ((16, 64, 4, 2), (16, 64, 8, 1), (32, 32, 4, 2)),
-}
-
-# Rows per program of the delta = rowsum(dO * O) preprocess: memory-bound, one tile of rows.
-PREPROCESS_BLOCK_M = 64
-
 LOG2E = math.log2(math.e)
-
-
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
-def padded_head_dim(head_dim: int, head_dim_v: int | None = None) -> int:
-    """The BLOCK_D a head dim runs with (the larger of D and Dv decides the config bucket)."""
-    return _pow2_at_least_16(max(head_dim, head_dim_v or head_dim))
-
-
-def default_backward_config(
-    head_dim: int, head_dim_v: int | None = None, *, fp32: bool = False
-) -> dict[str, Any]:
-    """The backward keys to use when the forward's config carries none (fp32: fp32 inputs)."""
-    table = DEFAULT_CONFIGS_FP32 if fp32 else DEFAULT_CONFIGS
-    return {**table[padded_head_dim(head_dim, head_dim_v)], "BWD_DQ_ATOMIC": False}
-
-
-def backward_config_space(
-    head_dim: int, head_dim_v: int | None = None, *, atomic: bool = False, fp32: bool = False
-) -> list[dict[str, Any]]:
-    """Backward configs the tuner may try for this head dim (the default first), all deterministic
-    unless atomic=True adds the atomic-dq twin of each. fp32 inputs get their default only."""
-    block_d = padded_head_dim(head_dim, head_dim_v)
-    space = [default_backward_config(head_dim, head_dim_v, fp32=fp32)]
-    if fp32:
-        return space
-    for atomic_dq in (False, True) if atomic else (False,):
-        for bm, bn, w, s in _SPACE.get(block_d, ()):
-            cfg = {"BWD_BLOCK_M": bm, "BWD_BLOCK_N": bn, "BWD_num_warps": w, "BWD_num_stages": s,
-                   "BWD_DQ_ATOMIC": atomic_dq}
-            if cfg not in space:
-                space.append(cfg)
-    return space
-
-
-def resolve_backward_config(
-    config: dict[str, Any] | None, head_dim: int, head_dim_v: int, *, fp32: bool = False
-) -> dict[str, Any]:
-    """The forward's config (which may hold BWD_* keys) completed with this head dim's defaults."""
-    cfg: dict[str, Any] = default_backward_config(head_dim, head_dim_v, fp32=fp32)
-    for key in CONFIG_KEYS:
-        if config and key in config:
-            cfg[key] = config[key]
-    cfg.setdefault("BWD_DQ_ATOMIC", False)
-    if not isinstance(cfg["BWD_DQ_ATOMIC"], bool):
-        raise TypeError(f"config['BWD_DQ_ATOMIC']: expected a bool, got {cfg['BWD_DQ_ATOMIC']!r}")
-    for key in ("BWD_BLOCK_M", "BWD_BLOCK_N"):
-        val = cfg[key]
-        if not isinstance(val, int) or val < 16 or val & (val - 1):
-            raise ValueError(f"config[{key!r}]: expected a power of two >= 16, got {val!r}")
-    for key, allowed in (("BWD_num_warps", (1, 2, 4, 8, 16)), ("BWD_num_stages", (1, 2, 3, 4, 5, 6))):
-        if cfg[key] not in allowed:
-            raise ValueError(f"config[{key!r}]: expected one of {allowed}, got {cfg[key]!r}")
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,18 +542,10 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-class _Geometry(NamedTuple):
-    batch: int
-    heads_q: int
-    heads_kv: int
-    seqlen_q: int
-    seqlen_k: int
-    head_dim: int
-    head_dim_v: int
-
-
-def _geometry(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              out: torch.Tensor, lse: torch.Tensor) -> _Geometry:
+def _problem(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, *, causal: bool, scale: float, window: tuple[int, int] | None,
+             softcap: float | None, sinks: torch.Tensor | None) -> Problem:
+    """The backward's inputs checked against each other and described as the Problem they solve."""
     for name, t in (("q", q), ("k", k), ("v", v), ("do", do), ("out", out)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = f"{t.dim()}-d" if isinstance(t, torch.Tensor) else type(t).__name__
@@ -678,7 +564,13 @@ def _geometry(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         if t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name}: expected a unit last stride, got strides {t.stride()}")
-    return _Geometry(b, hq, hkv, sq, sk, d, dv)
+    causal = bool(causal)
+    return Problem(
+        device_kind_of(q.device), q.device.index or 0, q.dtype, b, hq, hkv, sq, sk, d, dv, causal, float(scale),
+        "bhsd", contiguous=True, needs_grad=True, return_lse=True,
+        window=normalised_window(None if window is None else tuple(window), causal),  # type: ignore[arg-type]
+        softcap=float(softcap or 0.0), sinks=sinks is not None,
+    )
 
 
 def attention_backward(
@@ -712,8 +604,7 @@ def attention_backward(
     """
     from .forward import Variant, fast_tanh_on, kernel_window, softcap_mode
 
-
-    g = _geometry(do, q, k, v, out, lse)
+    g = _problem(do, q, k, v, out, lse, causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -723,23 +614,22 @@ def attention_backward(
             return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(sinks)
         return dq.zero_(), dk.zero_(), dv.zero_()
 
-    cfg = resolve_backward_config(config, g.head_dim, g.head_dim_v, fp32=q.dtype == torch.float32)
+    cfg = configs.resolve_backward_config(config, g.head_dim, g.head_dim_v, fp32=q.dtype == torch.float32)
     do = _unit_last(do)
-    block_d = _pow2_at_least_16(g.head_dim)
-    block_dv = _pow2_at_least_16(g.head_dim_v)
+    block_d = configs.block_dim(g.head_dim)
+    block_dv = configs.block_dim(g.head_dim_v)
     bm, bn = cfg["BWD_BLOCK_M"], cfg["BWD_BLOCK_N"]
     warps, stages = cfg["BWD_num_warps"], cfg["BWD_num_stages"]
-    # a causal mask over a single query row hides nothing
-    causal = bool(causal) and g.seqlen_q > 1
+    causal = g.effective_causal  # a causal mask over a single query row hides nothing
     win = kernel_window(causal, Variant().window if window is None else tuple(window),  # type: ignore[arg-type]
                         g.seqlen_q, g.seqlen_k)
     left, right = win if win is not None else (0, 0)
-    if softcap:  # P = exp2(tanh(qk * scale / c) * c * log2(e) - lse2)
-        qk_scale2, softcap_in = float(softcap) * LOG2E, float(scale) / float(softcap)
+    if g.softcap:  # P = exp2(tanh(qk * scale / c) * c * log2(e) - lse2)
+        qk_scale2, softcap_in = g.softcap * LOG2E, g.scale / g.softcap
     else:
-        qk_scale2, softcap_in = float(scale) * LOG2E, 1.0
-    variant = dict(WINDOW=win is not None, SOFTCAP=softcap_mode(softcap, fast_tanh_on(q)))
-    group = g.heads_q // g.heads_kv
+        qk_scale2, softcap_in = g.scale * LOG2E, 1.0
+    variant = dict(WINDOW=win is not None, SOFTCAP=softcap_mode(g.softcap, fast_tanh_on(q)))
+    group = g.gqa_ratio
     even_d, even_dv = g.head_dim == block_d, g.head_dim_v == block_dv
     ieee = q.dtype == torch.float32
 
@@ -749,11 +639,11 @@ def attention_backward(
     dq_acc = (torch.zeros((g.batch, g.heads_q, g.seqlen_q, g.head_dim), device=q.device, dtype=torch.float32)
               if atomic else delta.unsqueeze(-1))
     with on_device(cuda_index(q)):
-        grid = (triton.cdiv(g.seqlen_q, PREPROCESS_BLOCK_M) * g.batch * g.heads_q,)
+        grid = (triton.cdiv(g.seqlen_q, configs.PREPROCESS_BLOCK_M) * g.batch * g.heads_q,)
         _bwd_preprocess_kernel[grid](
             out, do, delta, *out.stride(), *do.stride(), g.heads_q, g.seqlen_q, g.head_dim_v,
-            BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=block_dv,
-            EVEN_M=g.seqlen_q % PREPROCESS_BLOCK_M == 0, EVEN_DV=even_dv,
+            BLOCK_M=configs.PREPROCESS_BLOCK_M, BLOCK_DV=block_dv,
+            EVEN_M=g.seqlen_q % configs.PREPROCESS_BLOCK_M == 0, EVEN_DV=even_dv,
         )
         grid = (triton.cdiv(g.seqlen_k, bn) * g.batch * g.heads_kv,)
         _bwd_dkdv_kernel[grid](
@@ -761,7 +651,7 @@ def attention_backward(
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dk.stride(), *dv.stride(),
             *dq_acc.stride()[:3],
             g.heads_kv, group, g.seqlen_q, g.seqlen_k, g.head_dim, g.head_dim_v,
-            float(scale), qk_scale2, left, right, softcap_in,
+            g.scale, qk_scale2, left, right, softcap_in,
             CAUSAL=causal, DQ_ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
             EVEN_M=g.seqlen_q % bm == 0, EVEN_N=g.seqlen_k % bn == 0, EVEN_D=even_d, EVEN_DV=even_dv,
             IEEE=ieee, num_warps=warps, num_stages=stages, **variant,
@@ -775,7 +665,7 @@ def attention_backward(
             q, k, v, do, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dq.stride(),
             g.heads_q, group, g.seqlen_q, g.seqlen_k, g.head_dim, g.head_dim_v,
-            float(scale), qk_scale2, left, right, softcap_in,
+            g.scale, qk_scale2, left, right, softcap_in,
             CAUSAL=causal, BLOCK_M=bn, BLOCK_N=bm, BLOCK_D=block_d, BLOCK_DV=block_dv,
             EVEN_M=g.seqlen_q % bn == 0, EVEN_D=even_d, EVEN_DV=even_dv, IEEE=ieee,
             num_warps=warps, num_stages=stages, **variant,

@@ -421,18 +421,18 @@ def varlen_backward(
     grads: tuple[torch.Tensor, ...] = (dq, dk, dvv)
     if total_q and hq:
         o4, do4 = out.transpose(0, 1).unsqueeze(0), do.transpose(0, 1).unsqueeze(0)
-        block_dv = _bwd._pow2_at_least_16(dv)
+        block_dv = configs.block_dim(dv)
         with on_device(cuda_index(q)):
-            _bwd._bwd_preprocess_kernel[(triton.cdiv(total_q, _bwd.PREPROCESS_BLOCK_M) * hq,)](
+            _bwd._bwd_preprocess_kernel[(triton.cdiv(total_q, configs.PREPROCESS_BLOCK_M) * hq,)](
                 o4, do4, delta, *o4.stride(), *do4.stride(), hq, total_q, dv,
-                BLOCK_M=_bwd.PREPROCESS_BLOCK_M, BLOCK_DV=block_dv,
-                EVEN_M=total_q % _bwd.PREPROCESS_BLOCK_M == 0, EVEN_DV=block_dv == dv,
+                BLOCK_M=configs.PREPROCESS_BLOCK_M, BLOCK_DV=block_dv,
+                EVEN_M=total_q % configs.PREPROCESS_BLOCK_M == 0, EVEN_DV=block_dv == dv,
             )
     if total_q and total_k and hq and batch > 0 and max_seqlen_q > 0 and max_seqlen_k > 0:
-        cfg = _bwd.resolve_backward_config(config, d, dv, fp32=q.dtype == torch.float32)
+        cfg = configs.resolve_backward_config(config, d, dv, fp32=q.dtype == torch.float32)
         bm, bn = cfg["BWD_BLOCK_M"], cfg["BWD_BLOCK_N"]
         warps, stages = cfg["BWD_num_warps"], cfg["BWD_num_stages"]
-        block_d, block_dv = _bwd._pow2_at_least_16(d), _bwd._pow2_at_least_16(dv)
+        block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
         left, right, has_window = _window_args(causal, window, max_seqlen_q, max_seqlen_k)
         if softcap:
             qk_scale2, softcap_in = float(softcap) * _bwd.LOG2E, float(scale) / float(softcap)
