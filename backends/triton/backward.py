@@ -129,6 +129,31 @@ def _window_query_blocks(n0, SEQ_Q, SEQ_K, left, right, BLOCK_M: tl.constexpr, B
 
 
 @triton.jit
+def _query_blocks(n0, SEQ_Q, SEQ_K, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """(first, full, full_hi, end) in query blocks for keys [n0, n0 + BLOCK_N): blocks [first, full)
+    and [full_hi, end) need the mask, [full, full_hi) see every key of the block."""
+    n_m_blocks = _cdiv(SEQ_Q, BLOCK_M)
+    if WINDOW:
+        first, full, full_hi, end = _window_query_blocks(n0, SEQ_Q, SEQ_K, left, right, BLOCK_M, BLOCK_N)
+    elif CAUSAL:
+        # rows before n0 - offset see none of this block; from `full` on, rows see all of it
+        causal_offset = SEQ_K - SEQ_Q
+        first = tl.maximum(n0 - causal_offset, 0) // BLOCK_M
+        full = tl.maximum(n0 + BLOCK_N - 1 - causal_offset + BLOCK_M - 1, 0) // BLOCK_M
+        first = tl.minimum(first, n_m_blocks)
+        full = tl.minimum(tl.maximum(full, first), n_m_blocks)
+        full_hi = n_m_blocks
+        end = n_m_blocks
+    else:
+        first = n0 * 0
+        full = n0 * 0
+        full_hi = n_m_blocks
+        end = n_m_blocks
+    return first, full, full_hi, end
+
+
+@triton.jit
 def _load_tile(ptrs, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
     # Out-of-range rows and padded head-dim columns read as 0: they then add 0 to every product.
     if EVEN_ROWS:
@@ -275,6 +300,46 @@ def _dkdv_inner(
 
 
 @triton.jit
+def _dkdv_blocks(
+    dk, dv, k, v,
+    q_head, do_head, lse_head, delta_head, dqa_head,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
+    first, full, full_hi, end, cols_n,
+    SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset, left, right, softcap_in,
+    CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    IEEE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+):
+    """One query head's contribution to a kv block's dk, dv over the query blocks _query_blocks
+    gave: the masked edge, the blocks that see every key, and (window) the masked far edge."""
+    if CAUSAL or WINDOW:
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
+            first * BLOCK_M, full - first, cols_n,
+            SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset, left, right, softcap_in,
+            True, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+    # rows that see the whole block; the kv block's own tail past Sk reads as zeros
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
+        stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
+        full * BLOCK_M, full_hi - full, cols_n,
+        SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset, left, right, softcap_in,
+        False, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+    )
+    if WINDOW:  # rows past the window's far edge: masked again
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
+            full_hi * BLOCK_M, end - full_hi, cols_n,
+            SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset, left, right, softcap_in,
+            True, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQA,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -317,24 +382,8 @@ def _bwd_dkdv_kernel(
     dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
 
     causal_offset = SEQ_K - SEQ_Q
-    n_m_blocks = _cdiv(SEQ_Q, BLOCK_M)
-    if WINDOW:
-        first, full, full_hi, end = _window_query_blocks(n0, SEQ_Q, SEQ_K, window_left, window_right,
-                                                         BLOCK_M, BLOCK_N)
-    elif CAUSAL:
-        # rows before n0 - offset see none of this block; from `full` on, rows see all of it
-        first = tl.maximum(n0 - causal_offset, 0) // BLOCK_M
-        full = tl.maximum(n0 + BLOCK_N - 1 - causal_offset + BLOCK_M - 1, 0) // BLOCK_M
-        first = tl.minimum(first, n_m_blocks)
-        full = tl.minimum(tl.maximum(full, first), n_m_blocks)
-        full_hi = n_m_blocks
-        end = n_m_blocks
-    else:
-        first = pid_n * 0
-        full = pid_n * 0
-        full_hi = n_m_blocks
-        end = n_m_blocks
-
+    first, full, full_hi, end = _query_blocks(n0, SEQ_Q, SEQ_K, window_left, window_right, BLOCK_M, BLOCK_N,
+                                              CAUSAL, WINDOW)
     for g in range(GROUP):
         h = (hk * GROUP + g).to(tl.int64)
         q_head = Q + b * stride_qb + h * stride_qh
@@ -342,32 +391,14 @@ def _bwd_dkdv_kernel(
         lse_head = LSE + b * stride_lb + h * stride_lh
         delta_head = DELTA + (b * H_KV * GROUP + h) * SEQ_Q
         dqa_head = DQA + b * stride_dqab + h * stride_dqah
-        if CAUSAL or WINDOW:
-            dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
-                first * BLOCK_M, full - first, cols_n,
-                SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset,
-                window_left, window_right, softcap_in,
-                True, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
-            )
-        dk, dv = _dkdv_inner(
+        dk, dv = _dkdv_blocks(
             dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
-            full * BLOCK_M, full_hi - full, cols_n,
+            first, full, full_hi, end, cols_n,
             SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset,
             window_left, window_right, softcap_in,
-            False, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+            CAUSAL, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
         )
-        if WINDOW:  # rows past the window's far edge: masked again
-            dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
-                full_hi * BLOCK_M, end - full_hi, cols_n,
-                SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset,
-                window_left, window_right, softcap_in,
-                True, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
-            )
 
     # epilogue: dS was taken w.r.t. the scaled scores
     dk *= sm_scale
@@ -429,6 +460,61 @@ def _dq_inner(
 
 
 @triton.jit
+def _dq_blocks(
+    dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    m0, rows, SEQ_Q, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset, left, right, softcap_in,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IEEE: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+):
+    """dq of query rows [m0, m0 + BLOCK_M) over every key block they see: masked edges, unmasked
+    middle."""
+    if WINDOW:
+        lo, full_lo, full_hi, end = _window_key_blocks(m0, SEQ_Q, SEQ_K, left, right, BLOCK_M, BLOCK_N)
+        # left edge (masked), keys every row sees (no mask), right edge and Sk tail (masked)
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+            lo, _cdiv(full_lo - lo, BLOCK_N), rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+            left, right, softcap_in,
+            True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+            full_lo, (full_hi - full_lo) // BLOCK_N, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+            left, right, softcap_in,
+            False, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+            full_hi, _cdiv(end - full_hi, BLOCK_N), rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+            left, right, softcap_in,
+            True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+    else:
+        if CAUSAL:
+            # keys past the block's last row's horizon are invisible; keys up to the first row's
+            # horizon are visible to every row of the block
+            hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), SEQ_K)
+            full = tl.minimum(tl.maximum(m0 + causal_offset + 1, 0), hi) // BLOCK_N
+        else:
+            hi = SEQ_K + m0 * 0
+            full = SEQ_K // BLOCK_N + m0 * 0
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+            m0 * 0, full, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+            left, right, softcap_in,
+            False, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+            full * BLOCK_N, _cdiv(hi, BLOCK_N) - full, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+            left, right, softcap_in,
+            True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+    return dq
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -473,49 +559,10 @@ def _bwd_dq_kernel(
     k_head = K + b * stride_kb + hk * stride_kh
     v_head = V + b * stride_vb + hk * stride_vh
     causal_offset = SEQ_K - SEQ_Q
-    if WINDOW:
-        lo, full_lo, full_hi, end = _window_key_blocks(m0, SEQ_Q, SEQ_K, window_left, window_right,
-                                                       BLOCK_M, BLOCK_N)
-        # left edge (masked), keys every row sees (no mask), right edge and Sk tail (masked)
-        dq = _dq_inner(
-            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
-            lo, _cdiv(full_lo - lo, BLOCK_N), rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
-            window_left, window_right, softcap_in,
-            True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
-        )
-        dq = _dq_inner(
-            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
-            full_lo, (full_hi - full_lo) // BLOCK_N, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
-            window_left, window_right, softcap_in,
-            False, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
-        )
-        dq = _dq_inner(
-            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
-            full_hi, _cdiv(end - full_hi, BLOCK_N), rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
-            window_left, window_right, softcap_in,
-            True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
-        )
-    else:
-        if CAUSAL:
-            # keys past the block's last row's horizon are invisible; keys up to the first row's
-            # horizon are visible to every row of the block
-            hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), SEQ_K)
-            full = tl.minimum(tl.maximum(m0 + causal_offset + 1, 0), hi) // BLOCK_N
-        else:
-            hi = SEQ_K + pid * 0
-            full = SEQ_K // BLOCK_N + pid * 0
-        dq = _dq_inner(
-            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
-            pid * 0, full, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
-            window_left, window_right, softcap_in,
-            False, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
-        )
-        dq = _dq_inner(
-            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
-            full * BLOCK_N, _cdiv(hi, BLOCK_N) - full, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
-            window_left, window_right, softcap_in,
-            True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
-        )
+    dq = _dq_blocks(dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                    m0, rows, SEQ_Q, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+                    window_left, window_right, softcap_in,
+                    CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP)
 
     dq *= sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + m64 * stride_dqm
