@@ -21,9 +21,9 @@ Two kernels share the softmax step:
   optionally warp-specialised. Needs 16-byte aligned bases and strides; the launcher falls back to
   the pointer kernel when they are not.
 
-Shared jit helpers (names are stable): `online_softmax_step`, `dot`, `visible_keys`,
-`kv_block_range`, `LOG2E`, `LN2` for the decode, paged and backward kernels; `_fwd_blocks` (every
-key block one query block sees, masked only at the edges) for varlen.py's forward kernel.
+Shared jit helpers (names are stable): `online_softmax_step`, `dot`, `tanh`, `kv_block_range`,
+`LOG2E`, `LN2` for the decode and paged kernels; `_fwd_blocks` (every key block one query block
+sees, masked only at the edges) for varlen.py's forward kernel.
 """
 
 from __future__ import annotations
