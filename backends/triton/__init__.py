@@ -97,9 +97,7 @@ class TritonAttention(Implementation):
         if p.needs_grad:
             # training is ranked by forward + backward time: vary the backward's tiles too, on the
             # default forward (the product of both spaces would multiply the tuning time)
-            from .backward import backward_config_space
-
-            bwd = backward_config_space(p.head_dim, p.head_dim_v, fp32=p.dtype == torch.float32)
+            bwd = configs.backward_config_space(p.head_dim, p.head_dim_v, fp32=p.dtype == torch.float32)
             base = self.default_config(p, dev)
             return forward + [{**base, **b} for b in bwd[1:]]
         return forward
