@@ -209,6 +209,7 @@ class SdpaPlain(_Sdpa):
     """What users get today: torch chooses the kernel."""
 
     name: ClassVar[str] = "sdpa"
+    default_rank: ClassVar[int | None] = 0
 
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=EVERYWHERE, dtypes=ALL_DTYPES, max_head_dim=1 << 16, lse=False,
@@ -219,6 +220,7 @@ class SdpaPlain(_Sdpa):
 
 class SdpaFlash(_Sdpa):
     name: ClassVar[str] = "sdpa:flash"
+    default_rank: ClassVar[int | None] = 40
     kernel = SDPBackend.FLASH_ATTENTION
     takes_lower_right_mask = False
 
@@ -233,6 +235,7 @@ class SdpaFlash(_Sdpa):
 
 class SdpaCudnn(_Sdpa):
     name: ClassVar[str] = "sdpa:cudnn"
+    default_rank: ClassVar[int | None] = 30
     kernel = SDPBackend.CUDNN_ATTENTION
     takes_lower_right_mask = False
 
@@ -250,6 +253,7 @@ class SdpaCudnn(_Sdpa):
 
 class SdpaEfficient(_Sdpa):
     name: ClassVar[str] = "sdpa:efficient"
+    default_rank: ClassVar[int | None] = 50
     kernel = SDPBackend.EFFICIENT_ATTENTION
     gqa_native = False
 
@@ -262,6 +266,7 @@ class SdpaEfficient(_Sdpa):
 
 class SdpaMath(_Sdpa):
     name: ClassVar[str] = "sdpa:math"
+    default_rank: ClassVar[int | None] = 60
     kernel = SDPBackend.MATH
 
     def capabilities(self, dev: DeviceInfo) -> Capabilities:

@@ -38,6 +38,7 @@ class TritonAttention(Implementation):
     """FlashAttention-2 forward (pointer or TMA kernel) and split-KV decode, written in Triton."""
 
     name: ClassVar[str] = "triton"
+    default_rank: ClassVar[int | None] = 10
     backend: ClassVar[str] = "triton"
 
     def availability(self) -> str | None:
@@ -64,6 +65,7 @@ class TritonAttention(Implementation):
             window=True,
             softcap=True,
             sinks=True,
+            emulated=dev.kind == "cpu",
             notes="FlashAttention-2 forward, split-KV decode; window, softcap and sinks fused; "
                   "cpu only under TRITON_INTERPRET=1",
             device_hint=("on a CPU, Triton runs only in its interpreter: set TRITON_INTERPRET=1 in the "
