@@ -4,12 +4,10 @@
 `sdpa:cudnn`, `sdpa:efficient` and `sdpa:math` pin one kernel through `sdpa_kernel`. This backend
 exists everywhere torch runs and is the fallback that always serves.
 
-The contract's bottom-right causal mask maps onto SDPA like this:
-- Sq == Sk: is_causal=True.
-- Sq > Sk: the first Sq - Sk query rows see nothing (zeros); the last Sk rows form a top-left
-  causal square, so is_causal=True on q[:, :, Sq-Sk:] - no mask tensor.
-- Sq < Sk: torch's CausalBias (lower right), which runs the efficient kernel's own causal mode or
-  a materialised mask; flash and cuDNN take no mask, so they decline this case.
+The contract's bottom-right causal mask maps onto SDPA in `bottom_right_sdpa` (is_causal for
+Sq == Sk, zero rows and a causal square for Sq > Sk, torch's lower-right CausalBias for Sq < Sk,
+which flash and cuDNN do not take, so they decline that case), the one "plain SDPA, causal" helper
+that the benchmarks and the demo call too.
 """
 
 from __future__ import annotations
@@ -36,10 +34,26 @@ GPUS = frozenset({"cuda", "rocm"})
 def _causal_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, kwargs: dict[str, Any]
 ) -> torch.Tensor:
-    sq, sk = p.seqlen_q, p.seqlen_k
     if p.has_window:
         return windowed_sdpa(q, k, v, causal=p.effective_causal, window=p.window, kwargs=kwargs)
-    if not p.effective_causal:
+    return bottom_right_sdpa(q, k, v, causal=p.effective_causal, **kwargs)
+
+
+def bottom_right_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, **kwargs: Any) -> torch.Tensor:
+    """F.scaled_dot_product_attention of bhsd-indexed q, k, v under the contract's bottom-right
+    causal mask (query i sees key j iff j <= i + Sk - Sq), with no mask tensor where SDPA has a
+    mode for it: the one helper for "plain SDPA, causal" (this backend, the benchmarks' and the
+    demo's baseline). kwargs go to SDPA (scale, enable_gqa, ...).
+
+    - not causal, or one query row (it sees every key): no mask.
+    - Sq == Sk: is_causal=True.
+    - Sq > Sk: the first Sq - Sk rows see no key and are zeros; the last Sk rows are a top-left
+      causal square (is_causal=True on that slice of q).
+    - Sq < Sk: torch's CausalBias (lower right): the efficient kernel's own causal mode or a
+      materialised mask (flash and cuDNN take no mask).
+    """
+    sq, sk = q.shape[2], k.shape[2]
+    if not causal or sq <= 1:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     if sq == sk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
@@ -195,6 +209,7 @@ class SdpaPlain(_Sdpa):
     """What users get today: torch chooses the kernel."""
 
     name: ClassVar[str] = "sdpa"
+    default_rank: ClassVar[int | None] = 0
 
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=EVERYWHERE, dtypes=ALL_DTYPES, max_head_dim=1 << 16, lse=False,
@@ -205,6 +220,7 @@ class SdpaPlain(_Sdpa):
 
 class SdpaFlash(_Sdpa):
     name: ClassVar[str] = "sdpa:flash"
+    default_rank: ClassVar[int | None] = 40
     kernel = SDPBackend.FLASH_ATTENTION
     takes_lower_right_mask = False
 
@@ -219,6 +235,7 @@ class SdpaFlash(_Sdpa):
 
 class SdpaCudnn(_Sdpa):
     name: ClassVar[str] = "sdpa:cudnn"
+    default_rank: ClassVar[int | None] = 30
     kernel = SDPBackend.CUDNN_ATTENTION
     takes_lower_right_mask = False
 
@@ -236,6 +253,7 @@ class SdpaCudnn(_Sdpa):
 
 class SdpaEfficient(_Sdpa):
     name: ClassVar[str] = "sdpa:efficient"
+    default_rank: ClassVar[int | None] = 50
     kernel = SDPBackend.EFFICIENT_ATTENTION
     gqa_native = False
 
@@ -248,6 +266,7 @@ class SdpaEfficient(_Sdpa):
 
 class SdpaMath(_Sdpa):
     name: ClassVar[str] = "sdpa:math"
+    default_rank: ClassVar[int | None] = 60
     kernel = SDPBackend.MATH
 
     def capabilities(self, dev: DeviceInfo) -> Capabilities:

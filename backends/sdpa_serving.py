@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from flashdispatch.problem import DTYPE_NAMES
+from flashdispatch.reference import cache_visible_mask
 
 from .sdpa import variant_math, windowed_sdpa
 
@@ -150,19 +151,7 @@ def _kvcache_gather(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v = v_cache[idx].flatten(1, 2)
     else:
         k, v = k_cache, v_cache
-    cap = k.shape[1]
-    j = torch.arange(cap, device=q.device).view(1, 1, cap)
-    lens = cache_seqlens.long().view(bsz, 1, 1)
-    p = torch.arange(sq, device=q.device).view(1, sq, 1) + lens - sq  # bottom-right position of each query
-    keep = j < lens
-    left, right = sp.window or (-1, -1)
-    if sp.causal:
-        right = 0
-    if right >= 0:
-        keep = keep & (j <= p + right)
-    if left >= 0:
-        keep = keep & (j >= p - left)
-    keep = keep.unsqueeze(1)  # (B, 1, Sq, cap)
+    keep = cache_visible_mask(sq, k.shape[1], cache_seqlens, causal=sp.causal, window=sp.window).unsqueeze(1)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if sp.softcap is None and sinks is None and not sp.return_lse:
         g = sp.heads_q // sp.heads_kv

@@ -100,6 +100,9 @@ class Capabilities:
     # follows the visible work); False: it computes every (query, key) pair and masks, or runs
     # explicit math (the cost model predicts it at the whole score matrix plus the mask it reads)
     fuses_variants: bool = True
+    # runs in an interpreter or emulator on this device (Triton on a CPU): correct but slow, last in
+    # the built-in order
+    emulated: bool = False
     notes: str = ""
     # appended to the reason when the device kind is not served (how to make it served, if any)
     device_hint: str = ""
@@ -168,6 +171,10 @@ class Implementation(ABC):
     name: ClassVar[str]
     #: Family: "sdpa", "triton", "cupy".
     backend: ClassVar[str]
+    #: Place in the built-in order, used where no profile decides (lower first): plain SDPA, the
+    #: user's own baseline, first; then our kernels; then the pinned SDPA kernels. None: after
+    #: every ranked one (an implementation that should run only when measured faster).
+    default_rank: ClassVar[int | None] = None
     #: True when the class defines `backward` (set for every subclass at class creation): its
     #: gradients come from (out, lse, do), and its forward need not record autograd.
     has_backward: ClassVar[bool] = False

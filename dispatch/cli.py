@@ -45,6 +45,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"profile:  none for key {dev.profile_key!r}: built-in default order")
     for p in problems:
         print(f"          ! {p}")
+    from .autotune import describe_overlay
+
+    print(f"          {describe_overlay(state().settings, dev.profile_key)}")
     print("backends:")
     for st in REGISTRY.status(dev):
         print(f"  {st.name:<15} " + ("available" if st.available else f"unavailable: {st.reason}"))

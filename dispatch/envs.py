@@ -98,6 +98,18 @@ FLASHDISPATCH_CACHE_DIR = EnvVar(
     "Where compiled CUDA modules of the cupy backend are cached on disk "
     "(default: ~/.cache/flashdispatch).",
 )
+FLASHDISPATCH_AUTOTUNE = EnvVar(
+    "FLASHDISPATCH_AUTOTUNE",
+    "0",
+    "'1' turns on autotune on first use (like torch.backends.cudnn.benchmark): the first eager call "
+    "of a forward problem the cost model is unsure of times the eligible implementations on the "
+    "call's own inputs (at most 200 ms, each output checked against plain SDPA and a float64 "
+    "reference), records the times in <profile dir>/<device>.autotune.yaml (FLASHDISPATCH_PROFILE_DIR, "
+    "else ~/.cache/flashdispatch) and decides from them in this and later processes. Off by default; "
+    "never under torch.compile tracing, CUDA-graph capture or a forced backend.",
+    ("0", "1"),
+    _lower,
+)
 FLASHDISPATCH_VALIDATE = EnvVar(
     "FLASHDISPATCH_VALIDATE",
     "on",
@@ -129,6 +141,7 @@ ALL: tuple[EnvVar, ...] = (
     FLASHDISPATCH_PROFILE_DIR,
     FLASHDISPATCH_LOG,
     FLASHDISPATCH_CACHE_DIR,
+    FLASHDISPATCH_AUTOTUNE,
     FLASHDISPATCH_VALIDATE,
 )
 
@@ -141,6 +154,13 @@ class Settings:
     device: str
     profile_dir: str
     log: str
+    autotune: bool = False
+
+    @property
+    def autotune_dir(self) -> str:
+        """Where autotune on first use reads and writes its `<device>.autotune.yaml` files: the user
+        profile directory (FLASHDISPATCH_PROFILE_DIR), else the per-user cache directory."""
+        return self.profile_dir or home_cache_dir()
 
 
 def read_settings() -> Settings:
@@ -149,6 +169,7 @@ def read_settings() -> Settings:
         device=FLASHDISPATCH_DEVICE.read(),
         profile_dir=FLASHDISPATCH_PROFILE_DIR.read(),
         log=FLASHDISPATCH_LOG.read(),
+        autotune=FLASHDISPATCH_AUTOTUNE.read() == "1",
     )
 
 

@@ -24,7 +24,7 @@ from typing import Any, Iterator, NamedTuple
 
 import torch
 
-from . import selection
+from . import autotune, selection
 from .guards import AVAILABLE as _guards_on, make as make_guard
 from .problem import Problem, problem_from_tensors
 from .registry import REGISTRY
@@ -129,7 +129,7 @@ class PlanCache:
         if hit is None:
             p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse,
                                      window=window, softcap=softcap, sinks=sinks)
-            impl, config = (None, None) if p.is_empty else (REGISTRY.get((d := select(p, backend)).variant), d.config)
+            impl, config = (None, None) if p.is_empty else _decide(q, k, v, p, backend, sinks)
             hit = Plan(p, impl, config, make_guard(q, k, v) if guarded else None, generation)
             if key is not None:
                 self._put(by_key, key, hit)
@@ -156,7 +156,7 @@ class PlanCache:
         for the wrong ones)."""
         p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse,
                                  window=window, softcap=softcap, sinks=sinks)
-        impl, config = (None, None) if p.is_empty else (REGISTRY.get((d := select(p, backend)).variant), d.config)
+        impl, config = (None, None) if p.is_empty else _decide(q, k, v, p, backend, sinks)
         return Plan(p, impl, config, None, self.generation)
 
     @contextlib.contextmanager
@@ -200,6 +200,17 @@ class PlanCache:
                 hit = Plan(p, REGISTRY.get(variant), _config_from_json(config), None, generation)
             self._put(self.by_key, key, hit)
         return hit
+
+
+def _decide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, backend: str | None,
+            sinks: Any) -> tuple[Any, dict[str, Any]]:
+    """The implementation and config for the first eager call of a signature: selection's
+    decision, or, when autotune on first use is on and the decision unsure, the decision after
+    measuring this call's problem (dispatch/autotune.py; once per problem, never on a cache hit)."""
+    d = select(p, backend)
+    if d.uncertain or d.profile is None:
+        d = autotune.after_select(q, k, v, p, d, backend, sinks)
+    return REGISTRY.get(d.variant), d.config
 
 
 def _variant_key(window: Any, softcap: Any, sinks: Any) -> tuple[Any, ...]:

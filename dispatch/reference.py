@@ -18,15 +18,34 @@ NO_WINDOW = (-1, -1)
 
 
 def visible_mask(sq: int, sk: int, *, causal: bool = False, window: tuple[int, int] | None = None,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bool (Sq, Sk), True where query i may see key j (causal and/or window, bottom-right)."""
+                 device: torch.device | str = "cpu", rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Bool (Sq, Sk), True where query i may see key j (causal and/or window, bottom-right).
+    rows=(r0, r1): only query rows r0 <= i < r1 of that mask, (r1 - r0, Sk)."""
+    r0, r1 = rows if rows is not None else (0, sq)
+    i = torch.arange(r0, r1, device=device).unsqueeze(1)
+    j = torch.arange(sk, device=device).unsqueeze(0)
+    return _keep(torch.ones(r1 - r0, sk, dtype=torch.bool, device=device), i + (sk - sq), j, causal, window)
+
+
+def cache_visible_mask(sq: int, capacity: int, cache_seqlens: torch.Tensor, *, causal: bool = False,
+                       window: tuple[int, int] | None = None) -> torch.Tensor:
+    """Bool (B, Sq, capacity) for a KV cache ((B, 1, capacity) when no causal or window rule
+    applies: it broadcasts over the queries): query i of sequence b sits at p = i + L_b - Sq
+    (L_b = cache_seqlens[b]) and sees slot j iff j < L_b and the rule of `visible_mask` keeps it.
+    Built on cache_seqlens' device without reading it on the host."""
+    dev = cache_seqlens.device
+    lens = cache_seqlens.long().view(-1, 1, 1)
+    j = torch.arange(capacity, device=dev).view(1, 1, capacity)
+    p = torch.arange(sq, device=dev).view(1, sq, 1) + lens - sq
+    return _keep(j < lens, p, j, causal, window)
+
+
+def _keep(keep: torch.Tensor, p: torch.Tensor, j: torch.Tensor, causal: bool,
+          window: tuple[int, int] | None) -> torch.Tensor:
+    """keep & the causal/window rule for queries at positions p and keys j (broadcasting)."""
     left, right = window if window is not None else NO_WINDOW
     if causal:
         right = 0
-    i = torch.arange(sq, device=device).unsqueeze(1)
-    j = torch.arange(sk, device=device).unsqueeze(0)
-    p = i + (sk - sq)
-    keep = torch.ones(sq, sk, dtype=torch.bool, device=device)
     if right >= 0:
         keep = keep & (j <= p + right)
     if left >= 0:

@@ -24,26 +24,6 @@ from .registry import REGISTRY
 
 log = logging.getLogger("flashdispatch")
 
-# Built-in order per device kind when no profile entry matches. Plain "sdpa" lets torch pick its
-# fastest kernel (cuDNN on H100), so with no measurement we are never slower than the user's
-# baseline; our kernels serve what SDPA cannot (lse, bottom-right causal fast path, ...).
-DEFAULT_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("sdpa", "triton", "cupy", "sdpa:cudnn", "sdpa:flash", "sdpa:efficient", "sdpa:math"),
-    "rocm": ("sdpa", "triton", "sdpa:flash", "sdpa:efficient", "sdpa:math"),
-    "cpu": ("sdpa", "sdpa:flash", "sdpa:math", "triton"),
-}
-# The order for a sliding window, softcap or sinks (Problem.is_variant). No SDPA kernel computes
-# them: sdpa serves a window through a boolean (Sq, Sk) mask (every pair computed) and softcap or
-# sinks through explicit math, correct but O(S^2). On GPUs our kernels, which fuse them and skip
-# the blocks a window hides, come first; the CPU keeps the fallback. The profiles measure plain
-# attention, so their entries do not rank these problems (profile_store.Profile.lookup).
-VARIANT_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("triton", "cupy", "sdpa", "sdpa:efficient", "sdpa:math"),
-    "rocm": ("triton", "sdpa", "sdpa:efficient", "sdpa:math"),
-    "cpu": ("sdpa", "sdpa:math", "triton"),
-}
-
-
 # Plain SDPA is what the user runs today. Another implementation is chosen over it only when
 # predicted at least this fraction faster: closer than that is inside the models' error and the
 # timing noise (the tune's medians and the bench's interleaved medians disagreed by 1-3% on one
@@ -179,6 +159,10 @@ class _State:
     def profile(self, key: str | None) -> tuple[Profile | None, list[str]]:
         if key not in self.profiles:
             self.profiles[key] = load_profile(key, self.settings.profile_dir)
+            if self.settings.autotune:  # hook: merge the points of autotune on first use (dispatch/autotune.py)
+                from . import autotune
+
+                self.profiles[key] = autotune.with_overlay(key, *self.profiles[key], self.settings)
         return self.profiles[key]
 
 
@@ -256,10 +240,18 @@ class _Ranking:
 
 
 def _default_order(p: Problem, dev: DeviceInfo, names: list[str]) -> list[str]:
-    orders = VARIANT_ORDER if p.is_variant else DEFAULT_ORDER
-    default = orders.get(dev.kind, orders["cpu"])
-    rank = {n: i for i, n in enumerate(default)}
-    return sorted(names, key=lambda n: (rank.get(n, 10_000), n))
+    """The built-in order, from the implementations' own data: emulated ones (Triton on a CPU)
+    last; for a sliding window, softcap or sinks, the kernels that fuse them (and skip the blocks a
+    window hides) before those that mask every pair or run explicit math; then `default_rank`
+    (plain SDPA, the user's baseline, first; unranked implementations after the ranked ones)."""
+
+    def key(n: str) -> tuple[int, int, int, str]:
+        impl = REGISTRY.get(n)
+        caps = impl.capabilities(dev)
+        rank = impl.default_rank if impl.default_rank is not None else 10_000
+        return (int(caps.emulated), int(p.is_variant and not caps.fuses_variants), rank, n)
+
+    return sorted(names, key=key)
 
 
 def _fuses_variants(name: str, dev: DeviceInfo) -> bool:
@@ -404,6 +396,10 @@ def _select_uncached(p: Problem, forced: str | None, source: str, device: Device
         raise NoBackendError(p, dev, {n: rejected[n] for n in pool if n in rejected} if forced else rejected,
                              forced=forced, source=source)
     rk = _order(p, dev, eligible, profile)
+    if forced is None and profile is not None and st.settings.autotune:  # hook: a problem autotune measured
+        from . import autotune
+
+        rk = autotune.measured_ranking(p, dev, eligible, profile, rk) or rk
     chosen = rk.ordered[0]
     impl = REGISTRY.get(chosen)
     config = dict(impl.default_config(p, dev))

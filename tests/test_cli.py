@@ -60,3 +60,22 @@ def test_explain_bad_variant_values(capsys):
     with pytest.raises(SystemExit):
         main(["explain", "--shape", "1,2,2,8,8,64", "--window", "4095"])
     assert "--window" in capsys.readouterr().err
+
+
+def test_readme_lists_the_environment_as_envs_and_the_tables_define_it():
+    """README's environment table is written by hand for readers; the accepted values come from the
+    registry (backends) and the device table (devices) through envs.py. A backend or device added
+    there and not here fails."""
+    import pathlib
+    import re
+
+    from flashdispatch import envs
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = {m.group(1): set(re.findall(r"`([^`]+)`", m.group(2)))
+            for m in re.finditer(r"^\| `(FLASHDISPATCH_\w+)` \| ([^|]*) \|", readme, re.M)}
+    assert set(rows) == {v.name for v in envs.ALL}
+    assert rows["FLASHDISPATCH_BACKEND"] == set(envs.backend_choices())
+    assert rows["FLASHDISPATCH_DEVICE"] == set(envs.DEVICE_CHOICES)
+    assert rows["FLASHDISPATCH_LOG"] == set(envs.LOG_CHOICES)
+    assert rows["FLASHDISPATCH_VALIDATE"] == set(envs.FLASHDISPATCH_VALIDATE.choices)

@@ -75,3 +75,24 @@ def test_cpu_bench_judges_no_gpu_target(tmp_path, capsys):
     for row in result["rows"]:
         for m in row["providers"].values():
             assert m["lo"] <= m["ms"] <= m["hi"]
+
+
+def test_bench_triton_cases_are_the_shape_lists_problems() -> None:
+    """bench_triton's cases carry the Problem of tools/shapes.py's shapes (one problem record),
+    and their JSON row names every field of it."""
+    from flashdispatch.problem import problem_from_shape
+    from flashdispatch.tools import bench_triton
+
+    cases = bench_triton.all_cases(["fa2", "chunked", "gqa", "decode", "d256"], "bf16")
+    by_label = {c.label: c for c in cases}
+    assert len(by_label) == len(cases)
+    for s in shapes.special_shapes(("bf16",)):
+        want = problem_from_shape(s.dims, dtype=s.dtype, causal=s.causal)
+        assert want in {c.problem for c in cases}, s
+    chunked = by_label["chunked-prefill"]
+    cp = chunked.problem
+    assert chunked.describe() == (f"bf16 B={cp.batch} H={cp.heads_q} Sq={cp.seqlen_q} Sk={cp.seqlen_k} "
+                                  f"D={cp.head_dim} causal")
+    assert bench_triton.flops(chunked) == chunked.problem.flops() > 0
+    row = json.loads(json.dumps(chunked.as_dict()))
+    assert row["dtype"] == "bf16" and row["seqlen_q"] == cp.seqlen_q and row["label"] == "chunked-prefill"

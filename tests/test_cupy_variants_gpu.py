@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from flashdispatch import tolerances
+from flashdispatch.reference import attention_math, visible_mask
 
 pytestmark = pytest.mark.gpu
 
@@ -63,50 +64,15 @@ CASES = [
 
 def visible(sq: int, sk: int, case: Case, device: torch.device | str = "cuda") -> torch.Tensor:
     """Bool (Sq, Sk): query i (at p = i + Sk - Sq) sees key j."""
-    i = torch.arange(sq, device=device).view(-1, 1)
-    j = torch.arange(sk, device=device).view(1, -1)
-    p = i + sk - sq
-    vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
-    left, right = case.window
-    if case.causal:
-        vis &= j <= p
-    if left >= 0:
-        vis &= j >= p - left
-    if right >= 0:
-        vis &= j <= p + right
-    return vis
+    return visible_mask(sq, sk, causal=case.causal, window=case.window, device=device)
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None, case: Case,
               upcast: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) in float64 (upcast) or in q's dtype with float32 statistics (plain torch, which
-    sets the budget): scores, softcap, mask, softmax with the sink column, P V."""
-    dt = torch.float64 if upcast else q.dtype
-    q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    hq, hkv = q.shape[1], k.shape[1]
-    k = k.repeat_interleave(hq // hkv, dim=1)
-    v = v.repeat_interleave(hq // hkv, dim=1)
-    scale = q.shape[-1] ** -0.5 if case.scale is None else case.scale
-    s = torch.matmul(q, k.transpose(-1, -2))
-    s = (s if upcast else s.float()) * scale
-    if case.softcap:
-        s = case.softcap * torch.tanh(s / case.softcap)
-    sq, sk = q.shape[2], k.shape[2]
-    vis = visible(sq, sk, case, q.device)
-    s = s.masked_fill(~vis, float("-inf"))
-    seen = vis.any(-1).view(1, 1, sq, 1)
-    if sinks is None:
-        s = torch.where(seen, s, torch.zeros_like(s))  # a row with no key: no NaN, zeroed below
-    else:
-        col = sinks.to(s.dtype).view(1, hq, 1, 1).expand(*s.shape[:-1], 1)
-        s = torch.cat([s, col], dim=-1)
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    prob = torch.exp(s - lse)[..., :sk] * vis
-    out = torch.matmul(prob.to(v.dtype), v)
-    lse = lse.squeeze(-1)
-    if sinks is None:
-        lse = lse.masked_fill(~seen.view(1, 1, sq), float("-inf"))
-    return out, lse
+    """(out, lse) of the one reference math (dispatch/reference.py) in float64 (upcast) or in q's
+    dtype with float32 statistics (plain torch, which sets the budget)."""
+    return attention_math(q, k, v, causal=case.causal, scale=case.scale, upcast=upcast, window=case.window,
+                          softcap=case.softcap or None, sinks=sinks)
 
 
 def make(case: Case, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:

@@ -51,6 +51,9 @@ LAYER_OF: dict[str, str] = {
     "flashdispatch.selection": "core",
     "flashdispatch.plans": "core",
     "flashdispatch.api": "core",
+    # autotune on first use: selection and the plan cache call it, it times implementations from
+    # the registry and writes the profile overlay (profile_store's writer)
+    "flashdispatch.autotune": "core",
     "flashdispatch": "integrations",  # the package facade (flashdispatch/__init__.py)
     "flashdispatch.ops": "integrations",
     "flashdispatch.nn": "integrations",

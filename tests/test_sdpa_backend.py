@@ -194,3 +194,14 @@ def test_aligned_copies_only_views_a_16_byte_vector_load_would_break() -> None:
     assert _aligned(one_head) is one_head
     strided_last = base[..., ::2]  # a non-unit last stride: copied dense
     assert _aligned(strided_last).stride(-1) == 1
+
+
+@pytest.mark.parametrize("sq, sk", [(17, 17), (1, 33), (33, 17), (17, 33), (0, 5)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bottom_right_sdpa_is_the_contracts_mask(sq: int, sk: int, causal: bool) -> None:
+    """The one "plain SDPA, causal" helper: bottom-right for Sq < Sk, zero rows for Sq > Sk, no
+    mask for one query row; GQA through SDPA's own keyword."""
+    from flashdispatch.backends.sdpa import bottom_right_sdpa
+
+    q, k, v = make_qkv(2, 4, 2, sq, sk, 16, dtype=torch.float32, device="cpu")
+    check_forward(bottom_right_sdpa(q, k, v, causal=causal, enable_gqa=True), q, k, v, causal=causal)

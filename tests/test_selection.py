@@ -609,3 +609,25 @@ def test_a_fast_entry_from_before_a_refresh_is_not_used(monkeypatch):
     monkeypatch.setattr(plans, "select", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     check_forward(fd.attention(q, k, v), q, k, v, causal=False)
     assert calls and PLANS.by_key[key].config != {"poison": 1}
+
+
+@pytest.mark.parametrize("key, variant, want", [
+    ("h100", False, ("sdpa", "triton", "cupy", "sdpa:cudnn", "sdpa:flash", "sdpa:efficient", "sdpa:math")),
+    ("mi300x", False, ("sdpa", "triton", "sdpa:flash", "sdpa:efficient", "sdpa:math")),
+    ("cpu", False, ("sdpa", "sdpa:flash", "sdpa:math", "triton")),
+    ("h100", True, ("triton", "cupy", "sdpa", "sdpa:efficient", "sdpa:math")),
+    ("mi300x", True, ("triton", "sdpa", "sdpa:efficient", "sdpa:math")),
+    ("cpu", True, ("sdpa", "sdpa:math", "triton")),
+])
+def test_the_built_in_order_comes_from_the_implementations_data(key, variant, want):
+    """default_rank, Capabilities.fuses_variants and .emulated give the order the dispatcher used
+    to keep as tables by hand (plain SDPA first; fused variants first on GPUs; Triton's CPU
+    interpreter last)."""
+    from flashdispatch.device import simulated_device
+    from flashdispatch.problem import problem_from_shape
+
+    dev = simulated_device(key)
+    p = problem_from_shape((1, 4, 4, 64, 64, 64), device_kind=dev.kind, causal=True,
+                           window=(16, 0) if variant else None)
+    assert tuple(selection._default_order(p, dev, list(want)[::-1])) == want
+    assert tuple(selection._default_order(p, dev, sorted(want))) == want

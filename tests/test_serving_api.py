@@ -260,3 +260,18 @@ def test_torch_varlen_reasons_follow_the_installed_signature(monkeypatch: pytest
         "varlen_attn runs on CUDA only (device=cpu)", "varlen_attn has no softcap or sinks"]
     monkeypatch.setattr(sdpa_serving, "torch_varlen_params", lambda: frozenset())
     assert serving.torch_varlen_reasons(sp) == ["torch.nn.attention.varlen.varlen_attn is not in this torch"]
+
+
+@pytest.mark.parametrize("causal, window", [(False, None), (True, None), (True, (3, 0)), (False, (2, 1)),
+                                            (False, (-1, 2))])
+def test_cache_mask_is_the_dense_mask_of_each_sequence(causal, window) -> None:
+    """The KV-cache fallback's device-built mask (reference.cache_visible_mask) is visible_mask of
+    each sequence's own (Sq, L_b), padded with hidden slots up to the capacity."""
+    from flashdispatch.reference import cache_visible_mask, visible_mask
+
+    sq, cap, lens = 4, 11, [4, 9, 11, 2, 0]
+    got = cache_visible_mask(sq, cap, torch.tensor(lens, dtype=torch.int32), causal=causal, window=window)
+    got = got.expand(len(lens), sq, cap)  # (B, 1, cap) when no rule depends on the query
+    for b, n in enumerate(lens):
+        assert torch.equal(got[b, :, :n], visible_mask(sq, n, causal=causal, window=window)), b
+        assert not got[b, :, n:].any()

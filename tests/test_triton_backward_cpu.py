@@ -18,6 +18,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from flashdispatch.backends.triton import configs  # noqa: E402
 from flashdispatch.reference import attention_math  # noqa: E402
 from flashdispatch.tolerances import within_budget  # noqa: E402
 
@@ -160,7 +161,7 @@ def test_empty_sequence_gives_zero_gradients() -> None:
 )
 def test_bad_config_names_the_key(config: dict, match: str) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
-        bwd.resolve_backward_config(config, 64, 64)
+        configs.resolve_backward_config(config, 64, 64)
 
 
 def test_bad_shapes_name_the_argument() -> None:
@@ -175,20 +176,20 @@ def test_bad_shapes_name_the_argument() -> None:
 
 @pytest.mark.parametrize("head_dim", [40, 64, 96, 128, 200, 256])
 def test_config_space_is_valid_data(head_dim: int) -> None:
-    space = bwd.backward_config_space(head_dim)
-    assert space[0] == bwd.default_backward_config(head_dim)
+    space = configs.backward_config_space(head_dim)
+    assert space[0] == configs.default_backward_config(head_dim)
     assert not any(c["BWD_DQ_ATOMIC"] for c in space), "atomic dq only on request"
-    with_atomic = bwd.backward_config_space(head_dim, atomic=True)
+    with_atomic = configs.backward_config_space(head_dim, atomic=True)
     assert any(c["BWD_DQ_ATOMIC"] for c in with_atomic)
-    assert all(bwd.resolve_backward_config(c, head_dim, head_dim) == c for c in with_atomic)
-    fp32 = bwd.default_backward_config(head_dim, fp32=True)
-    assert bwd.backward_config_space(head_dim, fp32=True) == [fp32]
-    assert bwd.resolve_backward_config(None, head_dim, head_dim, fp32=True) == fp32
+    assert all(configs.resolve_backward_config(c, head_dim, head_dim) == c for c in with_atomic)
+    fp32 = configs.default_backward_config(head_dim, fp32=True)
+    assert configs.backward_config_space(head_dim, fp32=True) == [fp32]
+    assert configs.resolve_backward_config(None, head_dim, head_dim, fp32=True) == fp32
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_every_config_of_the_space(head_dim: int, poisoned: None) -> None:
-    for cfg in bwd.backward_config_space(head_dim):
+    for cfg in configs.backward_config_space(head_dim):
         check_backward(1, 2, 1, 40, 50, head_dim, causal=True, dtype=torch.float16, config=cfg, seed=5)
 
 
@@ -197,6 +198,6 @@ def test_aot_specs_cover_every_argument() -> None:
 
     for kern in aot.backward_kernels():
         for dtype in ("fp16", "bf16", "fp32"):
-            spec = kern.spec(bwd.default_backward_config(96), dtype, 96, 96, True)
+            spec = kern.spec(configs.default_backward_config(96), dtype, 96, 96, True)
             assert set(spec.signature) == set(kern.fn.arg_names), kern.name
             assert all(spec.signature[n] == "constexpr" for n in spec.constexprs)

@@ -21,13 +21,27 @@ from typing import Any, Iterable, Sequence
 
 log = logging.getLogger("flashdispatch")
 
-# name -> (backend, arch, warp size, configs.py arch family)
-TARGETS: dict[str, tuple[str, int | str, int, str]] = {
-    "cuda:sm_80": ("cuda", 80, 32, "sm_80"),
-    "cuda:sm_90": ("cuda", 90, 32, "sm_90"),
-    "hip:gfx90a": ("hip", "gfx90a", 64, "gfx90a"),
-    "hip:gfx942": ("hip", "gfx942", 64, "gfx942"),
-}
+
+def _targets() -> dict[str, tuple[str, int | str, int, str]]:
+    """name -> (backend, arch, warp size, configs.py arch family) for every GPU architecture of the
+    device table (dispatch/device.py): the kernels compile for each device that can select them."""
+    from flashdispatch.backends.triton import configs
+    from flashdispatch.device import DEVICE_TABLE, simulated_device
+
+    out: dict[str, tuple[str, int | str, int, str]] = {}
+    for row in DEVICE_TABLE:
+        dev = simulated_device(row.key)
+        if dev.kind == "cpu":
+            continue
+        family = configs.arch_family(dev.kind, dev.arch)
+        if dev.kind == "rocm":
+            out[f"hip:{dev.arch}"] = ("hip", dev.arch, configs.WARP_SIZE[family], family)
+        else:
+            out[f"cuda:{dev.arch}"] = ("cuda", dev.cuda_capability, configs.WARP_SIZE[family], family)
+    return dict(sorted(out.items()))
+
+
+TARGETS: dict[str, tuple[str, int | str, int, str]] = _targets()
 FORWARD_KERNELS: tuple[str, ...] = ("forward", "forward_tma", "decode", "decode_merge")
 # backends/triton/aot.py's backward_kernels(), by name (each brings its own AOT spec)
 BACKWARD_KERNEL_NAMES: tuple[str, ...] = ("bwd_preprocess", "bwd_dkdv", "bwd_dq")

@@ -32,9 +32,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 import flashdispatch
+from flashdispatch.backends.sdpa import bottom_right_sdpa
 from flashdispatch.cliargs import ArgumentParser, user_error
 from flashdispatch.problem import DTYPES_BY_NAME
 from flashdispatch.registry import REGISTRY
@@ -61,19 +61,12 @@ CPU_MAX_TOKENS = 256
 
 
 def plain_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """The call a PyTorch user makes for bhsd q, k, v (bottom-right causal where Sq < Sk)."""
+    """The call a PyTorch user makes for bhsd q, k, v (bottom-right causal where Sq < Sk); the
+    baseline refuses Sq > Sk, where SDPA has no causal mode and a user would write zeros by hand."""
     hq, sq, hkv, sk = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
-    kw: dict[str, Any] = {}
-    if hq != hkv:
-        kw["enable_gqa"] = True
-    if causal and sq > 1:
-        if sq == sk:
-            kw["is_causal"] = True
-        elif sq < sk:
-            kw["attn_mask"] = causal_lower_right(sq, sk)
-        else:
-            raise ValueError(f"plain SDPA: no bottom-right causal mask for Sq={sq} > Sk={sk}")
-    return F.scaled_dot_product_attention(q, k, v, **kw)
+    if causal and sq > 1 and sq > sk:
+        raise ValueError(f"plain SDPA: no bottom-right causal mask for Sq={sq} > Sk={sk}")
+    return bottom_right_sdpa(q, k, v, causal=causal, **({"enable_gqa": True} if hq != hkv else {}))
 
 
 @dataclass

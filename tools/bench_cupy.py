@@ -17,10 +17,10 @@ import time
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flashdispatch.backends.cupy import configs, cupy_backward, cupy_forward
+from flashdispatch.backends.sdpa import bottom_right_sdpa
 
 SEQLENS: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
 HEAD_DIMS: tuple[int, ...] = (64, 128)
@@ -41,7 +41,7 @@ def _bench(fn: Callable[[], Any], rep: int) -> float:
 
 def _sdpa(kernel: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     with sdpa_kernel(kernel):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return bottom_right_sdpa(q, k, v, causal=causal)
 
 
 def run_shape(

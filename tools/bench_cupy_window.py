@@ -19,10 +19,10 @@ import time
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flashdispatch.backends.cupy.ops import cupy_backward, cupy_forward
+from flashdispatch.backends.sdpa import bottom_right_sdpa
 from flashdispatch.tools.timing import interleaved_median_ms
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def sdpa() -> torch.Tensor:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return bottom_right_sdpa(q, k, v, causal=True)
 
     fwd["sdpa:flash full causal"] = (sdpa, None)
     errors: dict[str, str] = {}

@@ -26,10 +26,12 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+
+from flashdispatch.problem import Problem, problem_from_shape
 
 PROVIDERS: tuple[str, ...] = ("gluon", "sdpa", "sdpa:flash", "triton")
 # other configs of the Gluon kernel, timed as providers of their own where they apply (--variants)
@@ -48,23 +50,26 @@ HANG_SECONDS = 60.0
 
 @dataclass(frozen=True)
 class Case:
+    """One benchmarked problem (flashdispatch.problem.Problem: bf16, forward, bhsd, Hq = Hkv)."""
+
     group: str  # fa2 | chunked
-    batch: int
-    heads: int
-    seqlen_q: int
-    seqlen_k: int
-    head_dim: int
-    causal: bool
+    problem: Problem
 
     def describe(self) -> str:
-        s = f"S={self.seqlen_k}" if self.seqlen_q == self.seqlen_k else f"Sq={self.seqlen_q} Sk={self.seqlen_k}"
-        return f"B={self.batch} H={self.heads} {s} D={self.head_dim}{' causal' if self.causal else ''}"
+        p = self.problem
+        s = f"S={p.seqlen_k}" if p.seqlen_q == p.seqlen_k else f"Sq={p.seqlen_q} Sk={p.seqlen_k}"
+        return f"B={p.batch} H={p.heads_q} {s} D={p.head_dim}{' causal' if p.causal else ''}"
 
     def flops(self) -> float:
-        from flashdispatch.problem import causal_visible_pairs
+        return self.problem.flops()
 
-        pairs = causal_visible_pairs(self.seqlen_q, self.seqlen_k) if self.causal else self.seqlen_q * self.seqlen_k
-        return 4.0 * self.batch * self.heads * pairs * self.head_dim
+    def as_dict(self) -> dict[str, Any]:
+        return {"group": self.group, **self.problem._asdict(), "dtype": self.problem.dtype_name}
+
+
+def _case(group: str, batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int, causal: bool) -> Case:
+    return Case(group, problem_from_shape((batch, heads, heads, seqlen_q, seqlen_k, head_dim), dtype=torch.bfloat16,
+                                          causal=causal))
 
 
 @dataclass
@@ -85,9 +90,9 @@ class Row:
 
 def cases(quick: bool = False) -> list[Case]:
     seqs = (1024, 4096, 16384) if quick else (1024, 2048, 4096, 8192, 16384)
-    out = [Case("fa2", 16384 // s, 2048 // d, s, s, d, causal)
+    out = [_case("fa2", 16384 // s, 2048 // d, s, s, d, causal)
            for d in (128, 64) for causal in (False, True) for s in seqs]
-    out.append(Case("chunked", 4, 32, 512, 8192, 128, True))
+    out.append(_case("chunked", 4, 32, 512, 8192, 128, True))
     return out
 
 
@@ -99,20 +104,21 @@ def _providers(c: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> di
     from flashdispatch.backends.triton.forward import attention_forward
     from flashdispatch.backends.triton.gluon_forward import gluon_attention_forward
 
-    scale = c.head_dim ** -0.5
+    p = c.problem
+    causal, scale = p.causal, p.head_dim ** -0.5
 
     def flash() -> Any:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return plain_sdpa(q, k, v, c.causal)
+            return plain_sdpa(q, k, v, causal)
 
-    variants = {name: (lambda cfg=cfg: gluon_attention_forward(q, k, v, causal=c.causal, scale=scale, config=cfg)[0])
-                for name, (dims, cfg) in VARIANTS.items() if c.head_dim in dims}
+    variants = {name: (lambda cfg=cfg: gluon_attention_forward(q, k, v, causal=causal, scale=scale, config=cfg)[0])
+                for name, (dims, cfg) in VARIANTS.items() if p.head_dim in dims}
     return {
         **variants,
-        "gluon": lambda: gluon_attention_forward(q, k, v, causal=c.causal, scale=scale)[0],
-        "sdpa": lambda: plain_sdpa(q, k, v, c.causal),
+        "gluon": lambda: gluon_attention_forward(q, k, v, causal=causal, scale=scale)[0],
+        "sdpa": lambda: plain_sdpa(q, k, v, causal),
         "sdpa:flash": flash,
-        "triton": lambda: attention_forward(q, k, v, causal=c.causal, scale=scale, config={})[0],
+        "triton": lambda: attention_forward(q, k, v, causal=causal, scale=scale, config={})[0],
     }
 
 
@@ -144,9 +150,10 @@ def measure(c: Case, providers: Sequence[str], warmup_ms: float, rep_ms: float, 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev)
     g.manual_seed(0)
-    q = torch.randn(c.batch, c.heads, c.seqlen_q, c.head_dim, device=dev, dtype=torch.bfloat16, generator=g)
-    k = torch.randn(c.batch, c.heads, c.seqlen_k, c.head_dim, device=dev, dtype=torch.bfloat16, generator=g)
-    v = torch.randn(c.batch, c.heads, c.seqlen_k, c.head_dim, device=dev, dtype=torch.bfloat16, generator=g)
+    p = c.problem
+    q = torch.randn(p.batch, p.heads_q, p.seqlen_q, p.head_dim, device=dev, dtype=p.dtype, generator=g)
+    k = torch.randn(p.batch, p.heads_kv, p.seqlen_k, p.head_dim, device=dev, dtype=p.dtype, generator=g)
+    v = torch.randn(p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, device=dev, dtype=p.dtype, generator=g)
     fns = {n: f for n, f in _providers(c, q, k, v).items() if n in providers}
     row = Row(c)
     outs: dict[str, torch.Tensor] = {}
@@ -177,8 +184,8 @@ def _geomean(xs: Sequence[float]) -> float:
 
 def summary(rows: Sequence[Row], providers: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for label, sel in (("fa2 D=128", lambda r: r.case.group == "fa2" and r.case.head_dim == 128),
-                       ("fa2 D=64", lambda r: r.case.group == "fa2" and r.case.head_dim == 64),
+    for label, sel in (("fa2 D=128", lambda r: r.case.group == "fa2" and r.case.problem.head_dim == 128),
+                       ("fa2 D=64", lambda r: r.case.group == "fa2" and r.case.problem.head_dim == 64),
                        ("chunked", lambda r: r.case.group == "chunked")):
         rs = [r for r in rows if sel(r)]
         out[label] = {p: {"geomean": _geomean([r.ratio(p) for r in rs]),
@@ -249,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return
         os.makedirs(args.out, exist_ok=True)
         data = {"meta": meta, "summary": summary(rows, providers),
-                "rows": [{**asdict(r.case), "describe": r.case.describe(), "ms": r.ms,
+                "rows": [{**r.case.as_dict(), "describe": r.case.describe(), "ms": r.ms,
                           "tflops": {p: r.tflops(p) for p in r.ms}, "ratio_to_sdpa": {p: r.ratio(p) for p in r.ms},
                           "errors": r.errors, "max_abs_diff_gluon_sdpa": r.max_abs_diff} for r in rows]}
         name = "bench_gluon_variants.json" if args.only_variants else "bench_gluon.json"

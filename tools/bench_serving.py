@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import flashdispatch as fd
 from flashdispatch import serving
 from flashdispatch.backends.sdpa_serving import torch_varlen_params
+from flashdispatch.reference import cache_visible_mask
 
 from . import timing
 from .decode_timing import graph_replay
@@ -204,9 +205,8 @@ def decode_bars(rows: list[dict[str, Any]], batch: int, sq: int, rep_ms: float, 
             pages = table[b, :-(-n // PAGE)].long()
             kc[b, :, :n] = k[pages].flatten(0, 1)[:n].transpose(0, 1)
             vc[b, :, :n] = v[pages].flatten(0, 1)[:n].transpose(0, 1)
-        j = torch.arange(smax, device="cuda").view(1, 1, 1, smax)
-        rows_i = torch.arange(sq, device="cuda").repeat(HQ // HKV).view(1, 1, -1, 1)  # folded rows (g, i)
-        mask = j <= rows_i + lens.view(batch, 1, 1, 1) - sq
+        # (B, Sq, Smax) per sequence, repeated over the folded rows (g, i)
+        mask = cache_visible_mask(sq, smax, lens, causal=True).repeat(1, HQ // HKV, 1).unsqueeze(1)
         qc = _fold(q)
         sdpa = lambda: F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask)  # noqa: E731
         calls["sdpa contiguous + mask"] = sdpa

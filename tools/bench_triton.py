@@ -32,34 +32,33 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from flashdispatch.problem import Problem, problem_from_shape, problem_from_tensors
 from flashdispatch.tools import shapes as shape_lists  # the one list of shapes
 
 PROVIDERS_BASE: tuple[str, ...] = ("sdpa", "sdpa:flash", "sdpa:cudnn")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES: tuple[str, ...] = ("bf16", "fp16")  # names as problem.DTYPES_BY_NAME spells them
 
 
 @dataclass(frozen=True)
 class Case:
+    """One benchmarked problem (flashdispatch.problem.Problem, forward, bhsd) under a short label."""
+
     label: str
     group: str  # fa2 | chunked | gqa | decode | d256
-    dtype: str
-    batch: int
-    heads_q: int
-    heads_kv: int
-    seqlen_q: int
-    seqlen_k: int
-    head_dim: int
-    causal: bool
+    problem: Problem
 
     def describe(self) -> str:
-        s = f"S={self.seqlen_k}" if self.seqlen_q == self.seqlen_k else f"Sq={self.seqlen_q} Sk={self.seqlen_k}"
-        h = f"H={self.heads_q}" if self.heads_q == self.heads_kv else f"H={self.heads_q}/{self.heads_kv}"
-        return f"{self.dtype} B={self.batch} {h} {s} D={self.head_dim}{' causal' if self.causal else ''}"
+        p = self.problem
+        s = f"S={p.seqlen_k}" if p.seqlen_q == p.seqlen_k else f"Sq={p.seqlen_q} Sk={p.seqlen_k}"
+        h = f"H={p.heads_q}" if p.heads_q == p.heads_kv else f"H={p.heads_q}/{p.heads_kv}"
+        return f"{p.dtype_name} B={p.batch} {h} {s} D={p.head_dim}{' causal' if p.causal else ''}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "group": self.group, **self.problem._asdict(), "dtype": self.problem.dtype_name}
 
 
 def _case(s: shape_lists.Shape, label: str, group: str) -> Case:
-    return Case(label, group, s.dtype, s.batch, s.heads_q, s.heads_kv, s.seqlen_q, s.seqlen_k, s.head_dim,
-                s.causal)
+    return Case(label, group, problem_from_shape(s.dims, dtype=s.dtype, causal=s.causal))
 
 
 def fa2_cases(dtype: str, head_dims: Sequence[int] = shape_lists.FA2_HEAD_DIMS,
@@ -84,7 +83,8 @@ def special_cases(dtype: str) -> list[Case]:
 
 
 def d256_cases(dtype: str) -> list[Case]:
-    return [Case(f"d256{'-c' if c else ''}-s{s}", "d256", dtype, 16384 // s, 8, 8, s, s, 256, c)
+    return [Case(f"d256{'-c' if c else ''}-s{s}", "d256", problem_from_shape((16384 // s, 8, 8, s, s, 256),
+                                                                            dtype=dtype, causal=c))
             for c in (False, True) for s in (1024, 4096)]
 
 
@@ -104,21 +104,20 @@ def all_cases(groups: Sequence[str], dtype: str) -> list[Case]:
 def make_inputs(c: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator(device="cuda")
     g.manual_seed(seed)
-    dt = DTYPES[c.dtype]
-    q = torch.randn(c.batch, c.heads_q, c.seqlen_q, c.head_dim, device="cuda", dtype=dt, generator=g)
-    k = torch.randn(c.batch, c.heads_kv, c.seqlen_k, c.head_dim, device="cuda", dtype=dt, generator=g)
-    v = torch.randn(c.batch, c.heads_kv, c.seqlen_k, c.head_dim, device="cuda", dtype=dt, generator=g)
+    p = c.problem
+    q = torch.randn(p.batch, p.heads_q, p.seqlen_q, p.head_dim, device="cuda", dtype=p.dtype, generator=g)
+    k = torch.randn(p.batch, p.heads_kv, p.seqlen_k, p.head_dim, device="cuda", dtype=p.dtype, generator=g)
+    v = torch.randn(p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, device="cuda", dtype=p.dtype, generator=g)
     return q, k, v
 
 
 def runner(name: str, c: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            config: dict[str, Any] | None) -> tuple[Callable[[], Any] | None, str]:
     """(fn, "") or (None, reason the provider cannot serve this case)."""
-    from flashdispatch.problem import problem_from_tensors
     from flashdispatch.registry import REGISTRY
     from flashdispatch.selection import device_for
 
-    p = problem_from_tensors(q, k, v, causal=c.causal, scale=None, layout="bhsd", return_lse=False)
+    p = problem_from_tensors(q, k, v, causal=c.problem.causal, scale=None, layout="bhsd", return_lse=False)
     impl = REGISTRY.get(name)
     why = REGISTRY.availability(name)
     if why:
@@ -140,35 +139,31 @@ def bench_ms(fn: Callable[[], Any], quick: bool = False) -> float:
 
 
 def flops(c: Case) -> float:
-    from flashdispatch.problem import problem_from_shape
-
-    p = problem_from_shape((c.batch, c.heads_q, c.heads_kv, c.seqlen_q, c.seqlen_k, c.head_dim),
-                           dtype=DTYPES[c.dtype], causal=c.causal)
-    return p.flops()
+    return c.problem.flops()
 
 
 def bytes_moved(c: Case) -> int:
-    e = 2
-    return e * (2 * c.batch * c.heads_q * c.seqlen_q * c.head_dim + 2 * c.batch * c.heads_kv * c.seqlen_k * c.head_dim)
+    p = c.problem
+    e = p.dtype.itemsize
+    return e * (p.batch * p.heads_q * p.seqlen_q * (p.head_dim + p.head_dim_v)
+                + p.batch * p.heads_kv * p.seqlen_k * (p.head_dim + p.head_dim_v))
 
 
 # --- config candidates and parallel compilation ----------------------------------------------------
 
 
 def candidates(c: Case, limit: int | None, small: bool = True) -> list[dict[str, Any]]:
-    from flashdispatch.problem import problem_from_shape
     from flashdispatch.registry import REGISTRY
     from flashdispatch.selection import device_for
 
-    p = problem_from_shape((c.batch, c.heads_q, c.heads_kv, c.seqlen_q, c.seqlen_k, c.head_dim),
-                           dtype=DTYPES[c.dtype], causal=c.causal)
+    p = c.problem
     impl = REGISTRY.get("triton")
     dev = device_for(p)
     space = impl.config_space(p, dev)
     default = impl.default_config(p, dev)
     if small:
         # the corner of the space that wins on H100-class GPUs; the full space is for the tuner
-        bm = 64 if c.head_dim > 128 else 128
+        bm = 64 if p.head_dim > 128 else 128
         space = [s for s in space if s.get("PATH", "split_kv") == "split_kv"
                  and (c.group == "decode" or (s["BLOCK_M"] == bm and s["BLOCK_N"] in (64, 128)))]
     out = [default] + [s for s in space if s != default]
@@ -310,7 +305,7 @@ def summary(rows: list[Row], device_name: str) -> str:
     gates = []
     if fa2:
         vs_flash = [r.ms["sdpa:flash"] / best_ms(r) for r in fa2 if "sdpa:flash" in r.ms]
-        d128 = [r.ms["sdpa:cudnn"] / best_ms(r) for r in fa2 if r.case.head_dim == 128 and "sdpa:cudnn" in r.ms]
+        d128 = [r.ms["sdpa:cudnn"] / best_ms(r) for r in fa2 if r.case.problem.head_dim == 128 and "sdpa:cudnn" in r.ms]
         if vs_flash:
             gates.append(f"fa2 min x flash = {min(vs_flash):.2f} (bar 1.0)")
         if d128:
@@ -417,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_triton.json"), "w") as f:
             json.dump({"device": name, "torch": torch.__version__,
-                       "rows": [{**asdict(r), "case": asdict(r.case)} for r in rows],
+                       "rows": [{**asdict(r), "case": r.case.as_dict()} for r in rows],
                        "failed_configs": [list(k) + [v] for k, v in failed.items()]}, f, indent=1, default=str)
     print(table)
     return 0

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import flashdispatch
+from flashdispatch.backends.sdpa import bottom_right_sdpa
 from flashdispatch.reference import attention_math, visible_mask
 
 from . import timing
@@ -209,7 +210,7 @@ def softcap_bars(run: Run, s: int, rep_ms: float) -> None:
 
     def cudnn() -> torch.Tensor:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return bottom_right_sdpa(q, k, v, causal=True)
 
     with torch.no_grad():
         err = _err(fx(), ours())

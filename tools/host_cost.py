@@ -33,7 +33,6 @@ from flashdispatch.plans import PLANS
 from flashdispatch.problem import Problem, problem_from_tensors
 from flashdispatch.registry import REGISTRY
 
-BACKENDS = ("sdpa", "triton", "cupy")
 # (B, Hq, Hkv, S, D): the launch-bound end of real use (one decode step of a small model)
 SHAPE = (1, 2, 2, 16, 64)
 
@@ -129,7 +128,8 @@ def measure(backend: str, grad: bool, device: str | torch.device, calls: int = 5
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--backends", nargs="+", default=list(BACKENDS))
+    ap.add_argument("--backends", nargs="+", default=list(REGISTRY.families()),
+                    help="backend families to measure (default: every family of the registry)")
     ap.add_argument("--out", help="JSON file, rewritten after every row")
     ap.add_argument("--calls", type=int, default=500, help="back-to-back calls per reading (x10 alone)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved readings per side; the minimum is kept")

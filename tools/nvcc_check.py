@@ -26,8 +26,10 @@ from typing import Iterable, Sequence
 from flashdispatch.backends.cupy import configs
 from flashdispatch.backends.cupy.configs import KernelSpec
 from flashdispatch.backends.cupy.kernels import NVCC_OPTIONS, module_source
+from flashdispatch.device import DEVICE_TABLE
 
-DEFAULT_ARCHS: tuple[str, ...] = ("sm_80", "sm_90")
+# the CUDA architectures of the device table (sm_80, sm_90)
+DEFAULT_ARCHS: tuple[str, ...] = tuple(sorted({d.arch for d in DEVICE_TABLE if d.kind == "cuda"}))
 NVCC_TIMEOUT_S = 600
 
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")

@@ -51,6 +51,7 @@ class CupyAttention(Implementation):
     """Own FlashAttention-2 CUDA kernels (mma.sync, ldmatrix, cp.async) compiled by NVRTC."""
 
     name: ClassVar[str] = "cupy"
+    default_rank: ClassVar[int | None] = 20
     backend: ClassVar[str] = "cupy"
 
     def availability(self) -> str | None:

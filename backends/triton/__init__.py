@@ -38,6 +38,7 @@ class TritonAttention(Implementation):
     """FlashAttention-2 forward (pointer or TMA kernel) and split-KV decode, written in Triton."""
 
     name: ClassVar[str] = "triton"
+    default_rank: ClassVar[int | None] = 10
     backend: ClassVar[str] = "triton"
 
     def availability(self) -> str | None:
@@ -64,6 +65,7 @@ class TritonAttention(Implementation):
             window=True,
             softcap=True,
             sinks=True,
+            emulated=dev.kind == "cpu",
             notes="FlashAttention-2 forward, split-KV decode; window, softcap and sinks fused; "
                   "cpu only under TRITON_INTERPRET=1",
             device_hint=("on a CPU, Triton runs only in its interpreter: set TRITON_INTERPRET=1 in the "
@@ -97,9 +99,7 @@ class TritonAttention(Implementation):
         if p.needs_grad:
             # training is ranked by forward + backward time: vary the backward's tiles too, on the
             # default forward (the product of both spaces would multiply the tuning time)
-            from .backward import backward_config_space
-
-            bwd = backward_config_space(p.head_dim, p.head_dim_v, fp32=p.dtype == torch.float32)
+            bwd = configs.backward_config_space(p.head_dim, p.head_dim_v, fp32=p.dtype == torch.float32)
             base = self.default_config(p, dev)
             return forward + [{**base, **b} for b in bwd[1:]]
         return forward

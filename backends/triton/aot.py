@@ -11,6 +11,8 @@ import importlib
 from types import ModuleType
 from typing import Any, Callable, NamedTuple
 
+from . import configs
+
 # Kernels are read from their modules when asked for, not bound here at import: triton.jit decides
 # between compiler and interpreter when a kernel is defined, and tests reload those modules.
 
@@ -78,8 +80,7 @@ def _unit_strides(fn: Any) -> dict[str, int]:
 
 
 def _aot_common(head_dim: int, head_dim_v: int) -> dict[str, Any]:
-    pow2 = _module("backward")._pow2_at_least_16
-    block_d, block_dv = pow2(head_dim), pow2(head_dim_v)
+    block_d, block_dv = configs.block_dim(head_dim), configs.block_dim(head_dim_v)
     return {"BLOCK_D": block_d, "BLOCK_DV": block_dv, "EVEN_D": head_dim == block_d,
             "EVEN_DV": head_dim_v == block_dv}
 
@@ -92,7 +93,7 @@ def _preprocess_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim
     b = _module("backward")
     _bwd_preprocess_kernel = b._bwd_preprocess_kernel
     c = _aot_common(head_dim, head_dim_v)
-    ce: dict[str, Any] = {"BLOCK_M": b.PREPROCESS_BLOCK_M, "BLOCK_DV": c["BLOCK_DV"], "EVEN_M": True,
+    ce: dict[str, Any] = {"BLOCK_M": configs.PREPROCESS_BLOCK_M, "BLOCK_DV": c["BLOCK_DV"], "EVEN_M": True,
                           "EVEN_DV": c["EVEN_DV"], **_unit_strides(_bwd_preprocess_kernel)}
     return AotSpec(_signature(_bwd_preprocess_kernel, dtype, ce), ce, 4, 1)
 
@@ -100,7 +101,7 @@ def _preprocess_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim
 def _dkdv_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AotSpec:
     b = _module("backward")
     _bwd_dkdv_kernel = b._bwd_dkdv_kernel
-    cfg = b.resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32")
+    cfg = configs.resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32")
     ce: dict[str, Any] = {"CAUSAL": causal, **_PLAIN_BWD, "DQ_ATOMIC": cfg["BWD_DQ_ATOMIC"], "BLOCK_M": cfg["BWD_BLOCK_M"],
                           "BLOCK_N": cfg["BWD_BLOCK_N"], "EVEN_M": True, "EVEN_N": True, **_aot_common(head_dim, head_dim_v), **_ieee(dtype),
                           **_unit_strides(_bwd_dkdv_kernel)}
@@ -110,7 +111,7 @@ def _dkdv_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: in
 def _dq_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AotSpec:
     b = _module("backward")
     _bwd_dq_kernel = b._bwd_dq_kernel
-    cfg = b.resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32")
+    cfg = configs.resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32")
     ce: dict[str, Any] = {"CAUSAL": causal, **_PLAIN_BWD, "BLOCK_M": cfg["BWD_BLOCK_N"], "BLOCK_N": cfg["BWD_BLOCK_M"],
                           "EVEN_M": True, **_aot_common(head_dim, head_dim_v), **_ieee(dtype),
                           **_unit_strides(_bwd_dq_kernel)}

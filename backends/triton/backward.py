@@ -25,130 +25,24 @@ Exponentials are computed in base 2: P = exp2(qk * scale * log2(e) - lse * log2(
 Head dims that are not powers of two are padded to BLOCK_D = next power of two with masked loads.
 Offsets of whole heads and blocks are 64-bit; offsets inside one tile stay 32-bit.
 Nothing here is CUDA-only: the same source compiles for sm_80/sm_90 and gfx90a/gfx942.
+Block shapes: configs.py (its backward section: defaults, the tuner's space, validation).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from flashdispatch.problem import Problem, device_kind_of, normalised_window
+
+from . import configs
 from .launch import cuda_index, on_device
 
-# ---------------------------------------------------------------------------------------------
-# Configs: the one place that says which block shapes the backward uses and may try.
-#
-# BWD_BLOCK_M / BWD_BLOCK_N are the query / key tile of the dk-dv kernel. The dq kernel uses the
-# transposed pair (query tile BWD_BLOCK_N, key tile BWD_BLOCK_M): the operand that stays resident
-# in registers is the large one in both kernels, the one that streams is small.
-# ---------------------------------------------------------------------------------------------
-
-CONFIG_KEYS: tuple[str, ...] = (
-    "BWD_BLOCK_M", "BWD_BLOCK_N", "BWD_num_warps", "BWD_num_stages", "BWD_DQ_ATOMIC",
-)
-# BWD_DQ_ATOMIC=True accumulates dq inside the dk-dv kernel with fp32 atomics (FlashAttention-2's
-# way: 5 block matmuls instead of 7, but run-to-run rounding differences). Off by default: the
-# backend promises deterministic gradients unless a config opts out.
-
-# Defaults by the padded head dim (BLOCK_D). 64 and 128: the fastest of the sweep on one H100 80GB
-# HBM3 (bf16, B*S=16k, S 512..16k, causal and not; docs/triton_backward.md), at every shape of it.
-# 256: smaller tiles keep the fp32 dk/dv accumulators (2 * BLOCK_N * BLOCK_D floats) in registers;
-# correct on H100, not timed. 16/32: the 64 tiles.
-DEFAULT_CONFIGS: dict[int, dict[str, Any]] = {
-    16: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 3},
-    32: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 3},
-    64: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 3},
-    128: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 8, "BWD_num_stages": 2},
-    256: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 8, "BWD_num_stages": 1},
-}
-
-# fp32 inputs (full-precision dots, a correctness path rather than a fast one) hold twice the bytes
-# per tile: the 16-bit tiles would overflow sm_80's shared memory from D=128 on. Sized to fit
-# sm_80 (163 KiB) and gfx90a/gfx942 (64 KiB LDS); compile-checked, not timed.
-DEFAULT_CONFIGS_FP32: dict[int, dict[str, Any]] = {
-    16: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 2},
-    32: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 2},
-    64: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 2},
-    128: {"BWD_BLOCK_M": 16, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 1},
-    256: {"BWD_BLOCK_M": 16, "BWD_BLOCK_N": 32, "BWD_num_warps": 4, "BWD_num_stages": 1},
-}
-
-# What the tuner may try beyond the default, per padded head dim: (BLOCK_M, BLOCK_N, num_warps,
-# num_stages). On the H100 sweep the runner-up was 9-18% (D=64) and 23-30% (D=128) slower than
-# the default; the rest are untimed neighbours. The atomic-dq variant was 0.5-0.8x of the default
-# at every shape of that sweep, so it is offered only on request (atomic=True). AMD runs the same
-# tables: compile-checked for gfx90a/gfx942, never timed there.
-_SPACE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
-    16: ((32, 64, 4, 3),),
-    32: ((32, 64, 4, 3),),
-    64: ((64, 128, 8, 3), (32, 128, 8, 2), (32, 128, 4, 4), (64, 128, 4, 3)),
-    128: ((16, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 2)),
-    256: ((16, 64, 4, 2), (16, 64, 8, 1), (32, 32, 4, 2)),
-}
-
-# Rows per program of the delta = rowsum(dO * O) preprocess: memory-bound, one tile of rows.
-PREPROCESS_BLOCK_M = 64
-
 LOG2E = math.log2(math.e)
-
-
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
-def padded_head_dim(head_dim: int, head_dim_v: int | None = None) -> int:
-    """The BLOCK_D a head dim runs with (the larger of D and Dv decides the config bucket)."""
-    return _pow2_at_least_16(max(head_dim, head_dim_v or head_dim))
-
-
-def default_backward_config(
-    head_dim: int, head_dim_v: int | None = None, *, fp32: bool = False
-) -> dict[str, Any]:
-    """The backward keys to use when the forward's config carries none (fp32: fp32 inputs)."""
-    table = DEFAULT_CONFIGS_FP32 if fp32 else DEFAULT_CONFIGS
-    return {**table[padded_head_dim(head_dim, head_dim_v)], "BWD_DQ_ATOMIC": False}
-
-
-def backward_config_space(
-    head_dim: int, head_dim_v: int | None = None, *, atomic: bool = False, fp32: bool = False
-) -> list[dict[str, Any]]:
-    """Backward configs the tuner may try for this head dim (the default first), all deterministic
-    unless atomic=True adds the atomic-dq twin of each. fp32 inputs get their default only."""
-    block_d = padded_head_dim(head_dim, head_dim_v)
-    space = [default_backward_config(head_dim, head_dim_v, fp32=fp32)]
-    if fp32:
-        return space
-    for atomic_dq in (False, True) if atomic else (False,):
-        for bm, bn, w, s in _SPACE.get(block_d, ()):
-            cfg = {"BWD_BLOCK_M": bm, "BWD_BLOCK_N": bn, "BWD_num_warps": w, "BWD_num_stages": s,
-                   "BWD_DQ_ATOMIC": atomic_dq}
-            if cfg not in space:
-                space.append(cfg)
-    return space
-
-
-def resolve_backward_config(
-    config: dict[str, Any] | None, head_dim: int, head_dim_v: int, *, fp32: bool = False
-) -> dict[str, Any]:
-    """The forward's config (which may hold BWD_* keys) completed with this head dim's defaults."""
-    cfg: dict[str, Any] = default_backward_config(head_dim, head_dim_v, fp32=fp32)
-    for key in CONFIG_KEYS:
-        if config and key in config:
-            cfg[key] = config[key]
-    cfg.setdefault("BWD_DQ_ATOMIC", False)
-    if not isinstance(cfg["BWD_DQ_ATOMIC"], bool):
-        raise TypeError(f"config['BWD_DQ_ATOMIC']: expected a bool, got {cfg['BWD_DQ_ATOMIC']!r}")
-    for key in ("BWD_BLOCK_M", "BWD_BLOCK_N"):
-        val = cfg[key]
-        if not isinstance(val, int) or val < 16 or val & (val - 1):
-            raise ValueError(f"config[{key!r}]: expected a power of two >= 16, got {val!r}")
-    for key, allowed in (("BWD_num_warps", (1, 2, 4, 8, 16)), ("BWD_num_stages", (1, 2, 3, 4, 5, 6))):
-        if cfg[key] not in allowed:
-            raise ValueError(f"config[{key!r}]: expected one of {allowed}, got {cfg[key]!r}")
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +126,31 @@ def _window_query_blocks(n0, SEQ_Q, SEQ_K, left, right, BLOCK_M: tl.constexpr, B
     full_hi = tl.where(full_row_end >= SEQ_Q, n_m, full_row_end // BLOCK_M)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), end)
     return first, full_lo, full_hi, end
+
+
+@triton.jit
+def _query_blocks(n0, SEQ_Q, SEQ_K, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """(first, full, full_hi, end) in query blocks for keys [n0, n0 + BLOCK_N): blocks [first, full)
+    and [full_hi, end) need the mask, [full, full_hi) see every key of the block."""
+    n_m_blocks = _cdiv(SEQ_Q, BLOCK_M)
+    if WINDOW:
+        first, full, full_hi, end = _window_query_blocks(n0, SEQ_Q, SEQ_K, left, right, BLOCK_M, BLOCK_N)
+    elif CAUSAL:
+        # rows before n0 - offset see none of this block; from `full` on, rows see all of it
+        causal_offset = SEQ_K - SEQ_Q
+        first = tl.maximum(n0 - causal_offset, 0) // BLOCK_M
+        full = tl.maximum(n0 + BLOCK_N - 1 - causal_offset + BLOCK_M - 1, 0) // BLOCK_M
+        first = tl.minimum(first, n_m_blocks)
+        full = tl.minimum(tl.maximum(full, first), n_m_blocks)
+        full_hi = n_m_blocks
+        end = n_m_blocks
+    else:
+        first = n0 * 0
+        full = n0 * 0
+        full_hi = n_m_blocks
+        end = n_m_blocks
+    return first, full, full_hi, end
 
 
 @triton.jit
@@ -381,6 +300,46 @@ def _dkdv_inner(
 
 
 @triton.jit
+def _dkdv_blocks(
+    dk, dv, k, v,
+    q_head, do_head, lse_head, delta_head, dqa_head,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
+    first, full, full_hi, end, cols_n,
+    SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset, left, right, softcap_in,
+    CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    IEEE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+):
+    """One query head's contribution to a kv block's dk, dv over the query blocks _query_blocks
+    gave: the masked edge, the blocks that see every key, and (window) the masked far edge."""
+    if CAUSAL or WINDOW:
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
+            first * BLOCK_M, full - first, cols_n,
+            SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset, left, right, softcap_in,
+            True, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+    # rows that see the whole block; the kv block's own tail past Sk reads as zeros
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
+        stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
+        full * BLOCK_M, full_hi - full, cols_n,
+        SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset, left, right, softcap_in,
+        False, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+    )
+    if WINDOW:  # rows past the window's far edge: masked again
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
+            full_hi * BLOCK_M, end - full_hi, cols_n,
+            SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset, left, right, softcap_in,
+            True, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQA,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -423,24 +382,8 @@ def _bwd_dkdv_kernel(
     dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
 
     causal_offset = SEQ_K - SEQ_Q
-    n_m_blocks = _cdiv(SEQ_Q, BLOCK_M)
-    if WINDOW:
-        first, full, full_hi, end = _window_query_blocks(n0, SEQ_Q, SEQ_K, window_left, window_right,
-                                                         BLOCK_M, BLOCK_N)
-    elif CAUSAL:
-        # rows before n0 - offset see none of this block; from `full` on, rows see all of it
-        first = tl.maximum(n0 - causal_offset, 0) // BLOCK_M
-        full = tl.maximum(n0 + BLOCK_N - 1 - causal_offset + BLOCK_M - 1, 0) // BLOCK_M
-        first = tl.minimum(first, n_m_blocks)
-        full = tl.minimum(tl.maximum(full, first), n_m_blocks)
-        full_hi = n_m_blocks
-        end = n_m_blocks
-    else:
-        first = pid_n * 0
-        full = pid_n * 0
-        full_hi = n_m_blocks
-        end = n_m_blocks
-
+    first, full, full_hi, end = _query_blocks(n0, SEQ_Q, SEQ_K, window_left, window_right, BLOCK_M, BLOCK_N,
+                                              CAUSAL, WINDOW)
     for g in range(GROUP):
         h = (hk * GROUP + g).to(tl.int64)
         q_head = Q + b * stride_qb + h * stride_qh
@@ -448,32 +391,14 @@ def _bwd_dkdv_kernel(
         lse_head = LSE + b * stride_lb + h * stride_lh
         delta_head = DELTA + (b * H_KV * GROUP + h) * SEQ_Q
         dqa_head = DQA + b * stride_dqab + h * stride_dqah
-        if CAUSAL or WINDOW:
-            dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
-                first * BLOCK_M, full - first, cols_n,
-                SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset,
-                window_left, window_right, softcap_in,
-                True, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
-            )
-        dk, dv = _dkdv_inner(
+        dk, dv = _dkdv_blocks(
             dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
-            full * BLOCK_M, full_hi - full, cols_n,
+            first, full, full_hi, end, cols_n,
             SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset,
             window_left, window_right, softcap_in,
-            False, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+            CAUSAL, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
         )
-        if WINDOW:  # rows past the window's far edge: masked again
-            dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_head, do_head, lse_head, delta_head, dqa_head,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqam,
-                full_hi * BLOCK_M, end - full_hi, cols_n,
-                SEQ_Q, HEAD_D, HEAD_DV, qk_scale2, sm_scale, causal_offset,
-                window_left, window_right, softcap_in,
-                True, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
-            )
 
     # epilogue: dS was taken w.r.t. the scaled scores
     dk *= sm_scale
@@ -535,6 +460,61 @@ def _dq_inner(
 
 
 @triton.jit
+def _dq_blocks(
+    dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    m0, rows, SEQ_Q, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset, left, right, softcap_in,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IEEE: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+):
+    """dq of query rows [m0, m0 + BLOCK_M) over every key block they see: masked edges, unmasked
+    middle."""
+    if WINDOW:
+        lo, full_lo, full_hi, end = _window_key_blocks(m0, SEQ_Q, SEQ_K, left, right, BLOCK_M, BLOCK_N)
+        # left edge (masked), keys every row sees (no mask), right edge and Sk tail (masked)
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+            lo, _cdiv(full_lo - lo, BLOCK_N), rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+            left, right, softcap_in,
+            True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+            full_lo, (full_hi - full_lo) // BLOCK_N, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+            left, right, softcap_in,
+            False, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+            full_hi, _cdiv(end - full_hi, BLOCK_N), rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+            left, right, softcap_in,
+            True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+    else:
+        if CAUSAL:
+            # keys past the block's last row's horizon are invisible; keys up to the first row's
+            # horizon are visible to every row of the block
+            hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), SEQ_K)
+            full = tl.minimum(tl.maximum(m0 + causal_offset + 1, 0), hi) // BLOCK_N
+        else:
+            hi = SEQ_K + m0 * 0
+            full = SEQ_K // BLOCK_N + m0 * 0
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+            m0 * 0, full, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+            left, right, softcap_in,
+            False, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+            full * BLOCK_N, _cdiv(hi, BLOCK_N) - full, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+            left, right, softcap_in,
+            True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+        )
+    return dq
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -579,49 +559,10 @@ def _bwd_dq_kernel(
     k_head = K + b * stride_kb + hk * stride_kh
     v_head = V + b * stride_vb + hk * stride_vh
     causal_offset = SEQ_K - SEQ_Q
-    if WINDOW:
-        lo, full_lo, full_hi, end = _window_key_blocks(m0, SEQ_Q, SEQ_K, window_left, window_right,
-                                                       BLOCK_M, BLOCK_N)
-        # left edge (masked), keys every row sees (no mask), right edge and Sk tail (masked)
-        dq = _dq_inner(
-            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
-            lo, _cdiv(full_lo - lo, BLOCK_N), rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
-            window_left, window_right, softcap_in,
-            True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
-        )
-        dq = _dq_inner(
-            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
-            full_lo, (full_hi - full_lo) // BLOCK_N, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
-            window_left, window_right, softcap_in,
-            False, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
-        )
-        dq = _dq_inner(
-            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
-            full_hi, _cdiv(end - full_hi, BLOCK_N), rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
-            window_left, window_right, softcap_in,
-            True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
-        )
-    else:
-        if CAUSAL:
-            # keys past the block's last row's horizon are invisible; keys up to the first row's
-            # horizon are visible to every row of the block
-            hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), SEQ_K)
-            full = tl.minimum(tl.maximum(m0 + causal_offset + 1, 0), hi) // BLOCK_N
-        else:
-            hi = SEQ_K + pid * 0
-            full = SEQ_K // BLOCK_N + pid * 0
-        dq = _dq_inner(
-            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
-            pid * 0, full, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
-            window_left, window_right, softcap_in,
-            False, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
-        )
-        dq = _dq_inner(
-            dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
-            full * BLOCK_N, _cdiv(hi, BLOCK_N) - full, rows, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
-            window_left, window_right, softcap_in,
-            True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
-        )
+    dq = _dq_blocks(dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                    m0, rows, SEQ_Q, SEQ_K, HEAD_D, HEAD_DV, qk_scale2, causal_offset,
+                    window_left, window_right, softcap_in,
+                    CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP)
 
     dq *= sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + m64 * stride_dqm
@@ -648,18 +589,10 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-class _Geometry(NamedTuple):
-    batch: int
-    heads_q: int
-    heads_kv: int
-    seqlen_q: int
-    seqlen_k: int
-    head_dim: int
-    head_dim_v: int
-
-
-def _geometry(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              out: torch.Tensor, lse: torch.Tensor) -> _Geometry:
+def _problem(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, *, causal: bool, scale: float, window: tuple[int, int] | None,
+             softcap: float | None, sinks: torch.Tensor | None) -> Problem:
+    """The backward's inputs checked against each other and described as the Problem they solve."""
     for name, t in (("q", q), ("k", k), ("v", v), ("do", do), ("out", out)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = f"{t.dim()}-d" if isinstance(t, torch.Tensor) else type(t).__name__
@@ -678,7 +611,13 @@ def _geometry(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         if t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name}: expected a unit last stride, got strides {t.stride()}")
-    return _Geometry(b, hq, hkv, sq, sk, d, dv)
+    causal = bool(causal)
+    return Problem(
+        device_kind_of(q.device), q.device.index or 0, q.dtype, b, hq, hkv, sq, sk, d, dv, causal, float(scale),
+        "bhsd", contiguous=True, needs_grad=True, return_lse=True,
+        window=normalised_window(None if window is None else tuple(window), causal),  # type: ignore[arg-type]
+        softcap=float(softcap or 0.0), sinks=sinks is not None,
+    )
 
 
 def attention_backward(
@@ -712,8 +651,7 @@ def attention_backward(
     """
     from .forward import Variant, fast_tanh_on, kernel_window, softcap_mode
 
-
-    g = _geometry(do, q, k, v, out, lse)
+    g = _problem(do, q, k, v, out, lse, causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -723,23 +661,22 @@ def attention_backward(
             return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(sinks)
         return dq.zero_(), dk.zero_(), dv.zero_()
 
-    cfg = resolve_backward_config(config, g.head_dim, g.head_dim_v, fp32=q.dtype == torch.float32)
+    cfg = configs.resolve_backward_config(config, g.head_dim, g.head_dim_v, fp32=q.dtype == torch.float32)
     do = _unit_last(do)
-    block_d = _pow2_at_least_16(g.head_dim)
-    block_dv = _pow2_at_least_16(g.head_dim_v)
+    block_d = configs.block_dim(g.head_dim)
+    block_dv = configs.block_dim(g.head_dim_v)
     bm, bn = cfg["BWD_BLOCK_M"], cfg["BWD_BLOCK_N"]
     warps, stages = cfg["BWD_num_warps"], cfg["BWD_num_stages"]
-    # a causal mask over a single query row hides nothing
-    causal = bool(causal) and g.seqlen_q > 1
+    causal = g.effective_causal  # a causal mask over a single query row hides nothing
     win = kernel_window(causal, Variant().window if window is None else tuple(window),  # type: ignore[arg-type]
                         g.seqlen_q, g.seqlen_k)
     left, right = win if win is not None else (0, 0)
-    if softcap:  # P = exp2(tanh(qk * scale / c) * c * log2(e) - lse2)
-        qk_scale2, softcap_in = float(softcap) * LOG2E, float(scale) / float(softcap)
+    if g.softcap:  # P = exp2(tanh(qk * scale / c) * c * log2(e) - lse2)
+        qk_scale2, softcap_in = g.softcap * LOG2E, g.scale / g.softcap
     else:
-        qk_scale2, softcap_in = float(scale) * LOG2E, 1.0
-    variant = dict(WINDOW=win is not None, SOFTCAP=softcap_mode(softcap, fast_tanh_on(q)))
-    group = g.heads_q // g.heads_kv
+        qk_scale2, softcap_in = g.scale * LOG2E, 1.0
+    variant = dict(WINDOW=win is not None, SOFTCAP=softcap_mode(g.softcap, fast_tanh_on(q)))
+    group = g.gqa_ratio
     even_d, even_dv = g.head_dim == block_d, g.head_dim_v == block_dv
     ieee = q.dtype == torch.float32
 
@@ -749,11 +686,11 @@ def attention_backward(
     dq_acc = (torch.zeros((g.batch, g.heads_q, g.seqlen_q, g.head_dim), device=q.device, dtype=torch.float32)
               if atomic else delta.unsqueeze(-1))
     with on_device(cuda_index(q)):
-        grid = (triton.cdiv(g.seqlen_q, PREPROCESS_BLOCK_M) * g.batch * g.heads_q,)
+        grid = (triton.cdiv(g.seqlen_q, configs.PREPROCESS_BLOCK_M) * g.batch * g.heads_q,)
         _bwd_preprocess_kernel[grid](
             out, do, delta, *out.stride(), *do.stride(), g.heads_q, g.seqlen_q, g.head_dim_v,
-            BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=block_dv,
-            EVEN_M=g.seqlen_q % PREPROCESS_BLOCK_M == 0, EVEN_DV=even_dv,
+            BLOCK_M=configs.PREPROCESS_BLOCK_M, BLOCK_DV=block_dv,
+            EVEN_M=g.seqlen_q % configs.PREPROCESS_BLOCK_M == 0, EVEN_DV=even_dv,
         )
         grid = (triton.cdiv(g.seqlen_k, bn) * g.batch * g.heads_kv,)
         _bwd_dkdv_kernel[grid](
@@ -761,7 +698,7 @@ def attention_backward(
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dk.stride(), *dv.stride(),
             *dq_acc.stride()[:3],
             g.heads_kv, group, g.seqlen_q, g.seqlen_k, g.head_dim, g.head_dim_v,
-            float(scale), qk_scale2, left, right, softcap_in,
+            g.scale, qk_scale2, left, right, softcap_in,
             CAUSAL=causal, DQ_ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
             EVEN_M=g.seqlen_q % bm == 0, EVEN_N=g.seqlen_k % bn == 0, EVEN_D=even_d, EVEN_DV=even_dv,
             IEEE=ieee, num_warps=warps, num_stages=stages, **variant,
@@ -775,7 +712,7 @@ def attention_backward(
             q, k, v, do, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dq.stride(),
             g.heads_q, group, g.seqlen_q, g.seqlen_k, g.head_dim, g.head_dim_v,
-            float(scale), qk_scale2, left, right, softcap_in,
+            g.scale, qk_scale2, left, right, softcap_in,
             CAUSAL=causal, BLOCK_M=bn, BLOCK_N=bm, BLOCK_D=block_d, BLOCK_DV=block_dv,
             EVEN_M=g.seqlen_q % bn == 0, EVEN_D=even_d, EVEN_DV=even_dv, IEEE=ieee,
             num_warps=warps, num_stages=stages, **variant,

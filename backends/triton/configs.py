@@ -1,13 +1,16 @@
 """Kernel configs of the Triton backend: the one place for defaults, config spaces and limits.
 
-The kernels (forward.py, decode.py), the Implementation (default_config / config_space) and the
-tuner all read this module. A config is a flat dict:
+The kernels (forward.py, decode.py, backward.py, varlen.py), the Implementation (default_config /
+config_space), the ahead-of-time specs (aot.py) and the tuner all read this module. A config is a
+flat dict:
 
 - forward: BLOCK_M, BLOCK_N, num_warps, num_stages; on Hopper TMA (tensor descriptors) and WS
   (warp specialisation of the unmasked loop); on AMD waves_per_eu and matrix_instr_nonkdim.
 - decode (split-KV): BLOCK_N, num_warps, num_stages, NUM_SPLITS (0: chosen from the SM count),
   and PATH ("split_kv" or "forward": lets a profile send a decode-shaped problem to the
   prefill kernel).
+- backward: BWD_BLOCK_M, BWD_BLOCK_N, BWD_num_warps, BWD_num_stages, BWD_DQ_ATOMIC, in the same
+  dict as the forward's keys (the forward ignores them); defaults by the padded head dim.
 
 Defaults are keyed by architecture family and head-dim bucket (next power of two of D, at least
 16). Where they come from is noted beside each table (measured numbers are in docs/triton.md).
@@ -36,7 +39,7 @@ DECODE_KEYS: frozenset[str] = frozenset(
 )
 PATHS: tuple[str, ...] = ("split_kv", "forward")
 FORWARD_ONLY_KEYS: frozenset[str] = FORWARD_KEYS - DECODE_KEYS
-# Keys of the backward kernels (backward.py) share the config dict; the forward ignores them.
+# Keys of the backward kernels (BACKWARD_KEYS, below) share the config dict; the forward ignores them.
 BACKWARD_KEY_PREFIX = "BWD_"
 
 ARCHS: tuple[str, ...] = ("sm_80", "sm_90", "gfx90a", "gfx942", "interpreter")
@@ -418,3 +421,109 @@ def decode_num_splits(cfg: dict[str, Any], programs: int, seq_k: int, sm_count: 
         wanted = -(-DECODE_PROGRAMS_PER_SM * sm_count // max(programs, 1))
     most = max(1, seq_k // (cfg["BLOCK_N"] * DECODE_MIN_BLOCKS_PER_SPLIT))
     return max(1, min(wanted, most, DECODE_MAX_SPLITS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward (backward.py): which block shapes it uses and may try.
+#
+# BWD_BLOCK_M / BWD_BLOCK_N are the query / key tile of the dk-dv kernel. The dq kernel uses the
+# transposed pair (query tile BWD_BLOCK_N, key tile BWD_BLOCK_M): the operand that stays resident
+# in registers is the large one in both kernels, the one that streams is small.
+# ---------------------------------------------------------------------------------------------
+
+BACKWARD_KEYS: tuple[str, ...] = (
+    "BWD_BLOCK_M", "BWD_BLOCK_N", "BWD_num_warps", "BWD_num_stages", "BWD_DQ_ATOMIC",
+)
+# BWD_DQ_ATOMIC=True accumulates dq inside the dk-dv kernel with fp32 atomics (FlashAttention-2's
+# way: 5 block matmuls instead of 7, but run-to-run rounding differences). Off by default: the
+# backend promises deterministic gradients unless a config opts out.
+
+# Defaults by the padded head dim (BLOCK_D). 64 and 128: the fastest of the sweep on one H100 80GB
+# HBM3 (bf16, B*S=16k, S 512..16k, causal and not; docs/triton_backward.md), at every shape of it.
+# 256: smaller tiles keep the fp32 dk/dv accumulators (2 * BLOCK_N * BLOCK_D floats) in registers;
+# correct on H100, not timed. 16/32: the 64 tiles.
+BACKWARD_DEFAULTS: dict[int, dict[str, Any]] = {
+    16: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 3},
+    32: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 3},
+    64: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 3},
+    128: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 8, "BWD_num_stages": 2},
+    256: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 8, "BWD_num_stages": 1},
+}
+
+# fp32 inputs (full-precision dots, a correctness path rather than a fast one) hold twice the bytes
+# per tile: the 16-bit tiles would overflow sm_80's shared memory from D=128 on. Sized to fit
+# sm_80 (163 KiB) and gfx90a/gfx942 (64 KiB LDS); compile-checked, not timed.
+BACKWARD_DEFAULTS_FP32: dict[int, dict[str, Any]] = {
+    16: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 2},
+    32: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 2},
+    64: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 2},
+    128: {"BWD_BLOCK_M": 16, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 1},
+    256: {"BWD_BLOCK_M": 16, "BWD_BLOCK_N": 32, "BWD_num_warps": 4, "BWD_num_stages": 1},
+}
+
+# What the tuner may try beyond the default, per padded head dim: (BLOCK_M, BLOCK_N, num_warps,
+# num_stages). On the H100 sweep the runner-up was 9-18% (D=64) and 23-30% (D=128) slower than
+# the default; the rest are untimed neighbours. The atomic-dq variant was 0.5-0.8x of the default
+# at every shape of that sweep, so it is offered only on request (atomic=True). AMD runs the same
+# tables: compile-checked for gfx90a/gfx942, never timed there.
+_BACKWARD_SPACE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    16: ((32, 64, 4, 3),),
+    32: ((32, 64, 4, 3),),
+    64: ((64, 128, 8, 3), (32, 128, 8, 2), (32, 128, 4, 4), (64, 128, 4, 3)),
+    128: ((16, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 2)),
+    256: ((16, 64, 4, 2), (16, 64, 8, 1), (32, 32, 4, 2)),
+}
+
+# Rows per program of the delta = rowsum(dO * O) preprocess: memory-bound, one tile of rows.
+PREPROCESS_BLOCK_M = 64
+
+def padded_head_dim(head_dim: int, head_dim_v: int | None = None) -> int:
+    """The BLOCK_D a head dim runs with (the larger of D and Dv decides the config bucket)."""
+    return block_dim(max(head_dim, head_dim_v or head_dim))
+
+
+def default_backward_config(
+    head_dim: int, head_dim_v: int | None = None, *, fp32: bool = False
+) -> dict[str, Any]:
+    """The backward keys to use when the forward's config carries none (fp32: fp32 inputs)."""
+    table = BACKWARD_DEFAULTS_FP32 if fp32 else BACKWARD_DEFAULTS
+    return {**table[padded_head_dim(head_dim, head_dim_v)], "BWD_DQ_ATOMIC": False}
+
+
+def backward_config_space(
+    head_dim: int, head_dim_v: int | None = None, *, atomic: bool = False, fp32: bool = False
+) -> list[dict[str, Any]]:
+    """Backward configs the tuner may try for this head dim (the default first), all deterministic
+    unless atomic=True adds the atomic-dq twin of each. fp32 inputs get their default only."""
+    block_d = padded_head_dim(head_dim, head_dim_v)
+    space = [default_backward_config(head_dim, head_dim_v, fp32=fp32)]
+    if fp32:
+        return space
+    for atomic_dq in (False, True) if atomic else (False,):
+        for bm, bn, w, s in _BACKWARD_SPACE.get(block_d, ()):
+            cfg = {"BWD_BLOCK_M": bm, "BWD_BLOCK_N": bn, "BWD_num_warps": w, "BWD_num_stages": s,
+                   "BWD_DQ_ATOMIC": atomic_dq}
+            if cfg not in space:
+                space.append(cfg)
+    return space
+
+
+def resolve_backward_config(
+    config: dict[str, Any] | None, head_dim: int, head_dim_v: int, *, fp32: bool = False
+) -> dict[str, Any]:
+    """The forward's config (which may hold BWD_* keys) completed with this head dim's defaults."""
+    cfg: dict[str, Any] = default_backward_config(head_dim, head_dim_v, fp32=fp32)
+    for key in BACKWARD_KEYS:
+        if config and key in config:
+            cfg[key] = config[key]
+    cfg.setdefault("BWD_DQ_ATOMIC", False)
+    if not isinstance(cfg["BWD_DQ_ATOMIC"], bool):
+        raise TypeError(f"config['BWD_DQ_ATOMIC']: expected a bool, got {cfg['BWD_DQ_ATOMIC']!r}")
+    for key in ("BWD_BLOCK_M", "BWD_BLOCK_N"):
+        val = cfg[key]
+        if not isinstance(val, int) or val < 16 or val & (val - 1):
+            raise ValueError(f"config[{key!r}]: expected a power of two >= 16, got {val!r}")
+    for key, allowed in (("BWD_num_warps", (1, 2, 4, 8, 16)), ("BWD_num_stages", (1, 2, 3, 4, 5, 6))):
+        if cfg[key] not in allowed:
+            raise ValueError(f"config[{key!r}]: expected one of {allowed}, got {cfg[key]!r}")
+    return cfg

@@ -15,6 +15,10 @@ Sliding window: the splits cover only the keys some query of the call can see, [
 computed on the host, so the work and the time follow the window, not the cache length. Softcap
 is applied to the scores in the split kernel; sinks join the softmax once: in the split kernel
 when it writes the result directly, else in the merge (one more lse term with no value).
+
+The split kernel is written from parts (`_split_rows`, `_split_load_q`, `_split_init`,
+`_split_step`, `_split_store`) that paged.py's kernel over a paged cache runs too: only where the
+keys come from differs.
 """
 
 from __future__ import annotations
@@ -53,6 +57,84 @@ from .forward import (
 )
 
 
+# --- the split kernel's parts, shared with paged.py's kernel over a (paged) KV cache ----------------
+
+
+@triton.jit
+def _split_rows(pid_m, hk, group, seq_q, BLOCK_M: tl.constexpr):
+    """This program's M rows: (head in group, query) pairs of kv head hk -> (in_rows, qi, h)."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = rows < group * seq_q
+    qi = rows % seq_q
+    h = hk * group + rows // seq_q
+    return in_rows, qi, h
+
+
+@triton.jit
+def _split_load_q(Q_b, qi, h64, in_rows, offs_d, sqm, sqh, sqd, head_dim, PAD_D: tl.constexpr):
+    """The rows' queries (BLOCK_M, BLOCK_D) from the sequence's base pointer Q_b."""
+    q_mask = in_rows[:, None]
+    if PAD_D:
+        q_mask = q_mask & (offs_d[None, :] < head_dim)
+    q_ptrs = Q_b + h64[:, None] * sqh + qi.to(tl.int64)[:, None] * sqm + offs_d[None, :] * sqd
+    return tl.load(q_ptrs, mask=q_mask, other=0.0)
+
+
+@triton.jit
+def _split_init(SINKS, h, in_rows, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SINKS: tl.constexpr,
+                DIRECT: tl.constexpr):
+    """(m, l, acc) before the first key; the sink joins here when one split writes the result
+    directly (else in the merge)."""
+    if HAS_SINKS and DIRECT:
+        m_i = tl.load(SINKS + h, mask=in_rows, other=0.0).to(tl.float32) * LOG2E
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _split_step(acc, l_i, m_i, q, kt, v, qi, offs_n, in_k, causal_offset, qk_scale,
+                window_left, window_right, softcap_in, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Fold one loaded key block (keys offs_n, in_k: inside the split) into (acc, l, m)."""
+    qk = dot(q, kt, tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32), IEEE)
+    if SOFTCAP:
+        qk = tanh(qk * softcap_in, SOFTCAP)
+    visible = in_k[None, :]
+    if WINDOW:
+        p = qi[:, None] + causal_offset
+        visible = visible & (offs_n[None, :] >= p - window_left) & (offs_n[None, :] <= p + window_right)
+    elif CAUSAL:
+        visible = visible & (offs_n[None, :] <= qi[:, None] + causal_offset)
+    qk = tl.where(visible, qk, float("-inf"))
+    return online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, True, IEEE)
+
+
+@triton.jit
+def _split_store(acc, l_i, m_i, O, LSE, PO, PL, b64, h64, qi, in_rows, offs_dv, sob, soh, som, sod,
+                 heads_q, seq_q, num_splits, split, head_dim_v,
+                 BLOCK_DV: tl.constexpr, PAD_DV: tl.constexpr, DIRECT: tl.constexpr):
+    """One split's result: the output and lse themselves (one split), else its partials in the
+    merge kernel's layout, (B*Hq*Sq, splits, BLOCK_DV) outputs and (B*Hq*Sq, splits) lse in base 2."""
+    out, lse = _finish(acc, l_i, m_i)
+    if DIRECT:
+        o_mask = in_rows[:, None]
+        if PAD_DV:
+            o_mask = o_mask & (offs_dv[None, :] < head_dim_v)
+        o_ptrs = (O + b64 * sob + h64[:, None] * soh + qi.to(tl.int64)[:, None] * som
+                  + offs_dv[None, :] * sod)
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
+        lse_row = (b64 * heads_q + h64) * seq_q + qi
+        tl.store(LSE + lse_row, lse, mask=in_rows)
+    else:
+        row = ((b64 * heads_q + h64) * seq_q + qi) * num_splits + split
+        tl.store(PO + row[:, None] * BLOCK_DV + offs_dv[None, :], out, mask=in_rows[:, None])
+        tl.store(PL + row, lse * (1.0 / LN2), mask=in_rows)
+
+
 @triton.jit
 def _decode_split_kernel(
     Q, K, V, PO, PL, O, LSE, SINKS,
@@ -75,34 +157,19 @@ def _decode_split_kernel(
     b64 = b.to(tl.int64)
 
     # -- rows of this program: (head in group, query) pairs of one kv head
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_rows = rows < group * seq_q
-    qi = rows % seq_q
-    h = hk * group + rows // seq_q
+    in_rows, qi, h = _split_rows(pid_m, hk, group, seq_q, BLOCK_M)
     h64 = h.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n0 = tl.arange(0, BLOCK_N)
     cols_n = offs_n0.to(tl.int64) if OFFS64 else offs_n0
-
-    q_mask = in_rows[:, None]
-    if PAD_D:
-        q_mask = q_mask & (offs_d[None, :] < head_dim)
-    q_ptrs = Q + b64 * sqb + h64[:, None] * sqh + qi.to(tl.int64)[:, None] * sqm + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    q = _split_load_q(Q + b64 * sqb, qi, h64, in_rows, offs_d, sqm, sqh, sqd, head_dim, PAD_D)
 
     K_base = K + b64 * skb + hk.to(tl.int64) * skh
     V_base = V + b64 * svb + hk.to(tl.int64) * svh
     kt_off = cols_n[None, :] * skn + offs_d[:, None] * skd
     v_off = cols_n[:, None] * svn + offs_dv[None, :] * svd
-
-    if HAS_SINKS and DIRECT:  # one split: the sink joins here (else in the merge)
-        m_i = tl.load(SINKS + h, mask=in_rows, other=0.0).to(tl.float32) * LOG2E
-        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
-    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
+    m_i, l_i, acc = _split_init(SINKS, h, in_rows, BLOCK_M, BLOCK_DV, HAS_SINKS, DIRECT)
 
     # the splits share [kv_lo, kv_hi): the keys some query of the call can see
     n_lo = kv_lo + split * keys_per_split
@@ -124,33 +191,12 @@ def _decode_split_kernel(
         v = tl.load(v_ptrs, mask=v_mask, other=0.0)
         kt_ptrs += BLOCK_N * skn
         v_ptrs += BLOCK_N * svn
-        qk = dot(q, kt, tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32), IEEE)
-        if SOFTCAP:
-            qk = tanh(qk * softcap_in, SOFTCAP)
-        visible = in_k[None, :]
-        if WINDOW:
-            p = qi[:, None] + causal_offset
-            visible = visible & (offs_n[None, :] >= p - window_left) & (offs_n[None, :] <= p + window_right)
-        elif CAUSAL:
-            visible = visible & (offs_n[None, :] <= qi[:, None] + causal_offset)
-        qk = tl.where(visible, qk, float("-inf"))
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, True, IEEE)
+        acc, l_i, m_i = _split_step(acc, l_i, m_i, q, kt, v, qi, offs_n, in_k, causal_offset, qk_scale,
+                                    window_left, window_right, softcap_in, BLOCK_M, BLOCK_N, CAUSAL, IEEE,
+                                    WINDOW, SOFTCAP)
 
-    out, lse = _finish(acc, l_i, m_i)
-    if DIRECT:
-        o_mask = in_rows[:, None]
-        if PAD_DV:
-            o_mask = o_mask & (offs_dv[None, :] < head_dim_v)
-        o_ptrs = (O + b64 * sob + h64[:, None] * soh + qi.to(tl.int64)[:, None] * som
-                  + offs_dv[None, :] * sod)
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
-        lse_row = (b64 * heads_q + h64) * seq_q + qi
-        tl.store(LSE + lse_row, lse, mask=in_rows)
-    else:
-        # partials: (B*Hq*Sq, splits, BLOCK_DV) outputs and (B*Hq*Sq, splits) lse in base 2
-        row = ((b64 * heads_q + h64) * seq_q + qi) * num_splits + split
-        tl.store(PO + row[:, None] * BLOCK_DV + offs_dv[None, :], out, mask=in_rows[:, None])
-        tl.store(PL + row, lse * (1.0 / LN2), mask=in_rows)
+    _split_store(acc, l_i, m_i, O, LSE, PO, PL, b64, h64, qi, in_rows, offs_dv, sob, soh, som, sod,
+                 heads_q, seq_q, num_splits, split, head_dim_v, BLOCK_DV, PAD_DV, DIRECT)
 
 
 @triton.jit

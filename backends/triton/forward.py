@@ -21,8 +21,9 @@ Two kernels share the softmax step:
   optionally warp-specialised. Needs 16-byte aligned bases and strides; the launcher falls back to
   the pointer kernel when they are not.
 
-Shared jit helpers for the backward kernel (names are stable): `online_softmax_step`, `dot`,
-`kv_block_range`, `LOG2E`, `LN2`.
+Shared jit helpers (names are stable): `online_softmax_step`, `dot`, `tanh`, `kv_block_range`,
+`LOG2E`, `LN2` for the decode and paged kernels; `_fwd_blocks` (every key block one query block
+sees, masked only at the edges) for varlen.py's forward kernel.
 """
 
 from __future__ import annotations
@@ -244,6 +245,47 @@ def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
 
 
 @triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m, start_m, seq_q, seq_k,
+                qk_scale, offs_d, offs_dv, head_dim, head_dim_v, left, right, softcap_in,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                PAD_D: tl.constexpr, PAD_DV: tl.constexpr, IEEE: tl.constexpr,
+                WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Every key block that query rows [start_m, start_m + BLOCK_M) see, masked only where some
+    row sees part of a block (shared by this kernel and varlen.py's)."""
+    causal_offset = seq_k - seq_q
+    if WINDOW:
+        n_lo, full_lo, full_hi, n_end = window_block_range(start_m, seq_q, seq_k, left, right, BLOCK_M, BLOCK_N)
+        # -- left edge of the window: masked
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
+                                  n_lo, full_lo, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
+                                  head_dim, head_dim_v, left, right, softcap_in,
+                                  BLOCK_N, True, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
+        # -- blocks every row sees: no mask
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
+                                  full_lo, full_hi, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
+                                  head_dim, head_dim_v, left, right, softcap_in,
+                                  BLOCK_N, False, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
+        # -- right edge (the diagonal under causal) and the Sk tail: masked
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
+                                  full_hi, n_end, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
+                                  head_dim, head_dim_v, left, right, softcap_in,
+                                  BLOCK_N, True, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
+    else:
+        n_full, n_end = kv_block_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+        # -- blocks every row sees: no mask
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
+                                  0, n_full, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
+                                  head_dim, head_dim_v, left, right, softcap_in,
+                                  BLOCK_N, False, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
+        # -- diagonal blocks and the Sk tail: masked
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
+                                  n_full, n_end, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
+                                  head_dim, head_dim_v, left, right, softcap_in,
+                                  BLOCK_N, True, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, SINKS,
     sqb, sqh, sqm, sqd,
@@ -297,37 +339,10 @@ def _fwd_kernel(
     m_i, l_i = _softmax_init(SINKS, h, BLOCK_M, HAS_SINKS)
     acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
 
-    causal_offset = seq_k - seq_q
-    if WINDOW:
-        n_lo, full_lo, full_hi, n_end = window_block_range(start_m, seq_q, seq_k, window_left, window_right,
-                                                           BLOCK_M, BLOCK_N)
-        # -- left edge of the window: masked
-        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
-                                  n_lo, full_lo, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
-                                  head_dim, head_dim_v, window_left, window_right, softcap_in,
-                                  BLOCK_N, True, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
-        # -- blocks every row sees: no mask
-        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
-                                  full_lo, full_hi, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
-                                  head_dim, head_dim_v, window_left, window_right, softcap_in,
-                                  BLOCK_N, False, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
-        # -- right edge (the diagonal under causal) and the Sk tail: masked
-        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
-                                  full_hi, n_end, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
-                                  head_dim, head_dim_v, window_left, window_right, softcap_in,
-                                  BLOCK_N, True, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
-    else:
-        n_full, n_end = kv_block_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
-        # -- blocks every row sees: no mask
-        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
-                                  0, n_full, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
-                                  head_dim, head_dim_v, window_left, window_right, softcap_in,
-                                  BLOCK_N, False, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
-        # -- diagonal blocks and the Sk tail: masked
-        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
-                                  n_full, n_end, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
-                                  head_dim, head_dim_v, window_left, window_right, softcap_in,
-                                  BLOCK_N, True, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m, start_m,
+                                seq_q, seq_k, qk_scale, offs_d, offs_dv, head_dim, head_dim_v,
+                                window_left, window_right, softcap_in,
+                                BLOCK_M, BLOCK_N, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
 
     # epilogue
     out, lse = _finish(acc, l_i, m_i)

@@ -9,7 +9,8 @@ q (B, Sq, Hq, D) against a cache of per-sequence length cache_seqlens[b] (int32,
 
 Bottom-right causal per sequence: query i sees key j iff j <= i + cache_seqlens[b] - Sq.
 
-The program layout is decode.py's split-KV one: a program owns one (sequence, kv head, key range)
+The program layout and its parts (rows, query load, softmax step, result or partials) are
+decode.py's split-KV ones: a program owns one (sequence, kv head, key range)
 with the whole GQA group x Sq queries in its M dimension, so each K/V byte is read once per group.
 Nothing here reads a device tensor on the host: the number of splits is planned from the cache's
 capacity (Smax, or max_blocks x PAGE), each program reads its sequence's length on the device and
@@ -27,21 +28,15 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .decode import _MERGE, _plan
+from .decode import _MERGE, _plan, _split_init, _split_load_q, _split_rows, _split_step, _split_store
 from .forward import (
-    LN2,
-    LOG2E,
     PLAIN,
     Variant,
-    _finish,
     check_sinks,
-    dot,
     fast_tanh_on,
     kernel_window,
     launch_options,
     make_variant,
-    online_softmax_step,
-    tanh,
     variant_scalars,
 )
 from .launch import BoundLaunch, DirectLauncher, cuda_index, run_on_device
@@ -71,28 +66,13 @@ def _paged_split_kernel(
     seq_k = tl.load(SEQLENS + b)
 
     # -- rows of this program: (head in group, query) pairs of one kv head
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_rows = rows < group * seq_q
-    qi = rows % seq_q
-    h = hk * group + rows // seq_q
+    in_rows, qi, h = _split_rows(pid_m, hk, group, seq_q, BLOCK_M)
     h64 = h.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n0 = tl.arange(0, BLOCK_N)
-
-    q_mask = in_rows[:, None]
-    if PAD_D:
-        q_mask = q_mask & (offs_d[None, :] < head_dim)
-    q_ptrs = Q + b64 * sqb + qi.to(tl.int64)[:, None] * sqm + h64[:, None] * sqh + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-
-    if HAS_SINKS and DIRECT:  # one split: the sink joins here (else in the merge)
-        m_i = tl.load(SINKS + h, mask=in_rows, other=0.0).to(tl.float32) * LOG2E
-        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
-    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
+    q = _split_load_q(Q + b64 * sqb, qi, h64, in_rows, offs_d, sqm, sqh, sqd, head_dim, PAD_D)
+    m_i, l_i, acc = _split_init(SINKS, h, in_rows, BLOCK_M, BLOCK_DV, HAS_SINKS, DIRECT)
 
     causal_offset = seq_k - seq_q
     # the keys some query can see start at kv_lo (a window's left edge), end at seq_k
@@ -127,32 +107,13 @@ def _paged_split_kernel(
             v_mask = v_mask & (offs_dv[None, :] < head_dim_v)
         kt = tl.load(kt_ptrs, mask=kt_mask, other=0.0)
         v = tl.load(v_ptrs, mask=v_mask, other=0.0)
-        qk = dot(q, kt, tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32), IEEE)
-        if SOFTCAP:
-            qk = tanh(qk * softcap_in, SOFTCAP)
-        visible = in_k[None, :]
-        if WINDOW:
-            p = qi[:, None] + causal_offset
-            visible = visible & (offs_n[None, :] >= p - window_left) & (offs_n[None, :] <= p + window_right)
-        elif CAUSAL:
-            visible = visible & (offs_n[None, :] <= qi[:, None] + causal_offset)
-        qk = tl.where(visible, qk, float("-inf"))
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, True, IEEE)
+        acc, l_i, m_i = _split_step(acc, l_i, m_i, q, kt, v, qi, offs_n, in_k, causal_offset, qk_scale,
+                                    window_left, window_right, softcap_in, BLOCK_M, BLOCK_N, CAUSAL, IEEE,
+                                    WINDOW, SOFTCAP)
 
-    out, lse = _finish(acc, l_i, m_i)
-    if DIRECT:
-        o_mask = in_rows[:, None]
-        if PAD_DV:
-            o_mask = o_mask & (offs_dv[None, :] < head_dim_v)
-        o_ptrs = (O + b64 * sob + qi.to(tl.int64)[:, None] * som + h64[:, None] * soh
-                  + offs_dv[None, :] * sod)
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
-        tl.store(LSE + (b64 * heads_q + h64) * seq_q + qi, lse, mask=in_rows)
-    else:
-        # partials in decode.py's layout: (B*Hq*Sq, splits, BLOCK_DV) and (B*Hq*Sq, splits), base 2
-        row = ((b64 * heads_q + h64) * seq_q + qi) * num_splits + split
-        tl.store(PO + row[:, None] * BLOCK_DV + offs_dv[None, :], out, mask=in_rows[:, None])
-        tl.store(PL + row, lse * (1.0 / LN2), mask=in_rows)
+    # the result, or partials in decode.py's layout for its merge kernel
+    _split_store(acc, l_i, m_i, O, LSE, PO, PL, b64, h64, qi, in_rows, offs_dv, sob, soh, som, sod,
+                 heads_q, seq_q, num_splits, split, head_dim_v, BLOCK_DV, PAD_DV, DIRECT)
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,

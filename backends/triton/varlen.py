@@ -8,8 +8,8 @@ lse is (Hq, total_q) float32, natural log.
 The kernels are the dense ones' programs with a per-sequence prologue: a program reads its
 sequence's start and length from cu_seqlens (on the device: no host sync, no padding), offsets
 its base pointers by the start and then runs the dense kernels' own device helpers with that
-sequence's (Sq, Sk): `_fwd_loop`, `kv_block_range`, `window_block_range` from forward.py and
-`_dkdv_inner`, `_dq_inner`, `_window_*_blocks` from backward.py. The grid is sized by
+sequence's (Sq, Sk): `_fwd_blocks` from forward.py and
+`_query_blocks`, `_dkdv_blocks`, `_dq_blocks` from backward.py. The grid is sized by
 max_seqlen_q / max_seqlen_k; programs past their own sequence's end do nothing.
 
 Backward: delta = rowsum(dO * O) in torch (memory-bound, one pass), then a dk/dv kernel (one
@@ -30,25 +30,22 @@ from . import configs
 from .forward import (
     Variant,
     _finish,
-    _fwd_loop,
+    _fwd_blocks,
     _softmax_init,
     check_sinks,
     fast_tanh_on,
     kernel_window,
-    kv_block_range,
     launch_options,
     make_variant,
     softcap_mode,
-    window_block_range,
     variant_scalars,
 )
 from .backward import (
-    _dkdv_inner,
-    _dq_inner,
+    _dkdv_blocks,
+    _dq_blocks,
     _load_tile,
+    _query_blocks,
     _store_tile,
-    _window_key_blocks,
-    _window_query_blocks,
 )
 from .launch import cuda_index, on_device
 
@@ -103,32 +100,10 @@ def _varlen_fwd_kernel(
 
         m_i, l_i = _softmax_init(SINKS, h, BLOCK_M, HAS_SINKS)
         acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
-        causal_offset = seq_k - seq_q
-        if WINDOW:
-            n_lo, full_lo, full_hi, n_end = window_block_range(start_m, seq_q, seq_k, window_left,
-                                                               window_right, BLOCK_M, BLOCK_N)
-            acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
-                                      n_lo, full_lo, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
-                                      head_dim, head_dim_v, window_left, window_right, softcap_in,
-                                      BLOCK_N, True, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
-            acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
-                                      full_lo, full_hi, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
-                                      head_dim, head_dim_v, window_left, window_right, softcap_in,
-                                      BLOCK_N, False, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
-            acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
-                                      full_hi, n_end, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
-                                      head_dim, head_dim_v, window_left, window_right, softcap_in,
-                                      BLOCK_N, True, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
-        else:
-            n_full, n_end = kv_block_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
-            acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
-                                      0, n_full, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
-                                      head_dim, head_dim_v, window_left, window_right, softcap_in,
-                                      BLOCK_N, False, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
-            acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
-                                      n_full, n_end, seq_k, causal_offset, qk_scale, offs_d, offs_dv,
-                                      head_dim, head_dim_v, window_left, window_right, softcap_in,
-                                      BLOCK_N, True, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, kt_off, v_off, skn, svn, offs_m,
+                                    start_m, seq_q, seq_k, qk_scale, offs_d, offs_dv, head_dim, head_dim_v,
+                                    window_left, window_right, softcap_in,
+                                    BLOCK_M, BLOCK_N, CAUSAL, PAD_D, PAD_DV, IEEE, WINDOW, SOFTCAP)
 
         out, lse = _finish(acc, l_i, m_i)
         O_base = O + q_start.to(tl.int64) * som + h.to(tl.int64) * soh
@@ -181,56 +156,23 @@ def _varlen_dkdv_kernel(
         dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
 
         causal_offset = seq_k - seq_q
-        n_m_blocks = (seq_q + BLOCK_M - 1) // BLOCK_M
-        if WINDOW:
-            first, full, full_hi, end = _window_query_blocks(n0, seq_q, seq_k, window_left, window_right,
-                                                             BLOCK_M, BLOCK_N)
-        elif CAUSAL:
-            first = tl.maximum(n0 - causal_offset, 0) // BLOCK_M
-            full = tl.maximum(n0 + BLOCK_N - 1 - causal_offset + BLOCK_M - 1, 0) // BLOCK_M
-            first = tl.minimum(first, n_m_blocks)
-            full = tl.minimum(tl.maximum(full, first), n_m_blocks)
-            full_hi = n_m_blocks
-            end = n_m_blocks
-        else:
-            first = n_m_blocks * 0
-            full = n_m_blocks * 0
-            full_hi = n_m_blocks
-            end = n_m_blocks
-
+        first, full, full_hi, end = _query_blocks(n0, seq_q, seq_k, window_left, window_right, BLOCK_M, BLOCK_N,
+                                                  CAUSAL, WINDOW)
         for g in range(group):
             h = (hk * group + g).to(tl.int64)
             q_head = Q + q0 * sqm + h * sqh
             do_head = DO + q0 * sdom + h * sdoh
             lse_head = LSE + h * slh + q0 * slm
             delta_head = DELTA + h * total_q + q0
-            if CAUSAL or WINDOW:
-                dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_head, do_head, lse_head, delta_head, lse_head,
-                    sqm, sqd, sdom, sdod, slm, 0,
-                    first * BLOCK_M, full - first, cols_n,
-                    seq_q, head_dim, head_dim_v, qk_scale2, sm_scale, causal_offset,
-                    window_left, window_right, softcap_in,
-                    True, False, BLOCK_M, BLOCK_D, BLOCK_DV, False, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
-                )
-            # rows that see the whole block; the kv block's own tail past Sk reads as zeros
-            dk, dv = _dkdv_inner(
+            # no atomic dq here: lse_head stands in for its (unused) pointer
+            dk, dv = _dkdv_blocks(
                 dk, dv, k, v, q_head, do_head, lse_head, delta_head, lse_head,
                 sqm, sqd, sdom, sdod, slm, 0,
-                full * BLOCK_M, full_hi - full, cols_n,
+                first, full, full_hi, end, cols_n,
                 seq_q, head_dim, head_dim_v, qk_scale2, sm_scale, causal_offset,
                 window_left, window_right, softcap_in,
-                False, False, BLOCK_M, BLOCK_D, BLOCK_DV, False, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
+                CAUSAL, False, BLOCK_M, BLOCK_D, BLOCK_DV, False, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
             )
-            if WINDOW:
-                dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_head, do_head, lse_head, delta_head, lse_head,
-                    sqm, sqd, sdom, sdod, slm, 0,
-                    full_hi * BLOCK_M, end - full_hi, cols_n,
-                    seq_q, head_dim, head_dim_v, qk_scale2, sm_scale, causal_offset,
-                    window_left, window_right, softcap_in,
-                    True, False, BLOCK_M, BLOCK_D, BLOCK_DV, False, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP,
-                )
 
         dk *= sm_scale
         dk_ptrs = DK + (k0 + n64) * sdkn + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd
@@ -285,36 +227,10 @@ def _varlen_dq_kernel(
         k_head = K + k0 * skn + hk * skh
         v_head = V + k0 * svn + hk * svh
         causal_offset = seq_k - seq_q
-        if WINDOW:
-            lo, full_lo, full_hi, end = _window_key_blocks(m0, seq_q, seq_k, window_left, window_right,
-                                                           BLOCK_M, BLOCK_N)
-            dq = _dq_inner(dq, q, do, lse2, delta, k_head, v_head, skn, skd, svn, svd,
-                           lo, (full_lo - lo + BLOCK_N - 1) // BLOCK_N, rows, seq_k, head_dim, head_dim_v,
-                           qk_scale2, causal_offset, window_left, window_right, softcap_in,
-                           True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP)
-            dq = _dq_inner(dq, q, do, lse2, delta, k_head, v_head, skn, skd, svn, svd,
-                           full_lo, (full_hi - full_lo) // BLOCK_N, rows, seq_k, head_dim, head_dim_v,
-                           qk_scale2, causal_offset, window_left, window_right, softcap_in,
-                           False, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP)
-            dq = _dq_inner(dq, q, do, lse2, delta, k_head, v_head, skn, skd, svn, svd,
-                           full_hi, (end - full_hi + BLOCK_N - 1) // BLOCK_N, rows, seq_k, head_dim,
-                           head_dim_v, qk_scale2, causal_offset, window_left, window_right, softcap_in,
-                           True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP)
-        else:
-            if CAUSAL:
-                hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), seq_k)
-                full = tl.minimum(tl.maximum(m0 + causal_offset + 1, 0), hi) // BLOCK_N
-            else:
-                hi = seq_k
-                full = seq_k // BLOCK_N
-            dq = _dq_inner(dq, q, do, lse2, delta, k_head, v_head, skn, skd, svn, svd,
-                           full * 0, full, rows, seq_k, head_dim, head_dim_v,
-                           qk_scale2, causal_offset, window_left, window_right, softcap_in,
-                           False, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP)
-            dq = _dq_inner(dq, q, do, lse2, delta, k_head, v_head, skn, skd, svn, svd,
-                           full * BLOCK_N, (hi + BLOCK_N - 1) // BLOCK_N - full, rows, seq_k, head_dim,
-                           head_dim_v, qk_scale2, causal_offset, window_left, window_right, softcap_in,
-                           True, CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP)
+        dq = _dq_blocks(dq, q, do, lse2, delta, k_head, v_head, skn, skd, svn, svd,
+                        m0, rows, seq_q, seq_k, head_dim, head_dim_v, qk_scale2, causal_offset,
+                        window_left, window_right, softcap_in,
+                        CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, IEEE, WINDOW, SOFTCAP)
 
         dq *= sm_scale
         dq_ptrs = DQ + (q0 + m64) * sdqm + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd
@@ -421,18 +337,18 @@ def varlen_backward(
     grads: tuple[torch.Tensor, ...] = (dq, dk, dvv)
     if total_q and hq:
         o4, do4 = out.transpose(0, 1).unsqueeze(0), do.transpose(0, 1).unsqueeze(0)
-        block_dv = _bwd._pow2_at_least_16(dv)
+        block_dv = configs.block_dim(dv)
         with on_device(cuda_index(q)):
-            _bwd._bwd_preprocess_kernel[(triton.cdiv(total_q, _bwd.PREPROCESS_BLOCK_M) * hq,)](
+            _bwd._bwd_preprocess_kernel[(triton.cdiv(total_q, configs.PREPROCESS_BLOCK_M) * hq,)](
                 o4, do4, delta, *o4.stride(), *do4.stride(), hq, total_q, dv,
-                BLOCK_M=_bwd.PREPROCESS_BLOCK_M, BLOCK_DV=block_dv,
-                EVEN_M=total_q % _bwd.PREPROCESS_BLOCK_M == 0, EVEN_DV=block_dv == dv,
+                BLOCK_M=configs.PREPROCESS_BLOCK_M, BLOCK_DV=block_dv,
+                EVEN_M=total_q % configs.PREPROCESS_BLOCK_M == 0, EVEN_DV=block_dv == dv,
             )
     if total_q and total_k and hq and batch > 0 and max_seqlen_q > 0 and max_seqlen_k > 0:
-        cfg = _bwd.resolve_backward_config(config, d, dv, fp32=q.dtype == torch.float32)
+        cfg = configs.resolve_backward_config(config, d, dv, fp32=q.dtype == torch.float32)
         bm, bn = cfg["BWD_BLOCK_M"], cfg["BWD_BLOCK_N"]
         warps, stages = cfg["BWD_num_warps"], cfg["BWD_num_stages"]
-        block_d, block_dv = _bwd._pow2_at_least_16(d), _bwd._pow2_at_least_16(dv)
+        block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
         left, right, has_window = _window_args(causal, window, max_seqlen_q, max_seqlen_k)
         if softcap:
             qk_scale2, softcap_in = float(softcap) * _bwd.LOG2E, float(scale) / float(softcap)

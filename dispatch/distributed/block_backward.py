@@ -19,6 +19,7 @@ import torch
 
 from ..backend import Implementation, Inputs
 from ..problem import problem_from_tensors
+from ..reference import visible_mask
 from ..registry import REGISTRY
 
 log = logging.getLogger("flashdispatch.distributed")
@@ -76,9 +77,7 @@ def block_backward_math(
         qc, doc = grouped(q), grouped(do)
         s = torch.matmul(qc, kf.transpose(-1, -2)) * scale  # (B, Hkv, g, n, Sk)
         if causal:
-            i = torch.arange(r0, r1, device=q.device).unsqueeze(1)
-            j = torch.arange(sk, device=q.device).unsqueeze(0)
-            s = s.masked_fill(j > i + (sk - sq), float("-inf"))
+            s = s.masked_fill(~visible_mask(sq, sk, causal=True, device=q.device, rows=(r0, r1)), float("-inf"))
         row_lse = grouped(lse).unsqueeze(-1)
         # a row with lse = -inf saw no key anywhere: +inf makes every probability exp(-inf) = 0
         row_lse = torch.where(torch.isneginf(row_lse), torch.full_like(row_lse, float("inf")), row_lse)
