@@ -96,6 +96,25 @@ def test_measured_profile_has_times_fits_and_provenance(key: str) -> None:
                         g.key.label(), name, pt.describe())
 
 
+@pytest.mark.parametrize("key", sorted(k for k, (_, p) in PROFILES.items() if p.measured))
+def test_measured_profile_fits_are_what_the_fitter_makes_of_its_points(key: str) -> None:
+    """The shipped fits are not stale: refitting the points gives them back (to the 4 significant
+    digits written). After a change of the fit, rewrite the files (tools/profile_writer.py)."""
+    import math
+
+    from flashdispatch.costmodel import Group
+
+    _, prof = PROFILES[key]
+    for g in prof.groups:
+        fresh = Group(g.key, list(g.points))
+        fresh.refit(prof.sm_count)
+        assert set(fresh.fits) == set(g.fits), g.key.label()
+        for name, f in g.fits.items():
+            for a, b in zip(f.coef, fresh.fits[name].coef):
+                assert math.isclose(a, b, rel_tol=2e-3, abs_tol=1e-9), (g.key.label(), name, f.coef,
+                                                                       fresh.fits[name].coef)
+
+
 @pytest.mark.parametrize("key", sorted(k for k, (_, p) in PROFILES.items() if not p.measured))
 def test_unmeasured_profile_holds_no_numbers_and_argues_its_ranking(key: str) -> None:
     text, prof = PROFILES[key]
