@@ -214,6 +214,8 @@ class SdpaPlain(_Sdpa):
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=EVERYWHERE, dtypes=ALL_DTYPES, max_head_dim=1 << 16, lse=False,
                             deterministic=False, window=True, softcap=True, sinks=True, fuses_variants=False,
+                            variants_run_as=(("window", "sdpa:efficient"), ("softcap", "sdpa:math"),
+                                             ("sinks", "sdpa:math")),
                             notes="torch picks flash/cuDNN/efficient/math; window through a boolean mask, "
                                   "softcap and sinks through explicit fp32 math")
 
@@ -261,6 +263,7 @@ class SdpaEfficient(_Sdpa):
         return Capabilities(device_kinds=GPUS, dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
                             min_cuda_capability=50, max_head_dim=256, head_dim_multiple=8, lse=False,
                             deterministic=False, window=True, fuses_variants=False,
+                            variants_run_as=(("window", "sdpa:efficient"),),
                             notes="window through a boolean mask")
 
 
@@ -272,6 +275,7 @@ class SdpaMath(_Sdpa):
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=EVERYWHERE, dtypes=ALL_DTYPES, max_head_dim=1 << 16,
                             window=True, softcap=True, sinks=True, fuses_variants=False,
+                            variants_run_as=(("window", "sdpa:math"), ("softcap", "sdpa:math"), ("sinks", "sdpa:math")),
                             notes="explicit fp32 math in torch ops (fp64 for fp64); O(S^2) memory")
 
     def plan_notes(self, p: Problem, dev: DeviceInfo, config: dict[str, Any]) -> list[str]:

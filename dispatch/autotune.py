@@ -74,6 +74,12 @@ history: list["Report"] = []
 # Problems this process has autotuned or decided not to (never twice, even after a failure).
 _attempted: set[tuple[Any, ...]] = set()
 _attempted_lock = threading.Lock()
+# One measurement at a time in a process: two threads timing at once on one GPU would each count
+# the other's kernels. A thread that finds it taken keeps the model's decision.
+_measure_lock = threading.Lock()
+# Classes that serving runs inside CUDA graphs: their time is a graph replay's (the tuner's),
+# which an eager measurement on the first call would misstate.
+GRAPH_TIMED_CLASSES: frozenset[str] = frozenset({"decode", "speculative"})
 # Seconds to wait between reading and writing the overlay inside the lock (tests widen the window
 # in which two processes that did not lock would lose a point).
 _merge_delay_s = 0.0
@@ -248,16 +254,16 @@ def measured_ranking(p: Problem, dev: DeviceInfo, eligible: list[str], prof: Pro
     measured = sorted((n for n in eligible if n in pt.ms), key=lambda n: (pt.ms[n], n))
     if not measured:
         return None
-    from .selection import BASELINE, BASELINE_MARGIN, _Ranking
+    from .selection import BASELINE, _Ranking, baseline_margin
 
     refused = ov.rejected.get(i, {}) if i is not None else {}
     rest = [n for n in model_rank.ordered if n not in measured and n not in refused]
     r = _Ranking(measured + rest + [n for n in model_rank.ordered if n in refused and n not in measured])
     top = measured[0]
-    if top != BASELINE and BASELINE in pt.ms and BASELINE in measured and \
-            pt.ms[top] > pt.ms[BASELINE] * (1.0 - BASELINE_MARGIN):
+    need = baseline_margin()  # measured on this very problem: no fit error to add
+    if top != BASELINE and BASELINE in pt.ms and BASELINE in measured and pt.ms[top] > pt.ms[BASELINE] * (1.0 - need):
         r.notes.append(f"{top} measured {pt.ms[top]:.4g} ms and plain sdpa {pt.ms[BASELINE]:.4g} ms, less than "
-                       f"{BASELINE_MARGIN:.0%} apart: plain SDPA, the baseline, runs")
+                       f"{need:.0%} apart: plain SDPA, the baseline, runs")
         r.ordered.remove(BASELINE)
         r.ordered.insert(0, BASELINE)
     chosen = r.ordered[0]
@@ -338,7 +344,7 @@ def after_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, 
     if not st.settings.autotune:
         return d
     why = unsure(d)
-    if not why or p.needs_grad or p.is_empty:
+    if not why or p.needs_grad or p.is_empty or group_key(p).cls in GRAPH_TIMED_CLASSES:
         return d
     if selection.current_forced(backend, st.settings)[0] is not None:
         return d
@@ -356,14 +362,19 @@ def after_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, 
         if tag in _attempted:
             return d
         _attempted.add(tag)
-    prof = st.profile(key)[0]
-    rep = Report(key, i[0], i[1])
+    if not _measure_lock.acquire(blocking=False):
+        return d
     try:
-        pt = _measure(q, k, v, p, d, sinks, prof, rep)
-    except Exception as e:  # autotune must never break the call: the model's decision stands
-        rep.reason = f"{type(e).__name__}: {e}"
-        log.warning("autotune of %s failed (%s); the model's decision stands", p.describe(), rep.reason)
-        pt = None
+        prof = st.profile(key)[0]
+        rep = Report(key, i[0], i[1])
+        try:
+            pt = _measure(q, k, v, p, d, sinks, prof, rep)
+        except Exception as e:  # autotune must never break the call: the model's decision stands
+            rep.reason = f"{type(e).__name__}: {e}"
+            log.warning("autotune of %s failed (%s); the model's decision stands", p.describe(), rep.reason)
+            pt = None
+    finally:
+        _measure_lock.release()
     if pt is not None:
         try:
             rep.path = write_point(st.settings.autotune_dir, d.device, key, i[0], pt, rep.failed)
@@ -548,9 +559,10 @@ def _measure(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, d: "
     if not ms:
         finish("no implementation was measured within the budget")
         return None
-    config = {n: active[n][1] for n in ms if active[n][1]}
+    # no config: each ran with what the decision would give it (a neighbour's tuned tiles or the
+    # defaults), which was not searched here and must not pass for this point's best
     w = p.window[0] if p.has_window else -1
-    return Point(p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k, w, ms, {}, (), config)
+    return Point(p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k, w, ms, {}, ())
 
 
 # --- recording --------------------------------------------------------------------------------
@@ -649,11 +661,9 @@ def _merge_in_memory(st: Any, dev: DeviceInfo, key: str, gkey: GroupKey, pt: Poi
         st.profiles[key] = (prof, problems)
         if not merged:
             _merge_points(prof, [(gkey, pt)], path, {_point_ident(gkey, pt): dict(failed)} if failed else None)
-        for ck in [ck for ck, dec in st.cache.items() if group_key(dec.problem) == gkey]:
-            del st.cache[ck]
-    for cache in (PLANS.by_key, PLANS.recent):
-        for pk in [pk for pk, plan in list(cache.items()) if group_key(plan.problem) == gkey]:
-            cache.pop(pk, None)
+        # every decision may have borrowed from the refitted group: all are dropped (autotune is rare)
+        st.cache.clear()
+    PLANS.invalidate()
 
 
 def describe_overlay(settings: envs.Settings, key: str | None) -> str:

@@ -100,6 +100,9 @@ class Capabilities:
     # follows the visible work); False: it computes every (query, key) pair and masks, or runs
     # explicit math (the cost model predicts it at the whole score matrix plus the mask it reads)
     fuses_variants: bool = True
+    # when it does not: the implementation whose kernel really runs each variant it serves, as
+    # (variant, implementation) pairs, e.g. (("window", "sdpa:efficient"), ("softcap", "sdpa:math"))
+    variants_run_as: tuple[tuple[str, str], ...] = ()
     # runs in an interpreter or emulator on this device (Triton on a CPU): correct but slow, last in
     # the built-in order
     emulated: bool = False

@@ -53,11 +53,11 @@ from .problem import (
 #   causal       causal, Sq == Sk: half the score matrix is hidden
 #   chunked      causal, DECODE_MAX_SEQLEN_Q < Sq < Sk (bottom-right): a prompt chunk against a
 #                cache, nearly every row sees nearly every key
-#   speculative  causal, 2 <= Sq <= DECODE_MAX_SEQLEN_Q < Sk: a few draft tokens verified against
-#                a cache (bottom-right mask on a handful of rows)
+#   speculative  causal, 2 <= Sq <= DECODE_MAX_SEQLEN_Q and Sq < Sk: a few draft tokens verified
+#                against a cache (bottom-right mask on a handful of rows)
 #   causal_tall  causal, Sq > Sk: the first Sq - Sk rows see no key
-#   decode       Sq <= DECODE_MAX_SEQLEN_Q < Sk and no mask (Sq = 1, or causal=False): every row
-#                sees the whole cache; memory-bound
+#   decode       Sq <= DECODE_MAX_SEQLEN_Q and Sq < Sk, no mask (Sq = 1, or causal=False): every
+#                row sees the whole cache; memory-bound
 SHAPE_CLASSES: tuple[str, ...] = ("dense", "causal", "chunked", "speculative", "causal_tall", "decode")
 # The variants a problem may add; "plain" is none. A problem with several is grouped under the
 # first of window, sinks, softcap that it uses (the window changes the work most).
@@ -201,9 +201,14 @@ class Fit:
 
     @staticmethod
     def from_yaml(d: Mapping[str, Any]) -> "Fit":
-        coef = tuple(float(d.get(k, 0.0) or 0.0) for k in FEATURES)
+        missing = [k for k in FEATURES if not isinstance(d.get(k), (int, float)) or isinstance(d.get(k), bool)]
+        if missing:
+            raise ValueError(f"fit needs a number for each of {FEATURES}; missing or not a number: {missing}")
+        coef = tuple(float(d[k]) for k in FEATURES)
         if any(c < 0 or not math.isfinite(c) for c in coef):
             raise ValueError(f"fit coefficients must be finite and >= 0, got {dict(zip(FEATURES, coef))}")
+        if coef[1] <= 0 and coef[2] <= 0:
+            raise ValueError("a fit must grow with the work or the bytes (us_per_gflop or us_per_gb > 0)")
         lo, hi = (d.get("gflop") or [0.0, 0.0])
         return Fit(coef, float(d.get("rms", 0.0)), int(d.get("n", 0)), float(lo), float(hi))  # type: ignore[arg-type]
 
@@ -217,8 +222,9 @@ TERM_GAIN = 0.85
 
 
 def fit(xs: Sequence[Sequence[float]], times_us: Sequence[float]) -> Fit:
-    """Non-negative least squares on the relative error, by trying every subset of features
-    (there are four): the subset with the smallest error whose coefficients are all >= 0 wins.
+    """Non-negative least squares on the relative error, by trying every subset of the four
+    features: for each number of terms, the subset with the smallest error whose coefficients are
+    all >= 0; more terms replace fewer only when they cut the error to TERM_GAIN of it or less.
     Every model has the work or the bytes term; one point fits the work term alone (a
     throughput), and the others join as the points allow: at most one term per two points, each
     lowering the error to TERM_GAIN of the simpler model's or less."""
@@ -230,13 +236,13 @@ def fit(xs: Sequence[Sequence[float]], times_us: Sequence[float]) -> Fit:
         raise ValueError(f"fit: times must be finite and > 0, got {t.tolist()}")
     w = a / t[:, None]  # relative residuals: (a.c - t) / t = w.c - 1
     ones = np.ones(len(t))
-    best: tuple[float, np.ndarray] | None = None
-    cols = range(a.shape[1])
     # at most one term per two points (rounded up): four terms through four points would pass
     # through every one of them and say nothing between or beyond them
     max_terms = max(1, min(a.shape[1], (len(t) + 1) // 2))
+    best: tuple[float, np.ndarray] | None = None
     for r in range(1, max_terms + 1):
-        for subset in itertools.combinations(cols, r):
+        size_best: tuple[float, np.ndarray] | None = None  # the best model with r terms
+        for subset in itertools.combinations(range(a.shape[1]), r):
             if 1 not in subset and 2 not in subset:
                 continue  # a model with neither work nor bytes says nothing about another size
             sub = w[:, subset]
@@ -248,9 +254,11 @@ def fit(xs: Sequence[Sequence[float]], times_us: Sequence[float]) -> Fit:
             full = np.zeros(a.shape[1])
             full[list(subset)] = np.maximum(c, 0.0)
             err = float(np.sqrt(np.mean((w @ full - 1.0) ** 2)))
-            # a term must earn its place: fewer terms unless the error drops by a sixth or more
-            if best is None or err < best[0] * TERM_GAIN - 1e-9:
-                best = (err, full)
+            if size_best is None or err < size_best[0] - 1e-12:  # a tie keeps the earlier (work before bytes)
+                size_best = (err, full)
+        # a term must earn its place: r terms replace r - 1 only at TERM_GAIN of its error or less
+        if size_best is not None and (best is None or size_best[0] < best[0] * TERM_GAIN - 1e-9):
+            best = size_best
     if best is None:  # only all-zero features (impossible for real shapes)
         raise ValueError("fit: no feature varies with the measurements")
     gf = a[:, 1]
@@ -334,11 +342,12 @@ class Group:
 
     def nearest_points(self, p: Problem, name: str, sm_count: int, k: int = 2, *, has: str = "ms") -> list[Point]:
         """The k points nearest to `p` in log GFLOP and log bytes that hold `name` in their
-        `has` field ("ms", "ranking" or "config")."""
+        `has` field ("ms", "ranking" or "config"; name "": any non-empty one)."""
         x = features(p, sm_count)
         scored = []
         for i, (pt, y) in enumerate(zip(self.points, self.point_features(sm_count))):
-            if name not in getattr(pt, has):
+            held = getattr(pt, has)
+            if (name not in held) if name else not held:
                 continue
             d = abs(math.log((x[1] + 1e-12) / (y[1] + 1e-12))) + abs(math.log((x[2] + 1e-12) / (y[2] + 1e-12)))
             scored.append((d, i, pt))
@@ -371,12 +380,14 @@ class Prediction:
     group: "Group | None" = field(default=None, compare=False, repr=False)
     problem: Problem | None = field(default=None, compare=False, repr=False)
     sm_count: int = 1
+    model_name: str = ""  # whose fit predicted (another implementation's for a variant it runs as)
+    gflop: float = 0.0  # the problem's work as the model counted it
 
     @property
     def nearest(self) -> tuple[Point, ...]:
         if self.group is None or self.problem is None:
             return ()
-        return tuple(self.group.nearest_points(self.problem, self.name, self.sm_count))
+        return tuple(self.group.nearest_points(self.problem, self.model_name or self.name, self.sm_count))
 
     @property
     def exact(self) -> bool:
@@ -388,13 +399,16 @@ class Prediction:
             how.append("borrowed: " + ", ".join(self.borrowed))
         if self.estimated:
             how.append(self.estimated)
-        if self.extrapolated:
-            how.append(f"extrapolated beyond the measured work "
-                       f"({self.fit.lo_gflop:.3g}..{self.fit.hi_gflop:.3g} GFLOP)")
+        if self.extrapolated and self.fit.n < 2:
+            how.append(f"fitted to one point ({self.fit.lo_gflop:.3g} GFLOP; this problem {self.gflop:.3g})")
+        elif self.extrapolated:
+            how.append(f"extrapolated: this problem's {self.gflop:.3g} GFLOP lies beyond the measured "
+                       f"{self.fit.lo_gflop:.3g}..{self.fit.hi_gflop:.3g}")
+        mname = self.model_name or self.name
         nearest = self.nearest
         if nearest:
             how.append("nearest measured: " + "; ".join(
-                f"{pt.describe()} -> {pt.ms[self.name]:.4g} ms" for pt in nearest if self.name in pt.ms))
+                f"{pt.describe()} -> {pt.ms[mname]:.4g} ms" for pt in nearest if mname in pt.ms))
         return f"{self.name}: {self.ms:.4g} ms predicted ({'; '.join(how)})"
 
 
@@ -406,32 +420,36 @@ class CostModel:
         for g in groups:
             self.groups[g.key] = g
         self.sm_count = sm_count
-        self._search_cache: dict[tuple[GroupKey, str], tuple[Group, tuple[str, ...]] | None] = {}
+        self._search_cache: dict[tuple[GroupKey, str, bool], tuple[Group, tuple[str, ...]] | None] = {}
 
     def __bool__(self) -> bool:
         return bool(self.groups)
 
-    def candidates(self, key: GroupKey) -> Iterable[tuple[GroupKey, tuple[str, ...]]]:
-        """Groups that may stand in for `key`, nearest first, with the borrowing in words."""
+    def candidates(self, key: GroupKey, *, own_class: bool = False) -> Iterable[tuple[GroupKey, tuple[str, ...]]]:
+        """Groups that may stand in for `key`, nearest first, with the borrowing in words: the
+        problem's class, then its neighbours; within a class the nearest head dim (log scale), and
+        at each head dim the problem's dtype, then the other half-precision one (the same kernels)."""
         dtypes = [(key.dtype, ())]
         if key.dtype in HALF_DTYPE_TWIN:
             twin = HALF_DTYPE_TWIN[key.dtype]
             dtypes.append((twin, (f"{key.dtype} borrows {twin}'s measurements",)))
-        classes = [(key.cls, ())] + [(c, (f"class {key.cls} borrows class {c}",)) for c in CLASS_NEIGHBOURS[key.cls]]
+        classes = [(key.cls, ())]
+        if not own_class:
+            classes += [(c, (f"class {key.cls} borrows class {c}",)) for c in CLASS_NEIGHBOURS[key.cls]]
         dims = sorted({g.head_dim for g in self.groups},
                       key=lambda d: (abs(math.log2(d) - math.log2(max(1, key.head_dim))), -d))
         for cls, why_c in classes:
-            for dt, why_t in dtypes:
-                for d in dims:
-                    why_d = () if d == key.head_dim else (f"D={key.head_dim} borrows D={d}",)
+            for d in dims:
+                why_d = () if d == key.head_dim else (f"D={key.head_dim} borrows D={d}",)
+                for dt, why_t in dtypes:
                     yield GroupKey(key.pass_, cls, key.variant, dt, d), why_c + why_t + why_d
 
-    def find(self, key: GroupKey, name: str) -> tuple[Group, tuple[str, ...]] | None:
+    def find(self, key: GroupKey, name: str, *, own_class: bool = False) -> tuple[Group, tuple[str, ...]] | None:
         """The nearest group with a model of `name` for problems of `key`, and how it differs."""
-        ck = (key, name)
+        ck = (key, name, own_class)
         if ck not in self._search_cache:
             found = None
-            for k, why in self.candidates(key):
+            for k, why in self.candidates(key, own_class=own_class):
                 g = self.groups.get(k)
                 if g is not None and name in g.fits:
                     found = (g, why)
@@ -439,29 +457,41 @@ class CostModel:
             self._search_cache[ck] = found
         return self._search_cache[ck]
 
-    def predict(self, p: Problem, name: str, *, fuses_variants: bool = True,
+    def predict(self, p: Problem, name: str, *, fuses_variants: bool = True, runs_as: str = "",
                 key: GroupKey | None = None) -> Prediction | None:
-        """The predicted time of implementation `name` on `p`, or None when no group of this
-        profile has a model of it for the problem's pass. `key`: group_key(p), if known."""
+        """The predicted time of implementation `name` on `p`, or None when the profile has no
+        model that can say. `key`: group_key(p), if known.
+
+        A variant problem (window, softcap, sinks) takes a group measured with that variant in the
+        problem's own class; else an implementation that fuses the variant is predicted by its plain
+        model at the visible work, and one that does not by the plain model of `runs_as` (the kernel
+        that really runs it: a masked kernel, or explicit math) at the whole score matrix plus the
+        mask; with no such model, None (the built-in order decides)."""
         key = key or group_key(p)
         dense = False
         estimated = ""
-        found = self.find(key, name)
-        if found is None and key.variant != "plain":
-            found = self.find(key._replace(variant="plain"), name)
-            if found is not None:
+        model_name = name
+        if key.variant == "plain":
+            found = self.find(key, name)
+        else:
+            found = self.find(key, name, own_class=True)
+            if found is None:
+                plain = key._replace(variant="plain")
                 if fuses_variants:
+                    found = self.find(plain, name)
                     estimated = f"{key.variant} estimated from the plain model at the visible work"
-                else:
-                    dense = True
-                    estimated = (f"{key.variant} estimated from the plain model at the whole score matrix "
-                                 "(this implementation computes every pair and reads a mask, or runs math)")
+                elif runs_as:
+                    model_name, dense = runs_as, True
+                    found = self.find(plain, runs_as)
+                    estimated = (f"{key.variant} runs as {runs_as} over the whole score matrix and its mask: "
+                                 f"{runs_as}'s plain model at that work")
         if found is None:
             return None
         g, borrowed = found
-        f = g.fits[name]
+        f = g.fits[model_name]
         x = features(p, self.sm_count, dense=dense)
         us = max(f.predict_us(x), 1e-3)
         work = x[1]
         extrapolated = f.n < 2 or not (f.lo_gflop / EXTRAPOLATION_FACTOR <= work <= f.hi_gflop * EXTRAPOLATION_FACTOR)
-        return Prediction(name, us / 1e3, g.key, f, borrowed, estimated, bool(extrapolated), g, p, self.sm_count)
+        return Prediction(name, us / 1e3, g.key, f, borrowed, estimated, bool(extrapolated), g, p, self.sm_count,
+                          model_name, work)

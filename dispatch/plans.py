@@ -68,6 +68,14 @@ class PlanCache:
         self.by_key.clear()
         self.recent.clear()
 
+    def invalidate(self) -> None:
+        """Forget every plan (not the profiles): the decisions behind them changed, as when autotune
+        adds a measured point that any problem may borrow from. A lookup in flight sees the new
+        generation and does not store what it decided."""
+        self.generation += 1
+        self.by_key.clear()
+        self.recent.clear()
+
     def _put(self, cache: dict[tuple[Any, ...], Plan], key: tuple[Any, ...], plan: Plan) -> None:
         # bounded like the decision cache (selection.MAX_CACHED): a decode loop whose KV cache grows
         # by one key per step makes a new signature every step, and a compiled model with dynamic

@@ -23,6 +23,7 @@ import yaml
 
 from .costmodel import (
     MODEL_PASSES, SHAPE_CLASSES, VARIANTS, CostModel, Fit, Group, GroupKey, Point, features, group_key, point_problem,
+    shape_class,
 )
 from .device import DEVICE_TABLE
 from .problem import DTYPES_BY_NAME, Problem, problem_from_shape
@@ -87,7 +88,7 @@ def sm_count_of(device: dict[str, Any]) -> int:
         return n
     for d in DEVICE_TABLE:
         if d.key == device.get("key"):
-            return d.sm_count
+            return max(1, d.sm_count)
     return 1
 
 
@@ -139,17 +140,11 @@ class Profile:
         keys = list(index.candidates(key))
         if key.variant != "plain":
             keys += list(index.candidates(key._replace(variant="plain")))
-        x = features(p, self.sm_count)
         for gk, why in keys:
             g = index.groups.get(gk)
             if g is None:
                 continue
-
-            def dist(pt: Point, g: Group = g) -> float:
-                y = features(point_problem(g.key, pt), self.sm_count)
-                return abs(math.log((x[1] + 1e-12) / (y[1] + 1e-12))) + abs(math.log((x[2] + 1e-12) / (y[2] + 1e-12)))
-
-            pt = min((pt for pt in g.points if pt.ranking), key=dist)
+            pt = g.nearest_points(p, "", self.sm_count, 1, has="ranking")[0]
             return pt.ranking, g, pt, why
         return None
 
@@ -216,8 +211,11 @@ def _parse_group(i: int, g: Any, path: str, measured: bool) -> Group:
         pcfg = pt.get("config") or {}
         _need(isinstance(pcfg, dict) and all(isinstance(v, dict) for kk, v in pcfg.items() if kk != "__line__"),
               path, pl, f"{what}.config must map implementation names to mappings")
-        points.append(Point(pt["B"], pt["Hq"], pt["Hkv"], pt["Sq"], pt["Sk"], window, ms, host, tuple(ranking),
-                            _strip(pcfg)))
+        point = Point(pt["B"], pt["Hq"], pt["Hkv"], pt["Sq"], pt["Sk"], window, ms, host, tuple(ranking),
+                      _strip(pcfg))
+        cls = shape_class(point_problem(key, point))
+        _need(cls == key.cls, path, pl, f"{what}: Sq={pt['Sq']}, Sk={pt['Sk']} is class {cls!r}, not the group's {key.cls!r}")
+        points.append(point)
     fits: dict[str, Fit] = {}
     fits_raw = g.get("fits") or {}
     _need(isinstance(fits_raw, dict), path, line, f"groups[{i}].fits must map implementation names to fits")

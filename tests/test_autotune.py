@@ -306,7 +306,8 @@ def test_the_budget_bounds_the_total(profile_dir: pathlib.Path, register, monkey
     rep = autotune.history[-1]
     assert slow.calls >= 1
     assert rep.longest_step_s >= delay_s
-    assert rep.elapsed_s <= autotune.BUDGET_S + rep.longest_step_s + 0.03, rep.describe()
+    # 0.1 s: one preemption on a loaded 2-core CI machine, not a second over-budget call (>= 0.3 s here)
+    assert rep.elapsed_s <= autotune.BUDGET_S + rep.longest_step_s + 0.1, rep.describe()
     if delay_s > autotune.BUDGET_S / 4:  # its share: four candidates
         assert "fake:slow" in rep.skipped and slow.calls == 1, rep.describe()
 

@@ -120,7 +120,7 @@ def heldout_summary(rows: Sequence[dict[str, Any]], judge: bool = True, planned:
         "chosen": _count(r["choice"]["variant"] for r in rows),
         "wall_s": round(sum(r.get("wall_s", 0.0) for r in rows), 1),  # the shapes' compiles, checks, timing
     }
-    complete = len(rows) == planned and not no_oracle
+    complete = bool(rows) and len(rows) == planned and not no_oracle
     s["checks"] = {} if not judge else {
         f"geomean dispatcher/oracle >= {HELDOUT_MIN_GEOMEAN_ORACLE}":
             complete and s["geomean_oracle"] >= HELDOUT_MIN_GEOMEAN_ORACLE,
