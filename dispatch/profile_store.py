@@ -37,10 +37,10 @@ OLD_SCHEMAS: tuple[int, ...] = (1,)
 # How a benchmark or tune shape is timed (tools/shapes.py): "decode" (few rows against a cache, no
 # mask) is timed as serving runs it, a CUDA-graph replay; the model's groups key on the pass
 # (fwd / fwd_bwd) and the shape class instead.
-PASSES: tuple[str, ...] = ("fwd", "fwd_bwd", "decode")
+TIMING_PASSES: tuple[str, ...] = ("fwd", "fwd_bwd", "decode")
 
 
-def problem_pass(p: Problem) -> str:
+def timing_pass(p: Problem) -> str:
     """How a problem is timed: "fwd_bwd" (training), "decode" (a few query rows that see the whole
     cache), else "fwd"."""
     if p.needs_grad:

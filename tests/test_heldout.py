@@ -11,7 +11,7 @@ import inspect
 import pytest
 
 from flashdispatch.problem import DECODE_MAX_SEQLEN_Q, problem_from_shape
-from flashdispatch.profile_store import problem_pass
+from flashdispatch.profile_store import timing_pass
 from flashdispatch.tools import heldout, shapes
 
 HELD = heldout.HELDOUT
@@ -83,7 +83,7 @@ def test_every_shape_is_a_labelled_consistent_call() -> None:
         assert heldout.kind_of(s) == h.kind, h
         assert shapes.check_shape(s) == s
         p = problem_from_shape(s.dims, dtype=s.dtype, causal=s.causal, needs_grad=s.needs_grad)
-        assert problem_pass(p) == s.pass_
+        assert timing_pass(p) == s.pass_
         if h.kind in ("decode", "speculative"):
             assert s.seqlen_q <= DECODE_MAX_SEQLEN_Q < s.seqlen_k
 

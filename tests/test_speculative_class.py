@@ -11,7 +11,7 @@ import torch
 import flashdispatch as fd
 from flashdispatch.backends.triton import configs
 from flashdispatch.problem import problem_from_shape
-from flashdispatch.profile_store import problem_pass
+from flashdispatch.profile_store import timing_pass
 
 LONG_CACHE_GROUPS = ("#fwd speculative bf16 D=128", "#fwd chunked bf16 D=128")
 
@@ -41,11 +41,11 @@ def test_other_classes_keep_their_models(shape, causal, group):
     assert d.source.endswith("#" + group), d.source
 
 
-def test_problem_pass():
-    assert problem_pass(problem_from_shape((1, 2, 2, 4, 64, 16), causal=True)) == "fwd"
-    assert problem_pass(problem_from_shape((1, 2, 2, 4, 64, 16), causal=False)) == "decode"
-    assert problem_pass(problem_from_shape((1, 2, 2, 1, 64, 16), causal=True)) == "decode"
-    assert problem_pass(problem_from_shape((1, 2, 2, 4, 64, 16), causal=True, needs_grad=True)) == "fwd_bwd"
+def test_timing_pass():
+    assert timing_pass(problem_from_shape((1, 2, 2, 4, 64, 16), causal=True)) == "fwd"
+    assert timing_pass(problem_from_shape((1, 2, 2, 4, 64, 16), causal=False)) == "decode"
+    assert timing_pass(problem_from_shape((1, 2, 2, 1, 64, 16), causal=True)) == "decode"
+    assert timing_pass(problem_from_shape((1, 2, 2, 4, 64, 16), causal=True, needs_grad=True)) == "fwd_bwd"
 
 
 def test_split_kv_keeps_its_tiles_under_a_forward_measured_config():

@@ -22,7 +22,7 @@ from flashdispatch.device import DeviceInfo
 from flashdispatch.costmodel import group_key, shape_class
 from flashdispatch.device import simulated_device
 from flashdispatch.problem import Problem, problem_from_shape
-from flashdispatch.profile_store import SCHEMA_VERSION, Profile, parse_profile, problem_pass
+from flashdispatch.profile_store import SCHEMA_VERSION, Profile, parse_profile, timing_pass
 from flashdispatch.reference import attention_math
 from flashdispatch.registry import REGISTRY
 from flashdispatch.tools import bench, bench_report, shapes, timing, tune, verify
@@ -114,7 +114,7 @@ def test_every_shape_is_timed_and_grouped_as_the_dispatcher_builds_it(name: str)
     for s in shapes.named(name):
         window = (s.window, 0) if s.window >= 0 else None
         p = problem_from_shape(s.dims, dtype=s.dtype, causal=s.causal, needs_grad=s.needs_grad, window=window)
-        assert problem_pass(p) == s.pass_, s
+        assert timing_pass(p) == s.pass_, s
         m = tune.bucket_match(s)
         key = group_key(p)
         assert s.group == key and m == {"pass": key.pass_, "class": key.cls, "variant": key.variant,

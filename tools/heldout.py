@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Iterable, NamedTuple, Sequence
 
 from flashdispatch.problem import DECODE_MAX_SEQLEN_Q, problem_from_shape
-from flashdispatch.profile_store import problem_pass
+from flashdispatch.profile_store import timing_pass
 
 from .shapes import Shape, check_shape
 
@@ -79,7 +79,7 @@ def make(model: str, kind: str, dtype: str, b: int, hq: int, hkv: int, sq: int, 
     if kind not in KINDS:
         raise ValueError(f"held-out {model!r}: kind expected one of {KINDS}, got {kind!r}")
     needs_grad = kind == "train"
-    pass_ = problem_pass(problem_from_shape((b, hq, hkv, sq, sk, d), dtype=dtype, causal=causal,
+    pass_ = timing_pass(problem_from_shape((b, hq, hkv, sq, sk, d), dtype=dtype, causal=causal,
                                             needs_grad=needs_grad))
     lens = f"s{sk}" if sq == sk else f"q{sq}-k{sk}"
     label = f"{_slug(model)}-{kind}-{dtype}-b{b}-{lens}"

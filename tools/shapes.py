@@ -15,7 +15,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 from flashdispatch.costmodel import GroupKey, group_key
 from flashdispatch.problem import DECODE_MAX_SEQLEN_Q, DTYPES_BY_NAME, Problem, problem_from_shape
-from flashdispatch.profile_store import PASSES, problem_pass
+from flashdispatch.profile_store import TIMING_PASSES, timing_pass
 
 
 class Shape(NamedTuple):
@@ -64,8 +64,8 @@ def check_shape(s: Shape) -> Shape:
     """Raise ValueError when a shape's pass disagrees with what the dispatcher would look up."""
     if s.dtype not in DTYPES_BY_NAME:
         raise ValueError(f"shape {s.label!r}: dtype expected one of {sorted(DTYPES_BY_NAME)}, got {s.dtype!r}")
-    if s.pass_ not in PASSES:
-        raise ValueError(f"shape {s.label!r}: pass expected one of {PASSES}, got {s.pass_!r}")
+    if s.pass_ not in TIMING_PASSES:
+        raise ValueError(f"shape {s.label!r}: pass expected one of {TIMING_PASSES}, got {s.pass_!r}")
     if s.heads_kv <= 0 or s.heads_q % s.heads_kv:
         raise ValueError(f"shape {s.label!r}: heads_q={s.heads_q} must be a multiple of heads_kv={s.heads_kv}")
     if s.window >= 0 and not s.causal:
@@ -73,7 +73,7 @@ def check_shape(s: Shape) -> Shape:
                          "sliding windows)")
     if s.window < -1:
         raise ValueError(f"shape {s.label!r}: window expected -1 (none) or >= 0, got {s.window}")
-    looked_up = problem_pass(s.problem())
+    looked_up = timing_pass(s.problem())
     if s.pass_ != looked_up:
         raise ValueError(
             f"shape {s.label!r}: pass={s.pass_!r} but the dispatcher looks up Sq={s.seqlen_q}, Sk={s.seqlen_k}"

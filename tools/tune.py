@@ -39,7 +39,7 @@ from flashdispatch.backend import Implementation
 from flashdispatch.device import DeviceInfo, real_device
 from flashdispatch.device import simulated_device
 from flashdispatch.problem import DTYPES_BY_NAME, Problem, problem_from_tensors
-from flashdispatch.profile_store import ProfileError, parse_profile, problem_pass
+from flashdispatch.profile_store import ProfileError, parse_profile, timing_pass
 from flashdispatch.registry import REGISTRY
 
 from . import shapes as shape_lists
@@ -165,8 +165,8 @@ def make_inputs(s: Shape, device: torch.device, gen: torch.Generator
     window = (s.window, 0) if s.window >= 0 else None
     with torch.set_grad_enabled(s.needs_grad):
         p = problem_from_tensors(q, k, v, causal=s.causal, scale=None, layout="bhsd", return_lse=False, window=window)
-    if problem_pass(p) != s.pass_:
-        raise ValueError(f"shape {s.label!r}: pass {s.pass_!r} but the dispatcher would look up {problem_pass(p)!r}")
+    if timing_pass(p) != s.pass_:
+        raise ValueError(f"shape {s.label!r}: pass {s.pass_!r} but attention() would time it as {timing_pass(p)!r}")
     return q, k, v, do, p
 
 
