@@ -225,9 +225,9 @@ def fit(xs: Sequence[Sequence[float]], times_us: Sequence[float]) -> Fit:
     """Non-negative least squares on the relative error, by trying every subset of the four
     features: for each number of terms, the subset with the smallest error whose coefficients are
     all >= 0; more terms replace fewer only when they cut the error to TERM_GAIN of it or less.
-    Every model has the work or the bytes term; one point fits the work term alone (a
-    throughput), and the others join as the points allow: at most one term per two points, each
-    lowering the error to TERM_GAIN of the simpler model's or less."""
+    One point fits the work term alone (a throughput). From two points on, every model has the
+    fixed cost and the work or the bytes term; the others join as the points allow (at most one
+    term per two points beyond the first two)."""
     a = np.stack([np.asarray(x, dtype=np.float64) for x in xs])
     t = np.asarray(times_us, dtype=np.float64)
     if a.ndim != 2 or len(t) != len(a) or len(t) == 0:
@@ -236,29 +236,41 @@ def fit(xs: Sequence[Sequence[float]], times_us: Sequence[float]) -> Fit:
         raise ValueError(f"fit: times must be finite and > 0, got {t.tolist()}")
     w = a / t[:, None]  # relative residuals: (a.c - t) / t = w.c - 1
     ones = np.ones(len(t))
-    # at most one term per two points (rounded up): four terms through four points would pass
-    # through every one of them and say nothing between or beyond them
-    max_terms = max(1, min(a.shape[1], (len(t) + 1) // 2))
-    best: tuple[float, np.ndarray] | None = None
-    for r in range(1, max_terms + 1):
-        size_best: tuple[float, np.ndarray] | None = None  # the best model with r terms
-        for subset in itertools.combinations(range(a.shape[1]), r):
-            if 1 not in subset and 2 not in subset:
-                continue  # a model with neither work nor bytes says nothing about another size
-            sub = w[:, subset]
-            if not np.any(sub):
-                continue
-            c, *_ = np.linalg.lstsq(sub, ones, rcond=None)
-            if np.any(c < -1e-12):
-                continue
-            full = np.zeros(a.shape[1])
-            full[list(subset)] = np.maximum(c, 0.0)
-            err = float(np.sqrt(np.mean((w @ full - 1.0) ** 2)))
-            if size_best is None or err < size_best[0] - 1e-12:  # a tie keeps the earlier (work before bytes)
-                size_best = (err, full)
-        # a term must earn its place: r terms replace r - 1 only at TERM_GAIN of its error or less
-        if size_best is not None and (best is None or size_best[0] < best[0] * TERM_GAIN - 1e-9):
-            best = size_best
+    # From two points on, every model has the fixed cost (a kernel launch is never free; without it
+    # a model fitted at large sizes predicts small ones at almost nothing) and the work or the
+    # bytes; beyond those two, at most one term per two points (rounded up): four terms through four
+    # points would pass through every one and say nothing between or beyond them.
+    n = len(t)
+
+    def search(with_overhead: bool) -> tuple[float, np.ndarray] | None:
+        max_terms = 1 if not with_overhead else max(2, min(a.shape[1], (n + 1) // 2))
+        best: tuple[float, np.ndarray] | None = None
+        for r in range(1, max_terms + 1):
+            size_best: tuple[float, np.ndarray] | None = None  # the best model with r terms
+            for subset in itertools.combinations(range(a.shape[1]), r):
+                if 1 not in subset and 2 not in subset:
+                    continue  # a model with neither work nor bytes says nothing about another size
+                if with_overhead and 0 not in subset:
+                    continue
+                sub = w[:, subset]
+                if not np.any(sub):
+                    continue
+                c, *_ = np.linalg.lstsq(sub, ones, rcond=None)
+                if np.any(c < -1e-12):
+                    continue
+                full = np.zeros(a.shape[1])
+                full[list(subset)] = np.maximum(c, 0.0)
+                err = float(np.sqrt(np.mean((w @ full - 1.0) ** 2)))
+                if size_best is None or err < size_best[0] - 1e-12:  # a tie keeps the earlier (work before bytes)
+                    size_best = (err, full)
+            # a term must earn its place: r terms replace r - 1 only at TERM_GAIN of its error or less
+            if size_best is not None and (best is None or size_best[0] < best[0] * TERM_GAIN - 1e-9):
+                best = size_best
+        return best
+
+    # one point: a throughput; more: with the fixed cost, unless every such model needs a negative
+    # coefficient (times that grow faster than the work), then without it
+    best = (search(True) if n > 1 else None) or search(False)
     if best is None:  # only all-zero features (impossible for real shapes)
         raise ValueError("fit: no feature varies with the measurements")
     gf = a[:, 1]
@@ -382,6 +394,14 @@ class Prediction:
     sm_count: int = 1
     model_name: str = ""  # whose fit predicted (another implementation's for a variant it runs as)
     gflop: float = 0.0  # the problem's work as the model counted it
+    x: tuple[float, ...] = field(default=(), compare=False, repr=False)  # the features it predicted from
+
+    def at_work(self, gflop: float) -> float:
+        """The predicted ms of the same problem scaled to `gflop` of work (bytes and tail alike)."""
+        if not self.x or self.x[1] <= 0:
+            return self.ms
+        s = gflop / self.x[1]
+        return max(self.fit.predict_us((self.x[0], self.x[1] * s, self.x[2] * s, self.x[3] * s)), 1e-3) / 1e3
 
     @property
     def nearest(self) -> tuple[Point, ...]:
@@ -410,6 +430,21 @@ class Prediction:
             how.append("nearest measured: " + "; ".join(
                 f"{pt.describe()} -> {pt.ms[mname]:.4g} ms" for pt in nearest if mname in pt.ms))
         return f"{self.name}: {self.ms:.4g} ms predicted ({'; '.join(how)})"
+
+
+def compared_where_measured(a: Prediction, b: Prediction) -> tuple[float, float, str]:
+    """Two predictions compared where both models were measured: at the problem's own work, or,
+    when either extrapolates, at that work clamped into the span both groups measured (a model's
+    fixed cost, fitted at large sizes, decides nothing far below them). Returns (a ms, b ms, note)."""
+    if not (a.extrapolated or b.extrapolated) or a.fit.n < 2 or b.fit.n < 2:
+        return a.ms, b.ms, ""
+    lo, hi = max(a.fit.lo_gflop, b.fit.lo_gflop), min(a.fit.hi_gflop, b.fit.hi_gflop)
+    if lo > hi or a.gflop <= 0:
+        return a.ms, b.ms, ""
+    w = min(max(a.gflop, lo), hi)
+    if w == a.gflop:
+        return a.ms, b.ms, ""
+    return a.at_work(w), b.at_work(w), f"compared at {w:.3g} GFLOP, inside both models' measured work"
 
 
 class CostModel:
@@ -494,4 +529,4 @@ class CostModel:
         work = x[1]
         extrapolated = f.n < 2 or not (f.lo_gflop / EXTRAPOLATION_FACTOR <= work <= f.hi_gflop * EXTRAPOLATION_FACTOR)
         return Prediction(name, us / 1e3, g.key, f, borrowed, estimated, bool(extrapolated), g, p, self.sm_count,
-                          model_name, work)
+                          model_name, work, tuple(x))

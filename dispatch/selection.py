@@ -17,7 +17,7 @@ from typing import Any, Iterator
 from . import envs
 from .device import ARCH_FAMILY, DeviceInfo, current_device, real_device
 from .errors import NoBackendError
-from .costmodel import Prediction, group_key
+from .costmodel import Prediction, compared_where_measured, group_key
 from .profile_store import Group, Profile, load_profile
 from .problem import Problem
 from .registry import REGISTRY
@@ -292,10 +292,12 @@ def _rank_by_model(p: Problem, dev: DeviceInfo, eligible: list[str], profile: Pr
     top = by_time[0]
     if top != BASELINE and BASELINE in preds:
         need = baseline_margin(preds[top].fit.rms, preds[BASELINE].fit.rms)
-        if preds[top].ms > preds[BASELINE].ms * (1.0 - need) * (1.0 + 1e-9):  # 1e-9: float noise at the edge
-            r.notes.append(f"{top} is predicted at {preds[top].ms:.4g} ms and plain sdpa at {preds[BASELINE].ms:.4g} ms, "
-                           f"less than {need * 100:.3g}% apart (the larger of {BASELINE_MARGIN:.0%} and the two fit "
-                           "errors): plain SDPA, the baseline, runs")
+        t_ms, b_ms, where = compared_where_measured(preds[top], preds[BASELINE])
+        if t_ms > b_ms * (1.0 - need) * (1.0 + 1e-9):  # 1e-9: float noise at the edge
+            at = f" ({where}: {t_ms:.4g} and {b_ms:.4g} ms)" if where else ""
+            r.notes.append(f"{top} is predicted at {preds[top].ms:.4g} ms and plain sdpa at {preds[BASELINE].ms:.4g} ms"
+                           f"{at}, less than {need * 100:.3g}% apart (the larger of {BASELINE_MARGIN:.0%} and the two "
+                           "fit errors): plain SDPA, the baseline, runs")
             r.ordered.remove(BASELINE)
             r.ordered.insert(0, BASELINE)
             r.kept_baseline = True

@@ -344,6 +344,22 @@ def convert_profile(text: str, path: str, *, today: str | None = None) -> str:
     return profile_yaml_text(prof, header)
 
 
+def refit_profile(text: str, path: str) -> str:
+    """A schema-2 profile with every group's models fitted again to its points (after a change of
+    the fit), its header, points and configs unchanged."""
+    from flashdispatch.profile_store import parse_profile
+
+    prof = parse_profile(text, path)
+    if prof.schema != 2:
+        raise ValueError(f"{path}: schema {prof.schema}; convert it first (without --refit)")
+    if prof.measured:
+        for g in prof.groups:
+            g.refit(prof.sm_count)
+    header = "\n".join(line[2:] if line.startswith("# ") else line[1:] for line in text.splitlines()
+                       if line.startswith("#"))
+    return profile_yaml_text(prof, header)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import sys
@@ -352,9 +368,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  description="Rewrite a profile (schema 1 included) as schema 2, keeping its "
                                              "measurements; prints the new file.")
     ap.add_argument("path", help="the profile to convert")
+    ap.add_argument("--refit", action="store_true",
+                    help="a schema-2 file: fit every group's models again to its points (after a change of the fit)")
     args = ap.parse_args(argv)
     with open(args.path, encoding="utf-8") as f:
-        sys.stdout.write(convert_profile(f.read(), args.path))
+        text = f.read()
+    sys.stdout.write(refit_profile(text, args.path) if args.refit else convert_profile(text, args.path))
     return 0
 
 
