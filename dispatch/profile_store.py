@@ -154,6 +154,15 @@ def _need(cond: bool, path: str, line: int | None, reason: str) -> None:
         raise ProfileError(path, line, reason)
 
 
+def _keys(m: dict[str, Any], required: Sequence[str], optional: Sequence[str], what: str, path: str,
+          line: int | None) -> None:
+    """A mapping has every required key and no key outside required + optional."""
+    missing = [k for k in required if k not in m]
+    _need(not missing, path, line, f"{what} lacks {missing}")
+    unknown = [k for k in m if k not in (*required, *optional, "__line__")]
+    _need(not unknown, path, line, f"{what} has unknown keys {unknown}")
+
+
 def _positive_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
@@ -174,10 +183,7 @@ def _parse_group(i: int, g: Any, path: str, measured: bool) -> Group:
     k = g.get("key")
     _need(isinstance(k, dict), path, line, f"groups[{i}].key is required")
     kl = k.get("__line__", line)
-    missing = [x for x in GROUP_KEYS if x not in k]
-    _need(not missing, path, kl, f"groups[{i}].key lacks {missing}")
-    unknown = [x for x in k if x not in GROUP_KEYS + ("__line__",)]
-    _need(not unknown, path, kl, f"groups[{i}].key has unknown keys {unknown}")
+    _keys(k, GROUP_KEYS, (), f"groups[{i}].key", path, kl)
     _need(k["pass"] in MODEL_PASSES, path, kl,
           f"groups[{i}].key.pass must be one of {MODEL_PASSES}, got {k['pass']!r}")
     _need(k["class"] in SHAPE_CLASSES, path, kl,
@@ -298,10 +304,7 @@ def _groups_from_schema1(raw: dict[str, Any], path: str) -> list[Group]:
         m = e.get("match")
         _need(isinstance(m, dict), path, line, f"entries[{i}].match is required")
         ml = m.get("__line__", line)
-        missing = [k for k in _V1_MATCH_REQUIRED if k not in m]
-        _need(not missing, path, ml, f"entries[{i}].match lacks {missing}")
-        unknown = [k for k in m if k not in _V1_MATCH_REQUIRED + _V1_MATCH_OPTIONAL + ("__line__",)]
-        _need(not unknown, path, ml, f"entries[{i}].match has unknown keys {unknown}")
+        _keys(m, _V1_MATCH_REQUIRED, _V1_MATCH_OPTIONAL, f"entries[{i}].match", path, ml)
         _need(m["dtype"] in DTYPES_BY_NAME, path, ml,
               f"entries[{i}].match.dtype must be one of {sorted(DTYPES_BY_NAME)}, got {m['dtype']!r}")
         _need(m["pass"] in ("fwd", "fwd_bwd", "decode"), path, ml,
