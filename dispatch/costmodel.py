@@ -438,6 +438,8 @@ def compared_where_measured(a: Prediction, b: Prediction) -> tuple[float, float,
     fixed cost, fitted at large sizes, decides nothing far below them). Returns (a ms, b ms, note)."""
     if not (a.extrapolated or b.extrapolated) or a.fit.n < 2 or b.fit.n < 2:
         return a.ms, b.ms, ""
+    if a.estimated or b.estimated or not math.isclose(a.gflop, b.gflop, rel_tol=1e-9):
+        return a.ms, b.ms, ""  # the two count different work (a variant one of them does not fuse)
     lo, hi = max(a.fit.lo_gflop, b.fit.lo_gflop), min(a.fit.hi_gflop, b.fit.hi_gflop)
     if lo > hi or a.gflop <= 0:
         return a.ms, b.ms, ""
