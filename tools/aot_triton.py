@@ -262,7 +262,7 @@ def default_cases(target: str, head_dims: Sequence[int] = (64, 128, 256)) -> lis
 
     arch = TARGETS[target][3]
     cases: list[KernelCase] = []
-    # one problem per shape class (configs.shape_class): base, short, chunked prefill
+    # one problem per shape class (configs.tile_class): base, short, chunked prefill
     classes = ((4096, 4096), (512, 512), (1024, 1024 * configs.CHUNK_RATIO))
     for d in head_dims:
         for causal in (False, True):

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Iterable, NamedTuple, Sequence
 
 from flashdispatch.problem import DECODE_MAX_SEQLEN_Q, problem_from_shape
+from flashdispatch.costmodel import shape_class
 from flashdispatch.profile_store import timing_pass
 
 from .shapes import Shape, check_shape
@@ -56,14 +57,13 @@ class HeldOut(NamedTuple):
 
 
 def kind_of(s: Shape) -> str:
-    """The kind of call a shape is, from its sizes alone (what the held-out list declares)."""
+    """The kind of call a shape is, from its sizes alone (what the held-out list declares): "train"
+    for training, else the cost model's shape class where it names a kind of serving call (decode,
+    speculative, chunked), "prefill" for the rest."""
     if s.pass_ == "fwd_bwd":
         return "train"
-    if s.seqlen_q == 1 and s.seqlen_k > 1:
-        return "decode"
-    if s.causal and s.seqlen_q < s.seqlen_k:
-        return "speculative" if s.seqlen_q <= DECODE_MAX_SEQLEN_Q else "chunked"
-    return "prefill"
+    cls = shape_class(s.problem())
+    return cls if cls in ("decode", "speculative", "chunked") else "prefill"
 
 
 def _slug(model: str) -> str:

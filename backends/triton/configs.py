@@ -86,8 +86,8 @@ FORWARD_DEFAULTS: dict[str, dict[tuple[int, bool], dict[str, Any]]] = {
         (256, False): _F(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, TMA=False),
         (256, True): _F(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, TMA=False),
     },
-    # Shape classes with their own entries (see shape_class): "chunk" = causal with
-    # Sk >= CHUNK_RATIO * Sq (chunked prefill against a long cache: nearly every row sees nearly every
+    # Tile classes with their own entries (tile_class; not the cost model's shape classes): "chunk" =
+    # causal with Sk >= CHUNK_RATIO * Sq (chunked prefill against a long cache: nearly every row sees nearly every
     # key); "short" = Sk < SHORT_SEQLEN (few key blocks per program: the descriptor set-up of the TMA
     # kernel does not pay; measured 252 us TMA vs 220 us pointer at D=128, S=512, B=32, H=16).
     "sm_90:chunk": {
@@ -210,7 +210,7 @@ def _check_keys(config: dict[str, Any], allowed: frozenset[str], what: str) -> N
         raise ValueError(f"config['num_stages']: expected an int >= 1, got {config['num_stages']!r}")
 
 
-def shape_class(causal: bool, seqlen_q: int, seqlen_k: int) -> str:
+def tile_class(causal: bool, seqlen_q: int, seqlen_k: int) -> str:
     """Which default-table variant a problem uses: "chunk", "short" or "base" (0 = unknown length)."""
     if causal and seqlen_q and seqlen_k >= CHUNK_RATIO * seqlen_q:
         return "chunk"
@@ -222,7 +222,7 @@ def shape_class(causal: bool, seqlen_q: int, seqlen_k: int) -> str:
 def forward_defaults(arch: str, head_dim: int, causal: bool, seqlen_q: int = 0, seqlen_k: int = 0) -> dict[str, Any]:
     """Default forward config for (arch, D bucket, causal) and the problem's shape class."""
     return _forward_defaults_by_class(arch, head_dim_bucket(head_dim), bool(causal),
-                                      shape_class(causal, seqlen_q, seqlen_k))
+                                      tile_class(causal, seqlen_q, seqlen_k))
 
 
 def _forward_defaults_by_class(arch: str, bucket: int, causal: bool, cls: str) -> dict[str, Any]:
@@ -254,7 +254,7 @@ def resolve_forward(config: dict[str, Any] | None, arch: str, head_dim: int, cau
     Cached per (config, arch, bucket, causal, class): it runs on every call of a launch-bound path.
     """
     frozen = _frozen(config)
-    cls = shape_class(causal, seqlen_q, seqlen_k)
+    cls = tile_class(causal, seqlen_q, seqlen_k)
     if frozen is None:
         return _resolve_forward(config, arch, head_dim_bucket(head_dim), causal, cls)
     return dict(_resolve_forward_cached(frozen, arch, head_dim_bucket(head_dim), bool(causal), cls))
