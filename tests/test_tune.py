@@ -747,6 +747,32 @@ def test_a_failed_capture_leaves_the_current_stream_as_it_was(monkeypatch) -> No
     assert current[0] is default
 
 
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name,expect", [("cuda:1", [1]), ("cuda", [])])
+def test_tune_and_bench_make_the_device_they_measure_on_current(monkeypatch, name, expect) -> None:
+    """Events, streams and syncs without a device act on the current one: --device cuda:1 is made
+    current, and plain cuda (the current device) is left alone (set_device refuses an index-less
+    device). Fakes stand for the GPU; each main stops right after the switch."""
+    set_to: list[int] = []
+    monkeypatch.setattr(tune, "parse_device", lambda _: torch.device(name))
+    monkeypatch.setattr(tune, "select_implementations", lambda *a: {"sdpa": REGISTRY.get("sdpa")})
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: set_to.append(torch.device(d).index))
+
+    def stop(*a: Any, **k: Any) -> Any:
+        raise _Stop
+
+    monkeypatch.setattr(tune, "device_info", stop)
+    with pytest.raises(_Stop):
+        tune.main(["--shapes", "tiny"])
+    monkeypatch.setattr(bench, "_heldout_plan", stop)
+    with pytest.raises(_Stop):
+        bench.main(["--heldout"])
+    assert set_to == expect * 2
+
+
 def test_a_shape_expected_past_the_budget_is_not_started(tmp_path) -> None:
     plan = TINY[:3]
     state = tune.State(str(tmp_path / "s.json"), {"card": "CPU"})

@@ -844,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.dry_run:
         return _dry_run(plan, args, device, opts)
+    if device.index is not None and device.type == "cuda":  # events, streams, syncs act on the current device
+        torch.cuda.set_device(device)
     dev = device_info(device)
     key = args.profile_key or dev.profile_key or dev.arch
     out_path = _out_path(args, key)
