@@ -461,7 +461,9 @@ def _measure(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, d: "
     t0 = time.perf_counter()
     deadline = t0 + BUDGET_S
     cuda = q.is_cuda
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # q's device, not the current one: on cuda:1 with cuda:0 current, a sync and events of the
+    # current device timed none of the calls
+    sync = (lambda: torch.cuda.synchronize(q.device)) if cuda else (lambda: None)
 
     def finish(reason: str = "") -> None:
         rep.elapsed_s = time.perf_counter() - t0
@@ -525,6 +527,7 @@ def _measure(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, d: "
         order = list(active)
         if cuda:
             ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            stream = torch.cuda.current_stream(q.device)
         stop = not order
         for r in range(MAX_REPS if order else 0):  # interleaved: one call of each per round, rotating
             for name in order[r % len(order):] + order[:r % len(order)]:
@@ -534,9 +537,9 @@ def _measure(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, d: "
                     break
                 t = time.perf_counter()
                 if cuda:
-                    ev0.record()
+                    ev0.record(stream)
                     impl.run(q, k, v, p, cfg, extras)
-                    ev1.record()
+                    ev1.record(stream)
                     ev1.synchronize()
                     ms = ev0.elapsed_time(ev1)
                 else:

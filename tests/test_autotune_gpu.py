@@ -120,3 +120,37 @@ def test_autotune_picks_triton_for_an_unsure_chunked_prefill(tmp_path: pathlib.P
         assert r["max_err_vs_fp32"] < 0.05, r
         if r["autotuned"]:
             assert r["elapsed_ms"] <= autotune.BUDGET_S * 1e3 + r["longest_step_ms"], r
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_autotune_times_the_calls_on_the_inputs_device_not_the_current_one() -> None:
+    """Inputs on cuda:1 while cuda:0 is current: the events and syncs of the measurement must be
+    cuda:1's (on cuda:0's stream they timed nothing: a few microseconds for a call of a
+    millisecond)."""
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 1)
+    b, hq, hkv, sq, sk, d = SHAPE
+    q = torch.randn(b, hq, sq, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(b, hkv, sk, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(b, hkv, sk, d, device=dev, dtype=torch.bfloat16)
+    dec = flashdispatch.explain(q, k, v, causal=True)
+    p = dec.problem
+    i = autotune.ident(p)
+    assert i is not None
+    rep = autotune.Report("test", i[0], i[1])
+    autotune._measure(q, k, v, p, dec, None, None, rep)
+    assert "sdpa" in rep.measured, rep.describe()
+    with torch.cuda.device(dev):
+        call = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=True)  # noqa: E731
+        for _ in range(3):
+            call()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(10):
+            call()
+        e.record()
+        e.synchronize()
+        eager_ms = s.elapsed_time(e) / 10
+    print(f"\ncuda:1 inputs, cuda:0 current: autotune measured sdpa {rep.measured['sdpa']:.3f} ms, "
+          f"eager non-causal {eager_ms:.3f} ms")
+    assert rep.measured["sdpa"] > 0.2 * eager_ms, (rep.measured, eager_ms)

@@ -455,6 +455,9 @@ def test_dry_run_prints_the_plan_and_its_estimate_for_a_named_gpu(capsys, monkey
     assert "NVIDIA H200" in out and "estimated:" in out and "fwd decode bf16 D=128" in out
     est = tune.estimate_plan(shapes.tune_shapes(quick=True), simulated_device("h200"), tune.TuneOptions.preset(True))
     assert tune._fmt_seconds(est.seconds) in out
+    # without --shapes, as the docs write it: that GPU's quick grid, not this CPU's shapes
+    assert tune.main(["--quick", "--dry-run", "--profile-key", "h200"]) == 0
+    assert tune._fmt_seconds(est.seconds) in capsys.readouterr().out
 
 
 # --- the benchmark on the CPU ----------------------------------------------------------------
@@ -701,6 +704,75 @@ def test_graph_replay_needs_a_cuda_device_and_rotation_sets_exceed_l2() -> None:
     assert timing.rotation_sets(3 * 2**30, CPU, l2=l2) == 1  # one set already over the memory cap
 
 
+def test_a_failed_capture_leaves_the_current_stream_as_it_was(monkeypatch) -> None:
+    """torch.cuda.graph's __exit__ raises from capture_end before it leaves its stream context, so a
+    call that cannot be captured left the side stream current for the rest of the process. Torch's
+    own context manager here; the CUDA calls under it are fakes (no GPU on CI)."""
+    from flashdispatch.tools import decode_timing
+
+    class FakeStream:
+        def wait_stream(self, other: object) -> None:
+            pass
+
+    default = FakeStream()
+    current = [default]
+
+    class StreamContext:
+        def __init__(self, s: object) -> None:
+            self.s, self.prev = s, None
+
+        def __enter__(self) -> None:
+            self.prev, current[0] = current[0], self.s
+
+        def __exit__(self, *exc: object) -> None:
+            current[0] = self.prev
+
+    class FakeGraph:
+        def capture_begin(self, *a: object, **k: object) -> None:
+            pass
+
+        def capture_end(self) -> None:
+            raise RuntimeError("operation failed due to a previous error during capture")
+
+    def set_stream(s: object) -> None:
+        current[0] = s
+
+    for name, value in (("Stream", FakeStream), ("stream", StreamContext), ("current_stream", lambda *a: current[0]),
+                        ("set_stream", set_stream), ("synchronize", lambda *a: None), ("empty_cache", lambda: None),
+                        ("CUDAGraph", FakeGraph)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: None, raising=False)
+    with pytest.raises(RuntimeError, match="during capture"):
+        decode_timing.graph_replay(lambda: None)
+    assert current[0] is default
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name,expect", [("cuda:1", [1]), ("cuda", [])])
+def test_tune_and_bench_make_the_device_they_measure_on_current(monkeypatch, name, expect) -> None:
+    """Events, streams and syncs without a device act on the current one: --device cuda:1 is made
+    current, and plain cuda (the current device) is left alone (set_device refuses an index-less
+    device). Fakes stand for the GPU; each main stops right after the switch."""
+    set_to: list[int] = []
+    monkeypatch.setattr(tune, "parse_device", lambda _: torch.device(name))
+    monkeypatch.setattr(tune, "select_implementations", lambda *a: {"sdpa": REGISTRY.get("sdpa")})
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: set_to.append(torch.device(d).index))
+
+    def stop(*a: Any, **k: Any) -> Any:
+        raise _Stop
+
+    monkeypatch.setattr(tune, "device_info", stop)
+    with pytest.raises(_Stop):
+        tune.main(["--shapes", "tiny"])
+    monkeypatch.setattr(bench, "_heldout_plan", stop)
+    with pytest.raises(_Stop):
+        bench.main(["--heldout"])
+    assert set_to == expect * 2
+
+
 def test_a_shape_expected_past_the_budget_is_not_started(tmp_path) -> None:
     plan = TINY[:3]
     state = tune.State(str(tmp_path / "s.json"), {"card": "CPU"})
@@ -790,8 +862,9 @@ def test_a_schema_1_profile_converts_to_schema_2_keeping_its_measurements() -> N
 @pytest.mark.parametrize("graph,expect", [
     (0.02, "CUDA-graph replay over 1 input sets"),
     (1e-9, "the call was not captured"),  # an empty replay (a launch on another stream) is not a time
+    (0.0, "the call was not captured"),  # events of an empty replay can read exactly 0
     (timing.CaptureError("RuntimeError: capture refused"), "cannot be captured in a CUDA graph (RuntimeError"),
-], ids=["replayed", "empty-replay", "refused"])
+], ids=["replayed", "empty-replay", "zero-replay", "refused"])
 def test_graph_timing_falls_back_to_the_eager_median_with_a_note(fake_clock, monkeypatch, graph, expect) -> None:
     def replay(fns, device, **kw):  # type: ignore[no-untyped-def]
         for fn in fns:

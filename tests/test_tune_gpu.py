@@ -61,8 +61,10 @@ def test_a_call_that_cannot_be_captured_raises_capture_error_and_the_device_surv
         F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         torch.cuda.synchronize()  # forbidden during capture
 
+    before = torch.cuda.current_stream()
     with pytest.raises(timing.CaptureError):
         timing.graph_replay_ms([syncs], CUDA)
+    assert torch.cuda.current_stream() == before  # not left on the capture's side stream
     assert timing.context_alive(CUDA)
     ms = timing.graph_replay_ms([lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)], CUDA)
     assert ms > 0

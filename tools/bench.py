@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                 if given:
                     raise ValueError(f"{flag}: only with --heldout")
         device = tune.parse_device(args.device)
+        if device.index is not None and device.type == "cuda":  # events, streams, syncs act on the current device
+            torch.cuda.set_device(device)
         extras: list[dict[str, Any]]
         if args.heldout:
             calls = _heldout_plan(args, device)

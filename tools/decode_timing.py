@@ -75,8 +75,14 @@ def graph_replay(fn: Callable[[], Any], warmup_calls: int = GRAPH_WARMUP_CALLS) 
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=stream):
-        fn()
+    prev = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(g, stream=stream):
+            fn()
+    finally:
+        # a failed capture raises from torch.cuda.graph's __exit__ before it leaves its stream
+        # context: without this, every later call of the process would run on the side stream
+        torch.cuda.set_stream(prev)
     torch.cuda.synchronize()
     return g.replay
 

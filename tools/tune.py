@@ -329,8 +329,8 @@ def _time_graph_step(impl: Implementation, cfg: dict[str, Any], p: Problem, fn: 
             floor = timing.min_bytes(p, "fwd") / GRAPH_MAX_BYTES_PER_S * 1e3
             if replay_ms < floor:  # a launch on another stream is not captured, and its replay is empty
                 raise timing.CaptureError(f"a replay read the inputs at "
-                                          f"{timing.min_bytes(p, 'fwd') / replay_ms / 1e9:.3g} TB/s, beyond any "
-                                          "memory: the call was not captured")
+                                          f"{timing.min_bytes(p, 'fwd') / max(replay_ms, 1e-9) / 1e9:.3g} TB/s, "
+                                          "beyond any memory: the call was not captured")
             ms = replay_ms
             note += f"; CUDA-graph replay over {len(fns)} input sets"
         except timing.CaptureError as e:
@@ -736,8 +736,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _simulates_gpu(profile_key: str | None) -> bool:
+    """Whether --profile-key names a known GPU (an unknown key is reported by --dry-run itself)."""
+    if not profile_key:
+        return False
+    try:
+        return simulated_device(profile_key).kind != "cpu"
+    except (KeyError, ValueError):
+        return False
+
+
 def _plan(args: argparse.Namespace, device: torch.device) -> list[Shape]:
-    name = args.shapes or ("cpu" if device.type != "cuda" else "quick" if args.quick else "full")
+    # --dry-run --profile-key h200 on any machine plans that GPU's grid, as its estimate is for that GPU
+    gpu = device.type == "cuda" or (args.dry_run and _simulates_gpu(args.profile_key))
+    name = args.shapes or ("cpu" if not gpu else "quick" if args.quick else "full")
     for dt in args.dtypes or []:
         if dt not in DTYPES_BY_NAME:
             raise ValueError(f"--dtypes: expected some of {sorted(DTYPES_BY_NAME)}, got {dt!r}")
@@ -832,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.dry_run:
         return _dry_run(plan, args, device, opts)
+    if device.index is not None and device.type == "cuda":  # events, streams, syncs act on the current device
+        torch.cuda.set_device(device)
     dev = device_info(device)
     key = args.profile_key or dev.profile_key or dev.arch
     out_path = _out_path(args, key)
