@@ -123,14 +123,13 @@ class Overlay:
 
 
 def overlay_of(prof: Profile | None) -> Overlay | None:
-    return None if prof is None else prof.__dict__.get("_autotune_overlay")
+    return None if prof is None else prof.overlay
 
 
 def _attach(prof: Profile, path: str) -> Overlay:
-    ov = overlay_of(prof)
-    if ov is None:
-        ov = prof.__dict__["_autotune_overlay"] = Overlay(path)
-    return ov
+    if prof.overlay is None:
+        prof.overlay = Overlay(path)
+    return prof.overlay
 
 
 def _merge_points(prof: Profile, items: list[tuple[GroupKey, Point]], path: str,
@@ -146,22 +145,16 @@ def _merge_points(prof: Profile, items: list[tuple[GroupKey, Point]], path: str,
         if g is None:
             g = Group(k, [])
             prof.groups.append(g)
-        for i, old in enumerate(g.points):
-            if old.dims() == pt.dims() and old.window == pt.window:
-                g.points[i] = old._replace(ms={**old.ms, **pt.ms}, config={**old.config, **pt.config})
-                break
-        else:
-            g.points.append(pt)
+        g.add(pt)
         i = _point_ident(k, pt)
         old_pt = ov.points.get(i)
-        ov.points[i] = pt if old_pt is None else old_pt._replace(ms={**old_pt.ms, **pt.ms},
-                                                                   config={**old_pt.config, **pt.config})
+        ov.points[i] = pt if old_pt is None else old_pt.updated_by(pt)
         for name in pt.ms:  # measured and passing now: no longer refused
             ov.rejected.get(i, {}).pop(name, None)
         changed[k] = g
     for g in changed.values():
         g.refit(prof.sm_count)
-    prof.__dict__.pop("_model", None)  # the cost model indexes fits by group: build it again
+    prof.models_changed()
 
 
 REJECTED_FIELDS: tuple[str, ...] = ("pass", "class", "variant", "dtype", "head_dim", "B", "Hq", "Hkv", "Sq", "Sk",
@@ -615,10 +608,7 @@ def write_point(directory: str, dev: DeviceInfo, key: str, gkey: GroupKey, pt: P
         if g is None:
             g = Group(gkey, [])
             groups.append(g)
-        same = [o for o in g.points if (o.dims(), o.window) == (pt.dims(), pt.window)]
-        if same:  # measured again: the new times win, the others stay
-            pt = pt._replace(ms={**same[-1].ms, **pt.ms}, config={**same[-1].config, **pt.config})
-        g.points = [o for o in g.points if (o.dims(), o.window) != (pt.dims(), pt.window)] + [pt]
+        pt = g.add(pt)  # measured again: the new times win, the others stay
         i = _point_ident(gkey, pt)
         rejected[i] = {n: why for n, why in {**rejected.get(i, {}), **(failed or {})}.items() if n not in pt.ms}
         if not rejected[i]:

@@ -300,6 +300,13 @@ class Point(NamedTuple):
     def dims(self) -> tuple[int, int, int, int, int]:
         return (self.batch, self.heads_q, self.heads_kv, self.seqlen_q, self.seqlen_k)
 
+    def same_shape(self, other: "Point") -> bool:
+        return (self.dims(), self.window) == (other.dims(), other.window)
+
+    def updated_by(self, new: "Point") -> "Point":
+        """This shape measured again: the new times and configs win, the others stay."""
+        return self._replace(ms={**self.ms, **new.ms}, config={**self.config, **new.config})
+
     def describe(self) -> str:
         w = f" window={self.window}" if self.window >= 0 else ""
         return f"B={self.batch} Hq={self.heads_q} Hkv={self.heads_kv} Sq={self.seqlen_q} Sk={self.seqlen_k}{w}"
@@ -322,6 +329,16 @@ class Group:
     fits: dict[str, Fit] = field(default_factory=dict)
     config: dict[str, dict[str, Any]] = field(default_factory=dict)
     line: int | None = None
+
+    def add(self, pt: Point) -> Point:
+        """Take a measured point: one of the same shape is updated by it in place, else it is
+        appended. Returns the point as stored (the caller refits)."""
+        for i, old in enumerate(self.points):
+            if old.same_shape(pt):
+                self.points[i] = old.updated_by(pt)
+                return self.points[i]
+        self.points.append(pt)
+        return pt
 
     def point_features(self, sm_count: int) -> list[tuple[float, float, float, float]]:
         """features() of every point (kept while the points and sm_count are unchanged)."""

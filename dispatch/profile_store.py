@@ -102,6 +102,8 @@ class Profile:
     groups: list[Group] = field(default_factory=list)
     note: str = ""
     schema: int = SCHEMA_VERSION  # the schema the file was written in (1: converted on load)
+    # autotune's overlay merged into this profile (dispatch/autotune.Overlay), if any
+    overlay: Any = field(default=None, repr=False, compare=False)
 
     def provenance(self) -> str:
         g = self.generated
@@ -114,14 +116,25 @@ class Profile:
     def sm_count(self) -> int:
         return sm_count_of(self.device)
 
+    def _index(self, name: str, measured: bool) -> CostModel:
+        """A CostModel over the groups with fits (measured) or with argued rankings, built once and
+        again when groups are added or models_changed() is called."""
+        cached = self.__dict__.get(name)
+        if cached is None or cached[0] != len(self.groups):
+            groups = [g for g in self.groups if (g.fits if measured else any(pt.ranking for pt in g.points))]
+            cached = (len(self.groups), CostModel(groups, self.sm_count))
+            self.__dict__[name] = cached
+        return cached[1]
+
     @property
     def model(self) -> CostModel:
-        """The cost model of the measured groups (built once)."""
-        cached = self.__dict__.get("_model")
-        if cached is None or cached[0] != len(self.groups):
-            cached = (len(self.groups), CostModel([g for g in self.groups if g.fits], self.sm_count))
-            self.__dict__["_model"] = cached
-        return cached[1]
+        """The cost model of the measured groups."""
+        return self._index("_model", True)
+
+    def models_changed(self) -> None:
+        """Groups were refitted or given points: the indexes are built again on next use."""
+        self.__dict__.pop("_model", None)
+        self.__dict__.pop("_argued", None)
 
     def group(self, key: GroupKey) -> Group | None:
         for g in self.groups:
@@ -133,7 +146,7 @@ class Profile:
         """An unmeasured profile's order for `p`: the ranking of the nearest point of the nearest
         group (CostModel's borrowing rules; a variant takes the plain problem's), with the
         borrowing in words."""
-        index = CostModel([g for g in self.groups if any(pt.ranking for pt in g.points)], self.sm_count)
+        index = self._index("_argued", False)
         if not index:
             return None
         key = group_key(p)
