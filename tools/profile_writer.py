@@ -323,6 +323,12 @@ Unlike a tune of today, its decode points are eager medians with the L2 flushed 
 not CUDA-graph replays, and carry no host_us."""
 
 
+def header_of(text: str) -> str:
+    """A profile file's comment lines, without their '# ' (what profile_yaml_text writes back)."""
+    return "\n".join(line[2:] if line.startswith("# ") else line[1:] for line in text.splitlines()
+                     if line.startswith("#"))
+
+
 def convert_profile(text: str, path: str, *, today: str | None = None) -> str:
     """A profile of any schema the store reads (schema 1 included) rewritten as schema 2, keeping
     its measurements and provenance; the header says it was converted, not re-measured."""
@@ -338,8 +344,7 @@ def convert_profile(text: str, path: str, *, today: str | None = None) -> str:
         if prof.schema != 2:
             prof.generated = {**g, "converted": f"from schema {prof.schema} on {today or _dt.date.today().isoformat()}"}
     else:
-        header = "\n".join(line[2:] if line.startswith("# ") else line[1:] for line in text.splitlines()
-                           if line.startswith("#"))
+        header = header_of(text)
     prof.device.setdefault("sm_count", prof.sm_count)
     return profile_yaml_text(prof, header)
 
@@ -355,8 +360,7 @@ def refit_profile(text: str, path: str) -> str:
     if prof.measured:
         for g in prof.groups:
             g.refit(prof.sm_count)
-    header = "\n".join(line[2:] if line.startswith("# ") else line[1:] for line in text.splitlines()
-                       if line.startswith("#"))
+    header = header_of(text)
     return profile_yaml_text(prof, header)
 
 
