@@ -59,6 +59,16 @@ from .problem import (
 #   decode       Sq <= DECODE_MAX_SEQLEN_Q and Sq < Sk, no mask (Sq = 1, or causal=False): every
 #                row sees the whole cache; memory-bound
 SHAPE_CLASSES: tuple[str, ...] = ("dense", "causal", "chunked", "speculative", "causal_tall", "decode")
+# The classes of the serving calls (dispatch/serving.py), whose implementations are the serving
+# families ("triton", "sdpa"), not the dense registry's:
+#   varlen           a packed batch (cu_seqlens) of B sequences; a point is B sequences of the mean
+#                    length (Sq, Sk), causal within each
+#   kvcache          Sq <= DECODE_MAX_SEQLEN_Q rows per sequence against its (paged) cache: decode,
+#                    speculative verification; a point's Sk is every sequence's cache length
+#   kvcache_chunked  a prompt chunk of more rows against the cache
+# They never borrow from the dense classes nor lend to them: the kernels and fallbacks differ.
+SERVING_CLASSES: tuple[str, ...] = ("varlen", "kvcache", "kvcache_chunked")
+ALL_CLASSES: tuple[str, ...] = SHAPE_CLASSES + SERVING_CLASSES
 # The variants a problem may add; "plain" is none. A problem with several is grouped under the
 # first of window, sinks, softcap that it uses (the window changes the work most).
 VARIANTS: tuple[str, ...] = ("plain", "window", "sinks", "softcap")
@@ -76,6 +86,9 @@ CLASS_NEIGHBOURS: dict[str, tuple[str, ...]] = {
     "speculative": ("chunked", "decode", "causal"),
     "causal_tall": ("causal", "dense"),
     "decode": ("speculative", "dense"),
+    "varlen": (),
+    "kvcache": ("kvcache_chunked",),
+    "kvcache_chunked": ("kvcache",),
 }
 HALF_DTYPE_TWIN: dict[str, str] = {"fp16": "bf16", "bf16": "fp16"}
 
@@ -92,6 +105,15 @@ def shape_class(p: Problem) -> str:
     if sq <= DECODE_MAX_SEQLEN_Q and sk > sq:
         return "decode"
     return "dense"
+
+
+def serving_class(kind: str, seqlen_q: int) -> str:
+    """The class of a serving call: kind "varlen" or "kvcache" (SERVING_CLASSES), by its rows."""
+    if kind == "varlen":
+        return "varlen"
+    if kind != "kvcache":
+        raise ValueError(f"serving kind: expected 'varlen' or 'kvcache', got {kind!r}")
+    return "kvcache" if seqlen_q <= DECODE_MAX_SEQLEN_Q else "kvcache_chunked"
 
 
 def variant_kind(p: Problem) -> str:
@@ -313,13 +335,21 @@ class Point(NamedTuple):
 
 
 def point_problem(key: GroupKey, pt: Point, device_kind: str = "cuda") -> Problem:
-    """The Problem a point of group `key` measured (what attention() would build for it)."""
-    causal = key.cls in ("causal", "chunked", "speculative", "causal_tall")
+    """The Problem a point of group `key` measured (what attention() would build for it); for a
+    serving class, the dense problem of the same work (B sequences of the point's lengths, causal)."""
+    causal = key.cls in ("causal", "chunked", "speculative", "causal_tall") + SERVING_CLASSES
     window = (pt.window, 0 if causal else pt.window) if pt.window >= 0 else NO_WINDOW
     return Problem(device_kind, 0, DTYPES_BY_NAME[key.dtype], pt.batch, pt.heads_q, pt.heads_kv, pt.seqlen_q,
                    pt.seqlen_k, key.head_dim, key.head_dim, causal, key.head_dim ** -0.5, "bhsd", True,
                    key.pass_ == "fwd_bwd", False, window, 30.0 if key.variant == "softcap" else 0.0,
                    key.variant == "sinks")
+
+
+def point_class(key: GroupKey, pt: Point) -> str:
+    """The class a point of group `key` falls in by its dims (the group's, when it is valid)."""
+    if key.cls in SERVING_CLASSES:
+        return serving_class("varlen" if key.cls == "varlen" else "kvcache", pt.seqlen_q)
+    return shape_class(point_problem(key, pt))
 
 
 @dataclass

@@ -22,8 +22,7 @@ from typing import Any, Sequence
 import yaml
 
 from .costmodel import (
-    MODEL_PASSES, SHAPE_CLASSES, VARIANTS, CostModel, Fit, Group, GroupKey, Point, features, group_key, point_problem,
-    shape_class,
+    ALL_CLASSES, MODEL_PASSES, VARIANTS, CostModel, Fit, Group, GroupKey, Point, group_key, point_class,
 )
 from .device import DEVICE_TABLE
 from .problem import DTYPES_BY_NAME, Problem, problem_from_shape
@@ -199,8 +198,8 @@ def _parse_group(i: int, g: Any, path: str, measured: bool) -> Group:
     _keys(k, GROUP_KEYS, (), f"groups[{i}].key", path, kl)
     _need(k["pass"] in MODEL_PASSES, path, kl,
           f"groups[{i}].key.pass must be one of {MODEL_PASSES}, got {k['pass']!r}")
-    _need(k["class"] in SHAPE_CLASSES, path, kl,
-          f"groups[{i}].key.class must be one of {SHAPE_CLASSES}, got {k['class']!r}")
+    _need(k["class"] in ALL_CLASSES, path, kl,
+          f"groups[{i}].key.class must be one of {ALL_CLASSES}, got {k['class']!r}")
     _need(k["variant"] in VARIANTS, path, kl, f"groups[{i}].key.variant must be one of {VARIANTS}, got {k['variant']!r}")
     _need(k["dtype"] in DTYPES_BY_NAME, path, kl,
           f"groups[{i}].key.dtype must be one of {sorted(DTYPES_BY_NAME)}, got {k['dtype']!r}")
@@ -232,7 +231,7 @@ def _parse_group(i: int, g: Any, path: str, measured: bool) -> Group:
               path, pl, f"{what}.config must map implementation names to mappings")
         point = Point(pt["B"], pt["Hq"], pt["Hkv"], pt["Sq"], pt["Sk"], window, ms, host, tuple(ranking),
                       _strip(pcfg))
-        cls = shape_class(point_problem(key, point))
+        cls = point_class(key, point)
         _need(cls == key.cls, path, pl, f"{what}: Sq={pt['Sq']}, Sk={pt['Sk']} is class {cls!r}, not the group's {key.cls!r}")
         points.append(point)
     fits: dict[str, Fit] = {}

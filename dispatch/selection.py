@@ -12,12 +12,12 @@ import contextvars
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import envs
 from .device import ARCH_FAMILY, DeviceInfo, current_device, real_device
 from .errors import NoBackendError
-from .costmodel import Prediction, compared_where_measured, group_key
+from .costmodel import GroupKey, Prediction, compared_where_measured, group_key
 from .profile_store import Group, Profile, load_profile
 from .problem import Problem
 from .registry import REGISTRY
@@ -69,8 +69,9 @@ class Decision:
             f"  problem:  {self.problem.describe()}",
             f"  device:   {self.device.describe()}",
         ]
-        if isinstance(self.problem, Problem):
-            lines.insert(2, f"  class:    {group_key(self.problem).label()}")
+        # a dense Problem's group, or a serving call's (its ServingProblem knows it)
+        key = group_key(self.problem) if isinstance(self.problem, Problem) else self.problem.model_key()
+        lines.insert(2, f"  class:    {key.label()}")
         if self.profile:
             lines.append(f"  profile:  {self.profile}")
         if self.config:
@@ -272,20 +273,32 @@ def _variant_path(name: str, dev: DeviceInfo, variant: str) -> tuple[bool, str]:
 def _rank_by_model(p: Problem, dev: DeviceInfo, eligible: list[str], profile: Profile) -> _Ranking | None:
     """Eligible implementations by predicted time (those the profile has no model of after them,
     in the default order), with plain SDPA kept unless the winner is predicted BASELINE_MARGIN faster."""
+    key = group_key(p)
+    return rank_by_model(p, key, eligible, profile,
+                         variant_path=lambda n: _variant_path(n, dev, key.variant) if p.is_variant else (True, ""),
+                         default_order=lambda names: _default_order(p, dev, names))
+
+
+def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profile, *,
+                  variant_path: Callable[[str], tuple[bool, str]],
+                  default_order: Callable[[list[str]], list[str]]) -> _Ranking | None:
+    """`eligible` by the time `profile`'s model predicts for `p` in group `key` (a dense call's
+    own group, or a serving call's: dispatch/serving.py), the baseline kept within its margin;
+    `variant_path(name)` says whether `name` fuses the problem's variant and what runs it if not;
+    `default_order` orders the names the model cannot predict. None: no model predicts any."""
     model = profile.model
     if not model:
         return None
     preds: dict[str, Prediction] = {}
-    key = group_key(p)
     for n in eligible:
-        fuses, runs_as = _variant_path(n, dev, key.variant) if p.is_variant else (True, "")
+        fuses, runs_as = variant_path(n)
         pr = model.predict(p, n, fuses_variants=fuses, runs_as=runs_as, key=key)
         if pr is not None:
             preds[n] = pr
     if not preds:
         return None
     by_time = sorted(preds, key=lambda n: (preds[n].ms, n))
-    rest = _default_order(p, dev, [n for n in eligible if n not in preds])
+    rest = default_order([n for n in eligible if n not in preds])
     r = _Ranking(by_time + rest)
     if rest:
         r.notes.append(f"no model for {', '.join(rest)}: placed after the predicted ones, in the built-in order")
@@ -390,9 +403,10 @@ def select(p: Problem, backend: str | None = None, *, device: DeviceInfo | None 
     return d
 
 
-def _select_uncached(p: Problem, forced: str | None, source: str, device: DeviceInfo | None) -> Decision:
+def profile_for(dev: DeviceInfo) -> tuple[Profile | None, list[str]]:
+    """The profile that decides on `dev` (its own, else its architecture's), and what went wrong
+    finding it (notes for the decision)."""
     st = state()
-    dev = device if device is not None else device_for(p)
     profile, problems = st.profile(dev.profile_key)
     family = ARCH_FAMILY.get(dev.arch)
     if profile is None and family is not None and family != dev.profile_key:
@@ -401,6 +415,13 @@ def _select_uncached(p: Problem, forced: str | None, source: str, device: Device
         problems = problems + more
         if profile is not None:
             problems.append(f"no profile for {dev.profile_key!r}: using {family!r} (same architecture {dev.arch})")
+    return profile, problems
+
+
+def _select_uncached(p: Problem, forced: str | None, source: str, device: DeviceInfo | None) -> Decision:
+    st = state()
+    dev = device if device is not None else device_for(p)
+    profile, problems = profile_for(dev)
     rejected: dict[str, list[str]] = {}
     names = list(REGISTRY.all())
     fams = REGISTRY.families()

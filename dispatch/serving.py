@@ -38,7 +38,8 @@ import torch
 from . import envs, selection
 from .device import DeviceInfo
 from .errors import NoBackendError
-from .problem import DTYPE_NAMES, Problem
+from .costmodel import GroupKey, problem_pass, serving_class, variant_kind
+from .problem import DTYPE_NAMES, Problem, normalised_window
 from .registry import REGISTRY
 from .selection import Decision, current_forced, device_for, state
 
@@ -52,7 +53,8 @@ class ServingProblem(NamedTuple):
     """What selection needs of a varlen or KV-cache call: shapes and options, never values.
 
     seqlen_q / seqlen_k: max_seqlen_q / max_seqlen_k (varlen), or Sq / the cache's capacity
-    (kvcache); block_size 0: a contiguous cache (or varlen)."""
+    (kvcache); block_size 0: a contiguous cache (or varlen); tokens_q / tokens_k: the packed rows
+    (varlen: total_q, total_k; kvcache: B x Sq, B x capacity), the work the cost model counts."""
 
     kind: str  # "varlen" | "kvcache"
     device_kind: str
@@ -73,13 +75,33 @@ class ServingProblem(NamedTuple):
     needs_grad: bool
     return_lse: bool
     block_size: int = 0
+    tokens_q: int = 0
+    tokens_k: int = 0
+
+    def work(self) -> Problem:
+        """The dense problem of the same work, for the cost model: B sequences of the mean packed
+        lengths (varlen), or of Sq rows against the whole capacity (kvcache: the lengths are on the
+        device, and selection never reads them), with the call's variants."""
+        p = self.dense()
+        if self.kind == "varlen":
+            b = max(1, self.batch)
+            p = p._replace(seqlen_q=max(1, round(self.tokens_q / b)), seqlen_k=max(1, round(self.tokens_k / b)))
+        return p._replace(window=normalised_window(self.window, self.causal), softcap=self.softcap or 0.0,
+                          sinks=self.sinks)
+
+    def model_key(self) -> GroupKey:
+        """The cost model's group for this call (a serving class: dispatch/costmodel.py)."""
+        w = self.work()
+        return GroupKey(problem_pass(w), serving_class(self.kind, self.seqlen_q), variant_kind(w), w.dtype_name,
+                        self.head_dim)
 
     def describe(self) -> str:
         cache = (f", paged cache block_size={self.block_size}" if self.block_size else
                  (", contiguous cache" if self.kind == "kvcache" else ""))
         extras = "".join([f", window={self.window}" if self.window else "",
                           f", softcap={self.softcap}" if self.softcap else "", ", sinks" if self.sinks else ""])
-        return (f"{self.kind} B={self.batch} Hq={self.heads_q} Hkv={self.heads_kv} "
+        tokens = f" total_q={self.tokens_q} total_k={self.tokens_k}" if self.kind == "varlen" and self.tokens_q else ""
+        return (f"{self.kind} B={self.batch}{tokens} Hq={self.heads_q} Hkv={self.heads_kv} "
                 f"{'max_seqlen_q' if self.kind == 'varlen' else 'Sq'}={self.seqlen_q} "
                 f"{'max_seqlen_k' if self.kind == 'varlen' else 'capacity'}={self.seqlen_k} D={self.head_dim}"
                 f"{'' if self.head_dim_v == self.head_dim else f' Dv={self.head_dim_v}'} "
@@ -302,11 +324,15 @@ def check_values(*, cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torc
 
 @dataclass(frozen=True)
 class ServingBackend:
-    """One family's varlen and kvcache support: why it cannot serve a problem (empty: it can)."""
+    """One family's varlen and kvcache support: why it cannot serve a problem (empty: it can), and
+    how it runs sliding window, softcap and sinks (for the cost model): fused in the kernel, or by
+    `variants_run_as`'s plain path over the whole score matrix and its mask (explicit math)."""
 
     name: str
     reasons: Callable[[ServingProblem, DeviceInfo], list[str]]
     notes: Callable[[ServingProblem, DeviceInfo], list[str]]
+    fuses_variants: bool = False
+    variants_run_as: str = ""
 
 
 def _triton_reasons(sp: ServingProblem, dev: DeviceInfo) -> list[str]:
@@ -355,11 +381,12 @@ def _cupy_reasons(sp: ServingProblem, dev: DeviceInfo) -> list[str]:
 
 
 SERVING_BACKENDS: dict[str, ServingBackend] = {
-    "triton": ServingBackend("triton", _triton_reasons, _triton_notes),
-    "sdpa": ServingBackend("sdpa", _sdpa_reasons, _sdpa_notes),
+    "triton": ServingBackend("triton", _triton_reasons, _triton_notes, fuses_variants=True),
+    "sdpa": ServingBackend("sdpa", _sdpa_reasons, _sdpa_notes, variants_run_as="sdpa"),
     "cupy": ServingBackend("cupy", _cupy_reasons, lambda sp, dev: []),
 }
-# No profile holds serving measurements yet: the built-in order decides (our kernels first on GPUs,
+# Where a measured profile has a model of the call's serving class (dispatch/costmodel.py), the
+# predicted times decide, as for attention(); else this built-in order (our kernels first on GPUs,
 # the fallback first on the CPU, where Triton runs only in its interpreter).
 SERVING_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "sdpa", "cupy"),
@@ -402,12 +429,40 @@ def _select(sp: ServingProblem, forced: str | None, source: str) -> Decision:
             ok.append(name)
     if not ok:
         raise NoBackendError(sp, dev, rejected, forced=forced, source=source)  # type: ignore[arg-type]
-    chosen = ok[0]
-    notes = SERVING_BACKENDS[chosen].notes(sp, dev) + [
-        "no profile entry measures varlen/KV-cache calls: the built-in order decided"]
-    return Decision(backend=chosen, variant=chosen, config={}, source=source if forced else "default",
-                    rejected=rejected, problem=sp, device=dev, candidates=tuple(ok),  # type: ignore[arg-type]
-                    notes=tuple(notes))
+    profile, notes = selection.profile_for(dev)
+    rk = _rank(sp, ok, profile, order) if forced is None else None
+    chosen = rk.ordered[0] if rk is not None else ok[0]
+    notes = SERVING_BACKENDS[chosen].notes(sp, dev) + notes
+    if rk is not None:
+        notes += rk.notes
+    elif forced is None:
+        label = sp.model_key().label()
+        notes.append(f"the profile has no model for {label}: the built-in order decided" if profile and profile.measured
+                     else "no measured profile for this device: the built-in order decided")
+    return Decision(backend=chosen, variant=chosen, config={},
+                    source=source if forced else (rk.source if rk is not None else "default"),
+                    rejected=rejected, problem=sp, device=dev,  # type: ignore[arg-type]
+                    candidates=tuple(rk.ordered) if rk is not None else tuple(ok), notes=tuple(notes),
+                    profile=profile.provenance() if profile else None,
+                    predicted=rk.predicted if rk is not None else {},
+                    predictions=tuple(rk.predictions) if rk is not None else (),
+                    margin=rk.margin if rk is not None else None,
+                    uncertain=(rk.uncertain if rk is not None else
+                               ("no model for this problem" if forced is None and profile and profile.measured else "")))
+
+
+def _rank(sp: ServingProblem, ok: list[str], profile: Any, order: tuple[str, ...]) -> Any:
+    """The serving families by the profile's model of the call's class (None: no model says)."""
+    if profile is None or not profile.measured:
+        return None
+    key = sp.model_key()
+
+    def variant_path(name: str) -> tuple[bool, str]:
+        b = SERVING_BACKENDS[name]
+        return (True, "") if key.variant == "plain" else (b.fuses_variants, b.variants_run_as)
+
+    return selection.rank_by_model(sp.work(), key, ok, profile, variant_path=variant_path,
+                                   default_order=lambda names: [n for n in order if n in names])
 
 
 # --- problems ------------------------------------------------------------------------------------
@@ -426,7 +481,7 @@ def varlen_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
                                         or (sinks is not None and sinks.requires_grad))
     return ServingProblem("varlen", _device_kind(q), q.device.index or 0, q.dtype, cu_q.shape[0] - 1, q.shape[1],
                           k.shape[1], int(max_q), int(max_k), q.shape[2], v.shape[2], bool(causal), scale, window,
-                          softcap, sinks is not None, bool(grad), bool(return_lse))
+                          softcap, sinks is not None, bool(grad), bool(return_lse), 0, q.shape[0], k.shape[0])
 
 
 def kvcache_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None,
@@ -437,7 +492,8 @@ def kvcache_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     capacity = block_table.shape[1] * page if block_table is not None else int(k_cache.shape[1])
     return ServingProblem("kvcache", _device_kind(q), q.device.index or 0, q.dtype, q.shape[0], q.shape[2],
                           k_cache.shape[2], q.shape[1], capacity, q.shape[3], v_cache.shape[3], bool(causal), scale,
-                          window, softcap, sinks is not None, bool(grad), bool(return_lse), page)
+                          window, softcap, sinks is not None, bool(grad), bool(return_lse), page,
+                          q.shape[0] * q.shape[1], q.shape[0] * capacity)
 
 
 # --- the public calls ----------------------------------------------------------------------------

@@ -16,8 +16,8 @@ CPU = torch.device("cpu")
 def test_quick_tune_on_a_cpu_plans_cpu_sized_shapes(capsys):
     assert tune.main(["--quick", "--list", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == len(shapes.cpu_shapes())
-    for s in shapes.cpu_shapes():
+    assert len(lines) == len(shapes.named("cpu"))
+    for s in shapes.named("cpu"):
         # a few MB of K/V and at most 256 query rows: each call takes milliseconds on a CPU core
         assert s.batch * s.heads_q * s.seqlen_q * s.seqlen_k <= 2**20, s
     kinds = {(s.pass_, s.causal, s.seqlen_q < s.seqlen_k) for s in shapes.cpu_shapes()}

@@ -19,9 +19,10 @@ import torch
 import flashdispatch
 from flashdispatch.backend import Capabilities, Implementation
 from flashdispatch.device import DeviceInfo
-from flashdispatch.costmodel import group_key, shape_class
+from flashdispatch import serving
+from flashdispatch.costmodel import SERVING_CLASSES, group_key, shape_class
 from flashdispatch.device import simulated_device
-from flashdispatch.problem import Problem, problem_from_shape
+from flashdispatch.problem import DTYPES_BY_NAME, Problem, problem_from_shape
 from flashdispatch.profile_store import SCHEMA_VERSION, Profile, parse_profile, timing_pass
 from flashdispatch.reference import attention_math
 from flashdispatch.registry import REGISTRY
@@ -112,6 +113,9 @@ def _points(prof: Profile) -> list[Any]:
 @pytest.mark.parametrize("name", ["quick", "full", "tiny", "cpu"])
 def test_every_shape_is_timed_and_grouped_as_the_dispatcher_builds_it(name: str) -> None:
     for s in shapes.named(name):
+        if s.serving:
+            _check_serving_shape(s)
+            continue
         window = (s.window, 0) if s.window >= 0 else None
         p = problem_from_shape(s.dims, dtype=s.dtype, causal=s.causal, needs_grad=s.needs_grad, window=window)
         assert timing_pass(p) == s.pass_, s
@@ -121,6 +125,27 @@ def test_every_shape_is_timed_and_grouped_as_the_dispatcher_builds_it(name: str)
                                         "dtype": key.dtype, "head_dim": key.head_dim}, s
         assert m["class"] == shape_class(p) and (m["variant"] == "window") == (s.window >= 0), s
         assert captured_in_serving(s) == (key.cls in ("decode", "speculative")), s
+
+
+def _check_serving_shape(s: shapes.Shape) -> None:
+    """A serving shape's group is the one attention_varlen / attention_kvcache builds for its call."""
+    meta = dict(device="meta", dtype=DTYPES_BY_NAME[s.dtype])
+    if s.serving == "varlen":
+        lengths = shapes.varlen_lengths(s.batch, s.seqlen_q)
+        total = sum(lengths)
+        assert total == s.batch * s.seqlen_q and min(lengths) >= 1, s
+        q, k = torch.empty(total, s.heads_q, s.head_dim, **meta), torch.empty(total, s.heads_kv, s.head_dim, **meta)
+        with torch.set_grad_enabled(s.needs_grad):
+            sp = serving.varlen_problem(q.requires_grad_(s.needs_grad), k, k, torch.empty(s.batch + 1), max(lengths),
+                                        max(lengths), True, 1.0, None, None, None, False)
+    else:
+        pages = -(-s.seqlen_k // shapes.SERVING_PAGE)
+        q = torch.empty(s.batch, s.seqlen_q, s.heads_q, s.head_dim, **meta)
+        kc = torch.empty(s.batch * pages, shapes.SERVING_PAGE, s.heads_kv, s.head_dim, **meta)
+        sp = serving.kvcache_problem(q, kc, kc, torch.empty(s.batch, pages), True, 1.0, None, None, None, False)
+    assert sp.model_key() == s.group, s
+    assert tune.bucket_match(s)["class"] == s.group.cls in SERVING_CLASSES, s
+    assert captured_in_serving(s) == (s.group.cls == "kvcache"), s
 
 
 def test_grids_hold_the_benchmark_shapes() -> None:
@@ -171,7 +196,11 @@ def test_every_group_has_points_enough_for_a_model_and_comes_breadth_first(quick
     keys = set(groups)
     assert {k.variant for k in keys} == {"plain", "window"}
     assert {k.pass_ for k in keys if k.variant == "window"} == {"fwd", "fwd_bwd"}
-    assert {k.cls for k in keys} == {"dense", "causal", "chunked", "speculative", "decode", "causal_tall"}
+    assert {k.cls for k in keys} == {"dense", "causal", "chunked", "speculative", "decode", "causal_tall",
+                                     "varlen", "kvcache", "kvcache_chunked"}
+    # the serving calls: packed training too, and decode timed as serving runs it
+    assert {(k.pass_, k.cls) for k in keys if k.cls in SERVING_CLASSES} == {
+        ("fwd", "varlen"), ("fwd_bwd", "varlen"), ("fwd", "kvcache"), ("fwd", "kvcache_chunked")}
     if not quick:
         assert {k.dtype for k in keys} == {"bf16", "fp16"}
         assert {k.head_dim for k in keys} == {64, 80, 96, 128, 192, 256}

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from flashdispatch.costmodel import (
-    MODEL_PASSES, SHAPE_CLASSES, VARIANTS, Group, GroupKey, Point, features, point_problem,
+    ALL_CLASSES, MODEL_PASSES, VARIANTS, Group, GroupKey, Point, features, point_problem,
 )
 from flashdispatch.device import simulated_device
 from flashdispatch.profile_store import Profile, flow, profile_yaml_text
@@ -223,7 +223,7 @@ def groups_of(results: Sequence[BucketResult], sm_count: int, *, measured: bool 
 
 def _group_order(k: GroupKey) -> tuple[Any, ...]:
     """Groups in the file: by pass, class, variant, dtype, head dim."""
-    return (MODEL_PASSES.index(k.pass_), SHAPE_CLASSES.index(k.cls), VARIANTS.index(k.variant), k.dtype, k.head_dim)
+    return (MODEL_PASSES.index(k.pass_), ALL_CLASSES.index(k.cls), VARIANTS.index(k.variant), k.dtype, k.head_dim)
 
 
 def _rejections(results: Sequence[BucketResult]) -> list[str]:

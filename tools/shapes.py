@@ -11,11 +11,17 @@ tuned-shape benchmark keeps measuring measured shapes.
 
 from __future__ import annotations
 
+import random
 from typing import Iterable, NamedTuple, Sequence
 
-from flashdispatch.costmodel import GroupKey, group_key
+from flashdispatch.costmodel import GroupKey, group_key, serving_class
 from flashdispatch.problem import DECODE_MAX_SEQLEN_Q, DTYPES_BY_NAME, Problem, problem_from_shape
 from flashdispatch.profile_store import TIMING_PASSES, timing_pass
+
+
+SERVING_KINDS: tuple[str, ...] = ("varlen", "kvcache")
+# The page size of the paged caches the tuner measures (vLLM's default block size).
+SERVING_PAGE = 16
 
 
 class Shape(NamedTuple):
@@ -31,6 +37,10 @@ class Shape(NamedTuple):
     pass_: str  # "fwd" | "fwd_bwd" | "decode"
     # a causal sliding window: each query row sees itself and the `window` keys before it (-1: none)
     window: int = -1
+    # a serving call (dispatch/serving.py), causal: "varlen", B packed sequences of mean length Sq = Sk
+    # (varlen_lengths); "kvcache", Sq new rows per sequence against a paged cache of Sk keys each
+    # (block size SERVING_PAGE); "": a dense attention() call
+    serving: str = ""
 
     @property
     def dims(self) -> tuple[int, int, int, int, int, int]:
@@ -42,20 +52,27 @@ class Shape(NamedTuple):
         return self.pass_ == "fwd_bwd"
 
     def problem(self, device_kind: str = "cuda") -> Problem:
-        """The Problem attention() builds for this shape (meta tensors: no memory)."""
+        """The Problem attention() builds for this shape (meta tensors: no memory); for a serving
+        shape, the dense problem of the same work (the cost model's, ServingProblem.work)."""
         return problem_from_shape(self.dims, dtype=self.dtype, device_kind=device_kind, causal=self.causal,
                                   needs_grad=self.needs_grad, window=(self.window, 0) if self.window >= 0 else None)
 
     @property
     def group(self) -> GroupKey:
         """The cost model's group this shape is a point of."""
+        if self.serving:
+            return GroupKey("fwd_bwd" if self.needs_grad else "fwd", serving_class(self.serving, self.seqlen_q),
+                            "plain", self.dtype, self.head_dim)
         return group_key(self.problem())
 
     def describe(self) -> str:
         q = f"Sq={self.seqlen_q} Sk={self.seqlen_k}" if self.seqlen_q != self.seqlen_k else f"S={self.seqlen_k}"
+        if self.serving == "varlen":
+            q = f"mean S={self.seqlen_k}"
         w = f" window={self.window}" if self.window >= 0 else ""
+        kind = {"varlen": " varlen", "kvcache": f" kvcache(page {SERVING_PAGE})"}.get(self.serving, "")
         return (
-            f"{self.pass_} {self.dtype} B={self.batch} Hq={self.heads_q} Hkv={self.heads_kv} {q} "
+            f"{self.pass_}{kind} {self.dtype} B={self.batch} Hq={self.heads_q} Hkv={self.heads_kv} {q} "
             f"D={self.head_dim}{' causal' if self.causal else ''}{w}"
         )
 
@@ -73,6 +90,8 @@ def check_shape(s: Shape) -> Shape:
                          "sliding windows)")
     if s.window < -1:
         raise ValueError(f"shape {s.label!r}: window expected -1 (none) or >= 0, got {s.window}")
+    if s.serving:
+        return _check_serving(s)
     looked_up = timing_pass(s.problem())
     if s.pass_ != looked_up:
         raise ValueError(
@@ -80,6 +99,36 @@ def check_shape(s: Shape) -> Shape:
             f"{' causal' if s.causal else ''} as {looked_up!r}"
         )
     return s
+
+
+def _check_serving(s: Shape) -> Shape:
+    if s.serving not in SERVING_KINDS:
+        raise ValueError(f"shape {s.label!r}: serving expected one of {SERVING_KINDS} or '', got {s.serving!r}")
+    if not s.causal or s.window >= 0:
+        raise ValueError(f"shape {s.label!r}: the tuner measures serving calls causal, without a window")
+    if s.serving == "varlen":
+        if s.seqlen_q != s.seqlen_k or s.pass_ not in ("fwd", "fwd_bwd"):
+            raise ValueError(f"shape {s.label!r}: a varlen shape has Sq = Sk (the mean length) and pass fwd or "
+                             f"fwd_bwd, got Sq={s.seqlen_q} Sk={s.seqlen_k} pass={s.pass_!r}")
+        return s
+    timed = "decode" if s.seqlen_q <= DECODE_MAX_SEQLEN_Q else "fwd"  # few rows: timed as a graph replay
+    if s.seqlen_q > s.seqlen_k or s.pass_ != timed:
+        raise ValueError(f"shape {s.label!r}: a kvcache shape has Sq <= Sk and pass {timed!r} (forward only), got "
+                         f"Sq={s.seqlen_q} Sk={s.seqlen_k} pass={s.pass_!r}")
+    return s
+
+
+def varlen_lengths(batch: int, mean: int) -> list[int]:
+    """The sequence lengths of a varlen shape: `batch` lengths spread evenly from a quarter of
+    `mean` to 1.75x it (a packed batch mixes short and long sequences), summing to batch x mean,
+    in a fixed shuffled order."""
+    if batch <= 1:
+        return [mean] * batch
+    lo, hi = max(1, mean // 4), max(1, mean * 7 // 4)
+    lengths = [round(lo + (hi - lo) * i / (batch - 1)) for i in range(batch)]
+    lengths[-1] = max(1, lengths[-1] + batch * mean - sum(lengths))
+    random.Random(batch * 100_003 + mean).shuffle(lengths)
+    return lengths
 
 
 # The FlashAttention-2 paper's benchmark (section 4.1, also flash-attention's benchmarks/
@@ -175,6 +224,17 @@ PASS_CLASSES: dict[str, tuple[str, ...]] = {
     "fwd": ("causal", "dense", "chunked", "speculative", "decode", "causal_tall"),
     "fwd_bwd": ("causal", "dense", "chunked", "causal_tall"),
 }
+# Serving calls per class (dispatch/costmodel.py's SERVING_CLASSES) as (B, Hkv, Sq, Sk): a varlen
+# point is B packed sequences of mean length Sq = Sk (varlen_lengths), a kvcache point Sq new rows
+# per sequence against a paged cache of Sk keys each (every sequence full: the fallback's gather
+# copies the whole capacity anyway, and our kernel's time then matches what it reads).
+SERVING_POINTS: dict[str, tuple[tuple[int, int, int, int], ...]] = {
+    "varlen": ((8, 4, 1024, 1024), (16, 4, 4096, 4096), (4, 16, 2048, 2048), (32, 2, 512, 512)),
+    "kvcache": ((1, 2, 1, 8192), (64, 4, 1, 2048), (8, 4, 8, 16384), (256, 2, 1, 1024), (16, 16, 4, 32768)),
+    "kvcache_chunked": ((1, 4, 512, 8192), (4, 2, 1024, 16384), (2, 16, 256, 4096)),
+}
+SERVING_PASS_CLASSES: dict[str, tuple[str, ...]] = {"fwd": ("varlen", "kvcache", "kvcache_chunked"),
+                                                     "fwd_bwd": ("varlen",)}
 MODEL_HEAD_DIMS: tuple[int, ...] = (64, 80, 96, 128, 192, 256)
 QUICK_HEAD_DIMS: tuple[int, ...] = (64, 128)
 MODEL_DTYPES: tuple[str, ...] = ("bf16", "fp16")
@@ -196,6 +256,10 @@ class GridSpec(NamedTuple):
     second_dtype_head_dims: tuple[int, ...]
     class_head_dims: dict[str, tuple[int, ...]]  # classes measured at these head dims only
     bench_quick: bool  # which benchmark list the grid holds: bench_shapes(quick=...)
+    # serving calls: the first `serving_points[(pass, class)]` of SERVING_POINTS, at the first
+    # dtype and these head dims (the other dtype and head dims borrow, and the decision says so)
+    serving_points: dict[tuple[str, str], int] = {}
+    serving_head_dims: tuple[int, ...] = ()
 
 
 QUICK_GRID = GridSpec(
@@ -206,6 +270,9 @@ QUICK_GRID = GridSpec(
             ("fwd_bwd", "causal"): 1, ("fwd_bwd", "dense"): 1, ("fwd_bwd", "chunked"): 2},
     window_points=2, window_head_dims=(128,), head_dims=QUICK_HEAD_DIMS, dtypes=("bf16",),
     second_dtype_points=2, second_dtype_head_dims=QUICK_HEAD_DIMS, class_head_dims={}, bench_quick=True,
+    serving_points={("fwd", "varlen"): 2, ("fwd", "kvcache"): 2, ("fwd", "kvcache_chunked"): 2,
+                    ("fwd_bwd", "varlen"): 2},
+    serving_head_dims=(128,),
 )
 FULL_GRID = GridSpec(
     points={("fwd", "causal"): 3, ("fwd", "dense"): 3, ("fwd", "chunked"): 3, ("fwd", "speculative"): 3,
@@ -215,6 +282,9 @@ FULL_GRID = GridSpec(
     second_dtype_points=3, second_dtype_head_dims=(128,),
     class_head_dims={"causal_tall": QUICK_HEAD_DIMS},  # rare: the other head dims borrow
     bench_quick=False,
+    serving_points={("fwd", "varlen"): 3, ("fwd", "kvcache"): 3, ("fwd", "kvcache_chunked"): 3,
+                    ("fwd_bwd", "varlen"): 3},
+    serving_head_dims=(128,),
 )
 
 
@@ -231,6 +301,15 @@ def _window_shape(pass_: str, dt: str, d: int, pt: tuple[int, int, int, int]) ->
     b, hkv, s, w = pt
     label = f"grid-{pass_}-window{w}-{dt}-d{d}-b{b}-g{GRID_HEADS_Q // hkv}-s{s}"
     return check_shape(Shape(label, dt, b, GRID_HEADS_Q, hkv, s, s, d, True, pass_, w))
+
+
+def _serving_shape(pass_: str, cls: str, dt: str, d: int, pt: tuple[int, int, int, int]) -> Shape:
+    b, hkv, sq, sk = pt
+    kind = "varlen" if cls == "varlen" else "kvcache"
+    timed = pass_ if kind == "varlen" or sq > DECODE_MAX_SEQLEN_Q else "decode"
+    lens = f"s{sk}" if kind == "varlen" else f"q{sq}-k{sk}"
+    label = f"grid-{pass_}-{cls}-{dt}-d{d}-b{b}-g{GRID_HEADS_Q // hkv}-{lens}"
+    return check_shape(Shape(label, dt, b, GRID_HEADS_Q, hkv, sq, sk, d, True, timed, serving=kind))
 
 
 def grid_groups(spec: GridSpec, dtypes: Sequence[str] | None = None,
@@ -260,7 +339,11 @@ def grid_groups(spec: GridSpec, dtypes: Sequence[str] | None = None,
                     n = spec.window_points if cap is None else min(spec.window_points, cap)
                     for pt in WINDOW_POINTS[:n]:
                         add(_window_shape(pass_, dt, d, pt))
-    seen = {s.dims + (s.dtype, s.causal, s.pass_, s.window) for g in groups.values() for s in g}
+                if i == 0 and (head_dims or d in spec.serving_head_dims):
+                    for cls in SERVING_PASS_CLASSES.get(pass_, ()):
+                        for pt in SERVING_POINTS[cls][:spec.serving_points.get((pass_, cls), 0)]:
+                            add(_serving_shape(pass_, cls, dt, d, pt))
+    seen = {s.dims + (s.dtype, s.causal, s.pass_, s.window) for g in groups.values() for s in g if not s.serving}
     for s in bench_shapes(dts[:1], quick=spec.bench_quick):  # the benchmark runs one dtype
         key = s.dims + (s.dtype, s.causal, s.pass_, s.window)
         if key not in seen:
@@ -286,10 +369,11 @@ def tune_shapes(
 ) -> list[Shape]:
     """The tuner's grid in measuring order (breadth first across the model's groups).
 
-    quick: bf16, D 64 and 128, every class (2-3 work sizes each), the window variant at D=128,
-    and the quick benchmark shapes; full: bf16 and fp16, D 64/80/96/128/192/256, 3-6 work sizes
-    per class, the window variant at D 64 and 128, and every benchmark shape. Other dtypes or head
-    dims (`dtypes`, `head_dims`) take the same points.
+    quick: bf16, D 64 and 128, every class (2-3 work sizes each), the window variant and the
+    serving calls (varlen, paged KV cache) at D=128, and the quick benchmark shapes; full: bf16
+    and fp16, D 64/80/96/128/192/256, 3-6 work sizes per class, the window variant at D 64 and
+    128, the serving calls at D=128 (3 sizes per class), and every benchmark shape. Other dtypes or head dims
+    (`dtypes`, `head_dims`) take the same points.
     """
     return breadth_first(grid_groups(QUICK_GRID if quick else FULL_GRID, dtypes, head_dims))
 
@@ -319,10 +403,22 @@ def cpu_shapes(dtype: str = "fp32") -> list[Shape]:
     )]
 
 
+def cpu_serving_shapes(dtype: str = "fp32") -> list[Shape]:
+    """The serving calls a CPU tune measures beside cpu_shapes: a packed batch (forward, and
+    forward and backward) and a decode step against a paged cache."""
+    return [check_shape(s) for s in (
+        Shape(f"cpu-varlen-{dtype}-b4-s64", dtype, 4, 8, 2, 64, 64, 64, True, "fwd", serving="varlen"),
+        Shape(f"cpu-varlen-fwd-bwd-{dtype}-b4-s64", dtype, 4, 8, 2, 64, 64, 64, True, "fwd_bwd", serving="varlen"),
+        Shape(f"cpu-kvcache-{dtype}-b4-k1024", dtype, 4, 8, 2, 1, 1024, 64, True, "decode", serving="kvcache"),
+    )]
+
+
 NAMED: dict[str, str] = {
-    "quick": "the model grid at bf16, D 64/128, 2-3 work sizes per shape class, and the quick benchmark shapes",
-    "full": "the model grid at bf16+fp16, D 64..256, 3-6 work sizes per class, and every benchmark shape",
-    "cpu": "CPU-sized shapes, one per kind of call (the default of --quick on a CPU)",
+    "quick": "the model grid at bf16, D 64/128, 2-3 work sizes per shape class, varlen and paged-cache calls at "
+             "D=128, and the quick benchmark shapes",
+    "full": "the model grid at bf16+fp16, D 64..256, 3-6 work sizes per class, varlen and paged-cache calls at "
+            "D=128, and every benchmark shape",
+    "cpu": "CPU-sized shapes, one per kind of call, serving calls included (the default of --quick on a CPU)",
     "tiny": "the smallest shapes, for tests and dry runs",
 }
 
@@ -335,7 +431,8 @@ def named(name: str, dtypes: Sequence[str] | None = None, head_dims: Sequence[in
     if name == "tiny":
         return tiny_shapes(dtypes[0] if dtypes else "fp32")
     if name == "cpu":
-        return cpu_shapes(dtypes[0] if dtypes else "fp32")
+        dt = dtypes[0] if dtypes else "fp32"
+        return cpu_shapes(dt) + cpu_serving_shapes(dt)
     raise ValueError(f"shape list: expected one of {sorted(NAMED)}, got {name!r}")
 
 

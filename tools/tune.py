@@ -43,7 +43,7 @@ from flashdispatch.profile_store import ProfileError, parse_profile, timing_pass
 from flashdispatch.registry import REGISTRY
 
 from . import shapes as shape_lists
-from . import timing, verify
+from . import timing, tune_serving, verify
 from .decode_timing import captured_in_serving
 from .profile_writer import (  # noqa: F401  (re-exported: the tuner's public names)
     TOOL, BucketResult, ProfileMeta, Trial, bucket_id, bucket_match, flow, groups_of, profile_yaml, summary,
@@ -217,7 +217,12 @@ def measure_bucket(
     gen: torch.Generator,
     grad_cache: GradCache | None = None,
 ) -> BucketResult:
-    """Check, then time, every (implementation, config) that can serve shape s."""
+    """Check, then time, every (implementation, config) that can serve shape s (a serving shape:
+    every serving family of the implementations' backends, tools/tune_serving.py)."""
+    if s.serving:
+        return tune_serving.measure_serving_bucket(
+            s, tune_serving.families([impl.backend for impl in impls.values()]), device, opts, gen,
+            (grad_cache or GradCache()).verdicts, host_calls=HOST_CALLS if device.type == "cuda" else HOST_CALLS_CPU)
     t_start = time.perf_counter()
     dev = device_info(device)
     q, k, v, do, p = make_inputs(s, device, gen)
@@ -438,6 +443,30 @@ def estimate_plan(plan: Sequence[Shape], dev: DeviceInfo, opts: TuneOptions,
         call = (timing.pass_flops(p, timed) / (rates.tflops * 1e12) + timing.min_bytes(p, timed) / (rates.tbps * 1e12)) * 1e3
         call += rates.call_ms
         secs = rates.shape_s
+
+        def trial(backend: str, unit: list[Any], proxy: list[Any]) -> float:
+            t = rates.trial_s + (rates.extra_calls * call + max(opts.warmup_ms, call) + max(opts.rep_ms, call)) / 1e3
+            if captured_in_serving(s):
+                t += rates.graph_s + HOST_CALLS * max(call, 0.05) / 1e3
+            if backend != "sdpa":
+                u = json.dumps(unit, sort_keys=True, default=str)
+                if u not in built:
+                    built.add(u)
+                    t += rates.backward_compile_s if s.needs_grad else rates.compile_s
+            if s.needs_grad:
+                pk = json.dumps(proxy, sort_keys=True, default=str)
+                if pk not in checked:
+                    checked.add(pk)
+                    t += rates.grad_check_s
+            return t
+
+        if s.serving:  # one call per serving family (tools/tune_serving.py)
+            for fam in tune_serving.families([impl.backend for impl in impls.values()]):
+                trials += 1
+                secs += trial(fam, [fam, s.serving, s.pass_, s.group.cls, s.dtype, s.head_dim],
+                              [fam, s.dtype, s.head_dim, s.heads_q // s.heads_kv])
+            per_shape.append(secs)
+            continue
         for name, impl in impls.items():
             try:
                 if impl.not_supported_reasons(p, dev):
@@ -447,21 +476,8 @@ def estimate_plan(plan: Sequence[Shape], dev: DeviceInfo, opts: TuneOptions,
                 continue
             for cfg in cfgs:
                 trials += 1
-                secs += rates.trial_s + (rates.extra_calls * call + max(opts.warmup_ms, call)
-                                         + max(opts.rep_ms, call)) / 1e3
-                if captured_in_serving(s):
-                    secs += rates.graph_s + HOST_CALLS * max(call, 0.05) / 1e3
-                if impl.backend != "sdpa":
-                    unit = json.dumps([name, cfg, s.pass_, _kernel_kind(s), s.group.variant, s.dtype, s.head_dim],
-                                      sort_keys=True, default=str)
-                    if unit not in built:
-                        built.add(unit)
-                        secs += rates.backward_compile_s if s.needs_grad else rates.compile_s
-                if s.needs_grad:
-                    proxy = json.dumps([name, cfg, verify.proxy_problem(p)], sort_keys=True, default=str)
-                    if proxy not in checked:
-                        checked.add(proxy)
-                        secs += rates.grad_check_s
+                secs += trial(impl.backend, [name, cfg, s.pass_, _kernel_kind(s), s.group.variant, s.dtype, s.head_dim],
+                              [name, cfg, verify.proxy_problem(p)])
         per_shape.append(secs)
     return PlanEstimate(sum(per_shape), per_shape, len(built), trials, len({s.group for s in plan}))
 
