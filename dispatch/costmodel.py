@@ -69,6 +69,8 @@ SHAPE_CLASSES: tuple[str, ...] = ("dense", "causal", "chunked", "speculative", "
 # They never borrow from the dense classes nor lend to them: the kernels and fallbacks differ.
 SERVING_CLASSES: tuple[str, ...] = ("varlen", "kvcache", "kvcache_chunked")
 ALL_CLASSES: tuple[str, ...] = SHAPE_CLASSES + SERVING_CLASSES
+# The classes whose problems are causal (a serving class's points are measured causal).
+CAUSAL_CLASSES: tuple[str, ...] = ("causal", "chunked", "speculative", "causal_tall") + SERVING_CLASSES
 # The variants a problem may add; "plain" is none. A problem with several is grouped under the
 # first of window, sinks, softcap that it uses (the window changes the work most).
 VARIANTS: tuple[str, ...] = ("plain", "window", "sinks", "softcap")
@@ -337,7 +339,7 @@ class Point(NamedTuple):
 def point_problem(key: GroupKey, pt: Point, device_kind: str = "cuda") -> Problem:
     """The Problem a point of group `key` measured (what attention() would build for it); for a
     serving class, the dense problem of the same work (B sequences of the point's lengths, causal)."""
-    causal = key.cls in ("causal", "chunked", "speculative", "causal_tall") + SERVING_CLASSES
+    causal = key.cls in CAUSAL_CLASSES
     window = (pt.window, 0 if causal else pt.window) if pt.window >= 0 else NO_WINDOW
     return Problem(device_kind, 0, DTYPES_BY_NAME[key.dtype], pt.batch, pt.heads_q, pt.heads_kv, pt.seqlen_q,
                    pt.seqlen_k, key.head_dim, key.head_dim, causal, key.head_dim ** -0.5, "bhsd", True,

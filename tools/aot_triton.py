@@ -210,9 +210,10 @@ def check_configs(targets: Iterable[str], configs: Iterable[KernelCase]) -> list
 def _group_cases(k: Any, cfg: dict[str, Any], arch: str, origin: str) -> list[KernelCase]:
     """The kernels a triton config of a profile group launches (forward or decode; the backward's)."""
     from flashdispatch.backends.triton import configs
+    from flashdispatch.costmodel import CAUSAL_CLASSES
 
     cases: list[KernelCase] = []
-    causal = k.cls in ("causal", "chunked", "speculative", "causal_tall")
+    causal = k.cls in CAUSAL_CLASSES
     common = dict(dtype=k.dtype, head_dim=k.head_dim, causal=causal, origin=origin)
     if k.cls in ("decode", "speculative") and cfg.get("PATH", "split_kv") == "split_kv":
         cases.append(make_case("decode", cfg, **common))

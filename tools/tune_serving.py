@@ -267,6 +267,8 @@ def check_varlen_grads(name: str, s: Shape, device: torch.device, gen: torch.Gen
     base = grads(lambda a, b, c: varlen_math(a, b, c, cu, cu, causal=True, upcast=False)[0], None)
     worst = verify.Verdict(True, 0.0, 0.0)
     for what, gt, rf, bs in zip(("dq", "dk", "dv"), got, ref, base):
+        if gt is None:
+            return verify.Verdict(False, float("nan"), 0.0, f"{what}: no gradient reached the input")
         ok, err, allowed = within_budget(gt, bs, rf, dtype, grad=True)
         if not ok:
             return verify.Verdict(False, err, allowed, f"{what} error {err:.3g} > allowed {allowed:.3g} "

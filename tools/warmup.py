@@ -15,6 +15,7 @@ from typing import Any, Iterable
 from flashdispatch.backends.cupy import configs
 from flashdispatch.backends.cupy.configs import KernelSpec
 from flashdispatch.cliargs import ArgumentParser, user_error
+from flashdispatch.costmodel import CAUSAL_CLASSES
 
 DEFAULT_JOBS = 4
 
@@ -54,7 +55,7 @@ def specs_from_profile(profile: Any, cuda_capability: int) -> list[KernelSpec]:
         d = int(k.head_dim)
         if d not in configs.HEAD_DIMS or k.dtype not in configs.DTYPE_NAMES:
             continue
-        causal = k.cls in ("causal", "chunked", "speculative", "causal_tall")
+        causal = k.cls in CAUSAL_CLASSES
         raw = [g.config.get("cupy", {})] + [pt.config.get("cupy", {}) for pt in g.points if "cupy" in pt.config]
         for c in raw:
             cfg = configs.parse_config(dict(c), d, cuda_capability)

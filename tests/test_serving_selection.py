@@ -1,0 +1,276 @@
+"""Varlen and KV-cache calls in the profiles and the selection model: their classes, the work the
+model counts, ranking by predicted time (the baseline margin, variants, borrowing), the built-in
+order with its reason where no model says, the profile's checks, and the tuner's serving points
+(checked before they are timed: a wrong family is rejected, not measured)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import flashdispatch as fd
+from flashdispatch import serving
+from flashdispatch.costmodel import (
+    CAUSAL_CLASSES, SERVING_CLASSES, Group, GroupKey, Point, features, point_problem, serving_class,
+)
+from flashdispatch.problem import DECODE_MAX_SEQLEN_Q
+from flashdispatch.profile_store import Profile, ProfileError, parse_profile, profile_yaml_text
+from flashdispatch.tools import shapes, tune, tune_serving
+
+SMS = 132
+CPU = torch.device("cpu")
+
+
+def _varlen_sp(lengths, *, hq=32, hkv=8, d=128, causal=True, window=None, grad=False, dtype=torch.bfloat16):
+    total = sum(lengths)
+    q = torch.empty(total, hq, d, device="meta", dtype=dtype, requires_grad=grad)
+    k = torch.empty(total, hkv, d, device="meta", dtype=dtype)
+    cu = torch.empty(len(lengths) + 1, dtype=torch.int32)
+    return serving.varlen_problem(q, k, k, cu, max(lengths), max(lengths), causal, d ** -0.5, window, None, None,
+                                  False)
+
+
+def _kvcache_sp(b, sq, capacity, *, hq=32, hkv=8, d=128, page=16):
+    q = torch.empty(b, sq, hq, d, device="meta", dtype=torch.bfloat16)
+    kc = torch.empty(b * capacity // page, page, hkv, d, device="meta", dtype=torch.bfloat16)
+    return serving.kvcache_problem(q, kc, kc, torch.empty(b, capacity // page), True, d ** -0.5, None, None, None,
+                                   False)
+
+
+# --- classes and work ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, sq, cls", [("varlen", 1, "varlen"), ("varlen", 4096, "varlen"),
+                                           ("kvcache", 1, "kvcache"), ("kvcache", DECODE_MAX_SEQLEN_Q, "kvcache"),
+                                           ("kvcache", DECODE_MAX_SEQLEN_Q + 1, "kvcache_chunked")])
+def test_serving_class_at_its_boundary(kind, sq, cls):
+    assert serving_class(kind, sq) == cls
+    assert cls in SERVING_CLASSES and cls in CAUSAL_CLASSES
+    with pytest.raises(ValueError, match="serving kind"):
+        serving_class("dense", 1)
+
+
+def test_a_varlen_call_counts_its_packed_rows_not_its_longest_sequence():
+    sp = _varlen_sp([256, 1024, 8192, 2048])
+    w = sp.work()
+    assert (w.batch, w.seqlen_q, w.seqlen_k) == (4, round(11520 / 4), round(11520 / 4))
+    assert sp.model_key() == GroupKey("fwd", "varlen", "plain", "bf16", 128)
+    # the same lengths in another packing: the same work, the same group
+    assert _varlen_sp([8192, 2048, 1024, 256]).work() == w
+    assert _varlen_sp([256, 1024], grad=True).model_key().pass_ == "fwd_bwd"
+    assert _varlen_sp([256, 1024], window=(127, 0)).model_key().variant == "window"
+    assert "total_q=11520" in sp.describe()
+
+
+def test_a_kvcache_call_counts_its_capacity_and_its_rows():
+    sp = _kvcache_sp(8, 1, 4096)
+    w = sp.work()
+    assert (w.batch, w.seqlen_q, w.seqlen_k, w.causal) == (8, 1, 4096, True)
+    assert sp.model_key().cls == "kvcache"
+    assert _kvcache_sp(2, 512, 4096).model_key().cls == "kvcache_chunked"
+
+
+# --- ranking by the model -----------------------------------------------------------------------
+
+
+def _group(key: GroupKey, dims, rates: dict[str, tuple[float, float]]) -> Group:
+    """Points whose times follow overhead_us + gflop x us_per_gflop per implementation."""
+    pts = []
+    for b, hkv, sq, sk in dims:
+        pt = Point(b, 32, hkv, sq, sk)
+        x = features(point_problem(key, pt), SMS)
+        pts.append(pt._replace(ms={n: (o + x[1] * g) / 1e3 for n, (o, g) in rates.items()}))
+    g = Group(key, pts)
+    g.refit(SMS)
+    return g
+
+
+VARLEN = GroupKey("fwd", "varlen", "plain", "bf16", 128)
+KVCACHE = GroupKey("fwd", "kvcache", "plain", "bf16", 128)
+VARLEN_DIMS = [(8, 8, 1024, 1024), (16, 8, 4096, 4096), (4, 4, 2048, 2048)]
+KV_DIMS = [(1, 8, 1, 8192), (64, 8, 1, 2048), (8, 8, 8, 16384)]
+
+
+def _profile(*groups: Group) -> Profile:
+    return Profile("serving.yaml", "h200", True, {"key": "h200", "name": "NVIDIA H200", "arch": "sm_90", "sm_count": SMS},
+                   {"date": "2026-12-05", "card": "NVIDIA H200 (synthetic)", "tool": "test"}, list(groups))
+
+
+def _rank(sp, prof, ok=("triton", "sdpa")):
+    return serving._rank(sp, list(ok), prof, ("triton", "sdpa", "cupy"))
+
+
+def test_the_faster_family_by_the_model_wins_and_explain_says_why():
+    prof = _profile(_group(VARLEN, VARLEN_DIMS, {"triton": (20.0, 2.0), "sdpa": (40.0, 3.0)}))
+    rk = _rank(_varlen_sp([300, 5000, 1200, 700, 2222]), prof)
+    assert rk.ordered == ["triton", "sdpa"]
+    assert rk.source == "profile:serving.yaml#fwd varlen bf16 D=128"
+    assert rk.predicted["triton"] < rk.predicted["sdpa"] and rk.margin > 0.3
+    assert not rk.uncertain
+    # the other way round
+    prof = _profile(_group(VARLEN, VARLEN_DIMS, {"triton": (20.0, 4.0), "sdpa": (40.0, 2.0)}))
+    assert _rank(_varlen_sp([300, 5000, 1200]), prof).ordered == ["sdpa", "triton"]
+
+
+def test_the_fallback_is_kept_when_the_lead_is_inside_the_margin():
+    prof = _profile(_group(KVCACHE, KV_DIMS, {"triton": (10.0, 99.0), "sdpa": (10.0, 100.0)}))
+    rk = _rank(_kvcache_sp(16, 1, 8192), prof)
+    assert rk.ordered[0] == "sdpa" and rk.kept_baseline
+    assert any("plain SDPA, the baseline, runs" in n for n in rk.notes)
+
+
+def test_a_window_is_fused_by_triton_and_masked_by_the_fallback():
+    prof = _profile(_group(VARLEN, VARLEN_DIMS, {"triton": (20.0, 3.0), "sdpa": (20.0, 2.5)}))
+    plain = _rank(_varlen_sp([8192] * 4), prof)
+    assert plain.ordered[0] == "sdpa"
+    windowed = _rank(_varlen_sp([8192] * 4, window=(511, 0)), prof)
+    assert windowed.ordered[0] == "triton", windowed.predicted
+    by = {pr.name: pr for pr in windowed.predictions}
+    assert "visible work" in by["triton"].estimated and "whole score matrix" in by["sdpa"].estimated
+
+
+def test_a_chunk_against_the_cache_borrows_the_decode_model_and_says_so():
+    prof = _profile(_group(KVCACHE, KV_DIMS, {"triton": (10.0, 50.0), "sdpa": (30.0, 120.0)}))
+    rk = _rank(_kvcache_sp(2, 512, 8192), prof)
+    assert rk.ordered[0] == "triton"
+    assert "class kvcache_chunked borrows class kvcache" in rk.uncertain
+
+
+def test_serving_never_borrows_a_dense_model():
+    dense = _group(GroupKey("fwd", "causal", "plain", "bf16", 128), [(1, 8, 2048, 2048), (4, 8, 4096, 4096)],
+                   {"triton": (10.0, 1.0), "sdpa": (10.0, 2.0)})
+    assert _rank(_varlen_sp([1024, 2048]), _profile(dense)) is None
+
+
+def test_without_a_model_the_built_in_order_decides_and_says_why(tmp_path, monkeypatch):
+    q = torch.randn(40, 4, 16)
+    k = torch.randn(40, 2, 16)
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32)
+    d = fd.explain_varlen(q, k, k, cu, cu, 25, 25, causal=True)
+    assert d.variant == "sdpa" and d.source == "default"
+    assert any("no measured profile for this device" in n for n in d.notes)
+    # a measured CPU profile without serving groups: the reason names the class
+    (tmp_path / "cpu.yaml").write_text(profile_yaml_text(Profile(
+        "cpu.yaml", "cpu", True, {"key": "cpu", "name": "CPU"}, {"date": "2026-12-05", "card": "CPU", "tool": "test"},
+        [_group(GroupKey("fwd", "causal", "plain", "fp32", 16), [(1, 2, 64, 64), (2, 2, 128, 128)],
+                {"sdpa": (10.0, 1e5)})])))
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
+    fd.refresh()
+    d = fd.explain_varlen(q, k, k, cu, cu, 25, 25, causal=True)
+    assert any("the profile has no model for fwd varlen fp32 D=16" in n for n in d.notes), d.notes
+    assert d.uncertain == "no model for this problem"
+    assert "class:    fwd varlen fp32 D=16" in str(d)
+
+
+# --- the profile file ---------------------------------------------------------------------------
+
+
+def test_serving_groups_round_trip_through_the_file():
+    prof = _profile(_group(VARLEN, VARLEN_DIMS, {"triton": (20.0, 2.0), "sdpa": (40.0, 3.0)}),
+                    _group(KVCACHE, KV_DIMS, {"triton": (10.0, 50.0), "sdpa": (30.0, 120.0)}))
+    back = parse_profile(profile_yaml_text(prof), "x.yaml")
+    assert [g.key for g in back.groups] == [VARLEN, KVCACHE]
+    assert back.groups[1].fits["triton"].coef == pytest.approx(prof.groups[1].fits["triton"].coef, rel=1e-3)
+
+
+def test_a_point_outside_its_serving_class_is_an_error_with_its_line():
+    text = profile_yaml_text(_profile(_group(KVCACHE, KV_DIMS, {"sdpa": (30.0, 120.0)})))
+    bad = text.replace("Sq: 8,", "Sq: 32,")
+    with pytest.raises(ProfileError, match="Sq=32, Sk=16384 is class 'kvcache_chunked', not the group's 'kvcache'"):
+        parse_profile(bad, "bad.yaml")
+
+
+# --- the tuner's serving points -----------------------------------------------------------------
+
+
+def test_varlen_lengths_mix_short_and_long_and_sum_to_the_mean():
+    for b, mean in [(1, 100), (2, 7), (16, 4096), (32, 512), (5, 3)]:
+        ls = shapes.varlen_lengths(b, mean)
+        assert len(ls) == b and sum(ls) == b * mean and min(ls) >= 1
+        if b > 2 and mean >= 64:
+            assert min(ls) <= mean // 2 and max(ls) >= mean * 3 // 2
+        assert ls == shapes.varlen_lengths(b, mean)  # the same batch every run
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(serving="paged"), "serving expected"),
+    (dict(causal=False), "causal, without a window"),
+    (dict(seqlen_k=128), "Sq = Sk"),
+    (dict(serving="kvcache", seqlen_q=1, pass_="fwd"), "pass 'decode'"),
+    (dict(serving="kvcache", seqlen_q=64, pass_="decode"), "pass 'fwd'"),
+])
+def test_a_malformed_serving_shape_is_refused(bad, match):
+    s = shapes.Shape("x", "fp32", 2, 4, 2, 64, 64, 16, True, "fwd", serving="varlen")._replace(**bad)
+    with pytest.raises(ValueError, match=match):
+        shapes.check_shape(s)
+
+
+OPTS = tune.TuneOptions(warmup_ms=0.0, rep_ms=0.0)
+SMALL = {
+    "varlen": shapes.Shape("v", "fp32", 3, 4, 2, 40, 40, 16, True, "fwd", serving="varlen"),
+    "varlen-bwd": shapes.Shape("vb", "fp32", 3, 4, 2, 40, 40, 16, True, "fwd_bwd", serving="varlen"),
+    "kvcache": shapes.Shape("k", "fp32", 2, 4, 2, 1, 70, 16, True, "decode", serving="kvcache"),
+    "kvcache-chunk": shapes.Shape("kc", "fp32", 2, 4, 2, 20, 70, 16, True, "fwd", serving="kvcache"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_a_serving_point_is_checked_then_timed(name):
+    s = shapes.check_shape(SMALL[name])
+    r = tune_serving.measure_serving_bucket(s, ["sdpa", "cupy"], CPU, OPTS, torch.Generator().manual_seed(0),
+                                            host_calls=2)
+    (t,) = r.trials
+    assert t.name == "sdpa" and t.status == "ok" and t.ms > 0, t
+    assert "max err" in t.note
+    assert (t.host_us is not None) == (s.group.cls == "kvcache")
+    assert "cupy" in r.skipped
+    assert r.point().ms.keys() == {"sdpa"}
+
+
+def test_a_wrong_family_is_rejected_before_it_is_timed(monkeypatch):
+    real = serving.run_varlen
+
+    def off_by_a_little(name, *args, **kw):
+        out, lse = real(name, *args, **kw)
+        return out + 0.01, lse
+
+    monkeypatch.setattr(serving, "run_varlen", off_by_a_little)
+    r = tune_serving.measure_serving_bucket(SMALL["varlen"], ["sdpa"], CPU, OPTS, torch.Generator().manual_seed(0))
+    (t,) = r.trials
+    assert t.status == "wrong" and "allowed" in t.note and t.ms is None
+
+
+def test_a_family_with_wrong_gradients_is_rejected(monkeypatch):
+    real = serving.run_varlen
+
+    def no_grad_through_v(name, q, k, v, *args, **kw):
+        return real(name, q, k, v.detach(), *args, **kw)
+
+    monkeypatch.setattr(serving, "run_varlen", no_grad_through_v)
+    r = tune_serving.measure_serving_bucket(SMALL["varlen-bwd"], ["sdpa"], CPU, OPTS,
+                                            torch.Generator().manual_seed(0))
+    (t,) = r.trials
+    assert t.status == "wrong" and "dv: no gradient" in t.note and t.ms is None, t
+
+
+def test_a_cpu_tune_writes_serving_models_that_selection_then_uses(tmp_path, monkeypatch):
+    plan = shapes.cpu_serving_shapes()
+    out = tmp_path / "cpu.yaml"
+    state = tmp_path / "state.json"
+    argv = ["--shapes", "cpu", "--device", "cpu", "--backends", "sdpa", "--out", str(out), "--state", str(state),
+            "--warmup-ms", "0", "--rep-ms", "0", "--seed", "3"]
+    monkeypatch.setattr(shapes, "cpu_shapes", lambda dtype="fp32": [])  # the serving calls only
+    assert tune.main(argv) == 0
+    prof = parse_profile(out.read_text(), str(out))
+    assert {g.key.cls for g in prof.groups} == {s.group.cls for s in plan} == {"varlen", "kvcache"}
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
+    fd.refresh()
+    q = torch.randn(40, 4, 16)
+    k = torch.randn(40, 2, 16)
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32)
+    d = fd.explain_varlen(q, k, k, cu, cu, 25, 25, causal=True)
+    assert d.source == f"profile:{out}#fwd varlen fp32 D=64", d.source  # the group that predicted
+    assert d.predicted.keys() == {"sdpa"} and "borrows D=64" in str(d)
