@@ -274,3 +274,42 @@ def test_a_cpu_tune_writes_serving_models_that_selection_then_uses(tmp_path, mon
     d = fd.explain_varlen(q, k, k, cu, cu, 25, 25, causal=True)
     assert d.source == f"profile:{out}#fwd varlen fp32 D=64", d.source  # the group that predicted
     assert d.predicted.keys() == {"sdpa"} and "borrows D=64" in str(d)
+
+
+# --- the serving bench's report (the measuring needs a GPU; the table and plot do not) ----------
+
+
+def _bench_result():
+    from flashdispatch.tools import bench_serving
+
+    rows = [
+        {"bar": "varlen causal 16 seqs 256..8192", "case": "63744 tokens", "pass": "fwd", "anchor": "sdpa padded",
+         "ours_ms": 2.0, "anchor_ms": 3.6, "speedup": 1.8, "need": 1.5},
+        {"bar": "paged decode", "case": "B=8 Sq=1 ctx 512..32768", "pass": "graph replay", "anchor": "gather-then-sdpa",
+         "ours_ms": 0.1, "anchor_ms": 0.15, "speedup": 1.5, "need": 2.0, "host_us_ours": 30.0},
+        {"bar": "spec B=8 Sq=4", "error": "RuntimeError: out of memory"},
+    ]
+    return bench_serving, {"card": "NVIDIA H200 (synthetic)", "torch": "2.11", "triton": "3.6.0", "rows": rows}
+
+
+def test_the_serving_table_says_which_bars_pass_and_names_the_card(capsys):
+    bench_serving, result = _bench_result()
+    bench_serving.print_table(result)
+    out = capsys.readouterr().out
+    assert out.count("PASS") == 1 and out.count("FAIL") == 1
+    assert "1/2 bars pass on NVIDIA H200 (synthetic); 1 sections failed" in out
+    assert "ERROR RuntimeError: out of memory" in out
+
+
+def test_the_serving_plot_is_written_and_rerendered_from_its_json(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    bench_serving, result = _bench_result()
+    bench_serving.write_outputs(result, str(tmp_path))
+    assert (tmp_path / "bench_serving.json").is_file() and (tmp_path / "bench_serving.png").stat().st_size > 1000
+    (tmp_path / "bench_serving.png").unlink()
+    from flashdispatch.tools import bench
+
+    assert bench_serving.main(["--plot-from", str(tmp_path / "bench_serving.json"), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "bench_serving.png").is_file() and "1/2 bars pass" in capsys.readouterr().out
+    if not torch.cuda.is_available():  # `bench --serving` runs the serving bench, which needs a GPU
+        assert bench.main(["--serving", "--out", str(tmp_path)]) == 2

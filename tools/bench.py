@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--variants", action="store_true",
                     help="the variants section instead: sliding window, softcap, sinks and windowed decode against "
                          "their anchors (FlexAttention, SDPA with a mask, cuDNN); tools/bench_variants.py")
+    ap.add_argument("--serving", action="store_true",
+                    help="the serving section instead: packed varlen batches, paged decode and speculative "
+                         "verification against their anchors (padded SDPA, torch's varlen_attn, gather-then-SDPA); "
+                         "tools/bench_serving.py")
     ap.add_argument("--plot-from", default=None, metavar="JSON",
                     help="re-render the table and plot from an earlier bench.json or heldout.json, measure nothing")
     return ap
@@ -301,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_variants.main(["--out", args.out] + (["--quick"] if args.quick else [])
                                    + (["--rep-ms", str(args.rep_ms)] if args.rep_ms is not None else []))
+    if args.serving:
+        from . import bench_serving
+
+        return bench_serving.main(["--out", args.out] + (["--rep-ms", str(args.rep_ms)] if args.rep_ms is not None
+                                                          else []))
     if args.plot_from:
         with open(args.plot_from, encoding="utf-8") as f:
             result = json.load(f)

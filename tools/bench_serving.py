@@ -17,7 +17,9 @@
 
 Every provider's output is compared with ours before timing (max abs difference in the JSON);
 times are medians of interleaved repetitions with the L2 flushed before each (tools/timing.py).
-Prints one table last (card named) and writes bench_serving.json under --out.
+Prints one table last (card named, PASS/FAIL per bar) and writes bench_serving.json and
+bench_serving.png (with matplotlib) under --out; `--plot-from JSON` re-renders both from a run.
+`flashdispatch bench --serving` runs it.
 """
 
 from __future__ import annotations
@@ -238,12 +240,87 @@ def decode_bars(rows: list[dict[str, Any]], batch: int, sq: int, rep_ms: float, 
     torch.cuda.empty_cache()
 
 
+def passed(row: dict[str, Any]) -> bool | None:
+    """Whether a row meets its bar (None: it has no ratio)."""
+    if row.get("speedup") is None or row.get("need") is None:
+        return None
+    return bool(row["speedup"] >= row["need"])
+
+
+def print_table(result: dict[str, Any], file: Any = None) -> None:
+    file = file or sys.stdout
+    rows = result["rows"]
+    print(f"\nflashdispatch serving bench on {result['card']} (torch {result['torch']}, triton {result['triton']}; "
+          "bf16, D=128, GQA 32/8)", file=file)
+    print(f"{'bar':<34}{'case':<34}{'pass':<14}{'anchor':<30}{'ours ms':>9}{'anchor':>9}{'ratio':>7}{'need':>6}"
+          f"{'host us':>9}  ok", file=file)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['bar']:<34}ERROR {r['error']}", file=file)
+            continue
+        ratio = f"{r['speedup']:.2f}" if r.get("speedup") else "-"
+        host = f"{r['host_us_ours']:.0f}" if r.get("host_us_ours") else ""
+        ok = {True: "PASS", False: "FAIL", None: "-"}[passed(r)]
+        ours = r["ours_ms"] if r.get("ours_ms") is not None else float("nan")
+        print(f"{r['bar']:<34}{r['case']:<34}{r['pass']:<14}{r['anchor']:<30}{ours:>9.3f}"
+              f"{r['anchor_ms']:>9.3f}{ratio:>7}{r['need']:>6}{host:>9}  {ok}", file=file)
+    judged = [passed(r) for r in rows if "error" not in r and passed(r) is not None]
+    errors = sum("error" in r for r in rows)
+    print(f"{sum(judged)}/{len(judged)} bars pass on {result['card']}"
+          + (f"; {errors} sections failed" if errors else ""), file=file)
+
+
+def plot(result: dict[str, Any], path: str) -> bool:
+    """One bar per (bar, case, pass, anchor): the ratio against the anchor, its need marked;
+    green where it passes. False when matplotlib is not installed (the `tools` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return False
+    rows = [r for r in result["rows"] if "error" not in r and r.get("speedup")]
+    if not rows:
+        return False
+    labels = [f"{r['bar']} {r['pass']}\n{r['case']} vs {r['anchor']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), [r["speedup"] for r in rows],
+            color=["tab:green" if passed(r) else "tab:red" for r in rows])
+    for i, r in enumerate(rows):
+        ax.plot([r["need"], r["need"]], [i - 0.4, i + 0.4], color="black")
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("anchor time / our time (bandwidth ratio for the same-bytes decode anchor); black: the bar")
+    ax.set_title(f"flashdispatch serving, {result['card']}, bf16 D=128 GQA 32/8")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(result: dict[str, Any], out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench_serving.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1, default=str)
+    plot(result, os.path.join(out, "bench_serving.png"))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=".", help="folder for bench_serving.json (the GPU runs pass \"$OUT\")")
+    ap.add_argument("--out", default=".", help="folder for bench_serving.json/.png (the GPU runs pass \"$OUT\")")
     ap.add_argument("--rep-ms", type=float, default=60.0)
+    ap.add_argument("--plot-from", default=None, metavar="JSON",
+                    help="re-render the table and plot from an earlier bench_serving.json, measure nothing")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.plot_from:
+        with open(args.plot_from, encoding="utf-8") as f:
+            result = json.load(f)
+        plot(result, os.path.join(args.out, "bench_serving.png"))
+        print_table(result)
+        return 0
     if not torch.cuda.is_available():
         print("bench_serving needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -269,21 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name()
     result = {"card": card, "torch": torch.__version__, "triton": triton.__version__,
               "torch_varlen_attn": sorted(torch_varlen_params()), "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_serving.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1, default=str)
-    print(f"\nflashdispatch serving bench on {card} (torch {torch.__version__}, triton {triton.__version__}; "
-          "bf16, D=128, GQA 32/8)")
-    print(f"{'bar':<34}{'case':<34}{'pass':<14}{'anchor':<30}{'ours ms':>9}{'anchor':>9}{'ratio':>7}{'need':>6}"
-          f"{'host us':>9}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['bar']:<34}ERROR {r['error']}")
-            continue
-        ratio = f"{r['speedup']:.2f}" if r.get("speedup") else "-"
-        host = f"{r['host_us_ours']:.0f}" if r.get("host_us_ours") else ""
-        print(f"{r['bar']:<34}{r['case']:<34}{r['pass']:<14}{r['anchor']:<30}{r['ours_ms'] or float('nan'):>9.3f}"
-              f"{r['anchor_ms']:>9.3f}{ratio:>7}{r['need']:>6}{host:>9}")
+    write_outputs(result, args.out)
+    print_table(result)
     return 0
 
 
