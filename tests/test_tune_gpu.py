@@ -105,3 +105,30 @@ def test_fwd_bwd_window_gradients_pass_the_check() -> None:
     r = tune.measure_bucket(s, impls, CUDA, tune.TuneOptions.preset(True), _gen())
     assert set(impls) <= set(r.best()), [(t.name, t.status, t.note) for t in r.trials]
     assert statistics.median(t.ms for t in r.best().values()) > 0
+
+
+# --- serving points (tools/tune_serving.py) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["varlen-fwd", "varlen-fwd_bwd", "kvcache-decode", "kvcache-chunk"])
+def test_serving_points_are_checked_and_timed_for_both_families(kind: str) -> None:
+    from flashdispatch.tools import tune_serving
+
+    s = {
+        "varlen-fwd": shapes.Shape("v", "bf16", 8, 16, 4, 1024, 1024, 128, True, "fwd", serving="varlen"),
+        "varlen-fwd_bwd": shapes.Shape("vb", "bf16", 4, 16, 4, 1024, 1024, 128, True, "fwd_bwd", serving="varlen"),
+        "kvcache-decode": shapes.Shape("k", "bf16", 8, 16, 4, 1, 8192, 128, True, "decode", serving="kvcache"),
+        "kvcache-chunk": shapes.Shape("kc", "bf16", 2, 16, 4, 512, 8192, 128, True, "fwd", serving="kvcache"),
+    }[kind]
+    shapes.check_shape(s)
+    r = tune_serving.measure_serving_bucket(s, ["triton", "sdpa"], CUDA, tune.TuneOptions.preset(True), _gen(),
+                                            host_calls=20)
+    by = {t.name: t for t in r.trials}
+    assert set(by) == {"triton", "sdpa"}, (r.trials, r.skipped)
+    for t in by.values():
+        assert t.status == "ok" and t.ms is not None and t.ms > 0, t
+        graphed = s.group.cls == "kvcache"
+        assert ("CUDA-graph replay" in t.note) == graphed, t.note
+        assert (t.host_us is not None) == graphed, t
+    # our kernels beat the fallback's gather / loop on these sizes
+    assert by["triton"].ms < by["sdpa"].ms * 1.1, {n: t.ms for n, t in by.items()}
