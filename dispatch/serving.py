@@ -36,12 +36,12 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 
 from . import envs, selection
-from .device import DeviceInfo
+from .device import DEVICE_KEYS, DeviceInfo
 from .errors import NoBackendError
 from .costmodel import GroupKey, problem_pass, serving_class, variant_kind
 from .problem import DTYPE_NAMES, Problem, normalised_window
 from .registry import REGISTRY
-from .selection import Decision, current_forced, device_for, state
+from .selection import Decision, current_forced, device_for, simulated_or_none, state
 
 log = logging.getLogger("flashdispatch")
 
@@ -394,22 +394,26 @@ SERVING_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("sdpa", "triton", "cupy"),
 }
 
-def select_serving(sp: ServingProblem, backend: str | None = None) -> Decision:
-    """The Decision for a varlen/kvcache problem: forcing as for attention(), then the order."""
+def select_serving(sp: ServingProblem, backend: str | None = None, *, device: DeviceInfo | None = None) -> Decision:
+    """The Decision for a varlen/kvcache problem: forcing as for attention(), then the profile's
+    model or the built-in order. `device` answers for another (simulated) device; None means the
+    device holding the tensors."""
     forced, source = current_forced(backend, state().settings)
+    if device is not None:
+        sp = sp._replace(device_kind=device.kind, device_index=0)
     cache = _serving_cache()
-    key = (sp, forced, source)
+    key = (sp, forced, source, device)
     d = cache.get(key)
     if d is None:
-        d = _select(sp, forced, source)
+        d = _select(sp, forced, source, device)
         if len(cache) >= selection.MAX_CACHED:
             cache.clear()
         cache[key] = d
     return d
 
 
-def _select(sp: ServingProblem, forced: str | None, source: str) -> Decision:
-    dev = device_for(sp.dense())
+def _select(sp: ServingProblem, forced: str | None, source: str, device: DeviceInfo | None = None) -> Decision:
+    dev = device if device is not None else device_for(sp.dense())
     rejected: dict[str, list[str]] = {}
     order = SERVING_ORDER.get(dev.kind, SERVING_ORDER["cpu"])
     family = forced.split(":")[0] if forced else None
@@ -603,24 +607,33 @@ def explain_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                    scale: float | None = None, window: tuple[int, int] | None = None, softcap: float | None = None,
                    sinks: torch.Tensor | None = None, return_lse: bool = False,
-                   backend: str | None = None) -> Decision:
-    """Which backend `attention_varlen` would run for these arguments, and why (reads no values)."""
+                   backend: str | None = None, device: str | None = None) -> Decision:
+    """Which backend `attention_varlen` would run for these arguments, and why (reads no values).
+    `device` names a device key ("h100", "mi300x", ...) to answer for a device that is not present
+    (FLASHDISPATCH_DEVICE does the same); the tensors may then live anywhere, meta included."""
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale, window, softcap = _variant_args(q, q.shape[1], scale, window, softcap, sinks)
     return select_serving(varlen_problem(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, scale, window,
-                                         softcap, sinks, return_lse), backend)
+                                         softcap, sinks, return_lse), backend, device=_simulated(device))
 
 
 def explain_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, cache_seqlens: torch.Tensor,
                     block_table: torch.Tensor | None = None, causal: bool = True, scale: float | None = None,
                     window: tuple[int, int] | None = None, softcap: float | None = None,
                     sinks: torch.Tensor | None = None, return_lse: bool = False,
-                    backend: str | None = None) -> Decision:
-    """Which backend `attention_kvcache` would run for these arguments, and why (reads no values)."""
+                    backend: str | None = None, device: str | None = None) -> Decision:
+    """Which backend `attention_kvcache` would run for these arguments, and why (reads no values).
+    `device`: as `explain_varlen`."""
     _check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table)
     scale, window, softcap = _variant_args(q, q.shape[2], scale, window, softcap, sinks)
     return select_serving(kvcache_problem(q, k_cache, v_cache, block_table, causal, scale, window, softcap, sinks,
-                                          return_lse), backend)
+                                          return_lse), backend, device=_simulated(device))
+
+
+def _simulated(key: str | None) -> DeviceInfo | None:
+    if key is not None and key not in DEVICE_KEYS:
+        raise ValueError(f"device: expected one of {DEVICE_KEYS}, got {key!r}")
+    return simulated_or_none(key)
 
 
 # --- running a backend -----------------------------------------------------------------------------

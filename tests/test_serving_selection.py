@@ -313,3 +313,44 @@ def test_the_serving_plot_is_written_and_rerendered_from_its_json(tmp_path, caps
     assert (tmp_path / "bench_serving.png").is_file() and "1/2 bars pass" in capsys.readouterr().out
     if not torch.cuda.is_available():  # `bench --serving` runs the serving bench, which needs a GPU
         assert bench.main(["--serving", "--out", str(tmp_path)]) == 2
+
+
+# --- on a simulated GPU: what a serving call would run there, and why ----------------------------
+
+
+def _meta_varlen(lengths=(300, 5000, 1200), hq=32, hkv=8, d=128):
+    total = sum(lengths)
+    q = torch.empty(total, hq, d, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(total, hkv, d, device="meta", dtype=torch.bfloat16)
+    cu = torch.empty(len(lengths) + 1, dtype=torch.int32, device="meta")  # explain reads no values
+    return q, k, cu, max(lengths)
+
+
+def test_a_simulated_gpu_without_a_serving_model_takes_the_built_in_order_and_says_so():
+    q, k, cu, smax = _meta_varlen()
+    d = fd.explain_varlen(q, k, k, cu, cu, smax, smax, causal=True, device="h200")
+    assert d.variant == "triton" and d.source == "default" and d.device.kind == "cuda"
+    assert any("has no model for fwd varlen bf16 D=128" in n for n in d.notes), d.notes
+    with pytest.raises(ValueError, match="device: expected one of"):
+        fd.explain_varlen(q, k, k, cu, cu, smax, smax, causal=True, device="h300")
+
+
+def test_a_simulated_gpu_with_serving_models_decides_by_them(tmp_path, monkeypatch):
+    prof = _profile(_group(VARLEN, VARLEN_DIMS, {"triton": (20.0, 4.0), "sdpa": (40.0, 2.0)}),
+                    _group(KVCACHE, KV_DIMS, {"triton": (10.0, 50.0), "sdpa": (30.0, 120.0)}))
+    (tmp_path / "h200.yaml").write_text(profile_yaml_text(prof))
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
+    fd.refresh()
+    q, k, cu, smax = _meta_varlen()
+    d = fd.explain_varlen(q, k, k, cu, cu, smax, smax, causal=True, device="h200")
+    assert d.variant == "sdpa" and d.source.endswith("#fwd varlen bf16 D=128"), str(d)
+    assert "predicted: sdpa=" in str(d) and "margin:" in str(d)
+    qd = torch.empty(64, 1, 32, 128, device="meta", dtype=torch.bfloat16)
+    kc = torch.empty(64 * 128, 16, 8, 128, device="meta", dtype=torch.bfloat16)
+    table = torch.empty(64, 128, dtype=torch.int32, device="meta")
+    lens = torch.empty(64, dtype=torch.int32, device="meta")
+    d = fd.explain_kvcache(qd, kc, kc, cache_seqlens=lens, block_table=table, device="h200")
+    assert d.variant == "triton" and d.source.endswith("#fwd kvcache bf16 D=128") and not d.uncertain, str(d)
+    # forcing still wins over the model
+    d = fd.explain_kvcache(qd, kc, kc, cache_seqlens=lens, block_table=table, device="h200", backend="sdpa")
+    assert d.variant == "sdpa" and d.source == "argument"
