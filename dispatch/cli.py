@@ -7,7 +7,7 @@ import importlib
 import logging
 import platform
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -90,15 +90,51 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _serving_decision(args: argparse.Namespace) -> Any:
+    """explain for --varlen / --kvcache: meta tensors of the shape (B sequences; varlen: Sq queries
+    and Sk keys each, packed; kvcache: Sq new rows against a cache of capacity Sk, in pages of
+    --kvcache rows, 0 contiguous)."""
+    from . import serving
+
+    b, hq, hkv, sq, sk, d = args.shape
+    dv = args.head_dim_v or d
+    meta: dict[str, Any] = dict(device="meta", dtype=DTYPES_BY_NAME[args.dtype])
+    ints: dict[str, Any] = dict(device="meta", dtype=torch.int32)
+    kw: dict[str, Any] = dict(causal=args.causal, window=args.window, softcap=args.softcap, return_lse=args.lse,
+                              backend=args.backend, device=args.device,
+                              sinks=torch.empty(hq, device="meta", dtype=torch.float32) if args.sinks else None)
+    if args.varlen:
+        q = torch.empty(b * sq, hq, d, **meta).requires_grad_(args.grad)
+        k, v = torch.empty(b * sk, hkv, d, **meta), torch.empty(b * sk, hkv, dv, **meta)
+        with torch.set_grad_enabled(args.grad):
+            return serving.explain_varlen(q, k, v, torch.empty(b + 1, **ints), torch.empty(b + 1, **ints), sq, sk, **kw)
+    if args.grad:
+        raise ValueError("--grad: attention_kvcache is forward only")
+    page = args.kvcache
+    q = torch.empty(b, sq, hq, d, **meta)
+    if page:
+        blocks = -(-sk // page)
+        kc, vc = torch.empty(b * blocks, page, hkv, d, **meta), torch.empty(b * blocks, page, hkv, dv, **meta)
+        table = torch.empty(b, blocks, **ints)
+    else:
+        kc, vc, table = torch.empty(b, sk, hkv, d, **meta), torch.empty(b, sk, hkv, dv, **meta), None
+    return serving.explain_kvcache(q, kc, vc, cache_seqlens=torch.empty(b, **ints), block_table=table, **kw)
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .api import explain
 
     try:
-        d = explain(
-            shape=args.shape, dtype=args.dtype, device=args.device, causal=args.causal,
-            layout=args.layout, return_lse=args.lse, needs_grad=args.grad, backend=args.backend,
-            head_dim_v=args.head_dim_v, window=args.window, softcap=args.softcap, sinks=args.sinks,
-        )
+        if args.varlen or args.kvcache is not None:
+            if args.varlen and args.kvcache is not None:
+                raise ValueError("--varlen and --kvcache: expected at most one of them")
+            d = _serving_decision(args)
+        else:
+            d = explain(
+                shape=args.shape, dtype=args.dtype, device=args.device, causal=args.causal,
+                layout=args.layout, return_lse=args.lse, needs_grad=args.grad, backend=args.backend,
+                head_dim_v=args.head_dim_v, window=args.window, softcap=args.softcap, sinks=args.sinks,
+            )
     except NoBackendError as e:  # an answer (nothing can serve this problem), not a usage error
         print(e)
         return 1
@@ -177,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sliding window, flash_attn's convention (Mistral: 4095,0 with --causal; -1 unbounded)")
     p.add_argument("--softcap", type=float, default=None, help="logit soft-cap c > 0 (Gemma 2: 50)")
     p.add_argument("--sinks", action="store_true", help="the call passes attention sinks (gpt-oss)")
+    p.add_argument("--varlen", action="store_true",
+                   help="an attention_varlen call: B packed sequences of Sq queries and Sk keys each")
+    p.add_argument("--kvcache", type=int, default=None, metavar="PAGE",
+                   help="an attention_kvcache call: Sq new rows per sequence against a cache of capacity Sk, in "
+                        "pages of PAGE rows (0: a contiguous cache); add --causal for the bottom-right mask")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="a small decoder through flashdispatch: what it picks, how fast, how exact")

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 
 from . import envs, selection
-from .device import DEVICE_KEYS, DeviceInfo
+from .device import DEVICE_KEYS, DeviceInfo, current_device
 from .errors import NoBackendError
 from .costmodel import GroupKey, problem_pass, serving_class, variant_kind
 from .problem import DTYPE_NAMES, Problem, normalised_window
@@ -610,11 +610,12 @@ def explain_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
                    backend: str | None = None, device: str | None = None) -> Decision:
     """Which backend `attention_varlen` would run for these arguments, and why (reads no values).
     `device` names a device key ("h100", "mi300x", ...) to answer for a device that is not present
-    (FLASHDISPATCH_DEVICE does the same); the tensors may then live anywhere, meta included."""
+    (FLASHDISPATCH_DEVICE does the same); meta tensors plan without memory (for this machine's
+    current device unless `device` says otherwise)."""
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale, window, softcap = _variant_args(q, q.shape[1], scale, window, softcap, sinks)
     return select_serving(varlen_problem(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, scale, window,
-                                         softcap, sinks, return_lse), backend, device=_simulated(device))
+                                         softcap, sinks, return_lse), backend, device=_simulated(device, q))
 
 
 def explain_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, cache_seqlens: torch.Tensor,
@@ -627,13 +628,16 @@ def explain_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table)
     scale, window, softcap = _variant_args(q, q.shape[2], scale, window, softcap, sinks)
     return select_serving(kvcache_problem(q, k_cache, v_cache, block_table, causal, scale, window, softcap, sinks,
-                                          return_lse), backend, device=_simulated(device))
+                                          return_lse), backend, device=_simulated(device, q))
 
 
-def _simulated(key: str | None) -> DeviceInfo | None:
+def _simulated(key: str | None, q: torch.Tensor) -> DeviceInfo | None:
+    """explain's device: a device key, else FLASHDISPATCH_DEVICE, else this machine's current device
+    for meta tensors (planning without memory), else None (the tensors' own device)."""
     if key is not None and key not in DEVICE_KEYS:
         raise ValueError(f"device: expected one of {DEVICE_KEYS}, got {key!r}")
-    return simulated_or_none(key)
+    sim = simulated_or_none(key)
+    return sim if sim is not None or not q.is_meta else current_device()
 
 
 # --- running a backend -----------------------------------------------------------------------------

@@ -354,3 +354,24 @@ def test_a_simulated_gpu_with_serving_models_decides_by_them(tmp_path, monkeypat
     # forcing still wins over the model
     d = fd.explain_kvcache(qd, kc, kc, cache_seqlens=lens, block_table=table, device="h200", backend="sdpa")
     assert d.variant == "sdpa" and d.source == "argument"
+
+
+def test_the_cli_explains_serving_calls(capsys):
+    from flashdispatch import cli
+
+    assert cli.main(["explain", "--varlen", "--shape", "16,32,8,4096,4096,128", "--causal", "--device", "h200"]) == 0
+    out = capsys.readouterr().out
+    assert "varlen B=16 total_q=65536" in out and "class:    fwd varlen bf16 D=128" in out and "NVIDIA H200" in out
+    assert cli.main(["explain", "--kvcache", "16", "--shape", "64,32,8,1,32768,128", "--causal", "--device", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "paged cache block_size=16" in out and "class:    fwd kvcache bf16 D=128" in out
+    assert cli.main(["explain", "--kvcache", "0", "--shape", "2,32,8,512,8192,128", "--causal", "--device", "h100"]) == 0
+    assert "contiguous cache" in capsys.readouterr().out
+    # a forced family that cannot serve: the reasons, exit 1; usage errors: exit 2 and one line
+    assert cli.main(["explain", "--kvcache", "12", "--shape", "4,32,8,1,8192,128", "--device", "h200",
+                     "--backend", "triton"]) == 1
+    assert "block_size=12 (the paged kernel needs a multiple of 16)" in capsys.readouterr().out
+    assert cli.main(["explain", "--kvcache", "16", "--shape", "4,32,8,1,8192,128", "--grad"]) == 2
+    assert cli.main(["explain", "--varlen", "--kvcache", "16", "--shape", "4,32,8,1,8192,128"]) == 2
+    err = capsys.readouterr().err
+    assert "forward only" in err and "at most one" in err and "Traceback" not in err
