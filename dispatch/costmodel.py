@@ -30,6 +30,7 @@ explicit math) from its plain model at the *whole* score matrix plus the mask it
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -166,6 +167,7 @@ def visible_pairs(p: Problem, *, dense: bool = False) -> int:
     return p.seqlen_q * p.seqlen_k
 
 
+@functools.lru_cache(maxsize=256)  # one problem is predicted for every eligible implementation
 def features(p: Problem, sm_count: int, *, dense: bool = False) -> tuple[float, float, float, float]:
     """The model's inputs for `p` (FEATURES order): 1, GFLOP, GB, GFLOP x wave tail.
 
