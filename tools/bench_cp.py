@@ -42,7 +42,7 @@ from flashdispatch.distributed.comm import LoopbackComm, RingComm
 from flashdispatch.distributed.ring import RingAttention
 from flashdispatch.problem import DTYPES_BY_NAME
 from flashdispatch.tools.bench_ring import (
-    fwd_bwd_step, fwd_step, median_ms, run_meta, slowest_rank_ms, start_process_group,
+    fwd_bwd_step, fwd_step, median_ms, problem_args, run_meta, slowest_rank_ms, start_process_group,
 )
 
 log = logging.getLogger("flashdispatch.tools.bench_cp")
@@ -213,20 +213,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seqlens", type=int, nargs="+", default=list(DEFAULT_SEQLENS))
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    ap.add_argument("--no-causal", action="store_true")
+    ap = problem_args(__doc__.splitlines()[0], seqlens=DEFAULT_SEQLENS, heads=32, kv_heads=8, warmup=1, reps=3)
     ap.add_argument("--only", nargs="+", choices=["ring", "ulysses", "hybrid"], default=None,
                     help="time only these strategies")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--skip-single", action="store_true")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 

@@ -219,6 +219,24 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def problem_args(description: str, *, seqlens: tuple[int, ...], heads: int, kv_heads: int | None, warmup: int,
+                 reps: int) -> argparse.ArgumentParser:
+    """The command line the context-parallel benchmarks share: the problem, the repetitions, the output."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--seqlens", type=int, nargs="+", default=list(seqlens))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=heads)
+    ap.add_argument("--kv-heads", type=int, default=kv_heads)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--no-causal", action="store_true")
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--skip-single", action="store_true")
+    ap.add_argument("--json", default=None)
+    return ap
+
+
 def start_process_group(timeout_minutes: int) -> tuple[int, torch.device, bool]:
     """NCCL with one GPU per rank where there are GPUs, else gloo on the CPU: (rank, device, gpu)."""
     gpu = torch.cuda.is_available()
@@ -238,19 +256,8 @@ def run_meta(device: torch.device, gpu: bool) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seqlens", type=int, nargs="+", default=list(DEFAULT_SEQLENS))
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--kv-heads", type=int, default=None)
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    ap.add_argument("--no-causal", action="store_true")
+    ap = problem_args(__doc__.splitlines()[0], seqlens=DEFAULT_SEQLENS, heads=16, kv_heads=None, warmup=2, reps=5)
     ap.add_argument("--backend", default=None, help="force the ring's local backend (default: dispatcher)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--skip-single", action="store_true")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
