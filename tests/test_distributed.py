@@ -8,14 +8,11 @@ measurements back, so that each case still gets its own readable test id.
 
 from __future__ import annotations
 
-import datetime
-import traceback
 from typing import Any, NamedTuple
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import flashdispatch.distributed as fdd
 from flashdispatch.distributed.block_backward import block_backward_math, softmax_delta
@@ -23,6 +20,7 @@ from flashdispatch.distributed.layout import check_divisible, ring_blocks
 from flashdispatch.distributed.merge import merge_into
 from flashdispatch.reference import attention_math, causal_mask
 from flashdispatch.tolerances import within_budget
+from ranks import run_ranks
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 WORKER_TIMEOUT_S = 150
@@ -182,54 +180,25 @@ AGREE_EXPECTED: dict[int, dict[str, list[bool]]] = {
 }
 
 
-def _worker(rank: int, world: int, store_path: str, queue: Any) -> None:
-    torch.set_num_threads(1)
-    try:
-        store = dist.FileStore(store_path, world)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=WORKER_TIMEOUT_S))
-        report: dict[str, Any] = {}
-        for i, case in enumerate(CASES[world]):
-            report[case.id] = _run_case(case, 1000 + i, None)
-        # sub-groups: new_group must be called by every rank, in the same order
-        size = 1 if world == 2 else 2
-        groups = [dist.new_group(list(range(s, s + size))) for s in range(0, world, size)]
-        mine = groups[rank // size]
-        for i, case in enumerate(SUBGROUP_CASES[world]):
-            report["group-of-" + str(size) + "-" + case.id] = _run_case(case, 2000 + i, mine)
-        report["errors"] = _error_checks(rank, world)
-        report["agree"] = _agree_checks(rank, world, mine)
-        dist.barrier()
-        dist.destroy_process_group()
-        queue.put((rank, "ok", report))
-    except Exception:
-        queue.put((rank, "error", traceback.format_exc()))
+def _body(rank: int, world: int) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    for i, case in enumerate(CASES[world]):
+        report[case.id] = _run_case(case, 1000 + i, None)
+    # sub-groups: new_group must be called by every rank, in the same order
+    size = 1 if world == 2 else 2
+    groups = [dist.new_group(list(range(s, s + size))) for s in range(0, world, size)]
+    mine = groups[rank // size]
+    for i, case in enumerate(SUBGROUP_CASES[world]):
+        report["group-of-" + str(size) + "-" + case.id] = _run_case(case, 2000 + i, mine)
+    report["errors"] = _error_checks(rank, world)
+    report["agree"] = _agree_checks(rank, world, mine)
+    return report
 
 
 @pytest.fixture(scope="module")
 def ring_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
-    ctx = mp.get_context("spawn")
-    reports: dict[int, list[dict[str, Any]]] = {}
-    for world in CASES:
-        queue = ctx.Queue()
-        store = str(tmp_path_factory.mktemp(f"store{world}") / "store")
-        procs = [ctx.Process(target=_worker, args=(r, world, store, queue)) for r in range(world)]
-        for p in procs:
-            p.start()
-        got: dict[int, Any] = {}
-        try:
-            for _ in range(world):
-                rank, status, payload = queue.get(timeout=WORKER_TIMEOUT_S)
-                if status != "ok":
-                    pytest.fail(f"world={world} rank {rank} raised:\n{payload}")
-                got[rank] = payload
-        finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.terminate()
-        reports[world] = [got[r] for r in range(world)]
-    return reports
+    return {world: run_ranks(_body, world, tmp_path_factory.mktemp(f"store{world}"), backend="gloo",
+                             timeout_s=WORKER_TIMEOUT_S) for world in CASES}
 
 
 def _all_ids() -> list[tuple[int, str]]:

@@ -10,18 +10,17 @@ rank and the world is the launcher's (the ring's tests need 2 and skip otherwise
 from __future__ import annotations
 
 import datetime
-import traceback
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import flashdispatch.distributed as fdd
 from flashdispatch.distributed.comm import all_agree
 from flashdispatch.reference import attention_math
 from flashdispatch.tolerances import within_budget
+from ranks import run_ranks
 
 pytestmark = pytest.mark.gpu
 
@@ -89,23 +88,10 @@ def _run_case(case: tuple, seed: int, device: torch.device) -> dict[str, Any]:
     return res
 
 
-def _all_cases(rank: int) -> dict[str, Any]:
+def _all_cases(rank: int, world: int = WORLD) -> dict[str, Any]:
     device = torch.device("cuda", rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
     return {_case_id(c): _run_case(c, 100 + i, device) for i, c in enumerate(CASES)}
-
-
-def _spawned(rank: int, store_path: str, queue: Any) -> None:
-    try:
-        torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=TIMEOUT_S), device_id=torch.device("cuda", rank))
-        rep = _all_cases(rank)
-        dist.barrier()
-        dist.destroy_process_group()
-        queue.put((rank, "ok", rep))
-    except Exception:
-        queue.put((rank, "error", traceback.format_exc()))
 
 
 @pytest.fixture(scope="module")
@@ -119,25 +105,7 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         return [_all_cases(dist.get_rank())]
     if torch.cuda.device_count() < WORLD:
         pytest.skip(f"needs {WORLD} GPUs, found {torch.cuda.device_count()}")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    store = str(tmp_path_factory.mktemp("nccl") / "store")
-    procs = [ctx.Process(target=_spawned, args=(r, store, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    got: dict[int, Any] = {}
-    try:
-        for _ in range(WORLD):
-            rank, status, payload = queue.get(timeout=TIMEOUT_S)
-            if status != "ok":
-                pytest.fail(f"rank {rank} raised:\n{payload}")
-            got[rank] = payload
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-    return [got[r] for r in range(WORLD)]
+    return run_ranks(_all_cases, WORLD, tmp_path_factory.mktemp("nccl"), backend="nccl", timeout_s=TIMEOUT_S)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
@@ -240,19 +208,6 @@ def _all_strategies(rank: int, world: int) -> dict[str, Any]:
     return {_strategy_id(c): _run_strategy(c, 500 + i, device, world) for i, c in enumerate(_strategy_cases(world))}
 
 
-def _spawned_strategies(rank: int, world: int, store_path: str, queue: Any) -> None:
-    try:
-        torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=TIMEOUT_S), device_id=torch.device("cuda", rank))
-        rep = _all_strategies(rank, world)
-        dist.barrier()
-        dist.destroy_process_group()
-        queue.put((rank, "ok", rep))
-    except Exception:
-        queue.put((rank, "error", traceback.format_exc()))
-
-
 @pytest.fixture(scope="module")
 def strategy_reports(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     if dist.is_torchelastic_launched():
@@ -264,25 +219,7 @@ def strategy_reports(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str,
     world = torch.cuda.device_count()
     if world < 2:
         pytest.skip(f"needs 2 or more GPUs, found {world}")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    store = str(tmp_path_factory.mktemp("nccl-cp") / "store")
-    procs = [ctx.Process(target=_spawned_strategies, args=(r, world, store, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    got: dict[int, Any] = {}
-    try:
-        for _ in range(world):
-            rank, status, payload = queue.get(timeout=TIMEOUT_S)
-            if status != "ok":
-                pytest.fail(f"rank {rank} raised:\n{payload}")
-            got[rank] = payload
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-    return [got[r] for r in range(world)]
+    return run_ranks(_all_strategies, world, tmp_path_factory.mktemp("nccl-cp"), backend="nccl", timeout_s=TIMEOUT_S)
 
 
 @pytest.mark.parametrize("case", _strategy_cases(8), ids=[_strategy_id(c) for c in _strategy_cases(8)])

@@ -10,19 +10,17 @@ groups' ranks differ from the global ones, which the all-to-all and the ring acr
 
 from __future__ import annotations
 
-import datetime
-import traceback
 from typing import Any, NamedTuple
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import flashdispatch.distributed as fdd
 from flashdispatch.distributed import strategy as st
 from flashdispatch.reference import attention_math
 from flashdispatch.tolerances import within_budget
+from ranks import run_ranks
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 WORKER_TIMEOUT_S = 150
@@ -222,49 +220,24 @@ def _auto_checks(rank: int, world: int, group: Any) -> dict[str, Any]:
 JOB = 8  # processes; the cases of world W run in JOB // W groups of W at once
 
 
-def _worker(rank: int, store_path: str, queue: Any) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", store=dist.FileStore(store_path, JOB), rank=rank, world_size=JOB,
-                                timeout=datetime.timedelta(seconds=WORKER_TIMEOUT_S))
-        report: dict[int, dict[str, Any]] = {}
-        for world in sorted(CASES):
-            # new_group: every rank creates every group, in the same order
-            groups = [dist.new_group(list(range(s, s + world))) for s in range(0, JOB, world)]
-            group = groups[rank // world]
-            grank = dist.get_rank(group)
-            rep: dict[str, Any] = {c.id: _run_case(c, 3000 + i, group) for i, c in enumerate(CASES[world])}
-            rep["errors"] = _error_checks(grank, world, group)
-            rep["auto"] = _auto_checks(grank, world, group)
-            report[world] = rep
-        dist.barrier()
-        dist.destroy_process_group()
-        queue.put((rank, "ok", report))
-    except Exception:
-        queue.put((rank, "error", traceback.format_exc()))
+def _body(rank: int, job: int) -> dict[int, dict[str, Any]]:
+    report: dict[int, dict[str, Any]] = {}
+    for world in sorted(CASES):
+        # new_group: every rank creates every group, in the same order
+        groups = [dist.new_group(list(range(s, s + world))) for s in range(0, job, world)]
+        group = groups[rank // world]
+        grank = dist.get_rank(group)
+        rep: dict[str, Any] = {c.id: _run_case(c, 3000 + i, group) for i, c in enumerate(CASES[world])}
+        rep["errors"] = _error_checks(grank, world, group)
+        rep["auto"] = _auto_checks(grank, world, group)
+        report[world] = rep
+    return report
 
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
     """Per world size, every process's report (JOB of them: each in its own group of that size)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    store = str(tmp_path_factory.mktemp("cp") / "store")
-    procs = [ctx.Process(target=_worker, args=(r, store, queue)) for r in range(JOB)]
-    for p in procs:
-        p.start()
-    got: dict[int, Any] = {}
-    try:
-        for _ in range(JOB):
-            rank, status, payload = queue.get(timeout=WORKER_TIMEOUT_S)
-            if status != "ok":
-                pytest.fail(f"rank {rank} raised:\n{payload}")
-            got[rank] = payload
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
+    got = run_ranks(_body, JOB, tmp_path_factory.mktemp("cp"), backend="gloo", timeout_s=WORKER_TIMEOUT_S)
     return {w: [got[r][w] for r in range(JOB)] for w in CASES}
 
 
