@@ -39,38 +39,56 @@ def _case_id(c: tuple) -> str:
     return f"{str(dt).split('.')[-1]}-{layout}-{'causal' if causal else 'full'}-h{hq}/{hkv}-S{s}-D{d}"
 
 
+class _Expected:
+    """One case's full inputs (the same on every rank: the same seed), the float64 reference and the
+    same-dtype baseline with their gradients, and the budget check of a sharded result against them."""
+
+    def __init__(self, dt: torch.dtype, layout: str, causal: bool, batch: int, hq: int, hkv: int, s: int, d: int,
+                 seed: int, device: torch.device) -> None:
+        self.dt, self.device, self.sd = dt, device, 2 if layout == "bhsd" else 1
+        g = torch.Generator(device=device).manual_seed(seed)
+
+        def make(h: int) -> torch.Tensor:
+            shape = (batch, h, s, d) if layout == "bhsd" else (batch, s, h, d)
+            return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dt)
+
+        self.q, self.k, self.v, self.do = make(hq), make(hkv), make(hkv), make(hq)
+        self.kw: dict[str, Any] = dict(causal=causal, layout=layout)
+        self.ref_in = [t.double().requires_grad_() for t in (self.q, self.k, self.v)]
+        self.out_ref, self.lse_ref = attention_math(*self.ref_in, **self.kw)
+        self.out_ref.backward(self.do.double())
+        self.base_in = [t.clone().requires_grad_() for t in (self.q, self.k, self.v)]
+        self.out_t, self.lse_t = attention_math(*self.base_in, upcast=False, **self.kw)
+        self.out_t.backward(self.do)
+
+    def local(self) -> list[torch.Tensor]:
+        return [fdd.shard(t, self.sd).requires_grad_() for t in (self.q, self.k, self.v)]
+
+    def gather(self, x: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
+        return fdd.unshard(x.detach(), dim,
+                           out=torch.full(like.shape, float("nan"), dtype=x.dtype, device=self.device))
+
+    def check(self, out_l: torch.Tensor, lse_l: torch.Tensor, local: list[torch.Tensor]) -> dict[str, Any]:
+        """out, lse and the three gradients of a sharded run, each within_budget's verdict."""
+        dt, sd = self.dt, self.sd
+        res: dict[str, Any] = {
+            "out": within_budget(self.gather(out_l, sd, self.out_ref), self.out_t.detach(), self.out_ref.detach(), dt),
+            "lse": within_budget(self.gather(lse_l, 2, self.lse_ref), self.lse_t.detach(), self.lse_ref.detach(), dt),
+        }
+        for name, loc, ref, base in zip(("dq", "dk", "dv"), local, self.ref_in, self.base_in):
+            res[name] = within_budget(self.gather(loc.grad, sd, ref), base.grad, ref.grad, dt, grad=True)
+        return res
+
+
 def _run_case(case: tuple, seed: int, device: torch.device) -> dict[str, Any]:
     dt, layout, causal, hq, hkv, s, d = case
-    sd = 2 if layout == "bhsd" else 1
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def make(h: int) -> torch.Tensor:
-        shape = (2, h, s, d) if layout == "bhsd" else (2, s, h, d)
-        return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dt)
-
-    q, k, v, do = make(hq), make(hkv), make(hkv), make(hq)
-    kw = dict(causal=causal, layout=layout)
-    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
-    out_ref, lse_ref = attention_math(*ref_in, **kw)
-    out_ref.backward(do.double())
-    base_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    out_t, lse_t = attention_math(*base_in, upcast=False, **kw)
-    out_t.backward(do)
-
-    local = [fdd.shard(t, sd).requires_grad_() for t in (q, k, v)]
+    e = _Expected(dt, layout, causal, 2, hq, hkv, s, d, seed, device)
+    kw, sd = e.kw, e.sd
+    local = e.local()
     out_l, lse_l = fdd.attention(*local, return_lse=True, strategy="ring", **kw)
-    out_l.backward(fdd.shard(do, sd))
+    out_l.backward(fdd.shard(e.do, sd))
     torch.cuda.synchronize()
-
-    def gather(x: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
-        return fdd.unshard(x.detach(), dim, out=torch.full(like.shape, float("nan"), dtype=x.dtype, device=device))
-
-    res = {
-        "out": within_budget(gather(out_l, sd, out_ref), out_t.detach(), out_ref.detach(), dt),
-        "lse": within_budget(gather(lse_l, 2, lse_ref), lse_t.detach(), lse_ref.detach(), dt),
-    }
-    for name, loc, ref, base in zip(("dq", "dk", "dv"), local, ref_in, base_in):
-        res[name] = within_budget(gather(loc.grad, sd, ref), base.grad, ref.grad, dt, grad=True)
+    res = e.check(out_l, lse_l, local)
     plan = fdd.explain(*(t.detach() for t in local), strategy="ring", **kw)
     res["plan"] = str(plan)
     res["blocks"] = fdd.ring_spec(*local, rank=dist.get_rank(), world=WORLD, scale=d ** -0.5, **kw).backward_path
@@ -80,11 +98,12 @@ def _run_case(case: tuple, seed: int, device: torch.device) -> dict[str, Any]:
     if all_agree(res["blocks"] == "cudnn"):
         for t in local:
             t.grad = None
-        out_f, lse_f = fdd.attention(*local, return_lse=True, backend="triton", strategy="ring", **kw)
-        out_f.backward(fdd.shard(do, sd))
-        res["triton blocks out"] = within_budget(gather(out_f, sd, out_ref), out_t.detach(), out_ref.detach(), dt)
-        res["triton blocks dq"] = within_budget(gather(local[0].grad, sd, ref_in[0]), base_in[0].grad,
-                                                ref_in[0].grad, dt, grad=True)
+        out_f, _ = fdd.attention(*local, return_lse=True, backend="triton", strategy="ring", **kw)
+        out_f.backward(fdd.shard(e.do, sd))
+        res["triton blocks out"] = within_budget(e.gather(out_f, sd, e.out_ref), e.out_t.detach(), e.out_ref.detach(),
+                                                 dt)
+        res["triton blocks dq"] = within_budget(e.gather(local[0].grad, sd, e.ref_in[0]), e.base_in[0].grad,
+                                                e.ref_in[0].grad, dt, grad=True)
     return res
 
 
@@ -166,37 +185,13 @@ def _strategy_id(c: tuple) -> str:
 
 def _run_strategy(case: tuple, seed: int, device: torch.device, world: int) -> dict[str, Any]:
     strategy, u, dt, layout, causal, hq, hkv, chunk, d = case
-    sd = 2 if layout == "bhsd" else 1
-    s = 2 * world * chunk
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def make(h: int) -> torch.Tensor:
-        shape = (1, h, s, d) if layout == "bhsd" else (1, s, h, d)
-        return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dt)
-
-    q, k, v, do = make(hq), make(hkv), make(hkv), make(hq)
-    kw = dict(causal=causal, layout=layout)
-    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
-    out_ref, lse_ref = attention_math(*ref_in, **kw)
-    out_ref.backward(do.double())
-    base_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    out_t, lse_t = attention_math(*base_in, upcast=False, **kw)
-    out_t.backward(do)
-    local = [fdd.shard(t, sd).requires_grad_() for t in (q, k, v)]
-    plan = fdd.explain(*(t.detach() for t in local), strategy=strategy, ulysses_size=u, needs_grad=True, **kw)
-    out_l, lse_l = fdd.attention(*local, return_lse=True, strategy=strategy, ulysses_size=u, **kw)
-    out_l.backward(fdd.shard(do, sd))
+    e = _Expected(dt, layout, causal, 1, hq, hkv, 2 * world * chunk, d, seed, device)
+    local = e.local()
+    plan = fdd.explain(*(t.detach() for t in local), strategy=strategy, ulysses_size=u, needs_grad=True, **e.kw)
+    out_l, lse_l = fdd.attention(*local, return_lse=True, strategy=strategy, ulysses_size=u, **e.kw)
+    out_l.backward(fdd.shard(e.do, e.sd))
     torch.cuda.synchronize()
-
-    def gather(x: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
-        return fdd.unshard(x.detach(), dim, out=torch.full(like.shape, float("nan"), dtype=x.dtype, device=device))
-
-    res: dict[str, Any] = {
-        "out": within_budget(gather(out_l, sd, out_ref), out_t.detach(), out_ref.detach(), dt),
-        "lse": within_budget(gather(lse_l, 2, lse_ref), lse_t.detach(), lse_ref.detach(), dt),
-    }
-    for name, loc, ref, base in zip(("dq", "dk", "dv"), local, ref_in, base_in):
-        res[name] = within_budget(gather(loc.grad, sd, ref), base.grad, ref.grad, dt, grad=True)
+    res = e.check(out_l, lse_l, local)
     res["plan"] = str(plan)
     res["ran"] = (plan.strategy, plan.choice.ulysses_size)
     return res
