@@ -195,8 +195,10 @@ def _try_family(name: str, s: Shape, call: _Call, device: torch.device, opts: An
             return _time(name, s, call, device, opts, checked, host_calls)
     except Exception as e:  # a family that fails at this size is a result, not a crash
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        if not timing.context_alive(device):
-            raise
+        if not timing.context_alive(device):  # the tuner stops and a --resume leaves the family out
+            from .tune import ContextLost
+
+            raise ContextLost(name, f"{type(e).__name__}: {msg}") from e
         for t in call.grads:
             t.grad = None
         return Trial(name, {}, "error", note=f"{type(e).__name__}: {msg}")
