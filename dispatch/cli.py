@@ -72,6 +72,16 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def _page_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a page size (rows per page, 0: contiguous), got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a page size >= 0 (0: a contiguous cache), got {n}")
+    return n
+
+
 def _parse_window(text: str) -> tuple[int, int]:
     try:
         left, right = (int(x) for x in text.split(","))
@@ -113,7 +123,10 @@ def _serving_decision(args: argparse.Namespace) -> Any:
     page = args.kvcache
     q = torch.empty(b, sq, hq, d, **meta)
     if page:
-        blocks = -(-sk // page)
+        if sk % page:
+            raise ValueError(f"--shape: a paged cache holds whole pages: expected Sk a multiple of --kvcache {page}, "
+                             f"got Sk={sk}")
+        blocks = sk // page
         kc, vc = torch.empty(b * blocks, page, hkv, d, **meta), torch.empty(b * blocks, page, hkv, dv, **meta)
         table = torch.empty(b, blocks, **ints)
     else:
@@ -215,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sinks", action="store_true", help="the call passes attention sinks (gpt-oss)")
     p.add_argument("--varlen", action="store_true",
                    help="an attention_varlen call: B packed sequences of Sq queries and Sk keys each")
-    p.add_argument("--kvcache", type=int, default=None, metavar="PAGE",
+    p.add_argument("--kvcache", type=_page_size, default=None, metavar="PAGE",
                    help="an attention_kvcache call: Sq new rows per sequence against a cache of capacity Sk, in "
                         "pages of PAGE rows (0: a contiguous cache); add --causal for the bottom-right mask")
     p.set_defaults(func=cmd_explain)

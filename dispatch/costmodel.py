@@ -69,6 +69,8 @@ SHAPE_CLASSES: tuple[str, ...] = ("dense", "causal", "chunked", "speculative", "
 #   kvcache_chunked  a prompt chunk of more rows against the cache
 # They never borrow from the dense classes nor lend to them: the kernels and fallbacks differ.
 SERVING_CLASSES: tuple[str, ...] = ("varlen", "kvcache", "kvcache_chunked")
+# The serving call (attention_varlen: "varlen"; attention_kvcache: "kvcache") of each serving class.
+SERVING_KIND: dict[str, str] = {"varlen": "varlen", "kvcache": "kvcache", "kvcache_chunked": "kvcache"}
 ALL_CLASSES: tuple[str, ...] = SHAPE_CLASSES + SERVING_CLASSES
 # The classes whose problems are causal (a serving class's points are measured causal).
 CAUSAL_CLASSES: tuple[str, ...] = ("causal", "chunked", "speculative", "causal_tall") + SERVING_CLASSES
@@ -352,7 +354,7 @@ def point_problem(key: GroupKey, pt: Point, device_kind: str = "cuda") -> Proble
 def point_class(key: GroupKey, pt: Point) -> str:
     """The class a point of group `key` falls in by its dims (the group's, when it is valid)."""
     if key.cls in SERVING_CLASSES:
-        return serving_class("varlen" if key.cls == "varlen" else "kvcache", pt.seqlen_q)
+        return serving_class(SERVING_KIND[key.cls], pt.seqlen_q)
     return shape_class(point_problem(key, pt))
 
 

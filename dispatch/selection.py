@@ -281,11 +281,12 @@ def _rank_by_model(p: Problem, dev: DeviceInfo, eligible: list[str], profile: Pr
 
 def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profile, *,
                   variant_path: Callable[[str], tuple[bool, str]],
-                  default_order: Callable[[list[str]], list[str]]) -> _Ranking | None:
+                  default_order: Callable[[list[str]], list[str]], baseline: str = "plain SDPA") -> _Ranking | None:
     """`eligible` by the time `profile`'s model predicts for `p` in group `key` (a dense call's
     own group, or a serving call's: dispatch/serving.py), the baseline kept within its margin;
     `variant_path(name)` says whether `name` fuses the problem's variant and what runs it if not;
-    `default_order` orders the names the model cannot predict. None: no model predicts any."""
+    `default_order` orders the names the model cannot predict; `baseline` names BASELINE in the
+    decision's words. None: no model predicts any."""
     model = profile.model
     if not model:
         return None
@@ -308,9 +309,9 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
         t_ms, b_ms, where = compared_where_measured(preds[top], preds[BASELINE])
         if t_ms > b_ms * (1.0 - need) * (1.0 + 1e-9):  # 1e-9: float noise at the edge
             at = f" ({where}: {t_ms:.4g} and {b_ms:.4g} ms)" if where else ""
-            r.notes.append(f"{top} is predicted at {preds[top].ms:.4g} ms and plain sdpa at {preds[BASELINE].ms:.4g} ms"
+            r.notes.append(f"{top} is predicted at {preds[top].ms:.4g} ms and {baseline} at {preds[BASELINE].ms:.4g} ms"
                            f"{at}, less than {need * 100:.3g}% apart (the larger of {BASELINE_MARGIN:.0%} and the two "
-                           "fit errors): plain SDPA, the baseline, runs")
+                           f"fit errors): {baseline}, the baseline, runs")
             r.ordered.remove(BASELINE)
             r.ordered.insert(0, BASELINE)
             r.kept_baseline = True

@@ -466,7 +466,8 @@ def _rank(sp: ServingProblem, ok: list[str], profile: Any, order: tuple[str, ...
         return (True, "") if key.variant == "plain" else (b.fuses_variants, b.variants_run_as)
 
     return selection.rank_by_model(sp.work(), key, ok, profile, variant_path=variant_path,
-                                   default_order=lambda names: [n for n in order if n in names])
+                                   default_order=lambda names: [n for n in order if n in names],
+                                   baseline="the sdpa fallback")
 
 
 # --- problems ------------------------------------------------------------------------------------

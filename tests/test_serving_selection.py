@@ -119,7 +119,7 @@ def test_the_fallback_is_kept_when_the_lead_is_inside_the_margin():
     prof = _profile(_group(KVCACHE, KV_DIMS, {"triton": (10.0, 99.0), "sdpa": (10.0, 100.0)}))
     rk = _rank(_kvcache_sp(16, 1, 8192), prof)
     assert rk.ordered[0] == "sdpa" and rk.kept_baseline
-    assert any("plain SDPA, the baseline, runs" in n for n in rk.notes)
+    assert any("the sdpa fallback, the baseline, runs" in n for n in rk.notes), rk.notes
 
 
 def test_a_window_is_fused_by_triton_and_masked_by_the_fallback():
@@ -313,6 +313,10 @@ def test_the_serving_plot_is_written_and_rerendered_from_its_json(tmp_path, caps
     assert (tmp_path / "bench_serving.png").is_file() and "1/2 bars pass" in capsys.readouterr().out
     if not torch.cuda.is_available():  # `bench --serving` runs the serving bench, which needs a GPU
         assert bench.main(["--serving", "--out", str(tmp_path)]) == 2
+    # ... but re-rendering a run needs none, into a folder that does not exist yet
+    again = tmp_path / "again"
+    assert bench.main(["--serving", "--plot-from", str(tmp_path / "bench_serving.json"), "--out", str(again)]) == 0
+    assert (again / "bench_serving.png").is_file()
 
 
 # --- on a simulated GPU: what a serving call would run there, and why ----------------------------
@@ -368,10 +372,34 @@ def test_the_cli_explains_serving_calls(capsys):
     assert cli.main(["explain", "--kvcache", "0", "--shape", "2,32,8,512,8192,128", "--causal", "--device", "h100"]) == 0
     assert "contiguous cache" in capsys.readouterr().out
     # a forced family that cannot serve: the reasons, exit 1; usage errors: exit 2 and one line
-    assert cli.main(["explain", "--kvcache", "12", "--shape", "4,32,8,1,8192,128", "--device", "h200",
+    assert cli.main(["explain", "--kvcache", "12", "--shape", "4,32,8,1,8196,128", "--device", "h200",
                      "--backend", "triton"]) == 1
     assert "block_size=12 (the paged kernel needs a multiple of 16)" in capsys.readouterr().out
     assert cli.main(["explain", "--kvcache", "16", "--shape", "4,32,8,1,8192,128", "--grad"]) == 2
     assert cli.main(["explain", "--varlen", "--kvcache", "16", "--shape", "4,32,8,1,8192,128"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # argparse's own usage error
+        cli.main(["explain", "--kvcache", "-16", "--shape", "4,32,8,1,8192,128"])
+    assert exit_.value.code == 2
+    assert cli.main(["explain", "--kvcache", "16", "--shape", "4,32,8,1,50,128"]) == 2
     err = capsys.readouterr().err
     assert "forward only" in err and "at most one" in err and "Traceback" not in err
+    assert "page size >= 0" in err and "expected Sk a multiple of --kvcache 16, got Sk=50" in err
+
+
+def test_a_family_that_broke_the_context_is_left_out_on_resume_without_its_dense_namesake():
+    backends = ["sdpa", "sdpa", "triton", "triton", "cupy"]
+    assert tune_serving.families(backends) == ["triton", "sdpa", "cupy"]
+    assert tune_serving.families(backends, ("serving:triton",)) == ["sdpa", "cupy"]
+    assert tune_serving.families(backends, ("triton",)) == ["triton", "sdpa", "cupy"]  # a dense exclusion
+
+
+def test_the_plan_counts_only_the_families_that_can_serve():
+    from flashdispatch.device import simulated_device
+
+    dev = simulated_device("h200")
+    s = shapes.check_shape(shapes.Shape("k", "bf16", 8, 16, 4, 1, 8192, 128, True, "decode", serving="kvcache"))
+    assert [f for f in ("triton", "sdpa", "cupy") if tune_serving.can_serve(s, f, dev)] == ["triton", "sdpa"]
+    assert s.serving_problem("cuda").model_key() == s.group
+    impls = {n: i for n, i in tune.default_candidates(dev).items() if n in ("sdpa", "triton", "cupy")}
+    est = tune.estimate_plan([s], dev, tune.TuneOptions.preset(True), impls)
+    assert est.trials == 2

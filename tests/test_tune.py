@@ -19,10 +19,9 @@ import torch
 import flashdispatch
 from flashdispatch.backend import Capabilities, Implementation
 from flashdispatch.device import DeviceInfo
-from flashdispatch import serving
 from flashdispatch.costmodel import SERVING_CLASSES, group_key, shape_class
 from flashdispatch.device import simulated_device
-from flashdispatch.problem import DTYPES_BY_NAME, Problem, problem_from_shape
+from flashdispatch.problem import Problem, problem_from_shape
 from flashdispatch.profile_store import SCHEMA_VERSION, Profile, parse_profile, timing_pass
 from flashdispatch.reference import attention_math
 from flashdispatch.registry import REGISTRY
@@ -129,22 +128,13 @@ def test_every_shape_is_timed_and_grouped_as_the_dispatcher_builds_it(name: str)
 
 def _check_serving_shape(s: shapes.Shape) -> None:
     """A serving shape's group is the one attention_varlen / attention_kvcache builds for its call."""
-    meta = dict(device="meta", dtype=DTYPES_BY_NAME[s.dtype])
     if s.serving == "varlen":
         lengths = shapes.varlen_lengths(s.batch, s.seqlen_q)
-        total = sum(lengths)
-        assert total == s.batch * s.seqlen_q and min(lengths) >= 1, s
-        q, k = torch.empty(total, s.heads_q, s.head_dim, **meta), torch.empty(total, s.heads_kv, s.head_dim, **meta)
-        with torch.set_grad_enabled(s.needs_grad):
-            sp = serving.varlen_problem(q.requires_grad_(s.needs_grad), k, k, torch.empty(s.batch + 1), max(lengths),
-                                        max(lengths), True, 1.0, None, None, None, False)
-    else:
-        pages = -(-s.seqlen_k // shapes.SERVING_PAGE)
-        q = torch.empty(s.batch, s.seqlen_q, s.heads_q, s.head_dim, **meta)
-        kc = torch.empty(s.batch * pages, shapes.SERVING_PAGE, s.heads_kv, s.head_dim, **meta)
-        sp = serving.kvcache_problem(q, kc, kc, torch.empty(s.batch, pages), True, 1.0, None, None, None, False)
-    assert sp.model_key() == s.group, s
-    assert tune.bucket_match(s)["class"] == s.group.cls in SERVING_CLASSES, s
+        assert sum(lengths) == s.batch * s.seqlen_q and min(lengths) >= 1, s
+    sp = s.serving_problem()
+    assert sp.kind == s.serving and sp.batch == s.batch and sp.needs_grad == s.needs_grad, s
+    assert s.group == sp.model_key() and s.group.cls in SERVING_CLASSES, s
+    assert tune.bucket_match(s)["class"] == s.group.cls, s
     assert captured_in_serving(s) == (s.group.cls == "kvcache"), s
 
 

@@ -130,5 +130,5 @@ def test_serving_points_are_checked_and_timed_for_both_families(kind: str) -> No
         graphed = s.group.cls == "kvcache"
         assert ("CUDA-graph replay" in t.note) == graphed, t.note
         assert (t.host_us is not None) == graphed, t
-    # our kernels beat the fallback's gather / loop on these sizes
-    assert by["triton"].ms < by["sdpa"].ms * 1.1, {n: t.ms for n, t in by.items()}
+    if s.serving == "kvcache":  # against the gather-then-attention fallback (varlen's is torch's own kernel: bench)
+        assert by["triton"].ms < by["sdpa"].ms, {n: t.ms for n, t in by.items()}

@@ -232,6 +232,7 @@ def _profile_cases(arch: str) -> list[KernelCase]:
     from importlib import resources
 
     from flashdispatch.backends.triton import configs
+    from flashdispatch.costmodel import SERVING_CLASSES
     from flashdispatch.profile_store import ProfileError, parse_profile
 
     cases: list[KernelCase] = []
@@ -250,6 +251,8 @@ def _profile_cases(arch: str) -> list[KernelCase]:
         if not dev_arch or configs.arch_family(kind, dev_arch) != arch:
             continue
         for g in prof.groups:
+            if g.key.cls in SERVING_CLASSES:  # the serving kernels take no tuned config
+                continue
             # the group's config and every point's: what selection can pick (Group.config_for)
             cfgs = [g.config.get("triton")] + [pt.config.get("triton") for pt in g.points]
             for cfg in dict.fromkeys(json.dumps(c, sort_keys=True) for c in cfgs if c):

@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import bench_serving
 
         return bench_serving.main(["--out", args.out] + (["--rep-ms", str(args.rep_ms)] if args.rep_ms is not None
-                                                          else []))
+                                                          else [])
+                                  + (["--plot-from", args.plot_from] if args.plot_from else []))
     if args.plot_from:
         with open(args.plot_from, encoding="utf-8") as f:
             result = json.load(f)

@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_from:
         with open(args.plot_from, encoding="utf-8") as f:
             result = json.load(f)
+        os.makedirs(args.out, exist_ok=True)
         plot(result, os.path.join(args.out, "bench_serving.png"))
         print_table(result)
         return 0

@@ -160,8 +160,10 @@ command: {command}
 How to read this file. Problems are grouped by what changes how kernels behave: the pass (fwd, or
 fwd_bwd when gradients are needed), the shape class (dense: no mask; causal: Sq = Sk; chunked: a
 prompt chunk against a longer cache; speculative: 2-16 rows against a cache; decode: one row per
-sequence; causal_tall: Sq > Sk), the variant (plain, or a sliding window), the dtype and the head
-dim. Each group lists the shapes measured (`points`: B, Hq, Hkv, Sq, Sk) with every correct
+sequence; causal_tall: Sq > Sk; and for attention_varlen / attention_kvcache, whose implementations
+are the serving families triton and sdpa: varlen, a packed batch of B sequences of mean length Sq = Sk;
+kvcache, 1-16 new rows per sequence against a paged cache of Sk keys; kvcache_chunked, a longer chunk),
+the variant (plain, or a sliding window), the dtype and the head dim. Each group lists the shapes measured (`points`: B, Hq, Hkv, Sq, Sk) with every correct
 implementation's median time in milliseconds (`ms`; decode and speculative steps are CUDA-graph
 replays, with the eager host time per call in `host_us`) and the best config of each tuned
 backend there (`config`). `fits` is a model per implementation fitted to those points:
@@ -169,8 +171,9 @@ backend there (`config`). `fits` is a model per implementation fitted to those p
 (1000 / us_per_gflop is the TFLOP/s it sustains, 1000 / us_per_gb its TB/s; rms is the relative fit
 error over n points). The dispatcher predicts every eligible implementation's time from these models
 (borrowing from the nearest group where a problem's own was not measured, and saying so in
-`flashdispatch explain`) and runs the fastest; plain sdpa keeps the call unless another is
-predicted at least 2% faster. Every candidate passed a float64 check before it was timed.
+`flashdispatch explain`) and runs the fastest; sdpa (plain SDPA, or the serving fallback) keeps the
+call unless another is predicted faster by the larger of 2% and the two models' fit errors. Every
+candidate passed a float64 check before it was timed.
 Regenerate or extend: flashdispatch tune --help (docs/profiles.md)."""
 
 

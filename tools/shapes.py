@@ -12,9 +12,13 @@ tuned-shape benchmark keeps measuring measured shapes.
 from __future__ import annotations
 
 import random
-from typing import Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
-from flashdispatch.costmodel import GroupKey, group_key, serving_class
+import torch
+
+from flashdispatch import serving
+from flashdispatch.costmodel import SERVING_KIND, GroupKey, group_key
+from flashdispatch.serving import ServingProblem
 from flashdispatch.problem import DECODE_MAX_SEQLEN_Q, DTYPES_BY_NAME, Problem, problem_from_shape
 from flashdispatch.profile_store import TIMING_PASSES, timing_pass
 
@@ -57,13 +61,33 @@ class Shape(NamedTuple):
         return problem_from_shape(self.dims, dtype=self.dtype, device_kind=device_kind, causal=self.causal,
                                   needs_grad=self.needs_grad, window=(self.window, 0) if self.window >= 0 else None)
 
+    def serving_problem(self, device_kind: str = "cuda") -> ServingProblem:
+        """The ServingProblem attention_varlen / attention_kvcache builds for this serving shape's
+        call (meta tensors: no memory, no values)."""
+        meta: dict[str, Any] = dict(device="meta", dtype=DTYPES_BY_NAME[self.dtype])
+        ints: dict[str, Any] = dict(device="meta", dtype=torch.int32)
+        scale = self.head_dim ** -0.5
+        if self.serving == "varlen":
+            lengths = varlen_lengths(self.batch, self.seqlen_q)
+            q = torch.empty(sum(lengths), self.heads_q, self.head_dim, **meta).requires_grad_(self.needs_grad)
+            k = torch.empty(sum(lengths), self.heads_kv, self.head_dim, **meta)
+            with torch.set_grad_enabled(self.needs_grad):
+                sp = serving.varlen_problem(q, k, k, torch.empty(self.batch + 1, **ints), max(lengths), max(lengths),
+                                            self.causal, scale, None, None, None, False)
+        elif self.serving == "kvcache":
+            pages = -(-self.seqlen_k // SERVING_PAGE)
+            q = torch.empty(self.batch, self.seqlen_q, self.heads_q, self.head_dim, **meta)
+            kc = torch.empty(self.batch * pages, SERVING_PAGE, self.heads_kv, self.head_dim, **meta)
+            sp = serving.kvcache_problem(q, kc, kc, torch.empty(self.batch, pages, **ints), self.causal, scale, None,
+                                         None, None, False)
+        else:
+            raise ValueError(f"shape {self.label!r}: not a serving shape (serving={self.serving!r})")
+        return sp._replace(device_kind=device_kind)
+
     @property
     def group(self) -> GroupKey:
         """The cost model's group this shape is a point of."""
-        if self.serving:
-            return GroupKey("fwd_bwd" if self.needs_grad else "fwd", serving_class(self.serving, self.seqlen_q),
-                            "plain", self.dtype, self.head_dim)
-        return group_key(self.problem())
+        return self.serving_problem().model_key() if self.serving else group_key(self.problem())
 
     def describe(self) -> str:
         q = f"Sq={self.seqlen_q} Sk={self.seqlen_k}" if self.seqlen_q != self.seqlen_k else f"S={self.seqlen_k}"
@@ -111,11 +135,17 @@ def _check_serving(s: Shape) -> Shape:
             raise ValueError(f"shape {s.label!r}: a varlen shape has Sq = Sk (the mean length) and pass fwd or "
                              f"fwd_bwd, got Sq={s.seqlen_q} Sk={s.seqlen_k} pass={s.pass_!r}")
         return s
-    timed = "decode" if s.seqlen_q <= DECODE_MAX_SEQLEN_Q else "fwd"  # few rows: timed as a graph replay
+    timed = serving_timed_pass("kvcache", "fwd", s.seqlen_q)
     if s.seqlen_q > s.seqlen_k or s.pass_ != timed:
         raise ValueError(f"shape {s.label!r}: a kvcache shape has Sq <= Sk and pass {timed!r} (forward only), got "
                          f"Sq={s.seqlen_q} Sk={s.seqlen_k} pass={s.pass_!r}")
     return s
+
+
+def serving_timed_pass(kind: str, pass_: str, seqlen_q: int) -> str:
+    """How a serving call of `pass_` is timed: a cache step of few rows as a graph replay
+    ("decode"), everything else in its own pass."""
+    return "decode" if kind == "kvcache" and seqlen_q <= DECODE_MAX_SEQLEN_Q else pass_
 
 
 def varlen_lengths(batch: int, mean: int) -> list[int]:
@@ -305,8 +335,8 @@ def _window_shape(pass_: str, dt: str, d: int, pt: tuple[int, int, int, int]) ->
 
 def _serving_shape(pass_: str, cls: str, dt: str, d: int, pt: tuple[int, int, int, int]) -> Shape:
     b, hkv, sq, sk = pt
-    kind = "varlen" if cls == "varlen" else "kvcache"
-    timed = pass_ if kind == "varlen" or sq > DECODE_MAX_SEQLEN_Q else "decode"
+    kind = SERVING_KIND[cls]
+    timed = serving_timed_pass(kind, pass_, sq)
     lens = f"s{sk}" if kind == "varlen" else f"q{sq}-k{sk}"
     label = f"grid-{pass_}-{cls}-{dt}-d{d}-b{b}-g{GRID_HEADS_Q // hkv}-{lens}"
     return check_shape(Shape(label, dt, b, GRID_HEADS_Q, hkv, sq, sk, d, True, timed, serving=kind))

@@ -285,6 +285,15 @@ def interleaved_median_ms(
     return {n: statistics.median(xs) for n, xs in got.items()}
 
 
+class ContextLost(RuntimeError):
+    """A candidate left the CUDA context unusable; nothing after it in this process can be measured.
+    `backend` names it as the tuner's state file records it (a serving family as "serving:<family>")."""
+
+    def __init__(self, backend: str, cause: str) -> None:
+        super().__init__(f"{backend} broke the CUDA context ({cause})")
+        self.backend = backend
+
+
 def context_alive(device: torch.device) -> bool:
     """False once the device's CUDA context is broken (an illegal address is sticky: every later
     call in this process fails, so measuring further would only record that)."""

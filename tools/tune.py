@@ -20,6 +20,7 @@ ends, so a run can be interrupted (Ctrl-C, --time-budget) and continued with --r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import json
 import logging
@@ -44,6 +45,7 @@ from flashdispatch.registry import REGISTRY
 
 from . import shapes as shape_lists
 from . import timing, tune_serving, verify
+from .timing import ContextLost  # noqa: F401  (re-exported: tools/bench.py catches it here)
 from .decode_timing import captured_in_serving
 from .profile_writer import (  # noqa: F401  (re-exported: the tuner's public names)
     TOOL, BucketResult, ProfileMeta, Trial, bucket_id, bucket_match, flow, groups_of, profile_yaml, summary,
@@ -80,14 +82,6 @@ HOST_CALLS_CPU = 10
 EXIT_RESUME = 75
 
 
-class ContextLost(RuntimeError):
-    """A candidate left the CUDA context unusable; nothing after it in this process can be measured."""
-
-    def __init__(self, backend: str, cause: str) -> None:
-        super().__init__(f"{backend} broke the CUDA context ({cause})")
-        self.backend = backend
-
-
 # --- measuring one bucket ---------------------------------------------------------------------
 
 
@@ -99,6 +93,9 @@ class TuneOptions:
     abandon_factor: float = ABANDON_FACTOR
     seed: int | None = None
     max_configs_bwd: int | None = None  # fwd_bwd shapes (None: max_configs)
+    # what an earlier run of this state file left out because it broke the CUDA context: dense
+    # implementations are dropped from the candidates; serving families are named "serving:<family>"
+    excluded: tuple[str, ...] = ()
 
     def cap(self, needs_grad: bool) -> int | None:
         """Configs per implementation at a shape of this pass."""
@@ -221,7 +218,7 @@ def measure_bucket(
     every serving family of the implementations' backends, tools/tune_serving.py)."""
     if s.serving:
         return tune_serving.measure_serving_bucket(
-            s, tune_serving.families([impl.backend for impl in impls.values()]), device, opts, gen,
+            s, tune_serving.families([impl.backend for impl in impls.values()], opts.excluded), device, opts, gen,
             (grad_cache or GradCache()).verdicts, host_calls=HOST_CALLS if device.type == "cuda" else HOST_CALLS_CPU)
     t_start = time.perf_counter()
     dev = device_info(device)
@@ -460,8 +457,10 @@ def estimate_plan(plan: Sequence[Shape], dev: DeviceInfo, opts: TuneOptions,
                     t += rates.grad_check_s
             return t
 
-        if s.serving:  # one call per serving family (tools/tune_serving.py)
-            for fam in tune_serving.families([impl.backend for impl in impls.values()]):
+        if s.serving:  # one call per serving family that declares it can (tools/tune_serving.py)
+            for fam in tune_serving.families([impl.backend for impl in impls.values()], opts.excluded):
+                if not tune_serving.can_serve(s, fam, dev):
+                    continue
                 trials += 1
                 secs += trial(fam, [fam, s.serving, s.pass_, s.group.cls, s.dtype, s.head_dim],
                               [fam, s.dtype, s.head_dim, s.heads_q // s.heads_kv])
@@ -880,8 +879,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("--resume: no state file at %s; starting afresh", state_path)
         state = State(state_path, meta)
     for name in state.meta.get("excluded", []):
-        if impls.pop(name, None) is not None:
+        if impls.pop(name, None) is not None or name.startswith(tune_serving.SERVING_PREFIX):
             log.warning("leaving out %s: %s", name, state.meta.get("excluded_why", {}).get(name, "broke the CUDA context"))
+    opts = dataclasses.replace(opts, excluded=tuple(state.meta.get("excluded", [])))
     estimate = estimate_plan(plan, dev, opts, impls) if device.type == "cuda" else None
     log.info("tuning %d shapes (%d model groups) on %s over %s -> %s", len(plan), len({s.group for s in plan}),
              dev.describe(), ", ".join(impls), out_path)

@@ -47,10 +47,21 @@ log = logging.getLogger("flashdispatch.tools.tune")
 GRAD_PROXY_LENGTHS: tuple[int, ...] = (37, 64, 101)
 
 
-def families(backends: Sequence[str]) -> list[str]:
+# How the tuner's state file names a serving family it left out (a dense implementation keeps its name).
+SERVING_PREFIX = "serving:"
+
+
+def families(backends: Sequence[str], excluded: Sequence[str] = ()) -> list[str]:
     """The serving families among the tune's implementations' backends (dense families), in the
-    serving registry's order."""
-    return [f for f in serving.SERVING_BACKENDS if f in set(backends)]
+    serving registry's order, less those `excluded` names as SERVING_PREFIX + family."""
+    return [f for f in serving.SERVING_BACKENDS if f in set(backends) and SERVING_PREFIX + f not in excluded]
+
+
+def can_serve(s: Shape, name: str, dev: Any) -> bool:
+    """Whether serving family `name` declares it can serve shape `s` on `dev` (a DeviceInfo; no
+    tensors, no values): what the plan's estimate counts."""
+    sp = s.serving_problem(dev.kind)
+    return not serving.SERVING_BACKENDS[name].reasons(sp, dev)
 
 
 @dataclass
@@ -196,9 +207,7 @@ def _try_family(name: str, s: Shape, call: _Call, device: torch.device, opts: An
     except Exception as e:  # a family that fails at this size is a result, not a crash
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         if not timing.context_alive(device):  # the tuner stops and a --resume leaves the family out
-            from .tune import ContextLost
-
-            raise ContextLost(name, f"{type(e).__name__}: {msg}") from e
+            raise timing.ContextLost(SERVING_PREFIX + name, f"{type(e).__name__}: {msg}") from e
         for t in call.grads:
             t.grad = None
         return Trial(name, {}, "error", note=f"{type(e).__name__}: {msg}")

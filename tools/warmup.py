@@ -15,7 +15,7 @@ from typing import Any, Iterable
 from flashdispatch.backends.cupy import configs
 from flashdispatch.backends.cupy.configs import KernelSpec
 from flashdispatch.cliargs import ArgumentParser, user_error
-from flashdispatch.costmodel import CAUSAL_CLASSES
+from flashdispatch.costmodel import CAUSAL_CLASSES, SERVING_CLASSES
 
 DEFAULT_JOBS = 4
 
@@ -53,8 +53,8 @@ def specs_from_profile(profile: Any, cuda_capability: int) -> list[KernelSpec]:
     for g in getattr(profile, "groups", []):
         k = g.key
         d = int(k.head_dim)
-        if d not in configs.HEAD_DIMS or k.dtype not in configs.DTYPE_NAMES:
-            continue
+        if d not in configs.HEAD_DIMS or k.dtype not in configs.DTYPE_NAMES or k.cls in SERVING_CLASSES:
+            continue  # (cupy serves no varlen or KV-cache call)
         causal = k.cls in CAUSAL_CLASSES
         raw = [g.config.get("cupy", {})] + [pt.config.get("cupy", {}) for pt in g.points if "cupy" in pt.config]
         for c in raw:
