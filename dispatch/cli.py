@@ -7,7 +7,7 @@ import importlib
 import logging
 import platform
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -72,16 +72,6 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def _page_size(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a page size (rows per page, 0: contiguous), got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a page size >= 0 (0: a contiguous cache), got {n}")
-    return n
-
-
 def _parse_window(text: str) -> tuple[int, int]:
     try:
         left, right = (int(x) for x in text.split(","))
@@ -90,14 +80,21 @@ def _parse_window(text: str) -> tuple[int, int]:
     return left, right
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+def _int_at_least(low: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an int >= low, described as `what` in the error."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {n}")
+        return n
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_page_size = _int_at_least(0, "a page size >= 0 (rows per page; 0: a contiguous cache)")
 
 
 def _serving_decision(args: argparse.Namespace) -> Any:
