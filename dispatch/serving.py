@@ -39,7 +39,7 @@ from . import envs, selection
 from .device import DEVICE_KEYS, DeviceInfo, current_device
 from .errors import NoBackendError
 from .costmodel import GroupKey, problem_pass, serving_class, variant_kind
-from .problem import DTYPE_NAMES, Problem, normalised_window
+from .problem import DTYPE_NAMES, NO_WINDOW, Problem, normalised_window
 from .registry import REGISTRY
 from .selection import Decision, current_forced, device_for, simulated_or_none, state
 
@@ -52,42 +52,57 @@ __all__ = ["attention_varlen", "attention_kvcache", "explain_varlen", "explain_k
 class ServingProblem(NamedTuple):
     """What selection needs of a varlen or KV-cache call: shapes and options, never values.
 
-    seqlen_q / seqlen_k: max_seqlen_q / max_seqlen_k (varlen), or Sq / the cache's capacity
-    (kvcache); block_size 0: a contiguous cache (or varlen); tokens_q / tokens_k: the packed rows
-    (varlen: total_q, total_k; kvcache: B x Sq, B x capacity), the work the cost model counts."""
+    `problem`: the dense Problem of the call's shapes (B sequences of max_seqlen_q x max_seqlen_k
+    for varlen, of Sq x the cache's capacity for kvcache; the variants normalised as attention()
+    stores them); its fields read through this record (sp.batch, sp.scale, ...), with the window
+    and softcap in the calls' own convention (None when absent). block_size 0: a contiguous cache
+    (or varlen); tokens_q / tokens_k: the packed rows (varlen: total_q, total_k; kvcache: B x Sq,
+    B x capacity), the work the cost model counts."""
 
     kind: str  # "varlen" | "kvcache"
-    device_kind: str
-    device_index: int
-    dtype: torch.dtype
-    batch: int
-    heads_q: int
-    heads_kv: int
-    seqlen_q: int
-    seqlen_k: int
-    head_dim: int
-    head_dim_v: int
-    causal: bool
-    scale: float
-    window: tuple[int, int] | None
-    softcap: float | None
-    sinks: bool
-    needs_grad: bool
-    return_lse: bool
+    problem: Problem
     block_size: int = 0
     tokens_q: int = 0
     tokens_k: int = 0
+
+    # the dense record's facts, read through
+    device_kind = property(lambda self: self.problem.device_kind)
+    device_index = property(lambda self: self.problem.device_index)
+    dtype = property(lambda self: self.problem.dtype)
+    batch = property(lambda self: self.problem.batch)
+    heads_q = property(lambda self: self.problem.heads_q)
+    heads_kv = property(lambda self: self.problem.heads_kv)
+    seqlen_q = property(lambda self: self.problem.seqlen_q)
+    seqlen_k = property(lambda self: self.problem.seqlen_k)
+    head_dim = property(lambda self: self.problem.head_dim)
+    head_dim_v = property(lambda self: self.problem.head_dim_v)
+    causal = property(lambda self: self.problem.causal)
+    scale = property(lambda self: self.problem.scale)
+    sinks = property(lambda self: self.problem.sinks)
+    needs_grad = property(lambda self: self.problem.needs_grad)
+    return_lse = property(lambda self: self.problem.return_lse)
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        return None if self.problem.window == NO_WINDOW else self.problem.window
+
+    @property
+    def softcap(self) -> float | None:
+        return self.problem.softcap or None
+
+    def evolve(self, **changes: Any) -> "ServingProblem":
+        """A copy with fields of this record or of its problem changed (needs_grad=..., device_kind=...)."""
+        own = {k: changes.pop(k) for k in list(changes) if k in self._fields}
+        return self._replace(problem=self.problem._replace(**changes), **own) if changes else self._replace(**own)
 
     def work(self) -> Problem:
         """The dense problem of the same work, for the cost model: B sequences of the mean packed
         lengths (varlen), or of Sq rows against the whole capacity (kvcache: the lengths are on the
         device, and selection never reads them), with the call's variants."""
-        p = self.dense()
-        if self.kind == "varlen":
-            b = max(1, self.batch)
-            p = p._replace(seqlen_q=max(1, round(self.tokens_q / b)), seqlen_k=max(1, round(self.tokens_k / b)))
-        return p._replace(window=normalised_window(self.window, self.causal), softcap=self.softcap or 0.0,
-                          sinks=self.sinks)
+        if self.kind != "varlen":
+            return self.problem
+        b = max(1, self.batch)
+        return self.problem._replace(seqlen_q=max(1, round(self.tokens_q / b)), seqlen_k=max(1, round(self.tokens_k / b)))
 
     def model_key(self) -> GroupKey:
         """The cost model's group for this call (a serving class: dispatch/costmodel.py)."""
@@ -110,13 +125,9 @@ class ServingProblem(NamedTuple):
                 f"{' return_lse' if self.return_lse else ''}")
 
     def dense(self) -> Problem:
-        """The dense Problem of the same shapes, for the dense capability checks (dtype, device,
-        head dims, GQA, backward, lse)."""
-        return Problem(device_kind=self.device_kind, device_index=self.device_index, dtype=self.dtype,
-                       batch=self.batch, heads_q=self.heads_q, heads_kv=self.heads_kv, seqlen_q=self.seqlen_q,
-                       seqlen_k=self.seqlen_k, head_dim=self.head_dim, head_dim_v=self.head_dim_v, causal=self.causal,
-                       scale=self.scale, layout="bshd", contiguous=True, needs_grad=self.needs_grad,
-                       return_lse=self.return_lse)
+        """The plain dense Problem of the same shapes (no variants), for the dense capability checks
+        (dtype, device, head dims, GQA, backward, lse)."""
+        return self.problem._replace(window=NO_WINDOW, softcap=0.0, sinks=False)
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -400,7 +411,7 @@ def select_serving(sp: ServingProblem, backend: str | None = None, *, device: De
     device holding the tensors."""
     forced, source = current_forced(backend, state().settings)
     if device is not None:
-        sp = sp._replace(device_kind=device.kind, device_index=0)
+        sp = sp.evolve(device_kind=device.kind, device_index=0)
     cache = _serving_cache()
     key = (sp, forced, source, device)
     d = cache.get(key)
@@ -484,9 +495,10 @@ def varlen_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
                    sinks: torch.Tensor | None, return_lse: bool) -> ServingProblem:
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or (sinks is not None and sinks.requires_grad))
-    return ServingProblem("varlen", _device_kind(q), q.device.index or 0, q.dtype, cu_q.shape[0] - 1, q.shape[1],
-                          k.shape[1], int(max_q), int(max_k), q.shape[2], v.shape[2], bool(causal), scale, window,
-                          softcap, sinks is not None, bool(grad), bool(return_lse), 0, q.shape[0], k.shape[0])
+    p = Problem(_device_kind(q), q.device.index or 0, q.dtype, cu_q.shape[0] - 1, q.shape[1], k.shape[1], int(max_q),
+                int(max_k), q.shape[2], v.shape[2], bool(causal), scale, "bshd", True, bool(grad), bool(return_lse),
+                normalised_window(window, bool(causal)), softcap or 0.0, sinks is not None)
+    return ServingProblem("varlen", p, 0, q.shape[0], k.shape[0])
 
 
 def kvcache_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None,
@@ -495,10 +507,10 @@ def kvcache_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     grad = torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)
     page = int(k_cache.shape[1]) if block_table is not None else 0
     capacity = block_table.shape[1] * page if block_table is not None else int(k_cache.shape[1])
-    return ServingProblem("kvcache", _device_kind(q), q.device.index or 0, q.dtype, q.shape[0], q.shape[2],
-                          k_cache.shape[2], q.shape[1], capacity, q.shape[3], v_cache.shape[3], bool(causal), scale,
-                          window, softcap, sinks is not None, bool(grad), bool(return_lse), page,
-                          q.shape[0] * q.shape[1], q.shape[0] * capacity)
+    p = Problem(_device_kind(q), q.device.index or 0, q.dtype, q.shape[0], q.shape[2], k_cache.shape[2], q.shape[1],
+                capacity, q.shape[3], v_cache.shape[3], bool(causal), scale, "bshd", True, bool(grad), bool(return_lse),
+                normalised_window(window, bool(causal)), softcap or 0.0, sinks is not None)
+    return ServingProblem("kvcache", p, page, q.shape[0] * q.shape[1], q.shape[0] * capacity)
 
 
 # --- the public calls ----------------------------------------------------------------------------

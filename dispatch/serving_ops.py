@@ -37,7 +37,7 @@ def _varlen_sp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Te
                return_lse: bool, needs_grad: bool) -> ServingProblem:
     sp = serving.varlen_problem(q, k, v, cu_q, max_q, max_k, causal, scale, _window(wl, wr), softcap or None, sinks,
                                 return_lse)
-    return sp._replace(needs_grad=needs_grad)
+    return sp.evolve(needs_grad=needs_grad)
 
 
 def _backend(sp: ServingProblem, forced: str) -> str:
@@ -53,7 +53,7 @@ def attention_varlen_fwd(
     sp = _varlen_sp(q, k, v, cu_q, sinks, max_q, max_k, causal, scale, window_left, window_right, softcap,
                     return_lse or needs_grad, needs_grad)
     name = _backend(sp, forced)
-    out, lse = serving.run_varlen(name, q, k, v, cu_q, cu_k, sp._replace(needs_grad=False), sinks)
+    out, lse = serving.run_varlen(name, q, k, v, cu_q, cu_k, sp.evolve(needs_grad=False), sinks)
     return out.contiguous(), lse.contiguous()
 
 

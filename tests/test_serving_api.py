@@ -10,6 +10,7 @@ import torch
 
 import flashdispatch as fd
 from flashdispatch import serving
+from flashdispatch.problem import Problem
 from flashdispatch.backends import sdpa_serving
 from flashdispatch.errors import NoBackendError
 from flashdispatch.serving_reference import kvcache_math, varlen_math
@@ -246,17 +247,17 @@ def test_compile_fullgraph_no_break() -> None:
 
 
 def test_torch_varlen_reasons_follow_the_installed_signature(monkeypatch: pytest.MonkeyPatch) -> None:
-    sp = serving.ServingProblem("varlen", "cuda", 0, torch.bfloat16, 2, 32, 8, 64, 64, 128, 128, True,
-                                128 ** -0.5, None, None, False, False, False)
+    sp = serving.ServingProblem("varlen", Problem("cuda", 0, torch.bfloat16, 2, 32, 8, 64, 64, 128, 128, True,
+                                                  128 ** -0.5, "bshd", True, False, False), 0, 128, 128)
     monkeypatch.setattr(sdpa_serving, "torch_varlen_params", lambda: frozenset({"is_causal", "return_aux"}))  # 2.10
     assert serving.torch_varlen_reasons(sp) == ["this torch's varlen_attn has no enable_gqa"]
-    assert serving.torch_varlen_reasons(sp._replace(heads_kv=32)) == []
-    assert "no scale argument" in " ".join(serving.torch_varlen_reasons(sp._replace(heads_kv=32, scale=0.5)))
-    assert "no window_size" in " ".join(serving.torch_varlen_reasons(sp._replace(heads_kv=32, window=(8, 0))))
+    assert serving.torch_varlen_reasons(sp.evolve(heads_kv=32)) == []
+    assert "no scale argument" in " ".join(serving.torch_varlen_reasons(sp.evolve(heads_kv=32, scale=0.5)))
+    assert "no window_size" in " ".join(serving.torch_varlen_reasons(sp.evolve(heads_kv=32, window=(8, 0))))
     monkeypatch.setattr(sdpa_serving, "torch_varlen_params",
                         lambda: frozenset({"return_aux", "scale", "window_size", "enable_gqa"}))
-    assert serving.torch_varlen_reasons(sp._replace(window=(8, 0), scale=0.5)) == []
-    assert serving.torch_varlen_reasons(sp._replace(device_kind="cpu", sinks=True)) == [
+    assert serving.torch_varlen_reasons(sp.evolve(window=(8, 0), scale=0.5)) == []
+    assert serving.torch_varlen_reasons(sp.evolve(device_kind="cpu", sinks=True)) == [
         "varlen_attn runs on CUDA only (device=cpu)", "varlen_attn has no softcap or sinks"]
     monkeypatch.setattr(sdpa_serving, "torch_varlen_params", lambda: frozenset())
     assert serving.torch_varlen_reasons(sp) == ["torch.nn.attention.varlen.varlen_attn is not in this torch"]

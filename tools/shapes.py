@@ -82,7 +82,7 @@ class Shape(NamedTuple):
                                          None, None, False)
         else:
             raise ValueError(f"shape {self.label!r}: not a serving shape (serving={self.serving!r})")
-        return sp._replace(device_kind=device_kind)
+        return sp.evolve(device_kind=device_kind)
 
     @property
     def group(self) -> GroupKey:
