@@ -824,7 +824,8 @@ def _dry_run(plan: Sequence[Shape], args: argparse.Namespace, device: torch.devi
           f"{opts.max_configs} ({opts.cap(True)} for fwd_bwd)")
     for g, items in groups.items():
         print(f"{g.label():36s} {len(items):2d} points {_fmt_seconds(sum(e for _, e in items)):>7s}: "
-              + "; ".join(f"B={s.batch} Hkv={s.heads_kv} Sq={s.seqlen_q} Sk={s.seqlen_k}"
+              + "; ".join(f"B={s.batch} Hkv={s.heads_kv} "
+                          + (f"mean S={s.seqlen_q}" if s.serving == "varlen" else f"Sq={s.seqlen_q} Sk={s.seqlen_k}")
                           + (f" w={s.window}" if s.window >= 0 else "") for s, _ in items))
     print(f"estimated: {est.describe()} (rates: {RATES})")
     return 0
