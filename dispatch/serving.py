@@ -46,7 +46,7 @@ from .selection import Decision, current_forced, device_for, simulated_or_none, 
 log = logging.getLogger("flashdispatch")
 
 __all__ = ["attention_varlen", "attention_kvcache", "explain_varlen", "explain_kvcache", "ServingProblem",
-           "check_values", "validation", "SERVING_BACKENDS"]
+           "check_values", "validation", "SERVING_BACKENDS", "select_serving", "varlen_problem", "kvcache_problem"]
 
 
 class ServingProblem(NamedTuple):
@@ -66,21 +66,50 @@ class ServingProblem(NamedTuple):
     tokens_k: int = 0
 
     # the dense record's facts, read through
-    device_kind = property(lambda self: self.problem.device_kind)
-    device_index = property(lambda self: self.problem.device_index)
-    dtype = property(lambda self: self.problem.dtype)
-    batch = property(lambda self: self.problem.batch)
-    heads_q = property(lambda self: self.problem.heads_q)
-    heads_kv = property(lambda self: self.problem.heads_kv)
-    seqlen_q = property(lambda self: self.problem.seqlen_q)
-    seqlen_k = property(lambda self: self.problem.seqlen_k)
-    head_dim = property(lambda self: self.problem.head_dim)
-    head_dim_v = property(lambda self: self.problem.head_dim_v)
-    causal = property(lambda self: self.problem.causal)
-    scale = property(lambda self: self.problem.scale)
-    sinks = property(lambda self: self.problem.sinks)
-    needs_grad = property(lambda self: self.problem.needs_grad)
-    return_lse = property(lambda self: self.problem.return_lse)
+    @property
+    def device_kind(self) -> str: return self.problem.device_kind  # noqa: E704
+
+    @property
+    def device_index(self) -> int: return self.problem.device_index  # noqa: E704
+
+    @property
+    def dtype(self) -> torch.dtype: return self.problem.dtype  # noqa: E704
+
+    @property
+    def batch(self) -> int: return self.problem.batch  # noqa: E704
+
+    @property
+    def heads_q(self) -> int: return self.problem.heads_q  # noqa: E704
+
+    @property
+    def heads_kv(self) -> int: return self.problem.heads_kv  # noqa: E704
+
+    @property
+    def seqlen_q(self) -> int: return self.problem.seqlen_q  # noqa: E704
+
+    @property
+    def seqlen_k(self) -> int: return self.problem.seqlen_k  # noqa: E704
+
+    @property
+    def head_dim(self) -> int: return self.problem.head_dim  # noqa: E704
+
+    @property
+    def head_dim_v(self) -> int: return self.problem.head_dim_v  # noqa: E704
+
+    @property
+    def causal(self) -> bool: return self.problem.causal  # noqa: E704
+
+    @property
+    def scale(self) -> float: return self.problem.scale  # noqa: E704
+
+    @property
+    def sinks(self) -> bool: return self.problem.sinks  # noqa: E704
+
+    @property
+    def needs_grad(self) -> bool: return self.problem.needs_grad  # noqa: E704
+
+    @property
+    def return_lse(self) -> bool: return self.problem.return_lse  # noqa: E704
 
     @property
     def window(self) -> tuple[int, int] | None:
@@ -91,8 +120,13 @@ class ServingProblem(NamedTuple):
         return self.problem.softcap or None
 
     def evolve(self, **changes: Any) -> "ServingProblem":
-        """A copy with fields of this record or of its problem changed (needs_grad=..., device_kind=...)."""
+        """A copy with fields of this record or of its problem changed (needs_grad=..., device_kind=...);
+        window and softcap in the calls' convention (None: none), stored normalised as a new call's."""
         own = {k: changes.pop(k) for k in list(changes) if k in self._fields}
+        if {"window", "causal", "softcap"} & changes.keys():
+            causal = bool(changes.get("causal", self.causal))
+            changes["window"] = normalised_window(changes.get("window", self.window), causal)
+            changes["softcap"] = changes.get("softcap", self.softcap) or 0.0
         return self._replace(problem=self.problem._replace(**changes), **own) if changes else self._replace(**own)
 
     def work(self) -> Problem:

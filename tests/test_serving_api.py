@@ -252,6 +252,8 @@ def test_torch_varlen_reasons_follow_the_installed_signature(monkeypatch: pytest
     monkeypatch.setattr(sdpa_serving, "torch_varlen_params", lambda: frozenset({"is_causal", "return_aux"}))  # 2.10
     assert serving.torch_varlen_reasons(sp) == ["this torch's varlen_attn has no enable_gqa"]
     assert serving.torch_varlen_reasons(sp.evolve(heads_kv=32)) == []
+    # a causal window that hides nothing beyond causal is plain causal: is_causal serves it
+    assert serving.torch_varlen_reasons(sp.evolve(heads_kv=32, window=(-1, 5))) == []
     assert "no scale argument" in " ".join(serving.torch_varlen_reasons(sp.evolve(heads_kv=32, scale=0.5)))
     assert "no window_size" in " ".join(serving.torch_varlen_reasons(sp.evolve(heads_kv=32, window=(8, 0))))
     monkeypatch.setattr(sdpa_serving, "torch_varlen_params",

@@ -5,6 +5,7 @@ order with its reason where no model says, the profile's checks, and the tuner's
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -399,7 +400,51 @@ def test_the_plan_counts_only_the_families_that_can_serve():
     dev = simulated_device("h200")
     s = shapes.check_shape(shapes.Shape("k", "bf16", 8, 16, 4, 1, 8192, 128, True, "decode", serving="kvcache"))
     assert [f for f in ("triton", "sdpa", "cupy") if tune_serving.can_serve(s, f, dev)] == ["triton", "sdpa"]
-    assert s.serving_problem("cuda").model_key() == s.group
+    assert s.group == GroupKey("fwd", "kvcache", "plain", "bf16", 128)  # written out: Shape.group derives it
     impls = {n: i for n, i in tune.default_candidates(dev).items() if n in ("sdpa", "triton", "cupy")}
     est = tune.estimate_plan([s], dev, tune.TuneOptions.preset(True), impls)
     assert est.trials == 2
+
+
+def test_evolve_stores_what_a_new_call_would():
+    sp = _varlen_sp([100, 200])
+    assert sp.evolve(window=sp.window, softcap=sp.softcap) == sp
+    assert sp.evolve(window=None).model_key().variant == "plain"
+    w = sp.evolve(window=(3, 7))  # causal: right folds to 0, as attention_varlen stores it
+    assert w.window == (3, 0) and w == _varlen_sp([100, 200], window=(3, 7))
+    assert sp.evolve(window=(-1, 5)).window is None  # a causal window that hides nothing more
+    assert sp.evolve(causal=False, window=(-1, 5)).window == (-1, 5)
+    assert sp.evolve(softcap=30.0).softcap == 30.0 and sp.evolve(softcap=None).problem.softcap == 0.0
+    assert sp.evolve(needs_grad=True).needs_grad and sp.evolve(block_size=16).block_size == 16
+
+
+def test_a_serving_family_that_breaks_the_context_is_left_out_on_resume_alone(tmp_path, monkeypatch):
+    from flashdispatch.tools import timing
+
+    alive = {"ok": True}
+    real = serving.run_varlen
+
+    def break_sdpa(name, *args, **kw):
+        if name == "sdpa" and not alive.get("resumed"):
+            alive["ok"] = False  # as after an illegal memory access in the fallback's kernel
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(serving, "run_varlen", break_sdpa)
+    monkeypatch.setattr(timing, "context_alive", lambda device: alive["ok"])
+    monkeypatch.setattr(shapes, "cpu_shapes", lambda dtype="fp32": [shapes.Shape(
+        "dense", dtype, 1, 2, 2, 33, 33, 16, False, "fwd")])
+    monkeypatch.setattr(shapes, "cpu_serving_shapes", lambda dtype="fp32": [shapes.Shape(
+        "v", dtype, 3, 4, 2, 40, 40, 16, True, "fwd", serving="varlen")])
+    out = tmp_path / "cpu.yaml"
+    argv = ["--shapes", "cpu", "--device", "cpu", "--backends", "sdpa", "--out", str(out), "--warmup-ms", "0",
+            "--rep-ms", "0", "--seed", "1"]
+    assert tune.main(argv) == tune.EXIT_RESUME
+    state = json.loads((tmp_path / "cpu.yaml.state.json").read_text())
+    assert state["meta"]["excluded"] == ["serving:sdpa"]
+    alive.update(ok=True, resumed=True)  # a fresh process
+    assert tune.main(argv + ["--resume"]) == 0
+    prof = parse_profile(out.read_text(), str(out))
+    dense = [pt for g in prof.groups if g.key.cls not in SERVING_CLASSES for pt in g.points]
+    assert dense and all("sdpa" in pt.ms for pt in dense)  # plain sdpa was not dropped with its family
+    assert not any(g.key.cls == "varlen" for g in prof.groups)  # the family stayed out: no point

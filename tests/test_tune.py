@@ -19,7 +19,7 @@ import torch
 import flashdispatch
 from flashdispatch.backend import Capabilities, Implementation
 from flashdispatch.device import DeviceInfo
-from flashdispatch.costmodel import SERVING_CLASSES, group_key, shape_class
+from flashdispatch.costmodel import SERVING_CLASSES, GroupKey, group_key, shape_class
 from flashdispatch.device import simulated_device
 from flashdispatch.problem import Problem, problem_from_shape
 from flashdispatch.profile_store import SCHEMA_VERSION, Profile, parse_profile, timing_pass
@@ -133,7 +133,9 @@ def _check_serving_shape(s: shapes.Shape) -> None:
         assert sum(lengths) == s.batch * s.seqlen_q and min(lengths) >= 1, s
     sp = s.serving_problem()
     assert sp.kind == s.serving and sp.batch == s.batch and sp.needs_grad == s.needs_grad, s
-    assert s.group == sp.model_key() and s.group.cls in SERVING_CLASSES, s
+    cls = "varlen" if s.serving == "varlen" else "kvcache" if s.seqlen_q <= 16 else "kvcache_chunked"
+    want = GroupKey("fwd_bwd" if s.needs_grad else "fwd", cls, "plain", s.dtype, s.head_dim)  # written out
+    assert s.group == want == sp.model_key() and cls in SERVING_CLASSES, s
     assert tune.bucket_match(s)["class"] == s.group.cls, s
     assert captured_in_serving(s) == (s.group.cls == "kvcache"), s
 

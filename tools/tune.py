@@ -45,7 +45,7 @@ from flashdispatch.registry import REGISTRY
 
 from . import shapes as shape_lists
 from . import timing, tune_serving, verify
-from .timing import ContextLost  # noqa: F401  (re-exported: tools/bench.py catches it here)
+from .timing import ContextLost  # also tools/bench.py's (tune.ContextLost)
 from .decode_timing import captured_in_serving
 from .profile_writer import (  # noqa: F401  (re-exported: the tuner's public names)
     TOOL, BucketResult, ProfileMeta, Trial, bucket_id, bucket_match, flow, groups_of, profile_yaml, summary,
