@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import envs
+from .costmodel import SERVING_CLASSES
 from .cliargs import USAGE_ERROR, ArgumentParser, user_error
 from .device import DEVICE_KEYS, current_device
 from .errors import NoBackendError
@@ -41,6 +42,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"device:   {dev.describe()}")
     if profile:
         print(f"profile:  {profile.provenance()} ({len(profile.groups)} groups, {sum(len(g.points) for g in profile.groups)} points)")
+        classes = sorted({g.key.cls for g in profile.groups if g.key.cls in SERVING_CLASSES})
+        print("          serving calls: " + (f"modelled ({', '.join(classes)})" if classes else
+                                             "not measured (attention_varlen / attention_kvcache take the built-in order)"))
     else:
         print(f"profile:  none for key {dev.profile_key!r}: built-in default order")
     for p in problems:
