@@ -147,3 +147,60 @@ def test_dispatcher_replays_in_a_cuda_graph_as_it_runs_eagerly(sq: int) -> None:
         fresh = call()  # the same plan, eagerly, on the new q
         assert not torch.equal(fresh, outs[0]), name  # the inputs did change
         torch.testing.assert_close(captured, fresh, msg=name)
+
+
+# --- the bars cannot be met by missing numbers --------------------------------------------------
+
+
+def _ratio_row(label: str, **ms: Any) -> dict[str, Any]:
+    providers = {n: ({"status": "ok", "ms": t} if isinstance(t, float) else {"status": t}) for n, t in ms.items()}
+    row = {"label": label, "providers": providers, "choice": {"variant": "sdpa"}}
+    bench_report.add_ratios(row)
+    return row
+
+
+def test_the_oracle_counts_the_dispatchers_own_time_so_its_ratio_is_at_most_one() -> None:
+    row = _ratio_row("a", **{PLAIN: 1.0, "triton": 0.9, DISPATCH: 0.8})
+    assert row["oracle"] == 1.0 and row["best"] == "triton" and row["vs_sdpa"] == pytest.approx(1.25)
+    assert _ratio_row("b", **{PLAIN: 1.0, "triton": 0.5, DISPATCH: 1.0})["oracle"] == 0.5
+
+
+def test_a_tuned_run_with_a_failed_dispatcher_or_missing_shapes_fails_every_bar() -> None:
+    good = [_ratio_row(f"s{i}", **{PLAIN: 1.0, DISPATCH: 0.9}) for i in range(3)]
+    assert all(bench_report.summarize(good, judge=True, planned=3)["checks"].values())
+    broken = good[:2] + [_ratio_row("s2", **{PLAIN: 1.0, DISPATCH: "error"})]
+    s = bench_report.summarize(broken, judge=True, planned=3)
+    assert not any(s["checks"].values()) and s["not_judged"] == ["s2"] and s["errors"] == ["dispatch on s2"]
+    short = bench_report.summarize(good[:2], judge=True, planned=3)  # a run cut short by its time budget
+    assert not any(short["checks"].values())
+
+
+def test_a_provider_that_failed_is_named_in_the_heldout_summary() -> None:
+    rows = [_ratio_row("s0", **{PLAIN: 1.0, "triton": "error", DISPATCH: 0.99})]
+    s = bench_report.heldout_summary(rows, judge=True, planned=1)
+    assert s["errors"] == ["triton on s0"]
+    assert any("triton on s0" in line for line in bench_report._heldout_summary_lines(s))
+
+
+def test_a_filtered_or_forced_run_is_not_judged(monkeypatch) -> None:
+    args = bench.build_parser().parse_args(["--heldout"])
+    assert bench._partial(args) == ""
+    assert "--limit" in bench._partial(bench.build_parser().parse_args(["--heldout", "--limit", "5"]))
+    assert "--exclude" in bench._partial(bench.build_parser().parse_args(["--exclude", "cupy"]))
+    monkeypatch.setenv("FLASHDISPATCH_BACKEND", "triton")
+    import flashdispatch
+
+    flashdispatch.refresh()
+    assert "FLASHDISPATCH_BACKEND=triton" in bench._partial(args)
+
+
+def test_interleaved_timing_takes_at_least_the_repetitions_asked() -> None:
+    from flashdispatch.tools import timing
+
+    calls = {"n": 0}
+
+    def fn() -> None:
+        calls["n"] += 1
+
+    got = timing.interleaved_samples_ms({"f": (fn, None)}, torch.device("cpu"), warmup_ms=0, rep_ms=0, min_reps=40)
+    assert len(got["f"]) >= 40

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ QUICK_TIMING = {"warmup_ms": 10.0, "rep_ms": 40.0}
 # The held-out set: 45 shapes, each compiled for and timed once per provider, in under 4 minutes
 # of an H200 (most of it compiles and checks).
 HELDOUT_TIMING = {"warmup_ms": 10.0, "rep_ms": 100.0}
+# Repetitions per provider at least, for the held-out set's every-shape bars: with about 20 (a
+# 5 ms training shape at 100 ms) the same kernel read 0.959x itself (docs/bench.md).
+HELDOUT_MIN_REPS = 30
 # Eager calls timed back to back for a serving step's host time (fewer on a CPU, where a call is
 # milliseconds).
 HOST_CALLS = 200
@@ -95,10 +99,13 @@ def _providers(causal: bool, names: Sequence[str]) -> dict[str, Provider]:
 
 
 def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune.TuneOptions,
-                gen: torch.Generator, grad_cache: tune.GradCache, *, graphs: bool = True) -> dict[str, Any]:
+                gen: torch.Generator, grad_cache: tune.GradCache, *, graphs: bool = True,
+                min_reps: int = 0) -> dict[str, Any]:
     """One shape: every provider checked against the float64 reference, then timed with the
-    repetitions interleaved. A serving step (decode, speculative) is timed as CUDA-graph replays
-    on a GPU (graphs=True) and its host time per eager call recorded beside."""
+    repetitions interleaved (at least `min_reps`). A serving step (decode, speculative) is timed
+    on a GPU (graphs=True) as CUDA-graph replays of one call per input set of the tuner's rotation
+    (the same sets for every provider; a provider that cannot be captured is timed eagerly, and
+    its note says so; an empty replay is an error), and its host time per eager call recorded beside."""
     q, k, v, do, p = tune.make_inputs(s, device, gen)
     blocks = verify.reference_blocks(q, k, v, p)
     dev = tune.device_info(device)
@@ -116,6 +123,10 @@ def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune
     }
     out_bytes = p.batch * p.heads_q * p.seqlen_q * p.head_dim_v * q.element_size()
     measurements: dict[str, Measurement] = {}
+    # graph-timed providers replay their calls over the same input sets, larger than L2 together
+    # (the tuner's rotation): each call reads its cache from HBM, as a decode step's layers do
+    sets = tune.rotation_inputs(s, q, k, v, device, gen) if in_graphs else []
+    graphed: dict[str, tuple[Callable[[], None], list[torch.Tensor] | None]] = {}
     timed: dict[str, tuple[Callable[[], None], list[torch.Tensor] | None]] = {}
     eager: dict[str, Callable[[], None]] = {}
     for name, f in _providers(s.causal, eligible).items():
@@ -150,10 +161,19 @@ def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune
             timing.reset_grads(grads)
             eager[name] = fn
             if in_graphs:
+                def every_set(f: Callable[..., torch.Tensor] = f) -> None:
+                    with torch.no_grad():
+                        for qi, ki, vi in sets:
+                            f(qi, ki, vi)
+
                 try:
-                    timed[name] = (decode_timing.graph_replay(fn), None)
-                except Exception as e:
-                    raise RuntimeError(f"CUDA graph capture: {type(e).__name__}: {e}") from e
+                    graphed[name] = (decode_timing.graph_replay(every_set), None)
+                except Exception as e:  # timed eagerly instead, and the row says so
+                    if not timing.context_alive(device):
+                        raise
+                    m.note = (f"eager: the call cannot be captured in a CUDA graph ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})")
+                    timed[name] = (fn, grads)
             else:
                 timed[name] = (fn, grads)
         except Exception as e:  # a provider that fails is a result of the benchmark
@@ -165,9 +185,25 @@ def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune
         _failed(measurements[name], e, device, (q, k, v), name)
         timed.pop(name, None)
 
+    def failed_graph(name: str, e: Exception) -> None:
+        _failed(measurements[name], e, device, (q, k, v), name)
+        graphed.pop(name, None)
+
     samples = timing.interleaved_samples_ms(timed, device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms,
-                                            failed=failed)
-    for name in timed:
+                                            failed=failed, min_reps=min_reps)
+    # a replay of len(sets) calls, without the flush: the rotation itself keeps L2 from helping
+    per_call = {n: [x / len(sets) for x in xs] for n, xs in timing.interleaved_samples_ms(
+        graphed, device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, failed=failed_graph, flush=False,
+        min_reps=min_reps).items()} if graphed else {}
+    floor_ms = timing.min_bytes(p, "fwd") / tune.GRAPH_MAX_BYTES_PER_S * 1e3
+    for name, xs in per_call.items():
+        if statistics.median(xs) < floor_ms:  # a launch the graph did not capture: an empty replay
+            measurements[name].status = "error"
+            measurements[name].note = (f"a replay read the inputs at {timing.min_bytes(p, 'fwd') / statistics.median(xs) / 1e9:.3g}"
+                                       " TB/s, beyond any memory: the call was not captured")
+            continue
+        samples[name] = xs
+    for name in samples:
         m = measurements[name]
         spread = timing.Spread.of(samples[name])
         m.ms, m.lo, m.hi = spread.median, spread.lo, spread.hi
@@ -273,6 +309,22 @@ def _shapes(args: argparse.Namespace) -> list[Shape]:
                                      seqlens=args.seqlens)
 
 
+def _partial(args: argparse.Namespace) -> str:
+    """Why this run is not the one the bars are judged on ("" when it is): a filtered shape set,
+    fewer or more providers than the defaults, or a dispatcher that is forced or autotunes."""
+    flags = [("--dtypes", args.dtypes), ("--head-dims", args.head_dims), ("--seqlens", args.seqlens),
+             ("--passes", args.passes), ("--causal", args.causal != "both"), ("--no-special", args.no_special),
+             ("--only-special", args.only_special), ("--kinds", args.kinds), ("--limit", args.limit is not None),
+             ("--backends", args.backends), ("--exclude", args.exclude), ("--no-graphs", args.no_graphs)]
+    why = [f for f, given in flags if given]
+    st = state().settings
+    if st.backend not in ("", "auto"):
+        why.append(f"FLASHDISPATCH_BACKEND={st.backend} (the dispatcher is forced)")
+    if st.autotune:
+        why.append("FLASHDISPATCH_AUTOTUNE=1 (the dispatcher measures as it goes)")
+    return ("a partial run (" + ", ".join(why) + ")") if why else ""
+
+
 def _heldout_plan(args: argparse.Namespace, device: torch.device) -> list[heldout.HeldOut]:
     """The held-out calls to run: filtered, shrunk for a CPU if asked, at most --limit."""
     for flag, given in (("--shapes", args.shapes), ("--quick", args.quick), ("--only-special", args.only_special),
@@ -375,12 +427,21 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":
         log.info("%s", bench_report.CPU_NOTE)
     rows: list[dict[str, Any]] = []
-    judge = device.type == "cuda" and not args.scale_for_cpu  # the performance bar is a GPU's, at full size
+    partial = _partial(args)
+    meta["settings"] = {"backend": state().settings.backend, "autotune": state().settings.autotune}
+    # the performance bar is a GPU's, at full size, over the whole set with the default providers
+    judge = device.type == "cuda" and not args.scale_for_cpu and not partial
+    if partial and device.type == "cuda":
+        log.warning("not judged against the bars: %s", partial)
 
     def summary() -> dict[str, Any]:
         if args.heldout:
-            return bench_report.heldout_summary(rows, judge, planned=len(plan))
-        return bench_report.summarize(rows, judge)
+            s = bench_report.heldout_summary(rows, judge, planned=len(plan))
+        else:
+            s = bench_report.summarize(rows, judge, planned=len(plan))
+        if partial and device.type == "cuda":
+            s["partial"] = partial
+        return s
 
     grad_cache = tune.GradCache()
     t0 = time.perf_counter()
@@ -392,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
                 complete = False
                 break
             t_shape = time.perf_counter()
-            row = {**extra, **bench_shape(s, list(impls), device, opts, gen, grad_cache, graphs=graphs)}
+            row = {**extra, **bench_shape(s, list(impls), device, opts, gen, grad_cache, graphs=graphs,
+                                          min_reps=HELDOUT_MIN_REPS if args.heldout and device.type == "cuda" else 0)}
             row["wall_s"] = round(time.perf_counter() - t_shape, 2)  # compiles, checks and timing
             rows.append(row)
             # table and JSON after every shape: a run cut short still leaves its numbers

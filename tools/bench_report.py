@@ -43,14 +43,15 @@ NA = "n/a"
 
 
 def add_ratios(row: dict[str, Any]) -> None:
-    """vs_sdpa = plain-SDPA time / dispatcher time; oracle = fastest correct provider's time /
-    dispatcher time (1.0: the dispatcher ran the fastest); best = that provider."""
+    """vs_sdpa = plain-SDPA time / dispatcher time; oracle = the fastest correct provider's time,
+    the dispatcher's own included, / dispatcher time (at most 1.0: 1.0 when the dispatcher ran the
+    fastest, or something no other provider ran); best = the fastest other provider."""
     ok = {n: m["ms"] for n, m in row["providers"].items() if m.get("status") == "ok" and m.get("ms")}
     disp = ok.get(DISPATCH)
     others = {n: t for n, t in ok.items() if n != DISPATCH}
     row["best"] = min(others, key=others.__getitem__) if others else None
     row["vs_sdpa"] = ok[PLAIN] / disp if disp and PLAIN in ok else None
-    row["oracle"] = others[row["best"]] / disp if disp and others else None
+    row["oracle"] = min(others[row["best"]], disp) / disp if disp and others else None
     # whether dispatch differs from SDPA (and from the best) beyond the spread of their repetitions
     row["vs_sdpa_clear"] = _clear(row, PLAIN) if row["vs_sdpa"] else None
     row["oracle_clear"] = _clear(row, row["best"]) if row["oracle"] else None
@@ -74,8 +75,15 @@ def _wrong(rows: Sequence[dict[str, Any]]) -> list[str]:
     return sorted({f"{n} on {r['label']}" for r in rows for n, m in r["providers"].items() if m.get("status") == "wrong"})
 
 
-def summarize(rows: Sequence[dict[str, Any]], judge: bool = True) -> dict[str, Any]:
-    """Geomeans and minima; with judge (a GPU run) the project's performance bar as checks."""
+def _errors(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Providers that raised (or whose timing failed) at a shape: left out of that shape's oracle."""
+    return sorted({f"{n} on {r['label']}" for r in rows for n, m in r["providers"].items() if m.get("status") == "error"})
+
+
+def summarize(rows: Sequence[dict[str, Any]], judge: bool = True, planned: int | None = None) -> dict[str, Any]:
+    """Geomeans and minima; with judge (a GPU run) the project's performance bar as checks: every
+    shape counts, so a shape where the dispatcher (or plain SDPA) has no time fails the bars, and
+    so does a run that did not reach every planned shape."""
     # on a GPU every shape counts toward the bar; elsewhere only differences beyond the spread
     vs = [(r["vs_sdpa"], r["label"]) for r in rows if r.get("vs_sdpa") and (judge or r.get("vs_sdpa_clear", True))]
     orc = [(r["oracle"], r["label"]) for r in rows if r.get("oracle") and (judge or r.get("oracle_clear", True))]
@@ -86,14 +94,18 @@ def summarize(rows: Sequence[dict[str, Any]], judge: bool = True) -> dict[str, A
         "geomean_oracle": geomean([x for x, _ in orc]),
         "min_oracle": min(orc) if orc else None,
         "wrong": _wrong(rows),
+        "errors": _errors(rows),
+        "not_judged": sorted(r["label"] for r in rows if not r.get("vs_sdpa") or not r.get("oracle")),
+        "planned": len(rows) if planned is None else planned,
         "counted": f"all {len(rows)} shapes" if judge else
                    f"{len(vs)} of {len(rows)} shapes (the others are inside the spread)",
     }
+    complete = bool(rows) and len(rows) == s["planned"] and not s["not_judged"]
     s["checks"] = {} if not judge else {
-        f"dispatch >= {MIN_RATIO_VS_SDPA} x SDPA on every shape": bool(vs) and min(vs)[0] >= MIN_RATIO_VS_SDPA,
-        f"geomean dispatch/SDPA >= {MIN_GEOMEAN_VS_SDPA}": bool(vs) and s["geomean_vs_sdpa"] >= MIN_GEOMEAN_VS_SDPA,
-        f"geomean oracle ratio >= {MIN_GEOMEAN_ORACLE}": bool(orc) and s["geomean_oracle"] >= MIN_GEOMEAN_ORACLE,
-        f"oracle ratio >= {MIN_ORACLE} on every shape": bool(orc) and min(orc)[0] >= MIN_ORACLE,
+        f"dispatch >= {MIN_RATIO_VS_SDPA} x SDPA on every shape": complete and min(vs)[0] >= MIN_RATIO_VS_SDPA,
+        f"geomean dispatch/SDPA >= {MIN_GEOMEAN_VS_SDPA}": complete and s["geomean_vs_sdpa"] >= MIN_GEOMEAN_VS_SDPA,
+        f"geomean oracle ratio >= {MIN_GEOMEAN_ORACLE}": complete and s["geomean_oracle"] >= MIN_GEOMEAN_ORACLE,
+        f"oracle ratio >= {MIN_ORACLE} on every shape": complete and min(orc)[0] >= MIN_ORACLE,
     }
     return s
 
@@ -117,6 +129,7 @@ def heldout_summary(rows: Sequence[dict[str, Any]], judge: bool = True, planned:
         "geomean_vs_sdpa": geomean([x for x, _ in vs]),
         "not_judged": sorted(set(no_oracle) | set(no_sdpa)),
         "wrong": _wrong(rows),
+        "errors": _errors(rows),
         "chosen": _count(r["choice"]["variant"] for r in rows),
         "wall_s": round(sum(r.get("wall_s", 0.0) for r in rows), 1),  # the shapes' compiles, checks, timing
     }
@@ -253,11 +266,12 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"- oracle ratio: geomean {summ['geomean_oracle']:.3f}, min {_minfmt(summ['min_oracle'])}")
     for k, ok in summ["checks"].items():
         lines.append(f"- {k}: {'yes' if ok else 'NO'}")
-    if not summ["checks"]:
+    if not summ["checks"] and not summ.get("partial"):
         lines.append(f"- {CPU_NOTE}")
     lines.append("- vs SDPA reads \"same\" where the two timings' interquartile ranges overlap.")
     if summ["wrong"]:
         lines.append("- failed the float64 check: " + "; ".join(summ["wrong"]))
+    lines += [f"- {x}" for x in _incomplete_lines(summ)]
     if any(r.get("serving") for r in rows):
         lines += serving_lines(rows)
     else:  # results written before decode was timed in graphs
@@ -296,10 +310,12 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"  {'ok ' if ok else 'NO '} {k}")
     print('vsSDPA: plain-SDPA time / dispatch time; oracle: best provider time / dispatch time; "same" where the '
           'two interquartile ranges overlap (noise).')
-    if not s["checks"]:
+    if not s["checks"] and not s.get("partial"):
         print(CPU_NOTE)
     if s["wrong"]:
         print("  failed the float64 check: " + "; ".join(s["wrong"]))
+    for x in _incomplete_lines(s):
+        print("  " + x)
 
 
 def _print_serving(rows: Sequence[dict[str, Any]], label: Any) -> None:
@@ -435,7 +451,7 @@ def heldout_markdown(result: dict[str, Any]) -> str:
     lines += serving_lines(rows, _heldout_label)
     lines += ["", "## Summary", ""]
     lines += [f"- {x}" for x in _heldout_summary_lines(summ)]
-    if not summ["checks"]:
+    if not summ["checks"] and not summ.get("partial"):
         lines.append(f"- {CPU_NOTE}")
     wrong = [(r["label"], n, m.get("note", "")) for r in rows for n, m in r["providers"].items()
              if m.get("status") in ("wrong", "error")]
@@ -470,6 +486,24 @@ def _heldout_summary_lines(s: dict[str, Any]) -> list[str]:
         out.append("no dispatcher, oracle or SDPA time (counts as a miss): " + ", ".join(s["not_judged"]))
     if s["wrong"]:
         out.append("failed the float64 check: " + "; ".join(s["wrong"]))
+    if s.get("errors"):
+        out.append("raised or could not be timed (left out of that shape's oracle): " + "; ".join(s["errors"]))
+    if s.get("partial"):
+        out.append(f"not judged: {s['partial']}")
+    return out
+
+
+def _incomplete_lines(s: dict[str, Any]) -> list[str]:
+    """What a tuned-shape summary could not judge: missing shapes or times, providers that failed."""
+    out = []
+    if s.get("planned") is not None and s["shapes"] < s["planned"]:
+        out.append(f"incomplete: {s['planned'] - s['shapes']} planned shapes were not run; the bars need every shape")
+    if s.get("not_judged"):
+        out.append("no dispatcher, oracle or SDPA time (counts as a miss): " + ", ".join(s["not_judged"]))
+    if s.get("errors"):
+        out.append("raised or could not be timed (left out of that shape's oracle): " + "; ".join(s["errors"]))
+    if s.get("partial"):
+        out.append(f"not judged: {s['partial']}")
     return out
 
 
@@ -488,7 +522,7 @@ def print_heldout_table(result: dict[str, Any]) -> None:
     _print_serving(rows, _heldout_label)
     for line in _heldout_summary_lines(result["summary"]):
         print(line)
-    if not result["summary"]["checks"]:
+    if not result["summary"]["checks"] and not result["summary"].get("partial"):
         print(CPU_NOTE)
 
 

@@ -194,11 +194,15 @@ def interleaved_samples_ms(
     warmup_ms: float = 25.0,
     rep_ms: float = 100.0,
     failed: Callable[[str, Exception], None] | None = None,
+    flush: bool = True,
+    min_reps: int = 0,
 ) -> dict[str, list[float]]:
     """Every repetition's milliseconds of each provider, with the providers' repetitions
     interleaved: every repetition runs each provider once, in an order shuffled afresh for every
-    repetition (seeded: reruns take the same orders); on a GPU with the L2 flushed before each call,
-    as do_bench does, and timed with events; on a CPU with perf_counter.
+    repetition (seeded: reruns take the same orders); on a GPU with the L2 flushed before each call
+    (flush=False: not, for CUDA-graph replays that rotate through inputs larger than L2 themselves:
+    a flush would leave L2 full of dirty lines for their first reads), as do_bench does, and timed
+    with events; on a CPU with perf_counter. At least `min_reps` repetitions (and the default floor).
 
     Why: providers timed one after another see different clocks and power states (on the H100,
     seconds of back-to-back attention slow the card down, and the same cuDNN kernel read 5-10%
@@ -231,7 +235,7 @@ def interleaved_samples_ms(
             ms = estimate_ms(lambda n=name: call(n), device)
             if name in live:
                 est[name] = max(ms, 1e-4)
-    flush = _flush_buffer(device) if cuda else None
+    flush_buf = _flush_buffer(device) if cuda and flush else None
     cap = INTERLEAVED_REPS[1] if cuda else CPU_MAX_REPS
     for name in list(live):
         for _ in range(max(1, min(cap, int(warmup_ms / est[name])))):
@@ -240,7 +244,7 @@ def interleaved_samples_ms(
     if not live:
         return {}
     typical = statistics.median(est[n] for n in live)
-    reps = max(INTERLEAVED_REPS[0] if cuda else CPU_MIN_REPS, min(cap, int(rep_ms / typical)))
+    reps = max(INTERLEAVED_REPS[0] if cuda else CPU_MIN_REPS, min_reps, min(cap, int(rep_ms / typical)))
     order = list(live)
     shuffle = random.Random(0).shuffle
     if not cuda:
@@ -252,7 +256,6 @@ def interleaved_samples_ms(
                 if call(name):
                     times[name].append((time.perf_counter() - t0) * 1e3)
         return {n: times[n] for n in live}
-    assert flush is not None
     events = {n: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(reps)] for n in live}
     for r in range(reps):
@@ -262,7 +265,8 @@ def interleaved_samples_ms(
         for name in order:
             if name not in live:
                 continue
-            flush.zero_()
+            if flush_buf is not None:
+                flush_buf.zero_()
             torch.cuda._sleep(HOST_SLACK_CYCLES)
             start, end = events[name][r]
             start.record()
