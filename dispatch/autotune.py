@@ -395,11 +395,9 @@ def _bhsd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> tupl
 def _config(name: str, p: Problem, d: "Decision", prof: Profile | None) -> dict[str, Any]:
     if name == d.variant:
         return dict(d.config)
-    cfg = dict(REGISTRY.get(name).default_config(p, d.device))
-    g = prof.group(group_key(p)) if prof is not None else None
-    if g is not None:
-        cfg.update(g.config_for(p, name, prof.sm_count))  # type: ignore[union-attr]
-    return cfg
+    from .selection import implementation_config
+
+    return implementation_config(p, name, d.device)
 
 
 class _Checker:

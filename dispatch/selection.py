@@ -419,6 +419,18 @@ def profile_for(dev: DeviceInfo) -> tuple[Profile | None, list[str]]:
     return profile, problems
 
 
+def implementation_config(p: Problem, name: str, dev: DeviceInfo | None = None) -> dict[str, Any]:
+    """The config implementation `name` runs `p` with when it is chosen: its default, with the tuned
+    config of the nearest measured point of `p`'s own group merged over it (as a decision has)."""
+    dev = dev if dev is not None else device_for(p)
+    profile, _ = profile_for(dev)
+    config = dict(REGISTRY.get(name).default_config(p, dev))
+    g = profile.group(group_key(p)) if profile is not None else None
+    if g is not None and profile is not None and _config_applies(g, p):
+        config.update(g.config_for(p, name, profile.sm_count))
+    return config
+
+
 def _select_uncached(p: Problem, forced: str | None, source: str, device: DeviceInfo | None) -> Decision:
     st = state()
     dev = device if device is not None else device_for(p)

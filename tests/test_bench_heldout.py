@@ -204,3 +204,31 @@ def test_interleaved_timing_takes_at_least_the_repetitions_asked() -> None:
 
     got = timing.interleaved_samples_ms({"f": (fn, None)}, torch.device("cpu"), warmup_ms=0, rep_ms=0, min_reps=40)
     assert len(got["f"]) >= 40
+
+
+def test_an_implementation_named_like_its_family_is_timed_alone(monkeypatch) -> None:
+    """Forcing "sdpa" (or "triton") picks the family's best by the model; the bench must time the
+    implementation of that name itself, with the config the dispatcher would give it."""
+    from flashdispatch.registry import REGISTRY
+
+    calls: list[str] = []
+    for name in ("sdpa", "sdpa:flash", "sdpa:math"):
+        impl = REGISTRY.get(name)
+        real = impl.run
+        monkeypatch.setattr(impl, "run", lambda *a, _n=name, _r=real, **kw: (calls.append(_n), _r(*a, **kw))[1])
+    from flashdispatch import selection
+
+    real_order = selection._default_order  # the family's own choice would now be another kernel
+    monkeypatch.setattr(selection, "_default_order", lambda p, dev, names: real_order(p, dev, names)[::-1])
+    q, k, v = (torch.randn(1, 2, 33, 16) for _ in range(3))
+    import flashdispatch
+
+    flashdispatch.attention(q, k, v, causal=True, backend="sdpa")
+    assert calls and calls[-1] != "sdpa"  # forcing the family name did not run plain sdpa
+    calls.clear()
+    providers = bench._providers(True, ["sdpa", "sdpa:math"])
+    out = providers["sdpa"](q, k, v)
+    assert calls == ["sdpa"] and out.shape == q.shape
+    calls.clear()
+    providers["sdpa"](q[:, :, :20], k, v)  # another shape (the gradient proxy): its own problem
+    assert calls == ["sdpa"]

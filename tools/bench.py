@@ -37,9 +37,9 @@ import torch.nn.functional as F
 import flashdispatch
 from flashdispatch.backends.sdpa import bottom_right_sdpa
 from flashdispatch.cliargs import ArgumentParser, user_error
-from flashdispatch.problem import DTYPES_BY_NAME
+from flashdispatch.problem import DTYPES_BY_NAME, Problem, problem_from_tensors
 from flashdispatch.registry import REGISTRY
-from flashdispatch.selection import select, state
+from flashdispatch.selection import implementation_config, select, state
 
 from . import bench_report, decode_timing, heldout, timing, tune, verify
 from . import shapes as shape_lists
@@ -90,10 +90,35 @@ class Measurement:
 Provider = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _pinned(name: str, causal: bool) -> Provider:
+    """Implementation `name` run directly on bhsd q, k, v (its problem and config worked out once
+    per shape and grad mode: the timed calls pay no selection)."""
+    impl = REGISTRY.get(name)
+    plans: dict[Any, tuple[Problem, dict[str, Any]]] = {}
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        key = (q.shape, k.shape, v.shape, q.dtype, q.device, torch.is_grad_enabled() and q.requires_grad)
+        if key not in plans:
+            pp = problem_from_tensors(q, k, v, causal=causal, scale=None, layout="bhsd", return_lse=False)
+            plans[key] = (pp, implementation_config(pp, name))
+        pp, cfg = plans[key]
+        return impl.run(q, k, v, pp, cfg)[0]
+
+    return run
+
+
 def _providers(causal: bool, names: Sequence[str]) -> dict[str, Provider]:
+    """Plain SDPA, each implementation pinned, and the dispatcher. An implementation is forced by
+    its name, except one whose name is also its family's (`triton`, `sdpa`): forcing that name
+    picks the family's best by the model, so it runs directly, with the config the dispatcher
+    would give it (selection.implementation_config), as the tuner runs it."""
     out: dict[str, Provider] = {PLAIN: lambda q, k, v: plain_sdpa(q, k, v, causal)}
+    fams = REGISTRY.families()
     for n in names:
-        out[n] = lambda q, k, v, n=n: flashdispatch.attention(q, k, v, causal=causal, backend=n)  # type: ignore[misc]
+        if len(fams.get(n, ())) > 1:
+            out[n] = _pinned(n, causal)
+        else:
+            out[n] = lambda q, k, v, n=n: flashdispatch.attention(q, k, v, causal=causal, backend=n)  # type: ignore[misc]
     out[DISPATCH] = lambda q, k, v: flashdispatch.attention(q, k, v, causal=causal)  # type: ignore[return-value]
     return out
 
