@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from flashdispatch.costmodel import features, group_key, point_problem
+from flashdispatch.costmodel import SERVING_CLASSES, features, group_key, point_problem
 from flashdispatch.device import DEVICE_TABLE, simulated_device
 from flashdispatch.profile_store import SCHEMA_VERSION, Profile, parse_profile
 from flashdispatch.registry import REGISTRY
@@ -65,6 +65,8 @@ def test_every_ranked_or_measured_backend_can_serve_its_point_on_that_device(key
     _, prof = PROFILES[key]
     dev = simulated_device(prof.key)
     for g, pt in _points(prof):
+        if g.key.cls in SERVING_CLASSES:  # serving families, checked by tests/test_serving_selection.py
+            continue
         p = point_problem(g.key, pt, dev.kind)
         assert group_key(p) == g.key, f"{_where(g, pt)} falls in {group_key(p).label()}"
         for name in pt.ranking or tuple(pt.ms):

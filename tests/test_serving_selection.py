@@ -333,7 +333,7 @@ def _meta_varlen(lengths=(300, 5000, 1200), hq=32, hkv=8, d=128):
 
 def test_a_simulated_gpu_without_a_serving_model_takes_the_built_in_order_and_says_so():
     q, k, cu, smax = _meta_varlen()
-    d = fd.explain_varlen(q, k, k, cu, cu, smax, smax, causal=True, device="h200")
+    d = fd.explain_varlen(q, k, k, cu, cu, smax, smax, causal=True, device="h100")  # h100.yaml: no serving groups
     assert d.variant == "triton" and d.source == "default" and d.device.kind == "cuda"
     assert any("has no model for fwd varlen bf16 D=128" in n for n in d.notes), d.notes
     with pytest.raises(ValueError, match="device: expected one of"):

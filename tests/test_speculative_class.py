@@ -28,7 +28,8 @@ def test_speculative_verification_is_predicted_by_a_long_cache_causal_model(sq, 
 
 def test_chunked_prefill_selects_triton_from_its_class():
     d = fd.explain(shape=(4, 32, 32, 512, 8192, 128), causal=True, device="h200")
-    assert d.source.endswith("#fwd chunked bf16 D=128") and d.variant == "triton"
+    # one of our kernels (the H200 measured triton:gluon 0.50 ms, triton 0.53, plain SDPA 0.77 here)
+    assert d.source.endswith("#fwd chunked bf16 D=128") and d.backend == "triton", d
 
 
 @pytest.mark.parametrize("shape, causal, group", [
@@ -38,7 +39,7 @@ def test_chunked_prefill_selects_triton_from_its_class():
 ])
 def test_other_classes_keep_their_models(shape, causal, group):
     d = fd.explain(shape=shape, causal=causal, device="h200")
-    assert d.source.endswith("#" + group), d.source
+    assert ("#" + group) in d.source, d.source  # (a "baseline margin" suffix may follow)
 
 
 def test_timing_pass():
