@@ -85,7 +85,8 @@ class BucketResult:
         ranking = self.ranking()
         return Point(
             s.batch, s.heads_q, s.heads_kv, s.seqlen_q, s.seqlen_k, s.window,
-            ms={n: float(best[n].ms) for n in ranking} if measured else {},  # type: ignore[arg-type]
+            # rounded as the file writes them: the fits are then what a refit of the file gives
+            ms={n: float(f"{best[n].ms:.4g}") for n in ranking} if measured else {},  # type: ignore[arg-type]
             host_us={n: float(best[n].host_us) for n in ranking  # type: ignore[arg-type]
                      if measured and best[n].host_us is not None and best[n].host_us > 0},
             ranking=() if measured else tuple(ranking),
