@@ -220,12 +220,10 @@ def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune
     per_call = {n: [x / len(sets) for x in xs] for n, xs in timing.interleaved_samples_ms(
         graphed, device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, failed=failed_graph, flush=False,
         min_reps=min_reps).items()} if graphed else {}
-    floor_ms = timing.min_bytes(p, "fwd") / tune.GRAPH_MAX_BYTES_PER_S * 1e3
     for name, xs in per_call.items():
-        if statistics.median(xs) < floor_ms:  # a launch the graph did not capture: an empty replay
-            measurements[name].status = "error"
-            measurements[name].note = (f"a replay read the inputs at {timing.min_bytes(p, 'fwd') / statistics.median(xs) / 1e9:.3g}"
-                                       " TB/s, beyond any memory: the call was not captured")
+        empty = timing.empty_replay(p, statistics.median(xs))
+        if empty:
+            measurements[name].status, measurements[name].note = "error", empty
             continue
         samples[name] = xs
     for name in samples:

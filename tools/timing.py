@@ -58,6 +58,22 @@ def min_bytes(p: Problem, pass_: str) -> int:
     return item * fwd
 
 
+# Faster than any memory reads (an HBM3e GPU reads about 5 TB/s): a graph replay that moves the
+# inputs faster than this captured nothing.
+GRAPH_MAX_BYTES_PER_S = 20e12
+
+
+def empty_replay(p: Problem, ms: float) -> str:
+    """Why a CUDA-graph replay of `p` at `ms` per call cannot have run it ("" when it can): it read
+    the inputs faster than any memory (a launch on another stream is not captured, and its replay
+    is empty)."""
+    nbytes = min_bytes(p, "fwd")
+    if ms >= nbytes / GRAPH_MAX_BYTES_PER_S * 1e3:
+        return ""
+    return (f"a replay read the inputs at {nbytes / max(ms, 1e-9) / 1e9:.3g} TB/s, beyond any memory: "
+            "the call was not captured")
+
+
 def tflops(p: Problem, pass_: str, ms: float) -> float:
     return pass_flops(p, pass_) / (ms * 1e-3) / 1e12 if ms > 0 else float("nan")
 

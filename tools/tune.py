@@ -69,9 +69,6 @@ QUICK_MAX_CONFIGS = 2
 QUICK_MAX_CONFIGS_BWD = 1  # --quick: the default config only for forward+backward (the full tune searches)
 FULL_MAX_CONFIGS = 3
 FULL_MAX_CONFIGS_BWD = 2
-# Faster than any memory reads (an HBM3e GPU reads about 5 TB/s): a graph replay that moves the
-# inputs faster than this captured nothing, and the call is timed eagerly instead.
-GRAPH_MAX_BYTES_PER_S = 20e12
 # Eager calls per host-time measurement of a graph-timed shape (timing.host_us_per_call).
 HOST_CALLS = 100
 HOST_CALLS_CPU = 10
@@ -328,11 +325,9 @@ def _time_graph_step(impl: Implementation, cfg: dict[str, Any], p: Problem, fn: 
         try:
             with torch.no_grad():
                 replay_ms = timing.graph_replay_ms(fns, device, rep_ms=opts.rep_ms)
-            floor = timing.min_bytes(p, "fwd") / GRAPH_MAX_BYTES_PER_S * 1e3
-            if replay_ms < floor:  # a launch on another stream is not captured, and its replay is empty
-                raise timing.CaptureError(f"a replay read the inputs at "
-                                          f"{timing.min_bytes(p, 'fwd') / max(replay_ms, 1e-9) / 1e9:.3g} TB/s, "
-                                          "beyond any memory: the call was not captured")
+            empty = timing.empty_replay(p, replay_ms)
+            if empty:  # timed eagerly instead
+                raise timing.CaptureError(empty)
             ms = replay_ms
             note += f"; CUDA-graph replay over {len(fns)} input sets"
         except timing.CaptureError as e:
