@@ -303,17 +303,28 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
     r = _Ranking(by_time + rest)
     if rest:
         r.notes.append(f"no model for {', '.join(rest)}: placed after the predicted ones, in the built-in order")
-    top = by_time[0]
-    if top != BASELINE and BASELINE in preds:
-        need = baseline_margin(preds[top].fit.rms, preds[BASELINE].fit.rms)
-        t_ms, b_ms, where = compared_where_measured(preds[top], preds[BASELINE])
-        if t_ms > b_ms * (1.0 - need) * (1.0 + 1e-9):  # 1e-9: float noise at the edge
-            at = f" ({where}: {t_ms:.4g} and {b_ms:.4g} ms)" if where else ""
-            r.notes.append(f"{top} is predicted at {preds[top].ms:.4g} ms and {baseline} at {preds[BASELINE].ms:.4g} ms"
-                           f"{at}, less than {need * 100:.3g}% apart (the larger of {BASELINE_MARGIN:.0%} and the two "
-                           f"fit errors): {baseline}, the baseline, runs")
-            r.ordered.remove(BASELINE)
-            r.ordered.insert(0, BASELINE)
+    if by_time[0] != BASELINE and BASELINE in preds:
+        # Each implementation predicted faster than the baseline must clear its own margin (its fit
+        # error and the baseline's): the fastest that does runs; those that do not (a lead inside
+        # a poor fit) fall in behind the baseline, so that one unreliable model cannot hold back a
+        # reliable one that is slower than it but well ahead of the baseline.
+        ahead = by_time[:by_time.index(BASELINE)]
+        cleared, held = [], []
+        for n in ahead:
+            need = baseline_margin(preds[n].fit.rms, preds[BASELINE].fit.rms)
+            t_ms, b_ms, where = compared_where_measured(preds[n], preds[BASELINE])
+            if t_ms > b_ms * (1.0 - need) * (1.0 + 1e-9):  # 1e-9: float noise at the edge
+                at = f" ({where}: {t_ms:.4g} and {b_ms:.4g} ms)" if where else ""
+                r.notes.append(f"{n} is predicted at {preds[n].ms:.4g} ms and {baseline} at "
+                               f"{preds[BASELINE].ms:.4g} ms{at}, less than {need * 100:.3g}% apart (the larger "
+                               f"of {BASELINE_MARGIN:.0%} and the two fit errors): not preferred to {baseline}")
+                held.append(n)
+            else:
+                cleared.append(n)
+        if held:
+            r.ordered = cleared + [BASELINE] + held + [n for n in r.ordered if n not in ahead and n != BASELINE]
+        if not cleared:
+            r.notes.append(f"{baseline}, the baseline, runs")
             r.kept_baseline = True
     chosen = r.ordered[0]
     win = preds[chosen]

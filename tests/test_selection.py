@@ -631,3 +631,40 @@ def test_the_built_in_order_comes_from_the_implementations_data(key, variant, wa
                            window=(16, 0) if variant else None)
     assert tuple(selection._default_order(p, dev, list(want)[::-1])) == want
     assert tuple(selection._default_order(p, dev, sorted(want))) == want
+
+
+def test_a_poorly_fitted_leader_does_not_hold_back_a_well_fitted_winner():
+    # speculative verification: "noisy" is predicted fastest, 3.5x ahead of plain SDPA, but its fit
+    # is off by 90% on its own points; "steady", well fitted, is predicted 2x ahead: "steady" runs,
+    # the baseline second, the noisy leader behind it
+    from dataclasses import replace
+
+    from flashdispatch.costmodel import Group, GroupKey, Point, features, point_problem
+    from flashdispatch.profile_store import Profile
+    from flashdispatch.selection import rank_by_model
+
+    sms, key = 132, GroupKey("fwd", "speculative", "plain", "bf16", 128)
+    pts = []
+    for b, sk in [(16, 4096), (1, 131072), (8, 8192)]:
+        pt = Point(b, 32, 8, 8, sk)
+        gb = features(point_problem(key, pt), sms)[2]
+        pts.append(pt._replace(ms={"steady": (5 + 750 * gb) / 1e3, "sdpa": (10 + 1500 * gb) / 1e3,
+                                   "noisy": (3 + 420 * gb) / 1e3}))
+    g = Group(key, pts)
+    g.refit(sms)
+    g.fits["noisy"] = replace(g.fits["noisy"], rms=0.9)
+    prof = Profile("t.yaml", "h200", True, {"key": "h200", "name": "H200", "arch": "sm_90", "sm_count": sms},
+                   {"date": "2026-12-05", "card": "synthetic", "tool": "test"}, [g])
+    p = point_problem(key, Point(2, 32, 8, 4, 6000))
+
+    def rank(names):
+        return rank_by_model(p, key, names, prof, variant_path=lambda n: (True, ""), default_order=lambda n: n)
+
+    rk = rank(["noisy", "steady", "sdpa"])
+    assert rk is not None and [pr.name for pr in rk.predictions] == ["noisy", "steady", "sdpa"], rk.predicted
+    assert rk.ordered == ["steady", "sdpa", "noisy"] and not rk.kept_baseline, (rk.ordered, rk.notes)
+    assert any(n.startswith("noisy is predicted") and "not preferred to plain SDPA" in n for n in rk.notes), rk.notes
+    # with no well-fitted contender the baseline runs and says so
+    rk = rank(["noisy", "sdpa"])
+    assert rk.ordered == ["sdpa", "noisy"] and rk.kept_baseline
+    assert any("plain SDPA, the baseline, runs" in n for n in rk.notes), rk.notes
