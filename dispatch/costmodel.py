@@ -247,15 +247,29 @@ def _round(x: float) -> float:
 
 # A model with one more term must have at most this fraction of the simpler one's error.
 TERM_GAIN = 0.85
+# The term a class's model keeps when the points cannot tell the work from the bytes (fit(prefer=)):
+# the bytes for the memory-bound classes (few query rows per key read), the work elsewhere.
+MEMORY_BOUND_CLASSES: tuple[str, ...] = ("decode", "speculative", "kvcache")
 
 
-def fit(xs: Sequence[Sequence[float]], times_us: Sequence[float]) -> Fit:
+def preferred_term(cls: str) -> int:
+    """The feature index (FEATURES order) fit() prefers for a class: 2 (bytes) or 1 (work)."""
+    return 2 if cls in MEMORY_BOUND_CLASSES else 1
+
+
+def fit(xs: Sequence[Sequence[float]], times_us: Sequence[float], *, prefer: int = 1) -> Fit:
     """Non-negative least squares on the relative error, by trying every subset of the four
     features: for each number of terms, the subset with the smallest error whose coefficients are
     all >= 0; more terms replace fewer only when they cut the error to TERM_GAIN of it or less.
     One point fits the work term alone (a throughput). From two points on, every model has the
     fixed cost and the work or the bytes term; the others join as the points allow (at most one
-    term per two points beyond the first two)."""
+    term per two points beyond the first two).
+
+    `prefer` (1: work, 2: bytes; FEATURES order) settles near-ties between models of the same size:
+    a model without the preferred term replaces one with it only at TERM_GAIN of its error or less.
+    Where the measured points keep the work and the bytes in one proportion (decode points of one
+    GQA ratio), both models fit them alike and disagree everywhere else; the class's physics then
+    decides (PREFERRED_TERM), not a rounding difference in the fit."""
     a = np.stack([np.asarray(x, dtype=np.float64) for x in xs])
     t = np.asarray(times_us, dtype=np.float64)
     if a.ndim != 2 or len(t) != len(a) or len(t) == 0:
@@ -275,6 +289,7 @@ def fit(xs: Sequence[Sequence[float]], times_us: Sequence[float]) -> Fit:
         best: tuple[float, np.ndarray] | None = None
         for r in range(1, max_terms + 1):
             size_best: tuple[float, np.ndarray] | None = None  # the best model with r terms
+            size_pref: tuple[float, np.ndarray] | None = None  # ... and the best with the preferred term
             for subset in itertools.combinations(range(a.shape[1]), r):
                 if 1 not in subset and 2 not in subset:
                     continue  # a model with neither work nor bytes says nothing about another size
@@ -291,6 +306,10 @@ def fit(xs: Sequence[Sequence[float]], times_us: Sequence[float]) -> Fit:
                 err = float(np.sqrt(np.mean((w @ full - 1.0) ** 2)))
                 if size_best is None or err < size_best[0] - 1e-12:  # a tie keeps the earlier (work before bytes)
                     size_best = (err, full)
+                if prefer in subset and (size_pref is None or err < size_pref[0] - 1e-12):
+                    size_pref = (err, full)
+            if size_pref is not None and size_best is not None and size_best[0] > size_pref[0] * TERM_GAIN - 1e-9:
+                size_best = size_pref  # the other term is no clear improvement: the preferred one stays
             # a term must earn its place: r terms replace r - 1 only at TERM_GAIN of its error or less
             if size_best is not None and (best is None or size_best[0] < best[0] * TERM_GAIN - 1e-9):
                 best = size_best
@@ -403,7 +422,7 @@ class Group:
                     xs.append(x)
                     ts.append(ms * 1e3)
             if xs:
-                self.fits[name] = fit(xs, ts)
+                self.fits[name] = fit(xs, ts, prefer=preferred_term(self.key.cls))
 
     def nearest_points(self, p: Problem, name: str, sm_count: int, k: int = 2, *, has: str = "ms") -> list[Point]:
         """The k points nearest to `p` in log GFLOP and log bytes that hold `name` in their
@@ -418,6 +437,20 @@ class Group:
             scored.append((d, i, pt))
         scored.sort(key=lambda s: s[:2])
         return [pt for _, _, pt in scored[:k]]
+
+    def worst_error(self, name: str, sm_count: int) -> float:
+        """The largest relative error of `name`'s fit on the group's own points (its rms where it
+        has no fit or no point): how far off its model can be, where an average hides one bad
+        point in three."""
+        f = self.fits.get(name)
+        if f is None:
+            return 0.0
+        worst = f.rms
+        for pt, x in zip(self.points, self.point_features(sm_count)):
+            ms = pt.ms.get(name)
+            if ms is not None and ms > 0 and math.isfinite(ms):
+                worst = max(worst, abs(f.predict_us(x) / (ms * 1e3) - 1.0))
+        return worst
 
     def config_for(self, p: Problem, name: str, sm_count: int) -> dict[str, Any]:
         """`name`'s tuned config for `p`: the nearest point's, else the group's, else {}."""
@@ -461,6 +494,13 @@ class Prediction:
         if self.group is None or self.problem is None:
             return ()
         return tuple(self.group.nearest_points(self.problem, self.model_name or self.name, self.sm_count))
+
+    @property
+    def worst_error(self) -> float:
+        """The model's largest relative error on its own measured points (Group.worst_error)."""
+        if self.group is None:
+            return self.fit.rms
+        return max(self.fit.rms, self.group.worst_error(self.model_name or self.name, self.sm_count))
 
     @property
     def exact(self) -> bool:

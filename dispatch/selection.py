@@ -30,6 +30,11 @@ log = logging.getLogger("flashdispatch")
 # cuDNN kernel reached two ways, docs/bench.md), and a tie goes to the baseline.
 BASELINE = "sdpa"
 BASELINE_MARGIN = 0.02
+# A model that misses one of its own measured points by more than this fraction (its form cannot
+# follow the implementation: a kernel without split-KV on few rows against a long cache, whose time
+# is one program's walk over the keys) never moves a decision away from plain SDPA on its own;
+# autotune, when on, measures such a problem instead.
+UNRELIABLE_FIT = 0.5
 
 
 def baseline_margin(*fit_errors: float) -> float:
@@ -313,7 +318,13 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
         for n in ahead:
             need = baseline_margin(preds[n].fit.rms, preds[BASELINE].fit.rms)
             t_ms, b_ms, where = compared_where_measured(preds[n], preds[BASELINE])
-            if t_ms > b_ms * (1.0 - need) * (1.0 + 1e-9):  # 1e-9: float noise at the edge
+            worst = preds[n].worst_error
+            if worst > UNRELIABLE_FIT:
+                r.notes.append(f"{n}'s model misses one of its own measured points by {worst:.0%} (more than "
+                               f"{UNRELIABLE_FIT:.0%}): its prediction ({preds[n].ms:.4g} ms) is not preferred to "
+                               f"{baseline}")
+                held.append(n)
+            elif t_ms > b_ms * (1.0 - need) * (1.0 + 1e-9):  # 1e-9: float noise at the edge
                 at = f" ({where}: {t_ms:.4g} and {b_ms:.4g} ms)" if where else ""
                 r.notes.append(f"{n} is predicted at {preds[n].ms:.4g} ms and {baseline} at "
                                f"{preds[BASELINE].ms:.4g} ms{at}, less than {need * 100:.3g}% apart (the larger "
@@ -349,6 +360,10 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
         err = win.fit.rms + preds[runner].fit.rms
         if abs(r.margin) < err:
             doubts.append(f"{chosen} and {runner} are {abs(r.margin):.1%} apart, inside their fit errors ({err:.1%})")
+    for n in r.ordered[r.ordered.index(chosen) + 1:]:
+        if n in preds and preds[n].ms < win.ms and preds[n].worst_error > UNRELIABLE_FIT:
+            doubts.append(f"{n} is predicted faster by a model that misses its own points by "
+                          f"{preds[n].worst_error:.0%}")
     r.uncertain = "; ".join(doubts)
     return r
 

@@ -122,6 +122,32 @@ def test_one_point_is_a_throughput_and_falling_times_get_no_negative_slope():
         fit(xs, [1.0, 0.0, 2.0])
 
 
+def test_points_that_cannot_tell_work_from_bytes_are_fitted_by_the_term_of_the_class():
+    # decode points of one GQA ratio: the work and the bytes grow in one proportion, so a model of
+    # either fits them; another ratio (MQA, or no GQA) tells them apart. A memory-bound class keeps
+    # the bytes (the card reads K and V at 4 TB/s, whatever the heads), another the work.
+    dims = [(1, 16, 4, 1, 8192), (32, 16, 4, 1, 4096), (1, 16, 4, 1, 131072)]
+    truth = lambda x: 6.0 + 250.0 * x[2]  # 6 us + 4 TB/s
+    for cls, term in (("decode", 2), ("dense", 1)):
+        key = GroupKey("fwd", cls, "plain", "bf16", 64)
+        pts = [Point(*d) for d in dims]
+        xs = [features(point_problem(key, pt), H200.sm_count) for pt in pts]
+        # a 1.5% wobble that makes the work term fit these points a hair better than the bytes
+        ts = [truth(x) * (1.0 + e) for x, e in zip(xs, (0.015, -0.015, 0.0))]
+        g = Group(key, [pt._replace(ms={"a": t / 1e3}) for pt, t in zip(pts, ts)])
+        g.refit(H200.sm_count)
+        f = g.fits["a"]
+        assert f.coef[term] > 0 and f.coef[3 - term] == 0.0, (cls, f)
+    # the decode model predicts an MQA problem from the bytes it reads
+    mqa = point_problem(GroupKey("fwd", "decode", "plain", "bf16", 64), Point(16, 71, 1, 1, 2000))
+    x = features(mqa, H200.sm_count)
+    key = GroupKey("fwd", "decode", "plain", "bf16", 64)
+    g = Group(key, [Point(*d)._replace(ms={"a": truth(features(point_problem(key, Point(*d)), H200.sm_count))
+                                           * (1.0 + e) / 1e3}) for d, e in zip(dims, (0.015, -0.015, 0.0))])
+    g.refit(H200.sm_count)
+    assert g.fits["a"].predict_us(x) == pytest.approx(truth(x), rel=0.1)
+
+
 # --- a synthetic measured profile: the known winner of each class is recovered --------------------
 
 # per class, which implementation the synthetic card makes fastest and by how much
