@@ -90,7 +90,7 @@ class Measurement:
 Provider = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _pinned(name: str, causal: bool) -> Provider:
+def pinned(name: str, causal: bool) -> Provider:
     """Implementation `name` run directly on bhsd q, k, v (its problem and config worked out once
     per shape and grad mode: the timed calls pay no selection)."""
     impl = REGISTRY.get(name)
@@ -116,7 +116,7 @@ def _providers(causal: bool, names: Sequence[str]) -> dict[str, Provider]:
     fams = REGISTRY.families()
     for n in names:
         if len(fams.get(n, ())) > 1:
-            out[n] = _pinned(n, causal)
+            out[n] = pinned(n, causal)
         else:
             out[n] = lambda q, k, v, n=n: flashdispatch.attention(q, k, v, causal=causal, backend=n)  # type: ignore[misc]
     out[DISPATCH] = lambda q, k, v: flashdispatch.attention(q, k, v, causal=causal)  # type: ignore[return-value]

@@ -37,6 +37,7 @@ from flashdispatch.backends.sdpa import bottom_right_sdpa
 from flashdispatch.reference import attention_math, visible_mask
 
 from . import timing
+from .bench import pinned
 from .decode_timing import graph_replay
 
 log = logging.getLogger("flashdispatch.tools.bench_variants")
@@ -227,7 +228,10 @@ def sinks_bars(run: Run, s: int, rep_ms: float) -> None:
     q, k, v = _randn(B, H, s, D), _randn(B, H, s, D), _randn(B, H, s, D)
     sinks = torch.randn(H, device="cuda", dtype=torch.float32)
     with_s = lambda: flashdispatch.attention(q, k, v, causal=True, sinks=sinks, backend="triton")  # noqa: E731
-    without = lambda: flashdispatch.attention(q, k, v, causal=True, backend="triton")  # noqa: E731
+    # the same implementation without sinks: forcing the family "triton" would hand a plain causal
+    # call to the Gluon kernel (the family's best there), which does not take sinks
+    plain = pinned("triton", causal=True)
+    without = lambda: plain(q, k, v)  # noqa: E731
     with torch.no_grad():
         ms = _measure(run, f"sinks-fwd-{s}", {"ours": (with_s, None), "ours_no_sinks": (without, None)}, rep_ms)
     run.bars.append(Bar("sinks fwd vs same kernel without", f"S={s}", "triton+sinks", "triton",
@@ -240,9 +244,10 @@ def decode_bars(run: Run, batch: int, rep_ms: float, sinks_too: bool) -> None:
     v = torch.randn_like(k)
     win = (WINDOW - 1, 0)
     sinks = torch.randn(DECODE_HQ, device="cuda", dtype=torch.float32)
+    full = pinned("triton", causal=True)  # the kernel the window and sinks calls run, not the family's pick
     calls: dict[str, Callable[[], Any]] = {
         "ours_window": lambda: flashdispatch.attention(q, k, v, causal=True, window=win, backend="triton"),
-        "ours_full": lambda: flashdispatch.attention(q, k, v, causal=True, backend="triton"),
+        "ours_full": lambda: full(q, k, v),
         "sdpa_full": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
     }
     if sinks_too:
