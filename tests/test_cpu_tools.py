@@ -96,3 +96,21 @@ def test_bench_triton_cases_are_the_shape_lists_problems() -> None:
     assert bench_triton.flops(chunked) == chunked.problem.flops() > 0
     row = json.loads(json.dumps(chunked.as_dict()))
     assert row["dtype"] == "bf16" and row["seqlen_q"] == cp.seqlen_q and row["label"] == "chunked-prefill"
+
+
+def test_tune_writes_into_a_profile_dir_that_does_not_exist_yet(tmp_path, monkeypatch):
+    """FLASHDISPATCH_PROFILE_DIR names a directory, even before it exists: tune creates it and writes
+    <key>.yaml inside, where the dispatcher reads it (not a file at the directory's path)."""
+    new = tmp_path / "profiles" / "mine"
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(new))
+    args = tune.build_parser().parse_args([])
+    assert tune._out_path(args, "cpu") == str(new / "cpu.yaml") and new.is_dir()
+    assert "from there" in tune._use_note(str(new / "cpu.yaml"), "cpu")
+    args = tune.build_parser().parse_args(["--out", str(tmp_path / "elsewhere.yaml")])
+    assert tune._out_path(args, "cpu") == str(tmp_path / "elsewhere.yaml")  # --out still names a file
+
+
+def test_tune_says_how_to_use_the_profile_it_wrote(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLASHDISPATCH_PROFILE_DIR", raising=False)
+    assert tune._use_note(str(tmp_path / "cpu.yaml"), "cpu") == f"to use it: export FLASHDISPATCH_PROFILE_DIR={tmp_path}"
+    assert "copy it there under that name" in tune._use_note(str(tmp_path / "x.yaml"), "cpu")

@@ -773,15 +773,30 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[Shape]:
 
 
 def _out_path(args: argparse.Namespace, key: str) -> str:
+    """Where the profile goes: --out (a directory, or a file name), else <key>.yaml in
+    FLASHDISPATCH_PROFILE_DIR (created if missing: the dispatcher reads it from there), else here."""
     out = args.out
+    from_env = out is None and bool(envs.FLASHDISPATCH_PROFILE_DIR.read())
     if out is None:
         out = envs.FLASHDISPATCH_PROFILE_DIR.read() or "."
-    if os.path.isdir(out) or out.endswith(os.sep):
+    if from_env or os.path.isdir(out) or out.endswith(os.sep):
         os.makedirs(out, exist_ok=True)
         return os.path.join(out, f"{key}.yaml")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     return out
+
+
+def _use_note(out_path: str, key: str) -> str:
+    """How the dispatcher comes to read the profile just written (it reads <key>.yaml in
+    FLASHDISPATCH_PROFILE_DIR, else the shipped profiles)."""
+    where = os.path.dirname(os.path.abspath(out_path))
+    env_dir = envs.FLASHDISPATCH_PROFILE_DIR.read()
+    if os.path.basename(out_path) != f"{key}.yaml":
+        return f"the dispatcher reads {key}.yaml in FLASHDISPATCH_PROFILE_DIR: copy it there under that name"
+    if env_dir and os.path.abspath(env_dir) == where:
+        return "the dispatcher reads it from there (FLASHDISPATCH_PROFILE_DIR)"
+    return f"to use it: export FLASHDISPATCH_PROFILE_DIR={shlex.quote(where)}"
 
 
 def _print_list(plan: Sequence[Shape], impls: dict[str, Implementation], device: torch.device,
@@ -929,6 +944,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(parse_profile(profile_yaml(results, pm), out_path)))
     log.info("wrote %s (%d points in %d groups%s)", out_path, sum(1 for r in results if r.ranking()),
              len({r.shape.group for r in results if r.ranking()}), "" if complete else ", partial")
+    log.info("%s", _use_note(out_path, key))
     return 0
 
 
