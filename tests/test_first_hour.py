@@ -4,6 +4,7 @@ output strides."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -114,6 +115,19 @@ def test_log_and_profile_dir_speak_on_stderr_without_logging_setup(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
     assert "flashdispatch decision: sdpa" in r.stderr
     assert "is not a directory" in r.stderr and missing in r.stderr, r.stderr
+
+
+def test_a_missing_profile_dir_is_warned_about_once(tmp_path, caplog):
+    """Each device key's profile is looked up in the directory (the demo reads the CPU's and an
+    H100's): the warning is said once, every lookup still reports it."""
+    from flashdispatch.profile_store import load_profile
+
+    missing = str(tmp_path / "nope")
+    with caplog.at_level(logging.WARNING, logger="flashdispatch"):
+        for key in ("cpu", "h100", "cpu"):
+            _, problems = load_profile(key, missing)
+            assert any("is not a directory" in p for p in problems)
+    assert sum("is not a directory" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_missing_profile_dir_shows_in_explain(monkeypatch, tmp_path):
