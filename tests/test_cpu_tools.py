@@ -114,3 +114,14 @@ def test_tune_says_how_to_use_the_profile_it_wrote(tmp_path, monkeypatch):
     monkeypatch.delenv("FLASHDISPATCH_PROFILE_DIR", raising=False)
     assert tune._use_note(str(tmp_path / "cpu.yaml"), "cpu") == f"to use it: export FLASHDISPATCH_PROFILE_DIR={tmp_path}"
     assert "copy it there under that name" in tune._use_note(str(tmp_path / "x.yaml"), "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a CPU-only machine leaves out")
+def test_bench_says_what_it_leaves_out_under_its_own_name(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="flashdispatch"):
+        assert bench.main(["--shapes", "tiny", "--passes", "decode", "--device", "cpu", "--out", str(tmp_path),
+                           "--warmup-ms", "0", "--rep-ms", "0", "--seed", "1"]) == 0
+    (rec,) = [r for r in caplog.records if r.getMessage().startswith("left out")]
+    assert rec.name == "flashdispatch.tools.bench"

@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.dtypes = ["fp32"]  # the CPU's own precision; bf16 attention there is emulated
             plan = _shapes(args)
             extras = [{} for _ in plan]
-        impls = tune.select_implementations(args.backends, args.exclude, device)
+        impls = tune.select_implementations(args.backends, args.exclude, device, log)
     except ValueError as e:
         return user_error("flashdispatch bench", e)
     if not plan:

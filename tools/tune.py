@@ -590,11 +590,11 @@ def parse_device(name: str | None) -> torch.device:
     return device
 
 
-def select_implementations(backends: Sequence[str] | None, exclude: Sequence[str], device: torch.device
-                           ) -> dict[str, Implementation]:
+def select_implementations(backends: Sequence[str] | None, exclude: Sequence[str], device: torch.device,
+                           logger: logging.Logger | None = None) -> dict[str, Implementation]:
     """Registry implementations named by --backends (families or variants; default: all that can
     run on this device), minus --exclude, minus GPU_DEFAULT_EXCLUDE on a GPU unless named
-    explicitly."""
+    explicitly. What is left out is said on `logger` (the calling tool's; default tune's)."""
     all_impls = REGISTRY.all()
     fams = REGISTRY.families()
     valid = sorted(set(all_impls) | set(fams))
@@ -611,7 +611,7 @@ def select_implementations(backends: Sequence[str] | None, exclude: Sequence[str
         usable = {st.name for st in REGISTRY.status(dev) if st.available}
         left_out = [n for n in all_impls if n not in usable]
         if left_out:
-            log.info("left out (cannot run on this %s): %s", dev.kind, ", ".join(left_out))
+            (logger or log).info("left out (cannot run on this %s): %s", dev.kind, ", ".join(left_out))
         chosen = [n for n in all_impls if n in usable]
         if device.type == "cuda":
             chosen = [n for n in chosen if n not in GPU_DEFAULT_EXCLUDE]
