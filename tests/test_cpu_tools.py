@@ -70,6 +70,8 @@ def test_cpu_bench_judges_no_gpu_target(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "NO " not in out and "ok " not in out and bench_report.CPU_NOTE in out
+    # "SDPA" (torch called directly) and "sdpa" (our backend forced) are told apart, in the table and the file
+    assert bench_report.PROVIDERS_NOTE in out and "called directly" in (tmp_path / "bench.md").read_text()
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["summary"]["checks"] == {}
     for row in result["rows"]:
