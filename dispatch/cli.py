@@ -174,8 +174,14 @@ def _demo_device(name: str | None) -> torch.device:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
     from .demo import run_demo
 
+    # what would stop it is said before it starts, not after the demo has run
+    envs.read_settings()
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise ValueError(f"--json: expected a file in an existing directory, got {args.json!r}")
     return run_demo(device=_demo_device(args.device), steps=args.steps, seqlen=args.seqlen, json_out=args.json)
 
 

@@ -55,6 +55,19 @@ def test_demo_on_a_missing_gpu_is_a_user_error(capsys):
     assert "no CUDA" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("env, argv, needle", [
+    ({"FLASHDISPATCH_LOG": "foo"}, [], "FLASHDISPATCH_LOG='foo'"),
+    ({"FLASHDISPATCH_BACKEND": "foo"}, [], "FLASHDISPATCH_BACKEND='foo'"),
+    ({}, ["--json", "/nonexistent/dir/demo.json"], "--json"),
+])
+def test_demo_says_what_would_stop_it_before_it_starts(env, argv, needle, monkeypatch, capsys):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(["demo", "--device", "cpu", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and needle in err and len(err.strip().splitlines()) == 1, (out, err)
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
