@@ -709,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true",
                     help="GPU: the quick grid (bf16, D 64/128, 2-3 sizes per shape class), shorter timing, at "
                          f"most {QUICK_MAX_CONFIGS} configs per backend (under 10 minutes on an H100/H200, "
-                         "see --dry-run); CPU: the CPU-sized shapes (about a minute on 2 cores)")
+                         "see --dry-run); CPU: the CPU-sized shapes (seconds on 2 cores)")
     ap.add_argument("--shapes", choices=sorted(shape_lists.NAMED), default=None,
                     help="named shape list: " + "; ".join(f"{k}: {v}" for k, v in shape_lists.NAMED.items())
                     + " (default on a GPU: quick with --quick, else full; on a CPU: cpu)")
