@@ -68,6 +68,14 @@ def test_demo_says_what_would_stop_it_before_it_starts(env, argv, needle, monkey
     assert out == "" and needle in err and len(err.strip().splitlines()) == 1, (out, err)
 
 
+@pytest.mark.parametrize("cmd", ["info", "explain", "demo"])
+def test_each_command_help_says_what_it_does(cmd, capsys):
+    with pytest.raises(SystemExit):
+        main([cmd, "--help"])
+    usage, _, rest = capsys.readouterr().out.partition("\n\n")
+    assert not rest.lstrip().startswith("options:"), rest  # a description comes before the options
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
