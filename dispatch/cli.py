@@ -174,8 +174,14 @@ def _demo_device(name: str | None) -> torch.device:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
     from .demo import run_demo
 
+    # what would stop it is said before it starts, not after the demo has run
+    envs.read_settings()
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise ValueError(f"--json: expected a file in an existing directory, got {args.json!r}")
     return run_demo(device=_demo_device(args.device), steps=args.steps, seqlen=args.seqlen, json_out=args.json)
 
 
@@ -201,6 +207,21 @@ def _run_delegated(name: str, argv: list[str]) -> int:
         return user_error(f"flashdispatch {name}", e)
 
 
+# what `flashdispatch <command> --help` says first
+_DESCRIPTIONS = {
+    "info": "This machine (or a simulated one, --device): the device, each backend and whether it can serve "
+            "problems here (or why not), the profile the decisions come from and its provenance, versions and "
+            "the FLASHDISPATCH_* settings.",
+    "explain": "The decision attention() would make for one problem, without running it: the backend, its "
+               "config, where the decision comes from (profile, default, forced), each backend's predicted time "
+               "and why every other backend was passed over. --device answers for a GPU this machine does not have.",
+    "demo": "A small decoder run through flashdispatch and through plain SDPA: a training step, prefill, chunked "
+            "prefill, speculative verification and decode steps, each with the backend chosen and why, the time "
+            "beside plain SDPA's (median and spread of interleaved repetitions) and the error against float64. "
+            "On a CPU it also shows what an H100 would run.",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -209,11 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"flashdispatch {__version__} (torch {torch.__version__})")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=ArgumentParser)
 
-    p = sub.add_parser("info", help="device, backends (available or why not), profile, versions")
+    p = sub.add_parser("info", help="device, backends (available or why not), profile, versions",
+                       description=_DESCRIPTIONS["info"])
     p.add_argument("--device", choices=DEVICE_KEYS, help="answer for a simulated device")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("explain", help="which backend a problem would get, and why")
+    p = sub.add_parser("explain", help="which backend a problem would get, and why",
+                       description=_DESCRIPTIONS["explain"])
     p.add_argument("--shape", type=_parse_shape, required=True, help="B,Hq,Hkv,Sq,Sk,D")
     p.add_argument("--dtype", choices=sorted(DTYPES_BY_NAME), default="bf16")
     p.add_argument("--device", choices=DEVICE_KEYS, help="answer for a simulated device")
@@ -234,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "pages of PAGE rows (0: a contiguous cache); add --causal for the bottom-right mask")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("demo", help="a small decoder through flashdispatch: what it picks, how fast, how exact")
+    p = sub.add_parser("demo", help="a small decoder through flashdispatch: what it picks, how fast, how exact",
+                       description=_DESCRIPTIONS["demo"])
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--steps", type=_positive_int, default=4, help="decode steps (default: 4)")
     p.add_argument("--seqlen", type=_positive_int, default=None,

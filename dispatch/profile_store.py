@@ -438,6 +438,15 @@ def _shipped_text(key: str) -> tuple[str, str] | None:
     return None
 
 
+_warned: set[str] = set()  # problems already logged: each is said once per process (explain keeps listing it)
+
+
+def _warn_once(why: str) -> None:
+    if why not in _warned:
+        _warned.add(why)
+        log.warning("%s", why)
+
+
 def load_profile(key: str | None, user_dir: str = "") -> tuple[Profile | None, list[str]]:
     """The profile for a device key (user directory first) and the problems met on the way."""
     problems: list[str] = []
@@ -447,7 +456,7 @@ def load_profile(key: str | None, user_dir: str = "") -> tuple[Profile | None, l
     if user_dir and not os.path.isdir(user_dir):
         why = (f"FLASHDISPATCH_PROFILE_DIR={user_dir!r} is not a directory (no such directory, or a file): "
                "only the shipped profiles are used")
-        log.warning("%s", why)
+        _warn_once(why)
         problems.append(why)
     elif user_dir:
         path = os.path.join(user_dir, f"{key}.yaml")
@@ -462,6 +471,6 @@ def load_profile(key: str | None, user_dir: str = "") -> tuple[Profile | None, l
             return parse_profile(text, path), problems
         except Exception as e:  # a malformed file of any kind is ignored, never breaks attention()
             why = str(e) if isinstance(e, ProfileError) else f"{path}: {type(e).__name__}: {e}"
-            log.warning("%s; ignoring it", why)
+            _warn_once(f"{why}; ignoring it")
             problems.append(why)
     return None, problems

@@ -346,14 +346,15 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
     others = [preds[n].ms for n in by_time if n != chosen]
     if others:
         r.margin = min(others) / win.ms - 1.0
-    # unsure: the winner's or the runner-up's model is borrowed, estimated or extrapolated, or the
-    # two are closer than their fit errors
+    # unsure: the winner's or the runner-up's model is borrowed, estimated, extrapolated or fitted to
+    # one point (which cannot tell a fixed cost from a rate), or the two are closer than their fit errors
     doubts = []
     for n in [chosen] + [n for n in by_time if n != chosen][:1]:
         pr = preds[n]
         if not pr.exact:
             why = "; ".join(pr.borrowed + ((pr.estimated,) if pr.estimated else ())
-                            + (("extrapolated",) if pr.extrapolated else ()))
+                            + ((("fitted to one point" if pr.fit.n < 2 else "extrapolated"),)
+                               if pr.extrapolated else ()))
             doubts.append(f"{n}: {why}")
     if r.margin is not None and len(by_time) > 1 and chosen != BASELINE:  # a close call to keep the baseline is safe
         runner = min((n for n in by_time if n != chosen), key=lambda n: preds[n].ms)

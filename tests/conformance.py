@@ -157,8 +157,9 @@ ALWAYS: Callable[[Case, torch.dtype, str], bool] = lambda c, dt, kind: True
 REFUSALS: list[Refusal] = [
     # devices
     _r("sdpa:cudnn sdpa:efficient", "cpu", ALWAYS, "device=cpu"),
-    # cupy is an optional extra: on a machine without it, it is unavailable before any device check
-    _r("cupy", "cpu", ALWAYS, "device=cpu || CuPy is not importable"),
+    # on a machine without an NVIDIA GPU cupy is unavailable before any device check; with one, it is an
+    # optional extra (a CPU tensor on a GPU machine is refused by its device)
+    _r("cupy", "cpu", ALWAYS, "device=cpu || no CUDA device visible || CuPy is not importable"),
     # dtypes
     _r("triton", "cpu", lambda c, dt, kind: dt in (BF16, FP64), "dtype="),
     _r("triton", "cuda", lambda c, dt, kind: dt == FP64, "dtype="),

@@ -221,6 +221,27 @@ def test_explain_names_model_points_predictions_and_margin(synthetic_h200):
         assert needle in text, text
 
 
+def test_a_model_of_one_point_is_unsure_for_that_reason_not_as_extrapolated(tmp_path, monkeypatch):
+    """A group measured at one size cannot tell a fixed cost from a rate: the decision is unsure even
+    at that very size, and says it was fitted to one point (not "extrapolated", which it is not there)."""
+    key = GroupKey("fwd", "chunked", "plain", "bf16", 128)
+    base = (8.0, 1e3 / 550.0, 1e3 / 3500.0, 0.0)
+    g = Group(key, _synthetic_points(key, {"sdpa": base, "triton": tuple(c / 1.5 for c in base)},
+                                     [(4, 32, 8, 512, 8192)]))
+    g.refit(H200.sm_count)
+    prof = Profile("one.yaml", "h200", True, {"key": "h200", "name": "NVIDIA H200", "arch": "sm_90"},
+                   {"date": "2026-12-05", "card": "NVIDIA H200 (synthetic)", "tool": "test"}, [g])
+    (tmp_path / "h200.yaml").write_text(profile_yaml_text(prof, "one point"))
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
+    fd.refresh()
+    try:
+        d = fd.explain(shape=(4, 32, 8, 512, 8192, 128), causal=True, device="h200")
+        assert d.variant == "triton", str(d)
+        assert "triton: fitted to one point" in d.uncertain and "extrapolated" not in d.uncertain, d.uncertain
+    finally:
+        fd.refresh()
+
+
 def test_borrowing_is_written_into_the_decision(synthetic_h200):
     d = fd.explain(shape=(3, 32, 8, 768, 12000, 96), causal=True, dtype="fp16", device="h200")
     assert d.variant == "triton"

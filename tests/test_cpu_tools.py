@@ -70,6 +70,8 @@ def test_cpu_bench_judges_no_gpu_target(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "NO " not in out and "ok " not in out and bench_report.CPU_NOTE in out
+    # "SDPA" (torch called directly) and "sdpa" (our backend forced) are told apart, in the table and the file
+    assert bench_report.PROVIDERS_NOTE in out and "called directly" in (tmp_path / "bench.md").read_text()
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["summary"]["checks"] == {}
     for row in result["rows"]:
@@ -96,3 +98,32 @@ def test_bench_triton_cases_are_the_shape_lists_problems() -> None:
     assert bench_triton.flops(chunked) == chunked.problem.flops() > 0
     row = json.loads(json.dumps(chunked.as_dict()))
     assert row["dtype"] == "bf16" and row["seqlen_q"] == cp.seqlen_q and row["label"] == "chunked-prefill"
+
+
+def test_tune_writes_into_a_profile_dir_that_does_not_exist_yet(tmp_path, monkeypatch):
+    """FLASHDISPATCH_PROFILE_DIR names a directory, even before it exists: tune creates it and writes
+    <key>.yaml inside, where the dispatcher reads it (not a file at the directory's path)."""
+    new = tmp_path / "profiles" / "mine"
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(new))
+    args = tune.build_parser().parse_args([])
+    assert tune._out_path(args, "cpu") == str(new / "cpu.yaml") and new.is_dir()
+    assert "from there" in tune._use_note(str(new / "cpu.yaml"), "cpu")
+    args = tune.build_parser().parse_args(["--out", str(tmp_path / "elsewhere.yaml")])
+    assert tune._out_path(args, "cpu") == str(tmp_path / "elsewhere.yaml")  # --out still names a file
+
+
+def test_tune_says_how_to_use_the_profile_it_wrote(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLASHDISPATCH_PROFILE_DIR", raising=False)
+    assert tune._use_note(str(tmp_path / "cpu.yaml"), "cpu") == f"to use it: export FLASHDISPATCH_PROFILE_DIR={tmp_path}"
+    assert "copy it there under that name" in tune._use_note(str(tmp_path / "x.yaml"), "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a CPU-only machine leaves out")
+def test_bench_says_what_it_leaves_out_under_its_own_name(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="flashdispatch"):
+        assert bench.main(["--shapes", "tiny", "--passes", "decode", "--device", "cpu", "--out", str(tmp_path),
+                           "--warmup-ms", "0", "--rep-ms", "0", "--seed", "1"]) == 0
+    (rec,) = [r for r in caplog.records if r.getMessage().startswith("left out")]
+    assert rec.name == "flashdispatch.tools.bench"

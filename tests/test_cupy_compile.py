@@ -189,6 +189,33 @@ def test_unavailable_with_reason() -> None:
     assert warmup_main([]) == 2
 
 
+def test_without_an_nvidia_gpu_the_reason_is_the_gpu_not_cupy(monkeypatch, capsys) -> None:
+    """On a CPU machine (or ROCm) the cupy backend is unavailable for want of an NVIDIA GPU: info,
+    backends(), explain and warmup say so, instead of advising to install CuPy, which would not help."""
+    from flashdispatch.backends.cupy import impl as cupy_impl
+    from flashdispatch.tools.warmup import warmup_main
+
+    def fresh() -> str | None:
+        cupy_impl._availability.cache_clear()
+        REGISTRY._availability.pop("cupy", None)
+        return REGISTRY.availability("cupy")
+
+    try:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.version, "hip", None)
+        reason = fresh()
+        assert reason and "no CUDA device" in reason and "NVIDIA" in reason and "pip install" not in reason
+        assert warmup_main([]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "no CUDA device" in err
+        monkeypatch.setattr(torch.version, "hip", "6.4")
+        reason = fresh()
+        assert reason and "ROCm" in reason and "NVIDIA" in reason
+    finally:
+        monkeypatch.undo()
+        fresh()
+
+
 @pytest.mark.slow
 def test_import_does_not_import_cupy() -> None:
     code = (

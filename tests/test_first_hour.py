@@ -4,6 +4,7 @@ output strides."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -52,6 +53,27 @@ def test_demo_on_a_missing_gpu_is_a_user_error(capsys):
     assert main(["demo", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "no CUDA" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("env, argv, needle", [
+    ({"FLASHDISPATCH_LOG": "foo"}, [], "FLASHDISPATCH_LOG='foo'"),
+    ({"FLASHDISPATCH_BACKEND": "foo"}, [], "FLASHDISPATCH_BACKEND='foo'"),
+    ({}, ["--json", "/nonexistent/dir/demo.json"], "--json"),
+])
+def test_demo_says_what_would_stop_it_before_it_starts(env, argv, needle, monkeypatch, capsys):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(["demo", "--device", "cpu", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and needle in err and len(err.strip().splitlines()) == 1, (out, err)
+
+
+@pytest.mark.parametrize("cmd", ["info", "explain", "demo"])
+def test_each_command_help_says_what_it_does(cmd, capsys):
+    with pytest.raises(SystemExit):
+        main([cmd, "--help"])
+    usage, _, rest = capsys.readouterr().out.partition("\n\n")
+    assert not rest.lstrip().startswith("options:"), rest  # a description comes before the options
 
 
 def test_version(capsys):
@@ -114,6 +136,19 @@ def test_log_and_profile_dir_speak_on_stderr_without_logging_setup(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
     assert "flashdispatch decision: sdpa" in r.stderr
     assert "is not a directory" in r.stderr and missing in r.stderr, r.stderr
+
+
+def test_a_missing_profile_dir_is_warned_about_once(tmp_path, caplog):
+    """Each device key's profile is looked up in the directory (the demo reads the CPU's and an
+    H100's): the warning is said once, every lookup still reports it."""
+    from flashdispatch.profile_store import load_profile
+
+    missing = str(tmp_path / "nope")
+    with caplog.at_level(logging.WARNING, logger="flashdispatch"):
+        for key in ("cpu", "h100", "cpu"):
+            _, problems = load_profile(key, missing)
+            assert any("is not a directory" in p for p in problems)
+    assert sum("is not a directory" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_missing_profile_dir_shows_in_explain(monkeypatch, tmp_path):

@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time plain SDPA, every backend that can run here and the dispatcher's own choice, side by "
         "side (repetitions interleaved), after checking each against a float64 reference; writes bench.json, "
         "bench.md, bench.png. On a GPU: the FlashAttention-2 sweep and the shapes where plain SDPA has no fast "
-        "path. On a CPU: CPU-sized shapes (about a minute on 2 cores). --heldout: real model shapes the tuner "
+        "path. On a CPU: CPU-sized shapes (seconds on 2 cores). --heldout: real model shapes the tuner "
         "never measured, judged against the held-out bars; writes heldout.json, heldout.md, heldout.png.",
     )
     ap.add_argument("--quick", action="store_true",
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.dtypes = ["fp32"]  # the CPU's own precision; bf16 attention there is emulated
             plan = _shapes(args)
             extras = [{} for _ in plan]
-        impls = tune.select_implementations(args.backends, args.exclude, device)
+        impls = tune.select_implementations(args.backends, args.exclude, device, log)
     except ValueError as e:
         return user_error("flashdispatch bench", e)
     if not plan:

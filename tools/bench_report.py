@@ -33,6 +33,9 @@ HELDOUT_MIN_GEOMEAN_ORACLE = 0.98
 HELDOUT_MIN_ORACLE = 0.93
 HELDOUT_MIN_VS_SDPA = 0.98
 
+PROVIDERS_NOTE = (f"{PLAIN}: torch's scaled_dot_product_attention called directly, no flashdispatch; sdpa, sdpa:flash, "
+                  f"triton, ...: flashdispatch.attention() with that backend forced; {DISPATCH}: flashdispatch.attention() "
+                  "choosing on its own.")
 CPU_NOTE = ("On a CPU these numbers compare torch's CPU attention kernels (and the dispatcher's own cost) on this "
             "machine; flashdispatch's kernels and its performance targets are for GPUs, where they are judged.")
 GRAPH = "graph"  # a row's "timing" when its providers were timed as CUDA-graph replays
@@ -247,7 +250,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`",
         "",
         "Rates: TFLOP/s (FlashAttention-paper FLOPs; fwd_bwd = 3.5 x fwd) or GB/s for decode and speculative steps "
-        "(q, k, v read once, out written once). `dispatch` is flashdispatch.attention() choosing on its own (its "
+        "(q, k, v read once, out written once). `SDPA` is torch's scaled_dot_product_attention called directly; "
+        "`sdpa`, `sdpa:flash`, `triton`, ... are flashdispatch.attention() with that backend forced; "
+        "`dispatch` is flashdispatch.attention() choosing on its own (its "
         "choice in the last column); vs SDPA = SDPA time / dispatch time; oracle = best provider time / dispatch "
         "time. WRONG/ERROR: failed the float64 check / raised.",
         "",
@@ -308,6 +313,7 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"oracle ratio:     geomean {s['geomean_oracle']:.3f}, min {_minfmt(s['min_oracle'])}")
     for k, ok in s["checks"].items():
         print(f"  {'ok ' if ok else 'NO '} {k}")
+    print(PROVIDERS_NOTE)
     print('vsSDPA: plain-SDPA time / dispatch time; oracle: best provider time / dispatch time; "same" where the '
           'two interquartile ranges overlap (noise).')
     if not s["checks"] and not s.get("partial"):

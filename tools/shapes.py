@@ -422,7 +422,7 @@ def tiny_shapes(dtype: str = "fp32") -> list[Shape]:
 
 def cpu_shapes(dtype: str = "fp32") -> list[Shape]:
     """What `tune --quick` and `bench --quick` run on a CPU: each kind of call a model makes, at
-    sizes a 2-core machine times in about a minute (training, prefill, GQA, chunked prefill,
+    sizes a 2-core machine times in seconds (training, prefill, GQA, chunked prefill,
     speculative verification, decode)."""
     return [check_shape(s) for s in (
         Shape(f"cpu-fwd-{dtype}-s256", dtype, 1, 8, 8, 256, 256, 64, False, "fwd"),

@@ -590,11 +590,11 @@ def parse_device(name: str | None) -> torch.device:
     return device
 
 
-def select_implementations(backends: Sequence[str] | None, exclude: Sequence[str], device: torch.device
-                           ) -> dict[str, Implementation]:
+def select_implementations(backends: Sequence[str] | None, exclude: Sequence[str], device: torch.device,
+                           logger: logging.Logger | None = None) -> dict[str, Implementation]:
     """Registry implementations named by --backends (families or variants; default: all that can
     run on this device), minus --exclude, minus GPU_DEFAULT_EXCLUDE on a GPU unless named
-    explicitly."""
+    explicitly. What is left out is said on `logger` (the calling tool's; default tune's)."""
     all_impls = REGISTRY.all()
     fams = REGISTRY.families()
     valid = sorted(set(all_impls) | set(fams))
@@ -611,7 +611,7 @@ def select_implementations(backends: Sequence[str] | None, exclude: Sequence[str
         usable = {st.name for st in REGISTRY.status(dev) if st.available}
         left_out = [n for n in all_impls if n not in usable]
         if left_out:
-            log.info("left out (cannot run on this %s): %s", dev.kind, ", ".join(left_out))
+            (logger or log).info("left out (cannot run on this %s): %s", dev.kind, ", ".join(left_out))
         chosen = [n for n in all_impls if n in usable]
         if device.type == "cuda":
             chosen = [n for n in chosen if n not in GPU_DEFAULT_EXCLUDE]
@@ -709,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true",
                     help="GPU: the quick grid (bf16, D 64/128, 2-3 sizes per shape class), shorter timing, at "
                          f"most {QUICK_MAX_CONFIGS} configs per backend (under 10 minutes on an H100/H200, "
-                         "see --dry-run); CPU: the CPU-sized shapes (about a minute on 2 cores)")
+                         "see --dry-run); CPU: the CPU-sized shapes (seconds on 2 cores)")
     ap.add_argument("--shapes", choices=sorted(shape_lists.NAMED), default=None,
                     help="named shape list: " + "; ".join(f"{k}: {v}" for k, v in shape_lists.NAMED.items())
                     + " (default on a GPU: quick with --quick, else full; on a CPU: cpu)")
@@ -773,15 +773,30 @@ def _plan(args: argparse.Namespace, device: torch.device) -> list[Shape]:
 
 
 def _out_path(args: argparse.Namespace, key: str) -> str:
+    """Where the profile goes: --out (a directory, or a file name), else <key>.yaml in
+    FLASHDISPATCH_PROFILE_DIR (created if missing: the dispatcher reads it from there), else here."""
     out = args.out
+    from_env = out is None and bool(envs.FLASHDISPATCH_PROFILE_DIR.read())
     if out is None:
         out = envs.FLASHDISPATCH_PROFILE_DIR.read() or "."
-    if os.path.isdir(out) or out.endswith(os.sep):
+    if from_env or os.path.isdir(out) or out.endswith(os.sep):
         os.makedirs(out, exist_ok=True)
         return os.path.join(out, f"{key}.yaml")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     return out
+
+
+def _use_note(out_path: str, key: str) -> str:
+    """How the dispatcher comes to read the profile just written (it reads <key>.yaml in
+    FLASHDISPATCH_PROFILE_DIR, else the shipped profiles)."""
+    where = os.path.dirname(os.path.abspath(out_path))
+    env_dir = envs.FLASHDISPATCH_PROFILE_DIR.read()
+    if os.path.basename(out_path) != f"{key}.yaml":
+        return f"the dispatcher reads {key}.yaml in FLASHDISPATCH_PROFILE_DIR: copy it there under that name"
+    if env_dir and os.path.abspath(env_dir) == where:
+        return "the dispatcher reads it from there (FLASHDISPATCH_PROFILE_DIR)"
+    return f"to use it: export FLASHDISPATCH_PROFILE_DIR={shlex.quote(where)}"
 
 
 def _print_list(plan: Sequence[Shape], impls: dict[str, Implementation], device: torch.device,
@@ -929,6 +944,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(parse_profile(profile_yaml(results, pm), out_path)))
     log.info("wrote %s (%d points in %d groups%s)", out_path, sum(1 for r in results if r.ranking()),
              len({r.shape.group for r in results if r.ranking()}), "" if complete else ", partial")
+    log.info("%s", _use_note(out_path, key))
     return 0
 
 

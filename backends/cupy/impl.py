@@ -19,7 +19,12 @@ MAX_GRID_YZ = 65535
 
 @functools.lru_cache(maxsize=1)
 def _availability() -> str | None:
-    """Why the backend cannot run in this process (None: it can). Imports CuPy: called lazily."""
+    """Why the backend cannot run in this process (None: it can). Imports CuPy: called lazily.
+    The GPU comes first: on a machine without an NVIDIA GPU, installing CuPy would not help."""
+    if torch.version.hip:
+        return "this torch is a ROCm build: the cupy kernels are CUDA C++ for NVIDIA GPUs"
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to torch: the cupy kernels are CUDA C++ for NVIDIA GPUs"
     try:
         import cupy  # noqa: F401
         from cupy_backends.cuda.libs import nvrtc
@@ -29,8 +34,6 @@ def _availability() -> str | None:
         nvrtc.getVersion()
     except Exception as e:
         return f"NVRTC (CUDA's run-time compiler) is not usable through CuPy ({type(e).__name__}: {e})"
-    if not torch.cuda.is_available() or torch.version.hip:
-        return "no CUDA device visible to torch"
     try:
         import cupy
 
