@@ -150,12 +150,21 @@ def current_forced(arg: str | None, settings: envs.Settings) -> tuple[str | None
 # --- the snapshot -----------------------------------------------------------------------------
 
 
+class _NamedFormatter(logging.Formatter):
+    """"flashdispatch: <message>", unless the message already starts with the logger's name (a
+    decision's first line does: "flashdispatch decision: ...")."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        return msg if msg.startswith(record.name) else f"{record.name}: {msg}"
+
+
 def _show_decisions() -> None:
     """FLASHDISPATCH_LOG=decisions: make the decisions visible on stderr even when the program set
     up no logging (a handler of its own otherwise, or of an ancestor logger, keeps them)."""
     if not log.hasHandlers():
         handler = logging.StreamHandler()  # stderr
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler.setFormatter(_NamedFormatter())
         log.addHandler(handler)
     if log.getEffectiveLevel() > logging.INFO:
         log.setLevel(logging.INFO)

@@ -135,7 +135,9 @@ def test_log_and_profile_dir_speak_on_stderr_without_logging_setup(tmp_path):
     r = _run(code=code, env={"FLASHDISPATCH_LOG": "decisions", "FLASHDISPATCH_PROFILE_DIR": missing})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
     assert "flashdispatch decision: sdpa" in r.stderr
+    assert "flashdispatch: flashdispatch" not in r.stderr, r.stderr  # the logger's name once
     assert "is not a directory" in r.stderr and missing in r.stderr, r.stderr
+    assert any(line.startswith("flashdispatch: ") and "is not a directory" in line for line in r.stderr.splitlines())
 
 
 def test_a_missing_profile_dir_is_warned_about_once(tmp_path, caplog):
