@@ -155,9 +155,9 @@ def _kvcache_gather(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if sp.softcap is None and sinks is None and not sp.return_lse:
         g = sp.heads_q // sp.heads_kv
-        if g > 1:
-            kh, vh = kh.repeat_interleave(g, 1), vh.repeat_interleave(g, 1)
         kh, vh = kh.nan_to_num(), vh.nan_to_num()  # pages past a length may hold anything; masked below
+        if g > 1:  # after the clean-up: it then touches Hkv heads, not Hq
+            kh, vh = kh.repeat_interleave(g, 1), vh.repeat_interleave(g, 1)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=keep, scale=sp.scale)
         o = torch.where(keep.any(-1, keepdim=True), o, torch.zeros((), dtype=o.dtype, device=o.device))
         return o.transpose(1, 2), torch.empty((bsz, sp.heads_q, sq), dtype=torch.float32, device=q.device)
