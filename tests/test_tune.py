@@ -658,6 +658,8 @@ def test_interleaved_timing_schedule_on_the_cuda_branch(monkeypatch: pytest.Monk
     monkeypatch.setattr(timing, "_flush_buffer", lambda device: torch.empty(4))
     monkeypatch.setattr(timing, "estimate_ms", estimate)
     monkeypatch.setattr(timing, "synchronize", lambda device: None)
+    warmed: list[str] = []
+    monkeypatch.setattr(timing, "warm_clocks", lambda device, ms=timing.CLOCK_WARMUP_MS: warmed.append(device.type))
     failures: list[str] = []
     fns = {"a": (provider("a", 1.0), None), "b": (provider("b", 2.0), None), "c": (provider("c", 3.0), None),
            # fails inside estimate_ms (its third call): dropped, reported once, no KeyError
@@ -666,6 +668,7 @@ def test_interleaved_timing_schedule_on_the_cuda_branch(monkeypatch: pytest.Monk
                                        failed=lambda n, e: failures.append(n))
     assert failures == ["late"] and set(got) == {"a", "b", "c"}
     assert got == {"a": 1.0, "b": 2.0, "c": 3.0}
+    assert warmed == ["cuda"]  # once, after the first (compiling) calls and before the warm-up
     # the timed part: every repetition runs each provider once, in orders that vary, so that no
     # provider always follows the same one
     n = len(calls)
@@ -905,3 +908,24 @@ def test_graph_timing_falls_back_to_the_eager_median_with_a_note(fake_clock, mon
     t = tune._time_graph_step(impl, {}, p, fn, CPU, tune.TuneOptions(), [(q, k, v)], "checked")
     assert expect in t.note and t.host_us is not None and t.host_us > 0
     assert t.ms == (0.02 if expect.startswith("CUDA-graph") else 5.0)  # else fake_clock's eager median
+
+
+def test_a_timing_after_a_long_host_pause_starts_from_warm_clocks(fake_clock, monkeypatch) -> None:
+    # a config whose check and compile kept the host busy past IDLE_PAUSE_S (the GPU idle meanwhile)
+    # gets warm_clocks before its timing; a quick one does not
+    from flashdispatch.tools import timing
+
+    warmed: list[str] = []
+    monkeypatch.setattr(timing, "warm_clocks", lambda device, ms=timing.CLOCK_WARMUP_MS: warmed.append(device.type))
+
+    class SlowFirstCall(FakeKernel):
+        def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
+            if config.get("compile_s") and not any(c == config for c in self.runs):
+                time.sleep(config["compile_s"])  # the first call of a config compiles
+            return super().run(q, k, v, p, config)
+
+    fake = SlowFirstCall(configs=[{"BLOCK": 16, "ms": 1.0, "compile_s": timing.IDLE_PAUSE_S + 0.05},
+                                  {"BLOCK": 32, "ms": 1.0}])
+    r = tune.measure_bucket(TINY[0], {"fake": fake}, CPU, tune.TuneOptions(), _gen())
+    assert [t.status for t in r.trials] == ["ok", "ok"]
+    assert warmed == ["cpu"]

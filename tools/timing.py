@@ -253,6 +253,7 @@ def interleaved_samples_ms(
                 est[name] = max(ms, 1e-4)
     flush_buf = _flush_buffer(device) if cuda and flush else None
     cap = INTERLEAVED_REPS[1] if cuda else CPU_MAX_REPS
+    warm_clocks(device)  # the first calls above compiled, the card idled meanwhile
     for name in list(live):
         for _ in range(max(1, min(cap, int(warmup_ms / est[name])))):
             if not call(name):
@@ -324,6 +325,30 @@ def context_alive(device: torch.device) -> bool:
         return float(torch.ones(1, device=device).add_(1).item()) == 2.0
     except Exception:
         return False
+
+
+# A host-only pause at least this long (a JIT compile, a float64 check on the CPU) lets the GPU drop
+# to idle clocks; the timing that follows is preceded by warm_clocks.
+IDLE_PAUSE_S = 0.25
+# How long warm_clocks keeps the GPU saturated: do_bench's 5-25 ms warm-up does not bring an idle
+# card back to its boost clock.
+CLOCK_WARMUP_MS = 100.0
+
+
+def warm_clocks(device: torch.device, ms: float = CLOCK_WARMUP_MS) -> None:
+    """Keep the GPU busy with large matmuls for about `ms` milliseconds of wall time, so that a
+    timing after a host-only pause does not start at idle clocks (on the H200 the first point of
+    each tuned group, timed right after its kernels compiled, read the same cuDNN kernel up to 3x
+    slower than a neighbouring provider did). No-op off CUDA."""
+    if device.type != "cuda":
+        return
+    a = torch.empty(4096, 4096, device=device, dtype=torch.bfloat16).normal_()
+    t_end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < t_end:
+        for _ in range(8):  # about 1 ms of work on an H100 / H200
+            torch.mm(a, a)
+        synchronize(device)
+    del a
 
 
 def estimate_ms(fn: Callable[[], object], device: torch.device, calls: int = 3) -> float:
