@@ -2,7 +2,8 @@
 
 Opt-in, like torch.backends.cudnn.benchmark: FLASHDISPATCH_AUTOTUNE=1 (dispatch/envs.py). Then the
 first eager call of a forward problem whose decision is unsure (`Decision.uncertain`: a borrowed,
-estimated or extrapolated model, a close call, no model; or no profile at all on a GPU) does this,
+estimated or extrapolated model, a close call, a faster prediction from a model that misses its own
+points, no model; or no profile at all on a GPU) does this,
 once per problem and process, before its plan is cached:
 
 1. Times every eligible implementation on the call's inputs (each call makes its own output; the

@@ -261,7 +261,8 @@ def fit(xs: Sequence[Sequence[float]], times_us: Sequence[float], *, prefer: int
     """Non-negative least squares on the relative error, by trying every subset of the four
     features: for each number of terms, the subset with the smallest error whose coefficients are
     all >= 0; more terms replace fewer only when they cut the error to TERM_GAIN of it or less.
-    One point fits the work term alone (a throughput). From two points on, every model has the
+    One point fits one term alone (a throughput: the class's own term, see `prefer`). From two
+    points on, every model has the
     fixed cost and the work or the bytes term; the others join as the points allow (at most one
     term per two points beyond the first two).
 
@@ -269,7 +270,7 @@ def fit(xs: Sequence[Sequence[float]], times_us: Sequence[float], *, prefer: int
     a model without the preferred term replaces one with it only at TERM_GAIN of its error or less.
     Where the measured points keep the work and the bytes in one proportion (decode points of one
     GQA ratio), both models fit them alike and disagree everywhere else; the class's physics then
-    decides (PREFERRED_TERM), not a rounding difference in the fit."""
+    decides (preferred_term()), not a rounding difference in the fit."""
     a = np.stack([np.asarray(x, dtype=np.float64) for x in xs])
     t = np.asarray(times_us, dtype=np.float64)
     if a.ndim != 2 or len(t) != len(a) or len(t) == 0:
@@ -439,18 +440,22 @@ class Group:
         return [pt for _, _, pt in scored[:k]]
 
     def worst_error(self, name: str, sm_count: int) -> float:
-        """The largest relative error of `name`'s fit on the group's own points (its rms where it
-        has no fit or no point): how far off its model can be, where an average hides one bad
-        point in three."""
+        """How far `name`'s fit misses the group's point it misses most, as a factor minus one in
+        either direction (predicted 2x too fast or 2x too slow: 1.0), where an average hides one
+        bad point in three; 0.0 without a fit. Kept until the points or fits change."""
         f = self.fits.get(name)
-        if f is None:
-            return 0.0
-        worst = f.rms
-        for pt, x in zip(self.points, self.point_features(sm_count)):
-            ms = pt.ms.get(name)
-            if ms is not None and ms > 0 and math.isfinite(ms):
-                worst = max(worst, abs(f.predict_us(x) / (ms * 1e3) - 1.0))
-        return worst
+        cache = self.__dict__.setdefault("_worst", {})
+        key = (name, sm_count, f, len(self.points))  # a refit or a new point makes a new key
+        if key not in cache:
+            worst = 0.0
+            if f is not None:
+                for pt, x in zip(self.points, self.point_features(sm_count)):
+                    ms = pt.ms.get(name)
+                    if ms is not None and ms > 0 and math.isfinite(ms):
+                        ratio = max(f.predict_us(x), 1e-9) / (ms * 1e3)
+                        worst = max(worst, max(ratio, 1.0 / ratio) - 1.0)
+            cache[key] = worst
+        return cache[key]
 
     def config_for(self, p: Problem, name: str, sm_count: int) -> dict[str, Any]:
         """`name`'s tuned config for `p`: the nearest point's, else the group's, else {}."""
@@ -497,10 +502,11 @@ class Prediction:
 
     @property
     def worst_error(self) -> float:
-        """The model's largest relative error on its own measured points (Group.worst_error)."""
+        """How far the model misses its worst measured point, a factor minus one (Group.worst_error);
+        its relative rms where the group is not at hand."""
         if self.group is None:
             return self.fit.rms
-        return max(self.fit.rms, self.group.worst_error(self.model_name or self.name, self.sm_count))
+        return self.group.worst_error(self.model_name or self.name, self.sm_count)
 
     @property
     def exact(self) -> bool:

@@ -30,11 +30,12 @@ log = logging.getLogger("flashdispatch")
 # cuDNN kernel reached two ways, docs/bench.md), and a tie goes to the baseline.
 BASELINE = "sdpa"
 BASELINE_MARGIN = 0.02
-# A model that misses one of its own measured points by more than this fraction (its form cannot
-# follow the implementation: a kernel without split-KV on few rows against a long cache, whose time
-# is one program's walk over the keys) never moves a decision away from plain SDPA on its own;
-# autotune, when on, measures such a problem instead.
-UNRELIABLE_FIT = 0.5
+# A model that misses one of its own measured points by a factor of 1 + this or more, either way
+# (its form cannot follow the implementation: a kernel without split-KV on few rows against a long
+# cache, whose time is one program's walk over the keys), never puts its implementation ahead of
+# one whose model follows its points; the decision says it is unsure (autotune, when on, measures
+# such a problem, except decode and speculative steps, which it does not time).
+UNRELIABLE_FIT = 1.0
 
 
 def baseline_margin(*fit_errors: float) -> float:
@@ -317,63 +318,89 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
     r = _Ranking(by_time + rest)
     if rest:
         r.notes.append(f"no model for {', '.join(rest)}: placed after the predicted ones, in the built-in order")
-    if by_time[0] != BASELINE and BASELINE in preds:
+
+    def words(n: str) -> str:
+        return baseline if n == BASELINE else n
+
+    # A model that misses one of its own measured points by a factor of two or more predicts
+    # nothing it can be trusted for: an implementation it puts ahead of the fastest trusted one
+    # follows that one instead (with or without the baseline among the eligible).
+    unreliable = {n for n in by_time if preds[n].worst_error > UNRELIABLE_FIT}
+    trusted = [n for n in by_time if n not in unreliable]
+    order = list(by_time)
+    held: list[str] = []
+    if trusted and by_time[0] != trusted[0]:
+        first = trusted[0]
+        held = by_time[:by_time.index(first)]
+        for n in held:
+            r.notes.append(f"{n}'s model misses one of its own measured points by a factor of "
+                           f"{1.0 + preds[n].worst_error:.3g}: its prediction ({preds[n].ms:.4g} ms) is not "
+                           f"preferred to {words(first)}'s")
+        order = [first] + held + [n for n in by_time if n != first and n not in held]
+        if first == BASELINE:
+            r.notes.append(f"{baseline}, the baseline, runs")
+            r.kept_baseline = True
+    if order[0] != BASELINE and BASELINE in preds:
         # Each implementation predicted faster than the baseline must clear its own margin (its fit
-        # error and the baseline's): the fastest that does runs; those that do not (a lead inside
-        # a poor fit) fall in behind the baseline, so that one unreliable model cannot hold back a
-        # reliable one that is slower than it but well ahead of the baseline.
-        ahead = by_time[:by_time.index(BASELINE)]
-        cleared, held = [], []
+        # error and the baseline's): the fastest that does runs; those that do not (a lead inside a
+        # poor fit) fall in behind the baseline, so that one poorly fitted model cannot hold back a
+        # well fitted one that is slower than it but well ahead of the baseline.
+        ahead = order[:order.index(BASELINE)]
+        cleared, margin_held = [], []
         for n in ahead:
             need = baseline_margin(preds[n].fit.rms, preds[BASELINE].fit.rms)
             t_ms, b_ms, where = compared_where_measured(preds[n], preds[BASELINE])
-            worst = preds[n].worst_error
-            if worst > UNRELIABLE_FIT:
-                r.notes.append(f"{n}'s model misses one of its own measured points by {worst:.0%} (more than "
-                               f"{UNRELIABLE_FIT:.0%}): its prediction ({preds[n].ms:.4g} ms) is not preferred to "
-                               f"{baseline}")
-                held.append(n)
+            if n in unreliable:
+                margin_held.append(n)  # said above
             elif t_ms > b_ms * (1.0 - need) * (1.0 + 1e-9):  # 1e-9: float noise at the edge
                 at = f" ({where}: {t_ms:.4g} and {b_ms:.4g} ms)" if where else ""
                 r.notes.append(f"{n} is predicted at {preds[n].ms:.4g} ms and {baseline} at "
                                f"{preds[BASELINE].ms:.4g} ms{at}, less than {need * 100:.3g}% apart (the larger "
                                f"of {BASELINE_MARGIN:.0%} and the two fit errors): not preferred to {baseline}")
-                held.append(n)
+                margin_held.append(n)
             else:
                 cleared.append(n)
-        if held:
-            r.ordered = cleared + [BASELINE] + held + [n for n in r.ordered if n not in ahead and n != BASELINE]
+        if margin_held:
+            order = cleared + [BASELINE] + margin_held + [n for n in order if n not in ahead and n != BASELINE]
+            held = held + [n for n in margin_held if n not in held]
         if not cleared:
             r.notes.append(f"{baseline}, the baseline, runs")
             r.kept_baseline = True
+    r.ordered = order + rest
     chosen = r.ordered[0]
     win = preds[chosen]
     r.group = model.groups[win.key]
     r.source = f"profile:{profile.path}#{win.key.label()}" + (" (baseline margin)" if r.kept_baseline else "")
     r.predicted = {n: preds[n].ms for n in by_time}
     r.predictions = [preds[n] for n in by_time]
-    others = [preds[n].ms for n in by_time if n != chosen]
+    # the margin to the runner-up among those not held back (a held one may be predicted faster)
+    others = [preds[n].ms for n in by_time if n != chosen and n not in held]
     if others:
         r.margin = min(others) / win.ms - 1.0
     # unsure: the winner's or the runner-up's model is borrowed, estimated, extrapolated or fitted to
-    # one point (which cannot tell a fixed cost from a rate), or the two are closer than their fit errors
+    # one point (which cannot tell a fixed cost from a rate), or the two are closer than their fit
+    # errors, or a model that misses its own points predicts something faster than the choice
     doubts = []
-    for n in [chosen] + [n for n in by_time if n != chosen][:1]:
+    contenders = [n for n in by_time if n != chosen and n not in held]
+    for n in [chosen] + contenders[:1]:
         pr = preds[n]
         if not pr.exact:
             why = "; ".join(pr.borrowed + ((pr.estimated,) if pr.estimated else ())
                             + ((("fitted to one point" if pr.fit.n < 2 else "extrapolated"),)
                                if pr.extrapolated else ()))
             doubts.append(f"{n}: {why}")
-    if r.margin is not None and len(by_time) > 1 and chosen != BASELINE:  # a close call to keep the baseline is safe
-        runner = min((n for n in by_time if n != chosen), key=lambda n: preds[n].ms)
+    if chosen in unreliable:
+        doubts.append(f"{chosen}: its model misses one of its own measured points by a factor of "
+                      f"{1.0 + win.worst_error:.3g}")
+    if r.margin is not None and contenders and chosen != BASELINE:  # a close call to keep the baseline is safe
+        runner = min(contenders, key=lambda n: preds[n].ms)
         err = win.fit.rms + preds[runner].fit.rms
         if abs(r.margin) < err:
             doubts.append(f"{chosen} and {runner} are {abs(r.margin):.1%} apart, inside their fit errors ({err:.1%})")
-    for n in r.ordered[r.ordered.index(chosen) + 1:]:
-        if n in preds and preds[n].ms < win.ms and preds[n].worst_error > UNRELIABLE_FIT:
-            doubts.append(f"{n} is predicted faster by a model that misses its own points by "
-                          f"{preds[n].worst_error:.0%}")
+    for n in held:
+        if n in unreliable and preds[n].ms < win.ms:
+            doubts.append(f"{n} is predicted faster by a model that misses one of its own measured points by a "
+                          f"factor of {1.0 + preds[n].worst_error:.3g}")
     r.uncertain = "; ".join(doubts)
     return r
 
