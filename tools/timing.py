@@ -351,6 +351,13 @@ def warm_clocks(device: torch.device, ms: float = CLOCK_WARMUP_MS) -> None:
     del a
 
 
+def warm_after_pause(device: torch.device, since: float) -> None:
+    """warm_clocks when the host has been busy without the GPU since `since` (time.perf_counter)
+    for longer than IDLE_PAUSE_S: the tuners call it between a candidate's checks and its timing."""
+    if time.perf_counter() - since > IDLE_PAUSE_S:
+        warm_clocks(device)
+
+
 def estimate_ms(fn: Callable[[], object], device: torch.device, calls: int = 3) -> float:
     """Per-call time of a few back-to-back calls: a cheap estimate used to abandon hopeless
     candidates early.

@@ -286,8 +286,7 @@ def _try_config(
             grads = None
         fn()  # compiles what the check did not (backward kernels at this size)
         timing.reset_grads(grads)
-        if time.perf_counter() - t_host > timing.IDLE_PAUSE_S:
-            timing.warm_clocks(device)
+        timing.warm_after_pause(device, t_host)
         checked = f"max err {verdict.error:.3g} (allowed {verdict.allowed:.3g})"
         if graph:
             return _time_graph_step(impl, cfg, p, fn, device, opts, rotation, checked)

@@ -182,6 +182,7 @@ def measure_serving_bucket(s: Shape, names: Sequence[str], device: torch.device,
 
 def _try_family(name: str, s: Shape, call: _Call, device: torch.device, opts: Any, gen: torch.Generator,
                 grad_verdicts: dict[str, verify.Verdict], host_calls: int) -> Trial:
+    t_host = time.perf_counter()  # checks and compiles until the timing: the GPU mostly idle
     try:
         verify.poison_allocator(call.out_bytes, device)
         with torch.no_grad():
@@ -203,7 +204,7 @@ def _try_family(name: str, s: Shape, call: _Call, device: torch.device, opts: An
                 return Trial(name, {}, "wrong", note=grad_verdicts[key].reason)
         checked = f"max err {worst.error:.3g} (allowed {worst.allowed:.3g})"
         with serving.validation(False):
-            return _time(name, s, call, device, opts, checked, host_calls)
+            return _time(name, s, call, device, opts, checked, host_calls, t_host)
     except Exception as e:  # a family that fails at this size is a result, not a crash
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         if not timing.context_alive(device):  # the tuner stops and a --resume leaves the family out
@@ -213,7 +214,8 @@ def _try_family(name: str, s: Shape, call: _Call, device: torch.device, opts: An
         return Trial(name, {}, "error", note=f"{type(e).__name__}: {msg}")
 
 
-def _time(name: str, s: Shape, call: _Call, device: torch.device, opts: Any, checked: str, host_calls: int) -> Trial:
+def _time(name: str, s: Shape, call: _Call, device: torch.device, opts: Any, checked: str, host_calls: int,
+          t_host: float) -> Trial:
     first = call.sets[0]
     if s.needs_grad:
         do = call.do
@@ -226,6 +228,7 @@ def _time(name: str, s: Shape, call: _Call, device: torch.device, opts: Any, che
                 call.run(name, *first)
     fn()
     timing.reset_grads(call.grads)
+    timing.warm_after_pause(device, t_host)
     note = checked
     ms: float | None = None
     if captured_in_serving(s) and device.type == "cuda":
