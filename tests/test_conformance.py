@@ -169,7 +169,8 @@ def test_shapes(device: str, impl: str, case: Case, dtype: torch.dtype, kind: st
 def _value_cases(device: str) -> list[Case]:
     if device == "cpu":
         shapes_ = [Case("causal", 1, 2, 1, 33, 33, 32, causal=True), Case("chunk", 1, 2, 2, 9, 40, 32, causal=True,
-                                                                        layout="bshd")]
+                                                                        layout="bshd"),
+                   Case("cross", 1, 2, 2, 20, 45, 32)]  # no mask, partial tiles in both directions
     else:
         shapes_ = [Case("causal", 2, 8, 8, 513, 513, 128, causal=True),
                    Case("long", 1, 8, 2, 1024, 1024, 64, causal=True, layout="bshd"),
