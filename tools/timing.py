@@ -342,13 +342,18 @@ def warm_clocks(device: torch.device, ms: float = CLOCK_WARMUP_MS) -> None:
     slower than a neighbouring provider did). No-op off CUDA."""
     if device.type != "cuda":
         return
-    a = torch.empty(4096, 4096, device=device, dtype=torch.bfloat16).normal_()
+    try:
+        a = torch.empty(4096, 4096, device=device, dtype=torch.bfloat16).normal_()
+        b = torch.empty_like(a)
+    except torch.cuda.OutOfMemoryError:  # a shape that fills the card: time it without the warm-up
+        log.debug("warm_clocks: no room for 64 MB of matmul operands; skipped")
+        return
     t_end = time.perf_counter() + ms / 1e3
     while time.perf_counter() < t_end:
         for _ in range(8):  # about 1 ms of work on an H100 / H200
-            torch.mm(a, a)
+            torch.mm(a, a, out=b)
         synchronize(device)
-    del a
+    del a, b
 
 
 def warm_after_pause(device: torch.device, since: float) -> None:
