@@ -127,3 +127,55 @@ def test_bench_says_what_it_leaves_out_under_its_own_name(tmp_path, caplog):
                            "--warmup-ms", "0", "--rep-ms", "0", "--seed", "1"]) == 0
     (rec,) = [r for r in caplog.records if r.getMessage().startswith("left out")]
     assert rec.name == "flashdispatch.tools.bench"
+
+
+def test_a_measured_run_rescored_under_the_current_rules_reads_the_new_choices_measured_time(tmp_path, capsys):
+    # two rows measured on an H200: a speculative step the run gave to plain SDPA (the current rules
+    # pick the Triton split-KV kernel, timed in the same run) and a prefill whose choice stays; a
+    # third whose new choice was not timed is left out of the ratios and listed
+    import json
+
+    from flashdispatch.tools import bench, bench_report, bench_rescore
+
+    def ok(ms):
+        return {"status": "ok", "ms": ms, "rate": 100.0 / ms, "lo": ms * 0.99, "hi": ms * 1.01}
+
+    def row(label, dims, causal, choice, providers):
+        b, hq, hkv, sq, sk, d = dims
+        shape = {"label": label, "dtype": "bf16", "batch": b, "heads_q": hq, "heads_kv": hkv, "seqlen_q": sq,
+                 "seqlen_k": sk, "head_dim": d, "causal": causal, "pass_": "fwd", "window": -1, "serving": ""}
+        r = {"label": label, "shape": shape, "pass": "fwd", "unit": "TFLOP/s", "serving": False, "timing": "eager",
+             "choice": {"variant": choice, "config": {}, "source": "profile"}, "providers": providers}
+        bench_report.add_ratios(r)
+        return r
+
+    spec = row("spec", (4, 32, 8, 8, 16000, 128), True, "sdpa",
+               {"SDPA": ok(0.30), "sdpa": ok(0.30), "triton": ok(0.10), "dispatch": ok(0.30)})
+    dense = row("dense", (2, 32, 8, 4096, 4096, 128), True, "sdpa",
+                {"SDPA": ok(1.00), "sdpa": ok(1.00), "triton": ok(1.20), "dispatch": ok(1.01)})
+    untimed = row("untimed", (4, 32, 8, 8, 16000, 128), True, "sdpa",
+                  {"SDPA": ok(0.30), "sdpa": ok(0.30), "dispatch": ok(0.30)})
+    measured = {"meta": {"device": "NVIDIA H200 [cuda sm_90, 132 SMs/CUs, 140 GiB] profile=h200",
+                         "card": "NVIDIA H200", "date": "2026-12-05", "versions": {"torch": "2.11.0"},
+                         "profile": "h200.yaml", "command": "flashdispatch bench --quick", "timing": "interleaved",
+                         "planned": 3},
+                "rows": [spec, dense, untimed], "summary": {}}
+    assert spec["vs_sdpa"] == pytest.approx(1.0)
+    got = bench_rescore.rescore(measured)
+    r_spec, r_dense, r_untimed = got["rows"]
+    assert r_spec["choice"]["variant"] == "triton" and r_spec["choice"]["measured_choice"] == "sdpa"
+    assert r_spec["providers"]["dispatch"]["ms"] == 0.10 and r_spec["vs_sdpa"] == pytest.approx(3.0)
+    assert r_dense["choice"]["variant"] == "sdpa" and r_dense["providers"]["dispatch"]["ms"] == 1.01  # kept
+    assert r_untimed["providers"]["dispatch"]["status"] == "missing" and r_untimed["vs_sdpa"] is None
+    assert got["summary"]["checks"] == {} and got["meta"]["rescored"]["untimed"] == ["untimed"]
+    assert got["meta"]["rescored"]["moved"] == ["spec: sdpa -> triton", "untimed: sdpa -> triton"]
+    assert spec["providers"]["dispatch"]["ms"] == 0.30  # the measured run is not modified
+    # through the CLI: outputs written, the verdict replaced by what a re-score is
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(measured))
+    assert bench.main(["--rescore", str(path), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "Re-scored on" in out and "not a measurement" in out and "NO " not in out
+    assert "not a measurement" in (tmp_path / "out" / "bench.md").read_text()
+    with pytest.raises(ValueError, match="profile="):
+        bench_rescore.rescore({"meta": {"device": "cpu"}, "rows": []})

@@ -306,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "tools/bench_serving.py")
     ap.add_argument("--plot-from", default=None, metavar="JSON",
                     help="re-render the table and plot from an earlier bench.json or heldout.json, measure nothing")
+    ap.add_argument("--rescore", default=None, metavar="JSON",
+                    help="an earlier bench.json or heldout.json re-scored under the current selection rules: the "
+                         "dispatcher's column becomes the measured time of what select() now picks on that card; "
+                         "measures nothing, judges no bar (tools/bench_rescore.py)")
     return ap
 
 
@@ -386,9 +390,15 @@ def main(argv: list[str] | None = None) -> int:
         return bench_serving.main(["--out", args.out] + (["--rep-ms", str(args.rep_ms)] if args.rep_ms is not None
                                                           else [])
                                   + (["--plot-from", args.plot_from] if args.plot_from else []))
-    if args.plot_from:
-        with open(args.plot_from, encoding="utf-8") as f:
+    if args.plot_from or args.rescore:
+        with open(args.plot_from or args.rescore, encoding="utf-8") as f:
             result = json.load(f)
+        if args.rescore:
+            from . import bench_rescore
+
+            result = bench_rescore.rescore(result)
+            for line in result["meta"]["rescored"]["moved"]:
+                log.info("choice changed: %s", line)
         bench_report.write_outputs(result, args.out)
         bench_report.print_result(result)
         return 0

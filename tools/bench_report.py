@@ -70,6 +70,17 @@ def _clear(row: dict[str, Any], other: str) -> bool:
                           timing.Spread(b["ms"], b["lo"], b["hi"], 0)) is not None
 
 
+def _unjudged_note(summary: dict[str, Any]) -> str | None:
+    """Why a summary carries no verdict: a re-score (tools/bench_rescore.py) or a CPU run; None when
+    it was judged or says itself why not (a partial run)."""
+    if summary.get("rescored"):
+        r = summary["rescored"]
+        return f"Re-scored on {r['date']} for the {r['card']}: {r['note']}."
+    if not summary["checks"] and not summary.get("partial"):
+        return CPU_NOTE
+    return None
+
+
 def geomean(xs: Sequence[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
@@ -271,8 +282,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"- oracle ratio: geomean {summ['geomean_oracle']:.3f}, min {_minfmt(summ['min_oracle'])}")
     for k, ok in summ["checks"].items():
         lines.append(f"- {k}: {'yes' if ok else 'NO'}")
-    if not summ["checks"] and not summ.get("partial"):
-        lines.append(f"- {CPU_NOTE}")
+    if _unjudged_note(summ):
+        lines.append(f"- {_unjudged_note(summ)}")
     lines.append("- vs SDPA reads \"same\" where the two timings' interquartile ranges overlap.")
     if summ["wrong"]:
         lines.append("- failed the float64 check: " + "; ".join(summ["wrong"]))
@@ -316,8 +327,8 @@ def print_table(result: dict[str, Any]) -> None:
     print(PROVIDERS_NOTE)
     print('vsSDPA: plain-SDPA time / dispatch time; oracle: best provider time / dispatch time; "same" where the '
           'two interquartile ranges overlap (noise).')
-    if not s["checks"] and not s.get("partial"):
-        print(CPU_NOTE)
+    if _unjudged_note(s):
+        print(_unjudged_note(s))
     if s["wrong"]:
         print("  failed the float64 check: " + "; ".join(s["wrong"]))
     for x in _incomplete_lines(s):
@@ -457,8 +468,8 @@ def heldout_markdown(result: dict[str, Any]) -> str:
     lines += serving_lines(rows, _heldout_label)
     lines += ["", "## Summary", ""]
     lines += [f"- {x}" for x in _heldout_summary_lines(summ)]
-    if not summ["checks"] and not summ.get("partial"):
-        lines.append(f"- {CPU_NOTE}")
+    if _unjudged_note(summ):
+        lines.append(f"- {_unjudged_note(summ)}")
     wrong = [(r["label"], n, m.get("note", "")) for r in rows for n, m in r["providers"].items()
              if m.get("status") in ("wrong", "error")]
     if wrong:
@@ -528,8 +539,8 @@ def print_heldout_table(result: dict[str, Any]) -> None:
     _print_serving(rows, _heldout_label)
     for line in _heldout_summary_lines(result["summary"]):
         print(line)
-    if not result["summary"]["checks"] and not result["summary"].get("partial"):
-        print(CPU_NOTE)
+    if _unjudged_note(result["summary"]):
+        print(_unjudged_note(result["summary"]))
 
 
 def heldout_plot(result: dict[str, Any], path: str) -> bool:
