@@ -408,3 +408,39 @@ def test_a_lead_made_by_fitted_fixed_costs_far_below_the_measured_work_keeps_the
         assert not any("inside both models' measured work" in n for n in inside.notes)
     finally:
         fd.refresh()
+
+
+def test_one_slow_outlier_is_left_out_of_a_compute_class_fit_and_said():
+    # five causal points on one line, the smallest timed 3x slow (a card at idle clocks after a
+    # compile): the fit leaves it out, follows the other four exactly, records which point it left
+    # out, and its worst error on its own points ignores it; the YAML keeps the record. The same
+    # points in a memory-bound class keep every point (a long cache can be a real slow regime).
+    from dataclasses import replace as dc_replace
+
+    from flashdispatch.costmodel import OUTLIER_FACTOR, Fit, robust_fit
+
+    dims = [(1, 16, 16, 2048, 2048), (16, 16, 16, 1024, 1024), (4, 16, 16, 4096, 4096),
+            (1, 16, 16, 16384, 16384), (4, 32, 8, 4096, 4096)]
+    truth = lambda x: 40.0 + 1.5 * x[1]  # 40 us + 667 TFLOP/s
+    key = GroupKey("fwd", "causal", "plain", "bf16", 128)
+    pts = [Point(*d) for d in dims]
+    xs = [features(point_problem(key, pt), H200.sm_count) for pt in pts]
+    ts = [truth(x) * (3.0 if i == 0 else 1.0) for i, x in enumerate(xs)]
+    g = Group(key, [pt._replace(ms={"a": t / 1e3}) for pt, t in zip(pts, ts)])
+    g.refit(H200.sm_count)
+    f = g.fits["a"]
+    assert f.excluded == (0,) and f.n == 4 and f.rms < 1e-9, f
+    assert f.predict_us(xs[0]) == pytest.approx(truth(xs[0]), rel=1e-6)
+    assert g.worst_error("a", H200.sm_count) < 1e-9
+    assert "1 slow outlier left out" in f.describe()
+    assert Fit.from_yaml(f.to_yaml()).excluded == (0,)
+    with pytest.raises(ValueError, match="excluded"):
+        Fit.from_yaml({**f.to_yaml(), "excluded": [-1]})
+    # a memory-bound class keeps it; a point only a little slow (under OUTLIER_FACTOR) stays too
+    mem = Group(GroupKey("fwd", "speculative", "plain", "bf16", 128),
+                [Point(b, hq, hkv, 8, 4 * sk)._replace(ms={"a": t / 1e3}) for (b, hq, hkv, _, sk), t in zip(dims, ts)])
+    mem.refit(H200.sm_count)
+    assert mem.fits["a"].excluded == () and mem.fits["a"].n == 5
+    mild = [truth(x) * (OUTLIER_FACTOR * 0.8 if i == 0 else 1.0) for i, x in enumerate(xs)]
+    assert robust_fit(xs, mild).excluded == ()
+    assert dc_replace(f, excluded=()).to_yaml().get("excluded") is None
