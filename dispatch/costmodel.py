@@ -247,7 +247,8 @@ class Fit:
             raise ValueError("a fit must grow with the work or the bytes (us_per_gflop or us_per_gb > 0)")
         lo, hi = (d.get("gflop") or [0.0, 0.0])
         excluded = d.get("excluded") or []
-        if not isinstance(excluded, list) or not all(isinstance(i, int) and i >= 0 for i in excluded):
+        if not isinstance(excluded, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in excluded):
             raise ValueError(f"fit.excluded must be a list of point indices (ints >= 0), got {excluded!r}")
         return Fit(coef, float(d.get("rms", 0.0)), int(d.get("n", 0)), float(lo), float(hi),  # type: ignore[arg-type]
                    tuple(excluded))
@@ -262,6 +263,8 @@ TERM_GAIN = 0.85
 # The term a class's model keeps when the points cannot tell the work from the bytes (fit(prefer=)):
 # the bytes for the memory-bound classes (few query rows per key read), the work elsewhere.
 MEMORY_BOUND_CLASSES: tuple[str, ...] = ("decode", "speculative", "kvcache")
+# The classes whose fits may leave out one slow outlier (robust_fit).
+COMPUTE_BOUND_CLASSES: tuple[str, ...] = ("dense", "causal", "chunked", "causal_tall")
 
 
 def preferred_term(cls: str) -> int:
@@ -292,7 +295,8 @@ def robust_fit(xs: Sequence[Sequence[float]], times_us: Sequence[float], *, pref
     rest = [j for j in range(n) if j != i]
     sub = fit([xs[j] for j in rest], [times_us[j] for j in rest], prefer=prefer)
     if times_us[i] >= OUTLIER_FACTOR * sub.predict_us(xs[i]) and sub.rms <= full.rms * OUTLIER_GAIN:
-        return dataclasses.replace(sub, excluded=(i,))
+        # the span stays the measured one: the left-out point was measured there, only slowly
+        return dataclasses.replace(sub, excluded=(i,), lo_gflop=full.lo_gflop, hi_gflop=full.hi_gflop)
     return full
 
 
@@ -462,10 +466,11 @@ class Group:
                     xs.append(x)
                     ts.append(ms * 1e3)
             if xs:
-                # a slow outlier is left out only where time is close to linear in the work; in the
-                # memory-bound classes one slow point is as likely a real regime (a kernel without
-                # split-KV at a long cache), which the unreliable-model rule of selection handles
-                fitter = fit if self.key.cls in MEMORY_BOUND_CLASSES else robust_fit
+                # a slow outlier is left out only where time is close to linear in the work (the
+                # dense compute-bound classes); in the memory-bound and serving classes one slow point
+                # is as likely a real regime (a kernel without split-KV at a long cache), which the
+                # unreliable-model rule of selection handles
+                fitter = robust_fit if self.key.cls in COMPUTE_BOUND_CLASSES else fit
                 self.fits[name] = fitter(xs, ts, prefer=preferred_term(self.key.cls))
 
     def nearest_points(self, p: Problem, name: str, sm_count: int, k: int = 2, *, has: str = "ms") -> list[Point]:

@@ -242,6 +242,13 @@ def _parse_group(i: int, g: Any, path: str, measured: bool) -> Group:
             fits[str(name)] = Fit.from_yaml(f)
         except (TypeError, ValueError) as e:
             raise ProfileError(path, fits_raw.get("__line__", line), f"groups[{i}].fits.{name}: {e}") from None
+        fit_ = fits[str(name)]
+        if measured and fit_.excluded:  # indices into the implementation's own points
+            own = sum(1 for pt in points if str(name) in pt.ms)
+            _need(fit_.n + len(fit_.excluded) == own and max(fit_.excluded) < own, path,
+                  fits_raw.get("__line__", line),
+                  f"groups[{i}].fits.{name}: n={fit_.n} and excluded={list(fit_.excluded)} do not match its {own} "
+                  f"measured points (a stale fit: refit the file with tools/profile_writer.py --refit)")
     cfg = g.get("config") or {}
     _need(isinstance(cfg, dict) and all(isinstance(v, dict) for kk, v in cfg.items() if kk != "__line__"),
           path, line, f"groups[{i}].config must map implementation names to mappings")

@@ -30,7 +30,7 @@ log = logging.getLogger("flashdispatch")
 # cuDNN kernel reached two ways, docs/bench.md), and a tie goes to the baseline.
 BASELINE = "sdpa"
 BASELINE_MARGIN = 0.02
-# A model that misses one of its own measured points by a factor of 1 + this or more, either way
+# A model that misses one of its own measured points by more than a factor of 1 + this, either way
 # (its form cannot follow the implementation: a kernel without split-KV on few rows against a long
 # cache, whose time is one program's walk over the keys), never puts its implementation ahead of
 # one whose model follows its points; the decision says it is unsure (autotune, when on, measures
@@ -322,7 +322,7 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
     def words(n: str) -> str:
         return baseline if n == BASELINE else n
 
-    # A model that misses one of its own measured points by a factor of two or more predicts
+    # A model that misses one of its own measured points by more than a factor of two predicts
     # nothing it can be trusted for: an implementation it puts ahead of the fastest trusted one
     # follows that one instead (with or without the baseline among the eligible).
     unreliable = {n for n in by_time if preds[n].worst_error > UNRELIABLE_FIT}

@@ -360,6 +360,8 @@ def test_an_old_schema_profile_still_loads_and_decides(tmp_path, monkeypatch):
     (lambda t: t.replace("us_per_gflop: ", "us_per_gflop: -"), "must be finite and >= 0"),
     (lambda t: t.replace("us_per_gflop: ", "us_per_gflop_typo: "), "fit needs a number for each of"),
     (lambda t: t.replace("Sq: 512,", "Sq: 8192,"), "is class 'causal', not the group's 'chunked'"),
+    (lambda t: t.replace("us_per_gflop_tail: ", "excluded: [7], us_per_gflop_tail: ", 1), "a stale fit"),
+    (lambda t: t.replace("us_per_gflop_tail: ", "excluded: [true], us_per_gflop_tail: ", 1), "fit.excluded must be"),
 ])
 def test_invalid_schema_2_names_path_line_and_reason(edit, words):
     text = profile_yaml_text(parse_profile(OLD, "old.yaml"))
@@ -426,10 +428,13 @@ def test_one_slow_outlier_is_left_out_of_a_compute_class_fit_and_said():
     pts = [Point(*d) for d in dims]
     xs = [features(point_problem(key, pt), H200.sm_count) for pt in pts]
     ts = [truth(x) * (3.0 if i == 0 else 1.0) for i, x in enumerate(xs)]
-    g = Group(key, [pt._replace(ms={"a": t / 1e3}) for pt, t in zip(pts, ts)])
+    # a first point that "a" was not measured at: Fit.excluded counts "a"'s own points only
+    other = Point(2, 16, 16, 3000, 3000)._replace(ms={"b": 1.0})
+    g = Group(key, [other] + [pt._replace(ms={"a": t / 1e3}) for pt, t in zip(pts, ts)])
     g.refit(H200.sm_count)
     f = g.fits["a"]
     assert f.excluded == (0,) and f.n == 4 and f.rms < 1e-9, f
+    assert (f.lo_gflop, f.hi_gflop) == (min(x[1] for x in xs), max(x[1] for x in xs))  # the measured span
     assert f.predict_us(xs[0]) == pytest.approx(truth(xs[0]), rel=1e-6)
     assert g.worst_error("a", H200.sm_count) < 1e-9
     assert "1 slow outlier left out" in f.describe()

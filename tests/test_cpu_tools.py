@@ -155,20 +155,28 @@ def test_a_measured_run_rescored_under_the_current_rules_reads_the_new_choices_m
                 {"SDPA": ok(1.00), "sdpa": ok(1.00), "triton": ok(1.20), "dispatch": ok(1.01)})
     untimed = row("untimed", (4, 32, 8, 8, 16000, 128), True, "sdpa",
                   {"SDPA": ok(0.30), "sdpa": ok(0.30), "dispatch": ok(0.30)})
+    wrong = row("wrong", (4, 32, 8, 8, 16000, 128), True, "sdpa",
+                {"SDPA": ok(0.30), "sdpa": ok(0.30), "dispatch": ok(0.30),
+                 "triton": {"status": "wrong", "note": "max err 3 > 0.01"}})
     measured = {"meta": {"device": "NVIDIA H200 [cuda sm_90, 132 SMs/CUs, 140 GiB] profile=h200",
                          "card": "NVIDIA H200", "date": "2026-12-05", "versions": {"torch": "2.11.0"},
                          "profile": "h200.yaml", "command": "flashdispatch bench --quick", "timing": "interleaved",
-                         "planned": 3},
-                "rows": [spec, dense, untimed], "summary": {}}
+                         "planned": 4},
+                "rows": [spec, dense, untimed, wrong], "summary": {}}
     assert spec["vs_sdpa"] == pytest.approx(1.0)
     got = bench_rescore.rescore(measured)
-    r_spec, r_dense, r_untimed = got["rows"]
+    r_spec, r_dense, r_untimed, r_wrong = got["rows"]
     assert r_spec["choice"]["variant"] == "triton" and r_spec["choice"]["measured_choice"] == "sdpa"
     assert r_spec["providers"]["dispatch"]["ms"] == 0.10 and r_spec["vs_sdpa"] == pytest.approx(3.0)
     assert r_dense["choice"]["variant"] == "sdpa" and r_dense["providers"]["dispatch"]["ms"] == 1.01  # kept
     assert r_untimed["providers"]["dispatch"]["status"] == "missing" and r_untimed["vs_sdpa"] is None
     assert got["summary"]["checks"] == {} and got["meta"]["rescored"]["untimed"] == ["untimed"]
-    assert got["meta"]["rescored"]["moved"] == ["spec: sdpa -> triton", "untimed: sdpa -> triton"]
+    assert got["meta"]["rescored"]["moved"] == ["spec: sdpa -> triton", "untimed: sdpa -> triton",
+                                                "wrong: sdpa -> triton"]
+    # a new choice that failed its check in the run stays failed, and is listed
+    assert r_wrong["providers"]["dispatch"]["status"] == "wrong" and r_wrong["vs_sdpa"] is None
+    assert got["meta"]["rescored"]["failed"] == ["wrong: triton (wrong)"]
+    assert r_spec["choice"]["config"] is None and r_dense["choice"] == dense["choice"]  # config: as timed
     assert spec["providers"]["dispatch"]["ms"] == 0.30  # the measured run is not modified
     # through the CLI: outputs written, the verdict replaced by what a re-score is
     path = tmp_path / "bench.json"

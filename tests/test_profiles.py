@@ -114,9 +114,12 @@ def test_measured_profile_fits_are_what_the_fitter_makes_of_its_points(key: str)
         fresh.refit(prof.sm_count)
         assert set(fresh.fits) == set(g.fits), g.key.label()
         for name, f in g.fits.items():
-            for a, b in zip(f.coef, fresh.fits[name].coef):
-                assert math.isclose(a, b, rel_tol=2e-3, abs_tol=1e-9), (g.key.label(), name, f.coef,
-                                                                       fresh.fits[name].coef)
+            again = fresh.fits[name]
+            for a, b in zip(f.coef, again.coef):
+                assert math.isclose(a, b, rel_tol=2e-3, abs_tol=1e-9), (g.key.label(), name, f.coef, again.coef)
+            assert (f.n, f.excluded) == (again.n, again.excluded), (g.key.label(), name)
+            for a, b in ((f.lo_gflop, again.lo_gflop), (f.hi_gflop, again.hi_gflop)):
+                assert math.isclose(a, b, rel_tol=2e-3), (g.key.label(), name)
 
 
 @pytest.mark.parametrize("key", sorted(k for k, (_, p) in PROFILES.items() if not p.measured))

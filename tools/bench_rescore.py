@@ -25,7 +25,8 @@ import re
 from typing import Any
 
 from flashdispatch.device import simulated_device
-from flashdispatch.selection import select
+from flashdispatch.registry import REGISTRY
+from flashdispatch.selection import profile_for, select
 
 from . import bench_report
 from .bench_report import DISPATCH, PLAIN
@@ -45,11 +46,13 @@ def card_key(result: dict[str, Any]) -> str:
 
 
 def _provider_of(name: str, providers: dict[str, Any]) -> dict[str, Any] | None:
-    """The measurement of implementation `name` in a row (plain `sdpa`: our forced sdpa, else torch's)."""
-    for n in ((name, PLAIN) if name == "sdpa" else (name,)):
-        m = providers.get(n)
-        if m and m.get("status") == "ok" and m.get("ms"):
-            return m
+    """The measurement of implementation `name` in a row, whatever its status (a provider that
+    failed its float64 check or raised stays so); plain `sdpa` falls back to torch's own call
+    only when the row has no `sdpa` of ours. None: not in the row."""
+    if name in providers:
+        return providers[name]
+    if name == "sdpa" and PLAIN in providers:
+        return providers[PLAIN]
     return None
 
 
@@ -58,29 +61,35 @@ def rescore(result: dict[str, Any], key: str | None = None) -> dict[str, Any]:
     the card it was measured on), with ratios and summary recomputed and meta saying so."""
     key = key or card_key(result)
     dev = simulated_device(key)
-    rows, moved, untimed = [], [], []
+    rows, moved, untimed, failed = [], [], [], []
     for row in result.get("rows", []):
         new = copy.deepcopy(row)
         shape = Shape(**row["shape"])
         if shape.serving:
             rows.append(new)
             continue
-        d = select(shape.problem(), device=dev)
+        d = select(shape.problem(), backend="auto", device=dev)  # FLASHDISPATCH_BACKEND does not apply
         was = row.get("choice", {}).get("variant")
-        new["choice"] = {"variant": d.variant, "config": d.config, "source": d.source, "measured_choice": was}
-        if d.variant != was:  # an unchanged choice keeps the dispatcher's own measured time
+        if d.variant != was:  # an unchanged choice keeps the dispatcher's own measured time and config
             moved.append(f"{row['label']}: {was} -> {d.variant}")
+            # the time is the provider's as the run timed it (its config then, not today's)
+            new["choice"] = {"variant": d.variant, "config": None, "source": d.source, "measured_choice": was}
             m = _provider_of(d.variant, row["providers"])
             if m is None:
                 new["providers"][DISPATCH] = {"status": "missing", "note": f"{d.variant} was not timed in this run"}
                 untimed.append(row["label"])
             else:
                 new["providers"][DISPATCH] = copy.deepcopy(m)
+                if m.get("status") != "ok":
+                    failed.append(f"{row['label']}: {d.variant} ({m.get('status')})")
         bench_report.add_ratios(new)
         rows.append(new)
     meta = copy.deepcopy(result.get("meta", {}))
+    prof = profile_for(dev)[0]
     meta["rescored"] = {"date": _dt.date.today().isoformat(), "card": key, "note": RESCORED_NOTE,
-                        "moved": moved, "untimed": untimed}
+                        "profile": prof.path if prof is not None else None,
+                        "unavailable_here": sorted(n for n in REGISTRY.all() if REGISTRY.availability(n)),
+                        "moved": moved, "untimed": untimed, "failed": failed}
     meta["command"] = f"flashdispatch bench --rescore (of: {meta.get('command', 'a measured run')})"
     meta["timing"] = f"{RESCORED_NOTE}: {meta.get('timing', '')}"
     planned = meta.get("planned")

@@ -247,13 +247,14 @@ def interleaved_samples_ms(
 
     est: dict[str, float] = {}
     for name in list(live):
-        if call(name):
-            ms = estimate_ms(lambda n=name: call(n), device)
-            if name in live:
-                est[name] = max(ms, 1e-4)
+        call(name)  # compiles
+    warm_clocks(device)  # the card idled while they compiled: estimates at idle clocks read slow
+    for name in list(live):
+        ms = estimate_ms(lambda n=name: call(n), device)
+        if name in live:
+            est[name] = max(ms, 1e-4)
     flush_buf = _flush_buffer(device) if cuda and flush else None
     cap = INTERLEAVED_REPS[1] if cuda else CPU_MAX_REPS
-    warm_clocks(device)  # the first calls above compiled, the card idled meanwhile
     for name in list(live):
         for _ in range(max(1, min(cap, int(warmup_ms / est[name])))):
             if not call(name):
