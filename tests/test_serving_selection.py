@@ -448,3 +448,18 @@ def test_a_serving_family_that_breaks_the_context_is_left_out_on_resume_alone(tm
     dense = [pt for g in prof.groups if g.key.cls not in SERVING_CLASSES for pt in g.points]
     assert dense and all("sdpa" in pt.ms for pt in dense)  # plain sdpa was not dropped with its family
     assert not any(g.key.cls == "varlen" for g in prof.groups)  # the family stayed out: no point
+
+
+def test_a_serving_timing_after_a_long_host_pause_starts_from_warm_clocks(monkeypatch):
+    # the serving tuner warms the clocks, as the dense one does, when its checks and compile kept the
+    # host busy past IDLE_PAUSE_S; a quick family's timing is not preceded by it
+    from flashdispatch.tools import timing
+
+    warmed: list[str] = []
+    monkeypatch.setattr(timing, "warm_clocks", lambda device, ms=timing.CLOCK_WARMUP_MS: warmed.append(device.type))
+    monkeypatch.setattr(timing, "IDLE_PAUSE_S", 1e9)
+    r = tune_serving.measure_serving_bucket(SMALL["varlen"], ["sdpa"], CPU, OPTS, torch.Generator().manual_seed(0))
+    assert [t.status for t in r.trials] == ["ok"] and warmed == []
+    monkeypatch.setattr(timing, "IDLE_PAUSE_S", 0.0)
+    r = tune_serving.measure_serving_bucket(SMALL["varlen"], ["sdpa"], CPU, OPTS, torch.Generator().manual_seed(0))
+    assert [t.status for t in r.trials] == ["ok"] and warmed == ["cpu"]
