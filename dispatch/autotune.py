@@ -359,10 +359,9 @@ def after_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, 
     if not _measure_lock.acquire(blocking=False):
         return d
     try:
-        prof = st.profile(key)[0]
         rep = Report(key, i[0], i[1])
         try:
-            pt = _measure(q, k, v, p, d, sinks, prof, rep)
+            pt = _measure(q, k, v, p, d, sinks, rep)
         except Exception as e:  # autotune must never break the call: the model's decision stands
             rep.reason = f"{type(e).__name__}: {e}"
             log.warning("autotune of %s failed (%s); the model's decision stands", p.describe(), rep.reason)
@@ -393,7 +392,7 @@ def _bhsd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> tupl
     return q, k, v
 
 
-def _config(name: str, p: Problem, d: "Decision", prof: Profile | None) -> dict[str, Any]:
+def _config(name: str, p: Problem, d: "Decision") -> dict[str, Any]:
     if name == d.variant:
         return dict(d.config)
     from .selection import implementation_config
@@ -448,7 +447,7 @@ class _Checker:
 
 
 def _measure(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, d: "Decision",
-             sinks: torch.Tensor | None, prof: Profile | None, rep: Report) -> Point | None:
+             sinks: torch.Tensor | None, rep: Report) -> Point | None:
     """Time the eligible implementations (module docstring, steps 1 and 2); the point to record."""
     t0 = time.perf_counter()
     deadline = t0 + BUDGET_S
@@ -485,7 +484,7 @@ def _measure(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, d: "
                 rep.skipped[name] = f"predicted {pred:.4g} ms, over its share of the budget ({share * 1e3:.3g} ms)"
                 continue
             impl = REGISTRY.get(name)
-            cfg = _config(name, p, d, prof)
+            cfg = _config(name, p, d)
             t = time.perf_counter()
             try:
                 out = impl.run(q, k, v, p, cfg, extras)[0]

@@ -454,17 +454,22 @@ class Group:
             names.update(dict.fromkeys(pt.ms))
         return list(names)
 
+    def measured(self, name: str, sm_count: int) -> list[tuple[tuple[float, float, float, float], float]]:
+        """(features, time in us) of every point with a usable time of `name`, in the group's order:
+        what its fit is made of (Fit.excluded counts in this list)."""
+        out = []
+        for pt, x in zip(self.points, self.point_features(sm_count)):
+            ms = pt.ms.get(name)
+            if ms is not None and ms > 0 and math.isfinite(ms):
+                out.append((x, ms * 1e3))
+        return out
+
     def refit(self, sm_count: int) -> None:
         """Fit every implementation measured at any point of the group (replaces self.fits)."""
         self.fits = {}
-        px = self.point_features(sm_count)
         for name in self.implementations():
-            xs, ts = [], []
-            for pt, x in zip(self.points, px):
-                ms = pt.ms.get(name)
-                if ms is not None and ms > 0 and math.isfinite(ms):
-                    xs.append(x)
-                    ts.append(ms * 1e3)
+            own = self.measured(name, sm_count)
+            xs, ts = [x for x, _ in own], [t for _, t in own]
             if xs:
                 # a slow outlier is left out only where time is close to linear in the work (the
                 # dense compute-bound classes); in the memory-bound and serving classes one slow point
@@ -497,14 +502,9 @@ class Group:
         if key not in cache:
             worst = 0.0
             if f is not None:
-                j = -1  # the index among `name`'s measured points (Fit.excluded's)
-                for pt, x in zip(self.points, self.point_features(sm_count)):
-                    ms = pt.ms.get(name)
-                    if ms is not None and ms > 0 and math.isfinite(ms):
-                        j += 1
-                        if j in f.excluded:
-                            continue
-                        ratio = max(f.predict_us(x), 1e-9) / (ms * 1e3)
+                for j, (x, us) in enumerate(self.measured(name, sm_count)):
+                    if j not in f.excluded:
+                        ratio = max(f.predict_us(x), 1e-9) / us
                         worst = max(worst, max(ratio, 1.0 / ratio) - 1.0)
             cache[key] = worst
         return cache[key]

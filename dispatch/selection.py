@@ -348,11 +348,12 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
         ahead = order[:order.index(BASELINE)]
         cleared, margin_held = [], []
         for n in ahead:
-            need = baseline_margin(preds[n].fit.rms, preds[BASELINE].fit.rms)
-            t_ms, b_ms, where = compared_where_measured(preds[n], preds[BASELINE])
             if n in unreliable:
                 margin_held.append(n)  # said above
-            elif t_ms > b_ms * (1.0 - need) * (1.0 + 1e-9):  # 1e-9: float noise at the edge
+                continue
+            need = baseline_margin(preds[n].fit.rms, preds[BASELINE].fit.rms)
+            t_ms, b_ms, where = compared_where_measured(preds[n], preds[BASELINE])
+            if t_ms > b_ms * (1.0 - need) * (1.0 + 1e-9):  # 1e-9: float noise at the edge
                 at = f" ({where}: {t_ms:.4g} and {b_ms:.4g} ms)" if where else ""
                 r.notes.append(f"{n} is predicted at {preds[n].ms:.4g} ms and {baseline} at "
                                f"{preds[BASELINE].ms:.4g} ms{at}, less than {need * 100:.3g}% apart (the larger "

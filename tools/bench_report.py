@@ -282,8 +282,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"- oracle ratio: geomean {summ['geomean_oracle']:.3f}, min {_minfmt(summ['min_oracle'])}")
     for k, ok in summ["checks"].items():
         lines.append(f"- {k}: {'yes' if ok else 'NO'}")
-    if _unjudged_note(summ):
-        lines.append(f"- {_unjudged_note(summ)}")
+    note = _unjudged_note(summ)
+    if note:
+        lines.append(f"- {note}")
     lines.append("- vs SDPA reads \"same\" where the two timings' interquartile ranges overlap.")
     if summ["wrong"]:
         lines.append("- failed the float64 check: " + "; ".join(summ["wrong"]))
@@ -327,8 +328,9 @@ def print_table(result: dict[str, Any]) -> None:
     print(PROVIDERS_NOTE)
     print('vsSDPA: plain-SDPA time / dispatch time; oracle: best provider time / dispatch time; "same" where the '
           'two interquartile ranges overlap (noise).')
-    if _unjudged_note(s):
-        print(_unjudged_note(s))
+    note = _unjudged_note(s)
+    if note:
+        print(note)
     if s["wrong"]:
         print("  failed the float64 check: " + "; ".join(s["wrong"]))
     for x in _incomplete_lines(s):
@@ -468,8 +470,9 @@ def heldout_markdown(result: dict[str, Any]) -> str:
     lines += serving_lines(rows, _heldout_label)
     lines += ["", "## Summary", ""]
     lines += [f"- {x}" for x in _heldout_summary_lines(summ)]
-    if _unjudged_note(summ):
-        lines.append(f"- {_unjudged_note(summ)}")
+    note = _unjudged_note(summ)
+    if note:
+        lines.append(f"- {note}")
     wrong = [(r["label"], n, m.get("note", "")) for r in rows for n, m in r["providers"].items()
              if m.get("status") in ("wrong", "error")]
     if wrong:
@@ -539,8 +542,9 @@ def print_heldout_table(result: dict[str, Any]) -> None:
     _print_serving(rows, _heldout_label)
     for line in _heldout_summary_lines(result["summary"]):
         print(line)
-    if _unjudged_note(result["summary"]):
-        print(_unjudged_note(result["summary"]))
+    note = _unjudged_note(result["summary"])
+    if note:
+        print(note)
 
 
 def heldout_plot(result: dict[str, Any], path: str) -> bool:

@@ -440,6 +440,17 @@ def rotation_sets(set_bytes: int, device: torch.device, *, l2: int | None = None
     return max(1, min(n, GRAPH_MAX_BYTES // max(1, set_bytes)))
 
 
+def checked_replay_ms(fns: Sequence[Callable[[], object]], device: torch.device, p: Problem, *,
+                      rep_ms: float = 25.0) -> float:
+    """graph_replay_ms of calls of problem `p`, raising CaptureError for an empty replay too
+    (empty_replay): what the tuners time a decode or speculative step with, else eagerly."""
+    ms = graph_replay_ms(fns, device, rep_ms=rep_ms)
+    empty = empty_replay(p, ms)
+    if empty:
+        raise CaptureError(empty)
+    return ms
+
+
 def graph_replay_ms(
     fns: Sequence[Callable[[], object]],
     device: torch.device,

@@ -326,11 +326,7 @@ def _time_graph_step(impl: Implementation, cfg: dict[str, Any], p: Problem, fn: 
         fns = [call(*qkv) for qkv in rotation]
         try:
             with torch.no_grad():
-                replay_ms = timing.graph_replay_ms(fns, device, rep_ms=opts.rep_ms)
-            empty = timing.empty_replay(p, replay_ms)
-            if empty:  # timed eagerly instead
-                raise timing.CaptureError(empty)
-            ms = replay_ms
+                ms = timing.checked_replay_ms(fns, device, p, rep_ms=opts.rep_ms)
             note += f"; CUDA-graph replay over {len(fns)} input sets"
         except timing.CaptureError as e:
             if not timing.context_alive(device):

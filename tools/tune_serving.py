@@ -237,12 +237,8 @@ def _time(name: str, s: Shape, call: _Call, device: torch.device, opts: Any, che
 
         try:
             with torch.no_grad():
-                replay_ms = timing.graph_replay_ms([each(i) for i in range(len(call.sets))], device,
-                                                   rep_ms=opts.rep_ms)
-            empty = timing.empty_replay(s.problem(), replay_ms)
-            if empty:  # timed eagerly instead
-                raise timing.CaptureError(empty)
-            ms = replay_ms
+                ms = timing.checked_replay_ms([each(i) for i in range(len(call.sets))], device, s.problem(),
+                                              rep_ms=opts.rep_ms)
             note += f"; CUDA-graph replay over {len(call.sets)} caches"
         except timing.CaptureError as e:
             if not timing.context_alive(device):
