@@ -109,6 +109,37 @@ def test_varlen_forward(case: tuple, dtype: torch.dtype, poisoned: None) -> None
     _check(out, lse, ref, base, ref_lse, dtype)
 
 
+class _NotThisKernel:
+    """Stands in for a kernel that must not run: launching it fails the test."""
+
+    def __getitem__(self, grid: object) -> None:
+        raise AssertionError("the pointer kernel ran where the tensor-descriptor kernel should")
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=_vid)
+def test_varlen_forward_tma(case: tuple, poisoned: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hopper kernel (descriptors per sequence and head, emulated): the same cases and budget;
+    a tile's rows past its sequence read as zeros and its store stops at the sequence's end."""
+    monkeypatch.setattr(vl, "_varlen_fwd_kernel", _NotThisKernel())
+    q, k, v, cq, ck, mq, mk, kw = _varlen_inputs(case, FP32)
+    scale = q.shape[-1] ** -0.5
+    out, lse = vl.varlen_forward(q, k, v, cq, ck, mq, mk, scale=scale, config={**TILES, "TMA": True}, **kw)
+    ref, ref_lse = varlen_math(q, k, v, cq, ck, scale=scale, upcast=True, **kw)
+    base, _ = varlen_math(q, k, v, cq, ck, scale=scale, upcast=False, **kw)
+    _check(out, lse, ref, base, ref_lse, FP32)
+
+
+def test_varlen_forward_unaligned_rows_take_the_pointer_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of 20 fp16 values (40 bytes) cannot be described to the copy engine: a TMA config runs
+    on the pointer kernel, with the pointer tiles (configs.pointer_config)."""
+    monkeypatch.setattr(vl, "_varlen_fwd_kernel_tma", _NotThisKernel())
+    q, k, v, cq, ck, mq, mk, kw = _varlen_inputs(([5, 9], None, 2, 1, 20, True, None, None, "none"), FP16)
+    out, lse = vl.varlen_forward(q, k, v, cq, ck, mq, mk, scale=0.3, config={**TILES, "TMA": True}, **kw)
+    ref, ref_lse = varlen_math(q, k, v, cq, ck, scale=0.3, upcast=True, **kw)
+    base, _ = varlen_math(q, k, v, cq, ck, scale=0.3, upcast=False, **kw)
+    _check(out, lse, ref, base, ref_lse, FP16)
+
+
 @pytest.mark.parametrize("case,dtype", _dtyped(VARLEN_CASES, (4,), _vid))
 def test_varlen_backward(case: tuple, dtype: torch.dtype) -> None:
     q, k, v, cq, ck, mq, mk, kw = _varlen_inputs(case, dtype, requires_grad=True)

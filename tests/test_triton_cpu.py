@@ -329,10 +329,10 @@ def test_tma_allocator_is_installed_per_thread_and_spares_the_users() -> None:
 
     def worker() -> None:  # a new thread starts with Triton's null allocator (a ContextVar)
         seen["before"] = _allocation._allocator.get()
-        fwd._ensure_tma_allocator()
+        fwd.ensure_tma_allocator()
         seen["ours"] = _allocation._allocator.get()
         _allocation._allocator.set(user_allocator)
-        fwd._ensure_tma_allocator()
+        fwd.ensure_tma_allocator()
         seen["user"] = _allocation._allocator.get()
 
     t = threading.Thread(target=worker)

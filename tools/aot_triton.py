@@ -3,7 +3,9 @@
 `triton.compile(ASTSource(...), target=GPUTarget(...))` runs the whole compiler (down to cubin or
 hsaco) on a CPU-only machine. That proves every kernel with every config the defaults (and the
 shipped profiles) can choose compiles for A100, H100, MI250X and MI300X, and that its shared memory
-(the compiler's own figure, metadata.shared) fits the target.
+(the compiler's own figure, metadata.shared) fits the target. For NVIDIA targets it also reads
+ptxas's register spills (`ptxas -v` on the PTX): a tile that spills kilobytes per thread runs
+several times slower, and only a GPU would otherwise show it.
 
     python -m flashdispatch.tools.aot_triton            # every default and profile config
     python -m flashdispatch.tools.aot_triton --target hip:gfx942 --head-dim 128
@@ -14,7 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -42,7 +49,8 @@ def _targets() -> dict[str, tuple[str, int | str, int, str]]:
 
 
 TARGETS: dict[str, tuple[str, int | str, int, str]] = _targets()
-FORWARD_KERNELS: tuple[str, ...] = ("forward", "forward_tma", "decode", "decode_merge")
+FORWARD_KERNELS: tuple[str, ...] = ("forward", "forward_tma", "varlen_forward", "varlen_forward_tma", "decode",
+                                     "decode_merge")
 # backends/triton/aot.py's backward_kernels(), by name (each brings its own AOT spec)
 BACKWARD_KERNEL_NAMES: tuple[str, ...] = ("bwd_preprocess", "bwd_dkdv", "bwd_dq")
 KERNELS: tuple[str, ...] = FORWARD_KERNELS + BACKWARD_KERNEL_NAMES
@@ -89,8 +97,10 @@ class CompileResult:
     def __str__(self) -> str:
         status = "ok  " if self.ok else ("FAIL" if not self.compiled else "OVER")
         shared = f"{self.shared / 1024:6.1f} KiB" if self.shared is not None else "     -    "
+        spill = self.extra.get("spill_bytes")
+        spill_s = f"spill {spill:5d} B" if spill is not None else "spill     - "
         err = f"  ({self.error})" if self.error else ""
-        return (f"{status} {self.target:11s} {shared} / {self.limit // 1024} KiB  {self.seconds:5.1f}s  "
+        return (f"{status} {self.target:11s} {shared} / {self.limit // 1024} KiB  {spill_s}  {self.seconds:5.1f}s  "
                 f"{self.case.describe()}{err}")
 
 
@@ -122,15 +132,18 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
     pad_d, pad_dv = bd != case.head_dim, bdv != case.head_dim_v
     ieee = case.dtype == "fp32"
     consts: dict[str, Any]
-    if case.kernel in ("forward", "forward_tma"):
+    if case.kernel in ("forward", "forward_tma", "varlen_forward", "varlen_forward_tma"):
         fcfg = configs.resolve_forward(cfg, arch, case.head_dim, case.causal)
-        if case.kernel == "forward":
-            fn = aot.forward_kernel()
+        varlen = case.kernel.startswith("varlen")
+        if case.kernel in ("forward", "varlen_forward"):
+            fn = aot.varlen_forward_kernel() if varlen else aot.forward_kernel()
             consts = dict(BLOCK_M=fcfg["BLOCK_M"], BLOCK_N=fcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
-                          CAUSAL=case.causal, PAD_D=pad_d, PAD_DV=pad_dv, IEEE=ieee, OFFS64=False,
+                          CAUSAL=case.causal, PAD_D=pad_d, PAD_DV=pad_dv, IEEE=ieee,
                           sqd=1, skd=1, svd=1, sod=1, **_PLAIN)
+            if not varlen:
+                consts["OFFS64"] = False
         else:
-            fn = aot.forward_kernel(tma=True)
+            fn = aot.varlen_forward_kernel(tma=True) if varlen else aot.forward_kernel(tma=True)
             consts = dict(BLOCK_M=fcfg["BLOCK_M"], BLOCK_N=fcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
                           CAUSAL=case.causal, IEEE=ieee, WS=bool(fcfg.get("WS", False)), **_PLAIN)
         opts = forward.launch_options(fcfg)
@@ -144,11 +157,15 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
                       OFFS64=False, sqd=1, skd=1, svd=1, sod=1, **_PLAIN)
         opts = forward.launch_options(dcfg)
     else:
+        from flashdispatch.backends.triton import decode
+
         fn = aot.decode_kernels()[1]
-        consts = dict(BLOCK_S=int(cfg.get("BLOCK_S", configs.DECODE_MAX_SPLITS)), BLOCK_DV=bdv,
-                      PAD_DV=pad_dv, sod=1, HAS_SINKS=False)
-        opts = {"num_warps": int(cfg.get("num_warps", 2))}
-    pointers = {"Q": dt, "K": dt, "V": dt, "O": dt, "LSE": "fp32", "PO": "fp32", "PL": "fp32", "SINKS": "fp32"}
+        # the launcher's own constexprs and warps for the most splits a decode launch can have
+        consts, opts = decode.merge_meta(int(cfg.get("BLOCK_S", configs.DECODE_MAX_SPLITS)), bdv, case.head_dim_v,
+                                         False)
+        consts["sod"] = 1
+    pointers = {"Q": dt, "K": dt, "V": dt, "O": dt, "LSE": "fp32", "PO": "fp32", "PL": "fp32", "SINKS": "fp32",
+                "CU_Q": "i32", "CU_K": "i32"}
     signature: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
     for i, name in enumerate(fn.arg_names):
@@ -164,6 +181,39 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
             if name.startswith("s") and len(name) == 3:  # strides: multiples of 16 elements
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs), opts
+
+
+def _ptxas() -> str | None:
+    """Triton's own ptxas (the one that builds the cubin), else one on PATH."""
+    try:
+        from triton import knobs
+
+        path = knobs.nvidia.ptxas.path
+        if path and os.path.exists(path):
+            return str(path)
+    except Exception:  # the knob moved: fall back to PATH
+        pass
+    return shutil.which("ptxas")
+
+
+def ptxas_spill_bytes(ptx: str, capability: int | str) -> int | None:
+    """Bytes of register spill stores per thread over the PTX's kernels (ptxas -v), or None when
+    no ptxas is at hand or it fails (the compile itself has already succeeded)."""
+    exe = _ptxas()
+    if exe is None:
+        return None
+    arch = f"sm_{capability}a" if int(capability) >= 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w", encoding="utf-8") as f:
+            f.write(ptx)
+        try:
+            r = subprocess.run([exe, f"-arch={arch}", "-v", src, "-o", os.path.join(tmp, "kernel.cubin")],
+                               capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+    found = re.findall(r"(\d+) bytes spill stores", r.stdout + r.stderr)
+    return sum(int(x) for x in found) if r.returncode == 0 and found else None
 
 
 def check_one(target: str, case: KernelCase) -> CompileResult:
@@ -186,10 +236,11 @@ def check_one(target: str, case: KernelCase) -> CompileResult:
         return CompileResult(target, case, False, False, None, limit, time.perf_counter() - t0,
                              f"{type(e).__name__}: {msg[-1] if msg else ''}"[:300])
     shared = int(compiled.metadata.shared)
-    extra = {"num_warps": compiled.metadata.num_warps}
-    for key in ("n_regs", "n_spills"):
-        if hasattr(compiled, key):
-            extra[key] = getattr(compiled, key)
+    extra: dict[str, Any] = {"num_warps": compiled.metadata.num_warps}
+    if backend == "cuda":
+        spills = ptxas_spill_bytes(compiled.asm["ptx"], arch_id)
+        if spills is not None:
+            extra["spill_bytes"] = spills
     fits = shared <= limit
     return CompileResult(target, case, fits, True, shared, limit, time.perf_counter() - t0,
                          None if fits else f"shared {shared} B > {limit} B", extra)
@@ -272,8 +323,17 @@ def default_cases(target: str, head_dims: Sequence[int] = (64, 128, 256)) -> lis
         for causal in (False, True):
             for sq, sk in classes:
                 cfg = configs.forward_defaults(arch, d, causal, sq, sk)
-                kernel = "forward_tma" if cfg.get("TMA") and arch == "sm_90" else "forward"
-                cases.append(make_case(kernel, cfg, head_dim=d, causal=causal))
+                tma = bool(cfg.get("TMA")) and arch == "sm_90"
+                cases.append(make_case("forward_tma" if tma else "forward", cfg, head_dim=d, causal=causal))
+                if tma:  # views the copy engine cannot address run the pointer tiles
+                    cases.append(make_case("forward", configs.pointer_config(cfg, arch, d), head_dim=d,
+                                           causal=causal))
+            # packed sequences: the launcher's choice for a long batch (varlen.varlen_forward)
+            cfg = configs.forward_defaults(arch, d, causal, 4096, 4096)
+            if cfg.get("TMA") and arch == "sm_90":
+                cases.append(make_case("varlen_forward_tma", cfg, head_dim=d, causal=causal))
+            cases.append(make_case("varlen_forward", configs.pointer_config(cfg, arch, d), head_dim=d,
+                                   causal=causal))
         dec = configs.decode_defaults(arch, d)
         cases.append(make_case("decode", {**dec, "BLOCK_M": configs.DECODE_MAX_BLOCK_M}, head_dim=d,
                                causal=True))

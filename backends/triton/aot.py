@@ -27,6 +27,12 @@ def forward_kernel(tma: bool = False) -> Any:
     return m._fwd_kernel_tma if tma else m._fwd_kernel
 
 
+def varlen_forward_kernel(tma: bool = False) -> Any:
+    """The packed (varlen) forward kernel (pointer, or Hopper tensor-descriptor with tma=True)."""
+    m = _module("varlen")
+    return m._varlen_fwd_kernel_tma if tma else m._varlen_fwd_kernel
+
+
 def decode_kernels() -> tuple[Any, Any]:
     """The split-KV decode kernel and its lse merge kernel."""
     m = _module("decode")

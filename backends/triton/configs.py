@@ -83,8 +83,11 @@ FORWARD_DEFAULTS: dict[str, dict[tuple[int, bool], dict[str, Any]]] = {
         (64, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=False),
         (128, False): _F(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True),
         (128, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, TMA=True),
-        (256, False): _F(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, TMA=False),
-        (256, True): _F(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, TMA=False),
+        # D=256 is not measured: chosen ahead of time (tools/aot_triton.py, ptxas for sm_90a) as the
+        # descriptor kernel's 128-row tile, which spills nothing, where the pointer kernel's 64x64
+        # 4-warp tile spills 244-272 B per thread. The tuner measures both (config_space).
+        (256, False): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, TMA=True),
+        (256, True): _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, TMA=True),
     },
     # Tile classes with their own entries (tile_class; not the cost model's shape classes): "chunk" =
     # causal with Sk >= CHUNK_RATIO * Sq (chunked prefill against a long cache: nearly every row sees nearly every
@@ -110,6 +113,19 @@ FORWARD_DEFAULTS: dict[str, dict[tuple[int, bool], dict[str, Any]]] = {
     "interpreter": {
         (b, c): _F(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
         for b in HEAD_DIM_BUCKETS for c in (False, True)
+    },
+}
+
+# The pointer kernel holds its K/V tile addresses in registers (a 64-bit pointer per element of a
+# tile), so a TMA config's tiles can spill there: ptxas for sm_90 reports 2.8 KB of spill stores per
+# thread for the D=128 causal TMA tiles (128x64, 4 warps) on the pointer kernel, none with 8 warps
+# (D=256: 64x64 with 8 warps, 44 B). When a TMA config has to run on the pointer kernel (views the
+# copy engine cannot address), it takes the pointer tiles of its head-dim bucket from here.
+POINTER_DEFAULTS: dict[str, dict[int, dict[str, Any]]] = {
+    "sm_90": {
+        64: _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        128: _F(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        256: _F(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
     },
 }
 
@@ -281,6 +297,16 @@ def _resolve_forward(config: dict[str, Any] | None, arch: str, bucket: int, caus
         cfg.pop("TMA", None)
         cfg.pop("WS", None)
     return cfg
+
+
+def pointer_config(cfg: dict[str, Any], arch: str, head_dim: int) -> dict[str, Any]:
+    """`cfg` for the pointer kernel: unchanged unless it is a TMA config, whose tiles (and WS) give
+    way to the arch's POINTER_DEFAULTS for the head-dim bucket (the interpreter keeps its tiles)."""
+    if not cfg.get("TMA"):
+        return cfg
+    out = {k: v for k, v in cfg.items() if k not in ("TMA", "WS")}
+    out.update(POINTER_DEFAULTS.get(arch, {}).get(head_dim_bucket(head_dim), {}))
+    return out
 
 
 def resolve_decode(config: dict[str, Any] | None, arch: str, head_dim: int) -> dict[str, Any]:

@@ -23,7 +23,7 @@ Two kernels share the softmax step:
 
 Shared jit helpers (names are stable): `online_softmax_step`, `dot`, `tanh`, `kv_block_range`,
 `LOG2E`, `LN2` for the decode and paged kernels; `_fwd_blocks` (every key block one query block
-sees, masked only at the edges) for varlen.py's forward kernel.
+sees, masked only at the edges) and its descriptor twin `_fwd_blocks_tma` for varlen.py's kernels.
 """
 
 from __future__ import annotations
@@ -380,6 +380,37 @@ def _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, n_lo, n_hi, seq_k, c
 
 
 @triton.jit
+def _fwd_blocks_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, start_m, seq_q, seq_k, qk_scale,
+                    window_left, window_right, softcap_in,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+                    WS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+    """_fwd_blocks over tensor descriptors (shared by _fwd_kernel_tma and varlen.py's TMA kernel):
+    the unmasked middle loop is the one that may be warp-specialised."""
+    causal_offset = seq_k - seq_q
+    if WINDOW:
+        n_lo, full_lo, full_hi, n_end = window_block_range(start_m, seq_q, seq_k, window_left, window_right,
+                                                           BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, n_lo, full_lo, seq_k,
+                                      causal_offset, qk_scale, window_left, window_right, softcap_in,
+                                      BLOCK_N, True, CAUSAL, IEEE, False, WINDOW, SOFTCAP)
+        acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, full_lo, full_hi, seq_k,
+                                      causal_offset, qk_scale, window_left, window_right, softcap_in,
+                                      BLOCK_N, False, CAUSAL, IEEE, WS, WINDOW, SOFTCAP)
+        acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, full_hi, n_end, seq_k,
+                                      causal_offset, qk_scale, window_left, window_right, softcap_in,
+                                      BLOCK_N, True, CAUSAL, IEEE, False, WINDOW, SOFTCAP)
+    else:
+        n_full, n_end = kv_block_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+        acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, 0, n_full, seq_k,
+                                      causal_offset, qk_scale, window_left, window_right, softcap_in,
+                                      BLOCK_N, False, CAUSAL, IEEE, WS, WINDOW, SOFTCAP)
+        acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, n_full, n_end, seq_k,
+                                      causal_offset, qk_scale, window_left, window_right, softcap_in,
+                                      BLOCK_N, True, CAUSAL, IEEE, False, WINDOW, SOFTCAP)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_kernel_tma(
     Q, K, V, O, LSE, SINKS,
     sqb, sqh, sqm,
@@ -420,27 +451,9 @@ def _fwd_kernel_tma(
 
     m_i, l_i = _softmax_init(SINKS, h, BLOCK_M, HAS_SINKS)
     acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
-    causal_offset = seq_k - seq_q
-    if WINDOW:
-        n_lo, full_lo, full_hi, n_end = window_block_range(start_m, seq_q, seq_k, window_left, window_right,
-                                                           BLOCK_M, BLOCK_N)
-        acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, n_lo, full_lo, seq_k,
-                                      causal_offset, qk_scale, window_left, window_right, softcap_in,
-                                      BLOCK_N, True, CAUSAL, IEEE, False, WINDOW, SOFTCAP)
-        acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, full_lo, full_hi, seq_k,
-                                      causal_offset, qk_scale, window_left, window_right, softcap_in,
-                                      BLOCK_N, False, CAUSAL, IEEE, WS, WINDOW, SOFTCAP)
-        acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, full_hi, n_end, seq_k,
-                                      causal_offset, qk_scale, window_left, window_right, softcap_in,
-                                      BLOCK_N, True, CAUSAL, IEEE, False, WINDOW, SOFTCAP)
-    else:
-        n_full, n_end = kv_block_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
-        acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, 0, n_full, seq_k,
-                                      causal_offset, qk_scale, window_left, window_right, softcap_in,
-                                      BLOCK_N, False, CAUSAL, IEEE, WS, WINDOW, SOFTCAP)
-        acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, n_full, n_end, seq_k,
-                                      causal_offset, qk_scale, window_left, window_right, softcap_in,
-                                      BLOCK_N, True, CAUSAL, IEEE, False, WINDOW, SOFTCAP)
+    acc, l_i, m_i = _fwd_blocks_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, start_m, seq_q, seq_k, qk_scale,
+                                    window_left, window_right, softcap_in,
+                                    BLOCK_M, BLOCK_N, CAUSAL, IEEE, WS, WINDOW, SOFTCAP)
     out, lse = _finish(acc, l_i, m_i)
     # the copy engine clips the store to (Sq, Dv)
     o_desc.store([start_m, 0], out.to(O.dtype.element_ty))
@@ -521,12 +534,12 @@ def _needs_offs64(*tensors: torch.Tensor) -> bool:
     return any(st > _INT32_TILE_STRIDE_LIMIT for t in tensors for st in t.stride())
 
 
-def _tma_strides_ok(tensors: tuple[torch.Tensor, ...]) -> bool:
+def tma_strides_ok(tensors: tuple[torch.Tensor, ...]) -> bool:
     """Tensor descriptors need 16-byte aligned row strides and a unit last stride (and 16-byte
     aligned bases, which the plan checks per call)."""
     for t in tensors:
         es = t.element_size()
-        if t.stride(3) != 1 or any((st * es) % 16 for st in t.stride()[:3]):
+        if t.stride(-1) != 1 or any((st * es) % 16 for st in t.stride()[:-1]):
             return False
     return True
 
@@ -537,7 +550,7 @@ def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
     return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
-def _ensure_tma_allocator() -> None:
+def ensure_tma_allocator() -> None:
     """Install _tma_scratch unless an allocator is set. Triton keeps the allocator in a ContextVar,
     so every thread (a serving worker, a DataLoader thread) starts without one; a user's own
     allocator is left in place."""
@@ -671,7 +684,7 @@ class _ForwardPlan:
         index = self.index or 0  # also the launcher's key on the CPU (interpreter)
         o_strides = self.outputs.strides
         probe = _empty_output(bsz, hq, sq, dv, self.outputs.bshd, q.dtype, "meta")
-        if cfg.get("TMA") and _tma_strides_ok((q, k, v, probe)):
+        if cfg.get("TMA") and tma_strides_ok((q, k, v, probe)):
             self.tma = BoundLaunch(_FWD_TMA, grid, 6, (
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
@@ -680,12 +693,14 @@ class _ForwardPlan:
                 hq, hq // hkv, sq, sk, qk_scale, d, dv, left, right, softcap_in,
             ), dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
                     CAUSAL=effective_causal, IEEE=ieee, WS=bool(cfg.get("WS", False)), **flags), options, index)
-        self.pointer = BoundLaunch(_FWD, grid, 6, (
+        # the pointer kernel (unaligned calls of a TMA plan too) runs pointer tiles
+        pcfg = configs.shrink_to_fit(configs.pointer_config(cfg, arch, max(d, dv)), arch, d, dv, q.element_size())
+        self.pointer = BoundLaunch(_FWD, (-(-sq // pcfg["BLOCK_M"]) * bsz * hq,), 6, (
             *q.stride(), *k.stride(), *v.stride(), *o_strides,
             hq, hq // hkv, sq, sk, qk_scale, d, dv, left, right, softcap_in,
-        ), dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
+        ), dict(BLOCK_M=pcfg["BLOCK_M"], BLOCK_N=pcfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_DV=block_dv,
                 CAUSAL=effective_causal, PAD_D=block_d != d, PAD_DV=block_dv != dv, IEEE=ieee,
-                OFFS64=_needs_offs64(q, k, v, probe), **flags), options, index)
+                OFFS64=_needs_offs64(q, k, v, probe), **flags), launch_options(pcfg), index)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -701,7 +716,7 @@ class _ForwardPlan:
         # without sinks the kernel never reads its SINKS pointer: lse stands in
         tensors = (q, k, v, out, lse, lse if sinks is None else sinks)
         if self.tma is not None and not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
-            _ensure_tma_allocator()
+            ensure_tma_allocator()
             self.tma(tensors, (out, lse))
         else:
             self.pointer(tensors, (out, lse))

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .decode import _MERGE, _plan, _split_init, _split_load_q, _split_rows, _split_step, _split_store
+from .decode import _MERGE, _plan, _split_init, _split_load_q, _split_rows, _split_step, _split_store, merge_meta
 from .forward import (
     PLAIN,
     Variant,
@@ -204,9 +204,7 @@ class _PagedPlan:
             # decode.py's merge, with the output's strides in (b, h, i, d) order
             self.merge = BoundLaunch(_MERGE, (bsz * hq * sq,), 5, (o_strides[0], o_strides[2], o_strides[1],
                                                                      o_strides[3], hq, sq, splits, dv),
-                                     dict(BLOCK_S=1 << (splits - 1).bit_length(), BLOCK_DV=block_dv,
-                                          PAD_DV=block_dv != dv, HAS_SINKS=flags["HAS_SINKS"]),
-                                     {"num_warps": 1 if block_dv <= 64 else 2}, index)
+                                     *merge_meta(splits, block_dv, dv, flags["HAS_SINKS"]), index)
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
             block_table: torch.Tensor | None, sinks: torch.Tensor | None,

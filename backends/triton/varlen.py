@@ -12,6 +12,13 @@ sequence's (Sq, Sk): `_fwd_blocks` from forward.py and
 `_query_blocks`, `_dkdv_blocks`, `_dq_blocks` from backward.py. The grid is sized by
 max_seqlen_q / max_seqlen_k; programs past their own sequence's end do nothing.
 
+The forward has two kernels, as the dense one does: the portable pointer kernel, and on Hopper
+(a TMA config, 16-byte aligned rows) `_varlen_fwd_kernel_tma`, whose tensor descriptors span one
+sequence's rows of one head ((Sq, D) for q and out, (Sk, D) for k and v): the copy engine reads
+zeros past the sequence's end and clips the output store there, so a tile never touches the next
+sequence, and the K/V addresses leave the registers to the softmax (the pointer kernel with the
+same 4-warp tiles spills).
+
 Backward: delta = rowsum(dO * O) in torch (memory-bound, one pass), then a dk/dv kernel (one
 program per kv block of one sequence and kv head, looping over the GQA group) and a dq kernel
 (one program per query block): deterministic, no atomics, like the dense backward.
@@ -31,13 +38,16 @@ from .forward import (
     Variant,
     _finish,
     _fwd_blocks,
+    _fwd_blocks_tma,
     _softmax_init,
     check_sinks,
     fast_tanh_on,
     kernel_window,
     launch_options,
     make_variant,
+    ensure_tma_allocator,
     softcap_mode,
+    tma_strides_ok,
     variant_scalars,
 )
 from .backward import (
@@ -66,12 +76,13 @@ def _varlen_fwd_kernel(
     CAUSAL: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, IEEE: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
-    # 1-d grid, query blocks slowest and from the last: the first programs are the late blocks of
-    # the longest sequences (the most work under causal), the short sequences fill the tail
+    # the dense kernel's order: one head's query blocks adjacent (its K/V stay in L2), the late
+    # blocks first under causal; programs past the sequence's end leave at once
     pid = tl.program_id(0)
-    n_bh = (tl.num_programs(0) // num_m)
-    pid_m = num_m - 1 - pid // n_bh
-    pid_bh = pid % n_bh
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    if CAUSAL and not WINDOW:
+        pid_m = num_m - 1 - pid_m
     b = pid_bh // heads_q
     h = pid_bh % heads_q
     hk = h // group
@@ -114,6 +125,60 @@ def _varlen_fwd_kernel(
         tl.store(LSE + h.to(tl.int64) * slh + (q_start.to(tl.int64) + offs_m) * slm, lse, mask=in_q)
 
 
+@triton.jit
+def _varlen_fwd_kernel_tma(
+    Q, K, V, O, LSE, SINKS, CU_Q, CU_K,
+    sqm, sqh, skn, skh, svn, svh, som, soh, slh, slm,
+    heads_q, group, num_m, qk_scale, head_dim, head_dim_v,
+    window_left, window_right, softcap_in,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, WS: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+):
+    # the pointer kernel's program order
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    if CAUSAL and not WINDOW:
+        pid_m = num_m - 1 - pid_m
+    b = pid_bh // heads_q
+    h = pid_bh % heads_q
+    hk = h // group
+    q_start = tl.load(CU_Q + b)
+    seq_q = tl.load(CU_Q + b + 1) - q_start
+    k_start = tl.load(CU_K + b)
+    seq_k = tl.load(CU_K + b + 1) - k_start
+    start_m = pid_m * BLOCK_M
+    if start_m < seq_q:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        # one (rows, D) plane per sequence and head; a sequence without keys is never read from
+        # (its loops are empty), its descriptor keeps one row so that it stays well-formed
+        rows_k = tl.maximum(seq_k, 1)
+        q_desc = tl.make_tensor_descriptor(Q + q_start.to(tl.int64) * sqm + h.to(tl.int64) * sqh,
+                                           shape=[seq_q, head_dim], strides=[sqm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        k_desc = tl.make_tensor_descriptor(K + k_start.to(tl.int64) * skn + hk.to(tl.int64) * skh,
+                                           shape=[rows_k, head_dim], strides=[skn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(V + k_start.to(tl.int64) * svn + hk.to(tl.int64) * svh,
+                                           shape=[rows_k, head_dim_v], strides=[svn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_DV])
+        o_desc = tl.make_tensor_descriptor(O + q_start.to(tl.int64) * som + h.to(tl.int64) * soh,
+                                           shape=[seq_q, head_dim_v], strides=[som, 1],
+                                           block_shape=[BLOCK_M, BLOCK_DV])
+        q = q_desc.load([start_m, 0])
+
+        m_i, l_i = _softmax_init(SINKS, h, BLOCK_M, HAS_SINKS)
+        acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
+        acc, l_i, m_i = _fwd_blocks_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, start_m, seq_q, seq_k,
+                                        qk_scale, window_left, window_right, softcap_in,
+                                        BLOCK_M, BLOCK_N, CAUSAL, IEEE, WS, WINDOW, SOFTCAP)
+        out, lse = _finish(acc, l_i, m_i)
+        # clipped at this sequence's last row: the next sequence's rows are never written
+        o_desc.store([start_m, 0], out.to(O.dtype.element_ty))
+        tl.store(LSE + h.to(tl.int64) * slh + (q_start.to(tl.int64) + offs_m) * slm, lse, mask=offs_m < seq_q)
+
+
 # --- backward ------------------------------------------------------------------------------------
 
 
@@ -128,11 +193,11 @@ def _varlen_dkdv_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     IEEE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
-    # key blocks slowest, from the first: early key blocks see the most queries under causal
+    # the dense backward's order: one kv head's key blocks adjacent (programs running together
+    # share its Q/dO in L2), the first key blocks (the most queries under causal) first
     pid = tl.program_id(0)
-    n_bh = (tl.num_programs(0) // num_n)
-    pid_n = pid // n_bh
-    pid_bh = pid % n_bh
+    pid_n = pid % num_n
+    pid_bh = pid // num_n
     b = pid_bh // heads_kv
     hk = pid_bh % heads_kv
     q_start = tl.load(CU_Q + b)
@@ -192,10 +257,10 @@ def _varlen_dq_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     IEEE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
+    # one head's query blocks adjacent, the last (the most keys under causal) first
     pid = tl.program_id(0)
-    n_bh = (tl.num_programs(0) // num_m)
-    pid_m = num_m - 1 - pid // n_bh
-    pid_bh = pid % n_bh
+    pid_m = num_m - 1 - pid % num_m
+    pid_bh = pid // num_m
     b = pid_bh // heads_q
     h = pid_bh % heads_q
     hk = (h // group).to(tl.int64)
@@ -290,8 +355,12 @@ def varlen_forward(
     if total_q == 0 or hq == 0 or batch <= 0 or max_seqlen_q <= 0:
         return out, lse
     arch = configs.arch_of_tensor(q)
-    cfg = configs.shrink_to_fit(configs.resolve_forward(config, arch, max(d, dv), bool(causal), max_seqlen_q,
-                                                        max(max_seqlen_k, 1)), arch, d, dv, q.element_size())
+    cfg = configs.resolve_forward(config, arch, max(d, dv), bool(causal), max_seqlen_q, max(max_seqlen_k, 1))
+    use_tma = bool(cfg.get("TMA")) and tma_strides_ok((q, k, v, out)) and not (
+        q.data_ptr() | k.data_ptr() | v.data_ptr() | out.data_ptr()) & 15
+    if not use_tma:
+        cfg = configs.pointer_config(cfg, arch, max(d, dv))
+    cfg = configs.shrink_to_fit(cfg, arch, d, dv, q.element_size())
     block_m, block_n = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
     block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
     variant = make_variant(window, softcap, sinks)
@@ -301,15 +370,28 @@ def varlen_forward(
     flags["WINDOW"] = has_window
     num_m = -(-max_seqlen_q // block_m)
     grid = (num_m * batch * hq,)
+    # without sinks the kernels never read their SINKS pointer: lse stands in
+    sinks_arg = lse if sinks is None else sinks
     with on_device(cuda_index(q)):
-        _varlen_fwd_kernel[grid](
-            q, k, v, out, lse, lse if sinks is None else sinks, cu_seqlens_q, cu_seqlens_k,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-            hq, hq // hkv, num_m, qk_scale, d, dv, left, right, softcap_in,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=bool(causal),
-            PAD_D=block_d != d, PAD_DV=block_dv != dv, IEEE=q.dtype == torch.float32, **flags,
-            **launch_options(cfg),
-        )
+        if use_tma:
+            ensure_tma_allocator()
+            _varlen_fwd_kernel_tma[grid](
+                q, k, v, out, lse, sinks_arg, cu_seqlens_q, cu_seqlens_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                out.stride(0), out.stride(1), *lse.stride(),
+                hq, hq // hkv, num_m, qk_scale, d, dv, left, right, softcap_in,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=bool(causal),
+                IEEE=q.dtype == torch.float32, WS=bool(cfg.get("WS", False)), **flags, **launch_options(cfg),
+            )
+        else:
+            _varlen_fwd_kernel[grid](
+                q, k, v, out, lse, sinks_arg, cu_seqlens_q, cu_seqlens_k,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+                hq, hq // hkv, num_m, qk_scale, d, dv, left, right, softcap_in,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=bool(causal),
+                PAD_D=block_d != d, PAD_DV=block_dv != dv, IEEE=q.dtype == torch.float32, **flags,
+                **launch_options(cfg),
+            )
     return out, lse
 
 
