@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 # Register spill stores per thread (ptxas -v) allowed on sm_90 for the kernels every forward and
 # decode call runs. The backward's measured-best tiles spill 80-1048 B and are reported, not held.
 SM90_SPILL_LIMIT = {"forward": 128, "forward_tma": 128, "varlen_forward": 128, "varlen_forward_tma": 128,
-                    "decode": 256, "decode_merge": 0}
+                    "decode": 256, "paged_decode": 256, "decode_merge": 0}
 
 
 @pytest.mark.slow
@@ -29,7 +29,8 @@ SM90_SPILL_LIMIT = {"forward": 128, "forward_tma": 128, "varlen_forward": 128, "
 def test_defaults_compile_and_fit(target: str) -> None:
     cases = default_cases(target)
     kernels = {c.kernel for c in cases}
-    assert {"forward", "varlen_forward", "decode", "decode_merge", "bwd_preprocess", "bwd_dkdv", "bwd_dq"} <= kernels, kernels
+    assert {"forward", "varlen_forward", "decode", "paged_decode", "decode_merge", "bwd_preprocess", "bwd_dkdv",
+            "bwd_dq"} <= kernels, kernels
     if target == "cuda:sm_90":
         assert {"forward_tma", "varlen_forward_tma"} <= kernels, kernels
     results = check_configs([target], cases)

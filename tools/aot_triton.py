@@ -50,7 +50,7 @@ def _targets() -> dict[str, tuple[str, int | str, int, str]]:
 
 TARGETS: dict[str, tuple[str, int | str, int, str]] = _targets()
 FORWARD_KERNELS: tuple[str, ...] = ("forward", "forward_tma", "varlen_forward", "varlen_forward_tma", "decode",
-                                     "decode_merge")
+                                     "paged_decode", "decode_merge")
 # backends/triton/aot.py's backward_kernels(), by name (each brings its own AOT spec)
 BACKWARD_KERNEL_NAMES: tuple[str, ...] = ("bwd_preprocess", "bwd_dkdv", "bwd_dq")
 KERNELS: tuple[str, ...] = FORWARD_KERNELS + BACKWARD_KERNEL_NAMES
@@ -156,6 +156,17 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
                       CAUSAL=case.causal, PAD_D=pad_d, PAD_DV=pad_dv, IEEE=ieee, DIRECT=False,
                       OFFS64=False, sqd=1, skd=1, svd=1, sod=1, **_PLAIN)
         opts = forward.launch_options(dcfg)
+    elif case.kernel == "paged_decode":
+        from flashdispatch.backends.triton import paged
+
+        # a paged cache of 16-token pages (the smallest the kernel takes), the most rows a program holds
+        block_m = int(cfg.pop("BLOCK_M", configs.DECODE_MAX_BLOCK_M))
+        dcfg = configs.resolve_decode(cfg, arch, case.head_dim)
+        fn = aot.paged_kernel()
+        consts = dict(PAGE=16, PAGED=True, BLOCK_M=block_m, BLOCK_N=dcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
+                      CAUSAL=case.causal, PAD_D=pad_d, PAD_DV=pad_dv, IEEE=ieee, DIRECT=False,
+                      sqd=1, skd=1, svd=1, sod=1, stn=1, **_PLAIN)
+        opts = forward.launch_options({**dcfg, "num_stages": paged.paged_stages(int(dcfg["num_stages"]), arch)})
     else:
         from flashdispatch.backends.triton import decode
 
@@ -165,7 +176,7 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
                                          False)
         consts["sod"] = 1
     pointers = {"Q": dt, "K": dt, "V": dt, "O": dt, "LSE": "fp32", "PO": "fp32", "PL": "fp32", "SINKS": "fp32",
-                "CU_Q": "i32", "CU_K": "i32"}
+                "CU_Q": "i32", "CU_K": "i32", "SEQLENS": "i32", "TABLE": "i32"}
     signature: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
     for i, name in enumerate(fn.arg_names):
@@ -178,7 +189,8 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name.startswith("s") and len(name) == 3:  # strides: multiples of 16 elements
+            if name.startswith("s") and len(name) == 3 and name != "stb":  # strides: multiples of 16 elements
+                # (a block table's row stride is its width, any number)
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs), opts
 
@@ -336,6 +348,8 @@ def default_cases(target: str, head_dims: Sequence[int] = (64, 128, 256)) -> lis
                                    causal=causal))
         dec = configs.decode_defaults(arch, d)
         cases.append(make_case("decode", {**dec, "BLOCK_M": configs.DECODE_MAX_BLOCK_M}, head_dim=d,
+                               causal=True))
+        cases.append(make_case("paged_decode", {**dec, "BLOCK_M": configs.DECODE_MAX_BLOCK_M}, head_dim=d,
                                causal=True))
         cases.append(make_case("decode_merge", {}, head_dim=d))
         # backward defaults: 16-bit tiles for every head-dim bucket; fp32 has its own smaller tiles

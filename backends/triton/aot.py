@@ -33,6 +33,11 @@ def varlen_forward_kernel(tma: bool = False) -> Any:
     return m._varlen_fwd_kernel_tma if tma else m._varlen_fwd_kernel
 
 
+def paged_kernel() -> Any:
+    """The KV-cache split kernel (paged or contiguous cache; merge: decode_kernels()[1])."""
+    return _module("paged")._paged_split_kernel
+
+
 def decode_kernels() -> tuple[Any, Any]:
     """The split-KV decode kernel and its lse merge kernel."""
     m = _module("decode")
