@@ -140,6 +140,18 @@ def test_varlen_forward_unaligned_rows_take_the_pointer_kernel(monkeypatch: pyte
     _check(out, lse, ref, base, ref_lse, FP16)
 
 
+def test_varlen_forward_past_the_descriptor_budget_takes_the_pointer_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grid of more programs than MAX_TMA_PROGRAMS (each takes descriptor scratch, most exit at
+    once in a mixed batch) runs the pointer kernel, with the same result."""
+    monkeypatch.setattr(vl, "MAX_TMA_PROGRAMS", 5)  # this call's grid: 3 blocks x 2 seqs x 2 heads
+    monkeypatch.setattr(vl, "_varlen_fwd_kernel_tma", _NotThisKernel())
+    q, k, v, cq, ck, mq, mk, kw = _varlen_inputs(([40, 7], None, 2, 1, 32, True, None, None, "none"), FP32)
+    out, lse = vl.varlen_forward(q, k, v, cq, ck, mq, mk, scale=0.2, config={**TILES, "TMA": True}, **kw)
+    ref, ref_lse = varlen_math(q, k, v, cq, ck, scale=0.2, upcast=True, **kw)
+    base, _ = varlen_math(q, k, v, cq, ck, scale=0.2, upcast=False, **kw)
+    _check(out, lse, ref, base, ref_lse, FP32)
+
+
 @pytest.mark.parametrize("case,dtype", _dtyped(VARLEN_CASES, (4,), _vid))
 def test_varlen_backward(case: tuple, dtype: torch.dtype) -> None:
     q, k, v, cq, ck, mq, mk, kw = _varlen_inputs(case, dtype, requires_grad=True)

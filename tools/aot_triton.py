@@ -142,6 +142,8 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
                           sqd=1, skd=1, svd=1, sod=1, **_PLAIN)
             if not varlen:
                 consts["OFFS64"] = False
+        if varlen:
+            consts["slm"] = 1  # lse is (Hq, total_q): unit row stride, a head stride of any size
         else:
             fn = aot.varlen_forward_kernel(tma=True) if varlen else aot.forward_kernel(tma=True)
             consts = dict(BLOCK_M=fcfg["BLOCK_M"], BLOCK_N=fcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
@@ -157,8 +159,6 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
                       OFFS64=False, sqd=1, skd=1, svd=1, sod=1, **_PLAIN)
         opts = forward.launch_options(dcfg)
     elif case.kernel == "paged_decode":
-        from flashdispatch.backends.triton import paged
-
         # a paged cache of 16-token pages (the smallest the kernel takes), the most rows a program holds
         block_m = int(cfg.pop("BLOCK_M", configs.DECODE_MAX_BLOCK_M))
         dcfg = configs.resolve_decode(cfg, arch, case.head_dim)
@@ -166,7 +166,7 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
         consts = dict(PAGE=16, PAGED=True, BLOCK_M=block_m, BLOCK_N=dcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
                       CAUSAL=case.causal, PAD_D=pad_d, PAD_DV=pad_dv, IEEE=ieee, DIRECT=False,
                       sqd=1, skd=1, svd=1, sod=1, stn=1, **_PLAIN)
-        opts = forward.launch_options({**dcfg, "num_stages": paged.paged_stages(int(dcfg["num_stages"]), arch)})
+        opts = forward.launch_options(dcfg)
     else:
         from flashdispatch.backends.triton import decode
 
@@ -189,8 +189,9 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name.startswith("s") and len(name) == 3 and name != "stb":  # strides: multiples of 16 elements
-                # (a block table's row stride is its width, any number)
+            if name.startswith("s") and len(name) == 3 and name not in ("stb", "slh"):
+                # strides: multiples of 16 elements (a block table's row stride is its width, and
+                # the varlen lse's head stride the packed row count: any number)
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs), opts
 

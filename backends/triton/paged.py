@@ -145,17 +145,6 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_
 # With lengths spread evenly below the capacity, half of the splits of an average sequence are
 # empty: twice the dense decode's programs per SM keeps the device as busy.
 MIXED_LENGTH_SPLIT_FACTOR = 2
-# Triton's software pipeliner (NVIDIA) gives the page-table load stages of its own ahead of the K/V
-# loads whose addresses it feeds, so at the decode config's num_stages the paged K/V tiles get one
-# buffer where the contiguous kernel gets two (sm_90, D=128, BLOCK_N=128, 3 stages: 74 KB of shared
-# memory, K/V single-buffered; contiguous: 139 KB, double). Two more stages on paged launches give
-# them the contiguous kernel's buffering (5 stages: 140 KB, two K/V buffers).
-PAGED_EXTRA_STAGES = 2
-
-
-def paged_stages(num_stages: int, arch: str) -> int:
-    """The num_stages a paged split launch compiles with, for a decode config's `num_stages`."""
-    return num_stages + PAGED_EXTRA_STAGES if arch in ("sm_80", "sm_90") else num_stages
 
 
 class _PagedPlan:
@@ -210,8 +199,7 @@ class _PagedPlan:
             hq, hkv, hq // hkv, sq, qk_scale, d, dv, keys_per_split, splits, left, right, softcap_in,
         ), dict(PAGE=page, PAGED=paged, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                 CAUSAL=causal, PAD_D=block_d != d, PAD_DV=block_dv != dv, IEEE=q.dtype == torch.float32,
-                DIRECT=direct, **flags),
-            launch_options({**cfg, "num_stages": paged_stages(int(cfg["num_stages"]), arch)} if paged else cfg), index)
+                DIRECT=direct, **flags), launch_options(cfg), index)
         if not direct:
             # decode.py's merge, with the output's strides in (b, h, i, d) order
             self.merge = BoundLaunch(_MERGE, (bsz * hq * sq,), 5, (o_strides[0], o_strides[2], o_strides[1],

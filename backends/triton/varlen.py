@@ -305,6 +305,14 @@ def _varlen_dq_kernel(
 # --- host side -----------------------------------------------------------------------------------
 
 
+# The descriptor kernel's programs each take TMA_SCRATCH_BYTES of global scratch for their four
+# device-side descriptors, and the grid is sized by max_seqlen_q x batch x heads (most programs of a
+# mixed batch exit at once): past this many programs (64 MiB of scratch) the pointer kernel runs
+# instead. Triton also computes the scratch offset in 32 bits, which overflows at 2^22 programs.
+TMA_SCRATCH_BYTES = 512
+MAX_TMA_PROGRAMS = (64 << 20) // TMA_SCRATCH_BYTES
+
+
 def _check_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
                   cu_k: torch.Tensor) -> None:
     """What would corrupt memory if it were wrong (the public call validates the rest)."""
@@ -356,8 +364,9 @@ def varlen_forward(
         return out, lse
     arch = configs.arch_of_tensor(q)
     cfg = configs.resolve_forward(config, arch, max(d, dv), bool(causal), max_seqlen_q, max(max_seqlen_k, 1))
-    use_tma = bool(cfg.get("TMA")) and tma_strides_ok((q, k, v, out)) and not (
-        q.data_ptr() | k.data_ptr() | v.data_ptr() | out.data_ptr()) & 15
+    use_tma = (bool(cfg.get("TMA")) and tma_strides_ok((q, k, v, out))
+               and not (q.data_ptr() | k.data_ptr() | v.data_ptr() | out.data_ptr()) & 15
+               and -(-max_seqlen_q // int(cfg["BLOCK_M"])) * batch * hq <= MAX_TMA_PROGRAMS)
     if not use_tma:
         cfg = configs.pointer_config(cfg, arch, max(d, dv))
     cfg = configs.shrink_to_fit(cfg, arch, d, dv, q.element_size())
