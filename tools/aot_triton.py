@@ -142,12 +142,12 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
                           sqd=1, skd=1, svd=1, sod=1, **_PLAIN)
             if not varlen:
                 consts["OFFS64"] = False
-        if varlen:
-            consts["slm"] = 1  # lse is (Hq, total_q): unit row stride, a head stride of any size
         else:
             fn = aot.varlen_forward_kernel(tma=True) if varlen else aot.forward_kernel(tma=True)
             consts = dict(BLOCK_M=fcfg["BLOCK_M"], BLOCK_N=fcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
                           CAUSAL=case.causal, IEEE=ieee, WS=bool(fcfg.get("WS", False)), **_PLAIN)
+        if varlen:
+            consts["slm"] = 1  # lse is (Hq, total_q): unit row stride, a head stride of any size
         opts = forward.launch_options(fcfg)
     elif case.kernel == "decode":
         # BLOCK_M of decode follows the query group size, not the config: check the largest
