@@ -96,7 +96,7 @@ def _varlen_fwd_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         offs_n0 = tl.arange(0, BLOCK_N)
-        # packed rows: base pointers are 64-bit, offsets inside a sequence stay 32-bit
+        # packed rows: base pointers and block starts are 64-bit, offsets inside a tile 32-bit
         Q_base = Q + q_start.to(tl.int64) * sqm + h.to(tl.int64) * sqh
         K_base = K + k_start.to(tl.int64) * skn + hk.to(tl.int64) * skh
         V_base = V + k_start.to(tl.int64) * svn + hk.to(tl.int64) * svh
@@ -107,7 +107,10 @@ def _varlen_fwd_kernel(
         q_mask = in_q[:, None]
         if PAD_D:
             q_mask = q_mask & (offs_d[None, :] < head_dim)
-        q = tl.load(Q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+        # the block's first row as a 64-bit offset (one sequence may hold more than 2^31 / stride rows)
+        rows_in = tl.arange(0, BLOCK_M)
+        q = tl.load(Q_base + start_m.to(tl.int64) * sqm + rows_in[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=q_mask, other=0.0)
 
         m_i, l_i = _softmax_init(SINKS, h, BLOCK_M, HAS_SINKS)
         acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
@@ -121,7 +124,8 @@ def _varlen_fwd_kernel(
         o_mask = in_q[:, None]
         if PAD_DV:
             o_mask = o_mask & (offs_dv[None, :] < head_dim_v)
-        tl.store(O_base + offs_m[:, None] * som + offs_dv[None, :] * sod, out.to(O.dtype.element_ty), mask=o_mask)
+        tl.store(O_base + start_m.to(tl.int64) * som + rows_in[:, None] * som + offs_dv[None, :] * sod,
+                 out.to(O.dtype.element_ty), mask=o_mask)
         tl.store(LSE + h.to(tl.int64) * slh + (q_start.to(tl.int64) + offs_m) * slm, lse, mask=in_q)
 
 
