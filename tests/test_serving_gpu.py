@@ -100,6 +100,37 @@ def test_varlen_triton_forward_backward(lengths, causal: bool, dtype: torch.dtyp
         assert ok, f"{name} {err:.3g} > {allowed:.3g}"
 
 
+@pytest.mark.parametrize("path", ["default", "pointer"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_varlen_forward_kernel_paths(d: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both forward kernels (on Hopper the default is the per-sequence descriptor kernel at D=128/256;
+    MAX_TMA_PROGRAMS=0 sends every call to the pointer kernel) at each head-dim bucket, against the
+    float64 reference; a NaN in one sequence's first value row reaches that sequence's rows only."""
+    from flashdispatch.backends.triton import varlen as vl
+
+    if path == "pointer":
+        monkeypatch.setattr(vl, "MAX_TMA_PROGRAMS", 0)
+    lengths = [0, 1, 17, 300, 129, 64, 2]
+    g = torch.Generator(device="cuda").manual_seed(3)
+    total = sum(lengths)
+    q = torch.randn(total, 16, d, device="cuda", generator=g).to(BF16)
+    k = torch.randn(total, 4, d, device="cuda", generator=g).to(BF16)
+    v = torch.randn(total, 4, d, device="cuda", generator=g).to(BF16)
+    cu = _cu(lengths)
+    out, lse = vl.varlen_forward(q, k, v, cu, cu, max(lengths), max(lengths), causal=True, scale=d ** -0.5)
+    ref, ref_lse = varlen_math(q, k, v, cu, cu, causal=True, upcast=True, scale=d ** -0.5)
+    base, _ = varlen_math(q, k, v, cu, cu, causal=True, upcast=False, scale=d ** -0.5)
+    ok, err, allowed = within_budget(out, base, ref, BF16)
+    assert ok, f"forward {err:.3g} > {allowed:.3g}"
+    _lse_ok(lse, ref_lse)
+    start = int(cu[3])  # sequence 3 (300 rows): every row sees its first key
+    v_bad = v.clone()
+    v_bad[start] = float("nan")
+    out_bad, _ = vl.varlen_forward(q, k, v_bad, cu, cu, max(lengths), max(lengths), causal=True, scale=d ** -0.5)
+    rows_nan = torch.isnan(out_bad).any(dim=(1, 2))
+    assert bool(rows_nan[start:start + 300].all()) and not bool(rows_nan[:start].any() or rows_nan[start + 300:].any())
+
+
 KV_CASES = [(16, 1, BF16), (16, 5, BF16), (32, 1, BF16), (64, 5, BF16), (0, 1, BF16), (0, 5, BF16),
             (16, 1, FP16), (64, 5, FP16)]
 
