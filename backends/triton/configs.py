@@ -117,9 +117,9 @@ FORWARD_DEFAULTS: dict[str, dict[tuple[int, bool], dict[str, Any]]] = {
 }
 
 # The pointer kernel holds its K/V tile addresses in registers (a 64-bit pointer per element of a
-# tile), so a TMA config's tiles can spill there: ptxas for sm_90 reports 2.8 KB of spill stores per
-# thread for the D=128 causal TMA tiles (128x64, 4 warps) on the pointer kernel, none with 8 warps
-# (D=256: 64x64 with 8 warps, 44 B). When a TMA config has to run on the pointer kernel (views the
+# tile), so a TMA config's tiles can spill there: ptxas for sm_90 reports 460-500 B of spill stores
+# per thread for the D=128 causal TMA tiles (128x64, 4 warps) on the pointer kernels, none with 8
+# warps (D=256: 64x64 with 8 warps, 28-48 B). When a TMA config has to run on the pointer kernel (views the
 # copy engine cannot address), it takes the pointer tiles of its head-dim bucket from here.
 POINTER_DEFAULTS: dict[str, dict[int, dict[str, Any]]] = {
     "sm_90": {
