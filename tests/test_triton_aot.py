@@ -18,10 +18,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-# Register spill stores per thread (ptxas -v) allowed on sm_90 for the kernels every forward and
-# decode call runs. The backward's measured-best tiles spill 80-1048 B and are reported, not held.
-SM90_SPILL_LIMIT = {"forward": 128, "forward_tma": 128, "varlen_forward": 128, "varlen_forward_tma": 128,
-                    "decode": 256, "paged_decode": 256, "decode_merge": 0}
+# Register spill stores per thread (ptxas -v) allowed at the defaults, per NVIDIA target and kernel;
+# a case with window + softcap + sinks compiled in may spill VARIANT_EXTRA more. sm_90's backward
+# runs its measured-best tiles (80-1048 B, listed, not held); sm_80's tiles are chosen by spills.
+SPILL_LIMITS: dict[str, dict[str, int]] = {
+    "cuda:sm_90": {"forward": 128, "forward_tma": 128, "varlen_forward": 128, "varlen_forward_tma": 128,
+                   "decode": 256, "paged_decode": 256, "decode_merge": 0},
+    "cuda:sm_80": {"forward": 128, "varlen_forward": 128, "decode": 256, "paged_decode": 256, "decode_merge": 0,
+                   "bwd_dkdv": 256, "bwd_dq": 256},
+}
+VARIANT_EXTRA = 128
 
 
 @pytest.mark.slow
@@ -31,18 +37,21 @@ def test_defaults_compile_and_fit(target: str) -> None:
     kernels = {c.kernel for c in cases}
     assert {"forward", "varlen_forward", "decode", "paged_decode", "decode_merge", "bwd_preprocess", "bwd_dkdv",
             "bwd_dq"} <= kernels, kernels
+    assert any(c.variants for c in cases), "no window/softcap/sinks case"
     if target == "cuda:sm_90":
         assert {"forward_tma", "varlen_forward_tma"} <= kernels, kernels
     results = check_configs([target], cases)
     bad = [str(r) for r in results if not r.ok]
     assert not bad, "\n".join(bad)
     assert all(r.shared is not None and 0 <= r.shared <= r.limit for r in results)
-    if target == "cuda:sm_90":
-        spilled = [r for r in results if r.extra.get("spill_bytes") is not None]
-        if not spilled:
+    limits = SPILL_LIMITS.get(target)
+    if limits:
+        read = [r for r in results if r.extra.get("spill_bytes") is not None]
+        if not read:
             pytest.skip("no ptxas on this machine: spills not read")
-        over = [str(r) for r in spilled if r.case.kernel in SM90_SPILL_LIMIT
-                and r.extra["spill_bytes"] > SM90_SPILL_LIMIT[r.case.kernel]]
+        over = [str(r) for r in read if r.case.origin == "default" and r.case.kernel in limits
+                and r.case.dtype != "fp32"  # fp32: a correctness path (IEEE dots), listed, not held
+                and r.extra["spill_bytes"] > limits[r.case.kernel] + (VARIANT_EXTRA if r.case.variants else 0)]
         assert not over, "\n".join(over)
 
 
@@ -54,7 +63,7 @@ def test_spill_check_can_fail() -> None:
     (r,) = check_configs(["cuda:sm_90"], [case])
     if r.extra.get("spill_bytes") is None:
         pytest.skip("no ptxas on this machine: spills not read")
-    assert r.ok and r.extra["spill_bytes"] > SM90_SPILL_LIMIT["varlen_forward"], str(r)
+    assert r.ok and r.extra["spill_bytes"] > SPILL_LIMITS["cuda:sm_90"]["varlen_forward"], str(r)
 
 
 @pytest.mark.slow

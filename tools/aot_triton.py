@@ -55,8 +55,18 @@ FORWARD_KERNELS: tuple[str, ...] = ("forward", "forward_tma", "varlen_forward", 
 BACKWARD_KERNEL_NAMES: tuple[str, ...] = ("bwd_preprocess", "bwd_dkdv", "bwd_dq")
 KERNELS: tuple[str, ...] = FORWARD_KERNELS + BACKWARD_KERNEL_NAMES
 _TRITON_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
-# the kernels' variant switches (window, softcap, sinks) off: the plain kernels are what ships compiled
+# the kernels' variant switches (window, softcap, sinks) off: the plain kernels
 _PLAIN = {"WINDOW": False, "SOFTCAP": 0, "HAS_SINKS": False}
+
+
+def _variant_flags(case: "KernelCase", arch: str) -> dict[str, Any]:
+    """The variant constexprs of a case: all off, or (case.variants) a sliding window, softcap with
+    the tanh the launcher picks (forward.softcap_mode: NVIDIA's tanh.approx for bf16, else the
+    portable form) and sinks, so that every variant path compiles for the target."""
+    if not case.variants:
+        return dict(_PLAIN)
+    fast_tanh = arch.startswith("sm_") and case.dtype == "bf16"
+    return {"WINDOW": True, "SOFTCAP": 2 if fast_tanh else 1, "HAS_SINKS": True}
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,7 @@ class KernelCase:
     head_dim_v: int = 128
     causal: bool = False
     origin: str = "default"  # where the config comes from: "default" or a profile path
+    variants: bool = False  # window + softcap + sinks compiled in (_variant_flags)
 
     @property
     def cfg(self) -> dict[str, Any]:
@@ -77,7 +88,7 @@ class KernelCase:
 
     def describe(self) -> str:
         c = " ".join(f"{k}={v}" for k, v in self.config)
-        return (f"{self.kernel} {self.dtype} D={self.head_dim}"
+        return (f"{self.kernel}{'+window+softcap+sinks' if self.variants else ''} {self.dtype} D={self.head_dim}"
                 f"{'' if self.head_dim_v == self.head_dim else f'/{self.head_dim_v}'}"
                 f" causal={self.causal} [{c}]")
 
@@ -105,13 +116,16 @@ class CompileResult:
 
 
 def make_case(kernel: str, config: dict[str, Any], *, dtype: str = "fp16", head_dim: int = 128,
-              head_dim_v: int | None = None, causal: bool = False, origin: str = "default") -> KernelCase:
+              head_dim_v: int | None = None, causal: bool = False, origin: str = "default",
+              variants: bool = False) -> KernelCase:
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     if dtype not in _TRITON_DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_TRITON_DTYPES)}, got {dtype!r}")
+    if variants and kernel == "bwd_preprocess":
+        raise ValueError("variants: bwd_preprocess has no variant switches")
     return KernelCase(kernel, tuple(sorted(config.items())), dtype, head_dim,
-                      head_dim if head_dim_v is None else head_dim_v, causal, origin)
+                      head_dim if head_dim_v is None else head_dim_v, causal, origin, variants)
 
 
 def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
@@ -124,8 +138,12 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
     cfg = dict(case.config)
     if case.kernel in BACKWARD_KERNEL_NAMES:
         (kern,) = [k for k in aot.backward_kernels() if k.name == case.kernel]
-        spec = kern.spec(cfg, case.dtype, case.head_dim, case.head_dim_v, case.causal)
-        src = triton.compiler.ASTSource(fn=kern.fn, signature=spec.signature, constexprs=spec.constexprs)
+        spec = kern.spec(cfg, case.dtype, case.head_dim, case.head_dim_v, case.causal, arch)
+        constexprs = dict(spec.constexprs)
+        if case.variants:  # the backward kernels take window and softcap (sinks' gradient is torch's)
+            flags = _variant_flags(case, arch)
+            constexprs.update(WINDOW=flags["WINDOW"], SOFTCAP=flags["SOFTCAP"])
+        src = triton.compiler.ASTSource(fn=kern.fn, signature=spec.signature, constexprs=constexprs)
         return src, {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     dt = _TRITON_DTYPES[case.dtype]
     bd, bdv = configs.block_dim(case.head_dim), configs.block_dim(case.head_dim_v)
@@ -139,13 +157,14 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
             fn = aot.varlen_forward_kernel() if varlen else aot.forward_kernel()
             consts = dict(BLOCK_M=fcfg["BLOCK_M"], BLOCK_N=fcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
                           CAUSAL=case.causal, PAD_D=pad_d, PAD_DV=pad_dv, IEEE=ieee,
-                          sqd=1, skd=1, svd=1, sod=1, **_PLAIN)
+                          sqd=1, skd=1, svd=1, sod=1, **_variant_flags(case, arch))
             if not varlen:
                 consts["OFFS64"] = False
         else:
             fn = aot.varlen_forward_kernel(tma=True) if varlen else aot.forward_kernel(tma=True)
             consts = dict(BLOCK_M=fcfg["BLOCK_M"], BLOCK_N=fcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
-                          CAUSAL=case.causal, IEEE=ieee, WS=bool(fcfg.get("WS", False)), **_PLAIN)
+                          CAUSAL=case.causal, IEEE=ieee, WS=bool(fcfg.get("WS", False)),
+                          **_variant_flags(case, arch))
         if varlen:
             consts["slm"] = 1  # lse is (Hq, total_q): unit row stride, a head stride of any size
         opts = forward.launch_options(fcfg)
@@ -156,7 +175,7 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
         fn = aot.decode_kernels()[0]
         consts = dict(BLOCK_M=block_m, BLOCK_N=dcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
                       CAUSAL=case.causal, PAD_D=pad_d, PAD_DV=pad_dv, IEEE=ieee, DIRECT=False,
-                      OFFS64=False, sqd=1, skd=1, svd=1, sod=1, **_PLAIN)
+                      OFFS64=False, sqd=1, skd=1, svd=1, sod=1, **_variant_flags(case, arch))
         opts = forward.launch_options(dcfg)
     elif case.kernel == "paged_decode":
         # a paged cache of 16-token pages (the smallest the kernel takes), the most rows a program holds
@@ -165,7 +184,7 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
         fn = aot.paged_kernel()
         consts = dict(PAGE=16, PAGED=True, BLOCK_M=block_m, BLOCK_N=dcfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bdv,
                       CAUSAL=case.causal, PAD_D=pad_d, PAD_DV=pad_dv, IEEE=ieee, DIRECT=False,
-                      sqd=1, skd=1, svd=1, sod=1, stn=1, **_PLAIN)
+                      sqd=1, skd=1, svd=1, sod=1, stn=1, **_variant_flags(case, arch))
         opts = forward.launch_options(dcfg)
     else:
         from flashdispatch.backends.triton import decode
@@ -173,7 +192,7 @@ def _source(case: KernelCase, arch: str) -> tuple[Any, dict[str, Any]]:
         fn = aot.decode_kernels()[1]
         # the launcher's own constexprs and warps for the most splits a decode launch can have
         consts, opts = decode.merge_meta(int(cfg.get("BLOCK_S", configs.DECODE_MAX_SPLITS)), bdv, case.head_dim_v,
-                                         False)
+                                         case.variants)
         consts["sod"] = 1
     pointers = {"Q": dt, "K": dt, "V": dt, "O": dt, "LSE": "fp32", "PO": "fp32", "PL": "fp32", "SINKS": "fp32",
                 "CU_Q": "i32", "CU_K": "i32", "SEQLENS": "i32", "TABLE": "i32"}
@@ -353,6 +372,16 @@ def default_cases(target: str, head_dims: Sequence[int] = (64, 128, 256)) -> lis
         cases.append(make_case("paged_decode", {**dec, "BLOCK_M": configs.DECODE_MAX_BLOCK_M}, head_dim=d,
                                causal=True))
         cases.append(make_case("decode_merge", {}, head_dim=d))
+        # window + softcap + sinks at the causal defaults (bf16: NVIDIA's tanh.approx where it runs)
+        cfg = configs.forward_defaults(arch, d, True, 4096, 4096)
+        tma = bool(cfg.get("TMA")) and arch == "sm_90"
+        variant = dict(dtype="bf16", head_dim=d, causal=True, variants=True)
+        cases.append(make_case("forward_tma" if tma else "forward", cfg, **variant))
+        cases.append(make_case("varlen_forward_tma" if tma else "varlen_forward", cfg, **variant))
+        for kernel in ("decode", "paged_decode"):
+            cases.append(make_case(kernel, {**dec, "BLOCK_M": configs.DECODE_MAX_BLOCK_M}, **variant))
+        cases.append(make_case("decode_merge", {}, **variant))
+        cases.extend(make_case(name, {}, **variant) for name in ("bwd_dkdv", "bwd_dq"))
         # backward defaults: 16-bit tiles for every head-dim bucket; fp32 has its own smaller tiles
         for causal in (False, True):
             for dtype in ("fp16", "fp32") if d == 64 else ("fp16",):

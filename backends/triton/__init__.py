@@ -99,7 +99,8 @@ class TritonAttention(Implementation):
         if p.needs_grad:
             # training is ranked by forward + backward time: vary the backward's tiles too, on the
             # default forward (the product of both spaces would multiply the tuning time)
-            bwd = configs.backward_config_space(p.head_dim, p.head_dim_v, fp32=p.dtype == torch.float32)
+            bwd = configs.backward_config_space(p.head_dim, p.head_dim_v, fp32=p.dtype == torch.float32,
+                                                arch=arch)
             base = self.default_config(p, dev)
             return forward + [{**base, **b} for b in bwd[1:]]
         return forward

@@ -57,8 +57,9 @@ class AotSpec(NamedTuple):
 class AotKernel(NamedTuple):
     name: str
     fn: Any  # the triton JITFunction
-    # spec(config, dtype "fp16" | "bf16" | "fp32", head_dim, head_dim_v, causal) -> AotSpec
-    spec: Callable[[dict[str, Any], str, int, int, bool], AotSpec]
+    # spec(config, dtype "fp16" | "bf16" | "fp32", head_dim, head_dim_v, causal[, arch]) -> AotSpec
+    # (arch: the arch family whose default tiles fill what the config leaves out)
+    spec: Callable[..., AotSpec]
 
 
 # tensors whose element type is the input dtype; LSE and DELTA are fp32
@@ -100,7 +101,8 @@ def _ieee(dtype: str) -> dict[str, bool]:
     return {"IEEE": dtype == "fp32"}
 
 
-def _preprocess_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AotSpec:
+def _preprocess_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool,
+                     arch: str | None = None) -> AotSpec:
     b = _module("backward")
     _bwd_preprocess_kernel = b._bwd_preprocess_kernel
     c = _aot_common(head_dim, head_dim_v)
@@ -109,20 +111,22 @@ def _preprocess_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim
     return AotSpec(_signature(_bwd_preprocess_kernel, dtype, ce), ce, 4, 1)
 
 
-def _dkdv_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AotSpec:
+def _dkdv_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool,
+               arch: str | None = None) -> AotSpec:
     b = _module("backward")
     _bwd_dkdv_kernel = b._bwd_dkdv_kernel
-    cfg = configs.resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32")
+    cfg = configs.resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32", arch=arch)
     ce: dict[str, Any] = {"CAUSAL": causal, **_PLAIN_BWD, "DQ_ATOMIC": cfg["BWD_DQ_ATOMIC"], "BLOCK_M": cfg["BWD_BLOCK_M"],
                           "BLOCK_N": cfg["BWD_BLOCK_N"], "EVEN_M": True, "EVEN_N": True, **_aot_common(head_dim, head_dim_v), **_ieee(dtype),
                           **_unit_strides(_bwd_dkdv_kernel)}
     return AotSpec(_signature(_bwd_dkdv_kernel, dtype, ce), ce, cfg["BWD_num_warps"], cfg["BWD_num_stages"])
 
 
-def _dq_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool) -> AotSpec:
+def _dq_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int, causal: bool,
+             arch: str | None = None) -> AotSpec:
     b = _module("backward")
     _bwd_dq_kernel = b._bwd_dq_kernel
-    cfg = configs.resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32")
+    cfg = configs.resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32", arch=arch)
     ce: dict[str, Any] = {"CAUSAL": causal, **_PLAIN_BWD, "BLOCK_M": cfg["BWD_BLOCK_N"], "BLOCK_N": cfg["BWD_BLOCK_M"],
                           "EVEN_M": True, **_aot_common(head_dim, head_dim_v), **_ieee(dtype),
                           **_unit_strides(_bwd_dq_kernel)}

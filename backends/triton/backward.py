@@ -661,7 +661,8 @@ def attention_backward(
             return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(sinks)
         return dq.zero_(), dk.zero_(), dv.zero_()
 
-    cfg = configs.resolve_backward_config(config, g.head_dim, g.head_dim_v, fp32=q.dtype == torch.float32)
+    cfg = configs.resolve_backward_config(config, g.head_dim, g.head_dim_v, fp32=q.dtype == torch.float32,
+                                          arch=configs.arch_of_tensor(q))
     do = _unit_last(do)
     block_d = configs.block_dim(g.head_dim)
     block_dv = configs.block_dim(g.head_dim_v)

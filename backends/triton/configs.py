@@ -478,6 +478,21 @@ BACKWARD_DEFAULTS: dict[int, dict[str, Any]] = {
     256: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 32, "BWD_num_warps": 8, "BWD_num_stages": 2},
 }
 
+# sm_80 (A100) is not measured here (no such card): its 16-bit tiles are the ones ptxas for sm_80
+# spills least on, per thread plain / with window + softcap: 32 x 128, 8 warps, 2 stages up to D=64
+# (40 B / 148 B), 16 x 128 at D=128 (140 B / 240 B), 16 x 32 at D=256 (24 B / 76 B). The table above
+# spills 596 B / 15 KB, 852 B / 13 KB and 580 B / 704 B there (softcap keeps its tanh tile live across
+# the dP product, and the 32 x 128 tiles then overflow mma.sync's register budget).
+BACKWARD_DEFAULTS_BY_ARCH: dict[str, dict[int, dict[str, Any]]] = {
+    "sm_80": {
+        16: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 8, "BWD_num_stages": 2},
+        32: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 8, "BWD_num_stages": 2},
+        64: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 8, "BWD_num_stages": 2},
+        128: {"BWD_BLOCK_M": 16, "BWD_BLOCK_N": 128, "BWD_num_warps": 8, "BWD_num_stages": 2},
+        256: {"BWD_BLOCK_M": 16, "BWD_BLOCK_N": 32, "BWD_num_warps": 8, "BWD_num_stages": 2},
+    },
+}
+
 # fp32 inputs (full-precision dots, a correctness path rather than a fast one) hold twice the bytes
 # per tile: the 16-bit tiles would overflow sm_80's shared memory from D=128 on. Sized to fit
 # sm_80 (163 KiB) and gfx90a/gfx942 (64 KiB LDS); compile-checked, not timed.
@@ -511,20 +526,22 @@ def padded_head_dim(head_dim: int, head_dim_v: int | None = None) -> int:
 
 
 def default_backward_config(
-    head_dim: int, head_dim_v: int | None = None, *, fp32: bool = False
+    head_dim: int, head_dim_v: int | None = None, *, fp32: bool = False, arch: str | None = None
 ) -> dict[str, Any]:
-    """The backward keys to use when the forward's config carries none (fp32: fp32 inputs)."""
-    table = BACKWARD_DEFAULTS_FP32 if fp32 else BACKWARD_DEFAULTS
+    """The backward keys to use when the forward's config carries none (fp32: fp32 inputs; arch:
+    the arch family, whose own 16-bit table, if any, comes first)."""
+    table = BACKWARD_DEFAULTS_FP32 if fp32 else BACKWARD_DEFAULTS_BY_ARCH.get(arch or "", BACKWARD_DEFAULTS)
     return {**table[padded_head_dim(head_dim, head_dim_v)], "BWD_DQ_ATOMIC": False}
 
 
 def backward_config_space(
-    head_dim: int, head_dim_v: int | None = None, *, atomic: bool = False, fp32: bool = False
+    head_dim: int, head_dim_v: int | None = None, *, atomic: bool = False, fp32: bool = False,
+    arch: str | None = None,
 ) -> list[dict[str, Any]]:
     """Backward configs the tuner may try for this head dim (the default first), all deterministic
     unless atomic=True adds the atomic-dq twin of each. fp32 inputs get their default only."""
     block_d = padded_head_dim(head_dim, head_dim_v)
-    space = [default_backward_config(head_dim, head_dim_v, fp32=fp32)]
+    space = [default_backward_config(head_dim, head_dim_v, fp32=fp32, arch=arch)]
     if fp32:
         return space
     for atomic_dq in (False, True) if atomic else (False,):
@@ -537,10 +554,10 @@ def backward_config_space(
 
 
 def resolve_backward_config(
-    config: dict[str, Any] | None, head_dim: int, head_dim_v: int, *, fp32: bool = False
+    config: dict[str, Any] | None, head_dim: int, head_dim_v: int, *, fp32: bool = False, arch: str | None = None
 ) -> dict[str, Any]:
     """The forward's config (which may hold BWD_* keys) completed with this head dim's defaults."""
-    cfg: dict[str, Any] = default_backward_config(head_dim, head_dim_v, fp32=fp32)
+    cfg: dict[str, Any] = default_backward_config(head_dim, head_dim_v, fp32=fp32, arch=arch)
     for key in BACKWARD_KEYS:
         if config and key in config:
             cfg[key] = config[key]

@@ -440,7 +440,8 @@ def varlen_backward(
                 EVEN_M=total_q % configs.PREPROCESS_BLOCK_M == 0, EVEN_DV=block_dv == dv,
             )
     if total_q and total_k and hq and batch > 0 and max_seqlen_q > 0 and max_seqlen_k > 0:
-        cfg = configs.resolve_backward_config(config, d, dv, fp32=q.dtype == torch.float32)
+        cfg = configs.resolve_backward_config(config, d, dv, fp32=q.dtype == torch.float32,
+                                              arch=configs.arch_of_tensor(q))
         bm, bn = cfg["BWD_BLOCK_M"], cfg["BWD_BLOCK_N"]
         warps, stages = cfg["BWD_num_warps"], cfg["BWD_num_stages"]
         block_d, block_dv = configs.block_dim(d), configs.block_dim(dv)
