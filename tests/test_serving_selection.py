@@ -463,3 +463,13 @@ def test_a_serving_timing_after_a_long_host_pause_starts_from_warm_clocks(monkey
     monkeypatch.setattr(timing, "IDLE_PAUSE_S", 0.0)
     r = tune_serving.measure_serving_bucket(SMALL["varlen"], ["sdpa"], CPU, OPTS, torch.Generator().manual_seed(0))
     assert [t.status for t in r.trials] == ["ok"] and warmed == ["cpu"]
+
+
+def test_explain_varlen_names_the_hopper_forward_kernel_on_hopper_only() -> None:
+    cu = torch.tensor([0, 100, 400], dtype=torch.int32, device="meta")
+    q = torch.empty(400, 32, 128, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(400, 8, 128, dtype=torch.bfloat16, device="meta")
+    notes = {key: fd.explain_varlen(q, k, k, cu, cu, 300, 300, causal=True, device=key).notes
+             for key in ("h200", "a100")}
+    assert any("tensor descriptors" in n for n in notes["h200"]), notes["h200"]
+    assert not any("tensor descriptors" in n for n in notes["a100"]), notes["a100"]
