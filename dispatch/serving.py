@@ -399,9 +399,13 @@ def _triton_notes(sp: ServingProblem, dev: DeviceInfo) -> list[str]:
     if sp.kind == "varlen":
         notes = ["packed varlen kernel: sequence starts and lengths read from cu_seqlens on the device, "
                  f"grid sized by max_seqlen_q={sp.seqlen_q}"]
-        if dev.kind == "cuda" and dev.arch.startswith("sm_9"):
-            notes.append("forward on Hopper: tensor descriptors over each sequence's rows where the rows are "
-                         "16-byte aligned and the grid fits the descriptor scratch, else the pointer kernel")
+        try:  # the tiles the forward runs by default here: a TMA config takes the descriptor kernel
+            tma = bool(REGISTRY.get("triton").default_config(sp.dense(), dev).get("TMA"))
+        except Exception:  # no config for this device (the CPU): nothing more to say
+            tma = False
+        if tma:
+            notes.append("forward: tensor descriptors over each sequence's rows where the rows are 16-byte "
+                         "aligned and the grid fits the descriptor scratch, else the pointer kernel")
         return notes
     paged = f"pages of {sp.block_size} gathered in the kernel" if sp.block_size else "contiguous cache"
     return [f"split-KV kernel against the cache ({paged}); splits planned from the capacity {sp.seqlen_k}, "

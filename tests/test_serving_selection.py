@@ -465,11 +465,14 @@ def test_a_serving_timing_after_a_long_host_pause_starts_from_warm_clocks(monkey
     assert [t.status for t in r.trials] == ["ok"] and warmed == ["cpu"]
 
 
-def test_explain_varlen_names_the_hopper_forward_kernel_on_hopper_only() -> None:
+@pytest.mark.parametrize("key,d,causal,descriptors", [("h200", 128, True, True), ("a100", 128, True, False),
+                                                    ("h200", 64, True, False), ("h200", 128, False, False)])
+def test_explain_varlen_names_the_descriptor_kernel_where_it_runs(key: str, d: int, causal: bool,
+                                                                 descriptors: bool) -> None:
+    """Where the forward's default tiles are a TMA config (Hopper, D=128 causal; not D=64 nor short
+    non-causal calls, which run the pointer kernel), and nowhere else."""
     cu = torch.tensor([0, 100, 400], dtype=torch.int32, device="meta")
-    q = torch.empty(400, 32, 128, dtype=torch.bfloat16, device="meta")
-    k = torch.empty(400, 8, 128, dtype=torch.bfloat16, device="meta")
-    notes = {key: fd.explain_varlen(q, k, k, cu, cu, 300, 300, causal=True, device=key).notes
-             for key in ("h200", "a100")}
-    assert any("tensor descriptors" in n for n in notes["h200"]), notes["h200"]
-    assert not any("tensor descriptors" in n for n in notes["a100"]), notes["a100"]
+    q = torch.empty(400, 32, d, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(400, 8, d, dtype=torch.bfloat16, device="meta")
+    notes = fd.explain_varlen(q, k, k, cu, cu, 300, 300, causal=causal, device=key).notes
+    assert any("tensor descriptors" in n for n in notes) == descriptors, notes

@@ -104,7 +104,8 @@ def test_every_config_of_the_space(head_dim, causal, monkeypatch):
     q, k, v, do = _inputs(1, 4, 2, 1030, 1030, head_dim, head_dim, torch.bfloat16, seed=head_dim)
     want, base, out, lse = _reference_grads(q, k, v, do, causal, head_dim ** -0.5)
     poison_outputs(monkeypatch)
-    for cfg in _configs().backward_config_space(head_dim, atomic=True):
+    configs = _configs()
+    for cfg in configs.backward_config_space(head_dim, atomic=True, arch=configs.arch_of_tensor(q)):
         got = bwd.attention_backward(do, q, k, v, out, lse, causal=causal, scale=head_dim ** -0.5, config=cfg)
         _check(got, want, base, (q, k, v), torch.bfloat16)
 

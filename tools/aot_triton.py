@@ -302,7 +302,8 @@ def _group_cases(k: Any, cfg: dict[str, Any], arch: str, origin: str) -> list[Ke
 
     cases: list[KernelCase] = []
     causal = k.cls in CAUSAL_CLASSES
-    common = dict(dtype=k.dtype, head_dim=k.head_dim, causal=causal, origin=origin)
+    # a variant group's kernels compile with the variant switches on (all three: a superset)
+    common = dict(dtype=k.dtype, head_dim=k.head_dim, causal=causal, origin=origin, variants=k.variant != "plain")
     if k.cls in ("decode", "speculative") and cfg.get("PATH", "split_kv") == "split_kv":
         cases.append(make_case("decode", cfg, **common))
     else:
@@ -311,7 +312,8 @@ def _group_cases(k: Any, cfg: dict[str, Any], arch: str, origin: str) -> list[Ke
         cases.append(make_case(kernel, fwd, **common))
     if k.pass_ == "fwd_bwd":
         bwd = {kk: v for kk, v in cfg.items() if kk.startswith("BWD_")}
-        cases.extend(make_case(name, bwd, **common) for name in BACKWARD_KERNEL_NAMES)
+        cases.extend(make_case(name, bwd, **{**common, "variants": common["variants"] and name != "bwd_preprocess"})
+                     for name in BACKWARD_KERNEL_NAMES)
     return cases
 
 
@@ -385,6 +387,8 @@ def default_cases(target: str, head_dims: Sequence[int] = (64, 128, 256)) -> lis
         cases.append(make_case("forward_tma" if tma else "forward", cfg, **variant))
         cases.append(make_case("bwd_dkdv", {}, **variant))
         if d == 128:
+            if tma:  # the pointer fallback's tiles with the variants too
+                cases.append(make_case("forward", configs.pointer_config(cfg, arch, d), **variant))
             cases.append(make_case("varlen_forward_tma" if tma else "varlen_forward", cfg, **variant))
             for kernel in ("decode", "paged_decode"):
                 cases.append(make_case(kernel, {**dec, "BLOCK_M": configs.DECODE_MAX_BLOCK_M}, **variant))

@@ -229,10 +229,10 @@ GRID_HEADS_Q = 16
 CLASS_POINTS: dict[str, tuple[tuple[int, int, int, int], ...]] = {
     # no mask, Sq = Sk: 2k to 128k tokens; the first three at 2k, 8k and 32k tokens (the benchmark's
     # FA2 lengths all hold 16k): bytes that do not follow the work tell the overhead from the bytes
-    "dense": ((1, 16, 2048, 2048), (1, 4, 8192, 8192), (2, 4, 16384, 16384), (4, 2, 4096, 4096),
+    "dense": ((1, 16, 2048, 2048), (1, 2, 8192, 8192), (2, 4, 16384, 16384), (4, 2, 4096, 4096),
               (16, 16, 1024, 1024), (2, 16, 6144, 6144), (8, 4, 16384, 16384)),
     # causal, Sq = Sk: the same sizes
-    "causal": ((1, 16, 2048, 2048), (1, 4, 8192, 8192), (2, 4, 16384, 16384), (4, 2, 4096, 4096),
+    "causal": ((1, 16, 2048, 2048), (1, 2, 8192, 8192), (2, 4, 16384, 16384), (4, 2, 4096, 4096),
                (16, 16, 1024, 1024), (2, 16, 6144, 6144), (8, 4, 16384, 16384)),
     # a prompt chunk of 256..2k rows against a cache 4x..32x longer (bottom-right causal)
     "chunked": ((1, 4, 512, 8192), (2, 16, 2048, 16384), (1, 2, 1024, 32768), (2, 4, 1024, 4096),
