@@ -129,6 +129,26 @@ def test_varlen_forward_tma(case: tuple, poisoned: None, monkeypatch: pytest.Mon
     _check(out, lse, ref, base, ref_lse, FP32)
 
 
+@pytest.mark.parametrize("d,dv,causal,window", [(32, 64, True, None), (40, 24, False, (5, 3))],
+                         ids=["d32-dv64-causal", "d40-dv24-window"])
+def test_varlen_forward_tma_value_dim_differs(d: int, dv: int, causal: bool, window, poisoned: None,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dv != D (and not a power of two) on the descriptor kernel: V's and out's descriptors have their
+    own width, zero-filled and clipped at Dv."""
+    monkeypatch.setattr(vl, "_varlen_fwd_kernel", _NotThisKernel())
+    lengths = [5, 0, 37, 1, 20]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(sum(lengths), 4, d, generator=g)
+    k = torch.randn(sum(lengths), 2, d, generator=g)
+    v = torch.randn(sum(lengths), 2, dv, generator=g)
+    cu = _cu(lengths)
+    out, lse = vl.varlen_forward(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal, scale=0.3,
+                                 config={**TILES, "TMA": True}, window=window)
+    ref, ref_lse = varlen_math(q, k, v, cu, cu, scale=0.3, upcast=True, causal=causal, window=window)
+    base, _ = varlen_math(q, k, v, cu, cu, scale=0.3, upcast=False, causal=causal, window=window)
+    _check(out, lse, ref, base, ref_lse, FP32)
+
+
 def test_varlen_forward_unaligned_rows_take_the_pointer_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows of 20 fp16 values (40 bytes) cannot be described to the copy engine: a TMA config runs
     on the pointer kernel, with the pointer tiles (configs.pointer_config)."""
