@@ -30,7 +30,6 @@ import triton.language as tl
 from . import configs
 from .decode import _MERGE, _plan, _split_init, _split_load_q, _split_rows, _split_step, _split_store, merge_meta
 from .forward import (
-    PLAIN,
     Variant,
     check_sinks,
     fast_tanh_on,

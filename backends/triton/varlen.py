@@ -35,7 +35,6 @@ import triton.language as tl
 from . import backward as _bwd
 from . import configs
 from .forward import (
-    Variant,
     _finish,
     _fwd_blocks,
     _fwd_blocks_tma,
