@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backends", nargs="+", default=list(REGISTRY.families()),
-                    help="backend families to measure (default: every family of the registry)")
+                    help="backends to measure: families, or implementations such as triton:gluon (default: every "
+                         "family of the registry)")
     ap.add_argument("--out", help="JSON file, rewritten after every row")
     ap.add_argument("--calls", type=int, default=500, help="back-to-back calls per reading (x10 alone)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved readings per side; the minimum is kept")
