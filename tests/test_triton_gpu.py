@@ -142,6 +142,31 @@ def test_hopper_configs(case: tuple, cfg: dict) -> None:
     check_forward(out.transpose(1, 2), q, k, v, causal=causal, layout="bshd", lse=lse)
 
 
+@pytest.mark.skipif(not _is_hopper(), reason="the descriptor kernel's fallback: Hopper only")
+@pytest.mark.parametrize("d,causal", [(128, True), (256, False)], ids=["d128-causal", "d256"])
+def test_unaligned_tensors_fall_back_to_the_pointer_tiles(d: int, causal: bool) -> None:
+    """Inputs whose base is not 16-byte aligned cannot be described to the copy engine: a TMA default
+    (D=128 causal, D=256) runs on the pointer kernel with pointer tiles (configs.pointer_config),
+    poisoned output rewritten, against the float64 reference."""
+    from flashdispatch.backends.triton import configs
+    from flashdispatch.backends.triton.forward import attention_forward
+
+    assert configs.forward_defaults("sm_90", d, causal, 1000, 1000).get("TMA")
+    b, h, s = 1, 4, 1000
+    g = torch.Generator(device="cuda").manual_seed(11)
+
+    def unaligned() -> torch.Tensor:  # one element past an aligned base: 2 bytes off
+        flat = torch.randn(b * s * h * d + 1, device="cuda", generator=g).to(torch.bfloat16)
+        return flat[1:].view(b, s, h, d)
+
+    q, k, v = unaligned(), unaligned(), unaligned()
+    assert q.data_ptr() % 16
+    with poisoned_empty():
+        out, lse = attention_forward(*(t.transpose(1, 2) for t in (q, k, v)), causal=causal, scale=d ** -0.5,
+                                     config={})
+    check_forward(out.transpose(1, 2), q, k, v, causal=causal, layout="bshd", lse=lse)
+
+
 def test_over_2_31_elements() -> None:
     """64-bit offsets: q/k/v/out of 2^31 + 2^17 elements; the last batches are checked."""
     free, _ = torch.cuda.mem_get_info()
