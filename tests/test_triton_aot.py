@@ -28,6 +28,11 @@ SPILL_LIMITS: dict[str, dict[str, int]] = {
     "cuda:sm_80": {"forward": 128, "varlen_forward": 128, "decode": 256, "paged_decode": 256, "decode_merge": 0,
                    "bwd_dkdv": 256, "bwd_dq": 256},
 }
+# AMD (VGPR spills, 4 B per register per lane): the forward runs AMD's published tiles, which spill
+# 40-43 VGPRs at D=128 in these kernels (listed under the limit); the backward's tiles spill none.
+_AMD_LIMITS = {"forward": 192, "varlen_forward": 192, "decode": 128, "paged_decode": 128, "decode_merge": 0,
+               "bwd_dkdv": 0, "bwd_dq": 0}
+SPILL_LIMITS["hip:gfx942"] = SPILL_LIMITS["hip:gfx90a"] = _AMD_LIMITS
 VARIANT_EXTRA = 128
 
 

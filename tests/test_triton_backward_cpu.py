@@ -203,17 +203,20 @@ def test_aot_specs_cover_every_argument() -> None:
             assert all(spec.signature[n] == "constexpr" for n in spec.constexprs)
 
 
-def test_the_arch_table_leads_the_launcher_and_the_tuner_alike() -> None:
-    """On sm_80 the backward's default tiles are that arch's own (chosen by their spills), for the
-    launcher (resolve_backward_config) and first in the tuner's space; other archs keep the shared table."""
+@pytest.mark.parametrize("arch", ["sm_80", "gfx942", "gfx90a"])
+def test_the_arch_table_leads_the_launcher_and_the_tuner_alike(arch: str) -> None:
+    """On sm_80 and AMD the backward's default tiles are that arch's own (chosen by their spills),
+    for the launcher (resolve_backward_config) and first in the tuner's space; sm_90 and the
+    interpreter keep the shared (measured) table."""
     from flashdispatch.backends.triton import configs
 
     for d in (64, 128, 256):
-        own = {**configs.BACKWARD_DEFAULTS_BY_ARCH["sm_80"][configs.padded_head_dim(d)], "BWD_DQ_ATOMIC": False}
-        assert configs.resolve_backward_config(None, d, d, arch="sm_80") == own
-        assert configs.backward_config_space(d, arch="sm_80")[0] == own
+        own = {**configs.BACKWARD_DEFAULTS_BY_ARCH[arch][configs.padded_head_dim(d)], "BWD_DQ_ATOMIC": False}
+        assert configs.resolve_backward_config(None, d, d, arch=arch) == own
+        assert configs.backward_config_space(d, arch=arch)[0] == own
         shared = configs.default_backward_config(d)
+        assert own != shared
         assert configs.resolve_backward_config(None, d, d, arch="sm_90") == shared
-        assert configs.resolve_backward_config(None, d, d, arch="gfx942") == shared
+        assert configs.resolve_backward_config(None, d, d, arch="interpreter") == shared
         # a config's BWD_* keys still win over any table
-        assert configs.resolve_backward_config({"BWD_BLOCK_N": 64}, d, d, arch="sm_80")["BWD_BLOCK_N"] == 64
+        assert configs.resolve_backward_config({"BWD_BLOCK_N": 64}, d, d, arch=arch)["BWD_BLOCK_N"] == 64

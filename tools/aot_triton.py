@@ -3,9 +3,9 @@
 `triton.compile(ASTSource(...), target=GPUTarget(...))` runs the whole compiler (down to cubin or
 hsaco) on a CPU-only machine. That proves every kernel with every config the defaults (and the
 shipped profiles) can choose compiles for A100, H100, MI250X and MI300X, and that its shared memory
-(the compiler's own figure, metadata.shared) fits the target. For NVIDIA targets it also reads
-ptxas's register spills (`ptxas -v` on the PTX): a tile that spills kilobytes per thread runs
-several times slower, and only a GPU would otherwise show it.
+(the compiler's own figure, metadata.shared) fits the target. It also reads the register spills
+(NVIDIA: `ptxas -v` on the PTX; AMD: the VGPR spill count of the kernel's metadata): a tile that
+spills kilobytes per thread runs several times slower, and only a GPU would otherwise show it.
 
     python -m flashdispatch.tools.aot_triton            # every default and profile config
     python -m flashdispatch.tools.aot_triton --target hip:gfx942 --head-dim 128
@@ -253,6 +253,13 @@ def ptxas_spill_bytes(ptx: str, capability: int | str) -> int | None:
     return sum(int(x) for x in found) if r.returncode == 0 and found else None
 
 
+def amdgcn_spill_bytes(amdgcn: str) -> int | None:
+    """Bytes of VGPR spills per lane (4 per spilled register) from the AMDGCN code's kernel
+    metadata, or None when it carries no such field."""
+    found = re.findall(r"\.vgpr_spill_count:\s*(\d+)", amdgcn)
+    return 4 * sum(int(x) for x in found) if found else None
+
+
 def check_one(target: str, case: KernelCase) -> CompileResult:
     """Compile one case for one target and compare its shared memory with the target's."""
     import triton
@@ -276,8 +283,10 @@ def check_one(target: str, case: KernelCase) -> CompileResult:
     extra: dict[str, Any] = {"num_warps": compiled.metadata.num_warps}
     if backend == "cuda":
         spills = ptxas_spill_bytes(compiled.asm["ptx"], arch_id)
-        if spills is not None:
-            extra["spill_bytes"] = spills
+    else:
+        spills = amdgcn_spill_bytes(compiled.asm.get("amdgcn", ""))
+    if spills is not None:
+        extra["spill_bytes"] = spills
     fits = shared <= limit
     return CompileResult(target, case, fits, True, shared, limit, time.perf_counter() - t0,
                          None if fits else f"shared {shared} B > {limit} B", extra)

@@ -141,9 +141,10 @@ DECODE_DEFAULTS: dict[str, dict[int, dict[str, Any]]] = {
                     NUM_SPLITS=0) for b in HEAD_DIM_BUCKETS},
     "sm_80": {b: _F(PATH="split_kv", BLOCK_N=64 if b <= 128 else 32, num_warps=4, num_stages=3,
                     NUM_SPLITS=0) for b in HEAD_DIM_BUCKETS},
-    "gfx942": {b: _F(PATH="split_kv", BLOCK_N=64, num_warps=4, num_stages=1, NUM_SPLITS=0,
+    # AMD: 32-key blocks at D=256, as on NVIDIA (64 spilled 68 VGPRs on gfx942, AOT; not measured)
+    "gfx942": {b: _F(PATH="split_kv", BLOCK_N=32 if b == 256 else 64, num_warps=4, num_stages=1, NUM_SPLITS=0,
                      waves_per_eu=2) for b in HEAD_DIM_BUCKETS},
-    "gfx90a": {b: _F(PATH="split_kv", BLOCK_N=64, num_warps=4, num_stages=1, NUM_SPLITS=0,
+    "gfx90a": {b: _F(PATH="split_kv", BLOCK_N=32 if b == 256 else 64, num_warps=4, num_stages=1, NUM_SPLITS=0,
                      waves_per_eu=2) for b in HEAD_DIM_BUCKETS},
     "interpreter": {b: _F(PATH="split_kv", BLOCK_N=32, num_warps=4, num_stages=1, NUM_SPLITS=0)
                     for b in HEAD_DIM_BUCKETS},
@@ -483,7 +484,19 @@ BACKWARD_DEFAULTS: dict[int, dict[str, Any]] = {
 # (40 B / 148 B), 16 x 128 at D=128 (140 B / 240 B), 16 x 32 at D=256 (24 B / 76 B). The table above
 # spills 596 B / 15 KB, 852 B / 13 KB and 580 B / 704 B there (softcap keeps its tanh tile live across
 # the dP product, and the 32 x 128 tiles then overflow mma.sync's register budget).
+# AMD (gfx90a, gfx942; not measured here either): one stage and 4 warps, the tiles with no VGPR spills
+# in the compiled code (plain, with window + softcap, fp16 non-causal): 32 x 128 up to D=64, 16 x 128
+# at D=128, 16 x 64 at D=256, where the table above spills 62-682 VGPRs per lane on gfx942.
+_AMD_BACKWARD: dict[int, dict[str, Any]] = {
+    16: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 1},
+    32: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 1},
+    64: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 1},
+    128: {"BWD_BLOCK_M": 16, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 1},
+    256: {"BWD_BLOCK_M": 16, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 1},
+}
 BACKWARD_DEFAULTS_BY_ARCH: dict[str, dict[int, dict[str, Any]]] = {
+    "gfx942": _AMD_BACKWARD,
+    "gfx90a": _AMD_BACKWARD,
     "sm_80": {
         16: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 8, "BWD_num_stages": 2},
         32: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 8, "BWD_num_stages": 2},
