@@ -22,6 +22,7 @@ Two kernels share the softmax step:
   the pointer kernel when they are not.
 
 Shared jit helpers (names are stable): `online_softmax_step`, `dot`, `tanh`, `kv_block_range`,
+`query_block_of` (the program order of the forward kernels),
 `LOG2E`, `LN2` for the decode and paged kernels; `_fwd_blocks` (every key block one query block
 sees, masked only at the edges) and its descriptor twin `_fwd_blocks_tma` for varlen.py's kernels.
 """
@@ -173,6 +174,18 @@ def online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, MASKED: tl.constexpr, IE
 
 
 @triton.jit
+def query_block_of(pid, num_m, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """(query block, b * Hq + h) of program `pid` of a 1-d grid (y/z grid dims stop at 65535): one
+    head's query blocks adjacent, so that its K/V stay in L2, and under causal without a window the
+    last blocks (whose rows see the most keys) first, for a shorter tail."""
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    if CAUSAL and not WINDOW:
+        pid_m = num_m - 1 - pid_m
+    return pid_m, pid_bh
+
+
+@triton.jit
 def _softmax_init(SINKS, h, BLOCK_M: tl.constexpr, HAS_SINKS: tl.constexpr):
     """(m, l) before the first key: empty, or the head's sink as a key of weight 1 and no value
     (m = sink in log2 units, l = 1), which is all a sink is: the online softmax does the rest."""
@@ -298,14 +311,7 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, IEEE: tl.constexpr,
     OFFS64: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
-    # 1-d grid (y/z grid dims stop at 65535), query blocks of one head adjacent: K/V stay in L2
-    num_m = (seq_q + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    if CAUSAL and not WINDOW:
-        # the heaviest query blocks (bottom rows see the most keys) start first: shorter tail
-        pid_m = num_m - 1 - pid_m
+    pid_m, pid_bh = query_block_of(tl.program_id(0), (seq_q + BLOCK_M - 1) // BLOCK_M, CAUSAL, WINDOW)
     b = pid_bh // heads_q
     h = pid_bh % heads_q
     hk = h // group
@@ -423,12 +429,7 @@ def _fwd_kernel_tma(
     CAUSAL: tl.constexpr, IEEE: tl.constexpr, WS: tl.constexpr, WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
-    num_m = (seq_q + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    if CAUSAL and not WINDOW:
-        pid_m = num_m - 1 - pid_m
+    pid_m, pid_bh = query_block_of(tl.program_id(0), (seq_q + BLOCK_M - 1) // BLOCK_M, CAUSAL, WINDOW)
     b = pid_bh // heads_q
     h = pid_bh % heads_q
     hk = h // group

@@ -45,6 +45,7 @@ from .forward import (
     kernel_window,
     launch_options,
     make_variant,
+    query_block_of,
     softcap_mode,
     tma_strides_ok,
     variant_scalars,
@@ -62,6 +63,14 @@ from .launch import cuda_index, on_device
 
 
 @triton.jit
+def _sequence(CU_Q, CU_K, b):
+    """(first query row, query rows, first key row, key rows) of sequence b, read from cu_seqlens."""
+    q_start = tl.load(CU_Q + b)
+    k_start = tl.load(CU_K + b)
+    return q_start, tl.load(CU_Q + b + 1) - q_start, k_start, tl.load(CU_K + b + 1) - k_start
+
+
+@triton.jit
 def _varlen_fwd_kernel(
     Q, K, V, O, LSE, SINKS, CU_Q, CU_K,
     sqm, sqh, sqd,
@@ -75,20 +84,12 @@ def _varlen_fwd_kernel(
     CAUSAL: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, IEEE: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
-    # the dense kernel's order: one head's query blocks adjacent (its K/V stay in L2), the late
-    # blocks first under causal; programs past the sequence's end leave at once
-    pid = tl.program_id(0)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    if CAUSAL and not WINDOW:
-        pid_m = num_m - 1 - pid_m
+    # the dense kernel's order; programs past the sequence's end leave at once
+    pid_m, pid_bh = query_block_of(tl.program_id(0), num_m, CAUSAL, WINDOW)
     b = pid_bh // heads_q
     h = pid_bh % heads_q
     hk = h // group
-    q_start = tl.load(CU_Q + b)
-    seq_q = tl.load(CU_Q + b + 1) - q_start
-    k_start = tl.load(CU_K + b)
-    seq_k = tl.load(CU_K + b + 1) - k_start
+    q_start, seq_q, k_start, seq_k = _sequence(CU_Q, CU_K, b)
     start_m = pid_m * BLOCK_M
     if start_m < seq_q:  # blocks past this sequence's end: nothing to do
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -139,18 +140,11 @@ def _varlen_fwd_kernel_tma(
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     # the pointer kernel's program order
-    pid = tl.program_id(0)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    if CAUSAL and not WINDOW:
-        pid_m = num_m - 1 - pid_m
+    pid_m, pid_bh = query_block_of(tl.program_id(0), num_m, CAUSAL, WINDOW)
     b = pid_bh // heads_q
     h = pid_bh % heads_q
     hk = h // group
-    q_start = tl.load(CU_Q + b)
-    seq_q = tl.load(CU_Q + b + 1) - q_start
-    k_start = tl.load(CU_K + b)
-    seq_k = tl.load(CU_K + b + 1) - k_start
+    q_start, seq_q, k_start, seq_k = _sequence(CU_Q, CU_K, b)
     start_m = pid_m * BLOCK_M
     if start_m < seq_q:
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -203,10 +197,7 @@ def _varlen_dkdv_kernel(
     pid_bh = pid // num_n
     b = pid_bh // heads_kv
     hk = pid_bh % heads_kv
-    q_start = tl.load(CU_Q + b)
-    seq_q = tl.load(CU_Q + b + 1) - q_start
-    k_start = tl.load(CU_K + b)
-    seq_k = tl.load(CU_K + b + 1) - k_start
+    q_start, seq_q, k_start, seq_k = _sequence(CU_Q, CU_K, b)
     n0 = pid_n * BLOCK_N
     if n0 < seq_k:
         q0 = q_start.to(tl.int64)
@@ -268,10 +259,7 @@ def _varlen_dq_kernel(
     h = pid_bh % heads_q
     hk = (h // group).to(tl.int64)
     h = h.to(tl.int64)
-    q_start = tl.load(CU_Q + b)
-    seq_q = tl.load(CU_Q + b + 1) - q_start
-    k_start = tl.load(CU_K + b)
-    seq_k = tl.load(CU_K + b + 1) - k_start
+    q_start, seq_q, k_start, seq_k = _sequence(CU_Q, CU_K, b)
     m0 = pid_m * BLOCK_M
     if m0 < seq_q:
         q0 = q_start.to(tl.int64)
