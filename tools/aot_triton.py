@@ -66,8 +66,11 @@ def _variant_flags(case: "KernelCase", arch: str) -> dict[str, Any]:
     portable form) and sinks, so that every variant path compiles for the target."""
     if not case.variants:
         return dict(_PLAIN)
+    from flashdispatch.backends.triton.forward import softcap_mode
+
+    # forward.fast_tanh_on's rule, for a target instead of a tensor: bf16 on NVIDIA
     fast_tanh = arch.startswith("sm_") and case.dtype == "bf16"
-    return {"WINDOW": True, "SOFTCAP": 2 if fast_tanh else 1, "HAS_SINKS": True}
+    return {"WINDOW": True, "SOFTCAP": softcap_mode(1.0, fast_tanh), "HAS_SINKS": True}
 
 
 @dataclass(frozen=True)
