@@ -98,35 +98,42 @@ def _dtyped(cases: list[tuple], fp16: tuple[int, ...], ids) -> list:  # noqa: AN
     return out + [pytest.param(cases[i], FP16, id=f"{ids(cases[i])}-fp16") for i in fp16]
 
 
+def _forward_checked(q, k, v, cq, ck, mq, mk, dtype: torch.dtype, scale: float, config: dict,  # noqa: ANN001
+                     **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """vl.varlen_forward with this config, held to the float64 per-sequence reference."""
+    out, lse = vl.varlen_forward(q, k, v, cq, ck, mq, mk, scale=scale, config=config, **kw)
+    ref, ref_lse = varlen_math(q, k, v, cq, ck, scale=scale, upcast=True, **kw)
+    base, _ = varlen_math(q, k, v, cq, ck, scale=scale, upcast=False, **kw)
+    _check(out, lse, ref, base, ref_lse, dtype)
+    return out, lse
+
+
 @pytest.mark.parametrize("case,dtype", _dtyped(VARLEN_CASES, (0, 4), _vid))
 def test_varlen_forward(case: tuple, dtype: torch.dtype, poisoned: None) -> None:
     q, k, v, cq, ck, mq, mk, kw = _varlen_inputs(case, dtype)
     scale = q.shape[-1] ** -0.5
-    out, lse = vl.varlen_forward(q, k, v, cq, ck, mq, mk, scale=scale, config=TILES, **kw)
+    out, lse = _forward_checked(q, k, v, cq, ck, mq, mk, dtype, scale, TILES, **kw)
     assert out.shape == (q.shape[0], q.shape[1], v.shape[2]) and lse.shape == (q.shape[1], q.shape[0])
-    ref, ref_lse = varlen_math(q, k, v, cq, ck, scale=scale, upcast=True, **kw)
-    base, _ = varlen_math(q, k, v, cq, ck, scale=scale, upcast=False, **kw)
-    _check(out, lse, ref, base, ref_lse, dtype)
 
 
 class _NotThisKernel:
     """Stands in for a kernel that must not run: launching it fails the test."""
 
+    def __init__(self, name: str) -> None:
+        self.name = name
+
     def __getitem__(self, grid: object) -> None:
-        raise AssertionError("the pointer kernel ran where the tensor-descriptor kernel should")
+        raise AssertionError(f"the {self.name} kernel ran where the other should")
 
 
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=_vid)
 def test_varlen_forward_tma(case: tuple, poisoned: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Hopper kernel (descriptors per sequence and head, emulated): the same cases and budget;
     a tile's rows past its sequence read as zeros and its store stops at the sequence's end."""
-    monkeypatch.setattr(vl, "_varlen_fwd_kernel", _NotThisKernel())
+    monkeypatch.setattr(vl, "_varlen_fwd_kernel", _NotThisKernel("pointer"))
     q, k, v, cq, ck, mq, mk, kw = _varlen_inputs(case, FP32)
     scale = q.shape[-1] ** -0.5
-    out, lse = vl.varlen_forward(q, k, v, cq, ck, mq, mk, scale=scale, config={**TILES, "TMA": True}, **kw)
-    ref, ref_lse = varlen_math(q, k, v, cq, ck, scale=scale, upcast=True, **kw)
-    base, _ = varlen_math(q, k, v, cq, ck, scale=scale, upcast=False, **kw)
-    _check(out, lse, ref, base, ref_lse, FP32)
+    _forward_checked(q, k, v, cq, ck, mq, mk, FP32, scale, {**TILES, "TMA": True}, **kw)
 
 
 @pytest.mark.parametrize("d,dv,causal,window", [(32, 64, True, None), (40, 24, False, (5, 3))],
@@ -135,41 +142,32 @@ def test_varlen_forward_tma_value_dim_differs(d: int, dv: int, causal: bool, win
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Dv != D (and not a power of two) on the descriptor kernel: V's and out's descriptors have their
     own width, zero-filled and clipped at Dv."""
-    monkeypatch.setattr(vl, "_varlen_fwd_kernel", _NotThisKernel())
+    monkeypatch.setattr(vl, "_varlen_fwd_kernel", _NotThisKernel("pointer"))
     lengths = [5, 0, 37, 1, 20]
     g = torch.Generator().manual_seed(0)
     q = torch.randn(sum(lengths), 4, d, generator=g)
     k = torch.randn(sum(lengths), 2, d, generator=g)
     v = torch.randn(sum(lengths), 2, dv, generator=g)
     cu = _cu(lengths)
-    out, lse = vl.varlen_forward(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal, scale=0.3,
-                                 config={**TILES, "TMA": True}, window=window)
-    ref, ref_lse = varlen_math(q, k, v, cu, cu, scale=0.3, upcast=True, causal=causal, window=window)
-    base, _ = varlen_math(q, k, v, cu, cu, scale=0.3, upcast=False, causal=causal, window=window)
-    _check(out, lse, ref, base, ref_lse, FP32)
+    _forward_checked(q, k, v, cu, cu, max(lengths), max(lengths), FP32, 0.3, {**TILES, "TMA": True},
+                     causal=causal, window=window)
 
 
 def test_varlen_forward_unaligned_rows_take_the_pointer_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows of 20 fp16 values (40 bytes) cannot be described to the copy engine: a TMA config runs
     on the pointer kernel, with the pointer tiles (configs.pointer_config)."""
-    monkeypatch.setattr(vl, "_varlen_fwd_kernel_tma", _NotThisKernel())
+    monkeypatch.setattr(vl, "_varlen_fwd_kernel_tma", _NotThisKernel("tensor-descriptor"))
     q, k, v, cq, ck, mq, mk, kw = _varlen_inputs(([5, 9], None, 2, 1, 20, True, None, None, "none"), FP16)
-    out, lse = vl.varlen_forward(q, k, v, cq, ck, mq, mk, scale=0.3, config={**TILES, "TMA": True}, **kw)
-    ref, ref_lse = varlen_math(q, k, v, cq, ck, scale=0.3, upcast=True, **kw)
-    base, _ = varlen_math(q, k, v, cq, ck, scale=0.3, upcast=False, **kw)
-    _check(out, lse, ref, base, ref_lse, FP16)
+    _forward_checked(q, k, v, cq, ck, mq, mk, FP16, 0.3, {**TILES, "TMA": True}, **kw)
 
 
 def test_varlen_forward_past_the_descriptor_budget_takes_the_pointer_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """A grid of more programs than MAX_TMA_PROGRAMS (each takes descriptor scratch, most exit at
     once in a mixed batch) runs the pointer kernel, with the same result."""
     monkeypatch.setattr(vl, "MAX_TMA_PROGRAMS", 5)  # this call's grid: 3 blocks x 2 seqs x 2 heads
-    monkeypatch.setattr(vl, "_varlen_fwd_kernel_tma", _NotThisKernel())
+    monkeypatch.setattr(vl, "_varlen_fwd_kernel_tma", _NotThisKernel("tensor-descriptor"))
     q, k, v, cq, ck, mq, mk, kw = _varlen_inputs(([40, 7], None, 2, 1, 32, True, None, None, "none"), FP32)
-    out, lse = vl.varlen_forward(q, k, v, cq, ck, mq, mk, scale=0.2, config={**TILES, "TMA": True}, **kw)
-    ref, ref_lse = varlen_math(q, k, v, cq, ck, scale=0.2, upcast=True, **kw)
-    base, _ = varlen_math(q, k, v, cq, ck, scale=0.2, upcast=False, **kw)
-    _check(out, lse, ref, base, ref_lse, FP32)
+    _forward_checked(q, k, v, cq, ck, mq, mk, FP32, 0.2, {**TILES, "TMA": True}, **kw)
 
 
 @pytest.mark.parametrize("case,dtype", _dtyped(VARLEN_CASES, (4,), _vid))
