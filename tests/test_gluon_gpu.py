@@ -204,3 +204,22 @@ def test_other_configs(d: int, config: dict) -> None:
         with poisoned_empty():
             out, lse = gluon_attention_forward(q, k, v, causal=causal, scale=d**-0.5, config=config)
         check_forward(out, q, k, v, causal=causal, lse=lse)
+
+
+@requires_sm90
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_repeated_calls_take_the_bound_kernel_with_fresh_inputs(layout: str) -> None:
+    """After the compiling and the checked launches, a call signature runs the compiled launcher
+    with descriptor records: every call (new tensors each time) still matches the reference."""
+    from flashdispatch.backends.triton import gluon_forward as gf
+    from flashdispatch.backends.triton.forward import plan_key
+
+    b, hq, hkv, sq, sk, d = 2, 8, 2, 700, 700, 128
+    for i in range(6):
+        q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=torch.bfloat16, device="cuda", layout=layout, seed=i)
+        out, lse = _run(q, k, v, True, layout)
+        check_forward(out, q, k, v, causal=True, layout=layout, lse=lse)
+    views = (q, k, v) if layout == "bhsd" else tuple(t.transpose(1, 2) for t in (q, k, v))
+    plan = gf._PLANS[plan_key(*views, True, d ** -0.5, None)]
+    assert plan.launch is not None and plan.launch.kernel is not None and plan.launch.checked
+    assert gf._LAUNCHER.enabled

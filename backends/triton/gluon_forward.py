@@ -77,6 +77,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from .forward import OutputPlan, cached_plan
+from .launch import BoundDescriptorLaunch, DirectLauncher, HostDescriptor, cuda_index, run_on_device
+
 log = logging.getLogger("flashdispatch")
 
 LOG2E = 1.4426950408889634
@@ -609,30 +612,41 @@ def _box_layout(rows: int, head_dim: int, dtype: Any) -> Any:
     return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], dtype)
 
 
+def _strides_ready(t: torch.Tensor) -> bool:
+    """Whether the copy engine can read t's layout: a unit last stride and 16-byte aligned strides
+    on every dim of extent > 1 (the base's alignment is checked per call)."""
+    es = t.element_size()
+    return t.stride(3) == 1 and all((st * es) % 16 == 0 for st, n in zip(t.stride()[:3], t.shape[:3]) if n > 1)
+
+
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     """t itself when the copy engine can read it (16-byte aligned base and strides, unit last
     stride), else a contiguous copy."""
-    es = t.element_size()
-    if t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(
-            (st * es) % 16 == 0 for st, n in zip(t.stride()[:3], t.shape[:3]) if n > 1):
+    if _strides_ready(t) and t.data_ptr() % 16 == 0:
         return t
     log.debug("gluon forward: copying a %s tensor with strides %s (TMA needs 16-byte alignment)",
               tuple(t.shape), t.stride())
     return t.contiguous()
 
 
-def _descriptor(t: torch.Tensor, rows: int) -> Any:
-    """4-d descriptor over t (B, H, S, D) with a (1, 1, rows, D) box. Dims of extent 1 get a harmless
+def _box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, strides) of the 4-d descriptor over t (B, H, S, D). Dims of extent 1 get a harmless
     aligned stride (their coordinate is always 0)."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    shape = list(t.shape)
+    shape = tuple(t.shape)
     strides = list(t.stride())
     for i in range(2, -1, -1):
         if shape[i] == 1:
             strides[i] = strides[i + 1] * shape[i + 1]
+    return shape, tuple(strides)
+
+
+def _descriptor(t: torch.Tensor, rows: int) -> Any:
+    """Triton's 4-d descriptor over t (B, H, S, D) with a (1, 1, rows, D) box."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    shape, strides = _box(t)
     d = shape[3]
-    return TensorDescriptor(t, shape, strides, [1, 1, rows, d], _box_layout(rows, d, _GL_DTYPES[t.dtype]))
+    return TensorDescriptor(t, list(shape), list(strides), [1, 1, rows, d], _box_layout(rows, d, _GL_DTYPES[t.dtype]))
 
 
 @functools.cache
@@ -658,6 +672,69 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q: expected a CUDA tensor, got device {q.device}")
 
 
+_LAUNCHER = DirectLauncher(_attn_fwd_kernel)
+_N_DESCRIPTORS = 4  # q, k, v, o: the kernel's leading arguments, then lse and the scalars
+
+
+class _GluonPlan:
+    """Everything one launch needs that depends on shapes, strides, dtypes, device and config
+    only: made once per call signature (attention is launch-bound at small sizes, and Triton's JIT
+    dispatch of descriptor arguments costs more host time than a small call's GPU time)."""
+
+    __slots__ = ("outputs", "index", "rows", "boxes", "launch")
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                 config: dict[str, Any], variant: Any = None) -> None:
+        check_inputs(q, k, v)
+        bsz, hq, sq, d = q.shape
+        hkv, sk = k.shape[1], k.shape[2]
+        self.outputs = OutputPlan(q, sk, d)
+        self.index = cuda_index(q)
+        self.launch: BoundDescriptorLaunch | None = None
+        self.rows: tuple[int, ...] = ()
+        self.boxes: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] | None = None
+        if self.outputs.finished:
+            return
+        cfg = resolve_config(d, config)
+        causal = bool(causal) and sq > 1  # one query row sees every key (bottom-right)
+        num_tiles = bsz * hq * triton.cdiv(sq, HALF_M * cfg["CONSUMERS"])
+        self.rows = (HALF_M, cfg["BLOCK_N"], cfg["BLOCK_N"], HALF_M)  # q, k, v, o boxes
+        out = torch.empty_strided((bsz, hq, sq, d), self.outputs.strides, dtype=q.dtype, device="meta")
+        # the records' shapes and strides, where every stride suits the copy engine (a call whose
+        # bases are also aligned may then take the bound kernel)
+        if all(_strides_ready(t) for t in (q, k, v, out)):
+            self.boxes = tuple(_box(t) for t in (q, k, v, out))
+        self.launch = BoundDescriptorLaunch(
+            _LAUNCHER, (min(_sm_count(self.index or 0), num_tiles),), _N_DESCRIPTORS + 1,
+            (sq, sk, hq, hq // hkv, num_tiles, float(scale) * LOG2E),
+            dict(BLOCK_N=cfg["BLOCK_N"], HEAD_D=d, STAGES=cfg["STAGES"], CAUSAL=causal,
+                 O_SEPARATE=cfg["O_SEPARATE"], PINGPONG=cfg["PINGPONG"], NC=cfg["CONSUMERS"], XTILE=cfg["XTILE"]),
+            dict(num_warps=NUM_WARPS, maxnreg=max_regs_per_thread(cfg["CONSUMERS"])), self.index or 0)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = self.outputs.allocate()
+        if not self.outputs.finished:
+            run_on_device(self.index, self._launch, q, k, v, out, lse)
+        return out, lse
+
+    def _launch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+        assert self.launch is not None
+        rows = self.rows
+        if self.boxes is not None and not (q.data_ptr() | k.data_ptr() | v.data_ptr() | out.data_ptr()) & 15:
+            tensors = (q, k, v, out)
+            records = tuple(HostDescriptor(t, *box) for t, box in zip(tensors, self.boxes))
+            self.launch(lambda: tuple(_descriptor(t, r) for t, r in zip(tensors, rows)), records, (lse,), (out, lse))
+            return
+        # a layout or base the copy engine cannot read: through contiguous copies, on the checked path
+        ready = tuple(_tma_ready(t) for t in (q, k, v, out))
+        self.launch(lambda: tuple(_descriptor(t, r) for t, r in zip(ready, rows)), None, (lse,), (ready[3], lse))
+        if ready[3] is not out:
+            out.copy_(ready[3])
+
+
+_PLANS: dict[tuple[Any, ...], _GluonPlan] = {}
+
+
 def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
                             config: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward attention on bhsd-indexed views (no autograd), Hopper only.
@@ -667,38 +744,7 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     (B, Hq, Sq) float32, natural log, -inf for rows that see no key. `config` may set BLOCK_N and
     STAGES (defaults: default_config(D)).
     """
-    from .forward import OutputPlan
-    from .launch import cuda_index, run_on_device
-
-    check_inputs(q, k, v)
-    bsz, hq, sq, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    plan = OutputPlan(q, sk, d)
-    out, lse = plan.allocate()
-    if plan.finished:
-        return out, lse
-    cfg = resolve_config(d, config)
-    causal = bool(causal) and sq > 1  # one query row sees every key (bottom-right)
-    num_tiles = bsz * hq * triton.cdiv(sq, HALF_M * cfg["CONSUMERS"])
-    index = cuda_index(q) or 0
-
-    def launch() -> None:
-        qd, kd, vd = (_descriptor(_tma_ready(q), HALF_M), _descriptor(_tma_ready(k), cfg["BLOCK_N"]),
-                      _descriptor(_tma_ready(v), cfg["BLOCK_N"]))
-        o_dst = _tma_ready(out)
-        od = _descriptor(o_dst, HALF_M)
-        grid = (min(_sm_count(index), num_tiles),)
-        _attn_fwd_kernel[grid](qd, kd, vd, od, lse, sq, sk, hq, hq // hkv, num_tiles,
-                               float(scale) * LOG2E, BLOCK_N=cfg["BLOCK_N"], HEAD_D=d, STAGES=cfg["STAGES"],
-                               CAUSAL=causal, O_SEPARATE=cfg["O_SEPARATE"],
-                               PINGPONG=cfg["PINGPONG"], NC=cfg["CONSUMERS"], XTILE=cfg["XTILE"],
-                               num_warps=NUM_WARPS,
-                               maxnreg=max_regs_per_thread(cfg["CONSUMERS"]))
-        if o_dst is not out:
-            out.copy_(o_dst)
-
-    run_on_device(index, launch)
-    return out, lse
+    return cached_plan(_PLANS, _GluonPlan, q, k, v, causal, scale, config).run(q, k, v)
 
 
 # --- ahead-of-time compilation (CPU checks) -----------------------------------------------------------

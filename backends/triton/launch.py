@@ -11,6 +11,11 @@ argument's "== 1" and "divisible by 16", each pointer's 16-byte alignment, dtype
 compiler options, device). Later launches with the same key call the compiled kernel's launcher
 with the arguments in the kernel's signature order, as the JIT itself does.
 
+Gluon kernels take host TMA descriptors: the key holds each descriptor's dtype, box and shared
+layout (what Triton specialises them on), and BoundDescriptorLaunch hands the compiled launcher
+light HostDescriptor records once a specialisation is checked (Triton's TensorDescriptor validates
+every field each time one is built).
+
 Safety: the first cached launch of every key is checked: the direct launch and a JIT launch run on
 the same inputs and their outputs must agree bit for bit (the kernels are deterministic); any
 disagreement or error turns direct launches off for that kernel, with a warning, and the JIT
@@ -23,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -92,6 +97,12 @@ def _hooks_installed() -> bool:
     return False
 
 
+def run_compiled(kernel: Any, grid: tuple[int, int, int], stream: int, args: Sequence[Any]) -> None:
+    """Launch a compiled kernel the way Triton's JIT does after its dispatch: every argument of
+    the kernel's signature in order (constexprs included), no launch metadata, no hooks."""
+    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *args)
+
+
 class DirectLauncher:
     """Launch one @triton.jit kernel, through its compiled launcher once the JIT has built it."""
 
@@ -113,6 +124,10 @@ class DirectLauncher:
                 parts.append(-1)
             elif isinstance(a, torch.Tensor):
                 parts.append((a.dtype, a.data_ptr() & 15 == 0))
+            elif isinstance(getattr(a, "base", None), torch.Tensor):
+                # a host TMA descriptor: Triton specialises on its dtype, box and shared layout
+                # (its base is 16-byte aligned by construction; shape and strides are arguments)
+                parts.append(("desc", a.base.dtype, tuple(a.block_shape), a.layout, a.padding))
             else:  # anything else (bool, None, ...) by value
                 parts.append((kind, a))
         return (device, tuple(parts), tuple(constexprs.items()), tuple(options.items()))
@@ -126,7 +141,7 @@ class DirectLauncher:
         """Launch fn[grid](*args, **constexprs, **options); `outputs` are the tensors it writes
         (all of their elements), used by the first-launch check. Returns the compiled kernel once
         this specialisation's direct launch has been checked (BoundLaunch keeps it), else None."""
-        t0 = args[0]
+        t0 = args[0] if isinstance(args[0], torch.Tensor) else getattr(args[0], "base", None)
         if (not self.enabled or not isinstance(t0, torch.Tensor) or t0.device.type == "cpu"
                 or _hooks_installed()):
             self._jit(grid, args, constexprs, options)
@@ -147,10 +162,8 @@ class DirectLauncher:
             return None
         tail = [constexprs[n] for n in self.names[len(args):]]
         g = tuple(grid) + (1,) * (3 - len(grid))
-        stream = self._stream(device)
         try:
-            kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
-                       *args, *tail)
+            run_compiled(kernel, g, self._stream(device), (*args, *tail))
         except Exception as e:  # an internal interface that moved: the JIT path always works
             self._disable(f"{type(e).__name__}: {e}")
             self._jit(grid, args, constexprs, options)
@@ -166,15 +179,21 @@ class DirectLauncher:
 
     def _verify(self, key: tuple[Any, ...], grid: tuple[int, ...], args: Sequence[Any],
                 constexprs: dict[str, Any], options: dict[str, Any], outputs: Sequence[torch.Tensor]) -> None:
+        if self.agrees_with_jit(grid, args, constexprs, options, outputs):
+            self.verified.add(key)
+
+    def agrees_with_jit(self, grid: tuple[int, ...], args: Sequence[Any], constexprs: dict[str, Any],
+                        options: dict[str, Any], outputs: Sequence[torch.Tensor]) -> bool:
+        """After a direct launch that wrote `outputs`: run the same launch through the JIT (the
+        caller gets its result) and compare bit for bit; a disagreement turns direct launches off."""
         direct = [o.clone() for o in outputs]
         for o in outputs:
             o.fill_(float("nan"))
-        self._jit(grid, args, constexprs, options)  # the caller gets the JIT's result
-        same = all(torch.equal(d, o) for d, o in zip(direct, outputs))
-        if same:
-            self.verified.add(key)
-        else:
-            self._disable("direct launch disagreed with the JIT launch")
+        self._jit(grid, args, constexprs, options)
+        if all(torch.equal(d, o) for d, o in zip(direct, outputs)):
+            return True
+        self._disable("direct launch disagreed with the JIT launch")
+        return False
 
     def _disable(self, why: str) -> None:
         self.enabled = False
@@ -216,11 +235,70 @@ class BoundLaunch:
             if got is not None and aligned:
                 self.kernel = got
             return
-        g = self.grid
         try:
-            kernel.run(g[0], g[1], g[2], _current_stream()(self.device), kernel.function, kernel.packed_metadata,
-                       None, None, None, *ptrs, *self.scalars, *self.tail)
+            run_compiled(kernel, self.grid, _current_stream()(self.device), (*ptrs, *self.scalars, *self.tail))
         except Exception as e:  # as in DirectLauncher: the JIT path always works
             self.kernel = None
             self.launcher._disable(f"{type(e).__name__}: {e}")
             self.launcher._jit(self.grid, (*tensors, *self.scalars), self.constexprs, self.options)
+
+
+class HostDescriptor(NamedTuple):
+    """The fields of a host TMA descriptor that a compiled launcher reads (it encodes the CUDA
+    tensor map from them on every launch): what a checked launch passes instead of Triton's
+    TensorDescriptor, whose construction re-validates every field."""
+
+    base: torch.Tensor
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    padding: str = "zero"
+
+
+class BoundDescriptorLaunch:
+    """BoundLaunch for kernels whose leading arguments are host TMA descriptors (Gluon's): grid,
+    scalar arguments, constexprs and options fixed by a caller's per-shape plan.
+
+    Per call the caller gives a function that builds Triton's TensorDescriptors (what the JIT and
+    DirectLauncher's checked launches take) and, where the call may take the bound kernel, the same
+    boxes as HostDescriptor records. The first launches go through the DirectLauncher (compile,
+    then the checked direct launch); after that a call costs the records and the compiled
+    launcher, instead of the TensorDescriptors and Triton's JIT dispatch.
+    """
+
+    __slots__ = ("launcher", "grid", "scalars", "constexprs", "options", "device", "tail", "kernel", "checked")
+
+    def __init__(self, launcher: DirectLauncher, grid: tuple[int, ...], n_leading: int, scalars: Sequence[Any],
+                 constexprs: dict[str, Any], options: dict[str, Any], device: int) -> None:
+        self.launcher = launcher
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.scalars = tuple(scalars)
+        self.constexprs = constexprs
+        self.options = options
+        self.device = device
+        self.tail = tuple(constexprs[n] for n in launcher.names[n_leading + len(self.scalars):])
+        self.kernel: Any = None
+        self.checked = False  # the first launch with records is compared with the JIT's
+
+    def __call__(self, descriptors: Callable[[], Sequence[Any]], records: Sequence[HostDescriptor] | None,
+                 tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
+        """Launch with (*descriptors(), *tensors, *scalars); `records` None keeps this call on the
+        checked path (and never hands it the bound kernel)."""
+        kernel = self.kernel
+        if (kernel is not None and records is not None and self.launcher.enabled and not _hooks_installed()
+                and (self.checked or not _capturing())):
+            try:
+                run_compiled(kernel, self.grid, _current_stream()(self.device),
+                             (*records, *tensors, *self.scalars, *self.tail))
+            except Exception as e:  # as in DirectLauncher: the JIT path always works
+                self.kernel = None
+                self.launcher._disable(f"{type(e).__name__}: {e}")
+            else:
+                if not self.checked:  # records, not TensorDescriptors: checked once on their own
+                    self.checked = self.launcher.agrees_with_jit(
+                        self.grid, (*descriptors(), *tensors, *self.scalars), self.constexprs, self.options,
+                        outputs)
+                return
+        got = self.launcher(self.grid, (*descriptors(), *tensors, *self.scalars), self.constexprs, self.options,
+                            outputs)
+        if got is not None and records is not None:
+            self.kernel = got
