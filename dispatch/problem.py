@@ -137,6 +137,23 @@ def window_visible_pairs(sq: int, sk: int, window: tuple[int, int]) -> int:
     return int(torch.clamp(hi - lo + 1, min=0).sum())
 
 
+def check_scale(scale: object, head_dim: int) -> float:
+    """scale as given to attention(): None (1 / sqrt(head_dim)) or a finite float > 0."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise _fail(TypeError, "scale", "a float or None", type(scale).__name__)
+    if not math.isfinite(scale) or scale <= 0:
+        raise _fail(ValueError, "scale", "a finite positive float or None", scale)
+    return float(scale)
+
+
+def check_bool(name: str, x: object) -> None:
+    """A flag such as causal or return_lse: a bool, not anything truthy."""
+    if not isinstance(x, bool):
+        raise _fail(TypeError, name, "a bool", type(x).__name__)
+
+
 def check_window(window: object) -> tuple[int, int] | None:
     """window as given to attention(): None, or (left, right) ints >= -1 (flash_attn's; -1 is
     unbounded). Returns a tuple of ints, or None for None."""
@@ -254,18 +271,9 @@ def problem_from_tensors(
         raise _fail(ValueError, "heads", "q heads divisible by kv heads (GQA/MQA)", f"Hq={hq}, Hkv={hkv}")
     if d == 0:
         raise _fail(ValueError, "head dim", "at least 1", 0)
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    else:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise _fail(TypeError, "scale", "a float or None", type(scale).__name__)
-        scale = float(scale)
-        if not math.isfinite(scale) or scale <= 0:
-            raise _fail(ValueError, "scale", "a finite positive float or None", scale)
-    if not isinstance(causal, bool):
-        raise _fail(TypeError, "causal", "a bool", type(causal).__name__)
-    if not isinstance(return_lse, bool):
-        raise _fail(TypeError, "return_lse", "a bool", type(return_lse).__name__)
+    scale = check_scale(scale, d)
+    check_bool("causal", causal)
+    check_bool("return_lse", return_lse)
     win = normalised_window(check_window(window), causal)
     cap = check_softcap(softcap)
     check_sinks(sinks, hq, q.device)

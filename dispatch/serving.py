@@ -39,7 +39,10 @@ from . import envs, selection
 from .device import DEVICE_KEYS, DeviceInfo, current_device
 from .errors import NoBackendError
 from .costmodel import GroupKey, problem_pass, serving_class, variant_kind
-from .problem import DTYPE_NAMES, NO_WINDOW, Problem, normalised_window
+from .problem import (
+    DTYPE_NAMES, NO_WINDOW, Problem, check_bool, check_scale, check_sinks, check_softcap, check_window,
+    normalised_window,
+)
 from .registry import REGISTRY
 from .selection import Decision, current_forced, device_for, simulated_or_none, state
 
@@ -182,28 +185,18 @@ def _int(name: str, x: Any) -> int:
 
 
 def _variant_args(q: torch.Tensor, heads_q: int, scale: float | None, window: Any, softcap: Any,
-                  sinks: Any) -> tuple[float, tuple[int, int] | None, float | None]:
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
-    if window is not None:
-        if (not isinstance(window, (tuple, list)) or len(window) != 2
-                or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
-            raise ValueError(f"window: expected (left, right) ints >= -1 (-1: unbounded), got {window!r}")
-        window = (int(window[0]), int(window[1]))
-        if window == (-1, -1):
-            window = None
-    if softcap is not None:
-        if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not softcap > 0:
-            raise ValueError(f"softcap: expected a float > 0, got {softcap!r}")
-        softcap = float(softcap)
-    if sinks is not None:
-        _tensor("sinks", sinks, 1)
-        if sinks.dtype != torch.float32 or sinks.shape[0] != heads_q or sinks.device != q.device:
-            raise ValueError(f"sinks: expected float32 of shape ({heads_q},) on {q.device}, got {sinks.dtype} "
-                             f"{tuple(sinks.shape)} on {sinks.device}")
-    return float(scale), window, softcap
+                  sinks: Any, causal: Any, return_lse: Any) -> tuple[float, tuple[int, int] | None, float | None]:
+    """The arguments shared with attention(), checked by attention()'s own rules: (scale, window
+    with (-1, -1) as None, softcap)."""
+    scale = check_scale(scale, q.shape[-1])
+    check_bool("causal", causal)
+    check_bool("return_lse", return_lse)
+    win = check_window(window)
+    if win == (-1, -1):
+        win = None
+    cap = check_softcap(softcap)
+    check_sinks(sinks, heads_q, q.device)
+    return scale, win, cap
 
 
 def _same(name: str, t: torch.Tensor, q: torch.Tensor) -> None:
@@ -593,7 +586,7 @@ def attention_varlen(
     k, v (and sinks).
     """
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    scale, window, softcap = _variant_args(q, q.shape[1], scale, window, softcap, sinks)
+    scale, window, softcap = _variant_args(q, q.shape[1], scale, window, softcap, sinks, causal, return_lse)
     if _validation_on():
         check_values(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, total_q=q.shape[0], total_k=k.shape[0],
                      max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
@@ -643,7 +636,7 @@ def attention_kvcache(
     depend on shapes only: capture once, replay with new cache_seqlens and block_table values.
     """
     _check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table)
-    scale, window, softcap = _variant_args(q, q.shape[2], scale, window, softcap, sinks)
+    scale, window, softcap = _variant_args(q, q.shape[2], scale, window, softcap, sinks, causal, return_lse)
     sp = kvcache_problem(q, k_cache, v_cache, block_table, causal, scale, window, softcap, sinks, return_lse)
     if _validation_on():
         check_values(cache_seqlens=cache_seqlens, block_table=block_table, capacity=sp.seqlen_k,
@@ -668,7 +661,7 @@ def explain_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
     (FLASHDISPATCH_DEVICE does the same); meta tensors plan without memory (for this machine's
     current device unless `device` says otherwise)."""
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    scale, window, softcap = _variant_args(q, q.shape[1], scale, window, softcap, sinks)
+    scale, window, softcap = _variant_args(q, q.shape[1], scale, window, softcap, sinks, causal, return_lse)
     return select_serving(varlen_problem(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, scale, window,
                                          softcap, sinks, return_lse), backend, device=_simulated(device, q))
 
@@ -681,7 +674,7 @@ def explain_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """Which backend `attention_kvcache` would run for these arguments, and why (reads no values).
     `device`: as `explain_varlen`."""
     _check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table)
-    scale, window, softcap = _variant_args(q, q.shape[2], scale, window, softcap, sinks)
+    scale, window, softcap = _variant_args(q, q.shape[2], scale, window, softcap, sinks, causal, return_lse)
     return select_serving(kvcache_problem(q, k_cache, v_cache, block_table, causal, scale, window, softcap, sinks,
                                           return_lse), backend, device=_simulated(device, q))
 

@@ -58,12 +58,32 @@ def test_varlen_validation_names_the_argument() -> None:
         call(q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), cq, ck, mq, mk)
     with pytest.raises(TypeError, match="k: expected dtype torch.float32 like q"):
         call(q, k.half(), v, cq, ck, mq, mk)
-    with pytest.raises(ValueError, match="sinks: expected float32 of shape"):
-        call(q, k, v, cq, ck, mq, mk, sinks=torch.zeros(3))
-    with pytest.raises(ValueError, match="window: expected"):
-        call(q, k, v, cq, ck, mq, mk, window=(3,))
-    with pytest.raises(ValueError, match="softcap: expected a float > 0"):
-        call(q, k, v, cq, ck, mq, mk, softcap=0.0)
+    _check_shared_arguments(lambda **kw: call(q, k, v, cq, ck, mq, mk, **kw), heads_q=4)
+
+
+def _check_shared_arguments(call, heads_q: int) -> None:
+    """The arguments the serving calls share with attention() fail by attention()'s rules, with
+    its messages (nothing truthy stands in for a bool, no NaN or negative scale runs)."""
+    with pytest.raises(ValueError, match=rf"sinks shape: expected \(Hq,\) = \({heads_q},\)"):
+        call(sinks=torch.zeros(3))
+    with pytest.raises(TypeError, match="sinks.dtype: expected torch.float32"):
+        call(sinks=torch.zeros(heads_q, dtype=torch.float64))
+    with pytest.raises(TypeError, match="window: expected None or a .left, right. pair"):
+        call(window=(3,))
+    with pytest.raises(ValueError, match="window left: expected an int >= -1"):
+        call(window=(-2, 0))
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap: expected None or a finite float > 0"):
+            call(softcap=bad)
+    for bad in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale: expected a finite positive float or None"):
+            call(scale=bad)
+    with pytest.raises(TypeError, match="scale: expected a float or None, got str"):
+        call(scale="0.1")
+    with pytest.raises(TypeError, match="causal: expected a bool, got str"):
+        call(causal="no")
+    with pytest.raises(TypeError, match="return_lse: expected a bool, got int"):
+        call(return_lse=1)
 
 
 def test_kvcache_validation_names_the_argument() -> None:
@@ -93,6 +113,7 @@ def test_kvcache_validation_names_the_argument() -> None:
         call(q, k, v.half(), cache_seqlens=lens, block_table=table)
     with pytest.raises(ValueError, match="k_cache: expected batch 2 like q"):
         call(q, k, v, cache_seqlens=lens)
+    _check_shared_arguments(lambda **kw: call(q, k, v, cache_seqlens=lens, block_table=table, **kw), heads_q=4)
 
 
 def test_value_checks_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
