@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 import flashdispatch
+from flashdispatch.envs import triton_interpreter_on
 
 FP16, BF16, FP32, FP64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPE_IDS = {FP16: "fp16", BF16: "bf16", FP32: "fp32", FP64: "fp64"}
@@ -160,6 +161,9 @@ REFUSALS: list[Refusal] = [
     # on a machine without an NVIDIA GPU cupy is unavailable before any device check; with one, it is an
     # optional extra (a CPU tensor on a GPU machine is refused by its device)
     _r("cupy", "cpu", ALWAYS, "device=cpu || no CUDA device visible || CuPy is not importable"),
+    # triton serves CPU tensors only under its interpreter (the fixture turns it on where no GPU
+    # is; a GPU machine runs the CPU cases with it off)
+    _r("triton", "cpu", lambda c, dt, kind: torch.cuda.is_available() and not triton_interpreter_on(), "device=cpu"),
     # dtypes
     _r("triton", "cpu", lambda c, dt, kind: dt in (BF16, FP64), "dtype="),
     _r("triton", "cuda", lambda c, dt, kind: dt == FP64, "dtype="),
