@@ -270,6 +270,50 @@ def test_non_finite_inputs(device: str, impl: str, dtype: torch.dtype, causal: b
     assert ok, f"rows away from the bad value: error {err:.3g} > allowed {allowed:.3g}"
 
 
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_inputs_stay_in_their_group_in_gradients(device: str, impl: str, dtype: torch.dtype,
+                                                            causal: bool, where: str) -> None:
+    """The backward's half of the policy: a NaN put into one (batch, kv head) never reaches the
+    gradients of another batch or of another kv head's query group, which stay finite and exact.
+    (Inside its group it may spread: a row that reads it has NaN probabilities, so dK and dV of every
+    key that row sees turn NaN, as they do in plain SDPA.)"""
+    case = Case("nonfinite", 2, 4, 2, 150, 150, 64, causal=causal) if device == "cuda" else \
+        Case("nonfinite", 2, 4, 2, 24, 24, 32, causal=causal)
+    q, k, v = make_case_inputs(case, dtype, device)
+    clean = tuple(t.clone() for t in (q, k, v))
+    with torch.no_grad():
+        {"q": q, "k": k, "v": v}[where][0, 0, case.sq // 2, :] = float("nan")  # batch 0, (kv) head 0
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    res = _run(impl, device, case, dtype, "grad", inputs=(q, k, v))
+    if res is None:
+        return
+    out = res[0]
+    g = torch.Generator(device="cpu").manual_seed(7)
+    do = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device=out.device, dtype=out.dtype)
+    out.backward(do)
+    refs = []
+    for upcast in (True, False):
+        qq, kk, vv = (t.detach().requires_grad_(True) for t in clean)
+        o = (attention_math(qq, kk, vv, causal=case.causal, upcast=True)[0] if upcast
+             else baseline_math(qq, kk, vv, case))
+        o.backward(do.to(o.dtype))
+        refs.append((qq.grad, kk.grad, vv.grad))
+    group = case.hq // case.hkv
+    for name, grad, ref, base in zip("qkv", (q.grad, k.grad, v.grad), refs[0], refs[1]):
+        heads = grad.shape[1]
+        # away from the NaN: batch 1 whole, and batch 0 outside kv head 0's group
+        away = torch.ones(grad.shape[:2], dtype=torch.bool, device=grad.device)
+        away[0, : (group if heads == case.hq else 1)] = False
+        part = grad[away]
+        assert torch.isfinite(part).all(), f"d{name}: the NaN reached another batch or kv head's group"
+        ok, err, allowed = within_budget(part, base[away], ref[away], dtype, grad=True)
+        assert ok, f"d{name} away from the NaN: error {err:.3g} > allowed {allowed:.3g}"
+
+
 # -------------------------------------------------------------------------------------------------
 # Property-based: random problems across every implementation that serves them
 # -------------------------------------------------------------------------------------------------
