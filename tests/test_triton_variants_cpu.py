@@ -154,6 +154,64 @@ def _py_range(start: int, sq: int, sk: int, left: int, right: int, bm: int, bn: 
     return tuple(int(x) for x in out)  # type: ignore[return-value]
 
 
+WINDOW_RANGE_CASES = [  # (Sq, Sk, left, right, BLOCK_M, BLOCK_N)
+    (64, 64, 20, 0, 16, 16), (40, 100, 5, 9, 16, 32), (60, 25, 3, 0, 16, 16), (1, 4096, 1024, 0, 16, 64),
+    (128, 4096, 4095, 0, 64, 32), (300, 300, 40, 17, 32, 64), (100, 37, 0, 0, 16, 16), (257, 513, 64, 64, 32, 128),
+]
+
+
+@pytest.mark.parametrize("sq, sk, left, right, bm, bn", WINDOW_RANGE_CASES)
+def test_backward_window_ranges_visit_only_visible_blocks(sq: int, sk: int, left: int, right: int, bm: int,
+                                                          bn: int) -> None:
+    """The backward's block ranges under a window. dq (per query block, in keys): every visible key
+    inside [lo, end), [full_lo, full_hi) whole blocks seen by every row. dk/dv (per key block, in query
+    blocks): every row that sees one of the block's keys inside [first, end), the unmasked blocks
+    [full_lo, full_hi) only rows that see all of them; the visited work follows the window, not S."""
+    import numpy as np
+
+    mask = visible_mask(sq, sk, window=(left, right)).numpy()
+    for m0 in range(0, sq, bm):
+        lo, flo, fhi, end = _probe(bwd._window_key_blocks, m0, sq, sk, left, right, bm, bn)
+        rows = mask[m0:m0 + bm]
+        cols = np.nonzero(rows.any(axis=0))[0]
+        if cols.size:
+            assert lo <= cols.min() and cols.max() < end
+        assert lo <= flo <= fhi <= end and lo % bn == 0
+        if flo < fhi:
+            assert flo % bn == 0 and fhi % bn == 0
+        assert rows[:, flo:fhi].all()
+        assert end - lo <= left + right + bm + 2 * bn
+    n_m = -(-sq // bm)
+    for n0 in range(0, sk, bn):
+        first, flo, fhi, end = _probe(bwd._window_query_blocks, n0, sq, sk, left, right, bm, bn)
+        keys = mask[:, n0:n0 + bn]
+        seen = np.nonzero(keys.any(axis=1))[0]
+        assert 0 <= first <= flo <= fhi <= end <= n_m
+        if seen.size:
+            assert first * bm <= seen.min() and seen.max() < end * bm
+        for blk in range(flo, fhi):  # unmasked: every real row of the block sees every real key
+            assert keys[blk * bm:(blk + 1) * bm].all(), (n0, blk)
+        assert (end - first) * bm <= left + right + bn + 2 * bm
+
+
+def _probe(fn, start: int, sq: int, sk: int, left: int, right: int, bm: int, bn: int) -> tuple[int, int, int, int]:
+    """A four-int @triton.jit range helper run through the interpreter on scalars."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(OUT, start, sq, sk, left, right, F: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        a, b, c, d = F(start, sq, sk, left, right, BM, BN)
+        tl.store(OUT + 0, a)
+        tl.store(OUT + 1, b)
+        tl.store(OUT + 2, c)
+        tl.store(OUT + 3, d)
+
+    out = torch.zeros(4, dtype=torch.int32)
+    probe[(1,)](out, start, sq, sk, left, right, F=fn, BM=bm, BN=bn)
+    return tuple(int(x) for x in out)  # type: ignore[return-value]
+
+
 DECODE_CASES = [
     # (B, Hq, Hkv, Sq, Sk, D, causal, window, softcap, sinks, splits)
     (2, 4, 2, 1, 300, 32, True, (40, 0), None, "none", 3),
