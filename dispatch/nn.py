@@ -45,8 +45,9 @@ class MultiheadAttention(nn.Module):
             `flashdispatch.attention` (Mistral's 4096 window: (4095, 0) with is_causal=True).
         softcap: logit soft-cap c > 0 of every call (scores become c * tanh(s / c); Gemma 2).
 
-    Calls without a mask (or with is_causal=True) run through flashdispatch.attention. A
-    key_padding_mask, an attn_mask that is not the causal hint, or need_weights=True need the
+    Calls with need_weights=False and no mask (or is_causal=True) run through
+    flashdispatch.attention. A key_padding_mask, an attn_mask that is not the causal hint, or
+    need_weights=True (the default, as in torch's module) need the
     attention matrix, which the dispatcher's kernels never form: those calls compute attention in
     plain PyTorch from the same projections (as torch's module would), or raise ValueError when the
     module has a forced `backend`. Not supported (ValueError naming the argument): dropout > 0,
@@ -209,7 +210,7 @@ class MultiheadAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = False,
+        need_weights: bool = True,
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
@@ -224,8 +225,9 @@ class MultiheadAttention(nn.Module):
         scores. is_causal=True applies the causal mask; an attn_mask given with it is taken to be
         the causal mask and is not read (as torch does when need_weights=False). For L != S the
         causal mask is bottom-right aligned (query i sees key j iff j <= i + S - L), where torch's
-        SDPA aligns top-left. need_weights defaults to False here (torch: True); with True the
-        weights (averaged over heads when average_attn_weights) are returned.
+        SDPA aligns top-left. need_weights defaults to True, as in torch's module: the weights
+        (averaged over heads when average_attn_weights) are returned, computed in plain PyTorch;
+        pass need_weights=False for the dispatcher's kernels (torch's fast path asks the same).
         """
         if query.dim() not in (2, 3):
             raise ValueError(f"query: expected a 2-d (unbatched) or 3-d tensor, got shape {tuple(query.shape)}")

@@ -94,7 +94,7 @@ def test_cross_attention_with_kdim_vdim() -> None:
 def test_unbatched_input() -> None:
     ref, ours = _pair(24, 3, batch_first=False)
     x = torch.randn(11, 24)
-    out, _ = ours(x, x, x)
+    out, _ = ours(x, x, x, need_weights=False)
     want, _ = ref(x, x, x, need_weights=False)
     assert out.shape == (11, 24)
     assert torch.allclose(out, want, atol=1e-5, rtol=1e-5)
@@ -147,18 +147,21 @@ def test_unsupported_constructor_arguments_raise(kwargs: dict, arg: str) -> None
 def test_backend_argument_is_forwarded() -> None:
     m = MultiheadAttention(16, 2, batch_first=True, backend="sdpa:math")
     x = torch.randn(1, 5, 16)
-    assert m(x, x, x)[0].shape == (1, 5, 16)
+    assert m(x, x, x, need_weights=False)[0].shape == (1, 5, 16)
     with pytest.raises(fd.NoBackendError, match="sdpa:cudnn"):
-        MultiheadAttention(16, 2, batch_first=True, backend="sdpa:cudnn")(x, x, x)
+        MultiheadAttention(16, 2, batch_first=True, backend="sdpa:cudnn")(x, x, x, need_weights=False)
+    with pytest.raises(ValueError, match="need_weights: the forced backend 'sdpa:math'"):
+        m(x, x, x)  # torch's default asks for the weights, which no kernel forms
 
 
 def test_module_compiles_without_graph_break() -> None:
     torch._dynamo.reset()
     m = MultiheadAttention(32, 4, num_kv_heads=2, batch_first=True)
     x = torch.randn(2, 13, 32, requires_grad=True)
-    fn = torch.compile(lambda x: m(x, x, x, is_causal=True)[0], fullgraph=True, backend="aot_eager")
+    fn = torch.compile(lambda x: m(x, x, x, is_causal=True, need_weights=False)[0], fullgraph=True,
+                       backend="aot_eager")
     out = fn(x)
-    want = m(x, x, x, is_causal=True)[0]
+    want = m(x, x, x, is_causal=True, need_weights=False)[0]
     assert torch.allclose(out, want, atol=1e-5, rtol=1e-5)
     out.sum().backward()
     assert x.grad is not None and m.in_proj_weight.grad is not None
@@ -174,7 +177,7 @@ def test_window_and_softcap_match_the_reference_math() -> None:
     mod = MultiheadAttention(32, 4, batch_first=True, num_kv_heads=2, window=(3, 0), softcap=2.0)
     assert "window=(3, 0)" in repr(mod) and "softcap=2" in repr(mod)
     x = torch.randn(2, 11, 32)
-    got, _ = mod(x, x, x, is_causal=True)
+    got, _ = mod(x, x, x, is_causal=True, need_weights=False)
 
     def manual(dt: torch.dtype, upcast: bool) -> torch.Tensor:
         m = copy.deepcopy(mod).to(dt)
@@ -195,3 +198,15 @@ def test_bad_window_or_softcap_fails_when_built() -> None:
         MultiheadAttention(32, 4, window=(-3, 0))
     with pytest.raises(ValueError, match="softcap"):
         MultiheadAttention(32, 4, softcap=0.0)
+
+
+def test_default_call_returns_torchs_weights() -> None:
+    """A drop-in returns what torch's module returns for the same call: need_weights defaults to
+    True, so `out, w = mha(x, x, x)` gives the head-averaged weights."""
+    ref, ours = _pair(24, 3, batch_first=True)
+    x = torch.randn(2, 7, 24)
+    out, w = ours(x, x, x)
+    want, w_ref = ref(x, x, x)
+    assert w is not None and w.shape == w_ref.shape == (2, 7, 7)
+    assert torch.allclose(w, w_ref, atol=1e-5, rtol=1e-5) and torch.allclose(out, want, atol=1e-5, rtol=1e-5)
+    assert ours(x, x, x, need_weights=False)[1] is None
