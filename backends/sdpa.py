@@ -211,6 +211,11 @@ class SdpaPlain(_Sdpa):
     name: ClassVar[str] = "sdpa"
     default_rank: ClassVar[int | None] = 0
 
+    def serving_module(self) -> Any:
+        from . import sdpa_serving  # torch's varlen_attn or a loop over sequences; paged through a gather
+
+        return sdpa_serving
+
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
         return Capabilities(device_kinds=EVERYWHERE, dtypes=ALL_DTYPES, max_head_dim=1 << 16, lse=False,
                             deterministic=False, window=True, softcap=True, sinks=True, fuses_variants=False,

@@ -237,6 +237,12 @@ class Implementation(ABC):
         attention's blocks) and the gradient of out. Implementations that have one override it."""
         raise NotImplementedError(f"{self.name} has no backward of its own: torch differentiates its forward")
 
+    def serving_module(self) -> Any | None:
+        """The module holding this implementation's packed-batch and KV-cache calls
+        (`varlen_forward`, `kvcache_forward`; the serving layer's contract in dispatch/serving.py),
+        or None when it has none. Imported when first asked for."""
+        return None
+
     def lse_pair(self) -> Implementation | None:
         """This implementation's forward that returns lse and backward that takes a given (whole
         row's) out and lse, for callers that merge blocks by their lse (ring attention); None when

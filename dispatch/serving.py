@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import importlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
@@ -690,20 +689,14 @@ def _simulated(key: str | None, q: torch.Tensor) -> DeviceInfo | None:
 
 # --- running a backend -----------------------------------------------------------------------------
 
-# Where each family's varlen/KV-cache code lives, imported by name when first used (as the registry
-# imports the backends): this module sits above the backends and knows them only by these names.
-SERVING_MODULES: dict[str, str] = {
-    "triton": "flashdispatch.backends.triton.serving",
-    "sdpa": "flashdispatch.backends.sdpa_serving",
-}
-
-
 @functools.lru_cache(maxsize=None)
 def serving_module(name: str) -> Any:
-    """The module with `name`'s varlen_forward / kvcache_forward (and varlen_backward, if any)."""
-    if name not in SERVING_MODULES:
+    """The module with `name`'s varlen_forward / kvcache_forward (and varlen_backward, if any), as
+    its implementation in the registry gives it."""
+    mod = REGISTRY.get(name).serving_module() if name in REGISTRY.all() else None
+    if mod is None:
         raise RuntimeError(f"backend {name!r} has no varlen or KV-cache path")
-    return importlib.import_module(SERVING_MODULES[name])
+    return mod
 
 
 def torch_varlen_reasons(sp: ServingProblem) -> list[str]:

@@ -118,6 +118,17 @@ def _resolve(name: str) -> str | None:
     return name or None
 
 
+def _imports_by_name(node: ast.AST) -> bool:
+    """importlib.import_module("flashdispatch...") or __import__("flashdispatch..."): an import by
+    string, which the graph counts like an import statement."""
+    if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)):
+        return False
+    f = node.func
+    name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+    return name in ("import_module", "__import__")
+
+
 def imports_of(module: str) -> set[str]:
     """Every flashdispatch module that `module` imports, anywhere in its body (lazy imports too)."""
     path = MODULES[module]
@@ -137,6 +148,8 @@ def imports_of(module: str) -> set[str]:
             else:
                 base = node.module or ""
             names = [f"{base}.{a.name}" for a in node.names]
+        elif _imports_by_name(node):
+            names = [node.args[0].value]  # type: ignore[union-attr]
         else:
             continue
         for n in names:
@@ -177,12 +190,33 @@ def test_the_check_fails_on_a_wrong_arrow(monkeypatch: pytest.MonkeyPatch, tmp_p
     fake = {"flashdispatch.backends.fake": tmp_path / "fake.py", "flashdispatch.fakecore": tmp_path / "core.py"}
     fake["flashdispatch.backends.fake"].write_text("from flashdispatch import envs\n")
     fake["flashdispatch.fakecore"].write_text("def f():\n    from .backends.triton import forward\n")
+    fake["flashdispatch.fakeserving"] = tmp_path / "serving.py"
+    fake["flashdispatch.fakeserving"].write_text(
+        "import importlib\n\ndef g():\n    return importlib.import_module('flashdispatch.backends.sdpa_serving')\n")
+    monkeypatch.setitem(LAYER_OF, "flashdispatch.fakeserving", "core")
     monkeypatch.setitem(LAYER_OF, "flashdispatch.fakecore", "core")
     for name, path in fake.items():
         monkeypatch.setitem(MODULES, name, path)
     bad = violations()
     assert "flashdispatch.backends.fake (backends) imports flashdispatch.envs (settings)" in bad, bad
     assert "flashdispatch.fakecore (core) imports flashdispatch.backends.triton.forward (backends)" in bad, bad
+    assert "flashdispatch.fakeserving (core) imports flashdispatch.backends.sdpa_serving (backends)" in bad, bad
+
+
+def test_only_the_registry_names_backend_modules() -> None:
+    """The dispatcher knows backends through the registry: no other module of dispatch/ holds the
+    dotted name of a backend module (to import it by string later)."""
+    bad = []
+    for module, path in MODULES.items():
+        if not module.startswith("flashdispatch") or layer_of(module) in ("backends", "tools", "cli"):
+            continue
+        if module == "flashdispatch.registry":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and node.value.startswith("flashdispatch.backends.")):
+                bad.append(f"{module}: {node.value!r}")
+    assert not bad, bad
 
 
 def test_tools_use_public_names_only() -> None:

@@ -88,6 +88,11 @@ class TritonAttention(Implementation):
         return configs.forward_defaults(arch, max(p.head_dim, p.head_dim_v), p.effective_causal, p.seqlen_q,
                                         p.seqlen_k)
 
+    def serving_module(self) -> Any:
+        from . import serving  # varlen forward/backward and the (paged) KV-cache decode
+
+        return serving
+
     def config_space(self, p: Problem, dev: DeviceInfo) -> list[dict[str, Any]]:
         arch = self._arch(dev)
         elt = 4 if p.dtype == torch.float32 else 2
