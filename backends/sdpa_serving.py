@@ -26,6 +26,29 @@ from flashdispatch.reference import cache_visible_mask
 from .sdpa import variant_math, windowed_sdpa
 
 
+# window through a boolean mask, softcap and sinks through explicit math: the cost model predicts
+# them with the plain sdpa model over the whole score matrix and its mask
+FUSES_VARIANTS = False
+VARIANTS_RUN_AS = "sdpa"
+FALLBACK = True  # correct everywhere, fast nowhere: after the kernels that run natively
+
+
+def serving_reasons(impl: Any, sp: Any, dev: Any) -> list[str]:
+    """The fallback serves every packed batch and KV cache."""
+    return []
+
+
+def serving_notes(impl: Any, sp: Any, dev: Any) -> list[str]:
+    """What explain() says of the path that runs sp."""
+    if sp.kind == "varlen":
+        if not torch_varlen_reasons(sp):
+            return ["fallback: torch.nn.attention.varlen.varlen_attn"]
+        return ["fallback: a loop over the sequences (reads cu_seqlens on the host), one SDPA call each "
+                "(explicit math for softcap, sinks or lse)"]
+    return ["fallback: gathers each sequence's cache (pages through block_table) into a padded tensor and "
+            "runs one masked attention; no host read, capturable, but it copies the cache"]
+
+
 @functools.lru_cache(maxsize=1)
 def torch_varlen_params() -> frozenset[str]:
     """The keyword arguments of the installed torch.nn.attention.varlen.varlen_attn (empty: none)."""

@@ -7,9 +7,10 @@ flash_attn's conventions: packed (total_tokens, H, D) tensors, int32 cu_seqlens 
 starting at 0; a KV cache (B, Smax, Hkv, D), or pages (num_blocks, block_size, Hkv, D) with an int32
 block_table (B, max_blocks); causal is bottom-right within each sequence.
 
-Backends are data, like the dense ones (`SERVING_BACKENDS`): each says, for a `ServingProblem`,
-why it cannot serve it (the sentences `explain_varlen` / `explain_kvcache` and `NoBackendError`
-show). triton runs our kernels (backends/triton/varlen.py, paged.py); sdpa is the correct fallback
+Backends come from the registry, like the dense ones (`serving_backends()`): a family's
+implementation gives its serving module (Implementation.serving_module), which says, for a
+`ServingProblem`, why it cannot serve it (the sentences `explain_varlen` / `explain_kvcache` and
+`NoBackendError` show). triton runs our kernels (backends/triton/varlen.py, paged.py); sdpa is the correct fallback
 (torch's varlen_attn where the installed torch has the needed arguments, else a loop over the
 sequences; the KV cache through a gather and one masked attention); cupy declines with its reason.
 Forcing works as for `attention()`: the backend argument, `use_backend()`, FLASHDISPATCH_BACKEND.
@@ -48,7 +49,7 @@ from .selection import Decision, current_forced, device_for, simulated_or_none, 
 log = logging.getLogger("flashdispatch")
 
 __all__ = ["attention_varlen", "attention_kvcache", "explain_varlen", "explain_kvcache", "ServingProblem",
-           "check_values", "validation", "SERVING_BACKENDS", "select_serving", "varlen_problem", "kvcache_problem"]
+           "check_values", "validation", "serving_backends", "select_serving", "varlen_problem", "kvcache_problem"]
 
 
 class ServingProblem(NamedTuple):
@@ -361,83 +362,71 @@ def check_values(*, cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torc
 
 @dataclass(frozen=True)
 class ServingBackend:
-    """One family's varlen and kvcache support: why it cannot serve a problem (empty: it can), and
-    how it runs sliding window, softcap and sinks (for the cost model): fused in the kernel, or by
-    `variants_run_as`'s plain path over the whole score matrix and its mask (explicit math)."""
+    """One family as the serving layer sees it, derived from its implementation in the registry
+    (the one named like the family): whether it has a varlen / KV-cache path
+    (Implementation.serving_module: the calls, why it cannot serve a problem, what explain() says),
+    the module when it is usable here, and how it runs sliding window, softcap and sinks (for the
+    cost model): fused in the kernel, or by `variants_run_as`'s plain path over the whole score
+    matrix and its mask (explicit math)."""
 
     name: str
-    reasons: Callable[[ServingProblem, DeviceInfo], list[str]]
-    notes: Callable[[ServingProblem, DeviceInfo], list[str]]
-    fuses_variants: bool = False
-    variants_run_as: str = ""
+    impl: Any
+    has_path: bool
+    module: Any  # the serving module; None without a path or when the family is unavailable here
+    unavailable: str | None
+
+    @property
+    def fuses_variants(self) -> bool:
+        return bool(getattr(self.module, "FUSES_VARIANTS", False))
+
+    @property
+    def variants_run_as(self) -> str:
+        return str(getattr(self.module, "VARIANTS_RUN_AS", ""))
+
+    def reasons(self, sp: ServingProblem, dev: DeviceInfo) -> list[str]:
+        r = [f"unavailable: {self.unavailable}"] if self.unavailable else []
+        if not self.has_path:
+            what = "packed varlen batches" if sp.kind == "varlen" else "KV caches (contiguous or paged)"
+            r.append(f"{what} are not implemented in the {self.name} backend (dense (B, H, S, D) calls only)")
+        elif self.module is not None:
+            r += self.module.serving_reasons(self.impl, sp, dev)
+        return r
+
+    def notes(self, sp: ServingProblem, dev: DeviceInfo) -> list[str]:
+        return list(self.module.serving_notes(self.impl, sp, dev)) if self.module is not None else []
+
+    def order_key(self, dev: DeviceInfo) -> tuple[int, int, int]:
+        """The built-in order: families with a serving path first; among them, those that run
+        natively on the device before emulated ones (Triton on a CPU), our kernels before the
+        fallback."""
+        emulated = self.module is not None and self.impl.capabilities(dev).emulated
+        return (int(not self.has_path), int(bool(emulated)), int(bool(getattr(self.module, "FALLBACK", False))))
 
 
-def _triton_reasons(sp: ServingProblem, dev: DeviceInfo) -> list[str]:
-    impl = REGISTRY.get("triton")
-    why = REGISTRY.availability("triton")
-    if why is not None:
-        return [f"unavailable: {why}"]
-    r = impl.capabilities(dev).reasons(sp.dense(), dev)
-    if sp.kind == "kvcache":
-        r = [x for x in r if not x.startswith("requires_grad")]
-        if sp.needs_grad:
-            r.append("requires_grad (the KV-cache kernel is forward only)")
-        if sp.block_size and sp.block_size % 16:
-            r.append(f"block_size={sp.block_size} (the paged kernel needs a multiple of 16)")
-    return r
+def serving_backends() -> dict[str, ServingBackend]:
+    """Every family of the registry as a ServingBackend, in registration order."""
+    out: dict[str, ServingBackend] = {}
+    impls = REGISTRY.all()
+    for family in REGISTRY.families():
+        impl = impls.get(family)
+        if impl is None:
+            out[family] = ServingBackend(family, None, False, None, "no implementation named like the family")
+            continue
+        why = REGISTRY.availability(family)
+        try:
+            module = impl.serving_module()
+            has_path = module is not None
+        except Exception as e:  # its module needs what this process lacks (triton): a path, unusable here
+            module, has_path = None, True
+            why = why or f"{type(e).__name__}: {e}"
+        out[family] = ServingBackend(family, impl, has_path, module if why is None else None, why)
+    return out
 
 
-def _triton_notes(sp: ServingProblem, dev: DeviceInfo) -> list[str]:
-    if sp.kind == "varlen":
-        notes = ["packed varlen kernel: sequence starts and lengths read from cu_seqlens on the device, "
-                 f"grid sized by max_seqlen_q={sp.seqlen_q}"]
-        try:  # the tiles the forward runs by default here: a TMA config takes the descriptor kernel
-            tma = bool(REGISTRY.get("triton").default_config(sp.dense(), dev).get("TMA"))
-        except Exception:  # no config for this device (the CPU): nothing more to say
-            tma = False
-        if tma:
-            notes.append("forward: tensor descriptors over each sequence's rows where the rows are 16-byte "
-                         "aligned and the grid fits the descriptor scratch, else the pointer kernel")
-        return notes
-    paged = f"pages of {sp.block_size} gathered in the kernel" if sp.block_size else "contiguous cache"
-    return [f"split-KV kernel against the cache ({paged}); splits planned from the capacity {sp.seqlen_k}, "
-            "lengths read on the device: CUDA-graph safe"]
+def serving_order(backends: dict[str, ServingBackend], dev: DeviceInfo) -> tuple[str, ...]:
+    """The families in the built-in order for dev (stable: registration order breaks ties)."""
+    return tuple(sorted(backends, key=lambda n: backends[n].order_key(dev)))
 
-
-def _sdpa_reasons(sp: ServingProblem, dev: DeviceInfo) -> list[str]:
-    return []
-
-
-def _sdpa_notes(sp: ServingProblem, dev: DeviceInfo) -> list[str]:
-    if sp.kind == "varlen":
-        if not torch_varlen_reasons(sp):
-            return ["fallback: torch.nn.attention.varlen.varlen_attn"]
-        return ["fallback: a loop over the sequences (reads cu_seqlens on the host), one SDPA call each "
-                "(explicit math for softcap, sinks or lse)"]
-    return ["fallback: gathers each sequence's cache (pages through block_table) into a padded tensor and "
-            "runs one masked attention; no host read, capturable, but it copies the cache"]
-
-
-def _cupy_reasons(sp: ServingProblem, dev: DeviceInfo) -> list[str]:
-    why = REGISTRY.availability("cupy") if "cupy" in REGISTRY.all() else "not registered"
-    r = [f"unavailable: {why}"] if why else []
-    what = "packed varlen batches" if sp.kind == "varlen" else "KV caches (contiguous or paged)"
-    return r + [f"{what} are not implemented in the cupy kernels (dense (B, H, S, D) only)"]
-
-
-SERVING_BACKENDS: dict[str, ServingBackend] = {
-    "triton": ServingBackend("triton", _triton_reasons, _triton_notes, fuses_variants=True),
-    "sdpa": ServingBackend("sdpa", _sdpa_reasons, _sdpa_notes, variants_run_as="sdpa"),
-    "cupy": ServingBackend("cupy", _cupy_reasons, lambda sp, dev: []),
-}
-# Where a measured profile has a model of the call's serving class (dispatch/costmodel.py), the
-# predicted times decide, as for attention(); else this built-in order (our kernels first on GPUs,
-# the fallback first on the CPU, where Triton runs only in its interpreter).
-SERVING_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("triton", "sdpa", "cupy"),
-    "rocm": ("triton", "sdpa", "cupy"),
-    "cpu": ("sdpa", "triton", "cupy"),
-}
 
 def select_serving(sp: ServingProblem, backend: str | None = None, *, device: DeviceInfo | None = None) -> Decision:
     """The Decision for a varlen/kvcache problem: forcing as for attention(), then the profile's
@@ -460,7 +449,8 @@ def select_serving(sp: ServingProblem, backend: str | None = None, *, device: De
 def _select(sp: ServingProblem, forced: str | None, source: str, device: DeviceInfo | None = None) -> Decision:
     dev = device if device is not None else device_for(sp.dense())
     rejected: dict[str, list[str]] = {}
-    order = SERVING_ORDER.get(dev.kind, SERVING_ORDER["cpu"])
+    backends = serving_backends()
+    order = serving_order(backends, dev)
     family = forced.split(":")[0] if forced else None
     ok = []
     for name in order:
@@ -471,7 +461,7 @@ def _select(sp: ServingProblem, forced: str | None, source: str, device: DeviceI
             rejected[name] = [f"{forced!r} pins one dense kernel; varlen and KV-cache calls take the "
                               f"family {family!r}"]
             continue
-        reasons = SERVING_BACKENDS[name].reasons(sp, dev)
+        reasons = backends[name].reasons(sp, dev)
         if reasons:
             rejected[name] = reasons
         else:
@@ -479,9 +469,9 @@ def _select(sp: ServingProblem, forced: str | None, source: str, device: DeviceI
     if not ok:
         raise NoBackendError(sp, dev, rejected, forced=forced, source=source)  # type: ignore[arg-type]
     profile, notes = selection.profile_for(dev)
-    rk = _rank(sp, ok, profile, order) if forced is None else None
+    rk = _rank(sp, ok, profile, order, backends) if forced is None else None
     chosen = rk.ordered[0] if rk is not None else ok[0]
-    notes = SERVING_BACKENDS[chosen].notes(sp, dev) + notes
+    notes = backends[chosen].notes(sp, dev) + notes
     if rk is not None:
         notes += rk.notes
     elif forced is None:
@@ -500,14 +490,15 @@ def _select(sp: ServingProblem, forced: str | None, source: str, device: DeviceI
                                ("no model for this problem" if forced is None and profile and profile.measured else "")))
 
 
-def _rank(sp: ServingProblem, ok: list[str], profile: Any, order: tuple[str, ...]) -> Any:
+def _rank(sp: ServingProblem, ok: list[str], profile: Any, order: tuple[str, ...],
+          backends: dict[str, ServingBackend]) -> Any:
     """The serving families by the profile's model of the call's class (None: no model says)."""
     if profile is None or not profile.measured:
         return None
     key = sp.model_key()
 
     def variant_path(name: str) -> tuple[bool, str]:
-        b = SERVING_BACKENDS[name]
+        b = backends[name]
         return (True, "") if key.variant == "plain" else (b.fuses_variants, b.variants_run_as)
 
     return selection.rank_by_model(sp.work(), key, ok, profile, variant_path=variant_path,

@@ -101,7 +101,7 @@ def _profile(*groups: Group) -> Profile:
 
 
 def _rank(sp, prof, ok=("triton", "sdpa")):
-    return serving._rank(sp, list(ok), prof, ("triton", "sdpa", "cupy"))
+    return serving._rank(sp, list(ok), prof, ("triton", "sdpa", "cupy"), serving.serving_backends())
 
 
 def test_the_faster_family_by_the_model_wins_and_explain_says_why():
@@ -389,9 +389,9 @@ def test_the_cli_explains_serving_calls(capsys):
 
 def test_a_family_that_broke_the_context_is_left_out_on_resume_without_its_dense_namesake():
     backends = ["sdpa", "sdpa", "triton", "triton", "cupy"]
-    assert tune_serving.families(backends) == ["triton", "sdpa", "cupy"]
+    assert tune_serving.families(backends) == ["sdpa", "triton", "cupy"]  # the registry's order
     assert tune_serving.families(backends, ("serving:triton",)) == ["sdpa", "cupy"]
-    assert tune_serving.families(backends, ("triton",)) == ["triton", "sdpa", "cupy"]  # a dense exclusion
+    assert tune_serving.families(backends, ("triton",)) == ["sdpa", "triton", "cupy"]  # a dense exclusion
 
 
 def test_the_plan_counts_only_the_families_that_can_serve():

@@ -54,14 +54,14 @@ SERVING_PREFIX = "serving:"
 def families(backends: Sequence[str], excluded: Sequence[str] = ()) -> list[str]:
     """The serving families among the tune's implementations' backends (dense families), in the
     serving registry's order, less those `excluded` names as SERVING_PREFIX + family."""
-    return [f for f in serving.SERVING_BACKENDS if f in set(backends) and SERVING_PREFIX + f not in excluded]
+    return [f for f in serving.serving_backends() if f in set(backends) and SERVING_PREFIX + f not in excluded]
 
 
 def can_serve(s: Shape, name: str, dev: Any) -> bool:
     """Whether serving family `name` declares it can serve shape `s` on `dev` (a DeviceInfo; no
     tensors, no values): what the plan's estimate counts."""
     sp = s.serving_problem(dev.kind)
-    return not serving.SERVING_BACKENDS[name].reasons(sp, dev)
+    return not serving.serving_backends()[name].reasons(sp, dev)
 
 
 @dataclass
