@@ -466,10 +466,12 @@ def _measure(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, d: "
             finish("an input is all zeros: nothing to time on (the next process measures it)")
             return None
         extras: Mapping[str, torch.Tensor] = {} if sinks is None else {"sinks": sinks}
+        from .selection import BASELINE
+
         names = list(d.candidates)
-        if "sdpa" in names:  # the trusted output first
-            names.remove("sdpa")
-            names.insert(0, "sdpa")
+        if BASELINE in names:  # the trusted output first
+            names.remove(BASELINE)
+            names.insert(0, BASELINE)
         share = BUDGET_S / max(1, len(names))
         t = time.perf_counter()
         checker = _Checker(q, k, v, p, sinks)
@@ -506,7 +508,7 @@ def _measure(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, d: "
                 log.warning("autotune: %s fails the accuracy check on %s: %s; it is not recorded",
                             name, p.describe(), bad)
                 continue
-            if name == "sdpa":
+            if name == BASELINE:
                 checker.trust(out)
             del out
             if first > share:
