@@ -178,6 +178,8 @@ class _State:
             _show_decisions()
         self.profiles: dict[str | None, tuple[Profile | None, list[str]]] = {}
         self.cache: dict[tuple[Any, ...], Decision] = {}
+        # the serving calls' decisions and settings (dispatch/serving.py), dropped with this snapshot
+        self.serving: dict[Any, Any] = {}
         self.lock = threading.Lock()
 
     def profile(self, key: str | None) -> tuple[Profile | None, list[str]]:

@@ -294,11 +294,7 @@ def _validation_on() -> bool:
 def _serving_cache() -> dict[Any, Any]:
     """This module's decisions and settings, kept with the dispatcher's snapshot (selection.state()),
     so that flashdispatch.refresh(), which drops the snapshot, drops them too."""
-    st = state()
-    cache = getattr(st, "serving", None)
-    if cache is None:
-        cache = st.serving = {}  # type: ignore[attr-defined]
-    return cache
+    return state().serving
 
 
 def _validate_setting() -> bool:
