@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import flashdispatch as fd
 import flashdispatch.distributed as fdd
 from flashdispatch.distributed.block_backward import block_backward_math, softmax_delta
 from flashdispatch.distributed.layout import check_divisible, ring_blocks
@@ -531,3 +532,22 @@ def test_torch_cudnn_gate_refuses_cpu_tensors() -> None:
     q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
     why = aten_cudnn.sdpa_block_reason(q, q, q, ring_blocks(0, 2, 8, True))
     assert why is not None and why.startswith("torch's SDPA would not run cuDNN on block q[0:8] x kv[0:8] causal")
+
+
+def test_block_backward_pair_comes_from_selection() -> None:
+    """The ring's per-block backward is the pair of the implementation selection picks for the local
+    problem with a gradient and its lse (as any caller's), not a backend named in the ring."""
+    from flashdispatch.distributed.block_backward import block_pair
+    from flashdispatch.registry import REGISTRY
+
+    pytest.importorskip("triton")
+    for device in ("h100", "h200"):
+        d = fd.explain(shape=(1, 8, 8, 4096, 4096, 128), device=device, causal=True, needs_grad=True,
+                       return_lse=True)
+        name, config = block_pair(d)
+        pair = REGISTRY.get(d.variant).lse_pair()
+        assert pair is not None and name == pair.name and pair.has_backward, (device, d.variant, name)
+        assert config == (dict(d.config) or None)
+    # a decision for an implementation without a backward pair of its own: torch ops
+    d = fd.explain(shape=(1, 2, 2, 64, 64, 32), causal=True, needs_grad=True, return_lse=True, backend="sdpa:math")
+    assert REGISTRY.get("sdpa:math").lse_pair() is None and block_pair(d) == ("math", None)

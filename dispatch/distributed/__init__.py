@@ -214,7 +214,7 @@ def ring_spec(
     if cudnn_blocks_reason(qb, kb, vb, causal=causal, scale=scale, backend=backend, needs_grad=needs_bwd,
                            blocks=blocks) is None:
         return RingSpec(blocks, scale, layout, backend, "cudnn", None)
-    path, config = (choose_block_backward(qb, kb, vb, causal=causal, scale=scale) if needs_bwd
+    path, config = (choose_block_backward(qb, kb, vb, causal=causal, scale=scale, backend=backend) if needs_bwd
                     else ("none", None))
     return RingSpec(blocks, scale, layout, backend, path, config)
 
@@ -329,7 +329,7 @@ class RingPlan:
     layout: str
     local_len: int
     steps: tuple[StepPlan, ...]
-    backward_path: str  # per-block: "cudnn" (forward too) | "triton" (attention_backward) | "math" (torch ops)
+    backward_path: str  # per-block: "cudnn" (forward too) | an implementation's backward pair | "math" (torch ops)
     kv_bytes: int  # K + V of one slice: what one forward step sends
     dkv_bytes: int  # dK + dV accumulators of one slice (float32/64): sent once per backward step
 
@@ -345,9 +345,9 @@ class RingPlan:
             chosen = (f"sdpa:cudnn through torch's cuDNN op with lse (SDPA chosen for the local problem)"
                       if self.backward_path == "cudnn" else f"{sp.decision.variant} ({sp.decision.source})")
             lines.append(f"  {sp.step:>4}  {'rank ' + str(b.src):>6}  {b.describe():<36} {chosen}")
-        bwd = {"cudnn": "torch's cuDNN backward op (global out/lse)",
-               "triton": "triton attention_backward (global out/lse)"}.get(self.backward_path,
-                                                                         "torch ops, chunked over query rows")
+        bwd = ("torch's cuDNN backward op (global out/lse)" if self.backward_path == "cudnn" else
+               "torch ops, chunked over query rows" if self.backward_path in ("math", "none") else
+               f"{self.backward_path}'s backward pair (global out/lse)")
         lines += [
             f"  backward per block: {bwd}",
             f"  traffic per step: forward K+V {self.kv_bytes / mib:.2f} MiB; backward K+V "
@@ -408,7 +408,7 @@ def explain_ring(
         backward_path=("cudnn" if cudnn_blocks_reason(qb, kb, vb, causal=causal, scale=p.scale, backend=backend,
                                                       needs_grad=any(t.requires_grad for t in (q, k, v)),
                                                       blocks=blocks) is None
-                       else choose_block_backward(qb, kb, vb, causal=causal, scale=p.scale)[0]),
+                       else choose_block_backward(qb, kb, vb, causal=causal, scale=p.scale, backend=backend)[0]),
         kv_bytes=(k.numel() + v.numel()) * k.element_size(),
         dkv_bytes=(k.numel() + v.numel()) * acc_size,
     )

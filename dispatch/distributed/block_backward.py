@@ -6,14 +6,16 @@ row are P = exp(S * scale - lse_global), and FlashAttention-2's backward applies
     dV = P^T dO        dP = dO V^T        dS = P * (dP - delta),  delta = rowsum(dO * O_global)
     dQ = scale * dS K  dK = scale * dS^T Q
 
-On a GPU the triton backend's backward (its `Implementation.backward`, from the registry, which
-takes the global out and lse) does this in one kernel; elsewhere `block_backward_math` does it in torch ops, in chunks of query rows
+On a GPU the backward pair that selection gives the rank's local problem (the chosen
+implementation's `lse_pair()`, whose `backward` takes the global out and lse: triton's, cupy's) does
+this in its kernels; elsewhere `block_backward_math` does it in torch ops, in chunks of query rows
 so that the (rows x keys) score matrix stays bounded.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -105,24 +107,37 @@ def _block_backward_impl(name: str) -> Implementation | None:
 
 
 def choose_block_backward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, backend: str | None = None
 ) -> tuple[str, dict | None]:
-    """('triton', its config) when the tensors are on a GPU and the triton backend could run this
-    rank's backward (the registry's own capability check), else ('math', None).
+    """The block backward pair selection gives this rank: the implementation the dispatcher picks
+    for the local problem with a gradient and its lse (or the forced `backend`), as its `lse_pair()`
+    (a forward returning lse and a backward from the whole row's out and lse), with the decision's
+    config; ('math', None) off CUDA or where the chosen one has no usable pair (torch ops).
 
-    q, k, v: the local slices, bhsd-indexed. The config is the profile's for the whole local problem.
+    q, k, v: the local slices, bhsd-indexed.
     """
-    if q.device.type != "cuda" or _block_backward_impl("triton") is None:
+    if q.device.type != "cuda":
         return "math", None
     from ..api import explain
     from ..errors import NoBackendError
 
     try:
-        d = explain(q, k, v, causal=causal, scale=scale, layout="bhsd", needs_grad=True, backend="triton")
+        d = explain(q, k, v, causal=causal, scale=scale, layout="bhsd", return_lse=True, needs_grad=True,
+                    backend=backend)
     except NoBackendError as e:
         log.debug("ring backward through torch ops: %s", e)
         return "math", None
-    return "triton", (dict(d.config) or None)
+    return block_pair(d)
+
+
+def block_pair(decision: Any) -> tuple[str, dict | None]:
+    """(the decided implementation's backward pair, the decision's config), or ('math', None)
+    when it has none usable here."""
+    pair = REGISTRY.get(decision.variant).lse_pair()
+    if pair is None or _block_backward_impl(pair.name) is None:
+        log.debug("ring backward through torch ops: %s has no usable backward pair", decision.variant)
+        return "math", None
+    return pair.name, (dict(decision.config) or None)
 
 
 def block_backward(

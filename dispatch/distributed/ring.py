@@ -42,8 +42,8 @@ class RingSpec(NamedTuple):
     scale: float
     layout: str  # of the user's tensors; the ring works on bhsd-indexed views of them
     backend: str | None  # forced forward backend, None lets the dispatcher choose per block
-    backward_path: str  # "cudnn" (aten_cudnn, forward too) | a backend with a backward pair ("triton") | "math"
-    backward_config: dict | None = None  # the triton backward's block sizes (None: its defaults)
+    backward_path: str  # "cudnn" (aten_cudnn, forward too) | an implementation's backward pair (selection's) | "math"
+    backward_config: dict | None = None  # that pair's config from the decision (None: its defaults)
 
     @property
     def aten_cudnn(self) -> bool:
