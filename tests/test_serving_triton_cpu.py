@@ -178,8 +178,14 @@ def test_varlen_backward(case: tuple, dtype: torch.dtype) -> None:
         sinks.requires_grad_(True)
     scale = q.shape[-1] ** -0.5
     do = torch.randn(q.shape[0], q.shape[1], v.shape[2], generator=torch.Generator().manual_seed(5)).to(dtype)
-    out, _ = vl.VarlenFunction.apply(q, k, v, cq, ck, mq, mk, kw["causal"], scale, TILES, kw["window"],
-                                     kw["softcap"], sinks)
+    from types import SimpleNamespace
+
+    from flashdispatch.backends.triton import serving as triton_serving
+
+    # the family's serving path: the kernels joined by the dispatcher's one autograd Function
+    sp = SimpleNamespace(needs_grad=True, seqlen_q=mq, seqlen_k=mk, causal=kw["causal"], scale=scale,
+                         window=kw["window"], softcap=kw["softcap"])
+    out, _ = triton_serving.varlen_forward(q, k, v, cq, ck, sp, sinks, TILES)
     leaves = [t for t in (q, k, v, sinks) if t is not None]
     got = torch.autograd.grad(out, leaves, do)
     ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]

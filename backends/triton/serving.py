@@ -8,6 +8,9 @@ from typing import Any
 
 import torch
 
+from flashdispatch.autograd import apply_pair
+from flashdispatch.backend import Gradients, Inputs
+
 # modules, not their functions: the CPU tests redefine the kernels under the interpreter by
 # reloading paged.py and varlen.py, which updates these module objects in place
 from . import paged, varlen
@@ -54,15 +57,45 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+class _VarlenPair:
+    """The varlen kernels as a forward/backward pair for the dispatcher's one autograd Function
+    (dispatch/autograd.py): the packed tensors are q, k, v, the sequence bounds and the sinks ride
+    as extra inputs (no gradient for cu_seqlens), `p` is the call's ServingProblem."""
+
+    name = "triton varlen"
+
+    def forward(self, inp: Inputs, p: Any, config: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = inp.extras
+        return varlen.varlen_forward(inp.q, inp.k, inp.v, x["cu_seqlens_q"], x["cu_seqlens_k"], p.seqlen_q,
+                                     p.seqlen_k, causal=p.causal, scale=p.scale, config=config, window=p.window,
+                                     softcap=p.softcap, sinks=x.get("sinks"))
+
+    def backward(self, inp: Inputs, out: torch.Tensor, lse: torch.Tensor, do: torch.Tensor, p: Any,
+                 config: dict[str, Any] | None) -> Gradients:
+        x = inp.extras
+        g = varlen.varlen_backward(do, inp.q, inp.k, inp.v, out, lse, x["cu_seqlens_q"], x["cu_seqlens_k"],
+                                   p.seqlen_q, p.seqlen_k, causal=p.causal, scale=p.scale, config=config,
+                                   window=p.window, softcap=p.softcap, sinks=x.get("sinks"))
+        return Gradients(g[0], g[1], g[2], {"sinks": g[3]} if len(g) > 3 else {})
+
+
+VARLEN_PAIR = _VarlenPair()
+
+
 def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                   sp: Any, sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse (Hq, total_q)); through the autograd Function when sp.needs_grad."""
+                   sp: Any, sinks: torch.Tensor | None,
+                   config: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse (Hq, total_q)); recorded for the backward (dispatch/autograd.py's Function joining
+    VARLEN_PAIR's forward and backward) when sp.needs_grad. `config`: the kernels' tiles (None:
+    their defaults)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     if sp.needs_grad:
-        return varlen.VarlenFunction.apply(q, k, v, cu_q, cu_k, sp.seqlen_q, sp.seqlen_k, sp.causal, sp.scale, None,
-                                    sp.window, sp.softcap, sinks)
+        extras = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k}
+        if sinks is not None:
+            extras["sinks"] = sinks
+        return apply_pair(VARLEN_PAIR, Inputs(q, k, v, extras), sp, config)  # type: ignore[arg-type]
     return varlen.varlen_forward(q, k, v, cu_q, cu_k, sp.seqlen_q, sp.seqlen_k, causal=sp.causal, scale=sp.scale,
-                           window=sp.window, softcap=sp.softcap, sinks=sinks)
+                                 config=config, window=sp.window, softcap=sp.softcap, sinks=sinks)
 
 
 def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Variable-length (packed) attention in Triton: forward, backward and the autograd Function.
+"""Variable-length (packed) attention in Triton: the forward and the backward kernels and their launches.
 
 Layout (flash_attn's varlen convention): q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv,
 Dv); sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q against rows
@@ -459,28 +459,3 @@ def varlen_backward(
     if sinks is not None:
         grads = (*grads, _bwd.sinks_grad(sinks, lse.unsqueeze(0), delta.unsqueeze(0)))
     return grads
-
-
-class VarlenFunction(torch.autograd.Function):
-    """varlen_forward with varlen_backward as its gradient (positional arguments only)."""
-
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
-                cu_k: torch.Tensor, max_q: int, max_k: int, causal: bool, scale: float,
-                config: dict[str, Any] | None, window: tuple[int, int] | None, softcap: float | None,
-                sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale, config=config,
-                                  window=window, softcap=softcap, sinks=sinks)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, sinks)
-        ctx.args = (max_q, max_k, causal, scale, config, window, softcap)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None):  # type: ignore[override]
-        q, k, v, out, lse, cu_q, cu_k, sinks = ctx.saved_tensors
-        max_q, max_k, causal, scale, config, window, softcap = ctx.args
-        grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale,
-                                config=config, window=window, softcap=softcap, sinks=sinks)
-        dsinks = grads[3] if sinks is not None and ctx.needs_input_grad[12] else None
-        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None, None, dsinks
