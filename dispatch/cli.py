@@ -7,13 +7,13 @@ import importlib
 import logging
 import platform
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from . import envs
 from .costmodel import SERVING_CLASSES
-from .cliargs import USAGE_ERROR, ArgumentParser, user_error
+from .cliargs import USAGE_ERROR, ArgumentParser, int_at_least, positive_int, user_error
 from .device import DEVICE_KEYS, current_device
 from .errors import NoBackendError
 from .problem import DTYPES_BY_NAME
@@ -80,25 +80,11 @@ def _parse_window(text: str) -> tuple[int, int]:
     try:
         left, right = (int(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--window: expected LEFT,RIGHT (integers, -1 unbounded), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected LEFT,RIGHT (integers, -1 unbounded), got {text!r}") from None
     return left, right
 
 
-def _int_at_least(low: int, what: str) -> Callable[[str], int]:
-    """An argparse type: an int >= low, described as `what` in the error."""
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {n}")
-        return n
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_page_size = _int_at_least(0, "a page size >= 0 (rows per page; 0: a contiguous cache)")
+_page_size = int_at_least(0, "a page size >= 0 (rows per page; 0: a contiguous cache)")
 
 
 def _serving_decision(args: argparse.Namespace) -> Any:
@@ -244,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("bhsd", "bshd"), default="bhsd")
     p.add_argument("--lse", action="store_true", help="return_lse=True")
     p.add_argument("--grad", action="store_true", help="inputs require grad (training)")
-    p.add_argument("--head-dim-v", type=int, default=None)
+    p.add_argument("--head-dim-v", type=positive_int, default=None, metavar="DV",
+                   help="head dim of v, when it differs from q's and k's (default: D)")
     p.add_argument("--backend", default=None, help="force a backend")
     p.add_argument("--window", type=_parse_window, default=None, metavar="LEFT,RIGHT",
                    help="sliding window, flash_attn's convention (Mistral: 4095,0 with --causal; -1 unbounded)")
@@ -260,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a small decoder through flashdispatch: what it picks, how fast, how exact",
                        description=_DESCRIPTIONS["demo"])
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
-    p.add_argument("--steps", type=_positive_int, default=4, help="decode steps (default: 4)")
-    p.add_argument("--seqlen", type=_positive_int, default=None,
+    p.add_argument("--steps", type=positive_int, default=4, help="decode steps (default: 4)")
+    p.add_argument("--seqlen", type=positive_int, default=None,
                    help="tokens in the KV cache before the speculative and decode steps "
                         "(default: 256 on CPU, 8192 on GPU; at least 64)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the calls' decisions and times as JSON")

@@ -2,14 +2,16 @@
 
 argparse prints the whole usage block before its error; a new user then reads a screen of options
 to find the one line that matters. This parser prints only that line (naming the command and what
-was wrong) and where to read more.
+was wrong) and where to read more. The number types below check the range of a number option in
+the parser, so that a bad value is that one line (naming the option), never a later traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 USAGE_ERROR = 2  # exit status of a user error, as argparse and the shell tools use it
 
@@ -25,3 +27,37 @@ def user_error(prog: str, e: BaseException) -> int:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f"{prog}: error: {text}", file=sys.stderr)
     return USAGE_ERROR
+
+
+def int_at_least(low: int, what: str, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int in [low, high], described as `what` in the error (argparse puts
+    the option's name before it: "argument --jobs: expected a positive integer, got 0")."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if n < low or (high is not None and n > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {n}")
+        return n
+    return parse
+
+
+def float_at_least(low: float, what: str) -> Callable[[str], float]:
+    """An argparse type: a finite float >= low, described as `what` in the error."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(x) or x < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return x
+    return parse
+
+
+positive_int = int_at_least(1, "a positive integer")
+# torch.Generator.manual_seed's range, from 0 (the tools draw their fresh seeds there too)
+seed = int_at_least(0, "a seed from 0 to 2**64 - 1", 2**64 - 1)
+milliseconds = float_at_least(0.0, "milliseconds >= 0 (0: the fewest repetitions)")
+seconds = float_at_least(0.0, "seconds >= 0")

@@ -48,6 +48,40 @@ def test_user_errors_are_one_line_and_exit_2(argv, needle, capsys):
     assert needle in err and err.startswith(f"flashdispatch {argv[0]}: error:"), err
 
 
+# Each number option out of its range, with something that ends the command at once if the
+# option were accepted (--list, --plot-from a missing file): the parser, not a later step or a
+# traceback, must refuse it, naming the option once.
+@pytest.mark.parametrize("argv, option", [
+    (["explain", "--shape", "1,8,8,64,64,64", "--head-dim-v", "-3"], "--head-dim-v"),
+    (["explain", "--shape", "1,8,8,64,64,64", "--head-dim-v", "0"], "--head-dim-v"),
+    (["explain", "--shape", "1,8,8,64,64,64", "--window", "5"], "--window"),
+    (["tune", "--list", "--max-configs", "0"], "--max-configs"),
+    (["tune", "--list", "--warmup-ms", "-5"], "--warmup-ms"),
+    (["tune", "--list", "--rep-ms", "-0.5"], "--rep-ms"),
+    (["tune", "--list", "--time-budget", "-1"], "--time-budget"),
+    (["tune", "--list", "--seed", "-1"], "--seed"),
+    (["tune", "--list", "--seed", str(2**64)], "--seed"),
+    (["tune", "--list", "--head-dims", "64,0"], "--head-dims"),
+    (["tune", "--list", "--seqlens", "x"], "--seqlens"),
+    (["bench", "--plot-from", "/nonexistent/b.json", "--max-tokens", "0"], "--max-tokens"),
+    (["bench", "--plot-from", "/nonexistent/b.json", "--limit", "0"], "--limit"),
+    (["bench", "--plot-from", "/nonexistent/b.json", "--warmup-ms", "nan"], "--warmup-ms"),
+    (["bench", "--plot-from", "/nonexistent/b.json", "--rep-ms", "-1"], "--rep-ms"),
+    (["bench", "--plot-from", "/nonexistent/b.json", "--time-budget", "-1"], "--time-budget"),
+    (["bench", "--plot-from", "/nonexistent/b.json", "--seed", "-1"], "--seed"),
+    (["warmup", "--jobs", "0"], "--jobs"),
+    (["warmup", "--device-index", "-1"], "--device-index"),
+])
+def test_number_options_out_of_range_are_refused_by_the_parser(argv, option, capsys):
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith(f"flashdispatch {argv[0]}: error: argument {option}: expected"), err
+    assert err.count(option) == 1, err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU this machine does not have")
 def test_demo_on_a_missing_gpu_is_a_user_error(capsys):
     assert main(["demo", "--device", "cuda"]) == 2

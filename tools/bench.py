@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import flashdispatch
 from flashdispatch.backends.sdpa import bottom_right_sdpa
+from flashdispatch import cliargs
 from flashdispatch.cliargs import ArgumentParser, user_error
 from flashdispatch.problem import DTYPES_BY_NAME, Problem, problem_from_tensors
 from flashdispatch.registry import REGISTRY
@@ -267,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     ap.add_argument("--dtypes", type=tune.csv_list, default=None,
                     help="comma-separated, e.g. bf16,fp16 (default bf16; with --heldout: every shape's own)")
-    ap.add_argument("--head-dims", type=tune.csv_ints("--head-dims"), default=None)
-    ap.add_argument("--seqlens", type=tune.csv_ints("--seqlens"), default=None)
+    ap.add_argument("--head-dims", type=tune.csv_ints, default=None)
+    ap.add_argument("--seqlens", type=tune.csv_ints, default=None)
     ap.add_argument("--passes", type=tune.csv_list, default=None, help="subset of fwd,fwd_bwd,decode")
     ap.add_argument("--causal", choices=("true", "false", "both"), default="both")
     ap.add_argument("--no-special", action="store_true", help="leave out the special shapes (GQA, chunked prefill, decode)")
@@ -283,20 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scale-for-cpu", action="store_true",
                     help="--heldout: every shape shrunk to CPU size (batch, heads, lengths; kind, dtype, head dim "
                          "and mask kept), the same code path: a dry run (needed on a CPU)")
-    ap.add_argument("--max-tokens", type=int, default=CPU_MAX_TOKENS,
+    ap.add_argument("--max-tokens", default=CPU_MAX_TOKENS,
+                    type=cliargs.int_at_least(heldout.CPU_MIN_TOKENS, f"at least {heldout.CPU_MIN_TOKENS} tokens"),
                     help=f"--scale-for-cpu: longest sequence after shrinking (default {CPU_MAX_TOKENS})")
-    ap.add_argument("--limit", type=int, default=None, metavar="N",
+    ap.add_argument("--limit", type=cliargs.positive_int, default=None, metavar="N",
                     help="--heldout: the first N shapes (kinds interleaved, so N >= 5 covers every kind)")
     ap.add_argument("--no-graphs", action="store_true",
                     help="time decode and speculative steps eagerly instead of as CUDA-graph replays")
     ap.add_argument("--backends", type=tune.csv_list, default=None,
                     help="variants or families to run beside SDPA and dispatch (default: all available)")
     ap.add_argument("--exclude", type=tune.csv_list, default=[], help="backends to leave out (the dispatcher may still choose them)")
-    ap.add_argument("--warmup-ms", type=float, default=None)
-    ap.add_argument("--rep-ms", type=float, default=None)
-    ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    ap.add_argument("--warmup-ms", type=cliargs.milliseconds, default=None)
+    ap.add_argument("--rep-ms", type=cliargs.milliseconds, default=None)
+    ap.add_argument("--time-budget", type=cliargs.seconds, default=None, metavar="SECONDS",
                     help="stop starting shapes after this long; the output holds what finished")
-    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--seed", type=cliargs.seed, default=None)
     ap.add_argument("--variants", action="store_true",
                     help="the variants section instead: sliding window, softcap, sinks and windowed decode against "
                          "their anchors (FlexAttention, SDPA with a mask, cuDNN); tools/bench_variants.py")
@@ -367,8 +369,6 @@ def _heldout_plan(args: argparse.Namespace, device: torch.device) -> list[heldou
     keep = {s.label for s in shape_lists.filter_shapes(
         [h.shape for h in heldout.HELDOUT], dtypes=args.dtypes, head_dims=args.head_dims, passes=args.passes,
         causal=causal, seqlens=args.seqlens)}
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit: expected a positive number of shapes, got {args.limit}")
     plan = [h for h in heldout.heldout(args.kinds) if h.label in keep][:args.limit]
     if args.scale_for_cpu:
         plan = [heldout.scale_for_cpu(h, args.max_tokens) for h in plan]
