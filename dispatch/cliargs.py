@@ -9,9 +9,10 @@ the parser, so that a bad value is that one line (naming the option), never a la
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn, Sequence
 
 USAGE_ERROR = 2  # exit status of a user error, as argparse and the shell tools use it
 
@@ -61,3 +62,27 @@ positive_int = int_at_least(1, "a positive integer")
 seed = int_at_least(0, "a seed from 0 to 2**64 - 1", 2**64 - 1)
 milliseconds = float_at_least(0.0, "milliseconds >= 0 (0: the fewest repetitions)")
 seconds = float_at_least(0.0, "seconds >= 0")
+
+
+def read_json(path: str, option: str, writer: str, keys: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON object in the file `path`, given as `option`, that `flashdispatch <writer>` wrote
+    (holding `keys`). Anything else is a ValueError naming the option, the file and what went
+    wrong: "--plot-from x.txt: expected a JSON file written by flashdispatch bench (not JSON: ...)"."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{option} {path}: expected a JSON file written by flashdispatch {writer} ({why})")
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise bad(e.strerror or type(e).__name__) from None
+    except UnicodeDecodeError:
+        raise bad("not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise bad(f"not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise bad(f"a JSON {type(doc).__name__}, not an object")
+    missing = [k for k in keys if k not in doc]
+    if missing:
+        raise bad("it has no " + ", ".join(repr(k) for k in missing))
+    return doc

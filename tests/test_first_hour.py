@@ -82,6 +82,42 @@ def test_number_options_out_of_range_are_refused_by_the_parser(argv, option, cap
     assert err.count(option) == 1, err
 
 
+_TUNE = ["tune", "--shapes", "tiny", "--backends", "sdpa", "--device", "cpu", "--resume"]
+
+
+# A file given where a command reads back its own JSON: not JSON, JSON of another kind, missing.
+@pytest.mark.parametrize("argv, writer, content, why", [
+    (["bench", "--plot-from"], "bench", "not json\n", "(not JSON: Expecting value: line 1 column 1 (char 0))"),
+    (["bench", "--rescore"], "bench", "not json\n", "(not JSON: Expecting value"),
+    (["bench", "--serving", "--plot-from"], "bench --serving", "<html>", "(not JSON: Expecting value"),
+    ([*_TUNE, "--state"], "tune", "not json\n", "(not JSON: Expecting value"),
+    (["bench", "--plot-from"], "bench", "[1, 2]", "(a JSON list, not an object)"),
+    (["bench", "--rescore"], "bench", '{"schema": 1, "meta": {}, "results": []}', "(it has no 'rows', 'summary')"),
+    ([*_TUNE, "--state"], "tune", '{"meta": {}, "rows": []}', "(it has no 'schema')"),
+    ([*_TUNE, "--state"], "tune", '{"schema": 1, "results": [{"no": "id"}]}', "a result flashdispatch tune cannot"),
+    (["bench", "--plot-from"], "bench", None, "(No such file or directory)"),
+    (["bench", "--rescore"], "bench", b"\xff\xfe", "(not UTF-8 text)"),
+])
+def test_a_file_that_is_not_the_commands_json_names_the_option_and_the_file(argv, writer, content, why, tmp_path,
+                                                                             capsys):
+    path = tmp_path / "given.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    argv = [*argv, str(path), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    option = argv[argv.index(str(path)) - 1]
+    assert err.startswith(f"flashdispatch {argv[0]}: error: {option} {path}: "), err
+    if "cannot" not in why:
+        assert f": expected a JSON file written by flashdispatch {writer} {why}" in err, err
+    else:
+        assert why in err, err
+    assert not (tmp_path / "out").exists()  # nothing measured or written
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU this machine does not have")
 def test_demo_on_a_missing_gpu_is_a_user_error(capsys):
     assert main(["demo", "--device", "cuda"]) == 2

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import logging
 import os
 import shlex
@@ -391,8 +390,11 @@ def main(argv: list[str] | None = None) -> int:
                                                           else [])
                                   + (["--plot-from", args.plot_from] if args.plot_from else []))
     if args.plot_from or args.rescore:
-        with open(args.plot_from or args.rescore, encoding="utf-8") as f:
-            result = json.load(f)
+        option = "--plot-from" if args.plot_from else "--rescore"
+        try:
+            result = cliargs.read_json(args.plot_from or args.rescore, option, "bench", ("meta", "rows", "summary"))
+        except ValueError as e:
+            return user_error("flashdispatch bench", e)
         if args.rescore:
             from . import bench_rescore
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import flashdispatch as fd
-from flashdispatch import serving
+from flashdispatch import cliargs, serving
 from flashdispatch.backends.sdpa_serving import torch_varlen_params
 from flashdispatch.reference import cache_visible_mask
 
@@ -316,8 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.plot_from:
-        with open(args.plot_from, encoding="utf-8") as f:
-            result = json.load(f)
+        result = cliargs.read_json(args.plot_from, "--plot-from", "bench --serving", ("rows",))
         os.makedirs(args.out, exist_ok=True)
         plot(result, os.path.join(args.out, "bench_serving.png"))
         print_table(result)

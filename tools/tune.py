@@ -487,13 +487,17 @@ class State:
         self.results: dict[str, BucketResult] = {}
 
     @staticmethod
-    def load(path: str) -> "State":
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+    def load(path: str, option: str = "--state") -> "State":
+        """The state file at `path` (given as `option`); a ValueError naming both if it is not one."""
+        raw = cliargs.read_json(path, option, "tune", ("schema",))
         if raw.get("schema") != STATE_SCHEMA:
-            raise ValueError(f"--resume: {path} has state schema {raw.get('schema')!r}, expected {STATE_SCHEMA}")
+            raise ValueError(f"{option} {path}: state schema {raw.get('schema')!r}, expected {STATE_SCHEMA}")
         st = State(path, raw.get("meta", {}))
-        st.results = {d["id"]: BucketResult.from_json(d) for d in raw.get("results", [])}
+        try:
+            st.results = {d["id"]: BucketResult.from_json(d) for d in raw.get("results", [])}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{option} {path}: a result flashdispatch tune cannot read "
+                             f"({type(e).__name__}: {e})") from None
         return st
 
     def save(self) -> None:
@@ -878,7 +882,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "flashdispatch tune " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     meta = {"key": key, "card": card, "arch": dev.arch, "command": command}
     if args.resume and os.path.exists(state_path):
-        state = State.load(state_path)
+        try:
+            state = State.load(state_path, "--state" if args.state else "--resume")
+        except ValueError as e:
+            return user_error("flashdispatch tune", e)
         if state.meta.get("card") != card:
             print(f"flashdispatch tune: error: --resume: {state_path} was measured on {state.meta.get('card')!r}, "
                   f"this is {card!r}; start afresh without --resume", file=sys.stderr)
