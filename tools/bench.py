@@ -11,7 +11,7 @@ shapes the tuner never measured (tools/heldout.py), judged against the held-out 
 Each output is checked against the float64 reference (tools/verify.py) before it is timed; a
 wrong provider is reported and left out of the comparison. Decode and speculative steps (at most
 16 new rows against a longer cache) are timed as serving runs them, as CUDA-graph replays, with
-each provider's host time per eager call beside (tools/decode_timing.py). Rates: TFLOP/s
+each provider's host time per eager call beside on a GPU (tools/decode_timing.py). Rates: TFLOP/s
 (FlashAttention-paper count) or GB/s for those steps. Ratios: plain-SDPA time / dispatcher time,
 and best-provider time / dispatcher time (the oracle ratio); 1.0 means as fast. This module
 measures; tools/bench_report.py writes bench.json, bench.md and bench.png (heldout.* for --heldout).
@@ -56,10 +56,11 @@ HELDOUT_TIMING = {"warmup_ms": 10.0, "rep_ms": 100.0}
 # Repetitions per provider at least, for the held-out set's every-shape bars: with about 20 (a
 # 5 ms training shape at 100 ms) the same kernel read 0.959x itself (docs/bench.md).
 HELDOUT_MIN_REPS = 30
-# Eager calls timed back to back for a serving step's host time (fewer on a CPU, where a call is
-# milliseconds).
+# Eager calls timed back to back for a serving step's host time on a GPU. On a CPU there is no
+# host time apart from the call's own, which the interleaved repetitions already measure (with
+# their spread); a block of back-to-back calls timed once there measured the scheduler (7.7 ms
+# against 0.15 ms for the same call on a shared 2-core machine).
 HOST_CALLS = 200
-HOST_CALLS_CPU = 10
 # --scale-for-cpu: the longest sequence of a held-out shape shrunk for a CPU.
 CPU_MAX_TOKENS = 256
 
@@ -231,9 +232,8 @@ def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune
         spread = timing.Spread.of(samples[name])
         m.ms, m.lo, m.hi = spread.median, spread.lo, spread.hi
         m.rate = timing.gbps(p, "fwd", m.ms) if serving else timing.rate(p, s.pass_, m.ms)[0]
-        if serving:
-            m.host_us = timing.host_us_per_call(eager[name], device,
-                                                HOST_CALLS if device.type == "cuda" else HOST_CALLS_CPU)
+        if serving and device.type == "cuda":
+            m.host_us = timing.host_us_per_call(eager[name], device, HOST_CALLS)
     row["providers"] = {name: m.to_json() for name, m in measurements.items()}
     bench_report.add_ratios(row)
     return row
