@@ -125,6 +125,15 @@ def test_demo_on_a_missing_gpu_is_a_user_error(capsys):
     assert "no CUDA" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU this machine does not have")
+@pytest.mark.parametrize("section", ["--serving", "--variants"])
+def test_a_gpu_only_bench_section_on_a_cpu_is_a_user_error(section, tmp_path, capsys):
+    assert main(["bench", section, "--out", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, (out, err)
+    assert err.startswith(f"flashdispatch bench: error: {section}: ") and "no CUDA GPU" in err, err
+
+
 @pytest.mark.parametrize("env, argv, needle", [
     ({"FLASHDISPATCH_LOG": "foo"}, [], "FLASHDISPATCH_LOG='foo'"),
     ({"FLASHDISPATCH_BACKEND": "foo"}, [], "FLASHDISPATCH_BACKEND='foo'"),

@@ -382,13 +382,15 @@ def main(argv: list[str] | None = None) -> int:
         from . import bench_variants
 
         return bench_variants.main(["--out", args.out] + (["--quick"] if args.quick else [])
-                                   + (["--rep-ms", str(args.rep_ms)] if args.rep_ms is not None else []))
+                                   + (["--rep-ms", str(args.rep_ms)] if args.rep_ms is not None else []),
+                                   prog="flashdispatch bench")
     if args.serving:
         from . import bench_serving
 
         return bench_serving.main(["--out", args.out] + (["--rep-ms", str(args.rep_ms)] if args.rep_ms is not None
                                                           else [])
-                                  + (["--plot-from", args.plot_from] if args.plot_from else []))
+                                  + (["--plot-from", args.plot_from] if args.plot_from else []),
+                                  prog="flashdispatch bench")
     if args.plot_from or args.rescore:
         option = "--plot-from" if args.plot_from else "--rescore"
         try:
