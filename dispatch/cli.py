@@ -18,7 +18,7 @@ from .device import DEVICE_KEYS, current_device
 from .errors import NoBackendError
 from .problem import DTYPES_BY_NAME
 from .registry import REGISTRY
-from .selection import state
+from .selection import read_profile
 
 
 def _versions() -> dict[str, str]:
@@ -34,12 +34,16 @@ def _versions() -> dict[str, str]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    """The report; with a bad FLASHDISPATCH_* variable, the report under that variable's default,
+    the variable's INVALID line, and exit status 2 (attention() raises until it is fixed)."""
     from . import __version__
 
-    dev = current_device(args.device or state().settings.device)
-    profile, problems = state().profile(dev.profile_key)
+    settings, bad = envs.read_settings_reporting()
+    dev = current_device(args.device or settings.device)
+    profile, problems = read_profile(dev.profile_key, settings)
     print(f"flashdispatch {__version__}")
-    print(f"device:   {dev.describe()}")
+    print(f"device:   {dev.describe()}" + (f" ({envs.FLASHDISPATCH_DEVICE.name} is invalid: its default shown)"
+                                           if envs.FLASHDISPATCH_DEVICE.name in bad and not args.device else ""))
     if profile:
         print(f"profile:  {profile.provenance()} ({len(profile.groups)} groups, {sum(len(g.points) for g in profile.groups)} points)")
         classes = sorted({g.key.cls for g in profile.groups if g.key.cls in SERVING_CLASSES})
@@ -51,18 +55,18 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"          ! {p}")
     from .autotune import describe_overlay
 
-    print(f"          {describe_overlay(state().settings, dev.profile_key)}")
+    print(f"          {describe_overlay(settings, dev.profile_key)}")
     print("backends:")
     for st in REGISTRY.status(dev):
         print(f"  {st.name:<15} " + ("available" if st.available else f"unavailable: {st.reason}"))
     print("versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()))
     print("environment:")
     for var in envs.ALL:
-        try:
-            val = var.read()
-        except envs.EnvError as e:
-            val = f"INVALID ({e})"
-        print(f"  {var.name}={val!r}")
+        print(f"  INVALID: {bad[var.name]}" if var.name in bad else f"  {var.name}={var.read()!r}")
+    if bad:
+        return user_error("flashdispatch info", envs.EnvError(
+            "; ".join(str(e) for e in bad.values())
+            + f" (attention() raises until {'it is' if len(bad) == 1 else 'they are'} fixed or unset)"))
     return 0
 
 
