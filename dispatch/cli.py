@@ -13,7 +13,7 @@ import torch
 
 from . import envs
 from .costmodel import SERVING_CLASSES
-from .cliargs import USAGE_ERROR, ArgumentParser, int_at_least, positive_int, user_error
+from .cliargs import USAGE_ERROR, ArgumentParser, int_at_least, positive_int, show_logs, user_error
 from .device import DEVICE_KEYS, current_device
 from .errors import NoBackendError
 from .problem import DTYPES_BY_NAME
@@ -266,10 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        show_logs(logging.INFO)  # the tools report progress at INFO
         return _run_delegated(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    show_logs(logging.INFO if args.verbose else logging.WARNING)
     try:
         return int(args.func(args))
     except (ValueError, TypeError, OSError, envs.EnvError) as e:

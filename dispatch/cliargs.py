@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from typing import Any, Callable, NoReturn, Sequence
@@ -28,6 +29,26 @@ def user_error(prog: str, e: BaseException) -> int:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f"{prog}: error: {text}", file=sys.stderr)
     return USAGE_ERROR
+
+
+class _CommandLogs(logging.StreamHandler):
+    """The handler show_logs puts on the "flashdispatch" logger (told apart from a program's own)."""
+
+
+def show_logs(level: int) -> None:
+    """A command's logging: the "flashdispatch" loggers' records at `level` and above on stderr,
+    as "<logger>: <message>". Only that logger is configured, never the root logger, so other
+    libraries' INFO records (matplotlib's) stay as their own defaults have them. Where the program
+    (or a test harness) has set up logging already, its set-up is left as it is."""
+    log = logging.getLogger("flashdispatch")
+    ours = [h for h in log.handlers if isinstance(h, _CommandLogs)]
+    if not ours:
+        if log.hasHandlers():
+            return
+        handler = _CommandLogs()  # stderr
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level)
 
 
 def int_at_least(low: int, what: str, high: int | None = None) -> Callable[[str], int]:

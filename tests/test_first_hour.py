@@ -219,6 +219,23 @@ def test_log_and_profile_dir_speak_on_stderr_without_logging_setup(tmp_path):
     assert any(line.startswith("flashdispatch: ") and "is not a directory" in line for line in r.stderr.splitlines())
 
 
+def test_the_commands_log_their_own_progress_and_leave_other_libraries_logs_alone():
+    """A fresh process: a tool's INFO progress reaches stderr, another library's INFO record (as
+    matplotlib writes while it finds its fonts) does not, and the root logger is not touched."""
+    code = ("import logging, sys\n"
+            "from flashdispatch.cli import main\n"
+            "rc = main(['tune', '--list', '--shapes', 'tiny', '--device', 'cpu'])\n"
+            "logging.getLogger('matplotlib.font_manager').info('third-party INFO record')\n"
+            "logging.getLogger('flashdispatch.tools.bench').info('our INFO record')\n"
+            "root = logging.getLogger()\n"
+            "print('root', logging.getLevelName(root.level), len(root.handlers), rc)\n")
+    r = _run(code=code)
+    assert r.returncode == 0, r.stderr
+    assert "flashdispatch.tools.tune: " in r.stderr and "flashdispatch.tools.bench: our INFO record" in r.stderr, r.stderr
+    assert "third-party INFO record" not in r.stderr, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "root WARNING 0 0", r.stdout
+
+
 def test_a_missing_profile_dir_is_warned_about_once(tmp_path, caplog):
     """Each device key's profile is looked up in the directory (the demo reads the CPU's and an
     H100's): the warning is said once, every lookup still reports it."""

@@ -376,8 +376,7 @@ def _heldout_plan(args: argparse.Namespace, device: torch.device) -> list[heldou
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    cliargs.show_logs(logging.INFO)
     if args.variants:
         from . import bench_variants
 

@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None, prog: str = "bench_serving") -> int:
     ap.add_argument("--plot-from", default=None, metavar="JSON",
                     help="re-render the table and plot from an earlier bench_serving.json, measure nothing")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cliargs.show_logs(logging.INFO)
     if args.plot_from:
         try:
             result = cliargs.read_json(args.plot_from, "--plot-from", "bench --serving", ("rows",))

@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None, prog: str = "bench_variants") -> int:
     ap.add_argument("--rep-ms", type=cliargs.milliseconds, default=60.0, help="timed milliseconds per provider and bar")
     ap.add_argument("--quick", action="store_true", help="16k window and 8k softcap/sinks bars, decode B=8 only")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    cliargs.show_logs(logging.INFO)
     if not torch.cuda.is_available():
         return cliargs.user_error(prog, ValueError(
             "--variants: the variants section times its bars against CUDA anchors (FlexAttention, cuDNN); torch sees "

@@ -854,8 +854,7 @@ def _interrupt_note(state_path: str) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    cliargs.show_logs(logging.INFO)
     try:
         device = parse_device(args.device)
         plan = _plan(args, device)
