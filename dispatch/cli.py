@@ -7,18 +7,18 @@ import importlib
 import logging
 import platform
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from . import envs
 from .costmodel import SERVING_CLASSES
-from .cliargs import USAGE_ERROR, ArgumentParser, user_error
+from .cliargs import USAGE_ERROR, ArgumentParser, int_at_least, positive_int, show_logs, user_error
 from .device import DEVICE_KEYS, current_device
 from .errors import NoBackendError
 from .problem import DTYPES_BY_NAME
 from .registry import REGISTRY
-from .selection import state
+from .selection import read_profile
 
 
 def _versions() -> dict[str, str]:
@@ -34,12 +34,16 @@ def _versions() -> dict[str, str]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    """The report; with a bad FLASHDISPATCH_* variable, the report under that variable's default,
+    the variable's INVALID line, and exit status 2 (attention() raises until it is fixed)."""
     from . import __version__
 
-    dev = current_device(args.device or state().settings.device)
-    profile, problems = state().profile(dev.profile_key)
+    settings, bad = envs.read_settings_reporting()
+    dev = current_device(args.device or settings.device)
+    profile, problems = read_profile(dev.profile_key, settings)
     print(f"flashdispatch {__version__}")
-    print(f"device:   {dev.describe()}")
+    print(f"device:   {dev.describe()}" + (f" ({envs.FLASHDISPATCH_DEVICE.name} is invalid: its default shown)"
+                                           if envs.FLASHDISPATCH_DEVICE.name in bad and not args.device else ""))
     if profile:
         print(f"profile:  {profile.provenance()} ({len(profile.groups)} groups, {sum(len(g.points) for g in profile.groups)} points)")
         classes = sorted({g.key.cls for g in profile.groups if g.key.cls in SERVING_CLASSES})
@@ -51,18 +55,18 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"          ! {p}")
     from .autotune import describe_overlay
 
-    print(f"          {describe_overlay(state().settings, dev.profile_key)}")
+    print(f"          {describe_overlay(settings, dev.profile_key)}")
     print("backends:")
     for st in REGISTRY.status(dev):
         print(f"  {st.name:<15} " + ("available" if st.available else f"unavailable: {st.reason}"))
     print("versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()))
     print("environment:")
     for var in envs.ALL:
-        try:
-            val = var.read()
-        except envs.EnvError as e:
-            val = f"INVALID ({e})"
-        print(f"  {var.name}={val!r}")
+        print(f"  INVALID: {bad[var.name]}" if var.name in bad else f"  {var.name}={var.read()!r}")
+    if bad:
+        return user_error("flashdispatch info", envs.EnvError(
+            "; ".join(str(e) for e in bad.values())
+            + f" (attention() raises until {'it is' if len(bad) == 1 else 'they are'} fixed or unset)"))
     return 0
 
 
@@ -80,25 +84,11 @@ def _parse_window(text: str) -> tuple[int, int]:
     try:
         left, right = (int(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--window: expected LEFT,RIGHT (integers, -1 unbounded), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected LEFT,RIGHT (integers, -1 unbounded), got {text!r}") from None
     return left, right
 
 
-def _int_at_least(low: int, what: str) -> Callable[[str], int]:
-    """An argparse type: an int >= low, described as `what` in the error."""
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {n}")
-        return n
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_page_size = _int_at_least(0, "a page size >= 0 (rows per page; 0: a contiguous cache)")
+_page_size = int_at_least(0, "a page size >= 0 (rows per page; 0: a contiguous cache)")
 
 
 def _serving_decision(args: argparse.Namespace) -> Any:
@@ -244,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("bhsd", "bshd"), default="bhsd")
     p.add_argument("--lse", action="store_true", help="return_lse=True")
     p.add_argument("--grad", action="store_true", help="inputs require grad (training)")
-    p.add_argument("--head-dim-v", type=int, default=None)
+    p.add_argument("--head-dim-v", type=positive_int, default=None, metavar="DV",
+                   help="head dim of v, when it differs from q's and k's (default: D)")
     p.add_argument("--backend", default=None, help="force a backend")
     p.add_argument("--window", type=_parse_window, default=None, metavar="LEFT,RIGHT",
                    help="sliding window, flash_attn's convention (Mistral: 4095,0 with --causal; -1 unbounded)")
@@ -260,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a small decoder through flashdispatch: what it picks, how fast, how exact",
                        description=_DESCRIPTIONS["demo"])
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
-    p.add_argument("--steps", type=_positive_int, default=4, help="decode steps (default: 4)")
-    p.add_argument("--seqlen", type=_positive_int, default=None,
+    p.add_argument("--steps", type=positive_int, default=4, help="decode steps (default: 4)")
+    p.add_argument("--seqlen", type=positive_int, default=None,
                    help="tokens in the KV cache before the speculative and decode steps "
                         "(default: 256 on CPU, 8192 on GPU; at least 64)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the calls' decisions and times as JSON")
@@ -275,10 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        show_logs(logging.INFO)  # the tools report progress at INFO
         return _run_delegated(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    show_logs(logging.INFO if args.verbose else logging.WARNING)
     try:
         return int(args.func(args))
     except (ValueError, TypeError, OSError, envs.EnvError) as e:

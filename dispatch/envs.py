@@ -164,12 +164,30 @@ class Settings:
 
 
 def read_settings() -> Settings:
+    """The environment's settings; EnvError for the first variable that holds a bad value."""
+    return _settings(EnvVar.read)
+
+
+def read_settings_reporting() -> tuple[Settings, dict[str, EnvError]]:
+    """The settings with every invalid variable taken at its default, and each invalid variable's
+    error by name: for `flashdispatch info`, which shows a bad environment instead of stopping at
+    it (attention() and the other commands raise read_settings' EnvError)."""
+    bad: dict[str, EnvError] = {}
+    for var in ALL:
+        try:
+            var.read()
+        except EnvError as e:
+            bad[var.name] = e
+    return _settings(lambda var: var.default if var.name in bad else var.read()), bad
+
+
+def _settings(read: Callable[[EnvVar], str]) -> Settings:
     return Settings(
-        backend=FLASHDISPATCH_BACKEND.read(),
-        device=FLASHDISPATCH_DEVICE.read(),
-        profile_dir=FLASHDISPATCH_PROFILE_DIR.read(),
-        log=FLASHDISPATCH_LOG.read(),
-        autotune=FLASHDISPATCH_AUTOTUNE.read() == "1",
+        backend=read(FLASHDISPATCH_BACKEND),
+        device=read(FLASHDISPATCH_DEVICE),
+        profile_dir=read(FLASHDISPATCH_PROFILE_DIR),
+        log=read(FLASHDISPATCH_LOG),
+        autotune=read(FLASHDISPATCH_AUTOTUNE) == "1",
     )
 
 

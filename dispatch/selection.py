@@ -184,12 +184,19 @@ class _State:
 
     def profile(self, key: str | None) -> tuple[Profile | None, list[str]]:
         if key not in self.profiles:
-            self.profiles[key] = load_profile(key, self.settings.profile_dir)
-            if self.settings.autotune:  # hook: merge the points of autotune on first use (dispatch/autotune.py)
-                from . import autotune
-
-                self.profiles[key] = autotune.with_overlay(key, *self.profiles[key], self.settings)
+            self.profiles[key] = read_profile(key, self.settings)
         return self.profiles[key]
+
+
+def read_profile(key: str | None, settings: envs.Settings) -> tuple[Profile | None, list[str]]:
+    """The profile of device key `key` under `settings` (the user directory's, else the shipped
+    one; with autotune's overlay merged when it is on), and the problems met on the way."""
+    profile, problems = load_profile(key, settings.profile_dir)
+    if settings.autotune:  # hook: merge the points of autotune on first use (dispatch/autotune.py)
+        from . import autotune
+
+        return autotune.with_overlay(key, profile, problems, settings)
+    return profile, problems
 
 
 _state: _State | None = None

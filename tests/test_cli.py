@@ -42,8 +42,30 @@ def test_bad_env_is_an_error_not_a_traceback(monkeypatch, capsys):
     import flashdispatch
 
     flashdispatch.refresh()
-    assert main(["info"]) == 2
+    assert main(["explain", "--shape", "1,2,2,8,8,64"]) == 2
     assert "expected one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, value", [("FLASHDISPATCH_DEVICE", "v100"), ("FLASHDISPATCH_LOG", "verbose"),
+                                         ("FLASHDISPATCH_BACKEND", "flash"), ("FLASHDISPATCH_AUTOTUNE", "yes"),
+                                         ("FLASHDISPATCH_VALIDATE", "maybe")])
+def test_info_shows_a_bad_variable_with_what_is_expected_and_exits_2(name, value, monkeypatch, capsys):
+    monkeypatch.setenv(name, value)
+    import flashdispatch
+
+    flashdispatch.refresh()
+    assert main(["info"]) == 2
+    out, err = capsys.readouterr()
+    # the whole report, the bad variable's line in it (name, value, what is expected)
+    for part in ("device:", "profile:", "backends:", "sdpa:math", "versions:", "environment:"):
+        assert part in out, (part, out)
+    line = next(ln for ln in out.splitlines() if name in ln and "INVALID" in ln)
+    assert line.strip().startswith(f"INVALID: {name}={value!r} is not valid; expected one of: "), line
+    others = [ln for ln in out.splitlines() if ln.strip().startswith("FLASHDISPATCH_")]
+    from flashdispatch import envs
+
+    assert len(others) == len(envs.ALL) - 1 and not any(ln.strip().startswith(name + "=") for ln in others), others
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"flashdispatch info: error: {name}={value!r}"), err
 
 
 def test_explain_variants(capsys):

@@ -48,11 +48,90 @@ def test_user_errors_are_one_line_and_exit_2(argv, needle, capsys):
     assert needle in err and err.startswith(f"flashdispatch {argv[0]}: error:"), err
 
 
+# Each number option out of its range, with something that ends the command at once if the
+# option were accepted (--list, --plot-from a missing file): the parser, not a later step or a
+# traceback, must refuse it, naming the option once.
+@pytest.mark.parametrize("argv, option", [
+    (["explain", "--shape", "1,8,8,64,64,64", "--head-dim-v", "-3"], "--head-dim-v"),
+    (["explain", "--shape", "1,8,8,64,64,64", "--head-dim-v", "0"], "--head-dim-v"),
+    (["explain", "--shape", "1,8,8,64,64,64", "--window", "5"], "--window"),
+    (["tune", "--list", "--max-configs", "0"], "--max-configs"),
+    (["tune", "--list", "--warmup-ms", "-5"], "--warmup-ms"),
+    (["tune", "--list", "--rep-ms", "-0.5"], "--rep-ms"),
+    (["tune", "--list", "--time-budget", "-1"], "--time-budget"),
+    (["tune", "--list", "--seed", "-1"], "--seed"),
+    (["tune", "--list", "--seed", str(2**64)], "--seed"),
+    (["tune", "--list", "--head-dims", "64,0"], "--head-dims"),
+    (["tune", "--list", "--seqlens", "x"], "--seqlens"),
+    (["bench", "--plot-from", "/nonexistent/b.json", "--max-tokens", "0"], "--max-tokens"),
+    (["bench", "--plot-from", "/nonexistent/b.json", "--limit", "0"], "--limit"),
+    (["bench", "--plot-from", "/nonexistent/b.json", "--warmup-ms", "nan"], "--warmup-ms"),
+    (["bench", "--plot-from", "/nonexistent/b.json", "--rep-ms", "-1"], "--rep-ms"),
+    (["bench", "--plot-from", "/nonexistent/b.json", "--time-budget", "-1"], "--time-budget"),
+    (["bench", "--plot-from", "/nonexistent/b.json", "--seed", "-1"], "--seed"),
+    (["warmup", "--jobs", "0"], "--jobs"),
+    (["warmup", "--device-index", "-1"], "--device-index"),
+])
+def test_number_options_out_of_range_are_refused_by_the_parser(argv, option, capsys):
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith(f"flashdispatch {argv[0]}: error: argument {option}: expected"), err
+    assert err.count(option) == 1, err
+
+
+_TUNE = ["tune", "--shapes", "tiny", "--backends", "sdpa", "--device", "cpu", "--resume"]
+
+
+# A file given where a command reads back its own JSON: not JSON, JSON of another kind, missing.
+@pytest.mark.parametrize("argv, writer, content, why", [
+    (["bench", "--plot-from"], "bench", "not json\n", "(not JSON: Expecting value: line 1 column 1 (char 0))"),
+    (["bench", "--rescore"], "bench", "not json\n", "(not JSON: Expecting value"),
+    (["bench", "--serving", "--plot-from"], "bench --serving", "<html>", "(not JSON: Expecting value"),
+    ([*_TUNE, "--state"], "tune", "not json\n", "(not JSON: Expecting value"),
+    (["bench", "--plot-from"], "bench", "[1, 2]", "(a JSON list, not an object)"),
+    (["bench", "--rescore"], "bench", '{"schema": 1, "meta": {}, "results": []}', "(it has no 'rows', 'summary')"),
+    ([*_TUNE, "--state"], "tune", '{"meta": {}, "rows": []}', "(it has no 'schema')"),
+    ([*_TUNE, "--state"], "tune", '{"schema": 1, "results": [{"no": "id"}]}', "a result flashdispatch tune cannot"),
+    (["bench", "--plot-from"], "bench", None, "(No such file or directory)"),
+    (["bench", "--rescore"], "bench", b"\xff\xfe", "(not UTF-8 text)"),
+])
+def test_a_file_that_is_not_the_commands_json_names_the_option_and_the_file(argv, writer, content, why, tmp_path,
+                                                                             capsys):
+    path = tmp_path / "given.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    argv = [*argv, str(path), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    option = argv[argv.index(str(path)) - 1]
+    assert err.startswith(f"flashdispatch {argv[0]}: error: {option} {path}: "), err
+    if "cannot" not in why:
+        assert f": expected a JSON file written by flashdispatch {writer} {why}" in err, err
+    else:
+        assert why in err, err
+    assert not (tmp_path / "out").exists()  # nothing measured or written
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU this machine does not have")
 def test_demo_on_a_missing_gpu_is_a_user_error(capsys):
     assert main(["demo", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "no CUDA" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU this machine does not have")
+@pytest.mark.parametrize("section", ["--serving", "--variants"])
+def test_a_gpu_only_bench_section_on_a_cpu_is_a_user_error(section, tmp_path, capsys):
+    assert main(["bench", section, "--out", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, (out, err)
+    assert err.startswith(f"flashdispatch bench: error: {section}: ") and "no CUDA GPU" in err, err
 
 
 @pytest.mark.parametrize("env, argv, needle", [
@@ -138,6 +217,23 @@ def test_log_and_profile_dir_speak_on_stderr_without_logging_setup(tmp_path):
     assert "flashdispatch: flashdispatch" not in r.stderr, r.stderr  # the logger's name once
     assert "is not a directory" in r.stderr and missing in r.stderr, r.stderr
     assert any(line.startswith("flashdispatch: ") and "is not a directory" in line for line in r.stderr.splitlines())
+
+
+def test_the_commands_log_their_own_progress_and_leave_other_libraries_logs_alone():
+    """A fresh process: a tool's INFO progress reaches stderr, another library's INFO record (as
+    matplotlib writes while it finds its fonts) does not, and the root logger is not touched."""
+    code = ("import logging, sys\n"
+            "from flashdispatch.cli import main\n"
+            "rc = main(['tune', '--list', '--shapes', 'tiny', '--device', 'cpu'])\n"
+            "logging.getLogger('matplotlib.font_manager').info('third-party INFO record')\n"
+            "logging.getLogger('flashdispatch.tools.bench').info('our INFO record')\n"
+            "root = logging.getLogger()\n"
+            "print('root', logging.getLevelName(root.level), len(root.handlers), rc)\n")
+    r = _run(code=code)
+    assert r.returncode == 0, r.stderr
+    assert "flashdispatch.tools.tune: " in r.stderr and "flashdispatch.tools.bench: our INFO record" in r.stderr, r.stderr
+    assert "third-party INFO record" not in r.stderr, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "root WARNING 0 0", r.stdout
 
 
 def test_a_missing_profile_dir_is_warned_about_once(tmp_path, caplog):

@@ -11,7 +11,7 @@ shapes the tuner never measured (tools/heldout.py), judged against the held-out 
 Each output is checked against the float64 reference (tools/verify.py) before it is timed; a
 wrong provider is reported and left out of the comparison. Decode and speculative steps (at most
 16 new rows against a longer cache) are timed as serving runs them, as CUDA-graph replays, with
-each provider's host time per eager call beside (tools/decode_timing.py). Rates: TFLOP/s
+each provider's host time per eager call beside on a GPU (tools/decode_timing.py). Rates: TFLOP/s
 (FlashAttention-paper count) or GB/s for those steps. Ratios: plain-SDPA time / dispatcher time,
 and best-provider time / dispatcher time (the oracle ratio); 1.0 means as fast. This module
 measures; tools/bench_report.py writes bench.json, bench.md and bench.png (heldout.* for --heldout).
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import logging
 import os
 import shlex
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 
 import flashdispatch
 from flashdispatch.backends.sdpa import bottom_right_sdpa
+from flashdispatch import cliargs
 from flashdispatch.cliargs import ArgumentParser, user_error
 from flashdispatch.problem import DTYPES_BY_NAME, Problem, problem_from_tensors
 from flashdispatch.registry import REGISTRY
@@ -56,10 +56,11 @@ HELDOUT_TIMING = {"warmup_ms": 10.0, "rep_ms": 100.0}
 # Repetitions per provider at least, for the held-out set's every-shape bars: with about 20 (a
 # 5 ms training shape at 100 ms) the same kernel read 0.959x itself (docs/bench.md).
 HELDOUT_MIN_REPS = 30
-# Eager calls timed back to back for a serving step's host time (fewer on a CPU, where a call is
-# milliseconds).
+# Eager calls timed back to back for a serving step's host time on a GPU. On a CPU there is no
+# host time apart from the call's own, which the interleaved repetitions already measure (with
+# their spread); a block of back-to-back calls timed once there measured the scheduler (7.7 ms
+# against 0.15 ms for the same call on a shared 2-core machine).
 HOST_CALLS = 200
-HOST_CALLS_CPU = 10
 # --scale-for-cpu: the longest sequence of a held-out shape shrunk for a CPU.
 CPU_MAX_TOKENS = 256
 
@@ -231,9 +232,8 @@ def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune
         spread = timing.Spread.of(samples[name])
         m.ms, m.lo, m.hi = spread.median, spread.lo, spread.hi
         m.rate = timing.gbps(p, "fwd", m.ms) if serving else timing.rate(p, s.pass_, m.ms)[0]
-        if serving:
-            m.host_us = timing.host_us_per_call(eager[name], device,
-                                                HOST_CALLS if device.type == "cuda" else HOST_CALLS_CPU)
+        if serving and device.type == "cuda":
+            m.host_us = timing.host_us_per_call(eager[name], device, HOST_CALLS)
     row["providers"] = {name: m.to_json() for name, m in measurements.items()}
     bench_report.add_ratios(row)
     return row
@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     ap.add_argument("--dtypes", type=tune.csv_list, default=None,
                     help="comma-separated, e.g. bf16,fp16 (default bf16; with --heldout: every shape's own)")
-    ap.add_argument("--head-dims", type=tune.csv_ints("--head-dims"), default=None)
-    ap.add_argument("--seqlens", type=tune.csv_ints("--seqlens"), default=None)
+    ap.add_argument("--head-dims", type=tune.csv_ints, default=None)
+    ap.add_argument("--seqlens", type=tune.csv_ints, default=None)
     ap.add_argument("--passes", type=tune.csv_list, default=None, help="subset of fwd,fwd_bwd,decode")
     ap.add_argument("--causal", choices=("true", "false", "both"), default="both")
     ap.add_argument("--no-special", action="store_true", help="leave out the special shapes (GQA, chunked prefill, decode)")
@@ -283,20 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scale-for-cpu", action="store_true",
                     help="--heldout: every shape shrunk to CPU size (batch, heads, lengths; kind, dtype, head dim "
                          "and mask kept), the same code path: a dry run (needed on a CPU)")
-    ap.add_argument("--max-tokens", type=int, default=CPU_MAX_TOKENS,
+    ap.add_argument("--max-tokens", default=CPU_MAX_TOKENS,
+                    type=cliargs.int_at_least(heldout.CPU_MIN_TOKENS, f"at least {heldout.CPU_MIN_TOKENS} tokens"),
                     help=f"--scale-for-cpu: longest sequence after shrinking (default {CPU_MAX_TOKENS})")
-    ap.add_argument("--limit", type=int, default=None, metavar="N",
+    ap.add_argument("--limit", type=cliargs.positive_int, default=None, metavar="N",
                     help="--heldout: the first N shapes (kinds interleaved, so N >= 5 covers every kind)")
     ap.add_argument("--no-graphs", action="store_true",
                     help="time decode and speculative steps eagerly instead of as CUDA-graph replays")
     ap.add_argument("--backends", type=tune.csv_list, default=None,
                     help="variants or families to run beside SDPA and dispatch (default: all available)")
     ap.add_argument("--exclude", type=tune.csv_list, default=[], help="backends to leave out (the dispatcher may still choose them)")
-    ap.add_argument("--warmup-ms", type=float, default=None)
-    ap.add_argument("--rep-ms", type=float, default=None)
-    ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    ap.add_argument("--warmup-ms", type=cliargs.milliseconds, default=None)
+    ap.add_argument("--rep-ms", type=cliargs.milliseconds, default=None)
+    ap.add_argument("--time-budget", type=cliargs.seconds, default=None, metavar="SECONDS",
                     help="stop starting shapes after this long; the output holds what finished")
-    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--seed", type=cliargs.seed, default=None)
     ap.add_argument("--variants", action="store_true",
                     help="the variants section instead: sliding window, softcap, sinks and windowed decode against "
                          "their anchors (FlexAttention, SDPA with a mask, cuDNN); tools/bench_variants.py")
@@ -367,8 +368,6 @@ def _heldout_plan(args: argparse.Namespace, device: torch.device) -> list[heldou
     keep = {s.label for s in shape_lists.filter_shapes(
         [h.shape for h in heldout.HELDOUT], dtypes=args.dtypes, head_dims=args.head_dims, passes=args.passes,
         causal=causal, seqlens=args.seqlens)}
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit: expected a positive number of shapes, got {args.limit}")
     plan = [h for h in heldout.heldout(args.kinds) if h.label in keep][:args.limit]
     if args.scale_for_cpu:
         plan = [heldout.scale_for_cpu(h, args.max_tokens) for h in plan]
@@ -377,22 +376,26 @@ def _heldout_plan(args: argparse.Namespace, device: torch.device) -> list[heldou
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    cliargs.show_logs(logging.INFO)
     if args.variants:
         from . import bench_variants
 
         return bench_variants.main(["--out", args.out] + (["--quick"] if args.quick else [])
-                                   + (["--rep-ms", str(args.rep_ms)] if args.rep_ms is not None else []))
+                                   + (["--rep-ms", str(args.rep_ms)] if args.rep_ms is not None else []),
+                                   prog="flashdispatch bench")
     if args.serving:
         from . import bench_serving
 
         return bench_serving.main(["--out", args.out] + (["--rep-ms", str(args.rep_ms)] if args.rep_ms is not None
                                                           else [])
-                                  + (["--plot-from", args.plot_from] if args.plot_from else []))
+                                  + (["--plot-from", args.plot_from] if args.plot_from else []),
+                                  prog="flashdispatch bench")
     if args.plot_from or args.rescore:
-        with open(args.plot_from or args.rescore, encoding="utf-8") as f:
-            result = json.load(f)
+        option = "--plot-from" if args.plot_from else "--rescore"
+        try:
+            result = cliargs.read_json(args.plot_from or args.rescore, option, "bench", ("meta", "rows", "summary"))
+        except ValueError as e:
+            return user_error("flashdispatch bench", e)
         if args.rescore:
             from . import bench_rescore
 

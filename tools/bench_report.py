@@ -128,9 +128,10 @@ def heldout_summary(rows: Sequence[dict[str, Any]], judge: bool = True, planned:
     """The held-out bars: dispatcher/oracle >= 0.98 geomean and >= 0.93 on every shape,
     dispatcher/SDPA >= 0.98 on every shape. Every shape counts; a shape where the dispatcher (or
     plain SDPA) has no time fails its bar, and so does a run that did not reach every planned shape.
-    Without judge (a CPU dry run) the ratios are reported and no bar is checked."""
-    orc = [(r["oracle"], r["label"]) for r in rows if r.get("oracle")]
-    vs = [(r["vs_sdpa"], r["label"]) for r in rows if r.get("vs_sdpa")]
+    Without judge (a CPU dry run) no bar is checked, and the geomeans and minima count only the
+    shapes where the two timings differ beyond their spread, as summarize's do."""
+    orc = [(r["oracle"], r["label"]) for r in rows if r.get("oracle") and (judge or r.get("oracle_clear", True))]
+    vs = [(r["vs_sdpa"], r["label"]) for r in rows if r.get("vs_sdpa") and (judge or r.get("vs_sdpa_clear", True))]
     no_oracle = [r["label"] for r in rows if not r.get("oracle")]
     no_sdpa = [r["label"] for r in rows if not r.get("vs_sdpa")]
     planned = len(rows) if planned is None else planned
@@ -145,6 +146,7 @@ def heldout_summary(rows: Sequence[dict[str, Any]], judge: bool = True, planned:
         "wrong": _wrong(rows),
         "errors": _errors(rows),
         "chosen": _count(r["choice"]["variant"] for r in rows),
+        "counted": "all shapes" if judge else "the shapes that differ beyond the spread",
         "wall_s": round(sum(r.get("wall_s", 0.0) for r in rows), 1),  # the shapes' compiles, checks, timing
     }
     complete = bool(rows) and len(rows) == planned and not no_oracle
@@ -229,12 +231,24 @@ def _host_us(r: dict[str, Any], name: str) -> str:
     return f"{h:.1f}" if h else "-"
 
 
+def _serving_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The decode and speculative rows that have a graph or host time: a GPU's. On a CPU neither
+    exists apart from the eager call's time, which the main table gives with its spread."""
+    return [r for r in rows if r.get("serving") and (
+        r.get("timing") == GRAPH or any(m.get("host_us") for m in r["providers"].values()))]
+
+
+SERVING_CPU_NOTE = ("Decode and speculative steps: their CUDA-graph and host times are a GPU's; here their time is the "
+                    "eager call's, in the table above.")
+
+
 def serving_lines(rows: Sequence[dict[str, Any]], label: Any = None) -> list[str]:
     """The decode and speculative rows as serving runs them: GPU time of a CUDA-graph replay (n/a
-    off a GPU) and host time per eager call, for plain SDPA, the dispatcher and the fastest."""
-    serving = [r for r in rows if r.get("serving")]
+    where they ran eagerly, --no-graphs) and host time per eager call, for plain SDPA, the
+    dispatcher and the fastest; on a CPU only a line saying that these are a GPU's."""
+    serving = _serving_rows(rows)
     if not serving:
-        return []
+        return ["", SERVING_CPU_NOTE] if any(r.get("serving") for r in rows) else []
     label = label or (lambda r: _short(r["shape"]))
     lines = ["", "Decode and speculative steps as serving runs them: GPU time of a CUDA-graph replay (us) and host "
              "time per eager call (us; back-to-back calls, includes the GPU time when that is longer):", "",
@@ -338,8 +352,10 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def _print_serving(rows: Sequence[dict[str, Any]], label: Any) -> None:
-    serving = [r for r in rows if r.get("serving")]
+    serving = _serving_rows(rows)
     if not serving:
+        if any(r.get("serving") for r in rows):
+            print(SERVING_CPU_NOTE)
         return
     print(f"\n{'serving step':44s} {'SDPA graph us':>13s} {'host us':>8s} {'dispatch graph us':>17s} {'host us':>8s}")
     for r in serving:
@@ -451,9 +467,10 @@ def heldout_markdown(result: dict[str, Any]) -> str:
         "Real model shapes that are not in the tune grid (tools/heldout.py). `dispatcher` is "
         "flashdispatch.attention() choosing on its own; the oracle is the fastest provider that passed the "
         "float64 check (plain SDPA and every eligible implementation forced). dispatcher/oracle = oracle time / "
-        "dispatcher time, dispatcher/SDPA = plain-SDPA time / dispatcher time (1.0: as fast, above: faster). "
-        "Decode and speculative steps are timed as CUDA-graph replays (GPU time; n/a where there is no GPU), "
-        "their host time per eager call beside.",
+        "dispatcher time, dispatcher/SDPA = plain-SDPA time / dispatcher time (1.0: as fast, above: faster); "
+        "\"same\" where the two timings' interquartile ranges overlap (noise). "
+        "Decode and speculative steps are timed as CUDA-graph replays on a GPU, their host time per eager call "
+        "beside; on a CPU as eager calls, like the other shapes.",
         "",
         "| # | model | kind | shape | dtype | dispatcher chose | dispatcher | plain SDPA | oracle | "
         "dispatcher/oracle | dispatcher/SDPA |",
@@ -466,7 +483,7 @@ def heldout_markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {i} | {r.get('model', '-')} | {r.get('kind', '-')} | {_short(r['shape'])} | {r['shape']['dtype']} | "
             f"{r['choice']['variant']} | {_cell_time(d)} | {_cell_time(p)} | "
-            f"{(best or '-')} {_cell_time(bm) if best else ''} | {_ratio(r.get('oracle'))} | {_ratio(r.get('vs_sdpa'))} |")
+            f"{(best or '-')} {_cell_time(bm) if best else ''} | {oracle_cell(r)} | {vs_sdpa_cell(r)} |")
     lines += serving_lines(rows, _heldout_label)
     lines += ["", "## Summary", ""]
     lines += [f"- {x}" for x in _heldout_summary_lines(summ)]
@@ -489,14 +506,13 @@ def _cell_time(m: dict[str, Any]) -> str:
     return _time(m.get("ms"))
 
 
-def _ratio(x: float | None) -> str:
-    return f"{x:.3f}" if x else "-"
-
-
 def _heldout_summary_lines(s: dict[str, Any]) -> list[str]:
+    over = f" over {s['counted']}" if s.get("counted") else ""
     out = [f"shapes: {s['shapes']} of {s['planned']} planned" + (f" in {s['wall_s']:.0f} s" if s.get("wall_s") else ""),
-           f"dispatcher/oracle: geomean {s['geomean_oracle']:.3f}, min {_minfmt(s['min_oracle'])}",
-           f"dispatcher/SDPA: geomean {s['geomean_vs_sdpa']:.3f}, min {_minfmt(s['min_vs_sdpa'])}",
+           f"dispatcher/oracle: geomean {s['geomean_oracle']:.3f}, min {_minfmt(s['min_oracle'])}{over}"
+           if s["min_oracle"] else "dispatcher/oracle: no shape differs from the oracle beyond the spread",
+           f"dispatcher/SDPA: geomean {s['geomean_vs_sdpa']:.3f}, min {_minfmt(s['min_vs_sdpa'])}{over}"
+           if s["min_vs_sdpa"] else "dispatcher/SDPA: no shape differs from plain SDPA beyond the spread",
            "dispatcher chose: " + ", ".join(f"{n} x{c}" for n, c in s.get("chosen", {}).items())]
     out += [f"{_pass_fail(ok)}: {k}" for k, ok in s["checks"].items()]
     if s["shapes"] < s["planned"]:
@@ -538,10 +554,12 @@ def print_heldout_table(result: dict[str, Any]) -> None:
         print(f"{i:>3d} {r.get('model', r['label'])[:38]:38s} {r.get('kind', '-'):11s} {r['shape']['dtype']:5s} "
               f"{r['choice']['variant'][:14]:14s} {_cell_time(r['providers'].get(DISPATCH) or {}):>10s} "
               f"{((best or '-')[:12] + ' ' + (_cell_time(bm) if best else '')):>24s} "
-              f"{_ratio(r.get('oracle')):>8s} {_ratio(r.get('vs_sdpa')):>7s}")
+              f"{oracle_cell(r):>8s} {vs_sdpa_cell(r):>7s}")
     _print_serving(rows, _heldout_label)
     for line in _heldout_summary_lines(result["summary"]):
         print(line)
+    print('d/oracle: oracle time / dispatcher time; d/SDPA: plain-SDPA time / dispatcher time; "same" where the '
+          'two interquartile ranges overlap (noise).')
     note = _unjudged_note(result["summary"])
     if note:
         print(note)
@@ -571,8 +589,9 @@ def heldout_plot(result: dict[str, Any], path: str) -> bool:
         ax.set_ylim(0.0, min(top * 1.05, 4.0))
         ax.set_ylabel(title)
         ax.grid(axis="y", alpha=0.3)
+    g = result["summary"]["geomean_oracle"]
     axes[0].set_title(f"bars: geomean >= {HELDOUT_MIN_GEOMEAN_ORACLE}, every shape >= {HELDOUT_MIN_ORACLE} "
-                      f"(geomean {result['summary']['geomean_oracle']:.3f})", fontsize=9)
+                      f"({f'geomean {g:.3f}' if math.isfinite(g) else 'no shape beyond the spread'})", fontsize=9)
     axes[1].set_title(f"bar: every shape >= {HELDOUT_MIN_VS_SDPA}", fontsize=9)
     axes[1].set_xticks(range(len(rows)))
     axes[1].set_xticklabels([r["label"] for r in rows], rotation=90, fontsize=6)

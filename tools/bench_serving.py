@@ -24,7 +24,6 @@ bench_serving.png (with matplotlib) under --out; `--plot-from JSON` re-renders b
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import flashdispatch as fd
-from flashdispatch import serving
+from flashdispatch import cliargs, serving
 from flashdispatch.backends.sdpa_serving import torch_varlen_params
 from flashdispatch.reference import cache_visible_mask
 
@@ -307,24 +306,29 @@ def write_outputs(result: dict[str, Any], out: str) -> None:
     plot(result, os.path.join(out, "bench_serving.png"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "bench_serving") -> int:
+    """The serving section; `prog` names the command in a user error (`flashdispatch bench` when
+    it runs this for --serving)."""
+    ap = cliargs.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".", help="folder for bench_serving.json/.png (the GPU runs pass \"$OUT\")")
-    ap.add_argument("--rep-ms", type=float, default=60.0)
+    ap.add_argument("--rep-ms", type=cliargs.milliseconds, default=60.0)
     ap.add_argument("--plot-from", default=None, metavar="JSON",
                     help="re-render the table and plot from an earlier bench_serving.json, measure nothing")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cliargs.show_logs(logging.INFO)
     if args.plot_from:
-        with open(args.plot_from, encoding="utf-8") as f:
-            result = json.load(f)
+        try:
+            result = cliargs.read_json(args.plot_from, "--plot-from", "bench --serving", ("rows",))
+        except ValueError as e:
+            return cliargs.user_error(prog, e)
         os.makedirs(args.out, exist_ok=True)
         plot(result, os.path.join(args.out, "bench_serving.png"))
         print_table(result)
         return 0
     if not torch.cuda.is_available():
-        print("bench_serving needs a CUDA GPU", file=sys.stderr)
-        return 2
+        return cliargs.user_error(prog, ValueError(
+            "--serving: the serving section times CUDA kernels and CUDA-graph replays; torch sees no CUDA GPU here "
+            "(--plot-from JSON re-renders a GPU's run)"))
     import triton
 
     rows: list[dict[str, Any]] = []

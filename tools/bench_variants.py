@@ -19,7 +19,6 @@ matplotlib is there) under --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import flashdispatch
+from flashdispatch import cliargs
 from flashdispatch.backends.sdpa import bottom_right_sdpa
 from flashdispatch.reference import attention_math, visible_mask
 
@@ -325,16 +325,19 @@ def plot(run: Run, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "bench_variants") -> int:
+    """The variants section; `prog` names the command in a user error (`flashdispatch bench` when
+    it runs this for --variants)."""
+    ap = cliargs.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".", help="folder for bench_variants.json/.png (the GPU runner: \"$OUT\")")
-    ap.add_argument("--rep-ms", type=float, default=60.0, help="timed milliseconds per provider and bar")
+    ap.add_argument("--rep-ms", type=cliargs.milliseconds, default=60.0, help="timed milliseconds per provider and bar")
     ap.add_argument("--quick", action="store_true", help="16k window and 8k softcap/sinks bars, decode B=8 only")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    cliargs.show_logs(logging.INFO)
     if not torch.cuda.is_available():
-        print("bench_variants: needs a CUDA GPU", file=sys.stderr)
-        return 2
+        return cliargs.user_error(prog, ValueError(
+            "--variants: the variants section times its bars against CUDA anchors (FlexAttention, cuDNN); torch sees "
+            "no CUDA GPU here"))
     import triton
 
     run = Run(torch.cuda.get_device_name(), torch.__version__, triton.__version__,

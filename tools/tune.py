@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from flashdispatch import envs
+from flashdispatch import cliargs
 from flashdispatch.cliargs import ArgumentParser, user_error
 from flashdispatch.backend import Implementation
 from flashdispatch.device import DeviceInfo, real_device
@@ -486,13 +487,17 @@ class State:
         self.results: dict[str, BucketResult] = {}
 
     @staticmethod
-    def load(path: str) -> "State":
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+    def load(path: str, option: str = "--state") -> "State":
+        """The state file at `path` (given as `option`); a ValueError naming both if it is not one."""
+        raw = cliargs.read_json(path, option, "tune", ("schema",))
         if raw.get("schema") != STATE_SCHEMA:
-            raise ValueError(f"--resume: {path} has state schema {raw.get('schema')!r}, expected {STATE_SCHEMA}")
+            raise ValueError(f"{option} {path}: state schema {raw.get('schema')!r}, expected {STATE_SCHEMA}")
         st = State(path, raw.get("meta", {}))
-        st.results = {d["id"]: BucketResult.from_json(d) for d in raw.get("results", [])}
+        try:
+            st.results = {d["id"]: BucketResult.from_json(d) for d in raw.get("results", [])}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{option} {path}: a result flashdispatch tune cannot read "
+                             f"({type(e).__name__}: {e})") from None
         return st
 
     def save(self) -> None:
@@ -687,14 +692,13 @@ def csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def csv_ints(arg: str) -> Any:
-    def parse(text: str) -> list[int]:
-        try:
-            return [int(t) for t in csv_list(text)]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{arg}: expected comma-separated integers, got {text!r}") from None
-
-    return parse
+def csv_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated positive integers (head dims, sequence lengths)."""
+    one = cliargs.positive_int
+    try:
+        return [one(t) for t in csv_list(text)]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -724,19 +728,19 @@ def build_parser() -> argparse.ArgumentParser:
                          f"on GPUs without {', '.join(GPU_DEFAULT_EXCLUDE)})")
     ap.add_argument("--exclude", type=csv_list, default=[], help="comma-separated backends to leave out")
     ap.add_argument("--dtypes", type=csv_list, default=None, help="e.g. bf16,fp16")
-    ap.add_argument("--head-dims", type=csv_ints("--head-dims"), default=None, help="e.g. 64,128")
+    ap.add_argument("--head-dims", type=csv_ints, default=None, help="e.g. 64,128")
     ap.add_argument("--passes", type=csv_list, default=None, help="subset of fwd,fwd_bwd,decode")
-    ap.add_argument("--seqlens", type=csv_ints("--seqlens"), default=None, help="keep shapes with these Sk")
+    ap.add_argument("--seqlens", type=csv_ints, default=None, help="keep shapes with these Sk")
     ap.add_argument("--causal", choices=("true", "false", "both"), default="both")
-    ap.add_argument("--max-configs", type=int, default=None,
+    ap.add_argument("--max-configs", type=cliargs.positive_int, default=None,
                     help=f"configs per backend per shape (default: {FULL_MAX_CONFIGS}, {FULL_MAX_CONFIGS_BWD} for "
                          f"fwd_bwd; --quick {QUICK_MAX_CONFIGS}, {QUICK_MAX_CONFIGS_BWD} for fwd_bwd)")
-    ap.add_argument("--warmup-ms", type=float, default=None)
-    ap.add_argument("--rep-ms", type=float, default=None)
-    ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    ap.add_argument("--warmup-ms", type=cliargs.milliseconds, default=None)
+    ap.add_argument("--rep-ms", type=cliargs.milliseconds, default=None)
+    ap.add_argument("--time-budget", type=cliargs.seconds, default=None, metavar="SECONDS",
                     help="do not start a shape expected to end after this long; the profile holds what "
                          "finished (continue with --resume)")
-    ap.add_argument("--seed", type=int, default=None, help="seed of the random inputs (default: fresh)")
+    ap.add_argument("--seed", type=cliargs.seed, default=None, help="seed of the random inputs (default: fresh)")
     ap.add_argument("--list", action="store_true", help="print the shapes and candidates, measure nothing")
     ap.add_argument("--dry-run", action="store_true",
                     help="print the plan (shapes per model group) and its estimated duration, measure "
@@ -850,8 +854,7 @@ def _interrupt_note(state_path: str) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    cliargs.show_logs(logging.INFO)
     try:
         device = parse_device(args.device)
         plan = _plan(args, device)
@@ -878,7 +881,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "flashdispatch tune " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     meta = {"key": key, "card": card, "arch": dev.arch, "command": command}
     if args.resume and os.path.exists(state_path):
-        state = State.load(state_path)
+        try:
+            state = State.load(state_path, "--state" if args.state else "--resume")
+        except ValueError as e:
+            return user_error("flashdispatch tune", e)
         if state.meta.get("card") != card:
             print(f"flashdispatch tune: error: --resume: {state_path} was measured on {state.meta.get('card')!r}, "
                   f"this is {card!r}; start afresh without --resume", file=sys.stderr)

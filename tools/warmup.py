@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from flashdispatch.backends.cupy import configs
 from flashdispatch.backends.cupy.configs import KernelSpec
-from flashdispatch.cliargs import ArgumentParser, user_error
+from flashdispatch.cliargs import ArgumentParser, int_at_least, positive_int, user_error
 from flashdispatch.costmodel import CAUSAL_CLASSES, SERVING_CLASSES
 
 DEFAULT_JOBS = 4
@@ -146,8 +146,8 @@ def warmup_main(argv: list[str]) -> int:
         "that the first attention() call (or a CUDA-graph capture) does not wait for the compiler. Compiled "
         "kernels are cached on disk (FLASHDISPATCH_CACHE_DIR). Needs an NVIDIA GPU and CuPy.",
     )
-    ap.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="compilations in parallel")
-    ap.add_argument("--device-index", type=int, default=None, help="CUDA device (default: current)")
+    ap.add_argument("--jobs", type=positive_int, default=DEFAULT_JOBS, help="compilations in parallel")
+    ap.add_argument("--device-index", type=int_at_least(0, "a CUDA device index >= 0"), default=None, help="CUDA device (default: current)")
     args = ap.parse_args(argv)
     try:
         report = warmup(None, device_index=args.device_index, jobs=args.jobs)
