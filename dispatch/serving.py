@@ -31,7 +31,7 @@ import contextvars
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
