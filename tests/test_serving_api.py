@@ -15,11 +15,8 @@ from flashdispatch.backends import sdpa_serving
 from flashdispatch.errors import NoBackendError
 from flashdispatch.serving_reference import kvcache_math, varlen_math
 from flashdispatch.tolerances import within_budget
-from test_serving_triton_cpu import make_cache
 
-
-def _cu(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+from inputs import cu_seqlens, make_cache
 
 
 def _packed(lq: list[int], lk: list[int] | None = None, hq: int = 4, hkv: int = 2, d: int = 16,
@@ -29,7 +26,7 @@ def _packed(lq: list[int], lk: list[int] | None = None, hq: int = 4, hkv: int = 
     q = torch.randn(sum(lq), hq, d, generator=g).to(dtype).requires_grad_(grad)
     k = torch.randn(sum(lk), hkv, d, generator=g).to(dtype).requires_grad_(grad)
     v = torch.randn(sum(lk), hkv, d, generator=g).to(dtype).requires_grad_(grad)
-    return q, k, v, _cu(lq), _cu(lk), max(lq), max(lk)
+    return q, k, v, cu_seqlens(lq), cu_seqlens(lk), max(lq), max(lk)
 
 
 # --- validation ----------------------------------------------------------------------------------
