@@ -112,6 +112,44 @@ def test_value_checks_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
         fd.attention_varlen(q, k, v, cq, ck, mq, mk)
 
 
+def test_validation_block_overrides_the_setting_in_this_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`with serving.validation(False)` skips the value checks of both calls inside the block only,
+    over FLASHDISPATCH_VALIDATE, nested blocks included; another thread keeps the setting."""
+    import threading
+
+    q, k, v, cq, ck, mq, mk = _packed([3, 5])
+    qc, kc, vc, lens, table = make_cache([20, 5], 1, 4, 2, 16, 16, torch.float32)
+    kc, vc = kc.nan_to_num(), vc.nan_to_num()
+    calls: list[str] = []
+    real = serving.check_values
+    monkeypatch.setattr(serving, "check_values", lambda **kw: calls.append(threading.current_thread().name)
+                        or real(**kw))
+
+    def both() -> int:
+        before = len(calls)
+        fd.attention_varlen(q, k, v, cq, ck, mq, mk)
+        fd.attention_kvcache(qc, kc, vc, cache_seqlens=lens, block_table=table)
+        return len(calls) - before
+
+    assert both() == 2  # the default: on
+    with serving.validation(False):
+        assert both() == 0
+        other = threading.Thread(target=both, name="other")
+        other.start()
+        other.join()
+        assert calls[-2:] == ["other", "other"]  # the block is this thread's
+        with serving.validation(True):
+            assert both() == 2
+        assert both() == 0
+    assert both() == 2
+    monkeypatch.setenv("FLASHDISPATCH_VALIDATE", "off")
+    fd.refresh()
+    assert both() == 0
+    with serving.validation(True):
+        assert both() == 2
+    assert both() == 0
+
+
 def test_kvcache_reads_no_device_value_with_validation_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """The sdpa fallback's gather: no .tolist()/.item() on any tensor when validation is off."""
     monkeypatch.setenv("FLASHDISPATCH_VALIDATE", "off")
