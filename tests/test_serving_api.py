@@ -281,6 +281,30 @@ def test_compile_fullgraph_no_break() -> None:
     torch._dynamo.reset()
 
 
+def test_serving_ops_pass_opcheck(poisoned: None) -> None:
+    """torch.library.opcheck of both serving custom ops (schema, fake tensors, autograd registration,
+    AOT dispatch): plain and with window, softcap and sinks; paged and contiguous caches; with and
+    without lse. Outputs start as NaN (poisoned), so an output left unwritten (an lse nobody asked
+    for) differs between eager and compiled runs and fails."""
+    from flashdispatch import serving_ops as sops
+    from flashdispatch.ops import NOT_FORCED
+
+    q, k, v, cq, ck, mq, mk = _packed([3, 0, 9], [5, 2, 9], grad=True)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    for extra, window, softcap in ((None, (-1, -1), 0.0), (sinks, (4, 0), 5.0)):
+        torch.library.opcheck(sops.attention_varlen_fwd,
+                              (q, k, v, cq, ck, extra, mq, mk, NOT_FORCED, True, 0.3, *window, softcap, True, True))
+    torch.library.opcheck(sops.attention_varlen_fwd,
+                          (q, k, v, cq, ck, None, mq, mk, NOT_FORCED, False, 0.25, -1, -1, 0.0, False, False))
+    for page in (16, 0):
+        qc, kc, vc, lens, table = make_cache([20, 5, 0], 2, 4, 2, 16, page, torch.float32)
+        kc, vc = kc.nan_to_num(), vc.nan_to_num()
+        for extra, window, softcap in ((None, (-1, -1), 0.0), (sinks.detach(), (6, 0), 5.0)):
+            for return_lse in (True, False):
+                torch.library.opcheck(sops.attention_kvcache_fwd, (qc, kc, vc, lens, table, extra, NOT_FORCED, True,
+                                                                   0.3, *window, softcap, return_lse))
+
+
 def test_torch_varlen_reasons_follow_the_installed_signature(monkeypatch: pytest.MonkeyPatch) -> None:
     sp = serving.ServingProblem("varlen", Problem("cuda", 0, torch.bfloat16, 2, 32, 8, 64, 64, 128, 128, True,
                                                   128 ** -0.5, "bshd", True, False, False), 0, 128, 128)
