@@ -1,7 +1,8 @@
 """attention_varlen / attention_kvcache on the CPU: validation that names the argument, the sdpa
 fallbacks against the float64 per-sequence reference (forward and backward), selection (explain,
-forcing, the env override, cupy's reasons), the value-check switch, and torch.compile fullgraph
-through the custom ops. The Triton paths of these calls run in test_serving_triton_cpu.py."""
+forcing, the env override, cupy's reasons), the value-check switch (env and block), torch.compile
+fullgraph through the custom ops and their opcheck, and the paged-decode example on the CPU. The
+Triton paths of these calls run in test_serving_triton_cpu.py."""
 
 from __future__ import annotations
 
@@ -337,3 +338,24 @@ def test_cache_mask_is_the_dense_mask_of_each_sequence(causal, window) -> None:
     for b, n in enumerate(lens):
         assert torch.equal(got[b, :, :n], visible_mask(sq, n, causal=causal, window=window)), b
         assert not got[b, :, n:].any()
+
+
+# --- the serving example ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_paged_decode_example_runs_on_the_cpu() -> None:
+    """examples/serving_paged_decode.py as a user runs it, on the CPU (eager, the sdpa fallback, a
+    few steps): it exits 0 and its own check holds (cache_seqlens on the device == the host's
+    lengths after every step's page allocation)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "examples" / "serving_paged_decode.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, on a GPU machine too
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "decode steps of 8 sequences" in res.stdout and "on cpu" in res.stdout, res.stdout
