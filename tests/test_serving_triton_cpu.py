@@ -76,8 +76,8 @@ def _varlen_inputs(case: tuple, dtype: torch.dtype, requires_grad: bool = False)
     q = torch.randn(sum(lq), hq, d, generator=g).to(dtype).requires_grad_(requires_grad)
     k = torch.randn(sum(lk), hkv, d, generator=g).to(dtype).requires_grad_(requires_grad)
     v = torch.randn(sum(lk), hkv, d, generator=g).to(dtype).requires_grad_(requires_grad)
-    return q, k, v, cu_seqlens(lq), cu_seqlens(lk), max(lq), max(lk), dict(causal=causal, window=window, softcap=softcap,
-                                                               sinks=make_sinks(hq, sinks_kind))
+    kw = dict(causal=causal, window=window, softcap=softcap, sinks=make_sinks(hq, sinks_kind))
+    return q, k, v, cu_seqlens(lq), cu_seqlens(lk), max(lq), max(lk), kw
 
 
 # every case in fp32, the variants' cases in fp16 too (the interpreter is slow: CI minutes)
