@@ -90,7 +90,9 @@ def torch_varlen_reasons(sp: Any) -> list[str]:
 
 def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                    sp: Any, sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (total_q, Hq, Dv), lse (Hq, total_q)); differentiable through torch's own autograd."""
+    """(out (total_q, Hq, Dv), lse (Hq, total_q)); differentiable through torch's own autograd. lse is
+    zeros when sp.return_lse is False (the caller drops it; a defined value keeps the custom op
+    deterministic, as attention()'s op)."""
     if not torch_varlen_reasons(sp):
         return _torch_varlen(q, k, v, cu_q, cu_k, sp)
     return _varlen_loop(q, k, v, cu_q, cu_k, sp, sinks)
@@ -99,7 +101,8 @@ def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
 def kvcache_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                     block_table: torch.Tensor | None, sp: Any, sinks: torch.Tensor | None,
                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, Sq, Hq, Dv), lse (B, Hq, Sq)); reads no device value on the host."""
+    """(out (B, Sq, Hq, Dv), lse (B, Hq, Sq), zeros when sp.return_lse is False); reads no device
+    value on the host."""
     o, lse = _kvcache_gather(q, k_cache, v_cache, cache_seqlens, block_table, sp, sinks)
     if out is not None:
         out.copy_(o)
@@ -125,7 +128,7 @@ def _torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch
         out, lse = res[0], res[1]
         return out, lse.float()
     out = tv.varlen_attn(q, k, v, cu_q, cu_k, sp.seqlen_q, sp.seqlen_k, **kw)
-    return out, torch.empty((sp.heads_q, q.shape[0]), dtype=torch.float32, device=q.device)
+    return out, torch.zeros((sp.heads_q, q.shape[0]), dtype=torch.float32, device=q.device)
 
 
 def _varlen_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
@@ -157,7 +160,7 @@ def _varlen_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.
         return (q.new_zeros(q.shape[0], sp.heads_q, sp.head_dim_v),
                 torch.full((sp.heads_q, q.shape[0]), float("-inf"), device=q.device))
     out = torch.cat(outs, 0)
-    lse = torch.cat(lses, 1) if lses else torch.empty((sp.heads_q, q.shape[0]), dtype=torch.float32, device=q.device)
+    lse = torch.cat(lses, 1) if lses else torch.zeros((sp.heads_q, q.shape[0]), dtype=torch.float32, device=q.device)
     return out, lse
 
 
@@ -183,7 +186,7 @@ def _kvcache_gather(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             kh, vh = kh.repeat_interleave(g, 1), vh.repeat_interleave(g, 1)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=keep, scale=sp.scale)
         o = torch.where(keep.any(-1, keepdim=True), o, torch.zeros((), dtype=o.dtype, device=o.device))
-        return o.transpose(1, 2), torch.empty((bsz, sp.heads_q, sq), dtype=torch.float32, device=q.device)
+        return o.transpose(1, 2), torch.zeros((bsz, sp.heads_q, sq), dtype=torch.float32, device=q.device)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     g = sp.heads_q // sp.heads_kv
     kh, vh = kh.nan_to_num().to(acc), vh.nan_to_num().to(acc)

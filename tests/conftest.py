@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # -------------------------------------------------------------------------------------------------
-# Shared fixtures: poisoned outputs, the Triton interpreter on CPU-only machines
+# Shared fixtures: poisoned outputs, a virtual clock, the Triton interpreter on CPU-only machines
 # -------------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -41,6 +41,37 @@ def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
     from inputs import poison_outputs
 
     poison_outputs(monkeypatch)
+
+
+class VirtualClock:
+    """Time that moves only when the test says: `sleep(s)` advances it by s, and every reading by
+    `tick` (so work that does not sleep still takes a small, fixed, positive time). Installed as the
+    `time` module of the code under test, a budget or a timing is exact whatever the machine's load."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, tick: float = 1e-6) -> None:
+        self.now, self.tick, self._monkeypatch = 0.0, tick, monkeypatch
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+    monotonic = perf_counter
+    time = perf_counter
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def drive(self, *modules: object) -> "VirtualClock":
+        """Make each module's `time` this clock for the test (the modules must `import time`)."""
+        for m in modules:
+            self._monkeypatch.setattr(m, "time", self)
+        return self
+
+
+@pytest.fixture
+def virtual_clock(monkeypatch: pytest.MonkeyPatch) -> VirtualClock:
+    """A VirtualClock for the test; `virtual_clock.drive(module)` hands it to the code under test."""
+    return VirtualClock(monkeypatch)
 
 
 TRITON_MODULE_PREFIX = "flashdispatch.backends.triton"

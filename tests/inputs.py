@@ -66,6 +66,78 @@ def make_qkv(
     return one(hq, sq, d), one(hkv, sk, d), one(hkv, sk, dv)
 
 
+def make_qkv_do(
+    b: int, hq: int, hkv: int, sq: int, sk: int, d: int, *, dtype: torch.dtype, seed: int,
+    layout: str = "bhsd", device: str | torch.device = "cpu",
+) -> list[torch.Tensor]:
+    """q, k, v and an output gradient do shaped like q: N(0, 1) drawn in float64 on the CPU from
+    `seed` (in that order), then cast to dtype and moved to device."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one(h: int, s: int) -> torch.Tensor:
+        shape = (b, h, s, d) if layout == "bhsd" else (b, s, h, d)
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    return [one(hq, sq), one(hkv, sk), one(hkv, sk), one(hq, sq)]
+
+
+# Per-head sink distributions, (mean, std): about a row's scores; outweighing every key; from
+# barely there (-2) to dominating a row (10).
+SINK_KINDS = {"random": (0.0, 1.0), "dominant": (8.0, 1.0), "spread": (4.0, 3.0)}
+
+
+def make_sinks(hq: int, kind: str, *, seed: int = 7, device: str | torch.device = "cpu") -> torch.Tensor | None:
+    """Attention sinks, float32 (hq,), of a SINK_KINDS distribution drawn from `seed`; None for
+    kind "none"."""
+    if kind == "none":
+        return None
+    mean, std = SINK_KINDS[kind]
+    base = torch.randn(hq, generator=torch.Generator().manual_seed(seed))
+    return (base * std + mean).float().to(device)
+
+
+def cu_seqlens(lengths: list[int], device: str | torch.device = "cpu") -> torch.Tensor:
+    """The int32 cumulative sequence offsets of attention_varlen: [0, l0, l0 + l1, ...]."""
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32, device=device)
+
+
+def make_cache(lengths: list[int], sq: int, hq: int, hkv: int, d: int, page: int, dtype: torch.dtype,
+               *, spare_blocks: int = 1, seed: int = 3, device: str | torch.device = "cpu"):
+    """attention_kvcache inputs: q (B, Sq, Hq, D), k/v caches, cache_seqlens (int32), block_table.
+    page > 0: a paged cache, pages in shuffled order, `spare_blocks` unused table columns per
+    sequence, rows past each sequence's end NaN (a kernel that reads them fails); page 0: a
+    contiguous cache (B, max length + 5, Hkv, D), NaN past each length, and no table. Drawn on the
+    CPU from `seed`, then moved to device."""
+    g = torch.Generator().manual_seed(seed)
+    bsz = len(lengths)
+    q = torch.randn(bsz, sq, hq, d, generator=g).to(dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    if page == 0:
+        smax = max(lengths) + 5
+        k = torch.full((bsz, smax, hkv, d), float("nan")).to(dtype)
+        v = torch.full((bsz, smax, hkv, d), float("nan")).to(dtype)
+        for b, n in enumerate(lengths):
+            k[b, :n] = torch.randn(n, hkv, d, generator=g).to(dtype)
+            v[b, :n] = torch.randn(n, hkv, d, generator=g).to(dtype)
+        return q.to(device), k.to(device), v.to(device), seqlens.to(device), None
+    max_blocks = max(-(-n // page) for n in lengths) + spare_blocks
+    nblocks = bsz * max_blocks + 2
+    k = torch.full((nblocks, page, hkv, d), float("nan")).to(dtype)
+    v = torch.full((nblocks, page, hkv, d), float("nan")).to(dtype)
+    perm = torch.randperm(nblocks, generator=g)
+    table = torch.zeros(bsz, max_blocks, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(lengths):
+        for j in range(max_blocks):
+            table[b, j] = perm[used]
+            used += 1
+            rows = min(page, max(n - j * page, 0))
+            if rows:
+                k[perm[used - 1], :rows] = torch.randn(rows, hkv, d, generator=g).to(dtype)
+                v[perm[used - 1], :rows] = torch.randn(rows, hkv, d, generator=g).to(dtype)
+    return q.to(device), k.to(device), v.to(device), seqlens.to(device), table.to(device)
+
+
 def check_forward(out, q, k, v, *, causal, layout="bhsd", scale=None, lse=None):
     """Assert out (and lse) are within the flash-attention budget of plain torch vs float64."""
     ref, ref_lse = attention_math(q, k, v, causal=causal, layout=layout, scale=scale, upcast=True)

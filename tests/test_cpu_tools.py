@@ -187,3 +187,46 @@ def test_a_measured_run_rescored_under_the_current_rules_reads_the_new_choices_m
     assert "not a measurement" in (tmp_path / "out" / "bench.md").read_text()
     with pytest.raises(ValueError, match="profile="):
         bench_rescore.rescore({"meta": {"device": "cpu"}, "rows": []})
+
+
+# --- the variants bench's report (the measuring needs a GPU; the table and plot do not) ----------
+
+
+def _variants_run():
+    import math
+
+    from flashdispatch.tools import bench_variants as bv
+
+    run = bv.Run("NVIDIA H200 (synthetic)", "2.11", "3.6.0", "0.1")
+    run.bars = [
+        bv.Bar("window fwd vs flex", "S=16384", "ours", "flex", 1.0, 1.5, min_speedup=1.3),  # 1.5x: pass
+        bv.Bar("window fwd+bwd vs flex", "S=16384", "ours", "flex", 2.0, 1.8, min_speedup=1.2),  # 0.9x: fail
+        bv.Bar("sinks overhead fwd", "S=8192", "ours", "ours without sinks", 1.02, 1.0, max_time_ratio=1.05),
+        bv.Bar("sinks overhead decode", "B=8", "ours", "ours without sinks", 1.2, 1.0, max_time_ratio=1.05),
+        bv.Bar("decode window vs whole cache", "B=8", "ours", "sdpa", math.nan, 0.5, min_speedup=2.0),  # not timed
+    ]
+    run.errors = {"decode-b8/ours": "RuntimeError: out of memory"}
+    return bv, run
+
+
+def test_the_variants_table_says_which_bars_pass_and_names_the_card(capsys):
+    bv, run = _variants_run()
+    bv.print_table(run)
+    out = capsys.readouterr().out
+    assert "flashdispatch variants on NVIDIA H200 (synthetic) (torch 2.11, triton 3.6.0)" in out
+    rows = {line[:42].strip(): line.split() for line in out.splitlines() if line.endswith(("PASS", "FAIL"))}
+    assert {name: r[-1] for name, r in rows.items()} == {
+        "window fwd vs flex": "PASS", "window fwd+bwd vs flex": "FAIL", "sinks overhead fwd": "PASS",
+        "sinks overhead decode": "FAIL", "decode window vs whole cache": "FAIL"}
+    # the ratio column: anchor / ours for a speed-up bar, ours / anchor for a time bar
+    assert rows["window fwd+bwd vs flex"][-4:-1] == ["0.900", ">=", "1.2x"]
+    assert rows["sinks overhead decode"][-5:-1] == ["1.200", "time", "<=", "1.05x"]
+    assert "error decode-b8/ours: RuntimeError: out of memory" in out
+    assert out.rstrip().endswith("2/5 bars pass on NVIDIA H200 (synthetic)")
+
+
+def test_the_variants_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    bv, run = _variants_run()
+    bv.plot(run, str(tmp_path / "bench_variants.png"))
+    assert (tmp_path / "bench_variants.png").stat().st_size > 1000

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.gpu
 cupy = pytest.importorskip("cupy")
 
 from flashdispatch.backends.cupy import configs, cupy_backward, cupy_forward  # noqa: E402
-from inputs import poison_cuda_allocator  # noqa: E402
+from inputs import make_qkv_do, make_sinks, poison_cuda_allocator  # noqa: E402
 from flashdispatch.backends.cupy.ops import _mask  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -76,15 +76,10 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
 
 
 def make(case: Case, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v, do (bhsd) and the case's sinks, spread from barely there to dominating a row."""
     b, hq, hkv, sq, sk = case.shape
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(b, hq, sq, case.d, device="cuda", dtype=dtype, generator=g)
-    k = torch.randn(b, hkv, sk, case.d, device="cuda", dtype=dtype, generator=g)
-    v = torch.randn(b, hkv, sk, case.d, device="cuda", dtype=dtype, generator=g)
-    do = torch.randn(b, hq, sq, case.d, device="cuda", dtype=dtype, generator=g)
-    # sinks from -2 to 10: from barely there to dominating a row (lse of the keys is about 6)
-    sinks = (4.0 + 3.0 * torch.randn(hq, device="cuda", generator=g)).float() if case.sinks else None
-    return q, k, v, do, sinks
+    q, k, v, do = make_qkv_do(b, hq, hkv, sq, sk, case.d, dtype=dtype, seed=seed, device="cuda")
+    return q, k, v, do, make_sinks(hq, "spread" if case.sinks else "none", seed=seed, device="cuda")
 
 
 def _specs(case: Case, dt: str, cc: int) -> list[configs.KernelSpec]:

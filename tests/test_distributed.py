@@ -21,6 +21,7 @@ from flashdispatch.distributed.layout import check_divisible, ring_blocks
 from flashdispatch.distributed.merge import merge_into
 from flashdispatch.reference import attention_math, causal_mask
 from flashdispatch.tolerances import within_budget
+from inputs import make_qkv_do
 from ranks import run_ranks
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
@@ -82,20 +83,10 @@ def _seq_dim(layout: str) -> int:
     return 2 if layout == "bhsd" else 1
 
 
-def _inputs(case: Case, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    dt = DTYPES[case.dtype]
-
-    def make(h: int) -> torch.Tensor:
-        shape = (case.batch, h, case.seq, case.d) if case.layout == "bhsd" else (case.batch, case.seq, h, case.d)
-        return torch.randn(shape, generator=g, dtype=torch.float64).to(dt)
-
-    return [make(case.hq), make(case.hkv), make(case.hkv), make(case.hq)]  # q, k, v, dout
-
-
 def _run_case(case: Case, seed: int, group: Any) -> list[tuple[str, bool, float, float]]:
     dt = DTYPES[case.dtype]
-    q, k, v, do = _inputs(case, seed)
+    q, k, v, do = make_qkv_do(case.batch, case.hq, case.hkv, case.seq, case.seq, case.d, dtype=dt,
+                              layout=case.layout, seed=seed)
     sd = _seq_dim(case.layout)
     kw = dict(causal=case.causal, layout=case.layout)
 

@@ -20,6 +20,7 @@ import flashdispatch.distributed as fdd
 from flashdispatch.distributed import strategy as st
 from flashdispatch.reference import attention_math
 from flashdispatch.tolerances import within_budget
+from inputs import make_qkv_do
 from ranks import run_ranks
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
@@ -84,19 +85,10 @@ def _budget_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float64 else dtype
 
 
-def _inputs(case: Case, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-
-    def make(h: int) -> torch.Tensor:
-        shape = (case.batch, h, case.seq, case.d) if case.layout == "bhsd" else (case.batch, case.seq, h, case.d)
-        return torch.randn(shape, generator=g, dtype=torch.float64).to(DTYPES[case.dtype])
-
-    return [make(case.hq), make(case.hkv), make(case.hkv), make(case.hq)]
-
-
 def _run_case(case: Case, seed: int, group: Any) -> list[tuple[str, bool, float, float]]:
     dt = DTYPES[case.dtype]
-    q, k, v, do = _inputs(case, seed)
+    q, k, v, do = make_qkv_do(case.batch, case.hq, case.hkv, case.seq, case.seq, case.d, dtype=dt,
+                              layout=case.layout, seed=seed)
     sd = 2 if case.layout == "bhsd" else 1
     kw = dict(causal=case.causal, layout=case.layout)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from inputs import check_forward, check_grads, make_qkv
-from test_triton_gpu import poisoned_empty
 
-pytestmark = pytest.mark.gpu
+# outputs start as NaN in every test (the shared `poisoned` fixture, tests/conftest.py)
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned")]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,9 +80,8 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout
 
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    with poisoned_empty():
-        out, lse = gluon_attention_forward(q, k, v, causal=causal,
-                                           scale=q.shape[-1] ** -0.5 if scale is None else scale)
+    out, lse = gluon_attention_forward(q, k, v, causal=causal,
+                                       scale=q.shape[-1] ** -0.5 if scale is None else scale)
     torch.cuda.synchronize()
     return (out.transpose(1, 2) if layout == "bshd" else out), lse
 
@@ -178,9 +177,8 @@ def test_through_the_dispatcher() -> None:
     q, k, v = make_qkv(2, 8, 2, 777, 777, 128, dtype=torch.bfloat16, device="cuda", layout="bshd")
     d = flashdispatch.explain(q, k, v, causal=True, layout="bshd", backend="triton:gluon")
     assert any("Gluon forward" in n for n in d.notes), d.notes
-    with poisoned_empty():
-        out, lse = flashdispatch.attention(q, k, v, causal=True, layout="bshd", return_lse=True,
-                                           backend="triton:gluon")
+    out, lse = flashdispatch.attention(q, k, v, causal=True, layout="bshd", return_lse=True,
+                                       backend="triton:gluon")
     check_forward(out, q, k, v, causal=True, layout="bshd", lse=lse)
     check_grads(lambda a, b, c: flashdispatch.attention(a, b, c, causal=True, layout="bshd", backend="triton:gluon"),
                 q, k, v, causal=True, layout="bshd")
@@ -201,8 +199,7 @@ def test_other_configs(d: int, config: dict) -> None:
     for b, hq, hkv, sq, sk, causal in ((2, 4, 2, 1000, 1000, True), (1, 3, 3, 333, 1027, True),
                                        (1, 5, 5, 1027, 113, True)):
         q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=torch.bfloat16, device="cuda")
-        with poisoned_empty():
-            out, lse = gluon_attention_forward(q, k, v, causal=causal, scale=d**-0.5, config=config)
+        out, lse = gluon_attention_forward(q, k, v, causal=causal, scale=d**-0.5, config=config)
         check_forward(out, q, k, v, causal=causal, lse=lse)
 
 

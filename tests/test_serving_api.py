@@ -1,7 +1,8 @@
 """attention_varlen / attention_kvcache on the CPU: validation that names the argument, the sdpa
 fallbacks against the float64 per-sequence reference (forward and backward), selection (explain,
-forcing, the env override, cupy's reasons), the value-check switch, and torch.compile fullgraph
-through the custom ops. The Triton paths of these calls run in test_serving_triton_cpu.py."""
+forcing, the env override, cupy's reasons), the value-check switch (env and block), torch.compile
+fullgraph through the custom ops and their opcheck, and the paged-decode example on the CPU. The
+Triton paths of these calls run in test_serving_triton_cpu.py."""
 
 from __future__ import annotations
 
@@ -15,11 +16,8 @@ from flashdispatch.backends import sdpa_serving
 from flashdispatch.errors import NoBackendError
 from flashdispatch.serving_reference import kvcache_math, varlen_math
 from flashdispatch.tolerances import within_budget
-from test_serving_triton_cpu import make_cache
 
-
-def _cu(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+from inputs import cu_seqlens, make_cache
 
 
 def _packed(lq: list[int], lk: list[int] | None = None, hq: int = 4, hkv: int = 2, d: int = 16,
@@ -29,7 +27,7 @@ def _packed(lq: list[int], lk: list[int] | None = None, hq: int = 4, hkv: int = 
     q = torch.randn(sum(lq), hq, d, generator=g).to(dtype).requires_grad_(grad)
     k = torch.randn(sum(lk), hkv, d, generator=g).to(dtype).requires_grad_(grad)
     v = torch.randn(sum(lk), hkv, d, generator=g).to(dtype).requires_grad_(grad)
-    return q, k, v, _cu(lq), _cu(lk), max(lq), max(lk)
+    return q, k, v, cu_seqlens(lq), cu_seqlens(lk), max(lq), max(lk)
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -134,6 +132,44 @@ def test_value_checks_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
     fd.refresh()
     with pytest.raises(ValueError, match="FLASHDISPATCH_VALIDATE"):
         fd.attention_varlen(q, k, v, cq, ck, mq, mk)
+
+
+def test_validation_block_overrides_the_setting_in_this_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`with serving.validation(False)` skips the value checks of both calls inside the block only,
+    over FLASHDISPATCH_VALIDATE, nested blocks included; another thread keeps the setting."""
+    import threading
+
+    q, k, v, cq, ck, mq, mk = _packed([3, 5])
+    qc, kc, vc, lens, table = make_cache([20, 5], 1, 4, 2, 16, 16, torch.float32)
+    kc, vc = kc.nan_to_num(), vc.nan_to_num()
+    calls: list[str] = []
+    real = serving.check_values
+    monkeypatch.setattr(serving, "check_values", lambda **kw: calls.append(threading.current_thread().name)
+                        or real(**kw))
+
+    def both() -> int:
+        before = len(calls)
+        fd.attention_varlen(q, k, v, cq, ck, mq, mk)
+        fd.attention_kvcache(qc, kc, vc, cache_seqlens=lens, block_table=table)
+        return len(calls) - before
+
+    assert both() == 2  # the default: on
+    with serving.validation(False):
+        assert both() == 0
+        other = threading.Thread(target=both, name="other")
+        other.start()
+        other.join()
+        assert calls[-2:] == ["other", "other"]  # the block is this thread's
+        with serving.validation(True):
+            assert both() == 2
+        assert both() == 0
+    assert both() == 2
+    monkeypatch.setenv("FLASHDISPATCH_VALIDATE", "off")
+    fd.refresh()
+    assert both() == 0
+    with serving.validation(True):
+        assert both() == 2
+    assert both() == 0
 
 
 def test_kvcache_reads_no_device_value_with_validation_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -267,6 +303,30 @@ def test_compile_fullgraph_no_break() -> None:
     torch._dynamo.reset()
 
 
+def test_serving_ops_pass_opcheck(poisoned: None) -> None:
+    """torch.library.opcheck of both serving custom ops (schema, fake tensors, autograd registration,
+    AOT dispatch): plain and with window, softcap and sinks; paged and contiguous caches; with and
+    without lse. Outputs start as NaN (poisoned), so an output left unwritten (an lse nobody asked
+    for) differs between eager and compiled runs and fails."""
+    from flashdispatch import serving_ops as sops
+    from flashdispatch.ops import NOT_FORCED
+
+    q, k, v, cq, ck, mq, mk = _packed([3, 0, 9], [5, 2, 9], grad=True)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    for extra, window, softcap in ((None, (-1, -1), 0.0), (sinks, (4, 0), 5.0)):
+        torch.library.opcheck(sops.attention_varlen_fwd,
+                              (q, k, v, cq, ck, extra, mq, mk, NOT_FORCED, True, 0.3, *window, softcap, True, True))
+    torch.library.opcheck(sops.attention_varlen_fwd,
+                          (q, k, v, cq, ck, None, mq, mk, NOT_FORCED, False, 0.25, -1, -1, 0.0, False, False))
+    for page in (16, 0):
+        qc, kc, vc, lens, table = make_cache([20, 5, 0], 2, 4, 2, 16, page, torch.float32)
+        kc, vc = kc.nan_to_num(), vc.nan_to_num()
+        for extra, window, softcap in ((None, (-1, -1), 0.0), (sinks.detach(), (6, 0), 5.0)):
+            for return_lse in (True, False):
+                torch.library.opcheck(sops.attention_kvcache_fwd, (qc, kc, vc, lens, table, extra, NOT_FORCED, True,
+                                                                   0.3, *window, softcap, return_lse))
+
+
 def test_torch_varlen_reasons_follow_the_installed_signature(monkeypatch: pytest.MonkeyPatch) -> None:
     sp = serving.ServingProblem("varlen", Problem("cuda", 0, torch.bfloat16, 2, 32, 8, 64, 64, 128, 128, True,
                                                   128 ** -0.5, "bshd", True, False, False), 0, 128, 128)
@@ -299,3 +359,24 @@ def test_cache_mask_is_the_dense_mask_of_each_sequence(causal, window) -> None:
     for b, n in enumerate(lens):
         assert torch.equal(got[b, :, :n], visible_mask(sq, n, causal=causal, window=window)), b
         assert not got[b, :, n:].any()
+
+
+# --- the serving example ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_paged_decode_example_runs_on_the_cpu() -> None:
+    """examples/serving_paged_decode.py as a user runs it, on the CPU (eager, the sdpa fallback, a
+    few steps): it exits 0 and its own check holds (cache_seqlens on the device == the host's
+    lengths after every step's page allocation)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "examples" / "serving_paged_decode.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, on a GPU machine too
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "decode steps of 8 sequences" in res.stdout and "on cpu" in res.stdout, res.stdout

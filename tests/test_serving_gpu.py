@@ -13,11 +13,9 @@ import flashdispatch as fd
 from flashdispatch.serving_reference import kvcache_math, varlen_math
 from flashdispatch.tolerances import within_budget
 
+from inputs import cu_seqlens, make_cache
+
 pytestmark = pytest.mark.gpu
-
-
-def _cu(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
 
 
 def _lse_ok(lse: torch.Tensor, ref_lse: torch.Tensor) -> None:
@@ -25,36 +23,6 @@ def _lse_ok(lse: torch.Tensor, ref_lse: torch.Tensor) -> None:
     assert torch.equal(torch.isfinite(lse), finite)
     if finite.any():
         assert float((lse.double()[finite] - ref_lse[finite]).abs().max()) < 2e-2
-
-
-def make_cache(lengths: list[int], sq: int, hq: int, hkv: int, d: int, page: int, dtype: torch.dtype,
-               spare: int = 1, seed: int = 0):
-    """q (B, Sq, Hq, D), a paged cache with pages in shuffled order (unused rows NaN) or a
-    contiguous one (page 0), cache_seqlens, block_table."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    bsz = len(lengths)
-    q = torch.randn(bsz, sq, hq, d, device="cuda", generator=g).to(dtype)
-    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
-    if page == 0:
-        smax = max(lengths) + 3
-        k = torch.randn(bsz, smax, hkv, d, device="cuda", generator=g).to(dtype)
-        v = torch.randn(bsz, smax, hkv, d, device="cuda", generator=g).to(dtype)
-        for b, n in enumerate(lengths):
-            k[b, n:] = float("nan")
-            v[b, n:] = float("nan")
-        return q, k, v, lens, None
-    max_blocks = max(-(-n // page) for n in lengths) + spare
-    nblocks = bsz * max_blocks + 3
-    k = torch.randn(nblocks, page, hkv, d, device="cuda", generator=g).to(dtype)
-    v = torch.randn(nblocks, page, hkv, d, device="cuda", generator=g).to(dtype)
-    table = torch.randperm(nblocks, device="cuda", generator=g)[:bsz * max_blocks].view(bsz, max_blocks).int()
-    for b, n in enumerate(lengths):  # rows past a sequence's end: NaN (a kernel that reads them fails)
-        for j in range(max_blocks):
-            lo = n - j * page
-            if lo < page:
-                k[table[b, j], max(lo, 0):] = float("nan")
-                v[table[b, j], max(lo, 0):] = float("nan")
-    return q, k, v, lens, table
 
 
 VARLEN_LENGTHS = [([0, 1, 17, 256, 1000, 129, 64], None), ([5, 300, 1, 0], [700, 300, 64, 9])]
@@ -81,7 +49,7 @@ def test_varlen_triton_forward_backward(lengths, causal: bool, dtype: torch.dtyp
     if variant != "plain":
         kw = dict(window=(100, 0 if causal else 50), softcap=20.0,
                   sinks=torch.randn(32, device="cuda", generator=g).requires_grad_())
-    cq, ck = _cu(lq), _cu(lk)
+    cq, ck = cu_seqlens(lq, device="cuda"), cu_seqlens(lk, device="cuda")
     out, lse = fd.attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=causal, return_lse=True,
                                    backend="triton", **kw)
     ref, ref_lse = varlen_math(q, k, v, cq, ck, causal=causal, upcast=True, **kw)
@@ -116,7 +84,7 @@ def test_varlen_forward_kernel_paths(d: int, path: str, monkeypatch: pytest.Monk
     q = torch.randn(total, 16, d, device="cuda", generator=g).to(BF16)
     k = torch.randn(total, 4, d, device="cuda", generator=g).to(BF16)
     v = torch.randn(total, 4, d, device="cuda", generator=g).to(BF16)
-    cu = _cu(lengths)
+    cu = cu_seqlens(lengths, device="cuda")
     out, lse = vl.varlen_forward(q, k, v, cu, cu, max(lengths), max(lengths), causal=True, scale=d ** -0.5)
     ref, ref_lse = varlen_math(q, k, v, cu, cu, causal=True, upcast=True, scale=d ** -0.5)
     base, _ = varlen_math(q, k, v, cu, cu, causal=True, upcast=False, scale=d ** -0.5)
@@ -139,7 +107,7 @@ KV_CASES = [(16, 1, BF16), (16, 5, BF16), (32, 1, BF16), (64, 5, BF16), (0, 1, B
                                            for c in KV_CASES])
 def test_kvcache_triton(page: int, sq: int, dtype: torch.dtype) -> None:
     lengths = [0, 1, 37, 4096, 700, 3]
-    q, k, v, lens, table = make_cache(lengths, sq, 32, 8, 128, page, dtype)
+    q, k, v, lens, table = make_cache(lengths, sq, 32, 8, 128, page, dtype, device="cuda")
     assert fd.explain_kvcache(q, k, v, cache_seqlens=lens, block_table=table).variant == "triton"
     for kw in ({}, dict(window=(64, 0), softcap=30.0, sinks=torch.randn(32, device="cuda"))):
         out, lse = fd.attention_kvcache(q, k, v, cache_seqlens=lens, block_table=table, return_lse=True, **kw)
@@ -151,7 +119,7 @@ def test_kvcache_triton(page: int, sq: int, dtype: torch.dtype) -> None:
 
 
 def test_sdpa_fallbacks_on_gpu() -> None:
-    q, k, v, lens, table = make_cache([0, 1, 300, 77], 4, 32, 8, 128, 16, torch.bfloat16)
+    q, k, v, lens, table = make_cache([0, 1, 300, 77], 4, 32, 8, 128, 16, torch.bfloat16, device="cuda")
     out = fd.attention_kvcache(q, k, v, cache_seqlens=lens, block_table=table, backend="sdpa")
     ref, _ = kvcache_math(q, k, v, lens, table)
     base, _ = kvcache_math(q, k, v, lens, table, upcast=False)
@@ -160,7 +128,7 @@ def test_sdpa_fallbacks_on_gpu() -> None:
     qq = torch.randn(sum(lq), 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     kk = torch.randn(sum(lq), 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     vv = torch.randn(sum(lq), 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    cu = _cu(lq)
+    cu = cu_seqlens(lq, device="cuda")
     o = fd.attention_varlen(qq, kk, vv, cu, cu, 200, 200, causal=True, backend="sdpa")
     r, _ = varlen_math(qq, kk, vv, cu, cu, causal=True)
     b, _ = varlen_math(qq, kk, vv, cu, cu, causal=True, upcast=False)

@@ -19,6 +19,8 @@ import torch
 from flashdispatch.serving_reference import kvcache_math, varlen_math
 from flashdispatch.tolerances import within_budget
 
+from inputs import cu_seqlens, make_cache, make_sinks
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning"),
@@ -39,17 +41,6 @@ def interpreted_kernels(triton_interpreter_state: None) -> Iterator[None]:
     mods = [importlib.import_module(n) for n in MODULES]
     vl, pg = mods[3], mods[4]
     yield
-
-
-def _sinks(hq: int, kind: str) -> torch.Tensor | None:
-    if kind == "none":
-        return None
-    base = torch.randn(hq, generator=torch.Generator().manual_seed(7))
-    return (base + 8.0 if kind == "dominant" else base).float()
-
-
-def _cu(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
 
 
 def _check(out: torch.Tensor, lse: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, ref_lse: torch.Tensor,
@@ -85,8 +76,8 @@ def _varlen_inputs(case: tuple, dtype: torch.dtype, requires_grad: bool = False)
     q = torch.randn(sum(lq), hq, d, generator=g).to(dtype).requires_grad_(requires_grad)
     k = torch.randn(sum(lk), hkv, d, generator=g).to(dtype).requires_grad_(requires_grad)
     v = torch.randn(sum(lk), hkv, d, generator=g).to(dtype).requires_grad_(requires_grad)
-    return q, k, v, _cu(lq), _cu(lk), max(lq), max(lk), dict(causal=causal, window=window, softcap=softcap,
-                                                               sinks=_sinks(hq, sinks_kind))
+    kw = dict(causal=causal, window=window, softcap=softcap, sinks=make_sinks(hq, sinks_kind))
+    return q, k, v, cu_seqlens(lq), cu_seqlens(lk), max(lq), max(lk), kw
 
 
 # every case in fp32, the variants' cases in fp16 too (the interpreter is slow: CI minutes)
@@ -148,7 +139,7 @@ def test_varlen_forward_tma_value_dim_differs(d: int, dv: int, causal: bool, win
     q = torch.randn(sum(lengths), 4, d, generator=g)
     k = torch.randn(sum(lengths), 2, d, generator=g)
     v = torch.randn(sum(lengths), 2, dv, generator=g)
-    cu = _cu(lengths)
+    cu = cu_seqlens(lengths)
     _forward_checked(q, k, v, cu, cu, max(lengths), max(lengths), FP32, 0.3, {**TILES, "TMA": True},
                      causal=causal, window=window)
 
@@ -218,45 +209,11 @@ def _kvid(c: tuple) -> str:
     return f"L{'_'.join(map(str, c[0]))}-sq{c[1]}-h{c[2]}x{c[3]}-d{c[4]}-page{c[5]}-w{c[7]}-cap{c[8]}-{c[9]}-s{c[10]}"
 
 
-def make_cache(lengths: list[int], sq: int, hq: int, hkv: int, d: int, page: int, dtype: torch.dtype,
-               spare_blocks: int = 1, seed: int = 3):
-    """q (B, Sq, Hq, D), k/v caches (paged in shuffled page order with NaN-filled unused rows, or
-    contiguous with NaN past each length), cache_seqlens, block_table."""
-    g = torch.Generator().manual_seed(seed)
-    bsz = len(lengths)
-    q = torch.randn(bsz, sq, hq, d, generator=g).to(dtype)
-    seqlens = torch.tensor(lengths, dtype=torch.int32)
-    if page == 0:
-        smax = max(lengths) + 5
-        k = torch.full((bsz, smax, hkv, d), float("nan")).to(dtype)
-        v = torch.full((bsz, smax, hkv, d), float("nan")).to(dtype)
-        for b, n in enumerate(lengths):
-            k[b, :n] = torch.randn(n, hkv, d, generator=g).to(dtype)
-            v[b, :n] = torch.randn(n, hkv, d, generator=g).to(dtype)
-        return q, k, v, seqlens, None
-    max_blocks = max(-(-n // page) for n in lengths) + spare_blocks
-    nblocks = bsz * max_blocks + 2
-    k = torch.full((nblocks, page, hkv, d), float("nan")).to(dtype)
-    v = torch.full((nblocks, page, hkv, d), float("nan")).to(dtype)
-    perm = torch.randperm(nblocks, generator=g)
-    table = torch.zeros(bsz, max_blocks, dtype=torch.int32)
-    used = 0
-    for b, n in enumerate(lengths):
-        for j in range(max_blocks):
-            table[b, j] = perm[used]
-            used += 1
-            rows = min(page, max(n - j * page, 0))
-            if rows:
-                k[perm[used - 1], :rows] = torch.randn(rows, hkv, d, generator=g).to(dtype)
-                v[perm[used - 1], :rows] = torch.randn(rows, hkv, d, generator=g).to(dtype)
-    return q, k, v, seqlens, table
-
-
 @pytest.mark.parametrize("case,dtype", _dtyped(KV_CASES, (0, 2, 6), _kvid))
 def test_kvcache_forward(case: tuple, dtype: torch.dtype, poisoned: None) -> None:
     lengths, sq, hq, hkv, d, page, causal, window, softcap, sinks_kind, splits = case
     q, k, v, seqlens, table = make_cache(lengths, sq, hq, hkv, d, page, dtype)
-    sinks = _sinks(hq, sinks_kind)
+    sinks = make_sinks(hq, sinks_kind)
     kw = dict(causal=causal, window=window, softcap=softcap, sinks=sinks)
     cfg = {"BLOCK_N": 16, "NUM_SPLITS": splits}
     out, lse = pg.kvcache_forward(q, k, v, seqlens, table, scale=0.2, config=cfg, **kw)
@@ -311,7 +268,7 @@ def test_public_kvcache_triton() -> None:
     import flashdispatch as fd
 
     q, k, v, seqlens, table = make_cache([33, 1, 0, 70], 3, 8, 2, 32, 32, torch.float16)
-    sinks = _sinks(8, "random")
+    sinks = make_sinks(8, "random")
     out, lse = fd.attention_kvcache(q, k, v, cache_seqlens=seqlens, block_table=table, backend="triton", sinks=sinks,
                                     return_lse=True)
     ref, ref_lse = kvcache_math(q, k, v, seqlens, table, sinks=sinks)

@@ -18,7 +18,7 @@ import torch
 
 from flashdispatch.reference import attention_math, visible_mask
 from flashdispatch.tolerances import within_budget
-from inputs import make_qkv
+from inputs import make_qkv, make_sinks
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
@@ -40,14 +40,6 @@ def interpreted_kernels(triton_interpreter_state: None) -> Iterator[None]:
     global fwd, dec, bwd
     fwd, dec, bwd = (importlib.import_module(n) for n in MODULES)
     yield
-
-
-def _sinks(hq: int, kind: str) -> torch.Tensor | None:
-    if kind == "none":
-        return None
-    g = torch.Generator().manual_seed(7)
-    base = torch.randn(hq, generator=g)
-    return (base + 8.0 if kind == "dominant" else base).float()
 
 
 def check_out(out, lse, q, k, v, *, causal, scale, window, softcap, sinks) -> None:
@@ -98,7 +90,7 @@ def test_forward_variants(case: tuple, dtype: torch.dtype, kernel: str, poisoned
     b, hq, hkv, sq, sk, d, causal, window, softcap, sinks_kind, scale = case
     q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=dtype, seed=1)
     scale = d ** -0.5 if scale is None else scale
-    sinks = _sinks(hq, sinks_kind)
+    sinks = make_sinks(hq, sinks_kind)
     cfg = {**TILES, "TMA": True} if kernel == "tma" else TILES
     out, lse = fwd.attention_forward(q, k, v, causal=causal, scale=scale, config=cfg, window=window,
                                      softcap=softcap, sinks=sinks)
@@ -229,7 +221,7 @@ def test_decode_variants(case: tuple, dtype: torch.dtype, _: None, poisoned: Non
     b, hq, hkv, sq, sk, d, causal, window, softcap, sinks_kind, splits = case
     q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=dtype, layout="bshd", seed=3)
     qv, kv, vv = (t.transpose(1, 2) for t in (q, k, v))
-    sinks = _sinks(hq, sinks_kind)
+    sinks = make_sinks(hq, sinks_kind)
     out, lse = dec.decode_forward(qv, kv, vv, causal=causal, scale=0.125, config={"NUM_SPLITS": splits, "BLOCK_N": 16},
                                   window=window, softcap=softcap, sinks=sinks)
     check_out(out, lse, qv, kv, vv, causal=causal, scale=0.125, window=window, softcap=softcap, sinks=sinks)
@@ -259,7 +251,7 @@ def test_backward_variants(case: tuple, dtype: torch.dtype, atomic: bool, poison
     b, hq, hkv, sq, sk, d, causal, window, softcap, sinks_kind = case
     q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=dtype, seed=4)
     do = torch.randn(b, hq, sq, d, generator=torch.Generator().manual_seed(5)).to(dtype)
-    sinks = _sinks(hq, sinks_kind)
+    sinks = make_sinks(hq, sinks_kind)
     scale = d ** -0.5
     kw = dict(causal=causal, scale=scale, window=window, softcap=softcap)
     grads = []
@@ -282,7 +274,7 @@ def test_backward_variants(case: tuple, dtype: torch.dtype, atomic: bool, poison
 
 def test_attention_through_triton_gives_the_sinks_gradient() -> None:
     q, k, v = make_qkv(1, 4, 2, 37, 37, 32, dtype=torch.float32, requires_grad=True, seed=6)
-    sinks = _sinks(4, "random").requires_grad_(True)
+    sinks = make_sinks(4, "random").requires_grad_(True)
     import flashdispatch
 
     # the backend's forward/backward pair through the generic autograd Function

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from typing import Any, ClassVar
 
 import pytest
@@ -602,10 +601,11 @@ def test_bench_summary_applies_the_bar() -> None:
     assert any("every shape" in k for k in failed) and bad["min_oracle"][1] == "c"
 
 
-def test_estimate_is_per_call_over_a_few_calls_on_cpu() -> None:
+def test_estimate_is_per_call_over_a_few_calls_on_cpu(virtual_clock) -> None:
+    virtual_clock.drive(timing)  # each call takes 2 ms of virtual time, whatever the machine's load
     calls = []
-    est = timing.estimate_ms(lambda: calls.append(time.sleep(0.002)), CPU, calls=3)
-    assert len(calls) == 3 and 1.5 < est < 50.0
+    est = timing.estimate_ms(lambda: calls.append(virtual_clock.sleep(0.002)), CPU, calls=3)
+    assert len(calls) == 3 and est == pytest.approx(2.0, abs=1e-2)
 
 
 def test_interleaved_timing_reports_and_drops_a_failing_provider() -> None:
@@ -910,18 +910,20 @@ def test_graph_timing_falls_back_to_the_eager_median_with_a_note(fake_clock, mon
     assert t.ms == (0.02 if expect.startswith("CUDA-graph") else 5.0)  # else fake_clock's eager median
 
 
-def test_a_timing_after_a_long_host_pause_starts_from_warm_clocks(fake_clock, monkeypatch) -> None:
+def test_a_timing_after_a_long_host_pause_starts_from_warm_clocks(fake_clock, virtual_clock, monkeypatch) -> None:
     # a config whose check and compile kept the host busy past IDLE_PAUSE_S (the GPU idle meanwhile)
-    # gets warm_clocks before its timing; a quick one does not
+    # gets warm_clocks before its timing; a quick one does not (the pause on a virtual clock: a
+    # loaded machine cannot make the quick one look slow)
     from flashdispatch.tools import timing
 
+    virtual_clock.drive(tune, timing)
     warmed: list[str] = []
     monkeypatch.setattr(timing, "warm_clocks", lambda device, ms=timing.CLOCK_WARMUP_MS: warmed.append(device.type))
 
     class SlowFirstCall(FakeKernel):
         def run(self, q, k, v, p, config):  # type: ignore[no-untyped-def]
             if config.get("compile_s") and not any(c == config for c in self.runs):
-                time.sleep(config["compile_s"])  # the first call of a config compiles
+                virtual_clock.sleep(config["compile_s"])  # the first call of a config compiles
             return super().run(q, k, v, p, config)
 
     fake = SlowFirstCall(configs=[{"BLOCK": 16, "ms": 1.0, "compile_s": timing.IDLE_PAUSE_S + 0.05},

@@ -84,6 +84,30 @@ def test_no_window_equals_plain_attention() -> None:
     assert torch.equal(fd.attention(q, k, v, causal=True, window=(-1, 5)), plain)  # right is 0 under causal
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_no_key_at_all_gives_zeros_and_the_sink_as_lse(layout: str, compiled: bool) -> None:
+    """Sk = 0 with sinks (no kernel runs): out is zeros in q's layout and dtype, lse is each head's
+    sink (the sink is all a row's denominator holds), and the gradients are zeros, the sinks' too."""
+    q, k, v = make_qkv(2, 4, 2, 5, 0, 16, dv=8, layout=layout, requires_grad=True, seed=1)
+    sinks = _sinks(4, True, grad=True)
+
+    def call(q, k, v, sinks):  # noqa: ANN001, ANN202
+        return fd.attention(q, k, v, causal=True, layout=layout, window=(3, 0), softcap=5.0, sinks=sinks,
+                            return_lse=True)
+
+    fn = torch.compile(call, backend="eager", fullgraph=True) if compiled else call
+    out, lse = fn(q, k, v, sinks)
+    assert out.shape == ((2, 4, 5, 8) if layout == "bhsd" else (2, 5, 4, 8)) and out.dtype == q.dtype
+    assert torch.equal(out, torch.zeros_like(out))
+    assert lse.dtype == torch.float32 and torch.equal(lse, sinks.detach().view(1, 4, 1).expand(2, 4, 5))
+    out.sum().backward()
+    for name, t in (("q", q), ("k", k), ("v", v), ("sinks", sinks)):
+        assert t.grad is not None and torch.equal(t.grad, torch.zeros_like(t)), name
+    if compiled:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("kwargs,kind,words", [
     (dict(window=(-2, 0)), ValueError, "window left"),
     (dict(window=(3, -5)), ValueError, "window right"),
