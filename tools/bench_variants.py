@@ -283,7 +283,7 @@ def decode_bars(run: Run, batch: int, rep_ms: float, sinks_too: bool) -> None:
 # --- report ---------------------------------------------------------------------------------------
 
 
-def print_table(run: Run, file: Any = sys.stdout) -> None:
+def print_table(run: Run, file: Any = None) -> None:
     print(f"\nflashdispatch variants on {run.card} (torch {run.torch}, triton {run.triton}), bf16, "
           f"D={D}, causal; times in ms", file=file)
     head = f"{'bar':42s} {'shape':36s} {'ours':>9s} {'anchor':>9s} {'ratio':>7s} {'target':>14s}  ok"
