@@ -92,6 +92,8 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(tune, "_try_config", try_config)
     monkeypatch.setattr(timing, "median_ms", median_ms)
     monkeypatch.setattr(timing, "estimate_ms", estimate_ms)
+    # the declared times stand: no interleaved re-timing on top (its own test is below)
+    monkeypatch.setattr(tune, "_retime_interleaved", lambda *a, **kw: None)
     return timed
 
 
@@ -327,6 +329,29 @@ def test_backends_that_cannot_serve_are_skipped_with_their_reasons(fake_clock) -
     r = tune.measure_bucket(s, {"fake": FakeKernel(), "sdpa": REGISTRY.get("sdpa")}, CPU, tune.TuneOptions(), _gen())
     assert "dtype=fp64" in r.skipped["fake"]
     assert r.ranking() == ["sdpa"]
+
+
+def test_on_a_cpu_the_candidates_are_timed_again_interleaved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU shared with other work drifts within seconds: the one-after-another medians are
+    replaced by the medians of interleaved repetitions of every timed candidate of the shape."""
+    calls: list[list[str]] = []
+
+    def interleaved(fns, device, **kw):  # type: ignore[no-untyped-def]
+        calls.append(sorted(fns))
+        for fn, _grads in fns.values():
+            fn()  # each is a callable timing would call
+        # drift made the first-timed look slow: interleaved, the second is the slower one
+        return {name: [1.0 + int(name), 1.0 + int(name), 9.0] for name in fns}
+
+    monkeypatch.setattr(timing, "interleaved_samples_ms", interleaved)
+    monkeypatch.setattr(timing, "estimate_ms", lambda fn, device: 1.0)  # nothing abandoned
+    monkeypatch.setattr(timing, "median_ms", lambda fn, device, **kw: 3.0)  # the one-after-another reading
+    impls = {"sdpa": REGISTRY.get("sdpa"), "sdpa:math": REGISTRY.get("sdpa:math")}
+    r = tune.measure_bucket(TINY[0], impls, CPU, tune.TuneOptions(warmup_ms=1, rep_ms=2), _gen())
+    assert calls == [["0", "1"]]
+    assert [(t.name, t.ms) for t in r.trials] == [("sdpa", 1.0), ("sdpa:math", 2.0)]
+    assert all("interleaved median of 3" in t.note for t in r.trials)
+    assert r.ranking() == ["sdpa", "sdpa:math"]
 
 
 def test_select_implementations_by_family_variant_and_exclusion() -> None:

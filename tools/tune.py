@@ -28,6 +28,7 @@ import math
 import os
 import shlex
 import sys
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -244,8 +245,55 @@ def measure_bucket(
             res.trials.append(trial)
             if trial.status == "ok" and trial.ms is not None:
                 best_ms = min(best_ms, trial.ms)
+    if device.type == "cpu":
+        _retime_interleaved(res, impls, p, q, k, v, do, device, opts)
     res.seconds = time.perf_counter() - t_start
     return res
+
+
+def _timed_call(impl: Implementation, cfg: dict[str, Any], p: Problem, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, do: torch.Tensor | None) -> tuple[Callable[[], None], list[torch.Tensor] | None]:
+    """(the call that is timed, the tensors whose .grad is reset before each call): the forward, or
+    forward and backward where the shape needs a gradient."""
+    if p.needs_grad:
+        assert do is not None
+
+        def fwd_bwd() -> None:
+            o, _ = impl.run(q, k, v, p, cfg)
+            o.backward(do)
+
+        return fwd_bwd, [q, k, v]
+
+    def fwd() -> None:
+        with torch.no_grad():
+            impl.run(q, k, v, p, cfg)
+
+    return fwd, None
+
+
+def _retime_interleaved(res: BucketResult, impls: dict[str, Implementation], p: Problem, q: torch.Tensor,
+                        k: torch.Tensor, v: torch.Tensor, do: torch.Tensor | None, device: torch.device,
+                        opts: TuneOptions) -> None:
+    """On a CPU: time the shape's timed trials again with their repetitions interleaved (the median
+    of each), replacing the one-after-another medians. A CPU shared with other work drifts by
+    factors within seconds; interleaved, the drift hits every candidate alike, so the ranking the
+    profile records is not the order in which they happened to run."""
+    timed = [(i, t) for i, t in enumerate(res.trials) if t.status == "ok" and t.ms is not None]
+    if len(timed) < 2:
+        return
+    fns = {str(i): _timed_call(impls[t.name], t.config, p, q, k, v, do) for i, t in timed}
+    failed: dict[str, str] = {}
+    samples = timing.interleaved_samples_ms(fns, device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, flush=False,
+                                            failed=lambda n, e: failed.__setitem__(n, f"{type(e).__name__}: {e}"))
+    for i, t in timed:
+        got = samples.get(str(i))
+        if got:
+            t.ms = statistics.median(got)
+            t.note = (t.note + "; " if t.note else "") + f"interleaved median of {len(got)}"
+        elif str(i) in failed:
+            t.status, t.ms, t.note = "error", None, failed[str(i)]
+    for q_ in (q, k, v):
+        q_.grad = None
 
 
 def _try_config(
@@ -271,20 +319,7 @@ def _try_config(
             gv = grad_cache.check(impl, cfg, p, device, gen)
             if not gv.ok:
                 return Trial(name, cfg, "wrong", note=gv.reason)
-            assert do is not None
-
-            def fn() -> None:
-                o, _ = impl.run(q, k, v, p, cfg)
-                o.backward(do)
-
-            grads: list[torch.Tensor] | None = [q, k, v]
-        else:
-
-            def fn() -> None:
-                with torch.no_grad():
-                    impl.run(q, k, v, p, cfg)
-
-            grads = None
+        fn, grads = _timed_call(impl, cfg, p, q, k, v, do)
         fn()  # compiles what the check did not (backward kernels at this size)
         timing.reset_grads(grads)
         timing.warm_after_pause(device, t_host)
