@@ -222,10 +222,11 @@ class MultiheadAttention(nn.Module):
 
         Masks follow torch's module: key_padding_mask (N, S) or (S,), attn_mask (L, S) or
         (N * num_heads, L, S); bool True means "may not attend", a float mask is added to the
-        scores. is_causal=True applies the causal mask; an attn_mask given with it is taken to be
-        the causal mask and is not read (as torch does when need_weights=False). For L != S the
-        causal mask is bottom-right aligned (query i sees key j iff j <= i + S - L), where torch's
-        SDPA aligns top-left. need_weights defaults to True, as in torch's module: the weights
+        scores. is_causal=True applies the causal mask; an attn_mask given with it is, as in torch,
+        a hint: not read when need_weights=False and there is no key_padding_mask (the kernels
+        take the causal mask), applied otherwise. is_causal=True without a mask is allowed here.
+        For L != S our causal mask is bottom-right aligned (query i sees key j iff j <= i + S - L),
+        where torch's SDPA aligns top-left. need_weights defaults to True, as in torch's module: the weights
         (averaged over heads when average_attn_weights) are returned, computed in plain PyTorch;
         pass need_weights=False for the dispatcher's kernels (torch's fast path asks the same).
         """
@@ -262,8 +263,10 @@ class MultiheadAttention(nn.Module):
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         weights = None
         if masked:
-            out, weights = self._masked_attention(q, k, v, attn_mask if not is_causal else None,
-                                                  key_padding_mask, is_causal, need_weights, average_attn_weights)
+            # as torch's module: on this path a given attn_mask is applied, is_causal being only its
+            # hint; is_causal without a mask (this module's extension) builds the causal mask
+            out, weights = self._masked_attention(q, k, v, attn_mask, key_padding_mask,
+                                                  is_causal and attn_mask is None, need_weights, average_attn_weights)
         else:
             out = attention(
                 q, k, v, causal=is_causal, scale=1.0 / math.sqrt(self.head_dim), layout="bshd",

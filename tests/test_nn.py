@@ -210,3 +210,16 @@ def test_default_call_returns_torchs_weights() -> None:
     assert w is not None and w.shape == w_ref.shape == (2, 7, 7)
     assert torch.allclose(w, w_ref, atol=1e-5, rtol=1e-5) and torch.allclose(out, want, atol=1e-5, rtol=1e-5)
     assert ours(x, x, x, need_weights=False)[1] is None
+
+
+def test_a_mask_given_with_is_causal_is_applied_where_torch_applies_it() -> None:
+    """torch reads an attn_mask passed with is_causal=True unless need_weights=False and there is
+    no key_padding_mask: a causal mask that also hides a band of keys shows the difference."""
+    ref, ours = _pair(24, 3, batch_first=True)
+    x = torch.randn(2, 9, 24)
+    mask = torch.ones(9, 9).triu(1).bool() | torch.ones(9, 9).tril(-4).bool()  # causal + a window of 4
+    for need_weights in (True, False):
+        want, w_ref = ref(x, x, x, attn_mask=mask, is_causal=True, need_weights=need_weights)
+        got, w = ours(x, x, x, attn_mask=mask, is_causal=True, need_weights=need_weights)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), need_weights
+        assert (w is None) == (w_ref is None) and (w is None or torch.allclose(w, w_ref, atol=1e-5))
