@@ -238,9 +238,14 @@ class Implementation(ABC):
         raise NotImplementedError(f"{self.name} has no backward of its own: torch differentiates its forward")
 
     def serving_module(self) -> Any | None:
-        """The module holding this implementation's packed-batch and KV-cache calls
-        (`varlen_forward`, `kvcache_forward`; the serving layer's contract in dispatch/serving.py),
-        or None when it has none. Imported when first asked for."""
+        """The module holding this implementation's packed-batch and KV-cache calls, or None when it
+        has none; imported when first asked for. What dispatch/serving.py reads of it:
+        `varlen_forward(q, k, v, cu_q, cu_k, sp, sinks)` and `kvcache_forward(q, k_cache, v_cache,
+        cache_seqlens, block_table, sp, sinks, out)` (sp: the call's ServingProblem); optionally
+        `serving_reasons(impl, sp, dev)` (why it cannot serve sp; none: it serves every call),
+        `serving_notes(impl, sp, dev)` (what explain() says), `varlen_backward(...)` (for the
+        compiled path's gradient), and FUSES_VARIANTS / VARIANTS_RUN_AS / FALLBACK (how it runs
+        window, softcap and sinks, and whether it is a fallback, for the cost model and the order)."""
         return None
 
     def lse_pair(self) -> Implementation | None:

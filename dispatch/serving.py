@@ -384,12 +384,14 @@ class ServingBackend:
         if not self.has_path:
             what = "packed varlen batches" if sp.kind == "varlen" else "KV caches (contiguous or paged)"
             r.append(f"{what} are not implemented in the {self.name} backend (dense (B, H, S, D) calls only)")
-        elif self.module is not None:
+        elif self.module is not None and hasattr(self.module, "serving_reasons"):
             r += self.module.serving_reasons(self.impl, sp, dev)
         return r
 
     def notes(self, sp: ServingProblem, dev: DeviceInfo) -> list[str]:
-        return list(self.module.serving_notes(self.impl, sp, dev)) if self.module is not None else []
+        if self.module is None or not hasattr(self.module, "serving_notes"):
+            return []
+        return list(self.module.serving_notes(self.impl, sp, dev))
 
     def order_key(self, dev: DeviceInfo) -> tuple[int, int, int]:
         """The built-in order: families with a serving path first; among them, those that run
@@ -409,13 +411,16 @@ def serving_backends() -> dict[str, ServingBackend]:
             out[family] = ServingBackend(family, None, False, None, "no implementation named like the family")
             continue
         why = REGISTRY.availability(family)
-        try:
+        if why is None:  # available: its serving module imports (an error here is a bug, raised)
             module = impl.serving_module()
             has_path = module is not None
-        except Exception as e:  # its module needs what this process lacks (triton): a path, unusable here
-            module, has_path = None, True
-            why = why or f"{type(e).__name__}: {e}"
-        out[family] = ServingBackend(family, impl, has_path, module if why is None else None, why)
+        else:
+            try:
+                has_path = impl.serving_module() is not None
+            except Exception:  # it needs what this process lacks (triton, say): a path, unusable here
+                has_path = True
+            module = None
+        out[family] = ServingBackend(family, impl, has_path, module, why)
     return out
 
 

@@ -476,3 +476,48 @@ def test_explain_varlen_names_the_descriptor_kernel_where_it_runs(key: str, d: i
     k = torch.empty(400, 8, d, dtype=torch.bfloat16, device="meta")
     notes = fd.explain_varlen(q, k, k, cu, cu, 300, 300, causal=causal, device=key).notes
     assert any("tensor descriptors" in n for n in notes) == descriptors, notes
+
+
+def test_a_plugin_family_with_only_the_two_calls_serves_packed_batches() -> None:
+    """A family registered by a plug-in joins the serving calls through its implementation's
+    serving_module(): the two calls are the whole required contract (reasons, notes and the
+    variant data are optional)."""
+    from types import SimpleNamespace
+    from typing import ClassVar
+
+    from flashdispatch.backend import Capabilities, Implementation
+    from flashdispatch.registry import REGISTRY
+
+    calls = []
+
+    def varlen_forward(q, k, v, cu_q, cu_k, sp, sinks):  # type: ignore[no-untyped-def]
+        calls.append(sp.kind)
+        return q.new_zeros(q.shape), q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float32)
+
+    module = SimpleNamespace(varlen_forward=varlen_forward, kvcache_forward=None)
+
+    class Plugin(Implementation):
+        name: ClassVar[str] = "plugfam"
+        backend: ClassVar[str] = "plugfam"
+
+        def capabilities(self, dev):  # type: ignore[no-untyped-def]
+            return Capabilities(device_kinds=frozenset({"cpu"}), dtypes=frozenset({torch.float32}))
+
+        def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
+            raise NotImplementedError
+
+        def serving_module(self):  # type: ignore[no-untyped-def]
+            return module
+
+    REGISTRY.register(Plugin())
+    try:
+        q = torch.randn(7, 2, 16)
+        cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+        d = fd.explain_varlen(q, q, q, cu, cu, 4, 4, backend="plugfam")
+        assert d.variant == "plugfam"
+        out = fd.attention_varlen(q, q, q, cu, cu, 4, 4, backend="plugfam")
+        assert calls == ["varlen"] and torch.equal(out, torch.zeros_like(q))
+        assert "plugfam" in serving.serving_backends()
+    finally:
+        REGISTRY.unregister("plugfam")
+    assert "plugfam" not in serving.serving_backends()

@@ -400,3 +400,16 @@ def test_speculative_call_runs_split_kv_from_a_forward_entry(monkeypatch, tmp_pa
     out = flashdispatch.attention(q, k, v, causal=True)
     ref = attention_math(q, k, v, causal=True)[0]
     assert (out.double() - ref).abs().max() < 2e-3
+
+
+def test_the_first_launch_check_counts_nan_as_equal_to_nan() -> None:
+    """A checked launch on inputs holding NaN writes NaN in both launches: the same values, so the
+    direct launches stay on (torch.equal would call them different)."""
+    from flashdispatch.backends.triton.launch import _same_values
+
+    nan = float("nan")
+    assert _same_values(torch.tensor([nan, 1.0, float("-inf")]), torch.tensor([nan, 1.0, float("-inf")]))
+    assert not _same_values(torch.tensor([nan, 1.0]), torch.tensor([nan, 2.0]))
+    assert not _same_values(torch.tensor([nan, 1.0]), torch.tensor([0.0, 1.0]))
+    assert not _same_values(torch.tensor([1.0]), torch.tensor([1.0], dtype=torch.float64))
+    assert _same_values(torch.tensor([3, 4]), torch.tensor([3, 4]))
