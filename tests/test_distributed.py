@@ -542,3 +542,28 @@ def test_block_backward_pair_comes_from_selection() -> None:
     # a decision for an implementation without a backward pair of its own: torch ops
     d = fd.explain(shape=(1, 2, 2, 64, 64, 32), causal=True, needs_grad=True, return_lse=True, backend="sdpa:math")
     assert REGISTRY.get("sdpa:math").lse_pair() is None and block_pair(d) == ("math", None)
+
+
+def test_a_forced_backend_without_a_pair_leaves_the_ring_backward_to_the_dispatcher() -> None:
+    """backend='sdpa' (or one that cannot serve the block with its lse) for the ring's forward does
+    not turn its backward into torch ops where the dispatcher has a kernel pair for it."""
+    from flashdispatch.distributed.block_backward import pick_block_pair
+
+    pytest.importorskip("triton")
+
+    def decide(forced):  # type: ignore[no-untyped-def]
+        return fd.explain(shape=(1, 8, 2, 4096, 4096, 128), device="h100", causal=True, needs_grad=True,
+                          return_lse=True, backend=forced)
+
+    unforced = decide(None).variant
+    for forced in ("sdpa", "sdpa:math", "sdpa:flash", None):
+        path, _ = pick_block_pair(decide, forced)
+        assert path == fd.registry.REGISTRY.get(unforced).lse_pair().name, forced  # type: ignore[union-attr]
+    assert pick_block_pair(decide, "cupy")[0] in ("cupy", unforced)  # its own pair where it serves
+
+    def fp64(forced):  # type: ignore[no-untyped-def]
+        return fd.explain(shape=(1, 2, 2, 64, 64, 32), dtype="fp64", device="h100", needs_grad=True,
+                          return_lse=True, backend=forced)
+
+    # triton cannot serve fp64 (NoBackendError), and what can (sdpa:math) has no pair: torch ops
+    assert pick_block_pair(fp64, "triton") == ("math", None)

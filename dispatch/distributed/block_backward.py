@@ -15,7 +15,7 @@ so that the (rows x keys) score matrix stays bounded.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -110,24 +110,37 @@ def choose_block_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, backend: str | None = None
 ) -> tuple[str, dict | None]:
     """The block backward pair selection gives this rank: the implementation the dispatcher picks
-    for the local problem with a gradient and its lse (or the forced `backend`), as its `lse_pair()`
-    (a forward returning lse and a backward from the whole row's out and lse), with the decision's
-    config; ('math', None) off CUDA or where the chosen one has no usable pair (torch ops).
+    for the local problem with a gradient and its lse (the forced `backend` first, if any), as its
+    `lse_pair()` (a forward returning lse and a backward from the whole row's out and lse), with the
+    decision's config. A forced backend without such a pair (sdpa) leaves the backward to the
+    dispatcher's own choice; ('math', None) off CUDA or where no implementation has a usable pair
+    (torch ops).
 
     q, k, v: the local slices, bhsd-indexed.
     """
     if q.device.type != "cuda":
         return "math", None
     from ..api import explain
+
+    return pick_block_pair(lambda forced: explain(q, k, v, causal=causal, scale=scale, layout="bhsd",
+                                                  return_lse=True, needs_grad=True, backend=forced), backend)
+
+
+def pick_block_pair(decide: Callable[[str | None], Any], backend: str | None) -> tuple[str, dict | None]:
+    """The pair of decide(backend)'s implementation, else of decide(None)'s (the dispatcher's own
+    choice), else ('math', None). `decide` raises NoBackendError where nothing can serve."""
     from ..errors import NoBackendError
 
-    try:
-        d = explain(q, k, v, causal=causal, scale=scale, layout="bhsd", return_lse=True, needs_grad=True,
-                    backend=backend)
-    except NoBackendError as e:
-        log.debug("ring backward through torch ops: %s", e)
-        return "math", None
-    return block_pair(d)
+    for forced in dict.fromkeys((backend, None)):  # the forced backend, then the dispatcher's choice
+        try:
+            d = decide(forced)
+        except NoBackendError as e:
+            log.debug("ring backward: %s", e)
+            continue
+        path, config = block_pair(d)
+        if path != "math":
+            return path, config
+    return "math", None
 
 
 def block_pair(decision: Any) -> tuple[str, dict | None]:
