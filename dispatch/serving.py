@@ -530,7 +530,8 @@ def varlen_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
 def kvcache_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None,
                     causal: bool, scale: float, window: tuple[int, int] | None, softcap: float | None,
                     sinks: torch.Tensor | None, return_lse: bool) -> ServingProblem:
-    grad = torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad
+                                        or (sinks is not None and sinks.requires_grad))
     page = int(k_cache.shape[1]) if block_table is not None else 0
     capacity = block_table.shape[1] * page if block_table is not None else int(k_cache.shape[1])
     p = Problem(_device_kind(q), q.device.index or 0, q.dtype, q.shape[0], q.shape[2], k_cache.shape[2], q.shape[1],

@@ -380,3 +380,14 @@ def test_the_paged_decode_example_runs_on_the_cpu() -> None:
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "decode steps of 8 sequences" in res.stdout and "on cpu" in res.stdout, res.stdout
+
+
+def test_kvcache_sinks_that_require_grad_make_a_gradient_call() -> None:
+    """Sinks that take a gradient count like q, k, v: the forward-only kernel declines with its
+    reason instead of returning a result that silently carries no gradient to the sinks."""
+    qc, kc, vc, lens, table = make_cache([20, 5], 1, 4, 2, 16, 16, torch.float32)
+    sinks = torch.zeros(4, requires_grad=True)
+    d = fd.explain_kvcache(qc, kc, vc, cache_seqlens=lens, block_table=table, sinks=sinks)
+    assert d.problem.needs_grad
+    with pytest.raises(NoBackendError, match="forward only"):
+        fd.attention_kvcache(qc, kc, vc, cache_seqlens=lens, block_table=table, sinks=sinks, backend="triton")
