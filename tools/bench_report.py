@@ -506,13 +506,21 @@ def _cell_time(m: dict[str, Any]) -> str:
     return _time(m.get("ms"))
 
 
+def _no_ratio(s: dict[str, Any], other: str) -> str:
+    """Why a summary has no ratio: every shape within the spread (a run not judged counts only
+    shapes that differ beyond it), or no shape with both times (a judged run)."""
+    if s.get("counted") == "all shapes":
+        return "no shape with both times (see below)"
+    return f"no shape differs from {other} beyond the spread"
+
+
 def _heldout_summary_lines(s: dict[str, Any]) -> list[str]:
     over = f" over {s['counted']}" if s.get("counted") else ""
     out = [f"shapes: {s['shapes']} of {s['planned']} planned" + (f" in {s['wall_s']:.0f} s" if s.get("wall_s") else ""),
            f"dispatcher/oracle: geomean {s['geomean_oracle']:.3f}, min {_minfmt(s['min_oracle'])}{over}"
-           if s["min_oracle"] else "dispatcher/oracle: no shape differs from the oracle beyond the spread",
+           if s["min_oracle"] else f"dispatcher/oracle: {_no_ratio(s, 'the oracle')}",
            f"dispatcher/SDPA: geomean {s['geomean_vs_sdpa']:.3f}, min {_minfmt(s['min_vs_sdpa'])}{over}"
-           if s["min_vs_sdpa"] else "dispatcher/SDPA: no shape differs from plain SDPA beyond the spread",
+           if s["min_vs_sdpa"] else f"dispatcher/SDPA: {_no_ratio(s, 'plain SDPA')}",
            "dispatcher chose: " + ", ".join(f"{n} x{c}" for n, c in s.get("chosen", {}).items())]
     out += [f"{_pass_fail(ok)}: {k}" for k, ok in s["checks"].items()]
     if s["shapes"] < s["planned"]:
