@@ -264,9 +264,10 @@ class HostDescriptor(NamedTuple):
     padding: str = "zero"
 
 
-class BoundDescriptorLaunch:
+class BoundDescriptorLaunch(BoundLaunch):
     """BoundLaunch for kernels whose leading arguments are host TMA descriptors (Gluon's): grid,
-    scalar arguments, constexprs and options fixed by a caller's per-shape plan.
+    scalar arguments, constexprs and options fixed by a caller's per-shape plan (n_tensors counts
+    the descriptors and the tensor arguments that follow them).
 
     Per call the caller gives a function that builds Triton's TensorDescriptors (what the JIT and
     DirectLauncher's checked launches take) and, where the call may take the bound kernel, the same
@@ -275,22 +276,17 @@ class BoundDescriptorLaunch:
     launcher, instead of the TensorDescriptors and Triton's JIT dispatch.
     """
 
-    __slots__ = ("launcher", "grid", "scalars", "constexprs", "options", "device", "tail", "kernel", "checked")
+    __slots__ = ("checked",)
 
-    def __init__(self, launcher: DirectLauncher, grid: tuple[int, ...], n_leading: int, scalars: Sequence[Any],
+    def __init__(self, launcher: DirectLauncher, grid: tuple[int, ...], n_tensors: int, scalars: Sequence[Any],
                  constexprs: dict[str, Any], options: dict[str, Any], device: int) -> None:
-        self.launcher = launcher
-        self.grid = tuple(grid) + (1,) * (3 - len(grid))
-        self.scalars = tuple(scalars)
-        self.constexprs = constexprs
-        self.options = options
-        self.device = device
-        self.tail = tuple(constexprs[n] for n in launcher.names[n_leading + len(self.scalars):])
-        self.kernel: Any = None
+        super().__init__(launcher, grid, n_tensors, scalars, constexprs, options, device)
         self.checked = False  # the first launch with records is compared with the JIT's
 
-    def __call__(self, descriptors: Callable[[], Sequence[Any]], records: Sequence[HostDescriptor] | None,
-                 tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
+    def __call__(  # type: ignore[override]
+        self, descriptors: Callable[[], Sequence[Any]], records: Sequence[HostDescriptor] | None,
+        tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+    ) -> None:
         """Launch with (*descriptors(), *tensors, *scalars); `records` None keeps this call on the
         checked path (and never hands it the bound kernel)."""
         kernel = self.kernel
