@@ -27,6 +27,17 @@ def _run(*args: str, env: dict[str, str] | None = None, code: str | None = None)
 # --- the command line: a user error is one line and exit code 2 ----------------------------------
 
 
+def _user_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the command; it must end with exit code 2 (returned, or argparse's SystemExit) and one
+    line on stderr, no traceback. Returns that line."""
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["explain", "--shape", "1,30,8,16,16,64"], "Hq=30, Hkv=8"),
     (["explain", "--shape", "1,32,8,16,16,64", "--backend", "foo"], "unknown backend 'foo'"),
@@ -40,11 +51,7 @@ def _run(*args: str, env: dict[str, str] | None = None, code: str | None = None)
     (["bench", "--plot-from", "/nonexistent/bench.json"], "/nonexistent/bench.json"),
 ])
 def test_user_errors_are_one_line_and_exit_2(argv, needle, capsys):
-    with pytest.raises(SystemExit) as e:
-        raise SystemExit(main(argv))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    err = _user_error(argv, capsys)
     assert needle in err and err.startswith(f"flashdispatch {argv[0]}: error:"), err
 
 
@@ -73,11 +80,7 @@ def test_user_errors_are_one_line_and_exit_2(argv, needle, capsys):
     (["warmup", "--device-index", "-1"], "--device-index"),
 ])
 def test_number_options_out_of_range_are_refused_by_the_parser(argv, option, capsys):
-    with pytest.raises(SystemExit) as e:
-        raise SystemExit(main(argv))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    err = _user_error(argv, capsys)
     assert err.startswith(f"flashdispatch {argv[0]}: error: argument {option}: expected"), err
     assert err.count(option) == 1, err
 
@@ -106,9 +109,7 @@ def test_a_file_that_is_not_the_commands_json_names_the_option_and_the_file(argv
     elif content is not None:
         path.write_text(content)
     argv = [*argv, str(path), "--out", str(tmp_path / "out")]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    err = _user_error(argv, capsys)
     option = argv[argv.index(str(path)) - 1]
     assert err.startswith(f"flashdispatch {argv[0]}: error: {option} {path}: "), err
     if "cannot" not in why:
