@@ -172,13 +172,15 @@ def read_settings_reporting() -> tuple[Settings, dict[str, EnvError]]:
     """The settings with every invalid variable taken at its default, and each invalid variable's
     error by name: for `flashdispatch info`, which shows a bad environment instead of stopping at
     it (attention() and the other commands raise read_settings' EnvError)."""
+    values: dict[str, str] = {}
     bad: dict[str, EnvError] = {}
     for var in ALL:
         try:
-            var.read()
+            values[var.name] = var.read()
         except EnvError as e:
             bad[var.name] = e
-    return _settings(lambda var: var.default if var.name in bad else var.read()), bad
+            values[var.name] = var.default
+    return _settings(lambda var: values[var.name]), bad
 
 
 def _settings(read: Callable[[EnvVar], str]) -> Settings:

@@ -292,8 +292,7 @@ def _retime_interleaved(res: BucketResult, impls: dict[str, Implementation], p: 
             t.note = (t.note + "; " if t.note else "") + f"interleaved median of {len(got)}"
         elif str(i) in failed:
             t.status, t.ms, t.note = "error", None, failed[str(i)]
-    for q_ in (q, k, v):
-        q_.grad = None
+    timing.reset_grads((q, k, v))
 
 
 def _try_config(
