@@ -39,6 +39,7 @@ def _decode_sets(n: int, b: int = 1, hq: int = 32, hkv: int = 8, sk: int = 8192,
     return out
 
 
+@pytest.mark.timing
 def test_graph_replay_times_a_decode_step_per_call_from_hbm() -> None:
     per_set = 2 * 1 * 8 * 8192 * 128 * 2  # K and V: 32 MiB
     n = timing.rotation_sets(per_set, CUDA)
