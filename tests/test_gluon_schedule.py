@@ -1,8 +1,9 @@
 """A model of the Gluon forward's barrier protocol (backends/triton/gluon_forward.py), run on the CPU
 under random interleavings of its partitions and of the copy engine's completions.
 
-The model follows the kernel's own formulas for tile rounds, ring slots and mbarrier parities (a fresh barrier reads as if phase 1 had completed; `wait(parity)` passes once the
-phase of that parity has completed) and tags each shared-memory slot with what it holds. It fails
+The model follows the kernel's own formulas for tile rounds, ring slots and mbarrier parities (a
+fresh barrier reads as if phase 1 had completed; `wait(parity)` passes once the phase of that
+parity has completed) and tags each shared-memory slot with what it holds. It fails
 on a deadlock (every live partition spins) and on a race (a consumer finds a slot overwritten while
 its wgmma may still read it, or Q of another tile). Change the protocol in the kernel, change it
 here, and this test says whether the new one can hang or race: the GPU only shows a hang as a hang.

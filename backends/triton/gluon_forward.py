@@ -6,7 +6,7 @@ key/value blocks that one producer warp streams into shared memory with the copy
 (CONSUMERS=3 makes 192-row tiles for three warpgroups taking turns in a round; the drawing below
 shows the default two.)
 Tiles are numbered head by head (a head's K/V stay in L2 while its tiles run), or under causal
-bottom row block first across all heads, and dealt to the CTAs in rounds in snake order (0..G-1,
+without a window bottom row block first across all heads, and dealt to the CTAs in rounds in snake order (0..G-1,
 then G-1..0), which pairs heavy causal tiles with light ones on each CTA.
 
 Partitions (12 warps: 2 consumer warpgroups, 1 producer warp padded to a warpgroup)
@@ -50,10 +50,13 @@ Softmax is the online one, in base 2 on the accumulator registers (scores times 
 with P converted to a register operand of the P @ V wgmma: P never touches shared memory.
 Bottom-right causal (query i sees key j iff j <= i + Sk - Sq): both warpgroups walk the key blocks
 the tile's 128 rows need; blocks every row sees in full run without a mask, the diagonal blocks and
-the ragged end of Sk with one. A row that sees no key leaves with out = 0 and lse = -inf. GQA maps
-query head h to kv head h // (Hq // Hkv) in the TMA coordinates. Tensor descriptors are 4-d
-(B, H, S, D) over the caller's strides, so the copy engine zero-fills reads past S and clips the
-output store at S for every (batch, head) plane.
+the ragged end of Sk with one. A sliding window (WINDOW, flash_attn's window=(left, right): query i
+at p = i + Sk - Sq sees key j iff p - left <= j <= p + right) is another compiled kernel: a tile
+visits only the key blocks [n_lo, n_end) that hold a visible key, masked at the window's left edge
+and at its right edge (the diagonal under causal), so its work follows the visible pairs. A row that
+sees no key leaves with out = 0 and lse = -inf. GQA maps query head h to kv head h // (Hq // Hkv)
+in the TMA coordinates. Tensor descriptors are 4-d (B, H, S, D) over the caller's strides, so the
+copy engine zero-fills reads past S and clips the output store at S for every (batch, head) plane.
 
 Returns out (B, Hq, Sq, D) in q's dtype and physical layout, and lse (B, Hq, Sq) float32 in natural
 log, the pair the Triton backward (backward.py) consumes.
@@ -407,8 +410,8 @@ def _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q,
 def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr,
               seq_q, seq_k, heads_q, group, num_m, num_tiles, qk_scale, left, right,
               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              WINDOW: gl.constexpr, NC: gl.constexpr, O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr, XTILE: gl.constexpr,
-              QBUF: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+              WINDOW: gl.constexpr, NC: gl.constexpr, O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr,
+              XTILE: gl.constexpr, QBUF: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
     """Consumer warpgroup WG of NC: rows [64 WG, 64 WG + 64) of every tile this CTA owns.
 
     O_SEPARATE: the output leaves through its own buffer and Q is handed back as soon as the last
