@@ -1,7 +1,9 @@
 """The Gluon Hopper forward on a real GPU (pytest -m gpu; sm_90 only): fp16 and bf16, causal and not,
 bottom-right causal for Sq != Sk, GQA, partial tiles (sizes that are not multiples of the 128-row
 tile or the key block), both memory layouts and unaligned views, large softmax scales, rows that
-see no key, more tiles than SMs (the persistent loop), and the lse that the Triton backward uses.
+see no key, more tiles than SMs (the persistent loop), the lse that the Triton backward uses, and
+sliding windows (the window kernel: left edges in and on block boundaries, two-sided and
+one-side-unbounded windows, Sq != Sk, gradients through the dispatcher).
 Every check is against the float64 reference with the flash-attention budget; outputs are
 poisoned (NaN) before each run."""
 
