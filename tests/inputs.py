@@ -138,10 +138,10 @@ def make_cache(lengths: list[int], sq: int, hq: int, hkv: int, d: int, page: int
     return q.to(device), k.to(device), v.to(device), seqlens.to(device), table.to(device)
 
 
-def check_forward(out, q, k, v, *, causal, layout="bhsd", scale=None, lse=None):
+def check_forward(out, q, k, v, *, causal, layout="bhsd", scale=None, lse=None, window=None):
     """Assert out (and lse) are within the flash-attention budget of plain torch vs float64."""
-    ref, ref_lse = attention_math(q, k, v, causal=causal, layout=layout, scale=scale, upcast=True)
-    base, _ = attention_math(q, k, v, causal=causal, layout=layout, scale=scale, upcast=False)
+    ref, ref_lse = attention_math(q, k, v, causal=causal, layout=layout, scale=scale, upcast=True, window=window)
+    base, _ = attention_math(q, k, v, causal=causal, layout=layout, scale=scale, upcast=False, window=window)
     ok, err, allowed = within_budget(out, base, ref, q.dtype)
     assert ok, f"forward error {err:.3g} > allowed {allowed:.3g}"
     assert out.shape == ref.shape and out.dtype == q.dtype
@@ -155,13 +155,13 @@ def check_forward(out, q, k, v, *, causal, layout="bhsd", scale=None, lse=None):
             assert lerr < (1e-4 if q.dtype in (torch.float32, torch.float64) else 2e-2), f"lse error {lerr}"
 
 
-def check_grads(fn, q, k, v, *, causal, layout="bhsd", scale=None):
+def check_grads(fn, q, k, v, *, causal, layout="bhsd", scale=None, window=None):
     """fn(q, k, v) -> out; compare dq, dk, dv to float64 autograd of the reference (3x budget)."""
-    do = torch.randn_like(attention_math(q, k, v, causal=causal, layout=layout, upcast=False)[0])
+    do = torch.randn_like(attention_math(q, k, v, causal=causal, layout=layout, upcast=False, window=window)[0])
     grads = []
     for upcast in (True, False):
         qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out, _ = attention_math(qq, kk, vv, causal=causal, layout=layout, scale=scale, upcast=upcast)
+        out, _ = attention_math(qq, kk, vv, causal=causal, layout=layout, scale=scale, upcast=upcast, window=window)
         out.backward(do.to(out.dtype))
         grads.append((qq.grad, kk.grad, vv.grad))
     qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))

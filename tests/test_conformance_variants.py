@@ -64,7 +64,7 @@ def variant_refusals(impl: str, v: VCase) -> list[str]:
     serves = {
         "triton": {"window", "softcap", "sinks"}, "cupy": {"window", "softcap", "sinks"},
         "sdpa": {"window", "softcap", "sinks"}, "sdpa:math": {"window", "softcap", "sinks"},
-        "sdpa:efficient": {"window"}, "sdpa:flash": set(), "sdpa:cudnn": set(),
+        "sdpa:efficient": {"window"}, "sdpa:flash": set(), "sdpa:cudnn": set(), "triton:gluon": {"window"},
     }.get(impl, set())
     # an implementation not available here says so instead (its capabilities are never asked)
     return [f"{w} || unavailable" for w in wants if w not in serves]

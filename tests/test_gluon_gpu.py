@@ -1,7 +1,9 @@
 """The Gluon Hopper forward on a real GPU (pytest -m gpu; sm_90 only): fp16 and bf16, causal and not,
 bottom-right causal for Sq != Sk, GQA, partial tiles (sizes that are not multiples of the 128-row
 tile or the key block), both memory layouts and unaligned views, large softmax scales, rows that
-see no key, more tiles than SMs (the persistent loop), and the lse that the Triton backward uses.
+see no key, more tiles than SMs (the persistent loop), the lse that the Triton backward uses, and
+sliding windows (the window kernel: left edges in and on block boundaries, two-sided and
+one-side-unbounded windows, Sq != Sk, gradients through the dispatcher).
 Every check is against the float64 reference with the flash-attention budget; outputs are
 poisoned (NaN) before each run."""
 
@@ -220,3 +222,87 @@ def test_repeated_calls_take_the_bound_kernel_with_fresh_inputs(layout: str) -> 
     plan = gf._PLANS[plan_key(*views, True, d ** -0.5, None)]
     assert plan.launch is not None and plan.launch.kernel is not None and plan.launch.checked
     assert gf._LAUNCHER.enabled
+
+
+# --- sliding window -------------------------------------------------------------------------------------
+
+# (B, Hq, Hkv, Sq, Sk, D, causal, window): windows that hide whole key blocks or none, left edges inside a
+# block and on its boundary (0, 1, 63, 64, 127, 1000), two-sided and one-side-unbounded non-causal windows,
+# Sq < Sk (tiles starting past key 0), Sq > Sk (tiles and rows that see no key), GQA/MQA, partial tiles
+WINDOW_CASES = [
+    (2, 4, 4, 1000, 1000, 128, True, (0, 0)),  # each row sees only itself
+    (1, 8, 2, 1000, 1000, 128, True, (1, 0)),  # GQA 4:1
+    (1, 4, 4, 1027, 1027, 64, True, (63, 0)),
+    (1, 4, 4, 777, 777, 128, True, (64, 0)),
+    (1, 4, 1, 1500, 1500, 128, True, (127, 0)),  # MQA
+    (2, 4, 2, 2100, 2100, 128, True, (1000, 0)),
+    (1, 4, 4, 113, 1027, 128, True, (127, 0)),  # Sq < Sk: chunked prefill against a cache
+    (1, 4, 4, 1027, 300, 64, True, (63, 0)),  # Sq > Sk: 727 rows see no key
+    (1, 4, 2, 700, 700, 128, False, (63, 130)),
+    (1, 4, 4, 333, 777, 64, False, (50, 90)),
+    (1, 2, 2, 1027, 129, 256, False, (0, 5)),  # Sq > Sk, non-causal: rows whose window ends before key 0
+    (1, 4, 4, 600, 600, 128, False, (-1, 7)),  # unbounded left
+    (1, 4, 4, 600, 600, 128, False, (200, -1)),  # unbounded right
+    (1, 2, 2, 1000, 1000, 256, True, (127, 0)),
+    (1, 2, 2, 8192, 8192, 128, True, (4095, 0)),  # Mistral's window
+]
+
+
+def _wid(c: tuple) -> str:
+    return f"{_id(c[:7])}-w{c[7][0]}_{c[7][1]}"
+
+
+@requires_sm90
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=_wid)
+def test_window_forward(case: tuple) -> None:
+    """out and lse of the window kernel (bf16; fp16 on the D=128 cases) against the float64 reference,
+    in both layouts (by the case's parity); lse is -inf exactly on the rows that see no key."""
+    from flashdispatch.backends.triton.gluon_forward import gluon_attention_forward
+
+    b, hq, hkv, sq, sk, d, causal, window = case
+    layout = "bshd" if (sq + d + window[0]) % 2 else "bhsd"
+    for dtype in ("bf16", "fp16") if d == 128 and sq < 8192 else ("bf16",):
+        q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=DTYPES[dtype], device="cuda", layout=layout)
+        views = (q, k, v) if layout == "bhsd" else tuple(t.transpose(1, 2) for t in (q, k, v))
+        out, lse = gluon_attention_forward(*views, causal=causal, scale=d**-0.5, window=window)
+        torch.cuda.synchronize()
+        out = out.transpose(1, 2) if layout == "bshd" else out
+        check_forward(out, q, k, v, causal=causal, layout=layout, lse=lse, window=window)
+
+
+@requires_sm90
+@pytest.mark.parametrize("d,config", [(128, {"XTILE": True}), (64, {"CONSUMERS": 3, "BLOCK_N": 64, "STAGES": 4}),
+                                      (128, {"STAGES": 3, "O_SEPARATE": False})],
+                         ids=["d128-xtile", "d64-3wg-n64", "d128-3stages-o-in-q"])
+def test_window_other_configs(d: int, config: dict) -> None:
+    """The window under the configs whose tile hand-over differs (XTILE carries a tile's last P V
+    into the next tile, which may start past key 0 or see no key at all)."""
+    from flashdispatch.backends.triton.gluon_forward import gluon_attention_forward
+
+    for b, hq, hkv, sq, sk, causal, window in ((2, 4, 2, 1000, 1000, True, (100, 0)),
+                                               (1, 3, 3, 1027, 300, True, (63, 0)),
+                                               (1, 3, 3, 333, 1027, False, (1, 64))):
+        q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=torch.bfloat16, device="cuda")
+        out, lse = gluon_attention_forward(q, k, v, causal=causal, scale=d**-0.5, config=config, window=window)
+        check_forward(out, q, k, v, causal=causal, lse=lse, window=window)
+
+
+@requires_sm90
+@pytest.mark.parametrize("layout,causal,window,shape", [
+    ("bshd", True, (63, 0), (2, 8, 2, 777, 777, 128)),
+    ("bhsd", False, (50, 90), (1, 4, 4, 300, 517, 64)),
+], ids=["bshd-causal-w63", "bhsd-w50_90-sq-lt-sk"])
+def test_window_through_the_dispatcher(layout: str, causal: bool, window: tuple, shape: tuple) -> None:
+    """backend="triton:gluon" with a window: the notes say it is fused, the forward (with lse) and the
+    gradients (the Triton backward, given the window) within budget."""
+    import flashdispatch
+
+    b, hq, hkv, sq, sk, d = shape
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=torch.bfloat16, device="cuda", layout=layout)
+    kw = dict(causal=causal, layout=layout, window=window, backend="triton:gluon")
+    dec = flashdispatch.explain(q, k, v, **kw)
+    assert dec.variant == "triton:gluon" and any("outside the window are skipped" in n for n in dec.notes)
+    out, lse = flashdispatch.attention(q, k, v, return_lse=True, **kw)
+    check_forward(out, q, k, v, causal=causal, layout=layout, lse=lse, window=window)
+    check_grads(lambda a, b_, c: flashdispatch.attention(a, b_, c, **kw), q, k, v, causal=causal, layout=layout,
+                window=window)

@@ -110,16 +110,43 @@ def test_jit_compiles_then_checked_launches_then_records(fake_kernel: tuple[_Jit
     grid, stream, rest = call[:3], call[3], call[9:]
     num_tiles = 2 * 16 * -(-300 // (gf.HALF_M * gf.default_config(128)["CONSUMERS"]))
     assert grid == (min(132, num_tiles), 1, 1) and stream == 77
-    records, lse_arg, scalars = rest[:4], rest[4], rest[5:11]
+    records, lse_arg, scalars = rest[:4], rest[4], rest[5:13]
     assert all(isinstance(r, launch.HostDescriptor) for r in records)
     assert [tuple(r.base.shape) for r in records] == [tuple(t.shape) for t in (q, k, v)] + [tuple(q.shape)]
     assert [r.strides for r in records[:3]] == [gf._box(t)[1] for t in (q, k, v)]
     assert records[3].strides == gf._box(out)[1]  # the output keeps q's physical layout
     assert lse_arg.shape == (2, 16, 300)
-    assert scalars == (300, 300, 16, 4, num_tiles, pytest.approx(0.125 * gf.LOG2E))
+    assert scalars == (300, 300, 16, 4, num_tiles, pytest.approx(0.125 * gf.LOG2E), 0, 0)
     cfg = gf.default_config(128)
-    assert rest[11:] == (cfg["BLOCK_N"], 128, cfg["STAGES"], True, cfg["O_SEPARATE"], cfg["PINGPONG"],
-                         cfg["CONSUMERS"], cfg["XTILE"])
+    assert rest[13:] == (cfg["BLOCK_N"], 128, cfg["STAGES"], True, cfg["O_SEPARATE"], cfg["PINGPONG"],
+                         cfg["CONSUMERS"], cfg["XTILE"], False)
+
+
+@pytest.mark.parametrize("causal, window, left, right, on", [
+    (True, (255, 0), 255, 0, True),  # Mistral-style
+    (True, (255, 9), 255, 0, True),  # causal sets right to 0
+    (False, (3, -1), 3, 600, True),  # an unbounded side: Sk + Sq, past every key
+    (False, (-1, 7), 600, 7, True),
+    (True, (-1, 0), 0, 0, False),  # hides nothing beyond causal: the plain causal kernel
+    (False, None, 0, 0, False),
+])
+def test_window_reaches_the_kernel(fake_kernel: tuple[_Jit, list[int]], causal: bool, window: Any, left: int,
+                                   right: int, on: bool) -> None:
+    jit, _ = fake_kernel
+    q, k, v = _qkv()
+    gf.gluon_attention_forward(q, k, v, causal=causal, scale=0.125, window=window)
+    args = jit.calls[-1]
+    assert args[11:13] == (left, right)
+    plan = next(iter(gf._PLANS.values()))
+    assert plan.launch.constexprs["WINDOW"] is on and plan.launch.constexprs["CAUSAL"] is causal
+
+
+def test_softcap_and_sinks_are_refused(fake_kernel: tuple[_Jit, list[int]]) -> None:
+    from flashdispatch.backends.triton.forward import Variant
+
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="variant: the Gluon forward takes a window only"):
+        gf._GluonPlan(q, k, v, True, 0.125, {}, Variant((-1, -1), 50.0, False))
 
 
 def test_unaligned_layout_stays_on_the_checked_path(fake_kernel: tuple[_Jit, list[int]],

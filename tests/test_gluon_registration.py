@@ -27,6 +27,33 @@ def test_serves_hopper_problems(device: str) -> None:
             assert impl.not_supported_reasons(p, dev) == [], (shape, dtype)
 
 
+@pytest.mark.parametrize("device", ["h100", "h200"])
+def test_serves_windows_in_the_kernel(device: str) -> None:
+    """Sliding windows run in the kernel (Mistral's causal one, two-sided ones, Sq != Sk, GQA, with
+    gradients through the Triton backward); the plan notes say the hidden blocks are skipped."""
+    impl, dev = _impl(), simulated_device(device)
+    caps = impl.capabilities(dev)
+    assert caps.window and caps.fuses_variants and not caps.softcap and not caps.sinks
+    for shape, causal, window in (((1, 32, 8, 16384, 16384, 128), True, (4095, 0)),
+                                  ((2, 8, 8, 333, 777, 64), False, (50, 90)),
+                                  ((1, 4, 2, 1027, 129, 256), True, (63, 0)),
+                                  ((1, 4, 4, 500, 500, 128), False, (-1, 0))):
+        p = problem_from_shape(shape, dtype="bf16", causal=causal, window=window, return_lse=True, needs_grad=True)
+        assert p.has_window, (shape, window)
+        assert impl.not_supported_reasons(p, dev) == [], (shape, window)
+        notes = impl.plan_notes(p, dev, impl.default_config(p, dev))
+        assert any("outside the window are skipped" in n for n in notes), notes
+
+
+def test_declines_softcap_and_sinks_with_reasons() -> None:
+    impl, h100 = _impl(), simulated_device("h100")
+    p = problem_from_shape((1, 8, 8, 1000, 1000, 128), dtype="bf16", causal=True, softcap=50.0)
+    assert any("softcap=50" in r for r in impl.not_supported_reasons(p, h100))
+    p = problem_from_shape((1, 8, 8, 1000, 1000, 128), dtype="bf16", causal=True, window=(127, 0), sinks=True)
+    reasons = impl.not_supported_reasons(p, h100)
+    assert any("sinks" in r for r in reasons) and not any("window" in r for r in reasons), reasons
+
+
 def test_declines_with_reasons() -> None:
     impl, h100 = _impl(), simulated_device("h100")
     p = problem_from_shape((1, 2, 2, 100, 100, 128), dtype="bf16")

@@ -1,12 +1,14 @@
 """A model of the Gluon forward's barrier protocol (backends/triton/gluon_forward.py), run on the CPU
 under random interleavings of its partitions and of the copy engine's completions.
 
-The model follows the kernel's own formulas for tile rounds, key-block ranges, ring slots and
-mbarrier parities (a fresh barrier reads as if phase 1 had completed; `wait(parity)` passes once the
-phase of that parity has completed) and tags each shared-memory slot with what it holds. It fails
+The model follows the kernel's own formulas for tile rounds, ring slots and mbarrier parities (a
+fresh barrier reads as if phase 1 had completed; `wait(parity)` passes once the phase of that
+parity has completed) and tags each shared-memory slot with what it holds. It fails
 on a deadlock (every live partition spins) and on a race (a consumer finds a slot overwritten while
 its wgmma may still read it, or Q of another tile). Change the protocol in the kernel, change it
 here, and this test says whether the new one can hang or race: the GPU only shows a hang as a hang.
+The tile order and the key-block ranges are the kernel's own functions (_tile_coords, _key_blocks),
+run as plain Python; the ranges are also checked against a brute-force visible mask.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ import random
 from typing import Any, Callable, Iterator
 
 import pytest
+
+pytest.importorskip("triton.experimental.gluon")
+
+from flashdispatch.backends.triton import gluon_forward as gf  # noqa: E402
+from flashdispatch.backends.triton.forward import kernel_window  # noqa: E402
 
 
 class Barrier:
@@ -35,13 +42,19 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def key_blocks(start_m: int, sq: int, sk: int, block_m: int, block_n: int, causal: bool) -> tuple[int, int]:
-    if causal:
-        off = sk - sq
-        hi, full = max(min(start_m + block_m + off, sk), 0), max(min(start_m + off + 1, sk), 0)
-    else:
-        hi = full = sk
-    return full // block_n, cdiv(hi, block_n)
+def launch_window(sq: int, sk: int, causal: bool, window: tuple[int, int] | None) -> tuple[bool, int, int, bool]:
+    """(causal, left, right, WINDOW) as the launcher hands them to the kernel."""
+    causal = causal and sq > 1
+    win = kernel_window(causal, window or (-1, -1), sq, sk)
+    left, right = win if win is not None else (0, 0)
+    return causal, left, right, win is not None
+
+
+def key_blocks(start_m: int, sq: int, sk: int, block_m: int, block_n: int, causal: bool,
+               window: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+    """The kernel's (n_lo, full_lo, full_hi, n_end) of a tile, as plain Python."""
+    causal, left, right, on = launch_window(sq, sk, causal, window)
+    return gf._key_blocks.fn(start_m, sq, sk, left, right, block_m, block_n, causal, on)
 
 
 def tile_of(r: int, pid: int, nprog: int) -> int:
@@ -54,9 +67,11 @@ def rounds(pid: int, nprog: int, num_tiles: int) -> int:
 
 
 def run_cta(sq: int, sk: int, bh: int, nprog: int, pid: int, stages: int, block_n: int, causal: bool,
-            o_separate: bool, consumers: int, xtile: bool, seed: int, producer_qbufs: int | None = None) -> None:
+            o_separate: bool, consumers: int, xtile: bool, seed: int, producer_qbufs: int | None = None,
+            window: tuple[int, int] | None = None, producer_from_zero: bool = False) -> None:
     """One CTA of the kernel (its producer and consumers) to the end, in a random interleaving.
-    producer_qbufs injects a fault: the producer's count of Q buffers per warpgroup."""
+    producer_qbufs and producer_from_zero inject faults: the producer's count of Q buffers per
+    warpgroup; a producer that loads every tile's key blocks from block 0 (not the window's n_lo)."""
     rng = random.Random(seed)
     qbufs = 2 if xtile else 1
     pq = qbufs if producer_qbufs is None else producer_qbufs
@@ -77,20 +92,22 @@ def run_cta(sq: int, sk: int, bh: int, nprog: int, pid: int, stages: int, block_
         while not bar.passed(parity):
             yield
 
+    eff_causal, _, _, windowed = launch_window(sq, sk, causal, window)
+
     def tiles() -> Iterator[tuple[int, int]]:
         for r in range(rounds(pid, nprog, num_tiles)):
             t = tile_of(r, pid, nprog)
-            yield t, (num_m - 1 - t // bh if causal else t % num_m) * block_m
+            yield t, gf._tile_coords.fn(t, num_m, bh, 1, 1, block_m, eff_causal, windowed)[0]
 
     def producer() -> Iterator[None]:
         kv = 0
         for ti, (t, start_m) in enumerate(tiles()):
-            n_end = key_blocks(start_m, sq, sk, block_m, block_n, causal)[1]
+            n_lo, _, _, n_end = key_blocks(start_m, sq, sk, block_m, block_n, causal, window)
             for w in range(consumers):
                 qi = w * qbufs + ti % pq
                 yield from wait(q_empty[qi], ((ti // pq) & 1) ^ 1)
                 copies.append((q_ready[qi], lambda qi=qi, t=t: qslot.__setitem__(qi, t)))
-            for j in range(n_end):
+            for j in range(0 if producer_from_zero else n_lo, n_end):
                 s, ph = kv % stages, (kv // stages) & 1
                 yield from wait(k_empty[s], ph ^ 1)
                 copies.append((k_ready[s], lambda s=s, t=t, j=j: kslot.__setitem__(s, (t, j))))
@@ -120,15 +137,15 @@ def run_cta(sq: int, sk: int, bh: int, nprog: int, pid: int, stages: int, block_
             v_empty[ps].arrive()
 
         for ti, (t, start_m) in enumerate(tiles()):
-            n_end = key_blocks(start_m, sq, sk, block_m, block_n, causal)[1]
+            n_lo, _, _, n_end = key_blocks(start_m, sq, sk, block_m, block_n, causal, window)
             qi = wg * qbufs + ti % qbufs
             yield from wait(q_ready[qi], (ti // qbufs) & 1)
             assert qslot[qi] == t, "Q of another tile"
-            for j in range(n_end):
+            for j in range(n_lo, n_end):
                 s, ph = kv % stages, (kv // stages) & 1
                 yield from wait(k_ready[s], ph)
                 prev = None
-                if j > 0:
+                if j > n_lo:
                     prev = ((kv - 1) % stages, (t, j - 1))
                 elif pending is not None:
                     prev = ((kv - 1) % stages, pending)
@@ -146,7 +163,7 @@ def run_cta(sq: int, sk: int, bh: int, nprog: int, pid: int, stages: int, block_
                     v_empty[prev[0]].arrive()
                 pending = None
                 kv += 1
-            if n_end > 0:
+            if n_end > n_lo:
                 if o_separate:
                     q_empty[qi].arrive()
                 if xtile:
@@ -198,11 +215,13 @@ def test_protocol_neither_hangs_nor_races(cfg: tuple[int, int, int, bool, bool])
     for _ in range(12):
         sq, sk = rng.choice([1, 64, 100, 129, 300, 1027]), rng.choice([1, 50, 128, 500, 1027])
         bh, nprog, causal = rng.choice([1, 3, 7]), rng.choice([1, 2, 5]), rng.random() < 0.6
+        # a window in half the runs: tiles that start past key 0, and tiles with no key at all
+        window = (rng.choice([0, 1, 63, 200, -1]), rng.choice([0, 5, 130, -1])) if rng.random() < 0.5 else None
         num_tiles = bh * cdiv(sq, 64 * consumers)
         nprog = min(nprog, num_tiles)
         for pid in range(nprog):
             run_cta(sq, sk, bh, nprog, pid, stages, block_n, causal, o_separate, consumers, xtile,
-                    rng.randrange(1 << 30))
+                    rng.randrange(1 << 30), window=window)
 
 
 def test_rounds_cover_every_tile_once() -> None:
@@ -218,3 +237,85 @@ def test_the_model_catches_a_broken_protocol() -> None:
     with pytest.raises(AssertionError):
         for seed in range(20):
             run_cta(1000, 128, 3, 1, 0, 2, 128, False, True, 2, True, seed, producer_qbufs=1)
+    with pytest.raises(AssertionError):  # the producer and the consumers disagree on a window's blocks
+        run_cta(1000, 1000, 2, 1, 0, 2, 128, True, True, 2, False, 0, window=(200, 0), producer_from_zero=True)
+
+
+# --- the key-block ranges against a brute-force visible mask ------------------------------------------
+
+
+def brute_blocks(start_m: int, sq: int, sk: int, block_m: int, block_n: int, causal: bool,
+                 window: tuple[int, int] | None) -> tuple[set[int], set[int]]:
+    """(blocks holding a key that some row of the tile sees, blocks every row sees in full), from the
+    per-row visible key ranges of flash_attn's rule (-1 unbounded; causal sets right to 0)."""
+    left, right = window or (-1, -1)
+    if causal and sq > 1:
+        right = 0
+    ranges = []
+    for i in range(start_m, min(start_m + block_m, sq)):
+        p = i + sk - sq
+        lo = 0 if left < 0 else max(p - left, 0)
+        hi = sk - 1 if right < 0 else min(p + right, sk - 1)
+        ranges.append((lo, hi))
+    seen, full = set(), set()
+    for b in range(cdiv(sk, block_n)):
+        first, last = b * block_n, min((b + 1) * block_n, sk) - 1
+        if any(lo <= last and first <= hi for lo, hi in ranges):
+            seen.add(b)
+        if (b + 1) * block_n <= sk and ranges and all(lo <= first and last <= hi for lo, hi in ranges):
+            full.add(b)
+    return seen, full
+
+
+def check_ranges(sq: int, sk: int, block_m: int, block_n: int, causal: bool, window: tuple[int, int] | None) -> int:
+    """Every tile's ranges against the brute force; returns the key blocks the kernel visits."""
+    visited = 0
+    for start_m in range(0, sq, block_m):
+        n_lo, full_lo, full_hi, n_end = key_blocks(start_m, sq, sk, block_m, block_n, causal, window)
+        seen, full = brute_blocks(start_m, sq, sk, block_m, block_n, causal, window)
+        where = (sq, sk, block_m, block_n, causal, window, start_m)
+        assert n_lo <= full_lo <= full_hi <= max(n_end, n_lo), where
+        assert set(range(n_lo, n_end)) == seen, where  # exactly the blocks with a visible pair
+        assert set(range(full_lo, full_hi)) == full, where  # unmasked exactly where every row sees all
+        visited += max(n_end - n_lo, 0)
+    return visited
+
+
+WINDOWS = [None, (0, 0), (1, 0), (63, 0), (64, 0), (127, 0), (1000, 0), (0, 5), (63, 130), (-1, 0), (-1, 70),
+           (200, -1), (5, 5000)]
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_key_block_ranges_match_the_visible_mask(window: tuple[int, int] | None, causal: bool) -> None:
+    for sq, sk in ((1, 300), (100, 100), (300, 300), (129, 1027), (1027, 129), (513, 700), (700, 513)):
+        for block_m, block_n in ((128, 128), (128, 64), (192, 64)):
+            check_ranges(sq, sk, block_m, block_n, causal, window)
+
+
+def test_window_work_follows_the_visible_pairs() -> None:
+    """Mistral's window at S=16k in the kernel's D=128 tiles: the blocks visited hold the visible
+    pairs plus at most 4% (the masked edges), and so take the window's share of full causal's blocks
+    (0.44 of the pairs)."""
+    from flashdispatch.problem import causal_visible_pairs, window_visible_pairs
+
+    s, block_m, block_n = 16384, 128, 128
+    visited = sum(max(e - lo, 0) for lo, _, _, e in (
+        key_blocks(m, s, s, block_m, block_n, True, (4095, 0)) for m in range(0, s, block_m)))
+    causal_blocks = sum(key_blocks(m, s, s, block_m, block_n, True)[3] for m in range(0, s, block_m))
+    pairs = window_visible_pairs(s, s, (4095, 0))
+    assert pairs <= visited * block_m * block_n <= 1.04 * pairs
+    assert visited / causal_blocks <= 1.03 * pairs / causal_visible_pairs(s, s)
+
+
+def test_the_range_check_catches_a_wrong_edge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The brute force fails a range that is off by one block at the window's left edge."""
+    real = gf._key_blocks.fn
+
+    def off_by_one(*a: object) -> tuple[int, int, int, int]:
+        n_lo, full_lo, full_hi, n_end = real(*a)
+        return n_lo + 1, max(full_lo, n_lo + 1), max(full_hi, n_lo + 1), n_end
+
+    monkeypatch.setattr(gf._key_blocks, "fn", off_by_one)
+    with pytest.raises(AssertionError):
+        check_ranges(1000, 1000, 128, 128, True, (300, 0))

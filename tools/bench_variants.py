@@ -2,13 +2,16 @@
 softcap, attention sinks, and decode with a window.
 
     python -m flashdispatch.tools.bench_variants --out "$OUT"     # about 2-3 minutes on an H200
+    python -m flashdispatch.tools.bench_variants --quick --only window --out "$OUT"   # the 16k window bars
 
 Anchors, measured here in the same process as our kernel (bf16, B=1, H=32, D=128, causal):
 - plain SDPA with a boolean (Sq, Sk) window mask (what users write today);
 - FlexAttention compiled, its mask_mod / score_mod defined once at module level and its block
   mask built once per shape outside the timed region;
 - cuDNN (torch's SDPA backend) without softcap, for the softcap bar;
-- our own full causal call (window bar at 32k), our kernel without sinks (sinks bars);
+- our own full causal call (window bar at 32k), our kernel without sinks (sinks bars).
+Where the GPU is a Hopper the window bars also time our Gluon forward (backend="triton:gluon", its
+gradients from the same Triton backward) against the same anchors;
 - plain SDPA decoding the whole cache (decode bar); decode calls are CUDA-graph replays.
 
 Every provider's output is checked against ours (max abs difference printed) before timing;
@@ -19,6 +22,7 @@ matplotlib is there) under --out.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 
 import flashdispatch
 from flashdispatch import cliargs
+from flashdispatch.errors import NoBackendError
 from flashdispatch.backends.sdpa import bottom_right_sdpa
 from flashdispatch.reference import attention_math, visible_mask
 
@@ -172,11 +177,17 @@ def window_bars(run: Run, s: int, rep_ms: float, with_backward: bool) -> None:
     fx = lambda: f(q, k, v, block_mask=bm)  # noqa: E731
     sdpa_mask = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
     full = lambda: flashdispatch.attention(q, k, v, causal=True, backend="triton")  # noqa: E731
+    gluon = lambda: flashdispatch.attention(q, k, v, causal=True, window=win, backend="triton:gluon")  # noqa: E731
     with torch.no_grad():
         ref = ours()
         err_flex = _err(fx(), ref)
         err_sdpa = _err(sdpa_mask(), ref)
         fns = {"ours": (ours, None), "flex": (fx, None), "sdpa_mask": (sdpa_mask, None)}
+        try:  # the Gluon forward serves Hopper only: elsewhere its bars are left out
+            err_gluon = _err(gluon(), ref)
+            fns["ours_gluon"] = (gluon, None)
+        except NoBackendError as e:
+            log.info("window bars without triton:gluon: %s", e)
         if s >= 32768:
             fns["ours_full_causal"] = (full, None)
         ms = _measure(run, f"window-fwd-{s}", fns, rep_ms)
@@ -185,18 +196,27 @@ def window_bars(run: Run, s: int, rep_ms: float, with_backward: bool) -> None:
                         ms.get("flex", math.nan), min_speedup=1.3, max_err=err_flex))
     run.bars.append(Bar("window fwd vs SDPA + bool mask", shape, "triton", "sdpa_mask", ms.get("ours", math.nan),
                         ms.get("sdpa_mask", math.nan), min_speedup=3.0, max_err=err_sdpa))
+    if "ours_gluon" in fns:
+        run.bars.append(Bar("window fwd (gluon) vs FlexAttention", shape, "triton:gluon", "flex",
+                            ms.get("ours_gluon", math.nan), ms.get("flex", math.nan), min_speedup=1.3,
+                            max_err=err_gluon))
     if "ours_full_causal" in ms:
         run.bars.append(Bar("window fwd vs our full causal", shape, "triton", "triton causal",
                             ms.get("ours", math.nan), ms["ours_full_causal"], max_time_ratio=0.4))
     if with_backward:
         grads = [q, k, v]
-        fns = {"ours": (_fwd_bwd(ours, do), grads), "flex": (_fwd_bwd(fx, do), grads),
-               "sdpa_mask": (_fwd_bwd(sdpa_mask, do), grads)}
-        ms = _measure(run, f"window-fwd_bwd-{s}", fns, rep_ms)
+        fns_bwd = {"ours": (_fwd_bwd(ours, do), grads), "flex": (_fwd_bwd(fx, do), grads),
+                   "sdpa_mask": (_fwd_bwd(sdpa_mask, do), grads)}
+        if "ours_gluon" in fns:
+            fns_bwd["ours_gluon"] = (_fwd_bwd(gluon, do), grads)
+        ms = _measure(run, f"window-fwd_bwd-{s}", fns_bwd, rep_ms)
         run.bars.append(Bar("window fwd+bwd vs FlexAttention", shape, "triton", "flex", ms.get("ours", math.nan),
                             ms.get("flex", math.nan), min_speedup=1.2))
         run.bars.append(Bar("window fwd+bwd vs SDPA + bool mask", shape, "triton", "sdpa_mask",
                             ms.get("ours", math.nan), ms.get("sdpa_mask", math.nan), min_speedup=3.0))
+        if "ours_gluon" in fns_bwd:
+            run.bars.append(Bar("window fwd+bwd (gluon) vs FlexAttention", shape, "triton:gluon", "flex",
+                                ms.get("ours_gluon", math.nan), ms.get("flex", math.nan), min_speedup=1.2))
     del mask, bm
 
 
@@ -325,6 +345,17 @@ def plot(run: Run, path: str) -> None:
     plt.close(fig)
 
 
+SECTIONS = ("window", "softcap", "sinks", "decode")
+
+
+def _sections(text: str) -> frozenset[str]:
+    names = frozenset(x.strip() for x in text.split(",") if x.strip())
+    unknown = sorted(names - set(SECTIONS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(SECTIONS)}, got {text!r}")
+    return names
+
+
 def main(argv: list[str] | None = None, prog: str = "bench_variants") -> int:
     """The variants section; `prog` names the command in a user error (`flashdispatch bench` when
     it runs this for --variants)."""
@@ -332,6 +363,8 @@ def main(argv: list[str] | None = None, prog: str = "bench_variants") -> int:
     ap.add_argument("--out", default=".", help="folder for bench_variants.json/.png (the GPU runner: \"$OUT\")")
     ap.add_argument("--rep-ms", type=cliargs.milliseconds, default=60.0, help="timed milliseconds per provider and bar")
     ap.add_argument("--quick", action="store_true", help="16k window and 8k softcap/sinks bars, decode B=8 only")
+    ap.add_argument("--only", type=_sections, default=None,
+                    help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default: all)")
     args = ap.parse_args(argv)
     cliargs.show_logs(logging.INFO)
     if not torch.cuda.is_available():
@@ -356,6 +389,8 @@ def main(argv: list[str] | None = None, prog: str = "bench_variants") -> int:
             ("decode b1", lambda: decode_bars(run, 1, args.rep_ms, sinks_too=False)),
             ("decode b64", lambda: decode_bars(run, 64, args.rep_ms, sinks_too=False)),
         ]
+    if args.only:
+        steps = [(name, step) for name, step in steps if name.split()[0] in args.only]
     for name, step in steps:
         try:
             step()

@@ -396,7 +396,9 @@ class PlanRates:
     extra_calls untimed calls of a trial (checked call, compile call, estimates, warm-up floor)
     compile_s   per kernel build (Triton JIT or NVRTC, about 1-1.5 s each on an H100 host) of an
                 implementation x config x kernel (the group's pass, mask kind, dtype, head dim)
-    backward_compile_s  the same for a forward+backward build (three or four kernels)
+    backward_compile_s  the same for a forward+backward build (three or four kernels); less
+                compile_s where the plan built that forward already (the same implementation,
+                config and kernel in the forward pass: the compiler's cache returns it)
     grad_check_s        per gradient check of an implementation x config on a proxy problem
     graph_s     per graph-timed trial: capture, replays and the host-time calls
     """
@@ -477,7 +479,11 @@ def estimate_plan(plan: Sequence[Shape], dev: DeviceInfo, opts: TuneOptions,
                 u = json.dumps(unit, sort_keys=True, default=str)
                 if u not in built:
                     built.add(u)
-                    t += rates.backward_compile_s if s.needs_grad else rates.compile_s
+                    if not s.needs_grad:
+                        t += rates.compile_s
+                    else:  # the forward of a forward+backward build may be built already (unit[2]: the pass)
+                        fwd = json.dumps([*unit[:2], "fwd", *unit[3:]], sort_keys=True, default=str)
+                        t += rates.backward_compile_s - (rates.compile_s if fwd in built else 0.0)
             if s.needs_grad:
                 pk = json.dumps(proxy, sort_keys=True, default=str)
                 if pk not in checked:

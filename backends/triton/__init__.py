@@ -190,8 +190,9 @@ def _variant_notes(p: Problem) -> list[str]:
 
 class TritonGluonAttention(Implementation):
     """FlashAttention-3's schedule written in Gluon for Hopper (gluon_forward.py): a TMA producer
-    warp and consumer warpgroups taking turns on the tensor cores. Forward only; gradients come
-    from the Triton backward, which takes this kernel's out and lse."""
+    warp and consumer warpgroups taking turns on the tensor cores, with a fused sliding window (key
+    blocks outside it are never loaded). Forward only; gradients come from the Triton backward,
+    which takes this kernel's out and lse (and the window)."""
 
     name: ClassVar[str] = "triton:gluon"
     backend: ClassVar[str] = "triton"
@@ -215,7 +216,12 @@ class TritonGluonAttention(Implementation):
             different_v_head_dim=False,
             backward=backward_available(),
             lse=True,
-            notes="FlashAttention-3 schedule in Gluon: TMA producer warp, ping-pong wgmma warpgroups; sm_90",
+            # the window is fused (only the key blocks inside it are visited); softcap and sinks are
+            # not written for this kernel: the tl kernel serves them
+            window=True,
+            fuses_variants=True,
+            notes="FlashAttention-3 schedule in Gluon: TMA producer warp, ping-pong wgmma warpgroups; window "
+                  "fused; sm_90",
         )
 
     def default_config(self, p: Problem, dev: DeviceInfo) -> dict[str, Any]:
@@ -236,21 +242,22 @@ class TritonGluonAttention(Implementation):
                  f"{cfg['STAGES']} K/V stages, persistent over {dev.sm_count or 'all'} SMs"]
         if p.needs_grad:
             notes.append("gradients: the Triton backward, from this forward's out and lse")
-        if p.effective_causal and p.seqlen_q > p.seqlen_k:
+        if p.effective_causal and p.seqlen_q > p.seqlen_k and not p.has_window:
             notes.append(f"first {p.seqlen_q - p.seqlen_k} query rows see no key: zeros, lse=-inf")
-        return notes
+        return notes + _variant_notes(p)
 
     def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
         from .gluon_forward import gluon_attention_forward
 
-        return gluon_attention_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config)
+        return gluon_attention_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config,
+                                       window=p.window if p.has_window else None)
 
     def backward(self, inp, out, lse, do, p, config):  # type: ignore[no-untyped-def]
         from .backward import attention_backward
 
         # the backward's own tiles: this implementation's config holds the forward's keys only
         return Gradients(*attention_backward(do, inp.q, inp.k, inp.v, out, lse, causal=p.causal, scale=p.scale,
-                                             config={}))
+                                             config={}, window=p.window if p.has_window else None))
 
 
 IMPLEMENTATIONS: list[Implementation] = [TritonAttention(), TritonGluonAttention()]

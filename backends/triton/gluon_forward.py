@@ -6,7 +6,7 @@ key/value blocks that one producer warp streams into shared memory with the copy
 (CONSUMERS=3 makes 192-row tiles for three warpgroups taking turns in a round; the drawing below
 shows the default two.)
 Tiles are numbered head by head (a head's K/V stay in L2 while its tiles run), or under causal
-bottom row block first across all heads, and dealt to the CTAs in rounds in snake order (0..G-1,
+without a window bottom row block first across all heads, and dealt to the CTAs in rounds in snake order (0..G-1,
 then G-1..0), which pairs heavy causal tiles with light ones on each CTA.
 
 Partitions (12 warps: 2 consumer warpgroups, 1 producer warp padded to a warpgroup)
@@ -50,10 +50,13 @@ Softmax is the online one, in base 2 on the accumulator registers (scores times 
 with P converted to a register operand of the P @ V wgmma: P never touches shared memory.
 Bottom-right causal (query i sees key j iff j <= i + Sk - Sq): both warpgroups walk the key blocks
 the tile's 128 rows need; blocks every row sees in full run without a mask, the diagonal blocks and
-the ragged end of Sk with one. A row that sees no key leaves with out = 0 and lse = -inf. GQA maps
-query head h to kv head h // (Hq // Hkv) in the TMA coordinates. Tensor descriptors are 4-d
-(B, H, S, D) over the caller's strides, so the copy engine zero-fills reads past S and clips the
-output store at S for every (batch, head) plane.
+the ragged end of Sk with one. A sliding window (WINDOW, flash_attn's window=(left, right): query i
+at p = i + Sk - Sq sees key j iff p - left <= j <= p + right) is another compiled kernel: a tile
+visits only the key blocks [n_lo, n_end) that hold a visible key, masked at the window's left edge
+and at its right edge (the diagonal under causal), so its work follows the visible pairs. A row that
+sees no key leaves with out = 0 and lse = -inf. GQA maps query head h to kv head h // (Hq // Hkv)
+in the TMA coordinates. Tensor descriptors are 4-d (B, H, S, D) over the caller's strides, so the
+copy engine zero-fills reads past S and clips the output store at S for every (batch, head) plane.
 
 Returns out (B, Hq, Sq, D) in q's dtype and physical layout, and lse (B, Hq, Sq) float32 in natural
 log, the pair the Triton backward (backward.py) consumes.
@@ -77,7 +80,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .forward import OutputPlan, cached_plan
+from .forward import PLAIN, OutputPlan, Variant, cached_plan, kernel_window, make_variant
 from .launch import BoundDescriptorLaunch, DirectLauncher, HostDescriptor, cuda_index, run_on_device
 
 log = logging.getLogger("flashdispatch")
@@ -155,7 +158,8 @@ def _rounds(pid, nprog, num_tiles):
 
 
 @gluon.jit
-def _tile_coords(tile, num_m, num_bh, heads_q, group, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
+def _tile_coords(tile, num_m, num_bh, heads_q, group, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr,
+                 WINDOW: gl.constexpr):
     """(first query row of the tile, b * Hq + h, b, h, kv head) of a linear tile index.
 
     Without causal every tile costs the same: the tiles of one head are adjacent, so the CTAs of a
@@ -163,8 +167,10 @@ def _tile_coords(tile, num_m, num_bh, heads_q, group, BLOCK_M: gl.constexpr, CAU
     numbered bottom row block first across all heads (then the next row block, ...), so that the
     tiles of one round cost about the same and the snake order evens out the rest (numbered head by
     head, the rounds straddled heads and some CTAs drew only heavy tiles: 0.65 of the SMs' time used
-    at S=16k, B*H=16). The CTAs of a round then share each head's K/V prefix, read in step."""
-    if CAUSAL:
+    at S=16k, B*H=16). The CTAs of a round then share each head's K/V prefix, read in step.
+    Under a window every tile past the first window's worth of rows costs the same: numbered head by
+    head, as without causal."""
+    if CAUSAL and not WINDOW:
         m_blk = num_m - 1 - tile // num_bh
         bh = tile % num_bh
     else:
@@ -176,17 +182,45 @@ def _tile_coords(tile, num_m, num_bh, heads_q, group, BLOCK_M: gl.constexpr, CAU
 
 
 @gluon.jit
-def _key_blocks(start_m, seq_q, seq_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """(n_full, n_end) in key blocks for query rows [start_m, start_m + BLOCK_M): blocks [0, n_full)
-    are seen in full by every row (no mask); [n_full, n_end) need the causal and/or Sk mask."""
-    if CAUSAL:
-        offset = seq_k - seq_q
-        hi = gl.maximum(gl.minimum(start_m + BLOCK_M + offset, seq_k), 0)
-        full = gl.maximum(gl.minimum(start_m + offset + 1, seq_k), 0)
+def _key_blocks(start_m, seq_q, seq_k, left, right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
+    """(n_lo, full_lo, full_hi, n_end) in key blocks for query rows [start_m, start_m + BLOCK_M).
+
+    The tile visits blocks [n_lo, n_end), exactly those holding a key that some row sees (none:
+    n_end <= n_lo). Blocks [full_lo, full_hi) are seen in full by every row (no mask); the masked
+    ones are [n_lo, full_lo) (a window's left edge) and [full_hi, n_end) (the causal diagonal or
+    the window's right edge, and the ragged end of Sk). Without a window n_lo = full_lo = 0.
+
+    Under WINDOW row i at p = i + Sk - Sq sees keys [p - left, p + right] (the launcher passes an
+    unbounded side as Sk + Sq and folds causal into right = 0); the rows' ranges overlap, so the
+    tile's keys are the one range [first_p - left, last_p + right] within [0, Sk).
+
+    Written with Python's min/max and // of non-negative operands only (the compiler truncates,
+    Python floors): the plain function, _key_blocks.fn, runs in the CPU tests with ints."""
+    offset = seq_k - seq_q
+    if WINDOW:
+        first_p = start_m + offset
+        last_p = min(start_m + BLOCK_M, seq_q) - 1 + offset
+        lo = max(first_p - left, 0)
+        hi = max(min(last_p + right + 1, seq_k), 0)
+        n_lo = lo // BLOCK_N
+        n_end = (hi + BLOCK_N - 1) // BLOCK_N
+        if hi <= lo:  # no row sees a key
+            n_end = n_lo
+        full_lo = min(max((max(last_p - left, 0) + BLOCK_N - 1) // BLOCK_N, n_lo), n_end)
+        full_hi = min(max(max(min(first_p + right + 1, seq_k), 0) // BLOCK_N, full_lo), n_end)
     else:
-        hi = seq_k
-        full = seq_k
-    return full // BLOCK_N, (hi + BLOCK_N - 1) // BLOCK_N
+        if CAUSAL:
+            hi = max(min(start_m + BLOCK_M + offset, seq_k), 0)
+            full = max(min(start_m + offset + 1, seq_k), 0)
+        else:
+            hi = seq_k
+            full = seq_k
+        n_lo = 0
+        full_lo = 0
+        full_hi = full // BLOCK_N
+        n_end = (hi + BLOCK_N - 1) // BLOCK_N
+    return n_lo, full_lo, full_hi, n_end
 
 
 @gluon.jit
@@ -196,12 +230,20 @@ def _stage(it, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, qk_scale, rows, cols, seq_k, causal_offset,
-             MASKED: gl.constexpr, CAUSAL: gl.constexpr):
+def _softmax(s, m_i, l_i, qk_scale, rows, cols, bounds,
+             MASKED: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
     """Fold one block of raw scores into (m, l); returns (P unnormalised, m, l, alpha) with m in log2
-    units and alpha = exp2(m_old - m_new), the factor the output accumulator still owes."""
+    units and alpha = exp2(m_old - m_new), the factor the output accumulator still owes.
+    bounds = (Sk, Sk - Sq, window left, window right): what the mask of a MASKED block needs."""
+    seq_k, causal_offset, left, right = bounds
     if MASKED:
-        if CAUSAL:
+        if WINDOW:
+            # key j is visible to row i at p = i + Sk - Sq iff p - left <= j <= min(p + right, Sk - 1)
+            pos = rows + causal_offset
+            first = pos - left
+            last = gl.minimum(pos + right, seq_k - 1)
+            s = gl.where((cols[None, :] >= first[:, None]) & (cols[None, :] <= last[:, None]), s, float("-inf"))
+        elif CAUSAL:
             # key j is visible to row i iff j <= min(i + Sk - Sq, Sk - 1): one compare per score
             last = gl.minimum(rows + causal_offset, seq_k - 1)
             s = gl.where(cols[None, :] <= last[:, None], s, float("-inf"))
@@ -242,9 +284,10 @@ def _pass_turn(turn_bars, WG: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.const
 
 @gluon.jit
 def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready,
-                   v_empty, turn_bars, kv_it, turn_it, qk_scale, rows, n_start, seq_k, causal_offset,
+                   v_empty, turn_bars, kv_it, turn_it, qk_scale, rows, n_start, bounds,
                    WG: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                   MASKED: gl.constexpr, CAUSAL: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
+                   MASKED: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, NC: gl.constexpr,
+                   PINGPONG: gl.constexpr,
                    s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
     """Key block kv_it (not the first of the tile): S_j and the previous block's P V in flight
     together, the softmax of S_j while P V finishes."""
@@ -263,7 +306,7 @@ def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k
     s = warpgroup_mma_wait(1, deps=[s_tok])
     mbarrier.arrive(k_empty.index(slot), count=1)
     cols = n_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    p, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale, rows, cols, seq_k, causal_offset, MASKED, CAUSAL)
+    p, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale, rows, cols, bounds, MASKED, CAUSAL, WINDOW)
     p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
     # -- O ready: release V of the previous block
     acc = warpgroup_mma_wait(0, deps=[o_tok])
@@ -272,10 +315,12 @@ def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k
 
 
 @gluon.jit
-def _first_block(q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_scale, rows, seq_k, causal_offset,
+def _first_block(q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_scale, rows, n_start, bounds,
                  WG: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                 NC: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr):
-    """A tile's first key block: S_0 alone (masked: it may be the diagonal or the Sk tail).
+                 WINDOW: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
+                 p_layout: gl.constexpr):
+    """A tile's first key block (keys from n_start): S_0 alone (masked: it may be the diagonal, a
+    window's edge or the Sk tail).
     Returns P_0 (the next P V's operand) and the fresh row state."""
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     slot, phase = _stage(kv_it, STAGES)
@@ -286,19 +331,19 @@ def _first_block(q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_
     _pass_turn(turn_bars, WG, NC, PINGPONG)
     s = warpgroup_mma_wait(0, deps=[s_tok])
     mbarrier.arrive(k_empty.index(slot), count=1)
-    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    cols = n_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     p, m_i, l_i, alpha = _softmax(s, gl.full([64], float("-inf"), gl.float32, row_layout),
-                                  gl.full([64], 0.0, gl.float32, row_layout), qk_scale, rows, cols, seq_k,
-                                  causal_offset, True, CAUSAL)
+                                  gl.full([64], 0.0, gl.float32, row_layout), qk_scale, rows, cols, bounds,
+                                  True, CAUSAL, WINDOW)
     p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
     return p_op, m_i, l_i, alpha, kv_it + 1, turn_it + 1
 
 
 @gluon.jit
 def _first_block_with_last_pv(acc, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
-                              turn_bars, kv_it, turn_it, qk_scale, rows, seq_k, causal_offset,
+                              turn_bars, kv_it, turn_it, qk_scale, rows, n_start, bounds,
                               WG: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                              CAUSAL: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
+                              CAUSAL: gl.constexpr, WINDOW: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
                               s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
     """XTILE: this tile's S_0 issued in one turn with the previous tile's last P V, whose output
     accumulator comes back finished; returns it with P_0 and this tile's fresh row state."""
@@ -315,10 +360,10 @@ def _first_block_with_last_pv(acc, p_op, alpha, q_buf, k_smem, v_smem, k_ready, 
     _pass_turn(turn_bars, WG, NC, PINGPONG)
     s = warpgroup_mma_wait(1, deps=[s_tok])
     mbarrier.arrive(k_empty.index(slot), count=1)
-    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    cols = n_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     p, m_i, l_i, alpha = _softmax(s, gl.full([64], float("-inf"), gl.float32, row_layout),
-                                  gl.full([64], 0.0, gl.float32, row_layout), qk_scale, rows, cols, seq_k,
-                                  causal_offset, True, CAUSAL)
+                                  gl.full([64], 0.0, gl.float32, row_layout), qk_scale, rows, cols, bounds,
+                                  True, CAUSAL, WINDOW)
     p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
     acc = warpgroup_mma_wait(0, deps=[o_tok])
     mbarrier.arrive(v_empty.index(pslot), count=1)
@@ -363,10 +408,10 @@ def _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q,
 
 @gluon.jit
 def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr,
-              seq_q, seq_k, heads_q, group, num_m, num_tiles, qk_scale,
+              seq_q, seq_k, heads_q, group, num_m, num_tiles, qk_scale, left, right,
               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              NC: gl.constexpr, O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr, XTILE: gl.constexpr,
-              QBUF: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+              WINDOW: gl.constexpr, NC: gl.constexpr, O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr,
+              XTILE: gl.constexpr, QBUF: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
     """Consumer warpgroup WG of NC: rows [64 WG, 64 WG + 64) of every tile this CTA owns.
 
     O_SEPARATE: the output leaves through its own buffer and Q is handed back as soon as the last
@@ -379,7 +424,7 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     dtype: gl.constexpr = q_smem.dtype
     o_buf = o_smem.index(WG)
-    causal_offset = seq_k - seq_q
+    bounds = (seq_k, seq_k - seq_q, left, right)
     kv_it = 0
     turn_it = 0
     tile_it = 0
@@ -396,16 +441,17 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
         p_op = gl.zeros([64, BLOCK_N], dtype, p_layout)
     for r in range(_rounds(pid, nprog, num_tiles)):
         start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, num_bh, heads_q, group, NC * 64,
-                                             CAUSAL)
-        n_full, n_end = _key_blocks(start_m, seq_q, seq_k, NC * 64, BLOCK_N, CAUSAL)
+                                             CAUSAL, WINDOW)
+        n_lo, full_lo, full_hi, n_end = _key_blocks(start_m, seq_q, seq_k, left, right, NC * 64, BLOCK_N, CAUSAL,
+                                                    WINDOW)
         row0 = start_m + WG * 64
         rows = row0 + gl.arange(0, 64, layout=row_layout)
         if XTILE:
             # the previous round's tile: its last P V is pending when it had keys
             prev_m, prev_bh, prev_b, prev_h, prev_hk = _tile_coords(_tile_of(r - 1, pid, nprog), num_m, num_bh,
-                                                                    heads_q, group, NC * 64, CAUSAL)
-            prev_end = _key_blocks(prev_m, seq_q, seq_k, NC * 64, BLOCK_N, CAUSAL)[1]
-            pend = (r > 0) & (prev_end > 0)
+                                                                    heads_q, group, NC * 64, CAUSAL, WINDOW)
+            prev_blocks = _key_blocks(prev_m, seq_q, seq_k, left, right, NC * 64, BLOCK_N, CAUSAL, WINDOW)
+            pend = (r > 0) & (prev_blocks[3] > prev_blocks[0])
             prev_row0 = prev_m + WG * 64
         qi = WG * QBUF + tile_it % QBUF
         q_buf = q_smem.index(qi)
@@ -414,39 +460,46 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
             l_i = gl.full([64], 0.0, gl.float32, row_layout)
             acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
         mbarrier.wait(q_ready.index(qi), (tile_it // QBUF) & 1)
-        if n_end > 0:
+        if n_end > n_lo:
             # -- first key block
             if XTILE:
                 if pend:
                     acc, p_op, m_new, l_new, alpha, kv_it, turn_it = _first_block_with_last_pv(
                         acc, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_bars,
-                        kv_it, turn_it, qk_scale, rows, seq_k, causal_offset,
-                        WG, STAGES, BLOCK_N, CAUSAL, NC, PINGPONG, s_layout, o_layout, p_layout)
+                        kv_it, turn_it, qk_scale, rows, n_lo * BLOCK_N, bounds,
+                        WG, STAGES, BLOCK_N, CAUSAL, WINDOW, NC, PINGPONG, s_layout, o_layout, p_layout)
                     _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_row0, seq_q,
                                 s_layout, o_layout)
                     m_i = m_new
                     l_i = l_new
                 else:
                     p_op, m_i, l_i, alpha, kv_it, turn_it = _first_block(
-                        q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_scale, rows, seq_k,
-                        causal_offset, WG, STAGES, BLOCK_N, CAUSAL, NC, PINGPONG, s_layout, p_layout)
+                        q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_scale, rows, n_lo * BLOCK_N,
+                        bounds, WG, STAGES, BLOCK_N, CAUSAL, WINDOW, NC, PINGPONG, s_layout, p_layout)
             else:
                 p_op, m_i, l_i, alpha, kv_it, turn_it = _first_block(
-                    q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_scale, rows, seq_k,
-                    causal_offset, WG, STAGES, BLOCK_N, CAUSAL, NC, PINGPONG, s_layout, p_layout)
+                    q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_scale, rows, n_lo * BLOCK_N,
+                    bounds, WG, STAGES, BLOCK_N, CAUSAL, WINDOW, NC, PINGPONG, s_layout, p_layout)
             acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
+            if WINDOW:
+                # -- the window's left edge: masked
+                for j in range(n_lo + 1, full_lo):
+                    acc, m_i, l_i, p_op, alpha, kv_it, turn_it = _consume_block(
+                        acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                        turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, bounds,
+                        WG, STAGES, BLOCK_N, True, CAUSAL, WINDOW, NC, PINGPONG, s_layout, o_layout, p_layout)
             # -- blocks every row of the tile sees in full: no mask
-            for j in range(1, n_full):
+            for j in range(max(full_lo, n_lo + 1), full_hi):
                 acc, m_i, l_i, p_op, alpha, kv_it, turn_it = _consume_block(
                     acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
-                    turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, seq_k, causal_offset,
-                    WG, STAGES, BLOCK_N, False, CAUSAL, NC, PINGPONG, s_layout, o_layout, p_layout)
-            # -- the diagonal and the ragged end of Sk: masked
-            for j in range(gl.maximum(n_full, 1), n_end):
+                    turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, bounds,
+                    WG, STAGES, BLOCK_N, False, CAUSAL, WINDOW, NC, PINGPONG, s_layout, o_layout, p_layout)
+            # -- the diagonal (or the window's right edge) and the ragged end of Sk: masked
+            for j in range(max(full_hi, n_lo + 1), n_end):
                 acc, m_i, l_i, p_op, alpha, kv_it, turn_it = _consume_block(
                     acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
-                    turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, seq_k, causal_offset,
-                    WG, STAGES, BLOCK_N, True, CAUSAL, NC, PINGPONG, s_layout, o_layout, p_layout)
+                    turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, bounds,
+                    WG, STAGES, BLOCK_N, True, CAUSAL, WINDOW, NC, PINGPONG, s_layout, o_layout, p_layout)
             if O_SEPARATE:  # every S of the tile is done: Q may be overwritten
                 mbarrier.arrive(q_empty.index(qi), count=1)
             # -- the last block's P V: now, or (XTILE) with the next tile's first S
@@ -454,7 +507,7 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
                 acc, turn_it = _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_it,
                                         WG, STAGES, NC, PINGPONG, o_layout)
         else:
-            # -- a tile whose rows see no key (bottom-right causal, Sq > Sk): zeros and -inf
+            # -- a tile whose rows see no key (bottom-right causal or a window, Sq > Sk): zeros and -inf
             if XTILE:
                 if pend:
                     acc, turn_it = _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_it,
@@ -467,7 +520,7 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
             if O_SEPARATE:
                 mbarrier.arrive(q_empty.index(qi), count=1)
         if XTILE:
-            if n_end == 0:
+            if n_end <= n_lo:
                 _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q, s_layout, o_layout)
         else:
             _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q, s_layout, o_layout)
@@ -479,8 +532,9 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
         # the last round's tile
         last = _rounds(pid, nprog, num_tiles) - 1
         prev_m, prev_bh, prev_b, prev_h, prev_hk = _tile_coords(_tile_of(last, pid, nprog), num_m, num_bh, heads_q,
-                                                                group, NC * 64, CAUSAL)
-        if _key_blocks(prev_m, seq_q, seq_k, NC * 64, BLOCK_N, CAUSAL)[1] > 0:
+                                                                group, NC * 64, CAUSAL, WINDOW)
+        prev_blocks = _key_blocks(prev_m, seq_q, seq_k, left, right, NC * 64, BLOCK_N, CAUSAL, WINDOW)
+        if prev_blocks[3] > prev_blocks[0]:
             acc, turn_it = _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_it,
                                     WG, STAGES, NC, PINGPONG, o_layout)
             _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_m + WG * 64, seq_q,
@@ -490,11 +544,12 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
-              seq_q, seq_k, heads_q, group, num_m, num_tiles,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, NC: gl.constexpr,
-              QBUF: gl.constexpr):
+              seq_q, seq_k, heads_q, group, num_m, num_tiles, left, right,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+              NC: gl.constexpr, QBUF: gl.constexpr):
     """The TMA warp: each consumer's Q rows of a tile (into the next of its QBUF buffers), then the
-    tile's key/value blocks through the STAGES ring."""
+    tile's key/value blocks [n_lo, n_end) through the STAGES ring (the consumers walk the same
+    blocks: the ring's phases count them)."""
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars = bars
     kv_it = 0
     tile_it = 0
@@ -503,15 +558,16 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
     num_bh = num_tiles // num_m
     for r in range(_rounds(pid, nprog, num_tiles)):
         start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, num_bh, heads_q, group, NC * 64,
-                                             CAUSAL)
-        n_full, n_end = _key_blocks(start_m, seq_q, seq_k, NC * 64, BLOCK_N, CAUSAL)
+                                             CAUSAL, WINDOW)
+        n_lo, full_lo, full_hi, n_end = _key_blocks(start_m, seq_q, seq_k, left, right, NC * 64, BLOCK_N, CAUSAL,
+                                                    WINDOW)
         for w in gl.static_range(NC):
             qi = w * QBUF + tile_it % QBUF
             # a fresh barrier counts as if its phase 1 had completed: the first wait passes
             mbarrier.wait(q_empty.index(qi), ((tile_it // QBUF) & 1) ^ 1)
             mbarrier.expect(q_ready.index(qi), q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [b, h, start_m + w * 64, 0], q_ready.index(qi), q_smem.index(qi))
-        for j in range(0, n_end):
+        for j in range(n_lo, n_end):
             slot, phase = _stage(kv_it, STAGES)
             mbarrier.wait(k_empty.index(slot), phase ^ 1)
             mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
@@ -527,11 +583,12 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
 
 
 # shapes vary per call: one compiled kernel per (dtype, D, causal, config), whatever their divisibility
-@gluon.jit(do_not_specialize=["seq_q", "seq_k", "heads_q", "group", "num_tiles"])
+@gluon.jit(do_not_specialize=["seq_q", "seq_k", "heads_q", "group", "num_tiles", "window_left", "window_right"])
 def _attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr,
-                     seq_q, seq_k, heads_q, group, num_tiles, qk_scale,
+                     seq_q, seq_k, heads_q, group, num_tiles, qk_scale, window_left, window_right,
                      BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                     O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr, NC: gl.constexpr, XTILE: gl.constexpr):
+                     O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr, NC: gl.constexpr, XTILE: gl.constexpr,
+                     WINDOW: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -575,28 +632,28 @@ def _attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr,
     if NC == 2:
         gl.warp_specialize([
             (_consumer, (0, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
-                         num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
-                         XTILE, QBUF, s_layout, o_layout)),
+                         num_m, num_tiles, qk_scale, window_left, window_right, BLOCK_N, HEAD_D, STAGES, CAUSAL,
+                         WINDOW, NC, O_SEPARATE, PINGPONG, XTILE, QBUF, s_layout, o_layout)),
             (_consumer, (1, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
-                         num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
-                         XTILE, QBUF, s_layout, o_layout)),
+                         num_m, num_tiles, qk_scale, window_left, window_right, BLOCK_N, HEAD_D, STAGES, CAUSAL,
+                         WINDOW, NC, O_SEPARATE, PINGPONG, XTILE, QBUF, s_layout, o_layout)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_q, seq_k, heads_q, group, num_m,
-                         num_tiles, BLOCK_N, STAGES, CAUSAL, NC, QBUF)),
+                         num_tiles, window_left, window_right, BLOCK_N, STAGES, CAUSAL, WINDOW, NC, QBUF)),
         ], [4, 1], [CONSUMER_REGS_2WG, PRODUCER_REGS])
     else:
         gl.static_assert(NC == 3, "NC: 2 or 3 consumer warpgroups")
         gl.warp_specialize([
             (_consumer, (0, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
-                         num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
-                         XTILE, QBUF, s_layout, o_layout)),
+                         num_m, num_tiles, qk_scale, window_left, window_right, BLOCK_N, HEAD_D, STAGES, CAUSAL,
+                         WINDOW, NC, O_SEPARATE, PINGPONG, XTILE, QBUF, s_layout, o_layout)),
             (_consumer, (1, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
-                         num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
-                         XTILE, QBUF, s_layout, o_layout)),
+                         num_m, num_tiles, qk_scale, window_left, window_right, BLOCK_N, HEAD_D, STAGES, CAUSAL,
+                         WINDOW, NC, O_SEPARATE, PINGPONG, XTILE, QBUF, s_layout, o_layout)),
             (_consumer, (2, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
-                         num_m, num_tiles, qk_scale, BLOCK_N, HEAD_D, STAGES, CAUSAL, NC, O_SEPARATE, PINGPONG,
-                         XTILE, QBUF, s_layout, o_layout)),
+                         num_m, num_tiles, qk_scale, window_left, window_right, BLOCK_N, HEAD_D, STAGES, CAUSAL,
+                         WINDOW, NC, O_SEPARATE, PINGPONG, XTILE, QBUF, s_layout, o_layout)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_q, seq_k, heads_q, group, num_m,
-                         num_tiles, BLOCK_N, STAGES, CAUSAL, NC, QBUF)),
+                         num_tiles, window_left, window_right, BLOCK_N, STAGES, CAUSAL, WINDOW, NC, QBUF)),
         ], [4, 4, 1], [CONSUMER_REGS_3WG, CONSUMER_REGS_3WG, PRODUCER_REGS])
 
 
@@ -684,8 +741,11 @@ class _GluonPlan:
     __slots__ = ("outputs", "index", "rows", "boxes", "launch")
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                 config: dict[str, Any], variant: Any = None) -> None:
+                 config: dict[str, Any], variant: Variant = PLAIN) -> None:
         check_inputs(q, k, v)
+        if variant.softcap or variant.sinks:
+            raise ValueError(f"variant: the Gluon forward takes a window only, got softcap={variant.softcap}, "
+                             f"sinks={variant.sinks}")
         bsz, hq, sq, d = q.shape
         hkv, sk = k.shape[1], k.shape[2]
         self.outputs = OutputPlan(q, sk, d)
@@ -697,6 +757,8 @@ class _GluonPlan:
             return
         cfg = resolve_config(d, config)
         causal = bool(causal) and sq > 1  # one query row sees every key (bottom-right)
+        win = kernel_window(causal, variant.window, sq, sk)  # None: plain causal/non-causal masking covers it
+        left, right = win if win is not None else (0, 0)
         num_tiles = bsz * hq * triton.cdiv(sq, HALF_M * cfg["CONSUMERS"])
         self.rows = (HALF_M, cfg["BLOCK_N"], cfg["BLOCK_N"], HALF_M)  # q, k, v, o boxes
         out = torch.empty_strided((bsz, hq, sq, d), self.outputs.strides, dtype=q.dtype, device="meta")
@@ -706,9 +768,10 @@ class _GluonPlan:
             self.boxes = tuple(_box(t) for t in (q, k, v, out))
         self.launch = BoundDescriptorLaunch(
             _LAUNCHER, (min(_sm_count(self.index or 0), num_tiles),), _N_DESCRIPTORS + 1,
-            (sq, sk, hq, hq // hkv, num_tiles, float(scale) * LOG2E),
+            (sq, sk, hq, hq // hkv, num_tiles, float(scale) * LOG2E, left, right),
             dict(BLOCK_N=cfg["BLOCK_N"], HEAD_D=d, STAGES=cfg["STAGES"], CAUSAL=causal,
-                 O_SEPARATE=cfg["O_SEPARATE"], PINGPONG=cfg["PINGPONG"], NC=cfg["CONSUMERS"], XTILE=cfg["XTILE"]),
+                 O_SEPARATE=cfg["O_SEPARATE"], PINGPONG=cfg["PINGPONG"], NC=cfg["CONSUMERS"], XTILE=cfg["XTILE"],
+                 WINDOW=win is not None),
             dict(num_warps=NUM_WARPS, maxnreg=max_regs_per_thread(cfg["CONSUMERS"])), self.index or 0)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -736,23 +799,28 @@ _PLANS: dict[tuple[Any, ...], _GluonPlan] = {}
 
 
 def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
-                            config: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            config: dict[str, Any] | None = None, window: tuple[int, int] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward attention on bhsd-indexed views (no autograd), Hopper only.
 
     q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), D in (64, 128, 256), fp16 or bf16; causal is
-    bottom-right aligned. Returns out (B, Hq, Sq, D) in q's dtype and physical layout and lse
-    (B, Hq, Sq) float32, natural log, -inf for rows that see no key. `config` may set BLOCK_N and
-    STAGES (defaults: default_config(D)).
+    bottom-right aligned. window (left, right): query i at p = i + Sk - Sq sees key j iff
+    p - left <= j <= p + right (-1: unbounded; causal sets right to 0); key blocks outside the
+    window are never loaded. Returns out (B, Hq, Sq, D) in q's dtype and physical layout and lse
+    (B, Hq, Sq) float32, natural log, -inf for rows that see no key. `config` holds the keys of
+    CONFIG_KEYS (defaults: default_config(D)).
     """
-    return cached_plan(_PLANS, _GluonPlan, q, k, v, causal, scale, config).run(q, k, v)
+    variant = make_variant(window, None, None)
+    return cached_plan(_PLANS, _GluonPlan, q, k, v, causal, scale, config, variant).run(q, k, v)
 
 
 # --- ahead-of-time compilation (CPU checks) -----------------------------------------------------------
 
 
-def aot_compile(head_dim: int, causal: bool, dtype: str = "bf16", config: dict[str, Any] | None = None) -> Any:
-    """Compile the kernel for sm_90 without a GPU; returns Triton's CompiledKernel (asm["ptx"],
-    asm["cubin"], metadata.shared)."""
+def aot_compile(head_dim: int, causal: bool, dtype: str = "bf16", config: dict[str, Any] | None = None,
+                window: bool = False) -> Any:
+    """Compile the kernel for sm_90 without a GPU (window: the sliding-window kernel); returns
+    Triton's CompiledKernel (asm["ptx"], asm["cubin"], metadata.shared)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -764,13 +832,13 @@ def aot_compile(head_dim: int, causal: bool, dtype: str = "bf16", config: dict[s
 
     signature = {"q_desc": desc(HALF_M), "k_desc": desc(cfg["BLOCK_N"]), "v_desc": desc(cfg["BLOCK_N"]),
                  "o_desc": desc(HALF_M), "lse_ptr": "*fp32", "seq_q": "i32", "seq_k": "i32", "heads_q": "i32",
-                 "group": "i32", "num_tiles": "i32", "qk_scale": "fp32", "BLOCK_N": "constexpr",
-                 "HEAD_D": "constexpr", "STAGES": "constexpr", "CAUSAL": "constexpr", "O_SEPARATE": "constexpr",
-                 "PINGPONG": "constexpr", "NC": "constexpr",
-                 "XTILE": "constexpr"}
+                 "group": "i32", "num_tiles": "i32", "qk_scale": "fp32", "window_left": "i32",
+                 "window_right": "i32", "BLOCK_N": "constexpr", "HEAD_D": "constexpr", "STAGES": "constexpr",
+                 "CAUSAL": "constexpr", "O_SEPARATE": "constexpr", "PINGPONG": "constexpr", "NC": "constexpr",
+                 "XTILE": "constexpr", "WINDOW": "constexpr"}
     constexprs = {"BLOCK_N": cfg["BLOCK_N"], "HEAD_D": head_dim, "STAGES": cfg["STAGES"], "CAUSAL": causal,
                   "O_SEPARATE": cfg["O_SEPARATE"], "PINGPONG": cfg["PINGPONG"], "NC": cfg["CONSUMERS"],
-                  "XTILE": cfg["XTILE"]}
+                  "XTILE": cfg["XTILE"], "WINDOW": window}
     src = GluonASTSource(fn=_attn_fwd_kernel, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": NUM_WARPS, "maxnreg": max_regs_per_thread(cfg["CONSUMERS"])})
