@@ -522,6 +522,12 @@ class Group:
 EXTRAPOLATION_FACTOR = 4.0
 
 
+def _extrapolates(f: Fit, work: float) -> bool:
+    """Whether `work` (GFLOP) lies beyond EXTRAPOLATION_FACTOR of the span `f` was measured over
+    (a fit to one point always extrapolates)."""
+    return f.n < 2 or not (f.lo_gflop / EXTRAPOLATION_FACTOR <= work <= f.hi_gflop * EXTRAPOLATION_FACTOR)
+
+
 @dataclass(frozen=True)
 class Prediction:
     name: str
@@ -659,10 +665,21 @@ class CostModel:
         dense = False
         estimated = ""
         model_name = name
+        x = features(p, self.sm_count)
         if key.variant == "plain":
             found = self.find(key, name)
         else:
             found = self.find(key, name, own_class=True)
+            own = found[0].fits[name] if found is not None else None
+            if own is not None and fuses_variants and _extrapolates(own, x[1]):
+                # the variant's own points lie far from this problem (a few small windows fix no
+                # throughput: two near-equal times fit a launch cost and an absurd rate): the plain
+                # model of the same kernel at the visible work, measured near it, says more
+                plain = self.find(key._replace(variant="plain"), name)
+                if plain is not None and not _extrapolates(plain[0].fits[name], x[1]):
+                    found = plain
+                    estimated = (f"{key.variant} estimated from the plain model at the visible work (its own "
+                                 f"model was measured at {own.lo_gflop:.3g}..{own.hi_gflop:.3g} GFLOP)")
             if found is None:
                 plain = key._replace(variant="plain")
                 if fuses_variants:
@@ -677,9 +694,10 @@ class CostModel:
             return None
         g, borrowed = found
         f = g.fits[model_name]
-        x = features(p, self.sm_count, dense=dense)
+        if dense:
+            x = features(p, self.sm_count, dense=True)
         us = max(f.predict_us(x), 1e-3)
         work = x[1]
-        extrapolated = f.n < 2 or not (f.lo_gflop / EXTRAPOLATION_FACTOR <= work <= f.hi_gflop * EXTRAPOLATION_FACTOR)
+        extrapolated = _extrapolates(f, work)
         return Prediction(name, us / 1e3, g.key, f, borrowed, estimated, bool(extrapolated), g, p, self.sm_count,
                           model_name, work, tuple(x))

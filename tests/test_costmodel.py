@@ -274,6 +274,36 @@ def test_a_window_is_a_cost_in_the_model(synthetic_h200, causal):
     assert any(m.startswith("triton:") and "estimated from the plain model at the visible work" in m for m in d.models)
 
 
+def test_a_window_model_that_would_extrapolate_gives_way_to_the_plain_model_at_the_visible_work(tmp_path, monkeypatch):
+    # Two small windowed points whose times are nearly equal fit a launch cost and an absurd rate
+    # (on the H200 profile: 12,000 TFLOP/s, predicting 0.27 ms for a 16k x 4096 window that ran
+    # 2.17 ms); far beyond them the fused kernel's plain model, measured near the problem, decides
+    prof = _synthetic_profile()
+    key = GroupKey("fwd", "causal", "window", "bf16", 128)
+    pts = [Point(4, 16, 16, 4096, 4096, 256, {"triton": 0.1976, "sdpa": 1.762}),
+           Point(1, 16, 4, 8192, 8192, 1024, {"triton": 0.2001, "sdpa": 2.197})]
+    g = Group(key, pts)
+    g.refit(H200.sm_count)
+    assert 1e3 / g.fits["triton"].coef[1] > 5000  # the absurd rate
+    prof.groups.append(g)
+    (tmp_path / "h200.yaml").write_text(profile_yaml_text(prof, "synthetic"))
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
+    fd.refresh()
+    try:
+        big = fd.explain(shape=(1, 32, 8, 16384, 16384, 128), causal=True, window=(4095, 0), device="h200")
+        model = next(m for m in big.models if m.startswith("triton:"))
+        assert "estimated from the plain model at the visible work (its own model was measured at" in model, model
+        plain = fd.explain(shape=(1, 32, 8, 16384, 16384, 128), causal=True, device="h200")
+        frac = 4096 / (16384 / 2)  # about the visible share of the causal pairs
+        assert 0.5 * frac * plain.predicted["triton"] < big.predicted["triton"] < 1.2 * plain.predicted["triton"]
+        # near its own points the window group's model still decides
+        small = fd.explain(shape=(2, 16, 8, 6000, 6000, 128), causal=True, window=(511, 0), device="h200")
+        model = next(m for m in small.models if m.startswith("triton:"))
+        assert "model fwd causal window bf16 D=128" in model and "estimated" not in model, model
+    finally:
+        fd.refresh()
+
+
 @pytest.mark.parametrize("option", [{"softcap": 30.0}, {"sinks": True}])
 @pytest.mark.parametrize("shape", [(2, 32, 8, 4096, 4096, 128), (1, 32, 8, 1, 8192, 128)])
 def test_softcap_and_sinks_run_by_explicit_math_are_not_costed_as_the_fast_kernel(synthetic_h200, option, shape):
