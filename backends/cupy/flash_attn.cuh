@@ -33,6 +33,7 @@ struct __align__(16) fd_v4 {
 };
 
 #define FD_LOG2E 1.4426950408889634f
+#define FD_LN2 0.6931471805599453f
 #define FD_INF __int_as_float(0x7f800000)
 
 // Shared-memory rows are padded by 8 elements (16 bytes) so that the 8 row addresses of one
@@ -474,16 +475,26 @@ __device__ __forceinline__ void fd_attn_fwd(
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
             for (int hr = 0; hr < 2; ++hr) {
-                float mx = m_i[mt][hr];
+                float mx = -FD_INF;
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt)
                     mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hr], s[mt][nt][2 * hr + 1]));
                 mx = fd_quad_max(mx);
-                const float m_new = (mx == -FD_INF) ? 0.f : mx * scale_log2;
-                alpha[mt][hr] =
-                    (m_i[mt][hr] == -FD_INF) ? 0.f : fd_exp2(m_i[mt][hr] * scale_log2 - m_new);
-                grew |= mx != m_i[mt][hr];
-                m_i[mt][hr] = mx;
+                // The running max m_i is kept in scaled units, RN(max score * scale * log2 e) (scale > 0:
+                // rounding is monotone, so the max of the rounded values is the rounded max), and alpha
+                // is exp2 of a difference of two stored values: exactly 1 where the max did not move.
+                // Kept in raw units and scaled again each block (m_i * scale_log2 - m_new), the compiler
+                // fused that into an FMA whose product was unrounded: alpha differed from 1 by up to half
+                // a unit of the scaled max (5e-4 at logits of 1e4) on rows whose max did not move; l took
+                // that alpha every block while O, rescaled only when a row of the warp grew, did not, so
+                // O / l drifted by it per block (on an H100, O 3.5x further from exact than the Triton
+                // kernel's at x100 inputs, 11% of elements off the correctly rounded value with an
+                // outlier channel).
+                const float m_run = fmaxf(m_i[mt][hr], __fmul_rn(mx, scale_log2));
+                const float m_new = (m_run == -FD_INF) ? 0.f : m_run;
+                alpha[mt][hr] = (m_i[mt][hr] == -FD_INF) ? 0.f : fd_exp2(m_i[mt][hr] - m_new);
+                grew |= m_run != m_i[mt][hr];
+                m_i[mt][hr] = m_run;
                 float rs = 0.f;
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
@@ -516,7 +527,7 @@ __device__ __forceinline__ void fd_attn_fwd(
         __syncthreads();  // stage st is refilled by the next iteration's prefetch
     }
 
-    // -- epilogue: O / l, lse = m * scale + ln(l)
+    // -- epilogue: O / l, lse = m * ln(2) + ln(l) (m in scaled log2 units)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -529,14 +540,14 @@ __device__ __forceinline__ void fd_attn_fwd(
                 // key keeps O = 0 and gets lse' = sink
                 float lse = sink;
                 if (l > 0.f) {
-                    const float lse_k = m_i[mt][hr] * scale + logf(l);
+                    const float lse_k = m_i[mt][hr] * FD_LN2 + logf(l);
                     lse = fmaxf(lse_k, sink) + log1pf(expf(-fabsf(lse_k - sink)));
                     inv *= expf(lse_k - lse);
                 }
                 if ((lane & 3) == 0 && row < Sq) Lp[row] = lse;
             } else {
                 if ((lane & 3) == 0 && row < Sq)
-                    Lp[row] = l > 0.f ? m_i[mt][hr] * scale + logf(l) : -FD_INF;
+                    Lp[row] = l > 0.f ? m_i[mt][hr] * FD_LN2 + logf(l) : -FD_INF;
             }
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt) {
