@@ -9,10 +9,10 @@ Anchors, measured here in the same process as our kernel (bf16, B=1, H=32, D=128
 - FlexAttention compiled, its mask_mod / score_mod defined once at module level and its block
   mask built once per shape outside the timed region;
 - cuDNN (torch's SDPA backend) without softcap, for the softcap bar;
-- our own full causal call (window bar at 32k), our kernel without sinks (sinks bars).
-Where the GPU is a Hopper the window bars also time our Gluon forward (backend="triton:gluon", its
-gradients from the same Triton backward) against the same anchors;
+- our own full causal call (window bar at 32k), our kernel without sinks (sinks bars);
 - plain SDPA decoding the whole cache (decode bar); decode calls are CUDA-graph replays.
+Where the GPU is a Hopper the window bars also time our Gluon forward (backend="triton:gluon", its
+gradients from the same Triton backward) against the same anchors.
 
 Every provider's output is checked against ours (max abs difference printed) before timing;
 times are medians of interleaved repetitions with the L2 flushed before each (tools/timing.py).
