@@ -29,13 +29,14 @@ SM90_SHARED_BYTES = 227 * 1024
 WINDOW_SPILL_BYTES = 8
 
 
-@pytest.mark.parametrize("head_dim,causal,window", [(128, True, False), (64, False, False), (256, False, False),
-                                                    (128, True, True), (128, False, True)],
-                         ids=["d128-causal", "d64", "d256", "d128-causal-window", "d128-window"])
-def test_gluon_forward_compiles_for_sm90(head_dim: int, causal: bool, window: bool) -> None:
+@pytest.mark.parametrize("head_dim,causal,window,dtype",
+                         [(128, True, False, "bf16"), (64, False, False, "bf16"), (256, False, False, "bf16"),
+                          (128, True, True, "bf16"), (128, False, True, "bf16"), (128, True, False, "fp16")],
+                         ids=["d128-causal", "d64", "d256", "d128-causal-window", "d128-window", "d128-causal-fp16"])
+def test_gluon_forward_compiles_for_sm90(head_dim: int, causal: bool, window: bool, dtype: str) -> None:
     from flashdispatch.backends.triton import gluon_forward as gf
 
-    k = gf.aot_compile(head_dim, causal, "bf16", window=window)
+    k = gf.aot_compile(head_dim, causal, dtype, window=window)
     ptx = k.asm["ptx"]
     assert ".target sm_90a" in ptx
     assert "wgmma.mma_async" in ptx
@@ -63,3 +64,16 @@ def test_window_kernel_masks_the_window() -> None:
     body = lambda ptx: re.sub(r"//.*|\.loc.*", "", ptx)  # noqa: E731  (source positions aside)
     assert body(plain) != body(causal_w)
     assert body(causal_w) == body(noncausal_w)
+
+
+def test_fp16_scores_keep_the_row_max_exact() -> None:
+    """fp16: p = exp2((s - m) * scale), not one FMA s * scale - m (whose unrounded product gives the
+    row's largest score p = exp2(residual) != 1, which fp16 rounds away in P @ V but l keeps); bf16
+    keeps the FMA. Counted in the PTX: one exponential per score either way."""
+    from flashdispatch.backends.triton import gluon_forward as gf
+
+    for dtype, fused in (("fp16", False), ("bf16", True)):
+        ptx = gf.aot_compile(128, True, dtype).asm["ptx"]
+        exps, fmas = ptx.count("ex2.approx"), ptx.count("fma.rn.f32")
+        assert exps > 0
+        assert (fmas >= exps) is fused, f"{dtype}: {fmas} fma.rn.f32 for {exps} ex2.approx"

@@ -231,9 +231,10 @@ def _stage(it, STAGES: gl.constexpr):
 
 @gluon.jit
 def _softmax(s, m_i, l_i, qk_scale, rows, cols, bounds,
-             MASKED: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
-    """Fold one block of raw scores into (m, l); returns (P unnormalised, m, l, alpha) with m in log2
-    units and alpha = exp2(m_old - m_new), the factor the output accumulator still owes.
+             MASKED: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, RAW_MAX: gl.constexpr):
+    """Fold one block of raw scores into (m, l); returns (P unnormalised, m, l, alpha) with alpha the
+    factor the output accumulator still owes. m is in log2 units (m = max score * qk_scale), or with
+    RAW_MAX (fp16) in score units, so that the row's largest score gets exactly p = 1.
     bounds = (Sk, Sk - Sq, window left, window right): what the mask of a MASKED block needs."""
     seq_k, causal_offset, left, right = bounds
     if MASKED:
@@ -249,14 +250,26 @@ def _softmax(s, m_i, l_i, qk_scale, rows, cols, bounds,
             s = gl.where(cols[None, :] <= last[:, None], s, float("-inf"))
         else:
             s = gl.where(cols[None, :] < seq_k, s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    if RAW_MAX:
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
     if MASKED:
         # a row that has seen only masked keys keeps m = -inf; subtracting 0 keeps exp2 at 0
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
-    p = gl.exp2(s * qk_scale - m_use[:, None])
-    alpha = gl.exp2(m_i - m_use)
+    if RAW_MAX:
+        # fp16: s * qk_scale - m contracts into an FMA whose product is not rounded while m is, so the
+        # largest score would get p = exp2(residual), up to 3.4e-4 off 1 at logits near 1e4; fp16
+        # rounds that back to 1 in P while l keeps it, and O = acc / l comes out scaled by it (half an
+        # fp16 unit on one-hot rows, which a large query channel carries into dK through delta).
+        # (s - m) is exact for the largest score: one more multiply per score, no more registers.
+        p = gl.exp2((s - m_use[:, None]) * qk_scale)
+        alpha = gl.exp2((m_i - m_use) * qk_scale)
+    else:
+        p = gl.exp2(s * qk_scale - m_use[:, None])
+        alpha = gl.exp2(m_i - m_use)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     return p, m_new, l_i, alpha
 
@@ -306,7 +319,8 @@ def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k
     s = warpgroup_mma_wait(1, deps=[s_tok])
     mbarrier.arrive(k_empty.index(slot), count=1)
     cols = n_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    p, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale, rows, cols, bounds, MASKED, CAUSAL, WINDOW)
+    p, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale, rows, cols, bounds, MASKED, CAUSAL, WINDOW,
+                                  q_buf.dtype == gl.float16)
     p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
     # -- O ready: release V of the previous block
     acc = warpgroup_mma_wait(0, deps=[o_tok])
@@ -334,7 +348,7 @@ def _first_block(q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_
     cols = n_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     p, m_i, l_i, alpha = _softmax(s, gl.full([64], float("-inf"), gl.float32, row_layout),
                                   gl.full([64], 0.0, gl.float32, row_layout), qk_scale, rows, cols, bounds,
-                                  True, CAUSAL, WINDOW)
+                                  True, CAUSAL, WINDOW, q_buf.dtype == gl.float16)
     p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
     return p_op, m_i, l_i, alpha, kv_it + 1, turn_it + 1
 
@@ -363,7 +377,7 @@ def _first_block_with_last_pv(acc, p_op, alpha, q_buf, k_smem, v_smem, k_ready, 
     cols = n_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     p, m_i, l_i, alpha = _softmax(s, gl.full([64], float("-inf"), gl.float32, row_layout),
                                   gl.full([64], 0.0, gl.float32, row_layout), qk_scale, rows, cols, bounds,
-                                  True, CAUSAL, WINDOW)
+                                  True, CAUSAL, WINDOW, q_buf.dtype == gl.float16)
     p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
     acc = warpgroup_mma_wait(0, deps=[o_tok])
     mbarrier.arrive(v_empty.index(pslot), count=1)
@@ -387,7 +401,7 @@ def _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_
 
 
 @gluon.jit
-def _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q,
+def _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q,
                 s_layout: gl.constexpr, o_layout: gl.constexpr):
     """O / l through shared memory and a TMA store (clipped at Sq), lse in natural log; rows that saw
     no key (l = 0) get 0 and -inf. Waits for this warpgroup's previous store to have read o_buf."""
@@ -395,7 +409,11 @@ def _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q,
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
     out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
-    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+    if o_buf.dtype == gl.float16:  # m in score units (_softmax's RAW_MAX)
+        m_log2 = m_i * qk_scale
+    else:
+        m_log2 = m_i
+    lse = gl.where(empty, float("-inf"), (m_log2 + gl.log2(l_safe)) * 0.6931471805599453)
     gl.store(lse_ptr + bh.to(gl.int64) * seq_q + rows, lse, mask=rows < seq_q)
     tma.store_wait(0)
     o_buf.store(out.to(o_buf.dtype))
@@ -468,7 +486,7 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
                         acc, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_bars,
                         kv_it, turn_it, qk_scale, rows, n_lo * BLOCK_N, bounds,
                         WG, STAGES, BLOCK_N, CAUSAL, WINDOW, NC, PINGPONG, s_layout, o_layout, p_layout)
-                    _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_row0, seq_q,
+                    _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_row0, seq_q,
                                 s_layout, o_layout)
                     m_i = m_new
                     l_i = l_new
@@ -512,7 +530,7 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
                 if pend:
                     acc, turn_it = _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_it,
                                             WG, STAGES, NC, PINGPONG, o_layout)
-                    _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_row0, seq_q,
+                    _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_row0, seq_q,
                                 s_layout, o_layout)
                 acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
                 m_i = gl.full([64], float("-inf"), gl.float32, row_layout)
@@ -521,9 +539,9 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
                 mbarrier.arrive(q_empty.index(qi), count=1)
         if XTILE:
             if n_end <= n_lo:
-                _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q, s_layout, o_layout)
+                _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q, s_layout, o_layout)
         else:
-            _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q, s_layout, o_layout)
+            _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q, s_layout, o_layout)
         if not O_SEPARATE:  # O went out through Q's buffer: hand it back once the store has read it
             tma.store_wait(0)
             mbarrier.arrive(q_empty.index(qi), count=1)
@@ -537,7 +555,7 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
         if prev_blocks[3] > prev_blocks[0]:
             acc, turn_it = _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_it,
                                     WG, STAGES, NC, PINGPONG, o_layout)
-            _store_tile(acc, m_i, l_i, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_m + WG * 64, seq_q,
+            _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_m + WG * 64, seq_q,
                         s_layout, o_layout)
     tma.store_wait(0)
 
