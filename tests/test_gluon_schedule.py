@@ -57,18 +57,26 @@ def key_blocks(start_m: int, sq: int, sk: int, block_m: int, block_n: int, causa
     return gf._key_blocks.fn(start_m, sq, sk, left, right, block_m, block_n, causal, on)
 
 
-def tile_of(r: int, pid: int, nprog: int) -> int:
-    return r * nprog + pid + (r % 2) * (nprog - 1 - 2 * pid)
+ORDERS = (gf.ORDER_HEAD, gf.ORDER_BOTTOM, gf.ORDER_PAIRS)
 
 
-def rounds(pid: int, nprog: int, num_tiles: int) -> int:
-    n = cdiv(num_tiles, nprog)
-    return n - (tile_of(n - 1, pid, nprog) >= num_tiles)
+def tile_of(r: int, pid: int, nprog: int, order: int) -> int:
+    return gf._tile_of.fn(r, pid, nprog, order)
+
+
+def rounds(pid: int, nprog: int, num_tiles: int, order: int) -> int:
+    return gf._rounds.fn(pid, nprog, num_tiles, order)
+
+
+def max_programs(num_tiles: int, order: int) -> int:
+    """Units of tiles (the launcher starts at most one CTA per unit)."""
+    return cdiv(num_tiles, 2 if order == gf.ORDER_PAIRS else 1)
 
 
 def run_cta(sq: int, sk: int, bh: int, nprog: int, pid: int, stages: int, block_n: int, causal: bool,
             o_separate: bool, consumers: int, xtile: bool, seed: int, producer_qbufs: int | None = None,
-            window: tuple[int, int] | None = None, producer_from_zero: bool = False) -> None:
+            window: tuple[int, int] | None = None, producer_from_zero: bool = False,
+            order: int = gf.ORDER_HEAD) -> None:
     """One CTA of the kernel (its producer and consumers) to the end, in a random interleaving.
     producer_qbufs and producer_from_zero inject faults: the producer's count of Q buffers per
     warpgroup; a producer that loads every tile's key blocks from block 0 (not the window's n_lo)."""
@@ -95,9 +103,9 @@ def run_cta(sq: int, sk: int, bh: int, nprog: int, pid: int, stages: int, block_
     eff_causal, _, _, windowed = launch_window(sq, sk, causal, window)
 
     def tiles() -> Iterator[tuple[int, int]]:
-        for r in range(rounds(pid, nprog, num_tiles)):
-            t = tile_of(r, pid, nprog)
-            yield t, gf._tile_coords.fn(t, num_m, bh, 1, 1, block_m, eff_causal, windowed)[0]
+        for r in range(rounds(pid, nprog, num_tiles, order)):
+            t = tile_of(r, pid, nprog, order)
+            yield t, gf._tile_coords.fn(t, num_m, bh, 1, 1, order, block_m)[0]
 
     def producer() -> Iterator[None]:
         kv = 0
@@ -217,18 +225,58 @@ def test_protocol_neither_hangs_nor_races(cfg: tuple[int, int, int, bool, bool])
         bh, nprog, causal = rng.choice([1, 3, 7]), rng.choice([1, 2, 5]), rng.random() < 0.6
         # a window in half the runs: tiles that start past key 0, and tiles with no key at all
         window = (rng.choice([0, 1, 63, 200, -1]), rng.choice([0, 5, 130, -1])) if rng.random() < 0.5 else None
-        num_tiles = bh * cdiv(sq, 64 * consumers)
-        nprog = min(nprog, num_tiles)
+        order = rng.choice(ORDERS)
+        nprog = min(nprog, max_programs(bh * cdiv(sq, 64 * consumers), order))
         for pid in range(nprog):
             run_cta(sq, sk, bh, nprog, pid, stages, block_n, causal, o_separate, consumers, xtile,
-                    rng.randrange(1 << 30), window=window)
+                    rng.randrange(1 << 30), window=window, order=order)
 
 
-def test_rounds_cover_every_tile_once() -> None:
-    for num_tiles in range(1, 200):
-        for nprog in range(1, min(num_tiles, 40) + 1):
-            got = sorted(tile_of(r, p, nprog) for p in range(nprog) for r in range(rounds(p, nprog, num_tiles)))
-            assert got == list(range(num_tiles))
+@pytest.mark.parametrize("order", ORDERS, ids=["head", "bottom", "pairs"])
+def test_rounds_cover_every_tile_once(order: int) -> None:
+    """Every (row block, head) is some CTA's tile exactly once, in every order, for every count of
+    CTAs the launcher may start."""
+    for num_bh in (1, 2, 3, 5):
+        for num_m in range(1, 14):
+            num_tiles = num_bh * num_m
+            for nprog in range(1, min(max_programs(num_tiles, order), 40) + 1):
+                got = sorted(gf._tile_coords.fn(tile_of(r, p, nprog, order), num_m, num_bh, 1, 1, order, 1)[:2]
+                             for p in range(nprog) for r in range(rounds(p, nprog, num_tiles, order)))
+                assert got == [(m, bh) for m in range(num_m) for bh in range(num_bh)]
+
+
+def test_pairs_even_out_causal_tiles() -> None:
+    """ORDER_PAIRS deals a heavy row block with its light mirror: under causal (Sq = Sk) every unit
+    of two tiles sees num_m + 1 key blocks (an odd num_m: a head's middle block pairs across heads)."""
+    def tiles(num_m: int, num_bh: int) -> list[tuple[int, int]]:
+        return [gf._tile_coords.fn(t, num_m, num_bh, 1, 1, gf.ORDER_PAIRS, 1)[:2] for t in range(num_m * num_bh)]
+
+    even = tiles(8, 3)
+    for a, b in zip(even[0::2], even[1::2]):
+        assert a[1] == b[1] and a[0] + b[0] == 7, (a, b)
+    assert [m for m, bh in tiles(7, 3) if bh == 1] == [6, 0, 5, 1, 4, 2, 3]
+
+
+def _sched(b: int, h: int, hkv: int, sq: int, sk: int, causal: bool = True, d: int = 128,
+           l2: int = 50 * 2**20) -> int:
+    num_m = cdiv(sq, 128)
+    order, nprog = gf.schedule(b * h, num_m, sq, sk, 128, 128, causal, False, 132, b * hkv * sk * d * 4, l2)
+    assert 1 <= nprog <= min(132, max_programs(b * h * num_m, order))
+    return order
+
+
+def test_schedule_picks_the_order_by_balance_then_locality() -> None:
+    # tiles of equal cost: head by head (a chunk's rows all see a long prefix; no mask)
+    assert _sched(4, 32, 32, 512, 8192) == gf.ORDER_HEAD
+    assert _sched(16, 16, 16, 1024, 1024, causal=False) == gf.ORDER_HEAD
+    # many short causal heads: head by head balances as well and reads each head's K/V once
+    assert _sched(16, 16, 16, 1024, 1024) == gf.ORDER_HEAD
+    # few long causal heads: head by head leaves CTAs idle (0.65 of the time used), pairs do not
+    assert _sched(1, 16, 16, 16384, 16384) == gf.ORDER_PAIRS
+    # few rounds and K/V that fit in L2 at once: bottom first balances best
+    assert _sched(2, 8, 8, 3000, 3000) == gf.ORDER_BOTTOM
+    # the same, but K/V beyond half of L2: never bottom first
+    assert _sched(2, 8, 8, 3000, 3000, l2=16 * 2**20) != gf.ORDER_BOTTOM
 
 
 def test_the_model_catches_a_broken_protocol() -> None:

@@ -5,9 +5,10 @@ One persistent CTA per SM walks a static list of query tiles. A tile is 128 quer
 key/value blocks that one producer warp streams into shared memory with the copy engine (TMA).
 (CONSUMERS=3 makes 192-row tiles for three warpgroups taking turns in a round; the drawing below
 shows the default two.)
-Tiles are numbered head by head (a head's K/V stay in L2 while its tiles run), or under causal
-without a window bottom row block first across all heads, and dealt to the CTAs in rounds in snake order (0..G-1,
-then G-1..0), which pairs heavy causal tiles with light ones on each CTA.
+Tiles are numbered head by head (a head's K/V stay in L2 while its tiles run) and dealt to the CTAs
+in rounds in snake order (0..G-1, then G-1..0). Under causal the launcher may instead deal each head's
+row blocks in pairs, a heavy one with its light mirror (ORDER_PAIRS), or number them bottom row block
+first across heads (ORDER_BOTTOM): schedule() picks the order whose CTAs stay busiest.
 
 Partitions (12 warps: 2 consumer warpgroups, 1 producer warp padded to a warpgroup)
 
@@ -68,6 +69,7 @@ import functools
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 import triton
 from triton.experimental import gluon
@@ -142,40 +144,57 @@ def resolve_config(head_dim: int, config: dict[str, Any] | None) -> dict[str, An
 # --- helpers -----------------------------------------------------------------------------------------
 
 
-@gluon.jit
-def _tile_of(r, pid, nprog):
-    """Tile of round r for CTA pid: CTAs take rounds of nprog consecutive tiles in snake order
-    (pid, then nprog - 1 - pid, ...), so that under causal a CTA that drew a heavy tile in one round
-    draws a light one in the next (a plain stride left some CTAs with twice the others' work)."""
-    return r * nprog + pid + (r % 2) * (nprog - 1 - 2 * pid)
+# Tile orders (the launcher picks one per call signature, schedule() below):
+ORDER_HEAD = 0  # head by head, row blocks in order: a round's CTAs read one head's K/V in step
+ORDER_BOTTOM = 1  # bottom row block first across all heads: equal-cost rounds, K/V of every head live
+ORDER_PAIRS = 2  # head by head, row blocks zigzag (last, first, last-1, ...), dealt in pairs
 
 
 @gluon.jit
-def _rounds(pid, nprog, num_tiles):
-    """How many rounds CTA pid has a tile in (only the last round can come up short)."""
-    n = (num_tiles + nprog - 1) // nprog
-    return n - (_tile_of(n - 1, pid, nprog) >= num_tiles).to(gl.int32)
+def _tile_of(r, pid, nprog, ORDER: gl.constexpr):
+    """The tile of CTA pid's r-th turn: units of consecutive tiles (two under ORDER_PAIRS, else one)
+    dealt to the CTAs in rounds of nprog units in snake order (pid, then nprog - 1 - pid, ...), so
+    that a CTA that drew a heavy unit in one round draws a light one in the next."""
+    unit: gl.constexpr = 2 if ORDER == 2 else 1
+    ur = r // unit
+    return (ur * nprog + pid + (ur % 2) * (nprog - 1 - 2 * pid)) * unit + r % unit
 
 
 @gluon.jit
-def _tile_coords(tile, num_m, num_bh, heads_q, group, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr,
-                 WINDOW: gl.constexpr):
-    """(first query row of the tile, b * Hq + h, b, h, kv head) of a linear tile index.
+def _rounds(pid, nprog, num_tiles, ORDER: gl.constexpr):
+    """How many tiles CTA pid runs (nprog <= the number of units: every CTA has one; only the last
+    round can come up short, and only the last unit of all)."""
+    unit: gl.constexpr = 2 if ORDER == 2 else 1
+    units = (num_tiles + unit - 1) // unit
+    n = (units + nprog - 1) // nprog
+    last = (n - 1) * nprog + pid + ((n - 1) % 2) * (nprog - 1 - 2 * pid)  # this CTA's unit of round n - 1
+    n = n - (last >= units)
+    last = (n - 1) * nprog + pid + ((n - 1) % 2) * (nprog - 1 - 2 * pid)
+    return n * unit - (last == units - 1) * (units * unit - num_tiles)
 
-    Without causal every tile costs the same: the tiles of one head are adjacent, so the CTAs of a
-    round share that head's K/V in L2. Under causal a tile's cost grows with its row; tiles are
-    numbered bottom row block first across all heads (then the next row block, ...), so that the
-    tiles of one round cost about the same and the snake order evens out the rest (numbered head by
-    head, the rounds straddled heads and some CTAs drew only heavy tiles: 0.65 of the SMs' time used
-    at S=16k, B*H=16). The CTAs of a round then share each head's K/V prefix, read in step.
-    Under a window every tile past the first window's worth of rows costs the same: numbered head by
-    head, as without causal."""
-    if CAUSAL and not WINDOW:
+
+@gluon.jit
+def _tile_coords(tile, num_m, num_bh, heads_q, group, ORDER: gl.constexpr, BLOCK_M: gl.constexpr):
+    """(first query row of the tile, b * Hq + h, b, h, kv head) of a linear tile index in `order`.
+
+    ORDER_HEAD: every tile costs about the same (no causal mask, a window, or a chunk whose rows see
+    a long prefix): the tiles of one head are adjacent, so the CTAs of a round read its K/V in step
+    (once from memory, the rest from L2).
+    ORDER_PAIRS (causal): a tile's cost grows with its row block; numbered last, first, last - 1,
+    second, ... within each head and dealt two at a time, every unit costs the same (a heavy tile
+    and its light mirror), and a head's tiles still run side by side.
+    ORDER_BOTTOM (causal, when every head's K/V fits in L2 at once): bottom row block first across
+    all heads, the rounds of equal cost, the best balance when there are few rounds."""
+    if ORDER == 1:
         m_blk = num_m - 1 - tile // num_bh
         bh = tile % num_bh
     else:
-        m_blk = tile % num_m
         bh = tile // num_m
+        k = tile % num_m
+        if ORDER == 2:
+            m_blk = (k % 2) * (k // 2) + (1 - k % 2) * (num_m - 1 - k // 2)
+        else:
+            m_blk = k
     b = bh // heads_q
     h = bh % heads_q
     return m_blk * BLOCK_M, bh, b, h, h // group
@@ -426,7 +445,7 @@ def _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr, b, h, bh, row0,
 
 @gluon.jit
 def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr,
-              seq_q, seq_k, heads_q, group, num_m, num_tiles, qk_scale, left, right,
+              seq_q, seq_k, heads_q, group, num_m, num_tiles, ORDER: gl.constexpr, qk_scale, left, right,
               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
               WINDOW: gl.constexpr, NC: gl.constexpr, O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr,
               XTILE: gl.constexpr, QBUF: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
@@ -457,17 +476,17 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
         l_i = gl.full([64], 0.0, gl.float32, row_layout)
         alpha = gl.full([64], 0.0, gl.float32, row_layout)
         p_op = gl.zeros([64, BLOCK_N], dtype, p_layout)
-    for r in range(_rounds(pid, nprog, num_tiles)):
-        start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, num_bh, heads_q, group, NC * 64,
-                                             CAUSAL, WINDOW)
+    for r in range(_rounds(pid, nprog, num_tiles, ORDER)):
+        start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog, ORDER), num_m, num_bh, heads_q, group, ORDER,
+                                             NC * 64)
         n_lo, full_lo, full_hi, n_end = _key_blocks(start_m, seq_q, seq_k, left, right, NC * 64, BLOCK_N, CAUSAL,
                                                     WINDOW)
         row0 = start_m + WG * 64
         rows = row0 + gl.arange(0, 64, layout=row_layout)
         if XTILE:
             # the previous round's tile: its last P V is pending when it had keys
-            prev_m, prev_bh, prev_b, prev_h, prev_hk = _tile_coords(_tile_of(r - 1, pid, nprog), num_m, num_bh,
-                                                                    heads_q, group, NC * 64, CAUSAL, WINDOW)
+            prev_m, prev_bh, prev_b, prev_h, prev_hk = _tile_coords(_tile_of(r - 1, pid, nprog, ORDER), num_m,
+                                                                    num_bh, heads_q, group, ORDER, NC * 64)
             prev_blocks = _key_blocks(prev_m, seq_q, seq_k, left, right, NC * 64, BLOCK_N, CAUSAL, WINDOW)
             pend = (r > 0) & (prev_blocks[3] > prev_blocks[0])
             prev_row0 = prev_m + WG * 64
@@ -548,9 +567,9 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
         tile_it += 1
     if XTILE:
         # the last round's tile
-        last = _rounds(pid, nprog, num_tiles) - 1
-        prev_m, prev_bh, prev_b, prev_h, prev_hk = _tile_coords(_tile_of(last, pid, nprog), num_m, num_bh, heads_q,
-                                                                group, NC * 64, CAUSAL, WINDOW)
+        last = _rounds(pid, nprog, num_tiles, ORDER) - 1
+        prev_m, prev_bh, prev_b, prev_h, prev_hk = _tile_coords(_tile_of(last, pid, nprog, ORDER), num_m, num_bh,
+                                                                heads_q, group, ORDER, NC * 64)
         prev_blocks = _key_blocks(prev_m, seq_q, seq_k, left, right, NC * 64, BLOCK_N, CAUSAL, WINDOW)
         if prev_blocks[3] > prev_blocks[0]:
             acc, turn_it = _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_it,
@@ -562,7 +581,7 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
-              seq_q, seq_k, heads_q, group, num_m, num_tiles, left, right,
+              seq_q, seq_k, heads_q, group, num_m, num_tiles, ORDER: gl.constexpr, left, right,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
               NC: gl.constexpr, QBUF: gl.constexpr):
     """The TMA warp: each consumer's Q rows of a tile (into the next of its QBUF buffers), then the
@@ -574,9 +593,9 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     num_bh = num_tiles // num_m
-    for r in range(_rounds(pid, nprog, num_tiles)):
-        start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog), num_m, num_bh, heads_q, group, NC * 64,
-                                             CAUSAL, WINDOW)
+    for r in range(_rounds(pid, nprog, num_tiles, ORDER)):
+        start_m, bh, b, h, hk = _tile_coords(_tile_of(r, pid, nprog, ORDER), num_m, num_bh, heads_q, group, ORDER,
+                                             NC * 64)
         n_lo, full_lo, full_hi, n_end = _key_blocks(start_m, seq_q, seq_k, left, right, NC * 64, BLOCK_N, CAUSAL,
                                                     WINDOW)
         for w in gl.static_range(NC):
@@ -606,7 +625,7 @@ def _attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr,
                      seq_q, seq_k, heads_q, group, num_tiles, qk_scale, window_left, window_right,
                      BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                      O_SEPARATE: gl.constexpr, PINGPONG: gl.constexpr, NC: gl.constexpr, XTILE: gl.constexpr,
-                     WINDOW: gl.constexpr):
+                     WINDOW: gl.constexpr, ORDER: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -650,28 +669,30 @@ def _attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr,
     if NC == 2:
         gl.warp_specialize([
             (_consumer, (0, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
-                         num_m, num_tiles, qk_scale, window_left, window_right, BLOCK_N, HEAD_D, STAGES, CAUSAL,
+                         num_m, num_tiles, ORDER, qk_scale, window_left, window_right, BLOCK_N, HEAD_D, STAGES, CAUSAL,
                          WINDOW, NC, O_SEPARATE, PINGPONG, XTILE, QBUF, s_layout, o_layout)),
             (_consumer, (1, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
-                         num_m, num_tiles, qk_scale, window_left, window_right, BLOCK_N, HEAD_D, STAGES, CAUSAL,
+                         num_m, num_tiles, ORDER, qk_scale, window_left, window_right, BLOCK_N, HEAD_D, STAGES, CAUSAL,
                          WINDOW, NC, O_SEPARATE, PINGPONG, XTILE, QBUF, s_layout, o_layout)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_q, seq_k, heads_q, group, num_m,
-                         num_tiles, window_left, window_right, BLOCK_N, STAGES, CAUSAL, WINDOW, NC, QBUF)),
+                         num_tiles, ORDER, window_left, window_right, BLOCK_N, STAGES, CAUSAL, WINDOW, NC,
+                         QBUF)),
         ], [4, 1], [CONSUMER_REGS_2WG, PRODUCER_REGS])
     else:
         gl.static_assert(NC == 3, "NC: 2 or 3 consumer warpgroups")
         gl.warp_specialize([
             (_consumer, (0, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
-                         num_m, num_tiles, qk_scale, window_left, window_right, BLOCK_N, HEAD_D, STAGES, CAUSAL,
+                         num_m, num_tiles, ORDER, qk_scale, window_left, window_right, BLOCK_N, HEAD_D, STAGES, CAUSAL,
                          WINDOW, NC, O_SEPARATE, PINGPONG, XTILE, QBUF, s_layout, o_layout)),
             (_consumer, (1, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
-                         num_m, num_tiles, qk_scale, window_left, window_right, BLOCK_N, HEAD_D, STAGES, CAUSAL,
+                         num_m, num_tiles, ORDER, qk_scale, window_left, window_right, BLOCK_N, HEAD_D, STAGES, CAUSAL,
                          WINDOW, NC, O_SEPARATE, PINGPONG, XTILE, QBUF, s_layout, o_layout)),
             (_consumer, (2, q_smem, k_smem, v_smem, o_smem, bars, o_desc, lse_ptr, seq_q, seq_k, heads_q, group,
-                         num_m, num_tiles, qk_scale, window_left, window_right, BLOCK_N, HEAD_D, STAGES, CAUSAL,
+                         num_m, num_tiles, ORDER, qk_scale, window_left, window_right, BLOCK_N, HEAD_D, STAGES, CAUSAL,
                          WINDOW, NC, O_SEPARATE, PINGPONG, XTILE, QBUF, s_layout, o_layout)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_q, seq_k, heads_q, group, num_m,
-                         num_tiles, window_left, window_right, BLOCK_N, STAGES, CAUSAL, WINDOW, NC, QBUF)),
+                         num_tiles, ORDER, window_left, window_right, BLOCK_N, STAGES, CAUSAL, WINDOW, NC,
+                         QBUF)),
         ], [4, 4, 1], [CONSUMER_REGS_3WG, CONSUMER_REGS_3WG, PRODUCER_REGS])
 
 
@@ -729,6 +750,59 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.cache
+def _l2_bytes(index: int) -> int:
+    return int(getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0))
+
+
+# a tile's fixed cost (its first S alone, its last P V alone, the output's store), in key blocks
+_TILE_OVERHEAD_BLOCKS = 1.0
+# orders within this much of the best balance count as equal (then the one that reads less wins)
+_BALANCE_SLACK = 0.02
+
+
+def _balance(costs: np.ndarray, nprog: int, unit: int) -> float:
+    """Share of nprog CTAs' time spent working when tiles of these costs (in tile order) are dealt
+    as _tile_of deals them: units of `unit` tiles, rounds of nprog units in snake order."""
+    u = np.arange(costs.size) // unit
+    rnd, pos = u // nprog, u % nprog
+    pid = np.where(rnd % 2 == 0, pos, nprog - 1 - pos)
+    load = np.bincount(pid, weights=costs + _TILE_OVERHEAD_BLOCKS, minlength=nprog)
+    return float(load.sum() / (nprog * load.max()))
+
+
+@functools.lru_cache(maxsize=256)
+def schedule(num_bh: int, num_m: int, seq_q: int, seq_k: int, block_m: int, block_n: int, causal: bool,
+             windowed: bool, sms: int, kv_bytes: int, l2_bytes: int) -> tuple[int, int]:
+    """(tile order, CTAs) for one launch: every tile is one program's in turn (persistent CTAs, at
+    most one per SM). Without a causal mask (or with a window) tiles cost the same and run head by
+    head. Under causal, the order of the best balance (its share of the CTAs' time spent working,
+    from the tiles' key-block counts) among: head by head; zigzag pairs; and, when the K/V of all
+    heads (kv_bytes) fit in half of L2, bottom row block first across heads. Beyond that, bottom
+    first makes every round read every head's K/V from memory: in a model of the schedule with an
+    LRU L2 (B=16 H=16 S=1k causal D=128), 94% of key-block reads missed against 22% head by head,
+    169 us of HBM traffic on an H100 against 148 us of tensor-core work. Ties go to the order that
+    keeps a head's tiles together (head, then pairs)."""
+    num_tiles = num_bh * num_m
+    if not causal or windowed:
+        return ORDER_HEAD, min(sms, num_tiles)
+    m = np.arange(num_m)
+    visible = np.clip((m + 1) * block_m + seq_k - seq_q, 0, seq_k)
+    cost_m = -(-visible // block_n)
+    k = np.arange(num_m)
+    zig = np.where(k % 2 == 1, k // 2, num_m - 1 - k // 2)
+    options = [(ORDER_HEAD, 1, np.tile(cost_m, num_bh)), (ORDER_PAIRS, 2, np.tile(cost_m[zig], num_bh))]
+    if kv_bytes * 2 <= l2_bytes:
+        options.append((ORDER_BOTTOM, 1, np.repeat(cost_m[::-1], num_bh)))
+    scored = []
+    for order, unit, costs in options:
+        nprog = min(sms, -(-num_tiles // unit))
+        scored.append((_balance(costs.astype(np.float64), nprog, unit), order, nprog))
+    best = max(score for score, _, _ in scored)
+    order, nprog = next((o, n) for score, o, n in scored if score >= best - _BALANCE_SLACK)
+    return order, nprog
+
+
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise for what this kernel cannot run (the dispatcher's capabilities say the same first)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -777,7 +851,13 @@ class _GluonPlan:
         causal = bool(causal) and sq > 1  # one query row sees every key (bottom-right)
         win = kernel_window(causal, variant.window, sq, sk)  # None: plain causal/non-causal masking covers it
         left, right = win if win is not None else (0, 0)
-        num_tiles = bsz * hq * triton.cdiv(sq, HALF_M * cfg["CONSUMERS"])
+        block_m = HALF_M * cfg["CONSUMERS"]
+        num_m = triton.cdiv(sq, block_m)
+        num_tiles = bsz * hq * num_m
+        index = self.index or 0
+        kv_bytes = bsz * hkv * sk * d * 2 * q.element_size()
+        order, nprog = schedule(bsz * hq, num_m, sq, sk, block_m, cfg["BLOCK_N"], causal, win is not None,
+                                _sm_count(index), kv_bytes, _l2_bytes(index))
         self.rows = (HALF_M, cfg["BLOCK_N"], cfg["BLOCK_N"], HALF_M)  # q, k, v, o boxes
         out = torch.empty_strided((bsz, hq, sq, d), self.outputs.strides, dtype=q.dtype, device="meta")
         # the records' shapes and strides, where every stride suits the copy engine (a call whose
@@ -785,11 +865,11 @@ class _GluonPlan:
         if all(_strides_ready(t) for t in (q, k, v, out)):
             self.boxes = tuple(_box(t) for t in (q, k, v, out))
         self.launch = BoundDescriptorLaunch(
-            _LAUNCHER, (min(_sm_count(self.index or 0), num_tiles),), _N_DESCRIPTORS + 1,
+            _LAUNCHER, (nprog,), _N_DESCRIPTORS + 1,
             (sq, sk, hq, hq // hkv, num_tiles, float(scale) * LOG2E, left, right),
             dict(BLOCK_N=cfg["BLOCK_N"], HEAD_D=d, STAGES=cfg["STAGES"], CAUSAL=causal,
                  O_SEPARATE=cfg["O_SEPARATE"], PINGPONG=cfg["PINGPONG"], NC=cfg["CONSUMERS"], XTILE=cfg["XTILE"],
-                 WINDOW=win is not None),
+                 WINDOW=win is not None, ORDER=order),
             dict(num_warps=NUM_WARPS, maxnreg=max_regs_per_thread(cfg["CONSUMERS"])), self.index or 0)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -836,8 +916,9 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
 
 
 def aot_compile(head_dim: int, causal: bool, dtype: str = "bf16", config: dict[str, Any] | None = None,
-                window: bool = False) -> Any:
-    """Compile the kernel for sm_90 without a GPU (window: the sliding-window kernel); returns
+                window: bool = False, order: int = ORDER_HEAD) -> Any:
+    """Compile the kernel for sm_90 without a GPU (window: the sliding-window kernel; order: the tile
+    order, ORDER_*); returns
     Triton's CompiledKernel (asm["ptx"], asm["cubin"], metadata.shared)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -853,10 +934,10 @@ def aot_compile(head_dim: int, causal: bool, dtype: str = "bf16", config: dict[s
                  "group": "i32", "num_tiles": "i32", "qk_scale": "fp32", "window_left": "i32",
                  "window_right": "i32", "BLOCK_N": "constexpr", "HEAD_D": "constexpr", "STAGES": "constexpr",
                  "CAUSAL": "constexpr", "O_SEPARATE": "constexpr", "PINGPONG": "constexpr", "NC": "constexpr",
-                 "XTILE": "constexpr", "WINDOW": "constexpr"}
+                 "XTILE": "constexpr", "WINDOW": "constexpr", "ORDER": "constexpr"}
     constexprs = {"BLOCK_N": cfg["BLOCK_N"], "HEAD_D": head_dim, "STAGES": cfg["STAGES"], "CAUSAL": causal,
                   "O_SEPARATE": cfg["O_SEPARATE"], "PINGPONG": cfg["PINGPONG"], "NC": cfg["CONSUMERS"],
-                  "XTILE": cfg["XTILE"], "WINDOW": window}
+                  "XTILE": cfg["XTILE"], "WINDOW": window, "ORDER": order}
     src = GluonASTSource(fn=_attn_fwd_kernel, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": NUM_WARPS, "maxnreg": max_regs_per_thread(cfg["CONSUMERS"])})
