@@ -78,6 +78,7 @@ def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> tuple[_Jit, list[int]]:
     monkeypatch.setattr(gf, "_LAUNCHER", launcher)
     monkeypatch.setattr(gf, "check_inputs", lambda q, k, v: None)  # meta tensors stand in for CUDA ones
     monkeypatch.setattr(gf, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(gf, "_l2_bytes", lambda index: 50 * 2**20)
     monkeypatch.setattr(gf, "_PLANS", {})
     return jit, checks
 
@@ -119,7 +120,7 @@ def test_jit_compiles_then_checked_launches_then_records(fake_kernel: tuple[_Jit
     assert scalars == (300, 300, 16, 4, num_tiles, pytest.approx(0.125 * gf.LOG2E), 0, 0)
     cfg = gf.default_config(128)
     assert rest[13:] == (cfg["BLOCK_N"], 128, cfg["STAGES"], True, cfg["O_SEPARATE"], cfg["PINGPONG"],
-                         cfg["CONSUMERS"], cfg["XTILE"], False)
+                         cfg["CONSUMERS"], cfg["XTILE"], False, gf.ORDER_HEAD)
 
 
 @pytest.mark.parametrize("causal, window, left, right, on", [

@@ -761,22 +761,22 @@ _TILE_OVERHEAD_BLOCKS = 1.0
 _BALANCE_SLACK = 0.02
 
 
-def _balance(costs: np.ndarray, nprog: int, unit: int) -> float:
-    """Share of nprog CTAs' time spent working when tiles of these costs (in tile order) are dealt
-    as _tile_of deals them: units of `unit` tiles, rounds of nprog units in snake order."""
+def _balance(costs: np.ndarray, nprog: int, unit: int, sms: int) -> float:
+    """Share of the SMs' time spent working when tiles of these costs (in tile order) are dealt as
+    _tile_of deals them to nprog CTAs: units of `unit` tiles, rounds of nprog units in snake order."""
     u = np.arange(costs.size) // unit
     rnd, pos = u // nprog, u % nprog
     pid = np.where(rnd % 2 == 0, pos, nprog - 1 - pos)
     load = np.bincount(pid, weights=costs + _TILE_OVERHEAD_BLOCKS, minlength=nprog)
-    return float(load.sum() / (nprog * load.max()))
+    return float(load.sum() / (sms * load.max()))
 
 
 @functools.lru_cache(maxsize=256)
 def schedule(num_bh: int, num_m: int, seq_q: int, seq_k: int, block_m: int, block_n: int, causal: bool,
              windowed: bool, sms: int, kv_bytes: int, l2_bytes: int) -> tuple[int, int]:
     """(tile order, CTAs) for one launch: every tile is one program's in turn (persistent CTAs, at
-    most one per SM). Without a causal mask (or with a window) tiles cost the same and run head by
-    head. Under causal, the order of the best balance (its share of the CTAs' time spent working,
+    most one per SM and one per unit of tiles). Without a causal mask (or with a window) tiles cost the same and run head by
+    head. Under causal, the order of the best balance (its share of the SMs' time spent working,
     from the tiles' key-block counts) among: head by head; zigzag pairs; and, when the K/V of all
     heads (kv_bytes) fit in half of L2, bottom row block first across heads. Beyond that, bottom
     first makes every round read every head's K/V from memory: in a model of the schedule with an
@@ -797,7 +797,7 @@ def schedule(num_bh: int, num_m: int, seq_q: int, seq_k: int, block_m: int, bloc
     scored = []
     for order, unit, costs in options:
         nprog = min(sms, -(-num_tiles // unit))
-        scored.append((_balance(costs.astype(np.float64), nprog, unit), order, nprog))
+        scored.append((_balance(costs.astype(np.float64), nprog, unit, sms), order, nprog))
     best = max(score for score, _, _ in scored)
     order, nprog = next((o, n) for score, o, n in scored if score >= best - _BALANCE_SLACK)
     return order, nprog
