@@ -84,7 +84,7 @@ def _run(label: str, directory: pathlib.Path, dtype: torch.dtype, warm: bool,
     }
 
 
-@pytest.mark.timing
+@pytest.mark.alone
 def test_autotune_picks_triton_for_an_unsure_chunked_prefill(tmp_path: pathlib.Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLASHDISPATCH_AUTOTUNE", "1")

@@ -46,7 +46,7 @@ def test_demo_rejects_a_too_short_cache():
 
 
 @pytest.mark.gpu
-@pytest.mark.timing
+@pytest.mark.alone
 def test_demo_on_a_hopper_gpu_runs_our_kernel_where_it_wins(tmp_path):
     name = torch.cuda.get_device_name()
     if not any(h in name for h in ("H100", "H200")):

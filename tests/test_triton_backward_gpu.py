@@ -136,6 +136,7 @@ def test_end_to_end_through_attention(causal):
     _check((qq.grad, kk.grad, vv.grad), want, base, (q, k, v), torch.bfloat16)
 
 
+@pytest.mark.alone  # about 25 GB of GPU memory
 def test_offsets_past_2_31_elements(monkeypatch):
     # q, do, out and dq hold more than 2**31 elements: the last batch's addresses need 64 bits
     if torch.cuda.get_device_properties(0).total_memory < 48 * 2**30:

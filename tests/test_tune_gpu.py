@@ -39,7 +39,7 @@ def _decode_sets(n: int, b: int = 1, hq: int = 32, hkv: int = 8, sk: int = 8192,
     return out
 
 
-@pytest.mark.timing
+@pytest.mark.alone
 def test_graph_replay_times_a_decode_step_per_call_from_hbm() -> None:
     per_set = 2 * 1 * 8 * 8192 * 128 * 2  # K and V: 32 MiB
     n = timing.rotation_sets(per_set, CUDA)
@@ -89,6 +89,7 @@ def test_the_tuner_times_decode_and_speculative_steps_as_graph_replays(label: st
                                           f"{'graph' if 'graph' in t.note else 'eager'})" for n, t in best.items()))
 
 
+@pytest.mark.alone  # which candidates the tuner keeps rests on their measured times
 def test_a_window_shape_is_checked_and_timed() -> None:
     s = shapes.Shape("g-window", "bf16", 1, 16, 4, 4096, 4096, 128, True, "fwd", 512)
     impls = {n: REGISTRY.get(n) for n in ("sdpa", "triton", "cupy") if REGISTRY.availability(n) is None}
