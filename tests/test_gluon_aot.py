@@ -29,14 +29,16 @@ SM90_SHARED_BYTES = 227 * 1024
 WINDOW_SPILL_BYTES = 8
 
 
-@pytest.mark.parametrize("head_dim,causal,window,dtype",
-                         [(128, True, False, "bf16"), (64, False, False, "bf16"), (256, False, False, "bf16"),
-                          (128, True, True, "bf16"), (128, False, True, "bf16"), (128, True, False, "fp16")],
-                         ids=["d128-causal", "d64", "d256", "d128-causal-window", "d128-window", "d128-causal-fp16"])
-def test_gluon_forward_compiles_for_sm90(head_dim: int, causal: bool, window: bool, dtype: str) -> None:
+@pytest.mark.parametrize("head_dim,causal,window,dtype,order",
+                         [(128, True, False, "bf16", 0), (64, False, False, "bf16", 0), (256, False, False, "bf16", 0),
+                          (128, True, True, "bf16", 0), (128, False, True, "bf16", 0), (128, True, False, "fp16", 0),
+                          (128, True, False, "bf16", 1), (128, True, False, "fp16", 2)],
+                         ids=["d128-causal", "d64", "d256", "d128-causal-window", "d128-window", "d128-causal-fp16",
+                              "d128-causal-bottom", "d128-causal-pairs-fp16"])
+def test_gluon_forward_compiles_for_sm90(head_dim: int, causal: bool, window: bool, dtype: str, order: int) -> None:
     from flashdispatch.backends.triton import gluon_forward as gf
 
-    k = gf.aot_compile(head_dim, causal, dtype, window=window)
+    k = gf.aot_compile(head_dim, causal, dtype, window=window, order=order)
     ptx = k.asm["ptx"]
     assert ".target sm_90a" in ptx
     assert "wgmma.mma_async" in ptx

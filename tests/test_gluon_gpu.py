@@ -206,6 +206,25 @@ def test_other_configs(d: int, config: dict) -> None:
 
 
 @requires_sm90
+@pytest.mark.parametrize("xtile", [False, True], ids=["plain", "xtile"])
+@pytest.mark.parametrize("order", ["head", "bottom", "pairs"])
+def test_every_tile_order(order: str, xtile: bool) -> None:
+    """Each tile order (the launcher picks one per call; config ORDER forces it) is exact, with one
+    or many units per CTA, an odd tile count (a last unit of one tile under pairs), tiles whose rows
+    see no key, and XTILE's cross-tile hand-over."""
+    from flashdispatch.backends.triton import gluon_forward as gf
+
+    config = {"ORDER": {"head": gf.ORDER_HEAD, "bottom": gf.ORDER_BOTTOM, "pairs": gf.ORDER_PAIRS}[order],
+              "XTILE": xtile}
+    # 8 x 9 = 72 and 3 x 9 tiles (odd); 41 heads x 8 row blocks: several rounds on 132 SMs; 1027 x 113
+    for b, hq, hkv, sq, sk in ((2, 4, 2, 1100, 1100), (1, 3, 3, 1100, 2000), (1, 41, 41, 1000, 1000),
+                               (1, 5, 5, 1027, 113)):
+        q, k, v = make_qkv(b, hq, hkv, sq, sk, 128, dtype=torch.bfloat16, device="cuda")
+        out, lse = gf.gluon_attention_forward(q, k, v, causal=True, scale=128**-0.5, config=config)
+        check_forward(out, q, k, v, causal=True, lse=lse)
+
+
+@requires_sm90
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_repeated_calls_take_the_bound_kernel_with_fresh_inputs(layout: str) -> None:
     """After the compiling and the checked launches, a call signature runs the compiled launcher

@@ -367,3 +367,19 @@ def test_the_range_check_catches_a_wrong_edge(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(gf._key_blocks, "fn", off_by_one)
     with pytest.raises(AssertionError):
         check_ranges(1000, 1000, 128, 128, True, (300, 0))
+
+
+@pytest.mark.parametrize("order", ORDERS, ids=["head", "bottom", "pairs"])
+def test_the_host_model_deals_as_the_kernel_does(order: int) -> None:
+    """schedule()'s model (dealt_to, row_blocks, programs) is the kernel's own dealing and numbering:
+    the CTA and the row block of every tile index agree with _tile_of / _rounds / _tile_coords."""
+    for num_bh, num_m, sms in [(1, 1, 132), (3, 7, 4), (2, 8, 5), (5, 3, 132), (4, 13, 9)]:
+        num_tiles = num_bh * num_m
+        nprog = gf.programs(order, num_tiles, sms)
+        owner = gf.dealt_to(num_tiles, nprog, gf.order_unit(order))
+        for p in range(nprog):
+            mine = [tile_of(r, p, nprog, order) for r in range(rounds(p, nprog, num_tiles, order))]
+            assert mine and sorted(mine) == [t for t in range(num_tiles) if owner[t] == p]
+        rows = gf.row_blocks(order, num_bh, num_m)
+        assert [int(m) for m in rows] == [gf._tile_coords.fn(t, num_m, num_bh, 1, 1, order, 1)[0]
+                                          for t in range(num_tiles)]

@@ -105,6 +105,8 @@ def max_regs_per_thread(consumers: int) -> int:
 
 
 CONFIG_KEYS: frozenset[str] = frozenset({"BLOCK_N", "STAGES", "O_SEPARATE", "PINGPONG", "CONSUMERS", "XTILE"})
+# accepted beside them but never tuned: ORDER forces a tile order (benchmarks and tests)
+FORCE_KEYS: frozenset[str] = frozenset({"ORDER"})
 
 
 def default_config(head_dim: int) -> dict[str, Any]:
@@ -112,8 +114,9 @@ def default_config(head_dim: int) -> dict[str, Any]:
     O_SEPARATE: O has its own staging buffer (else it goes out through Q's); PINGPONG: the turn
     barriers order the consumers' wgmma issue; CONSUMERS: consumer warpgroups (64 query rows
     each); XTILE: a tile's last P V goes out with the next tile's first S (two Q buffers per
-    warpgroup; needs O_SEPARATE). Shared memory: Q 64 C x D, STAGES x (K + V) BLOCK_N x D, O 64 C x D when separate, in
-    the 227 KiB of an sm_90 CTA."""
+    warpgroup; needs O_SEPARATE). ORDER (not a default: schedule() picks it per launch) forces a tile
+    order, ORDER_HEAD / ORDER_BOTTOM / ORDER_PAIRS. Shared memory: Q 64 C x D, STAGES x (K + V)
+    BLOCK_N x D, O 64 C x D when separate, in the 227 KiB of an sm_90 CTA."""
     if head_dim == 64:
         return {"BLOCK_N": 128, "STAGES": 3, "O_SEPARATE": True, "PINGPONG": True, "CONSUMERS": 2, "XTILE": False}
     if head_dim == 128:
@@ -136,9 +139,10 @@ def config_space(head_dim: int) -> list[dict[str, Any]]:
 
 
 def resolve_config(head_dim: int, config: dict[str, Any] | None) -> dict[str, Any]:
-    """default_config(head_dim) updated by the keys of `config` that this kernel knows (others, such
-    as the tl kernel's BLOCK_M or num_warps, are not for it)."""
-    return {**default_config(head_dim), **{k: v for k, v in (config or {}).items() if k in CONFIG_KEYS}}
+    """default_config(head_dim) updated by the keys of `config` that this kernel knows, CONFIG_KEYS
+    and FORCE_KEYS (others, such as the tl kernel's BLOCK_M or num_warps, are not for it)."""
+    return {**default_config(head_dim),
+            **{k: v for k, v in (config or {}).items() if k in CONFIG_KEYS or k in FORCE_KEYS}}
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -761,43 +765,60 @@ _TILE_OVERHEAD_BLOCKS = 1.0
 _BALANCE_SLACK = 0.02
 
 
-def _balance(costs: np.ndarray, nprog: int, unit: int, sms: int) -> float:
-    """Share of the SMs' time spent working when tiles of these costs (in tile order) are dealt as
-    _tile_of deals them to nprog CTAs: units of `unit` tiles, rounds of nprog units in snake order."""
-    u = np.arange(costs.size) // unit
+def order_unit(order: int) -> int:
+    """Tiles per unit that a CTA takes in one turn (_tile_of's `unit`)."""
+    return 2 if order == ORDER_PAIRS else 1
+
+
+def programs(order: int, num_tiles: int, sms: int) -> int:
+    """CTAs to start: one per SM, at most one per unit (each CTA must own a unit: _rounds)."""
+    return min(sms, -(-num_tiles // order_unit(order)))
+
+
+def dealt_to(num_tiles: int, nprog: int, unit: int) -> np.ndarray:
+    """The CTA that runs each tile index, as _tile_of deals them: units of `unit` tiles, rounds of
+    nprog units in snake order."""
+    u = np.arange(num_tiles) // unit
     rnd, pos = u // nprog, u % nprog
-    pid = np.where(rnd % 2 == 0, pos, nprog - 1 - pos)
-    load = np.bincount(pid, weights=costs + _TILE_OVERHEAD_BLOCKS, minlength=nprog)
+    return np.where(rnd % 2 == 0, pos, nprog - 1 - pos)
+
+
+def row_blocks(order: int, num_bh: int, num_m: int) -> np.ndarray:
+    """The query row block of each tile index in `order` (_tile_coords' numbering)."""
+    k = np.arange(num_m)
+    if order == ORDER_BOTTOM:
+        return np.repeat(k[::-1], num_bh)
+    if order == ORDER_PAIRS:
+        return np.tile(np.where(k % 2 == 1, k // 2, num_m - 1 - k // 2), num_bh)
+    return np.tile(k, num_bh)
+
+
+def balance(costs: np.ndarray, order: int, sms: int) -> float:
+    """Share of the SMs' time spent working when tiles of these costs (per tile index) are dealt in
+    `order` to programs(order, ...) CTAs."""
+    unit = order_unit(order)
+    nprog = programs(order, costs.size, sms)
+    load = np.bincount(dealt_to(costs.size, nprog, unit), weights=costs + _TILE_OVERHEAD_BLOCKS, minlength=nprog)
     return float(load.sum() / (sms * load.max()))
 
 
 @functools.lru_cache(maxsize=256)
 def schedule(num_bh: int, num_m: int, seq_q: int, seq_k: int, block_m: int, block_n: int, causal: bool,
              windowed: bool, sms: int, kv_bytes: int, l2_bytes: int) -> tuple[int, int]:
-    """(tile order, CTAs) for one launch: every tile is one program's in turn (persistent CTAs, at
-    most one per SM and one per unit of tiles). Without a causal mask (or with a window) tiles cost the same and run head by
-    head. Under causal, the order of the best balance (its share of the SMs' time spent working,
-    from the tiles' key-block counts) among: head by head; zigzag pairs; and, when the K/V of all
-    heads (kv_bytes) fit in half of L2, bottom row block first across heads. Beyond that, bottom
-    first makes every round read every head's K/V from memory: in a model of the schedule with an
-    LRU L2 (B=16 H=16 S=1k causal D=128), 94% of key-block reads missed against 22% head by head,
-    169 us of HBM traffic on an H100 against 148 us of tensor-core work. Ties go to the order that
+    """(tile order, CTAs) for one launch. Without a causal mask (or with a window) tiles cost the same
+    and run head by head. Under causal, the order whose CTAs stay busiest (`balance`, from the tiles'
+    key-block counts) among: head by head; zigzag pairs; and, when the K/V of all heads (kv_bytes)
+    fit in half of L2, bottom row block first across heads (beyond that it makes every round read
+    every head's K/V from memory: docs/gluon.md). Ties within _BALANCE_SLACK go to the order that
     keeps a head's tiles together (head, then pairs)."""
     num_tiles = num_bh * num_m
     if not causal or windowed:
-        return ORDER_HEAD, min(sms, num_tiles)
-    m = np.arange(num_m)
-    visible = np.clip((m + 1) * block_m + seq_k - seq_q, 0, seq_k)
-    cost_m = -(-visible // block_n)
-    k = np.arange(num_m)
-    zig = np.where(k % 2 == 1, k // 2, num_m - 1 - k // 2)
-    options = [(ORDER_HEAD, 1, np.tile(cost_m, num_bh)), (ORDER_PAIRS, 2, np.tile(cost_m[zig], num_bh))]
-    if kv_bytes * 2 <= l2_bytes:
-        options.append((ORDER_BOTTOM, 1, np.repeat(cost_m[::-1], num_bh)))
-    scored = []
-    for order, unit, costs in options:
-        nprog = min(sms, -(-num_tiles // unit))
-        scored.append((_balance(costs.astype(np.float64), nprog, unit, sms), order, nprog))
+        return ORDER_HEAD, programs(ORDER_HEAD, num_tiles, sms)
+    visible = np.clip((np.arange(num_m) + 1) * block_m + seq_k - seq_q, 0, seq_k)
+    cost_m = (-(-visible // block_n)).astype(np.float64)
+    candidates = [ORDER_HEAD, ORDER_PAIRS] + ([ORDER_BOTTOM] if kv_bytes * 2 <= l2_bytes else [])
+    scored = [(balance(cost_m[row_blocks(o, num_bh, num_m)], o, sms), o, programs(o, num_tiles, sms))
+              for o in candidates]
     best = max(score for score, _, _ in scored)
     order, nprog = next((o, n) for score, o, n in scored if score >= best - _BALANCE_SLACK)
     return order, nprog
@@ -858,6 +879,11 @@ class _GluonPlan:
         kv_bytes = bsz * hkv * sk * d * 2 * q.element_size()
         order, nprog = schedule(bsz * hq, num_m, sq, sk, block_m, cfg["BLOCK_N"], causal, win is not None,
                                 _sm_count(index), kv_bytes, _l2_bytes(index))
+        if cfg.get("ORDER") is not None:  # forced (benchmarks, tests); every order is correct
+            if cfg["ORDER"] not in (ORDER_HEAD, ORDER_BOTTOM, ORDER_PAIRS):
+                raise ValueError(f"config['ORDER']: expected ORDER_HEAD, ORDER_BOTTOM or ORDER_PAIRS "
+                                 f"({ORDER_HEAD}, {ORDER_BOTTOM}, {ORDER_PAIRS}), got {cfg['ORDER']!r}")
+            order, nprog = cfg["ORDER"], programs(cfg["ORDER"], num_tiles, _sm_count(index))
         self.rows = (HALF_M, cfg["BLOCK_N"], cfg["BLOCK_N"], HALF_M)  # q, k, v, o boxes
         out = torch.empty_strided((bsz, hq, sq, d), self.outputs.strides, dtype=q.dtype, device="meta")
         # the records' shapes and strides, where every stride suits the copy engine (a call whose
@@ -906,8 +932,11 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     p - left <= j <= p + right (-1: unbounded; causal sets right to 0); key blocks outside the
     window are never loaded. Returns out (B, Hq, Sq, D) in q's dtype and physical layout and lse
     (B, Hq, Sq) float32, natural log, -inf for rows that see no key. `config` holds the keys of
-    CONFIG_KEYS (defaults: default_config(D)).
+    CONFIG_KEYS (defaults: default_config(D)). scale > 0 (the fp16 softmax takes the row max of the
+    unscaled scores).
     """
+    if not scale > 0:
+        raise ValueError(f"scale: expected a positive float, got {scale!r}")
     variant = make_variant(window, None, None)
     return cached_plan(_PLANS, _GluonPlan, q, k, v, causal, scale, config, variant).run(q, k, v)
 
