@@ -43,6 +43,10 @@ VARIANTS: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
     "gluon:c3": ((64,), {"CONSUMERS": 3}),  # 192-row tiles, three consumer warpgroups taking turns
     "gluon:c3n64": ((64,), {"CONSUMERS": 3, "BLOCK_N": 64, "STAGES": 4}),  # the same, 64-key blocks
     "gluon:xtile": ((64, 128), {"XTILE": True}),  # a tile's last P V issued with the next tile's first S
+    # the tile orders forced (the default, "gluon", takes the one gluon_forward.schedule picks)
+    "gluon:head": ((64, 128, 256), {"ORDER": 0}),  # ORDER_HEAD: head by head
+    "gluon:bottom": ((64, 128, 256), {"ORDER": 1}),  # ORDER_BOTTOM: bottom row block first across heads
+    "gluon:pairs": ((64, 128, 256), {"ORDER": 2}),  # ORDER_PAIRS: zigzag pairs of row blocks
 }
 BASELINE = "sdpa"
 HANG_SECONDS = 60.0
