@@ -499,9 +499,9 @@ __device__ __forceinline__ void fd_attn_fwd(
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
                     // fp16: the score is scaled with its own rounding, so that the row's largest score
-                    // gets exactly p = 1; one FMA (unrounded product, rounded m) left it exp2(residual),
-                    // up to 3.4e-4 off 1 at logits near 1e4, which fp16 P rounds away while l keeps it
-                    // (O = acc / l scaled by it). bf16's unit is 8x coarser: one FMA.
+                    // gets exactly p = 1; one FMA (unrounded product, rounded m) would leave it
+                    // exp2(residual) in l (docs/design.md, "fp16 softmax keeps the row max in score
+                    // units"). bf16: one FMA.
                     const float p0 = BF16 ? fd_exp2(fmaf(s[mt][nt][2 * hr], scale_log2, -m_new))
                                           : fd_exp2(__fmul_rn(s[mt][nt][2 * hr], scale_log2) - m_new);
                     const float p1 = BF16 ? fd_exp2(fmaf(s[mt][nt][2 * hr + 1], scale_log2, -m_new))

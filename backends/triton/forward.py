@@ -169,12 +169,9 @@ def online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, MASKED: tl.constexpr, IE
     alpha = tl.math.exp2(m_i - m_use)
     p_op = p.to(v.dtype)
     if v.dtype == tl.float16:
-        # l sums the weights the dot receives. qk * qk_scale - m contracts into an FMA whose product
-        # is not rounded while m is: the row's largest score gets p = exp2(residual), up to 3.4e-4 off
-        # 1 at logits near 1e4, which fp16 rounds back to 1 in P but l kept: O = acc / l came out
-        # scaled by it, about half an fp16 unit on one-hot rows, and delta = rowsum(dO * O) in the
-        # backward carried that into dK times a large query channel (H100: dK 0.197 against 0.047
-        # allowed on an outlier channel). bf16's unit is 8x coarser than that residual.
+        # l sums the weights the dot receives: the FMA above leaves the row's largest score
+        # exp2(residual), which fp16 P rounds away (docs/design.md, "fp16 softmax keeps the row max
+        # in score units"; on an H100 it had cost dK 0.197 against 0.047 allowed on an outlier channel).
         l_i = l_i * alpha + row_sum(p_op.to(tl.float32), 1)
     else:
         l_i = l_i * alpha + row_sum(p, 1)

@@ -283,11 +283,9 @@ def _softmax(s, m_i, l_i, qk_scale, rows, cols, bounds,
     else:
         m_use = m_new
     if RAW_MAX:
-        # fp16: s * qk_scale - m contracts into an FMA whose product is not rounded while m is, so the
-        # largest score would get p = exp2(residual), up to 3.4e-4 off 1 at logits near 1e4; fp16
-        # rounds that back to 1 in P while l keeps it, and O = acc / l comes out scaled by it (half an
-        # fp16 unit on one-hot rows, which a large query channel carries into dK through delta).
-        # (s - m) is exact for the largest score: one more multiply per score, no more registers.
+        # fp16: (s - m) is exact for the largest score, whose weight is then exactly 1, as P carries
+        # it; the FMA form below leaves it exp2(residual) in l (docs/design.md, "fp16 softmax keeps
+        # the row max in score units"). One more multiply per score, no more registers.
         p = gl.exp2((s - m_use[:, None]) * qk_scale)
         alpha = gl.exp2((m_i - m_use) * qk_scale)
     else:
