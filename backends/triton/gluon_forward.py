@@ -159,7 +159,7 @@ def _tile_of(r, pid, nprog, ORDER: gl.constexpr):
     """The tile of CTA pid's r-th turn: units of consecutive tiles (two under ORDER_PAIRS, else one)
     dealt to the CTAs in rounds of nprog units in snake order (pid, then nprog - 1 - pid, ...), so
     that a CTA that drew a heavy unit in one round draws a light one in the next."""
-    unit: gl.constexpr = 2 if ORDER == 2 else 1
+    unit: gl.constexpr = 2 if ORDER == 2 else 1  # ORDER_PAIRS: two tiles a turn
     ur = r // unit
     return (ur * nprog + pid + (ur % 2) * (nprog - 1 - 2 * pid)) * unit + r % unit
 
@@ -179,23 +179,24 @@ def _rounds(pid, nprog, num_tiles, ORDER: gl.constexpr):
 
 @gluon.jit
 def _tile_coords(tile, num_m, num_bh, heads_q, group, ORDER: gl.constexpr, BLOCK_M: gl.constexpr):
-    """(first query row of the tile, b * Hq + h, b, h, kv head) of a linear tile index in `order`.
+    """(first query row of the tile, b * Hq + h, b, h, kv head) of a linear tile index in ORDER
+    (the ORDER_* values as literals: a jit function reads only constexpr globals).
 
     ORDER_HEAD: every tile costs about the same (no causal mask, a window, or a chunk whose rows see
     a long prefix): the tiles of one head are adjacent, so the CTAs of a round read its K/V in step
     (once from memory, the rest from L2).
     ORDER_PAIRS (causal): a tile's cost grows with its row block; numbered last, first, last - 1,
-    second, ... within each head and dealt two at a time, every unit costs the same (a heavy tile
-    and its light mirror), and a head's tiles still run side by side.
+    second, ... within each head and dealt two at a time, every unit costs the same with an even
+    number of row blocks (a heavy tile and its light mirror), and a head's tiles still run side by side.
     ORDER_BOTTOM (causal, when every head's K/V fits in L2 at once): bottom row block first across
     all heads, the rounds of equal cost, the best balance when there are few rounds."""
-    if ORDER == 1:
+    if ORDER == 1:  # ORDER_BOTTOM
         m_blk = num_m - 1 - tile // num_bh
         bh = tile % num_bh
     else:
         bh = tile // num_m
         k = tile % num_m
-        if ORDER == 2:
+        if ORDER == 2:  # ORDER_PAIRS
             m_blk = (k % 2) * (k // 2) + (1 - k % 2) * (num_m - 1 - k // 2)
         else:
             m_blk = k
@@ -507,7 +508,8 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
                         acc, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_bars,
                         kv_it, turn_it, qk_scale, rows, n_lo * BLOCK_N, bounds,
                         WG, STAGES, BLOCK_N, CAUSAL, WINDOW, NC, PINGPONG, s_layout, o_layout, p_layout)
-                    _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_row0, seq_q,
+                    _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr,
+                                prev_b, prev_h, prev_bh, prev_row0, seq_q,
                                 s_layout, o_layout)
                     m_i = m_new
                     l_i = l_new
@@ -551,7 +553,8 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
                 if pend:
                     acc, turn_it = _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_it,
                                             WG, STAGES, NC, PINGPONG, o_layout)
-                    _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_row0, seq_q,
+                    _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr,
+                                prev_b, prev_h, prev_bh, prev_row0, seq_q,
                                 s_layout, o_layout)
                 acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
                 m_i = gl.full([64], float("-inf"), gl.float32, row_layout)
@@ -576,7 +579,8 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
         if prev_blocks[3] > prev_blocks[0]:
             acc, turn_it = _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_it,
                                     WG, STAGES, NC, PINGPONG, o_layout)
-            _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr, prev_b, prev_h, prev_bh, prev_m + WG * 64, seq_q,
+            _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr,
+                        prev_b, prev_h, prev_bh, prev_m + WG * 64, seq_q,
                         s_layout, o_layout)
     tma.store_wait(0)
 
