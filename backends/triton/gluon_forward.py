@@ -322,7 +322,7 @@ def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k
                    v_empty, turn_bars, kv_it, turn_it, qk_scale, rows, n_start, bounds,
                    WG: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
                    MASKED: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, NC: gl.constexpr,
-                   PINGPONG: gl.constexpr,
+                   PINGPONG: gl.constexpr, RAW_MAX: gl.constexpr,
                    s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
     """Key block kv_it (not the first of the tile): S_j and the previous block's P V in flight
     together, the softmax of S_j while P V finishes."""
@@ -341,8 +341,7 @@ def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k
     s = warpgroup_mma_wait(1, deps=[s_tok])
     mbarrier.arrive(k_empty.index(slot), count=1)
     cols = n_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    p, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale, rows, cols, bounds, MASKED, CAUSAL, WINDOW,
-                                  q_buf.dtype == gl.float16)
+    p, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale, rows, cols, bounds, MASKED, CAUSAL, WINDOW, RAW_MAX)
     p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
     # -- O ready: release V of the previous block
     acc = warpgroup_mma_wait(0, deps=[o_tok])
@@ -353,8 +352,8 @@ def _consume_block(acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k
 @gluon.jit
 def _first_block(q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_scale, rows, n_start, bounds,
                  WG: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                 WINDOW: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
-                 p_layout: gl.constexpr):
+                 WINDOW: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr, RAW_MAX: gl.constexpr,
+                 s_layout: gl.constexpr, p_layout: gl.constexpr):
     """A tile's first key block (keys from n_start): S_0 alone (masked: it may be the diagonal, a
     window's edge or the Sk tail).
     Returns P_0 (the next P V's operand) and the fresh row state."""
@@ -370,7 +369,7 @@ def _first_block(q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_
     cols = n_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     p, m_i, l_i, alpha = _softmax(s, gl.full([64], float("-inf"), gl.float32, row_layout),
                                   gl.full([64], 0.0, gl.float32, row_layout), qk_scale, rows, cols, bounds,
-                                  True, CAUSAL, WINDOW, q_buf.dtype == gl.float16)
+                                  True, CAUSAL, WINDOW, RAW_MAX)
     p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
     return p_op, m_i, l_i, alpha, kv_it + 1, turn_it + 1
 
@@ -380,7 +379,8 @@ def _first_block_with_last_pv(acc, p_op, alpha, q_buf, k_smem, v_smem, k_ready, 
                               turn_bars, kv_it, turn_it, qk_scale, rows, n_start, bounds,
                               WG: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
                               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
-                              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+                              RAW_MAX: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                              p_layout: gl.constexpr):
     """XTILE: this tile's S_0 issued in one turn with the previous tile's last P V, whose output
     accumulator comes back finished; returns it with P_0 and this tile's fresh row state."""
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
@@ -399,7 +399,7 @@ def _first_block_with_last_pv(acc, p_op, alpha, q_buf, k_smem, v_smem, k_ready, 
     cols = n_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     p, m_i, l_i, alpha = _softmax(s, gl.full([64], float("-inf"), gl.float32, row_layout),
                                   gl.full([64], 0.0, gl.float32, row_layout), qk_scale, rows, cols, bounds,
-                                  True, CAUSAL, WINDOW, q_buf.dtype == gl.float16)
+                                  True, CAUSAL, WINDOW, RAW_MAX)
     p_op = gl.convert_layout(p.to(q_buf.dtype), p_layout)
     acc = warpgroup_mma_wait(0, deps=[o_tok])
     mbarrier.arrive(v_empty.index(pslot), count=1)
@@ -424,14 +424,14 @@ def _last_pv(acc, p_op, alpha, v_smem, v_ready, v_empty, turn_bars, kv_it, turn_
 
 @gluon.jit
 def _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q,
-                s_layout: gl.constexpr, o_layout: gl.constexpr):
+                RAW_MAX: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
     """O / l through shared memory and a TMA store (clipped at Sq), lse in natural log; rows that saw
     no key (l = 0) get 0 and -inf. Waits for this warpgroup's previous store to have read o_buf."""
     rows = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
     out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
-    if o_buf.dtype == gl.float16:  # m in score units (_softmax's RAW_MAX)
+    if RAW_MAX:  # m in score units (_softmax)
         m_log2 = m_i * qk_scale
     else:
         m_log2 = m_i
@@ -463,6 +463,8 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     dtype: gl.constexpr = q_smem.dtype
+    # fp16 keeps the row max in score units (_softmax), so the largest score's weight is exactly 1
+    RAW_MAX: gl.constexpr = dtype == gl.float16
     o_buf = o_smem.index(WG)
     bounds = (seq_k, seq_k - seq_q, left, right)
     kv_it = 0
@@ -507,20 +509,20 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
                     acc, p_op, m_new, l_new, alpha, kv_it, turn_it = _first_block_with_last_pv(
                         acc, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_bars,
                         kv_it, turn_it, qk_scale, rows, n_lo * BLOCK_N, bounds,
-                        WG, STAGES, BLOCK_N, CAUSAL, WINDOW, NC, PINGPONG, s_layout, o_layout, p_layout)
+                        WG, STAGES, BLOCK_N, CAUSAL, WINDOW, NC, PINGPONG, RAW_MAX, s_layout, o_layout, p_layout)
                     _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr,
                                 prev_b, prev_h, prev_bh, prev_row0, seq_q,
-                                s_layout, o_layout)
+                                RAW_MAX, s_layout, o_layout)
                     m_i = m_new
                     l_i = l_new
                 else:
                     p_op, m_i, l_i, alpha, kv_it, turn_it = _first_block(
                         q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_scale, rows, n_lo * BLOCK_N,
-                        bounds, WG, STAGES, BLOCK_N, CAUSAL, WINDOW, NC, PINGPONG, s_layout, p_layout)
+                        bounds, WG, STAGES, BLOCK_N, CAUSAL, WINDOW, NC, PINGPONG, RAW_MAX, s_layout, p_layout)
             else:
                 p_op, m_i, l_i, alpha, kv_it, turn_it = _first_block(
                     q_buf, k_smem, k_ready, k_empty, turn_bars, kv_it, turn_it, qk_scale, rows, n_lo * BLOCK_N,
-                    bounds, WG, STAGES, BLOCK_N, CAUSAL, WINDOW, NC, PINGPONG, s_layout, p_layout)
+                    bounds, WG, STAGES, BLOCK_N, CAUSAL, WINDOW, NC, PINGPONG, RAW_MAX, s_layout, p_layout)
             acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
             if WINDOW:
                 # -- the window's left edge: masked
@@ -528,19 +530,19 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
                     acc, m_i, l_i, p_op, alpha, kv_it, turn_it = _consume_block(
                         acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
                         turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, bounds,
-                        WG, STAGES, BLOCK_N, True, CAUSAL, WINDOW, NC, PINGPONG, s_layout, o_layout, p_layout)
+                        WG, STAGES, BLOCK_N, True, CAUSAL, WINDOW, NC, PINGPONG, RAW_MAX, s_layout, o_layout, p_layout)
             # -- blocks every row of the tile sees in full: no mask
             for j in range(max(full_lo, n_lo + 1), full_hi):
                 acc, m_i, l_i, p_op, alpha, kv_it, turn_it = _consume_block(
                     acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
                     turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, bounds,
-                    WG, STAGES, BLOCK_N, False, CAUSAL, WINDOW, NC, PINGPONG, s_layout, o_layout, p_layout)
+                    WG, STAGES, BLOCK_N, False, CAUSAL, WINDOW, NC, PINGPONG, RAW_MAX, s_layout, o_layout, p_layout)
             # -- the diagonal (or the window's right edge) and the ragged end of Sk: masked
             for j in range(max(full_hi, n_lo + 1), n_end):
                 acc, m_i, l_i, p_op, alpha, kv_it, turn_it = _consume_block(
                     acc, m_i, l_i, p_op, alpha, q_buf, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
                     turn_bars, kv_it, turn_it, qk_scale, rows, j * BLOCK_N, bounds,
-                    WG, STAGES, BLOCK_N, True, CAUSAL, WINDOW, NC, PINGPONG, s_layout, o_layout, p_layout)
+                    WG, STAGES, BLOCK_N, True, CAUSAL, WINDOW, NC, PINGPONG, RAW_MAX, s_layout, o_layout, p_layout)
             if O_SEPARATE:  # every S of the tile is done: Q may be overwritten
                 mbarrier.arrive(q_empty.index(qi), count=1)
             # -- the last block's P V: now, or (XTILE) with the next tile's first S
@@ -555,7 +557,7 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
                                             WG, STAGES, NC, PINGPONG, o_layout)
                     _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr,
                                 prev_b, prev_h, prev_bh, prev_row0, seq_q,
-                                s_layout, o_layout)
+                                RAW_MAX, s_layout, o_layout)
                 acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
                 m_i = gl.full([64], float("-inf"), gl.float32, row_layout)
                 l_i = gl.full([64], 0.0, gl.float32, row_layout)
@@ -563,9 +565,11 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
                 mbarrier.arrive(q_empty.index(qi), count=1)
         if XTILE:
             if n_end <= n_lo:
-                _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q, s_layout, o_layout)
+                _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q,
+                            RAW_MAX, s_layout, o_layout)
         else:
-            _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q, s_layout, o_layout)
+            _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr, b, h, bh, row0, seq_q,
+                        RAW_MAX, s_layout, o_layout)
         if not O_SEPARATE:  # O went out through Q's buffer: hand it back once the store has read it
             tma.store_wait(0)
             mbarrier.arrive(q_empty.index(qi), count=1)
@@ -581,7 +585,7 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, o_smem, bars, o_desc, ls
                                     WG, STAGES, NC, PINGPONG, o_layout)
             _store_tile(acc, m_i, l_i, qk_scale, o_buf, o_desc, lse_ptr,
                         prev_b, prev_h, prev_bh, prev_m + WG * 64, seq_q,
-                        s_layout, o_layout)
+                        RAW_MAX, s_layout, o_layout)
     tma.store_wait(0)
 
 
