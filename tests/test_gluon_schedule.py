@@ -371,8 +371,9 @@ def test_the_range_check_catches_a_wrong_edge(monkeypatch: pytest.MonkeyPatch) -
 
 @pytest.mark.parametrize("order", ORDERS, ids=["head", "bottom", "pairs"])
 def test_the_host_model_deals_as_the_kernel_does(order: int) -> None:
-    """schedule()'s model (dealt_to, row_blocks, programs) is the kernel's own dealing and numbering:
-    the CTA and the row block of every tile index agree with _tile_of / _rounds / _tile_coords."""
+    """schedule()'s model (dealt_to, row_blocks, tile_heads, programs) is the kernel's own dealing and
+    numbering: the CTA, row block and head of every tile index agree with _tile_of / _rounds /
+    _tile_coords, and the causal tile costs with _key_blocks."""
     for num_bh, num_m, sms in [(1, 1, 132), (3, 7, 4), (2, 8, 5), (5, 3, 132), (4, 13, 9)]:
         num_tiles = num_bh * num_m
         nprog = gf.programs(order, num_tiles, sms)
@@ -380,9 +381,13 @@ def test_the_host_model_deals_as_the_kernel_does(order: int) -> None:
         for p in range(nprog):
             mine = [tile_of(r, p, nprog, order) for r in range(rounds(p, nprog, num_tiles, order))]
             assert mine and sorted(mine) == [t for t in range(num_tiles) if owner[t] == p]
-        rows = gf.row_blocks(order, num_bh, num_m)
-        assert [int(m) for m in rows] == [gf._tile_coords.fn(t, num_m, num_bh, 1, 1, order, 1)[0]
-                                          for t in range(num_tiles)]
+        coords = [gf._tile_coords.fn(t, num_m, num_bh, 1, 1, order, 1)[:2] for t in range(num_tiles)]
+        assert [int(m) for m in gf.row_blocks(order, num_bh, num_m)] == [m for m, _ in coords]
+        assert [int(h) for h in gf.tile_heads(order, num_bh, num_m)] == [bh for _, bh in coords]
+        for sq, sk in ((num_m * 128, num_m * 128), (num_m * 128 - 50, num_m * 128 + 300), (num_m * 128, 77)):
+            ranges = (key_blocks(m * 128, sq, sk, 128, 128, True) for m in range(num_m))
+            want = [max(0, e - lo) for lo, _, _, e in ranges]
+            assert [int(c) for c in gf.causal_row_block_costs(num_m, sq, sk, 128, 128)] == want, (sq, sk)
 
 
 def test_the_schedule_model_shows_bottom_first_bound_on_memory(capsys: pytest.CaptureFixture[str]) -> None:

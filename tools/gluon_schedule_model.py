@@ -4,13 +4,14 @@ SMs stay and how many key/value block reads miss an LRU L2, and what that costs 
     python -m flashdispatch.tools.gluon_schedule_model                      # the built-in shapes, H100
     python -m flashdispatch.tools.gluon_schedule_model --shape 16,16,16,1024,1024,128 --hbm-tbs 4.8
 
-The tiles, their order and their dealing to the CTAs are the launcher's own (gluon_forward:
-row_blocks, dealt_to, programs, schedule). Time is counted in key blocks of one 128-row tile: each
-CTA runs its tiles' blocks back to back (plus one block of fixed cost per tile), block j of a tile
-reading K/V block j of its kv head at that time; the reads of all CTAs, in time order, go through
-an LRU cache of `--l2-mb`. Tensor time: the busiest CTA's blocks at `--tflops` spread over the SMs;
-memory time: the missed blocks at `--hbm-tbs`. A model, not a measurement: it ranks orders and shows
-when one is bound on memory; the GPU decides (`bench_gluon --variants` times every order).
+The tiles, their costs, their order and their dealing to the CTAs are the launcher's own
+(gluon_forward: causal_row_block_costs, row_blocks, tile_heads, dealt_to, programs, schedule). Time
+is counted in key blocks of one 128-row tile: each CTA runs its tiles' blocks back to back (plus one
+block of fixed cost per tile), block j of a tile reading K/V block j of its kv head at that time;
+the reads of all CTAs, in time order, go through an LRU cache of `--l2-mb`. Tensor time: the
+busiest CTA's blocks at `--tflops` spread over the SMs; memory time: the missed blocks at
+`--hbm-tbs`. A model, not a measurement: it ranks orders and shows when one is bound on memory; the
+GPU decides (`bench_gluon --variants` times every order).
 """
 
 from __future__ import annotations
@@ -46,9 +47,8 @@ def model(b: int, hq: int, hkv: int, sq: int, sk: int, d: int, order: int, *, sm
           l2_mb: float = 40.0, tflops: float = 660.0, hbm_tbs: float = 3.35, elem_bytes: int = 2) -> Modelled:
     """One causal call in one tile order."""
     num_m, num_bh = -(-sq // BLOCK), b * hq
-    rows = gf.row_blocks(order, num_bh, num_m)
-    heads = np.repeat(np.arange(num_bh), num_m) if order != gf.ORDER_BOTTOM else np.tile(np.arange(num_bh), num_m)
-    blocks = -(-np.clip((rows + 1) * BLOCK + sk - sq, 0, sk) // BLOCK)
+    heads = gf.tile_heads(order, num_bh, num_m)
+    blocks = gf.causal_row_block_costs(num_m, sq, sk, BLOCK, BLOCK)[gf.row_blocks(order, num_bh, num_m)]
     nprog = gf.programs(order, blocks.size, sms)
     owner = gf.dealt_to(blocks.size, nprog, gf.order_unit(order))
     group = hq // hkv

@@ -799,6 +799,19 @@ def row_blocks(order: int, num_bh: int, num_m: int) -> np.ndarray:
     return np.tile(k, num_bh)
 
 
+def tile_heads(order: int, num_bh: int, num_m: int) -> np.ndarray:
+    """The b * Hq + h of each tile index in `order` (_tile_coords' numbering)."""
+    h = np.arange(num_bh)
+    return np.tile(h, num_m) if order == ORDER_BOTTOM else np.repeat(h, num_m)
+
+
+def causal_row_block_costs(num_m: int, seq_q: int, seq_k: int, block_m: int, block_n: int) -> np.ndarray:
+    """Key blocks each query row block visits under bottom-right causal without a window, as
+    _key_blocks counts them."""
+    visible = np.clip((np.arange(num_m) + 1) * block_m + seq_k - seq_q, 0, seq_k)
+    return -(-visible // block_n)
+
+
 def balance(costs: np.ndarray, order: int, sms: int) -> float:
     """Share of the SMs' time spent working when tiles of these costs (per tile index) are dealt in
     `order` to programs(order, ...) CTAs."""
@@ -820,8 +833,7 @@ def schedule(num_bh: int, num_m: int, seq_q: int, seq_k: int, block_m: int, bloc
     num_tiles = num_bh * num_m
     if not causal or windowed:
         return ORDER_HEAD, programs(ORDER_HEAD, num_tiles, sms)
-    visible = np.clip((np.arange(num_m) + 1) * block_m + seq_k - seq_q, 0, seq_k)
-    cost_m = (-(-visible // block_n)).astype(np.float64)
+    cost_m = causal_row_block_costs(num_m, seq_q, seq_k, block_m, block_n).astype(np.float64)
     candidates = [ORDER_HEAD, ORDER_PAIRS] + ([ORDER_BOTTOM] if kv_bytes * 2 <= l2_bytes else [])
     scored = [(balance(cost_m[row_blocks(o, num_bh, num_m)], o, sms), o, programs(o, num_tiles, sms))
               for o in candidates]
@@ -883,9 +895,10 @@ class _GluonPlan:
         num_tiles = bsz * hq * num_m
         index = self.index or 0
         kv_bytes = bsz * hkv * sk * d * 2 * q.element_size()
-        order, nprog = schedule(bsz * hq, num_m, sq, sk, block_m, cfg["BLOCK_N"], causal, win is not None,
-                                _sm_count(index), kv_bytes, _l2_bytes(index))
-        if cfg.get("ORDER") is not None:  # forced (benchmarks, tests); every order is correct
+        if cfg.get("ORDER") is None:
+            order, nprog = schedule(bsz * hq, num_m, sq, sk, block_m, cfg["BLOCK_N"], causal, win is not None,
+                                    _sm_count(index), kv_bytes, _l2_bytes(index))
+        else:  # forced (benchmarks, tests); every order is correct
             if cfg["ORDER"] not in (ORDER_HEAD, ORDER_BOTTOM, ORDER_PAIRS):
                 raise ValueError(f"config['ORDER']: expected ORDER_HEAD, ORDER_BOTTOM or ORDER_PAIRS "
                                  f"({ORDER_HEAD}, {ORDER_BOTTOM}, {ORDER_PAIRS}), got {cfg['ORDER']!r}")
