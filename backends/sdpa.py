@@ -253,9 +253,11 @@ class SdpaCudnn(_Sdpa):
         return LSE_PAIR
 
     def capabilities(self, dev: DeviceInfo) -> Capabilities:
+        # torch 2.11 on an H100: "cudnn SDPA does not support key/value sequence length 1", for
+        # every Sq, head dim, dtype and with or without gradients
         return Capabilities(device_kinds=frozenset({"cuda"}), dtypes=HALF_DTYPES, min_cuda_capability=80,
                             max_head_dim=128, head_dim_multiple=8, different_v_head_dim=False,
-                            lse=False, deterministic=False)
+                            lse=False, deterministic=False, min_seqlen_k=2)
 
 
 class SdpaEfficient(_Sdpa):

@@ -91,6 +91,7 @@ class Capabilities:
     deterministic: bool = True
     layouts: frozenset[str] = frozenset({"bhsd", "bshd"})
     max_seqlen_q: int | None = None  # decode-only kernels
+    min_seqlen_k: int = 1  # cuDNN's attention has no kernel for a single key
     # the variants (flash_attn's conventions; docs/variants.md): a sliding window, tanh logit
     # softcapping, attention sinks (the float32 (Hq,) "sinks" tensor of Inputs.extras)
     window: bool = False
@@ -151,6 +152,8 @@ class Capabilities:
                 )
         if self.max_seqlen_q is not None and p.seqlen_q > self.max_seqlen_q:
             r.append(f"Sq={p.seqlen_q} (max {self.max_seqlen_q})")
+        if p.seqlen_k < self.min_seqlen_k:
+            r.append(f"Sk={p.seqlen_k} (min {self.min_seqlen_k})")
         if p.needs_grad and not self.backward:
             r.append("requires_grad (no backward pass)")
         if p.return_lse and not self.lse:

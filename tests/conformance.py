@@ -74,6 +74,7 @@ def shapes(device: str) -> list[Case]:
             Case("decode", 2, 4, 2, 1, 37, 64),
             Case("spec", 1, 4, 2, 5, 33, 32, strided=True),
             Case("dv", 1, 2, 2, 16, 16, 32, dv=64),
+            Case("one_key", 1, 2, 1, 3, 1, 32),
         ]
         dims = [Case(f"d{d}", 1, 2, 2, 16, 16, d) for d in (16, 72, 96, 128)]
     else:
@@ -88,6 +89,7 @@ def shapes(device: str) -> list[Case]:
             Case("decode_long", 1, 32, 8, 1, 8197, 128, layout="bshd"),
             Case("spec", 2, 8, 2, 7, 515, 64, strided=True),
             Case("dv", 1, 4, 4, 128, 128, 64, dv=128),
+            Case("one_key", 2, 4, 2, 5, 1, 64),
         ]
         dims = [Case(f"d{d}", 1, 4, 2, 129, 129, d) for d in (32, 40, 72, 96, 128, 256)]
     return [replace(c, causal=causal) for c in base + dims for causal in (False, True)]
@@ -177,6 +179,8 @@ REFUSALS: list[Refusal] = [
     _r("cupy", "cuda", lambda c, dt, kind: kind == "grad" and c.d not in (32, 64, 96, 128), "backward"),
     _r("sdpa:flash sdpa:cudnn", "cpu cuda", lambda c, dt, kind: c.dv is not None and c.dv != c.d, "head_dim_v"),
     _r("cupy", "cuda", lambda c, dt, kind: c.dv is not None and c.dv != c.d, "head_dim_v"),
+    # a single key: cuDNN has no kernel for it
+    _r("sdpa:cudnn", "cuda", lambda c, dt, kind: c.sk < 2, "Sk=1"),
     # the log-sum-exp: only the explicit math and our kernels expose it
     _r("sdpa:flash sdpa:cudnn sdpa:efficient", "cpu cuda", lambda c, dt, kind: kind == "lse", "return_lse"),
     # the Gluon forward: Hopper (sm_90) only, 16-bit, D = Dv in {64, 128, 256}

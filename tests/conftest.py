@@ -13,12 +13,16 @@ ENV_NAMES = [v.name for v in envs.ALL]
 
 @pytest.fixture(autouse=True)
 def clean_dispatch(monkeypatch: pytest.MonkeyPatch):
-    """Each test starts with no FLASHDISPATCH_* variables and an empty decision cache."""
+    """Each test starts with no FLASHDISPATCH_* variables and an empty decision cache, and hands the
+    GPU memory it cached back when it ends (pytest -n runs a dozen processes on one GPU: memory one
+    test's allocator keeps is memory another's large reference cannot have)."""
     for name in ENV_NAMES:
         monkeypatch.delenv(name, raising=False)
     flashdispatch.refresh()
     yield
     flashdispatch.refresh()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

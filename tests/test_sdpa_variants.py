@@ -69,3 +69,29 @@ def test_math_with_lse_rows_that_see_no_key_have_zero_gradients() -> None:
     assert torch.equal(out[:, :, :7], torch.zeros_like(out[:, :, :7])) and bool(torch.isneginf(lse[:, :, :7]).all())
     out.sum().backward()
     assert bool(torch.isfinite(q.grad).all()) and torch.equal(q.grad[:, :, :7], torch.zeros_like(q.grad[:, :, :7]))
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("upcast", [True, False])
+@pytest.mark.parametrize("variant", ["causal", "window_softcap_sinks", "none"])
+def test_the_reference_in_blocks_equals_the_reference_whole(layout: str, upcast: bool, variant: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past REFERENCE_BLOCK_ELEMENTS scores the reference works block by block (batch entry, K/V head
+    group, query rows); every mask, softcap, sink and GQA head stays where the whole computation has it."""
+    from flashdispatch import reference
+
+    g = torch.Generator().manual_seed(7)
+    b, hq, hkv, sq, sk, d = 2, 6, 2, 37, 53, 16
+    shape = (lambda h, s: (b, s, h, d)) if layout == "bshd" else (lambda h, s: (b, h, s, d))
+    q = torch.randn(*shape(hq, sq), generator=g, dtype=torch.float32)
+    k, v = (torch.randn(*shape(hkv, sk), generator=g, dtype=torch.float32) for _ in range(2))
+    kw: dict = {"causal": variant == "causal"}
+    if variant == "window_softcap_sinks":
+        kw.update(window=(9, 3), softcap=2.0, sinks=torch.randn(hq, generator=g))
+    whole = reference.attention_math(q, k, v, layout=layout, upcast=upcast, **kw)
+    monkeypatch.setattr(reference, "REFERENCE_BLOCK_ELEMENTS", 5 * 3 * sk)   # 5 rows of a 3-head group
+    blocks = reference.attention_math(q, k, v, layout=layout, upcast=upcast, **kw)
+    for a, c in zip(whole, blocks):
+        assert a.dtype == c.dtype and a.shape == c.shape
+        assert torch.equal(torch.isinf(a), torch.isinf(c))
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
