@@ -421,6 +421,12 @@ def point_class(key: GroupKey, pt: Point) -> str:
     return shape_class(point_problem(key, pt))
 
 
+# anchored_ratio(): the measured points it anchors at (the nearest where both implementations were
+# timed), and the distance (log GFLOP plus log bytes; 0.1 is about 10% in size) below which an
+# anchor's weight stops growing: a problem at a measured point takes that point's ratio.
+RATIO_POINTS = 2
+ANCHOR_DISTANCE = 0.1
+
 @dataclass
 class Group:
     key: GroupKey
@@ -491,6 +497,34 @@ class Group:
             scored.append((d, i, pt))
         scored.sort(key=lambda s: s[:2])
         return [pt for _, _, pt in scored[:k]]
+
+    def anchored_ratio(self, p: Problem, a: str, b: str, sm_count: int) -> tuple[float, int] | None:
+        """`a`'s time over `b`'s at `p`, as the two fits predict it, anchored at the RATIO_POINTS
+        points nearest to `p` (log GFLOP plus log bytes) where both were timed, interleaved on the
+        same inputs: at each, the fits' ratio at `p` times the measured ratio there over the fits'
+        ratio there; the anchors weighted by 1 / (distance + ANCHOR_DISTANCE), a geometric mean. At a
+        measured point its measurement decides; between points the fits carry the trend from the
+        nearer measurement. Returns (ratio, anchors), or None with fewer than RATIO_POINTS points
+        holding both or without both fits."""
+        fa, fb = self.fits.get(a), self.fits.get(b)
+        if fa is None or fb is None:
+            return None
+        x = features(p, sm_count)
+        at_p = max(fa.predict_us(x), 1e-9) / max(fb.predict_us(x), 1e-9)
+        scored = []
+        for i, (pt, y) in enumerate(zip(self.points, self.point_features(sm_count))):
+            ta, tb = pt.ms.get(a), pt.ms.get(b)
+            if not (ta and tb and ta > 0 and tb > 0 and math.isfinite(ta) and math.isfinite(tb)):
+                continue
+            d = abs(math.log((x[1] + 1e-12) / (y[1] + 1e-12))) + abs(math.log((x[2] + 1e-12) / (y[2] + 1e-12)))
+            fitted = max(fa.predict_us(y), 1e-9) / max(fb.predict_us(y), 1e-9)
+            scored.append((d, i, at_p * (ta / tb) / fitted))
+        if len(scored) < RATIO_POINTS:
+            return None
+        scored.sort(key=lambda s: s[:2])
+        near = scored[:RATIO_POINTS]
+        w = [1.0 / (d + ANCHOR_DISTANCE) for d, _, _ in near]
+        return math.exp(sum(wi * math.log(r) for wi, (_, _, r) in zip(w, near)) / sum(w)), len(near)
 
     def worst_error(self, name: str, sm_count: int) -> float:
         """How far `name`'s fit misses the group's point it misses most, as a factor minus one in

@@ -479,3 +479,35 @@ def test_one_slow_outlier_is_left_out_of_a_compute_class_fit_and_said():
     mild = [truth(x) * (OUTLIER_FACTOR * 0.8 if i == 0 else 1.0) for i, x in enumerate(xs)]
     assert robust_fit(xs, mild).excluded == ()
     assert dc_replace(f, excluded=()).to_yaml().get("excluded") is None
+
+
+def test_measurements_beside_the_problem_decide_a_lead_the_fits_errors_hide(tmp_path, monkeypatch):
+    # triton: 15% faster than sdpa at the two large points, 60-80% slower at the three small ones (a
+    # kernel whose fixed cost the fits cannot follow). The fits' errors sum past any such lead, so the
+    # fits alone keep plain SDPA everywhere; the measured ratios beside each problem decide instead.
+    key = GroupKey("fwd", "causal", "plain", "bf16", 128)
+    base = (8.0, 1e3 / 550.0, 1e3 / 3500.0, 0.0)
+    pts = _synthetic_points(key, {"sdpa": base}, PREFILL_DIMS)
+    slow = {(16, 1024): 1.6, (4, 4096): 0.85, (1, 16384): 0.85, (8, 2048): 1.7, (32, 512): 1.8}
+    pts = [pt._replace(ms={**pt.ms, "triton": pt.ms["sdpa"] * slow[(pt.batch, pt.seqlen_q)]}) for pt in pts]
+    g = Group(key, pts)
+    g.refit(H200.sm_count)
+    need = g.fits["triton"].rms + g.fits["sdpa"].rms  # the margin the fits' errors set
+    prof = Profile("x.yaml", "h200", True, {"key": "h200", "name": "NVIDIA H200", "arch": "sm_90"},
+                   {"date": "2026-12-05", "card": "NVIDIA H200 (synthetic)", "tool": "test"}, [g])
+    (tmp_path / "h200.yaml").write_text(profile_yaml_text(prof))
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
+    fd.refresh()
+    try:
+        near_fast = fd.explain(shape=(3, 32, 8, 5000, 5000, 128), causal=True, device="h200")
+        assert near_fast.predicted["triton"] > near_fast.predicted["sdpa"] * (1.0 - need)  # fits alone: sdpa
+        assert near_fast.variant == "triton", str(near_fast)
+        assert any("anchored at the 2 nearest points" in n for n in near_fast.notes), near_fast.notes
+        near_slow = fd.explain(shape=(24, 32, 32, 600, 600, 128), causal=True, device="h200")
+        assert near_slow.variant == "sdpa", str(near_slow)
+        # at a measured point its own measurement decides
+        at = point_problem(key, pts[1])
+        ratio, k = g.anchored_ratio(at, "triton", "sdpa", H200.sm_count)
+        assert k == 2 and ratio == pytest.approx(0.85, rel=0.03)
+    finally:
+        fd.refresh()

@@ -331,9 +331,14 @@ def _meta_varlen(lengths=(300, 5000, 1200), hq=32, hkv=8, d=128):
     return q, k, cu, max(lengths)
 
 
-def test_a_simulated_gpu_without_a_serving_model_takes_the_built_in_order_and_says_so():
+def test_a_simulated_gpu_without_a_serving_model_takes_the_built_in_order_and_says_so(tmp_path, monkeypatch):
+    dense = GroupKey("fwd", "causal", "plain", "bf16", 128)  # a measured profile with no serving group
+    prof = _profile(_group(dense, [(1, 8, 2048, 2048), (4, 8, 4096, 4096)], {"triton": (20.0, 4.0), "sdpa": (30.0, 3.0)}))
+    (tmp_path / "h200.yaml").write_text(profile_yaml_text(prof))
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
+    fd.refresh()
     q, k, cu, smax = _meta_varlen()
-    d = fd.explain_varlen(q, k, k, cu, cu, smax, smax, causal=True, device="h100")  # h100.yaml: no serving groups
+    d = fd.explain_varlen(q, k, k, cu, cu, smax, smax, causal=True, device="h200")
     assert d.variant == "triton" and d.source == "default" and d.device.kind == "cuda"
     assert any("has no model for fwd varlen bf16 D=128" in n for n in d.notes), d.notes
     with pytest.raises(ValueError, match="device: expected one of"):
