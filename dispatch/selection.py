@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 from . import envs
 from .device import ARCH_FAMILY, DeviceInfo, current_device, real_device
 from .errors import NoBackendError
-from .costmodel import GroupKey, Prediction, compared_where_measured, group_key
+from .costmodel import COMPUTE_BOUND_CLASSES, GroupKey, Prediction, compared_where_measured, group_key
 from .profile_store import Group, Profile, load_profile
 from .problem import Problem
 from .registry import REGISTRY
@@ -49,13 +49,17 @@ def baseline_margin(*fit_errors: float) -> float:
 def anchored_comparison(p: Problem, a: Prediction, base: Prediction, sm_count: int) -> tuple[float, int] | None:
     """`a`'s time over the baseline's at `p` anchored at the nearest points where both were measured
     (Group.anchored_ratio) and the number of anchors, where both predictions come from one group's
-    own fits (nothing borrowed, estimated or extrapolated); None elsewhere.
+    own fits (nothing borrowed, estimated or extrapolated) in a compute-bound class; None elsewhere.
+    Only there: the anchors are the nearest in work and bytes, and the fits carry the trend from
+    them to the problem; a memory-bound class's fits also weigh how many programs fill the SMs (the
+    wave tail), and a decode problem with the bytes of a batch-64 point but 32 programs took a trend
+    made only of that term (a 128k-context decode anchored at batch 64, 2k keys).
 
     Two fits of a few points each miss by several per cent (a kernel's slow smallest shape sets its
     fixed cost), and summed, their errors hid 10-20% leads measured right beside the problem; the
     measurements near the problem carry no fit error: both timed interleaved on the same inputs."""
     if not (a.exact and base.exact and a.key == base.key and a.group is not None
-            and a.model_name == a.name and base.model_name == base.name):
+            and a.key.cls in COMPUTE_BOUND_CLASSES and a.model_name == a.name and base.model_name == base.name):
         return None
     return a.group.anchored_ratio(p, a.name, base.name, sm_count)
 

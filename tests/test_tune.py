@@ -159,14 +159,14 @@ def _round(n: int) -> bool:
 @pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
 def test_the_grid_is_generic_round_sizes(quick: bool) -> None:
     """The grid's own points (real models' shapes are the held-out set): 16 query heads, lengths
-    and batches powers of two or their 1.5x, GQA 1/4/8 and MQA (16/1); the benchmark shapes (FA2 sweep, special
+    and batches powers of two or their 1.5x, GQA 1/4/8; the benchmark shapes (FA2 sweep, special
     shapes) are the only others."""
     bench = {tune.bucket_id(s) for s in shapes.bench_shapes(("bf16",), quick=quick)}
     own = [s for s in shapes.tune_shapes(quick=quick) if tune.bucket_id(s) not in bench]
     assert own
     for s in own:
         assert s.label.startswith("grid-") and s.heads_q == shapes.GRID_HEADS_Q, s
-        assert s.heads_q // s.heads_kv in (1, 4, 8, 16), s
+        assert s.heads_q // s.heads_kv in (1, 4, 8), s
         for n in (s.batch, s.seqlen_q, s.seqlen_k) + ((s.window,) if s.window >= 0 else ()):
             assert _round(n), (n, s)
     assert _round(6144) and _round(1536) and not _round(6000) and not _round(1000)
