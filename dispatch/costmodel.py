@@ -45,6 +45,7 @@ from .problem import (
     NO_WINDOW,
     Problem,
     causal_visible_pairs,
+    window_visible_keys,
     window_visible_pairs,
 )
 
@@ -175,12 +176,15 @@ def features(p: Problem, sm_count: int, *, dense: bool = False) -> tuple[float, 
     """The model's inputs for `p` (FEATURES order): 1, GFLOP, GB, GFLOP x wave tail.
 
     dense=True counts the whole score matrix (an implementation that does not skip hidden blocks)
-    and the (Sq, Sk) boolean mask it reads."""
+    and the (Sq, Sk) boolean mask it reads; else a window counts the pairs it leaves and the keys
+    some query sees (window_visible_keys) as the K/V read."""
     elt = DTYPES_BY_NAME[p.dtype_name].itemsize if p.dtype_name in DTYPES_BY_NAME else 2
     pairs = visible_pairs(p, dense=dense)
     flop = 2.0 * p.batch * p.heads_q * pairs * (p.head_dim + p.head_dim_v)
     q_o = p.batch * p.heads_q * p.seqlen_q * (p.head_dim + p.head_dim_v)
-    kv = p.batch * p.heads_kv * p.seqlen_k * (p.head_dim + p.head_dim_v)
+    # K/V read: under a window, by a kernel that skips the hidden blocks, the keys some query sees
+    keys = window_visible_keys(p.seqlen_q, p.seqlen_k, p.window) if p.has_window and not dense else p.seqlen_k
+    kv = p.batch * p.heads_kv * keys * (p.head_dim + p.head_dim_v)
     nbytes = float(q_o + kv) * elt
     if p.needs_grad:
         flop *= 1.0 + BWD_FLOP_FACTOR

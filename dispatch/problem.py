@@ -137,6 +137,16 @@ def window_visible_pairs(sq: int, sk: int, window: tuple[int, int]) -> int:
     return int(torch.clamp(hi - lo + 1, min=0).sum())
 
 
+def window_visible_keys(sq: int, sk: int, window: tuple[int, int]) -> int:
+    """Keys some query sees under a bottom-right window: the union of the rows' ranges, from
+    max(0, Sk - Sq - left) to min(Sk - 1, Sk - 1 + right) (-1: unbounded). What a kernel that skips
+    the hidden blocks reads of K and V: a 4k window over a 32k cache reads 4k keys per step."""
+    left, right = window
+    lo = max(0, sk - sq - left) if left >= 0 else 0
+    hi = min(sk - 1, sk - 1 + right) if right >= 0 else sk - 1
+    return max(0, hi - lo + 1)
+
+
 def check_scale(scale: object, head_dim: int) -> float:
     """scale as given to attention(): None (1 / sqrt(head_dim)) or a finite float > 0."""
     if scale is None:

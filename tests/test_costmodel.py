@@ -511,3 +511,21 @@ def test_measurements_beside_the_problem_decide_a_lead_the_fits_errors_hide(tmp_
         assert k == 2 and ratio == pytest.approx(0.85, rel=0.03)
     finally:
         fd.refresh()
+
+
+def test_a_window_reads_only_the_keys_some_query_sees():
+    from flashdispatch.problem import window_visible_keys
+
+    assert window_visible_keys(1, 32768, (4095, 0)) == 4096  # decode: the last 4096 keys
+    assert window_visible_keys(8, 32768, (4095, 0)) == 4103  # 8 drafted rows: their windows' union
+    assert window_visible_keys(16384, 16384, (4095, 0)) == 16384  # a prompt: every key
+    assert window_visible_keys(4, 100, (-1, 0)) == 100 and window_visible_keys(4, 100, (10, -1)) == 14
+    assert window_visible_keys(300, 100, (10, 0)) == 100  # Sq > Sk: the first rows see nothing
+    decode = _p(1, 32768, b=8, hq=32, hkv=8)
+    windowed = _p(1, 32768, b=8, hq=32, hkv=8, window=(4095, 0))
+    full, win = features(decode, H200.sm_count), features(windowed, H200.sm_count)
+    kv_bytes = lambda sk: 8 * 8 * sk * 256 * 2  # noqa: E731  (B x Hkv x keys x (D + Dv) x bf16)
+    assert full[2] * 1e9 == pytest.approx(kv_bytes(32768) + 8 * 32 * 256 * 2)
+    assert win[2] * 1e9 == pytest.approx(kv_bytes(4096) + 8 * 32 * 256 * 2)
+    # a kernel that masks instead of skipping reads every key (and the mask)
+    assert features(windowed, H200.sm_count, dense=True)[2] > full[2]
