@@ -49,7 +49,10 @@ def baseline_margin(*fit_errors: float) -> float:
 def anchored_comparison(p: Problem, a: Prediction, base: Prediction, sm_count: int) -> tuple[float, int] | None:
     """`a`'s time over the baseline's at `p` anchored at the nearest points where both were measured
     (Group.anchored_ratio) and the number of anchors, where both predictions come from one group's
-    own fits (nothing borrowed, estimated or extrapolated) in a compute-bound class; None elsewhere.
+    own fits (nothing estimated or extrapolated) of the problem's own class, a compute-bound one;
+    None elsewhere. The group may be the other half dtype's or the nearest head dim's, as for the
+    predictions themselves (the same kernels; on the H100 Gemma 7B's D=256 prefill and Phi-3's D=96
+    chunk, both borrowed from D=128, ran SDPA 11% slower than the kernel the measurements favoured).
     Only there: the anchors are the nearest in work and bytes, and the fits carry the trend from
     them to the problem; a memory-bound class's fits also weigh how many programs fill the SMs (the
     wave tail), and a decode problem with the bytes of a batch-64 point but 32 programs took a trend
@@ -58,7 +61,10 @@ def anchored_comparison(p: Problem, a: Prediction, base: Prediction, sm_count: i
     Two fits of a few points each miss by several per cent (a kernel's slow smallest shape sets its
     fixed cost), and summed, their errors hid 10-20% leads measured right beside the problem; the
     measurements near the problem carry no fit error: both timed interleaved on the same inputs."""
-    if not (a.exact and base.exact and a.key == base.key and a.group is not None
+    def own_class(x: Prediction) -> bool:
+        return not x.estimated and not x.extrapolated and not any(w.startswith("class ") for w in x.borrowed)
+
+    if not (own_class(a) and own_class(base) and a.key == base.key and a.group is not None
             and a.key.cls in COMPUTE_BOUND_CLASSES and a.model_name == a.name and base.model_name == base.name):
         return None
     return a.group.anchored_ratio(p, a.name, base.name, sm_count)

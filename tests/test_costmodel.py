@@ -505,6 +505,12 @@ def test_measurements_beside_the_problem_decide_a_lead_the_fits_errors_hide(tmp_
         assert any("anchored at the 2 nearest points" in n for n in near_fast.notes), near_fast.notes
         near_slow = fd.explain(shape=(24, 32, 32, 600, 600, 128), causal=True, device="h200")
         assert near_slow.variant == "sdpa", str(near_slow)
+        # another head dim's group stands in, as for the prediction: its measurements still decide
+        other_d = fd.explain(shape=(3, 32, 8, 5000, 5000, 256), causal=True, device="h200")
+        assert other_d.variant == "triton" and any("anchored" in n for n in other_d.notes), str(other_d)
+        # another class's does not: a chunk borrowing the causal group keeps the fits' margin
+        chunk = fd.explain(shape=(3, 32, 8, 1024, 8192, 128), causal=True, device="h200")
+        assert not any("anchored" in n for n in chunk.notes), str(chunk)
         # at a measured point its own measurement decides
         at = point_problem(key, pts[1])
         ratio, k = g.anchored_ratio(at, "triton", "sdpa", H200.sm_count)
