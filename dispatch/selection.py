@@ -373,6 +373,7 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
         if first == BASELINE:
             r.notes.append(f"{baseline}, the baseline, runs")
             r.kept_baseline = True
+    anchored_lead: dict[str, float] = {}  # cleared by the measurements beside the problem: time over the baseline's
     if BASELINE in preds:
         # Each implementation must clear its own margin against the baseline to run instead: where
         # the group measured both near the problem, a lead of BASELINE_MARGIN anchored at each of
@@ -399,7 +400,7 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
                     r.notes.append(f"{n} takes {ratio:.3g} of {words(BASELINE)}'s time, anchored at the "
                                    f"{k} nearest points measured for both")
                     cleared.append(n)
-                    lead[n] = ratio
+                    lead[n] = anchored_lead[n] = ratio
                 elif n in ahead:
                     r.notes.append(f"{n} is predicted at {preds[n].ms:.4g} ms and {baseline} at "
                                    f"{preds[BASELINE].ms:.4g} ms, but anchored at the {k} nearest points measured "
@@ -456,7 +457,9 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
     if r.margin is not None and contenders and chosen != BASELINE:  # a close call to keep the baseline is safe
         runner = min(contenders, key=lambda n: preds[n].ms)
         err = win.fit.rms + preds[runner].fit.rms
-        if abs(r.margin) < err:
+        # a lead over the baseline that measurements beside the problem vouch for is no close call
+        vouched = runner == BASELINE and chosen in anchored_lead
+        if abs(r.margin) < err and not vouched:
             doubts.append(f"{chosen} and {runner} are {abs(r.margin):.1%} apart, inside their fit errors ({err:.1%})")
     for n in held:
         if n in unreliable and preds[n].ms < win.ms:

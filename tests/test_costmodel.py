@@ -503,6 +503,7 @@ def test_measurements_beside_the_problem_decide_a_lead_the_fits_errors_hide(tmp_
         assert near_fast.predicted["triton"] > near_fast.predicted["sdpa"] * (1.0 - need)  # fits alone: sdpa
         assert near_fast.variant == "triton", str(near_fast)
         assert any("anchored at the 2 nearest points" in n for n in near_fast.notes), near_fast.notes
+        assert "inside their fit errors" not in near_fast.uncertain  # the measurements vouch for the lead
         near_slow = fd.explain(shape=(24, 32, 32, 600, 600, 128), causal=True, device="h200")
         assert near_slow.variant == "sdpa", str(near_slow)
         # another head dim's group stands in, as for the prediction: its measurements still decide
