@@ -506,19 +506,21 @@ class Group:
         """`a`'s time over `b`'s at `p`, as the two fits predict it, anchored at the RATIO_POINTS
         points nearest to `p` (log GFLOP plus log bytes) where both were timed, interleaved on the
         same inputs: at each, the fits' ratio at `p` times the measured ratio there over the fits'
-        ratio there; the anchors weighted by 1 / (distance + ANCHOR_DISTANCE), a geometric mean. At a
-        measured point its measurement decides; between points the fits carry the trend from the
-        nearer measurement. Returns (ratio, anchors), or None with fewer than RATIO_POINTS points
-        holding both or without both fits."""
+        ratio there; the anchors weighted by 1 / (distance + ANCHOR_DISTANCE), a geometric mean.
+        Between points the fits carry the trend from the nearer measurement; at a measured point
+        (distance 0) its measured ratio alone is the answer. Points either fit left out as a slow
+        outlier are no anchors. Returns (ratio, anchors used), or None with fewer than RATIO_POINTS
+        points holding both or without both fits."""
         fa, fb = self.fits.get(a), self.fits.get(b)
         if fa is None or fb is None:
             return None
         x = features(p, sm_count)
         at_p = max(fa.predict_us(x), 1e-9) / max(fb.predict_us(x), 1e-9)
+        left_out = self._left_out(a, fa) | self._left_out(b, fb)  # slow outliers no fit trusts either
         scored = []
         for i, (pt, y) in enumerate(zip(self.points, self.point_features(sm_count))):
             ta, tb = pt.ms.get(a), pt.ms.get(b)
-            if not (ta and tb and ta > 0 and tb > 0 and math.isfinite(ta) and math.isfinite(tb)):
+            if i in left_out or not (ta and tb and ta > 0 and tb > 0 and math.isfinite(ta) and math.isfinite(tb)):
                 continue
             d = abs(math.log((x[1] + 1e-12) / (y[1] + 1e-12))) + abs(math.log((x[2] + 1e-12) / (y[2] + 1e-12)))
             fitted = max(fa.predict_us(y), 1e-9) / max(fb.predict_us(y), 1e-9)
@@ -527,8 +529,19 @@ class Group:
             return None
         scored.sort(key=lambda s: s[:2])
         near = scored[:RATIO_POINTS]
+        if near[0][0] < 1e-9:  # the problem is a measured point: its measurement alone
+            return near[0][2], 1
         w = [1.0 / (d + ANCHOR_DISTANCE) for d, _, _ in near]
         return math.exp(sum(wi * math.log(r) for wi, (_, _, r) in zip(w, near)) / sum(w)), len(near)
+
+    def _left_out(self, name: str, f: Fit) -> set[int]:
+        """Indices into self.points of the points `name`'s fit left out (Fit.excluded counts in the
+        list of points that hold a usable time of `name`, Group.measured's order)."""
+        if not f.excluded:
+            return set()
+        usable = [i for i, pt in enumerate(self.points)
+                  if (ms := pt.ms.get(name)) is not None and ms > 0 and math.isfinite(ms)]
+        return {usable[j] for j in f.excluded if j < len(usable)}
 
     def worst_error(self, name: str, sm_count: int) -> float:
         """How far `name`'s fit misses the group's point it misses most, as a factor minus one in

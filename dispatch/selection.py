@@ -370,9 +370,6 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
                            f"{1.0 + preds[n].worst_error:.3g}: its prediction ({preds[n].ms:.4g} ms) is not "
                            f"preferred to {words(first)}'s")
         order = [first] + held + [n for n in by_time if n != first and n not in held]
-        if first == BASELINE:
-            r.notes.append(f"{baseline}, the baseline, runs")
-            r.kept_baseline = True
     anchored_lead: dict[str, float] = {}  # cleared by the measurements beside the problem: time over the baseline's
     if BASELINE in preds:
         # Each implementation must clear its own margin against the baseline to run instead: where
@@ -396,16 +393,16 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
             anchored = anchored_comparison(p, preds[n], preds[BASELINE], model.sm_count)
             if anchored is not None:
                 ratio, k = anchored
+                where = ("as measured for both at this very shape" if k == 1 else
+                         f"anchored at the {k} nearest points measured for both")
                 if ratio <= 1.0 - BASELINE_MARGIN:
-                    r.notes.append(f"{n} takes {ratio:.3g} of {words(BASELINE)}'s time, anchored at the "
-                                   f"{k} nearest points measured for both")
+                    r.notes.append(f"{n} takes {ratio:.3g} of {words(BASELINE)}'s time, {where}")
                     cleared.append(n)
                     lead[n] = anchored_lead[n] = ratio
                 elif n in ahead:
                     r.notes.append(f"{n} is predicted at {preds[n].ms:.4g} ms and {baseline} at "
-                                   f"{preds[BASELINE].ms:.4g} ms, but anchored at the {k} nearest points measured "
-                                   f"for both it takes {ratio:.3g} of {words(BASELINE)}'s time, not "
-                                   f"{1.0 - BASELINE_MARGIN:.3g} or less: not preferred to {baseline}")
+                                   f"{preds[BASELINE].ms:.4g} ms, but it takes {ratio:.3g} of {words(BASELINE)}'s "
+                                   f"time {where}, not {1.0 - BASELINE_MARGIN:.3g} or less: not preferred to {baseline}")
                     margin_held.append(n)
                 continue
             if n not in ahead:
@@ -425,9 +422,10 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
             cleared.sort(key=lambda n: (lead[n], preds[n].ms, n))
             order = cleared + [BASELINE] + [n for n in order if n not in cleared and n != BASELINE]
             held = held + [n for n in margin_held if n not in held]
-        if ahead and not cleared and not r.kept_baseline:
-            r.notes.append(f"{baseline}, the baseline, runs")
-            r.kept_baseline = True
+    if order[0] == BASELINE and by_time[0] != BASELINE:
+        # something was predicted faster, and the baseline runs all the same (said once, after both steps)
+        r.notes.append(f"{baseline}, the baseline, runs")
+        r.kept_baseline = True
     r.ordered = order + rest
     chosen = r.ordered[0]
     win = preds[chosen]
