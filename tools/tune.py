@@ -7,7 +7,9 @@ the groups (every group's first point, then every group's second, ...) so that a
 implementation of the registry that can serve it runs each of its configs once on fresh random
 inputs and is checked against the float64 reference (tools/verify.py) before it is timed, so that a
 fast wrong kernel never wins. Prefill and training shapes are timed with tools/timing.py's median
-(warm-up, L2 flushed); decode and speculative steps as serving runs them, a CUDA-graph replay of
+(warm-up, L2 flushed), then again with the candidates' repetitions interleaved once every compile of
+the shape is behind them (the times the profile records); decode and speculative steps as serving
+runs them, a CUDA-graph replay of
 calls on input sets larger than L2 together (timing.graph_replay_ms), with the eager host time per
 call beside it. The result is profiles/<key>.yaml: every shape one point of its group, each group's
 models fitted to its points (tools/profile_writer.py).
@@ -245,7 +247,7 @@ def measure_bucket(
             res.trials.append(trial)
             if trial.status == "ok" and trial.ms is not None:
                 best_ms = min(best_ms, trial.ms)
-    if device.type == "cpu":
+    if device.type == "cpu" or rotation is None:  # graph-timed steps keep their replay times
         _retime_interleaved(res, impls, p, q, k, v, do, device, opts)
     res.seconds = time.perf_counter() - t_start
     return res
@@ -274,16 +276,23 @@ def _timed_call(impl: Implementation, cfg: dict[str, Any], p: Problem, q: torch.
 def _retime_interleaved(res: BucketResult, impls: dict[str, Implementation], p: Problem, q: torch.Tensor,
                         k: torch.Tensor, v: torch.Tensor, do: torch.Tensor | None, device: torch.device,
                         opts: TuneOptions) -> None:
-    """On a CPU: time the shape's timed trials again with their repetitions interleaved (the median
-    of each), replacing the one-after-another medians. A CPU shared with other work drifts by
-    factors within seconds; interleaved, the drift hits every candidate alike, so the ranking the
-    profile records is not the order in which they happened to run."""
+    """Time the shape's timed trials again, every compile behind them, with their repetitions
+    interleaved (the median of each; on a GPU the L2 flushed and the host given slack before each
+    call, as the bench times), replacing the one-after-another medians. One after another, each
+    candidate was timed right after its own checks and compiles: a CPU shared with other work drifts
+    by factors within seconds, and on the H100 each group's first shape, timed seconds after its
+    kernels compiled, read our kernels 3-4x slower than plain SDPA (B1 H16 S2048 causal D=128: 183
+    and 238 us against 56) where the bench reads them 1.2-1.5x at such sizes. Interleaved, drift
+    and clocks hit every candidate alike, so the profile records a ranking, not the order in which
+    the candidates happened to run."""
     timed = [(i, t) for i, t in enumerate(res.trials) if t.status == "ok" and t.ms is not None]
     if len(timed) < 2:
         return
     fns = {str(i): _timed_call(impls[t.name], t.config, p, q, k, v, do) for i, t in timed}
     failed: dict[str, str] = {}
-    samples = timing.interleaved_samples_ms(fns, device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, flush=False,
+    timing.warm_clocks(device)  # the last candidate's compile left the GPU idle (no-op off CUDA)
+    samples = timing.interleaved_samples_ms(fns, device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms,
+                                            flush=device.type == "cuda",
                                             failed=lambda n, e: failed.__setitem__(n, f"{type(e).__name__}: {e}"))
     for i, t in timed:
         got = samples.get(str(i))
@@ -475,6 +484,8 @@ def estimate_plan(plan: Sequence[Shape], dev: DeviceInfo, opts: TuneOptions,
             t = rates.trial_s + (rates.extra_calls * call + max(opts.warmup_ms, call) + max(opts.rep_ms, call)) / 1e3
             if captured_in_serving(s):
                 t += rates.graph_s + HOST_CALLS * max(call, 0.05) / 1e3
+            else:  # timed again, interleaved with the shape's other candidates (_retime_interleaved)
+                t += (max(opts.warmup_ms, call) + max(opts.rep_ms, call)) / 1e3
             if backend != "sdpa":
                 u = json.dumps(unit, sort_keys=True, default=str)
                 if u not in built:
@@ -948,7 +959,8 @@ def main(argv: list[str] | None = None) -> int:
                  "come from running tune on the GPU", key)
     pm = ProfileMeta(
         key=key, name=dev.name if dev.kind != "cpu" else "CPU", arch=dev.arch, card=card, command=command,
-        timing=(f"triton.testing.do_bench median, warm-up {opts.warmup_ms:g} ms, repetitions {opts.rep_ms:g} ms, "
+        timing=(f"median of repetitions interleaved across a shape's candidates after all their compiles, warm-up "
+                f"{opts.warmup_ms:g} ms, repetitions {opts.rep_ms:g} ms per candidate, "
                 "L2 flushed before each; decode and speculative steps: median CUDA-graph replay over input "
                 "sets larger than L2 together, eager host time per call beside it" if device.type == "cuda" else
                 f"perf_counter median, warm-up {opts.warmup_ms:g} ms, repetitions {opts.rep_ms:g} ms"),
