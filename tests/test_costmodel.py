@@ -562,3 +562,14 @@ def test_a_kernel_the_measurements_promote_past_a_held_back_model_runs_and_the_d
         assert "baseline margin" not in d.source and not any("the baseline, runs" in n for n in d.notes), str(d)
     finally:
         fd.refresh()
+
+
+@pytest.mark.parametrize("key", ["h100", "h200"])
+def test_memory_bound_steps_are_never_judged_by_anchors(key):
+    # anchors are the nearest points in work and bytes; a decode step with a batch-64 point's bytes
+    # but 32 programs took a trend made of the fits' wave-tail term alone (Triton read 16% ahead of
+    # SDPA where the two tie): decode and speculative leads keep the fits' own margin
+    for shape in [(1, 32, 8, 1, 131072, 128), (64, 32, 8, 1, 2048, 128), (1, 32, 8, 8, 131072, 128),
+                  (16, 32, 8, 2, 2000, 128), (16, 71, 1, 1, 2000, 64)]:
+        d = fd.explain(shape=shape, causal=True, device=key)
+        assert not any("anchored" in n or "this very shape" in n for n in d.notes), (shape, str(d))
