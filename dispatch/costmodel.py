@@ -534,6 +534,12 @@ class Group:
         w = [1.0 / (d + ANCHOR_DISTANCE) for d, _, _ in near]
         return math.exp(sum(wi * math.log(r) for wi, (_, _, r) in zip(w, near)) / sum(w)), len(near)
 
+    def gqa_span(self, name: str) -> tuple[int, int] | None:
+        """The smallest and largest query heads per K/V head among the points where `name` has a time
+        (None where it has none)."""
+        ratios = [pt.heads_q // max(1, pt.heads_kv) for pt in self.points if pt.ms.get(name)]
+        return (min(ratios), max(ratios)) if ratios else None
+
     def _left_out(self, name: str, f: Fit) -> set[int]:
         """Indices into self.points of the points `name`'s fit left out (Fit.excluded counts in the
         list of points that hold a usable time of `name`, Group.measured's order)."""

@@ -36,6 +36,12 @@ BASELINE_MARGIN = 0.02
 # one whose model follows its points; the decision says it is unsure (autotune, when on, measures
 # such a problem, except decode and speculative steps, which it does not time).
 UNRELIABLE_FIT = 1.0
+# A problem whose query heads per K/V head lie more than this factor outside the ratios its decision's
+# group measured is predicted from measurements that cannot tell a kernel that reads K/V once per query
+# head from one that reads it once per group: the decision says it is unsure (on the H100, Falcon 7B's
+# 71 query heads on one K/V head decoded 1.7x slower through cuDNN than through the split-KV Triton
+# kernel, which the grid's ratios of 1 to 16 had ranked alike).
+GQA_STRETCH = 2.0
 
 
 def baseline_margin(*fit_errors: float) -> float:
@@ -463,6 +469,12 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
         if n in unreliable and preds[n].ms < win.ms:
             doubts.append(f"{n} is predicted faster by a model that misses one of its own measured points by a "
                           f"factor of {1.0 + preds[n].worst_error:.3g}")
+    span = r.group.gqa_span(chosen)
+    if span is not None and not span[0] / GQA_STRETCH <= p.gqa_ratio <= span[1] * GQA_STRETCH:
+        # work and bytes part ways with the query heads per K/V head; a kernel that reads K/V once
+        # per query head and one that reads it once per group rank alike inside the measured ratios
+        doubts.append(f"GQA ratio {p.gqa_ratio} lies beyond the {span[0]}..{span[1]} measured for {chosen} "
+                      f"({r.group.key.label()})")
     r.uncertain = "; ".join(doubts)
     return r
 

@@ -573,3 +573,11 @@ def test_memory_bound_steps_are_never_judged_by_anchors(key):
                   (16, 32, 8, 2, 2000, 128), (16, 71, 1, 1, 2000, 64)]:
         d = fd.explain(shape=shape, causal=True, device=key)
         assert not any("anchored" in n or "this very shape" in n for n in d.notes), (shape, str(d))
+
+
+def test_a_gqa_ratio_beyond_the_measured_ones_makes_the_decision_unsure(synthetic_h200):
+    # the synthetic decode points hold 32 query heads on 8 or 32 K/V heads: ratios 1..4
+    d = fd.explain(shape=(16, 71, 1, 1, 2000, 128), device="h200")
+    assert "GQA ratio 71 lies beyond the 1..4 measured" in d.uncertain, str(d)
+    near = fd.explain(shape=(16, 64, 8, 1, 2000, 128), device="h200")  # 8: within 2x of the measured 4
+    assert "GQA ratio" not in near.uncertain, str(near)
