@@ -40,7 +40,7 @@ UNRELIABLE_FIT = 1.0
 # group measured is predicted from measurements that cannot tell a kernel that reads K/V once per query
 # head from one that reads it once per group: the decision says it is unsure (on the H100, Falcon 7B's
 # 71 query heads on one K/V head decoded 1.7x slower through cuDNN than through the split-KV Triton
-# kernel, which the grid's ratios of 1 to 16 had ranked alike).
+# kernel, which the grid's ratios of 1 to 8 had ranked alike).
 GQA_STRETCH = 2.0
 
 
