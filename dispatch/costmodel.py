@@ -425,6 +425,16 @@ def point_class(key: GroupKey, pt: Point) -> str:
     return shape_class(point_problem(key, pt))
 
 
+def _usable(ms: float | None) -> bool:
+    """A measured time a fit or a comparison may use: present, positive and finite."""
+    return ms is not None and ms > 0 and math.isfinite(ms)
+
+
+def _feature_distance(x: Sequence[float], y: Sequence[float]) -> float:
+    """How far apart two problems' features are: |log| of the work ratio plus |log| of the bytes ratio."""
+    return abs(math.log((x[1] + 1e-12) / (y[1] + 1e-12))) + abs(math.log((x[2] + 1e-12) / (y[2] + 1e-12)))
+
+
 # anchored_ratio(): the measured points it anchors at (the nearest where both implementations were
 # timed), and the distance (log GFLOP plus log bytes; 0.1 is about 10% in size) below which an
 # anchor's weight stops growing: a problem at a measured point takes that point's ratio.
@@ -470,7 +480,7 @@ class Group:
         out = []
         for pt, x in zip(self.points, self.point_features(sm_count)):
             ms = pt.ms.get(name)
-            if ms is not None and ms > 0 and math.isfinite(ms):
+            if _usable(ms):
                 out.append((x, ms * 1e3))
         return out
 
@@ -497,7 +507,7 @@ class Group:
             held = getattr(pt, has)
             if (name not in held) if name else not held:
                 continue
-            d = abs(math.log((x[1] + 1e-12) / (y[1] + 1e-12))) + abs(math.log((x[2] + 1e-12) / (y[2] + 1e-12)))
+            d = _feature_distance(x, y)
             scored.append((d, i, pt))
         scored.sort(key=lambda s: s[:2])
         return [pt for _, _, pt in scored[:k]]
@@ -520,9 +530,9 @@ class Group:
         scored = []
         for i, (pt, y) in enumerate(zip(self.points, self.point_features(sm_count))):
             ta, tb = pt.ms.get(a), pt.ms.get(b)
-            if i in left_out or not (ta and tb and ta > 0 and tb > 0 and math.isfinite(ta) and math.isfinite(tb)):
+            if i in left_out or not (_usable(ta) and _usable(tb)):
                 continue
-            d = abs(math.log((x[1] + 1e-12) / (y[1] + 1e-12))) + abs(math.log((x[2] + 1e-12) / (y[2] + 1e-12)))
+            d = _feature_distance(x, y)
             fitted = max(fa.predict_us(y), 1e-9) / max(fb.predict_us(y), 1e-9)
             scored.append((d, i, at_p * (ta / tb) / fitted))
         if len(scored) < RATIO_POINTS:
@@ -545,8 +555,7 @@ class Group:
         list of points that hold a usable time of `name`, Group.measured's order)."""
         if not f.excluded:
             return set()
-        usable = [i for i, pt in enumerate(self.points)
-                  if (ms := pt.ms.get(name)) is not None and ms > 0 and math.isfinite(ms)]
+        usable = [i for i, pt in enumerate(self.points) if _usable(pt.ms.get(name))]
         return {usable[j] for j in f.excluded if j < len(usable)}
 
     def worst_error(self, name: str, sm_count: int) -> float:

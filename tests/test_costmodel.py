@@ -417,6 +417,27 @@ def test_shipped_measured_profiles_decide_every_half_precision_problem_from_a_mo
         assert d.variant in d.predicted and math.isfinite(d.predicted[d.variant]), str(d)
 
 
+def _use_groups(tmp_path, monkeypatch, *groups: Group) -> None:
+    """Make `groups` the simulated H200's measured profile (fd.refresh() after, in the test)."""
+    prof = Profile("x.yaml", "h200", True, {"key": "h200", "name": "NVIDIA H200", "arch": "sm_90"},
+                   {"date": "2026-12-05", "card": "NVIDIA H200 (synthetic)", "tool": "test"}, list(groups))
+    (tmp_path / "h200.yaml").write_text(profile_yaml_text(prof))
+    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
+    fd.refresh()
+
+
+def _causal_group(**factors: dict) -> tuple[GroupKey, list, Group]:
+    """A fitted causal bf16 D=128 group over PREFILL_DIMS: sdpa exactly linear, and each named
+    implementation (keyword: name with ':' written '_') at sdpa's time times its factor per (B, S)."""
+    key = GroupKey("fwd", "causal", "plain", "bf16", 128)
+    pts = _synthetic_points(key, {"sdpa": (8.0, 1e3 / 550.0, 1e3 / 3500.0, 0.0)}, PREFILL_DIMS)
+    pts = [pt._replace(ms={**pt.ms, **{n.replace("_", ":"): pt.ms["sdpa"] * f[(pt.batch, pt.seqlen_q)]
+                                       for n, f in factors.items()}}) for pt in pts]
+    g = Group(key, pts)
+    g.refit(H200.sm_count)
+    return key, pts, g
+
+
 def test_a_lead_made_by_fitted_fixed_costs_far_below_the_measured_work_keeps_the_baseline(tmp_path, monkeypatch):
     # sdpa:cudnn and plain sdpa are the same kernel; their fits differ only in the fixed cost (30 vs
     # 40 us) fitted at >= 30 GFLOP. At 0.5 GFLOP the fixed costs are most of the prediction (a 20%
@@ -426,11 +447,7 @@ def test_a_lead_made_by_fitted_fixed_costs_far_below_the_measured_work_keeps_the
     dims = [(16, 32, 32, 2048, 2048), (4, 32, 32, 4096, 4096), (2, 32, 32, 8192, 8192), (1, 32, 32, 16384, 16384)]
     g = Group(key, _synthetic_points(key, coef, dims))
     g.refit(H200.sm_count)
-    prof = Profile("x.yaml", "h200", True, {"key": "h200", "name": "NVIDIA H200", "arch": "sm_90"},
-                   {"date": "2026-12-04", "card": "NVIDIA H200 (synthetic)", "tool": "test"}, [g])
-    (tmp_path / "h200.yaml").write_text(profile_yaml_text(prof))
-    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
-    fd.refresh()
+    _use_groups(tmp_path, monkeypatch, g)
     try:
         small = fd.explain(shape=(8, 12, 12, 256, 256, 64), device="h200")
         assert small.predicted["sdpa:cudnn"] < 0.9 * small.predicted["sdpa"]  # the extrapolated "lead"
@@ -485,19 +502,10 @@ def test_measurements_beside_the_problem_decide_a_lead_the_fits_errors_hide(tmp_
     # triton: 15% faster than sdpa at the two large points, 60-80% slower at the three small ones (a
     # kernel whose fixed cost the fits cannot follow). The fits' errors sum past any such lead, so the
     # fits alone keep plain SDPA everywhere; the measured ratios beside each problem decide instead.
-    key = GroupKey("fwd", "causal", "plain", "bf16", 128)
-    base = (8.0, 1e3 / 550.0, 1e3 / 3500.0, 0.0)
-    pts = _synthetic_points(key, {"sdpa": base}, PREFILL_DIMS)
-    slow = {(16, 1024): 1.6, (4, 4096): 0.85, (1, 16384): 0.85, (8, 2048): 1.7, (32, 512): 1.8}
-    pts = [pt._replace(ms={**pt.ms, "triton": pt.ms["sdpa"] * slow[(pt.batch, pt.seqlen_q)]}) for pt in pts]
-    g = Group(key, pts)
-    g.refit(H200.sm_count)
+    key, pts, g = _causal_group(triton={(16, 1024): 1.6, (4, 4096): 0.85, (1, 16384): 0.85, (8, 2048): 1.7,
+                                        (32, 512): 1.8})
     need = g.fits["triton"].rms + g.fits["sdpa"].rms  # the margin the fits' errors set
-    prof = Profile("x.yaml", "h200", True, {"key": "h200", "name": "NVIDIA H200", "arch": "sm_90"},
-                   {"date": "2026-12-05", "card": "NVIDIA H200 (synthetic)", "tool": "test"}, [g])
-    (tmp_path / "h200.yaml").write_text(profile_yaml_text(prof))
-    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
-    fd.refresh()
+    _use_groups(tmp_path, monkeypatch, g)
     try:
         near_fast = fd.explain(shape=(3, 32, 8, 5000, 5000, 128), causal=True, device="h200")
         assert near_fast.predicted["triton"] > near_fast.predicted["sdpa"] * (1.0 - need)  # fits alone: sdpa
@@ -542,19 +550,10 @@ def test_a_kernel_the_measurements_promote_past_a_held_back_model_runs_and_the_d
     # triton:gluon's model misses its own points 8x (unreliable) and predicts it fastest: plain SDPA
     # stays ahead of it. triton, predicted behind SDPA by its fits, measured 0.85x of SDPA beside the
     # problem, is promoted: it runs, and neither the source nor a note may say the baseline runs.
-    key = GroupKey("fwd", "causal", "plain", "bf16", 128)
-    pts = _synthetic_points(key, {"sdpa": (8.0, 1e3 / 550.0, 1e3 / 3500.0, 0.0)}, PREFILL_DIMS)
-    slow = {(16, 1024): 3.5, (4, 4096): 0.85, (1, 16384): 0.85, (8, 2048): 3.5, (32, 512): 3.5}
-    wild = {(16, 1024): 3.0, (4, 4096): 0.3, (1, 16384): 0.3, (8, 2048): 0.3, (32, 512): 3.0}
-    pts = [pt._replace(ms={**pt.ms, "triton": pt.ms["sdpa"] * slow[(pt.batch, pt.seqlen_q)],
-                           "triton:gluon": pt.ms["sdpa"] * wild[(pt.batch, pt.seqlen_q)]}) for pt in pts]
-    g = Group(key, pts)
-    g.refit(H200.sm_count)
-    prof = Profile("x.yaml", "h200", True, {"key": "h200", "name": "NVIDIA H200", "arch": "sm_90"},
-                   {"date": "2026-12-05", "card": "NVIDIA H200 (synthetic)", "tool": "test"}, [g])
-    (tmp_path / "h200.yaml").write_text(profile_yaml_text(prof))
-    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
-    fd.refresh()
+    _, _, g = _causal_group(
+        triton={(16, 1024): 3.5, (4, 4096): 0.85, (1, 16384): 0.85, (8, 2048): 3.5, (32, 512): 3.5},
+        triton_gluon={(16, 1024): 3.0, (4, 4096): 0.3, (1, 16384): 0.3, (8, 2048): 0.3, (32, 512): 3.0})
+    _use_groups(tmp_path, monkeypatch, g)
     try:
         d = fd.explain(shape=(3, 32, 8, 5000, 5000, 128), causal=True, device="h200")
         assert d.predicted["triton"] > d.predicted["sdpa"]  # the fits place it behind
