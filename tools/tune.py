@@ -247,7 +247,7 @@ def measure_bucket(
             res.trials.append(trial)
             if trial.status == "ok" and trial.ms is not None:
                 best_ms = min(best_ms, trial.ms)
-    if device.type == "cpu" or rotation is None:  # graph-timed steps keep their replay times
+    if rotation is None:  # graph-timed steps (a GPU's decode and speculative) keep their replay times
         _retime_interleaved(res, impls, p, q, k, v, do, device, opts)
     res.seconds = time.perf_counter() - t_start
     return res
