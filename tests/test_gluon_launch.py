@@ -166,6 +166,22 @@ def test_unaligned_layout_stays_on_the_checked_path(fake_kernel: tuple[_Jit, lis
     assert not any(isinstance(a, launch.HostDescriptor) for c in jit.compiled.calls for a in c)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 64), (1, 1, 5, 64), (2, 3, 7, 128)])
+def test_a_view_at_an_odd_address_is_copied_for_the_copy_engine(shape: tuple[int, ...]) -> None:
+    # one element into a buffer: 2 bytes off the 16-byte grid; torch calls the (1, 1, 1, 64) view
+    # contiguous, which is how it reached the copy engine unaligned on an H100
+    n = 1
+    for x in shape:
+        n *= x
+    t = torch.arange(n + 1, dtype=torch.float16)[1:].view(shape)
+    assert t.data_ptr() % 16 and t.is_contiguous()
+    ready = gf._tma_ready(t)
+    assert ready.data_ptr() % 16 == 0 and gf._strides_ready(ready)
+    assert torch.equal(ready, t)
+    aligned = torch.zeros(shape, dtype=torch.float16)
+    assert gf._tma_ready(aligned) is aligned
+
+
 def test_a_failing_record_launch_goes_back_to_the_jit(fake_kernel: tuple[_Jit, list[int]],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     jit, _ = fake_kernel
