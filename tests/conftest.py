@@ -26,6 +26,10 @@ def clean_dispatch(monkeypatch: pytest.MonkeyPatch):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The slow tests first (a stable sort): under -n, each worker then starts on a long compile or
+    # spawn while the many short tests fill in behind, instead of one worker finishing alone on the
+    # long ones collected last (the ahead-of-time compiles sit near the end of the alphabet).
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA/ROCm GPU")

@@ -36,9 +36,13 @@ SPILL_LIMITS["hip:gfx942"] = SPILL_LIMITS["hip:gfx90a"] = _AMD_LIMITS
 VARIANT_EXTRA = 128
 
 
-@pytest.mark.slow
+# Each target's cases are compiled in this many tests (every PARTS-th case from a different start),
+# so that -n spreads one target's compiles over the workers.
+PARTS = 3
+
+
 @pytest.mark.parametrize("target", sorted(TARGETS))
-def test_defaults_compile_and_fit(target: str) -> None:
+def test_defaults_cover_every_kernel(target: str) -> None:
     cases = default_cases(target)
     kernels = {c.kernel for c in cases}
     assert {"forward", "varlen_forward", "decode", "paged_decode", "decode_merge", "bwd_preprocess", "bwd_dkdv",
@@ -46,7 +50,14 @@ def test_defaults_compile_and_fit(target: str) -> None:
     assert any(c.variants for c in cases), "no window/softcap/sinks case"
     if target == "cuda:sm_90":
         assert {"forward_tma", "varlen_forward_tma"} <= kernels, kernels
-    results = check_configs([target], cases)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("part", range(PARTS))
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_defaults_compile_and_fit(target: str, part: int) -> None:
+    """Every default (and shipped profile) config of `target` compiles and fits; part `part` of them."""
+    results = check_configs([target], default_cases(target)[part::PARTS])
     bad = [str(r) for r in results if not r.ok]
     assert not bad, "\n".join(bad)
     assert all(r.shared is not None and 0 <= r.shared <= r.limit for r in results)
