@@ -92,6 +92,10 @@ class Capabilities:
     layouts: frozenset[str] = frozenset({"bhsd", "bshd"})
     max_seqlen_q: int | None = None  # decode-only kernels
     min_seqlen_k: int = 1  # cuDNN's attention has no kernel for a single key
+    # A decode step (few query rows against a long cache) reads each K/V head once for its whole
+    # query group and splits the keys over the SMs: its time follows the K/V bytes whatever the
+    # query heads per K/V head, so its model holds beyond the GQA ratios the profile measured.
+    decode_shares_kv: bool = False
     # the variants (flash_attn's conventions; docs/variants.md): a sliding window, tanh logit
     # softcapping, attention sinks (the float32 (Hq,) "sinks" tensor of Inputs.extras)
     window: bool = False

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 from . import envs
 from .device import ARCH_FAMILY, DeviceInfo, current_device, real_device
 from .errors import NoBackendError
-from .costmodel import COMPUTE_BOUND_CLASSES, GroupKey, Prediction, compared_where_measured, group_key
+from .costmodel import COMPUTE_BOUND_CLASSES, MEMORY_BOUND_CLASSES, GroupKey, Prediction, compared_where_measured, group_key
 from .profile_store import Group, Profile, load_profile
 from .problem import Problem
 from .registry import REGISTRY
@@ -42,6 +42,12 @@ UNRELIABLE_FIT = 1.0
 # 71 query heads on one K/V head decoded 1.7x slower through cuDNN than through the split-KV Triton
 # kernel, which the grid's ratios of 1 to 8 had ranked alike).
 GQA_STRETCH = 2.0
+# In the memory-bound classes, past that stretch upwards, an implementation that declares it reads K/V once
+# per query group in a decode step (Capabilities.decode_shares_kv: its bytes model holds at any
+# ratio) runs instead of one predicted ahead that does not declare it, when predicted at most this
+# fraction slower: the other's prediction is then a lower bound (a grid sized by the query heads,
+# or one program walking all the keys, is slower, never faster), and the runner-up's is a model.
+GQA_SHARED_MARGIN = 0.10
 
 
 def baseline_margin(*fit_errors: float) -> float:
@@ -330,17 +336,20 @@ def _rank_by_model(p: Problem, dev: DeviceInfo, eligible: list[str], profile: Pr
     key = group_key(p)
     return rank_by_model(p, key, eligible, profile,
                          variant_path=lambda n: _variant_path(n, dev, key.variant) if p.is_variant else (True, ""),
-                         default_order=lambda names: _default_order(p, dev, names))
+                         default_order=lambda names: _default_order(p, dev, names),
+                         shares_kv=lambda n: REGISTRY.get(n).capabilities(dev).decode_shares_kv)
 
 
 def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profile, *,
                   variant_path: Callable[[str], tuple[bool, str]],
-                  default_order: Callable[[list[str]], list[str]], baseline: str = "plain SDPA") -> _Ranking | None:
+                  default_order: Callable[[list[str]], list[str]], baseline: str = "plain SDPA",
+                  shares_kv: Callable[[str], bool] = lambda n: False) -> _Ranking | None:
     """`eligible` by the time `profile`'s model predicts for `p` in group `key` (a dense call's
     own group, or a serving call's: dispatch/serving.py), the baseline kept within its margin;
     `variant_path(name)` says whether `name` fuses the problem's variant and what runs it if not;
     `default_order` orders the names the model cannot predict; `baseline` names BASELINE in the
-    decision's words. None: no model predicts any."""
+    decision's words; `shares_kv(name)`: whether `name` declares Capabilities.decode_shares_kv.
+    None: no model predicts any."""
     model = profile.model
     if not model:
         return None
@@ -428,6 +437,7 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
             cleared.sort(key=lambda n: (lead[n], preds[n].ms, n))
             order = cleared + [BASELINE] + [n for n in order if n not in cleared and n != BASELINE]
             held = held + [n for n in margin_held if n not in held]
+    order = _shared_kv_first(p, key, order, preds, model, shares_kv, held + sorted(unreliable), r.notes, words)
     if order[0] == BASELINE and by_time[0] != BASELINE:
         # something was predicted faster, and the baseline runs all the same (said once, after both steps)
         r.notes.append(f"{baseline}, the baseline, runs")
@@ -470,13 +480,41 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
             doubts.append(f"{n} is predicted faster by a model that misses one of its own measured points by a "
                           f"factor of {1.0 + preds[n].worst_error:.3g}")
     span = r.group.gqa_span(chosen)
-    if span is not None and not span[0] / GQA_STRETCH <= p.gqa_ratio <= span[1] * GQA_STRETCH:
+    shared = key.cls in MEMORY_BOUND_CLASSES and shares_kv(chosen)  # its bytes model holds at any ratio
+    if span is not None and not shared and not _within_gqa_span(p, span):
         # work and bytes part ways with the query heads per K/V head; a kernel that reads K/V once
         # per query head and one that reads it once per group rank alike inside the measured ratios
         doubts.append(f"GQA ratio {p.gqa_ratio} lies beyond the {span[0]}..{span[1]} measured for {chosen} "
                       f"({r.group.key.label()})")
     r.uncertain = "; ".join(doubts)
     return r
+
+
+def _within_gqa_span(p: Problem, span: tuple[int, int]) -> bool:
+    return span[0] / GQA_STRETCH <= p.gqa_ratio <= span[1] * GQA_STRETCH
+
+
+def _shared_kv_first(p: Problem, key: GroupKey, order: list[str], preds: dict[str, Prediction], model: Any,
+                     shares_kv: Callable[[str], bool], held: list[str], notes: list[str],
+                     words: Callable[[str], str]) -> list[str]:
+    """`order`, with an implementation that reads K/V once per query group moved to the front where
+    the problem has more query heads per K/V head than the first one's group measured (by more than
+    GQA_STRETCH) and the first does not declare as much (memory-bound classes only; GQA_SHARED_MARGIN)."""
+    first = order[0]
+    if key.cls not in MEMORY_BOUND_CLASSES or first not in preds or shares_kv(first):
+        return order
+    span = model.groups[preds[first].key].gqa_span(first)
+    if span is None or p.gqa_ratio <= span[1] * GQA_STRETCH:  # more query heads per K/V head only
+        return order
+    limit = preds[first].ms * (1.0 + GQA_SHARED_MARGIN)
+    for n in order[1:]:
+        if n in preds and n not in held and shares_kv(n) and preds[n].ms <= limit * (1.0 + 1e-9):
+            notes.append(f"GQA ratio {p.gqa_ratio} lies beyond the {span[0]}..{span[1]} measured for {words(first)}, "
+                         f"which does not declare that a decode step reads K/V once per query group: {n}, which "
+                         f"does (its time follows the K/V bytes at any ratio), runs, predicted at {preds[n].ms:.4g} ms "
+                         f"against {preds[first].ms:.4g} ms (within {GQA_SHARED_MARGIN:.0%})")
+            return [n] + [m for m in order if m != n]
+    return order
 
 
 def _rank_by_argued_order(p: Problem, dev: DeviceInfo, eligible: list[str], profile: Profile) -> _Ranking | None:

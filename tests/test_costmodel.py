@@ -580,3 +580,50 @@ def test_a_gqa_ratio_beyond_the_measured_ones_makes_the_decision_unsure(syntheti
     assert "GQA ratio 71 lies beyond the 1..4 measured" in d.uncertain, str(d)
     near = fd.explain(shape=(16, 64, 8, 1, 2000, 128), device="h200")  # 8: within 2x of the measured 4
     assert "GQA ratio" not in near.uncertain, str(near)
+
+
+def _decode_group(triton_factor: float) -> Group:
+    """A fitted decode bf16 D=128 group measured at 4 query heads per K/V head (32/8): sdpa exactly
+    linear in the bytes, triton at `triton_factor` times sdpa's time."""
+    key = GroupKey("fwd", "decode", "plain", "bf16", 128)
+    dims = [(1, 32, 8, 1, 8192), (8, 32, 8, 1, 4096), (64, 32, 8, 1, 2048), (4, 32, 8, 1, 32768)]
+    pts = _synthetic_points(key, {"sdpa": (8.0, 0.0, 1e3 / 3000.0, 0.0)}, dims)
+    pts = [pt._replace(ms={**pt.ms, "triton": pt.ms["sdpa"] * triton_factor}) for pt in pts]
+    g = Group(key, pts)
+    g.refit(H200.sm_count)
+    return g
+
+
+@pytest.mark.parametrize("factor, shares", [(1.04, True), (1.2, False)])
+def test_far_more_query_heads_per_kv_head_than_measured_go_to_the_kernel_that_reads_kv_once_per_group(
+        tmp_path, monkeypatch, factor, shares):
+    # measured at 4 query heads per K/V head; 71 on one: plain SDPA's prediction there is only a lower
+    # bound (it does not declare decode_shares_kv), triton's a model (it does). Within
+    # GQA_SHARED_MARGIN triton runs and the decision says why; a larger predicted lead keeps SDPA,
+    # unsure. The split-KV Triton kernel declares it; SDPA does not.
+    from flashdispatch import selection
+    from flashdispatch.registry import REGISTRY
+
+    dev = simulated_device("h200")
+    assert REGISTRY.get("triton").capabilities(dev).decode_shares_kv
+    assert not REGISTRY.get("sdpa").capabilities(dev).decode_shares_kv
+    assert (factor - 1.0 <= selection.GQA_SHARED_MARGIN) == shares
+    _use_groups(tmp_path, monkeypatch, _decode_group(factor))
+    try:
+        d = fd.explain(shape=(16, 71, 1, 1, 2000, 128), device="h200")
+        assert d.predicted["sdpa"] < d.predicted["triton"], str(d)
+        if shares:
+            assert d.variant == "triton", str(d)
+            assert any("does not declare that a decode step reads K/V once per query group" in n for n in d.notes)
+            assert "GQA ratio" not in d.uncertain, str(d)
+        else:
+            assert d.variant == "sdpa", str(d)
+            assert "GQA ratio 71 lies beyond the 4..4 measured for sdpa" in d.uncertain, str(d)
+        # fewer query heads per K/V head than measured (1): no reason to doubt SDPA's bytes model
+        mha = fd.explain(shape=(16, 8, 8, 1, 2000, 128), device="h200")
+        assert mha.variant == "sdpa" and not any("once per query group" in n for n in mha.notes), str(mha)
+        # within GQA_STRETCH of the measured ratio: the models decide as they are
+        near = fd.explain(shape=(16, 64, 8, 1, 2000, 128), device="h200")
+        assert near.variant == "sdpa", str(near)
+    finally:
+        fd.refresh()

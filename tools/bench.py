@@ -50,7 +50,7 @@ log = logging.getLogger("flashdispatch.tools.bench")
 
 FULL_TIMING = {"warmup_ms": 25.0, "rep_ms": 100.0}
 QUICK_TIMING = {"warmup_ms": 10.0, "rep_ms": 40.0}
-# The held-out set: 45 shapes, each compiled for and timed once per provider, in under 4 minutes
+# The held-out set: 47 shapes, each compiled for and timed once per provider, in under 4 minutes
 # of an H200 (most of it compiles and checks).
 HELDOUT_TIMING = {"warmup_ms": 10.0, "rep_ms": 100.0}
 # Repetitions per provider at least, for the held-out set's every-shape bars: with about 20 (a

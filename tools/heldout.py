@@ -129,6 +129,7 @@ HELDOUT: tuple[HeldOut, ...] = (
     make("Phi-3-mini", "decode", "bf16", 64, 32, 32, 1, 1500, 96, False),
     make("Phi-2", "decode", "fp16", 4, 32, 32, 1, 1800, 80, False),
     make("Falcon 7B, MQA", "decode", "bf16", 16, 71, 1, 1, 2000, 64, False),
+    make("StarCoder 15B, MQA", "decode", "bf16", 8, 48, 1, 1, 6000, 128, False),
     # --- speculative decoding: a few drafted tokens verified against the cache -------------------
     make("Llama-3 8B, 4 drafted tokens", "speculative", "bf16", 1, 32, 8, 4, 4004, 128, True),
     make("Llama-3.1 70B, TP=8 shard, 8 drafted", "speculative", "bf16", 8, 8, 1, 8, 12000, 128, True),
@@ -136,6 +137,7 @@ HELDOUT: tuple[HeldOut, ...] = (
     make("Qwen2.5 7B, 16 drafted", "speculative", "bf16", 4, 28, 4, 16, 32000, 128, True),
     make("Gemma 3 12B, global layers, 5 drafted", "speculative", "fp16", 2, 16, 8, 5, 8000, 256, True),
     make("Llama-3.1 8B, 128k context, 8 drafted", "speculative", "bf16", 1, 32, 8, 8, 131072, 128, True),
+    make("StarCoder 15B, MQA, 4 drafted", "speculative", "fp16", 4, 48, 1, 4, 6004, 128, True),
     # --- chunked prefill: a prompt chunk against the cache of the chunks before it ---------------
     make("Llama-3.1 8B", "chunked", "bf16", 1, 32, 8, 2048, 20000, 128, True),
     make("Llama-3.1 70B, TP=8 shard", "chunked", "fp16", 1, 8, 1, 1024, 12000, 128, True),

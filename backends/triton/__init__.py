@@ -65,6 +65,7 @@ class TritonAttention(Implementation):
             window=True,
             softcap=True,
             sinks=True,
+            decode_shares_kv=True,  # decode.py: one program per (K/V head, key split) holds the whole group
             emulated=dev.kind == "cpu",
             notes="FlashAttention-2 forward, split-KV decode; window, softcap and sinks fused; "
                   "cpu only under TRITON_INTERPRET=1",
