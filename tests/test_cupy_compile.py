@@ -3,6 +3,7 @@ the configs are consistent, and a missing CuPy makes the backend "unavailable" w
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -30,16 +31,18 @@ def _cupy_importable() -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def nvcc_results() -> dict[str, nvcc_check.NvccResult]:
-    return {r.arch: r for r in nvcc_check.check(("sm_80", "sm_90"), jobs=2)}
+@functools.cache
+def _compiled(arch: str) -> nvcc_check.NvccResult:
+    """One nvcc per arch and process, shared by the two tests below (under -n, a worker compiles only
+    the archs of the tests it runs)."""
+    return nvcc_check.check_arch(arch, ("sm_80", "sm_90"))
 
 
 @pytest.mark.slow
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_selectable_kernels_compile(nvcc_results: dict[str, nvcc_check.NvccResult], arch: str) -> None:
-    r = nvcc_results[arch]
+def test_selectable_kernels_compile(arch: str) -> None:
+    r = _compiled(arch)
     assert r.ok, r.log[-3000:]
     cc = int(arch[3:])
     want = {s.symbol for s in nvcc_check.selectable_specs(("sm_80", "sm_90")) if configs.fits(s, cc)}
@@ -54,11 +57,12 @@ def test_selectable_kernels_compile(nvcc_results: dict[str, nvcc_check.NvccResul
     assert not spilling, f"default configs spill registers on {arch}: {spilling}"
 
 
+@pytest.mark.slow
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_variant_kernels_compile(nvcc_results: dict[str, nvcc_check.NvccResult], arch: str) -> None:
+def test_variant_kernels_compile(arch: str) -> None:
     """Window / softcap / sinks instantiations compile and keep their accumulators in registers."""
-    r = nvcc_results[arch]
+    r = _compiled(arch)
     assert r.ok, r.log[-3000:]
     want = {s.symbol for s in nvcc_check.variant_specs(("sm_80", "sm_90")) if configs.fits(s, int(arch[3:]))}
     assert want and want <= set(r.kernels), f"missing: {sorted(want - set(r.kernels))[:5]}"

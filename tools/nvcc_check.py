@@ -178,15 +178,17 @@ def check(
 ) -> list[NvccResult]:
     """Compile every selectable instantiation and the variant set for each arch (one nvcc per arch,
     run in parallel)."""
-    specs = list(dict.fromkeys(selectable_specs(archs, include_space) + variant_specs(archs, all_variants)))
-
-    def one(arch: str) -> NvccResult:
-        cc = int(arch[3:])
-        mine = [s for s in specs if configs.fits(s, cc)]
-        return nvcc_compile(module_source(mine), arch, mode=mode)
-
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(one, archs))
+        return list(pool.map(lambda arch: check_arch(arch, archs, include_space=include_space, mode=mode,
+                                                     all_variants=all_variants), archs))
+
+
+def check_arch(arch: str, spec_archs: Sequence[str] = DEFAULT_ARCHS, *, include_space: bool = False,
+               mode: str = "cubin", all_variants: bool = False) -> NvccResult:
+    """One nvcc for `arch`: the selectable instantiations and the variant set of `spec_archs` that fit it."""
+    specs = dict.fromkeys(selectable_specs(spec_archs, include_space) + variant_specs(spec_archs, all_variants))
+    cc = int(arch[3:])
+    return nvcc_compile(module_source([s for s in specs if configs.fits(s, cc)]), arch, mode=mode)
 
 
 def main(argv: list[str] | None = None) -> int:
