@@ -17,7 +17,9 @@ from typing import Any, Callable, Iterator
 from . import envs
 from .device import ARCH_FAMILY, DeviceInfo, current_device, real_device
 from .errors import NoBackendError
-from .costmodel import COMPUTE_BOUND_CLASSES, MEMORY_BOUND_CLASSES, GroupKey, Prediction, compared_where_measured, group_key
+from .costmodel import (
+    COMPUTE_BOUND_CLASSES, MEMORY_BOUND_CLASSES, CostModel, GroupKey, Prediction, compared_where_measured, group_key,
+)
 from .profile_store import Group, Profile, load_profile
 from .problem import Problem
 from .registry import REGISTRY
@@ -42,11 +44,11 @@ UNRELIABLE_FIT = 1.0
 # 71 query heads on one K/V head decoded 1.7x slower through cuDNN than through the split-KV Triton
 # kernel, which the grid's ratios of 1 to 8 had ranked alike).
 GQA_STRETCH = 2.0
-# In the memory-bound classes, past that stretch upwards, an implementation that declares it reads K/V once
-# per query group in a decode step (Capabilities.decode_shares_kv: its bytes model holds at any
-# ratio) runs instead of one predicted ahead that does not declare it, when predicted at most this
-# fraction slower: the other's prediction is then a lower bound (a grid sized by the query heads,
-# or one program walking all the keys, is slower, never faster), and the runner-up's is a model.
+# In the memory-bound classes, past that stretch upwards, an implementation that declares it reads
+# K/V once per query group in a decode step (Capabilities.decode_shares_kv: its bytes model holds at
+# any ratio) runs instead of one predicted ahead that does not declare it, when predicted at most
+# this fraction slower: the other's prediction is then a lower bound (a grid sized by the query
+# heads, or one program walking all the keys, is slower, never faster), and the runner-up's is a model.
 GQA_SHARED_MARGIN = 0.10
 
 
@@ -494,7 +496,7 @@ def _within_gqa_span(p: Problem, span: tuple[int, int]) -> bool:
     return span[0] / GQA_STRETCH <= p.gqa_ratio <= span[1] * GQA_STRETCH
 
 
-def _shared_kv_first(p: Problem, key: GroupKey, order: list[str], preds: dict[str, Prediction], model: Any,
+def _shared_kv_first(p: Problem, key: GroupKey, order: list[str], preds: dict[str, Prediction], model: CostModel,
                      shares_kv: Callable[[str], bool], held: list[str], notes: list[str],
                      words: Callable[[str], str]) -> list[str]:
     """`order`, with an implementation that reads K/V once per query group moved to the front where
