@@ -236,6 +236,7 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str
 _IDS = [(w, c.id) for w, cs in CASES.items() for c in cs]
 
 
+@pytest.mark.slow  # its fixture spawns the process groups: 20-30 s on 2 cores
 @pytest.mark.parametrize("world,case_id", _IDS, ids=[f"world{w}-{c}" for w, c in _IDS])
 def test_strategy_matches_single_process(reports: Any, world: int, case_id: str) -> None:
     failures = []
