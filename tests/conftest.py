@@ -26,13 +26,12 @@ def clean_dispatch(monkeypatch: pytest.MonkeyPatch):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # The files that hold slow tests first, each kept whole and in order (a stable sort): under -n,
-    # the workers then start on the long compiles and spawns while the many short tests fill in
-    # behind, instead of one worker finishing alone on the long ones collected last (the
-    # ahead-of-time compiles sit near the end of the alphabet); kept whole, because a file's tests
-    # share module fixtures (a spawned process group, an nvcc run) that each worker builds anew.
-    slow_files = {item.path for item in items if "slow" in item.keywords}
-    items.sort(key=lambda item: item.path not in slow_files)
+    # The slow tests first (a stable sort): under -n, each worker then starts on a long compile or
+    # spawn while the many short tests fill in behind, instead of one worker finishing alone on the
+    # long ones collected last (the ahead-of-time compiles sit near the end of the alphabet). Tests
+    # that share a costly module fixture (a spawned process group, an nvcc run) all carry `slow`,
+    # so that they stay together and a worker builds the fixture once.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA/ROCm GPU")

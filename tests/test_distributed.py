@@ -212,6 +212,7 @@ def test_ring_matches_single_process(ring_reports: dict[int, list[dict[str, Any]
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow  # the module's spawned process groups
 @pytest.mark.parametrize("world", sorted(CASES))
 @pytest.mark.parametrize("check", ERROR_CHECKS)
 def test_bad_inputs_rejected(ring_reports: dict[int, list[dict[str, Any]]], world: int, check: str) -> None:
@@ -220,6 +221,7 @@ def test_bad_inputs_rejected(ring_reports: dict[int, list[dict[str, Any]]], worl
         assert ok, f"rank {rank}: {msg}"
 
 
+@pytest.mark.slow  # the module's spawned process groups
 @pytest.mark.parametrize("world", sorted(CASES))
 def test_all_agree_gives_every_rank_the_same_answer(ring_reports: dict[int, list[dict[str, Any]]], world: int) -> None:
     """all_agree (the guard before branches that run collectives): true on every rank only where

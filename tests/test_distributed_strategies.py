@@ -247,6 +247,7 @@ def test_strategy_matches_single_process(reports: Any, world: int, case_id: str)
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow  # the module's spawned process groups
 @pytest.mark.parametrize("world", sorted(CASES))
 @pytest.mark.parametrize("check", ERROR_CHECKS)
 def test_bad_split_rejected_on_every_rank(reports: Any, world: int, check: str) -> None:
@@ -257,6 +258,7 @@ def test_bad_split_rejected_on_every_rank(reports: Any, world: int, check: str) 
         assert all(f in msg for f in frags), f"rank {rank}: {msg!r} lacks one of {frags}"
 
 
+@pytest.mark.slow  # the module's spawned process groups
 @pytest.mark.parametrize("world", sorted(CASES))
 def test_auto_runs_the_split_the_cost_model_picks(reports: Any, world: int) -> None:
     for rank, report in enumerate(reports[world]):
