@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The GPU verification steps of docs/CONTRIBUTING.md ("Open work"), run from the repository root on
+# a machine with one CUDA GPU, each with its log under OUT and a time limit that leaves room for the
+# steps after it:
+#
+#   OUT=gpu-out LIMIT=570 bash tools/gpu_steps.sh conformance rest
+#   OUT=gpu-out bash tools/gpu_steps.sh alone
+#   OUT=gpu-out bash tools/gpu_steps.sh tune heldout          # tune --quick, then the held-out bench on it
+#   OUT=gpu-out bash tools/gpu_steps.sh resume heldout        # a tune that ran out of time, continued
+#   OUT=gpu-out bash tools/gpu_steps.sh serving variants
+#
+# LIMIT: seconds for the whole call (default 570: a 10-minute session leaves room for the install).
+# STATE: where the tune keeps its profile and state between calls (default /tmp/flashdispatch-tune);
+# the held-out bench uses the profile there when one exists, else the shipped one. The pytest steps
+# print every test's outcome to their log (-v -rfE), so a step stopped by its limit still names its
+# failures.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu-out}
+LIMIT=${LIMIT:-570}
+STATE=${STATE:-/tmp/flashdispatch-tune}
+T0=$(date +%s)
+mkdir -p "$OUT" "$STATE"
+
+left() { echo $((LIMIT - ($(date +%s) - T0))); }
+at() { echo "t=$(($(date +%s) - T0))s"; }
+# limit N: N seconds, or what is left of LIMIT less 5, whichever is smaller
+limit() { local l; l=$(($(left) - 5)); echo $(($1 < l ? $1 : l)); }
+
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1 || tail -5 "$OUT/pip.log"
+KEY=$(python3 -c "import flashdispatch.device as d; dev = d.current_device(); print(dev.profile_key if dev.kind != 'cpu' else None)") || {
+    echo "gpu_steps: flashdispatch does not import with this python3 (see $OUT/pip.log)" >&2; exit 2; }
+[ "$KEY" != None ] || { echo "gpu_steps: no GPU with a profile key on this machine (found: $KEY)" >&2; exit 2; }
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+echo "profile key: $KEY"
+PYTEST=(python3 -m pytest -p no:cacheprovider -rfE)
+
+for step in "$@"; do
+    echo "=== $step ($(at))"
+    case "$step" in
+    conformance)  # every backend against the float64 reference (about 5 minutes on an H100)
+        timeout "$(limit 330)" "${PYTEST[@]}" -v -n 14 -m "gpu and not alone" tests/test_conformance.py >"$OUT/conformance.log" 2>&1
+        echo "conformance rc=$? $(at)"; grep -E "^FAILED|^ERROR" "$OUT/conformance.log" | head -20; tail -1 "$OUT/conformance.log" ;;
+    rest)  # the other GPU files, without the multi-GPU ones
+        timeout "$(limit 330)" "${PYTEST[@]}" -v -n 14 -m "gpu and not alone" --ignore=tests/test_conformance.py \
+            --ignore=tests/test_distributed_gpu.py >"$OUT/rest.log" 2>&1
+        echo "rest rc=$? $(at)"; grep -E "^FAILED|^ERROR" "$OUT/rest.log" | head -20; tail -1 "$OUT/rest.log" ;;
+    alone)  # timing assertions and large memory: one process; then the host cost per call
+        timeout "$(limit 400)" "${PYTEST[@]}" -v -m "gpu and alone" >"$OUT/alone.log" 2>&1
+        echo "alone rc=$? $(at)"; grep -E "^FAILED|^ERROR" "$OUT/alone.log" | head -20; tail -1 "$OUT/alone.log"
+        timeout "$(limit 60)" python3 -m flashdispatch.tools.host_cost >"$OUT/host_cost.txt" 2>&1
+        tail -12 "$OUT/host_cost.txt" ;;
+    tune|resume)  # the quick grid into STATE/<key>.yaml (resume: keep the shapes already measured)
+        flag=(); [ "$step" = resume ] && flag=(--resume)
+        timeout "$(limit 600)" flashdispatch tune --quick "${flag[@]}" --out "$STATE/$KEY.yaml" \
+            --state "$STATE/$KEY.state.json" --time-budget "$(($(left) - 40))" >"$OUT/tune.log" 2>&1
+        echo "tune rc=$? $(at)"; cp "$STATE/$KEY.yaml" "$STATE/$KEY.state.json" "$OUT/" 2>/dev/null
+        tail -8 "$OUT/tune.log" ;;
+    heldout)  # real model shapes outside the tune grid, on STATE's profile if there is one
+        dir=""; [ -f "$STATE/$KEY.yaml" ] && dir=$STATE
+        echo "profile: ${dir:-shipped}"
+        FLASHDISPATCH_PROFILE_DIR=$dir timeout "$(limit 600)" flashdispatch bench --heldout --out "$OUT/heldout" \
+            --time-budget "$(($(left) - 30))" >"$OUT/heldout.log" 2>&1
+        echo "heldout rc=$? $(at)"; tail -6 "$OUT/heldout.log" ;;
+    serving)
+        timeout "$(limit 600)" flashdispatch bench --serving --out "$OUT/serving" >"$OUT/serving.log" 2>&1
+        echo "serving rc=$? $(at)"; tail -20 "$OUT/serving.log" ;;
+    variants)
+        timeout "$(limit 600)" python3 -m flashdispatch.tools.bench_variants --out "$OUT/variants" >"$OUT/variants.log" 2>&1
+        echo "variants rc=$? $(at)"; tail -20 "$OUT/variants.log" ;;
+    *)
+        echo "unknown step '$step': expected conformance, rest, alone, tune, resume, heldout, serving or variants" >&2
+        exit 2 ;;
+    esac
+done
+echo "done ($(at))"
