@@ -82,6 +82,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from flashdispatch.alignment import aligned16
+
 from .forward import PLAIN, OutputPlan, Variant, cached_plan, kernel_window, make_variant
 from .launch import BoundDescriptorLaunch, DirectLauncher, HostDescriptor, cuda_index, run_on_device
 
@@ -727,13 +729,13 @@ def _strides_ready(t: torch.Tensor) -> bool:
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     """t itself when the copy engine can read it (16-byte aligned base and strides, unit last
-    stride), else a dense copy. A clone, not contiguous(): a view at an odd address that torch
-    counts as contiguous (a (1, 1, 1, D) slice of a larger buffer) would come back as itself."""
+    stride), else aligned16's dense copy (which also copies a view at an odd address that torch
+    counts as contiguous, a (1, 1, 1, D) slice of a larger buffer; contiguous() would not)."""
     if _strides_ready(t) and t.data_ptr() % 16 == 0:
         return t
     log.debug("gluon forward: copying a %s tensor with strides %s (TMA needs 16-byte alignment)",
               tuple(t.shape), t.stride())
-    return t.clone(memory_format=torch.contiguous_format)
+    return aligned16(t)
 
 
 def _box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
