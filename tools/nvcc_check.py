@@ -178,15 +178,22 @@ def check(
 ) -> list[NvccResult]:
     """Compile every selectable instantiation and the variant set for each arch (one nvcc per arch,
     run in parallel)."""
+    specs = _specs(archs, include_space, all_variants)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(lambda arch: check_arch(arch, archs, include_space=include_space, mode=mode,
-                                                     all_variants=all_variants), archs))
+        return list(pool.map(lambda arch: _compile_fitting(arch, specs, mode), archs))
 
 
 def check_arch(arch: str, spec_archs: Sequence[str] = DEFAULT_ARCHS, *, include_space: bool = False,
                mode: str = "cubin", all_variants: bool = False) -> NvccResult:
     """One nvcc for `arch`: the selectable instantiations and the variant set of `spec_archs` that fit it."""
-    specs = dict.fromkeys(selectable_specs(spec_archs, include_space) + variant_specs(spec_archs, all_variants))
+    return _compile_fitting(arch, _specs(spec_archs, include_space, all_variants), mode)
+
+
+def _specs(archs: Sequence[str], include_space: bool, all_variants: bool) -> list[KernelSpec]:
+    return list(dict.fromkeys(selectable_specs(archs, include_space) + variant_specs(archs, all_variants)))
+
+
+def _compile_fitting(arch: str, specs: Sequence[KernelSpec], mode: str) -> NvccResult:
     cc = int(arch[3:])
     return nvcc_compile(module_source([s for s in specs if configs.fits(s, cc)]), arch, mode=mode)
 

@@ -522,9 +522,9 @@ BACKWARD_DEFAULTS_FP32: dict[int, dict[str, Any]] = {
 # What the tuner may try beyond the default, per padded head dim: (BLOCK_M, BLOCK_N, num_warps,
 # num_stages). On the H100 sweep the runner-up was 9-18% (D=64) and 23-30% (D=128) slower than
 # the default; the rest are untimed neighbours (16 x 64 with 8 warps at D=128: the tile ptxas
-# spills least on sm_90, 16-44 B per thread against the default's 444 B). The atomic-dq variant was 0.5-0.8x of the default
-# at every shape of that sweep, so it is offered only on request (atomic=True). AMD runs the same
-# tables: compile-checked for gfx90a/gfx942, never timed there.
+# spills least on sm_90, 16-44 B per thread against the default's 444 B). The atomic-dq variant
+# was 0.5-0.8x of the default at every shape of that sweep, so it is offered only on request
+# (atomic=True). AMD runs the same tables: compile-checked for gfx90a/gfx942, never timed there.
 _BACKWARD_SPACE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
     16: ((32, 64, 4, 3),),
     32: ((32, 64, 4, 3),),
