@@ -8,6 +8,7 @@
 #   OUT=gpu-out bash tools/gpu_steps.sh tune heldout          # tune --quick, then the held-out bench on it
 #   OUT=gpu-out bash tools/gpu_steps.sh resume heldout        # a tune that ran out of time, continued
 #   OUT=gpu-out bash tools/gpu_steps.sh serving variants
+#   OUT=gpu-out bash tools/gpu_steps.sh demo gluon             # the demo; the Gluon forward's configs
 #
 # LIMIT: seconds for the whole call (default 570: a 10-minute session leaves room for the install).
 # STATE: where the tune keeps its profile and state between calls (default /tmp/flashdispatch-tune);
@@ -65,11 +66,18 @@ for step in "$@"; do
     serving)
         timeout "$(limit 600)" flashdispatch bench --serving --out "$OUT/serving" >"$OUT/serving.log" 2>&1
         echo "serving rc=$? $(at)"; tail -20 "$OUT/serving.log" ;;
+    demo)  # the README's demo on the GPU: which backend each step ran, and its time beside plain SDPA
+        timeout "$(limit 180)" flashdispatch demo --json "$OUT/demo.json" >"$OUT/demo.log" 2>&1
+        echo "demo rc=$? $(at)"; tail -25 "$OUT/demo.log" ;;
+    gluon)  # the Gluon forward's configs beside the default and plain SDPA (S = 1k, 4k, 16k)
+        timeout "$(limit 300)" python3 -m flashdispatch.tools.bench_gluon --quick --only-variants --out "$OUT/gluon" \
+            >"$OUT/gluon.log" 2>&1
+        echo "gluon rc=$? $(at)"; tail -30 "$OUT/gluon.log" ;;
     variants)
         timeout "$(limit 600)" python3 -m flashdispatch.tools.bench_variants --out "$OUT/variants" >"$OUT/variants.log" 2>&1
         echo "variants rc=$? $(at)"; tail -20 "$OUT/variants.log" ;;
     *)
-        echo "unknown step '$step': expected conformance, rest, alone, tune, resume, heldout, serving or variants" >&2
+        echo "unknown step '$step': expected conformance, rest, alone, tune, resume, heldout, serving, demo, gluon or variants" >&2
         exit 2 ;;
     esac
 done
