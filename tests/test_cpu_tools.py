@@ -230,3 +230,26 @@ def test_the_variants_plot_is_written(tmp_path):
     bv, run = _variants_run()
     bv.plot(run, str(tmp_path / "bench_variants.png"))
     assert (tmp_path / "bench_variants.png").stat().st_size > 1000
+
+
+def test_the_backward_table_sorts_configs_and_sums_forward_and_backward(capsys):
+    from flashdispatch.tools import bench_backward as bb
+
+    # the window's visible pairs against a brute-force count (a query sees itself and window-1 before)
+    for s, w in ((10, 4), (7, 7), (5, 9), (6, None)):
+        brute = sum(1 for i in range(s) for j in range(s) if j <= i and (w is None or i - j < w))
+        assert bb._visible_pairs(s, w) == brute
+    row = {"S": 16384, "window": 4096, "visible_pairs": 1, "bwd_gflop": 2000.0, "errors": {"bwd 64x128 w8 s2": "x"},
+           "ms": {"bwd 32x128 w8 s2": 8.0, "bwd 16x64 w8 s1": 5.0, "bwd flex": 6.0, "fwd tl": 2.0,
+                  "fwd gluon": 1.0, "fwd flex": 2.0}}
+    text = bb.table([row], "NVIDIA H200 (synthetic)")
+    lines = text.splitlines()
+    assert "NVIDIA H200 (synthetic)" in lines[0]
+    body = [line.split() for line in lines if line.startswith("  ") and "x" in line.split()[0]]
+    assert [b[0] for b in body] == ["16x64", "flex", "32x128"]  # fastest first
+    # 16x64: 2000 GFLOP in 5 ms = 400 TFLOP/s; flex bwd 6 / 5 = 1.2x; (2 + 6) / (gluon 1 + 5) = 1.33x
+    assert body[0][3:] == ["5.000", "400.0", "1.20x", "1.33x"]
+    assert "bwd 64x128 w8 s2: x" in text
+    if not torch.cuda.is_available():  # no GPU: a one-line error, exit code 2
+        assert bb.main([]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err

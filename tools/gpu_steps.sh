@@ -8,7 +8,7 @@
 #   OUT=gpu-out bash tools/gpu_steps.sh tune heldout          # tune --quick, then the held-out bench on it
 #   OUT=gpu-out bash tools/gpu_steps.sh resume heldout        # a tune that ran out of time, continued
 #   OUT=gpu-out bash tools/gpu_steps.sh serving variants
-#   OUT=gpu-out bash tools/gpu_steps.sh demo gluon             # the demo; the Gluon forward's configs
+#   OUT=gpu-out bash tools/gpu_steps.sh demo gluon backward    # the demo; the Gluon forward's and backward's configs
 #
 # LIMIT: seconds for the whole call (default 570: a 10-minute session leaves room for the install).
 # STATE: where the tune keeps its profile and state between calls (default /tmp/flashdispatch-tune);
@@ -73,11 +73,15 @@ for step in "$@"; do
         timeout "$(limit 300)" python3 -m flashdispatch.tools.bench_gluon --quick --only-variants --out "$OUT/gluon" \
             >"$OUT/gluon.log" 2>&1
         echo "gluon rc=$? $(at)"; tail -30 "$OUT/gluon.log" ;;
+    backward)  # the Triton backward's configs beside FlexAttention's backward (window 4096 and causal, S=16k)
+        timeout "$(limit 300)" python3 -m flashdispatch.tools.bench_backward --quick --out "$OUT/backward" \
+            >"$OUT/backward.log" 2>&1
+        echo "backward rc=$? $(at)"; tail -30 "$OUT/backward.log" ;;
     variants)
         timeout "$(limit 600)" python3 -m flashdispatch.tools.bench_variants --out "$OUT/variants" >"$OUT/variants.log" 2>&1
         echo "variants rc=$? $(at)"; tail -20 "$OUT/variants.log" ;;
     *)
-        echo "unknown step '$step': expected conformance, rest, alone, tune, resume, heldout, serving, demo, gluon or variants" >&2
+        echo "unknown step '$step': expected conformance, rest, alone, tune, resume, heldout, serving, demo, gluon, backward or variants" >&2
         exit 2 ;;
     esac
 done
