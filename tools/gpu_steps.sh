@@ -51,6 +51,9 @@ for step in "$@"; do
         echo "alone rc=$? $(at)"; grep -E "^FAILED|^ERROR" "$OUT/alone.log" | head -20; tail -1 "$OUT/alone.log"
         timeout "$(limit 60)" python3 -m flashdispatch.tools.host_cost >"$OUT/host_cost.txt" 2>&1
         tail -12 "$OUT/host_cost.txt" ;;
+    host)  # the host cost per call alone
+        timeout "$(limit 60)" python3 -m flashdispatch.tools.host_cost >"$OUT/host_cost.txt" 2>&1
+        echo "host rc=$? $(at)"; tail -12 "$OUT/host_cost.txt" ;;
     tune|resume)  # the quick grid into STATE/<key>.yaml (resume: keep the shapes already measured)
         flag=(); [ "$step" = resume ] && flag=(--resume)
         timeout "$(limit 600)" flashdispatch tune --quick "${flag[@]}" --out "$STATE/$KEY.yaml" \
@@ -81,7 +84,7 @@ for step in "$@"; do
         timeout "$(limit 600)" python3 -m flashdispatch.tools.bench_variants --out "$OUT/variants" >"$OUT/variants.log" 2>&1
         echo "variants rc=$? $(at)"; tail -20 "$OUT/variants.log" ;;
     *)
-        echo "unknown step '$step': expected conformance, rest, alone, tune, resume, heldout, serving, demo, gluon, backward or variants" >&2
+        echo "unknown step '$step': expected conformance, rest, alone, host, tune, resume, heldout, serving, demo, gluon, backward or variants" >&2
         exit 2 ;;
     esac
 done
