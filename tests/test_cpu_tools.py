@@ -253,3 +253,15 @@ def test_the_backward_table_sorts_configs_and_sums_forward_and_backward(capsys):
     if not torch.cuda.is_available():  # no GPU: a one-line error, exit code 2
         assert bb.main([]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_backward_bench_reads_extra_tiles():
+    import argparse
+
+    from flashdispatch.tools import bench_backward as bb
+
+    assert bb.parse_tiles("64,128,8,3;16,64,8,1")[1] == {
+        "BWD_BLOCK_M": 16, "BWD_BLOCK_N": 64, "BWD_num_warps": 8, "BWD_num_stages": 1, "BWD_DQ_ATOMIC": False}
+    assert bb.parse_tiles("") == []
+    with pytest.raises(argparse.ArgumentTypeError, match="M,N,WARPS,STAGES"):
+        bb.parse_tiles("64,128,8")

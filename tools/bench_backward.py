@@ -5,7 +5,9 @@ at S=16k and 32k) and on full causal attention at S=16k:
     python -m flashdispatch.tools.bench_backward --out DIR       # DIR/bench_backward.json
     python -m flashdispatch.tools.bench_backward --quick         # S=16k only
 
-Every config of the tuner's backward space at D=128 (`backward_config_space`) and the default is
+Every config of the tuner's backward space at D=128 (`backward_config_space`, the default first)
+and the tiles given with `--extra` (default: 64 x 128 with 8 warps and 3 stages, FlexAttention's
+own backward tile on Hopper at this head dim, and 128 x 128 with 8 warps and 2 stages) are
 timed as a direct call of the backward launcher (dq, dk, dv from a saved out and lse, the forward
 not included); FlexAttention's backward is `torch.autograd.grad` through the compiled
 flex_attention with the graph kept (its forward not included either). Beside them, each forward
@@ -54,7 +56,23 @@ def _visible_pairs(s: int, window: int | None) -> int:
     return sum(min(i + 1, window) for i in range(s))
 
 
-def one_shape(s: int, window: int | None, rep_ms: float) -> dict[str, Any]:
+EXTRA = "64,128,8,3;128,128,8,2"
+
+
+def parse_tiles(text: str) -> list[dict[str, Any]]:
+    """'M,N,W,S;...' -> backward configs (query tile, key tile, warps, stages of the dk-dv kernel)."""
+    tiles = []
+    for part in filter(None, text.split(";")):
+        try:
+            m, n, w, st = (int(x) for x in part.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected M,N,WARPS,STAGES[;...], got {part!r}") from None
+        tiles.append({"BWD_BLOCK_M": m, "BWD_BLOCK_N": n, "BWD_num_warps": w, "BWD_num_stages": st,
+                      "BWD_DQ_ATOMIC": False})
+    return tiles
+
+
+def one_shape(s: int, window: int | None, rep_ms: float, extra: list[dict[str, Any]]) -> dict[str, Any]:
     """Times every backward config and the anchors at one shape; returns the JSON row."""
     g = torch.Generator(device="cuda").manual_seed(s)
     q, k, v = (torch.randn(B, H, s, D, device="cuda", dtype=DTYPE, generator=g) for _ in range(3))
@@ -65,6 +83,7 @@ def one_shape(s: int, window: int | None, rep_ms: float) -> dict[str, Any]:
 
     space = configs.backward_config_space(D, D, arch=configs.arch_of_tensor(q))  # the default first
     default = space[0]
+    space += [c for c in extra if _label(c) not in {_label(x) for x in space}]
     fns: dict[str, tuple[Callable[[], object], list[torch.Tensor] | None]] = {}
     for cfg in space:
         fns[f"bwd {_label(cfg)}"] = (
@@ -134,8 +153,10 @@ def table(rows: list[dict[str, Any]], card: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flashdispatch.tools.bench_backward",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.environ.get("OUT"), help="folder for bench_backward.json")
+    p.add_argument("--out", help="folder for bench_backward.json")
     p.add_argument("--quick", action="store_true", help="S=16k only")
+    p.add_argument("--extra", type=parse_tiles, default=parse_tiles(EXTRA),
+                   help=f"more dk-dv tiles to time, M,N,WARPS,STAGES;... (default {EXTRA!r}; '' for none)")
     p.add_argument("--rep-ms", type=cliargs.float_at_least(1.0, "milliseconds >= 1"), default=150.0,
                    help="timed milliseconds per provider and shape")
     args = p.parse_args(argv)
@@ -147,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [(16384, WINDOW), (16384, None)] + ([] if args.quick else [(32768, WINDOW)])
     rows = []
     for s, window in shapes:
-        rows.append(one_shape(s, window, args.rep_ms))
+        rows.append(one_shape(s, window, args.rep_ms, args.extra))
         torch.cuda.empty_cache()
     text = table(rows, card)
     if args.out:
