@@ -210,6 +210,7 @@ class SdpaPlain(_Sdpa):
 
     name: ClassVar[str] = "sdpa"
     default_rank: ClassVar[int | None] = 0
+    pin: ClassVar[str | None] = "sdpa:plain"  # "sdpa" lets the family choose among torch's kernels
 
     def serving_module(self) -> Any:
         from . import sdpa_serving  # torch's varlen_attn or a loop over sequences; paged through a gather

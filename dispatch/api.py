@@ -80,8 +80,11 @@ def attention(
         layout: "bhsd" (torch SDPA's) or "bshd" (flash_attn's).
         return_lse: also return the log-sum-exp of the scaled scores (natural log), float32
             (B, Hq, Sq). It carries no gradient.
-        backend: force a backend ("sdpa", "sdpa:cudnn", "triton", "cupy", ...). A forced backend
-            that cannot serve the problem raises NoBackendError; it never falls back.
+        backend: force a backend ("sdpa", "sdpa:cudnn", "triton", "cupy", ...). A family name
+            ("triton") lets the family choose its fastest member (the Gluon forward on Hopper), a
+            full name pins one ("triton:gluon"; "triton:tl" and "sdpa:plain" for the members named
+            like their family). A forced backend that cannot serve the problem raises
+            NoBackendError; it never falls back.
         window: sliding window (left, right), flash_attn's convention: query i, at its
             bottom-right-aligned position p = i + Sk - Sq, sees key j iff p - left <= j <= p + right;
             -1 is unbounded on that side, (-1, -1) or None no window. With causal=True right is 0.

@@ -181,6 +181,9 @@ class Implementation(ABC):
     name: ClassVar[str]
     #: Family: "sdpa", "triton", "cupy".
     backend: ClassVar[str]
+    #: For an implementation named like its family (whose name, forced, lets the family choose
+    #: among its members): a second name that forces this implementation alone ("triton:tl").
+    pin: ClassVar[str | None] = None
     #: Place in the built-in order, used where no profile decides (lower first): plain SDPA, the
     #: user's own baseline, first; then our kernels; then the pinned SDPA kernels. None: after
     #: every ranked one (an implementation that should run only when measured faster).

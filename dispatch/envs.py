@@ -14,8 +14,8 @@ from typing import Callable, Iterable
 from .device import DEVICE_KEYS
 
 # Names accepted by FLASHDISPATCH_BACKEND: "auto" (let the dispatcher choose) and every
-# implementation and family name. Family names ("sdpa") pick the best variant of that family; full
-# names pin one. The registry supplies the names when it is created (provide_backend_names), so no
+# implementation, family and pin name. Family names ("sdpa") pick the best variant of that family;
+# full names pin one, pin names ("sdpa:plain") the member named like its family. The registry supplies the names when it is created (provide_backend_names), so no
 # list of them is kept here by hand.
 _backend_names: Callable[[], Iterable[str]] = tuple
 

@@ -122,6 +122,19 @@ class Registry:
             fam.setdefault(impl.backend, []).append(impl.name)
         return fam
 
+    def pins(self) -> dict[str, str]:
+        """Pin name -> implementation name, for implementations named like their family."""
+        return {impl.pin: impl.name for impl in self.all().values() if impl.pin}
+
+    def forced_pool(self, forced: str) -> list[str]:
+        """The implementations a forced name lets the dispatcher choose from: a family's members, one
+        implementation (its name or its pin), or none for a name it does not know."""
+        fams = self.families()
+        if forced in fams:
+            return fams[forced]
+        name = self.pins().get(forced, forced)
+        return [name] if name in self.all() else []
+
     def status(self, dev: DeviceInfo | None = None) -> list[BackendStatus]:
         """Every implementation and whether it can serve problems on `dev` (default: this
         machine's device), with the reason when it cannot."""
@@ -144,7 +157,7 @@ class Registry:
 
 REGISTRY = Registry()
 # FLASHDISPATCH_BACKEND accepts what is registered (implementations, then their families)
-envs.provide_backend_names(lambda: [*REGISTRY.all(), *REGISTRY.families()])
+envs.provide_backend_names(lambda: [*REGISTRY.all(), *REGISTRY.families(), *REGISTRY.pins()])
 
 
 def _forget_decisions() -> None:

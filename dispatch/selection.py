@@ -614,9 +614,8 @@ def _select_uncached(p: Problem, forced: str | None, source: str, device: Device
     profile, problems = profile_for(dev)
     rejected: dict[str, list[str]] = {}
     names = list(REGISTRY.all())
-    fams = REGISTRY.families()
     if forced is not None:
-        pool = fams.get(forced, [forced] if forced in names else [])
+        pool = REGISTRY.forced_pool(forced)
         for n in names:
             if n not in pool:
                 rejected[n] = [f"not the forced backend {forced!r} (set by {source})"]

@@ -57,6 +57,24 @@ def implementations() -> list[str]:
     return [s.name for s in flashdispatch.backends()]
 
 
+def pinned_implementations() -> list[str]:
+    """Pins that the GPU grid forces besides the implementations' names: "triton:tl", since forcing
+    "triton" lets the family choose and on Hopper it may run "triton:gluon" instead (the tl kernel
+    would go untested there). A pin's refusals are its implementation's. ("sdpa:plain" is left out:
+    the family-forced "sdpa" is what users write, and plain SDPA alone is what it runs wherever
+    the table expects "sdpa" to serve without the lse.)"""
+    from flashdispatch.registry import REGISTRY
+
+    return [pin for pin in ("triton:tl",) if pin in REGISTRY.pins()]
+
+
+def implementation_of(name: str) -> str:
+    """The implementation a forced name stands for (a pin's implementation; else the name)."""
+    from flashdispatch.registry import REGISTRY
+
+    return REGISTRY.pins().get(name, name)
+
+
 # -------------------------------------------------------------------------------------------------
 # Shapes. GPU sizes are awkward on purpose (odd S and H, partial tiles); the CPU runs the same
 # classes of problem at sizes the Triton interpreter gets through in CI time.
@@ -200,4 +218,5 @@ REFUSALS: list[Refusal] = [
 
 def expected_refusals(impl: str, device: str, case: Case, dtype: torch.dtype, kind: str) -> list[str]:
     """Texts that the reasons of `impl` must contain for this call (empty: it must serve it)."""
+    impl = implementation_of(impl)
     return [r.text for r in REFUSALS if impl in r.impls and device in r.devices and r.applies(case, dtype, kind)]

@@ -26,7 +26,8 @@ from flashdispatch.errors import NoBackendError
 from flashdispatch.reference import attention_math, causal_mask
 from flashdispatch.tolerances import LARGE_MAGNITUDE_GRAD_FACTOR, LARGE_MAGNITUDE_GRAD_ULPS, within_budget
 from conformance import (
-    BF16, DTYPE_IDS, FP16, FP32, FP64, VALUES, Case, expected_refusals, implementations, shapes,
+    BF16, DTYPE_IDS, FP16, FP32, FP64, VALUES, Case, expected_refusals, implementation_of, implementations,
+    pinned_implementations, shapes,
 )
 from inputs import baseline_math, make_case_inputs
 
@@ -60,7 +61,7 @@ def _run(impl: str, device: str, case: Case, dtype: torch.dtype, kind: str, inpu
         res = fd.attention(q, k, v, causal=case.causal, scale=case.scale, layout=case.layout,
                            return_lse=kind == "lse", backend=impl)
     except NoBackendError as e:
-        reasons = " | ".join(e.reasons.get(impl, [])) or str(e)
+        reasons = " | ".join(e.reasons.get(implementation_of(impl), [])) or str(e)
         assert expected, f"{impl} refused a case it is expected to serve: {reasons}"
         missing = [t for t in expected if not any(alt in reasons for alt in t.split(" || "))]
         assert not missing, f"{impl} refused, but not for the expected reason {missing}: {reasons}"
@@ -128,9 +129,10 @@ FULL_PRECISION_SHAPES = ("square", "gqa", "sq_lt_sk", "decode", "dv")
 
 def _grid(device: str) -> list:
     """(impl, case, dtype, kind) for one device; ids end in "-refused" where the table expects a
-    refusal, so that a run's summary counts served and refused cases per implementation."""
+    refusal, so that a run's summary counts served and refused cases per implementation. On the GPU
+    the pins ("triton:tl") join: "triton" there may run the family's Gluon forward."""
     params = []
-    for impl in IMPLS:
+    for impl in IMPLS + (pinned_implementations() if device == "cuda" else []):
         for dtype, dname in DTYPE_IDS.items():
             for case in shapes(device):
                 if dtype in (FP32, FP64) and case.name not in FULL_PRECISION_SHAPES:

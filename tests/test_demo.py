@@ -58,5 +58,6 @@ def test_demo_on_a_hopper_gpu_runs_our_kernel_where_it_wins(tmp_path):
     calls = {r["call"].split(" (")[0]: r for r in json.loads(out.read_text())["calls"]}
     for call in ("chunked prefill", "speculative verify"):
         r = calls[call]
-        assert r["variant"] == "triton" and r["source"].startswith("profile:"), r
+        # our kernels: the Triton family (the Gluon forward serves chunked prefill on Hopper)
+        assert r["variant"].split(":")[0] == "triton" and r["source"].startswith("profile:"), r
         assert r["speedup"] is not None and r["speedup"] > 1.0, r

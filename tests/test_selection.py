@@ -676,3 +676,33 @@ def test_a_poorly_fitted_leader_does_not_hold_back_a_well_fitted_winner():
     # without the baseline among the eligible (a forced family, a call SDPA cannot serve), the noisy
     # model still does not lead a trusted one
     assert rank(["noisy", "steady"]).ordered == ["steady", "noisy"]
+
+
+def test_a_pin_forces_the_implementation_named_like_its_family():
+    """"triton" lets the family choose (the Gluon forward for a Hopper prefill); "triton:tl" forces
+    the portable kernel alone, also through FLASHDISPATCH_BACKEND; a pin is no family."""
+
+    assert REGISTRY.pins() == {"triton:tl": "triton", "sdpa:plain": "sdpa"}
+    assert REGISTRY.forced_pool("triton:tl") == ["triton"]
+    assert set(REGISTRY.forced_pool("triton")) == {"triton", "triton:gluon"}
+    assert REGISTRY.forced_pool("triton:gluon") == ["triton:gluon"]
+    assert REGISTRY.forced_pool("nope") == []
+    shape = dict(shape=(1, 32, 8, 8192, 8192, 128), dtype=torch.bfloat16, causal=True, device="h100")
+    assert fd.explain(**shape, backend="triton").variant == "triton:gluon"
+    d = fd.explain(**shape, backend="triton:tl")
+    assert (d.variant, d.backend, d.source) == ("triton", "triton", "argument")
+    assert "not the forced backend 'triton:tl'" in " ".join(d.rejected["triton:gluon"])
+    assert "triton:tl" in envs.backend_choices() and "sdpa:plain" in envs.backend_choices()
+
+
+def test_a_pin_in_the_environment_forces_plain_sdpa(monkeypatch):
+    monkeypatch.setenv("FLASHDISPATCH_BACKEND", "sdpa:plain")
+    fd.refresh()
+    try:
+        q, k, v = make_qkv(1, 2, 2, 4, 4, 8)
+        d = fd.explain(q, k, v)
+        assert (d.variant, d.source) == ("sdpa", "env")
+        assert set(d.rejected) >= {"sdpa:math", "sdpa:efficient"}
+    finally:
+        monkeypatch.delenv("FLASHDISPATCH_BACKEND")
+        fd.refresh()

@@ -52,14 +52,14 @@ def test_forward_matrix(case: tuple, dtype: str) -> None:
     layout = "bshd" if (sq + d) % 2 else "bhsd"
     q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=DTYPES[dtype], device="cuda", layout=layout)
     out, lse = flashdispatch.attention(q, k, v, causal=causal, layout=layout, return_lse=True,
-                                       backend="triton")
+                                       backend="triton:tl")
     check_forward(out, q, k, v, causal=causal, layout=layout, lse=lse)
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_noncontiguous(dtype: str) -> None:
     q, k, v = make_qkv(2, 4, 2, 300, 517, 64, dtype=DTYPES[dtype], device="cuda", noncontiguous=True)
-    out, lse = flashdispatch.attention(q, k, v, causal=True, return_lse=True, backend="triton")
+    out, lse = flashdispatch.attention(q, k, v, causal=True, return_lse=True, backend="triton:tl")
     check_forward(out, q, k, v, causal=True, lse=lse)
 
 
@@ -78,10 +78,10 @@ DECODE_CASES = [
 def test_decode(case: tuple, dtype: str) -> None:
     b, hq, hkv, sq, sk, d, causal = case
     q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=DTYPES[dtype], device="cuda", layout="bshd")
-    d_ = flashdispatch.explain(q, k, v, causal=causal, layout="bshd", backend="triton")
+    d_ = flashdispatch.explain(q, k, v, causal=causal, layout="bshd", backend="triton:tl")
     assert any("split-KV" in n for n in d_.notes), d_.notes
     out, lse = flashdispatch.attention(q, k, v, causal=causal, layout="bshd", return_lse=True,
-                                       backend="triton")
+                                       backend="triton:tl")
     check_forward(out, q, k, v, causal=causal, layout="bshd", lse=lse)
 
 
@@ -151,7 +151,7 @@ def test_over_2_31_elements() -> None:
     g.manual_seed(7)
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     assert q.numel() > 2**31
-    out, lse = flashdispatch.attention(q, k, v, causal=True, return_lse=True, backend="triton")
+    out, lse = flashdispatch.attention(q, k, v, causal=True, return_lse=True, backend="triton:tl")
     tail = slice(b - 2, b)
     check_forward(out[tail], q[tail], k[tail], v[tail], causal=True, lse=lse[tail])
     del q, k, v, out, lse
@@ -165,7 +165,7 @@ def test_agrees_with_sdpa(case: tuple, dtype: str) -> None:
     """The triton result is as close to float64 as the SDPA backend's (within the 2x budget)."""
     b, hq, hkv, sq, sk, d, causal = case
     q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=DTYPES[dtype], device="cuda")
-    ours = flashdispatch.attention(q, k, v, causal=causal, backend="triton")
+    ours = flashdispatch.attention(q, k, v, causal=causal, backend="triton:tl")
     theirs = flashdispatch.attention(q, k, v, causal=causal, backend="sdpa")
     ref, _ = attention_math(q, k, v, causal=causal, upcast=True)
     ok, err, allowed = within_budget(ours, theirs, ref, q.dtype)
@@ -182,7 +182,7 @@ def test_direct_launch_matches_jit(case: tuple) -> None:
     b, hq, hkv, sq, sk, d, causal = case
     q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=torch.bfloat16, device="cuda")
     # call 1 compiles, 2 is the checked direct launch, 3 hands the kernel to the plan, 4-5 are the plan's own
-    runs = [flashdispatch.attention(q, k, v, causal=causal, return_lse=True, backend="triton") for _ in range(5)]
+    runs = [flashdispatch.attention(q, k, v, causal=causal, return_lse=True, backend="triton:tl") for _ in range(5)]
     for out, lse in runs[1:]:
         assert torch.equal(out, runs[0][0]) and torch.equal(lse, runs[0][1])
     check_forward(runs[-1][0], q, k, v, causal=causal, lse=runs[-1][1])
@@ -193,11 +193,11 @@ def test_direct_launch_matches_jit(case: tuple) -> None:
 
 def test_direct_launch_in_cuda_graph() -> None:
     q, k, v = make_qkv(1, 32, 8, 1, 4096, 128, dtype=torch.bfloat16, device="cuda")
-    ref = flashdispatch.attention(q, k, v, backend="triton")
-    flashdispatch.attention(q, k, v, backend="triton")  # first direct launch: checked outside the capture
+    ref = flashdispatch.attention(q, k, v, backend="triton:tl")
+    flashdispatch.attention(q, k, v, backend="triton:tl")  # first direct launch: checked outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = flashdispatch.attention(q, k, v, backend="triton")
+        out = flashdispatch.attention(q, k, v, backend="triton:tl")
     q.copy_(torch.randn_like(q))
     graph.replay()
     torch.cuda.synchronize()

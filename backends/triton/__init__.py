@@ -40,6 +40,7 @@ class TritonAttention(Implementation):
     name: ClassVar[str] = "triton"
     default_rank: ClassVar[int | None] = 10
     backend: ClassVar[str] = "triton"
+    pin: ClassVar[str | None] = "triton:tl"  # "triton" lets the family choose (the Gluon forward on Hopper)
 
     def availability(self) -> str | None:
         try:

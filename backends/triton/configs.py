@@ -474,7 +474,10 @@ BACKWARD_DEFAULTS: dict[int, dict[str, Any]] = {
     16: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 3},
     32: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 3},
     64: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 4, "BWD_num_stages": 3},
-    128: {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 128, "BWD_num_warps": 8, "BWD_num_stages": 2},
+    # D=128: 64 x 128 with 3 stages, FlexAttention's own tile on Hopper: on an H100 (bf16, B=1, H=32,
+    # causal, S=16k; tools/bench_backward.py) 1.23x the earlier 32 x 128 / 2 stages with a 4096-key
+    # window (5.92 against 7.27 ms) and 1.24x without (12.48 against 15.44 ms)
+    128: {"BWD_BLOCK_M": 64, "BWD_BLOCK_N": 128, "BWD_num_warps": 8, "BWD_num_stages": 3},
     # D=256: 32 x 64, one stage, despite ptxas's 1048 B / 876 B of spill stores per thread in dk/dv
     # and dq (sm_90a): the spill-free 32 x 32 tile with 2 stages measured 1.47x slower on an H100
     # (causal S=8k, B=1, H=16/8, bf16: 16.29 ms against 11.11 ms, interleaved medians)
@@ -520,16 +523,17 @@ BACKWARD_DEFAULTS_FP32: dict[int, dict[str, Any]] = {
 }
 
 # What the tuner may try beyond the default, per padded head dim: (BLOCK_M, BLOCK_N, num_warps,
-# num_stages). On the H100 sweep the runner-up was 9-18% (D=64) and 23-30% (D=128) slower than
-# the default; the rest are untimed neighbours (16 x 64 with 8 warps at D=128: the tile ptxas
-# spills least on sm_90, 16-44 B per thread against the default's 444 B). The atomic-dq variant
+# num_stages). D=64: on the H100 sweep the runner-up was 9-18% slower than the default; the rest are
+# untimed neighbours. D=128, timed on an H100 by tools/bench_backward.py (window 4096 and full causal,
+# S=16k): the ones kept are within 0-18% of the default (4 stages ties it); 16 x 128 (0.6x), 32 x 64
+# (0.35x), 16 x 64 (0.18x, though ptxas spills least there) and 128 x 128 (0.4x) were dropped. The atomic-dq variant
 # was 0.5-0.8x of the default at every shape of that sweep, so it is offered only on request
 # (atomic=True). AMD runs the same tables: compile-checked for gfx90a/gfx942, never timed there.
 _BACKWARD_SPACE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
     16: ((32, 64, 4, 3),),
     32: ((32, 64, 4, 3),),
     64: ((64, 128, 8, 3), (32, 128, 8, 2), (32, 128, 4, 4), (64, 128, 4, 3)),
-    128: ((16, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 2), (16, 64, 8, 1)),
+    128: ((64, 128, 8, 4), (32, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 2)),
     256: ((32, 64, 8, 1), (16, 64, 8, 1), (32, 32, 4, 2)),
 }
 
