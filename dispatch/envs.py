@@ -15,8 +15,8 @@ from .device import DEVICE_KEYS
 
 # Names accepted by FLASHDISPATCH_BACKEND: "auto" (let the dispatcher choose) and every
 # implementation, family and pin name. Family names ("sdpa") pick the best variant of that family;
-# full names pin one, pin names ("sdpa:plain") the member named like its family. The registry supplies the names when it is created (provide_backend_names), so no
-# list of them is kept here by hand.
+# full names pin one, pin names ("sdpa:plain") the member named like its family. The registry
+# supplies the names when it is created (provide_backend_names), so no list of them is kept here.
 _backend_names: Callable[[], Iterable[str]] = tuple
 
 

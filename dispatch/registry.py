@@ -156,7 +156,7 @@ class Registry:
 
 
 REGISTRY = Registry()
-# FLASHDISPATCH_BACKEND accepts what is registered (implementations, then their families)
+# FLASHDISPATCH_BACKEND accepts what is registered (implementations, their families, their pins)
 envs.provide_backend_names(lambda: [*REGISTRY.all(), *REGISTRY.families(), *REGISTRY.pins()])
 
 

@@ -525,10 +525,10 @@ BACKWARD_DEFAULTS_FP32: dict[int, dict[str, Any]] = {
 # What the tuner may try beyond the default, per padded head dim: (BLOCK_M, BLOCK_N, num_warps,
 # num_stages). D=64: on the H100 sweep the runner-up was 9-18% slower than the default; the rest are
 # untimed neighbours. D=128, timed on an H100 by tools/bench_backward.py (window 4096 and full causal,
-# S=16k): the ones kept are within 0-18% of the default (4 stages ties it); 16 x 128 (0.6x), 32 x 64
-# (0.35x), 16 x 64 (0.18x, though ptxas spills least there) and 128 x 128 (0.4x) were dropped. The atomic-dq variant
-# was 0.5-0.8x of the default at every shape of that sweep, so it is offered only on request
-# (atomic=True). AMD runs the same tables: compile-checked for gfx90a/gfx942, never timed there.
+# S=16k): the ones kept are within 0-23% of the default (4 stages ties it); 16 x 128 (0.6x), 32 x 64
+# (0.35x), 16 x 64 (0.18x, though ptxas spills least there) and 128 x 128 (0.4x) were dropped. The
+# atomic-dq variant was 0.5-0.8x of the default at every shape of that sweep, so it is offered only on
+# request (atomic=True). AMD runs the same tables: compile-checked for gfx90a/gfx942, never timed there.
 _BACKWARD_SPACE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
     16: ((32, 64, 4, 3),),
     32: ((32, 64, 4, 3),),
