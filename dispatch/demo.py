@@ -214,14 +214,21 @@ def run_demo(device: torch.device | str | None = None, steps: int = 4, seqlen: i
         print("\nOn this CPU every call runs torch's SDPA (flashdispatch's own kernels are for GPUs). "
               "On an NVIDIA H100 (simulated with explain), the same calls at GPU size (bf16, 8 heads, batch 4, "
               "KV cache 8192) would run:")
+        left_out: dict[str, str] = {}
         for st in plan_steps(8192, 512, draft, 2048, 1):
             try:
                 d = explain(shape=(4, 8, 8, st.sq, st.sk, HEAD_DIM), dtype="bf16", causal=True, needs_grad=st.grad,
                             device="h100")
                 what = _describe(d)
+                left_out.update({n: r[0] for n, r in d.rejected.items() if r and r[0].startswith("unavailable:")})
             except Exception as e:  # NoBackendError: say so, keep going
                 what = f"nothing ({type(e).__name__})"
             print(f"  [{st.label}] Sq={st.sq} Sk={st.sk}: {what}")
+        if left_out:  # the simulation can only rank what this machine can import
+            print("  (left out of this simulation because this machine cannot load them; on an H100 with torch's "
+                  "CUDA wheel, which brings Triton, and `pip install 'flashdispatch[triton,cupy]'` they take part:)")
+            for name, why in left_out.items():
+                print(f"    {name}: {why[:110]}")
 
     # -- the training step through the whole model: outputs and gradients vs float64
     def train(m: TinyDecoder, attn: AttnFn, xx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

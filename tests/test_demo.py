@@ -35,6 +35,8 @@ def test_demo_on_the_cpu(tmp_path, capsys):
     # our kernels: the tl one for the speculative step, it or the Gluon one (Hopper) for the chunk
     assert "triton (source: profile h100.yaml" in spec
     assert "triton (source: profile h100.yaml" in chunk or "triton:gluon (source: profile h100.yaml" in chunk
+    # what this machine cannot load is named, not silently ranked out (cupy: no CUDA device here)
+    assert "left out of this simulation" in sim and "    cupy: unavailable" in sim
     result = json.loads(out.read_text())
     for row in result["calls"]:
         # a ratio is printed only when the two timings differ beyond their spread
