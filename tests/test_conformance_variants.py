@@ -19,7 +19,9 @@ import flashdispatch as fd
 from flashdispatch.errors import NoBackendError
 from flashdispatch.reference import attention_math
 from flashdispatch.tolerances import within_budget
-from conformance import BF16, DTYPE_IDS, FP16, FP32, Case, expected_refusals, implementations
+from conformance import (
+    BF16, DTYPE_IDS, FP16, FP32, Case, expected_refusals, implementation_of, implementations, pinned_implementations,
+)
 from inputs import make_case_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning",
@@ -65,7 +67,7 @@ def variant_refusals(impl: str, v: VCase) -> list[str]:
         "triton": {"window", "softcap", "sinks"}, "cupy": {"window", "softcap", "sinks"},
         "sdpa": {"window", "softcap", "sinks"}, "sdpa:math": {"window", "softcap", "sinks"},
         "sdpa:efficient": {"window"}, "sdpa:flash": set(), "sdpa:cudnn": set(), "triton:gluon": {"window"},
-    }.get(impl, set())
+    }.get(implementation_of(impl), set())
     # an implementation not available here says so instead (its capabilities are never asked)
     return [f"{w} || unavailable" for w in wants if w not in serves]
 
@@ -73,7 +75,8 @@ def variant_refusals(impl: str, v: VCase) -> list[str]:
 def _grid() -> list:
     params = []
     for device in (["cuda"] if GPU else []) + ["cpu"]:
-        for impl in implementations():
+        # on the GPU also "triton:tl": forcing "triton" may run the Gluon forward for a window there
+        for impl in implementations() + (pinned_implementations() if device == "cuda" else []):
             for dtype, dname in DTYPE_IDS.items():
                 if dtype not in (FP16, BF16, FP32):
                     continue
@@ -114,7 +117,7 @@ def test_variants(device: str, impl: str, v: VCase, dtype: torch.dtype, kind: st
     try:
         res = fd.attention(q, k, vv, layout=c.layout, return_lse=not grad, backend=impl, sinks=sinks, **kw)
     except NoBackendError as e:
-        reasons = " | ".join(e.reasons.get(impl, [])) or str(e)
+        reasons = " | ".join(e.reasons.get(implementation_of(impl), [])) or str(e)
         assert expected, f"{impl} refused a case it is expected to serve: {reasons}"
         missing = [t for t in expected if not any(alt in reasons for alt in t.split(" || "))]
         assert not missing, f"{impl} refused, but not for the expected reason {missing}: {reasons}"
