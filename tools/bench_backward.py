@@ -1,13 +1,15 @@
 """The Triton backward's block configs side by side, beside FlexAttention's backward, on the shapes
 the sliding-window bars are judged on (bf16, B=1, H=32, D=128, causal, Mistral's 4096-key window
-at S=16k and 32k) and on full causal attention at S=16k:
+at S=16k and 32k) and on full causal attention at S=16k (`--head-dim 64` or 256: the same at that
+head dim):
 
     python -m flashdispatch.tools.bench_backward --out DIR       # DIR/bench_backward.json
     python -m flashdispatch.tools.bench_backward --quick         # S=16k only
+    python -m flashdispatch.tools.bench_backward --quick --head-dim 64 --extra ""
 
-Every config of the tuner's backward space at D=128 (`backward_config_space`, the default first)
-and the tiles given with `--extra` (default: 64 x 128 with 8 warps and 3 stages, FlexAttention's
-own backward tile on Hopper at this head dim, and 128 x 128 with 8 warps and 2 stages) are
+Every config of the tuner's backward space at the head dim (`backward_config_space`, the default
+first) and the tiles given with `--extra` (default: 64 x 128 with 8 warps and 3 stages,
+FlexAttention's own backward tile on Hopper at D=128, and 128 x 128 with 8 warps and 2 stages) are
 timed as a direct call of the backward launcher (dq, dk, dv from a saved out and lse, the forward
 not included); FlexAttention's backward is `torch.autograd.grad` through the compiled
 flex_attention with the graph kept (its forward not included either). Beside them, each forward
@@ -41,7 +43,7 @@ from .bench_variants import WINDOW, block_mask, causal, flex, sliding_window_cau
 
 log = logging.getLogger("flashdispatch.tools.bench_backward")
 
-B, H, D = 1, 32, 128
+B, H = 1, 32
 DTYPE = torch.bfloat16
 
 
@@ -72,16 +74,17 @@ def parse_tiles(text: str) -> list[dict[str, Any]]:
     return tiles
 
 
-def one_shape(s: int, window: int | None, rep_ms: float, extra: list[dict[str, Any]]) -> dict[str, Any]:
+def one_shape(s: int, window: int | None, rep_ms: float, extra: list[dict[str, Any]],
+              head_dim: int = 128) -> dict[str, Any]:
     """Times every backward config and the anchors at one shape; returns the JSON row."""
     g = torch.Generator(device="cuda").manual_seed(s)
-    q, k, v = (torch.randn(B, H, s, D, device="cuda", dtype=DTYPE, generator=g) for _ in range(3))
-    do = torch.randn(B, H, s, D, device="cuda", dtype=DTYPE, generator=g)
-    scale = D ** -0.5
+    q, k, v = (torch.randn(B, H, s, head_dim, device="cuda", dtype=DTYPE, generator=g) for _ in range(3))
+    do = torch.randn(B, H, s, head_dim, device="cuda", dtype=DTYPE, generator=g)
+    scale = head_dim ** -0.5
     win = (window - 1, 0) if window else None
     out, lse = attention_forward(q, k, v, causal=True, scale=scale, config={}, window=win)
 
-    space = configs.backward_config_space(D, D, arch=configs.arch_of_tensor(q))  # the default first
+    space = configs.backward_config_space(head_dim, head_dim, arch=configs.arch_of_tensor(q))  # the default first
     default = space[0]
     space += [c for c in extra if _label(c) not in {_label(x) for x in space}]
     fns: dict[str, tuple[Callable[[], object], list[torch.Tensor] | None]] = {}
@@ -126,12 +129,14 @@ def one_shape(s: int, window: int | None, rep_ms: float, extra: list[dict[str, A
 
     ms = timing.interleaved_median_ms(fns, torch.device("cuda"), warmup_ms=10.0, rep_ms=rep_ms, failed=failed)
     pairs = _visible_pairs(s, window)
-    bwd_gflop = 10 * B * H * pairs * D / 1e9
-    return {"S": s, "window": window, "visible_pairs": pairs, "bwd_gflop": bwd_gflop, "ms": ms, "errors": errors}
+    bwd_gflop = 10 * B * H * pairs * head_dim / 1e9
+    return {"S": s, "window": window, "head_dim": head_dim, "visible_pairs": pairs, "bwd_gflop": bwd_gflop,
+            "ms": ms, "errors": errors}
 
 
 def table(rows: list[dict[str, Any]], card: str) -> str:
-    lines = [f"Triton backward configs beside FlexAttention ({card}; bf16, B={B}, H={H}, D={D}, causal)", ""]
+    d = rows[0].get("head_dim", 128) if rows else 128
+    lines = [f"Triton backward configs beside FlexAttention ({card}; bf16, B={B}, H={H}, D={d}, causal)", ""]
     for row in rows:
         ms = row["ms"]
         what = f"window {row['window']}" if row["window"] else "full causal"
@@ -155,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="folder for bench_backward.json")
     p.add_argument("--quick", action="store_true", help="S=16k only")
+    p.add_argument("--head-dim", type=int, choices=(64, 128, 256), default=128, help="head dim (default 128)")
     p.add_argument("--extra", type=parse_tiles, default=parse_tiles(EXTRA),
                    help=f"more dk-dv tiles to time, M,N,WARPS,STAGES;... (default {EXTRA!r}; '' for none)")
     p.add_argument("--rep-ms", type=cliargs.float_at_least(1.0, "milliseconds >= 1"), default=150.0,
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [(16384, WINDOW), (16384, None)] + ([] if args.quick else [(32768, WINDOW)])
     rows = []
     for s, window in shapes:
-        rows.append(one_shape(s, window, args.rep_ms, args.extra))
+        rows.append(one_shape(s, window, args.rep_ms, args.extra, args.head_dim))
         torch.cuda.empty_cache()
     text = table(rows, card)
     if args.out:
