@@ -9,6 +9,7 @@
 #   OUT=gpu-out bash tools/gpu_steps.sh resume heldout        # a tune that ran out of time, continued
 #   OUT=gpu-out bash tools/gpu_steps.sh serving variants
 #   OUT=gpu-out bash tools/gpu_steps.sh demo gluon backward    # the demo; the Gluon forward's and backward's configs
+#   OUT=gpu-out bash tools/gpu_steps.sh window                 # the sliding-window bars alone
 #
 # LIMIT: seconds for the whole call (default 570: a 10-minute session leaves room for the install).
 # STATE: where the tune keeps its profile and state between calls (default /tmp/flashdispatch-tune);
@@ -80,11 +81,15 @@ for step in "$@"; do
         timeout "$(limit 300)" python3 -m flashdispatch.tools.bench_backward --quick --out "$OUT/backward" \
             >"$OUT/backward.log" 2>&1
         echo "backward rc=$? $(at)"; tail -30 "$OUT/backward.log" ;;
+    window)  # the sliding-window bars alone (S=16k: forward and forward+backward beside FlexAttention)
+        timeout "$(limit 300)" python3 -m flashdispatch.tools.bench_variants --quick --only window --out "$OUT/window" \
+            >"$OUT/window.log" 2>&1
+        echo "window rc=$? $(at)"; tail -20 "$OUT/window.log" ;;
     variants)
         timeout "$(limit 600)" python3 -m flashdispatch.tools.bench_variants --out "$OUT/variants" >"$OUT/variants.log" 2>&1
         echo "variants rc=$? $(at)"; tail -20 "$OUT/variants.log" ;;
     *)
-        echo "unknown step '$step': expected conformance, rest, alone, host, tune, resume, heldout, serving, demo, gluon, backward or variants" >&2
+        echo "unknown step '$step': expected conformance, rest, alone, host, tune, resume, heldout, serving, demo, gluon, backward, window or variants" >&2
         exit 2 ;;
     esac
 done
