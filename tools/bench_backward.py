@@ -37,6 +37,7 @@ from flashdispatch.backends.triton import configs
 from flashdispatch.backends.triton.backward import attention_backward
 from flashdispatch.backends.triton.forward import attention_forward
 from flashdispatch.errors import NoBackendError
+from flashdispatch.problem import causal_visible_pairs, window_visible_pairs
 
 from . import timing
 from .bench_variants import WINDOW, block_mask, causal, flex, sliding_window_causal
@@ -53,9 +54,8 @@ def _label(cfg: dict[str, Any]) -> str:
 
 
 def _visible_pairs(s: int, window: int | None) -> int:
-    if window is None or window >= s:
-        return s * (s + 1) // 2
-    return sum(min(i + 1, window) for i in range(s))
+    """Query-key pairs of causal attention over s tokens, each query seeing at most `window` keys."""
+    return causal_visible_pairs(s, s) if window is None else window_visible_pairs(s, s, (window - 1, 0))
 
 
 EXTRA = "64,128,8,3;128,128,8,2"
