@@ -37,57 +37,51 @@ nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader | t
 echo "profile key: $KEY"
 PYTEST=(python3 -m pytest -p no:cacheprovider -rfE)
 
+# run NAME SECONDS LINES CMD...: CMD within SECONDS (or what is left of LIMIT), its output in
+# OUT/NAME.log; then its exit code, the failures pytest named, and the log's last LINES lines
+run() {
+    local name=$1 secs=$2 lines=$3
+    shift 3
+    timeout "$(limit "$secs")" "$@" >"$OUT/$name.log" 2>&1
+    echo "$name rc=$? $(at)"
+    grep -E "^FAILED|^ERROR" "$OUT/$name.log" | head -20
+    tail -"$lines" "$OUT/$name.log"
+}
+
 for step in "$@"; do
     echo "=== $step ($(at))"
     case "$step" in
     conformance)  # every backend against the float64 reference (about 5 minutes on an H100)
-        timeout "$(limit 330)" "${PYTEST[@]}" -v -n 14 -m "gpu and not alone" tests/test_conformance.py >"$OUT/conformance.log" 2>&1
-        echo "conformance rc=$? $(at)"; grep -E "^FAILED|^ERROR" "$OUT/conformance.log" | head -20; tail -1 "$OUT/conformance.log" ;;
+        run conformance 330 1 "${PYTEST[@]}" -v -n 14 -m "gpu and not alone" tests/test_conformance.py ;;
     rest)  # the other GPU files, without the multi-GPU ones
-        timeout "$(limit 330)" "${PYTEST[@]}" -v -n 14 -m "gpu and not alone" --ignore=tests/test_conformance.py \
-            --ignore=tests/test_distributed_gpu.py >"$OUT/rest.log" 2>&1
-        echo "rest rc=$? $(at)"; grep -E "^FAILED|^ERROR" "$OUT/rest.log" | head -20; tail -1 "$OUT/rest.log" ;;
-    alone)  # timing assertions and large memory: one process; then the host cost per call
-        timeout "$(limit 400)" "${PYTEST[@]}" -v -m "gpu and alone" >"$OUT/alone.log" 2>&1
-        echo "alone rc=$? $(at)"; grep -E "^FAILED|^ERROR" "$OUT/alone.log" | head -20; tail -1 "$OUT/alone.log"
-        timeout "$(limit 60)" python3 -m flashdispatch.tools.host_cost >"$OUT/host_cost.txt" 2>&1
-        tail -12 "$OUT/host_cost.txt" ;;
-    host)  # the host cost per call alone
-        timeout "$(limit 60)" python3 -m flashdispatch.tools.host_cost >"$OUT/host_cost.txt" 2>&1
-        echo "host rc=$? $(at)"; tail -12 "$OUT/host_cost.txt" ;;
+        run rest 330 1 "${PYTEST[@]}" -v -n 14 -m "gpu and not alone" --ignore=tests/test_conformance.py \
+            --ignore=tests/test_distributed_gpu.py ;;
+    alone)  # timing assertions and large memory: one process; then the host cost per call (next step)
+        run alone 400 1 "${PYTEST[@]}" -v -m "gpu and alone" ;&
+    host)  # the host cost per call
+        run host_cost 60 12 python3 -m flashdispatch.tools.host_cost ;;
     tune|resume)  # the quick grid into STATE/<key>.yaml (resume: keep the shapes already measured)
         flag=(); [ "$step" = resume ] && flag=(--resume)
-        timeout "$(limit 600)" flashdispatch tune --quick "${flag[@]}" --out "$STATE/$KEY.yaml" \
-            --state "$STATE/$KEY.state.json" --time-budget "$(($(left) - 40))" >"$OUT/tune.log" 2>&1
-        echo "tune rc=$? $(at)"; cp "$STATE/$KEY.yaml" "$STATE/$KEY.state.json" "$OUT/" 2>/dev/null
-        tail -8 "$OUT/tune.log" ;;
+        run tune 600 8 flashdispatch tune --quick "${flag[@]}" --out "$STATE/$KEY.yaml" \
+            --state "$STATE/$KEY.state.json" --time-budget "$(($(left) - 40))"
+        cp "$STATE/$KEY.yaml" "$STATE/$KEY.state.json" "$OUT/" 2>/dev/null ;;
     heldout)  # real model shapes outside the tune grid, on STATE's profile if there is one
         dir=""; [ -f "$STATE/$KEY.yaml" ] && dir=$STATE
         echo "profile: ${dir:-shipped}"
-        FLASHDISPATCH_PROFILE_DIR=$dir timeout "$(limit 600)" flashdispatch bench --heldout --out "$OUT/heldout" \
-            --time-budget "$(($(left) - 30))" >"$OUT/heldout.log" 2>&1
-        echo "heldout rc=$? $(at)"; tail -6 "$OUT/heldout.log" ;;
+        run heldout 600 6 env FLASHDISPATCH_PROFILE_DIR="$dir" flashdispatch bench --heldout --out "$OUT/heldout" \
+            --time-budget "$(($(left) - 30))" ;;
     serving)
-        timeout "$(limit 600)" flashdispatch bench --serving --out "$OUT/serving" >"$OUT/serving.log" 2>&1
-        echo "serving rc=$? $(at)"; tail -20 "$OUT/serving.log" ;;
+        run serving 600 20 flashdispatch bench --serving --out "$OUT/serving" ;;
     demo)  # the README's demo on the GPU: which backend each step ran, and its time beside plain SDPA
-        timeout "$(limit 180)" flashdispatch demo --json "$OUT/demo.json" >"$OUT/demo.log" 2>&1
-        echo "demo rc=$? $(at)"; tail -25 "$OUT/demo.log" ;;
+        run demo 180 25 flashdispatch demo --json "$OUT/demo.json" ;;
     gluon)  # the Gluon forward's configs beside the default and plain SDPA (S = 1k, 4k, 16k)
-        timeout "$(limit 300)" python3 -m flashdispatch.tools.bench_gluon --quick --only-variants --out "$OUT/gluon" \
-            >"$OUT/gluon.log" 2>&1
-        echo "gluon rc=$? $(at)"; tail -30 "$OUT/gluon.log" ;;
+        run gluon 300 30 python3 -m flashdispatch.tools.bench_gluon --quick --only-variants --out "$OUT/gluon" ;;
     backward)  # the Triton backward's configs beside FlexAttention's backward (window 4096 and causal, S=16k)
-        timeout "$(limit 300)" python3 -m flashdispatch.tools.bench_backward --quick --out "$OUT/backward" \
-            >"$OUT/backward.log" 2>&1
-        echo "backward rc=$? $(at)"; tail -30 "$OUT/backward.log" ;;
+        run backward 300 30 python3 -m flashdispatch.tools.bench_backward --quick --out "$OUT/backward" ;;
     window)  # the sliding-window bars alone (S=16k: forward and forward+backward beside FlexAttention)
-        timeout "$(limit 300)" python3 -m flashdispatch.tools.bench_variants --quick --only window --out "$OUT/window" \
-            >"$OUT/window.log" 2>&1
-        echo "window rc=$? $(at)"; tail -20 "$OUT/window.log" ;;
+        run window 300 20 python3 -m flashdispatch.tools.bench_variants --quick --only window --out "$OUT/window" ;;
     variants)
-        timeout "$(limit 600)" python3 -m flashdispatch.tools.bench_variants --out "$OUT/variants" >"$OUT/variants.log" 2>&1
-        echo "variants rc=$? $(at)"; tail -20 "$OUT/variants.log" ;;
+        run variants 600 20 python3 -m flashdispatch.tools.bench_variants --out "$OUT/variants" ;;
     *)
         echo "unknown step '$step': expected conformance, rest, alone, host, tune, resume, heldout, serving, demo, gluon, backward, window or variants" >&2
         exit 2 ;;
