@@ -6,7 +6,7 @@ import zlib
 
 import torch
 
-from flashdispatch.reference import attention_math
+from flashdispatch.reference import attention_math, causal_mask
 from flashdispatch.tolerances import within_budget
 
 
@@ -203,3 +203,41 @@ def baseline_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case) -> to
                                 layout=case.layout, upcast=False)
         out = out.to(q.dtype)
     return out
+
+
+def flash_style_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
+                      case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv as every flash-style backward computes them (ours, cuDNN's, torch's flash and
+    memory-efficient kernels): exact (float64) but for the kernel's roundings to the input dtype,
+    delta = rowsum(dO * O) from the *stored* low-precision O, and P and dS rounded before their
+    matmuls. Where the softmax is sharp (a large scale or large logits), P * (dP - delta) cancels
+    almost exactly and the stored O's rounding is all that is left: dq's error then scales with
+    scale * eps * |dO| |O| |K|, however exact the kernel. Plain torch's math (the other baseline)
+    keeps the softmax in fp32 and cancels exactly, so it alone would hold these kernels to an error
+    no flash-style backward can reach (an H200's cuDNN read dq 0.0137 against 0.0037 allowed at
+    B1 H2 Sq1 Sk2 D96 fp16 scale 8). Returned in q's dtype and layout; non-finite where the
+    gradients overflow it (the caller then keeps the other baseline)."""
+    dt = q.dtype
+    if case.layout == "bshd":
+        q, k, v, do = (t.transpose(1, 2) for t in (q, k, v, do))
+    b, hq, sq, d = q.shape
+    hkv, sk, dv_ = k.shape[1], k.shape[2], v.shape[3]
+    group = hq // hkv
+    scale = case.scale if case.scale is not None else d ** -0.5
+    qd, kd, vd, dod = (t.detach().double() for t in (q, k, v, do))
+    kd, vd = kd.repeat_interleave(group, dim=1), vd.repeat_interleave(group, dim=1)
+    s = qd @ kd.transpose(-1, -2) * scale
+    if case.causal:
+        s = s.masked_fill(~causal_mask(sq, sk, device=s.device), float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row that sees no key: zeros
+    o = (p @ vd).to(dt).double()  # the stored output
+    delta = (dod * o).sum(-1, keepdim=True)
+    ds = (p * (dod @ vd.transpose(-1, -2) - delta)).to(dt).double()
+    dq = ds @ kd * scale
+    dk = (ds.transpose(-1, -2) @ qd * scale).view(b, hkv, group, sk, d).sum(2)
+    dv = (p.to(dt).double().transpose(-1, -2) @ dod).view(b, hkv, group, sk, dv_).sum(2)
+    grads = (dq, dk, dv)
+    if case.layout == "bshd":
+        grads = tuple(t.transpose(1, 2) for t in grads)
+    return tuple(t.to(dt) for t in grads)  # type: ignore[return-value]
+

@@ -168,11 +168,14 @@ def median_ms(
 # Repetitions per provider of interleaved_median_ms: at least enough for a median, at most what
 # keeps a decode-sized shape (tens of us per call) to about a second.
 INTERLEAVED_REPS = (5, 1000)
-# GPU cycles of device-side sleep after each flush (about 50 us at 2 GHz): slack for the host to
-# enqueue the timed call before the GPU reaches it. The flush alone (about 55-85 us on H100/H200)
-# is barely longer than a decode call's host path (20-45 us there), so a 23 us call read up to 5%
-# apart through one code path when the host was late.
-HOST_SLACK_CYCLES = 100_000
+# GPU cycles of device-side sleep after each flush (about 200 us at 2 GHz): slack for the host to
+# enqueue the timed call before the GPU reaches it, so that a host-bound call is timed by its GPU
+# work and not by its host path. The flush alone (about 55-85 us on H100/H200) is barely longer than
+# a decode call's host path (20-45 us there): a 23 us call read up to 5% apart through one code path
+# when the host was late. With 50 us of sleep, plain SDPA's speculative step in the demo (a mask
+# built per call, 70-150 us of host time for an eager cuDNN call) still read an upper quartile of
+# 0.099 ms against a median of 0.057 on an H200, hiding a 7% difference in the spread.
+HOST_SLACK_CYCLES = 400_000
 
 
 class Spread(NamedTuple):
