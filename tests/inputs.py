@@ -240,4 +240,3 @@ def flash_style_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: tor
     if case.layout == "bshd":
         grads = tuple(t.transpose(1, 2) for t in grads)
     return tuple(t.to(dt) for t in grads)  # type: ignore[return-value]
-

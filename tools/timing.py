@@ -172,9 +172,10 @@ INTERLEAVED_REPS = (5, 1000)
 # enqueue the timed call before the GPU reaches it, so that a host-bound call is timed by its GPU
 # work and not by its host path. The flush alone (about 55-85 us on H100/H200) is barely longer than
 # a decode call's host path (20-45 us there): a 23 us call read up to 5% apart through one code path
-# when the host was late. With 50 us of sleep, plain SDPA's speculative step in the demo (a mask
-# built per call, 70-150 us of host time for an eager cuDNN call) still read an upper quartile of
-# 0.099 ms against a median of 0.057 on an H200, hiding a 7% difference in the spread.
+# when the host was late. With 50 us of sleep, plain SDPA's speculative step in the demo (torch's
+# lower-right CausalBias, a tensor subclass dispatched in Python on every call; an eager cuDNN call
+# alone takes 70-150 us of host time) still read an upper quartile of 0.099 ms against a median of
+# 0.057 on an H200, hiding a 7% difference in the spread.
 HOST_SLACK_CYCLES = 400_000
 
 
