@@ -35,7 +35,7 @@ KEY=$(python3 -c "import flashdispatch.device as d; dev = d.current_device(); pr
 [ "$KEY" != None ] || { echo "gpu_steps: no GPU with a profile key on this machine (found: $KEY)" >&2; exit 2; }
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 echo "profile key: $KEY"
-PYTEST=(python3 -m pytest -p no:cacheprovider -rfE)
+PYTEST=(python3 -m pytest -p no:cacheprovider -rfE --durations=15)
 
 # run NAME SECONDS LINES CMD...: CMD within SECONDS (or what is left of LIMIT), its output in
 # OUT/NAME.log; then its exit code, the failures pytest named, and the log's last LINES lines
