@@ -10,15 +10,11 @@ import torch
 from .device import DEVICE_KEYS
 from .plans import PLANS
 from .problem import Problem, problem_from_shape, problem_from_tensors
-from .selection import Decision, forced_blocks, select, simulated_or_none
+from .selection import Decision, select, simulated_or_none
 
 # bound once: attention() calls them on every call
 _is_compiling = torch.compiler.is_compiling
 _lookup = PLANS.lookup
-_front = PLANS.recent  # read here, written and bounded by PLANS only (dispatch/plans.py)
-_forced = forced_blocks
-_grad_enabled = torch.is_grad_enabled
-_Tensor = torch.Tensor
 
 
 def _empty_result(
@@ -116,23 +112,10 @@ def attention(
 
             out, lse = ops.traced_attention(q, k, v, p, backend, sinks)
         return (out, lse) if return_lse else out
-    # Look up the plan. In front, without a call: a plain call with the options of an earlier one and
-    # tensors that pass that call's guard (the key is PlanCache.lookup's `opts`; a test ties the two).
-    # Else the plan cache validates, selects and remembers on a new signature.
-    plan = None
+    # validated and selected on the first call with this signature; a cache hit after that
     if window is None and softcap is None and sinks is None:
-        stack = _forced()
-        try:
-            plan = _front.get((causal, scale, layout, return_lse, backend, stack[-1] if stack else None,
-                               _grad_enabled(), None))
-        except TypeError:  # unhashable options: the lookup explains
-            pass
-        if plan is not None and not (
-                type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor
-                and not (q is k or k is v or q is v or q.is_nested or k.is_nested or v.is_nested)
-                and plan[3].check(q, k, v)):
-            plan = None
-    if plan is None:
+        plan = _lookup(q, k, v, causal, scale, layout, return_lse, backend)
+    else:
         plan = _lookup(q, k, v, causal, scale, layout, return_lse, backend, window, softcap, sinks)
     p, impl, config = plan[0], plan[1], plan[2]
     if impl is None:

@@ -10,9 +10,6 @@ Eager lookup, fastest first:
 1. `recent`: the call's options (causal, scale, layout, return_lse, backend, forced block, grad
    mode) -> the plan of the last signature seen with them, with a torch `TensorGuards` over that
    call's q, k, v (one C++ check, dispatch/guards.py). A pass implies the key below would match.
-   attention() reads this dict itself for a plain call (one tuple, one get, the guard: no call
-   frame in between, the cheapest path when the backend's own host work has left it cold); every
-   write, bound and clear is here, and `lookup` checks it the same way for the calls that come in.
 2. `by_key`: the signature (shapes, dtypes, devices, last strides, options, the thread's forced
    backend, whether a gradient is needed) -> plan. A few attribute reads and one dict lookup.
 3. otherwise: build the Problem (validation), select(), and remember the plan.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import pathlib
 import re
@@ -477,41 +476,6 @@ def test_a_cached_decision_read_across_a_refresh_is_not_put_in_front(monkeypatch
     monkeypatch.setattr(PLANS, "by_key", RefreshingDict(PLANS.by_key))
     fd.attention(q, k, v)
     assert not PLANS.recent
-
-
-def test_a_repeated_call_is_served_in_front_without_the_lookup(monkeypatch):
-    # attention() reads the front dict itself: its key must be the one PlanCache.lookup writes, in
-    # every mode that changes it (forced block, grad mode, options), or every call pays the lookup
-    from flashdispatch import api
-
-    q, k, v = make_qkv(1, 2, 2, 5, 5, 16)
-    qg = q.detach().clone().requires_grad_()
-    calls = [
-        lambda: fd.attention(q, k, v),
-        lambda: fd.attention(q, k, v, causal=True, scale=0.5, return_lse=True),
-        lambda: fd.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="bshd"),
-        lambda: fd.attention(q, k, v, backend="sdpa"),
-        lambda: fd.attention(qg, k, v),
-    ]
-    for call in calls:
-        for block in (None, "sdpa"):
-            with contextlib.ExitStack() as stack:
-                if block:
-                    stack.enter_context(fd.use_backend(block))
-                call()
-                call()  # now in front
-                monkeypatch.setattr(api, "_lookup", _no_lookup)
-                first = call()
-                monkeypatch.undo()
-            assert first is not None
-    with torch.no_grad():
-        fd.attention(qg, k, v)
-        monkeypatch.setattr(api, "_lookup", _no_lookup)
-        fd.attention(qg, k, v)
-
-
-def _no_lookup(*args, **kwargs):
-    raise AssertionError("the call missed the front and looked up its plan")
 
 
 def test_a_nested_tensor_after_a_cached_call_raises_instead_of_ending_the_process():
