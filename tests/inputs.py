@@ -205,10 +205,11 @@ def baseline_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case) -> to
     return out
 
 
-def flash_style_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
-                      case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def flash_style_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, case,
+                      compute: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv as every flash-style backward computes them (ours, cuDNN's, torch's flash and
-    memory-efficient kernels): exact (float64) but for the kernel's roundings to the input dtype,
+    memory-efficient kernels): exact (float64; `compute=torch.float32` for the arithmetic of a
+    kernel) but for the kernel's roundings to the input dtype,
     delta = rowsum(dO * O) from the *stored* low-precision O, and P and dS rounded before their
     matmuls. Where the softmax is sharp (a large scale or large logits), P * (dP - delta) cancels
     almost exactly and the stored O's rounding is all that is left: dq's error then scales with
@@ -224,18 +225,18 @@ def flash_style_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: tor
     hkv, sk, dv_ = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hkv
     scale = case.scale if case.scale is not None else d ** -0.5
-    qd, kd, vd, dod = (t.detach().double() for t in (q, k, v, do))
+    qd, kd, vd, dod = (t.detach().to(compute) for t in (q, k, v, do))
     kd, vd = kd.repeat_interleave(group, dim=1), vd.repeat_interleave(group, dim=1)
     s = qd @ kd.transpose(-1, -2) * scale
     if case.causal:
         s = s.masked_fill(~causal_mask(sq, sk, device=s.device), float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row that sees no key: zeros
-    o = (p @ vd).to(dt).double()  # the stored output
+    o = (p @ vd).to(dt).to(compute)  # the stored output
     delta = (dod * o).sum(-1, keepdim=True)
-    ds = (p * (dod @ vd.transpose(-1, -2) - delta)).to(dt).double()
+    ds = (p * (dod @ vd.transpose(-1, -2) - delta)).to(dt).to(compute)
     dq = ds @ kd * scale
     dk = (ds.transpose(-1, -2) @ qd * scale).view(b, hkv, group, sk, d).sum(2)
-    dv = (p.to(dt).double().transpose(-1, -2) @ dod).view(b, hkv, group, sk, dv_).sum(2)
+    dv = (p.to(dt).to(compute).transpose(-1, -2) @ dod).view(b, hkv, group, sk, dv_).sum(2)
     grads = (dq, dk, dv)
     if case.layout == "bshd":
         grads = tuple(t.transpose(1, 2) for t in grads)
