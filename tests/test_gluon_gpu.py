@@ -291,8 +291,9 @@ def test_window_forward(case: tuple) -> None:
 
 @requires_sm90
 @pytest.mark.parametrize("d,config", [(128, {"XTILE": True}), (64, {"CONSUMERS": 3, "BLOCK_N": 64, "STAGES": 4}),
-                                      (128, {"STAGES": 3, "O_SEPARATE": False})],
-                         ids=["d128-xtile", "d64-3wg-n64", "d128-3stages-o-in-q"])
+                                      (128, {"STAGES": 3, "O_SEPARATE": False}), (64, {"CONSUMERS": 3}),
+                                      (64, {"XTILE": True})],
+                         ids=["d128-xtile", "d64-3wg-n64", "d128-3stages-o-in-q", "d64-3wg", "d64-xtile"])
 def test_window_other_configs(d: int, config: dict) -> None:
     """The window under the configs whose tile hand-over differs (XTILE carries a tile's last P V
     into the next tile, which may start past key 0 or see no key at all)."""

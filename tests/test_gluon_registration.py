@@ -73,8 +73,42 @@ def test_configs_are_the_kernels_own() -> None:
     for d in gf.HEAD_DIMS:
         p = problem_from_shape((1, 16, 16, 4096, 4096, d), dtype="bf16", causal=True)
         space = impl.config_space(p, h200)
-        assert space[0] == impl.default_config(p, h200) == gf.default_config(d)
+        assert space[0] == impl.default_config(p, h200) == gf.default_config(d, True, 4096, 4096)
         assert all(set(c) == gf.CONFIG_KEYS for c in space)
         assert len({tuple(sorted(c.items())) for c in space}) == len(space)
         notes = impl.plan_notes(p, h200, space[-1])
         assert notes and "Gluon forward" in notes[0]
+
+
+def test_d64_consumer_count_follows_the_keys_a_row_sees() -> None:
+    """D=64 takes three consumer warpgroups where rows see many keys (measured faster there) and two
+    on short or short-causal rows and windows; the tuner tries both counts either way."""
+    from flashdispatch.backends.triton import gluon_forward as gf
+
+    impl, h100 = _impl(), simulated_device("h100")
+    cases = [((1, 32, 32, 4096, 4096, 64), False, None, 3), ((1, 32, 32, 16384, 16384, 64), True, None, 3),
+             ((1, 32, 32, 4096, 4096, 64), True, None, 2), ((16, 32, 32, 1024, 1024, 64), False, None, 2),
+             ((16, 32, 32, 1024, 1024, 64), True, None, 2), ((4, 32, 32, 512, 8192, 64), True, None, 2),
+             ((1, 32, 32, 16384, 16384, 64), True, (4095, 0), 2), ((1, 32, 32, 16384, 16384, 128), False, None, 2)]
+    for shape, causal, window, consumers in cases:
+        p = problem_from_shape(shape, dtype="bf16", causal=causal, window=window)
+        cfg = impl.default_config(p, h100)
+        assert cfg["CONSUMERS"] == consumers, (shape, causal, window, cfg)
+        assert impl.plan_notes(p, h100, {})[0].startswith(f"Gluon forward: {consumers} consumer warpgroups")
+        space = impl.config_space(p, h100)
+        assert space[0] == cfg
+        if shape[-1] == 64:
+            assert {c["CONSUMERS"] for c in space} == {2, 3}
+            # every config the tuner may pick is one the GPU tests run (tests/test_gluon_gpu.py)
+            tested = [gf.resolve_config(64, o) for o in ({}, {"CONSUMERS": 3}, {"STAGES": 2}, {"STAGES": 4},
+                                                         {"CONSUMERS": 3, "BLOCK_N": 64, "STAGES": 4},
+                                                         {"XTILE": True})]
+            assert all(c in tested for c in space), space
+    # the bounds: a row block of at least C3_MIN_ROWS rows whose rows see C3_MIN_MEAN_KEYS keys on average
+    assert gf.mean_visible_keys(True, 4096, 4096) == 4096 - 4095 / 2
+    assert gf.mean_visible_keys(True, 8, 4) == 4 * 5 / 16
+    assert gf.mean_visible_keys(False, 8, 4) == 4
+    assert gf.default_config(64, False, gf.C3_MIN_ROWS, gf.C3_MIN_MEAN_KEYS)["CONSUMERS"] == 3
+    assert gf.default_config(64, False, gf.C3_MIN_ROWS - 1, 10**6)["CONSUMERS"] == 2
+    assert gf.default_config(64, False, 10**6, gf.C3_MIN_MEAN_KEYS - 1)["CONSUMERS"] == 2
+    assert gf.default_config(64)["CONSUMERS"] == 2

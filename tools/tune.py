@@ -418,7 +418,7 @@ class PlanRates:
     shape_s: float = 1.0
     trial_s: float = 0.25
     extra_calls: int = 12
-    compile_s: float = 2.0
+    compile_s: float = 1.75
     backward_compile_s: float = 6.0
     grad_check_s: float = 0.5
     graph_s: float = 0.5

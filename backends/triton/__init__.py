@@ -229,17 +229,17 @@ class TritonGluonAttention(Implementation):
     def default_config(self, p: Problem, dev: DeviceInfo) -> dict[str, Any]:
         from .gluon_forward import default_config
 
-        return default_config(p.head_dim)
+        return default_config(p.head_dim, p.causal, p.seqlen_q, p.seqlen_k, p.has_window)
 
     def config_space(self, p: Problem, dev: DeviceInfo) -> list[dict[str, Any]]:
         from .gluon_forward import config_space
 
-        return config_space(p.head_dim)
+        return config_space(p.head_dim, p.causal, p.seqlen_q, p.seqlen_k, p.has_window)
 
     def plan_notes(self, p: Problem, dev: DeviceInfo, config: dict[str, Any]) -> list[str]:
         from .gluon_forward import resolve_config
 
-        cfg = resolve_config(p.head_dim, config)
+        cfg = resolve_config(p.head_dim, config, p.causal, p.seqlen_q, p.seqlen_k, p.has_window)
         notes = [f"Gluon forward: {cfg['CONSUMERS']} consumer warpgroups x 64 query rows, BLOCK_N={cfg['BLOCK_N']}, "
                  f"{cfg['STAGES']} K/V stages, persistent over {dev.sm_count or 'all'} SMs"]
         if p.needs_grad:

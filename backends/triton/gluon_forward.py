@@ -111,8 +111,32 @@ CONFIG_KEYS: frozenset[str] = frozenset({"BLOCK_N", "STAGES", "O_SEPARATE", "PIN
 FORCE_KEYS: frozenset[str] = frozenset({"ORDER"})
 
 
-def default_config(head_dim: int) -> dict[str, Any]:
-    """The kernel's config per head dim. BLOCK_N: keys per block; STAGES: K/V ring slots;
+# D=64: three consumer warpgroups (192-row tiles) let two softmaxes run while the third warpgroup's
+# products do, where a row block visits many key blocks; on short rows and short causal tiles the
+# longer prologue and the 3-way register split (160 per thread: spills under the causal mask) cost
+# more. Measured on the H100 (bf16, docs/gluon.md): non-causal S=4k and 16k 1.22x and 1.33x the
+# two-warpgroup tile, causal S=16k 1.10x; causal S=4k (2048 keys per row on average) 0.95x, S=1k
+# 0.54x-1.01x. Three warpgroups where a row sees at least C3_MIN_MEAN_KEYS keys on average and the
+# call has at least C3_MIN_ROWS query rows (the measured range; both bounds sit between measured
+# shapes), without a window (not measured).
+C3_MIN_MEAN_KEYS = 3072
+C3_MIN_ROWS = 2048
+
+
+def mean_visible_keys(causal: bool, seq_q: int, seq_k: int) -> float:
+    """Keys a query row sees on average: Sk without a mask; bottom-right causal, Sk - (Sq - 1) / 2
+    for Sq <= Sk and Sk (Sk + 1) / (2 Sq) for Sq > Sk (the first Sq - Sk rows see none)."""
+    if not causal or seq_q <= 1:
+        return float(seq_k)
+    if seq_q <= seq_k:
+        return seq_k - (seq_q - 1) / 2
+    return seq_k * (seq_k + 1) / (2 * seq_q)
+
+
+def default_config(head_dim: int, causal: bool = False, seq_q: int = 0, seq_k: int = 0,
+                   windowed: bool = False) -> dict[str, Any]:
+    """The kernel's config per head dim (at D=64 also per shape: the consumer count, above; without
+    a shape, two). BLOCK_N: keys per block; STAGES: K/V ring slots;
     O_SEPARATE: O has its own staging buffer (else it goes out through Q's); PINGPONG: the turn
     barriers order the consumers' wgmma issue; CONSUMERS: consumer warpgroups (64 query rows
     each); XTILE: a tile's last P V goes out with the next tile's first S (two Q buffers per
@@ -120,7 +144,10 @@ def default_config(head_dim: int) -> dict[str, Any]:
     order, ORDER_HEAD / ORDER_BOTTOM / ORDER_PAIRS. Shared memory: Q 64 C x D, STAGES x (K + V)
     BLOCK_N x D, O 64 C x D when separate, in the 227 KiB of an sm_90 CTA."""
     if head_dim == 64:
-        return {"BLOCK_N": 128, "STAGES": 3, "O_SEPARATE": True, "PINGPONG": True, "CONSUMERS": 2, "XTILE": False}
+        wide = (not windowed and seq_q >= C3_MIN_ROWS
+                and mean_visible_keys(causal, seq_q, seq_k) >= C3_MIN_MEAN_KEYS)
+        return {"BLOCK_N": 128, "STAGES": 3, "O_SEPARATE": True, "PINGPONG": True, "CONSUMERS": 3 if wide else 2,
+                "XTILE": False}
     if head_dim == 128:
         return {"BLOCK_N": 128, "STAGES": 2, "O_SEPARATE": True, "PINGPONG": True, "CONSUMERS": 2, "XTILE": False}
     if head_dim == 256:
@@ -128,22 +155,33 @@ def default_config(head_dim: int) -> dict[str, Any]:
     raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {head_dim}")
 
 
-def config_space(head_dim: int) -> list[dict[str, Any]]:
-    """What the tuner tries per head dim: the default first, then configs that won or came close on
-    some shape when measured (H200, bf16)."""
-    base = default_config(head_dim)
+def config_space(head_dim: int, causal: bool = False, seq_q: int = 0, seq_k: int = 0,
+                 windowed: bool = False) -> list[dict[str, Any]]:
+    """What the tuner tries for a shape: its default first, then configs that won or came close on
+    some shape when measured (H100 and H200, bf16); at D=64 both consumer counts."""
+    base = default_config(head_dim, causal, seq_q, seq_k, windowed)
     others: list[dict[str, Any]] = []
     if head_dim == 64:
-        others = [{"STAGES": 2}, {"CONSUMERS": 3, "BLOCK_N": 64, "STAGES": 4}, {"XTILE": True}]
+        # (three warpgroups on 64-key blocks, 4 stages, lost to three on 128-key blocks on every shape
+        # measured on the H100: not tried)
+        others = [{"CONSUMERS": 2}, {"CONSUMERS": 3}, {"CONSUMERS": 2, "STAGES": 2}, {"CONSUMERS": 2, "XTILE": True}]
     elif head_dim == 128:
-        others = [{"STAGES": 3, "O_SEPARATE": False}, {"XTILE": True}]
-    return [base] + [{**base, **o} for o in others]
+        # (XTILE at D=128 was within 1% of the default or behind it on every shape measured on the H100,
+        # 0.82x of it on short causal rows: not tried)
+        others = [{"STAGES": 3, "O_SEPARATE": False}]
+    space = [base]
+    for o in others:
+        cfg = {**base, **o}
+        if cfg not in space:
+            space.append(cfg)
+    return space
 
 
-def resolve_config(head_dim: int, config: dict[str, Any] | None) -> dict[str, Any]:
-    """default_config(head_dim) updated by the keys of `config` that this kernel knows, CONFIG_KEYS
-    and FORCE_KEYS (others, such as the tl kernel's BLOCK_M or num_warps, are not for it)."""
-    return {**default_config(head_dim),
+def resolve_config(head_dim: int, config: dict[str, Any] | None, causal: bool = False, seq_q: int = 0,
+                   seq_k: int = 0, windowed: bool = False) -> dict[str, Any]:
+    """default_config for this shape updated by the keys of `config` that this kernel knows,
+    CONFIG_KEYS and FORCE_KEYS (others, such as the tl kernel's BLOCK_M or num_warps, are not for it)."""
+    return {**default_config(head_dim, causal, seq_q, seq_k, windowed),
             **{k: v for k, v in (config or {}).items() if k in CONFIG_KEYS or k in FORCE_KEYS}}
 
 
@@ -889,9 +927,9 @@ class _GluonPlan:
         self.boxes: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] | None = None
         if self.outputs.finished:
             return
-        cfg = resolve_config(d, config)
         causal = bool(causal) and sq > 1  # one query row sees every key (bottom-right)
         win = kernel_window(causal, variant.window, sq, sk)  # None: plain causal/non-causal masking covers it
+        cfg = resolve_config(d, config, causal, sq, sk, win is not None)
         left, right = win if win is not None else (0, 0)
         block_m = HALF_M * cfg["CONSUMERS"]
         num_m = triton.cdiv(sq, block_m)
@@ -954,7 +992,7 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     p - left <= j <= p + right (-1: unbounded; causal sets right to 0); key blocks outside the
     window are never loaded. Returns out (B, Hq, Sq, D) in q's dtype and physical layout and lse
     (B, Hq, Sq) float32, natural log, -inf for rows that see no key. `config` holds the keys of
-    CONFIG_KEYS (defaults: default_config(D)). scale > 0 (the fp16 softmax takes the row max of the
+    CONFIG_KEYS (defaults: default_config for the shape). scale > 0 (the fp16 softmax takes the row max of the
     unscaled scores).
     """
     if not scale > 0:
