@@ -12,7 +12,8 @@ first) and the tiles given with `--extra` (default: 64 x 128 with 8 warps and 3 
 FlexAttention's own backward tile on Hopper at D=128, and 128 x 128 with 8 warps and 2 stages) are
 timed as a direct call of the backward launcher (dq, dk, dv from a saved out and lse, the forward
 not included); FlexAttention's backward is `torch.autograd.grad` through the compiled
-flex_attention with the graph kept (its forward not included either). Beside them, each forward
+flex_attention with the graph kept (its forward not included either; buffer donation off, which
+a backward run again on one graph needs). Beside them, each forward
 alone (the `tl` kernel, the Gluon kernel on Hopper, FlexAttention), so that the table also gives
 forward + backward, the sum the window bar compares. Timing: tools.timing.interleaved_median_ms
 (CUDA events, warm-up, L2 flushed before every call, providers interleaved in a shuffled order per
@@ -94,6 +95,9 @@ def one_shape(s: int, window: int | None, rep_ms: float, extra: list[dict[str, A
                                                window=win), None)
 
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    # FlexAttention's backward is timed again and again on one graph (retain_graph), which a compiled
+    # backward that donates its saved buffers refuses: no donation here (the forward is unchanged)
+    torch._functorch.config.donated_buffer = False
     bm = block_mask(sliding_window_causal if window else causal, s)
     f = flex()
     out_flex = f(qg, kg, vg, block_mask=bm)
