@@ -40,7 +40,8 @@ VARIANTS: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
     "gluon:s2": ((64,), {"STAGES": 2}),
     "gluon:s4": ((64,), {"STAGES": 4}),
     "gluon:nopp": ((64, 128), {"PINGPONG": False}),  # the two warpgroups issue wgmmas without turns
-    "gluon:c2": ((64,), {"CONSUMERS": 2}),  # 128-row tiles, two consumer warpgroups (the default picks per shape)
+    # the other keys of each variant are the shape's default: at D=64 on long rows three warpgroups
+    "gluon:c2": ((64,), {"CONSUMERS": 2}),  # 128-row tiles, two consumer warpgroups
     "gluon:c3": ((64,), {"CONSUMERS": 3}),  # 192-row tiles, three consumer warpgroups taking turns
     "gluon:c3n64": ((64,), {"CONSUMERS": 3, "BLOCK_N": 64, "STAGES": 4}),  # the same, 64-key blocks
     "gluon:xtile": ((64, 128), {"XTILE": True}),  # a tile's last P V issued with the next tile's first S

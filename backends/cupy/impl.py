@@ -124,11 +124,11 @@ class CupyAttention(Implementation):
         # api.py transposes a bshd result back: writing bshd memory here hands the user a dense
         # tensor in the layout they asked for, without a copy.
         return _ops().cupy_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config,
-                            out_bshd=p.layout == "bshd", **_variant_kwargs(p, inp))
+                                   out_bshd=p.layout == "bshd", **_variant_kwargs(p, inp))
 
     def backward(self, inp, out, lse, do, p, config):  # type: ignore[no-untyped-def]
-        grads = _ops().cupy_backward(do, inp.q, inp.k, inp.v, out, lse, causal=p.causal, scale=p.scale, config=config,
-                              **_variant_kwargs(p, inp))
+        grads = _ops().cupy_backward(do, inp.q, inp.k, inp.v, out, lse, causal=p.causal, scale=p.scale,
+                                     config=config, **_variant_kwargs(p, inp))
         if p.sinks:
             return Gradients(grads[0], grads[1], grads[2], {"sinks": grads[3]})
         return Gradients(*grads)

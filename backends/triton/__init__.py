@@ -156,13 +156,15 @@ class TritonAttention(Implementation):
     def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
         variant = _variant_kwargs(p, inp)
         if _wants_decode_kernel(p, config):
-            return _kernels("decode").decode_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config, **variant)
-        return _kernels("forward").attention_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config, **variant)
+            return _kernels("decode").decode_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale,
+                                                     config=config, **variant)
+        return _kernels("forward").attention_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale,
+                                                     config=config, **variant)
 
     def backward(self, inp, out, lse, do, p, config):  # type: ignore[no-untyped-def]
         variant = _variant_kwargs(p, inp)
-        grads = _kernels("backward").attention_backward(do, inp.q, inp.k, inp.v, out, lse, causal=p.causal, scale=p.scale,
-                                   config=config, **variant)
+        grads = _kernels("backward").attention_backward(do, inp.q, inp.k, inp.v, out, lse, causal=p.causal,
+                                                        scale=p.scale, config=config, **variant)
         if variant:
             extras = {"sinks": grads[3]} if p.sinks else {}
             return Gradients(grads[0], grads[1], grads[2], extras)

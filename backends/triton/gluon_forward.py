@@ -164,7 +164,8 @@ def config_space(head_dim: int, causal: bool = False, seq_q: int = 0, seq_k: int
     if head_dim == 64:
         # (three warpgroups on 64-key blocks, 4 stages, lost to three on 128-key blocks on every shape
         # measured on the H100: not tried)
-        others = [{"CONSUMERS": 2}, {"CONSUMERS": 3}, {"CONSUMERS": 2, "STAGES": 2}, {"CONSUMERS": 2, "XTILE": True}]
+        others = [{"CONSUMERS": 2}, {"CONSUMERS": 3}, {"CONSUMERS": 2, "STAGES": 2},
+                  {"CONSUMERS": 2, "XTILE": True}]
     elif head_dim == 128:
         # (XTILE at D=128 was within 1% of the default or behind it on every shape measured on the H100,
         # 0.82x of it on short causal rows: not tried)
@@ -992,8 +993,8 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     p - left <= j <= p + right (-1: unbounded; causal sets right to 0); key blocks outside the
     window are never loaded. Returns out (B, Hq, Sq, D) in q's dtype and physical layout and lse
     (B, Hq, Sq) float32, natural log, -inf for rows that see no key. `config` holds the keys of
-    CONFIG_KEYS (defaults: default_config for the shape). scale > 0 (the fp16 softmax takes the row max of the
-    unscaled scores).
+    CONFIG_KEYS (defaults: default_config for the shape). scale > 0 (the fp16 softmax takes the row
+    max of the unscaled scores).
     """
     if not scale > 0:
         raise ValueError(f"scale: expected a positive float, got {scale!r}")
