@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from .backend import NO_EXTRAS, kernel_views
 from .device import DEVICE_KEYS
 from .plans import PLANS
 from .problem import Problem, problem_from_shape, problem_from_tensors
@@ -121,11 +122,11 @@ def attention(
     if impl is None:
         out, lse = _empty_result(q, k, v, p, sinks)
         return (out, lse) if return_lse else out
-    if not p.contiguous:
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if layout == "bshd":
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if sinks is None:
+    q, k, v = kernel_views(q, k, v, p)
+    launch = plan[6]  # the implementation's forward bound to this signature (Implementation.prepare), or None
+    if launch is not None:
+        out, lse = impl.run(q, k, v, p, config, NO_EXTRAS if sinks is None else {"sinks": sinks}, launch)
+    elif sinks is None:
         out, lse = impl.run(q, k, v, p, config)
     else:
         out, lse = impl.run(q, k, v, p, config, {"sinks": sinks})

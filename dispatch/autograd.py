@@ -12,20 +12,21 @@ from typing import Any
 
 import torch
 
-from .backend import Implementation, Inputs
+from .backend import Implementation, Inputs, Prepared
 from .problem import Problem
 
 
 class PairFunction(torch.autograd.Function):
-    """forward(impl, p, config, extra names, q, k, v, *extra tensors) -> (out, lse)."""
+    """forward(impl, p, config, extra names, prepared forward or None, q, k, v, *extra tensors)
+    -> (out, lse)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, impl: Implementation, p: Problem, config: dict[str, Any], names: tuple[str, ...],
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *extras: torch.Tensor,
+        prepared: Prepared | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *extras: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         inp = Inputs(q, k, v, dict(zip(names, extras))) if names else Inputs(q, k, v)
-        out, lse = impl.forward(inp, p, config)
+        out, lse = impl.forward(inp, p, config) if prepared is None else prepared(inp)
         if lse is None:
             raise RuntimeError(f"backend {impl.name} has a backward but its forward returned no lse")
         ctx.save_for_backward(q, k, v, out, lse, *extras)
@@ -39,10 +40,13 @@ class PairFunction(torch.autograd.Function):
         names = ctx.names
         inp = Inputs(q, k, v, dict(zip(names, extras))) if names else Inputs(q, k, v)
         g = ctx.impl.backward(inp, out, lse, dout, ctx.p, ctx.config)
-        return (None, None, None, None, g.dq, g.dk, g.dv, *(g.extras.get(n) for n in names))
+        return (None, None, None, None, None, g.dq, g.dk, g.dv, *(g.extras.get(n) for n in names))
 
 
-def apply_pair(impl: Implementation, inp: Inputs, p: Problem, config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of `impl` on `inp`, recorded so that backward() runs `impl.backward`."""
+def apply_pair(impl: Implementation, inp: Inputs, p: Problem, config: dict[str, Any],
+               prepared: Prepared | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of `impl` on `inp` (by `prepared`, impl.prepare()'s for this signature, when
+    given), recorded so that backward() runs `impl.backward`."""
     names = tuple(inp.extras)
-    return PairFunction.apply(impl, p, config, names, inp.q, inp.k, inp.v, *(inp.extras[n] for n in names))
+    return PairFunction.apply(impl, p, config, names, prepared, inp.q, inp.k, inp.v,
+                              *(inp.extras[n] for n in names))

@@ -23,7 +23,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, ClassVar, Mapping, NamedTuple
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple
 
 import torch
 
@@ -65,6 +65,28 @@ class Gradients(NamedTuple):
     dk: torch.Tensor
     dv: torch.Tensor
     extras: Mapping[str, torch.Tensor | None] = NO_EXTRAS
+
+
+def kernel_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tensors an implementation takes (Inputs) from a call's q, k, v: a tensor whose last
+    dimension is not unit-strided copied (p.contiguous: none is), bshd views transposed to bhsd."""
+    if not p.contiguous:
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if p.layout == "bshd":
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return q, k, v
+
+
+# An implementation's forward bound to one call signature (Implementation.prepare): f(inp) -> (out, lse).
+Prepared = Callable[[Inputs], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+def on_inputs(launch: Callable[..., Any], extra: str | None = None) -> Prepared:
+    """A Prepared from a launch function launch(q, k, v) (or launch(q, k, v, extras[extra]))."""
+    if extra is None:
+        return lambda inp: launch(inp[0], inp[1], inp[2])
+    return lambda inp: launch(inp[0], inp[1], inp[2], inp[3][extra])
 
 
 def _dtype_list(dtypes: frozenset[torch.dtype]) -> str:
@@ -239,6 +261,16 @@ class Implementation(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} defines neither forward() nor run()")
 
+    def prepare(self, inp: Inputs, p: Problem, config: dict[str, Any]) -> Prepared | None:
+        """forward() bound to the call signature of `inp` (shapes, strides, dtypes, devices), `p`
+        and `config`, for the plan cache to keep beside its plan (dispatch/plans.py): a callable
+        f(inp2) that returns what forward(inp2, p, config) returns for any inputs with inp's
+        shapes, dtypes and devices (the plan's key holds them equal), without the lookups a
+        forward() does per call to find its launch; inputs with other strides must still work
+        (f compares them, and takes forward()'s path when they differ). None, the default: no such
+        shortcut, run() calls forward()."""
+        return None
+
     def backward(
         self, inp: Inputs, out: torch.Tensor, lse: torch.Tensor, do: torch.Tensor, p: Problem,
         config: dict[str, Any],
@@ -272,13 +304,17 @@ class Implementation(ABC):
         p: Problem,
         config: dict[str, Any],
         extras: Mapping[str, torch.Tensor] = NO_EXTRAS,
+        prepared: Prepared | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What attention() calls: forward, joined to backward by the generic autograd Function
         when a gradient is needed. Returns (out, lse) with lse None unless p.return_lse. `extras`:
-        the call's further tensors by name (Inputs.extras)."""
+        the call's further tensors by name (Inputs.extras). `prepared`: this implementation's
+        prepare() for the call's signature (the plan cache keeps it), run in forward()'s place."""
         inp = _new_tuple(Inputs, (q, k, v, extras))  # Inputs(q, k, v, extras) without its Python __new__
         if p.needs_grad and self.has_backward:
-            out, lse = _autograd.apply_pair(self, inp, p, config)
+            out, lse = _autograd.apply_pair(self, inp, p, config, prepared)
+        elif prepared is not None:
+            out, lse = prepared(inp)
         else:
             out, lse = self.forward(inp, p, config)
         return out, (lse if p.return_lse else None)

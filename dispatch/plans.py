@@ -1,7 +1,8 @@
 """The plan cache: from a call's signature to a prepared plan, with one owner.
 
 A `Plan` is what a call needs after the first call like it: the validated Problem, the
-implementation selection chose and its config. `PLANS` (a `PlanCache`) keeps them for eager calls
+implementation selection chose, its config, and that implementation's forward bound to the
+signature (`Implementation.prepare`, when it has one: the backend then looks nothing up per call). `PLANS` (a `PlanCache`) keeps them for eager calls
 (`lookup`, attention()'s hot path) and for the custom ops that run under torch.compile
 (`op_plan`); it owns their bounds, the generation that a `refresh()` bumps, and the compiled
 guards in front of the signature keys. Nothing else keeps a copy of a decision per call.
@@ -25,6 +26,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 
 from . import autotune, selection
+from .backend import NO_EXTRAS, Inputs, kernel_views
 from .guards import AVAILABLE as _guards_on, make as make_guard
 from .problem import Problem, problem_from_tensors
 from .registry import REGISTRY
@@ -50,6 +52,10 @@ class Plan(NamedTuple):
     guard: Any  # a guards.make() over the tensors of one call with this signature, or None
     generation: int  # the snapshot it was decided under: an entry of an older one is stale
     rebuilds: int = 0  # guards built again for other strides under the same key (bounded)
+    # impl.prepare() for the first call's tensors: its forward bound to the signature, which skips
+    # the backend's own per-call lookup of its launch (it compares strides itself); None: run()
+    # calls forward()
+    launch: Any = None
 
 
 class PlanCache:
@@ -138,7 +144,8 @@ class PlanCache:
             p = problem_from_tensors(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse,
                                      window=window, softcap=softcap, sinks=sinks)
             impl, config = (None, None) if p.is_empty else _decide(q, k, v, p, backend, sinks)
-            hit = Plan(p, impl, config, make_guard(q, k, v) if guarded else None, generation)
+            launch = None if impl is None or key is None else _prepare(impl, q, k, v, p, config, sinks)
+            hit = Plan(p, impl, config, make_guard(q, k, v) if guarded else None, generation, 0, launch)
             if key is not None:
                 self._put(by_key, key, hit)
         elif guarded and (hit.guard is None or not hit.guard.check(q, k, v)):
@@ -175,7 +182,7 @@ class PlanCache:
         saved = [(cache, key, plan) for cache in (self.by_key, self.recent)
                  for key, plan in cache.items() if plan.impl is impl]
         for cache, key, plan in saved:
-            cache[key] = plan._replace(impl=stand_in)
+            cache[key] = plan._replace(impl=stand_in, launch=None)
         try:
             yield
         finally:
@@ -219,6 +226,13 @@ def _decide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, backe
     if d.uncertain or d.profile is None:
         d = autotune.after_select(q, k, v, p, d, backend, sinks)
     return REGISTRY.get(d.variant), d.config
+
+
+def _prepare(impl: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, config: dict[str, Any],
+             sinks: Any) -> Any:
+    """impl.prepare() on the tensors attention() will hand it for this call (Implementation.prepare)."""
+    views = kernel_views(q, k, v, p)
+    return impl.prepare(Inputs(*views, NO_EXTRAS if sinks is None else {"sinks": sinks}), p, config)
 
 
 def _variant_key(window: Any, softcap: Any, sinks: Any) -> tuple[Any, ...]:

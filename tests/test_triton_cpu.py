@@ -413,3 +413,29 @@ def test_the_first_launch_check_counts_nan_as_equal_to_nan() -> None:
     assert not _same_values(torch.tensor([nan, 1.0]), torch.tensor([0.0, 1.0]))
     assert not _same_values(torch.tensor([1.0]), torch.tensor([1.0], dtype=torch.float64))
     assert _same_values(torch.tensor([3, 4]), torch.tensor([3, 4]))
+
+
+@pytest.mark.parametrize("sq,sk", [(17, 17), (1, 113)], ids=["forward", "decode"])
+def test_a_repeated_call_runs_the_launch_its_plan_bound(sq: int, sk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """attention() keeps the backend's launch bound to the signature (Implementation.prepare): the
+    second call looks no plan up in the backend, a call with other strides under the same key does
+    (and is right), and both match the reference."""
+    looked_up: list[str] = []
+    for mod in (fwd, dec):
+        def counted(*a: object, _real=mod.cached_plan, _m: str = mod.__name__) -> object:
+            looked_up.append(_m)
+            return _real(*a)
+
+        monkeypatch.setattr(mod, "cached_plan", counted)
+    q, k, v = make_qkv(1, 2, 2, sq, sk, 64, dtype=torch.float32, seed=3)
+    first = flashdispatch.attention(q, k, v, causal=True, backend="triton:tl")
+    made = len(looked_up)
+    assert made >= 1  # while the plan was prepared (decode may hand the signature to the forward's plan)
+    again = flashdispatch.attention(q, k, v, causal=True, backend="triton:tl")
+    assert len(looked_up) == made
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    check_forward(again, q, k, v, causal=True)
+    wide = torch.randn(1, 2, sq + 5, 64)[:, :, :sq]  # same shape and last stride, another head stride
+    out = flashdispatch.attention(wide, k, v, causal=True, backend="triton:tl")
+    assert len(looked_up) > made
+    check_forward(out, wide, k, v, causal=True)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from flashdispatch.backend import Capabilities, Gradients, Implementation
+from flashdispatch.backend import Capabilities, Gradients, Implementation, on_inputs
 from flashdispatch.device import DeviceInfo
 from flashdispatch.problem import Problem
 
@@ -125,6 +125,11 @@ class CupyAttention(Implementation):
         # tensor in the layout they asked for, without a copy.
         return _ops().cupy_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config,
                                    out_bshd=p.layout == "bshd", **_variant_kwargs(p, inp))
+
+    def prepare(self, inp, p, config):  # type: ignore[no-untyped-def]
+        launch = _ops().prepare_cupy_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config,
+                                             out_bshd=p.layout == "bshd", **_variant_kwargs(p, inp))
+        return on_inputs(launch, "sinks" if p.sinks else None)
 
     def backward(self, inp, out, lse, do, p, config):  # type: ignore[no-untyped-def]
         grads = _ops().cupy_backward(do, inp.q, inp.k, inp.v, out, lse, causal=p.causal, scale=p.scale,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -264,24 +264,53 @@ def cupy_forward(
     softcap * tanh(scale * q.k / softcap) before masking. sinks: float32 (Hq,), one logit per query
     head in the softmax denominator with no value; lse includes it and a row that sees no key gives
     zeros and lse = sink."""
+    plan = _forward_plan(q, k, v, causal, scale, config, out_bshd, window_left, window_right, softcap,
+                         sinks is not None)
+    if sinks is not None:
+        sinks = _check_sinks(sinks, q)
+    return plan.run(q, k, v, sinks)
+
+
+def _forward_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None,
+                  config: dict[str, Any] | None, out_bshd: bool, window_left: int, window_right: int,
+                  softcap: float, has_sinks: bool) -> _ForwardPlan:
+    """The launch plan of this call signature, made once and kept in _FWD_PLANS."""
     try:
         key: tuple[Any, ...] | None = (
             q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
             k.device, v.device, causal, scale, out_bshd, tuple(config.items()) if config else None,
-            window_left, window_right, softcap, sinks is None)
+            window_left, window_right, softcap, not has_sinks)
         plan = _FWD_PLANS.get(key)  # type: ignore[arg-type]
     except TypeError:  # an unhashable config value: plan every call
         key, plan = None, None
     if plan is None:
         plan = _ForwardPlan(q, k, v, causal, scale, config or {}, out_bshd, window_left, window_right, softcap,
-                            sinks is not None)
+                            has_sinks)
         if key is not None:
             if len(_FWD_PLANS) >= MAX_PLANS:
                 _FWD_PLANS.clear()
             _FWD_PLANS[key] = plan
-    if sinks is not None:
-        sinks = _check_sinks(sinks, q)
-    return plan.run(q, k, v, sinks)
+    return plan
+
+
+def prepare_cupy_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None,
+                         config: dict[str, Any] | None = None, out_bshd: bool = False, window_left: int = -1,
+                         window_right: int = -1, softcap: float = 0.0, sinks: torch.Tensor | None = None
+                         ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """cupy_forward bound to this call's signature: f(q, k, v, sinks) runs the plan made here while
+    q, k and v keep these strides, and cupy_forward's looked-up path when they come with others (the
+    caller keeps shapes, dtypes and devices equal: the dispatcher's plan key holds them)."""
+    plan = _forward_plan(q, k, v, causal, scale, config, out_bshd, window_left, window_right, softcap,
+                         sinks is not None)
+    strides = (q.stride(), k.stride(), v.stride())
+
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None) -> Any:
+        if (q.stride(), k.stride(), v.stride()) != strides:
+            return cupy_forward(q, k, v, causal=causal, scale=scale, config=config, out_bshd=out_bshd,
+                                window_left=window_left, window_right=window_right, softcap=softcap, sinks=sinks)
+        return plan.run(q, k, v, None if sinks is None else _check_sinks(sinks, q))
+
+    return call
 
 
 def cupy_backward(

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from flashdispatch.backend import Capabilities, Gradients, Implementation, triton_interpreter_on
+from flashdispatch.backend import Capabilities, Gradients, Implementation, on_inputs, triton_interpreter_on
 from flashdispatch.device import DeviceInfo
 from flashdispatch.problem import Problem
 
@@ -161,6 +161,12 @@ class TritonAttention(Implementation):
         return _kernels("forward").attention_forward(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale,
                                                      config=config, **variant)
 
+    def prepare(self, inp, p, config):  # type: ignore[no-untyped-def]
+        kernel = ("decode", "prepare_decode") if _wants_decode_kernel(p, config) else ("forward", "prepare_forward")
+        launch = getattr(_kernels(kernel[0]), kernel[1])(inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale,
+                                                         config=config, **_variant_kwargs(p, inp))
+        return on_inputs(launch, "sinks" if p.sinks else None)
+
     def backward(self, inp, out, lse, do, p, config):  # type: ignore[no-untyped-def]
         variant = _variant_kwargs(p, inp)
         grads = _kernels("backward").attention_backward(do, inp.q, inp.k, inp.v, out, lse, causal=p.causal,
@@ -259,6 +265,11 @@ class TritonGluonAttention(Implementation):
         return _kernels("gluon_forward").gluon_attention_forward(
             inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config,
             window=p.window if p.has_window else None)
+
+    def prepare(self, inp, p, config):  # type: ignore[no-untyped-def]
+        return on_inputs(_kernels("gluon_forward").prepare_gluon_forward(
+            inp.q, inp.k, inp.v, causal=p.causal, scale=p.scale, config=config,
+            window=p.window if p.has_window else None))
 
     def backward(self, inp, out, lse, do, p, config):  # type: ignore[no-untyped-def]
         # the backward's own tiles: this implementation's config holds the forward's keys only

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import triton
@@ -759,6 +759,23 @@ def cached_plan(cache: dict[tuple[Any, ...], Any], make: Any, q: torch.Tensor, k
     return plan
 
 
+def bound_to_strides(run: Callable[..., Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     otherwise: Callable[..., Any]) -> Callable[..., Any]:
+    """A launch bound to one call signature (Implementation.prepare): f(q, k, v, sinks=None) calls
+    run(q, k, v, sinks), a plan made for these tensors, while q, k and v keep their strides, and
+    otherwise(q, k, v, sinks), the looked-up path, when they come with others. The caller keeps
+    shapes, dtypes and devices equal (the dispatcher's plan key holds them), so that the strides
+    are all that is left to compare: three tuples instead of a whole plan key and its hash."""
+    strides = (q.stride(), k.stride(), v.stride())
+
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None) -> Any:
+        if (q.stride(), k.stride(), v.stride()) == strides:
+            return run(q, k, v, sinks)
+        return otherwise(q, k, v, sinks)
+
+    return call
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -786,6 +803,25 @@ def attention_forward(
     if sinks is not None:
         check_sinks(sinks, q)
     return cached_plan(_PLANS, _ForwardPlan, q, k, v, causal, scale, config, variant).run(q, k, v, sinks)
+
+
+def prepare_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+                    config: dict[str, Any], window: tuple[int, int] | None = None, softcap: float | None = None,
+                    sinks: torch.Tensor | None = None) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """attention_forward bound to this call's signature (bound_to_strides): f(q, k, v, sinks)."""
+    variant = make_variant(window, softcap, sinks)
+    plan = cached_plan(_PLANS, _ForwardPlan, q, k, v, causal, scale, config, variant)
+
+    def planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None) -> Any:
+        if sinks is not None:
+            check_sinks(sinks, q)
+        return plan.run(q, k, v, sinks)
+
+    def looked_up(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None) -> Any:
+        return attention_forward(q, k, v, causal=causal, scale=scale, config=config, window=window,
+                                 softcap=softcap, sinks=sinks)
+
+    return bound_to_strides(planned, q, k, v, looked_up)
 
 
 # --- whether the backward pair is there ----------------------------------------------------------

@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from flashdispatch.alignment import aligned16
 
-from .forward import PLAIN, OutputPlan, Variant, cached_plan, kernel_window, make_variant
+from .forward import PLAIN, OutputPlan, Variant, bound_to_strides, cached_plan, kernel_window, make_variant
 from .launch import BoundDescriptorLaunch, DirectLauncher, HostDescriptor, cuda_index, run_on_device
 
 log = logging.getLogger("flashdispatch")
@@ -1000,6 +1000,24 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         raise ValueError(f"scale: expected a positive float, got {scale!r}")
     variant = make_variant(window, None, None)
     return cached_plan(_PLANS, _GluonPlan, q, k, v, causal, scale, config, variant).run(q, k, v)
+
+
+def prepare_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+                          config: dict[str, Any] | None = None, window: tuple[int, int] | None = None
+                          ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """gluon_attention_forward bound to this call's signature (forward.bound_to_strides):
+    f(q, k, v)."""
+    if not scale > 0:
+        raise ValueError(f"scale: expected a positive float, got {scale!r}")
+    plan = cached_plan(_PLANS, _GluonPlan, q, k, v, causal, scale, config, make_variant(window, None, None))
+
+    def planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, _sinks: None = None) -> Any:
+        return plan.run(q, k, v)
+
+    def looked_up(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, _sinks: None = None) -> Any:
+        return gluon_attention_forward(q, k, v, causal=causal, scale=scale, config=config, window=window)
+
+    return bound_to_strides(planned, q, k, v, looked_up)
 
 
 # --- ahead-of-time compilation (CPU checks) -----------------------------------------------------------
