@@ -197,3 +197,36 @@ def test_a_failing_record_launch_goes_back_to_the_jit(fake_kernel: tuple[_Jit, l
     assert not gf._LAUNCHER.enabled and len(jit.calls) == 2  # this call's result came from the JIT
     gf.gluon_attention_forward(q, k, v, causal=False, scale=0.1)
     assert len(jit.calls) == 3
+
+
+def test_the_implementations_bound_launch_runs_its_plan_and_looks_up_other_strides(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """triton:gluon's prepare(): the plan made for the first call's tensors runs while the strides
+    are the same; other strides go through gluon_attention_forward's lookup (a stand-in plan)."""
+    from flashdispatch.backend import Inputs
+    from flashdispatch.problem import problem_from_tensors
+    from flashdispatch.registry import REGISTRY
+
+    made: list[tuple[Any, ...]] = []
+    ran: list[int] = []
+
+    class _Plan:
+        def __init__(self, q, k, v, causal, scale, config, variant) -> None:  # type: ignore[no-untyped-def]
+            made.append((q.stride(), causal, scale, dict(config), variant))
+            self.index = len(made)
+
+        def run(self, q, k, v):  # type: ignore[no-untyped-def]
+            ran.append(self.index)
+            return q, None
+
+    monkeypatch.setattr(gf, "_GluonPlan", _Plan)
+    monkeypatch.setattr(gf, "_PLANS", {})
+    q, k, v = (torch.randn(1, 4, 40, 64, dtype=torch.bfloat16) for _ in range(3))
+    p = problem_from_tensors(q, k, v, causal=True, scale=None, layout="bhsd", return_lse=False, window=(15, 0))
+    launch_fn = REGISTRY.get("triton:gluon").prepare(Inputs(q, k, v), p, {"STAGES": 3})
+    assert made == [(q.stride(), True, p.scale, {"STAGES": 3}, gf.make_variant((15, 0), None, None))]
+    q2 = torch.randn_like(q)
+    assert launch_fn(Inputs(q2, k, v))[0] is q2 and ran == [1] and len(made) == 1
+    wide = torch.randn(1, 4, 48, 64, dtype=torch.bfloat16)[:, :, :40]  # same shape, another head stride
+    assert launch_fn(Inputs(wide, k, v))[0] is wide
+    assert len(made) == 2 and ran == [1, 2] and made[1][0] == wide.stride()

@@ -4,7 +4,10 @@ Two readings per backend (docs/integration.md):
 
 - with the backend: `attention()` against `impl.run()` on a problem small enough to be host-bound.
   Both sides pay the backend's own host time (25-45 us per call for a torch op on the H100 host), so
-  the difference carries that time's run-to-run noise, which can exceed the difference.
+  the difference carries that time's run-to-run noise, which can exceed the difference. The
+  dispatcher's plan also holds the implementation's forward bound to the signature
+  (Implementation.prepare), which skips the backend's own per-call lookup of its launch; a direct
+  `run()` call looks it up, so that saving shows here as less time added.
 - dispatcher alone: the same two calls with the chosen implementation swapped, in the decision
   cache, for one whose `run()` returns at once. What is left is exactly the dispatcher's own path
   (key, lookup, layout handling, the call), measured without any kernel launch beside it.
