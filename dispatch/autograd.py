@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .backend import Implementation, Inputs, Prepared
+from .backend import NO_EXTRAS, Implementation, Inputs, Prepared, _new_tuple
 from .problem import Problem
 
 
@@ -25,7 +25,7 @@ class PairFunction(torch.autograd.Function):
         ctx: Any, impl: Implementation, p: Problem, config: dict[str, Any], names: tuple[str, ...],
         prepared: Prepared | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *extras: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        inp = Inputs(q, k, v, dict(zip(names, extras))) if names else Inputs(q, k, v)
+        inp = _new_tuple(Inputs, (q, k, v, dict(zip(names, extras)) if names else NO_EXTRAS))
         out, lse = impl.forward(inp, p, config) if prepared is None else prepared(inp)
         if lse is None:
             raise RuntimeError(f"backend {impl.name} has a backward but its forward returned no lse")
