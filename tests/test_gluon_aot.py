@@ -39,19 +39,26 @@ def test_gluon_forward_compiles_for_sm90(head_dim: int, causal: bool, window: bo
     from flashdispatch.backends.triton import gluon_forward as gf
 
     k = gf.aot_compile(head_dim, causal, dtype, window=window, order=order)
-    ptx = k.asm["ptx"]
+    _check_sm90_kernel(k, gf.CONSUMER_REGS_2WG.value, WINDOW_SPILL_BYTES if window else 0)
+
+
+def _check_sm90_kernel(k: object, consumer_regs: int, allowed_spills: int) -> None:
+    """wgmma, TMA loads and the O store, the partitions' register budgets, shared memory that fits
+    a CTA, and at most `allowed_spills` bytes of spill stores per thread (ptxas -v)."""
+    from flashdispatch.backends.triton import gluon_forward as gf
+
+    ptx = k.asm["ptx"]  # type: ignore[attr-defined]
     assert ".target sm_90a" in ptx
     assert "wgmma.mma_async" in ptx
     assert "cp.async.bulk.tensor.4d.shared::cluster.global" in ptx  # TMA loads
     assert "cp.async.bulk.tensor.4d.global.shared::cta" in ptx  # TMA store of O
     regs = set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
-    assert {str(gf.CONSUMER_REGS_2WG.value), str(gf.PRODUCER_REGS.value)} <= regs, regs
-    assert 0 < int(k.metadata.shared) <= SM90_SHARED_BYTES
+    assert {str(consumer_regs), str(gf.PRODUCER_REGS.value)} <= regs, regs
+    assert 0 < int(k.metadata.shared) <= SM90_SHARED_BYTES  # type: ignore[attr-defined]
     spills = ptxas_spill_bytes(ptx, 90)
     if spills is None:
         pytest.skip("no ptxas on this machine")
-    allowed = WINDOW_SPILL_BYTES if window else 0
-    assert spills <= allowed, f"{spills} B of register spill stores per thread (allowed: {allowed})"
+    assert spills <= allowed_spills, f"{spills} B of register spill stores per thread (allowed: {allowed_spills})"
 
 
 def test_window_kernel_masks_the_window() -> None:
@@ -92,11 +99,4 @@ def test_three_consumer_warpgroups_compile_for_sm90(causal: bool) -> None:
     from flashdispatch.backends.triton import gluon_forward as gf
 
     k = gf.aot_compile(64, causal, "bf16", config={"CONSUMERS": 3})
-    ptx = k.asm["ptx"]
-    regs = set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
-    assert {str(gf.CONSUMER_REGS_3WG.value), str(gf.PRODUCER_REGS.value)} <= regs, regs
-    assert 0 < int(k.metadata.shared) <= SM90_SHARED_BYTES
-    spills = ptxas_spill_bytes(ptx, 90)
-    if spills is None:
-        pytest.skip("no ptxas on this machine")
-    assert spills <= C3_SPILL_BYTES[causal], f"{spills} B of register spill stores per thread"
+    _check_sm90_kernel(k, gf.CONSUMER_REGS_3WG.value, C3_SPILL_BYTES[causal])
