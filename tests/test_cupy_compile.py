@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -295,3 +296,40 @@ def test_nvrtc_target_falls_back_to_ptx_for_a_gpu_newer_than_nvrtc() -> None:
     assert nvrtc_target("sm_90", (75, 80, 86, 89, 90)) == "sm_90"
     assert nvrtc_target("sm_120", (75, 80, 86, 89, 90)) == "compute_90"  # the driver JITs the PTX
     assert nvrtc_target("sm_90", None) == "sm_90"  # no query available: the device's own
+
+
+def test_the_bound_launch_runs_its_plan_and_looks_up_other_strides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cupy's prepare(): the launch plan made for the first call's tensors runs while the strides
+    are the same (sinks checked and passed on), other strides go through cupy_forward's lookup (a
+    stand-in plan: no GPU here)."""
+    from flashdispatch.backend import Inputs
+    from flashdispatch.backends.cupy import ops
+    from flashdispatch.problem import problem_from_tensors
+    from flashdispatch.registry import REGISTRY
+
+    made: list[tuple[Any, ...]] = []
+    ran: list[tuple[int, bool]] = []
+
+    class _Plan:
+        def __init__(self, q, k, v, causal, scale, config, out_bshd,  # type: ignore[no-untyped-def]
+                     left, right, softcap, has_sinks):
+            made.append((q.stride(), causal, scale, out_bshd, left, right, softcap, has_sinks))
+            self.index = len(made)
+
+        def run(self, q, k, v, sinks):  # type: ignore[no-untyped-def]
+            ran.append((self.index, sinks is not None))
+            return q, None
+
+    monkeypatch.setattr(ops, "_ForwardPlan", _Plan)
+    monkeypatch.setattr(ops, "_FWD_PLANS", {})
+    q, k, v = (torch.randn(1, 40, 4, 64, dtype=torch.float16).transpose(1, 2) for _ in range(3))  # bshd memory
+    sinks = torch.zeros(4)
+    p = problem_from_tensors(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, scale=None,
+                             layout="bshd", return_lse=False, window=(15, 0), sinks=sinks)
+    launch = REGISTRY.get("cupy").prepare(Inputs(q, k, v, {"sinks": sinks}), p, {})
+    assert made == [(q.stride(), True, p.scale, True, 15, 0, 0.0, True)]
+    q2 = torch.randn(1, 40, 4, 64, dtype=torch.float16).transpose(1, 2)
+    assert launch(Inputs(q2, k, v, {"sinks": sinks}))[0] is q2 and ran == [(1, True)] and len(made) == 1
+    other = torch.randn(1, 4, 40, 64, dtype=torch.float16)  # same shape, bhsd memory: other strides
+    assert launch(Inputs(other, k, v, {"sinks": sinks}))[0] is other
+    assert len(made) == 2 and ran == [(1, True), (2, True)] and made[1][0] == other.stride()

@@ -141,8 +141,8 @@ class CupyAttention(Implementation):
 
 @functools.cache
 def _ops() -> ModuleType:
-    """ops.py, imported on first use (it imports CuPy, which this module must not); read here (about
-    50 ns) rather than through an import statement per call (about 0.8 us on a CPU)."""
+    """ops.py (the launch code, which reaches CuPy), imported on first use; read here (about 50 ns)
+    rather than through an import statement per call (about 0.8 us on a CPU)."""
     return importlib.import_module(f"{__package__}.ops")
 
 
