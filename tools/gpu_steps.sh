@@ -7,13 +7,16 @@
 #   OUT=gpu-out bash tools/gpu_steps.sh alone
 #   OUT=gpu-out bash tools/gpu_steps.sh tune heldout          # tune --quick, then the held-out bench on it
 #   OUT=gpu-out bash tools/gpu_steps.sh resume heldout        # a tune that ran out of time, continued
+#   STATE_FROM=prev-out OUT=gpu-out bash tools/gpu_steps.sh resume   # ... on a fresh machine
 #   OUT=gpu-out bash tools/gpu_steps.sh serving variants
 #   OUT=gpu-out bash tools/gpu_steps.sh demo gluon backward    # the demo; the Gluon forward's and backward's configs
 #   OUT=gpu-out bash tools/gpu_steps.sh window                 # the sliding-window bars alone
 #
 # LIMIT: seconds for the whole call (default 570: a 10-minute session leaves room for the install).
 # STATE: where the tune keeps its profile and state between calls (default /tmp/flashdispatch-tune);
-# the held-out bench uses the profile there when one exists, else the shipped one. The pytest steps
+# the held-out bench uses the profile there when one exists, else the shipped one. STATE_FROM: a
+# folder holding an earlier call's <key>.yaml and <key>.state.json (its OUT, carried to this
+# machine): copied into STATE first, so that `resume` continues a tune on a fresh machine. The pytest steps
 # print every test's outcome to their log (-v -rfE), so a step stopped by its limit still names its
 # failures.
 set -uo pipefail
@@ -35,6 +38,10 @@ KEY=$(python3 -c "import flashdispatch.device as d; dev = d.current_device(); pr
 [ "$KEY" != None ] || { echo "gpu_steps: no GPU with a profile key on this machine (found: $KEY)" >&2; exit 2; }
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 echo "profile key: $KEY"
+if [ -n "${STATE_FROM:-}" ]; then
+    cp "$STATE_FROM/$KEY.yaml" "$STATE_FROM/$KEY.state.json" "$STATE/" 2>/dev/null \
+        && echo "tune state from $STATE_FROM" || echo "gpu_steps: no $KEY.yaml / $KEY.state.json in $STATE_FROM" >&2
+fi
 PYTEST=(python3 -m pytest -p no:cacheprovider -rfE --durations=15)
 
 # run NAME SECONDS LINES CMD...: CMD within SECONDS (or what is left of LIMIT), its output in
