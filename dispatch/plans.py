@@ -2,7 +2,8 @@
 
 A `Plan` is what a call needs after the first call like it: the validated Problem, the
 implementation selection chose, its config, and that implementation's forward bound to the
-signature (`Implementation.prepare`, when it has one: the backend then looks nothing up per call). `PLANS` (a `PlanCache`) keeps them for eager calls
+signature (`Implementation.prepare`, when it has one: the backend then looks nothing up per
+call). `PLANS` (a `PlanCache`) keeps them for eager calls
 (`lookup`, attention()'s hot path) and for the custom ops that run under torch.compile
 (`op_plan`); it owns their bounds, the generation that a `refresh()` bumps, and the compiled
 guards in front of the signature keys. Nothing else keeps a copy of a decision per call.
