@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
-from .backend import NO_EXTRAS, Implementation, Inputs, Prepared, _new_tuple
+from .backend import NO_EXTRAS, Implementation, Inputs, Prepared
 from .problem import Problem
+
+_new_tuple = tuple.__new__  # Inputs(...) without NamedTuple's Python __new__ (the hot path builds one per call)
 
 
 class PairFunction(torch.autograd.Function):
