@@ -89,6 +89,24 @@ def on_inputs(launch: Callable[..., Any], extra: str | None = None) -> Prepared:
     return lambda inp: launch(inp[0], inp[1], inp[2], inp[3][extra])
 
 
+def bound_forward(impl: Implementation, inp: Inputs, p: Problem, config: dict[str, Any]) -> Prepared | None:
+    """impl.prepare() for the signature of `inp`, made fit for every call under a plan cache key:
+    that key holds shapes, dtypes, devices and options but only the last stride, so a call whose
+    q, k, v come with other strides runs impl.forward() instead (three stride tuples compared, in
+    place of the backend's own lookup of its launch by a whole key). None when impl has no prepare."""
+    launch = impl.prepare(inp, p, config)
+    if launch is None:
+        return None
+    strides = (inp[0].stride(), inp[1].stride(), inp[2].stride())
+
+    def call(inp2: Inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if (inp2[0].stride(), inp2[1].stride(), inp2[2].stride()) == strides:
+            return launch(inp2)
+        return impl.forward(inp2, p, config)
+
+    return call
+
+
 def _dtype_list(dtypes: frozenset[torch.dtype]) -> str:
     return "{" + ", ".join(sorted(DTYPE_NAMES.get(d, str(d)) for d in dtypes)) + "}"
 
@@ -263,12 +281,10 @@ class Implementation(ABC):
 
     def prepare(self, inp: Inputs, p: Problem, config: dict[str, Any]) -> Prepared | None:
         """forward() bound to the call signature of `inp` (shapes, strides, dtypes, devices), `p`
-        and `config`, for the plan cache to keep beside its plan (dispatch/plans.py): a callable
-        f(inp2) that returns what forward(inp2, p, config) returns for any inputs with inp's
-        shapes, dtypes and devices (the plan's key holds them equal), without the lookups a
-        forward() does per call to find its launch; inputs with other strides must still work
-        (f compares them, and takes forward()'s path when they differ). None, the default: no such
-        shortcut, run() calls forward()."""
+        and `config`: a callable f(inp2) that returns what forward(inp2, p, config) returns for any
+        inputs of exactly that signature, without the lookups a forward() does per call to find
+        its launch. The plan cache keeps it beside its plan (bound_forward: inputs with other
+        strides take forward()). None, the default: no such shortcut, run() calls forward()."""
         return None
 
     def backward(

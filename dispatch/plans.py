@@ -27,7 +27,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 
 from . import autotune, selection
-from .backend import NO_EXTRAS, Inputs, kernel_views
+from .backend import NO_EXTRAS, Inputs, bound_forward, kernel_views
 from .guards import AVAILABLE as _guards_on, make as make_guard
 from .problem import Problem, problem_from_tensors
 from .registry import REGISTRY
@@ -53,9 +53,9 @@ class Plan(NamedTuple):
     guard: Any  # a guards.make() over the tensors of one call with this signature, or None
     generation: int  # the snapshot it was decided under: an entry of an older one is stale
     rebuilds: int = 0  # guards built again for other strides under the same key (bounded)
-    # impl.prepare() for the first call's tensors: its forward bound to the signature, which skips
-    # the backend's own per-call lookup of its launch (it compares strides itself); None: run()
-    # calls forward()
+    # impl.prepare() for the first call's tensors (backend.bound_forward): its forward bound to the
+    # signature, which skips the backend's own per-call lookup of its launch; None: run() calls
+    # forward()
     launch: Any = None
 
 
@@ -231,9 +231,9 @@ def _decide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, backe
 
 def _prepare(impl: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, config: dict[str, Any],
              sinks: Any) -> Any:
-    """impl.prepare() on the tensors attention() will hand it for this call (Implementation.prepare)."""
+    """impl's bound forward (backend.bound_forward) on the tensors attention() will hand it."""
     views = kernel_views(q, k, v, p)
-    return impl.prepare(Inputs(*views, NO_EXTRAS if sinks is None else {"sinks": sinks}), p, config)
+    return bound_forward(impl, Inputs(*views, NO_EXTRAS if sinks is None else {"sinks": sinks}), p, config)
 
 
 def _variant_key(window: Any, softcap: Any, sinks: Any) -> tuple[Any, ...]:

@@ -299,10 +299,10 @@ def test_nvrtc_target_falls_back_to_ptx_for_a_gpu_newer_than_nvrtc() -> None:
 
 
 def test_the_bound_launch_runs_its_plan_and_looks_up_other_strides(monkeypatch: pytest.MonkeyPatch) -> None:
-    """cupy's prepare(): the launch plan made for the first call's tensors runs while the strides
-    are the same (sinks checked and passed on), other strides go through cupy_forward's lookup (a
-    stand-in plan: no GPU here)."""
-    from flashdispatch.backend import Inputs
+    """cupy's prepare() as the plan cache keeps it (bound_forward): the launch plan made for the
+    first call's tensors runs while the strides are the same (sinks checked and passed on), other
+    strides go through cupy_forward's lookup (a stand-in plan: no GPU here)."""
+    from flashdispatch.backend import Inputs, bound_forward
     from flashdispatch.backends.cupy import ops
     from flashdispatch.problem import problem_from_tensors
     from flashdispatch.registry import REGISTRY
@@ -326,7 +326,7 @@ def test_the_bound_launch_runs_its_plan_and_looks_up_other_strides(monkeypatch: 
     sinks = torch.zeros(4)
     p = problem_from_tensors(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, scale=None,
                              layout="bshd", return_lse=False, window=(15, 0), sinks=sinks)
-    launch = REGISTRY.get("cupy").prepare(Inputs(q, k, v, {"sinks": sinks}), p, {})
+    launch = bound_forward(REGISTRY.get("cupy"), Inputs(q, k, v, {"sinks": sinks}), p, {})
     assert made == [(q.stride(), True, p.scale, True, 15, 0, 0.0, True)]
     q2 = torch.randn(1, 40, 4, 64, dtype=torch.float16).transpose(1, 2)
     assert launch(Inputs(q2, k, v, {"sinks": sinks}))[0] is q2 and ran == [(1, True)] and len(made) == 1

@@ -201,9 +201,10 @@ def test_a_failing_record_launch_goes_back_to_the_jit(fake_kernel: tuple[_Jit, l
 
 def test_the_implementations_bound_launch_runs_its_plan_and_looks_up_other_strides(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """triton:gluon's prepare(): the plan made for the first call's tensors runs while the strides
-    are the same; other strides go through gluon_attention_forward's lookup (a stand-in plan)."""
-    from flashdispatch.backend import Inputs
+    """triton:gluon's prepare() as the plan cache keeps it (bound_forward): the plan made for the
+    first call's tensors runs while the strides are the same; other strides go through
+    gluon_attention_forward's lookup (a stand-in plan)."""
+    from flashdispatch.backend import Inputs, bound_forward
     from flashdispatch.problem import problem_from_tensors
     from flashdispatch.registry import REGISTRY
 
@@ -223,7 +224,7 @@ def test_the_implementations_bound_launch_runs_its_plan_and_looks_up_other_strid
     monkeypatch.setattr(gf, "_PLANS", {})
     q, k, v = (torch.randn(1, 4, 40, 64, dtype=torch.bfloat16) for _ in range(3))
     p = problem_from_tensors(q, k, v, causal=True, scale=None, layout="bhsd", return_lse=False, window=(15, 0))
-    launch_fn = REGISTRY.get("triton:gluon").prepare(Inputs(q, k, v), p, {"STAGES": 3})
+    launch_fn = bound_forward(REGISTRY.get("triton:gluon"), Inputs(q, k, v), p, {"STAGES": 3})
     assert made == [(q.stride(), True, p.scale, {"STAGES": 3}, gf.make_variant((15, 0), None, None))]
     q2 = torch.randn_like(q)
     assert launch_fn(Inputs(q2, k, v))[0] is q2 and ran == [1] and len(made) == 1

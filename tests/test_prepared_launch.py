@@ -18,8 +18,8 @@ from inputs import make_qkv
 
 
 class _Bound(Implementation):
-    """The float64 reference as a pair whose prepare() records the views it was bound to and
-    refuses other strides, as the real launch plans do."""
+    """The float64 reference as a pair whose prepare() records the views it was bound to (the
+    plan cache sends calls with other strides to forward())."""
 
     name: ClassVar[str] = "test:bound"
     backend: ClassVar[str] = "test"
@@ -38,12 +38,9 @@ class _Bound(Implementation):
 
     def prepare(self, inp: Inputs, p: Any, config: dict[str, Any]):
         self.calls.append("prepare")
-        strides = tuple(t.stride() for t in inp[:3])
         self.bound_to.append(tuple(t.shape for t in inp[:3]))
 
         def launch(inp2: Inputs):
-            if tuple(t.stride() for t in inp2[:3]) != strides:
-                return self.forward(inp2, p, config)
             self.calls.append("launch")
             out, lse = attention_math(inp2.q, inp2.k, inp2.v, causal=p.causal)
             return out.detach(), lse.detach().float()

@@ -297,20 +297,14 @@ def prepare_cupy_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, c
                          config: dict[str, Any] | None = None, out_bshd: bool = False, window_left: int = -1,
                          window_right: int = -1, softcap: float = 0.0, sinks: torch.Tensor | None = None
                          ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """cupy_forward bound to this call's signature: f(q, k, v, sinks) runs the plan made here while
-    q, k and v keep these strides, and cupy_forward's looked-up path when they come with others (the
-    caller keeps shapes, dtypes and devices equal: the dispatcher's plan key holds them)."""
+    """cupy_forward for exactly this call signature, its plan looked up once: f(q, k, v, sinks=None)."""
     plan = _forward_plan(q, k, v, causal, scale, config, out_bshd, window_left, window_right, softcap,
                          sinks is not None)
-    strides = (q.stride(), k.stride(), v.stride())
 
-    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None) -> Any:
-        if (q.stride(), k.stride(), v.stride()) != strides:
-            return cupy_forward(q, k, v, causal=causal, scale=scale, config=config, out_bshd=out_bshd,
-                                window_left=window_left, window_right=window_right, softcap=softcap, sinks=sinks)
+    def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None) -> Any:
         return plan.run(q, k, v, None if sinks is None else _check_sinks(sinks, q))
 
-    return call
+    return launch
 
 
 def cupy_backward(

@@ -49,7 +49,7 @@ from .forward import (
     _finish,
     _needs_offs64,
     attention_forward,
-    bound_to_strides,
+    plan_launch,
     cached_plan,
     launch_options,
     dot,
@@ -408,23 +408,12 @@ def decode_forward(
 def prepare_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
                    config: dict[str, Any], window: tuple[int, int] | None = None, softcap: float | None = None,
                    sinks: torch.Tensor | None = None) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """decode_forward bound to this call's signature (forward.bound_to_strides): f(q, k, v, sinks)."""
-    variant = make_variant(window, softcap, sinks)
-    plan = cached_plan(_PLANS, _DecodePlan, q, k, v, causal, scale, config, variant)
+    """decode_forward for exactly this call signature, its plan looked up once: f(q, k, v, sinks=None)."""
+    plan = cached_plan(_PLANS, _DecodePlan, q, k, v, causal, scale, config, make_variant(window, softcap, sinks))
     if plan.forward is not None:  # the plan hands this signature to the dense forward
         return prepare_forward(q, k, v, causal=causal, scale=scale, config=plan.forward, window=window,
                                softcap=softcap, sinks=sinks)
-
-    def planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None) -> Any:
-        if sinks is not None:
-            check_sinks(sinks, q)
-        return plan.run(q, k, v, sinks)
-
-    def looked_up(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None) -> Any:
-        return decode_forward(q, k, v, causal=causal, scale=scale, config=config, window=window, softcap=softcap,
-                              sinks=sinks)
-
-    return bound_to_strides(planned, q, k, v, looked_up)
+    return plan_launch(plan)
 
 
 _SPLIT = DirectLauncher(_decode_split_kernel)

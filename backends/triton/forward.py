@@ -759,23 +759,6 @@ def cached_plan(cache: dict[tuple[Any, ...], Any], make: Any, q: torch.Tensor, k
     return plan
 
 
-def bound_to_strides(run: Callable[..., Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     otherwise: Callable[..., Any]) -> Callable[..., Any]:
-    """A launch bound to one call signature (Implementation.prepare): f(q, k, v, sinks=None) calls
-    run(q, k, v, sinks), a plan made for these tensors, while q, k and v keep their strides, and
-    otherwise(q, k, v, sinks), the looked-up path, when they come with others. The caller keeps
-    shapes, dtypes and devices equal (the dispatcher's plan key holds them), so that the strides
-    are all that is left to compare: three tuples instead of a whole plan key and its hash."""
-    strides = (q.stride(), k.stride(), v.stride())
-
-    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None) -> Any:
-        if (q.stride(), k.stride(), v.stride()) == strides:
-            return run(q, k, v, sinks)
-        return otherwise(q, k, v, sinks)
-
-    return call
-
-
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -808,20 +791,21 @@ def attention_forward(
 def prepare_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
                     config: dict[str, Any], window: tuple[int, int] | None = None, softcap: float | None = None,
                     sinks: torch.Tensor | None = None) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """attention_forward bound to this call's signature (bound_to_strides): f(q, k, v, sinks)."""
-    variant = make_variant(window, softcap, sinks)
-    plan = cached_plan(_PLANS, _ForwardPlan, q, k, v, causal, scale, config, variant)
+    """attention_forward for exactly this call signature (shapes, strides, dtypes, devices,
+    options), its plan looked up once: f(q, k, v, sinks=None)."""
+    return plan_launch(cached_plan(_PLANS, _ForwardPlan, q, k, v, causal, scale, config,
+                                   make_variant(window, softcap, sinks)))
 
-    def planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None) -> Any:
+
+def plan_launch(plan: Any) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """f(q, k, v, sinks=None): plan.run with the sinks checked as the looked-up path checks them."""
+
+    def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None) -> Any:
         if sinks is not None:
             check_sinks(sinks, q)
         return plan.run(q, k, v, sinks)
 
-    def looked_up(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None) -> Any:
-        return attention_forward(q, k, v, causal=causal, scale=scale, config=config, window=window,
-                                 softcap=softcap, sinks=sinks)
-
-    return bound_to_strides(planned, q, k, v, looked_up)
+    return launch
 
 
 # --- whether the backward pair is there ----------------------------------------------------------

@@ -83,8 +83,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from flashdispatch.alignment import aligned16
+from flashdispatch.problem import causal_visible_pairs
 
-from .forward import PLAIN, OutputPlan, Variant, bound_to_strides, cached_plan, kernel_window, make_variant
+from .forward import PLAIN, OutputPlan, Variant, cached_plan, kernel_window, make_variant
 from .launch import BoundDescriptorLaunch, DirectLauncher, HostDescriptor, cuda_index, run_on_device
 
 log = logging.getLogger("flashdispatch")
@@ -124,13 +125,11 @@ C3_MIN_ROWS = 2048
 
 
 def mean_visible_keys(causal: bool, seq_q: int, seq_k: int) -> float:
-    """Keys a query row sees on average: Sk without a mask; bottom-right causal, Sk - (Sq - 1) / 2
-    for Sq <= Sk and Sk (Sk + 1) / (2 Sq) for Sq > Sk (the first Sq - Sk rows see none)."""
+    """Keys a query row sees on average: Sk without a mask, the bottom-right causal mask's visible
+    pairs per row under it (Sk - (Sq - 1) / 2 for Sq <= Sk)."""
     if not causal or seq_q <= 1:
         return float(seq_k)
-    if seq_q <= seq_k:
-        return seq_k - (seq_q - 1) / 2
-    return seq_k * (seq_k + 1) / (2 * seq_q)
+    return causal_visible_pairs(seq_q, seq_k) / seq_q
 
 
 def default_config(head_dim: int, causal: bool = False, seq_q: int = 0, seq_k: int = 0,
@@ -1005,19 +1004,10 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
 def prepare_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
                           config: dict[str, Any] | None = None, window: tuple[int, int] | None = None
                           ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """gluon_attention_forward bound to this call's signature (forward.bound_to_strides):
-    f(q, k, v)."""
+    """gluon_attention_forward for exactly this call signature, its plan looked up once: f(q, k, v)."""
     if not scale > 0:
         raise ValueError(f"scale: expected a positive float, got {scale!r}")
-    plan = cached_plan(_PLANS, _GluonPlan, q, k, v, causal, scale, config, make_variant(window, None, None))
-
-    def planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, _sinks: None = None) -> Any:
-        return plan.run(q, k, v)
-
-    def looked_up(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, _sinks: None = None) -> Any:
-        return gluon_attention_forward(q, k, v, causal=causal, scale=scale, config=config, window=window)
-
-    return bound_to_strides(planned, q, k, v, looked_up)
+    return cached_plan(_PLANS, _GluonPlan, q, k, v, causal, scale, config, make_variant(window, None, None)).run
 
 
 # --- ahead-of-time compilation (CPU checks) -----------------------------------------------------------
