@@ -101,15 +101,7 @@ def _check_grads(out, q, k, v, case: Case, dtype: torch.dtype) -> None:
         do = do * 1e-3  # |v| ~ 6e4: keeps dO.V and the true gradients inside the fp16 range
     do = do.to(device=out.device, dtype=out.dtype)
     out.backward(do)
-    refs = []
-    for upcast in (True, False):
-        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
-        if upcast:
-            o, _ = attention_math(qq, kk, vv, causal=case.causal, scale=case.scale, layout=case.layout, upcast=True)
-        else:
-            o = baseline_math(qq, kk, vv, case)
-        o.backward(do.to(o.dtype))
-        refs.append((qq.grad, kk.grad, vv.grad))
+    refs = _math_grads(q, k, v, do, case)
     # the budget's baseline: plain torch's math or a flash-style backward's roundings, whichever is
     # further from the reference (tests/inputs.flash_style_grads says why both)
     bases = refs[1]
@@ -125,6 +117,21 @@ def _check_grads(out, q, k, v, case: Case, dtype: torch.dtype) -> None:
                                          factor=LARGE_MAGNITUDE_GRAD_FACTOR if large else None,
                                          ulps=LARGE_MAGNITUDE_GRAD_ULPS if large else 1.0)
         assert ok, f"d{name} error {err:.3g} > allowed {allowed:.3g}"
+
+
+def _math_grads(q, k, v, do, case: Case) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """[float64 reference gradients, plain torch math's gradients] of q, k, v for the output
+    gradient `do`."""
+    refs = []
+    for upcast in (True, False):
+        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+        if upcast:
+            o, _ = attention_math(qq, kk, vv, causal=case.causal, scale=case.scale, layout=case.layout, upcast=True)
+        else:
+            o = baseline_math(qq, kk, vv, case)
+        o.backward(do.to(o.dtype))
+        refs.append((qq.grad, kk.grad, vv.grad))
+    return refs
 
 
 def _further(ref: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -144,14 +151,7 @@ def test_the_gradient_budget_admits_a_flash_backward_and_still_fails_garbage(sha
     # what is left of dP - delta (most draws here are nearly exact in every backward)
     q, k, v = make_case_inputs(case, FP16, "cpu", seed=8 if sharp else 0)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(FP16)
-    grads = []
-    for upcast in (True, False):
-        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
-        o = (attention_math(qq, kk, vv, scale=case.scale, upcast=True)[0] if upcast
-             else baseline_math(qq, kk, vv, case))
-        o.backward(do.to(o.dtype))
-        grads.append((qq.grad, kk.grad, vv.grad))
-    ref, plain = grads
+    ref, plain = _math_grads(q, k, v, do, case)
     flash = flash_style_grads(q, k, v, do, case)
     kernel = flash_style_grads(q, k, v, do, case, compute=torch.float32)  # a kernel's float32 arithmetic
     bases = [_further(r, a, b) for r, a, b in zip(ref, plain, flash)]

@@ -95,9 +95,6 @@ def one_shape(s: int, window: int | None, rep_ms: float, extra: list[dict[str, A
                                                window=win), None)
 
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    # FlexAttention's backward is timed again and again on one graph (retain_graph), which a compiled
-    # backward that donates its saved buffers refuses: no donation here (the forward is unchanged)
-    torch._functorch.config.donated_buffer = False
     bm = block_mask(sliding_window_causal if window else causal, s)
     f = flex()
     out_flex = f(qg, kg, vg, block_mask=bm)
@@ -174,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_backward: needs a CUDA GPU (none here)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # FlexAttention's backward is timed again and again on one graph (retain_graph), which a compiled
+    # backward that donates its saved buffers refuses: no donation in this process (forwards unchanged)
+    torch._functorch.config.donated_buffer = False
     card = torch.cuda.get_device_name()
     shapes = [(16384, WINDOW), (16384, None)] + ([] if args.quick else [(32768, WINDOW)])
     rows = []
