@@ -8,6 +8,7 @@
 #   OUT=gpu-out bash tools/gpu_steps.sh tune heldout          # tune --quick, then the held-out bench on it
 #   OUT=gpu-out bash tools/gpu_steps.sh resume heldout        # a tune that ran out of time, continued
 #   STATE_FROM=prev-out OUT=gpu-out bash tools/gpu_steps.sh resume   # ... on a fresh machine
+#   OUT=gpu-out bash tools/gpu_steps.sh bench                  # the tuned grid, dispatcher beside every provider
 #   OUT=gpu-out bash tools/gpu_steps.sh serving variants
 #   OUT=gpu-out bash tools/gpu_steps.sh demo gluon backward    # the demo; the Gluon forward's and backward's configs
 #   OUT=gpu-out bash tools/gpu_steps.sh window                 # the sliding-window bars alone
@@ -77,6 +78,11 @@ for step in "$@"; do
         echo "profile: ${dir:-shipped}"
         run heldout 600 6 env FLASHDISPATCH_PROFILE_DIR="$dir" flashdispatch bench --heldout --out "$OUT/heldout" \
             --time-budget "$(($(left) - 30))" ;;
+    bench)  # the tuned grid: every provider and the dispatcher, on STATE's profile if there is one
+        dir=""; [ -f "$STATE/$KEY.yaml" ] && dir=$STATE
+        echo "profile: ${dir:-shipped}"
+        run bench 600 8 env FLASHDISPATCH_PROFILE_DIR="$dir" flashdispatch bench --out "$OUT/bench" --warmup-ms 20 \
+            --rep-ms 300 --time-budget "$(($(left) - 30 < 330 ? $(left) - 30 : 330))" ;;
     serving)
         run serving 600 20 flashdispatch bench --serving --out "$OUT/serving" ;;
     demo)  # the README's demo on the GPU: which backend each step ran, and its time beside plain SDPA
@@ -90,7 +96,7 @@ for step in "$@"; do
     variants)
         run variants 600 20 python3 -m flashdispatch.tools.bench_variants --out "$OUT/variants" ;;
     *)
-        echo "unknown step '$step': expected conformance, rest, alone, host, tune, resume, heldout, serving, demo, gluon, backward, window or variants" >&2
+        echo "unknown step '$step': expected conformance, rest, alone, host, tune, resume, heldout, bench, serving, demo, gluon, backward, window or variants" >&2
         exit 2 ;;
     esac
 done

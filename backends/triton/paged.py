@@ -141,9 +141,14 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_
         raise ValueError(f"k_cache: expected batch {q.shape[0]} (a contiguous cache), got {k_cache.shape[0]}")
 
 
-# With lengths spread evenly below the capacity, half of the splits of an average sequence are
-# empty: twice the dense decode's programs per SM keeps the device as busy.
-MIXED_LENGTH_SPLIT_FACTOR = 2
+# The plan knows the capacity, not the lengths (a CUDA graph captures shapes only). With lengths
+# spread evenly below the capacity, half of the splits are empty, and the sequences' work is uneven:
+# one split must stay a small part of an SM's share, or the longest sequences' splits run alone at
+# the end. 16x the dense decode's programs per SM keeps one split under ~1/8 of that share. On an
+# H100 (bf16, 32 query / 8 KV heads, D=128, lengths uniform in 512..32k, graph replays) splits from
+# the factor 2 left B=64 at 0.88x of the key bandwidth of SDPA on a contiguous mean-length cache;
+# 4-16 splits reached 0.95-0.96x, and 2-8 at B=256 0.97-0.98x (1 split: 0.95x).
+MIXED_LENGTH_SPLIT_FACTOR = 16
 
 
 class _PagedPlan:
