@@ -243,6 +243,34 @@ def test_kvcache_static_out_and_new_lengths_reuse_the_plan() -> None:
     assert (out.double() - ref).abs().max() < 1e-4 and len(pg._PLANS) == 1
 
 
+@pytest.mark.parametrize("batch", [1, 8, 64, 256])
+def test_kvcache_splits_for_mixed_lengths(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan sees the capacity, not the lengths: where the dense count leaves few splits, it takes
+    more (MIXED_LENGTH_BALANCE), never below MIXED_LENGTH_MIN_KEYS keys a split and never fewer than
+    the dense count; a config's NUM_SPLITS is taken as asked. 132 SMs, a 32k table (one shared page)."""
+    from flashdispatch.backends.triton.forward import PLAIN
+
+    monkeypatch.setattr(pg.configs, "sm_count_of", lambda kind, index: 132)
+    page, capacity = 16, 32768
+    q = torch.zeros(batch, 1, 32, 128, dtype=torch.bfloat16)
+    cache = torch.zeros(1, page, 8, 128, dtype=torch.bfloat16)
+    table = torch.zeros(batch, capacity // page, dtype=torch.int32)
+
+    def splits(config: dict) -> tuple[int, int]:
+        plan = pg._PagedPlan(q, cache, cache, table, True, 0.1, config, PLAIN)
+        return plan.split.grid[1], plan.split.scalars[-5]  # splits, keys per split
+
+    got, keys = splits({})
+    block_n = int(pg.configs.resolve_decode({}, pg.configs.arch_of_tensor(q), 128)["BLOCK_N"])
+    dense = pg._plan(block_n, 0, batch, 32, 8, 1, capacity, 132 * pg.MIXED_LENGTH_SPLIT_FACTOR)[2]
+    assert got >= dense and got * keys >= capacity
+    if got > dense:
+        assert keys >= pg.MIXED_LENGTH_MIN_KEYS
+    # past B * 8 heads * splits >= BALANCE x 2 programs per SM, or at the keys' floor
+    assert batch * 8 * got >= min(pg.MIXED_LENGTH_BALANCE * 2 * 132, batch * 8 * (capacity // pg.MIXED_LENGTH_MIN_KEYS))
+    assert splits({"NUM_SPLITS": 3})[0] == 3
+
+
 # --- the public calls on the triton backend (interpreter) -----------------------------------------
 
 

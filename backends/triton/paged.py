@@ -142,13 +142,19 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_
 
 
 # The plan knows the capacity, not the lengths (a CUDA graph captures shapes only). With lengths
-# spread evenly below the capacity, half of the splits are empty, and the sequences' work is uneven:
-# one split must stay a small part of an SM's share, or the longest sequences' splits run alone at
-# the end. 16x the dense decode's programs per SM keeps one split under ~1/8 of that share. On an
-# H100 (bf16, 32 query / 8 KV heads, D=128, lengths uniform in 512..32k, graph replays) splits from
-# the factor 2 left B=64 at 0.88x of the key bandwidth of SDPA on a contiguous mean-length cache;
-# 4-16 splits reached 0.95-0.96x, and 2-8 at B=256 0.97-0.98x (1 split: 0.95x).
-MIXED_LENGTH_SPLIT_FACTOR = 16
+# spread evenly below the capacity, half of the splits are empty: MIXED_LENGTH_SPLIT_FACTOR x the
+# dense decode's programs per SM keeps the device as busy. And the sequences' work is uneven: one
+# split must stay a small part of an SM's share, or the longest sequences' splits run alone at the
+# end. So the plan takes more splits where that count leaves few: enough for MIXED_LENGTH_BALANCE x
+# the dense programs per SM (a split then stays under ~1/8 of an SM's share), as long as a split
+# keeps MIXED_LENGTH_MIN_KEYS keys (finer splits pay their partial's write and merge for little).
+# On an H100 (bf16, 32 query / 8 KV heads, D=128, lengths uniform in 512..32k, graph replays) the
+# first count alone left B=64 at 0.88x of the key bandwidth of SDPA on a contiguous mean-length
+# cache (2 splits); 8-16 splits read 0.96x, B=256 0.97-0.98x at 2-8 (0.95x at 1), B=8 ran fastest
+# at 8-16 splits, and B=1 (one 32k sequence) at the first count (66).
+MIXED_LENGTH_SPLIT_FACTOR = 2
+MIXED_LENGTH_BALANCE = 16
+MIXED_LENGTH_MIN_KEYS = 2048
 
 
 class _PagedPlan:
@@ -190,9 +196,15 @@ class _PagedPlan:
         # the keys one sequence's queries can see: all of the capacity, or a window's span
         span = capacity if win is None else min(capacity, left + sq + 2 * block_n)
         # splits are planned over the capacity, and a sequence shorter than it leaves its last
-        # splits empty (they exit at once): aim for MIXED_LENGTH_SPLIT_FACTOR x the dense target
-        block_m, m_blocks, splits, keys_per_split = _plan(block_n, int(cfg.get("NUM_SPLITS") or 0), bsz, hq, hkv,
-                                                          sq, max(span, 1), sm_count * MIXED_LENGTH_SPLIT_FACTOR)
+        # splits empty (they exit at once); see MIXED_LENGTH_SPLIT_FACTOR
+        asked = int(cfg.get("NUM_SPLITS") or 0)
+        plan = _plan(block_n, asked, bsz, hq, hkv, sq, max(span, 1), sm_count * MIXED_LENGTH_SPLIT_FACTOR)
+        if not asked:
+            finer = _plan(block_n, 0, bsz, hq, hkv, sq, max(span, 1), sm_count * MIXED_LENGTH_BALANCE)[2]
+            wanted = min(finer, max(1, span // MIXED_LENGTH_MIN_KEYS))
+            if wanted > plan[2]:
+                plan = _plan(block_n, wanted, bsz, hq, hkv, sq, max(span, 1), sm_count)
+        block_m, m_blocks, splits, keys_per_split = plan
         direct = splits == 1
         if not direct:
             self.part_shapes = ((bsz * hq * sq, splits, block_dv), (bsz * hq * sq, splits))
