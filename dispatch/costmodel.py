@@ -544,6 +544,24 @@ class Group:
         w = [1.0 / (d + ANCHOR_DISTANCE) for d, _, _ in near]
         return math.exp(sum(wi * math.log(r) for wi, (_, _, r) in zip(w, near)) / sum(w)), len(near)
 
+    def measured_ratio(self, p: Problem, a: str, b: str) -> float | None:
+        """`a`'s time over `b`'s as measured at `p`'s very shape (batch, heads, lengths, window),
+        timed interleaved on the same inputs; None when the group holds no such point with both, or
+        either fit left that point out as a slow outlier."""
+        dims = (p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k)
+        for i, pt in enumerate(self.points):
+            if pt.dims() != dims or point_problem(self.key, pt).window != p.window:
+                continue
+            ta, tb = pt.ms.get(a), pt.ms.get(b)
+            if not (_usable(ta) and _usable(tb)):
+                return None
+            for name in (a, b):
+                f = self.fits.get(name)
+                if f is not None and i in self._left_out(name, f):
+                    return None
+            return ta / tb
+        return None
+
     def gqa_span(self, name: str) -> tuple[int, int] | None:
         """The smallest and largest query heads per K/V head among the points where `name` has a time
         (None where it has none)."""

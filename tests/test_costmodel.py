@@ -568,10 +568,41 @@ def test_memory_bound_steps_are_never_judged_by_anchors(key):
     # anchors are the nearest points in work and bytes; a decode step with a batch-64 point's bytes
     # but 32 programs took a trend made of the fits' wave-tail term alone (Triton read 16% ahead of
     # SDPA where the two tie): decode and speculative leads keep the fits' own margin
-    for shape in [(1, 32, 8, 1, 131072, 128), (64, 32, 8, 1, 2048, 128), (1, 32, 8, 8, 131072, 128),
+    for shape in [(1, 32, 8, 1, 131072, 128), (64, 32, 8, 1, 2000, 128), (1, 32, 8, 8, 131072, 128),
                   (16, 32, 8, 2, 2000, 128), (16, 71, 1, 1, 2000, 64)]:
         d = fd.explain(shape=shape, causal=True, device=key)
         assert not any("anchored" in n or "this very shape" in n for n in d.notes), (shape, str(d))
+
+
+def test_a_memory_bound_step_at_a_measured_shape_takes_that_measurement(tmp_path, monkeypatch):
+    # decode: triton measured 0.5% ahead of sdpa at one point (inside the noise), and its fit puts
+    # it well ahead there (the fit follows the other points, where it leads by 10%): at that very
+    # shape the measurement decides, beside it the fits' margin does
+    key = GroupKey("fwd", "decode", "plain", "bf16", 128)
+    dims = [(1, 32, 8, 1, 8192), (8, 32, 8, 1, 4096), (64, 32, 8, 1, 2048), (4, 32, 8, 1, 32768),
+            (16, 32, 8, 1, 16384), (2, 32, 8, 1, 65536), (32, 32, 8, 1, 1024), (1, 32, 8, 1, 2048),
+            (128, 32, 8, 1, 4096)]
+    pts = _synthetic_points(key, {"sdpa": (8.0, 0.0, 1e6 / 3000.0, 0.0)}, dims)  # 8 us + 3 TB/s
+    pts = [pt._replace(ms={**pt.ms, "triton": pt.ms["sdpa"] * (0.995 if i == 0 else 0.9)})
+           for i, pt in enumerate(pts)]
+    g = Group(key, pts)
+    g.refit(H200.sm_count)
+    at = g.points[0]
+    need = max(0.02, g.fits["triton"].rms + g.fits["sdpa"].rms)  # the margin the fits alone would ask
+    fitted = g.fits["triton"].predict_us(features(point_problem(key, at), H200.sm_count))
+    assert fitted < (1.0 - need) * g.fits["sdpa"].predict_us(features(point_problem(key, at), H200.sm_count))
+    _use_groups(tmp_path, monkeypatch, g)
+    try:
+        d = fd.explain(shape=(*at.dims(), 128), device="h200")
+        assert d.variant == "sdpa", str(d)
+        assert any("at this very shape" in n for n in d.notes), d.notes
+        beside = fd.explain(shape=(2, 32, 8, 1, 8192, 128), device="h200")
+        assert beside.variant == "triton" and not any("this very shape" in n for n in beside.notes), str(beside)
+        # another head dim's group stands in: its measurement at the same dims does not decide
+        other_d = fd.explain(shape=(*at.dims(), 64), device="h200")
+        assert not any("this very shape" in n for n in other_d.notes), str(other_d)
+    finally:
+        fd.refresh()
 
 
 def test_a_gqa_ratio_beyond_the_measured_ones_makes_the_decision_unsure(synthetic_h200):
