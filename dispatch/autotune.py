@@ -254,7 +254,7 @@ def measured_ranking(p: Problem, dev: DeviceInfo, eligible: list[str], prof: Pro
     rest = [n for n in model_rank.ordered if n not in measured and n not in refused]
     r = _Ranking(measured + rest + [n for n in model_rank.ordered if n in refused and n not in measured])
     top = measured[0]
-    need = baseline_margin()  # measured on this very problem: no fit error to add
+    need = baseline_margin(name=top)  # measured on this very problem: no fit error to add
     if top != BASELINE and BASELINE in pt.ms and BASELINE in measured and pt.ms[top] > pt.ms[BASELINE] * (1.0 - need):
         r.notes.append(f"{top} measured {pt.ms[top]:.4g} ms and plain sdpa {pt.ms[BASELINE]:.4g} ms, less than "
                        f"{need:.0%} apart: plain SDPA, the baseline, runs")

@@ -537,15 +537,27 @@ def _cpu_profile(tmp_path, monkeypatch, ms: dict[str, float]) -> None:
     fd.refresh()
 
 
-@pytest.mark.parametrize("winner_ms, expected", [(0.99, "sdpa"), (0.98, "sdpa:math"), (0.975, "sdpa:math"), (1.2, "sdpa")])
+@pytest.mark.parametrize("winner_ms, expected", [(0.99, "sdpa"), (0.96, "sdpa"), (0.95, "sdpa:math"),
+                                                   (0.94, "sdpa:math"), (1.2, "sdpa")])
 def test_a_winner_inside_the_margin_yields_to_plain_sdpa(tmp_path, monkeypatch, winner_ms, expected):
+    # sdpa:math is a pinned kernel of plain SDPA's own family: it must lead by PIN_MARGIN (5%)
     _cpu_profile(tmp_path, monkeypatch, {"sdpa:math": winner_ms, "sdpa": 1.0})
     q, k, v = make_qkv(1, 2, 2, 5, 5, 16)
     d = fd.explain(q, k, v)
     assert d.variant == expected and d.source.startswith("profile:")
-    kept = [n for n in d.notes if "less than 2% apart" in n]
-    assert bool(kept) == (winner_ms == 0.99) == d.source.endswith("(baseline margin)"), (d.notes, d.source)
+    kept = [n for n in d.notes if "less than 5% apart" in n]
+    assert bool(kept) == (winner_ms in (0.99, 0.96)) == d.source.endswith("(baseline margin)"), (d.notes, d.source)
     assert fd.explain(q, k, v, backend="sdpa:math").variant == "sdpa:math"  # forcing still wins
+
+
+def test_a_pinned_sdpa_kernel_needs_a_larger_lead_than_another_family():
+    from flashdispatch.selection import BASELINE_MARGIN, PIN_MARGIN, baseline_margin, lead_needed
+
+    assert PIN_MARGIN > BASELINE_MARGIN
+    assert [lead_needed(n) for n in ("sdpa:cudnn", "sdpa:flash", "sdpa:math")] == [PIN_MARGIN] * 3
+    assert [lead_needed(n) for n in ("triton", "triton:gluon", "cupy", "")] == [BASELINE_MARGIN] * 4
+    assert baseline_margin(0.04, 0.03, name="sdpa:cudnn") == pytest.approx(0.07)  # fit errors still count
+    assert baseline_margin(0.01, name="sdpa:cudnn") == PIN_MARGIN
 
 
 def test_a_symbolic_trace_after_a_fake_one_never_reuses_the_fake_decision():
