@@ -545,9 +545,11 @@ class Group:
         return math.exp(sum(wi * math.log(r) for wi, (_, _, r) in zip(w, near)) / sum(w)), len(near)
 
     def measured_ratio(self, p: Problem, a: str, b: str) -> float | None:
-        """`a`'s time over `b`'s as measured at `p`'s very shape (batch, heads, lengths, window),
-        timed interleaved on the same inputs; None when the group holds no such point with both, or
-        either fit left that point out as a slow outlier."""
+        """`a`'s time over `b`'s as measured at `p`'s very shape (batch, heads, lengths, window, head
+        dim), timed interleaved on the same inputs; None when the group (its dtype may be the other
+        half one) holds no such point with both, or either fit left that point out as a slow outlier."""
+        if self.key.head_dim != p.head_dim:
+            return None
         dims = (p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k)
         for i, pt in enumerate(self.points):
             if pt.dims() != dims or point_problem(self.key, pt).window != p.window:

@@ -101,7 +101,7 @@ def anchored_comparison(p: Problem, a: Prediction, base: Prediction, sm_count: i
         # the fits' trend is not carried here, but a problem at a measured shape takes that
         # measurement (decode B=1 H32/8 8k keys on the H100: sdpa:cudnn measured 0.7% ahead of plain
         # SDPA, the same cuDNN kernel, and the fits put it 3.5% ahead, past both fits' errors)
-        ratio = a.group.measured_ratio(p, a.name, base.name) if a.key.head_dim == p.head_dim else None
+        ratio = a.group.measured_ratio(p, a.name, base.name)
         return None if ratio is None else (ratio, 1)
     return a.group.anchored_ratio(p, a.name, base.name, sm_count)
 

@@ -56,6 +56,15 @@ run() {
     tail -"$lines" "$OUT/$name.log"
 }
 
+# state_profile: STATE when a tune wrote its profile there (checked per step: a `tune` earlier in
+# this call may have), else nothing (the shipped profile); says which on stderr
+state_profile() {
+    local dir=""
+    [ -f "$STATE/$KEY.yaml" ] && dir=$STATE
+    echo "profile: ${dir:-shipped}" >&2
+    echo "$dir"
+}
+
 for step in "$@"; do
     echo "=== $step ($(at))"
     case "$step" in
@@ -74,13 +83,11 @@ for step in "$@"; do
             --state "$STATE/$KEY.state.json" --time-budget "$(($(left) - 40))"
         cp "$STATE/$KEY.yaml" "$STATE/$KEY.state.json" "$OUT/" 2>/dev/null ;;
     heldout)  # real model shapes outside the tune grid, on STATE's profile if there is one
-        dir=""; [ -f "$STATE/$KEY.yaml" ] && dir=$STATE
-        echo "profile: ${dir:-shipped}"
+        dir=$(state_profile)
         run heldout 600 6 env FLASHDISPATCH_PROFILE_DIR="$dir" flashdispatch bench --heldout --out "$OUT/heldout" \
             --time-budget "$(($(left) - 30))" ;;
     bench)  # the tuned grid: every provider and the dispatcher, on STATE's profile if there is one
-        dir=""; [ -f "$STATE/$KEY.yaml" ] && dir=$STATE
-        echo "profile: ${dir:-shipped}"
+        dir=$(state_profile)
         run bench 600 8 env FLASHDISPATCH_PROFILE_DIR="$dir" flashdispatch bench --out "$OUT/bench" --warmup-ms 20 \
             --rep-ms 300 --time-budget "$(($(left) - 30 < 330 ? $(left) - 30 : 330))" ;;
     serving)
