@@ -439,22 +439,75 @@ def _causal_group(**factors: dict) -> tuple[GroupKey, list, Group]:
 
 
 def test_a_lead_made_by_fitted_fixed_costs_far_below_the_measured_work_keeps_the_baseline(tmp_path, monkeypatch):
-    # sdpa:cudnn and plain sdpa are the same kernel; their fits differ only in the fixed cost (30 vs
-    # 40 us) fitted at >= 30 GFLOP. At 0.5 GFLOP the fixed costs are most of the prediction (a 20%
-    # "lead"); compared inside the measured work the two are within the margin, and sdpa runs.
+    # triton and plain sdpa run at one rate; their fits differ only in the fixed cost (30 vs 40 us)
+    # fitted at >= 550 GFLOP. At 0.5 GFLOP (two heads of 1024 rows: not shorter rows than measured,
+    # far less work) the fixed costs are most of the prediction (a 20% "lead"); compared inside the
+    # measured work the two are within the margin, and sdpa runs.
     key = GroupKey("fwd", "dense", "plain", "bf16", 64)
-    coef = {"sdpa": (40.0, 1e3 / 500.0, 0.0, 0.0), "sdpa:cudnn": (30.0, 1e3 / 500.0, 0.0, 0.0)}
+    coef = {"sdpa": (40.0, 1e3 / 500.0, 0.0, 0.0), "triton": (30.0, 1e3 / 500.0, 0.0, 0.0)}
     dims = [(16, 32, 32, 2048, 2048), (4, 32, 32, 4096, 4096), (2, 32, 32, 8192, 8192), (1, 32, 32, 16384, 16384)]
     g = Group(key, _synthetic_points(key, coef, dims))
     g.refit(H200.sm_count)
     _use_groups(tmp_path, monkeypatch, g)
     try:
-        small = fd.explain(shape=(8, 12, 12, 256, 256, 64), device="h200")
-        assert small.predicted["sdpa:cudnn"] < 0.9 * small.predicted["sdpa"]  # the extrapolated "lead"
+        small = fd.explain(shape=(1, 2, 2, 1024, 1024, 64), device="h200")
+        assert small.predicted["triton"] < 0.9 * small.predicted["sdpa"]  # the extrapolated "lead"
         assert small.variant == "sdpa", str(small)
         assert any("inside both models' measured work" in n for n in small.notes), small.notes
         inside = fd.explain(shape=(8, 32, 32, 2048, 2048, 64), device="h200")  # measured sizes: no clamp
         assert not any("inside both models' measured work" in n for n in inside.notes)
+    finally:
+        fd.refresh()
+
+
+def test_rows_much_shorter_than_measured_compare_as_timed_at_the_shortest_point(tmp_path, monkeypatch):
+    # triton's fit has the lower fixed cost and a slightly lower rate (the H100's D=64 fits: 5.5 us
+    # and 445 TFLOP/s against 8.6 us and 488): at ViT's 197-token rows (work inside the measured
+    # span, rows 5x shorter than the shortest measured) the fits put it ahead, and its anchors carry
+    # that trend down; where it was measured it is slower. Below the shortest rows measured no trend
+    # is carried: the two compare as timed there, and sdpa runs.
+    key = GroupKey("fwd", "dense", "plain", "bf16", 64)
+    dims = [(1, 16, 16, 2048, 2048), (1, 16, 2, 8192, 8192), (16, 32, 32, 1024, 1024), (4, 32, 32, 4096, 4096),
+            (1, 32, 32, 16384, 16384)]
+    coef = {"sdpa": (8.6, 1e3 / 488.0, 0.0, 0.0), "triton": (5.5, 1e3 / 445.0, 0.0, 0.0)}
+    g = Group(key, _synthetic_points(key, coef, dims))
+    g.refit(H200.sm_count)
+    _use_groups(tmp_path, monkeypatch, g)
+    try:
+        vit = fd.explain(shape=(64, 12, 12, 197, 197, 64), device="h200")
+        assert vit.predicted["triton"] < 0.98 * vit.predicted["sdpa"], str(vit)  # the fits' "lead"
+        assert vit.variant == "sdpa", str(vit)
+        assert any("fewest query-key pairs per head" in n and "Sq=1024" in n for n in vit.notes), vit.notes
+        assert "extrapolated" in vit.uncertain and any("197 x 197 query-key pairs" in m for m in vit.models), \
+            (vit.uncertain, vit.models)
+        # rows 4x shorter than the shortest measured (2x in each length) are no extrapolation
+        near = fd.explain(shape=(64, 12, 12, 512, 512, 64), device="h200")
+        assert not any("query-key pairs" in m for m in near.models), near.models
+    finally:
+        fd.refresh()
+
+
+def test_a_pinned_sdpa_kernel_runs_only_on_a_measured_lead(tmp_path, monkeypatch):
+    # decode (memory-bound: only a measurement at the very shape anchors): sdpa:cudnn's fit carries
+    # a lower fixed cost than plain SDPA's, 8% ahead at a batch-2 step, past PIN_MARGIN; beside the
+    # measured shapes no measurement shows that lead, and plain SDPA runs; at the shape where
+    # sdpa:cudnn measured 10% ahead it runs
+    key = GroupKey("fwd", "decode", "plain", "bf16", 128)
+    dims = [(1, 32, 8, 1, 8192), (8, 32, 8, 1, 4096), (64, 32, 8, 1, 2048), (4, 32, 8, 1, 32768),
+            (32, 32, 8, 1, 1024)]
+    coef = {"sdpa": (10.0, 0.0, 1e3 / 3100.0, 0.0), "sdpa:cudnn": (8.0, 0.0, 1e3 / 3100.0, 0.0)}
+    pts = _synthetic_points(key, coef, dims)
+    pts[0] = pts[0]._replace(ms={**pts[0].ms, "sdpa:cudnn": pts[0].ms["sdpa"] * 0.9})
+    g = Group(key, pts)
+    g.refit(H200.sm_count)
+    _use_groups(tmp_path, monkeypatch, g)
+    try:
+        beside = fd.explain(shape=(2, 32, 8, 1, 3000, 128), device="h200")
+        assert beside.predicted["sdpa:cudnn"] < 0.95 * beside.predicted["sdpa"], str(beside)
+        assert beside.variant == "sdpa", str(beside)
+        assert any("runs instead only on a measured lead" in n for n in beside.notes), beside.notes
+        at = fd.explain(shape=(*pts[0].dims(), 128), device="h200")
+        assert at.variant == "sdpa:cudnn" and any("at this very shape" in n for n in at.notes), str(at)
     finally:
         fd.refresh()
 
