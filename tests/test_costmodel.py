@@ -3,9 +3,11 @@ borrowing written into the decision, and a decision from the model wherever a pr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import zlib
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -426,6 +428,20 @@ def _use_groups(tmp_path, monkeypatch, *groups: Group) -> None:
     fd.refresh()
 
 
+@contextlib.contextmanager
+def _one_group_profile(tmp_path, monkeypatch, key: GroupKey, coef: dict, dims, adjust=None) -> Iterator[Group]:
+    """A group of `key` with exactly linear times (`coef` per implementation) at `dims`, `adjust(points)`
+    applied before the fit, as the simulated H200's measured profile while the block runs."""
+    pts = _synthetic_points(key, coef, dims)
+    g = Group(key, adjust(pts) if adjust else pts)
+    g.refit(H200.sm_count)
+    _use_groups(tmp_path, monkeypatch, g)
+    try:
+        yield g
+    finally:
+        fd.refresh()
+
+
 def _causal_group(**factors: dict) -> tuple[GroupKey, list, Group]:
     """A fitted causal bf16 D=128 group over PREFILL_DIMS: sdpa exactly linear, and each named
     implementation (keyword: name with ':' written '_') at sdpa's time times its factor per (B, S)."""
@@ -446,18 +462,13 @@ def test_a_lead_made_by_fitted_fixed_costs_far_below_the_measured_work_keeps_the
     key = GroupKey("fwd", "dense", "plain", "bf16", 64)
     coef = {"sdpa": (40.0, 1e3 / 500.0, 0.0, 0.0), "triton": (30.0, 1e3 / 500.0, 0.0, 0.0)}
     dims = [(16, 32, 32, 2048, 2048), (4, 32, 32, 4096, 4096), (2, 32, 32, 8192, 8192), (1, 32, 32, 16384, 16384)]
-    g = Group(key, _synthetic_points(key, coef, dims))
-    g.refit(H200.sm_count)
-    _use_groups(tmp_path, monkeypatch, g)
-    try:
+    with _one_group_profile(tmp_path, monkeypatch, key, coef, dims):
         small = fd.explain(shape=(1, 2, 2, 1024, 1024, 64), device="h200")
         assert small.predicted["triton"] < 0.9 * small.predicted["sdpa"]  # the extrapolated "lead"
         assert small.variant == "sdpa", str(small)
         assert any("inside both models' measured work" in n for n in small.notes), small.notes
         inside = fd.explain(shape=(8, 32, 32, 2048, 2048, 64), device="h200")  # measured sizes: no clamp
         assert not any("inside both models' measured work" in n for n in inside.notes)
-    finally:
-        fd.refresh()
 
 
 def test_rows_much_shorter_than_measured_compare_as_timed_at_the_shortest_point(tmp_path, monkeypatch):
@@ -470,10 +481,7 @@ def test_rows_much_shorter_than_measured_compare_as_timed_at_the_shortest_point(
     dims = [(1, 16, 16, 2048, 2048), (1, 16, 2, 8192, 8192), (16, 32, 32, 1024, 1024), (4, 32, 32, 4096, 4096),
             (1, 32, 32, 16384, 16384)]
     coef = {"sdpa": (8.6, 1e3 / 488.0, 0.0, 0.0), "triton": (5.5, 1e3 / 445.0, 0.0, 0.0)}
-    g = Group(key, _synthetic_points(key, coef, dims))
-    g.refit(H200.sm_count)
-    _use_groups(tmp_path, monkeypatch, g)
-    try:
+    with _one_group_profile(tmp_path, monkeypatch, key, coef, dims):
         vit = fd.explain(shape=(64, 12, 12, 197, 197, 64), device="h200")
         assert vit.predicted["triton"] < 0.98 * vit.predicted["sdpa"], str(vit)  # the fits' "lead"
         assert vit.variant == "sdpa", str(vit)
@@ -483,8 +491,6 @@ def test_rows_much_shorter_than_measured_compare_as_timed_at_the_shortest_point(
         # rows 4x shorter than the shortest measured (2x in each length) are no extrapolation
         near = fd.explain(shape=(64, 12, 12, 512, 512, 64), device="h200")
         assert not any("query-key pairs" in m for m in near.models), near.models
-    finally:
-        fd.refresh()
 
 
 def test_a_pinned_sdpa_kernel_runs_only_on_a_measured_lead(tmp_path, monkeypatch):
@@ -496,20 +502,15 @@ def test_a_pinned_sdpa_kernel_runs_only_on_a_measured_lead(tmp_path, monkeypatch
     dims = [(1, 32, 8, 1, 8192), (8, 32, 8, 1, 4096), (64, 32, 8, 1, 2048), (4, 32, 8, 1, 32768),
             (32, 32, 8, 1, 1024)]
     coef = {"sdpa": (10.0, 0.0, 1e3 / 3100.0, 0.0), "sdpa:cudnn": (8.0, 0.0, 1e3 / 3100.0, 0.0)}
-    pts = _synthetic_points(key, coef, dims)
-    pts[0] = pts[0]._replace(ms={**pts[0].ms, "sdpa:cudnn": pts[0].ms["sdpa"] * 0.9})
-    g = Group(key, pts)
-    g.refit(H200.sm_count)
-    _use_groups(tmp_path, monkeypatch, g)
-    try:
+    # sdpa:cudnn measured 10% ahead at the first point
+    first = lambda pts: [pts[0]._replace(ms={**pts[0].ms, "sdpa:cudnn": pts[0].ms["sdpa"] * 0.9})] + pts[1:]  # noqa: E731
+    with _one_group_profile(tmp_path, monkeypatch, key, coef, dims, first) as g:
         beside = fd.explain(shape=(2, 32, 8, 1, 3000, 128), device="h200")
         assert beside.predicted["sdpa:cudnn"] < 0.95 * beside.predicted["sdpa"], str(beside)
         assert beside.variant == "sdpa", str(beside)
         assert any("runs instead only on a measured lead" in n for n in beside.notes), beside.notes
-        at = fd.explain(shape=(*pts[0].dims(), 128), device="h200")
+        at = fd.explain(shape=(*g.points[0].dims(), 128), device="h200")
         assert at.variant == "sdpa:cudnn" and any("at this very shape" in n for n in at.notes), str(at)
-    finally:
-        fd.refresh()
 
 
 def test_one_slow_outlier_is_left_out_of_a_compute_class_fit_and_said():

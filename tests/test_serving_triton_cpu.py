@@ -258,7 +258,7 @@ def test_kvcache_splits_for_mixed_lengths(batch: int, monkeypatch: pytest.Monkey
 
     def splits(config: dict) -> tuple[int, int]:
         plan = pg._PagedPlan(q, cache, cache, table, True, 0.1, config, PLAIN)
-        return plan.split.grid[1], plan.split.scalars[-5]  # splits, keys per split
+        return plan.split.grid[1], plan.split.scalar("keys_per_split")
 
     got, keys = splits({})
     block_n = int(pg.configs.resolve_decode({}, pg.configs.arch_of_tensor(q), 128)["BLOCK_N"])

@@ -223,18 +223,26 @@ class BoundLaunch:
     whose key holds each pointer's alignment.
     """
 
-    __slots__ = ("launcher", "grid", "scalars", "constexprs", "options", "device", "tail", "kernel")
+    __slots__ = ("launcher", "grid", "scalars", "constexprs", "options", "device", "tail", "kernel", "n_tensors")
 
     def __init__(self, launcher: DirectLauncher, grid: tuple[int, ...], n_tensors: int, scalars: Sequence[Any],
                  constexprs: dict[str, Any], options: dict[str, Any], device: int) -> None:
         self.launcher = launcher
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.n_tensors = n_tensors
         self.scalars = tuple(scalars)
         self.constexprs = constexprs
         self.options = options
         self.device = device
         self.tail = tuple(constexprs[n] for n in launcher.names[n_tensors + len(self.scalars):])
         self.kernel: Any = None
+
+    def scalar(self, name: str) -> Any:
+        """The bound value of the kernel's scalar argument `name` (KeyError if it has none)."""
+        names = self.launcher.names[self.n_tensors:self.n_tensors + len(self.scalars)]
+        if name not in names:
+            raise KeyError(f"name: expected one of the kernel's scalar arguments {list(names)}, got {name!r}")
+        return self.scalars[names.index(name)]
 
     def __call__(self, tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
         ptrs = [t.data_ptr() for t in tensors]
