@@ -195,6 +195,24 @@ class _Sdpa(Implementation):
         with sdpa_kernel(self.kernel):
             return _causal_sdpa(q, k, v, p, kwargs)
 
+    def prepare(self, inp, p, config):  # type: ignore[no-untyped-def]
+        """Plain SDPA (torch's choice of kernel) without a mask tensor and without a variant, its
+        keyword arguments fixed once per signature: a repeated call goes straight to torch. A
+        pinned kernel keeps forward(): its kernel-choice context is most of its host time anyway."""
+        causal = p.effective_causal and p.seqlen_q > 1
+        if self.kernel is not None or p.softcap or p.sinks or p.has_window or \
+                (causal and p.seqlen_q != p.seqlen_k) or (p.heads_q != p.heads_kv and not self.gqa_native):
+            return None
+        kwargs: dict[str, Any] = {"scale": p.scale}
+        if causal:
+            kwargs["is_causal"] = True
+        if p.heads_q != p.heads_kv:
+            kwargs["enable_gqa"] = True
+        sdpa = F.scaled_dot_product_attention
+        if inp.q.is_cuda:
+            return lambda x: (sdpa(aligned16(x[0]), aligned16(x[1]), aligned16(x[2]), **kwargs), None)
+        return lambda x: (sdpa(x[0], x[1], x[2], **kwargs), None)
+
     def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
         q, k, v = inp.q, inp.k, inp.v
         if p.softcap or p.sinks:  # only implementations that declare them get here (sdpa, sdpa:math)

@@ -151,3 +151,30 @@ def test_an_implementation_without_prepare_runs_its_forward() -> None:
     finally:
         REGISTRY.unregister(impl.name)
         PLANS.refresh()
+
+
+@pytest.mark.parametrize("shape, causal, kw, binds", [
+    ((2, 4, 2, 9, 9, 16), True, {}, True),  # square causal, GQA: is_causal and enable_gqa fixed once
+    ((2, 4, 4, 1, 33, 16), True, {}, True),  # one query row sees every key: no mask
+    ((2, 4, 4, 7, 7, 16), False, {}, True),
+    ((2, 4, 4, 5, 9, 16), True, {}, False),  # bottom-right causal Sq < Sk: a mask, forward()
+    ((2, 4, 4, 9, 9, 16), True, {"window": (3, 0)}, False),
+    ((2, 4, 4, 9, 9, 16), False, {"softcap": 5.0}, False),
+])
+def test_plain_sdpa_binds_its_keywords_once_where_it_needs_no_mask(shape, causal, kw, binds) -> None:
+    """sdpa's prepare(): torch's own call with the keywords fixed per signature, exactly forward()'s
+    result; none for the calls that need a mask or a variant, and none for a pinned kernel."""
+    b, hq, hkv, sq, sk, d = shape
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=torch.float64)
+    impl = REGISTRY.get("sdpa")
+    p = fd.explain(q, k, v, causal=causal, backend="sdpa", **kw).problem
+    inp = Inputs(q, k, v)
+    launch = impl.prepare(inp, p, {})
+    assert (launch is not None) == binds
+    want = impl.forward(inp, p, {})[0]
+    if binds:
+        out, lse = launch(inp)
+        assert lse is None and torch.equal(out, want)
+        got = fd.attention(q, k, v, causal=causal, backend="sdpa", **kw)
+        assert torch.equal(got, want)
+    assert REGISTRY.get("sdpa:math").prepare(inp, p, {}) is None
