@@ -995,10 +995,7 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     CONFIG_KEYS (defaults: default_config for the shape). scale > 0 (the fp16 softmax takes the row
     max of the unscaled scores).
     """
-    if not scale > 0:
-        raise ValueError(f"scale: expected a positive float, got {scale!r}")
-    variant = make_variant(window, None, None)
-    return cached_plan(_PLANS, _GluonPlan, q, k, v, causal, scale, config, variant).run(q, k, v)
+    return prepare_gluon_forward(q, k, v, causal=causal, scale=scale, config=config, window=window)(q, k, v)
 
 
 def prepare_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
