@@ -502,8 +502,9 @@ def test_a_pinned_sdpa_kernel_runs_only_on_a_measured_lead(tmp_path, monkeypatch
     dims = [(1, 32, 8, 1, 8192), (8, 32, 8, 1, 4096), (64, 32, 8, 1, 2048), (4, 32, 8, 1, 32768),
             (32, 32, 8, 1, 1024)]
     coef = {"sdpa": (10.0, 0.0, 1e3 / 3100.0, 0.0), "sdpa:cudnn": (8.0, 0.0, 1e3 / 3100.0, 0.0)}
-    # sdpa:cudnn measured 10% ahead at the first point
-    first = lambda pts: [pts[0]._replace(ms={**pts[0].ms, "sdpa:cudnn": pts[0].ms["sdpa"] * 0.9})] + pts[1:]  # noqa: E731
+    def first(pts):  # sdpa:cudnn measured 10% ahead at the first point
+        return [pts[0]._replace(ms={**pts[0].ms, "sdpa:cudnn": pts[0].ms["sdpa"] * 0.9})] + pts[1:]
+
     with _one_group_profile(tmp_path, monkeypatch, key, coef, dims, first) as g:
         beside = fd.explain(shape=(2, 32, 8, 1, 3000, 128), device="h200")
         assert beside.predicted["sdpa:cudnn"] < 0.95 * beside.predicted["sdpa"], str(beside)

@@ -297,7 +297,7 @@ def decode_bars(run: Run, batch: int, rep_ms: float, sinks_too: bool) -> None:
     # merge, included: at B=1 it is most of a 4096-key step), within 10%; its time over the whole
     # cache's is the note
     whole = ms.get("ours_window", math.nan) / ms.get("ours_full", math.nan)
-    run.bars.append(Bar("decode window vs ours on a window-long cache", shape, "triton", "triton 4096 keys",
+    run.bars.append(Bar("decode window vs ours on a window-long cache", shape, "triton", f"triton {WINDOW} keys",
                         ms.get("ours_window", math.nan), ms.get("ours_window_cache", math.nan),
                         max_time_ratio=1.1, note=f"{whole:.3f}x our whole-cache call (window/cache = "
                         f"{WINDOW / DECODE_CACHE:.3f})"))
