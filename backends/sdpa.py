@@ -1,7 +1,8 @@
 """torch.nn.functional.scaled_dot_product_attention, plain and with one kernel pinned.
 
 `sdpa` is the call users already make (torch picks its kernel: cuDNN on H100); `sdpa:flash`,
-`sdpa:cudnn`, `sdpa:efficient` and `sdpa:math` pin one kernel through `sdpa_kernel`. This backend
+`sdpa:cudnn`, `sdpa:efficient` and `sdpa:math` pin one kernel through torch's switches (what
+`sdpa_kernel` flips, `OnlyKernel` below). This backend
 exists everywhere torch runs and is the fallback that always serves.
 
 The contract's bottom-right causal mask maps onto SDPA in `bottom_right_sdpa` (is_causal for
@@ -16,11 +17,12 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+import torch.backends.cuda as _cuda_switches
+from torch.nn.attention import SDPBackend
 from torch.nn.attention.bias import causal_lower_right
 
 from flashdispatch.alignment import aligned16
-from flashdispatch.backend import Capabilities, Implementation
+from flashdispatch.backend import Capabilities, Implementation, Inputs
 from flashdispatch.device import DeviceInfo
 from flashdispatch.problem import Problem
 from flashdispatch.reference import visible_mask
@@ -29,6 +31,39 @@ ALL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.floa
 HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
 EVERYWHERE = frozenset({"cuda", "rocm", "cpu"})
 GPUS = frozenset({"cuda", "rocm"})
+
+
+# torch's switches for the kernels SDPA chooses among, as (kernel, is it on, turn it on or off):
+# what `torch.nn.attention.sdpa_kernel` flips (it also turns off the kernel of out-of-tree devices,
+# which no GPU this backend serves uses), without its generic machinery: 1.6 us per call on the
+# 2-core CPU against 9.6 us, paid on every call of a pinned kernel.
+_SWITCHES = (
+    (SDPBackend.FLASH_ATTENTION, _cuda_switches.flash_sdp_enabled, _cuda_switches.enable_flash_sdp),
+    (SDPBackend.EFFICIENT_ATTENTION, _cuda_switches.mem_efficient_sdp_enabled,
+     _cuda_switches.enable_mem_efficient_sdp),
+    (SDPBackend.MATH, _cuda_switches.math_sdp_enabled, _cuda_switches.enable_math_sdp),
+    (SDPBackend.CUDNN_ATTENTION, _cuda_switches.cudnn_sdp_enabled, _cuda_switches.enable_cudnn_sdp),
+)
+
+
+class OnlyKernel:
+    """Only `kernel` on for SDPA while the block runs; every switch as it was after it (also on an
+    error). One per call: it keeps the switches it found."""
+
+    __slots__ = ("kernel", "saved")
+
+    def __init__(self, kernel: SDPBackend) -> None:
+        self.kernel = kernel
+        self.saved: list[bool] = []
+
+    def __enter__(self) -> None:
+        self.saved = [on() for _, on, _ in _SWITCHES]
+        for k, _, turn in _SWITCHES:
+            turn(k == self.kernel)
+
+    def __exit__(self, *exc: object) -> None:
+        for (_, _, turn), was in zip(_SWITCHES, self.saved):
+            turn(was)
 
 
 def _causal_sdpa(
@@ -192,26 +227,33 @@ class _Sdpa(Implementation):
                 v = v.repeat_interleave(p.gqa_ratio, dim=1)
         if self.kernel is None:
             return _causal_sdpa(q, k, v, p, kwargs)
-        with sdpa_kernel(self.kernel):
+        with OnlyKernel(self.kernel):
             return _causal_sdpa(q, k, v, p, kwargs)
 
     def prepare(self, inp, p, config):  # type: ignore[no-untyped-def]
-        """Plain SDPA (torch's choice of kernel) without a mask tensor and without a variant, its
-        keyword arguments fixed once per signature: a repeated call goes straight to torch. A
-        pinned kernel keeps forward(): its kernel-choice context is most of its host time anyway."""
+        """A call without a mask tensor and without a variant, its keyword arguments fixed once per
+        signature: a repeated call goes straight to torch (a pinned kernel inside its switches)."""
         causal = p.effective_causal and p.seqlen_q > 1
-        if self.kernel is not None or p.softcap or p.sinks or p.has_window or \
-                (causal and p.seqlen_q != p.seqlen_k) or (p.heads_q != p.heads_kv and not self.gqa_native):
+        if p.softcap or p.sinks or p.has_window or (causal and p.seqlen_q != p.seqlen_k) or \
+                (p.heads_q != p.heads_kv and not self.gqa_native):
             return None
         kwargs: dict[str, Any] = {"scale": p.scale}
         if causal:
             kwargs["is_causal"] = True
         if p.heads_q != p.heads_kv:
             kwargs["enable_gqa"] = True
-        sdpa = F.scaled_dot_product_attention
-        if inp.q.is_cuda:
+        sdpa, kernel, cuda = F.scaled_dot_product_attention, self.kernel, inp.q.is_cuda
+        if kernel is None and cuda:
             return lambda x: (sdpa(aligned16(x[0]), aligned16(x[1]), aligned16(x[2]), **kwargs), None)
-        return lambda x: (sdpa(x[0], x[1], x[2], **kwargs), None)
+        if kernel is None:
+            return lambda x: (sdpa(x[0], x[1], x[2], **kwargs), None)
+
+        def pinned(x: Inputs) -> tuple[torch.Tensor, None]:
+            q, k, v = (aligned16(x[0]), aligned16(x[1]), aligned16(x[2])) if cuda else (x[0], x[1], x[2])
+            with OnlyKernel(kernel):
+                return sdpa(q, k, v, **kwargs), None
+
+        return pinned
 
     def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
         q, k, v = inp.q, inp.k, inp.v
@@ -308,6 +350,9 @@ class SdpaMath(_Sdpa):
         notes = super().plan_notes(p, dev, config)
         notes.append("explicit fp32 math in torch ops (K/V repeated for GQA), not torch's math kernel")
         return notes
+
+    def prepare(self, inp, p, config):  # type: ignore[no-untyped-def]
+        return None  # forward() is the explicit math below, never torch's call
 
     def forward(self, inp, p, config):  # type: ignore[no-untyped-def]
         # Always the explicit fp32 math, never torch's math kernel: that one adds the causal mask as

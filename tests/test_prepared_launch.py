@@ -177,4 +177,40 @@ def test_plain_sdpa_binds_its_keywords_once_where_it_needs_no_mask(shape, causal
         assert lse is None and torch.equal(out, want)
         got = fd.attention(q, k, v, causal=causal, backend="sdpa", **kw)
         assert torch.equal(got, want)
-    assert REGISTRY.get("sdpa:math").prepare(inp, p, {}) is None
+    assert REGISTRY.get("sdpa:math").prepare(inp, p, {}) is None  # explicit math, never torch's call
+    # a pinned kernel binds inside its switches (torch's CPU flash kernel: fp32)
+    pin, inp32 = REGISTRY.get("sdpa:flash"), Inputs(q.float(), k.float(), v.float())
+    p32 = p._replace(dtype=torch.float32)
+    pinned = pin.prepare(inp32, p32, {})
+    assert (pinned is not None) == binds
+    if binds:
+        assert torch.equal(pinned(inp32)[0], pin.forward(inp32, p32, {})[0])
+
+
+def test_a_pinned_kernel_turns_only_its_switch_on_and_restores_every_one() -> None:
+    """OnlyKernel: inside, exactly what torch's sdpa_kernel sets for the four GPU kernels; after,
+    the switches as they were (a non-default state too), also when the block raises."""
+    import torch.backends.cuda as sw
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flashdispatch.backends.sdpa import OnlyKernel
+
+    def state() -> tuple[bool, ...]:
+        return (sw.flash_sdp_enabled(), sw.mem_efficient_sdp_enabled(), sw.math_sdp_enabled(), sw.cudnn_sdp_enabled())
+
+    before = state()
+    sw.enable_flash_sdp(False)  # a state that is not the default
+    try:
+        start = state()
+        for kernel in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
+                       SDPBackend.CUDNN_ATTENTION):
+            with sdpa_kernel(kernel):
+                want = state()
+            with OnlyKernel(kernel):
+                assert state() == want and sum(want) == 1
+            assert state() == start
+        with pytest.raises(RuntimeError), OnlyKernel(SDPBackend.MATH):
+            raise RuntimeError("inside")
+        assert state() == start
+    finally:
+        sw.enable_flash_sdp(before[0])
