@@ -1,9 +1,9 @@
 """torch.nn.functional.scaled_dot_product_attention, plain and with one kernel pinned.
 
 `sdpa` is the call users already make (torch picks its kernel: cuDNN on H100); `sdpa:flash`,
-`sdpa:cudnn`, `sdpa:efficient` and `sdpa:math` pin one kernel through torch's switches (what
-`sdpa_kernel` flips, `OnlyKernel` below). This backend
-exists everywhere torch runs and is the fallback that always serves.
+`sdpa:cudnn` and `sdpa:efficient` pin one kernel through torch's switches (what `sdpa_kernel` flips,
+`OnlyKernel` below); `sdpa:math` is explicit fp32 math in torch ops. This backend exists everywhere
+torch runs and is the fallback that always serves.
 
 The contract's bottom-right causal mask maps onto SDPA in `bottom_right_sdpa` (is_causal for
 Sq == Sk, zero rows and a causal square for Sq > Sk, torch's lower-right CausalBias for Sq < Sk,

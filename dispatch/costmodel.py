@@ -635,7 +635,9 @@ def _extrapolates(f: Fit, work: float) -> bool:
 
 def _short_rows(g: "Group", name: str, p: Problem) -> str:
     """Words when `p` has fewer query-key pairs per head (Sq x Sk) than 1 / EXTRAPOLATION_FACTOR of
-    the fewest `name` was measured at in `g`, else "". The models count work and bytes, not how short
+    the fewest `name` was measured at in `g`, else "". Asked only for problems of a compute-bound
+    class (decode and speculative steps have a row or a few: their models' bytes and wave tail follow
+    the cache length and the programs, not tiles of rows). The models count work and bytes, not how short
     rows fill a kernel's tiles and programs, which differs from kernel to kernel: on the H100 a D=64
     group measured from 1024 x 1024 up put the Triton kernel 2% ahead of plain SDPA on ViT's 197-token
     rows (extrapolating its lower fitted launch cost), where it ran 23% slower."""
@@ -831,7 +833,7 @@ class CostModel:
             x = features(p, self.sm_count, dense=True)
         us = max(f.predict_us(x), 1e-3)
         work = x[1]
-        short = _short_rows(g, model_name, p)
+        short = _short_rows(g, model_name, p) if key.cls in COMPUTE_BOUND_CLASSES else ""
         extrapolated = _extrapolates(f, work) or bool(short)
         return Prediction(name, us / 1e3, g.key, f, borrowed, estimated, extrapolated, short, g, p, self.sm_count,
                           model_name, work, tuple(x))

@@ -481,9 +481,10 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
             t_ms, b_ms, where = compared_where_measured(preds[n], preds[BASELINE])
             if t_ms > b_ms * (1.0 - need) * (1.0 + 1e-9):  # 1e-9: float noise at the edge
                 at = f" ({where}: {t_ms:.4g} and {b_ms:.4g} ms)" if where else ""
+                apart = (f"less than {need * 100:.3g}% apart (the larger of {lead_needed(n):.0%} and the two fit "
+                         f"errors)" if t_ms < b_ms else "not faster there")
                 r.notes.append(f"{n} is predicted at {preds[n].ms:.4g} ms and {baseline} at "
-                               f"{preds[BASELINE].ms:.4g} ms{at}, less than {need * 100:.3g}% apart (the larger "
-                               f"of {lead_needed(n):.0%} and the two fit errors): not preferred to {baseline}")
+                               f"{preds[BASELINE].ms:.4g} ms{at}, {apart}: not preferred to {baseline}")
                 margin_held.append(n)
             else:
                 cleared.append(n)
