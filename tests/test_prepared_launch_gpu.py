@@ -83,3 +83,45 @@ def test_the_bound_launch_runs_exact_and_other_strides_look_up(name: str, layout
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     check_grads(lambda a, b, c: flashdispatch.attention(a, b, c, causal=True, layout=layout, backend=name),
                 qg, kg, vg, causal=True, layout=layout)
+
+
+@pytest.mark.parametrize("name", ["sdpa", "sdpa:cudnn", "sdpa:flash", "sdpa:efficient"])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_the_sdpa_bound_call_matches_its_forward_and_keeps_the_switches(name: str, layout: str) -> None:
+    """The sdpa implementations' bound call (keywords fixed per signature, a pinned kernel inside its
+    switches): the same output as forward() bit for bit, misaligned views copied as forward() does,
+    torch's kernel switches as they were after every call, gradients within the float64 budget."""
+    import torch.backends.cuda as sw
+
+    from flashdispatch.backend import Inputs, kernel_views
+
+    if not _usable(name):
+        pytest.skip(f"{name} cannot run on this GPU")
+
+    def switches() -> tuple[bool, ...]:
+        return (sw.flash_sdp_enabled(), sw.mem_efficient_sdp_enabled(), sw.math_sdp_enabled(), sw.cudnn_sdp_enabled())
+
+    before = switches()
+    flashdispatch.refresh()
+    for seed, noncontiguous in ((5, False), (6, True)):  # the second: views at odd offsets into NaN-padded buffers
+        q, k, v = make_qkv(2, 8, 2, 300, 300, 64, dtype=torch.bfloat16, device="cuda", layout=layout, seed=seed,
+                           noncontiguous=noncontiguous)
+        try:
+            d = flashdispatch.explain(q, k, v, causal=True, layout=layout, backend=name)
+        except flashdispatch.NoBackendError:
+            pytest.skip(f"{name} declines GQA 8/2 here")
+        impl = REGISTRY.get(d.variant)
+        inp = Inputs(*kernel_views(q, k, v, d.problem))
+        launch = impl.prepare(inp, d.problem, d.config)
+        if impl.gqa_native:
+            assert launch is not None, name
+        if launch is not None:
+            torch.testing.assert_close(launch(inp)[0], impl.forward(inp, d.problem, d.config)[0], rtol=0, atol=0)
+        for _ in range(2):
+            out = flashdispatch.attention(q, k, v, causal=True, layout=layout, backend=name)
+        check_forward(out, q, k, v, causal=True, layout=layout)
+        assert switches() == before
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    check_grads(lambda a, b, c: flashdispatch.attention(a, b, c, causal=True, layout=layout, backend=name),
+                qg, kg, vg, causal=True, layout=layout)
+    assert switches() == before
