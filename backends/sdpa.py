@@ -24,7 +24,7 @@ from torch.nn.attention.bias import causal_lower_right
 from flashdispatch.alignment import aligned16
 from flashdispatch.backend import Capabilities, Implementation, Inputs
 from flashdispatch.device import DeviceInfo
-from flashdispatch.problem import Problem
+from flashdispatch.problem import Problem, window_key_range
 from flashdispatch.reference import visible_mask
 
 ALL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -118,8 +118,11 @@ def windowed_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: tuple[int, int],
     kwargs: dict[str, Any],
 ) -> torch.Tensor:
-    """SDPA with a sliding window as a boolean (Sq, Sk) mask: O(Sq * Sk) memory, and the kernels
-    that take a mask (efficient, math, cuDNN's masked path) still compute every pair.
+    """SDPA with a sliding window, over the keys some query sees (`window_key_range`: views of K
+    and V, no copy). One query row (decode) sees exactly that range: no mask, SDPA's own kernels
+    (cuDNN or flash on a GPU) at the cost of a cache as long as the window. More rows take a boolean
+    mask over the range: O(Sq * range) memory, and the kernels that take a mask (efficient, math,
+    cuDNN's masked path) still compute every pair of it.
 
     Rows that see no key (the leading Sq - Sk - right under bottom-right alignment) are left out
     of the call and given zeros: a fully masked row would be NaN in some kernels, and NaN in the
@@ -127,7 +130,11 @@ def windowed_sdpa(
     """
     sq, sk = q.shape[2], k.shape[2]
     blind = blind_rows(sq, sk, causal, window)
-    mask = visible_mask(sq, sk, causal=causal, window=window, device=q.device)[blind:]
+    lo, hi = window_key_range(sq, sk, window)
+    if blind == 0 and sq == 1:  # it sees keys lo..hi-1, all of them
+        return F.scaled_dot_product_attention(q, k[:, :, lo:hi], v[:, :, lo:hi], **kwargs)
+    mask = visible_mask(sq, sk, causal=causal, window=window, device=q.device)[blind:, lo:hi].contiguous()
+    k, v = k[:, :, lo:hi], v[:, :, lo:hi]
     if blind == 0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
     tail = F.scaled_dot_product_attention(q[:, :, blind:], k, v, attn_mask=mask, **kwargs)
@@ -207,9 +214,12 @@ class _Sdpa(Implementation):
             return notes
         if p.heads_q != p.heads_kv and not self.gqa_native:
             notes.append(f"K/V repeated {p.gqa_ratio}x in memory (this kernel has no GQA)")
+        if p.has_window and p.seqlen_q == 1:
+            notes.append(f"window={p.window}: the one row's keys as a view of K and V, no mask")
+            return notes
         if p.has_window:
-            notes.append(f"window={p.window} through a boolean (Sq, Sk) mask: every pair is still computed "
-                         "(a correct fallback, not a fast path)")
+            notes.append(f"window={p.window} through a boolean mask over the keys some query sees: every pair "
+                         "of it is still computed (a correct fallback, not a fast path)")
             return notes
         if p.effective_causal and p.seqlen_q > p.seqlen_k:
             notes.append(f"first {p.seqlen_q - p.seqlen_k} query rows see no key: zeros")

@@ -137,14 +137,21 @@ def window_visible_pairs(sq: int, sk: int, window: tuple[int, int]) -> int:
     return int(torch.clamp(hi - lo + 1, min=0).sum())
 
 
-def window_visible_keys(sq: int, sk: int, window: tuple[int, int]) -> int:
-    """Keys some query sees under a bottom-right window: the union of the rows' ranges, from
-    max(0, Sk - Sq - left) to min(Sk - 1, Sk - 1 + right) (-1: unbounded). What a kernel that skips
-    the hidden blocks reads of K and V: a 4k window over a 32k cache reads 4k keys per step."""
+def window_key_range(sq: int, sk: int, window: tuple[int, int]) -> tuple[int, int]:
+    """[lo, hi): the keys some query sees under a bottom-right window, the union of the rows'
+    ranges, from max(0, Sk - Sq - left) to min(Sk - 1, Sk - 1 + right) (-1: unbounded). Every key a
+    query of the call sees lies inside it; for one query row (decode) it is exactly that row's keys."""
     left, right = window
-    lo = max(0, sk - sq - left) if left >= 0 else 0
-    hi = min(sk - 1, sk - 1 + right) if right >= 0 else sk - 1
-    return max(0, hi - lo + 1)
+    lo = min(max(0, sk - sq - left), sk) if left >= 0 else 0
+    last = min(sk - 1, sk - 1 + right) if right >= 0 else sk - 1
+    return lo, max(lo, last + 1)
+
+
+def window_visible_keys(sq: int, sk: int, window: tuple[int, int]) -> int:
+    """How many keys some query sees under a bottom-right window (window_key_range): what a kernel
+    that skips the hidden blocks reads of K and V: a 4k window over a 32k cache reads 4k keys per step."""
+    lo, hi = window_key_range(sq, sk, window)
+    return hi - lo
 
 
 def check_scale(scale: object, head_dim: int) -> float:

@@ -28,6 +28,37 @@ def test_windowed_sdpa_matches_the_reference(sq: int, sk: int, window: tuple[int
     assert all(bool(torch.isfinite(t.grad).all()) for t in (q, k, v))
 
 
+@pytest.mark.parametrize("sq,sk", [(1, 40), (3, 40), (20, 20), (30, 12), (1, 1)])
+@pytest.mark.parametrize("window,causal", WINDOWS + [((7, 0), True), ((7, 0), False)])
+def test_windowed_sdpa_reads_only_the_keys_some_query_sees(sq: int, sk: int, window: tuple[int, int], causal: bool,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # what reaches torch: K and V as views of the visible range (window_key_range), the mask over that
+    # range only, and none for one query row (a decode step: SDPA's own kernels at the window's cost)
+    import torch.nn.functional as F
+
+    from flashdispatch.problem import window_key_range
+
+    seen: list[tuple[int, object]] = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):  # type: ignore[no-untyped-def]
+        seen.append((k.shape[2], attn_mask))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    q, k, v = make_qkv(2, 4, 2, sq, sk, 16, dtype=torch.float64, seed=1)
+    out = windowed_sdpa(q, k, v, causal=causal, window=window, kwargs={"scale": 0.3, "enable_gqa": True})
+    ref, _ = attention_math(q, k, v, causal=causal, scale=0.3, window=window)
+    torch.testing.assert_close(out, ref.to(out.dtype), rtol=1e-9, atol=1e-9)
+    lo, hi = window_key_range(sq, sk, window)
+    (keys, mask), = seen
+    assert keys == hi - lo
+    if sq == 1:
+        assert mask is None
+    else:
+        assert mask.shape[-1] == hi - lo
+
+
 @pytest.mark.parametrize("sq,sk", [(20, 20), (30, 12), (9, 40), (4, 0)])
 @pytest.mark.parametrize("window,causal", WINDOWS)
 def test_blind_rows_are_exactly_the_rows_without_a_key(sq: int, sk: int, window: tuple[int, int], causal: bool) -> None:
