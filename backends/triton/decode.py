@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flashdispatch.problem import window_key_range
+
 from . import configs
 from .launch import BoundLaunch, DirectLauncher, cuda_index, run_on_device
 from .forward import (
@@ -281,17 +283,10 @@ def _plan(block_n: int, num_splits: int, batch: int, heads_q: int, heads_kv: int
 
 
 def visible_key_range(causal: bool, window: tuple[int, int], seq_q: int, seq_k: int) -> tuple[int, int]:
-    """[lo, hi): the keys that some query of a (Sq, Sk) call can see under causal and window."""
-    from .forward import kernel_window
-
-    win = kernel_window(causal and seq_q > 1, window, seq_q, seq_k)
-    if win is None:
-        return 0, seq_k
-    left, right = win
-    offset = seq_k - seq_q
-    lo = min(max(offset - left, 0), seq_k)
-    hi = max(min(seq_q - 1 + offset + right + 1, seq_k), lo)
-    return lo, hi
+    """[lo, hi): the keys that some query of a (Sq, Sk) call can see under causal and window
+    (causal folds into right = 0, as the kernels take it; one query row sees up to the last key)."""
+    left, right = window
+    return window_key_range(seq_q, seq_k, (left, 0 if causal and seq_q > 1 else right))
 
 
 class _DecodePlan:
