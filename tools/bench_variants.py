@@ -272,6 +272,9 @@ def decode_bars(run: Run, batch: int, rep_ms: float, sinks_too: bool) -> None:
         "ours_window": lambda: flashdispatch.attention(q, k, v, causal=True, window=win, backend="triton"),
         "ours_full": lambda: full(q, k, v),
         "ours_window_cache": lambda: full(q, kw, vw),
+        # not a bar: plain SDPA's own kernel on the window's keys (the sdpa fallback's one-row path),
+        # logged with the times for the selection to learn from
+        "sdpa_window": lambda: flashdispatch.attention(q, k, v, causal=True, window=win, backend="sdpa"),
         "sdpa_full": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
     }
     if sinks_too:
