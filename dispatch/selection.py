@@ -79,11 +79,12 @@ def baseline_margin(*fit_errors: float, name: str = "") -> float:
 
 
 def anchored_comparison(p: Problem, a: Prediction, base: Prediction, sm_count: int) -> tuple[float, int] | None:
-    """`a`'s time over the baseline's at `p` anchored at the nearest points where both were measured
-    (Group.anchored_ratio) and the number of anchors, where both predictions come from one group's
-    own fits (nothing estimated or extrapolated) of the problem's own class, a compute-bound one;
-    in the other classes only a measurement at the problem's very shape and head dim counts (below);
-    None elsewhere. The group may be the other half dtype's or the nearest head dim's, as for the
+    """`a`'s time over the baseline's at `p` and the number of measured points it rests on: a
+    measurement at the problem's very shape and head dim (Group.measured_ratio), in any class, where
+    both predictions come from one group's measurements; else, where both come from that group's own
+    fits (nothing estimated or extrapolated) of the problem's own class, a compute-bound one, the
+    ratio anchored at the nearest points where both were measured (Group.anchored_ratio); None
+    elsewhere. The group may be the other half dtype's or the nearest head dim's, as for the
     predictions themselves (the same kernels; on the H100 Gemma 7B's D=256 prefill and Phi-3's D=96
     chunk, both borrowed from D=128, ran SDPA 11% slower than the kernel the measurements favoured).
     Only there: the anchors are the nearest in work and bytes, and the fits carry the trend from
@@ -97,20 +98,18 @@ def anchored_comparison(p: Problem, a: Prediction, base: Prediction, sm_count: i
     def own_class(x: Prediction) -> bool:
         return not x.estimated and not x.extrapolated and not any(w.startswith("class ") for w in x.borrowed)
 
-    if not (own_class(a) and own_class(base) and a.key == base.key and a.group is not None
-            and a.model_name == a.name and base.model_name == base.name):
+    if not (a.group is not None and a.group is base.group and a.model_name == a.name
+            and base.model_name == base.name):
         return None
-    if a.key.cls not in COMPUTE_BOUND_CLASSES:
-        # the fits' trend is not carried here, but a problem at a measured shape takes that
-        # measurement (decode B=1 H32/8 8k keys on the H100: sdpa:cudnn measured 0.7% ahead of plain
-        # SDPA, the same cuDNN kernel, and the fits put it 3.5% ahead, past both fits' errors)
-        ratio = a.group.measured_ratio(p, a.name, base.name)
-        return None if ratio is None else (ratio, 1)
-    anchored = a.group.anchored_ratio(p, a.name, base.name, sm_count)
-    if anchored is None:  # too few points for anchors: a measurement at this very shape still counts
-        ratio = a.group.measured_ratio(p, a.name, base.name)
-        return None if ratio is None else (ratio, 1)
-    return anchored
+    # a problem at a measured shape takes that measurement, in every class and however its fits
+    # were reached (a fit to one point is one): decode B=1 H32/8 8k keys on the H100 had sdpa:cudnn
+    # measured 0.7% ahead of plain SDPA, the same cuDNN kernel, and the fits put it 3.5% ahead
+    ratio = a.group.measured_ratio(p, a.name, base.name)
+    if ratio is not None:
+        return ratio, 1
+    if not (own_class(a) and own_class(base)) or a.key.cls not in COMPUTE_BOUND_CLASSES:
+        return None  # elsewhere the fits' trend is not carried from anchors
+    return a.group.anchored_ratio(p, a.name, base.name, sm_count)
 
 
 @dataclass(frozen=True)
@@ -455,26 +454,13 @@ def rank_by_model(p: Problem, key: GroupKey, eligible: list[str], profile: Profi
             if n not in ahead:
                 continue
             if is_pin(n):
-                # no anchors beside the problem vouch for the pin: two fits of what is often one
-                # kernel reached two ways differ by their noise, and more where they extrapolate (on
-                # the H100, StarCoder's 48 query heads on one K/V head: sdpa:cudnn's fit 9% ahead of
-                # plain SDPA's, the same cuDNN kernel, measured alike). Only a measurement at this very
-                # shape (a fit to one point is one) can show its lead.
-                g, need = preds[n].group, lead_needed(n)
-                ratio = (g.measured_ratio(p, n, BASELINE) if g is not None and preds[BASELINE].group is g
-                         and preds[n].model_name == n and preds[BASELINE].model_name == BASELINE else None)
-                if ratio is not None and ratio <= 1.0 - need:
-                    r.notes.append(f"{n} takes {ratio:.3g} of {words(BASELINE)}'s time, as measured for both at "
-                                   f"this very shape")
-                    cleared.append(n)
-                    lead[n] = anchored_lead[n] = ratio
-                    continue
-                seen = (f"it takes {ratio:.3g} of {words(BASELINE)}'s time as measured for both at this very shape, "
-                        f"not {1.0 - need:.3g} or less" if ratio is not None else
-                        "no measurement at or around this shape shows the lead")
+                # no measurement at or beside the problem vouches for the pin: two fits of what is
+                # often one kernel reached two ways differ by their noise, and more where they
+                # extrapolate (on the H100, StarCoder's 48 query heads on one K/V head: sdpa:cudnn's
+                # fit 9% ahead of plain SDPA's, the same cuDNN kernel, measured alike)
                 r.notes.append(f"{n} is predicted at {preds[n].ms:.4g} ms and {baseline} at {preds[BASELINE].ms:.4g} "
-                               f"ms, but {seen}: a pinned kernel of {baseline}'s own family runs instead only on a "
-                               f"measured lead")
+                               f"ms, but no measurement at or around this shape shows the lead: a pinned kernel of "
+                               f"{baseline}'s own family runs instead only on a measured lead")
                 margin_held.append(n)
                 continue
             need = baseline_margin(preds[n].fit.rms, preds[BASELINE].fit.rms, name=n)
