@@ -567,21 +567,26 @@ class Group:
     def fewest_pairs(self, *names: str) -> tuple[int, Point] | None:
         """The point with the fewest query-key pairs per head (Sq x Sk; the least work at a tie)
         where every one of `names` has a usable time that its fit did not leave out as a slow
-        outlier, with its Sq x Sk; None where no point holds them all."""
-        left_out: set[int] = set()
-        for name in names:
-            f = self.fits.get(name)
-            if f is not None:
-                left_out |= self._left_out(name, f)
-        best: tuple[int, int, int] | None = None  # (pairs, work order, index)
-        for i, pt in enumerate(self.points):
-            if i in left_out or not all(_usable(pt.ms.get(n)) for n in names):
-                continue
-            pairs = pt.seqlen_q * pt.seqlen_k
-            cand = (pairs, pt.batch * pt.heads_q * pairs, i)
-            if best is None or cand < best:
-                best = cand
-        return None if best is None else (best[0], self.points[best[2]])
+        outlier, with its Sq x Sk; None where no point holds them all. Kept until the points or fits
+        change (every prediction of a compute-bound problem asks)."""
+        fits = tuple(self.fits.get(n) for n in names)
+        cache = self.__dict__.setdefault("_fewest", {})
+        key = (names, fits, len(self.points))  # a refit or a new point makes a new key
+        if key not in cache:
+            left_out: set[int] = set()
+            for name, f in zip(names, fits):
+                if f is not None:
+                    left_out |= self._left_out(name, f)
+            best: tuple[int, int, int] | None = None  # (pairs, work order, index)
+            for i, pt in enumerate(self.points):
+                if i in left_out or not all(_usable(pt.ms.get(n)) for n in names):
+                    continue
+                pairs = pt.seqlen_q * pt.seqlen_k
+                cand = (pairs, pt.batch * pt.heads_q * pairs, i)
+                if best is None or cand < best:
+                    best = cand
+            cache[key] = None if best is None else (best[0], self.points[best[2]])
+        return cache[key]
 
     def gqa_span(self, name: str) -> tuple[int, int] | None:
         """The smallest and largest query heads per K/V head among the points where `name` has a time
