@@ -526,7 +526,7 @@ class Group:
             return None
         x = features(p, sm_count)
         at_p = max(fa.predict_us(x), 1e-9) / max(fb.predict_us(x), 1e-9)
-        left_out = self._left_out(a, fa) | self._left_out(b, fb)  # slow outliers no fit trusts either
+        left_out = self._left_out(a, b)  # slow outliers no fit trusts either
         scored = []
         for i, (pt, y) in enumerate(zip(self.points, self.point_features(sm_count))):
             ta, tb = pt.ms.get(a), pt.ms.get(b)
@@ -555,12 +555,8 @@ class Group:
             if pt.dims() != dims or point_problem(self.key, pt).window != p.window:
                 continue
             ta, tb = pt.ms.get(a), pt.ms.get(b)
-            if not (_usable(ta) and _usable(tb)):
+            if not (_usable(ta) and _usable(tb)) or i in self._left_out(a, b):
                 return None
-            for name in (a, b):
-                f = self.fits.get(name)
-                if f is not None and i in self._left_out(name, f):
-                    return None
             return ta / tb
         return None
 
@@ -573,10 +569,7 @@ class Group:
         cache = self.__dict__.setdefault("_fewest", {})
         key = (names, fits, len(self.points))  # a refit or a new point makes a new key
         if key not in cache:
-            left_out: set[int] = set()
-            for name, f in zip(names, fits):
-                if f is not None:
-                    left_out |= self._left_out(name, f)
+            left_out = self._left_out(*names)
             best: tuple[int, int, int] | None = None  # (pairs, work order, index)
             for i, pt in enumerate(self.points):
                 if i in left_out or not all(_usable(pt.ms.get(n)) for n in names):
@@ -594,13 +587,16 @@ class Group:
         ratios = [pt.heads_q // max(1, pt.heads_kv) for pt in self.points if pt.ms.get(name)]
         return (min(ratios), max(ratios)) if ratios else None
 
-    def _left_out(self, name: str, f: Fit) -> set[int]:
-        """Indices into self.points of the points `name`'s fit left out (Fit.excluded counts in the
-        list of points that hold a usable time of `name`, Group.measured's order)."""
-        if not f.excluded:
-            return set()
-        usable = [i for i, pt in enumerate(self.points) if _usable(pt.ms.get(name))]
-        return {usable[j] for j in f.excluded if j < len(usable)}
+    def _left_out(self, *names: str) -> set[int]:
+        """Indices into self.points of the points any of `names`' fits left out (Fit.excluded counts
+        in the list of points that hold a usable time of its implementation, Group.measured's order)."""
+        out: set[int] = set()
+        for name in names:
+            f = self.fits.get(name)
+            if f is not None and f.excluded:
+                usable = [i for i, pt in enumerate(self.points) if _usable(pt.ms.get(name))]
+                out |= {usable[j] for j in f.excluded if j < len(usable)}
+        return out
 
     def worst_error(self, name: str, sm_count: int) -> float:
         """How far `name`'s fit misses the group's point it misses most, as a factor minus one in
