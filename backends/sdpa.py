@@ -133,7 +133,7 @@ def windowed_sdpa(
     lo, hi = window_key_range(sq, sk, window)
     if blind == 0 and sq == 1:  # it sees keys lo..hi-1, all of them
         return F.scaled_dot_product_attention(q, k[:, :, lo:hi], v[:, :, lo:hi], **kwargs)
-    mask = visible_mask(sq, sk, causal=causal, window=window, device=q.device)[blind:, lo:hi].contiguous()
+    mask = visible_mask(sq, sk, causal=causal, window=window, device=q.device, rows=(blind, sq), cols=(lo, hi))
     k, v = k[:, :, lo:hi], v[:, :, lo:hi]
     if blind == 0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)

@@ -18,13 +18,16 @@ NO_WINDOW = (-1, -1)
 
 
 def visible_mask(sq: int, sk: int, *, causal: bool = False, window: tuple[int, int] | None = None,
-                 device: torch.device | str = "cpu", rows: tuple[int, int] | None = None) -> torch.Tensor:
+                 device: torch.device | str = "cpu", rows: tuple[int, int] | None = None,
+                 cols: tuple[int, int] | None = None) -> torch.Tensor:
     """Bool (Sq, Sk), True where query i may see key j (causal and/or window, bottom-right).
-    rows=(r0, r1): only query rows r0 <= i < r1 of that mask, (r1 - r0, Sk)."""
+    rows=(r0, r1), cols=(c0, c1): only the block r0 <= i < r1, c0 <= j < c1 of that mask,
+    (r1 - r0, c1 - c0), built as such."""
     r0, r1 = rows if rows is not None else (0, sq)
+    c0, c1 = cols if cols is not None else (0, sk)
     i = torch.arange(r0, r1, device=device).unsqueeze(1)
-    j = torch.arange(sk, device=device).unsqueeze(0)
-    return _keep(torch.ones(r1 - r0, sk, dtype=torch.bool, device=device), i + (sk - sq), j, causal, window)
+    j = torch.arange(c0, c1, device=device).unsqueeze(0)
+    return _keep(torch.ones(r1 - r0, c1 - c0, dtype=torch.bool, device=device), i + (sk - sq), j, causal, window)
 
 
 def cache_visible_mask(sq: int, capacity: int, cache_seqlens: torch.Tensor, *, causal: bool = False,

@@ -33,10 +33,11 @@ log = logging.getLogger("flashdispatch")
 BASELINE = "sdpa"
 BASELINE_MARGIN = 0.02
 # A pinned kernel of plain SDPA's own family (sdpa:cudnn, sdpa:flash, ...) is often the very kernel
-# plain SDPA runs, reached through torch's kernel-choice context, which costs host time (20-25 us
-# per eager call on the H100). The measured profiles time sdpa:cudnn at 0.96-1.05x plain SDPA at
-# most points where both run cuDNN (h100.yaml, h200.yaml; one tune, interleaved medians): a lead
-# inside that is the timer's, so such a pin must lead plain SDPA by this fraction to run instead.
+# plain SDPA runs, reached through torch's kernel switches, which cost host time (20-25 us per eager
+# call on the H100 through sdpa_kernel; backends/sdpa.OnlyKernel costs less). The measured profiles
+# time sdpa:cudnn at 0.96-1.05x plain SDPA at most points where both run cuDNN (h100.yaml, h200.yaml;
+# one tune, interleaved medians): a lead inside that is the timer's, so such a pin must lead plain
+# SDPA by this fraction to run instead.
 PIN_MARGIN = 0.05
 # A model that misses one of its own measured points by more than a factor of 1 + this, either way
 # (its form cannot follow the implementation: a kernel without split-KV on few rows against a long

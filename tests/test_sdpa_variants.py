@@ -65,6 +65,10 @@ def test_blind_rows_are_exactly_the_rows_without_a_key(sq: int, sk: int, window:
     mask = visible_mask(sq, sk, causal=causal, window=window)
     blind = blind_rows(sq, sk, causal, window)
     assert not mask[:blind].any() and bool(mask[blind:].any(dim=1).all())
+    # a block of it built as such is that block of the whole
+    r0, c0, c1 = sq // 3, sk // 4, sk - sk // 5
+    block = visible_mask(sq, sk, causal=causal, window=window, rows=(r0, sq), cols=(c0, c1))
+    assert torch.equal(block, mask[r0:, c0:c1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
