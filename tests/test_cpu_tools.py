@@ -265,3 +265,14 @@ def test_the_backward_bench_reads_extra_tiles():
     assert bb.parse_tiles("") == []
     with pytest.raises(argparse.ArgumentTypeError, match="M,N,WARPS,STAGES"):
         bb.parse_tiles("64,128,8")
+    # a dq tile after '/': the dq kernel's query tile, key tile, warps, stages
+    own = bb.parse_tiles("64,128,8,3/128,32,4,2")[0]
+    assert own["BWD_DQ_BLOCK_M"] == 128 and own["BWD_DQ_BLOCK_N"] == 32
+    assert own["BWD_DQ_num_warps"] == 4 and own["BWD_DQ_num_stages"] == 2
+    assert bb._label(own) == "64x128 w8 s3 / dq 128x32 w4 s2"
+    # the swapped pair spelled out is the default, and labelled as one
+    assert bb._label(bb.parse_tiles("64,128,8,3/128,64,8,3")[0]) == "64x128 w8 s3"
+    for bad in ("64,128,8,3/128,32", "64,128,8,3/1,2,3,4/1,2,3,4"):
+        with pytest.raises(argparse.ArgumentTypeError, match="M,N,WARPS,STAGES"):
+            bb.parse_tiles(bad)
+    assert len({bb._label(c) for c in bb.parse_tiles(bb.EXTRA)}) == len(bb.parse_tiles(bb.EXTRA))

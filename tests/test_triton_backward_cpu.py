@@ -154,10 +154,18 @@ def test_empty_sequence_gives_zero_gradients() -> None:
     assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == k.shape and dv.shape == k.shape
 
 
+def _with_dq(cfg: dict) -> dict:
+    """A backward config completed as the launcher completes it: the dq kernel's keys from the
+    dk-dv ones (tiles swapped, launch the same)."""
+    return {"BWD_DQ_BLOCK_M": cfg["BWD_BLOCK_N"], "BWD_DQ_BLOCK_N": cfg["BWD_BLOCK_M"],
+            "BWD_DQ_num_warps": cfg["BWD_num_warps"], "BWD_DQ_num_stages": cfg["BWD_num_stages"], **cfg}
+
+
 @pytest.mark.parametrize(
     "config, match",
     [({"BWD_BLOCK_M": 24}, "BWD_BLOCK_M"), ({"BWD_num_warps": 3}, "BWD_num_warps"),
-     ({"BWD_DQ_ATOMIC": 1}, "BWD_DQ_ATOMIC")],
+     ({"BWD_DQ_ATOMIC": 1}, "BWD_DQ_ATOMIC"), ({"BWD_DQ_BLOCK_N": 8}, "BWD_DQ_BLOCK_N"),
+     ({"BWD_DQ_num_stages": 0}, "BWD_DQ_num_stages")],
 )
 def test_bad_config_names_the_key(config: dict, match: str) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
@@ -181,10 +189,41 @@ def test_config_space_is_valid_data(head_dim: int) -> None:
     assert not any(c["BWD_DQ_ATOMIC"] for c in space), "atomic dq only on request"
     with_atomic = configs.backward_config_space(head_dim, atomic=True)
     assert any(c["BWD_DQ_ATOMIC"] for c in with_atomic)
-    assert all(configs.resolve_backward_config(c, head_dim, head_dim) == c for c in with_atomic)
+    assert all(configs.resolve_backward_config(c, head_dim, head_dim) == _with_dq(c) for c in with_atomic)
     fp32 = configs.default_backward_config(head_dim, fp32=True)
     assert configs.backward_config_space(head_dim, fp32=True) == [fp32]
-    assert configs.resolve_backward_config(None, head_dim, head_dim, fp32=True) == fp32
+    assert configs.resolve_backward_config(None, head_dim, head_dim, fp32=True) == _with_dq(fp32)
+
+
+def test_the_dq_kernel_takes_its_own_tiles_or_the_swapped_pair(poisoned: None) -> None:
+    """Without BWD_DQ_* keys the dq kernel runs the dk-dv tiles swapped; with them, its own tile
+    and launch, and the gradients stay within budget (checked against float64 in the
+    interpreter)."""
+    own = {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "BWD_num_warps": 4, "BWD_num_stages": 2,
+           "BWD_DQ_BLOCK_M": 16, "BWD_DQ_BLOCK_N": 32, "BWD_DQ_num_warps": 2, "BWD_DQ_num_stages": 1}
+    resolved = configs.resolve_backward_config(own, 64, 64)
+    assert {k: resolved[k] for k in own} == own
+    assert configs.resolve_backward_config({"BWD_BLOCK_M": 16}, 64, 64)["BWD_DQ_BLOCK_N"] == 16
+    calls: list[dict] = []
+    real = bwd._bwd_dq_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launch_keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+                calls.append({"grid": grid, **{k: kw[k] for k in launch_keys}})
+                return real[grid](*args, **kw)
+            return launch
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bwd, "_bwd_dq_kernel", Spy())
+        check_backward(1, 2, 1, 40, 50, 64, causal=True, dtype=torch.float16, config=own, seed=7)
+        check_backward(1, 2, 1, 40, 50, 64, causal=True, dtype=torch.float16, seed=7)
+    assert calls[0] == {"grid": (3 * 2,), "BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 2, "num_stages": 1}
+    # check_backward's own small tile, swapped, with the dk-dv kernel's launch options
+    default = configs.default_backward_config(64)
+    assert calls[1] == {"grid": (2 * 2,), "BLOCK_M": SMALL["BWD_BLOCK_N"], "BLOCK_N": SMALL["BWD_BLOCK_M"],
+                        "num_warps": default["BWD_num_warps"], "num_stages": default["BWD_num_stages"]}
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -212,11 +251,11 @@ def test_the_arch_table_leads_the_launcher_and_the_tuner_alike(arch: str) -> Non
 
     for d in (64, 128, 256):
         own = {**configs.BACKWARD_DEFAULTS_BY_ARCH[arch][configs.padded_head_dim(d)], "BWD_DQ_ATOMIC": False}
-        assert configs.resolve_backward_config(None, d, d, arch=arch) == own
+        assert configs.resolve_backward_config(None, d, d, arch=arch) == _with_dq(own)
         assert configs.backward_config_space(d, arch=arch)[0] == own
         shared = configs.default_backward_config(d)
         assert own != shared
-        assert configs.resolve_backward_config(None, d, d, arch="sm_90") == shared
-        assert configs.resolve_backward_config(None, d, d, arch="interpreter") == shared
+        assert configs.resolve_backward_config(None, d, d, arch="sm_90") == _with_dq(shared)
+        assert configs.resolve_backward_config(None, d, d, arch="interpreter") == _with_dq(shared)
         # a config's BWD_* keys still win over any table
         assert configs.resolve_backward_config({"BWD_BLOCK_N": 64}, d, d, arch=arch)["BWD_BLOCK_N"] == 64

@@ -9,15 +9,17 @@ head dim):
 
 Every config of the tuner's backward space at the head dim (`backward_config_space`, the default
 first) and the tiles given with `--extra` (default: 64 x 128 with 8 warps and 3 stages,
-FlexAttention's own backward tile on Hopper at D=128, and 128 x 128 with 8 warps and 2 stages) are
-timed as a direct call of the backward launcher (dq, dk, dv from a saved out and lse, the forward
-not included); FlexAttention's backward is `torch.autograd.grad` through the compiled
-flex_attention with the graph kept (its forward not included either; buffer donation off, which
-a backward run again on one graph needs). Beside them, each forward
-alone (the `tl` kernel, the Gluon kernel on Hopper, FlexAttention), so that the table also gives
-forward + backward, the sum the window bar compares. Timing: tools.timing.interleaved_median_ms
-(CUDA events, warm-up, L2 flushed before every call, providers interleaved in a shuffled order per
-repetition, median). TFLOP/s count 10 * B * H * (visible pairs) * D for a backward (2.5 forwards).
+FlexAttention's own backward tile on Hopper at D=128, 128 x 128 with 8 warps and 2 stages, and the
+D=128 default's dk-dv tile with five other dq tiles) are timed as a direct call of the backward
+launcher (dq, dk, dv from a saved out and lse, the forward not included); FlexAttention's backward
+is `torch.autograd.grad` through the compiled flex_attention with the graph kept (its forward not
+included either; buffer donation off, which a backward run again on one graph needs). Beside them,
+each forward alone (the `tl` kernel, the Gluon kernel on Hopper, FlexAttention), so that the table
+also gives forward + backward, the sum the window bar compares. Timing:
+tools.timing.interleaved_median_ms (CUDA events, warm-up, L2 flushed before every call, providers
+interleaved in a shuffled order per repetition, median). TFLOP/s count 10 * B * H * (visible pairs)
+* D for a backward (2.5 forwards). The default's and the fastest config's time is also split by
+kernel (preprocess, dk-dv, dq) from torch.profiler.
 """
 
 from __future__ import annotations
@@ -50,8 +52,14 @@ DTYPE = torch.bfloat16
 
 
 def _label(cfg: dict[str, Any]) -> str:
-    return (f"{cfg['BWD_BLOCK_M']}x{cfg['BWD_BLOCK_N']} w{cfg['BWD_num_warps']} s{cfg['BWD_num_stages']}"
-            + (" atomic" if cfg.get("BWD_DQ_ATOMIC") else ""))
+    """'64x128 w8 s3' for the dk-dv tile, '/ dq 128x32 w8 s3' after it where the dq kernel's own
+    keys differ from the swapped pair it defaults to."""
+    label = f"{cfg['BWD_BLOCK_M']}x{cfg['BWD_BLOCK_N']} w{cfg['BWD_num_warps']} s{cfg['BWD_num_stages']}"
+    dq = {key: cfg.get(key, cfg[default]) for key, default in configs.DQ_KEY_DEFAULTS.items()}
+    if any(dq[key] != cfg[default] for key, default in configs.DQ_KEY_DEFAULTS.items()):
+        label += (f" / dq {dq['BWD_DQ_BLOCK_M']}x{dq['BWD_DQ_BLOCK_N']} w{dq['BWD_DQ_num_warps']}"
+                  f" s{dq['BWD_DQ_num_stages']}")
+    return label + (" atomic" if cfg.get("BWD_DQ_ATOMIC") else "")
 
 
 def _visible_pairs(s: int, window: int | None) -> int:
@@ -59,20 +67,54 @@ def _visible_pairs(s: int, window: int | None) -> int:
     return causal_visible_pairs(s, s) if window is None else window_visible_pairs(s, s, (window - 1, 0))
 
 
-EXTRA = "64,128,8,3;128,128,8,2"
+# dk-dv tiles, then the D=128 default's dk-dv tile with other dq tiles (query tile x key tile: the
+# swapped default streams 64-key blocks past a 128-row query block)
+EXTRA = ("64,128,8,3;128,128,8,2;"
+         "64,128,8,3/128,32,8,3;64,128,8,3/128,64,8,2;64,128,8,3/128,64,4,3;64,128,8,3/64,64,4,3;"
+         "64,128,8,3/128,128,8,2")
 
 
 def parse_tiles(text: str) -> list[dict[str, Any]]:
-    """'M,N,W,S;...' -> backward configs (query tile, key tile, warps, stages of the dk-dv kernel)."""
+    """'M,N,W,S[/M,N,W,S];...' -> backward configs: query tile, key tile, warps, stages of the dk-dv
+    kernel, then, after a '/', of the dq kernel (query tile, key tile, warps, stages; default: the
+    dk-dv tiles swapped)."""
     tiles = []
     for part in filter(None, text.split(";")):
         try:
-            m, n, w, st = (int(x) for x in part.split(","))
+            fields = [[int(x) for x in half.split(",")] for half in part.split("/")]
+            if len(fields) > 2 or any(len(f) != 4 for f in fields):
+                raise ValueError
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected M,N,WARPS,STAGES[;...], got {part!r}") from None
-        tiles.append({"BWD_BLOCK_M": m, "BWD_BLOCK_N": n, "BWD_num_warps": w, "BWD_num_stages": st,
-                      "BWD_DQ_ATOMIC": False})
+            raise argparse.ArgumentTypeError(
+                f"expected M,N,WARPS,STAGES[/M,N,WARPS,STAGES][;...], got {part!r}") from None
+        m, n, w, st = fields[0]
+        cfg: dict[str, Any] = {"BWD_BLOCK_M": m, "BWD_BLOCK_N": n, "BWD_num_warps": w, "BWD_num_stages": st,
+                               "BWD_DQ_ATOMIC": False}
+        if len(fields) == 2:
+            cfg.update(zip(configs.DQ_KEY_DEFAULTS, fields[1]))
+        tiles.append(cfg)
     return tiles
+
+
+def kernel_split(fn: Callable[[], object], calls: int = 10) -> dict[str, float]:
+    """One backward call's GPU time split by kernel (ms per call: the mean over `calls` calls of
+    torch.profiler's CUDA activity): which of preprocess, dk-dv and dq to work on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    split: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None)
+        if us is None:
+            us = getattr(ev, "cuda_time_total", 0.0)
+        if us and ev.key.startswith("_bwd_"):
+            split[ev.key] = us / 1e3 / calls
+    return split
 
 
 def one_shape(s: int, window: int | None, rep_ms: float, extra: list[dict[str, Any]],
@@ -131,8 +173,12 @@ def one_shape(s: int, window: int | None, rep_ms: float, extra: list[dict[str, A
     ms = timing.interleaved_median_ms(fns, torch.device("cuda"), warmup_ms=10.0, rep_ms=rep_ms, failed=failed)
     pairs = _visible_pairs(s, window)
     bwd_gflop = 10 * B * H * pairs * head_dim / 1e9
+    # where the default's and the fastest config's time goes, kernel by kernel
+    timed = sorted((n for n in ms if n.startswith("bwd ") and n != "bwd flex"), key=lambda n: ms[n])
+    split_names = dict.fromkeys([f"bwd {_label(default)}", *timed[:1]])
+    kernels = {name[4:]: kernel_split(fns[name][0]) for name in split_names if name in fns}
     return {"S": s, "window": window, "head_dim": head_dim, "visible_pairs": pairs, "bwd_gflop": bwd_gflop,
-            "ms": ms, "errors": errors}
+            "ms": ms, "kernels": kernels, "errors": errors}
 
 
 def table(rows: list[dict[str, Any]], card: str) -> str:
@@ -150,6 +196,9 @@ def table(rows: list[dict[str, Any]], card: str) -> str:
             t = ms[name]
             lines.append(f"  {name[4:]:<22} {t:8.3f} {row['bwd_gflop'] / t:8.1f} "
                          f"{ms.get('bwd flex', math.nan) / t:11.2f}x {flex_total / (fwd + t):15.2f}x")
+        for label, split in row.get("kernels", {}).items():
+            parts = ", ".join(f"{k.removeprefix('_bwd_').removesuffix('_kernel')} {v:.3f}" for k, v in split.items())
+            lines.append(f"  kernels of {label} (ms per call): {parts}")
         for name, err in row["errors"].items():
             lines.append(f"  {name}: {err}")
         lines.append("")
@@ -163,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="S=16k only")
     p.add_argument("--head-dim", type=int, choices=(64, 128, 256), default=128, help="head dim (default 128)")
     p.add_argument("--extra", type=parse_tiles, default=parse_tiles(EXTRA),
-                   help=f"more dk-dv tiles to time, M,N,WARPS,STAGES;... (default {EXTRA!r}; '' for none)")
+                   help=f"more tiles to time, dk-dv M,N,WARPS,STAGES then optionally /dq M,N,WARPS,STAGES; "
+                        f"';' between configs (default {EXTRA!r}; '' for none)")
     p.add_argument("--rep-ms", type=cliargs.float_at_least(1.0, "milliseconds >= 1"), default=150.0,
                    help="timed milliseconds per provider and shape")
     args = p.parse_args(argv)

@@ -707,16 +707,18 @@ def attention_backward(
         if atomic:
             dq.copy_(dq_acc)
             return _with_sinks_grad((dq, dk, dv), sinks, lse, delta)
-        # the dq pass swaps the tiles: a large resident query block, small streamed kv blocks
-        grid = (triton.cdiv(g.seqlen_q, bn) * g.batch * g.heads_q,)
+        # the dq pass: a large resident query block, small streamed kv blocks (by default the
+        # dk-dv tiles swapped)
+        dq_m, dq_n = cfg["BWD_DQ_BLOCK_M"], cfg["BWD_DQ_BLOCK_N"]
+        grid = (triton.cdiv(g.seqlen_q, dq_m) * g.batch * g.heads_q,)
         _bwd_dq_kernel[grid](
             q, k, v, do, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dq.stride(),
             g.heads_q, group, g.seqlen_q, g.seqlen_k, g.head_dim, g.head_dim_v,
             g.scale, qk_scale2, left, right, softcap_in,
-            CAUSAL=causal, BLOCK_M=bn, BLOCK_N=bm, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            EVEN_M=g.seqlen_q % bn == 0, EVEN_D=even_d, EVEN_DV=even_dv, IEEE=ieee,
-            num_warps=warps, num_stages=stages, **variant,
+            CAUSAL=causal, BLOCK_M=dq_m, BLOCK_N=dq_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            EVEN_M=g.seqlen_q % dq_m == 0, EVEN_D=even_d, EVEN_DV=even_dv, IEEE=ieee,
+            num_warps=cfg["BWD_DQ_num_warps"], num_stages=cfg["BWD_DQ_num_stages"], **variant,
         )
         return _with_sinks_grad((dq, dk, dv), sinks, lse, delta)
 

@@ -455,13 +455,21 @@ def decode_num_splits(cfg: dict[str, Any], programs: int, seq_k: int, sm_count: 
 # Backward (backward.py): which block shapes it uses and may try.
 #
 # BWD_BLOCK_M / BWD_BLOCK_N are the query / key tile of the dk-dv kernel. The dq kernel uses the
-# transposed pair (query tile BWD_BLOCK_N, key tile BWD_BLOCK_M): the operand that stays resident
-# in registers is the large one in both kernels, the one that streams is small.
+# transposed pair (query tile BWD_BLOCK_N, key tile BWD_BLOCK_M) unless a config gives its own
+# (BWD_DQ_BLOCK_M: query tile, BWD_DQ_BLOCK_N: key tile, BWD_DQ_num_warps, BWD_DQ_num_stages): the
+# operand that stays resident in registers is the large one in both kernels, the one that streams
+# is small.
 # ---------------------------------------------------------------------------------------------
 
 BACKWARD_KEYS: tuple[str, ...] = (
     "BWD_BLOCK_M", "BWD_BLOCK_N", "BWD_num_warps", "BWD_num_stages", "BWD_DQ_ATOMIC",
+    "BWD_DQ_BLOCK_M", "BWD_DQ_BLOCK_N", "BWD_DQ_num_warps", "BWD_DQ_num_stages",
 )
+# The dq kernel's keys and the dk-dv key each one defaults to (the tiles swapped, the launch the same)
+DQ_KEY_DEFAULTS: dict[str, str] = {
+    "BWD_DQ_BLOCK_M": "BWD_BLOCK_N", "BWD_DQ_BLOCK_N": "BWD_BLOCK_M",
+    "BWD_DQ_num_warps": "BWD_num_warps", "BWD_DQ_num_stages": "BWD_num_stages",
+}
 # BWD_DQ_ATOMIC=True accumulates dq inside the dk-dv kernel with fp32 atomics (FlashAttention-2's
 # way: 5 block matmuls instead of 7, but run-to-run rounding differences). Off by default: the
 # backend promises deterministic gradients unless a config opts out.
@@ -576,19 +584,24 @@ def backward_config_space(
 def resolve_backward_config(
     config: dict[str, Any] | None, head_dim: int, head_dim_v: int, *, fp32: bool = False, arch: str | None = None
 ) -> dict[str, Any]:
-    """The forward's config (which may hold BWD_* keys) completed with this head dim's defaults."""
+    """The forward's config (which may hold BWD_* keys) completed with this head dim's defaults; the
+    dq kernel's keys, where not given, from the dk-dv ones (DQ_KEY_DEFAULTS)."""
     cfg: dict[str, Any] = default_backward_config(head_dim, head_dim_v, fp32=fp32, arch=arch)
     for key in BACKWARD_KEYS:
         if config and key in config:
             cfg[key] = config[key]
     cfg.setdefault("BWD_DQ_ATOMIC", False)
+    for dq_key, key in DQ_KEY_DEFAULTS.items():
+        cfg.setdefault(dq_key, cfg[key])
     if not isinstance(cfg["BWD_DQ_ATOMIC"], bool):
         raise TypeError(f"config['BWD_DQ_ATOMIC']: expected a bool, got {cfg['BWD_DQ_ATOMIC']!r}")
-    for key in ("BWD_BLOCK_M", "BWD_BLOCK_N"):
+    for key in ("BWD_BLOCK_M", "BWD_BLOCK_N", "BWD_DQ_BLOCK_M", "BWD_DQ_BLOCK_N"):
         val = cfg[key]
         if not isinstance(val, int) or val < 16 or val & (val - 1):
             raise ValueError(f"config[{key!r}]: expected a power of two >= 16, got {val!r}")
-    for key, allowed in (("BWD_num_warps", (1, 2, 4, 8, 16)), ("BWD_num_stages", (1, 2, 3, 4, 5, 6))):
-        if cfg[key] not in allowed:
-            raise ValueError(f"config[{key!r}]: expected one of {allowed}, got {cfg[key]!r}")
+    for keys, allowed in ((("BWD_num_warps", "BWD_DQ_num_warps"), (1, 2, 4, 8, 16)),
+                          (("BWD_num_stages", "BWD_DQ_num_stages"), (1, 2, 3, 4, 5, 6))):
+        for key in keys:
+            if cfg[key] not in allowed:
+                raise ValueError(f"config[{key!r}]: expected one of {allowed}, got {cfg[key]!r}")
     return cfg

@@ -439,22 +439,24 @@ def varlen_backward(
             qk_scale2, softcap_in = float(scale) * _bwd.LOG2E, 1.0
         flags = dict(CAUSAL=bool(causal), BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=block_d == d,
                      EVEN_DV=block_dv == dv, IEEE=q.dtype == torch.float32, WINDOW=has_window,
-                     SOFTCAP=softcap_mode(softcap, fast_tanh_on(q)), num_warps=warps, num_stages=stages)
+                     SOFTCAP=softcap_mode(softcap, fast_tanh_on(q)))
         with on_device(cuda_index(q)):
             num_n = -(-max_seqlen_k // bn)
             _varlen_dkdv_kernel[(num_n * batch * hkv,)](
                 q, k, v, do, lse, delta, dk, dvv, cu_seqlens_q, cu_seqlens_k,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dk.stride(), *dvv.stride(),
                 hkv, hq // hkv, num_n, total_q, d, dv, float(scale), qk_scale2, left, right, softcap_in,
-                BLOCK_M=bm, BLOCK_N=bn, **flags,
+                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags,
             )
-            # the dq pass swaps the tiles, as the dense backward does
-            num_m = -(-max_seqlen_q // bn)
+            # the dq pass's own tiles, as the dense backward's (by default the dk-dv tiles swapped)
+            dq_m, dq_n = cfg["BWD_DQ_BLOCK_M"], cfg["BWD_DQ_BLOCK_N"]
+            num_m = -(-max_seqlen_q // dq_m)
             _varlen_dq_kernel[(num_m * batch * hq,)](
                 q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dq.stride(),
                 hq, hq // hkv, num_m, total_q, d, dv, float(scale), qk_scale2, left, right, softcap_in,
-                BLOCK_M=bn, BLOCK_N=bm, **flags,
+                BLOCK_M=dq_m, BLOCK_N=dq_n, num_warps=cfg["BWD_DQ_num_warps"],
+                num_stages=cfg["BWD_DQ_num_stages"], **flags,
             )
     if sinks is not None:
         grads = (*grads, _bwd.sinks_grad(sinks, lse.unsqueeze(0), delta.unsqueeze(0)))
