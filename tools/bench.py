@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -126,12 +126,14 @@ def _providers(causal: bool, names: Sequence[str]) -> dict[str, Provider]:
 
 def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune.TuneOptions,
                 gen: torch.Generator, grad_cache: tune.GradCache, *, graphs: bool = True,
-                min_reps: int = 0) -> dict[str, Any]:
+                min_reps: int = 0, bars: dict[str, float] | None = None) -> dict[str, Any]:
     """One shape: every provider checked against the float64 reference, then timed with the
     repetitions interleaved (at least `min_reps`). A serving step (decode, speculative) is timed
     on a GPU (graphs=True) as CUDA-graph replays of one call per input set of the tuner's rotation
     (the same sets for every provider; a provider that cannot be captured is timed eagerly, and
-    its note says so; an empty replay is an error), and its host time per eager call recorded beside."""
+    its note says so; an empty replay is an error), and its host time per eager call recorded beside.
+    bars (a GPU run judged against per-shape bars, bench_report.per_shape_bars): a ratio near one
+    is confirmed by a second, longer timing of its providers (bench_report.CONFIRM_BAND)."""
     q, k, v, do, p = tune.make_inputs(s, device, gen)
     blocks = verify.reference_blocks(q, k, v, p)
     dev = tune.device_info(device)
@@ -215,27 +217,42 @@ def bench_shape(s: Shape, names: Sequence[str], device: torch.device, opts: tune
         _failed(measurements[name], e, device, (q, k, v), name)
         graphed.pop(name, None)
 
-    samples = timing.interleaved_samples_ms(timed, device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms,
-                                            failed=failed, min_reps=min_reps)
-    # a replay of len(sets) calls, without the flush: the rotation itself keeps L2 from helping
-    per_call = {n: [x / len(sets) for x in xs] for n, xs in timing.interleaved_samples_ms(
-        graphed, device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, failed=failed_graph, flush=False,
-        min_reps=min_reps).items()} if graphed else {}
-    for name, xs in per_call.items():
-        empty = timing.empty_replay(p, statistics.median(xs))
-        if empty:
-            measurements[name].status, measurements[name].note = "error", empty
-            continue
-        samples[name] = xs
-    for name in samples:
-        m = measurements[name]
-        spread = timing.Spread.of(samples[name])
-        m.ms, m.lo, m.hi = spread.median, spread.lo, spread.hi
-        m.rate = timing.gbps(p, "fwd", m.ms) if serving else timing.rate(p, s.pass_, m.ms)[0]
-        if serving and device.type == "cuda":
-            m.host_us = timing.host_us_per_call(eager[name], device, HOST_CALLS)
-    row["providers"] = {name: m.to_json() for name, m in measurements.items()}
-    bench_report.add_ratios(row)
+    def measure(names: Collection[str], rep_ms: float) -> None:
+        """Times `names` (those still timed) with their repetitions interleaved; sets their measurements."""
+        eager_set = {n: timed[n] for n in names if n in timed}
+        graph_set = {n: graphed[n] for n in names if n in graphed}
+        samples = timing.interleaved_samples_ms(eager_set, device, warmup_ms=opts.warmup_ms, rep_ms=rep_ms,
+                                                failed=failed, min_reps=min_reps)
+        # a replay of len(sets) calls, without the flush: the rotation itself keeps L2 from helping
+        per_call = {n: [x / len(sets) for x in xs] for n, xs in timing.interleaved_samples_ms(
+            graph_set, device, warmup_ms=opts.warmup_ms, rep_ms=rep_ms, failed=failed_graph, flush=False,
+            min_reps=min_reps).items()} if graph_set else {}
+        for name, xs in per_call.items():
+            empty = timing.empty_replay(p, statistics.median(xs))
+            if empty:
+                measurements[name].status, measurements[name].note = "error", empty
+                continue
+            samples[name] = xs
+        for name in samples:
+            m = measurements[name]
+            spread = timing.Spread.of(samples[name])
+            m.ms, m.lo, m.hi = spread.median, spread.lo, spread.hi
+            m.rate = timing.gbps(p, "fwd", m.ms) if serving else timing.rate(p, s.pass_, m.ms)[0]
+            if serving and device.type == "cuda" and m.host_us is None:
+                m.host_us = timing.host_us_per_call(eager[name], device, HOST_CALLS)
+        row["providers"] = {name: m.to_json() for name, m in measurements.items()}
+        bench_report.add_ratios(row)
+
+    measure(list(timed) + list(graphed), opts.rep_ms)
+    near = bench_report.near_a_bar(row, bars) if bars else {}
+    if near:
+        who = [n for n in bench_report.confirm_providers(row, near) if n in timed or n in graphed]
+        first = {n: {k: row["providers"][n].get(k) for k in ("ms", "lo", "hi")} for n in who}
+        measure(who, opts.rep_ms * bench_report.CONFIRM_FACTOR)
+        row["retimed"] = {"why": list(near.values()), "rep_ms": opts.rep_ms * bench_report.CONFIRM_FACTOR,
+                          "first": first}
+        log.info("%s: %s: timed again, %dx the repetitions: vs SDPA %s, oracle %s", s.label, "; ".join(near.values()),
+                 bench_report.CONFIRM_FACTOR, bench_report.vs_sdpa_cell(row), bench_report.oracle_cell(row))
     return row
 
 
@@ -490,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
             t_shape = time.perf_counter()
             row = {**extra, **bench_shape(s, list(impls), device, opts, gen, grad_cache, graphs=graphs,
-                                          min_reps=HELDOUT_MIN_REPS if args.heldout and device.type == "cuda" else 0)}
+                                          min_reps=HELDOUT_MIN_REPS if args.heldout and device.type == "cuda" else 0,
+                                          bars=bench_report.per_shape_bars(args.heldout) if judge else None)}
             row["wall_s"] = round(time.perf_counter() - t_shape, 2)  # compiles, checks and timing
             rows.append(row)
             # table and JSON after every shape: a run cut short still leaves its numbers
