@@ -227,14 +227,19 @@ class _Sdpa(Implementation):
             notes.append("bottom-right causal through torch CausalBias (lower right)")
         return notes
 
-    def _call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> torch.Tensor:
+    def _keywords(self, p: Problem) -> dict[str, Any]:
+        """SDPA's keyword arguments for p: the scale, and enable_gqa where this kernel reads grouped
+        K/V heads itself (the others get K/V repeated)."""
         kwargs: dict[str, Any] = {"scale": p.scale}
-        if p.heads_q != p.heads_kv:
-            if self.gqa_native:
-                kwargs["enable_gqa"] = True
-            else:
-                k = k.repeat_interleave(p.gqa_ratio, dim=1)
-                v = v.repeat_interleave(p.gqa_ratio, dim=1)
+        if p.heads_q != p.heads_kv and self.gqa_native:
+            kwargs["enable_gqa"] = True
+        return kwargs
+
+    def _call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> torch.Tensor:
+        kwargs = self._keywords(p)
+        if p.heads_q != p.heads_kv and not self.gqa_native:
+            k = k.repeat_interleave(p.gqa_ratio, dim=1)
+            v = v.repeat_interleave(p.gqa_ratio, dim=1)
         if self.kernel is None:
             return _causal_sdpa(q, k, v, p, kwargs)
         with OnlyKernel(self.kernel):
@@ -247,11 +252,9 @@ class _Sdpa(Implementation):
         if p.softcap or p.sinks or p.has_window or (causal and p.seqlen_q != p.seqlen_k) or \
                 (p.heads_q != p.heads_kv and not self.gqa_native):
             return None
-        kwargs: dict[str, Any] = {"scale": p.scale}
+        kwargs = self._keywords(p)
         if causal:
             kwargs["is_causal"] = True
-        if p.heads_q != p.heads_kv:
-            kwargs["enable_gqa"] = True
         sdpa, kernel, cuda = F.scaled_dot_product_attention, self.kernel, inp.q.is_cuda
         if kernel is None and cuda:
             return lambda x: (sdpa(aligned16(x[0]), aligned16(x[1]), aligned16(x[2]), **kwargs), None)
