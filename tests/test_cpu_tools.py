@@ -284,6 +284,7 @@ def test_the_backward_table_sorts_configs_and_sums_forward_and_backward(capsys):
         brute = sum(1 for i in range(s) for j in range(s) if j <= i and (w is None or i - j < w))
         assert bb._visible_pairs(s, w) == brute
     row = {"S": 16384, "window": 4096, "visible_pairs": 1, "bwd_gflop": 2000.0, "errors": {"bwd 64x128 w8 s2": "x"},
+           "kernels": {"16x64 w8 s1": {"_bwd_preprocess_kernel": 0.1, "_bwd_dkdv_kernel": 3.0, "_bwd_dq_kernel": 1.9}},
            "ms": {"bwd 32x128 w8 s2": 8.0, "bwd 16x64 w8 s1": 5.0, "bwd flex": 6.0, "fwd tl": 2.0,
                   "fwd gluon": 1.0, "fwd flex": 2.0}}
     text = bb.table([row], "NVIDIA H200 (synthetic)")
@@ -294,6 +295,7 @@ def test_the_backward_table_sorts_configs_and_sums_forward_and_backward(capsys):
     # 16x64: 2000 GFLOP in 5 ms = 400 TFLOP/s; flex bwd 6 / 5 = 1.2x; (2 + 6) / (gluon 1 + 5) = 1.33x
     assert body[0][3:] == ["5.000", "400.0", "1.20x", "1.33x"]
     assert "bwd 64x128 w8 s2: x" in text
+    assert "kernels of 16x64 w8 s1 (ms per call): preprocess 0.100, dkdv 3.000, dq 1.900" in text
     if not torch.cuda.is_available():  # no GPU: a one-line error, exit code 2
         assert bb.main([]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
