@@ -110,6 +110,22 @@ def test_every_config_of_the_space(head_dim, causal, monkeypatch):
         _check(got, want, base, (q, k, v), torch.bfloat16)
 
 
+def test_the_dq_kernel_on_tiles_of_its_own(monkeypatch):
+    """bench_backward's dq tiles (the dq kernel's own query and key tile, warps and stages beside the
+    D=128 default's dk-dv tile): gradients within budget, causal, bf16, a ragged last block."""
+    from flashdispatch.tools.bench_backward import EXTRA, parse_tiles
+
+    bwd = _bwd()
+    q, k, v, do = _inputs(1, 4, 2, 1030, 1030, 128, 128, torch.bfloat16, seed=11)
+    want, base, out, lse = _reference_grads(q, k, v, do, True, 128 ** -0.5)
+    poison_outputs(monkeypatch)
+    own = [c for c in parse_tiles(EXTRA) if "BWD_DQ_BLOCK_M" in c]
+    assert own
+    for cfg in own:
+        got = bwd.attention_backward(do, q, k, v, out, lse, causal=True, scale=128 ** -0.5, config=cfg)
+        _check(got, want, base, (q, k, v), torch.bfloat16)
+
+
 def test_deterministic_by_default():
     bwd = _bwd()
     q, k, v, do = _inputs(2, 8, 2, 2048, 2048, 128, 128, torch.bfloat16, seed=11)
