@@ -676,10 +676,15 @@ class Prediction:
         return max(self.fit.predict_us((self.x[0], self.x[1] * s, self.x[2] * s, self.x[3] * s)), 1e-3) / 1e3
 
     @property
+    def measured_as(self) -> str:
+        """The implementation whose measurements the model was fitted to (model_name, else name)."""
+        return self.model_name or self.name
+
+    @property
     def nearest(self) -> tuple[Point, ...]:
         if self.group is None or self.problem is None:
             return ()
-        return tuple(self.group.nearest_points(self.problem, self.model_name or self.name, self.sm_count))
+        return tuple(self.group.nearest_points(self.problem, self.measured_as, self.sm_count))
 
     @property
     def worst_error(self) -> float:
@@ -687,7 +692,7 @@ class Prediction:
         its relative rms where the group is not at hand."""
         if self.group is None:
             return self.fit.rms
-        return self.group.worst_error(self.model_name or self.name, self.sm_count)
+        return self.group.worst_error(self.measured_as, self.sm_count)
 
     @property
     def exact(self) -> bool:
@@ -706,7 +711,7 @@ class Prediction:
         elif self.extrapolated:
             how.append(f"extrapolated: this problem's {self.gflop:.3g} GFLOP lies beyond the measured "
                        f"{self.fit.lo_gflop:.3g}..{self.fit.hi_gflop:.3g}")
-        mname = self.model_name or self.name
+        mname = self.measured_as
         nearest = self.nearest
         if nearest:
             how.append("nearest measured: " + "; ".join(
@@ -724,10 +729,10 @@ def compared_where_measured(a: Prediction, b: Prediction) -> tuple[float, float,
             and not (a.estimated or b.estimated):
         # shorter rows than either was measured at: no trend is carried below the shortest point
         # measured for both; the two compare as they were timed there
-        edge = a.group.fewest_pairs(a.model_name or a.name, b.model_name or b.name)
+        edge = a.group.fewest_pairs(a.measured_as, b.measured_as)
         if edge is not None:
             pt = edge[1]
-            return (pt.ms[a.model_name or a.name], pt.ms[b.model_name or b.name],
+            return (pt.ms[a.measured_as], pt.ms[b.measured_as],
                     f"compared as measured at the fewest query-key pairs per head both were timed at, {pt.describe()}")
     if not (a.extrapolated or b.extrapolated) or a.fit.n < 2 or b.fit.n < 2:
         return a.ms, b.ms, ""

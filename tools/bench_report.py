@@ -40,8 +40,6 @@ HELDOUT_MIN_VS_SDPA = 0.98
 # many rows where the dispatcher runs plain SDPA's own call (ratio 1.0) are not timed twice.
 CONFIRM_BAND = 0.015
 CONFIRM_FACTOR = 4
-# the provider besides the dispatcher that each ratio compares with
-RATIO_OTHER = {"vs_sdpa": lambda row: PLAIN, "oracle": lambda row: row.get("best")}
 RETIMED_MARK = "†"
 
 PROVIDERS_NOTE = (f"{PLAIN}: torch's scaled_dot_product_attention called directly, no flashdispatch; sdpa, sdpa:flash, "
@@ -86,8 +84,9 @@ def near_a_bar(row: dict[str, Any], bars: dict[str, float]) -> dict[str, str]:
 
 
 def confirm_providers(row: dict[str, Any], near: dict[str, str]) -> list[str]:
-    """Who a second look times: the dispatcher and the provider each near ratio compares it with."""
-    return list(dict.fromkeys([DISPATCH, *(RATIO_OTHER[key](row) for key in near)]))
+    """Who a second look times: the dispatcher and the provider each near ratio compares it with
+    (add_ratios: plain SDPA for vs_sdpa, the fastest other for oracle)."""
+    return list(dict.fromkeys([DISPATCH, *(PLAIN if key == "vs_sdpa" else row.get("best") for key in near)]))
 
 
 def retimed_note(rows: Sequence[dict[str, Any]]) -> list[str]:
