@@ -640,17 +640,17 @@ def test_a_memory_bound_step_at_a_measured_shape_takes_that_measurement(tmp_path
     dims = [(1, 32, 8, 1, 8192), (8, 32, 8, 1, 4096), (64, 32, 8, 1, 2048), (4, 32, 8, 1, 32768),
             (16, 32, 8, 1, 16384), (2, 32, 8, 1, 65536), (32, 32, 8, 1, 1024), (1, 32, 8, 1, 2048),
             (128, 32, 8, 1, 4096)]
-    pts = _synthetic_points(key, {"sdpa": (8.0, 0.0, 1e6 / 3000.0, 0.0)}, dims)  # 8 us + 3 TB/s
-    pts = [pt._replace(ms={**pt.ms, "triton": pt.ms["sdpa"] * (0.995 if i == 0 else 0.9)})
-           for i, pt in enumerate(pts)]
-    g = Group(key, pts)
-    g.refit(H200.sm_count)
-    at = g.points[0]
-    need = max(0.02, g.fits["triton"].rms + g.fits["sdpa"].rms)  # the margin the fits alone would ask
-    fitted = g.fits["triton"].predict_us(features(point_problem(key, at), H200.sm_count))
-    assert fitted < (1.0 - need) * g.fits["sdpa"].predict_us(features(point_problem(key, at), H200.sm_count))
-    _use_groups(tmp_path, monkeypatch, g)
-    try:
+    def with_triton(pts):
+        return [pt._replace(ms={**pt.ms, "triton": pt.ms["sdpa"] * (0.995 if i == 0 else 0.9)})
+                for i, pt in enumerate(pts)]
+
+    # sdpa: 8 us + 3 TB/s
+    with _one_group_profile(tmp_path, monkeypatch, key, {"sdpa": (8.0, 0.0, 1e6 / 3000.0, 0.0)}, dims,
+                            with_triton) as g:
+        at = g.points[0]
+        need = max(0.02, g.fits["triton"].rms + g.fits["sdpa"].rms)  # the margin the fits alone would ask
+        fitted = g.fits["triton"].predict_us(features(point_problem(key, at), H200.sm_count))
+        assert fitted < (1.0 - need) * g.fits["sdpa"].predict_us(features(point_problem(key, at), H200.sm_count))
         d = fd.explain(shape=(*at.dims(), 128), device="h200")
         assert d.variant == "sdpa", str(d)
         assert any("at this very shape" in n for n in d.notes), d.notes
@@ -659,8 +659,6 @@ def test_a_memory_bound_step_at_a_measured_shape_takes_that_measurement(tmp_path
         # another head dim's group stands in: its measurement at the same dims does not decide
         other_d = fd.explain(shape=(*at.dims(), 64), device="h200")
         assert not any("this very shape" in n for n in other_d.notes), str(other_d)
-    finally:
-        fd.refresh()
 
 
 def test_a_gqa_ratio_beyond_the_measured_ones_makes_the_decision_unsure(synthetic_h200):
