@@ -518,25 +518,35 @@ class Group:
         same inputs: at each, the fits' ratio at `p` times the measured ratio there over the fits'
         ratio there; the anchors weighted by 1 / (distance + ANCHOR_DISTANCE), a geometric mean.
         Between points the fits carry the trend from the nearer measurement; at a measured point
-        (distance 0) its measured ratio alone is the answer. Points either fit left out as a slow
-        outlier are no anchors. Returns (ratio, anchors used), or None with fewer than RATIO_POINTS
-        points holding both or without both fits."""
+        (distance 0) its measured ratio alone is the answer. Beyond the work of every point timed
+        for both (either way), the ratio measured at that end of the span is the answer, with 0
+        anchors: the fits' trend is not carried past the measurements (on the H100 the
+        forward+backward fits of the Triton and Gluon forwards, one of them set by a slow smallest
+        point, drifted apart with the work and ranked a windowed 32k-token call the wrong way round,
+        18.5 against 17.1 ms measured). Points either fit left out as a slow outlier are no anchors.
+        Returns (ratio, anchors used), or None with fewer than RATIO_POINTS points holding both or
+        without both fits."""
         fa, fb = self.fits.get(a), self.fits.get(b)
         if fa is None or fb is None:
             return None
         x = features(p, sm_count)
-        at_p = max(fa.predict_us(x), 1e-9) / max(fb.predict_us(x), 1e-9)
         left_out = self._left_out(a, b)  # slow outliers no fit trusts either
+        both = [(i, pt, y) for i, (pt, y) in enumerate(zip(self.points, self.point_features(sm_count)))
+                if i not in left_out and _usable(pt.ms.get(a)) and _usable(pt.ms.get(b))]
+        if len(both) < RATIO_POINTS:
+            return None
+        # beyond the work of the points timed for both, the fits' trend is no measurement: the ratio
+        # measured at the end of that span holds (0 anchors: the caller words it so)
+        ends = [min(both, key=lambda t: t[2][1]), max(both, key=lambda t: t[2][1])]
+        end = ends[1] if x[1] > ends[1][2][1] else ends[0] if x[1] < ends[0][2][1] else None
+        if end is not None:
+            return end[1].ms[a] / end[1].ms[b], 0
+        at_p = max(fa.predict_us(x), 1e-9) / max(fb.predict_us(x), 1e-9)
         scored = []
-        for i, (pt, y) in enumerate(zip(self.points, self.point_features(sm_count))):
-            ta, tb = pt.ms.get(a), pt.ms.get(b)
-            if i in left_out or not (_usable(ta) and _usable(tb)):
-                continue
+        for i, pt, y in both:
             d = _feature_distance(x, y)
             fitted = max(fa.predict_us(y), 1e-9) / max(fb.predict_us(y), 1e-9)
-            scored.append((d, i, at_p * (ta / tb) / fitted))
-        if len(scored) < RATIO_POINTS:
-            return None
+            scored.append((d, i, at_p * (pt.ms[a] / pt.ms[b]) / fitted))
         scored.sort(key=lambda s: s[:2])
         near = scored[:RATIO_POINTS]
         if near[0][0] < 1e-9:  # the problem is a measured point: its measurement alone

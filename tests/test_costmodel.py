@@ -714,3 +714,32 @@ def test_far_more_query_heads_per_kv_head_than_measured_go_to_the_kernel_that_re
         assert near.variant == "sdpa", str(near)
     finally:
         fd.refresh()
+
+
+def test_between_two_kernels_that_both_beat_the_baseline_the_measurements_beside_the_problem_rank_them(
+        tmp_path, monkeypatch):
+    # gluon measured 6% ahead of triton at every point; triton's smallest points are slow, which sets
+    # its fit's fixed cost high and its rate low, so that the fits alone put triton ahead at large work
+    slow_small = {(16, 1024): 0.9, (4, 4096): 0.5, (1, 16384): 0.5, (8, 2048): 1.2, (32, 512): 1.5}
+    key, pts, g = _causal_group(triton=slow_small,
+                                triton_gluon={d: 0.94 * min(f, 0.5) for d, f in slow_small.items()})
+    _use_groups(tmp_path, monkeypatch, g)
+    try:
+        for shape, words in (((1, 32, 8, 15000, 15000, 128), "anchored at the 2 nearest points"),
+                             ((1, 32, 8, 65536, 65536, 128), "at the end of the work they were timed over")):
+            d = fd.explain(shape=shape, causal=True, device="h200", backend="triton")  # both of the family
+            assert d.predicted["triton"] < d.predicted["triton:gluon"], str(d)  # the fits alone: triton
+            assert d.variant == "triton:gluon", str(d)
+            assert any(words in n and "triton:gluon runs" in n for n in d.notes), d.notes
+        # beyond the span, the ratio is the one measured at its end
+        far = fd.explain(shape=(1, 32, 8, 65536, 65536, 128), causal=True, device="h200").problem
+        ratio, k = g.anchored_ratio(far, "triton:gluon", "triton", H200.sm_count)
+        assert k == 0 and ratio == pytest.approx(0.94, rel=1e-9)
+        # the measurements favour triton instead: the fits' order stands
+        key, pts, g2 = _causal_group(triton=slow_small,
+                                     triton_gluon={d: 1.06 * min(f, 0.5) for d, f in slow_small.items()})
+        _use_groups(tmp_path, monkeypatch, g2)
+        d = fd.explain(shape=(1, 32, 8, 65536, 65536, 128), causal=True, device="h200", backend="triton")
+        assert d.variant == "triton" and not any("runs" in n and "triton:gluon" in n for n in d.notes), str(d)
+    finally:
+        fd.refresh()
