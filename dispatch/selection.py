@@ -181,7 +181,9 @@ class Decision:
         if self.predicted:
             lines.append("  predicted: " + ", ".join(f"{k}={v:.4g} ms" for k, v in self.predicted.items()))
         if self.margin is not None:
-            lines.append(f"  margin:   {self.margin:+.1%} (runner-up's predicted time over the chosen one's)")
+            why = ("runner-up's predicted time over the chosen one's" if self.margin >= 0 else
+                   "the runner-up is predicted faster; the notes say which rule chose")
+            lines.append(f"  margin:   {self.margin:+.1%} ({why})")
         for m in self.models:
             lines.append(f"  model:    {m}")
         if self.uncertain:

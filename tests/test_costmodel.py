@@ -731,6 +731,7 @@ def test_between_two_kernels_that_both_beat_the_baseline_the_measurements_beside
             assert d.predicted["triton"] < d.predicted["triton:gluon"], str(d)  # the fits alone: triton
             assert d.variant == "triton:gluon", str(d)
             assert any(words in n and "triton:gluon runs" in n for n in d.notes), d.notes
+            assert d.margin is not None and d.margin < 0 and "the notes say which rule chose" in str(d), str(d)
         # beyond the span, the ratio is the one measured at its end
         far = fd.explain(shape=(1, 32, 8, 65536, 65536, 128), causal=True, device="h200").problem
         ratio, k = g.anchored_ratio(far, "triton:gluon", "triton", H200.sm_count)
