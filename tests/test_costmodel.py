@@ -732,6 +732,11 @@ def test_between_two_kernels_that_both_beat_the_baseline_the_measurements_beside
             assert d.variant == "triton:gluon", str(d)
             assert any(words in n and "triton:gluon runs" in n for n in d.notes), d.notes
             assert d.margin is not None and d.margin < 0 and "the notes say which rule chose" in str(d), str(d)
+        # against plain SDPA too: past the span (inside 4x of it, so not extrapolated) the end's ratio
+        past = fd.explain(shape=(1, 32, 8, 24000, 24000, 128), causal=True, device="h200")
+        assert past.variant == "triton:gluon", str(past)
+        end_sdpa = f"takes {0.94 * 0.5:.3g} of plain SDPA's time, as measured for both at the end of the work"
+        assert any(n.startswith(f"triton:gluon {end_sdpa}") for n in past.notes), past.notes
         # beyond the span, the ratio is the one measured at its end
         far = fd.explain(shape=(1, 32, 8, 65536, 65536, 128), causal=True, device="h200").problem
         ratio, k = g.anchored_ratio(far, "triton:gluon", "triton", H200.sm_count)
