@@ -231,17 +231,10 @@ def test_a_model_of_one_point_is_unsure_for_that_reason_not_as_extrapolated(tmp_
     g = Group(key, _synthetic_points(key, {"sdpa": base, "triton": tuple(c / 1.5 for c in base)},
                                      [(4, 32, 8, 512, 8192)]))
     g.refit(H200.sm_count)
-    prof = Profile("one.yaml", "h200", True, {"key": "h200", "name": "NVIDIA H200", "arch": "sm_90"},
-                   {"date": "2026-12-05", "card": "NVIDIA H200 (synthetic)", "tool": "test"}, [g])
-    (tmp_path / "h200.yaml").write_text(profile_yaml_text(prof, "one point"))
-    monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
-    fd.refresh()
-    try:
+    with _groups_profile(tmp_path, monkeypatch, g):
         d = fd.explain(shape=(4, 32, 8, 512, 8192, 128), causal=True, device="h200")
         assert d.variant == "triton", str(d)
         assert "triton: fitted to one point" in d.uncertain and "extrapolated" not in d.uncertain, d.uncertain
-    finally:
-        fd.refresh()
 
 
 def test_borrowing_is_written_into_the_decision(synthetic_h200):
@@ -419,13 +412,18 @@ def test_shipped_measured_profiles_decide_every_half_precision_problem_from_a_mo
         assert d.variant in d.predicted and math.isfinite(d.predicted[d.variant]), str(d)
 
 
-def _use_groups(tmp_path, monkeypatch, *groups: Group) -> None:
-    """Make `groups` the simulated H200's measured profile (fd.refresh() after, in the test)."""
+@contextlib.contextmanager
+def _groups_profile(tmp_path, monkeypatch, *groups: Group) -> Iterator[None]:
+    """`groups` as the simulated H200's measured profile while the block runs."""
     prof = Profile("x.yaml", "h200", True, {"key": "h200", "name": "NVIDIA H200", "arch": "sm_90"},
                    {"date": "2026-12-05", "card": "NVIDIA H200 (synthetic)", "tool": "test"}, list(groups))
     (tmp_path / "h200.yaml").write_text(profile_yaml_text(prof))
     monkeypatch.setenv("FLASHDISPATCH_PROFILE_DIR", str(tmp_path))
     fd.refresh()
+    try:
+        yield
+    finally:
+        fd.refresh()
 
 
 @contextlib.contextmanager
@@ -435,11 +433,8 @@ def _one_group_profile(tmp_path, monkeypatch, key: GroupKey, coef: dict, dims, a
     pts = _synthetic_points(key, coef, dims)
     g = Group(key, adjust(pts) if adjust else pts)
     g.refit(H200.sm_count)
-    _use_groups(tmp_path, monkeypatch, g)
-    try:
+    with _groups_profile(tmp_path, monkeypatch, g):
         yield g
-    finally:
-        fd.refresh()
 
 
 def _causal_group(**factors: dict) -> tuple[GroupKey, list, Group]:
@@ -563,8 +558,7 @@ def test_measurements_beside_the_problem_decide_a_lead_the_fits_errors_hide(tmp_
     key, pts, g = _causal_group(triton={(16, 1024): 1.6, (4, 4096): 0.85, (1, 16384): 0.85, (8, 2048): 1.7,
                                         (32, 512): 1.8})
     need = g.fits["triton"].rms + g.fits["sdpa"].rms  # the margin the fits' errors set
-    _use_groups(tmp_path, monkeypatch, g)
-    try:
+    with _groups_profile(tmp_path, monkeypatch, g):
         near_fast = fd.explain(shape=(3, 32, 8, 5000, 5000, 128), causal=True, device="h200")
         assert near_fast.predicted["triton"] > near_fast.predicted["sdpa"] * (1.0 - need)  # fits alone: sdpa
         assert near_fast.variant == "triton", str(near_fast)
@@ -582,8 +576,6 @@ def test_measurements_beside_the_problem_decide_a_lead_the_fits_errors_hide(tmp_
         at = point_problem(key, pts[1])
         ratio, k = g.anchored_ratio(at, "triton", "sdpa", H200.sm_count)
         assert k == 1 and ratio == pytest.approx(0.85, rel=1e-9)
-    finally:
-        fd.refresh()
 
 
 def test_a_window_reads_only_the_keys_some_query_sees():
@@ -611,14 +603,11 @@ def test_a_kernel_the_measurements_promote_past_a_held_back_model_runs_and_the_d
     _, _, g = _causal_group(
         triton={(16, 1024): 3.5, (4, 4096): 0.85, (1, 16384): 0.85, (8, 2048): 3.5, (32, 512): 3.5},
         triton_gluon={(16, 1024): 3.0, (4, 4096): 0.3, (1, 16384): 0.3, (8, 2048): 0.3, (32, 512): 3.0})
-    _use_groups(tmp_path, monkeypatch, g)
-    try:
+    with _groups_profile(tmp_path, monkeypatch, g):
         d = fd.explain(shape=(3, 32, 8, 5000, 5000, 128), causal=True, device="h200")
         assert d.predicted["triton"] > d.predicted["sdpa"]  # the fits place it behind
         assert d.variant == "triton", str(d)
         assert "baseline margin" not in d.source and not any("the baseline, runs" in n for n in d.notes), str(d)
-    finally:
-        fd.refresh()
 
 
 @pytest.mark.parametrize("key", ["h100", "h200"])
@@ -695,8 +684,7 @@ def test_far_more_query_heads_per_kv_head_than_measured_go_to_the_kernel_that_re
     assert REGISTRY.get("triton").capabilities(dev).decode_shares_kv
     assert not REGISTRY.get("sdpa").capabilities(dev).decode_shares_kv
     assert (factor - 1.0 <= selection.GQA_SHARED_MARGIN) == shares
-    _use_groups(tmp_path, monkeypatch, _decode_group(factor))
-    try:
+    with _groups_profile(tmp_path, monkeypatch, _decode_group(factor)):
         d = fd.explain(shape=(16, 71, 1, 1, 2000, 128), device="h200")
         assert d.predicted["sdpa"] < d.predicted["triton"], str(d)
         if shares:
@@ -712,8 +700,6 @@ def test_far_more_query_heads_per_kv_head_than_measured_go_to_the_kernel_that_re
         # within GQA_STRETCH of the measured ratio: the models decide as they are
         near = fd.explain(shape=(16, 64, 8, 1, 2000, 128), device="h200")
         assert near.variant == "sdpa", str(near)
-    finally:
-        fd.refresh()
 
 
 def test_between_two_kernels_that_both_beat_the_baseline_the_measurements_beside_the_problem_rank_them(
@@ -723,8 +709,7 @@ def test_between_two_kernels_that_both_beat_the_baseline_the_measurements_beside
     slow_small = {(16, 1024): 0.9, (4, 4096): 0.5, (1, 16384): 0.5, (8, 2048): 1.2, (32, 512): 1.5}
     key, pts, g = _causal_group(triton=slow_small,
                                 triton_gluon={d: 0.94 * min(f, 0.5) for d, f in slow_small.items()})
-    _use_groups(tmp_path, monkeypatch, g)
-    try:
+    with _groups_profile(tmp_path, monkeypatch, g):
         for shape, words in (((1, 32, 8, 15000, 15000, 128), "anchored at the 2 nearest points"),
                              ((1, 32, 8, 65536, 65536, 128), "at the end of the work they were timed over")):
             d = fd.explain(shape=shape, causal=True, device="h200", backend="triton")  # both of the family
@@ -744,8 +729,6 @@ def test_between_two_kernels_that_both_beat_the_baseline_the_measurements_beside
         # the measurements favour triton instead: the fits' order stands
         key, pts, g2 = _causal_group(triton=slow_small,
                                      triton_gluon={d: 1.06 * min(f, 0.5) for d, f in slow_small.items()})
-        _use_groups(tmp_path, monkeypatch, g2)
-        d = fd.explain(shape=(1, 32, 8, 65536, 65536, 128), causal=True, device="h200", backend="triton")
-        assert d.variant == "triton" and not any("runs" in n and "triton:gluon" in n for n in d.notes), str(d)
-    finally:
-        fd.refresh()
+        with _groups_profile(tmp_path, monkeypatch, g2):
+            d = fd.explain(shape=(1, 32, 8, 65536, 65536, 128), causal=True, device="h200", backend="triton")
+            assert d.variant == "triton" and not any("runs" in n and "triton:gluon" in n for n in d.notes), str(d)
