@@ -79,14 +79,16 @@ def baseline_margin(*fit_errors: float, name: str = "") -> float:
     return max(lead_needed(name), sum(fit_errors))
 
 
-def anchored_comparison(p: Problem, a: Prediction, base: Prediction, sm_count: int) -> tuple[float, int] | None:
+def anchored_comparison(p: Problem, a: Prediction, base: Prediction, sm_count: int, *,
+                        alike: bool = False) -> tuple[float, int] | None:
     """`a`'s time over the baseline's at `p` and the number of measured points it rests on: a
     measurement at the problem's very shape and head dim (Group.measured_ratio), in any class, where
     both predictions come from one group's measurements; else, where both come from that group's own
-    fits (nothing estimated or extrapolated) of the problem's own class, a compute-bound one, the
-    ratio anchored at the nearest points where both were measured (Group.anchored_ratio); None
-    elsewhere. The group may be the other half dtype's or the nearest head dim's, as for the
-    predictions themselves (the same kernels; on the H100 Gemma 7B's D=256 prefill and Phi-3's D=96
+    fits (nothing estimated or extrapolated; with `alike`, also both reached the same way:
+    anchored_between) of the problem's own class, a compute-bound one, the ratio anchored at the
+    nearest points where both were measured (Group.anchored_ratio); None elsewhere. The group may be
+    the other half dtype's or the nearest head dim's, as for the predictions themselves (the same
+    kernels; on the H100 Gemma 7B's D=256 prefill and Phi-3's D=96
     chunk, both borrowed from D=128, ran SDPA 11% slower than the kernel the measurements favoured).
     Only there: the anchors are the nearest in work and bytes, and the fits carry the trend from
     them to the problem; a memory-bound class's fits also weigh how many programs fill the SMs (the
@@ -108,7 +110,8 @@ def anchored_comparison(p: Problem, a: Prediction, base: Prediction, sm_count: i
     ratio = a.group.measured_ratio(p, a.name, base.name)
     if ratio is not None:
         return ratio, 1
-    if not (own_class(a) and own_class(base)) or a.key.cls not in COMPUTE_BOUND_CLASSES:
+    reached_alike = alike and a.borrowed == base.borrowed and bool(a.estimated) == bool(base.estimated)
+    if not (reached_alike or (own_class(a) and own_class(base))) or a.key.cls not in COMPUTE_BOUND_CLASSES:
         return None  # elsewhere the fits' trend is not carried from anchors
     return a.group.anchored_ratio(p, a.name, base.name, sm_count)
 
@@ -132,14 +135,7 @@ def anchored_between(p: Problem, a: Prediction, b: Prediction, sm_count: int) ->
     plain causal fits put the Triton forward's 9% ahead of the Gluon forward's (one slow smallest
     point set the Triton fit's fixed cost), while the Gluon forward was ahead at every measured point
     and measured 8% faster there."""
-    anchored = anchored_comparison(p, a, b, sm_count)
-    if anchored is not None:
-        return anchored
-    same_way = (a.group is not None and a.group is b.group and a.model_name == a.name and b.model_name == b.name
-                and a.borrowed == b.borrowed and bool(a.estimated) == bool(b.estimated))
-    if not same_way or a.key.cls not in COMPUTE_BOUND_CLASSES:
-        return None
-    return a.group.anchored_ratio(p, a.name, b.name, sm_count)
+    return anchored_comparison(p, a, b, sm_count, alike=True)
 
 
 @dataclass(frozen=True)
