@@ -212,7 +212,7 @@ class _Sdpa(Implementation):
             notes.append(f"{what} through explicit fp32 math in torch ops (no SDPA kernel computes this): "
                          "a correct fallback, O(Sq*Sk) memory, not a fast path")
             return notes
-        if p.heads_q != p.heads_kv and not self.gqa_native:
+        if self._repeats_kv(p):
             notes.append(f"K/V repeated {p.gqa_ratio}x in memory (this kernel has no GQA)")
         if p.has_window and p.seqlen_q == 1:
             notes.append(f"window={p.window}: the one row's keys as a view of K and V, no mask")
@@ -227,6 +227,10 @@ class _Sdpa(Implementation):
             notes.append("bottom-right causal through torch CausalBias (lower right)")
         return notes
 
+    def _repeats_kv(self, p: Problem) -> bool:
+        """Whether p's K/V heads are repeated in memory for this kernel (GQA where it has none)."""
+        return p.heads_q != p.heads_kv and not self.gqa_native
+
     def _keywords(self, p: Problem) -> dict[str, Any]:
         """SDPA's keyword arguments for p: the scale, and enable_gqa where this kernel reads grouped
         K/V heads itself (the others get K/V repeated)."""
@@ -237,7 +241,7 @@ class _Sdpa(Implementation):
 
     def _call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> torch.Tensor:
         kwargs = self._keywords(p)
-        if p.heads_q != p.heads_kv and not self.gqa_native:
+        if self._repeats_kv(p):
             k = k.repeat_interleave(p.gqa_ratio, dim=1)
             v = v.repeat_interleave(p.gqa_ratio, dim=1)
         if self.kernel is None:
@@ -249,8 +253,7 @@ class _Sdpa(Implementation):
         """A call without a mask tensor and without a variant, its keyword arguments fixed once per
         signature: a repeated call goes straight to torch (a pinned kernel inside its switches)."""
         causal = p.effective_causal and p.seqlen_q > 1
-        if p.softcap or p.sinks or p.has_window or (causal and p.seqlen_q != p.seqlen_k) or \
-                (p.heads_q != p.heads_kv and not self.gqa_native):
+        if p.softcap or p.sinks or p.has_window or (causal and p.seqlen_q != p.seqlen_k) or self._repeats_kv(p):
             return None
         kwargs = self._keywords(p)
         if causal:

@@ -21,6 +21,15 @@ def poison_cuda_allocator() -> None:
     del junk
 
 
+def sdpa_switches() -> tuple[bool, ...]:
+    """torch's SDPA kernel switches (flash, efficient, math, cuDNN), read directly: what a pinned
+    kernel must leave as it found them (not backends/sdpa's own table, which a missed switch would
+    fool)."""
+    import torch.backends.cuda as sw
+
+    return (sw.flash_sdp_enabled(), sw.mem_efficient_sdp_enabled(), sw.math_sdp_enabled(), sw.cudnn_sdp_enabled())
+
+
 def _nan_filled(make):  # type: ignore[no-untyped-def]
     def wrapped(*args: object, **kwargs: object) -> torch.Tensor:
         t = make(*args, **kwargs)

@@ -14,7 +14,7 @@ from flashdispatch.backend import Capabilities, Gradients, Implementation, Input
 from flashdispatch.plans import PLANS
 from flashdispatch.reference import attention_math
 from flashdispatch.registry import REGISTRY
-from inputs import make_qkv
+from inputs import make_qkv, sdpa_switches
 
 
 class _Bound(Implementation):
@@ -195,22 +195,19 @@ def test_a_pinned_kernel_turns_only_its_switch_on_and_restores_every_one() -> No
 
     from flashdispatch.backends.sdpa import OnlyKernel
 
-    def state() -> tuple[bool, ...]:
-        return (sw.flash_sdp_enabled(), sw.mem_efficient_sdp_enabled(), sw.math_sdp_enabled(), sw.cudnn_sdp_enabled())
-
-    before = state()
+    before = sdpa_switches()
     sw.enable_flash_sdp(False)  # a state that is not the default
     try:
-        start = state()
+        start = sdpa_switches()
         for kernel in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
                        SDPBackend.CUDNN_ATTENTION):
             with sdpa_kernel(kernel):
-                want = state()
+                want = sdpa_switches()
             with OnlyKernel(kernel):
-                assert state() == want and sum(want) == 1
-            assert state() == start
+                assert sdpa_switches() == want and sum(want) == 1
+            assert sdpa_switches() == start
         with pytest.raises(RuntimeError), OnlyKernel(SDPBackend.MATH):
             raise RuntimeError("inside")
-        assert state() == start
+        assert sdpa_switches() == start
     finally:
         sw.enable_flash_sdp(before[0])

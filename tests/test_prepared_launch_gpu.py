@@ -13,7 +13,7 @@ import torch
 
 import flashdispatch
 from flashdispatch.registry import REGISTRY
-from inputs import check_forward, check_grads, make_qkv
+from inputs import check_forward, check_grads, make_qkv, sdpa_switches
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned"),
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -91,17 +91,12 @@ def test_the_sdpa_bound_call_matches_its_forward_and_keeps_the_switches(name: st
     """The sdpa implementations' bound call (keywords fixed per signature, a pinned kernel inside its
     switches): the same output as forward() bit for bit, misaligned views copied as forward() does,
     torch's kernel switches as they were after every call, gradients within the float64 budget."""
-    import torch.backends.cuda as sw
-
     from flashdispatch.backend import Inputs, kernel_views
 
     if not _usable(name):
         pytest.skip(f"{name} cannot run on this GPU")
 
-    def switches() -> tuple[bool, ...]:
-        return (sw.flash_sdp_enabled(), sw.mem_efficient_sdp_enabled(), sw.math_sdp_enabled(), sw.cudnn_sdp_enabled())
-
-    before = switches()
+    before = sdpa_switches()
     flashdispatch.refresh()
     for seed, noncontiguous in ((5, False), (6, True)):  # the second: views at odd offsets into NaN-padded buffers
         q, k, v = make_qkv(2, 8, 2, 300, 300, 64, dtype=torch.bfloat16, device="cuda", layout=layout, seed=seed,
@@ -120,8 +115,8 @@ def test_the_sdpa_bound_call_matches_its_forward_and_keeps_the_switches(name: st
         for _ in range(2):
             out = flashdispatch.attention(q, k, v, causal=True, layout=layout, backend=name)
         check_forward(out, q, k, v, causal=True, layout=layout)
-        assert switches() == before
+        assert sdpa_switches() == before
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     check_grads(lambda a, b, c: flashdispatch.attention(a, b, c, causal=True, layout=layout, backend=name),
                 qg, kg, vg, causal=True, layout=layout)
-    assert switches() == before
+    assert sdpa_switches() == before

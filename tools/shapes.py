@@ -226,17 +226,17 @@ GRID_HEADS_Q = 16
 # Points per shape class as (B, Hkv, Sq, Sk), in the order they are measured. The first two of
 # each class span its work (a small problem and a large one), so that a run cut short still fits
 # a model with an overhead and a work term; the next ones add sizes and GQA ratios (the bytes term).
+# Sq = Sk, 2k to 128k tokens; the first two at 2k and 8k tokens (the benchmark's FA2 lengths all hold
+# 16k): bytes that do not follow the work tell the overhead from the bytes; the third has short rows
+# (512, the FA2 sweep's shortest): how each kernel fills its tiles and programs there is no trend of
+# the longer rows (encoders run 197-1500 tokens), and the selection carries none below the shortest
+# rows measured
+SQUARE_POINTS: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 2048, 2048), (1, 2, 8192, 8192), (64, 4, 512, 512), (2, 4, 16384, 16384),
+    (4, 2, 4096, 4096), (16, 16, 1024, 1024), (2, 16, 6144, 6144), (8, 4, 16384, 16384))
 CLASS_POINTS: dict[str, tuple[tuple[int, int, int, int], ...]] = {
-    # no mask, Sq = Sk: 2k to 128k tokens; the first two at 2k and 8k tokens (the benchmark's FA2
-    # lengths all hold 16k): bytes that do not follow the work tell the overhead from the bytes; the
-    # third has short rows (512, the FA2 sweep's shortest): how each kernel fills its tiles and
-    # programs there is no trend of the longer rows (encoders run 197-1500 tokens), and the selection
-    # carries none below the shortest rows measured
-    "dense": ((1, 16, 2048, 2048), (1, 2, 8192, 8192), (64, 4, 512, 512), (2, 4, 16384, 16384),
-              (4, 2, 4096, 4096), (16, 16, 1024, 1024), (2, 16, 6144, 6144), (8, 4, 16384, 16384)),
-    # causal, Sq = Sk: the same sizes
-    "causal": ((1, 16, 2048, 2048), (1, 2, 8192, 8192), (64, 4, 512, 512), (2, 4, 16384, 16384),
-               (4, 2, 4096, 4096), (16, 16, 1024, 1024), (2, 16, 6144, 6144), (8, 4, 16384, 16384)),
+    "dense": SQUARE_POINTS,  # no mask
+    "causal": SQUARE_POINTS,  # causal: the same sizes
     # a prompt chunk of 256..2k rows against a cache 4x..32x longer (bottom-right causal)
     "chunked": ((1, 4, 512, 8192), (2, 16, 2048, 16384), (1, 2, 1024, 32768), (2, 4, 1024, 4096),
                 (4, 16, 256, 8192), (1, 4, 2048, 65536)),

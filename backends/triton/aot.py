@@ -128,8 +128,8 @@ def _dq_spec(config: dict[str, Any], dtype: str, head_dim: int, head_dim_v: int,
     _bwd_dq_kernel = b._bwd_dq_kernel
     cfg = configs.resolve_backward_config(config, head_dim, head_dim_v, fp32=dtype == "fp32", arch=arch)
     ce: dict[str, Any] = {"CAUSAL": causal, **_PLAIN_BWD, "BLOCK_M": cfg["BWD_DQ_BLOCK_M"],
-                          "BLOCK_N": cfg["BWD_DQ_BLOCK_N"], "EVEN_M": True, **_aot_common(head_dim, head_dim_v), **_ieee(dtype),
-                          **_unit_strides(_bwd_dq_kernel)}
+                          "BLOCK_N": cfg["BWD_DQ_BLOCK_N"], "EVEN_M": True, **_aot_common(head_dim, head_dim_v),
+                          **_ieee(dtype), **_unit_strides(_bwd_dq_kernel)}
     return AotSpec(_signature(_bwd_dq_kernel, dtype, ce), ce, cfg["BWD_DQ_num_warps"], cfg["BWD_DQ_num_stages"])
 
 
